@@ -1,0 +1,50 @@
+"""Shared fixtures: one real Kafka broker per test session, unique topics, bounded waits.
+
+Integration tests ask for ``kafka_bootstrap``; the first such test starts a real single-node
+Apache Kafka with ``ckms.devkafka.LocalKafka`` (or uses ``CKMS_TEST_KAFKA_BOOTSTRAP`` when set)
+and every later test reuses it. Each test gets its own topic names from ``unique_topic`` so tests
+never see each other's records. pytest-timeout (``timeout`` in pyproject.toml) bounds every test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import pytest_asyncio
+
+from ckms.devkafka import LocalKafka
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def kafka_bootstrap() -> AsyncIterator[str]:
+    """Bootstrap string of the session's real Kafka broker."""
+    external = os.environ.get("CKMS_TEST_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    async with LocalKafka() as kafka:
+        # Written past pytest's capture so CI logs show how long the broker took.
+        print(
+            f"\n[ckms] test Kafka broker ready in {kafka.startup_seconds:.1f} s "
+            f"at {kafka.bootstrap} (log: {kafka.log_path(0)})",
+            file=sys.__stderr__,
+            flush=True,
+        )
+        yield kafka.bootstrap
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Return a function that makes a topic name unique to this test (and this run)."""
+    base = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-")[:60]
+    run = uuid.uuid4().hex[:8]
+
+    def make(suffix: str = "events") -> str:
+        return f"test.{base}.{suffix}.{run}"
+
+    return make
