@@ -594,7 +594,10 @@ async def _up(nodes: int, data_dir: Path | None) -> int:
         info = json.loads(state.read_text())
         if any(_pid_alive(pid) for pid in info.get("pids", [])):
             print(info["bootstrap"])
-            print(f"ckms: Kafka is already up (stop it with `python -m ckms.devkafka down`)", file=sys.stderr)
+            print(
+                "ckms: Kafka is already up (stop it with `python -m ckms.devkafka down`)",
+                file=sys.stderr,
+            )
             return 0
     kafka = LocalKafka(nodes, data_dir=data_dir, keep_data=True, detach=True)
     await kafka.start()
