@@ -1,0 +1,193 @@
+"""The typed ``data`` of every event and of the ack (DESIGN §5).
+
+Events never carry key material: only names, versions, digests, states, targets and install
+specs. Every model forbids unknown fields, so a message that grew a field it should not have
+(for instance material) is refused rather than silently carried along.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckms.protocol._keyspec import InstallSpec, Targets
+
+KeyName = Annotated[
+    str, Field(min_length=3, max_length=128, pattern=r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
+]
+Version = Annotated[int, Field(ge=1)]
+Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+HostId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+
+class EventType(StrEnum):
+    """Every event type on ``ckms.events`` (and ``ack`` on ``ckms.acks``)."""
+
+    KEY_CREATED = "key.created"
+    KEY_ROTATED = "key.rotated"
+    KEY_STATE_CHANGED = "key.state_changed"
+    KEY_REVOKED = "key.revoked"
+    KEY_DESTROYED = "key.destroyed"
+    KEY_TARGETS_CHANGED = "key.targets_changed"
+    KEY_POLICY_CHANGED = "key.policy_changed"
+    HOST_REVOKED = "host.revoked"
+    ACK = "ack"
+
+
+class VersionState(StrEnum):
+    """Per-version states after NIST SP 800-57 §7 and KMIP 2.1."""
+
+    PRE_ACTIVE = "PreActive"
+    ACTIVE = "Active"
+    SUSPENDED = "Suspended"
+    DEACTIVATED = "Deactivated"
+    COMPROMISED = "Compromised"
+    DESTROYED = "Destroyed"
+    DESTROYED_COMPROMISED = "DestroyedCompromised"
+
+
+class RevocationReason(StrEnum):
+    """KMIP 2.1 revocation reason codes."""
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "keyCompromise"
+    CA_COMPROMISE = "cACompromise"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KeyCreated(_Data):
+    """A key was created (its first version follows as ``key.rotated``)."""
+
+    key: KeyName
+    key_type: str
+    targets: Targets
+    install: InstallSpec
+
+
+class KeyRotated(_Data):
+    """A new version exists; hosts that match ``targets`` should fetch and install it."""
+
+    key: KeyName
+    key_type: str
+    version: Version
+    primary: bool
+    state: VersionState
+    digest: Digest
+    targets: Targets
+    install: InstallSpec
+    activates_at: str | None = None
+
+
+class KeyStateChanged(_Data):
+    """One version moved from one state to another (activate, suspend, resume, deactivate)."""
+
+    key: KeyName
+    version: Version
+    from_state: VersionState
+    to_state: VersionState
+    primary_version: int | None = None
+    reason: str | None = None
+
+
+class KeyRevoked(_Data):
+    """Versions were revoked: hosts must remove them (and say so with a ``removed`` ack)."""
+
+    key: KeyName
+    versions: tuple[Version, ...] = Field(min_length=1)
+    reason: RevocationReason
+    state: VersionState
+    primary_version: int | None = None
+
+
+class KeyDestroyed(_Data):
+    """Versions' material was destroyed on the controller; hosts must not hold it."""
+
+    key: KeyName
+    versions: tuple[Version, ...] = Field(min_length=1)
+    state: VersionState
+
+
+class KeyTargetsChanged(_Data):
+    """The set of hosts a key goes to changed; hosts no longer targeted remove it."""
+
+    key: KeyName
+    targets: Targets
+
+
+class KeyPolicyChanged(_Data):
+    """A key's policy changed (cryptoperiod, grace, staleness, approvals)."""
+
+    key: KeyName
+    policy: dict[str, int | float | str | bool | list[str] | None]
+
+
+class HostRevoked(_Data):
+    """A host was revoked: its identity is no longer trusted; it must drop every key."""
+
+    host: HostId
+
+
+class AckStatus(StrEnum):
+    """What an agent reports for one key version."""
+
+    INSTALLED = "installed"
+    REMOVED = "removed"
+    FAILED = "failed"
+
+
+class HookResult(_Data):
+    """The outcome of a reload or health-check command (output bounded, never material)."""
+
+    command: Literal["reload", "health"]
+    exit_code: int | None
+    timed_out: bool = False
+    output: str = Field(default="", max_length=4096)
+
+
+class Ack(_Data):
+    """An agent's signed statement of what it did for one key version."""
+
+    agent: HostId
+    key: KeyName
+    version: Version
+    status: AckStatus
+    digest: Digest | None = None
+    hooks: tuple[HookResult, ...] = ()
+    event_id: str | None = None
+    elapsed_ms: int = Field(ge=0)
+    error: str | None = Field(default=None, max_length=1024)
+
+
+EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
+    EventType.KEY_CREATED: KeyCreated,
+    EventType.KEY_ROTATED: KeyRotated,
+    EventType.KEY_STATE_CHANGED: KeyStateChanged,
+    EventType.KEY_REVOKED: KeyRevoked,
+    EventType.KEY_DESTROYED: KeyDestroyed,
+    EventType.KEY_TARGETS_CHANGED: KeyTargetsChanged,
+    EventType.KEY_POLICY_CHANGED: KeyPolicyChanged,
+    EventType.HOST_REVOKED: HostRevoked,
+    EventType.ACK: Ack,
+}
+"""The data model of each type; an unknown type is refused."""
+
+EventData = (
+    KeyCreated
+    | KeyRotated
+    | KeyStateChanged
+    | KeyRevoked
+    | KeyDestroyed
+    | KeyTargetsChanged
+    | KeyPolicyChanged
+    | HostRevoked
+    | Ack
+)
