@@ -1,0 +1,150 @@
+"""Installing keys on a host: exact bytes and modes, atomic replace, rollback, secure removal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ckms.crypto import KeyType, generate, material_digest
+from ckms.protocol import AckStatus, InstallSpec
+from ckms_agent.files import TEMP_MARK, secure_remove, sweep_temp_files, write_atomic
+from ckms_agent.hooks import run_hook
+from ckms_agent.installer import HeldVersion, Installer
+
+
+def held(version: int, *, primary: bool, state: str = "Active") -> HeldVersion:
+    material = generate(KeyType.AES_256)
+    return HeldVersion(version, state, primary, material_digest(material), material)
+
+
+@pytest.fixture
+def installer(tmp_path: Path) -> Installer:
+    return Installer(host_id="web-1", root=tmp_path / "host")
+
+
+def mode_of(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+async def test_raw_install_has_exact_bytes_and_modes(installer: Installer) -> None:
+    v1 = held(1, primary=True)
+    spec = InstallSpec(path="/etc/ckms/keys/{name}.key")
+    outcome = await installer.apply("payments/db", "aes-256", spec, [v1])
+    assert outcome.status is AckStatus.INSTALLED
+    path = installer.host_path("/etc/ckms/keys/payments_db.key")
+    assert outcome.paths == [path]
+    assert path.read_bytes() == v1.material
+    assert mode_of(path) == 0o600
+    assert mode_of(path.parent) == 0o700
+    assert not [p for p in path.parent.iterdir() if TEMP_MARK in p.name]
+
+
+async def test_keyring_holds_every_usable_version_with_the_primary_marked(
+    installer: Installer,
+) -> None:
+    old, new = held(1, primary=False), held(2, primary=True)
+    spec = InstallSpec(path="/keys/{name}.json", format="keyring-json", mode=0o640)
+    outcome = await installer.apply("payments/db", "aes-256", spec, [old, new])
+    assert outcome.status is AckStatus.INSTALLED
+    ring = json.loads(outcome.paths[0].read_bytes())
+    assert ring["primary"] == 2
+    assert [(e["version"], e["primary"]) for e in ring["versions"]] == [(1, False), (2, True)]
+    assert base64.b64decode(ring["versions"][0]["material"]) == old.material
+    assert mode_of(outcome.paths[0]) == 0o640
+
+
+async def test_per_version_files_and_removal_of_versions_no_longer_held(
+    installer: Installer,
+) -> None:
+    v1, v2 = held(1, primary=False), held(2, primary=True)
+    spec = InstallSpec(path="/keys/{name}/{version}.b64", format="base64")
+    first = await installer.apply("app/sig", "aes-256", spec, [v1, v2])
+    assert len(first.paths) == 2
+    second = await installer.apply("app/sig", "aes-256", spec, [v2], previous_paths=first.paths)
+    assert [p.name for p in second.paths] == ["2.b64"]
+    assert not installer.host_path("/keys/app_sig/1.b64").exists()
+    assert base64.b64decode(second.paths[0].read_bytes()) == v2.material
+
+
+async def test_failed_health_check_restores_the_previous_version(
+    installer: Installer, tmp_path: Path
+) -> None:
+    v1, v2 = held(1, primary=True), held(2, primary=True)
+    path = installer.host_path("/keys/db.key")
+    ok = InstallSpec(path="/keys/db.key")
+    await installer.apply("payments/db", "aes-256", ok, [v1])
+    reloads = tmp_path / "reloads"
+    failing = InstallSpec(
+        path="/keys/db.key",
+        reload_command=("sh", "-c", f"echo reload >> {reloads}"),
+        health_command=("sh", "-c", "echo 'db refused the new key' ; exit 3"),
+    )
+    outcome = await installer.apply("payments/db", "aes-256", failing, [v2], previous_paths=[path])
+    assert outcome.status is AckStatus.FAILED
+    assert path.read_bytes() == v1.material  # previous version back in place
+    health = next(h for h in outcome.hooks if h.command == "health")
+    assert health.exit_code == 3
+    assert "db refused the new key" in health.output
+    assert reloads.read_text().count("reload") == 2  # once for the new key, once after restore
+
+
+async def test_failed_first_install_leaves_no_file(installer: Installer) -> None:
+    spec = InstallSpec(path="/keys/db.key", health_command=("false",))
+    outcome = await installer.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
+    assert outcome.status is AckStatus.FAILED
+    assert not installer.host_path("/keys/db.key").exists()
+
+
+async def test_hook_timeout_kills_the_process_group() -> None:
+    result = await run_hook("health", ["sh", "-c", "sleep 30 & sleep 30"], timeout_s=0.5)
+    assert result.timed_out and result.exit_code is None
+    missing = await run_hook("reload", ["/nonexistent/reload"], timeout_s=1)
+    assert missing.exit_code is None and "cannot run" in missing.output
+
+
+async def test_remove_overwrites_and_reloads(installer: Installer, tmp_path: Path) -> None:
+    v1 = held(1, primary=True)
+    spec = InstallSpec(path="/keys/db.key", reload_command=("true",))
+    first = await installer.apply("payments/db", "aes-256", spec, [v1])
+    outcome = await installer.remove(spec, first.paths)
+    assert outcome.status is AckStatus.REMOVED
+    assert not first.paths[0].exists()
+    assert [h.exit_code for h in outcome.hooks] == [0]
+    assert secure_remove(first.paths[0]) is False
+
+
+def test_crash_before_rename_leaves_old_file_and_a_temp_that_sweep_removes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys" / "db.key"
+    write_atomic(path, b"old-key-bytes")
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from ckms_agent.files import write_atomic
+        write_atomic(Path({str(path)!r}), b"new-key-bytes")
+        """
+    )
+    env = {**os.environ, "CKMS_AGENT_FAULT": "crash-before-rename"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, check=False)
+    assert proc.returncode == 137
+    leftovers = [p for p in path.parent.iterdir() if TEMP_MARK in p.name]
+    assert len(leftovers) == 1
+    assert path.read_bytes() == b"old-key-bytes"
+    assert sweep_temp_files(path.parent) == leftovers
+    assert sorted(p.name for p in path.parent.iterdir()) == ["db.key"]
+
+
+def test_rewrite_applies_the_new_mode(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    write_atomic(path, b"a", mode=0o600)
+    write_atomic(path, b"b", mode=0o640)
+    assert path.read_bytes() == b"b"
+    assert mode_of(path) == 0o640
