@@ -1,0 +1,22 @@
+"""SSH transport of ckms: a JSON-over-exec RPC server and a persistent-connection client."""
+
+from ckms.ssh._client import RpcClient
+from ckms.ssh._keys import (
+    fingerprint,
+    generate_ssh_key,
+    load_or_create_host_key,
+    load_private_key,
+    public_key_text,
+)
+from ckms.ssh._server import Principal, RpcServer
+
+__all__ = [
+    "Principal",
+    "RpcClient",
+    "RpcServer",
+    "fingerprint",
+    "generate_ssh_key",
+    "load_or_create_host_key",
+    "load_private_key",
+    "public_key_text",
+]

@@ -1,0 +1,221 @@
+"""A JSON-over-exec RPC server on asyncssh: public-key auth only, bounded requests.
+
+The server knows nothing of keys or hosts: an ``authenticate`` callback maps (username, public
+key) to a :class:`Principal` with a role, and each method is routed to a handler with the roles
+allowed to call it. Authorization is checked here, on the server, for every request; refusals
+go to an ``on_refused`` callback (the controller audits them). Per connection, at most
+``max_concurrent`` requests run at once; more are refused with a retriable error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+from pydantic import BaseModel, ValidationError
+
+from ckms.errors import CKMSError, PermissionDeniedError, ProtocolError, TransportError
+from ckms.protocol._rpc import error_reply, ok_reply, parse_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a name, a role (admin, operator, custodian, auditor, agent, enroll)."""
+
+    name: str
+    role: str
+    key_fingerprint: str
+    public_key: str = field(default="", repr=False)
+
+
+Authenticator = Callable[[str, asyncssh.SSHKey], Awaitable[Principal | None]]
+Handler = Callable[[Principal, dict[str, Any]], Awaitable[BaseModel | dict[str, Any] | None]]
+RefusalHook = Callable[[Principal | None, str, CKMSError], Awaitable[None]]
+
+
+class _Busy(CKMSError):
+    """Raised when a connection has too many requests in flight."""
+
+    retriable = True
+
+
+@dataclass
+class _Route:
+    handler: Handler
+    roles: frozenset[str]
+
+
+class _ServerConnection(asyncssh.SSHServer):
+    """One client connection: authenticates once, then counts its requests in flight."""
+
+    def __init__(self, rpc: RpcServer) -> None:
+        self._rpc = rpc
+        self.principal: Principal | None = None
+        self.semaphore = asyncio.Semaphore(rpc.max_concurrent)
+        self.in_flight = 0
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        try:
+            principal = await self._rpc.authenticate(username, key)
+        except CKMSError as exc:
+            log.warning("authentication of %r failed: %s", username, exc)
+            return False
+        if principal is None:
+            log.info("refused key %s for user %r", key.get_fingerprint("sha256"), username)
+            return False
+        self.principal = principal
+        return True
+
+
+class RpcServer:
+    """The SSH endpoint: ``route()`` methods, ``start()``, and ``port`` once listening."""
+
+    def __init__(
+        self,
+        *,
+        host_key: asyncssh.SSHKey,
+        authenticate: Authenticator,
+        on_refused: RefusalHook | None = None,
+        max_concurrent: int = 16,
+        keepalive_s: float = 30.0,
+        login_timeout_s: float = 30.0,
+        reuse_port: bool = False,
+    ) -> None:
+        self.host_key = host_key
+        self.authenticate = authenticate
+        self.on_refused = on_refused
+        self.max_concurrent = max_concurrent
+        self._keepalive_s = keepalive_s
+        self._login_timeout_s = login_timeout_s
+        self._reuse_port = reuse_port
+        self._routes: dict[str, _Route] = {}
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.port: int | None = None
+
+    def route(self, method: str, handler: Handler, *, roles: Collection[str]) -> None:
+        """Serve ``method`` with ``handler`` to principals whose role is in ``roles``."""
+        self._routes[method] = _Route(handler, frozenset(roles))
+
+    @property
+    def methods(self) -> list[str]:
+        """The routed method names."""
+        return sorted(self._routes)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on ``host:port`` (0 picks a free port, see ``self.port``)."""
+        try:
+            self._acceptor = await asyncssh.create_server(
+                lambda: _ServerConnection(self),
+                host,
+                port,
+                server_host_keys=[self.host_key],
+                process_factory=self._handle,
+                encoding=None,
+                keepalive_interval=self._keepalive_s,
+                keepalive_count_max=3,
+                login_timeout=self._login_timeout_s,
+                allow_scp=False,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                reuse_port=self._reuse_port,
+            )
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        sockets = self._acceptor.sockets
+        self.port = int(sockets[0].getsockname()[1])
+        log.info("ssh rpc listening on %s:%s", host, self.port)
+
+    async def close(self) -> None:
+        """Stop listening and close every connection; safe to call twice."""
+        acceptor, self._acceptor = self._acceptor, None
+        if acceptor is not None:
+            acceptor.close()
+            await acceptor.wait_closed()
+
+    async def __aenter__(self) -> RpcServer:
+        if self._acceptor is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        conn = process.channel.get_connection()
+        owner = conn.get_owner()
+        assert isinstance(owner, _ServerConnection)
+        principal = owner.principal
+        started = time.perf_counter()
+        method = "?"
+        try:
+            if process.command is None:
+                raise ProtocolError(
+                    "interactive shells are not served: send `<method> [json]` as the command"
+                )
+            if owner.in_flight >= self.max_concurrent:
+                raise _Busy(f"more than {self.max_concurrent} requests in flight on one connection")
+            owner.in_flight += 1
+            try:
+                method, params = parse_request(process.command)
+                reply = await self._dispatch(principal, method, params)
+            finally:
+                owner.in_flight -= 1
+            process.stdout.write(ok_reply(reply))
+            process.exit(0)
+        except CKMSError as exc:
+            if isinstance(exc, PermissionDeniedError | ProtocolError) and self.on_refused:
+                try:
+                    await self.on_refused(principal, method, exc)
+                except CKMSError as hook_exc:
+                    # Fail closed: a refusal that cannot be audited is reported as such.
+                    exc = hook_exc
+            process.stdout.write(error_reply(exc))
+            process.exit(1)
+        except Exception:
+            log.exception("rpc %s from %s failed unexpectedly", method, principal)
+            process.stdout.write(error_reply(CKMSError(f"internal error while serving {method}")))
+            process.exit(1)
+        finally:
+            log.debug(
+                "rpc %s by %s in %.2f ms",
+                method,
+                principal.name if principal else "?",
+                1000 * (time.perf_counter() - started),
+            )
+
+    async def _dispatch(
+        self, principal: Principal | None, method: str, params: dict[str, Any]
+    ) -> BaseModel | dict[str, Any] | None:
+        route = self._routes.get(method)
+        if route is None:
+            raise ProtocolError(f"unknown method {method!r}")
+        if principal is None or principal.role not in route.roles:
+            role = principal.role if principal else "anonymous"
+            raise PermissionDeniedError(f"role {role} may not call {method}")
+        try:
+            return await route.handler(principal, params)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
+                for e in exc.errors(include_input=False, include_url=False)[:3]
+            )
+            raise ProtocolError(f"bad parameters for {method}: {details}") from None

@@ -1,0 +1,169 @@
+"""The SSH RPC transport with real asyncssh on both sides, and OpenSSH's ssh as a client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from ckms.errors import CKMSError, PermissionDeniedError, ProtocolError, TransportError
+from ckms.protocol._rpc import MAX_REQUEST_BYTES
+from ckms.ssh import Principal, RpcClient, RpcServer, fingerprint, generate_ssh_key
+from ckms.ssh._keys import write_private_key
+
+
+class Fixture:
+    def __init__(self) -> None:
+        self.host_key = generate_ssh_key()
+        self.admin_key = generate_ssh_key()
+        self.auditor_key = generate_ssh_key()
+        self.refusals: list[tuple[str | None, str, str]] = []
+        self.gate = asyncio.Event()
+
+    async def authenticate(self, username: str, key: asyncssh.SSHKey) -> Principal | None:
+        known = {"alice": (self.admin_key, "admin"), "audrey": (self.auditor_key, "auditor")}
+        entry = known.get(username)
+        if entry and fingerprint(entry[0]) == fingerprint(key):
+            return Principal(username, entry[1], fingerprint(key))
+        return None
+
+    async def refused(self, principal: Principal | None, method: str, exc: CKMSError) -> None:
+        self.refusals.append((principal.name if principal else None, method, type(exc).__name__))
+
+
+async def echo(principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+    return {"caller": principal.name, "role": principal.role, "params": params}
+
+
+@pytest.fixture
+async def server():
+    fx = Fixture()
+
+    async def slow(principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        await fx.gate.wait()
+        return {}
+
+    rpc = RpcServer(
+        host_key=fx.host_key, authenticate=fx.authenticate, on_refused=fx.refused, max_concurrent=2
+    )
+    rpc.route("echo", echo, roles={"admin", "auditor"})
+    rpc.route("key.destroy", echo, roles={"admin"})
+    rpc.route("slow", slow, roles={"admin"})
+    await rpc.start()
+    yield fx, rpc
+    await rpc.close()
+
+
+def client(fx: Fixture, rpc: RpcServer, user: str, key: asyncssh.SSHKey, **kw: Any) -> RpcClient:
+    return RpcClient(
+        host="127.0.0.1",
+        port=rpc.port or 0,
+        username=user,
+        client_key=key,
+        host_key_fingerprint=kw.pop("pin", fingerprint(fx.host_key)),
+        **kw,
+    )
+
+
+async def test_requests_on_one_persistent_connection(server) -> None:
+    fx, rpc = server
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        first = await c.call("echo", {"n": 1, "text": "héllo"})
+        second = await c.call("echo")
+        assert first == {"caller": "alice", "role": "admin", "params": {"n": 1, "text": "héllo"}}
+        assert second["params"] == {}
+        results = await asyncio.gather(*(c.call("echo", {"i": i}) for i in range(2)))
+        assert [r["params"]["i"] for r in results] == [0, 1]
+
+
+async def test_roles_are_enforced_on_the_server_and_refusals_reported(server) -> None:
+    fx, rpc = server
+    async with client(fx, rpc, "audrey", fx.auditor_key) as c:
+        assert (await c.call("echo"))["role"] == "auditor"
+        with pytest.raises(PermissionDeniedError, match=r"auditor may not call key\.destroy"):
+            await c.call("key.destroy", {"key": "a/b"})
+        with pytest.raises(ProtocolError, match="unknown method"):
+            await c.call("nope")
+    assert ("audrey", "key.destroy", "PermissionDeniedError") in fx.refusals
+    assert ("audrey", "nope", "ProtocolError") in fx.refusals
+
+
+async def test_unknown_key_and_wrong_username_are_refused(server) -> None:
+    fx, rpc = server
+    with pytest.raises(TransportError, match="refused the key"):
+        await client(fx, rpc, "alice", generate_ssh_key()).connect()
+    with pytest.raises(TransportError, match="refused the key"):
+        await client(fx, rpc, "mallory", fx.admin_key).connect()
+
+
+async def test_a_different_host_key_is_refused_with_the_reason(server) -> None:
+    fx, rpc = server
+    other = fingerprint(generate_ssh_key())
+    with pytest.raises(TransportError, match=r"presented host key SHA256:.*not the pinned"):
+        await client(fx, rpc, "alice", fx.admin_key, pin=other).connect()
+
+
+async def test_bad_requests_get_clear_errors_and_the_connection_survives(server) -> None:
+    fx, rpc = server
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        conn = c._conn
+        assert conn is not None
+        for command, message in [
+            ("echo {not json", "not valid JSON"),
+            ("echo [1,2]", "must be a JSON object"),
+            ("Bad$Method", "bad method name"),
+            ("echo " + json.dumps({"x": "a" * MAX_REQUEST_BYTES}), "exceeds"),
+        ]:
+            result = await conn.run(command, encoding=None, check=False)
+            reply = json.loads(result.stdout)
+            assert result.exit_status == 1
+            assert reply["ok"] is False and message in reply["error"]["message"], reply
+        assert (await c.call("echo", {"still": "works"}))["params"] == {"still": "works"}
+
+
+async def test_requests_in_flight_are_bounded_per_connection(server) -> None:
+    fx, rpc = server
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        calls = [asyncio.create_task(c.call("slow")) for _ in range(4)]
+        done, _pending = await asyncio.wait(calls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        busy = [t for t in done if isinstance(t.exception(), CKMSError)]
+        assert len(busy) == 2 and all("in flight" in str(t.exception()) for t in busy)
+        fx.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert sum(1 for r in results if r == {}) == 2
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_openssh_client_can_call_the_endpoint(server, tmp_path: Path) -> None:
+    fx, rpc = server
+    key_path = tmp_path / "id_ed25519"
+    write_private_key(key_path, fx.admin_key)
+    known = tmp_path / "known_hosts"
+    known.write_bytes(
+        f"[127.0.0.1]:{rpc.port} ".encode() + fx.host_key.export_public_key("openssh")
+    )
+    argv = [
+        "ssh", "-p", str(rpc.port), "-i", str(key_path), "-F", "/dev/null",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known}", "alice@127.0.0.1", 'echo {"from":"openssh"}',
+    ]  # fmt: skip
+    proc = await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    reply = json.loads(proc.stdout)
+    assert reply == {
+        "ok": True,
+        "result": {"caller": "alice", "params": {"from": "openssh"}, "role": "admin"},
+    }
+    denied = await asyncio.to_thread(
+        subprocess.run, [*argv[:-1], "no.such.method"], capture_output=True, timeout=30, check=False
+    )
+    assert denied.returncode == 1
+    assert json.loads(denied.stdout)["error"]["type"] == "ProtocolError"
