@@ -28,6 +28,7 @@ after each fetched batch and on exit; after a crash, the events since the last s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -79,11 +80,11 @@ class Position:
 class OffsetStore(Protocol):
     """Keeps a subscriber's positions between runs (a file by default; bring your own DB)."""
 
-    def load(self, topic: str) -> dict[int, Position]:
+    async def load(self, topic: str) -> dict[int, Position]:
         """Return the saved positions of ``topic`` by partition (empty when none)."""
         ...
 
-    def save(self, topic: str, positions: Mapping[int, Position]) -> None:
+    async def save(self, topic: str, positions: Mapping[int, Position]) -> None:
         """Durably save the positions of ``topic``."""
         ...
 
@@ -94,11 +95,11 @@ class MemoryOffsetStore:
     def __init__(self) -> None:
         self._data: dict[str, dict[int, Position]] = {}
 
-    def load(self, topic: str) -> dict[int, Position]:
+    async def load(self, topic: str) -> dict[int, Position]:
         """Return the positions saved in this process."""
         return dict(self._data.get(topic, {}))
 
-    def save(self, topic: str, positions: Mapping[int, Position]) -> None:
+    async def save(self, topic: str, positions: Mapping[int, Position]) -> None:
         """Keep the positions in memory."""
         self._data[topic] = dict(positions)
 
@@ -120,8 +121,12 @@ class FileOffsetStore:
             raise StoreError(f"offset file {self.path} is not a JSON object")
         return data
 
-    def load(self, topic: str) -> dict[int, Position]:
+    async def load(self, topic: str) -> dict[int, Position]:
         """Return the positions saved in the file for ``topic``."""
+        return self.load_sync(topic)
+
+    def load_sync(self, topic: str) -> dict[int, Position]:
+        """Synchronous :meth:`load`, for tools and tests."""
         raw = self._read().get(topic, {})
         try:
             return {
@@ -130,8 +135,11 @@ class FileOffsetStore:
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise StoreError(f"offset file {self.path} has a bad entry for {topic}") from exc
 
-    def save(self, topic: str, positions: Mapping[int, Position]) -> None:
-        """Rewrite the file with the new positions of ``topic``."""
+    async def save(self, topic: str, positions: Mapping[int, Position]) -> None:
+        """Rewrite the file with the new positions of ``topic`` (off the event loop)."""
+        await asyncio.to_thread(self._save_sync, topic, dict(positions))
+
+    def _save_sync(self, topic: str, positions: Mapping[int, Position]) -> None:
         data = self._read()
         data[topic] = {
             str(p): {"offset": pos.offset, "last_seq": pos.last_seq}
@@ -246,7 +254,7 @@ class Subscriber:
             await consumer.stop()
             raise
         self._consumer = consumer
-        saved = self._offsets.load(self._topic)
+        saved = await self._offsets.load(self._topic)
         tps = [TopicPartition(self._topic, p) for p in partitions]
         consumer.assign(tps)
         for tp in tps:
@@ -268,7 +276,7 @@ class Subscriber:
         if consumer is None:
             return
         try:
-            self._save()
+            await self._save()
         finally:
             await consumer.stop()
 
@@ -285,7 +293,7 @@ class Subscriber:
                 event = self._accept(record)
                 if event is not None:
                     return event
-            self._save()
+            await self._save()
             try:
                 batches = await self._consumer.getmany(timeout_ms=self._poll_ms)
             except KafkaError as exc:
@@ -331,7 +339,7 @@ class Subscriber:
         self._positions[partition] = Position(offset + 1, last)
         self._dirty = True
 
-    def _save(self) -> None:
+    async def _save(self) -> None:
         if self._dirty:
-            self._offsets.save(self._topic, self._positions)
             self._dirty = False
+            await self._offsets.save(self._topic, dict(self._positions))

@@ -148,7 +148,7 @@ async def test_positions_survive_restarts_and_types_filter(
         offsets=offsets,
     ) as sub:
         assert [e.seq for e in await take(sub, 3)] == [1, 2, 3]
-    assert FileOffsetStore(offsets).load(topic)[0].offset == 3
+    assert FileOffsetStore(offsets).load_sync(topic)[0].offset == 3
     assert offsets.stat().st_mode & 0o077 == 0
 
     await send_all(kafka_bootstrap, topic, [as_record(revoked(s, controller)) for s in (4, 5)])

@@ -1,0 +1,121 @@
+"""Typed parameters and replies of the agent's SSH requests: enroll, sync, heartbeat, fetch.
+
+Replies carry install specs, digests and states; only ``fetch`` carries material, and only
+HPKE-wrapped for the one agent that asked (DESIGN §4), inside SSH.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckms.protocol._events import Digest, HostId, KeyName, Version, VersionState
+from ckms.protocol._keyspec import InstallSpec
+
+B64 = Annotated[str, Field(max_length=8192, pattern=r"^[A-Za-z0-9+/=_-]*$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EnrollRequest(_Model):
+    """First connection of a new agent: its one-time token and its freshly made public keys.
+
+    ``identity_key`` (OpenSSH public line) is the key the SSH connection authenticated with;
+    ``signing_key`` is the same Ed25519 key as 32 raw bytes (base64), used to verify acks.
+    """
+
+    token: str = Field(min_length=16, max_length=256)
+    identity_key: str = Field(min_length=16, max_length=1024)
+    signing_key: B64
+    wrapping_key: B64
+    wrap_suite: str = "x25519"
+    agent_version: str = Field(default="", max_length=64)
+
+
+class EnrollReply(_Model):
+    """What the agent pins and needs to run."""
+
+    host: HostId
+    labels: dict[str, str]
+    controller_signing_key: B64
+    controller_key_id: str
+    kafka_bootstrap: str
+    events_topic: str
+    acks_topic: str
+
+
+class InstalledVersion(_Model):
+    """One version the agent holds on disk, with the digest of its canonical material."""
+
+    key: KeyName
+    version: Version
+    digest: Digest
+
+
+class SyncRequest(_Model):
+    """The agent's report of what it holds (also sent as the heartbeat)."""
+
+    installed: tuple[InstalledVersion, ...] = Field(default=(), max_length=4096)
+
+
+class DesiredVersion(_Model):
+    """One version the host should hold."""
+
+    version: Version
+    state: VersionState
+    primary: bool
+    digest: Digest
+
+
+class DesiredKey(_Model):
+    """One key the host should hold: how to install it and which versions."""
+
+    key: KeyName
+    key_type: str
+    install: InstallSpec
+    versions: tuple[DesiredVersion, ...]
+    max_staleness_s: int | None = None
+
+
+class RemoveItem(_Model):
+    """Versions the host may still hold and must remove."""
+
+    key: KeyName
+    versions: tuple[Version, ...]
+
+
+class SyncReply(_Model):
+    """The host's desired state. Anything the host holds that is not listed must be removed."""
+
+    host: HostId
+    keys: tuple[DesiredKey, ...]
+    remove: tuple[RemoveItem, ...] = ()
+    controller_time: str
+    reconcile_interval_s: int = 300
+
+
+class HeartbeatReply(_Model):
+    """The controller's view of the heartbeat: which keys it sees drift on for this host."""
+
+    drift: tuple[KeyName, ...] = ()
+    controller_time: str
+
+
+class FetchRequest(_Model):
+    """Ask for one version's material."""
+
+    key: KeyName
+    version: Version
+
+
+class FetchReply(_Model):
+    """One version's material, HPKE-wrapped for the asking agent (base64 of the blob)."""
+
+    key: KeyName
+    version: Version
+    digest: Digest
+    suite: str
+    wrapped: B64
