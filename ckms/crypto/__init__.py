@@ -1,0 +1,79 @@
+"""ckms.crypto: the named cryptographic recipes of ckms, the only user of ``cryptography.hazmat``.
+
+Everything else in ckms calls these recipes instead of primitives (STYLE §4): key generation and
+canonical encodings, install formats, sealing at rest, the root KEK and its shares, HPKE
+wrapping for agents, Ed25519 signing and digests. Formats are documented in the private modules
+and pinned by the known-answer vectors in ``tests/vectors/``. Failures to open, unwrap or verify
+raise one :class:`~ckms.errors.IntegrityError` per kind of object; no message, repr or log line
+carries key material.
+"""
+
+from ckms.crypto._aead import new_data_kek, open_sealed, seal, version_aad
+from ckms.crypto._digest import hmac_identifier, material_digest
+from ckms.crypto._formats import (
+    InstallFormat,
+    KeyringEntry,
+    allowed_formats,
+    encode_for_install,
+    encode_keyring,
+)
+from ckms.crypto._hpke import (
+    WrapSuite,
+    generate_wrapping_keypair,
+    unwrap_for_agent,
+    wrap_for_agent,
+    wrapping_public_key,
+)
+from ckms.crypto._keytypes import KeyType, generate, public_key_pem, validate_material
+from ckms.crypto._sealing import (
+    combine_shares,
+    kek_check_value,
+    new_root_kek,
+    split_root_kek,
+    unwrap_root_kek_with_passphrase,
+    wrap_root_kek_with_passphrase,
+)
+from ckms.crypto._signing import (
+    generate_signing_key,
+    sign,
+    signer_key_id,
+    signing_public_key,
+    verify_signature,
+)
+from ckms.crypto._sshkeys import signing_key_openssh, signing_public_openssh
+
+__all__ = [
+    "InstallFormat",
+    "KeyType",
+    "KeyringEntry",
+    "WrapSuite",
+    "allowed_formats",
+    "combine_shares",
+    "encode_for_install",
+    "encode_keyring",
+    "generate",
+    "generate_signing_key",
+    "generate_wrapping_keypair",
+    "hmac_identifier",
+    "kek_check_value",
+    "material_digest",
+    "new_data_kek",
+    "new_root_kek",
+    "open_sealed",
+    "public_key_pem",
+    "seal",
+    "sign",
+    "signer_key_id",
+    "signing_key_openssh",
+    "signing_public_key",
+    "signing_public_openssh",
+    "split_root_kek",
+    "unwrap_for_agent",
+    "unwrap_root_kek_with_passphrase",
+    "validate_material",
+    "verify_signature",
+    "version_aad",
+    "wrap_for_agent",
+    "wrap_root_kek_with_passphrase",
+    "wrapping_public_key",
+]

@@ -1,0 +1,78 @@
+"""The public surface of ckms.crypto is exactly what other packages build on."""
+
+from __future__ import annotations
+
+import ckms.crypto
+
+EXPECTED = {
+    "InstallFormat",
+    "KeyType",
+    "KeyringEntry",
+    "WrapSuite",
+    "allowed_formats",
+    "combine_shares",
+    "encode_for_install",
+    "encode_keyring",
+    "generate",
+    "generate_signing_key",
+    "generate_wrapping_keypair",
+    "hmac_identifier",
+    "kek_check_value",
+    "material_digest",
+    "new_data_kek",
+    "new_root_kek",
+    "open_sealed",
+    "public_key_pem",
+    "seal",
+    "sign",
+    "signer_key_id",
+    "signing_public_key",
+    "split_root_kek",
+    "unwrap_for_agent",
+    "unwrap_root_kek_with_passphrase",
+    "validate_material",
+    "verify_signature",
+    "version_aad",
+    "wrap_for_agent",
+    "wrap_root_kek_with_passphrase",
+    "wrapping_public_key",
+}
+
+
+def test_all_is_the_public_api() -> None:
+    assert set(ckms.crypto.__all__) == EXPECTED
+    assert len(ckms.crypto.__all__) == len(EXPECTED), "no duplicates in __all__"
+
+
+def test_every_exported_name_exists_and_is_documented() -> None:
+    for name in ckms.crypto.__all__:
+        obj = getattr(ckms.crypto, name)
+        assert obj.__doc__ and obj.__doc__.strip(), name
+
+
+def test_no_public_name_leaks_a_private_module() -> None:
+    public = {n for n in dir(ckms.crypto) if not n.startswith("_")}
+    assert public == EXPECTED
+
+
+def test_enum_values_match_the_interface() -> None:
+    assert {k.value for k in ckms.crypto.KeyType} == {
+        "aes-256",
+        "hmac-sha256",
+        "ed25519",
+        "ecdsa-p256",
+        "ecdsa-p384",
+        "rsa-3072",
+        "rsa-4096",
+        "x25519",
+        "secret",
+    }
+    assert {f.value for f in ckms.crypto.InstallFormat} == {
+        "raw",
+        "base64",
+        "pem",
+        "openssh",
+        "jwk",
+        "keyring-json",
+    }
+    assert {s.value for s in ckms.crypto.WrapSuite} == {"x25519", "mlkem768-x25519"}

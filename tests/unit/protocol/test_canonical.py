@@ -1,0 +1,137 @@
+"""Canonical JSON: known-answer vectors, refusals, and encode/parse round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ckms.errors import ProtocolError
+from ckms.protocol.canonical import canonical_json, parse_canonical_json
+
+VECTORS = json.loads(
+    (Path(__file__).resolve().parents[2] / "vectors" / "canonical_json.json").read_text("utf-8")
+)
+
+
+@pytest.mark.parametrize("vector", VECTORS["valid"], ids=[v["name"] for v in VECTORS["valid"]])
+def test_valid_vectors_encode_exactly(vector: dict[str, Any]) -> None:
+    expected = bytes.fromhex(vector["expected_hex"])
+    assert expected == vector["expected"].encode("utf-8")
+    assert canonical_json(vector["input"]) == expected
+    assert parse_canonical_json(expected) == vector["input"]
+
+
+@pytest.mark.parametrize("vector", VECTORS["invalid"], ids=[v["name"] for v in VECTORS["invalid"]])
+def test_invalid_vectors_are_refused(vector: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        parse_canonical_json(bytes.fromhex(vector["input_hex"]))
+
+
+def test_vectors_cover_the_rules() -> None:
+    names = {v["name"] for v in VECTORS["valid"]}
+    assert {"unicode_raw_utf8", "sorted_keys_nested", "scalars", "string_escapes"} <= names
+    bad = {v["name"] for v in VECTORS["invalid"]}
+    assert {"whitespace", "unsorted_keys", "duplicate_key", "nan"} <= bad
+
+
+def test_key_order_does_not_matter_and_tuples_are_arrays() -> None:
+    a = canonical_json({"b": [1, 2], "a": {"y": 1, "x": 2}})
+    b = canonical_json(OrderedDict([("a", OrderedDict([("x", 2), ("y", 1)])), ("b", (1, 2))]))
+    assert a == b == b'{"a":{"x":2,"y":1},"b":[1,2]}'
+
+
+def test_str_enums_encode_as_their_value() -> None:
+    from enum import StrEnum
+
+    class Colour(StrEnum):
+        RED = "red"
+
+    assert canonical_json({"c": Colour.RED}) == b'{"c":"red"}'
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, [1.0, math.nan], {"a": math.inf}])
+def test_nan_and_infinity_are_refused(value: Any) -> None:
+    with pytest.raises(ProtocolError):
+        canonical_json(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1: "a"},
+        {None: 1},
+        {("a",): 1},
+        {"a": {2.5: 1}},
+        {True: 1},
+        b"bytes",
+        {"a": b"bytes"},
+        {1, 2},
+        object(),
+        "\ud800",
+        {"\udfff": 1},
+    ],
+)
+def test_unencodable_values_are_refused(value: Any) -> None:
+    with pytest.raises(ProtocolError):
+        canonical_json(value)
+
+
+def test_deep_nesting_is_refused_not_crashing() -> None:
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ProtocolError):
+        canonical_json(deep)
+    with pytest.raises(ProtocolError):
+        parse_canonical_json(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_parse_refuses_oversized_and_non_bytes() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        parse_canonical_json(b'"' + b"a" * 100 + b'"', max_bytes=50)
+    assert parse_canonical_json(b'"' + b"a" * 48 + b'"', max_bytes=50) == "a" * 48
+    with pytest.raises(ProtocolError):
+        parse_canonical_json('{"a":1}')  # type: ignore[arg-type]
+    assert parse_canonical_json(bytearray(b'{"a":1}')) == {"a": 1}
+
+
+def test_duplicate_keys_are_refused_even_when_nested() -> None:
+    with pytest.raises(ProtocolError, match="duplicate"):
+        parse_canonical_json(b'{"a":{"b":1,"b":2}}')
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_encode_then_parse_round_trips(value: Any) -> None:
+    try:
+        encoded = canonical_json(value)
+    except ProtocolError:
+        # Only lone surrogates in text are unencodable among these values.
+        assert "\\ud" in json.dumps(value)
+        return
+    assert parse_canonical_json(encoded) == value
+    assert canonical_json(parse_canonical_json(encoded)) == encoded
+    # The encoding is what the stdlib produces with the documented settings.
+    assert encoded == json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
