@@ -103,3 +103,16 @@ def test_bad_private_or_public_lengths_are_refused(bad: bytes) -> None:
         signing_public_key(bad)
     with pytest.raises(CryptoError):
         signer_key_id(bad)
+
+
+def test_signing_key_in_openssh_form_is_the_same_key() -> None:
+    import asyncssh
+
+    from ckms.crypto import signing_key_openssh, signing_public_openssh
+
+    private = generate_signing_key()
+    ssh_key = asyncssh.import_private_key(signing_key_openssh(private))
+    line = ssh_key.export_public_key("openssh").decode().split()
+    assert " ".join(line[:2]) == signing_public_openssh(signing_public_key(private))
+    other = signing_public_openssh(signing_public_key(generate_signing_key()))
+    assert other != signing_public_openssh(signing_public_key(private))
