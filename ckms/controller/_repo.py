@@ -1,0 +1,288 @@
+"""Rows ⇄ models for keys, versions, transitions and hosts (the controller's SQL lives here)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from ckms.controller.models import (
+    Host,
+    InstallSpec,
+    Key,
+    KeyState,
+    KeyVersion,
+    Policy,
+    RevocationReason,
+    Targets,
+    Usage,
+)
+from ckms.crypto import KeyType
+from ckms.errors import NotFoundError, StoreError
+from ckms.store import Reader, Transaction, format_time, parse_time
+
+_VERSION_TIME_COLUMNS = (
+    "created_at",
+    "state_changed_at",
+    "activation_at",
+    "activated_at",
+    "superseded_at",
+    "deactivated_at",
+    "compromised_at",
+    "destroyed_at",
+)
+_VERSION_UPDATABLE = frozenset(
+    {
+        "state",
+        "sealed_material",
+        "state_changed_at",
+        "activated_at",
+        "superseded_at",
+        "deactivated_at",
+        "compromised_at",
+        "destroyed_at",
+        "revocation_reason",
+        "revocation_message",
+    }
+)
+
+
+def _t(value: str | None) -> datetime | None:
+    return None if value is None else parse_time(value)
+
+
+def _version(name: str, row: Any) -> KeyVersion:
+    times = {col: _t(row[col]) for col in _VERSION_TIME_COLUMNS}
+    reason = row["revocation_reason"]
+    return KeyVersion(
+        key=name,
+        version=int(row["version"]),
+        state=KeyState(row["state"]),
+        digest=str(row["digest"]),
+        has_material=row["has_material"] == 1,
+        created_by=str(row["created_by"]),
+        revocation_reason=None if reason is None else RevocationReason(reason),
+        revocation_message=row["revocation_message"],
+        **times,
+    )
+
+
+def _key(row: Any, versions: list[Any]) -> Key:
+    try:
+        params = json.loads(row["params"])
+        return Key(
+            id=row["id"],
+            name=row["name"],
+            type=KeyType(row["key_type"]),
+            usage=frozenset(Usage(u) for u in row["usage"].split(",")),
+            policy=Policy.model_validate_json(row["policy"]),
+            targets=Targets.model_validate_json(row["targets"]),
+            install=InstallSpec.model_validate_json(row["install"]),
+            secret_length=params.get("length"),
+            secret_alphabet=params.get("alphabet"),
+            primary_version=row["primary_version"],
+            created_at=parse_time(row["created_at"]),
+            created_by=row["created_by"],
+            updated_at=parse_time(row["updated_at"]),
+            versions=tuple(_version(row["name"], v) for v in versions),
+        )
+    except ValueError as exc:
+        raise StoreError(f"stored key {row['name']!r} is malformed: {exc}") from exc
+
+
+_VERSION_COLUMNS = (
+    "key_id, version, state, digest, created_at, created_by, activation_at, activated_at, "
+    "superseded_at, deactivated_at, compromised_at, destroyed_at, revocation_reason, "
+    "revocation_message, state_changed_at, sealed_material IS NOT NULL AS has_material"
+)
+
+
+async def find_key(r: Reader, name: str) -> Key | None:
+    """Return the key named ``name`` with all its versions, or None."""
+    row = await r.fetchone("SELECT * FROM keys WHERE name = ?", (name,))
+    if row is None:
+        return None
+    versions = await r.fetchall(
+        f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id = ? ORDER BY version",  # noqa: S608
+        (row["id"],),
+    )
+    return _key(row, versions)
+
+
+async def load_key(r: Reader, name: str) -> Key:
+    """Return the key named ``name``, or raise NotFoundError."""
+    key = await find_key(r, name)
+    if key is None:
+        raise NotFoundError(f"no key named {name!r}")
+    return key
+
+
+async def list_keys(r: Reader) -> list[Key]:
+    """Return every key with its versions, by name."""
+    rows = await r.fetchall("SELECT * FROM keys ORDER BY name")
+    versions = await r.fetchall(
+        f"SELECT {_VERSION_COLUMNS} FROM key_versions ORDER BY key_id, version"  # noqa: S608
+    )
+    by_key: dict[str, list[Any]] = {}
+    for v in versions:
+        by_key.setdefault(v["key_id"], []).append(v)
+    return [_key(row, by_key.get(row["id"], [])) for row in rows]
+
+
+async def load_sealed(r: Reader, name: str, version: int) -> tuple[Key, bytes | None]:
+    """Return the key and one version's sealed material (None once destroyed)."""
+    key = await load_key(r, name)
+    key.version(version)  # NotFoundError for an unknown version
+    sealed = await r.fetchval(
+        "SELECT sealed_material FROM key_versions WHERE key_id = ? AND version = ?",
+        (key.id, version),
+    )
+    return key, None if sealed is None else bytes(sealed)
+
+
+def _json(model: Any) -> str:
+    return str(model.model_dump_json())
+
+
+async def insert_key(tx: Transaction, key: Key) -> None:
+    """Insert a key row (its versions are inserted separately)."""
+    params = {}
+    if key.secret_length is not None:
+        params["length"] = key.secret_length
+    if key.secret_alphabet is not None:
+        params["alphabet"] = key.secret_alphabet
+    await tx.insert(
+        "INSERT INTO keys(id, name, key_type, usage, params, policy, targets, install, "
+        "primary_version, created_at, created_by, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key.id,
+            key.name,
+            str(key.type),
+            ",".join(key.usage_list),
+            json.dumps(params, sort_keys=True),
+            _json(key.policy),
+            _json(key.targets),
+            _json(key.install),
+            key.primary_version,
+            format_time(key.created_at),
+            key.created_by,
+            format_time(key.updated_at),
+        ),
+    )
+
+
+async def update_key(tx: Transaction, key_id: str, *, now: datetime, **changes: Any) -> None:
+    """Update policy, targets, install or primary_version of a key."""
+    allowed = {"policy", "targets", "install", "primary_version"}
+    if set(changes) - allowed:
+        raise ValueError(f"cannot update key columns {sorted(set(changes) - allowed)}")
+    values = {
+        col: (_json(v) if col in ("policy", "targets", "install") else v)
+        for col, v in changes.items()
+    }
+    values["updated_at"] = format_time(now)
+    assignments = ", ".join(f"{col} = ?" for col in values)
+    await tx.execute(
+        f"UPDATE keys SET {assignments} WHERE id = ?",  # noqa: S608 - columns are whitelisted
+        (*values.values(), key_id),
+    )
+
+
+async def insert_version(
+    tx: Transaction, key_id: str, version: KeyVersion, sealed_material: bytes
+) -> None:
+    """Insert a version row with its sealed material."""
+    await tx.insert(
+        "INSERT INTO key_versions(key_id, version, state, digest, sealed_material, created_at, "
+        "created_by, activation_at, activated_at, state_changed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key_id,
+            version.version,
+            str(version.state),
+            version.digest,
+            sealed_material,
+            format_time(version.created_at),
+            version.created_by,
+            None if version.activation_at is None else format_time(version.activation_at),
+            None if version.activated_at is None else format_time(version.activated_at),
+            format_time(version.state_changed_at),
+        ),
+    )
+
+
+async def update_version(tx: Transaction, key_id: str, version: int, **changes: Any) -> None:
+    """Update columns of one version; datetimes are stored in the store's time format."""
+    if set(changes) - _VERSION_UPDATABLE:
+        raise ValueError(
+            f"cannot update version columns {sorted(set(changes) - _VERSION_UPDATABLE)}"
+        )
+    values = [
+        format_time(v) if isinstance(v, datetime) else (str(v) if isinstance(v, KeyState) else v)
+        for v in changes.values()
+    ]
+    assignments = ", ".join(f"{col} = ?" for col in changes)
+    count = await tx.execute(
+        f"UPDATE key_versions SET {assignments} WHERE key_id = ? AND version = ?",  # noqa: S608
+        (*values, key_id, version),
+    )
+    if count != 1:
+        raise StoreError(f"version {version} of key id {key_id} was not updated")
+
+
+async def insert_transition(
+    tx: Transaction,
+    *,
+    key_id: str,
+    version: int,
+    from_state: KeyState | None,
+    to_state: KeyState,
+    operation: str,
+    now: datetime,
+    actor: str,
+    reason: str | None,
+) -> None:
+    """Record one state transition (UTC time, actor, reason) in the version's history."""
+    await tx.insert(
+        "INSERT INTO version_transitions(key_id, version, from_state, to_state, operation, at, "
+        "actor, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key_id,
+            version,
+            None if from_state is None else str(from_state),
+            str(to_state),
+            operation,
+            format_time(now),
+            actor,
+            reason,
+        ),
+    )
+
+
+async def transitions(r: Reader, name: str) -> list[dict[str, Any]]:
+    """Return the transition history of every version of a key, oldest first."""
+    rows = await r.fetchall(
+        "SELECT t.version, t.from_state, t.to_state, t.operation, t.at, t.actor, t.reason "
+        "FROM version_transitions t JOIN keys k ON k.id = t.key_id WHERE k.name = ? "
+        "ORDER BY t.id",
+        (name,),
+    )
+    return [dict(row) for row in rows]
+
+
+def _host(row: Any) -> Host:
+    return Host(
+        id=row["id"],
+        name=row["name"],
+        labels=json.loads(row["labels"]),
+        identity_public_key=bytes(row["identity_public_key"]),
+        wrapping_public_key=bytes(row["wrapping_public_key"]),
+        enrolled_at=parse_time(row["enrolled_at"]),
+        revoked=bool(row["revoked"]),
+    )
+
+
+async def list_hosts(r: Reader) -> list[Host]:
+    """Return every enrolled host (revoked ones included), by id."""
+    return [_host(row) for row in await r.fetchall("SELECT * FROM hosts ORDER BY id")]

@@ -1,0 +1,24 @@
+"""ckms.store: the controller's SQLite store (aiosqlite, WAL, one writer), audit log and outbox.
+
+``Store.open(path)`` applies migrations and returns the store; ``async with store.write() as tx``
+is the one way to change it. :mod:`ckms.store.audit` holds the hash-chained audit log and
+:mod:`ckms.store.outbox` the transactional outbox.
+"""
+
+from ckms.store._migrations import MIGRATIONS, Migration
+from ckms.store._store import Reader, Store, Transaction, apply_migrations
+from ckms.store._time import Clock, format_time, parse_time, require_utc, utc_now
+
+__all__ = [
+    "MIGRATIONS",
+    "Clock",
+    "Migration",
+    "Reader",
+    "Store",
+    "Transaction",
+    "apply_migrations",
+    "format_time",
+    "parse_time",
+    "require_utc",
+    "utc_now",
+]

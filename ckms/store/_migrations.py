@@ -1,0 +1,200 @@
+"""Ordered schema migrations; each runs once, in its own transaction, recorded in schema_version.
+
+Never edit a migration that has shipped: add a new one with the next number. A database whose
+schema is newer than this code knows is refused rather than guessed at.
+
+Schema notes (why, not what):
+
+- ``keys.usage`` and ``keys.key_type`` are immutable: they are bound into the AES-GCM associated
+  data of every version's sealed material (with the key name and version number), so editing one
+  in the file makes every use of the key fail instead of using it with changed metadata.
+- ``key_versions.sealed_material`` is the only place version material lives, always sealed under
+  the data KEK; destroy sets it to NULL (``secure_delete`` zeroes the freed bytes).
+- ``audit`` is append-only; triggers refuse UPDATE and DELETE so a bug cannot rewrite history
+  (an attacker with the file can drop them; the hash chain and signed checkpoints catch that).
+- ``outbox.seq`` is AUTOINCREMENT: never reused, and a rolled-back insert leaves no gap, so it is
+  the controller's monotonic event sequence.
+- ``fleet_state`` has one row per (host, key, version), because a host holds every version that
+  is still in grace, not only the primary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered schema change."""
+
+    version: int
+    name: str
+    sql: str
+
+
+_STATES = ",".join(
+    f"'{s}'"
+    for s in (
+        "PreActive",
+        "Active",
+        "Suspended",
+        "Deactivated",
+        "Compromised",
+        "Destroyed",
+        "DestroyedCompromised",
+    )
+)
+
+_INITIAL = f"""
+CREATE TABLE meta (
+    name        TEXT PRIMARY KEY,
+    value       BLOB NOT NULL
+);
+
+CREATE TABLE keys (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    key_type        TEXT NOT NULL,
+    usage           TEXT NOT NULL,
+    params          TEXT NOT NULL DEFAULT '{{}}',
+    policy          TEXT NOT NULL,
+    targets         TEXT NOT NULL,
+    install         TEXT NOT NULL,
+    primary_version INTEGER,
+    created_at      TEXT NOT NULL,
+    created_by      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL
+);
+
+CREATE TABLE key_versions (
+    key_id             TEXT NOT NULL REFERENCES keys(id),
+    version            INTEGER NOT NULL CHECK (version >= 1),
+    state              TEXT NOT NULL CHECK (state IN ({_STATES})),
+    digest             TEXT NOT NULL,
+    sealed_material    BLOB,
+    created_at         TEXT NOT NULL,
+    created_by         TEXT NOT NULL,
+    activation_at      TEXT,
+    activated_at       TEXT,
+    superseded_at      TEXT,
+    deactivated_at     TEXT,
+    compromised_at     TEXT,
+    destroyed_at       TEXT,
+    revocation_reason  TEXT,
+    revocation_message TEXT,
+    state_changed_at   TEXT NOT NULL,
+    PRIMARY KEY (key_id, version)
+) WITHOUT ROWID;
+
+CREATE TABLE version_transitions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id      TEXT NOT NULL REFERENCES keys(id),
+    version     INTEGER NOT NULL,
+    from_state  TEXT CHECK (from_state IS NULL OR from_state IN ({_STATES})),
+    to_state    TEXT NOT NULL CHECK (to_state IN ({_STATES})),
+    operation   TEXT NOT NULL,
+    at          TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    reason      TEXT
+);
+CREATE INDEX version_transitions_by_key ON version_transitions(key_id, version);
+
+CREATE TABLE hosts (
+    id                  TEXT PRIMARY KEY,
+    name                TEXT NOT NULL UNIQUE,
+    labels              TEXT NOT NULL DEFAULT '{{}}',
+    identity_public_key BLOB NOT NULL,
+    wrapping_public_key BLOB NOT NULL,
+    enrolled_at         TEXT NOT NULL,
+    revoked             INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
+    revoked_at          TEXT
+);
+
+CREATE TABLE enrollment_tokens (
+    token_hash   TEXT PRIMARY KEY,
+    host_name    TEXT NOT NULL,
+    labels       TEXT NOT NULL DEFAULT '{{}}',
+    created_at   TEXT NOT NULL,
+    created_by   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    used_at      TEXT,
+    used_by_host TEXT REFERENCES hosts(id)
+);
+
+CREATE TABLE operators (
+    name           TEXT PRIMARY KEY,
+    ssh_public_key TEXT NOT NULL UNIQUE,
+    role           TEXT NOT NULL
+                   CHECK (role IN ('admin', 'operator', 'custodian', 'auditor')),
+    created_at     TEXT NOT NULL,
+    created_by     TEXT NOT NULL,
+    disabled       INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1))
+);
+
+CREATE TABLE approvals (
+    id         TEXT PRIMARY KEY,
+    operation  TEXT NOT NULL,
+    params     TEXT NOT NULL,
+    requester  TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    approvals  TEXT NOT NULL DEFAULT '[]',
+    state      TEXT NOT NULL DEFAULT 'pending'
+               CHECK (state IN ('pending', 'approved', 'executed', 'rejected', 'expired'))
+);
+
+CREATE TABLE fleet_state (
+    host_id    TEXT NOT NULL REFERENCES hosts(id),
+    key_id     TEXT NOT NULL REFERENCES keys(id),
+    version    INTEGER NOT NULL,
+    status     TEXT NOT NULL,
+    digest     TEXT,
+    event_id   TEXT,
+    updated_at TEXT NOT NULL,
+    latency_ms REAL,
+    PRIMARY KEY (host_id, key_id, version)
+) WITHOUT ROWID;
+CREATE INDEX fleet_state_by_key ON fleet_state(key_id, version);
+
+CREATE TABLE outbox (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id      TEXT NOT NULL UNIQUE,
+    type          TEXT NOT NULL,
+    partition_key TEXT NOT NULL,
+    payload       BLOB NOT NULL,
+    created_at    TEXT NOT NULL,
+    sent_at       TEXT
+);
+CREATE INDEX outbox_unsent ON outbox(seq) WHERE sent_at IS NULL;
+
+CREATE TABLE audit (
+    idx       INTEGER PRIMARY KEY CHECK (idx >= 0),
+    at        TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    action    TEXT NOT NULL,
+    object    TEXT NOT NULL,
+    outcome   TEXT NOT NULL,
+    details   TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit log is append-only');
+END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit log is append-only');
+END;
+
+CREATE TABLE audit_checkpoints (
+    size          INTEGER PRIMARY KEY CHECK (size >= 0),
+    head_hash     TEXT NOT NULL,
+    at            TEXT NOT NULL,
+    signer_key_id TEXT NOT NULL,
+    signature     BLOB NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _INITIAL),)
+"""Every migration, in order; numbers start at 1 and have no gaps."""

@@ -1,0 +1,368 @@
+"""The SQLite store: one writer, WAL, ordered migrations, sqlite errors mapped to StoreError.
+
+All writes go through :meth:`Store.write`, an async context manager holding the single writer
+lock around one ``BEGIN IMMEDIATE`` transaction: it commits when the block ends normally and
+rolls back on any exception (including cancellation), so a key change, its audit record and its
+outbox event are stored together or not at all. Reads use :meth:`Store.read`, a read-only
+snapshot on a second connection (WAL lets it run beside the writer); an in-memory database has
+only one connection, so there reads wait for the writer lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from ckms.errors import StoreError
+from ckms.store._migrations import MIGRATIONS, Migration
+from ckms.store._time import format_time, utc_now
+
+log = logging.getLogger(__name__)
+
+Params = Sequence[Any] | dict[str, Any]
+
+_MEMORY = ":memory:"
+_BUSY_TIMEOUT_MS = 5000
+
+
+def _store_error(exc: BaseException, what: str) -> StoreError:
+    """Map a sqlite or aiosqlite error to StoreError; messages never contain bound values."""
+    if isinstance(exc, ValueError):  # aiosqlite: "Connection closed" / "no active connection"
+        return StoreError(f"{what}: the store is closed")
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class Reader:
+    """Queries inside one read snapshot (or inside the write transaction, for a Transaction)."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self._active = True
+
+    def _check(self) -> None:
+        """Refuse use after the context that handed this object out has ended."""
+        if not self._active:
+            raise StoreError("transaction is no longer active")
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Run a query and return every row."""
+        self._check()
+        try:
+            return list(await self._conn.execute_fetchall(sql, params))
+        except (sqlite3.Error, ValueError) as exc:
+            raise _store_error(exc, "query failed") from exc
+
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        """Run a query and return its first row, or None."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+        """Run a query and return the first column of its first row, or None."""
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    async def get_meta(self, name: str) -> bytes | None:
+        """Return a value of the ``meta`` table (controller secrets are stored there sealed)."""
+        value = await self.fetchval("SELECT value FROM meta WHERE name = ?", (name,))
+        return None if value is None else bytes(value)
+
+
+class Transaction(Reader):
+    """The one write transaction; handed out by :meth:`Store.write`."""
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run a statement and return the number of rows it changed."""
+        self._check()
+        try:
+            cursor = await self._conn.execute(sql, params)
+        except (sqlite3.Error, ValueError) as exc:
+            raise _store_error(exc, "write failed") from exc
+        return cursor.rowcount
+
+    async def insert(self, sql: str, params: Params = ()) -> int:
+        """Run an INSERT and return the new row's rowid."""
+        self._check()
+        try:
+            cursor = await self._conn.execute(sql, params)
+        except (sqlite3.Error, ValueError) as exc:
+            raise _store_error(exc, "write failed") from exc
+        rowid = cursor.lastrowid
+        if rowid is None:  # pragma: no cover - sqlite always sets it after an INSERT
+            raise StoreError("write failed: no row id")
+        return rowid
+
+    async def set_meta(self, name: str, value: bytes) -> None:
+        """Insert or replace a value of the ``meta`` table."""
+        await self.execute(
+            "INSERT INTO meta(name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+
+class Store:
+    """The controller's database: open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(
+        self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection | None
+    ) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock() if reader is not None else self._write_lock
+        self._writer_task: asyncio.Task[Any] | None = None
+        self._closed = False
+
+    # -- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | Path, *, migrations: Sequence[Migration] = MIGRATIONS) -> Self:
+        """Open (creating if needed) the database at ``path``, apply migrations, and return it.
+
+        ``":memory:"`` gives a private in-memory database (unit tests).
+        """
+        location = str(path)
+        writer = await _connect(location, read_only=False)
+        reader: aiosqlite.Connection | None = None
+        try:
+            await apply_migrations(writer, migrations)
+            if location != _MEMORY:
+                reader = await _connect(location, read_only=True)
+        except BaseException:
+            await _close_quietly(writer)
+            raise
+        log.info("store opened at %s", location)
+        return cls(location, writer, reader)
+
+    async def close(self) -> None:
+        """Close both connections; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._write_lock:
+            if self._reader is not None:
+                await _close_quietly(self._reader)
+            await _close_quietly(self._writer)
+        log.info("store closed")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def is_memory(self) -> bool:
+        """True for an in-memory database (no file, no WAL, no second connection)."""
+        return self.path == _MEMORY
+
+    # -- transactions --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Transaction]:
+        """Run the block as the one writer in one transaction: commit on success, else roll back."""
+        self._check_open()
+        task = asyncio.current_task()
+        if task is not None and self._writer_task is task:
+            # An asyncio.Lock is not re-entrant: waiting here would deadlock forever.
+            raise StoreError("nested write transaction: the store has exactly one writer")
+        async with self._write_lock:
+            self._check_open()
+            self._writer_task = task
+            tx = Transaction(self._writer)
+            try:
+                await _run(self._writer, "BEGIN IMMEDIATE", "cannot start a write transaction")
+                try:
+                    yield tx
+                except BaseException:
+                    tx._active = False
+                    await _rollback(self._writer)
+                    raise
+                tx._active = False
+                try:
+                    await _run(self._writer, "COMMIT", "cannot commit")
+                except StoreError:
+                    await _rollback(self._writer)
+                    raise
+            finally:
+                tx._active = False
+                self._writer_task = None
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Reader]:
+        """Run the block against one consistent read-only snapshot."""
+        self._check_open()
+        task = asyncio.current_task()
+        if self._reader is None and task is not None and self._writer_task is task:
+            raise StoreError("read inside a write transaction: use the transaction to read")
+        conn = self._reader if self._reader is not None else self._writer
+        async with self._read_lock:
+            self._check_open()
+            reader = Reader(conn)
+            await _run(conn, "BEGIN", "cannot start a read transaction")
+            try:
+                yield reader
+            finally:
+                reader._active = False
+                await _rollback(conn)
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Run one read query in its own snapshot."""
+        async with self.read() as r:
+            return await r.fetchall(sql, params)
+
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        """Run one read query in its own snapshot and return the first row, or None."""
+        async with self.read() as r:
+            return await r.fetchone(sql, params)
+
+    async def get_meta(self, name: str) -> bytes | None:
+        """Return one value of the ``meta`` table, or None."""
+        async with self.read() as r:
+            return await r.get_meta(name)
+
+    async def schema_version(self) -> int:
+        """Return the highest migration number applied to this database."""
+        async with self.read() as r:
+            return int(await r.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the store is closed")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+async def _connect(location: str, *, read_only: bool) -> aiosqlite.Connection:
+    """Open one connection with the pragmas every ckms connection uses."""
+    if location != _MEMORY:
+        # Surface "cannot open" from a plain connection first: a failed aiosqlite.connect leaves
+        # its worker thread to finish after we return, which may be after the loop has closed.
+        try:
+            await asyncio.to_thread(_probe, location)
+        except sqlite3.Error as exc:
+            raise _store_error(exc, f"cannot open database {location}") from exc
+    try:
+        conn = await aiosqlite.connect(location, isolation_level=None)
+    except (sqlite3.Error, ValueError) as exc:
+        raise _store_error(exc, f"cannot open database {location}") from exc
+    conn.row_factory = sqlite3.Row
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        # Freed pages (e.g. a destroyed version's sealed material) are zeroed, not left behind.
+        await conn.execute("PRAGMA secure_delete = ON")
+        if location != _MEMORY and not read_only:
+            cursor = await conn.execute("PRAGMA journal_mode = WAL")
+            row = await cursor.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                raise StoreError(f"cannot switch {location} to WAL mode")
+            # FULL in WAL mode: a committed key change survives power loss, not only a crash.
+            await conn.execute("PRAGMA synchronous = FULL")
+        if read_only:
+            await conn.execute("PRAGMA query_only = ON")
+    except (sqlite3.Error, ValueError) as exc:
+        await _close_quietly(conn)
+        raise _store_error(exc, f"cannot open database {location}") from exc
+    except BaseException:
+        await _close_quietly(conn)
+        raise
+    return conn
+
+
+def _probe(location: str) -> None:
+    """Open and close a plain connection, raising sqlite3.Error if the file cannot be opened."""
+    sqlite3.connect(location).close()
+
+
+async def _run(conn: aiosqlite.Connection, sql: str, what: str) -> None:
+    """Run one statement without parameters, mapping errors."""
+    try:
+        await conn.execute(sql)
+    except (sqlite3.Error, ValueError) as exc:
+        raise _store_error(exc, what) from exc
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """Roll back if a transaction is open; never raises (the original error matters more)."""
+    # No transaction active, or the connection is gone: nothing to undo either way.
+    with contextlib.suppress(sqlite3.Error, ValueError):
+        await conn.execute("ROLLBACK")
+
+
+async def _close_quietly(conn: aiosqlite.Connection) -> None:
+    """Close a connection, logging instead of raising."""
+    try:
+        await conn.close()
+    except Exception:
+        log.warning("error while closing a database connection", exc_info=True)
+
+
+async def apply_migrations(
+    conn: aiosqlite.Connection, migrations: Sequence[Migration] = MIGRATIONS
+) -> list[int]:
+    """Apply, in order, each migration not yet recorded in ``schema_version``; return those applied.
+
+    Each migration runs in its own transaction together with its ``schema_version`` row, so a
+    failure leaves the database at the previous version. Applying twice is a no-op.
+    """
+    numbers = [m.version for m in migrations]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise StoreError("migrations must be numbered 1, 2, 3, ... without gaps")
+    await _run(
+        conn,
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)",
+        "cannot create schema_version",
+    )
+    try:
+        rows = await conn.execute_fetchall("SELECT version FROM schema_version")
+    except (sqlite3.Error, ValueError) as exc:
+        raise _store_error(exc, "cannot read schema_version") from exc
+    applied = {int(r[0]) for r in rows}
+    newest = max(applied, default=0)
+    if newest > len(migrations):
+        raise StoreError(
+            f"database schema version {newest} is newer than this ckms knows "
+            f"({len(migrations)}); upgrade ckms"
+        )
+    done: list[int] = []
+    for migration in migrations:
+        if migration.version in applied:
+            continue
+        stamp = format_time(utc_now()).replace("'", "")
+        name = migration.name.replace("'", "''")
+        script = (
+            "BEGIN IMMEDIATE;\n"
+            f"{migration.sql}\n"
+            "INSERT INTO schema_version(version, name, applied_at) "
+            f"VALUES ({int(migration.version)}, '{name}', '{stamp}');\n"
+            "COMMIT;\n"
+        )
+        try:
+            await conn.executescript(script)
+        except (sqlite3.Error, ValueError) as exc:
+            await _rollback(conn)
+            raise _store_error(
+                exc, f"migration {migration.version} ({migration.name}) failed"
+            ) from exc
+        log.info("applied migration %d (%s)", migration.version, migration.name)
+        done.append(migration.version)
+    return done

@@ -1,0 +1,100 @@
+"""The transactional outbox: events are stored in the same transaction as the change they announce.
+
+A publisher task (built later) reads unsent rows in ``seq`` order, wraps each in the signed
+envelope ``{"v":1,"id","seq","type","at","data"}`` and marks it sent once Kafka acknowledged it.
+``seq`` is the controller's monotonic event sequence; ``partition_key`` is the key name, so one
+key's events stay ordered on one partition. ``payload`` is the canonical JSON of ``data`` and
+never holds key material.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ckms.protocol.canonical import canonical_json, parse_canonical_json
+from ckms.store._store import Store, Transaction
+from ckms.store._time import format_time, parse_time
+
+
+class OutboxEvent(BaseModel):
+    """One stored event, as the publisher will send it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    event_id: str
+    type: str
+    partition_key: str
+    payload: bytes
+    created_at: datetime
+    sent_at: datetime | None = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's ``data`` object, parsed from the canonical payload."""
+        value = parse_canonical_json(self.payload)
+        assert isinstance(value, dict)
+        return value
+
+
+async def add_event(
+    tx: Transaction, *, type: str, partition_key: str, data: dict[str, Any], now: datetime
+) -> OutboxEvent:
+    """Store one event in the caller's write transaction and return it with its sequence number."""
+    payload = canonical_json(data)
+    event_id = str(uuid.uuid4())
+    created = format_time(now)
+    seq = await tx.insert(
+        "INSERT INTO outbox(event_id, type, partition_key, payload, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (event_id, type, partition_key, payload, created),
+    )
+    return OutboxEvent(
+        seq=seq,
+        event_id=event_id,
+        type=type,
+        partition_key=partition_key,
+        payload=payload,
+        created_at=parse_time(created),
+    )
+
+
+def _event(row: Any) -> OutboxEvent:
+    return OutboxEvent(
+        seq=row["seq"],
+        event_id=row["event_id"],
+        type=row["type"],
+        partition_key=row["partition_key"],
+        payload=bytes(row["payload"]),
+        created_at=parse_time(row["created_at"]),
+        sent_at=None if row["sent_at"] is None else parse_time(row["sent_at"]),
+    )
+
+
+async def pending_events(store: Store, *, limit: int = 500) -> list[OutboxEvent]:
+    """Return up to ``limit`` unsent events, oldest first."""
+    rows = await store.fetchall(
+        "SELECT * FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,)
+    )
+    return [_event(r) for r in rows]
+
+
+async def all_events(store: Store) -> list[OutboxEvent]:
+    """Return every stored event, sent or not, in sequence order."""
+    return [_event(r) for r in await store.fetchall("SELECT * FROM outbox ORDER BY seq")]
+
+
+async def mark_sent(store: Store, seqs: list[int], *, now: datetime) -> int:
+    """Mark events as delivered to Kafka; return how many rows changed."""
+    if not seqs:
+        return 0
+    marks = ",".join("?" for _ in seqs)
+    async with store.write() as tx:
+        return await tx.execute(
+            f"UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL AND seq IN ({marks})",  # noqa: S608
+            (format_time(now), *seqs),
+        )

@@ -1,0 +1,245 @@
+"""The audit log: hash chain, signed checkpoints, and tampering with the real SQLite file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ckms.crypto import generate_signing_key, sign, signing_public_key
+from ckms.errors import AuditError, AuditVerificationError, StoreError
+from ckms.store import Store
+from ckms.store import audit as audit_log
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+async def _build(store: Store, n: int, *, start: int = 0) -> None:
+    for i in range(start, start + n):
+        async with store.write() as tx:
+            await audit_log.append(
+                tx,
+                now=T0 + timedelta(minutes=i),
+                actor="alice",
+                action="key.rotate",
+                object=f"key:team/k{i}",
+                details={"version": i},
+            )
+
+
+async def _checkpoint(store: Store, pair: tuple[bytes, bytes]) -> audit_log.AuditCheckpoint:
+    private, public = pair
+    return await audit_log.checkpoint(
+        store, sign=lambda data: sign(private, data), public_key=public, now=T0
+    )
+
+
+def _tamper(db_path: Path, *statements: str) -> None:
+    """Edit the database file like an attacker would: with plain sqlite3, triggers dropped."""
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
+        raw.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+        for statement in statements:
+            raw.execute(statement)
+
+
+async def _verify_file(db_path: Path, public: bytes) -> audit_log.AuditReport:
+    async with await Store.open(db_path) as store:
+        return await audit_log.verify_store(store, public)
+
+
+@pytest.fixture
+async def ten_records(db_path: Path, signing_pair: tuple[bytes, bytes]) -> Path:
+    """A file with 10 records, a checkpoint at 5 and one at 10; closed again."""
+    async with await Store.open(db_path) as store:
+        await _build(store, 5)
+        await _checkpoint(store, signing_pair)
+        await _build(store, 5, start=5)
+        await _checkpoint(store, signing_pair)
+    return db_path
+
+
+async def test_intact_log_verifies(ten_records: Path, signing_pair: tuple[bytes, bytes]) -> None:
+    report = await _verify_file(ten_records, signing_pair[1])
+    assert report.ok, report.reason
+    assert report.size == 10
+    assert report.checkpoints_verified == 2
+    report.raise_if_bad()
+
+
+async def test_records_chain_by_hash(mem_store: Store) -> None:
+    await _build(mem_store, 3)
+    records = await audit_log.load_records(mem_store)
+    assert [r.index for r in records] == [0, 1, 2]
+    assert records[0].prev_hash == audit_log.GENESIS_HASH
+    for prev, rec in itertools.pairwise(records):
+        assert rec.prev_hash == prev.hash
+        assert audit_log.record_hash(rec.hashed_fields()) == rec.hash
+
+
+@pytest.mark.parametrize(
+    ("statements", "bad_index"),
+    [
+        pytest.param(["UPDATE audit SET actor = 'mallory' WHERE idx = 3"], 3, id="edit-actor"),
+        pytest.param(
+            ["UPDATE audit SET details = '{\"version\":99}' WHERE idx = 7"], 7, id="edit-details"
+        ),
+        pytest.param(["UPDATE audit SET details = 'not json' WHERE idx = 2"], 2, id="garble"),
+        pytest.param(["DELETE FROM audit WHERE idx = 4"], 4, id="delete"),
+        pytest.param(["DELETE FROM audit WHERE idx = 0"], 0, id="delete-first"),
+        pytest.param(
+            [
+                "UPDATE audit SET idx = 1000 WHERE idx = 3",
+                "UPDATE audit SET idx = 3 WHERE idx = 4",
+                "UPDATE audit SET idx = 4 WHERE idx = 1000",
+            ],
+            3,
+            id="reorder",
+        ),
+        pytest.param(["DELETE FROM audit WHERE idx >= 8"], 8, id="truncate-below-checkpoint"),
+        pytest.param(["DELETE FROM audit WHERE idx >= 2"], 2, id="truncate-deep"),
+    ],
+)
+async def test_tampered_file_names_first_bad_record(
+    ten_records: Path,
+    signing_pair: tuple[bytes, bytes],
+    statements: list[str],
+    bad_index: int,
+) -> None:
+    _tamper(ten_records, *statements)
+    report = await _verify_file(ten_records, signing_pair[1])
+    assert not report.ok
+    assert report.first_bad_index == bad_index, report.reason
+    with pytest.raises(AuditVerificationError) as info:
+        report.raise_if_bad()
+    assert info.value.index == bad_index
+
+
+async def test_edit_and_rehash_one_record_is_found(
+    ten_records: Path, signing_pair: tuple[bytes, bytes]
+) -> None:
+    async with await Store.open(ten_records) as store:
+        rec = (await audit_log.load_records(store))[6]
+    forged = rec.model_copy(update={"actor": "mallory"})
+    new_hash = audit_log.record_hash(forged.hashed_fields())
+    _tamper(ten_records, f"UPDATE audit SET actor = 'mallory', hash = '{new_hash}' WHERE idx = 6")  # noqa: S608
+    report = await _verify_file(ten_records, signing_pair[1])
+    assert report.first_bad_index == 6, report.reason
+
+
+async def test_rewriting_the_tail_is_caught_by_the_checkpoint(
+    ten_records: Path, signing_pair: tuple[bytes, bytes]
+) -> None:
+    # Rewrite records 5..9 and re-chain them: the chain links up, only the checkpoint at 10 knows.
+    async with await Store.open(ten_records) as store:
+        records = await audit_log.load_records(store)
+    prev = records[4].hash
+    statements = []
+    for rec in records[5:]:
+        forged = rec.model_copy(update={"actor": "mallory", "prev_hash": prev})
+        prev = audit_log.record_hash(forged.hashed_fields())
+        statements.append(
+            "UPDATE audit SET actor = 'mallory', "  # noqa: S608 - the test is the attacker
+            f"prev_hash = '{forged.prev_hash}', hash = '{prev}' WHERE idx = {rec.index}"
+        )
+    _tamper(ten_records, *statements)
+    report = await _verify_file(ten_records, signing_pair[1])
+    assert not report.ok
+    assert report.first_bad_index == 5  # first record after the last checkpoint that still holds
+    assert report.checkpoints_verified == 1
+
+
+async def test_truncating_records_after_the_last_checkpoint_is_not_detectable(
+    ten_records: Path, signing_pair: tuple[bytes, bytes]
+) -> None:
+    # The documented limit: records newer than every checkpoint are only chained, not signed.
+    async with await Store.open(ten_records) as store:
+        await _build(store, 3, start=10)
+    _tamper(ten_records, "DELETE FROM audit WHERE idx >= 11")
+    assert (await _verify_file(ten_records, signing_pair[1])).ok
+
+
+async def test_forged_checkpoint_signature_is_reported(
+    ten_records: Path, signing_pair: tuple[bytes, bytes]
+) -> None:
+    _tamper(ten_records, "UPDATE audit_checkpoints SET head_hash = 'ff' || substr(head_hash, 3)")
+    report = await _verify_file(ten_records, signing_pair[1])
+    assert not report.ok
+    assert report.first_bad_index is None
+    assert report.bad_checkpoint_size == 5
+    assert "signature" in (report.reason or "")
+
+
+async def test_checkpoint_by_another_key_is_reported(ten_records: Path) -> None:
+    other_public = signing_public_key(generate_signing_key())
+    report = await _verify_file(ten_records, other_public)
+    assert not report.ok
+    assert report.bad_checkpoint_size == 5
+
+
+async def test_checkpoint_is_idempotent_when_the_log_did_not_move(
+    mem_store: Store, signing_pair: tuple[bytes, bytes]
+) -> None:
+    await _build(mem_store, 2)
+    first = await _checkpoint(mem_store, signing_pair)
+    again = await _checkpoint(mem_store, signing_pair)
+    assert first == again
+    assert len(await audit_log.load_checkpoints(mem_store)) == 1
+
+
+async def test_empty_log_verifies(mem_store: Store, signing_pair: tuple[bytes, bytes]) -> None:
+    await _checkpoint(mem_store, signing_pair)
+    assert (await audit_log.verify_store(mem_store, signing_pair[1])).ok
+
+
+async def test_audit_table_refuses_update_and_delete(mem_store: Store) -> None:
+    await _build(mem_store, 1)
+    for statement in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
+        with pytest.raises(StoreError, match="append-only"):
+            async with mem_store.write() as tx:
+                await tx.execute(statement)
+
+
+async def test_failed_append_raises_audit_error_and_rolls_back(mem_store: Store) -> None:
+    async with mem_store.write() as tx:
+        await tx.execute(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON audit "
+            "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
+        )
+    with pytest.raises(AuditError, match="could not be written"):
+        async with mem_store.write() as tx:
+            await tx.set_meta("change", b"guarded")
+            await audit_log.append(tx, now=T0, actor="a", action="x", object="y")
+    assert await mem_store.get_meta("change") is None
+
+
+async def test_export_round_trips_and_tampered_export_is_named(
+    ten_records: Path, signing_pair: tuple[bytes, bytes]
+) -> None:
+    async with await Store.open(ten_records) as store:
+        lines = [line async for line in audit_log.export_jsonl(store)]
+    assert len(lines) == 12
+    assert all(json.loads(line)["kind"] in ("record", "checkpoint") for line in lines)
+    records, checkpoints = audit_log.parse_jsonl(lines)
+    assert audit_log.verify_audit(records, checkpoints, signing_pair[1]).ok
+
+    swapped = [*lines[:2], lines[3], lines[2], *lines[4:]]
+    records, checkpoints = audit_log.parse_jsonl(swapped)
+    assert audit_log.verify_audit(records, checkpoints, signing_pair[1]).first_bad_index == 2
+
+    dropped = [*lines[:9], *lines[10:]]  # record 9 gone; the checkpoint at 10 proves it existed
+    records, checkpoints = audit_log.parse_jsonl(dropped)
+    assert audit_log.verify_audit(records, checkpoints, signing_pair[1]).first_bad_index == 9
+
+    edited = list(lines)
+    edited[1] = edited[1].replace('"alice"', '"mallory"')
+    records, checkpoints = audit_log.parse_jsonl(edited)
+    assert audit_log.verify_audit(records, checkpoints, signing_pair[1]).first_bad_index == 1
+
+    with pytest.raises(AuditVerificationError) as info:
+        audit_log.parse_jsonl([*lines[:4], "{not json", *lines[4:]])
+    assert info.value.index == 4

@@ -1,0 +1,158 @@
+"""The store: migrations, the one-writer transaction, WAL, error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from ckms.errors import StoreError
+from ckms.store import MIGRATIONS, Migration, Store, apply_migrations
+
+
+async def test_file_store_uses_wal_and_records_migrations(file_store: Store, db_path: Path) -> None:
+    assert await file_store.schema_version() == len(MIGRATIONS)
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    expected = {
+        "meta", "keys", "key_versions", "version_transitions", "hosts", "enrollment_tokens",
+        "operators", "approvals", "fleet_state", "outbox", "audit", "audit_checkpoints",
+        "schema_version",
+    }  # fmt: skip
+    assert expected <= tables
+
+
+async def test_applying_migrations_twice_is_a_no_op(db_path: Path) -> None:
+    async with await Store.open(db_path) as store, store.write() as tx:
+        await tx.set_meta("marker", b"kept")
+    async with await Store.open(db_path) as store:  # second open re-runs apply: nothing to do
+        assert await store.get_meta("marker") == b"kept"
+        assert await store.schema_version() == len(MIGRATIONS)
+    async with aiosqlite.connect(db_path, isolation_level=None) as conn:
+        assert await apply_migrations(conn) == []
+        rows = await conn.execute_fetchall("SELECT version FROM schema_version")
+    assert [r[0] for r in rows] == [m.version for m in MIGRATIONS]
+
+
+async def test_new_migration_applies_once_in_order(db_path: Path) -> None:
+    extra = (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "add t", "CREATE TABLE t (x INTEGER);"))
+    async with await Store.open(db_path, migrations=extra) as store:
+        assert await store.schema_version() == len(extra)
+    async with await Store.open(db_path, migrations=extra) as store:
+        assert await store.schema_version() == len(extra)
+
+
+async def test_failed_migration_leaves_previous_version(db_path: Path) -> None:
+    broken = (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "broken", "CREATE TABLE t (; nonsense"))
+    with pytest.raises(StoreError, match="migration"):
+        await Store.open(db_path, migrations=broken)
+    async with await Store.open(db_path) as store:
+        assert await store.schema_version() == len(MIGRATIONS)
+
+
+async def test_newer_database_is_refused(db_path: Path) -> None:
+    extra = (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "future", "CREATE TABLE f (x);"))
+    async with await Store.open(db_path, migrations=extra):
+        pass
+    with pytest.raises(StoreError, match="newer"):
+        await Store.open(db_path)
+
+
+async def test_write_commits_on_success(mem_store: Store) -> None:
+    async with mem_store.write() as tx:
+        await tx.set_meta("a", b"1")
+    assert await mem_store.get_meta("a") == b"1"
+
+
+async def test_write_rolls_back_on_exception(mem_store: Store) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with mem_store.write() as tx:
+            await tx.set_meta("a", b"1")
+            raise Boom
+    assert await mem_store.get_meta("a") is None
+
+
+async def test_write_rolls_back_on_cancellation(file_store: Store) -> None:
+    started = asyncio.Event()
+
+    async def writer() -> None:
+        async with file_store.write() as tx:
+            await tx.set_meta("a", b"1")
+            started.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(writer())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await file_store.get_meta("a") is None
+    async with file_store.write() as tx:  # the lock was released and the connection is usable
+        await tx.set_meta("b", b"2")
+    assert await file_store.get_meta("b") == b"2"
+
+
+async def test_transaction_object_is_dead_after_the_block(mem_store: Store) -> None:
+    async with mem_store.write() as tx:
+        pass
+    with pytest.raises(StoreError, match="no longer active"):
+        await tx.set_meta("late", b"x")
+
+
+async def test_nested_write_is_refused_instead_of_deadlocking(mem_store: Store) -> None:
+    with pytest.raises(StoreError, match="nested"):
+        async with mem_store.write(), mem_store.write():
+            pass
+
+
+async def test_writes_are_serialised(file_store: Store) -> None:
+    async with file_store.write() as tx:
+        await tx.set_meta("n", b"0")
+
+    async def increment() -> None:
+        async with file_store.write() as tx:
+            n = int((await tx.get_meta("n")) or b"0")
+            await asyncio.sleep(0)  # give the other writers every chance to interleave
+            await tx.set_meta("n", str(n + 1).encode())
+
+    await asyncio.gather(*(increment() for _ in range(20)))
+    assert await file_store.get_meta("n") == b"20"
+
+
+async def test_reader_sees_committed_snapshot_beside_the_writer(file_store: Store) -> None:
+    async with file_store.write() as tx:
+        await tx.set_meta("v", b"old")
+        # The file store's reader is a second connection: uncommitted data is invisible to it.
+        assert await file_store.get_meta("v") is None
+    assert await file_store.get_meta("v") == b"old"
+
+
+async def test_sqlite_errors_become_store_errors(mem_store: Store) -> None:
+    with pytest.raises(StoreError, match="OperationalError"):
+        await mem_store.fetchall("SELECT * FROM no_such_table")
+    with pytest.raises(StoreError):
+        async with mem_store.write() as tx:
+            await tx.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+async def test_closed_store_raises_store_error() -> None:
+    store = await Store.open(":memory:")
+    await store.close()
+    await store.close()  # twice is fine
+    with pytest.raises(StoreError, match="closed"):
+        await store.get_meta("x")
+    with pytest.raises(StoreError, match="closed"):
+        async with store.write():
+            pass
+
+
+async def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await Store.open(tmp_path / "missing-dir" / "db.sqlite")
