@@ -69,22 +69,18 @@ class Installer:
         if not versions:
             return {}
         if "{version}" in spec.path:
-            if spec.format is InstallFormat.KEYRING_JSON:
-                raise InstallError("a keyring-json path must not contain {version}")
             return {
-                self.host_path(
-                    spec.render_path(key_name=key_name, version=v.version, host=self.host_id)
-                ): encode_for_install(
-                    kt, v.material, spec.format, key_name=key_name, version=v.version
+                self.host_path(spec.render_path(key_name, v.version, self.host_id)): (
+                    encode_for_install(
+                        kt, v.material, spec.format, key_name=key_name, version=v.version
+                    )
                 )
                 for v in versions
             }
         primary = next((v for v in versions if v.primary), None)
         if primary is None:
             raise InstallError(f"{key_name}: no primary version among the usable ones")
-        path = self.host_path(
-            spec.render_path(key_name=key_name, version=primary.version, host=self.host_id)
-        )
+        path = self.host_path(spec.render_path(key_name, primary.version, self.host_id))
         if spec.format is InstallFormat.KEYRING_JSON:
             entries = [KeyringEntry(v.version, v.material, v.primary, v.state) for v in versions]
             return {path: encode_keyring(kt, entries, key_name=key_name)}
@@ -131,9 +127,9 @@ class Installer:
             failed.timed_out,
         )
         self._restore(backup, spec)
-        if spec.reload_command:
+        if spec.reload:
             hooks.append(
-                await run_hook("reload", spec.reload_command, timeout_s=spec.reload_timeout_s)
+                await run_hook("reload", spec.reload.argv, timeout_s=spec.reload.timeout_s)
             )
         return ApplyOutcome(
             AckStatus.FAILED,
@@ -150,23 +146,23 @@ class Installer:
         except CKMSError as exc:
             return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
         hooks: list[HookResult] = []
-        if spec is not None and spec.reload_command:
+        if spec is not None and spec.reload:
             hooks.append(
-                await run_hook("reload", spec.reload_command, timeout_s=spec.reload_timeout_s)
+                await run_hook("reload", spec.reload.argv, timeout_s=spec.reload.timeout_s)
             )
         return ApplyOutcome(AckStatus.REMOVED, [], hooks)
 
     async def _run_hooks(self, spec: InstallSpec) -> list[HookResult]:
         hooks: list[HookResult] = []
-        if spec.reload_command:
+        if spec.reload:
             hooks.append(
-                await run_hook("reload", spec.reload_command, timeout_s=spec.reload_timeout_s)
+                await run_hook("reload", spec.reload.argv, timeout_s=spec.reload.timeout_s)
             )
             if not hook_ok(hooks[-1]):
                 return hooks
-        if spec.health_command:
+        if spec.health:
             hooks.append(
-                await run_hook("health", spec.health_command, timeout_s=spec.health_timeout_s)
+                await run_hook("health", spec.health.argv, timeout_s=spec.health.timeout_s)
             )
         return hooks
 

@@ -12,31 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ckms.controller.models import Host, Targets
+from ckms.protocol._keyspec import ENV_LABEL
 
 __all__ = ["ENV_LABEL", "env_blocked", "host_matches", "match_hosts"]
 
-ENV_LABEL = "env"
-
-
-def _selected(targets: Targets, host: Host) -> bool:
-    """Say whether a selector or the explicit list names the host (before the env guard)."""
-    if host.id in targets.hosts:
-        return True
-    return any(
-        all(host.labels.get(label) == value for label, value in selector.items())
-        for selector in targets.selectors
-    )
-
-
-def _env_allows(targets: Targets, host: Host) -> bool:
-    """Say whether the environment guard lets the key onto the host."""
-    env = targets.effective_env
-    return env is None or host.labels.get(ENV_LABEL) == env
-
-
 def host_matches(targets: Targets, host: Host) -> bool:
     """Return True if the key with these targets belongs on ``host``."""
-    return not host.revoked and _selected(targets, host) and _env_allows(targets, host)
+    return not host.revoked and targets.matches(host.id, host.labels)
 
 
 def match_hosts(targets: Targets, hosts: Iterable[Host]) -> list[Host]:
@@ -47,5 +29,7 @@ def match_hosts(targets: Targets, hosts: Iterable[Host]) -> list[Host]:
 def env_blocked(targets: Targets, hosts: Iterable[Host]) -> list[Host]:
     """Return hosts listed by id that the environment guard keeps the key away from."""
     return [
-        h for h in hosts if h.id in targets.hosts and not h.revoked and not _env_allows(targets, h)
+        h
+        for h in hosts
+        if h.id in targets.hosts and not h.revoked and not targets.env_allows(h.labels)
     ]

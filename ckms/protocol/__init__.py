@@ -57,7 +57,13 @@ from ckms.protocol._events import (
     RevocationReason,
     VersionState,
 )
-from ckms.protocol._keyspec import InstallSpec, Targets, parse_selector
+from ckms.protocol._keyspec import (
+    PATH_PLACEHOLDERS,
+    HookSpec,
+    InstallSpec,
+    KeyState,
+    Targets,
+)
 from ckms.protocol._topics import (
     ACKS_TOPIC,
     EVENTS_TOPIC,
@@ -74,6 +80,7 @@ __all__ = [
     "EVENT_DATA_MODELS",
     "KEY_ID_HEADER",
     "MAX_MESSAGE_BYTES",
+    "PATH_PLACEHOLDERS",
     "SIGNATURE_HEADER",
     "Ack",
     "AckStatus",
@@ -88,6 +95,7 @@ __all__ = [
     "FetchRequest",
     "HeartbeatReply",
     "HookResult",
+    "HookSpec",
     "HostRevoked",
     "InstallSpec",
     "InstalledVersion",
@@ -97,6 +105,7 @@ __all__ = [
     "KeyPolicyChanged",
     "KeyRevoked",
     "KeyRotated",
+    "KeyState",
     "KeyStateChanged",
     "KeyTargetsChanged",
     "MalformedMessage",
@@ -120,7 +129,6 @@ __all__ = [
     "envelope_dict",
     "format_time",
     "parse_canonical_json",
-    "parse_selector",
     "parse_time",
     "sign_envelope",
     "subject_of",

@@ -12,14 +12,19 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ckms.protocol._keyspec import InstallSpec, Targets
+from ckms.protocol._keyspec import (
+    _HOST_ID_RE,
+    KEY_NAME_RE,
+    InstallSpec,
+    RevocationReason,
+    Targets,
+    VersionState,
+)
 
-KeyName = Annotated[
-    str, Field(min_length=3, max_length=128, pattern=r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
-]
+KeyName = Annotated[str, Field(max_length=129, pattern=KEY_NAME_RE.pattern)]
 Version = Annotated[int, Field(ge=1)]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
-HostId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+HostId = Annotated[str, Field(pattern=_HOST_ID_RE.pattern)]
 
 
 class EventType(StrEnum):
@@ -34,30 +39,6 @@ class EventType(StrEnum):
     KEY_POLICY_CHANGED = "key.policy_changed"
     HOST_REVOKED = "host.revoked"
     ACK = "ack"
-
-
-class VersionState(StrEnum):
-    """Per-version states after NIST SP 800-57 §7 and KMIP 2.1."""
-
-    PRE_ACTIVE = "PreActive"
-    ACTIVE = "Active"
-    SUSPENDED = "Suspended"
-    DEACTIVATED = "Deactivated"
-    COMPROMISED = "Compromised"
-    DESTROYED = "Destroyed"
-    DESTROYED_COMPROMISED = "DestroyedCompromised"
-
-
-class RevocationReason(StrEnum):
-    """KMIP 2.1 revocation reason codes."""
-
-    UNSPECIFIED = "unspecified"
-    KEY_COMPROMISE = "keyCompromise"
-    CA_COMPROMISE = "cACompromise"
-    AFFILIATION_CHANGED = "affiliationChanged"
-    SUPERSEDED = "superseded"
-    CESSATION_OF_OPERATION = "cessationOfOperation"
-    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
 
 
 class _Data(BaseModel):

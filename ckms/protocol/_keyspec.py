@@ -1,129 +1,291 @@
-"""What a key says about where it goes and how it is installed, shared by controller and agent."""
+"""What a key says about where it goes and how it is installed, shared by controller and agent.
+
+These models travel in events and sync replies, so the controller and every agent validate them
+the same way: version states and revocation reasons (NIST SP 800-57 §7, KMIP 2.1), targets
+(label selectors and host ids, with the environment guard), and install specs (path template,
+format, owner, mode, reload and health hooks).
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+import shlex
+import string
+from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ckms.crypto import InstallFormat
-
-_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-_HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from ckms.errors import ConfigError
 
 
-def parse_selector(text: str) -> dict[str, str]:
-    """Parse ``env=prod,role=web`` into a label map, refusing malformed or repeated labels."""
-    labels: dict[str, str] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part.count("=") != 1:
-            raise ValueError(f"bad selector term {part!r}: expected label=value")
-        key, value = (s.strip() for s in part.split("="))
-        if not _LABEL_RE.match(key) or not _LABEL_RE.match(value):
-            raise ValueError(
-                f"bad selector term {part!r}: labels and values are lowercase letters, digits, "
-                "'.', '_' or '-' (at most 63)"
-            )
-        if key in labels:
-            raise ValueError(f"label {key!r} appears twice in selector {text!r}")
-        labels[key] = value
-    if not labels:
-        raise ValueError("empty selector: expected label=value[,label=value]")
-    return labels
+class KeyState(StrEnum):
+    """States of a key version (NIST SP 800-57 §7, KMIP 2.1)."""
+
+    PRE_ACTIVE = "PreActive"
+    ACTIVE = "Active"
+    SUSPENDED = "Suspended"
+    DEACTIVATED = "Deactivated"
+    COMPROMISED = "Compromised"
+    DESTROYED = "Destroyed"
+    DESTROYED_COMPROMISED = "DestroyedCompromised"
+
+
+class RevocationReason(StrEnum):
+    """KMIP revocation reason codes."""
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "keyCompromise"
+    CA_COMPROMISE = "cACompromise"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
+
+    @property
+    def is_compromise(self) -> bool:
+        """True for the reasons that move a version to Compromised rather than Deactivated."""
+        return self in (RevocationReason.KEY_COMPROMISE, RevocationReason.CA_COMPROMISE)
+
+
+VersionState = KeyState
+"""The name events use for :class:`KeyState`."""
+
+
+_SEGMENT = r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?"
+KEY_NAME_RE = re.compile(rf"^{_SEGMENT}/{_SEGMENT}$")
+_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+_HOST_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$")
+ENV_LABEL = "env"
+"""The label that names a host's environment (the hard guard of :class:`Targets`)."""
+
+_POSIX_NAME_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")
 
 
 class Targets(BaseModel):
-    """Which hosts a key goes to: any selector whose labels all match, or an explicit host id."""
+    """Which hosts get a key: label selectors (OR of ANDs) and explicit host ids.
+
+    A selector ``{"env": "prod", "role": "web"}`` (written ``env=prod,role=web``) matches a host
+    whose labels include every pair. A host matches the targets if any selector matches it or
+    its id is listed in ``hosts``. The key's environment (``env``, or the one ``env`` value all
+    selectors name) is a hard guard: a host labelled with another environment, or with none,
+    never gets the key, even when listed by id. Revoked hosts never match.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     selectors: tuple[dict[str, str], ...] = ()
     hosts: tuple[str, ...] = ()
+    env: str | None = None
 
     @field_validator("selectors")
     @classmethod
     def _check_selectors(cls, value: tuple[dict[str, str], ...]) -> tuple[dict[str, str], ...]:
         for selector in value:
             if not selector:
-                raise ValueError("a selector needs at least one label")
-            for key, label_value in selector.items():
-                if not _LABEL_RE.match(key) or not _LABEL_RE.match(label_value):
-                    raise ValueError(f"bad label {key}={label_value}")
-        return value
+                raise ValueError("an empty selector would match every host; name labels")
+            for label, want in selector.items():
+                if not _LABEL_RE.match(label):
+                    raise ValueError(f"invalid label name {label!r}")
+                if not _LABEL_VALUE_RE.match(want):
+                    raise ValueError(f"invalid value {want!r} for label {label!r}")
+        return tuple(dict(sorted(s.items())) for s in value)
 
     @field_validator("hosts")
     @classmethod
     def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for host in value:
             if not _HOST_ID_RE.match(host):
-                raise ValueError(f"bad host id {host!r}")
+                raise ValueError(f"invalid host id {host!r}")
+        return tuple(sorted(set(value)))
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: str | None) -> str | None:
+        if value is not None and not _LABEL_VALUE_RE.match(value):
+            raise ValueError(f"invalid environment {value!r}")
         return value
 
-    def matches(self, host_id: str, labels: dict[str, str]) -> bool:
-        """True when the host is named explicitly or all labels of some selector match it."""
+    @model_validator(mode="after")
+    def _env_consistent(self) -> Targets:
+        if self.env is not None:
+            for selector in self.selectors:
+                if selector.get("env", self.env) != self.env:
+                    raise ValueError(
+                        f"selector env={selector['env']} contradicts the key's environment "
+                        f"{self.env}"
+                    )
+        return self
+
+    @property
+    def effective_env(self) -> str | None:
+        """The environment the key belongs to: ``env``, else the one env every selector names."""
+        if self.env is not None:
+            return self.env
+        envs = {s.get("env") for s in self.selectors}
+        if len(envs) == 1:
+            (only,) = envs
+            return only
+        return None
+
+    def selects(self, host_id: str, labels: dict[str, str]) -> bool:
+        """True when a selector or the explicit host list names the host (before the env guard)."""
         if host_id in self.hosts:
             return True
         return any(
-            all(labels.get(k) == v for k, v in selector.items()) for selector in self.selectors
+            all(labels.get(label) == value for label, value in selector.items())
+            for selector in self.selectors
         )
 
+    def env_allows(self, labels: dict[str, str]) -> bool:
+        """True when the environment guard lets the key onto a host with these labels."""
+        env = self.effective_env
+        return env is None or labels.get(ENV_LABEL) == env
 
-Mode = Annotated[int, Field(ge=0, le=0o7777)]
-Timeout = Annotated[float, Field(gt=0, le=3600)]
+    def matches(self, host_id: str, labels: dict[str, str]) -> bool:
+        """True when the key belongs on this (non-revoked) host: selected and env allows it."""
+        return self.selects(host_id, labels) and self.env_allows(labels)
+
+    @classmethod
+    def parse(cls, specs: list[str] | tuple[str, ...], *, env: str | None = None) -> Targets:
+        """Build targets from CLI-style specs: ``env=prod,role=web`` or ``host:<id>``."""
+        selectors: list[dict[str, str]] = []
+        hosts: list[str] = []
+        for spec in specs:
+            spec = spec.strip()
+            if spec.startswith("host:"):
+                hosts.append(spec.removeprefix("host:"))
+                continue
+            selector: dict[str, str] = {}
+            for part in spec.split(","):
+                label, sep, value = part.partition("=")
+                if not sep:
+                    raise ConfigError(f"target {spec!r}: expected label=value pairs or host:<id>")
+                label, value = label.strip(), value.strip()
+                if label in selector and selector[label] != value:
+                    raise ConfigError(f"target {spec!r}: label {label!r} given twice")
+                selector[label] = value
+            selectors.append(selector)
+        try:
+            return cls(selectors=tuple(selectors), hosts=tuple(hosts), env=env)
+        except ValueError as exc:
+            raise ConfigError(f"invalid targets: {exc}") from None
+
+    def describe(self) -> list[str]:
+        """Return the targets in the CLI spec form, for display."""
+        out = [",".join(f"{k}={v}" for k, v in s.items()) for s in self.selectors]
+        return out + [f"host:{h}" for h in self.hosts]
+
+
+PATH_PLACEHOLDERS = frozenset({"name", "team", "purpose", "version", "host"})
+"""Placeholders a path template may use: ``{team}/{purpose}`` are the two halves of the name,
+``{name}`` is ``team/purpose`` (so it adds a directory level), ``{version}`` the version number and
+``{host}`` the host id."""
+
+MAX_HOOK_TIMEOUT_S = 600.0
+
+
+class HookSpec(BaseModel):
+    """A command run on the host after install (reload) or to check it (health), as argv."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    argv: tuple[str, ...]
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_HOOK_TIMEOUT_S)
+
+    @field_validator("argv", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        # A string is split like a shell would split it, but never run through a shell.
+        return tuple(shlex.split(value)) if isinstance(value, str) else value
+
+    @field_validator("argv")
+    @classmethod
+    def _nonempty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not value[0]:
+            raise ValueError("command must not be empty")
+        if any("\x00" in a for a in value):
+            raise ValueError("command must not contain NUL")
+        return value
 
 
 class InstallSpec(BaseModel):
-    """How an agent writes a key to disk and tells the service that uses it.
+    """Where and how an agent writes a key version to disk.
 
-    ``path`` may use ``{name}`` (the key name with ``/`` as ``_``), ``{version}`` and ``{host}``;
-    a path with ``{version}`` installs one file per version, otherwise the file holds the primary
-    (or, for ``keyring-json``, every usable version). Commands are argv lists, never shell text.
+    ``path`` is an absolute template over :data:`PATH_PLACEHOLDERS`. ``keyring-json`` puts
+    every usable version into one file, so its path must not contain ``{version}``; other
+    formats write one file per version when the path contains ``{version}``, else only the
+    primary. The file mode may not grant anything to "other" (a key file is never
+    world-readable) and the directory may not be world-writable.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    path: str = Field(min_length=1, max_length=1024)
+    path: str
     format: InstallFormat = InstallFormat.RAW
     owner: str | None = None
     group: str | None = None
-    mode: Mode = 0o600
-    dir_mode: Mode = 0o700
-    reload_command: tuple[str, ...] | None = None
-    reload_timeout_s: Timeout = 30.0
-    health_command: tuple[str, ...] | None = None
-    health_timeout_s: Timeout = 30.0
+    mode: int = Field(default=0o600, ge=0, le=0o777)
+    dir_mode: int = Field(default=0o700, ge=0, le=0o777)
+    reload: HookSpec | None = None
+    health: HookSpec | None = None
 
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("install path must be absolute")
-        if any(part == ".." for part in value.split("/")):
-            raise ValueError("install path must not contain '..'")
-        if "\x00" in value:
-            raise ValueError("install path must not contain NUL")
-        return value
-
-    @field_validator("mode")
-    @classmethod
-    def _check_mode(cls, value: int) -> int:
-        if value & 0o077 & ~0o040:
+        if not value.startswith("/") or "\x00" in value or value.endswith("/"):
+            raise ValueError("path must be an absolute file path")
+        if any(part in ("..", ".") for part in value.split("/")):
+            raise ValueError("path must not contain '.' or '..' segments")
+        try:
+            fields = [f for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
+            specs = [
+                (spec, conv)
+                for _, f, spec, conv in string.Formatter().parse(value)
+                if f is not None
+            ]
+        except ValueError as exc:
+            raise ValueError(f"path template is malformed: {exc}") from None
+        unknown = set(fields) - PATH_PLACEHOLDERS
+        if unknown:
             raise ValueError(
-                f"mode {value:04o} gives key material to others: at most group-read (0640)"
+                f"path template uses unknown placeholders {sorted(unknown)}; "
+                f"allowed: {sorted(PATH_PLACEHOLDERS)}"
             )
+        if any(spec or conv for spec, conv in specs):
+            raise ValueError("path placeholders take no format spec or conversion")
         return value
 
-    @field_validator("reload_command", "health_command")
+    @field_validator("reload", "health", mode="before")
     @classmethod
-    def _check_command(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None and (not value or not value[0]):
-            raise ValueError("a command is a non-empty argv list")
+    def _hook_shorthand(cls, value: Any) -> Any:
+        # A bare command (string or argv list) means that command with the default timeout.
+        return {"argv": value} if isinstance(value, str | list | tuple) else value
+
+    @field_validator("owner", "group")
+    @classmethod
+    def _check_posix_name(cls, value: str | None) -> str | None:
+        if value is not None and not _POSIX_NAME_RE.match(value):
+            raise ValueError(f"invalid user or group name {value!r}")
         return value
 
-    def render_path(self, *, key_name: str, version: int, host: str) -> str:
-        """The file path for one version on one host."""
-        return self.path.format(name=key_name.replace("/", "_"), version=version, host=host)
+    @model_validator(mode="after")
+    def _check(self) -> InstallSpec:
+        if self.mode & 0o007:
+            raise ValueError(f"mode {self.mode:#o} grants access to other users")
+        if self.mode & 0o400 == 0:
+            raise ValueError(f"mode {self.mode:#o} does not let the owner read the key")
+        if self.dir_mode & 0o002:
+            raise ValueError(f"dir_mode {self.dir_mode:#o} is world-writable")
+        if self.format is InstallFormat.KEYRING_JSON and "{version}" in self.path:
+            raise ValueError("a keyring-json file holds every version: drop {version} from path")
+        return self
+
+    def render_path(self, key_name: str, version: int, host_id: str) -> str:
+        """Return the file path for one version on one host."""
+        team, _, purpose = key_name.partition("/")
+        return self.path.format(
+            name=key_name, team=team, purpose=purpose, version=version, host=host_id
+        )

@@ -35,7 +35,7 @@ def mode_of(path: Path) -> int:
 
 async def test_raw_install_has_exact_bytes_and_modes(installer: Installer) -> None:
     v1 = held(1, primary=True)
-    spec = InstallSpec(path="/etc/ckms/keys/{name}.key")
+    spec = InstallSpec(path="/etc/ckms/keys/{team}_{purpose}.key")
     outcome = await installer.apply("payments/db", "aes-256", spec, [v1])
     assert outcome.status is AckStatus.INSTALLED
     path = installer.host_path("/etc/ckms/keys/payments_db.key")
@@ -50,7 +50,7 @@ async def test_keyring_holds_every_usable_version_with_the_primary_marked(
     installer: Installer,
 ) -> None:
     old, new = held(1, primary=False), held(2, primary=True)
-    spec = InstallSpec(path="/keys/{name}.json", format="keyring-json", mode=0o640)
+    spec = InstallSpec(path="/keys/{team}_{purpose}.json", format="keyring-json", mode=0o640)
     outcome = await installer.apply("payments/db", "aes-256", spec, [old, new])
     assert outcome.status is AckStatus.INSTALLED
     ring = json.loads(outcome.paths[0].read_bytes())
@@ -64,7 +64,7 @@ async def test_per_version_files_and_removal_of_versions_no_longer_held(
     installer: Installer,
 ) -> None:
     v1, v2 = held(1, primary=False), held(2, primary=True)
-    spec = InstallSpec(path="/keys/{name}/{version}.b64", format="base64")
+    spec = InstallSpec(path="/keys/{team}_{purpose}/{version}.b64", format="base64")
     first = await installer.apply("app/sig", "aes-256", spec, [v1, v2])
     assert len(first.paths) == 2
     second = await installer.apply("app/sig", "aes-256", spec, [v2], previous_paths=first.paths)
@@ -83,8 +83,8 @@ async def test_failed_health_check_restores_the_previous_version(
     reloads = tmp_path / "reloads"
     failing = InstallSpec(
         path="/keys/db.key",
-        reload_command=("sh", "-c", f"echo reload >> {reloads}"),
-        health_command=("sh", "-c", "echo 'db refused the new key' ; exit 3"),
+        reload=("sh", "-c", f"echo reload >> {reloads}"),
+        health=("sh", "-c", "echo 'db refused the new key' ; exit 3"),
     )
     outcome = await installer.apply("payments/db", "aes-256", failing, [v2], previous_paths=[path])
     assert outcome.status is AckStatus.FAILED
@@ -96,7 +96,7 @@ async def test_failed_health_check_restores_the_previous_version(
 
 
 async def test_failed_first_install_leaves_no_file(installer: Installer) -> None:
-    spec = InstallSpec(path="/keys/db.key", health_command=("false",))
+    spec = InstallSpec(path="/keys/db.key", health=("false",))
     outcome = await installer.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
     assert outcome.status is AckStatus.FAILED
     assert not installer.host_path("/keys/db.key").exists()
@@ -111,7 +111,7 @@ async def test_hook_timeout_kills_the_process_group() -> None:
 
 async def test_remove_overwrites_and_reloads(installer: Installer, tmp_path: Path) -> None:
     v1 = held(1, primary=True)
-    spec = InstallSpec(path="/keys/db.key", reload_command=("true",))
+    spec = InstallSpec(path="/keys/db.key", reload=("true",))
     first = await installer.apply("payments/db", "aes-256", spec, [v1])
     outcome = await installer.remove(spec, first.paths)
     assert outcome.status is AckStatus.REMOVED

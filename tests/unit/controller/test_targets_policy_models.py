@@ -170,7 +170,7 @@ def test_install_spec_defaults_and_rendering() -> None:
         reload="systemctl reload nginx",
         health={"argv": ["curl", "-fsS", "http://localhost/health"], "timeout_s": 5},
     )
-    assert (spec.mode, spec.dir_mode, spec.owner) == (0o600, 0o700, "root")
+    assert (spec.mode, spec.dir_mode, spec.owner) == (0o600, 0o700, None)  # the agent's user
     assert spec.reload is not None and spec.reload.argv == ("systemctl", "reload", "nginx")
     assert spec.reload.timeout_s == 30
     assert spec.render_path("payments/db", 3, "web-1") == "/etc/ckms/payments/db-3.key"

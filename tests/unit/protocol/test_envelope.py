@@ -65,7 +65,7 @@ def rotated() -> KeyRotated:
         state=VersionState.ACTIVE,
         digest=DIGEST,
         targets=Targets(selectors=({"env": "prod", "role": "db"},)),
-        install=InstallSpec(path="/etc/keys/{name}.key"),
+        install=InstallSpec(path="/etc/keys/{team}/{purpose}.key"),
     )
 
 
@@ -238,7 +238,7 @@ def test_replay_guard() -> None:
 
 
 def test_install_spec_refuses_loose_modes_and_relative_paths() -> None:
-    with pytest.raises(ValueError, match="others"):
+    with pytest.raises(ValueError, match="other users"):
         InstallSpec(path="/k", mode=0o644)
     with pytest.raises(ValueError, match="absolute"):
         InstallSpec(path="keys/k")
@@ -251,7 +251,10 @@ def test_targets_match() -> None:
     targets = Targets(selectors=({"env": "prod", "role": "web"},), hosts=("db-7",))
     assert targets.matches("web-1", {"env": "prod", "role": "web", "zone": "a"})
     assert not targets.matches("web-2", {"env": "staging", "role": "web"})
-    assert targets.matches("db-7", {})
+    assert targets.matches("db-7", {"env": "prod"})
+    # The environment guard holds even for a host listed by id.
+    assert not targets.matches("db-7", {})
+    assert not targets.matches("db-7", {"env": "staging"})
 
 
 # -- known-answer vectors: a second implementation must produce these exact bytes ------------
