@@ -598,12 +598,15 @@ class Lifecycle:
                 data = {
                     "key": name,
                     "key_id": key.id,
+                    "type": str(key.type),
                     "version": number,
                     "state": str(state),
                     "digest": digest,
                     "activation_at": _t(version.activation_at),
                     "primary": primary,
                     "previous_primary": key.primary_version,
+                    "targets": key.targets.model_dump(mode="json"),
+                    "install": key.install.model_dump(mode="json"),
                 }
                 await self._emit(
                     tx,

@@ -162,7 +162,7 @@ def envelope_dict(
         "seq": seq,
         "type": str(etype),
         "at": format_time(at),
-        "data": typed.model_dump(mode="json"),
+        "data": typed.model_dump(mode="json", by_alias=True),
     }
 
 

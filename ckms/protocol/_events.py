@@ -8,7 +8,7 @@ specs. Every model forbids unknown fields, so a message that grew a field it sho
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,14 +42,22 @@ class EventType(StrEnum):
 
 
 class _Data(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
 class KeyCreated(_Data):
-    """A key was created (its first version follows as ``key.rotated``)."""
+    """A key was created with its first version."""
 
     key: KeyName
-    key_type: str
+    key_id: str
+    type: str
+    usage: tuple[str, ...]
+    version: Version
+    state: VersionState
+    digest: Digest
+    activation_at: str | None = None
+    primary: int | None = None
+    policy: dict[str, Any]
     targets: Targets
     install: InstallSpec
 
@@ -58,57 +66,70 @@ class KeyRotated(_Data):
     """A new version exists; hosts that match ``targets`` should fetch and install it."""
 
     key: KeyName
-    key_type: str
+    key_id: str
+    type: str
     version: Version
-    primary: bool
     state: VersionState
     digest: Digest
+    activation_at: str | None = None
+    primary: int | None = None
+    previous_primary: int | None = None
     targets: Targets
     install: InstallSpec
-    activates_at: str | None = None
 
 
 class KeyStateChanged(_Data):
-    """One version moved from one state to another (activate, suspend, resume, deactivate)."""
+    """One version moved state (activate, suspend, resume, deactivate)."""
 
     key: KeyName
+    key_id: str
     version: Version
-    from_state: VersionState
-    to_state: VersionState
-    primary_version: int | None = None
+    from_state: VersionState = Field(alias="from")
+    to_state: VersionState = Field(alias="to")
+    primary: int | None = None
     reason: str | None = None
 
 
 class KeyRevoked(_Data):
-    """Versions were revoked: hosts must remove them (and say so with a ``removed`` ack)."""
+    """A version was revoked: hosts must remove it (and say so with a ``removed`` ack)."""
 
     key: KeyName
-    versions: tuple[Version, ...] = Field(min_length=1)
+    key_id: str
+    version: Version
+    from_state: VersionState = Field(alias="from")
+    to_state: VersionState = Field(alias="to")
     reason: RevocationReason
-    state: VersionState
-    primary_version: int | None = None
+    compromise: bool
+    primary: int | None = None
 
 
 class KeyDestroyed(_Data):
-    """Versions' material was destroyed on the controller; hosts must not hold it."""
+    """A version's material was destroyed on the controller; hosts must not hold it."""
 
     key: KeyName
-    versions: tuple[Version, ...] = Field(min_length=1)
-    state: VersionState
+    key_id: str
+    version: Version
+    from_state: VersionState = Field(alias="from")
+    to_state: VersionState = Field(alias="to")
+    digest: Digest
+    primary: int | None = None
 
 
 class KeyTargetsChanged(_Data):
-    """The set of hosts a key goes to changed; hosts no longer targeted remove it."""
+    """The hosts a key goes to (or how it is installed) changed; untargeted hosts remove it."""
 
     key: KeyName
+    key_id: str
     targets: Targets
+    install: InstallSpec
 
 
 class KeyPolicyChanged(_Data):
     """A key's policy changed (cryptoperiod, grace, staleness, approvals)."""
 
     key: KeyName
-    policy: dict[str, int | float | str | bool | list[str] | None]
+    key_id: str
+    policy: dict[str, Any]
 
 
 class HostRevoked(_Data):

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ckms.errors import ProtocolError
+from ckms.protocol._events import EVENT_DATA_MODELS, EventType
 from ckms.protocol.canonical import canonical_json, parse_canonical_json
 from ckms.store._store import Store, Transaction
 from ckms.store._time import format_time, parse_time
@@ -44,8 +46,17 @@ class OutboxEvent(BaseModel):
 async def add_event(
     tx: Transaction, *, type: str, partition_key: str, data: dict[str, Any], now: datetime
 ) -> OutboxEvent:
-    """Store one event in the caller's write transaction and return it with its sequence number."""
-    payload = canonical_json(data)
+    """Store one event in the caller's write transaction and return it with its sequence number.
+
+    ``data`` is validated against the event type's protocol model first, so an event that agents
+    would refuse can never be committed (the change it announces fails with it).
+    """
+    try:
+        model = EVENT_DATA_MODELS[EventType(type)]
+        typed = model.model_validate(data)
+    except (ValueError, KeyError) as exc:
+        raise ProtocolError(f"outbox event {type!r} does not match its model: {exc}") from None
+    payload = canonical_json(typed.model_dump(mode="json", by_alias=True))
     event_id = str(uuid.uuid4())
     created = format_time(now)
     seq = await tx.insert(

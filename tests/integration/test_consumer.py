@@ -32,11 +32,16 @@ AT = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
 def revoked(seq: int, signer: bytes, key: str = "payments/db") -> SignedMessage:
-    data = KeyRevoked(
-        key=key,
-        versions=(seq,),
-        reason=RevocationReason.KEY_COMPROMISE,
-        state=VersionState.COMPROMISED,
+    data = KeyRevoked.model_validate(
+        {
+            "key": key,
+            "key_id": "k-1",
+            "version": seq,
+            "from": VersionState.ACTIVE,
+            "to": VersionState.COMPROMISED,
+            "reason": RevocationReason.KEY_COMPROMISE,
+            "compromise": True,
+        }
     )
     return encode_event(EventType.KEY_REVOKED, data, seq=seq, signing_key=signer, at=AT)
 

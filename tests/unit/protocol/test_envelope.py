@@ -59,9 +59,11 @@ def trust(signer: bytes) -> dict[str, bytes]:
 def rotated() -> KeyRotated:
     return KeyRotated(
         key="payments/db",
-        key_type="aes-256",
+        key_id="k-1",
+        type="aes-256",
         version=2,
-        primary=True,
+        primary=2,
+        previous_primary=1,
         state=VersionState.ACTIVE,
         digest=DIGEST,
         targets=Targets(selectors=({"env": "prod", "role": "db"},)),
@@ -155,9 +157,12 @@ def _valid_dict() -> dict[str, object]:
         "at": "2026-11-28T12:00:00.000000Z",
         "data": {
             "key": "payments/db",
-            "versions": [1],
+            "key_id": "k-1",
+            "version": 1,
+            "from": "Active",
+            "to": "Compromised",
             "reason": "keyCompromise",
-            "state": "Compromised",
+            "compromise": True,
         },
     }
 
@@ -174,7 +179,8 @@ def _valid_dict() -> dict[str, object]:
         (lambda d: d.update(at="yesterday"), MalformedMessage),
         (lambda d: d["data"].update(material="c2VjcmV0"), InvalidEventData),
         (lambda d: d["data"].update(reason="bored"), InvalidEventData),
-        (lambda d: d["data"].update(versions=[]), InvalidEventData),
+        (lambda d: d["data"].update(version=0), InvalidEventData),
+        (lambda d: d["data"].update(to="Gone"), InvalidEventData),
     ],
 )
 def test_signed_but_invalid_envelopes_are_refused(signer, trust, mutate, error) -> None:
@@ -212,11 +218,16 @@ def test_building_an_invalid_event_fails_before_signing(signer: bytes) -> None:
         encode_event("key.revoked", {"key": "payments/db"}, seq=1, signing_key=signer, at=AT)
     with pytest.raises(UnknownEventType):
         encode_event("nope", {}, seq=1, signing_key=signer, at=AT)
-    big = KeyRevoked(
-        key="payments/db",
-        versions=tuple(range(1, 20000)),
-        reason=RevocationReason.SUPERSEDED,
-        state=VersionState.DEACTIVATED,
+    big = KeyRevoked.model_validate(
+        {
+            "key": "payments/db",
+            "key_id": "x" * (MAX_MESSAGE_BYTES + 1),
+            "version": 1,
+            "from": "Active",
+            "to": "Deactivated",
+            "reason": RevocationReason.SUPERSEDED,
+            "compromise": False,
+        }
     )
     with pytest.raises(OversizedMessage):
         encode_event(EventType.KEY_REVOKED, big, seq=1, signing_key=signer, at=AT)

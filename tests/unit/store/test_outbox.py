@@ -12,37 +12,58 @@ from ckms.store import Store, outbox
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
+def policy_changed(key: str = "t/a", **policy: object) -> dict[str, object]:
+    """A valid key.policy_changed payload (outbox rows are checked against the protocol)."""
+    return {"key": key, "key_id": "k-1", "policy": policy}
+
+
 async def test_events_get_monotonic_sequence_and_canonical_payload(mem_store: Store) -> None:
     async with mem_store.write() as tx:
         a = await outbox.add_event(
-            tx, type="key.created", partition_key="t/a", data={"b": 1, "a": "x"}, now=T0
+            tx,
+            type="key.policy_changed",
+            partition_key="t/a",
+            data=policy_changed(b=1, a="x"),
+            now=T0,
         )
-        b = await outbox.add_event(tx, type="key.rotated", partition_key="t/a", data={}, now=T0)
+        b = await outbox.add_event(
+            tx, type="key.policy_changed", partition_key="t/a", data=policy_changed(), now=T0
+        )
     assert b.seq == a.seq + 1
-    assert a.payload == b'{"a":"x","b":1}'
+    assert a.payload == b'{"key":"t/a","key_id":"k-1","policy":{"a":"x","b":1}}'
     pending = await outbox.pending_events(mem_store)
     assert [e.event_id for e in pending] == [a.event_id, b.event_id]
-    assert pending[0].data == {"a": "x", "b": 1}
+    assert pending[0].data["policy"] == {"a": "x", "b": 1}
     assert pending[0].partition_key == "t/a"
 
 
 async def test_rolled_back_event_leaves_no_row_and_no_gap(mem_store: Store) -> None:
     async with mem_store.write() as tx:
-        first = await outbox.add_event(tx, type="x", partition_key="k", data={}, now=T0)
+        first = await outbox.add_event(
+            tx, type="key.policy_changed", partition_key="t/a", data=policy_changed(), now=T0
+        )
     with pytest.raises(RuntimeError):
         async with mem_store.write() as tx:
-            await outbox.add_event(tx, type="x", partition_key="k", data={}, now=T0)
+            await outbox.add_event(
+                tx, type="key.policy_changed", partition_key="t/a", data=policy_changed(), now=T0
+            )
             raise RuntimeError("abort")
     async with mem_store.write() as tx:
-        third = await outbox.add_event(tx, type="x", partition_key="k", data={}, now=T0)
+        third = await outbox.add_event(
+            tx, type="key.policy_changed", partition_key="t/a", data=policy_changed(), now=T0
+        )
     assert third.seq == first.seq + 1
     assert len(await outbox.all_events(mem_store)) == 2
 
 
 async def test_mark_sent_removes_from_pending(mem_store: Store) -> None:
     async with mem_store.write() as tx:
-        a = await outbox.add_event(tx, type="x", partition_key="k", data={}, now=T0)
-        b = await outbox.add_event(tx, type="x", partition_key="k", data={}, now=T0)
+        a = await outbox.add_event(
+            tx, type="key.policy_changed", partition_key="t/a", data=policy_changed(), now=T0
+        )
+        b = await outbox.add_event(
+            tx, type="key.policy_changed", partition_key="t/a", data=policy_changed(), now=T0
+        )
     assert await outbox.mark_sent(mem_store, [a.seq], now=T0) == 1
     assert await outbox.mark_sent(mem_store, [a.seq], now=T0) == 0
     assert [e.seq for e in await outbox.pending_events(mem_store)] == [b.seq]
@@ -50,7 +71,13 @@ async def test_mark_sent_removes_from_pending(mem_store: Store) -> None:
     assert sent.sent_at == T0
 
 
-async def test_payload_must_be_canonical_json(mem_store: Store) -> None:
-    with pytest.raises(ProtocolError):
-        async with mem_store.write() as tx:
-            await outbox.add_event(tx, type="x", partition_key="k", data={"b": b"bytes"}, now=T0)
+async def test_payload_must_match_its_protocol_model(mem_store: Store) -> None:
+    for event_type, data in [
+        ("key.policy_changed", {"key": "t/a", "key_id": "k-1", "policy": {}, "material": "x"}),
+        ("key.nonsense", policy_changed()),
+        ("key.revoked", policy_changed()),
+    ]:
+        with pytest.raises(ProtocolError):
+            async with mem_store.write() as tx:
+                await outbox.add_event(tx, type=event_type, partition_key="t/a", data=data, now=T0)
+    assert await outbox.all_events(mem_store) == []
