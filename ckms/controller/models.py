@@ -86,6 +86,7 @@ DEFAULT_APPROVALS: frozenset[ApprovalOperation] = frozenset(
 
 # -- names -----------------------------------------------------------------------------------
 
+
 def validate_key_name(name: object) -> str:
     """Return ``name`` if it is a valid ``team/purpose`` key name, else raise ConfigError."""
     if not isinstance(name, str) or not KEY_NAME_RE.match(name) or ".." in name:

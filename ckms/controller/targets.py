@@ -16,6 +16,7 @@ from ckms.protocol._keyspec import ENV_LABEL
 
 __all__ = ["ENV_LABEL", "env_blocked", "host_matches", "match_hosts"]
 
+
 def host_matches(targets: Targets, host: Host) -> bool:
     """Return True if the key with these targets belongs on ``host``."""
     return not host.revoked and targets.matches(host.id, host.labels)

@@ -10,7 +10,7 @@ anything is parsed, then the version, the type and the typed data. Each refusal 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -177,17 +177,24 @@ class SignedMessage:
 
 def sign_envelope(envelope: Mapping[str, Any], signing_key: bytes) -> SignedMessage:
     """Encode an envelope canonically and sign the exact bytes."""
+    kid = signer_key_id(signing_public_key(signing_key))
+    return sign_envelope_with(envelope, lambda data: sign(signing_key, data), kid)
+
+
+def sign_envelope_with(
+    envelope: Mapping[str, Any], signer: Callable[[bytes], bytes], kid: str
+) -> SignedMessage:
+    """Like :func:`sign_envelope`, for a signer that keeps its key to itself (the vault)."""
     value = canonical_json(dict(envelope))
     if len(value) > MAX_MESSAGE_BYTES:
         raise OversizedMessage(
             f"{envelope.get('type')} message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}"
         )
-    kid = signer_key_id(signing_public_key(signing_key))
     model = EVENT_DATA_MODELS[EventType(envelope["type"])]
     subject = subject_of(model.model_validate(envelope["data"]))
     return SignedMessage(
         value=value,
-        headers=((SIGNATURE_HEADER, sign(signing_key, value)), (KEY_ID_HEADER, kid.encode())),
+        headers=((SIGNATURE_HEADER, signer(value)), (KEY_ID_HEADER, kid.encode())),
         key=subject.encode(),
     )
 

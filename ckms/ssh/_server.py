@@ -10,6 +10,7 @@ go to an ``on_refused`` callback (the controller audits them). Per connection, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -57,9 +58,18 @@ class _ServerConnection(asyncssh.SSHServer):
 
     def __init__(self, rpc: RpcServer) -> None:
         self._rpc = rpc
+        self._conn: asyncssh.SSHServerConnection | None = None
         self.principal: Principal | None = None
         self.semaphore = asyncio.Semaphore(rpc.max_concurrent)
         self.in_flight = 0
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._rpc._connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._rpc._connections.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -109,6 +119,7 @@ class RpcServer:
         self._reuse_port = reuse_port
         self._routes: dict[str, _Route] = {}
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._connections: set[asyncssh.SSHServerConnection] = set()
         self.port: int | None = None
 
     def route(self, method: str, handler: Handler, *, roles: Collection[str]) -> None:
@@ -150,6 +161,13 @@ class RpcServer:
         if acceptor is not None:
             acceptor.close()
             await acceptor.wait_closed()
+        # asyncssh's acceptor only stops listening; open connections would keep serving.
+        connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            conn.close()
+        for conn in connections:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                await conn.wait_closed()
 
     async def __aenter__(self) -> RpcServer:
         if self._acceptor is None:

@@ -196,5 +196,27 @@ CREATE TABLE audit_checkpoints (
 );
 """
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _INITIAL),)
+_FLEET = """
+ALTER TABLE hosts ADD COLUMN wrap_suite TEXT NOT NULL DEFAULT 'x25519';
+ALTER TABLE hosts ADD COLUMN signer_key_id TEXT;
+ALTER TABLE hosts ADD COLUMN last_ack_seq INTEGER;
+ALTER TABLE hosts ADD COLUMN last_seen_at TEXT;
+ALTER TABLE hosts ADD COLUMN reported TEXT;
+CREATE UNIQUE INDEX hosts_by_signer ON hosts(signer_key_id);
+
+CREATE TABLE consumer_positions (
+    topic      TEXT NOT NULL,
+    partition  INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+) WITHOUT ROWID;
+"""
+"""Fleet view: how a host wraps keys, which key signs its acks and the last ack seq applied
+(replays are refused), when it was last seen and what it last reported (digests only); and the
+ack consumer's Kafka positions, stored in the same transaction as the acks they cover."""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _INITIAL),
+    Migration(2, "fleet view and consumer positions", _FLEET),
+)
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -232,6 +232,11 @@ class Store:
         async with self.read() as r:
             return await r.fetchone(sql, params)
 
+    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+        """Run one read query in its own snapshot and return its first value, or None."""
+        async with self.read() as r:
+            return await r.fetchval(sql, params)
+
     async def get_meta(self, name: str) -> bytes | None:
         """Return one value of the ``meta`` table, or None."""
         async with self.read() as r:

@@ -1,0 +1,229 @@
+"""What the controller answers agents over SSH: enroll, sync, heartbeat, fetch.
+
+``fetch`` is the only path by which key material leaves the controller: for a host that the
+key targets, for a version in a distributable state, HPKE-wrapped to that host's wrapping key
+with the key name, version and host id bound into the wrap, inside the SSH channel. Every other
+request is refused with PermissionDeniedError and audited by the server's refusal hook; every
+successful fetch is audited too, so the log shows which host received which version.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from datetime import datetime
+from typing import Any
+
+from ckms.controller.hosts import HostRegistry
+from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
+from ckms.controller.models import Host, Key
+from ckms.controller.sealing import Vault
+from ckms.crypto import WrapSuite, material_digest, signer_key_id, wrap_for_agent
+from ckms.errors import CKMSError, IntegrityError, NotFoundError, PermissionDeniedError
+from ckms.protocol import (
+    DesiredKey,
+    DesiredVersion,
+    EnrollReply,
+    EnrollRequest,
+    FetchReply,
+    FetchRequest,
+    HeartbeatReply,
+    RemoveItem,
+    SyncReply,
+    SyncRequest,
+    format_time,
+)
+from ckms.ssh import Principal, RpcServer
+from ckms.store import Clock, Store, utc_now
+from ckms.store import audit as audit_log
+
+log = logging.getLogger(__name__)
+
+
+def desired_keys(keys: list[Key], host: Host) -> list[DesiredKey]:
+    """The keys (and their distributable versions) that belong on ``host``."""
+    if host.revoked:
+        return []
+    out = []
+    for key in keys:
+        if not key.targets.matches(host.id, host.labels):
+            continue
+        versions = tuple(
+            DesiredVersion(
+                version=v.version,
+                state=v.state,
+                primary=v.version == key.primary_version,
+                digest=v.digest,
+            )
+            for v in key.versions
+            if v.state in DISTRIBUTABLE_STATES and v.has_material
+        )
+        if not versions:
+            continue
+        out.append(
+            DesiredKey(
+                key=key.name,
+                key_type=str(key.type),
+                install=key.install,
+                versions=versions,
+                max_staleness_s=int(key.policy.max_staleness.total_seconds()),
+            )
+        )
+    return out
+
+
+class AgentService:
+    """The agent-facing half of the controller's SSH endpoint."""
+
+    def __init__(
+        self,
+        store: Store,
+        vault: Vault,
+        lifecycle: Lifecycle,
+        hosts: HostRegistry,
+        *,
+        kafka_bootstrap: str,
+        events_topic: str,
+        acks_topic: str,
+        reconcile_interval_s: int = 300,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._store = store
+        self._vault = vault
+        self._lifecycle = lifecycle
+        self._hosts = hosts
+        self._bootstrap = kafka_bootstrap
+        self._events_topic = events_topic
+        self._acks_topic = acks_topic
+        self._reconcile_interval_s = reconcile_interval_s
+        self._clock = clock
+
+    def register(self, server: RpcServer) -> None:
+        """Route the agent methods on ``server``."""
+        server.route("enroll", self.enroll, roles={"enroll"})
+        server.route("sync", self.sync, roles={"agent"})
+        server.route("heartbeat", self.heartbeat, roles={"agent"})
+        server.route("fetch", self.fetch, roles={"agent"})
+
+    def _now(self) -> datetime:
+        return self._clock()
+
+    async def enroll(self, principal: Principal, params: dict[str, Any]) -> EnrollReply:
+        """Record a new host (see :class:`HostRegistry.enroll`) and tell it what to pin."""
+        request = EnrollRequest.model_validate(params)
+        host = await self._hosts.enroll(request, presented_key=principal.public_key)
+        public = await self._vault.public_key()
+        return EnrollReply(
+            host=host.id,
+            labels=host.labels,
+            controller_signing_key=base64.b64encode(public).decode(),
+            controller_key_id=signer_key_id(public),
+            kafka_bootstrap=self._bootstrap,
+            events_topic=self._events_topic,
+            acks_topic=self._acks_topic,
+        )
+
+    async def _host(self, principal: Principal) -> Host:
+        host = await self._hosts.get(principal.name)
+        if host.revoked:
+            raise PermissionDeniedError(f"host {host.id} is revoked")
+        return host
+
+    async def sync(self, principal: Principal, params: dict[str, Any]) -> SyncReply:
+        """The host's desired state, and what it reported holding that it must remove."""
+        request = SyncRequest.model_validate(params)
+        host = await self._host(principal)
+        keys = await self._lifecycle.list_keys()
+        desired = desired_keys(keys, host)
+        wanted = {(d.key, v.version) for d in desired for v in d.versions}
+        extra: dict[str, set[int]] = {}
+        for item in request.installed:
+            if (item.key, item.version) not in wanted:
+                extra.setdefault(item.key, set()).add(item.version)
+        rows = await self._store.fetchall(
+            "SELECT k.name, f.version FROM fleet_state f JOIN keys k ON k.id = f.key_id "
+            "WHERE f.host_id = ? AND f.status = 'installed'",
+            (host.id,),
+        )
+        for row in rows:
+            if (row["name"], row["version"]) not in wanted:
+                extra.setdefault(row["name"], set()).add(int(row["version"]))
+        await self._hosts.touch(host.id, [i.model_dump() for i in request.installed])
+        return SyncReply(
+            host=host.id,
+            keys=tuple(desired),
+            remove=tuple(
+                RemoveItem(key=name, versions=tuple(sorted(vs)))
+                for name, vs in sorted(extra.items())
+            ),
+            controller_time=format_time(self._now()),
+            reconcile_interval_s=self._reconcile_interval_s,
+        )
+
+    async def heartbeat(self, principal: Principal, params: dict[str, Any]) -> HeartbeatReply:
+        """Record what the host holds and say which keys differ from what it should hold."""
+        request = SyncRequest.model_validate(params)
+        host = await self._host(principal)
+        desired = desired_keys(await self._lifecycle.list_keys(), host)
+        want = {d.key: {(v.version, v.digest) for v in d.versions} for d in desired}
+        have: dict[str, set[tuple[int, str]]] = {}
+        for item in request.installed:
+            have.setdefault(item.key, set()).add((item.version, item.digest))
+        drift = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        await self._hosts.touch(host.id, [i.model_dump() for i in request.installed])
+        if drift:
+            log.info("host %s drifts on %s", host.id, ", ".join(drift))
+        return HeartbeatReply(drift=tuple(drift), controller_time=format_time(self._now()))
+
+    async def fetch(self, principal: Principal, params: dict[str, Any]) -> FetchReply:
+        """One version's material, wrapped for the asking host, if it may have it."""
+        request = FetchRequest.model_validate(params)
+        host = await self._host(principal)
+        try:
+            key = await self._lifecycle.get(request.key)
+        except NotFoundError:
+            raise PermissionDeniedError(
+                f"host {host.id} may not fetch {request.key}: no such key"
+            ) from None
+        if not key.targets.matches(host.id, host.labels):
+            raise PermissionDeniedError(f"host {host.id} is not a target of {key.name}")
+        try:
+            version = key.version(request.version)
+        except CKMSError:
+            raise PermissionDeniedError(
+                f"host {host.id} may not fetch {key.name} v{request.version}: no such version"
+            ) from None
+        if version.state not in DISTRIBUTABLE_STATES or not version.has_material:
+            raise PermissionDeniedError(
+                f"{key.name} version {version.version} is {version.state}: not distributable"
+            )
+        material = await self._vault.material(key.name, version.version)
+        if material_digest(material) != version.digest:
+            raise IntegrityError(f"key {key.name} version {version.version} failed integrity check")
+        details = await self._hosts.details(host.id)
+        suite = WrapSuite(str(details["wrap_suite"]))
+        wrapped = wrap_for_agent(
+            host.wrapping_public_key,
+            material,
+            key_name=key.name,
+            version=version.version,
+            agent_id=host.id,
+            suite=suite,
+        )
+        del material
+        async with self._store.write() as tx:
+            await audit_log.append(
+                tx,
+                now=self._now(),
+                actor=f"host:{host.id}",
+                action="key.fetch",
+                object=f"key:{key.name}",
+                details={"version": version.version, "suite": str(suite)},
+            )
+        return FetchReply(
+            key=key.name,
+            version=version.version,
+            digest=version.digest,
+            suite=str(suite),
+            wrapped=base64.b64encode(wrapped).decode(),
+        )

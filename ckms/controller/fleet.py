@@ -1,0 +1,333 @@
+"""The fleet view: which host holds which version, fed by signed acks from ``ckms.acks``.
+
+The ack consumer assigns itself every partition of the acks topic (no consumer group), verifies
+each ack against the enrolled identity key of the agent that claims it, refuses acks for another
+agent, replays (an ack ``seq`` not newer than the agent's last) and anything malformed, and
+applies each fetched batch in **one** transaction: fleet rows, the hosts' last ack seq, one audit
+record per ack and the consumer's Kafka positions. A crash therefore never applies an ack twice
+nor loses one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from ckms._kafka import TopicSpec, ensure_topics, partitions_of
+from ckms.controller.hosts import HostRegistry
+from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
+from ckms.controller.models import Host, Key
+from ckms.errors import CKMSError
+from ckms.protocol import (
+    KEY_ID_HEADER,
+    MAX_MESSAGE_BYTES,
+    Ack,
+    Envelope,
+    EventType,
+    MessageRejected,
+    ReplayedEvent,
+    UnknownSigner,
+    verify_message,
+)
+from ckms.store import Clock, Store, Transaction, format_time, parse_time, utc_now
+from ckms.store import audit as audit_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AckStats:
+    """What the ack consumer did."""
+
+    applied: int = 0
+    dropped: dict[str, int] | None = None
+
+    def drop(self, reason: str) -> None:
+        """Count one dropped ack."""
+        if self.dropped is None:
+            self.dropped = {}
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class AckConsumer:
+    """``run()`` applies acks to the fleet view until cancelled."""
+
+    def __init__(
+        self,
+        store: Store,
+        hosts: HostRegistry,
+        *,
+        bootstrap: str,
+        topic: str,
+        topics: list[TopicSpec],
+        clock: Clock = utc_now,
+        poll_ms: int = 500,
+    ) -> None:
+        self._store = store
+        self._hosts = hosts
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._topics = topics
+        self._clock = clock
+        self._poll_ms = poll_ms
+        self._signers: dict[str, tuple[str, bytes]] = {}
+        self.stats = AckStats()
+        self.applied = asyncio.Condition()
+
+    async def run(self) -> None:
+        """Consume until cancelled, reconnecting with backoff while Kafka is away."""
+        failures = 0
+        while True:
+            try:
+                await self._consume()
+            except (KafkaError, OSError, CKMSError) as exc:
+                failures += 1
+                delay = min(10.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+                log.warning("ack consumer stopped (%s); restarting in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _consume(self) -> None:
+        await ensure_topics(self._bootstrap, self._topics)
+        partitions = await partitions_of(self._bootstrap, self._topic)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self._poll_ms,
+            max_partition_fetch_bytes=max(1 << 20, 2 * MAX_MESSAGE_BYTES),
+            client_id="ckms-controller-acks",
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self._topic, p) for p in partitions]
+            consumer.assign(tps)
+            rows = await self._store.fetchall(
+                "SELECT partition, next_offset FROM consumer_positions WHERE topic = ?",
+                (self._topic,),
+            )
+            saved = {int(r["partition"]): int(r["next_offset"]) for r in rows}
+            for tp in tps:
+                if tp.partition in saved:
+                    consumer.seek(tp, saved[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            while True:
+                batches = await consumer.getmany(timeout_ms=self._poll_ms, max_records=1000)
+                records = [
+                    r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]
+                ]
+                if records:
+                    await self.apply(records)
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                await consumer.stop()
+
+    async def _verify(self, record: ConsumerRecord[bytes, bytes]) -> tuple[str, Envelope]:
+        kid = next(
+            (
+                bytes(v).decode("ascii", "replace")
+                for k, v in record.headers or ()
+                if k == KEY_ID_HEADER
+            ),
+            "",
+        )
+        if kid not in self._signers:
+            self._signers = await self._hosts.signer_map()  # a host may have enrolled since
+        entry = self._signers.get(kid)
+        if entry is None:
+            raise UnknownSigner(f"ack signer {kid[:40]!r} is not an enrolled host")
+        host_id, public = entry
+        envelope = verify_message(
+            record.value, record.headers, {kid: public}, types={EventType.ACK}
+        )
+        assert isinstance(envelope.data, Ack)
+        if envelope.data.agent != host_id:
+            raise UnknownSigner(
+                f"ack signed by host {host_id} claims to come from {envelope.data.agent}"
+            )
+        return host_id, envelope
+
+    async def apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
+        """Verify and apply a batch of ack records in one transaction; return how many applied."""
+        checked: list[tuple[ConsumerRecord[bytes, bytes], str | None, Envelope | None]] = []
+        for record in records:
+            try:
+                host_id, envelope = await self._verify(record)
+                checked.append((record, host_id, envelope))
+            except MessageRejected as exc:
+                self.stats.drop(exc.reason)
+                log.warning(
+                    "dropped ack partition=%d offset=%d reason=%s: %s",
+                    record.partition,
+                    record.offset,
+                    exc.reason,
+                    exc,
+                )
+                checked.append((record, None, None))
+        now = self._clock()
+        applied = 0
+        async with self._store.write() as tx:
+            last_seq: dict[str, int | None] = {}
+            positions: dict[int, int] = {}
+            for record, host_id, envelope in checked:
+                positions[record.partition] = record.offset + 1
+                if host_id is None or envelope is None:
+                    continue
+                if host_id not in last_seq:
+                    last_seq[host_id] = await tx.fetchval(
+                        "SELECT last_ack_seq FROM hosts WHERE id = ?", (host_id,)
+                    )
+                previous = last_seq[host_id]
+                if previous is not None and envelope.seq <= previous:
+                    exc = ReplayedEvent(
+                        f"ack seq {envelope.seq} of {host_id} is not newer than {previous}"
+                    )
+                    self.stats.drop(exc.reason)
+                    log.warning("dropped ack from %s reason=%s: %s", host_id, exc.reason, exc)
+                    continue
+                if await self._apply_one(tx, host_id, envelope, now):
+                    applied += 1
+                last_seq[host_id] = envelope.seq
+                await tx.execute(
+                    "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
+                    (envelope.seq, format_time(now), host_id),
+                )
+            for partition, offset in positions.items():
+                await tx.execute(
+                    "INSERT INTO consumer_positions(topic, partition, next_offset) "
+                    "VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
+                    "DO UPDATE SET next_offset = excluded.next_offset",
+                    (self._topic, partition, offset),
+                )
+        self.stats.applied += applied
+        async with self.applied:
+            self.applied.notify_all()
+        return applied
+
+    async def _apply_one(
+        self, tx: Transaction, host_id: str, envelope: Envelope, now: datetime
+    ) -> bool:
+        ack = envelope.data
+        assert isinstance(ack, Ack)
+        key_row = await tx.fetchone("SELECT id FROM keys WHERE name = ?", (ack.key,))
+        if key_row is None:
+            log.warning(
+                "ack from %s names unknown key %s; recorded in audit only", host_id, ack.key
+            )
+        latency_ms = None
+        if ack.event_id:
+            created = await tx.fetchval(
+                "SELECT created_at FROM outbox WHERE event_id = ?", (ack.event_id,)
+            )
+            if created is not None:
+                latency_ms = (now - parse_time(created)).total_seconds() * 1000
+        if key_row is not None:
+            await tx.execute(
+                "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
+                "updated_at, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(host_id, key_id, version) DO UPDATE SET status = excluded.status, "
+                "digest = excluded.digest, event_id = excluded.event_id, "
+                "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms",
+                (
+                    host_id,
+                    key_row["id"],
+                    ack.version,
+                    str(ack.status),
+                    ack.digest,
+                    ack.event_id,
+                    format_time(now),
+                    latency_ms,
+                ),
+            )
+        await audit_log.append(
+            tx,
+            now=now,
+            actor=f"host:{host_id}",
+            action="fleet.ack",
+            object=f"key:{ack.key}",
+            outcome="ok" if str(ack.status) != "failed" else "failed",
+            details={
+                "version": ack.version,
+                "status": str(ack.status),
+                "event_id": ack.event_id,
+                "ack_id": envelope.id,
+                "ack_seq": envelope.seq,
+                "elapsed_ms": ack.elapsed_ms,
+                "hooks": [h.model_dump() for h in ack.hooks],
+                "error": ack.error,
+            },
+        )
+        return key_row is not None
+
+
+@dataclass(frozen=True)
+class HostKeyStatus:
+    """One host's standing for one key: what it should hold and what it acknowledged."""
+
+    host: str
+    key: str
+    primary: int | None
+    versions: dict[int, str]
+    digests_ok: bool
+    updated_at: datetime | None
+    latency_ms: float | None
+    converged: bool
+    failed: bool
+    error: str | None = None
+
+
+async def key_fleet_status(
+    store: Store, lifecycle: Lifecycle, hosts: HostRegistry, name: str
+) -> list[HostKeyStatus]:
+    """Per targeted host: has it acknowledged every version it should hold (and no revoked one)?
+
+    A host is converged for a key when its acks say ``installed`` for every distributable
+    version with the right digest and ``removed`` (or nothing) for every other version.
+    """
+    key = await lifecycle.get(name)
+    targeted = [
+        h for h in await hosts.list() if not h.revoked and key.targets.matches(h.id, h.labels)
+    ]
+    rows = await store.fetchall(
+        "SELECT host_id, version, status, digest, updated_at, latency_ms FROM fleet_state "
+        "WHERE key_id = ?",
+        (key.id,),
+    )
+    by_host: dict[str, list[Any]] = {}
+    for row in rows:
+        by_host.setdefault(row["host_id"], []).append(row)
+    return [_status(key, host, by_host.get(host.id, [])) for host in targeted]
+
+
+def _status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
+    want = {v.version: v.digest for v in key.versions if v.state in DISTRIBUTABLE_STATES}
+    got = {int(r["version"]): r for r in rows}
+    versions = {v: str(r["status"]) for v, r in got.items()}
+    failed = any(str(r["status"]) == "failed" for r in rows if int(r["version"]) in want)
+    digests_ok = all(
+        v in got and str(got[v]["status"]) == "installed" and got[v]["digest"] == d
+        for v, d in want.items()
+    )
+    clean = all(str(r["status"]) != "installed" for v, r in got.items() if v not in want)
+    stamps = [parse_time(r["updated_at"]) for r in rows]
+    latencies = [r["latency_ms"] for r in rows if r["latency_ms"] is not None]
+    return HostKeyStatus(
+        host=host.id,
+        key=key.name,
+        primary=key.primary_version,
+        versions=versions,
+        digests_ok=digests_ok,
+        updated_at=max(stamps) if stamps else None,
+        latency_ms=max(latencies) if latencies else None,
+        converged=digests_ok and clean,
+        failed=failed,
+    )

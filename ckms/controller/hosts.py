@@ -1,0 +1,345 @@
+"""Enrolled hosts: single-use enrollment tokens, enrollment, identity lookup, labels, revocation.
+
+An operator creates a token for a host name and its labels; the token is shown once and only
+its SHA-256 is stored (tokens are 256-bit random, so a plain hash is enough). The agent's first
+SSH connection authenticates with its new Ed25519 identity key and presents the token; the
+controller checks that the key in the request is the key the connection proved, that the raw
+ack-signing key is the same Ed25519 key, and that the token is unused and unexpired, then
+records the host and burns the token — all in one transaction with its audit record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from ckms.controller import _repo
+from ckms.controller.models import Host
+from ckms.controller.sealing import Vault
+from ckms.crypto import WrapSuite, signer_key_id, signing_public_openssh
+from ckms.errors import (
+    AlreadyExistsError,
+    CKMSError,
+    ConfigError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from ckms.protocol import EnrollRequest, EventType
+from ckms.protocol._keyspec import _HOST_ID_RE, _LABEL_RE, _LABEL_VALUE_RE
+from ckms.store import Clock, Reader, Store, format_time, outbox, parse_time, utc_now
+from ckms.store import audit as audit_log
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_TTL = timedelta(hours=1)
+MAX_TOKEN_TTL = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class EnrollmentToken:
+    """A new token: give ``token`` to the host once; it is not stored and cannot be shown again."""
+
+    host: str
+    labels: dict[str, str]
+    expires_at: datetime
+    token: str = field(repr=False)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_host_name(name: str) -> str:
+    """Return ``name`` if it is a valid host id, else raise ConfigError."""
+    if not isinstance(name, str) or not _HOST_ID_RE.match(name):
+        raise ConfigError(
+            f"host name {name!r} must be 1-128 letters, digits, '.', '_', ':' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def validate_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Return the labels if every name and value is valid, else raise ConfigError."""
+    for label, value in labels.items():
+        if not _LABEL_RE.match(label):
+            raise ConfigError(f"invalid label name {label!r}")
+        if not _LABEL_VALUE_RE.match(value):
+            raise ConfigError(f"invalid value {value!r} for label {label!r}")
+    return dict(sorted(labels.items()))
+
+
+def parse_labels(specs: list[str]) -> dict[str, str]:
+    """Parse ``env=prod`` style label arguments."""
+    labels: dict[str, str] = {}
+    for spec in specs:
+        for part in spec.split(","):
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise ConfigError(f"label {part!r}: expected name=value")
+            labels[name.strip()] = value.strip()
+    return validate_labels(labels)
+
+
+def _ssh_line(text: str) -> str:
+    """The ``type base64`` part of an OpenSSH public key line (comments dropped)."""
+    return " ".join(text.split()[:2])
+
+
+def _host_row(row: object) -> Host:
+    return _repo._host(row)
+
+
+class HostRegistry:
+    """The controller's enrolled hosts and the tokens that let new ones in."""
+
+    def __init__(self, store: Store, vault: Vault, *, clock: Clock = utc_now) -> None:
+        self._store = store
+        self._vault = vault
+        self._clock = clock
+
+    async def create_token(
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        *,
+        actor: str,
+        ttl: timedelta = DEFAULT_TOKEN_TTL,
+    ) -> EnrollmentToken:
+        """Make a single-use, expiring enrollment token for host ``name``."""
+        validate_host_name(name)
+        labels = validate_labels(labels or {})
+        if not timedelta(seconds=1) <= ttl <= MAX_TOKEN_TTL:
+            raise ConfigError(f"token lifetime must be between 1 s and {MAX_TOKEN_TTL.days} days")
+        now = self._clock()
+        token = "ckms-enroll-" + secrets.token_urlsafe(32)
+        expires = now + ttl
+        async with self._store.write() as tx:
+            existing = await tx.fetchone("SELECT revoked FROM hosts WHERE id = ?", (name,))
+            if existing is not None and not existing["revoked"]:
+                raise AlreadyExistsError(f"host {name} is already enrolled")
+            await tx.execute(
+                "INSERT INTO enrollment_tokens(token_hash, host_name, labels, created_at, "
+                "created_by, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    _token_hash(token),
+                    name,
+                    json.dumps(labels, sort_keys=True),
+                    format_time(now),
+                    actor,
+                    format_time(expires),
+                ),
+            )
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="host.token",
+                object=f"host:{name}",
+                details={"labels": labels, "expires_at": format_time(expires)},
+            )
+        log.info("enrollment token for host %s created by %s", name, actor)
+        return EnrollmentToken(host=name, labels=labels, expires_at=expires, token=token)
+
+    async def enroll(self, request: EnrollRequest, *, presented_key: str) -> Host:
+        """Record a new host from its enrollment request; the token is burnt in the same step."""
+        now = self._clock()
+        try:
+            signing_key = base64.b64decode(request.signing_key, validate=True)
+            wrapping_key = base64.b64decode(request.wrapping_key, validate=True)
+            suite = WrapSuite(request.wrap_suite)
+        except (binascii.Error, ValueError):
+            raise ConfigError("enrollment keys must be base64 and the suite a known one") from None
+        if _ssh_line(request.identity_key) != _ssh_line(presented_key):
+            raise PermissionDeniedError(
+                "the identity key in the request is not the key this connection authenticated with"
+            )
+        try:
+            same_key = signing_public_openssh(signing_key) == _ssh_line(presented_key)
+        except CKMSError:
+            same_key = False
+        if not same_key:
+            raise PermissionDeniedError("the ack-signing key is not the SSH identity key")
+        expected_wrap = 32 if suite is WrapSuite.X25519 else 1216
+        if len(wrapping_key) != expected_wrap:
+            raise ConfigError(f"a {suite} wrapping key is {expected_wrap} bytes")
+        async with self._store.write() as tx:
+            row = await tx.fetchone(
+                "SELECT * FROM enrollment_tokens WHERE token_hash = ?",
+                (_token_hash(request.token),),
+            )
+            problem = None
+            if row is None:
+                problem = "unknown"
+            elif row["used_at"] is not None:
+                problem = "already used"
+            elif parse_time(row["expires_at"]) <= now:
+                problem = "expired"
+            if problem is not None:
+                # Audited in its own transaction by the caller's refusal hook.
+                raise PermissionDeniedError(f"enrollment token is {problem}")
+            assert row is not None
+            name = row["host_name"]
+            existing = await tx.fetchone("SELECT revoked FROM hosts WHERE id = ?", (name,))
+            if existing is not None and not existing["revoked"]:
+                raise AlreadyExistsError(f"host {name} is already enrolled")
+            if existing is not None:
+                await tx.execute("DELETE FROM fleet_state WHERE host_id = ?", (name,))
+                await tx.execute("DELETE FROM hosts WHERE id = ?", (name,))
+            await tx.execute(
+                "INSERT INTO hosts(id, name, labels, identity_public_key, wrapping_public_key, "
+                "enrolled_at, wrap_suite, signer_key_id, last_seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    name,
+                    row["labels"],
+                    signing_key,
+                    wrapping_key,
+                    format_time(now),
+                    str(suite),
+                    signer_key_id(signing_key),
+                    format_time(now),
+                ),
+            )
+            await tx.execute(
+                "UPDATE enrollment_tokens SET used_at = ?, used_by_host = ? WHERE token_hash = ?",
+                (format_time(now), name, _token_hash(request.token)),
+            )
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=f"host:{name}",
+                action="host.enroll",
+                object=f"host:{name}",
+                details={
+                    "labels": json.loads(row["labels"]),
+                    "signer_key_id": signer_key_id(signing_key),
+                    "wrap_suite": str(suite),
+                },
+            )
+            host = _host_row(await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (name,)))
+        log.info("host %s enrolled", name)
+        return host
+
+    async def get(self, host_id: str) -> Host:
+        """The host with this id, revoked or not."""
+        row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
+        if row is None:
+            raise NotFoundError(f"no host {host_id!r}")
+        return _host_row(row)
+
+    async def list(self) -> list[Host]:
+        """Every host, revoked ones included."""
+        async with self._store.read() as r:
+            return await _repo.list_hosts(r)
+
+    async def details(self, host_id: str) -> dict[str, object]:
+        """Fleet-view facts about one host: suite, last seen, last ack seq, last report."""
+        row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
+        if row is None:
+            raise NotFoundError(f"no host {host_id!r}")
+        return {
+            "wrap_suite": row["wrap_suite"],
+            "signer_key_id": row["signer_key_id"],
+            "last_ack_seq": row["last_ack_seq"],
+            "last_seen_at": row["last_seen_at"],
+            "reported": json.loads(row["reported"]) if row["reported"] else None,
+        }
+
+    async def authenticate(self, host_id: str, presented_key: str) -> Host | None:
+        """The host whose id and identity key these are, unless it is revoked."""
+        row = await self._store.fetchone(
+            "SELECT * FROM hosts WHERE id = ? AND revoked = 0", (host_id,)
+        )
+        if row is None:
+            return None
+        host = _host_row(row)
+        try:
+            if signing_public_openssh(host.identity_public_key) == _ssh_line(presented_key):
+                return host
+        except CKMSError:
+            return None
+        return None
+
+    async def signer_map(self) -> dict[str, tuple[str, bytes]]:
+        """Ack signer key id → (host id, raw public key) for every host that is not revoked."""
+        rows = await self._store.fetchall(
+            "SELECT id, identity_public_key, signer_key_id FROM hosts WHERE revoked = 0"
+        )
+        return {r["signer_key_id"]: (r["id"], bytes(r["identity_public_key"])) for r in rows}
+
+    async def set_labels(self, host_id: str, labels: dict[str, str], *, actor: str) -> Host:
+        """Replace a host's labels (which keys target it follows from them)."""
+        labels = validate_labels(labels)
+        now = self._clock()
+        async with self._store.write() as tx:
+            host = await self._require(tx, host_id)
+            await tx.execute(
+                "UPDATE hosts SET labels = ? WHERE id = ?",
+                (json.dumps(labels, sort_keys=True), host_id),
+            )
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="host.label",
+                object=f"host:{host_id}",
+                details={"labels": labels, "previous": host.labels},
+            )
+        return await self.get(host_id)
+
+    async def revoke(self, host_id: str, *, actor: str) -> Host:
+        """Revoke a host: its key no longer authenticates and a ``host.revoked`` event goes out."""
+        now = self._clock()
+        async with self._store.write() as tx:
+            host = await self._require(tx, host_id)
+            if host.revoked:
+                raise AlreadyExistsError(f"host {host_id} is already revoked")
+            await tx.execute(
+                "UPDATE hosts SET revoked = 1, revoked_at = ? WHERE id = ?",
+                (format_time(now), host_id),
+            )
+            event = await outbox.add_event(
+                tx,
+                type=str(EventType.HOST_REVOKED),
+                partition_key=host_id,
+                data={"host": host_id},
+                now=now,
+            )
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="host.revoke",
+                object=f"host:{host_id}",
+                details={"event_id": event.event_id, "event_seq": event.seq},
+            )
+        log.info("host %s revoked by %s", host_id, actor)
+        return await self.get(host_id)
+
+    async def touch(self, host_id: str, reported: list[dict[str, object]] | None = None) -> None:
+        """Record that the host was seen now (and what it reported holding, digests only)."""
+        now = self._clock()
+        async with self._store.write() as tx:
+            if reported is None:
+                await tx.execute(
+                    "UPDATE hosts SET last_seen_at = ? WHERE id = ?", (format_time(now), host_id)
+                )
+            else:
+                await tx.execute(
+                    "UPDATE hosts SET last_seen_at = ?, reported = ? WHERE id = ?",
+                    (format_time(now), json.dumps(reported, sort_keys=True), host_id),
+                )
+
+    async def _require(self, r: Reader, host_id: str) -> Host:
+        row = await r.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
+        if row is None:
+            raise NotFoundError(f"no host {host_id!r}")
+        return _host_row(row)

@@ -1,0 +1,223 @@
+"""The controller as one asyncio service: SSH endpoint, outbox publisher, ack consumer.
+
+``Controller(settings)`` opens the store and the vault (sealed); ``run()`` serves until
+cancelled, with every loop a task in one ``asyncio.TaskGroup``: the first failure stops the
+service and cancellation is a clean stop (STYLE §7). Kafka being down is not a failure: the
+publisher and the ack consumer wait it out while the SSH endpoint keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckms._kafka import TopicSpec
+from ckms.controller.agent_rpc import AgentService
+from ckms.controller.fleet import AckConsumer
+from ckms.controller.hosts import HostRegistry
+from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.publisher import OutboxPublisher
+from ckms.controller.sealing import Vault
+from ckms.errors import CKMSError, ProtocolError
+from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC
+from ckms.ssh import Principal, RpcServer, fingerprint, load_or_create_host_key, public_key_text
+from ckms.store import Clock, Store, utc_now
+from ckms.store import audit as audit_log
+
+log = logging.getLogger(__name__)
+
+
+class ControllerSettings(BaseModel):
+    """Everything the controller needs to run, validated once at the edge."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=2222, ge=0, le=65535)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    events_topic: str = EVENTS_TOPIC
+    acks_topic: str = ACKS_TOPIC
+    partitions: int = Field(default=6, ge=1, le=1000)
+    replication: int = Field(default=1, ge=1, le=5)
+    reconcile_interval_s: int = Field(default=300, ge=5)
+    ssh_max_concurrent: int = Field(default=16, ge=1, le=1024)
+    reuse_port: bool = False
+
+    @property
+    def db_path(self) -> Path:
+        """The controller's SQLite store."""
+        return self.home / "controller.db"
+
+    @property
+    def host_key_path(self) -> Path:
+        """The controller's persistent SSH host key."""
+        return self.home / "ssh_host_ed25519_key"
+
+    def topic_specs(self) -> list[TopicSpec]:
+        """The topics the controller creates at start (idempotent)."""
+        return [
+            TopicSpec(self.events_topic, self.partitions, self.replication),
+            TopicSpec(self.acks_topic, self.partitions, self.replication),
+        ]
+
+
+class Controller:
+    """The controller service; ``async with Controller(settings) as c: await c.run()``."""
+
+    def __init__(self, settings: ControllerSettings, *, clock: Clock = utc_now) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store: Store | None = None
+        self._started = asyncio.Event()
+
+    async def open(self) -> None:
+        """Open the store and build the parts; the vault starts sealed."""
+        self.settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = await Store.open(self.settings.db_path)
+        store = self.store
+        self.vault = Vault(store, clock=self.clock)
+        self.lifecycle = Lifecycle(store, self.vault, clock=self.clock)
+        self.hosts = HostRegistry(store, self.vault, clock=self.clock)
+        self.host_key = load_or_create_host_key(self.settings.host_key_path)
+        self.rpc = RpcServer(
+            host_key=self.host_key,
+            authenticate=self.authenticate,
+            on_refused=self._audit_refusal,
+            max_concurrent=self.settings.ssh_max_concurrent,
+            reuse_port=self.settings.reuse_port,
+        )
+        self.agents = AgentService(
+            store,
+            self.vault,
+            self.lifecycle,
+            self.hosts,
+            kafka_bootstrap=self.settings.kafka_bootstrap,
+            events_topic=self.settings.events_topic,
+            acks_topic=self.settings.acks_topic,
+            reconcile_interval_s=self.settings.reconcile_interval_s,
+            clock=self.clock,
+        )
+        self.agents.register(self.rpc)
+        topics = self.settings.topic_specs()
+        self.publisher = OutboxPublisher(
+            store,
+            self.vault,
+            bootstrap=self.settings.kafka_bootstrap,
+            topics=topics,
+            topic=self.settings.events_topic,
+            clock=self.clock,
+        )
+        self.acks = AckConsumer(
+            store,
+            self.hosts,
+            bootstrap=self.settings.kafka_bootstrap,
+            topic=self.settings.acks_topic,
+            topics=topics,
+            clock=self.clock,
+        )
+
+    @property
+    def host_key_fingerprint(self) -> str:
+        """``SHA256:...`` of the SSH host key, for agents to pin at enrollment."""
+        return fingerprint(self.host_key)
+
+    @property
+    def port(self) -> int:
+        """The SSH port once listening."""
+        if self.rpc.port is None:
+            raise CKMSError("the controller is not listening yet")
+        return self.rpc.port
+
+    async def wait_started(self) -> None:
+        """Wait until the SSH endpoint listens."""
+        await self._started.wait()
+
+    async def authenticate(self, username: str, key: asyncssh.SSHKey) -> Principal | None:
+        """Map an SSH login to a principal: an enrolling agent, an agent, or an operator."""
+        presented = public_key_text(key)
+        fp = fingerprint(key)
+        if username == "enroll":
+            return Principal("enroll", "enroll", fp, presented)
+        host = await self.hosts.authenticate(username, presented)
+        if host is not None:
+            return Principal(host.id, "agent", fp, presented)
+        assert self.store is not None
+        row = await self.store.fetchone(
+            "SELECT name, role, ssh_public_key FROM operators WHERE name = ? AND disabled = 0",
+            (username,),
+        )
+        if row is not None and " ".join(row["ssh_public_key"].split()[:2]) == presented:
+            return Principal(row["name"], row["role"], fp, presented)
+        return None
+
+    async def _audit_refusal(
+        self, principal: Principal | None, method: str, exc: CKMSError
+    ) -> None:
+        assert self.store is not None
+        who = principal.name if principal else "anonymous"
+        role = principal.role if principal else "none"
+        actor = f"host:{who}" if role == "agent" else who
+        async with self.store.write() as tx:
+            await audit_log.append(
+                tx,
+                now=self.clock(),
+                actor=actor,
+                action=f"rpc.{method}" if not isinstance(exc, ProtocolError) else "rpc.invalid",
+                object=f"rpc:{method}",
+                outcome="refused",
+                details={"role": role, "error": type(exc).__name__, "message": str(exc)[:500]},
+            )
+
+    async def run(self) -> None:
+        """Serve until cancelled (one task group: SSH, publisher, ack consumer)."""
+        if self.store is None:
+            await self.open()
+        await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
+        self._started.set()
+        log.info(
+            "controller listening on %s:%d (host key %s)",
+            self.settings.listen_host,
+            self.port,
+            self.host_key_fingerprint,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.publisher.run(), name="outbox-publisher")
+                group.create_task(self.acks.run(), name="ack-consumer")
+        finally:
+            await self.rpc.close()
+
+    async def close(self) -> None:
+        """Close the SSH endpoint and the store; safe to call twice."""
+        if hasattr(self, "rpc"):
+            await self.rpc.close()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
+
+    async def __aenter__(self) -> Controller:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def describe(self) -> dict[str, Any]:
+        """Where the controller listens and what agents must pin."""
+        return {
+            "listen": f"{self.settings.listen_host}:{self.rpc.port}",
+            "host_key_fingerprint": self.host_key_fingerprint,
+            "kafka_bootstrap": self.settings.kafka_bootstrap,
+        }

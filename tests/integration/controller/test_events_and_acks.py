@@ -1,0 +1,244 @@
+"""Lifecycle changes become signed events on Kafka; acks become the fleet view (real Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from ckms.consumer import Envelope, Subscriber
+from ckms.controller.fleet import key_fleet_status
+from ckms.controller.service import Controller, ControllerSettings
+from ckms.crypto import (
+    generate_signing_key,
+    generate_wrapping_keypair,
+    signing_public_key,
+    signing_public_openssh,
+)
+from ckms.devkafka import LocalKafka
+from ckms.protocol import (
+    Ack,
+    AckStatus,
+    EnrollRequest,
+    EventType,
+    KeyCreated,
+    KeyRevoked,
+    RevocationReason,
+    encode_event,
+)
+from tests.support.controller import PASSPHRASE, running_controller
+
+pytestmark = pytest.mark.kafka
+
+
+async def take(sub: Subscriber, n: int, wait_s: float = 30.0) -> list[Envelope]:
+    async def collect() -> list[Envelope]:
+        out: list[Envelope] = []
+        async for event in sub:
+            out.append(event)
+            if len(out) == n:
+                break
+        return out
+
+    return await asyncio.wait_for(collect(), wait_s)
+
+
+async def wait_for(predicate: Callable[[], object], wait_s: float = 20.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while not await predicate():  # type: ignore[misc]
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def subscriber(c: Controller, public: bytes, **kw: object) -> Subscriber:
+    return Subscriber(
+        bootstrap=c.settings.kafka_bootstrap,
+        trust=public,
+        topic=c.settings.events_topic,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_lifecycle_change_becomes_a_signed_event(controller: Controller) -> None:
+    lc = controller.lifecycle
+    await lc.create("payments/db", "aes-256", actor="alice")
+    await lc.rotate("payments/db", actor="alice")
+    await lc.revoke("payments/db", RevocationReason.KEY_COMPROMISE, version=1, actor="alice")
+    public = await controller.vault.public_key()
+    async with subscriber(controller, public) as sub:
+        events = await take(sub, 3)
+    assert [e.type for e in events] == [
+        EventType.KEY_CREATED,
+        EventType.KEY_ROTATED,
+        EventType.KEY_REVOKED,
+    ]
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    created, revoked = events[0].data, events[2].data
+    assert isinstance(created, KeyCreated) and created.key == "payments/db"
+    assert isinstance(revoked, KeyRevoked) and revoked.compromise and revoked.version == 1
+    assert await controller.publisher.backlog() == 0
+
+
+async def test_events_survive_a_broker_restart_each_delivered_once_in_order(
+    tmp_path: Path, unique_topic: Callable[[str], str]
+) -> None:
+    async with (
+        LocalKafka() as kafka,
+        running_controller(
+            tmp_path / "c", kafka.bootstrap, unique_topic("events"), unique_topic("acks")
+        ) as c,
+    ):
+        lc = c.lifecycle
+        for name in ("a/one", "b/two"):
+            await lc.create(name, "aes-256", actor="alice")
+        await wait_for(lambda: _no_backlog(c))
+
+        await kafka.stop_node(0)
+        for _ in range(3):  # the controller keeps working while Kafka is down
+            await lc.rotate("a/one", actor="alice")
+            await lc.rotate("b/two", actor="alice")
+        assert await c.publisher.backlog() == 6
+        await kafka.start_node(0)
+        await wait_for(lambda: _no_backlog(c), wait_s=60)
+
+        public = await c.vault.public_key()
+        async with subscriber(c, public) as sub:
+            events = await take(sub, 8)
+            with pytest.raises(TimeoutError):
+                await take(sub, 1, wait_s=2)
+    assert len({e.id for e in events}) == 8
+    for name in ("a/one", "b/two"):
+        versions = [e.data.version for e in events if e.data.key == name]  # type: ignore[union-attr]
+        assert versions == [1, 2, 3, 4]
+
+
+async def test_an_event_sent_twice_after_a_crash_is_applied_once(controller: Controller) -> None:
+    """Crash after the broker stored the events but before they were marked sent."""
+    await controller.lifecycle.create("app/token", "hmac-sha256", actor="alice")
+    await controller.lifecycle.rotate("app/token", actor="alice")
+    await wait_for(lambda: _no_backlog(controller))
+    assert controller.store is not None
+    async with controller.store.write() as tx:
+        await tx.execute("UPDATE outbox SET sent_at = NULL")
+    controller.publisher.wake()
+    await wait_for(lambda: _no_backlog(controller))
+    public = await controller.vault.public_key()
+    async with subscriber(controller, public) as sub:
+        events = await take(sub, 2)
+        with pytest.raises(TimeoutError):
+            await take(sub, 1, wait_s=2)
+        assert sub.stats.get("replayed") == 2
+    assert [e.type for e in events] == [EventType.KEY_CREATED, EventType.KEY_ROTATED]
+
+
+async def test_events_committed_while_the_publisher_is_down_are_published_once(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    """The process dies after the commit, before the send: the restart publishes it once."""
+    home, events_topic, acks_topic = tmp_path / "c", unique_topic("events"), unique_topic("acks")
+    async with running_controller(home, kafka_bootstrap, events_topic, acks_topic) as c:
+        await c.lifecycle.create("app/one", "aes-256", actor="alice")
+        await wait_for(lambda: _no_backlog(c))
+        public = await c.vault.public_key()
+
+    # The same controller home, opened and unsealed but never run: the rotation commits with
+    # its outbox row, and the process ends before any publisher could send it.
+    offline = Controller(ControllerSettings(home=home, kafka_bootstrap=kafka_bootstrap))
+    await offline.open()
+    await offline.vault.unseal_with_passphrase(PASSPHRASE)
+    await offline.lifecycle.rotate("app/one", actor="alice")
+    assert await offline.publisher.backlog() == 1
+    await offline.close()
+
+    async with running_controller(home, kafka_bootstrap, events_topic, acks_topic) as c:
+        await wait_for(lambda: _no_backlog(c))
+    async with Subscriber(bootstrap=kafka_bootstrap, trust=public, topic=events_topic) as sub:
+        events = await take(sub, 2)
+        with pytest.raises(TimeoutError):
+            await take(sub, 1, wait_s=2)
+    assert [e.type for e in events] == [EventType.KEY_CREATED, EventType.KEY_ROTATED]
+    assert [e.data.version for e in events] == [1, 2]  # type: ignore[union-attr]
+
+
+async def _no_backlog(c: Controller) -> bool:
+    return await c.publisher.backlog() == 0
+
+
+# -- acks ------------------------------------------------------------------------------------
+
+
+async def enroll_host(c: Controller, name: str, labels: dict[str, str]) -> bytes:
+    """Enroll a host through the registry as the SSH handler would; return its signing key."""
+    token = await c.hosts.create_token(name, labels, actor="alice")
+    signing = generate_signing_key()
+    _wrap_private, wrap_public = generate_wrapping_keypair()
+    identity = signing_public_openssh(signing_public_key(signing))
+    await c.hosts.enroll(
+        EnrollRequest(
+            token=token.token,
+            identity_key=identity,
+            signing_key=base64.b64encode(signing_public_key(signing)).decode(),
+            wrapping_key=base64.b64encode(wrap_public).decode(),
+        ),
+        presented_key=identity,
+    )
+    return signing
+
+
+async def send_ack(c: Controller, signer: bytes, ack: Ack, seq: int) -> None:
+    msg = encode_event(EventType.ACK, ack, seq=seq, signing_key=signer, at=datetime.now(UTC))
+    producer = AIOKafkaProducer(bootstrap_servers=c.settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            c.settings.acks_topic, msg.value, key=msg.key, headers=list(msg.headers)
+        )
+    finally:
+        await producer.stop()
+
+
+async def test_acks_build_the_fleet_view_and_forged_ones_change_nothing(
+    controller: Controller,
+) -> None:
+    c = controller
+    key = await c.lifecycle.create("web/tls", "ed25519", targets=_targets(), actor="alice")
+    web1 = await enroll_host(c, "web-1", {"env": "prod", "role": "web"})
+    web2 = await enroll_host(c, "web-2", {"env": "prod", "role": "web"})
+    digest = key.version(1).digest
+
+    def ack(agent: str, status: AckStatus = AckStatus.INSTALLED) -> Ack:
+        return Ack(
+            agent=agent, key="web/tls", version=1, status=status, digest=digest, elapsed_ms=5
+        )
+
+    # web-2's key signs an ack claiming to be web-1: refused.
+    await send_ack(c, web2, ack("web-1"), seq=1)
+    # An unknown key signs an ack for web-1: refused.
+    await send_ack(c, generate_signing_key(), ack("web-1"), seq=1)
+    # web-1's own ack: applied.
+    await send_ack(c, web1, ack("web-1"), seq=1)
+    # The same ack replayed: refused.
+    await send_ack(c, web1, ack("web-1", AckStatus.FAILED), seq=1)
+
+    async def settled() -> bool:
+        dropped = c.acks.stats.dropped or {}
+        return c.acks.stats.applied >= 1 and sum(dropped.values()) >= 3
+
+    await wait_for(settled)
+    status = {s.host: s for s in await key_fleet_status(c.store, c.lifecycle, c.hosts, "web/tls")}  # type: ignore[arg-type]
+    assert status["web-1"].converged and status["web-1"].versions == {1: "installed"}
+    assert not status["web-2"].converged and status["web-2"].versions == {}
+    assert c.acks.stats.dropped == {"unknown-signer": 2, "replayed": 1}
+
+
+def _targets():  # type: ignore[no-untyped-def]
+    from ckms.protocol import Targets
+
+    return Targets(selectors=({"env": "prod", "role": "web"},))
