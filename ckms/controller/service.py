@@ -1,4 +1,4 @@
-"""The controller as one asyncio service: SSH endpoint, outbox publisher, ack consumer.
+"""The controller as one asyncio service: SSH endpoint, publisher, ack consumer, scheduler.
 
 ``Controller(settings)`` opens the store and the vault (sealed); ``run()`` serves until
 cancelled, with every loop a task in one ``asyncio.TaskGroup``: the first failure stops the
@@ -23,6 +23,7 @@ from ckms.controller.fleet import AckConsumer
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.publisher import OutboxPublisher
+from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError, ProtocolError
 from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC
@@ -114,6 +115,7 @@ class Controller:
             topic=self.settings.events_topic,
             clock=self.clock,
         )
+        self.scheduler = Scheduler(store, self.vault, self.lifecycle, clock=self.clock)
         self.acks = AckConsumer(
             store,
             self.hosts,
@@ -176,7 +178,7 @@ class Controller:
             )
 
     async def run(self) -> None:
-        """Serve until cancelled (one task group: SSH, publisher, ack consumer)."""
+        """Serve until cancelled (one task group: SSH, publisher, ack consumer, scheduler)."""
         if self.store is None:
             await self.open()
         await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
@@ -191,6 +193,7 @@ class Controller:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.publisher.run(), name="outbox-publisher")
                 group.create_task(self.acks.run(), name="ack-consumer")
+                group.create_task(self.scheduler.run(), name="scheduler")
         finally:
             await self.rpc.close()
 
