@@ -1,14 +1,170 @@
-"""The ``ckms-agent`` command line (enroll, run, status)."""
+"""The ``ckms-agent`` command line: ``enroll``, ``run``, ``status``; thin over the library.
+
+Errors reach the user as one line on stderr with exit status 1 (2 for usage errors, as Click
+does), never as a traceback; ``--config`` defaults to ``$CKMS_AGENT_CONFIG``, then
+``/etc/ckms/agent.toml``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import signal
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ckms.crypto import WrapSuite
+from ckms.errors import CKMSError
+from ckms_agent import enroll as enrollment
+from ckms_agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, load_config
+from ckms_agent.daemon import Agent
+from ckms_agent.status import collect_status, render_text
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="ckms-agent",
+    help="ckms host agent: keeps this host's keys current and acknowledges what it installed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar=CONFIG_ENV,
+        help=f"Agent config file (default {DEFAULT_CONFIG_PATH}).",
+        show_default=False,
+    ),
+]
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Turn ckms errors (and unexpected ones) into one stderr line and exit status 1."""
+    try:
+        yield
+    except CKMSError as exc:
+        typer.echo(f"ckms-agent: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        typer.echo(
+            f"ckms-agent: internal error: {type(exc).__name__}: {exc} "
+            "(run with CKMS_AGENT_LOG_LEVEL=DEBUG for details)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if level != "DEBUG":
+        # Library chatter (reconnect attempts, metadata refreshes) stays out of INFO logs.
+        for noisy in ("aiokafka", "asyncssh"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def enroll(
+    controller: Annotated[str, typer.Option(help="Controller SSH endpoint, HOST:PORT.")],
+    token: Annotated[
+        str,
+        typer.Option(envvar="CKMS_AGENT_ENROLL_TOKEN", help="One-time enrollment token."),
+    ],
+    host_key_fingerprint: Annotated[
+        str, typer.Option(help="The controller's SSH host key, SHA256:... (pinned).")
+    ],
+    state_dir: Annotated[
+        Path, typer.Option(help="Where the agent keeps its keys and state.")
+    ] = DEFAULT_STATE_DIR,
+    config: ConfigOption = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Install every key under this directory instead of / (tests, demo)."),
+    ] = None,
+    wrap_suite: Annotated[
+        WrapSuite, typer.Option(help="HPKE suite of the wrapping key.")
+    ] = WrapSuite.X25519,
+    force: Annotated[bool, typer.Option(help="Replace an existing enrollment.")] = False,
+) -> None:
+    """Enroll this host: make its keys, present them with the token, pin the controller."""
+    try:
+        host, port = enrollment.parse_controller(controller)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--controller") from None
+    config_path = config or DEFAULT_CONFIG_PATH
+    _setup_logging("WARNING")
+    with _one_line_errors():
+        cfg = asyncio.run(
+            enrollment.enroll(
+                controller_host=host,
+                controller_port=port,
+                token=token,
+                host_key_fingerprint=host_key_fingerprint,
+                state_dir=state_dir,
+                config_path=config_path,
+                root=root,
+                force=force,
+                wrap_suite=wrap_suite,
+            )
+        )
+    labels = ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())) or "none"
+    typer.echo(f"enrolled as host {cfg.host_id} (labels {labels})")
+    typer.echo(
+        f"config written to {config_path}; start with: ckms-agent run --config {config_path}"
+    )
+
+
+async def _run_agent(agent: Agent) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    try:
+        await agent.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the agent daemon until SIGTERM/SIGINT (a clean stop)."""
+    with _one_line_errors():
+        cfg = load_config(config)
+        _setup_logging(cfg.log_level)
+        asyncio.run(_run_agent(Agent(cfg)))
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what this host holds, its last controller contact, staleness and pending acks."""
+    with _one_line_errors():
+        cfg = load_config(config)
+        report = asyncio.run(collect_status(cfg))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        typer.echo(render_text(report))
 
 
 def main() -> None:
-    """Console-script entry point; the agent daemon arrives with the agent issue."""
-    print(
-        "ckms-agent is not built yet: enroll, run and status arrive with the host agent",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    """Console-script entry point (``ckms-agent``)."""
+    app()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
 import logging
 import os
 import pwd
 import secrets
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ckms.errors import CKMSError, ConfigError
@@ -152,3 +154,22 @@ def read_if_exists(path: Path) -> bytes | None:
         return None
     except OSError as exc:
         raise InstallError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def hash_files(paths: Iterable[Path]) -> dict[Path, str]:
+    """SHA-256 (hex) of each file the agent wrote, kept to notice drift later (a digest only)."""
+    try:
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    except OSError as exc:
+        raise InstallError(f"cannot read back {exc.filename}: {exc.strerror}") from exc
+
+
+def files_match(files: Mapping[Path, str]) -> bool:
+    """True when every file still exists with the hash recorded when it was written."""
+    for path, expected in files.items():
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+                return False
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,299 @@
+"""The agent's settings: one typed, validated object built from TOML, environment and defaults.
+
+Precedence is environment > file > defaults (as SPIRE merges CLI > file > defaults): the file is
+what ``ckms-agent enroll`` wrote and pinned; ``CKMS_AGENT_<FIELD>`` variables override single
+fields for containers and tests (``CKMS_AGENT_KAFKA_BOOTSTRAP=...``). Everything is validated
+once, here; every error names the field and where its value came from, and the rest of the agent
+only ever sees an :class:`AgentConfig`.
+
+``CKMS_AGENT_CONFIG`` (the file's path) and ``CKMS_AGENT_FAULT`` (fault injection) are not
+fields and are ignored here; so are other unknown ``CKMS_AGENT_*`` variables, while an unknown
+key in the file is an error (a typo in a pinned setting must not pass silently).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ckms.crypto import WrapSuite, signer_key_id
+from ckms.errors import ConfigError
+from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Targets
+from ckms_agent.files import InstallError, write_atomic
+
+ENV_PREFIX = "CKMS_AGENT_"
+CONFIG_ENV = "CKMS_AGENT_CONFIG"
+DEFAULT_CONFIG_PATH = Path("/etc/ckms/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/ckms-agent")
+
+IDENTITY_KEY_FILE = "identity.key"
+WRAPPING_KEY_FILE = "wrapping.key"
+STATE_DB_FILE = "state.db"
+
+_FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class AgentConfig(BaseModel):
+    """Everything the agent needs to run, after validation (immutable)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host_id: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    controller_host: str = Field(min_length=1, max_length=255)
+    controller_port: int = Field(default=2222, ge=1, le=65535)
+    host_key_fingerprint: str
+    controller_signing_key: str
+    controller_key_id: str
+    kafka_bootstrap: str = Field(min_length=1, max_length=1024)
+    events_topic: str = Field(default=EVENTS_TOPIC, min_length=1, max_length=249)
+    acks_topic: str = Field(default=ACKS_TOPIC, min_length=1, max_length=249)
+    state_dir: Path = DEFAULT_STATE_DIR
+    root: Path | None = None
+    wrap_suite: WrapSuite = WrapSuite.X25519
+    reconcile_interval_s: Seconds = 300.0
+    heartbeat_interval_s: Seconds = 60.0
+    reconnect_backoff_min_s: Seconds = 0.5
+    reconnect_backoff_max_s: Seconds = 30.0
+    default_max_staleness_s: int | None = Field(default=None, gt=0)
+    """Used for keys whose policy names no max staleness; None: such keys never go stale."""
+    rpc_timeout_s: Seconds = 30.0
+    kafka_fetch_max_wait_ms: int = Field(default=5000, ge=10, le=60000)
+    """Long poll: an idle agent costs the broker one fetch per this many ms (DESIGN §8)."""
+    log_level: str = "INFO"
+
+    @field_validator("host_id")
+    @classmethod
+    def _check_host_id(cls, value: str) -> str:
+        # The shared Targets model owns the host id and label syntax; validate through it.
+        try:
+            Targets(hosts=(value,))
+        except ValidationError:
+            raise ValueError(
+                "a host id is letters, digits, '.', '_', ':' or '-' (at most 128)"
+            ) from None
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if value:
+            try:
+                Targets(selectors=(value,))
+            except ValidationError as exc:
+                first = exc.errors(include_input=False)[0].get("msg", "invalid")
+                raise ValueError(first.removeprefix("Value error, ")) from None
+        return value
+
+    @field_validator("host_key_fingerprint")
+    @classmethod
+    def _check_fingerprint(cls, value: str) -> str:
+        if not _FINGERPRINT_RE.match(value):
+            raise ValueError("expected an OpenSSH fingerprint like SHA256:<43 base64 characters>")
+        return value
+
+    @field_validator("controller_signing_key")
+    @classmethod
+    def _check_signing_key(cls, value: str) -> str:
+        _decode_key(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.upper() not in _LEVELS:
+            raise ValueError(f"expected one of {', '.join(_LEVELS)}")
+        return value.upper()
+
+    @field_validator("state_dir", "root")
+    @classmethod
+    def _check_absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> AgentConfig:
+        if signer_key_id(self.controller_public_key) != self.controller_key_id:
+            raise ValueError(
+                "controller_key_id does not name controller_signing_key: the pinned key and its "
+                "id disagree (re-enroll, or fix the file)"
+            )
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
+            raise ValueError("reconnect_backoff_max_s is below reconnect_backoff_min_s")
+        return self
+
+    @property
+    def controller_public_key(self) -> bytes:
+        """The pinned controller event-signing key (raw Ed25519 public key)."""
+        return _decode_key(self.controller_signing_key)
+
+    @property
+    def identity_key_path(self) -> Path:
+        """The agent's Ed25519 identity seed (SSH client auth and ack signing), mode 0600."""
+        return self.state_dir / IDENTITY_KEY_FILE
+
+    @property
+    def wrapping_key_path(self) -> Path:
+        """The agent's HPKE wrapping private key, mode 0600."""
+        return self.state_dir / WRAPPING_KEY_FILE
+
+    @property
+    def state_db_path(self) -> Path:
+        """The agent's SQLite state (what it holds, offsets, pending acks; never material)."""
+        return self.state_dir / STATE_DB_FILE
+
+
+def _decode_key(value: str) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("expected base64 of a raw 32-byte Ed25519 public key") from None
+    if len(raw) != 32:
+        raise ValueError("expected base64 of a raw 32-byte Ed25519 public key")
+    return raw
+
+
+_FIELDS = set(AgentConfig.model_fields)
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``CKMS_AGENT_<FIELD>`` variables that name a field, as raw values for validation."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in _FIELDS:
+            continue
+        if field == "labels":
+            out[field] = parse_labels(value, name)
+        elif field in ("root", "default_max_staleness_s") and not value.strip():
+            out[field] = None
+        else:
+            out[field] = value
+    return out
+
+
+def parse_labels(text: str, source: str = "labels") -> dict[str, str]:
+    """Parse ``env=prod,role=web`` (empty text: no labels); values are checked by the model."""
+    labels: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        label, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"{source}: expected label=value[,label=value], got {part.strip()!r}")
+        labels[label.strip()] = value.strip()
+    return labels
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse the TOML file (missing file: ConfigError naming it)."""
+    try:
+        with path.open("rb") as src:
+            return tomllib.load(src)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"agent config {path} does not exist (run `ckms-agent enroll` first, or pass --config)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read agent config {path}: {exc.strerror}") from None
+
+
+def build_config(
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    *,
+    source: str = "config file",
+) -> AgentConfig:
+    """Merge file values and environment overrides (env wins) and validate once."""
+    unknown = sorted(set(file_values) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    env = env_overrides(os.environ if environ is None else environ)
+    merged = {**file_values, **env}
+    try:
+        return AgentConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, env_fields=set(env), source=source)) from None
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load the agent config from ``path`` (else ``$CKMS_AGENT_CONFIG``, else the default)."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    return build_config(read_config_file(path), env, source=str(path))
+
+
+def _describe(exc: ValidationError, *, env_fields: set[str], source: str) -> str:
+    """One line per bad field (at most three), naming where its value came from; no inputs."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:3]:
+        loc = [str(p) for p in err.get("loc", ())]
+        field = loc[0] if loc else ""
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if not field:
+            parts.append(f"{source}: {msg}")
+        elif field in env_fields:
+            parts.append(f"{ENV_PREFIX}{field.upper()}: {msg}")
+        else:
+            parts.append(f"{source}: {'.'.join(loc)}: {msg}")
+    return "invalid agent config: " + "; ".join(parts)
+
+
+def dump_toml(values: Mapping[str, Any]) -> str:
+    """Write flat settings (strings, numbers, booleans, paths, one level of str tables) as TOML.
+
+    The stdlib reads TOML but does not write it; the config is flat, so a small writer whose
+    output ``tomllib`` reads back exactly is enough (JSON string escapes are valid TOML).
+    """
+    lines = ["# ckms-agent configuration, written by `ckms-agent enroll`. Pinned trust below:"]
+    lines.append("# changing it by hand means trusting another controller.")
+    tables: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            tables.append(f"\n[{name}]")
+            tables.extend(f"{_toml_str(k)} = {_toml_value(v)}" for k, v in value.items())
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+def _toml_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return _toml_str(str(value))
+
+
+def write_config(path: Path, config: AgentConfig) -> None:
+    """Write ``config`` as TOML, atomically and with mode 0600 (it names what this host trusts)."""
+    values = config.model_dump(mode="json", exclude_defaults=False)
+    data = dump_toml(values).encode()
+    try:
+        write_atomic(path, data, mode=0o600, dir_mode=0o755)
+    except InstallError as exc:
+        raise ConfigError(f"cannot write agent config: {exc}") from None

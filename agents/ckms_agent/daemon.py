@@ -1,0 +1,549 @@
+"""The host agent daemon: keep this host's keys equal to what the controller wants (DESIGN §7).
+
+``Agent(config).run()`` is one ``asyncio.TaskGroup`` (STYLE §7) of:
+
+- **connection**: one pinned SSH connection to the controller, reconnected with jittered
+  exponential backoff (never a busy loop); every (re)connect asks for a reconcile;
+- **reconcile**: ``sync`` (on start, after reconnect, every reconcile interval, and for relevant
+  events), then per key: fetch every version not held over the open connection, unwrap it,
+  check the digest the controller named (in the sync reply, the fetch reply and the triggering
+  event), install through :class:`~ckms_agent.installer.Installer`, remove what is no longer
+  wanted, and ack each change;
+- **events**: a :class:`~ckms.consumer.Subscriber` from the positions in the state DB (the very
+  first run seeds them from the end of the topic *before* the first sync, so nothing falls in
+  between); revocations are applied locally at once from the signed event;
+- **heartbeat**: report the digests of what is intact on disk; drift triggers a reconcile;
+- **staleness**: a key whose policy allows at most N seconds without controller contact is
+  removed when that passes (and acked once Kafka allows);
+- **acks**: drain the state DB's pending-acks queue to Kafka.
+
+The first task to fail stops all. Cancelling ``run()`` or calling :meth:`Agent.stop` (SIGTERM)
+is a clean stop: an install in progress finishes (files are replaced atomically either way) and
+its record and acks are written before the process exits. Key material lives only in the files,
+in memory while being installed, and in a per-process cache (so keyrings can be rewritten
+without the controller); never in the state DB, logs, or error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ValidationError
+
+from ckms._kafka import partitions_of
+from ckms.consumer import Position, Subscriber
+from ckms.errors import CKMSError, KafkaUnavailableError, ProtocolError, StoreError, TransportError
+from ckms.protocol import (
+    Envelope,
+    FetchReply,
+    FetchRequest,
+    HeartbeatReply,
+    SyncReply,
+    SyncRequest,
+)
+from ckms.ssh import RpcClient
+from ckms_agent.acks import AckPublisher, AckWriter
+from ckms_agent.backoff import Backoff
+from ckms_agent.config import AgentConfig
+from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
+from ckms_agent.identity import AgentKeys, load_keys
+from ckms_agent.installer import Installer
+from ckms_agent.keyops import KeyOps, Trigger, critical
+from ckms_agent.plan import plan_changes
+from ckms_agent.state import AgentState
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+_CONTACT_WRITE_EVERY_S = 1.0
+_CONNECTION_CHECK_S = 2.0
+_SEED_TIMEOUT_S = 15.0
+_REVOKED_ACK_FLUSH_S = 10.0
+
+
+class HostRevokedError(CKMSError):
+    """Raised when the controller revoked this host: its keys are removed; re-enroll to use it."""
+
+
+class _StopRequested(Exception):
+    """Raised inside the task group to stop every task cleanly (see :meth:`Agent.stop`)."""
+
+
+class Agent:
+    """The ckms host agent; see the module docstring. ``clock`` is wall time (tests move it)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        keys: AgentKeys | None = None,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._keys = keys
+        self._installer = Installer(host_id=config.host_id, root=config.root)
+        self._state: AgentState | None = None
+        self._rpc: RpcClient | None = None
+        self._acks: AckPublisher | None = None
+        self._subscriber: Subscriber | None = None
+        self._stop = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._events_ready = asyncio.Event()
+        self._reconcile_wanted = asyncio.Event()
+        self._ops: KeyOps | None = None
+        self._triggers: dict[str, Trigger] = {}
+        self._desired_keys: set[str] = set()
+        self._controller_interval: float | None = None
+        self._last_contact: float | None = None
+        self._contact_written = 0.0
+        self._healthy = False
+        self.reconciles = 0
+        """Completed reconciles (for tests and metrics)."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run()`` to stop cleanly (safe from a signal handler on the loop)."""
+        self._stop.set()
+
+    @property
+    def event_stats(self) -> dict[str, int]:
+        """Delivered and dropped events by reason, from the Subscriber (empty before it starts)."""
+        return dict(self._subscriber.stats) if self._subscriber is not None else {}
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to the controller is up."""
+        return self._connected.is_set()
+
+    @property
+    def state(self) -> AgentState:
+        """The open state DB (only while running)."""
+        if self._state is None:
+            raise StoreError("the agent is not running")
+        return self._state
+
+    async def run(self) -> None:
+        """Run until stopped; raises the first fatal error (never a transient one)."""
+        cfg = self.config
+        if self._keys is None:
+            self._keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
+        async with AgentState(cfg.state_db_path) as state:
+            self._state = state
+            try:
+                if await state.revoked():
+                    raise HostRevokedError(
+                        f"host {cfg.host_id} was revoked by the controller; "
+                        "re-enroll it (ckms-agent enroll --force) to use it again"
+                    )
+                self._acks = AckPublisher(
+                    state,
+                    bootstrap=cfg.kafka_bootstrap,
+                    topic=cfg.acks_topic,
+                    backoff=self._backoff(),
+                    client_id=f"ckms-agent-{cfg.host_id}",
+                )
+                self._ops = KeyOps(
+                    state=state,
+                    installer=self._installer,
+                    acks=AckWriter(
+                        state,
+                        identity_key=self._keys.identity,
+                        host_id=cfg.host_id,
+                        clock=self._clock,
+                        on_queued=self._acks.wakeup,
+                    ),
+                    wrapping_key=self._keys.wrapping,
+                    host_id=cfg.host_id,
+                    request_reconcile=self._request_reconcile,
+                    clock=self._clock,
+                )
+                self._last_contact = await state.last_contact()
+                self._ops.sweep_held(await state.keys())
+                await self.check_staleness()
+                self._rpc = RpcClient(
+                    host=cfg.controller_host,
+                    port=cfg.controller_port,
+                    username=cfg.host_id,
+                    client_key=self._keys.ssh_key(),
+                    host_key_fingerprint=cfg.host_key_fingerprint,
+                    connect_timeout_s=min(cfg.rpc_timeout_s, 10.0),
+                )
+                log.info(
+                    "agent starting host=%s controller=%s:%d",
+                    cfg.host_id,
+                    cfg.controller_host,
+                    cfg.controller_port,
+                )
+                await self._task_group()
+            finally:
+                if self._rpc is not None:
+                    await self._rpc.close()
+                self._state = None
+                self._ops = None
+        log.info("agent stopped host=%s", cfg.host_id)
+
+    async def _task_group(self) -> None:
+        assert self._acks is not None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._stop_watch(), name="stop")
+                tg.create_task(self._connection_loop(), name="connection")
+                tg.create_task(self._reconcile_loop(), name="reconcile")
+                tg.create_task(self._event_loop(), name="events")
+                tg.create_task(self._heartbeat_loop(), name="heartbeat")
+                tg.create_task(self._staleness_loop(), name="staleness")
+                tg.create_task(self._acks.run(), name="acks")
+        except BaseExceptionGroup as group:
+            # The condition also sees (nested) groups: let those recurse, drop only the stop.
+            rest = group.subgroup(lambda e: not isinstance(e, _StopRequested | BaseExceptionGroup))
+            if rest is None:
+                return
+            first = _first_leaf(rest)
+            if isinstance(first, CKMSError | KeyboardInterrupt | SystemExit):
+                raise first from None
+            raise
+
+    async def _stop_watch(self) -> None:
+        await self._stop.wait()
+        log.info("stop requested: finishing the current step and shutting down")
+        raise _StopRequested
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.config.reconnect_backoff_min_s, self.config.reconnect_backoff_max_s)
+
+    # -- controller connection --------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        assert self._rpc is not None
+        cfg = self.config
+        backoff = self._backoff()
+        while True:
+            try:
+                await self._rpc.connect()
+            except TransportError as exc:
+                delay = backoff.next()
+                log.warning("controller unreachable: %s; next attempt in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._healthy = False
+            self._lost.clear()
+            self._connected.set()
+            log.info("connected to controller %s:%d", cfg.controller_host, cfg.controller_port)
+            self._request_reconcile()
+            while self._rpc.connected and not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), _CONNECTION_CHECK_S)
+            self._connected.clear()
+            await self._rpc.close()
+            if self._healthy:
+                backoff.reset()
+            delay = backoff.next()
+            log.warning("connection to the controller lost; reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _call(self, method: str, params: BaseModel, reply_type: type[M]) -> M:
+        """One request on the open connection; raises TransportError at once when it is down."""
+        rpc = self._rpc
+        if rpc is None or not rpc.connected or not self._connected.is_set():
+            raise TransportError("not connected to the controller")
+        try:
+            raw = await rpc.call(
+                method, params.model_dump(mode="json"), timeout_s=self.config.rpc_timeout_s
+            )
+        except TransportError:
+            self._lost.set()
+            raise
+        try:
+            reply = reply_type.model_validate(raw)
+        except ValidationError:
+            raise ProtocolError(f"the controller sent a malformed {method} reply") from None
+        self._healthy = True
+        await self._touch_contact()
+        return reply
+
+    async def _touch_contact(self) -> None:
+        now = self._clock()
+        self._last_contact = now
+        if abs(now - self._contact_written) >= _CONTACT_WRITE_EVERY_S:
+            self._contact_written = now
+            await self.state.set_last_contact(now)
+
+    # -- reconcile ------------------------------------------------------------------------------
+
+    def _request_reconcile(self, trigger: Trigger | None = None) -> None:
+        if trigger is not None:
+            older = self._triggers.get(trigger.key)
+            if older is not None:
+                trigger.merge(older)
+            self._triggers[trigger.key] = trigger
+        self._reconcile_wanted.set()
+
+    def _reconcile_interval(self) -> float:
+        interval = self.config.reconcile_interval_s
+        if self._controller_interval:
+            interval = min(interval, self._controller_interval)
+        return interval
+
+    async def _reconcile_loop(self) -> None:
+        backoff = self._backoff()
+        await self._events_ready.wait()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconcile_wanted.wait(), self._reconcile_interval())
+            await self._connected.wait()
+            self._reconcile_wanted.clear()
+            triggers, self._triggers = self._triggers, {}
+            try:
+                await self.reconcile(triggers.values())
+                backoff.reset()
+            except StoreError:
+                raise
+            except TransportError as exc:
+                # The connection task reconnects and asks again; keep the triggers for then.
+                log.warning("reconcile interrupted: %s", exc)
+                self._restore_triggers(triggers)
+            except CKMSError as exc:
+                delay = backoff.next()
+                log.error("reconcile failed: %s; retrying in %.1f s", exc, delay)
+                self._restore_triggers(triggers)
+                await asyncio.sleep(delay)
+                self._reconcile_wanted.set()
+
+    def _restore_triggers(self, triggers: dict[str, Trigger]) -> None:
+        for trigger in triggers.values():
+            if trigger.key not in self._triggers:
+                self._triggers[trigger.key] = trigger
+
+    async def reconcile(self, triggers: Iterable[Trigger] = ()) -> None:
+        """Sync with the controller and make the host match its desired state (one pass)."""
+        started = time.monotonic()
+        by_key = {t.key: t for t in triggers}
+        ops = self.ops
+        report = await ops.held_report()
+        reply = await self._call("sync", SyncRequest(installed=report.installed), SyncReply)
+        if reply.host != self.config.host_id:
+            raise ProtocolError(f"sync reply is for host {reply.host!r}, not this host")
+        self._desired_keys = {k.key for k in reply.keys}
+        self._controller_interval = float(reply.reconcile_interval_s)
+        held = await self.state.keys()
+        plans = plan_changes(
+            reply, held, drifted=report.drifted, tombstones=frozenset(ops.tombstones)
+        )
+        acked: dict[str, set[int]] = {}
+        for plan in plans:
+            log.info(
+                "key=%s host=%s %s (%s) fetch=%s drop=%s",
+                plan.key,
+                self.config.host_id,
+                plan.action,
+                plan.reason,
+                list(plan.fetch),
+                list(plan.dropped),
+            )
+            acked[plan.key] = await ops.execute(
+                plan, held.get(plan.key), by_key.get(plan.key), self._fetch
+            )
+        await ops.answer_triggers(by_key.values(), acked)
+        self.reconciles += 1
+        log.info(
+            "reconciled host=%s keys=%d changes=%d in %.1f ms",
+            self.config.host_id,
+            len(reply.keys),
+            len(plans),
+            1000 * (time.monotonic() - started),
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def _seed_positions(self) -> bool:
+        """On the very first run, save the end of every partition as the start (True if seeded)."""
+        cfg = self.config
+        if await self.state.load_positions(cfg.events_topic):
+            return False
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id=f"ckms-agent-{cfg.host_id}-seed",
+        )
+        try:
+            await consumer.start()
+            parts = await partitions_of(cfg.kafka_bootstrap, cfg.events_topic, wait_s=10.0)
+            ends = await consumer.end_offsets([TopicPartition(cfg.events_topic, p) for p in parts])
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"cannot read the end of {cfg.events_topic}: {exc}"
+            ) from exc
+        finally:
+            await consumer.stop()
+        await self.state.save_positions(
+            cfg.events_topic, {tp.partition: Position(offset, None) for tp, offset in ends.items()}
+        )
+        log.info(
+            "first run: events from the end of %s %s",
+            cfg.events_topic,
+            {tp.partition: o for tp, o in ends.items()},
+        )
+        return True
+
+    async def _event_loop(self) -> None:
+        cfg = self.config
+        backoff = self._backoff()
+        first = True
+        while True:
+            try:
+                seeded = await asyncio.wait_for(self._seed_positions(), _SEED_TIMEOUT_S)
+                if seeded and not first:
+                    # The first sync ran before this start position existed: sync again.
+                    self._request_reconcile()
+                first = False
+                self._events_ready.set()
+                async with Subscriber(
+                    bootstrap=cfg.kafka_bootstrap,
+                    trust={cfg.controller_key_id: cfg.controller_public_key},
+                    types=RELEVANT_TYPES,
+                    topic=cfg.events_topic,
+                    offsets=self.state.offset_store(),
+                    start="earliest",
+                    fetch_max_wait_ms=cfg.kafka_fetch_max_wait_ms,
+                    client_id=f"ckms-agent-{cfg.host_id}",
+                ) as subscriber:
+                    self._subscriber = subscriber
+                    backoff.reset()
+                    async for event in subscriber:
+                        await self._on_event(event)
+            except (KafkaUnavailableError, TimeoutError) as exc:
+                first = False
+                self._events_ready.set()
+                delay = backoff.next()
+                log.warning(
+                    "event stream unavailable: %s; retrying in %.1f s", exc or "timeout", delay
+                )
+                await asyncio.sleep(delay)
+
+    async def _on_event(self, event: Envelope) -> None:
+        """Act on one verified event; a failure is logged, never fatal (except host revocation)."""
+        held = set(await self.state.keys())
+        decision = classify(
+            event,
+            host_id=self.config.host_id,
+            labels=self.config.labels,
+            held=held,
+            desired=self._desired_keys,
+        )
+        if decision.action is EventAction.IGNORE:
+            log.debug("event %s id=%s seq=%d not for this host", event.type, event.id, event.seq)
+            return
+        log.info(
+            "event %s id=%s seq=%d key=%s versions=%s host=%s -> %s",
+            event.type,
+            event.id,
+            event.seq,
+            decision.key,
+            list(decision.versions),
+            self.config.host_id,
+            decision.action,
+        )
+        if decision.action is EventAction.HOST_REVOKED:
+            await self._host_revoked(event)
+            return
+        assert decision.key is not None
+        if decision.action is EventAction.RECONCILE:
+            versions = decision.versions if decision.digests else ()
+            self._request_reconcile(
+                Trigger(decision.key, event.id, dict(decision.digests), versions)
+            )
+            return
+        try:
+            await critical(
+                self.ops.revoke(decision.key, decision.versions, decision.primary_version, event.id)
+            )
+        except StoreError:
+            raise
+        except CKMSError as exc:
+            log.error(
+                "key=%s host=%s revocation not applied: %s", decision.key, self.config.host_id, exc
+            )
+        self._request_reconcile(Trigger(decision.key, event.id))
+
+    async def _host_revoked(self, event: Envelope) -> None:
+        """This host's identity was revoked: drop every key, ack, and stop for good."""
+        log.critical(
+            "controller revoked host=%s (event %s): removing every key",
+            self.config.host_id,
+            event.id,
+        )
+        await self.ops.drop_everything(event.id)
+        assert self._acks is not None
+        await self._acks.wait_drained(_REVOKED_ACK_FLUSH_S)
+        raise HostRevokedError(
+            f"host {self.config.host_id} was revoked by the controller; its keys were removed"
+        )
+
+    # -- heartbeat and staleness -------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            if not self._connected.is_set():
+                continue
+            report = await self.ops.held_report()
+            try:
+                reply = await self._call(
+                    "heartbeat", SyncRequest(installed=report.installed), HeartbeatReply
+                )
+            except StoreError:
+                raise
+            except CKMSError as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            recent = self._clock() - self._reconcile_interval()
+            drift = {
+                k for k in {*reply.drift, *report.drifted} if self.ops.failed_at.get(k, 0) < recent
+            }
+            if drift:
+                log.info(
+                    "drift on keys=%s host=%s: reconciling", sorted(drift), self.config.host_id
+                )
+                self._request_reconcile()
+
+    async def _staleness_loop(self) -> None:
+        every = min(self.config.heartbeat_interval_s, 30.0)
+        while True:
+            await asyncio.sleep(every)
+            await self.check_staleness()
+
+    async def check_staleness(self) -> list[str]:
+        """Remove keys whose max staleness passed without controller contact; return them."""
+        return await self.ops.remove_stale_keys(
+            last_contact=self._last_contact,
+            default_max_staleness_s=self.config.default_max_staleness_s,
+        )
+
+    @property
+    def ops(self) -> KeyOps:
+        """The key operations of the running agent."""
+        if self._ops is None:
+            raise StoreError("the agent is not running")
+        return self._ops
+
+    async def _fetch(self, request: FetchRequest) -> FetchReply:
+        return await self._call("fetch", request, FetchReply)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,166 @@
+"""Enrollment: make this host's keys, present them once with a one-time token, pin the answer.
+
+The agent makes its Ed25519 identity and HPKE wrapping key, connects as user ``enroll`` with
+the new identity (pinning the controller's SSH host key by the fingerprint the operator gave),
+and calls ``enroll``. The reply names the host id, its labels, the controller's event-signing
+key and the Kafka settings; all of it is pinned in the config file (mode 0600). Keys and config
+are written only after the controller accepted the token, so a refused attempt leaves nothing
+behind; an existing enrollment is never overwritten without ``force``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ckms.crypto import WrapSuite, signing_public_openssh
+from ckms.errors import AlreadyExistsError, ConfigError, ProtocolError
+from ckms.protocol import EnrollReply, EnrollRequest
+from ckms.ssh import RpcClient
+from ckms_agent.config import (
+    IDENTITY_KEY_FILE,
+    STATE_DB_FILE,
+    WRAPPING_KEY_FILE,
+    AgentConfig,
+    write_config,
+)
+from ckms_agent.files import secure_remove, sweep_temp_files, write_atomic
+from ckms_agent.identity import AgentKeys, create_keys
+from ckms_agent.state import AgentState
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+def parse_controller(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6); ValueError if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+async def enroll(
+    *,
+    controller_host: str,
+    controller_port: int,
+    token: str,
+    host_key_fingerprint: str,
+    state_dir: Path,
+    config_path: Path,
+    root: Path | None = None,
+    force: bool = False,
+    wrap_suite: WrapSuite = WrapSuite.X25519,
+    connect_timeout_s: float = 10.0,
+) -> AgentConfig:
+    """Enroll this host with the controller and write its keys and config; return the config."""
+    if not 16 <= len(token) <= 256:
+        raise ConfigError("the enrollment token must be 16 to 256 characters")
+    state_dir, root = _absolute(state_dir), _absolute(root) if root is not None else None
+    identity_path = state_dir / IDENTITY_KEY_FILE
+    wrapping_path = state_dir / WRAPPING_KEY_FILE
+    if not force:
+        _refuse_existing(config_path, identity_path)
+    staged = state_dir / ".enroll-staging"
+    keys = create_keys(staged / IDENTITY_KEY_FILE, staged / WRAPPING_KEY_FILE, wrap_suite)
+    try:
+        reply = await _call_enroll(
+            keys,
+            host=controller_host,
+            port=controller_port,
+            token=token,
+            fingerprint=host_key_fingerprint,
+            timeout_s=connect_timeout_s,
+        )
+        try:
+            config = AgentConfig(
+                host_id=reply.host,
+                labels=reply.labels,
+                controller_host=controller_host,
+                controller_port=controller_port,
+                host_key_fingerprint=host_key_fingerprint,
+                controller_signing_key=reply.controller_signing_key,
+                controller_key_id=reply.controller_key_id,
+                kafka_bootstrap=reply.kafka_bootstrap,
+                events_topic=reply.events_topic,
+                acks_topic=reply.acks_topic,
+                state_dir=state_dir,
+                root=root,
+                wrap_suite=wrap_suite,
+            )
+        except ValidationError as exc:
+            fields = ", ".join(
+                str(e["loc"][0]) if e.get("loc") else "reply"
+                for e in exc.errors(include_input=False)
+            )
+            raise ProtocolError(
+                f"the controller's enrollment reply is unusable ({fields})"
+            ) from None
+        # Accepted: move the keys into place, then write the config (the "enrolled" marker).
+        write_atomic(identity_path, keys.identity, mode=0o600, dir_mode=0o700)
+        write_atomic(wrapping_path, keys.wrapping, mode=0o600, dir_mode=0o700)
+    finally:
+        _discard(staged)
+    if (state_dir / STATE_DB_FILE).exists():
+        # A re-enrolled host starts clean: not revoked, events from the end of the topic.
+        async with AgentState(state_dir / STATE_DB_FILE) as state:
+            await state.set_revoked(False)
+            await state.reset_positions()
+    write_config(config_path, config)
+    log.info("enrolled host=%s labels=%s config=%s", config.host_id, config.labels, config_path)
+    return config
+
+
+def _absolute(path: Path) -> Path:
+    return path.absolute()
+
+
+def _refuse_existing(config_path: Path, identity_path: Path) -> None:
+    if config_path.exists() or identity_path.exists():
+        raise AlreadyExistsError(
+            f"this host is already enrolled (config {config_path}, keys in "
+            f"{identity_path.parent}); pass --force to enroll again with new keys"
+        )
+
+
+def _discard(staged: Path) -> None:
+    """Remove the staging copies of the keys (overwritten first, like any key file)."""
+    for leftover in (staged / IDENTITY_KEY_FILE, staged / WRAPPING_KEY_FILE):
+        secure_remove(leftover)
+    sweep_temp_files(staged)
+    with contextlib.suppress(OSError):
+        staged.rmdir()
+
+
+async def _call_enroll(
+    keys: AgentKeys, *, host: str, port: int, token: str, fingerprint: str, timeout_s: float
+) -> EnrollReply:
+    request = EnrollRequest(
+        token=token,
+        identity_key=signing_public_openssh(keys.identity_public),
+        signing_key=base64.b64encode(keys.identity_public).decode(),
+        wrapping_key=base64.b64encode(keys.wrapping_public).decode(),
+        wrap_suite=str(keys.suite),
+        agent_version=AGENT_VERSION,
+    )
+    client = RpcClient(
+        host=host,
+        port=port,
+        username="enroll",
+        client_key=keys.ssh_key(),
+        host_key_fingerprint=fingerprint,
+        connect_timeout_s=timeout_s,
+    )
+    async with client:
+        raw = await client.call("enroll", request.model_dump(mode="json"))
+    try:
+        return EnrollReply.model_validate(raw)
+    except ValidationError:
+        raise ProtocolError("the controller sent a malformed enrollment reply") from None

@@ -1,0 +1,111 @@
+"""What a verified event means for this host (pure: the daemon acts, this module decides).
+
+Events arrive already verified (signature by the pinned controller key, envelope version,
+replay) by :class:`ckms.consumer.Subscriber`. Here each is mapped to one action:
+
+- ``key.created`` / ``key.rotated`` / ``key.targets_changed`` for a key whose targets match
+  this host, or that it holds; ``key.state_changed`` for a key it holds or the controller last
+  listed for it; ``key.policy_changed`` for a key it holds → **reconcile** that key (``sync`` +
+  ``fetch``; the digest named in the event is checked too);
+- ``key.revoked`` / ``key.destroyed`` for a key it holds → **remove versions** locally at once,
+  from the signed event alone, even if the controller is unreachable;
+- ``host.revoked`` naming this host → **host revoked**: drop every key and stop;
+- anything else (other hosts, keys that are none of this host's business) → **ignore**.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ckms.protocol import (
+    Envelope,
+    EventType,
+    HostRevoked,
+    KeyCreated,
+    KeyDestroyed,
+    KeyPolicyChanged,
+    KeyRevoked,
+    KeyRotated,
+    KeyStateChanged,
+    KeyTargetsChanged,
+)
+
+RELEVANT_TYPES = frozenset(
+    {
+        EventType.KEY_CREATED,
+        EventType.KEY_ROTATED,
+        EventType.KEY_STATE_CHANGED,
+        EventType.KEY_TARGETS_CHANGED,
+        EventType.KEY_POLICY_CHANGED,
+        EventType.KEY_REVOKED,
+        EventType.KEY_DESTROYED,
+        EventType.HOST_REVOKED,
+    }
+)
+"""The event types an agent subscribes to; the Subscriber skips the others without parsing."""
+
+
+class EventAction(StrEnum):
+    """What the daemon does with one event."""
+
+    IGNORE = "ignore"
+    RECONCILE = "reconcile"
+    REMOVE_VERSIONS = "remove-versions"
+    HOST_REVOKED = "host-revoked"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The action for one event, with what the daemon needs to carry it out."""
+
+    action: EventAction
+    key: str | None = None
+    versions: tuple[int, ...] = ()
+    digests: Mapping[int, str] = field(default_factory=dict)
+    primary_version: int | None = None
+
+
+IGNORE = Decision(EventAction.IGNORE)
+
+
+def classify(
+    event: Envelope,
+    *,
+    host_id: str,
+    labels: Mapping[str, str],
+    held: Set[str],
+    desired: Set[str] = frozenset(),
+) -> Decision:
+    """Decide what ``event`` means for this host (``held``: keys it holds; ``desired``: keys the
+    controller listed for it in the last sync)."""
+    data = event.data
+    if isinstance(data, KeyCreated | KeyRotated):
+        if data.key in held or data.targets.matches(host_id, dict(labels)):
+            return Decision(
+                EventAction.RECONCILE,
+                data.key,
+                (data.version,),
+                {data.version: data.digest},
+            )
+        return IGNORE
+    if isinstance(data, KeyTargetsChanged):
+        if data.key in held or data.targets.matches(host_id, dict(labels)):
+            return Decision(EventAction.RECONCILE, data.key)
+        return IGNORE
+    if isinstance(data, KeyStateChanged):
+        if data.key in held or data.key in desired:
+            return Decision(EventAction.RECONCILE, data.key)
+        return IGNORE
+    if isinstance(data, KeyPolicyChanged):
+        return Decision(EventAction.RECONCILE, data.key) if data.key in held else IGNORE
+    if isinstance(data, KeyRevoked | KeyDestroyed):
+        if data.key not in held:
+            return IGNORE
+        return Decision(
+            EventAction.REMOVE_VERSIONS, data.key, (data.version,), primary_version=data.primary
+        )
+    if isinstance(data, HostRevoked) and data.host == host_id:
+        return Decision(EventAction.HOST_REVOKED)
+    return IGNORE

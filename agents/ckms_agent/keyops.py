@@ -1,0 +1,632 @@
+"""Changing this host's keys: apply a reconcile plan, revoke locally, remove; record and ack.
+
+:class:`KeyOps` is what the daemon's loops call to touch key files. Every change holds one lock
+(the agent never writes key files concurrently, so sweeping temp files beside them is safe),
+runs as a critical section (a stop lands after the state DB and the acks match the files), and
+ends in acks queued in the state DB:
+
+- **execute** a :class:`~ckms_agent.plan.KeyPlan`: fetch what is needed through the daemon's
+  connection, unwrap it with the wrapping key, keep it only if it matches every digest the
+  controller named (sync reply, fetch reply, triggering event), install, record, ack;
+- **revoke** versions from a signed event alone, without the controller: per-version files
+  are removed, a keyring is rewritten from material at hand (memory, or the keyring file itself,
+  digest-checked), a single file whose version stays is left alone; when none of that is
+  possible, every file of the key goes (fail closed) and the next sync brings back the rest;
+- **remove** a key (no longer desired, stale, or the host revoked).
+
+Material lives in memory (``_materials``, never in reprs or logs) so keyrings can be rewritten
+offline; it is dropped as soon as its version is revoked or removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+from ckms.crypto import InstallFormat, material_digest, unwrap_for_agent
+from ckms.errors import CKMSError, IntegrityError, ProtocolError, StoreError, TransportError
+from ckms.protocol import (
+    AckStatus,
+    DesiredVersion,
+    FetchReply,
+    FetchRequest,
+    HookResult,
+    InstalledVersion,
+    InstallSpec,
+)
+from ckms_agent.acks import AckWriter
+from ckms_agent.files import files_match, hash_files, sweep_temp_files
+from ckms_agent.installer import ApplyOutcome, HeldVersion, Installer
+from ckms_agent.plan import (
+    Action,
+    KeyPlan,
+    is_stale,
+    needed_versions,
+    per_version_files,
+    staleness_limit,
+)
+from ckms_agent.state import AgentState, KeyRecord, VersionRecord
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Fetcher = Callable[[FetchRequest], Awaitable[FetchReply]]
+"""Sends one ``fetch`` on the open connection (raises TransportError when it is down)."""
+
+
+@dataclass
+class Trigger:
+    """Why a key is reconciled: the event that asked (acks answer its id; digests are checked)."""
+
+    key: str
+    event_id: str
+    digests: dict[int, str] = field(default_factory=dict)
+    versions: tuple[int, ...] = ()
+
+    def merge(self, older: Trigger) -> None:
+        """Fold an older pending trigger of the same key into this one."""
+        self.digests = {**older.digests, **self.digests}
+        self.versions = tuple(sorted({*older.versions, *self.versions}))
+
+
+@dataclass(frozen=True)
+class HeldReport:
+    """What the host reports as installed (files intact) and which keys drifted on disk."""
+
+    installed: tuple[InstalledVersion, ...]
+    drifted: frozenset[str]
+
+
+async def critical(work: Awaitable[T]) -> T:
+    """Finish ``work`` even if this task is cancelled meanwhile, then honour the cancel.
+
+    Files are replaced atomically either way; this keeps the state DB and the acks in step with
+    the files when a stop lands between writing a key and recording it.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait([task])
+        raise
+
+
+class KeyOps:
+    """Installs, revokes and removes this host's keys (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state: AgentState,
+        installer: Installer,
+        acks: AckWriter,
+        wrapping_key: bytes,
+        host_id: str,
+        request_reconcile: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._installer = installer
+        self._acks = acks
+        self._wrapping = wrapping_key
+        self._host = host_id
+        self._request_reconcile = request_reconcile
+        self._clock = clock
+        self.lock = asyncio.Lock()
+        self.tombstones: set[tuple[str, int]] = set()
+        """Versions revoked by events in this run; never (re)installed from an older reply."""
+        self.failed_at: dict[str, float] = {}
+        """When a key last failed to install (drift reports do not retry it at once)."""
+        self._materials: dict[tuple[str, int], tuple[str, bytes]] = {}
+        self._swept: set[Path] = set()
+
+    async def held_report(self) -> HeldReport:
+        """What is intact on disk (file hashes match what was written) and which keys drifted."""
+        records = await self._state.keys()
+        installed: list[InstalledVersion] = []
+        drifted: set[str] = set()
+        for record in records.values():
+            if not await asyncio.to_thread(files_match, record.files):
+                drifted.add(record.name)
+                continue
+            installed.extend(
+                InstalledVersion(key=record.name, version=v.version, digest=v.digest)
+                for v in record.versions.values()
+            )
+        if drifted:
+            log.warning("files drifted on disk for keys=%s host=%s", sorted(drifted), self._host)
+        return HeldReport(tuple(installed), frozenset(drifted))
+
+    async def answer_triggers(
+        self, triggers: Iterable[Trigger], acked: dict[str, set[int]]
+    ) -> None:
+        """Ack rotation events whose version this host already held, so every event is answered."""
+        for trigger in triggers:
+            if not trigger.versions:
+                continue
+            record = await self._state.key(trigger.key)
+            for version in trigger.versions:
+                if version in acked.get(trigger.key, set()) or record is None:
+                    continue
+                held = record.versions.get(version)
+                if held is not None and trigger.digests.get(version, held.digest) == held.digest:
+                    await self._acks.ack(
+                        trigger.key,
+                        version,
+                        AckStatus.INSTALLED,
+                        started=time.monotonic(),
+                        digest=held.digest,
+                        event_id=trigger.event_id,
+                    )
+
+    async def execute(
+        self,
+        plan: KeyPlan,
+        record: KeyRecord | None,
+        trigger: Trigger | None,
+        fetch: Fetcher,
+    ) -> set[int]:
+        """Carry out one key's plan; returns the versions it acked."""
+        started = time.monotonic()
+        event_id = trigger.event_id if trigger else None
+        if plan.action is Action.REMOVE:
+            assert record is not None
+            return await critical(self._remove_key(record, started, event_id, plan.reason))
+        desired = plan.desired
+        assert desired is not None
+        needed = needed_versions(desired.install, desired.versions)
+        want = {*plan.fetch, *(v.version for v in needed if not self._cached(plan.key, v))}
+        by_version = {v.version: v for v in desired.versions}
+        try:
+            for version in sorted(want):
+                await self._fetch(fetch, plan.key, by_version[version], trigger)
+        except (TransportError, StoreError):
+            raise
+        except CKMSError as exc:
+            log.error("key=%s host=%s not installed: %s", plan.key, self._host, exc)
+            self.failed_at[plan.key] = self._clock()
+            versions = plan.changed or tuple(v.version for v in needed)
+            for version in versions:
+                await self._acks.ack(
+                    plan.key,
+                    version,
+                    AckStatus.FAILED,
+                    started=started,
+                    event_id=event_id,
+                    error=str(exc),
+                )
+            return set(versions)
+        return await critical(self._apply_plan(plan, record, started, event_id))
+
+    async def _apply_plan(
+        self, plan: KeyPlan, planned_from: KeyRecord | None, started: float, event_id: str | None
+    ) -> set[int]:
+        desired = plan.desired
+        assert desired is not None
+        name = plan.key
+        async with self.lock:
+            record = await self._state.key(name)
+            if record != planned_from:
+                # A revocation (or staleness) changed this key while fetching: plan again.
+                log.info("key=%s changed while fetching; reconciling it again", name)
+                self._request_reconcile()
+                return set()
+            versions = tuple(
+                v for v in desired.versions if (name, v.version) not in self.tombstones
+            )
+            if not versions:
+                return set()
+            wanted = {v.version for v in versions}
+            changed = [v for v in plan.changed if v in wanted]
+            dropped = [v for v in plan.dropped if v not in wanted]
+            files = dict(record.files) if record is not None else {}
+            hooks: list[HookResult] = []
+            if plan.action is Action.INSTALL:
+                outcome = await self._install(
+                    name, desired.key_type, desired.install, versions, record
+                )
+                hooks = outcome.hooks
+                if outcome.status is AckStatus.FAILED:
+                    self.failed_at[name] = self._clock()
+                    targets = changed or [v.version for v in versions if v.primary]
+                    for version in targets:
+                        await self._acks.ack(
+                            name,
+                            version,
+                            AckStatus.FAILED,
+                            started=started,
+                            hooks=hooks,
+                            event_id=event_id,
+                            error=outcome.error,
+                        )
+                    return set(targets)
+                files = await asyncio.to_thread(hash_files, outcome.paths)
+                if not changed:
+                    changed = [v.version for v in versions if v.primary][:1]
+            new_record = KeyRecord(
+                name=name,
+                key_type=desired.key_type,
+                spec=desired.install,
+                versions={
+                    v.version: VersionRecord(v.version, str(v.state), v.primary, v.digest)
+                    for v in versions
+                },
+                files=files,
+                max_staleness_s=desired.max_staleness_s,
+                updated_at=self._clock(),
+            )
+            await self._state.put_key(new_record)
+            self.failed_at.pop(name, None)
+            for version in dropped:
+                self._materials.pop((name, version), None)
+            by_version = {v.version: v for v in versions}
+            for version in changed:
+                await self._acks.ack(
+                    name,
+                    version,
+                    AckStatus.INSTALLED,
+                    started=started,
+                    digest=by_version[version].digest,
+                    hooks=hooks,
+                    event_id=event_id,
+                )
+            for version in dropped:
+                await self._acks.ack(
+                    name,
+                    version,
+                    AckStatus.REMOVED,
+                    started=started,
+                    hooks=hooks,
+                    event_id=event_id,
+                )
+            if changed or dropped:
+                log.info(
+                    "key=%s host=%s installed=%s removed=%s",
+                    name,
+                    self._host,
+                    changed,
+                    dropped,
+                )
+            return {*changed, *dropped}
+
+    async def _install(
+        self,
+        name: str,
+        key_type: str,
+        spec: InstallSpec,
+        versions: Sequence[DesiredVersion],
+        record: KeyRecord | None,
+    ) -> ApplyOutcome:
+        """Write the key's files from cached (verified) material; the caller holds the lock."""
+        needed = needed_versions(spec, versions)
+        held = []
+        for v in needed:
+            cached = self._materials.get((name, v.version))
+            if cached is None or cached[0] != v.digest:
+                return ApplyOutcome(AckStatus.FAILED, [], error=f"material of v{v.version} missing")
+            held.append(HeldVersion(v.version, str(v.state), v.primary, v.digest, cached[1]))
+        self._sweep_targets(spec, name, [v.version for v in versions])
+        previous = record.paths if record is not None else []
+        try:
+            return await self._installer.apply(name, key_type, spec, held, previous_paths=previous)
+        except ValueError as exc:  # an unknown key type or format reaches render()
+            return ApplyOutcome(AckStatus.FAILED, [], error=f"cannot install {name}: {exc}")
+
+    def _cached(self, name: str, version: DesiredVersion) -> bool:
+        cached = self._materials.get((name, version.version))
+        return cached is not None and cached[0] == version.digest
+
+    async def _remove_key(
+        self, record: KeyRecord, started: float, event_id: str | None, reason: str
+    ) -> set[int]:
+        async with self.lock:
+            current = await self._state.key(record.name)
+            if current is None:
+                return set()
+            return await self._remove_all(current, started, event_id, reason)
+
+    async def _remove_all(
+        self,
+        record: KeyRecord,
+        started: float,
+        event_id: str | None,
+        reason: str,
+        *,
+        note: str | None = None,
+    ) -> set[int]:
+        """Remove every file of a key and forget it; the caller holds the lock."""
+        outcome = await self._installer.remove(record.spec, record.paths)
+        versions = sorted(record.versions)
+        if outcome.status is AckStatus.FAILED:
+            log.error("key=%s host=%s removal failed: %s", record.name, self._host, outcome.error)
+            for version in versions:
+                await self._acks.ack(
+                    record.name,
+                    version,
+                    AckStatus.FAILED,
+                    started=started,
+                    event_id=event_id,
+                    error=outcome.error,
+                )
+            return set(versions)
+        await self._state.forget_key(record.name)
+        self._forget_materials(record.name)
+        log.info(
+            "removed key=%s versions=%s host=%s (%s)",
+            record.name,
+            versions,
+            self._host,
+            reason,
+        )
+        for version in versions:
+            await self._acks.ack(
+                record.name,
+                version,
+                AckStatus.REMOVED,
+                started=started,
+                hooks=outcome.hooks,
+                event_id=event_id,
+                error=note,
+            )
+        return set(versions)
+
+    def _forget_materials(self, name: str) -> None:
+        for cache_key in [k for k in self._materials if k[0] == name]:
+            del self._materials[cache_key]
+
+    async def revoke(
+        self, name: str, versions: Sequence[int], primary_version: int | None, event_id: str
+    ) -> None:
+        """Remove revoked/destroyed versions now, from the signed event alone (DESIGN §7)."""
+        started = time.monotonic()
+        revoked = set(versions)
+        self.tombstones.update((name, v) for v in revoked)
+        for version in revoked:
+            self._materials.pop((name, version), None)
+        async with self.lock:
+            record = await self._state.key(name)
+            if record is None:
+                return
+            hit = sorted(revoked & set(record.versions))
+            if not hit:
+                return
+            spec = record.spec
+            current = record.primary
+            if (
+                primary_version is not None
+                and primary_version in record.versions
+                and primary_version not in revoked
+            ):
+                new_primary: int | None = primary_version
+            elif current is not None and current.version not in revoked:
+                new_primary = current.version
+            else:
+                new_primary = None
+            remaining = [
+                replace(v, primary=v.version == new_primary)
+                for v in record.versions.values()
+                if v.version not in revoked
+            ]
+            single_file = (
+                not per_version_files(spec) and spec.format is not InstallFormat.KEYRING_JSON
+            )
+            outcome: ApplyOutcome | None
+            files = dict(record.files)
+            if single_file and current is not None and current.version not in revoked:
+                # The one file holds a version that stays: only the record changes.
+                remaining = [replace(v, primary=v.version == current.version) for v in remaining]
+                outcome = None
+            else:
+                outcome = await self._rewrite_locally(record, remaining, new_primary, hit)
+                if outcome is None or outcome.status is AckStatus.FAILED:
+                    await self._remove_all(record, started, event_id, "revoked")
+                    return
+                files = await asyncio.to_thread(hash_files, outcome.paths)
+            await self._state.put_key(
+                replace(
+                    record,
+                    versions={v.version: v for v in remaining},
+                    files=files,
+                    updated_at=self._clock(),
+                )
+            )
+            hooks = outcome.hooks if outcome is not None else []
+            log.info("key=%s host=%s revoked versions %s removed locally", name, self._host, hit)
+            for version in hit:
+                await self._acks.ack(
+                    name,
+                    version,
+                    AckStatus.REMOVED,
+                    started=started,
+                    hooks=hooks,
+                    event_id=event_id,
+                )
+
+    async def _rewrite_locally(
+        self,
+        record: KeyRecord,
+        remaining: Sequence[VersionRecord],
+        new_primary: int | None,
+        hit: Sequence[int],
+    ) -> ApplyOutcome | None:
+        """Rewrite a key's files without the revoked versions, with no help from the controller.
+
+        Returns None when that is impossible (material of a remaining version not at hand, or no
+        primary left); the caller then removes every file of the key (fail closed).
+        """
+        spec = record.spec
+        if not remaining:
+            return None
+        if per_version_files(spec):
+            paths = [
+                self._installer.host_path(spec.render_path(record.name, v, self._host)) for v in hit
+            ]
+            outcome = await self._installer.remove(spec, paths)
+            if outcome.status is AckStatus.FAILED:
+                return outcome
+            kept = [p for p in record.paths if p not in paths]
+            return ApplyOutcome(AckStatus.INSTALLED, kept, outcome.hooks)
+        if new_primary is None:
+            return None
+        needed = needed_versions(spec, remaining)
+        materials = await asyncio.to_thread(self._local_materials, record, needed)
+        if materials is None:
+            return None
+        held = [
+            HeldVersion(v.version, v.state, v.primary, v.digest, materials[v.version])
+            for v in needed
+        ]
+        try:
+            return await self._installer.apply(
+                record.name, record.key_type, spec, held, previous_paths=record.paths
+            )
+        except ValueError:
+            return None
+
+    def _local_materials(
+        self, record: KeyRecord, versions: Sequence[VersionRecord]
+    ) -> dict[int, bytes] | None:
+        """Material of ``versions`` from memory or the keyring file itself, digest-checked."""
+        out: dict[int, bytes] = {}
+        ring: dict[int, bytes] | None = None
+        for v in versions:
+            cached = self._materials.get((record.name, v.version))
+            if cached is not None and cached[0] == v.digest:
+                out[v.version] = cached[1]
+                continue
+            if record.spec.format is InstallFormat.KEYRING_JSON and ring is None:
+                ring = read_keyring(record.paths)
+            material = (ring or {}).get(v.version)
+            if material is None or material_digest(material) != v.digest:
+                return None
+            out[v.version] = material
+        return out
+
+    async def remove_stale_keys(
+        self, *, last_contact: float | None, default_max_staleness_s: int | None
+    ) -> list[str]:
+        """Remove keys whose max staleness passed without controller contact; return them."""
+        now = self._clock()
+        removed = []
+        for record in (await self._state.keys()).values():
+            if not is_stale(
+                record, last_contact=last_contact, now=now, default=default_max_staleness_s
+            ):
+                continue
+            age = now - (last_contact or now)
+            log.warning(
+                "key=%s host=%s is stale: no controller contact for %.0f s (limit %s s); "
+                "removing its files",
+                record.name,
+                self._host,
+                age,
+                staleness_limit(record, default_max_staleness_s),
+            )
+            await critical(self.remove_stale(record.name, age))
+            removed.append(record.name)
+        return removed
+
+    async def drop_everything(self, event_id: str) -> None:
+        """The host was revoked: remove every key (acked ``removed``) and forget all material."""
+        started = time.monotonic()
+
+        async def drop_all() -> None:
+            async with self.lock:
+                for record in (await self._state.keys()).values():
+                    await self._remove_all(record, started, event_id, "host revoked")
+                self._materials.clear()
+                await self._state.set_revoked(True)
+
+        await critical(drop_all())
+
+    async def remove_stale(self, name: str, age: float) -> None:
+        """Remove one stale key (acked ``removed`` with the reason)."""
+        started = time.monotonic()
+        async with self.lock:
+            record = await self._state.key(name)
+            if record is not None:
+                reason = f"stale: no controller contact for {age:.0f} s"
+                await self._remove_all(record, started, None, reason, note=reason)
+
+    def sweep_held(self, records: dict[str, KeyRecord]) -> None:
+        for record in records.values():
+            for path in record.paths:
+                self._sweep(path.parent)
+
+    def _sweep_targets(self, spec: InstallSpec, name: str, versions: Iterable[int]) -> None:
+        for version in versions:
+            path = self._installer.host_path(spec.render_path(name, version, self._host))
+            self._sweep(path.parent)
+
+    def _sweep(self, directory: Path) -> None:
+        """Remove temp files a crash left (once per directory per run; writes hold the lock)."""
+        if directory in self._swept:
+            return
+        self._swept.add(directory)
+        removed = sweep_temp_files(directory)
+        if removed:
+            log.warning("removed %d leftover temp file(s) in %s", len(removed), directory)
+
+    async def _fetch(
+        self, fetch: Fetcher, name: str, desired: DesiredVersion, trigger: Trigger | None
+    ) -> None:
+        """Fetch one version, unwrap it, and keep it only if it matches every digest named."""
+        reply = await fetch(FetchRequest(key=name, version=desired.version))
+        if reply.key != name or reply.version != desired.version:
+            raise ProtocolError(
+                f"fetch of {name} v{desired.version} was answered for {reply.key} v{reply.version}"
+            )
+        try:
+            blob = base64.b64decode(reply.wrapped, validate=True)
+        except (binascii.Error, ValueError):
+            raise IntegrityError(
+                f"wrapped material of {name} v{desired.version} is not base64"
+            ) from None
+        material = unwrap_for_agent(
+            self._wrapping,
+            blob,
+            key_name=name,
+            version=desired.version,
+            agent_id=self._host,
+        )
+        digest = material_digest(material)
+        expected = {desired.digest, reply.digest}
+        if trigger is not None and desired.version in trigger.digests:
+            expected.add(trigger.digests[desired.version])
+        if expected != {digest}:
+            raise IntegrityError(
+                f"material fetched for {name} v{desired.version} does not match the digest the "
+                "controller named; refusing to install it"
+            )
+        self._materials[(name, desired.version)] = (digest, material)
+        log.info(
+            "fetched key=%s version=%d digest=%s host=%s",
+            name,
+            desired.version,
+            digest,
+            self._host,
+        )
+
+
+def read_keyring(paths: Sequence[Path]) -> dict[int, bytes]:
+    """The versions of a ckms keyring file on disk (empty if it is missing or malformed)."""
+    for path in paths:
+        try:
+            ring = json.loads(path.read_bytes())
+            return {
+                int(entry["version"]): base64.b64decode(entry["material"], validate=True)
+                for entry in ring["versions"]
+            }
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+            continue
+    return {}

@@ -1,0 +1,159 @@
+"""Which verified events concern this host, and what the agent does with each."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from ckms.crypto import generate_signing_key, signing_public_key
+from ckms.protocol import (
+    EventType,
+    HostRevoked,
+    InstallSpec,
+    KeyCreated,
+    KeyDestroyed,
+    KeyPolicyChanged,
+    KeyRevoked,
+    KeyRotated,
+    KeyStateChanged,
+    KeyTargetsChanged,
+    Targets,
+    encode_event,
+    trust_keys,
+    verify_message,
+)
+from ckms_agent.backoff import Backoff
+from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
+
+SIGNER = generate_signing_key()
+TRUST = trust_keys([signing_public_key(SIGNER)])
+LABELS = {"env": "test", "role": "web"}
+WEB = Targets(selectors=({"env": "test", "role": "web"},))
+DB = Targets(selectors=({"env": "test", "role": "db"},))
+SPEC = InstallSpec(path="/keys/{name}.key")
+DIGEST = "sha256:" + "a" * 64
+
+
+def envelope(etype: EventType, data):
+    msg = encode_event(etype, data, seq=1, signing_key=SIGNER, at=datetime.now(UTC))
+    return verify_message(msg.value, list(msg.headers), TRUST)
+
+
+def decide(etype: EventType, data, *, held=frozenset(), desired=frozenset()):
+    return classify(
+        envelope(etype, data), host_id="web-1", labels=LABELS, held=held, desired=desired
+    )
+
+
+def rotated(targets: Targets) -> KeyRotated:
+    return KeyRotated(
+        key="a/b",
+        key_id="k1",
+        type="aes-256",
+        version=3,
+        primary=3,
+        state="Active",
+        digest=DIGEST,
+        targets=targets,
+        install=SPEC,
+    )
+
+
+def test_rotation_for_this_host_reconciles_with_the_named_digest() -> None:
+    d = decide(EventType.KEY_ROTATED, rotated(WEB))
+    assert (d.action, d.key, d.versions, dict(d.digests)) == (
+        EventAction.RECONCILE,
+        "a/b",
+        (3,),
+        {3: DIGEST},
+    )
+    assert decide(EventType.KEY_ROTATED, rotated(DB)).action is EventAction.IGNORE
+    # Held but no longer targeted: still reconciled (the sync will remove it).
+    assert decide(EventType.KEY_ROTATED, rotated(DB), held={"a/b"}).action is EventAction.RECONCILE
+    by_id = Targets(hosts=("web-1",), env="test")
+    assert decide(EventType.KEY_ROTATED, rotated(by_id)).action is EventAction.RECONCILE
+
+
+def test_revocations_remove_held_versions_from_the_event() -> None:
+    revoked = KeyRevoked(
+        key="a/b",
+        key_id="k1",
+        version=3,
+        from_state="Active",
+        to_state="Compromised",
+        reason="keyCompromise",
+        compromise=True,
+        primary=4,
+    )
+    d = decide(EventType.KEY_REVOKED, revoked, held={"a/b"})
+    assert (d.action, d.versions, d.primary_version) == (EventAction.REMOVE_VERSIONS, (3,), 4)
+    assert decide(EventType.KEY_REVOKED, revoked).action is EventAction.IGNORE
+    destroyed = KeyDestroyed(
+        key="a/b",
+        key_id="k1",
+        version=1,
+        from_state="Deactivated",
+        to_state="Destroyed",
+        digest=DIGEST,
+    )
+    d = decide(EventType.KEY_DESTROYED, destroyed, held={"a/b"})
+    assert (d.action, d.versions) == (EventAction.REMOVE_VERSIONS, (1,))
+
+
+def test_state_targets_and_policy_changes() -> None:
+    state = KeyStateChanged(
+        key="a/b", key_id="k1", version=2, from_state="PreActive", to_state="Active", primary=2
+    )
+    assert decide(EventType.KEY_STATE_CHANGED, state).action is EventAction.IGNORE
+    assert (
+        decide(EventType.KEY_STATE_CHANGED, state, desired={"a/b"}).action is EventAction.RECONCILE
+    )
+    targets = KeyTargetsChanged(key="a/b", key_id="k1", targets=WEB, install=SPEC)
+    assert decide(EventType.KEY_TARGETS_CHANGED, targets).action is EventAction.RECONCILE
+    away = KeyTargetsChanged(key="a/b", key_id="k1", targets=DB, install=SPEC)
+    assert decide(EventType.KEY_TARGETS_CHANGED, away, held={"a/b"}).action is EventAction.RECONCILE
+    assert decide(EventType.KEY_TARGETS_CHANGED, away).action is EventAction.IGNORE
+    policy = KeyPolicyChanged(key="a/b", key_id="k1", policy={"max_staleness_s": 60})
+    assert (
+        decide(EventType.KEY_POLICY_CHANGED, policy, held={"a/b"}).action is EventAction.RECONCILE
+    )
+    assert decide(EventType.KEY_POLICY_CHANGED, policy).action is EventAction.IGNORE
+
+
+def test_host_revocation_only_for_this_host() -> None:
+    assert decide(EventType.HOST_REVOKED, HostRevoked(host="web-1")).action is (
+        EventAction.HOST_REVOKED
+    )
+    assert decide(EventType.HOST_REVOKED, HostRevoked(host="web-2")).action is EventAction.IGNORE
+    assert EventType.ACK not in RELEVANT_TYPES
+
+
+def test_a_created_key_for_this_host_is_fetched_with_its_first_digest() -> None:
+    created = KeyCreated(
+        key="a/b",
+        key_id="k1",
+        type="aes-256",
+        usage=("encrypt",),
+        version=1,
+        state="Active",
+        digest=DIGEST,
+        primary=1,
+        policy={},
+        targets=WEB,
+        install=SPEC,
+    )
+    d = decide(EventType.KEY_CREATED, created)
+    assert (d.action, d.versions, dict(d.digests)) == (EventAction.RECONCILE, (1,), {1: DIGEST})
+    other = created.model_copy(update={"targets": DB})
+    assert decide(EventType.KEY_CREATED, other).action is EventAction.IGNORE
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap_and_resets() -> None:
+    low = Backoff(0.5, 30, rng=lambda: 0.0)
+    high = Backoff(0.5, 30, rng=lambda: 1.0)
+    lows = [low.next() for _ in range(10)]
+    highs = [high.next() for _ in range(10)]
+    assert highs[:4] == [0.5, 1.0, 2.0, 4.0] and highs[-1] == 30
+    assert lows[:3] == [0.25, 0.5, 1.0] and lows[-1] == 15
+    assert all(x > 0 for x in lows)
+    high.reset()
+    assert high.next() == 0.5 and high.failures == 1
