@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+import pytest_asyncio
 
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
+from ckms.store import Clock, utc_now
 
 PASSPHRASE = "correct horse battery staple for tests"
 
 
 @contextlib.asynccontextmanager
 async def running_controller(
-    home: Path, bootstrap: str, events_topic: str, acks_topic: str, **settings: object
+    home: Path,
+    bootstrap: str,
+    events_topic: str,
+    acks_topic: str,
+    *,
+    clock: Clock = utc_now,
+    **settings: object,
 ) -> AsyncIterator[Controller]:
     """Open, initialise (passphrase), unseal and run a controller; stop it cleanly on exit."""
     controller = Controller(
@@ -27,7 +36,8 @@ async def running_controller(
             acks_topic=acks_topic,
             partitions=3,
             **settings,  # type: ignore[arg-type]
-        )
+        ),
+        clock=clock,
     )
     await controller.open()
     assert controller.store is not None
@@ -43,3 +53,14 @@ async def running_controller(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await controller.close()
+
+
+@pytest_asyncio.fixture
+async def controller(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> AsyncIterator[Controller]:
+    """A running, unsealed controller with its own topics on the session Kafka."""
+    async with running_controller(
+        tmp_path / "controller", kafka_bootstrap, unique_topic("events"), unique_topic("acks")
+    ) as c:
+        yield c

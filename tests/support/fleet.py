@@ -1,0 +1,76 @@
+"""Test support: real agents enrolled with a real controller, run in-process or as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from ckms.controller.service import Controller
+from ckms_agent.config import AgentConfig, load_config
+from ckms_agent.daemon import Agent
+from ckms_agent.enroll import enroll
+
+FAST_AGENT = {
+    "CKMS_AGENT_HEARTBEAT_INTERVAL_S": "1",
+    "CKMS_AGENT_RECONNECT_BACKOFF_MIN_S": "0.1",
+    "CKMS_AGENT_RECONNECT_BACKOFF_MAX_S": "0.5",
+    "CKMS_AGENT_KAFKA_FETCH_MAX_WAIT_MS": "200",
+    "CKMS_AGENT_RPC_TIMEOUT_S": "10",
+}
+"""Environment overrides that make agents react quickly enough for tests."""
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+async def enroll_agent(
+    controller: Controller, base: Path, name: str, labels: dict[str, str]
+) -> Path:
+    """Create a token on the controller and enroll a real agent with it; return its config."""
+    token = await controller.hosts.create_token(name, labels, actor="alice")
+    config_path = base / name / "agent.toml"
+    await enroll(
+        controller_host="127.0.0.1",
+        controller_port=controller.port,
+        token=token.token,
+        host_key_fingerprint=controller.host_key_fingerprint,
+        state_dir=base / name / "state",
+        config_path=config_path,
+        root=base / name / "root",
+    )
+    return config_path
+
+
+def agent_config(config_path: Path, **env: str) -> AgentConfig:
+    """The agent's config as its daemon would load it, with the fast test overrides."""
+    return load_config(config_path, {**FAST_AGENT, **env})
+
+
+@contextlib.asynccontextmanager
+async def running_agent(config_path: Path, **env: str) -> AsyncIterator[Agent]:
+    """Run a real agent in this process until the block ends (a clean stop)."""
+    agent = Agent(agent_config(config_path, **env))
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
