@@ -191,8 +191,13 @@ def _free_port() -> int:
 
 
 def _new_cluster_id() -> str:
-    # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding. Like Kafka's
+    # Uuid.randomUuid(), never one that starts with '-': `kafka-storage format -t -xyz...` reads
+    # it as an option and fails (1 start in 64 otherwise).
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def _die_with_parent() -> None:

@@ -18,6 +18,7 @@ import asyncssh
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckms._kafka import TopicSpec
+from ckms.controller.admin_rpc import AdminService
 from ckms.controller.agent_rpc import AgentService
 from ckms.controller.fleet import AckConsumer
 from ckms.controller.hosts import HostRegistry
@@ -124,6 +125,8 @@ class Controller:
             topics=topics,
             clock=self.clock,
         )
+        self.admin = AdminService(self)
+        self.admin.register(self.rpc)
 
     @property
     def host_key_fingerprint(self) -> str:

@@ -36,6 +36,8 @@ class RpcErrorInfo(BaseModel):
     type: str
     message: str
     retriable: bool = False
+    request_id: str | None = None
+    """Set for ApprovalRequiredError: the approval request the refused call created."""
 
 
 def parse_request(command: str | None) -> tuple[str, dict[str, Any]]:
@@ -75,8 +77,13 @@ def ok_reply(result: BaseModel | dict[str, Any] | None) -> bytes:
 
 def error_reply(exc: CKMSError) -> bytes:
     """Encode a refusal line from a ckms error (its message is already free of secrets)."""
-    info = RpcErrorInfo(type=type(exc).__name__, message=str(exc), retriable=exc.retriable)
-    return canonical_json({"ok": False, "error": info.model_dump()}) + b"\n"
+    info = RpcErrorInfo(
+        type=type(exc).__name__,
+        message=str(exc),
+        retriable=exc.retriable,
+        request_id=getattr(exc, "request_id", None),
+    )
+    return canonical_json({"ok": False, "error": info.model_dump(exclude_none=True)}) + b"\n"
 
 
 def parse_reply(data: bytes) -> dict[str, Any]:
@@ -110,4 +117,6 @@ def error_from_info(info: RpcErrorInfo) -> CKMSError:
         exc = cls(info.message)
     except TypeError:
         exc = CKMSError(info.message)
+    if info.request_id is not None and isinstance(exc, errors.ApprovalRequiredError):
+        exc.request_id = info.request_id
     return exc

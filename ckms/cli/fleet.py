@@ -1,0 +1,61 @@
+"""``ckms fleet status``: which host holds which version, failures and drift first."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ckms.cli._common import JsonOption, conn
+from ckms.cli._errors import cli_errors
+from ckms.cli._render import age, console, print_json, table
+from ckms.protocol import admin as api
+
+app = typer.Typer(help="The fleet view: what each host acknowledged.", no_args_is_help=True)
+
+
+def _versions(host: api.FleetHost) -> str:
+    return ", ".join(f"v{v} {s}" for v, s in sorted(host.versions.items())) or "nothing acked"
+
+
+def _state(host: api.FleetHost) -> str:
+    if host.failed:
+        return "FAILED"
+    if host.drift:
+        return "DRIFT"
+    return "ok" if host.converged else "pending"
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Argument(help="One key (default: every key).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many hosts per key.", min=1)] = 1000,
+    as_json: JsonOption = False,
+) -> None:
+    """Per key: host x version x status x age, and how much of the fleet converged."""
+    with cli_errors():
+        reply = conn(ctx).call(
+            "fleet.status", api.FleetStatusParams(key=key, limit=limit), api.FleetStatusReply
+        )
+    if as_json:
+        print_json(reply)
+        return
+    out = console()
+    for fleet in reply.keys:
+        wanted = ", ".join(f"v{v}" for v in fleet.wanted_versions) or "none"
+        title = (
+            f"{fleet.key}: {fleet.converged}/{fleet.targeted} converged "
+            f"({fleet.converged_pct:g}%), {fleet.failed} failed, {fleet.drift} drift; "
+            f"primary v{fleet.primary_version or '-'}, distributing {wanted}"
+        )
+        out.print(title)
+        out.print(
+            table(
+                None,
+                ["host", "state", "versions", "age"],
+                [(h.host, _state(h), _versions(h), age(h.age_s)) for h in fleet.hosts],
+            )
+        )
+        if fleet.truncated:
+            out.print(f"... {fleet.truncated} more hosts (raise --limit)")

@@ -1,0 +1,512 @@
+"""``ckms key``: create, list, show, rotate, activate, suspend, resume, revoke, destroy, policy,
+targets, history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from ckms.cli._client import run
+from ckms.cli._common import JsonOption, conn, wait_converged
+from ckms.cli._errors import UsageError, cli_errors
+from ckms.cli._parse import (
+    parse_approvals,
+    parse_duration,
+    parse_format,
+    parse_key_type,
+    parse_mode,
+    parse_reason,
+    parse_targets,
+)
+from ckms.cli._render import age, console, err_console, print_json, table, until, when
+from ckms.errors import ConfigError
+from ckms.protocol import InstallSpec, Targets
+from ckms.protocol import admin as api
+
+app = typer.Typer(
+    help="Keys: create, rotate, revoke, destroy; policies and targets.", no_args_is_help=True
+)
+
+NameArg = Annotated[str, typer.Argument(help="Key name, team/purpose.", show_default=False)]
+VersionOpt = Annotated[int, typer.Option("--version", "-v", help="Version number.", min=1)]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (recorded in history).")]
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help="Label selector env=prod,role=web, or host:<id>. Repeat for more (OR).",
+    ),
+]
+EnvOpt = Annotated[
+    str | None, typer.Option("--env", help="The key's environment (hard guard on host env label).")
+]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="Wait until every targeted host acknowledged.")
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", help="Seconds to --wait before exiting 3.", min=0)
+]
+
+
+def _seconds(text: str | None, option: str) -> int | None:
+    return None if text is None else int(parse_duration(text, option=option).total_seconds())
+
+
+def _policy_patch(
+    cryptoperiod: str | None,
+    grace: str | None,
+    activation_delay: str | None,
+    max_staleness: str | None,
+    approvals: str | None,
+) -> api.PolicyPatch:
+    return api.PolicyPatch(
+        cryptoperiod_s=_seconds(cryptoperiod, "--cryptoperiod"),
+        grace_s=_seconds(grace, "--grace"),
+        activation_delay_s=_seconds(activation_delay, "--activation-delay"),
+        max_staleness_s=_seconds(max_staleness, "--max-staleness"),
+        approvals_required=None if approvals is None else parse_approvals(approvals),  # type: ignore[arg-type]
+    )
+
+
+def _install(
+    key_type: str | None,
+    path: str | None,
+    fmt: str | None,
+    owner: str | None,
+    group: str | None,
+    mode: str | None,
+    reload: str | None,
+    health: str | None,
+    current: InstallSpec | None = None,
+) -> InstallSpec | None:
+    """An install spec from options (None when no install option was given)."""
+    given = {
+        "path": path,
+        "format": None if fmt is None else parse_format(fmt),
+        "owner": owner,
+        "group": group,
+        "mode": None if mode is None else parse_mode(mode),
+        "reload": reload,
+        "health": health,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if current is None:
+        from ckms.controller.lifecycle import default_install
+
+        current = default_install(parse_key_type(key_type or "aes-256"))
+    try:
+        return InstallSpec.model_validate({**current.model_dump(exclude_none=True), **given})
+    except ValidationError as exc:
+        error = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"]) or "install"
+        msg = error["msg"].removeprefix("Value error, ")
+        raise UsageError(f"install spec {where}: {msg}") from None
+
+
+def _render_key(info: api.KeyInfo) -> None:
+    out = console()
+    out.print(f"[bold]{info.name}[/bold]  type {info.type}  usage {','.join(info.usage)}")
+    out.print(
+        f"primary v{info.primary_version if info.primary_version else '-'}  "
+        f"next rotation {when(info.next_rotation_at)} ({until(info.next_rotation_at)})  "
+        f"hosts targeted {info.hosts_targeted if info.hosts_targeted is not None else '-'}"
+    )
+    p = info.policy
+    out.print(
+        f"policy: cryptoperiod {age(p.cryptoperiod_s)}, grace {age(p.grace_s)}, activation "
+        f"delay {age(p.activation_delay_s)}, max staleness {age(p.max_staleness_s)}, "
+        f"approvals {','.join(p.approvals_required) or 'none'}"
+    )
+    env = f" (env {info.targets.env})" if info.targets.env else ""
+    out.print(f"targets: {' | '.join(info.targets.describe()) or 'none'}{env}")
+    out.print(f"install: {info.install.path} ({info.install.format}, mode {info.install.mode:04o})")
+    out.print(
+        table(
+            None,
+            ["version", "state", "primary", "created", "activated", "digest"],
+            [
+                (
+                    v.version,
+                    v.state,
+                    "*" if v.primary else "",
+                    when(v.created_at),
+                    when(v.activated_at),
+                    v.digest[:19] + "…",
+                )
+                for v in info.versions
+            ],
+        )
+    )
+
+
+def _changed(reply: api.KeyChangeReply, as_json: bool, verb: str) -> None:
+    if as_json:
+        print_json(reply)
+        return
+    key = reply.key
+    versions = ", ".join(f"v{v}" for v in reply.versions)
+    states = ", ".join(
+        f"v{v.version} {v.state}" for v in key.versions if v.version in reply.versions
+    )
+    typer.echo(
+        f"{verb} {key.name}{' ' + versions if versions else ''}" + (f": {states}" if states else "")
+    )
+
+
+def _after_change(
+    ctx: typer.Context,
+    method: str,
+    params: BaseModel,
+    *,
+    as_json: bool,
+    verb: str,
+    wait: bool = False,
+    timeout: float = 60.0,
+) -> None:
+    """Call ``method``; with ``wait``, then poll the fleet on the same connection."""
+    connection = conn(ctx)
+
+    async def go() -> None:
+        async with connection.session() as session:
+            reply = await session.call(method, params, api.KeyChangeReply)
+            _changed(reply, as_json, verb)
+            if wait:
+                fleet = await wait_converged(session, reply.key.name, timeout)
+                err_console().print(
+                    f"{reply.key.name}: all {fleet.targeted} targeted hosts converged"
+                )
+
+    run(go())
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    name: NameArg,
+    key_type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="aes-256, hmac-sha256, ed25519, ecdsa-p256, ecdsa-p384, rsa-3072, rsa-4096, "
+            "x25519 or secret.",
+        ),
+    ],
+    usage: Annotated[
+        str | None,
+        typer.Option("--usage", help="Usage mask, comma-separated (default: the type's)."),
+    ] = None,
+    target: TargetOpt = None,
+    env: EnvOpt = None,
+    cryptoperiod: Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")] = None,
+    grace: Annotated[
+        str | None, typer.Option(help="Keep a superseded version installed for (e.g. 30d).")
+    ] = None,
+    activation_delay: Annotated[
+        str | None,
+        typer.Option(help="Pre-distribute new versions for (e.g. 1h) before they become primary."),
+    ] = None,
+    max_staleness: Annotated[
+        str | None, typer.Option(help="Flag hosts that have not acknowledged for (e.g. 1d).")
+    ] = None,
+    approvals: Annotated[
+        str | None,
+        typer.Option(
+            help="Operations under dual control, comma-separated, or none "
+            "(default destroy,policy,role)."
+        ),
+    ] = None,
+    path: Annotated[
+        str | None,
+        typer.Option(help="Install path template ({team}, {purpose}, {name}, {version}, {host})."),
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="raw, base64, pem, openssh, jwk, keyring-json.")
+    ] = None,
+    owner: Annotated[str | None, typer.Option(help="File owner on the host.")] = None,
+    group: Annotated[str | None, typer.Option(help="File group on the host.")] = None,
+    mode: Annotated[str | None, typer.Option(help="File mode, octal (default 0600).")] = None,
+    reload: Annotated[str | None, typer.Option(help="Command run after install.")] = None,
+    health: Annotated[str | None, typer.Option(help="Health check run after reload.")] = None,
+    length: Annotated[int | None, typer.Option(help="Length of a 'secret' key.", min=1)] = None,
+    alphabet: Annotated[str | None, typer.Option(help="Alphabet of a 'secret' key.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a key with version 1."""
+    with cli_errors():
+        kt = parse_key_type(key_type)
+        _valid_name(name)
+        params = api.KeyCreateParams(
+            name=name,
+            type=str(kt),
+            usage=None
+            if usage is None
+            else tuple(u.strip() for u in usage.split(",") if u.strip()),
+            policy=_policy_patch(cryptoperiod, grace, activation_delay, max_staleness, approvals),
+            targets=parse_targets(target or [], env=env),
+            install=_install(str(kt), path, fmt, owner, group, mode, reload, health),
+            secret_length=length,
+            secret_alphabet=alphabet,
+        )
+        _after_change(ctx, "key.create", params, as_json=as_json, verb="created")
+
+
+def _valid_name(name: str) -> bool:
+    from ckms.controller.models import validate_key_name
+
+    try:
+        validate_key_name(name)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return True
+
+
+@app.command("list")
+def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List every key with its primary version and next rotation."""
+    with cli_errors():
+        reply = conn(ctx).call("key.list", None, api.KeyListReply)
+    if as_json:
+        print_json(reply)
+        return
+    console().print(
+        table(
+            None,
+            ["name", "type", "primary", "versions", "targets", "next rotation"],
+            [
+                (
+                    k.name,
+                    k.type,
+                    f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
+                    ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
+                    " | ".join(k.targets) or "-",
+                    until(k.next_rotation_at),
+                )
+                for k in reply.keys
+            ],
+        )
+    )
+
+
+@app.command("show")
+def show(ctx: typer.Context, name: NameArg, as_json: JsonOption = False) -> None:
+    """Show a key: policy, targets, install spec and versions."""
+    with cli_errors():
+        _valid_name(name)
+        reply = conn(ctx).call("key.show", api.KeyRef(name=name), api.KeyChangeReply)
+    if as_json:
+        print_json(reply.key)
+    else:
+        _render_key(reply.key)
+
+
+@app.command("history")
+def history(ctx: typer.Context, name: NameArg, as_json: JsonOption = False) -> None:
+    """Show every state transition of a key's versions (time, actor, reason)."""
+    with cli_errors():
+        _valid_name(name)
+        reply = conn(ctx).call("key.history", api.KeyRef(name=name), api.KeyHistoryReply)
+    if as_json:
+        print_json(reply)
+        return
+    console().print(
+        table(
+            None,
+            ["at", "version", "from", "to", "operation", "actor", "reason"],
+            [
+                (
+                    when(h.at),
+                    h.version,
+                    h.from_state or "-",
+                    h.to_state,
+                    h.operation,
+                    h.actor,
+                    h.reason,
+                )
+                for h in reply.history
+            ],
+        )
+    )
+
+
+@app.command("rotate")
+def rotate(
+    ctx: typer.Context,
+    name: NameArg,
+    reason: ReasonOpt = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a new version; with --wait, show hosts converging and exit 3 on timeout."""
+    with cli_errors():
+        _valid_name(name)
+        params = api.KeyRotateParams(name=name, reason=reason)
+        _after_change(
+            ctx, "key.rotate", params, as_json=as_json, verb="rotated", wait=wait, timeout=timeout
+        )
+
+
+def _version_command(verb: str, past: str, doc: str) -> None:
+    def command(
+        ctx: typer.Context,
+        name: NameArg,
+        version: VersionOpt,
+        reason: ReasonOpt = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        with cli_errors():
+            _valid_name(name)
+            params = api.KeyVersionParams(name=name, version=version, reason=reason)
+            _after_change(ctx, f"key.{verb}", params, as_json=as_json, verb=past)
+
+    command.__doc__ = doc
+    command.__name__ = verb
+    app.command(verb)(command)
+
+
+_version_command("activate", "activated", "PreActive → Active: make a version primary now.")
+_version_command("suspend", "suspended", "Active → Suspended (temporarily unusable).")
+_version_command("resume", "resumed", "Suspended → Active.")
+
+
+@app.command("revoke")
+def revoke(
+    ctx: typer.Context,
+    name: NameArg,
+    reason: Annotated[
+        str,
+        typer.Option(
+            "--reason",
+            help="KMIP reason: unspecified, keyCompromise, cACompromise, affiliationChanged, "
+            "superseded, cessationOfOperation or privilegeWithdrawn.",
+        ),
+    ],
+    version: Annotated[
+        int | None,
+        typer.Option(
+            "--version",
+            "-v",
+            help="One version (default: every version the reason applies to).",
+            min=1,
+        ),
+    ] = None,
+    message: Annotated[
+        str | None, typer.Option("--message", "-m", help="Free text recorded with the revocation.")
+    ] = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke a key (or one version): compromise reasons → Compromised, others → Deactivated."""
+    with cli_errors():
+        _valid_name(name)
+        params = api.KeyRevokeParams(
+            name=name, reason=parse_reason(reason), version=version, message=message
+        )
+        _after_change(
+            ctx, "key.revoke", params, as_json=as_json, verb="revoked", wait=wait, timeout=timeout
+        )
+
+
+@app.command("destroy")
+def destroy(
+    ctx: typer.Context,
+    name: NameArg,
+    version: VersionOpt,
+    reason: ReasonOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Wipe a version's material (metadata stays); dual control by default."""
+    with cli_errors():
+        _valid_name(name)
+        if not yes and not typer.confirm(
+            f"Destroy {name} version {version}? This cannot be undone"
+        ):
+            raise typer.Exit(1)
+        params = api.KeyVersionParams(name=name, version=version, reason=reason)
+        _after_change(ctx, "key.destroy", params, as_json=as_json, verb="destroyed")
+
+
+@app.command("policy")
+def policy(
+    ctx: typer.Context,
+    name: NameArg,
+    cryptoperiod: Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")] = None,
+    grace: Annotated[
+        str | None, typer.Option(help="Keep a superseded version for (e.g. 30d).")
+    ] = None,
+    activation_delay: Annotated[
+        str | None, typer.Option(help="Pre-distribution time (e.g. 1h).")
+    ] = None,
+    max_staleness: Annotated[
+        str | None, typer.Option(help="Host staleness limit (e.g. 1d).")
+    ] = None,
+    approvals: Annotated[
+        str | None, typer.Option(help="Operations under dual control, comma-separated, or none.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a key's policy, or change it (dual control by default)."""
+    with cli_errors():
+        _valid_name(name)
+        patch = _policy_patch(cryptoperiod, grace, activation_delay, max_staleness, approvals)
+        if patch.empty:
+            reply = conn(ctx).call("key.show", api.KeyRef(name=name), api.KeyChangeReply)
+            if as_json:
+                print_json(reply.key.policy)
+            else:
+                _render_key(reply.key)
+            return
+        params = api.KeyPolicyParams(name=name, policy=patch)
+        _after_change(ctx, "key.policy", params, as_json=as_json, verb="changed the policy of")
+
+
+@app.command("targets")
+def targets(
+    ctx: typer.Context,
+    name: NameArg,
+    target: TargetOpt = None,
+    env: EnvOpt = None,
+    path: Annotated[str | None, typer.Option(help="New install path template.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="New install format.")] = None,
+    owner: Annotated[str | None, typer.Option(help="New file owner.")] = None,
+    group: Annotated[str | None, typer.Option(help="New file group.")] = None,
+    mode: Annotated[str | None, typer.Option(help="New file mode, octal.")] = None,
+    reload: Annotated[str | None, typer.Option(help="New reload command.")] = None,
+    health: Annotated[str | None, typer.Option(help="New health check.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a key's targets, or replace them (and optionally its install spec)."""
+    with cli_errors():
+        _valid_name(name)
+        connection = conn(ctx)
+        install_given = any(v is not None for v in (path, fmt, owner, group, mode, reload, health))
+        if not target and env is None and not install_given:
+            reply = connection.call("key.show", api.KeyRef(name=name), api.KeyChangeReply)
+            if as_json:
+                print_json(
+                    {
+                        "targets": reply.key.targets.model_dump(mode="json"),
+                        "install": reply.key.install.model_dump(mode="json"),
+                    }
+                )
+            else:
+                typer.echo(" | ".join(reply.key.targets.describe()) or "none")
+            return
+        current = connection.call("key.show", api.KeyRef(name=name), api.KeyChangeReply).key
+        new_targets: Targets = (
+            parse_targets(target, env=env if env is not None else current.targets.env)
+            if target
+            else parse_targets(current.targets.describe(), env=env)
+        )
+        install = _install(
+            current.type, path, fmt, owner, group, mode, reload, health, current.install
+        )
+        params = api.KeyTargetsParams(name=name, targets=new_targets, install=install)
+        _after_change(ctx, "key.targets", params, as_json=as_json, verb="retargeted")

@@ -1,0 +1,268 @@
+"""Dual-control requests: an operation one person asked for, waiting for a second person.
+
+A request row (table ``approvals``) stores the operation (an admin RPC method such as
+``key.destroy``), its validated parameters, the requester and an expiry (24 h by default).
+Its ``state`` moves ``pending`` → ``approved`` (claimed by an approver, operation running) →
+``executed``; or ``pending`` → ``rejected`` / ``expired``. If the approved operation is then
+refused (say the version changed state meanwhile) the request goes back to ``pending`` and the
+refusal is recorded, so it can be approved again once fixed, rejected, or left to expire.
+Every decision is appended to the row's ``approvals`` JSON list (who, when, what, outcome).
+
+Claiming is one conditional UPDATE, so two approvers racing cannot both run the operation. A
+process that dies between claiming and finishing leaves the request ``approved``: it is shown
+as such and is not run again automatically (the audit log says whether the operation ran).
+
+The rules that need people (who may request, who may approve, never one's own request) live
+in :mod:`ckms.controller.admin_rpc`; this module only keeps the rows and their audit records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ckms.errors import NotFoundError, PermissionDeniedError, PolicyError
+from ckms.store import Clock, Store, format_time, parse_time, utc_now
+from ckms.store import audit as audit_log
+
+__all__ = ["DEFAULT_APPROVAL_TTL", "ApprovalBook", "ApprovalRequest"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_APPROVAL_TTL = timedelta(hours=24)
+
+
+class ApprovalRequest(BaseModel):
+    """One request row."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    operation: str
+    object: str
+    params: dict[str, Any]
+    requester: str
+    created_at: datetime
+    expires_at: datetime
+    state: str
+    decisions: tuple[dict[str, Any], ...] = ()
+
+    def expired_at(self, now: datetime) -> bool:
+        """True when the request can no longer be approved at ``now``."""
+        return self.state == "expired" or (self.state == "pending" and now >= self.expires_at)
+
+
+def _request(row: Any) -> ApprovalRequest:
+    stored = json.loads(row["params"])
+    return ApprovalRequest(
+        id=row["id"],
+        operation=row["operation"],
+        object=stored.get("object", ""),
+        params=stored.get("params", {}),
+        requester=row["requester"],
+        created_at=parse_time(row["created_at"]),
+        expires_at=parse_time(row["expires_at"]),
+        state=row["state"],
+        decisions=tuple(json.loads(row["approvals"])),
+    )
+
+
+class ApprovalBook:
+    """The ``approvals`` table on an injected clock."""
+
+    def __init__(
+        self, store: Store, *, clock: Clock = utc_now, ttl: timedelta = DEFAULT_APPROVAL_TTL
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.ttl = ttl
+
+    async def create(
+        self, operation: str, params: dict[str, Any], *, requester: str, object: str, role: str
+    ) -> ApprovalRequest:
+        """Store a pending request (audited as ``request.create``) and return it."""
+        now = self._clock()
+        request_id = "r-" + secrets.token_hex(5)
+        expires = now + self.ttl
+        async with self._store.write() as tx:
+            await tx.execute(
+                "INSERT INTO approvals(id, operation, params, requester, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    operation,
+                    json.dumps({"object": object, "params": params}, sort_keys=True),
+                    requester,
+                    format_time(now),
+                    format_time(expires),
+                ),
+            )
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=requester,
+                action="request.create",
+                object=object,
+                details={
+                    "request": request_id,
+                    "operation": operation,
+                    "role": role,
+                    "expires_at": format_time(expires),
+                },
+            )
+            row = await tx.fetchone("SELECT * FROM approvals WHERE id = ?", (request_id,))
+        log.info("%s requested %s on %s (request %s)", requester, operation, object, request_id)
+        return _request(row)
+
+    async def get(self, request_id: str) -> ApprovalRequest:
+        """Return one request, or raise NotFoundError."""
+        row = await self._store.fetchone("SELECT * FROM approvals WHERE id = ?", (request_id,))
+        if row is None:
+            raise NotFoundError(f"no request {request_id!r}")
+        return _request(row)
+
+    async def list(self, *, include_done: bool = False) -> list[ApprovalRequest]:
+        """Pending (and approved-but-unfinished) requests, or all of them; newest first."""
+        where = "" if include_done else "WHERE state IN ('pending', 'approved')"
+        rows = await self._store.fetchall(
+            f"SELECT * FROM approvals {where} ORDER BY created_at DESC, id"  # noqa: S608
+        )
+        return [_request(r) for r in rows]
+
+    async def count_pending(self) -> int:
+        """How many requests wait for approval and have not expired."""
+        value = await self._store.fetchval(
+            "SELECT count(*) FROM approvals WHERE state = 'pending' AND expires_at > ?",
+            (format_time(self._clock()),),
+        )
+        return int(value or 0)
+
+    async def claim(self, request_id: str, *, approver: str, role: str) -> ApprovalRequest:
+        """Mark a pending request approved by ``approver`` so exactly one caller runs it.
+
+        Refuses the requester's own approval (PermissionDeniedError), a request that is not
+        pending (PolicyError), and an expired one (PolicyError; the row becomes ``expired``).
+        Approvals and expiries are audited here; the refusal of one's own request is audited
+        by the RPC server's refusal hook.
+        """
+        now = self._clock()
+        request = await self.get(request_id)
+        if request.requester == approver:
+            raise PermissionDeniedError(
+                f"{approver} requested {request_id}; a different admin or custodian must approve"
+            )
+        if request.state != "pending":
+            raise PolicyError(f"request {request_id} is {request.state}, not pending")
+        if request.expired_at(now):
+            async with self._store.write() as tx:
+                changed = await tx.execute(
+                    "UPDATE approvals SET state = 'expired' WHERE id = ? AND state = 'pending'",
+                    (request_id,),
+                )
+                if changed:
+                    await audit_log.append(
+                        tx,
+                        now=now,
+                        actor=approver,
+                        action="request.approve",
+                        object=request.object,
+                        outcome="refused",
+                        details={
+                            "request": request_id,
+                            "operation": request.operation,
+                            "error": "expired",
+                            "expires_at": format_time(request.expires_at),
+                        },
+                    )
+            raise PolicyError(
+                f"request {request_id} expired at {format_time(request.expires_at)}; "
+                "ask the requester to make it again"
+            )
+        decision = {"by": approver, "role": role, "at": format_time(now), "decision": "approve"}
+        async with self._store.write() as tx:
+            changed = await tx.execute(
+                "UPDATE approvals SET state = 'approved', approvals = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (json.dumps([*request.decisions, decision], sort_keys=True), request_id),
+            )
+            if not changed:
+                raise PolicyError(f"request {request_id} was decided by someone else meanwhile")
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=approver,
+                action="request.approve",
+                object=request.object,
+                details={
+                    "request": request_id,
+                    "operation": request.operation,
+                    "requester": request.requester,
+                },
+            )
+        return await self.get(request_id)
+
+    async def finish(
+        self, request_id: str, *, actor: str, error: str | None = None
+    ) -> ApprovalRequest:
+        """Record how a claimed request's operation ended: executed, or back to pending."""
+        now = self._clock()
+        request = await self.get(request_id)
+        decisions = [dict(d) for d in request.decisions]
+        if decisions:
+            decisions[-1]["outcome"] = "executed" if error is None else "failed"
+            if error is not None:
+                decisions[-1]["error"] = error[:500]
+        state = "executed" if error is None else "pending"
+        async with self._store.write() as tx:
+            await tx.execute(
+                "UPDATE approvals SET state = ?, approvals = ? WHERE id = ? AND state = 'approved'",
+                (state, json.dumps(decisions, sort_keys=True), request_id),
+            )
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="request.execute",
+                object=request.object,
+                outcome="ok" if error is None else "failed",
+                details={"request": request_id, "operation": request.operation, "error": error},
+            )
+        return await self.get(request_id)
+
+    async def reject(
+        self, request_id: str, *, by: str, role: str, reason: str | None
+    ) -> ApprovalRequest:
+        """Reject a pending request (its requester may withdraw it the same way)."""
+        now = self._clock()
+        request = await self.get(request_id)
+        if request.state != "pending":
+            raise PolicyError(f"request {request_id} is {request.state}, not pending")
+        decision = {
+            "by": by,
+            "role": role,
+            "at": format_time(now),
+            "decision": "withdraw" if by == request.requester else "reject",
+            "reason": reason,
+        }
+        async with self._store.write() as tx:
+            changed = await tx.execute(
+                "UPDATE approvals SET state = 'rejected', approvals = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (json.dumps([*request.decisions, decision], sort_keys=True), request_id),
+            )
+            if not changed:
+                raise PolicyError(f"request {request_id} was decided by someone else meanwhile")
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=by,
+                action="request.reject",
+                object=request.object,
+                details={"request": request_id, "operation": request.operation, "reason": reason},
+            )
+        return await self.get(request_id)

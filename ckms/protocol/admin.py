@@ -1,0 +1,611 @@
+"""Typed parameters and replies of the operator (admin) RPC behind the ``ckms`` CLI.
+
+Methods are named ``noun.verb`` (``key.rotate``, ``host.enroll``, ``request.approve``) plus the
+bare ``status``, ``unseal`` and ``seal``. The controller validates every request against the
+``*Params`` model of its method and answers with the matching reply model; the CLI parses replies
+with the same models, so both sides agree on one shape. Durations travel as whole seconds,
+times as RFC 3339 UTC. No reply ever carries key material; the only secret a reply carries is
+the one-time enrollment token of ``host.enroll``, shown once.
+"""
+
+from __future__ import annotations
+
+import shlex
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ckms.protocol._events import HostId, KeyName
+from ckms.protocol._keyspec import InstallSpec, KeyState, RevocationReason, Targets
+
+__all__ = [
+    "APPROVAL_OPERATIONS",
+    "OPERATOR_ROLES",
+    "ApproveReply",
+    "AuditExportParams",
+    "AuditExportReply",
+    "AuditRecordInfo",
+    "AuditTailParams",
+    "AuditTailReply",
+    "AuditVerifyReply",
+    "DueEntry",
+    "Empty",
+    "FleetHost",
+    "FleetStatusParams",
+    "FleetStatusReply",
+    "HistoryEntry",
+    "HostEnrollParams",
+    "HostEnrollReply",
+    "HostInfo",
+    "HostLabelParams",
+    "HostListReply",
+    "HostRef",
+    "KafkaStatus",
+    "KeyChangeReply",
+    "KeyCreateParams",
+    "KeyFleet",
+    "KeyHistoryReply",
+    "KeyInfo",
+    "KeyListReply",
+    "KeyPolicyParams",
+    "KeyRef",
+    "KeyRevokeParams",
+    "KeyRotateParams",
+    "KeySummary",
+    "KeyTargetsParams",
+    "KeyVersionParams",
+    "OperatorAddParams",
+    "OperatorInfo",
+    "OperatorListReply",
+    "OperatorRef",
+    "OperatorReply",
+    "PolicyInfo",
+    "PolicyPatch",
+    "RequestInfo",
+    "RequestListParams",
+    "RequestListReply",
+    "RequestRef",
+    "RequestRejectParams",
+    "SealReply",
+    "StatusReply",
+    "UnsealParams",
+    "VersionInfo",
+    "agent_enroll_command",
+]
+
+OPERATOR_ROLES = ("admin", "operator", "custodian", "auditor")
+"""Roles an operator can hold (``agent`` and ``enroll`` belong to hosts, never to people)."""
+
+APPROVAL_OPERATIONS = (
+    "create",
+    "rotate",
+    "activate",
+    "suspend",
+    "resume",
+    "revoke",
+    "destroy",
+    "policy",
+    "targets",
+    "role",
+)
+"""Operations a key policy can put under dual control (``role``: operator changes)."""
+
+Role = Literal["admin", "operator", "custodian", "auditor"]
+OperatorName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,63}$")]
+RequestId = Annotated[str, Field(pattern=r"^[a-z0-9-]{4,40}$")]
+Text = Annotated[str, Field(max_length=1000)]
+Seconds = Annotated[int, Field(ge=0, le=100 * 366 * 86400)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Reply(BaseModel):
+    # Replies ignore unknown fields so a newer controller can add some without breaking a CLI.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+
+class Empty(_Model):
+    """No parameters."""
+
+
+class UnsealParams(_Model):
+    """Exactly one of a custodian's SLIP-39 share or the passphrase."""
+
+    share: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    passphrase: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> UnsealParams:
+        if (self.share is None) == (self.passphrase is None):
+            raise ValueError("give exactly one of share or passphrase")
+        return self
+
+
+class PolicyPatch(_Model):
+    """Policy fields to set; unset fields keep the current (or the type's default) value."""
+
+    cryptoperiod_s: Seconds | None = None
+    grace_s: Seconds | None = None
+    activation_delay_s: Seconds | None = None
+    max_staleness_s: Seconds | None = None
+    approvals_required: tuple[Literal[APPROVAL_OPERATIONS], ...] | None = None  # type: ignore[valid-type]
+
+    @property
+    def empty(self) -> bool:
+        """True when the patch changes nothing."""
+        return all(v is None for v in self.model_dump().values())
+
+
+class KeyRef(_Model):
+    """One key by name."""
+
+    name: KeyName
+
+
+class KeyCreateParams(_Model):
+    """A new key: name, type and optionally usage, policy, targets, install spec."""
+
+    name: KeyName
+    type: Annotated[str, Field(max_length=32)]
+    usage: tuple[Annotated[str, Field(max_length=32)], ...] | None = None
+    policy: PolicyPatch = PolicyPatch()
+    targets: Targets = Targets()
+    install: InstallSpec | None = None
+    secret_length: Annotated[int, Field(ge=1, le=4096)] | None = None
+    secret_alphabet: Annotated[str, Field(min_length=2, max_length=256)] | None = None
+
+
+class KeyRotateParams(_Model):
+    """Add a version to a key."""
+
+    name: KeyName
+    reason: Text | None = None
+
+
+class KeyVersionParams(_Model):
+    """A per-version transition (activate, suspend, resume, destroy)."""
+
+    name: KeyName
+    version: Annotated[int, Field(ge=1)]
+    reason: Text | None = None
+
+
+class KeyRevokeParams(_Model):
+    """Revoke one version, or every version the reason applies to."""
+
+    name: KeyName
+    reason: RevocationReason
+    version: Annotated[int, Field(ge=1)] | None = None
+    message: Text | None = None
+
+
+class KeyPolicyParams(_Model):
+    """Change a key's policy."""
+
+    name: KeyName
+    policy: PolicyPatch
+
+
+class KeyTargetsParams(_Model):
+    """Replace a key's targets (and optionally its install spec)."""
+
+    name: KeyName
+    targets: Targets
+    install: InstallSpec | None = None
+
+
+class HostEnrollParams(_Model):
+    """Make a one-time enrollment token for a host."""
+
+    name: HostId
+    labels: dict[str, str] = Field(default_factory=dict)
+    ttl_s: Annotated[int, Field(ge=1, le=7 * 86400)] = 3600
+
+
+class HostRef(_Model):
+    """One host by id."""
+
+    name: HostId
+
+
+class HostLabelParams(_Model):
+    """Change a host's labels: set some, unset some, or replace them all."""
+
+    name: HostId
+    set: dict[str, str] = Field(default_factory=dict)
+    unset: tuple[str, ...] = ()
+    replace: bool = False
+
+
+class FleetStatusParams(_Model):
+    """Fleet view of one key, or of every key; at most ``limit`` host rows per key."""
+
+    key: KeyName | None = None
+    limit: Annotated[int, Field(ge=1, le=20000)] = 1000
+
+
+class AuditTailParams(_Model):
+    """The last ``count`` audit records."""
+
+    count: Annotated[int, Field(ge=1, le=1000)] = 20
+
+
+class AuditExportParams(_Model):
+    """One page of the export: records ``start`` .. ``upto`` (fixed by the first page)."""
+
+    start: Annotated[int, Field(ge=0)] = 0
+    upto: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[int, Field(ge=1, le=5000)] = 2000
+
+
+class OperatorAddParams(_Model):
+    """A new operator: name, role and their SSH public key (OpenSSH one-line form)."""
+
+    name: OperatorName
+    role: Role
+    ssh_public_key: Annotated[str, Field(min_length=16, max_length=16384)]
+
+
+class OperatorRef(_Model):
+    """One operator by name."""
+
+    name: OperatorName
+
+
+class RequestListParams(_Model):
+    """Pending requests, or every request with ``all``."""
+
+    all: bool = False
+
+
+class RequestRef(_Model):
+    """One approval request by id."""
+
+    id: RequestId
+
+
+class RequestRejectParams(_Model):
+    """Reject (or, for its requester, withdraw) a pending request."""
+
+    id: RequestId
+    reason: Text | None = None
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+class PolicyInfo(_Reply):
+    """A key's policy, durations in seconds."""
+
+    cryptoperiod_s: int
+    grace_s: int
+    activation_delay_s: int
+    max_staleness_s: int
+    approvals_required: tuple[str, ...]
+
+
+class VersionInfo(_Reply):
+    """One version of a key (never its material)."""
+
+    version: int
+    state: KeyState
+    primary: bool
+    digest: str
+    has_material: bool
+    created_at: datetime
+    created_by: str
+    state_changed_at: datetime
+    activation_at: datetime | None = None
+    activated_at: datetime | None = None
+    superseded_at: datetime | None = None
+    deactivated_at: datetime | None = None
+    compromised_at: datetime | None = None
+    destroyed_at: datetime | None = None
+    revocation_reason: str | None = None
+    revocation_message: str | None = None
+
+
+class KeyInfo(_Reply):
+    """A key with its policy, targets, install spec and versions."""
+
+    name: str
+    type: str
+    usage: tuple[str, ...]
+    policy: PolicyInfo
+    targets: Targets
+    install: InstallSpec
+    primary_version: int | None
+    created_at: datetime
+    created_by: str
+    updated_at: datetime
+    versions: tuple[VersionInfo, ...]
+    next_rotation_at: datetime | None = None
+    hosts_targeted: int | None = None
+
+
+class KeySummary(_Reply):
+    """One line of ``key list``."""
+
+    name: str
+    type: str
+    primary_version: int | None
+    primary_state: str | None
+    versions: int
+    states: dict[str, int]
+    targets: tuple[str, ...]
+    next_rotation_at: datetime | None = None
+    updated_at: datetime
+
+
+class KeyListReply(_Reply):
+    """Every key."""
+
+    keys: tuple[KeySummary, ...]
+
+
+class KeyChangeReply(_Reply):
+    """The key after a change, and the versions the change touched."""
+
+    key: KeyInfo
+    versions: tuple[int, ...] = ()
+
+
+class HistoryEntry(_Reply):
+    """One state transition of one version."""
+
+    version: int
+    from_state: str | None
+    to_state: str
+    operation: str
+    at: datetime
+    actor: str
+    reason: str | None = None
+
+
+class KeyHistoryReply(_Reply):
+    """Every transition of a key's versions, oldest first."""
+
+    key: str
+    history: tuple[HistoryEntry, ...]
+
+
+class HostInfo(_Reply):
+    """An enrolled host as the controller sees it."""
+
+    id: str
+    labels: dict[str, str]
+    enrolled_at: datetime | None
+    revoked: bool
+    last_seen_at: datetime | None = None
+    stale: bool = False
+    wrap_suite: str | None = None
+    keys: tuple[str, ...] = ()
+
+
+class HostListReply(_Reply):
+    """Every host."""
+
+    hosts: tuple[HostInfo, ...]
+
+
+class HostEnrollReply(_Reply):
+    """A one-time token (shown once) and what the agent must pin."""
+
+    host: str
+    labels: dict[str, str]
+    token: str = Field(repr=False)
+    expires_at: datetime
+    host_key_fingerprint: str
+    listen: str
+
+
+class FleetHost(_Reply):
+    """One targeted host's standing for one key."""
+
+    host: str
+    versions: dict[int, str]
+    converged: bool
+    failed: bool
+    drift: bool
+    digests_ok: bool
+    updated_at: datetime | None = None
+    age_s: float | None = None
+    latency_ms: float | None = None
+
+
+class KeyFleet(_Reply):
+    """The fleet view of one key: failures and drift first, then pending, then converged."""
+
+    key: str
+    primary_version: int | None
+    wanted_versions: tuple[int, ...]
+    targeted: int
+    converged: int
+    failed: int
+    drift: int
+    converged_pct: float
+    hosts: tuple[FleetHost, ...]
+    truncated: int = 0
+
+    @property
+    def not_converged(self) -> list[str]:
+        """Hosts that have not acknowledged what they should hold."""
+        return [h.host for h in self.hosts if not h.converged]
+
+
+class FleetStatusReply(_Reply):
+    """The fleet view of one key or all keys."""
+
+    keys: tuple[KeyFleet, ...]
+
+
+class KafkaStatus(_Reply):
+    """The publisher's and ack consumer's view of Kafka."""
+
+    bootstrap: str
+    connected: bool
+    published: int
+    failures: int
+    last_error: str | None = None
+    backlog: int
+    acks_applied: int
+    acks_dropped: dict[str, int] = Field(default_factory=dict)
+
+
+class DueEntry(_Reply):
+    """A version whose rotation is due at ``due_at``."""
+
+    key: str
+    version: int
+    due_at: datetime
+
+
+class StatusReply(_Reply):
+    """Health of the controller: sealing, Kafka, due work, stale hosts, pending requests."""
+
+    now: datetime
+    initialized: bool
+    sealed: bool
+    mode: str | None = None
+    threshold: int | None = None
+    shares_given: int = 0
+    signer_key_id: str | None = None
+    signing_public_key: str | None = None
+    host_key_fingerprint: str
+    listen: str
+    kafka: KafkaStatus
+    keys: int
+    hosts: int
+    hosts_revoked: int
+    rotations_due: tuple[DueEntry, ...] = ()
+    """Rotations due within 30 days (overdue ones included), soonest first."""
+    due_counts: dict[str, int] = Field(default_factory=dict)
+    """Cumulative counts: ``overdue``, ``1d``, ``7d``, ``30d``."""
+    activations_due: int = 0
+    deactivations_due: int = 0
+    stale_hosts: tuple[str, ...] = ()
+    pending_requests: int = 0
+
+
+class SealReply(_Reply):
+    """Sealing state after ``unseal`` or ``seal``."""
+
+    sealed: bool
+    mode: str | None = None
+    threshold: int | None = None
+    given: int = 0
+
+
+class AuditRecordInfo(_Reply):
+    """One audit record."""
+
+    index: int
+    at: str
+    actor: str
+    action: str
+    object: str
+    outcome: str
+    details: dict[str, Any]
+    hash: str
+
+
+class AuditTailReply(_Reply):
+    """The newest audit records, oldest first."""
+
+    size: int
+    records: tuple[AuditRecordInfo, ...]
+
+
+class AuditVerifyReply(_Reply):
+    """The outcome of verifying the stored audit log."""
+
+    ok: bool
+    size: int
+    head_hash: str
+    checkpoints_verified: int
+    first_bad_index: int | None = None
+    bad_checkpoint_size: int | None = None
+    reason: str | None = None
+    checkpoint_size: int | None = None
+    """Size of the checkpoint signed just before verifying (None while sealed)."""
+
+
+class AuditExportReply(_Reply):
+    """One page of JSON lines; the last page ends with every checkpoint up to ``upto``."""
+
+    lines: tuple[str, ...]
+    upto: int
+    next_start: int | None = None
+
+
+class OperatorInfo(_Reply):
+    """An operator (a person), their role and key fingerprint."""
+
+    name: str
+    role: str
+    fingerprint: str
+    created_at: datetime
+    created_by: str
+    disabled: bool
+
+
+class OperatorListReply(_Reply):
+    """Every operator."""
+
+    operators: tuple[OperatorInfo, ...]
+
+
+class OperatorReply(_Reply):
+    """An operator after a change."""
+
+    operator: OperatorInfo
+
+
+class RequestInfo(_Reply):
+    """A dual-control request and its decisions."""
+
+    id: str
+    operation: str
+    object: str
+    params: dict[str, Any]
+    requester: str
+    created_at: datetime
+    expires_at: datetime
+    state: str
+    expired: bool = False
+    decisions: tuple[dict[str, Any], ...] = ()
+
+
+class RequestListReply(_Reply):
+    """Requests, newest first."""
+
+    requests: tuple[RequestInfo, ...]
+
+
+class ApproveReply(_Reply):
+    """An approved request and the reply of the operation it ran."""
+
+    request: RequestInfo
+    result: dict[str, Any]
+
+
+def agent_enroll_command(controller: str, token: str, fingerprint: str) -> str:
+    """The exact ``ckms-agent enroll`` command line an operator runs on the new host."""
+    return shlex.join(
+        [
+            "ckms-agent",
+            "enroll",
+            "--controller",
+            controller,
+            "--token",
+            token,
+            "--host-key-fingerprint",
+            fingerprint,
+        ]
+    )

@@ -1,0 +1,53 @@
+"""``controller.toml`` and ``CKMS_<FIELD>`` overrides: env > file > defaults, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckms.controller.home import load_settings, write_settings
+from ckms.controller.service import ControllerSettings
+from ckms.errors import AlreadyExistsError, ConfigError
+
+
+def test_written_settings_load_back_and_the_environment_wins(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    written = ControllerSettings(home=tmp_path, listen_port=2299, kafka_bootstrap="k:9092")
+    write_settings(path, written)
+    assert path.stat().st_mode & 0o077 == 0
+    assert load_settings(path, {}) == written
+    with pytest.raises(AlreadyExistsError):
+        write_settings(path, written)
+
+    env = {"CKMS_LISTEN_PORT": "2300", "CKMS_EVENTS_TOPIC": "t.events", "CKMS_USER": "alice"}
+    loaded = load_settings(path, env)
+    assert (loaded.listen_port, loaded.events_topic, loaded.kafka_bootstrap) == (
+        2300,
+        "t.events",
+        "k:9092",
+    )
+
+
+def test_a_relative_or_missing_home_is_the_files_directory(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "controller.toml"
+    path.parent.mkdir()
+    path.write_text('home = "data"\n')
+    assert load_settings(path, {}).home == (tmp_path / "etc" / "data").resolve()
+    path.write_text("listen_port = 1\n")
+    assert load_settings(path, {}).home == tmp_path / "etc"
+
+
+def test_bad_settings_name_the_field_and_where_it_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text("listen_port = 70000\n")
+    with pytest.raises(ConfigError, match=r"listen_port \(from .*controller.toml\)"):
+        load_settings(path, {})
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"partitions \(from CKMS_PARTITIONS\)"):
+        load_settings(path, {"CKMS_PARTITIONS": "many"})
+    path.write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_settings(path, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", {})
