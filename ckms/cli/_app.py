@@ -100,14 +100,15 @@ app.add_typer(dev.app, name="dev")
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the work directory (logs, host roots).")
+    ] = False,
+) -> None:
     """Run the end-to-end demo: Kafka, a controller, three agents, rotate, revoke, audit."""
-    typer.echo(
-        "ckms demo is not built yet: it needs the controller, the agent and the operator CLI "
-        "(see the README for what works today)",
-        err=True,
-    )
-    raise typer.Exit(1)
+    from ckms.demo import main as run_demo  # imported on use: it pulls in the whole stack
+
+    raise typer.Exit(run_demo(keep=keep))
 
 
 def main() -> None:

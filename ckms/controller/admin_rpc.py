@@ -710,13 +710,18 @@ class AdminService:
             }
             rows = []
             for s in await key_fleet_status(c.store, c.lifecycle, c.hosts, key.name):
-                reported = facts.get(s.host, {}).get("reported")
-                # Drift: the acks say the host is current, its last heartbeat says otherwise.
-                held = (
-                    None
-                    if reported is None
-                    else {(i["version"], i["digest"]) for i in reported if i.get("key") == key.name}
-                )
+                report = facts.get(s.host, {}).get("reported")
+                # Drift: the acks say the host is current, but a heartbeat sent after its last
+                # ack says it holds something else.
+                held = None
+                if report is not None and (
+                    s.updated_at is None or parse_time(report["at"]) > s.updated_at
+                ):
+                    held = {
+                        (i["version"], i["digest"])
+                        for i in report["installed"]
+                        if i.get("key") == key.name
+                    }
                 drift = s.converged and held is not None and held != wanted
                 rows.append(
                     api.FleetHost(

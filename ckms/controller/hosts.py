@@ -333,9 +333,12 @@ class HostRegistry:
                     "UPDATE hosts SET last_seen_at = ? WHERE id = ?", (format_time(now), host_id)
                 )
             else:
+                # The report carries its own time: drift is only judged on a report newer
+                # than the host's last ack (a heartbeat from before a rotation is not drift).
+                report = {"at": format_time(now), "installed": reported}
                 await tx.execute(
                     "UPDATE hosts SET last_seen_at = ?, reported = ? WHERE id = ?",
-                    (format_time(now), json.dumps(reported, sort_keys=True), host_id),
+                    (format_time(now), json.dumps(report, sort_keys=True), host_id),
                 )
 
     async def _require(self, r: Reader, host_id: str) -> Host:

@@ -13,15 +13,16 @@ init)
         [ -f "$CKMS_IDENTITY" ] || ssh-keygen -q -t ed25519 -N '' -C admin -f "$CKMS_IDENTITY"
         ckms init --home "$HOME_DIR" --passphrase-file "$PASSFILE" \
             --admin admin --admin-key "$CKMS_IDENTITY.pub" \
-            --kafka kafka:9092 --listen 0.0.0.0:2222
+            --kafka kafka:9092 --listen 0.0.0.0:2222 --json \
+            | python3 -c 'import json,sys; print(json.load(sys.stdin)["host_key_fingerprint"])' \
+            > "$SHARED/fingerprint"
     fi
     ;;
 enroll)
-    ckms-wait() { i=0; until ckms status >/dev/null 2>&1 || [ $? -eq 4 ]; do i=$((i+1)); [ $i -gt 60 ] && exit 1; sleep 1; done; }
-    export CKMS_CONTROLLER_FINGERPRINT="$(cat "$HOME_DIR/host_key_fingerprint")"
-    ckms-wait
+    wait_for_controller() { i=0; until ckms status >/dev/null 2>&1 || [ $? -eq 4 ]; do i=$((i+1)); [ $i -gt 60 ] && exit 1; sleep 1; done; }
+    export CKMS_CONTROLLER_FINGERPRINT="$(cat "$SHARED/fingerprint")"
+    wait_for_controller
     ckms unseal --passphrase-file "$PASSFILE" || true
-    echo "$CKMS_CONTROLLER_FINGERPRINT" > "$SHARED/fingerprint"
     for host in agent-1 agent-2; do
         [ -f "$SHARED/$host.token" ] && continue
         ckms host enroll "$host" --label env=demo --label role=web --json \
