@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,21 +16,18 @@ from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller, ControllerSettings
 from ckms.crypto import (
     generate_signing_key,
-    generate_wrapping_keypair,
-    signing_public_key,
-    signing_public_openssh,
 )
 from ckms.devkafka import LocalKafka
 from ckms.protocol import (
     Ack,
     AckStatus,
-    EnrollRequest,
     EventType,
     KeyCreated,
     KeyRevoked,
     RevocationReason,
     encode_event,
 )
+from tests.support.cli import enroll_host
 from tests.support.controller import PASSPHRASE, running_controller
 
 pytestmark = pytest.mark.kafka
@@ -173,24 +169,6 @@ async def _no_backlog(c: Controller) -> bool:
 
 
 # -- acks ------------------------------------------------------------------------------------
-
-
-async def enroll_host(c: Controller, name: str, labels: dict[str, str]) -> bytes:
-    """Enroll a host through the registry as the SSH handler would; return its signing key."""
-    token = await c.hosts.create_token(name, labels, actor="alice")
-    signing = generate_signing_key()
-    _wrap_private, wrap_public = generate_wrapping_keypair()
-    identity = signing_public_openssh(signing_public_key(signing))
-    await c.hosts.enroll(
-        EnrollRequest(
-            token=token.token,
-            identity_key=identity,
-            signing_key=base64.b64encode(signing_public_key(signing)).decode(),
-            wrapping_key=base64.b64encode(wrap_public).decode(),
-        ),
-        presented_key=identity,
-    )
-    return signing
 
 
 async def send_ack(c: Controller, signer: bytes, ack: Ack, seq: int) -> None:
