@@ -21,6 +21,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ckms demo
 
+## make bench: quick fleet benchmark (N=100, ckms vs SSH-push baseline) and idle agent footprint
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/footprint.py --duration 10
+
+## make faults: the fault suite against a real 3-node Kafka cluster (also part of make test)
+.PHONY: faults
+faults: $(STAMP)
+	$(BIN)/pytest tests/faults -m faults
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

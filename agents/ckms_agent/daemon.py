@@ -417,6 +417,8 @@ class Agent:
                     offsets=self.state.offset_store(),
                     start="earliest",
                     fetch_max_wait_ms=cfg.kafka_fetch_max_wait_ms,
+                    # An idle loop turn per long poll, not per second: records end the wait.
+                    poll_ms=cfg.kafka_fetch_max_wait_ms,
                     client_id=f"ckms-agent-{cfg.host_id}",
                 ) as subscriber:
                     self._subscriber = subscriber

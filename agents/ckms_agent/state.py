@@ -219,6 +219,11 @@ class AgentState:
         async with self._lock:
             conn = self._conn
             with _mapped(f"write to agent state {self.path} failed"):
+                if conn.in_transaction:
+                    # Left open by a task cancelled while its BEGIN was in flight: the statement
+                    # still ran in the connection's thread. Nothing in it was committed; drop it.
+                    log.warning("rolling back a transaction a cancelled task left open")
+                    await conn.execute("ROLLBACK")
                 await conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -233,8 +238,8 @@ class AgentState:
 
     async def _rows_locked(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
         with _mapped(f"read from agent state {self.path} failed"):
-            async with self._conn.execute(sql, tuple(params)) as cur:
-                return list(await cur.fetchall())
+            # One trip to the connection's thread, not three (execute, fetchall, close).
+            return list(await self._conn.execute_fetchall(sql, tuple(params)))
 
     # -- meta ---------------------------------------------------------------------------------
 
@@ -357,8 +362,8 @@ class AgentState:
     ) -> int:
         """Take the next ack seq, sign the ack with it (``build``) and queue it, atomically."""
         async with self._tx() as conn:
-            async with conn.execute("SELECT value FROM meta WHERE name = 'ack_seq'") as cur:
-                row = await cur.fetchone()
+            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE name = 'ack_seq'")
+            row = next(iter(rows), None)
             seq = (int(row[0]) if row else 0) + 1
             message = build(seq)
             headers = json.dumps([[k, base64.b64encode(v).decode()] for k, v in message.headers])

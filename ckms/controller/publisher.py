@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ckms._kafka import TopicSpec, ensure_topics
+from ckms._kafka import TopicSpec, abort_producer, ensure_topics, wait_delivered
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
 from ckms.errors import CKMSError
@@ -58,6 +58,7 @@ class OutboxPublisher:
         batch_size: int = 500,
         poll_s: float = 0.5,
         backoff_max_s: float = 10.0,
+        delivery_timeout_s: float = 20.0,
     ) -> None:
         self._store = store
         self._vault = vault
@@ -68,7 +69,9 @@ class OutboxPublisher:
         self._batch_size = batch_size
         self._poll_s = poll_s
         self._backoff_max_s = backoff_max_s
+        self._delivery_timeout_s = delivery_timeout_s
         self._wake = asyncio.Event()
+        store.add_outbox_listener(self.wake)  # send right after a commit, not at the next poll
         self._producer: AIOKafkaProducer | None = None
         self.stats = PublisherStats()
 
@@ -86,6 +89,7 @@ class OutboxPublisher:
         failures = 0
         try:
             while True:
+                self._wake.clear()  # before reading: a commit from now on wakes the wait below
                 try:
                     sent = await self.publish_pending()
                     failures = 0
@@ -106,7 +110,6 @@ class OutboxPublisher:
                     await asyncio.sleep(delay)
                     continue
                 if sent == 0:
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._poll_s)
         finally:
@@ -135,11 +138,11 @@ class OutboxPublisher:
                     headers=list(message.headers),
                 )
             )
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await wait_delivered(futures, self._delivery_timeout_s)
         confirmed = []
         error: BaseException | None = None
         for event, result in zip(events, results, strict=True):
-            if isinstance(result, BaseException):
+            if result is not None:
                 error = result
                 break  # only the prefix in commit order counts; the rest go again
             confirmed.append(event.seq)
@@ -178,5 +181,4 @@ class OutboxPublisher:
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(KafkaError, OSError):
-                await producer.stop()
+            await abort_producer(producer)  # stop() would wait for Kafka to come back

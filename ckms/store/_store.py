@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -80,6 +80,11 @@ class Reader:
 class Transaction(Reader):
     """The one write transaction; handed out by :meth:`Store.write`."""
 
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        super().__init__(conn)
+        self.wrote_outbox = False
+        """Set by ``outbox.add_event``: the store tells its outbox listeners after the commit."""
+
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run a statement and return the number of rows it changed."""
         self._check()
@@ -123,6 +128,7 @@ class Store:
         self._read_lock = asyncio.Lock() if reader is not None else self._write_lock
         self._writer_task: asyncio.Task[Any] | None = None
         self._closed = False
+        self._outbox_listeners: list[Callable[[], None]] = []
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -167,6 +173,14 @@ class Store:
     ) -> None:
         await self.close()
 
+    def add_outbox_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every commit that added outbox events (the publisher's wake).
+
+        Without it the publisher only finds a new event at its next poll, up to its poll
+        interval (0.5 s) after the commit, on every rotation and revocation.
+        """
+        self._outbox_listeners.append(callback)
+
     @property
     def is_memory(self) -> bool:
         """True for an in-memory database (no file, no WAL, no second connection)."""
@@ -200,6 +214,9 @@ class Store:
                 except StoreError:
                     await _rollback(self._writer)
                     raise
+                if tx.wrote_outbox:
+                    for listener in self._outbox_listeners:
+                        listener()
             finally:
                 tx._active = False
                 self._writer_task = None
@@ -222,24 +239,41 @@ class Store:
                 reader._active = False
                 await _rollback(conn)
 
+    @asynccontextmanager
+    async def _statement(self) -> AsyncIterator[Reader]:
+        """Like :meth:`read` for exactly one statement, which SQLite already runs in its own
+        snapshot (autocommit): no BEGIN and ROLLBACK, each a trip to the connection's thread."""
+        self._check_open()
+        task = asyncio.current_task()
+        if self._reader is None and task is not None and self._writer_task is task:
+            raise StoreError("read inside a write transaction: use the transaction to read")
+        conn = self._reader if self._reader is not None else self._writer
+        async with self._read_lock:
+            self._check_open()
+            reader = Reader(conn)
+            try:
+                yield reader
+            finally:
+                reader._active = False
+
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Run one read query in its own snapshot."""
-        async with self.read() as r:
+        async with self._statement() as r:
             return await r.fetchall(sql, params)
 
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
         """Run one read query in its own snapshot and return the first row, or None."""
-        async with self.read() as r:
+        async with self._statement() as r:
             return await r.fetchone(sql, params)
 
     async def fetchval(self, sql: str, params: Params = ()) -> Any:
         """Run one read query in its own snapshot and return its first value, or None."""
-        async with self.read() as r:
+        async with self._statement() as r:
             return await r.fetchval(sql, params)
 
     async def get_meta(self, name: str) -> bytes | None:
         """Return one value of the ``meta`` table, or None."""
-        async with self.read() as r:
+        async with self._statement() as r:
             return await r.get_meta(name)
 
     async def schema_version(self) -> int:

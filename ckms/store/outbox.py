@@ -64,6 +64,7 @@ async def add_event(
         "VALUES (?, ?, ?, ?, ?)",
         (event_id, type, partition_key, payload, created),
     )
+    tx.wrote_outbox = True
     return OutboxEvent(
         seq=seq,
         event_id=event_id,

@@ -181,3 +181,16 @@ async def test_in_memory_state_for_tests() -> None:
     async with AgentState(":memory:") as state:
         await state.put_key(record())
         assert list(await state.keys()) == ["payments/db"]
+
+
+async def test_a_transaction_left_open_by_a_cancelled_task_does_not_wedge_the_state(
+    tmp_path: Path,
+) -> None:
+    # A task cancelled while `BEGIN IMMEDIATE` is in flight leaves the transaction open (the
+    # statement still runs in the connection's thread); every later write must still work.
+    async with AgentState(tmp_path / "state.db") as state:
+        await state._conn.execute("BEGIN IMMEDIATE")
+        await state.set_last_contact(1700000000.5)
+        assert await state.last_contact() == 1700000000.5
+    async with AgentState(tmp_path / "state.db") as state:
+        assert await state.last_contact() == 1700000000.5

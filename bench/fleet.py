@@ -1,0 +1,619 @@
+"""Fleet benchmark: rotate → all acked and revoke → all removed for N real agents, vs a baseline.
+
+    python bench/fleet.py                      # quick: N=100
+    python bench/fleet.py --hosts 100,1000,10000 --json results.json
+
+What runs (all on this machine, each part a separate process):
+
+- a real Apache Kafka broker (``ckms.devkafka.LocalKafka``), one for the whole run;
+- a real controller (``Controller``: SQLite store, asyncssh endpoint, outbox publisher, ack
+  consumer) in its own process, fresh for each N, with its own topics;
+- worker processes, each running many real agents (``ckms_agent.daemon.Agent``): every agent has
+  its own enrollment, identity keys, SQLite state DB, SSH connection, Kafka consumer and
+  producer and installs into its own root directory. Agents use the agent's default settings
+  (long poll 5 s, heartbeat 60 s); their INFO logging is off (WARNING goes to a file per worker).
+
+Measured per N, after a warm-up (the key is created and installed everywhere, so every agent has
+its connection, consumer and ack producer up):
+
+- **rotate → all acked**: from the rotation's commit (its outbox event's ``created_at``) to
+  each host's ack being applied to the fleet view (``fleet_state.updated_at``); total = slowest;
+- **revoke (keyCompromise) → all removed**: the same for the ``removed`` acks of the old version;
+- CPU seconds of every process during each phase (controller, Kafka, workers), the controller's
+  peak RSS, and worker RSS per simulated agent.
+
+**Baseline**, on the same simulated hosts: each host also gets a real asyncssh server (own port,
+own host key) that serves ``cat > PATH``; pusher processes open a new SSH connection per host,
+authenticate, write the same key file, close — for several (processes x concurrency) settings;
+the best one is compared. The floor is DESIGN §8's: 1.9 ms CPU per host on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from _proc import (
+    Child,
+    cpu_seconds,
+    load_average,
+    open_fds,
+    peak_rss_mb,
+    percentile,
+    raise_fd_limit,
+    rss_mb,
+    status_kb,
+)
+
+from ckms.devkafka import LocalKafka
+
+FLOOR_CPU_MS_PER_HOST = 1.9  # DESIGN §8, everything on one 2-core box
+CORES = 2
+KEY = "bench/fleet"
+LABELS = {"fleet": "bench"}
+INSTALL_PATH = "/etc/ckms/{team}/{purpose}.json"
+INSTALLED_PATH = "/etc/ckms/bench/fleet.json"
+BASELINE_PATH = "/etc/ckms-baseline/bench/fleet.json"
+
+
+@dataclass
+class Phase:
+    """One measured phase (ckms rotate, ckms revoke, or a baseline push)."""
+
+    name: str
+    hosts: int
+    done: int = 0
+    total_s: float = math.nan
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    max_ms: float = math.nan
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    load: str = ""
+    note: str = ""
+    wall_s: float = math.nan
+    """Seconds between the CPU snapshots of the phase."""
+    idle_cpu_s: float = math.nan
+    """What the fleet costs doing nothing (the idle window's rate) over ``wall_s``."""
+    publish_ms: float = math.nan
+    """Commit → the event confirmed by Kafka (outbox ``sent_at``)."""
+    agent_p50_ms: float = math.nan
+    """Agent-side work per ack (the ack's ``elapsed_ms``: event handled → ack queued)."""
+    agent_p99_ms: float = math.nan
+
+    @property
+    def cpu_total_s(self) -> float:
+        return sum(self.cpu_s.values())
+
+    @property
+    def cpu_ms_per_host(self) -> float:
+        return 1000 * self.cpu_total_s / max(1, self.done)
+
+
+def _latencies(per_host_s: list[float], phase: Phase) -> None:
+    if not per_host_s:
+        return
+    phase.done = len(per_host_s)
+    phase.total_s = max(per_host_s)
+    phase.p50_ms = 1000 * percentile(per_host_s, 50)
+    phase.p99_ms = 1000 * percentile(per_host_s, 99)
+    phase.max_ms = 1000 * max(per_host_s)
+
+
+def _parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class FleetBench:
+    """One N: controller, workers, agents, phases, baseline."""
+
+    def __init__(self, n: int, args: argparse.Namespace, kafka: LocalKafka, work: Path) -> None:
+        self.n = n
+        self.args = args
+        self.kafka = kafka
+        self.work = work / f"n{n}"
+        self.ctl: Child | None = None
+        self.workers: list[Child] = []
+        self.slices: list[list[str]] = []
+        self.db: str = ""
+        self.result: dict[str, Any] = {"hosts": n}
+
+    def log(self, text: str) -> None:
+        print(f"[N={self.n} load {load_average()}] {text}", file=sys.stderr, flush=True)
+
+    def pids(self) -> dict[str, int]:
+        assert self.ctl is not None
+        out = {"controller": self.ctl.pid, "kafka": self.kafka.pid(0) or 0}
+        out.update({f"worker{i}": w.pid for i, w in enumerate(self.workers)})
+        return out
+
+    @staticmethod
+    def cpu(pids: dict[str, int]) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        n = self.n
+        self.work.mkdir(parents=True)
+        run = uuid.uuid4().hex[:8]
+        self.ctl = Child.start(
+            "controller", "_ctl", "ControllerService", log_file=str(self.work / "controller.log")
+        )
+        info = await self.ctl.call(
+            "start",
+            home=str(self.work / "controller"),
+            bootstrap=self.kafka.bootstrap,
+            events_topic=f"bench.{run}.events",
+            acks_topic=f"bench.{run}.acks",
+            partitions=self.args.partitions,
+        )
+        self.db = info["db"]
+        names = [f"h{i:05d}" for i in range(n)]
+        tokens: list[str] = []
+        for i in range(0, n, 1000):
+            tokens += await self.ctl.call("tokens", names=names[i : i + 1000], labels=LABELS)
+        workers = self.args.workers or max(2, math.ceil(n / self.args.per_worker))
+        workers = min(workers, n)
+        self.slices = [names[i::workers] for i in range(workers)]
+        by_name = dict(zip(names, tokens, strict=True))
+        self.workers = [
+            Child.start(
+                f"worker{i}",
+                "_hosts",
+                "HostsService",
+                base=str(self.work / "hosts"),
+                log_file=str(self.work / f"worker{i}.log"),
+            )
+            for i in range(workers)
+        ]
+        empty_rss = sum(rss_mb(w.pid) for w in self.workers)
+        self.log(f"{workers} workers; enrolling {n} hosts")
+        took = await asyncio.gather(
+            *(
+                w.call(
+                    "enroll",
+                    hosts=[(h, by_name[h]) for h in part],
+                    port=info["port"],
+                    fingerprint=info["fingerprint"],
+                )
+                for w, part in zip(self.workers, self.slices, strict=True)
+            )
+        )
+        self.log(f"enrolled in {max(took):.1f} s; starting agents")
+        env = {"CKMS_AGENT_LOG_LEVEL": "WARNING"}
+        took = await asyncio.gather(
+            *(
+                w.call("start_agents", env=env, batch=max(10, self.args.start_batch // workers))
+                for w in self.workers
+            )
+        )
+        self.result["workers"] = workers
+        self.result["enroll_start_s"] = max(took)
+        self.result["worker_rss_empty_mb"] = empty_rss
+        self.log(f"{n} agents running ({max(took):.1f} s to start)")
+
+    # -- measuring -------------------------------------------------------------------------------
+
+    def _count(self, version: int, status: str) -> int:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute(
+                "SELECT count(*) FROM fleet_state f JOIN keys k ON k.id = f.key_id "
+                "WHERE k.name = ? AND f.version = ? AND f.status = ?",
+                (KEY, version, status),
+            ).fetchone()
+            return int(row[0])
+        finally:
+            conn.close()
+
+    async def _phase(self, name: str, action: Any, version: int | None, status: str) -> Phase:
+        assert self.ctl is not None
+        phase = Phase(name, self.n, load=load_average())
+        pids = self.pids()
+        profilers = self._profile_start(name, pids)
+        cpu0 = self.cpu(pids)
+        started = time.monotonic()
+        event = await action()
+        if version is None:
+            version = int(event["version"])
+        deadline = time.monotonic() + self.args.timeout
+        done = 0
+        while time.monotonic() < deadline:
+            done = await asyncio.to_thread(self._count, version, status)
+            if done >= self.n:
+                break
+            await asyncio.sleep(0.05)
+        cpu1 = self.cpu(pids)
+        phase.wall_s = time.monotonic() - started
+        await self._profile_stop(profilers)
+        phase.cpu_s = {k: cpu1[k] - cpu0[k] for k in cpu0}
+        if "idle" in self.result:
+            idle_rate = sum(self.result["idle"]["cpu_s_per_s"].values())
+            phase.idle_cpu_s = idle_rate * phase.wall_s
+        rows = await self.ctl.call("acked", name=KEY, version=version, status=status)
+        committed = _parse_time(event["created_at"])
+        _latencies([_parse_time(r["updated_at"]) - committed for r in rows], phase)
+        parts = await self.ctl.call("breakdown", event_id=event["event_id"])
+        if parts["sent_at"]:
+            phase.publish_ms = 1000 * (_parse_time(parts["sent_at"]) - committed)
+        if parts["agent_elapsed_ms"]:
+            phase.agent_p50_ms = percentile(parts["agent_elapsed_ms"], 50)
+            phase.agent_p99_ms = percentile(parts["agent_elapsed_ms"], 99)
+        if phase.done < self.n:
+            phase.note = f"only {phase.done}/{self.n} within {self.args.timeout:.0f} s"
+        self.log(
+            f"{name}: {phase.done}/{self.n} in {phase.total_s:.2f} s "
+            f"(p50 {phase.p50_ms:.0f} ms, p99 {phase.p99_ms:.0f} ms), "
+            f"CPU {phase.cpu_total_s:.1f} s ({phase.cpu_ms_per_host:.2f} ms/host)"
+        )
+        return phase
+
+    def _profile_start(self, phase: str, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+        """With --profile DIR: sample every Python process of the phase with py-spy."""
+        if not self.args.profile:
+            return []
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = phase.split()[0]
+        return [
+            subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                    "--format", "raw", "--rate", "100", "--gil", "--nonblocking",
+                    "-o", str(out / f"n{self.n}-{tag}-{proc}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for proc, pid in pids.items()
+            if proc != "kafka"
+        ]
+
+    async def _profile_stop(self, profilers: list[subprocess.Popen[bytes]]) -> None:
+        for p in profilers:
+            p.send_signal(signal.SIGINT)
+        for p in profilers:
+            await asyncio.to_thread(p.wait, 30)
+
+    async def _idle(self) -> None:
+        """CPU of every process while the enrolled fleet does nothing (``--idle`` seconds)."""
+        pids = self.pids()
+        cpu0 = self.cpu(pids)
+        load = load_average()
+        await asyncio.sleep(self.args.idle)
+        cpu1 = self.cpu(pids)
+        per_s = {k: (cpu1[k] - cpu0[k]) / self.args.idle for k in cpu0}
+        workers = sum(v for k, v in per_s.items() if k.startswith("worker"))
+        self.result["idle"] = {
+            "seconds": self.args.idle,
+            "load": load,
+            "cpu_s_per_s": per_s,
+            "agent_ms_per_s": 1000 * workers / self.n,
+            "controller_ms_per_s_per_host": 1000 * per_s["controller"] / self.n,
+            "kafka_ms_per_s_per_host": 1000 * per_s["kafka"] / self.n,
+        }
+        self.log(
+            f"idle: {sum(per_s.values()):.2f} CPU-s/s in all (controller "
+            f"{per_s['controller']:.2f}, kafka {per_s['kafka']:.2f}, workers {workers:.2f}); "
+            f"{1000 * workers / self.n:.3f} ms/s per agent"
+        )
+
+    async def run_ckms(self) -> None:
+        assert self.ctl is not None
+        ctl = self.ctl
+
+        async def create() -> dict[str, Any]:
+            return {"version": 1, **await ctl.call(
+                "create_key", name=KEY, labels=LABELS, path=INSTALL_PATH
+            )}
+
+        warm = await self._phase("create (warm-up)", create, 1, "installed")
+        await asyncio.sleep(self.args.settle)
+        await self._idle()
+        rotate = await self._phase(
+            "rotate", lambda: ctl.call("rotate", name=KEY), None, "installed"
+        )
+        fleet = await ctl.call("fleet", name=KEY)
+        await asyncio.sleep(self.args.settle)
+        revoke = await self._phase(
+            "revoke", lambda: ctl.call("revoke", name=KEY, version=1), 1, "removed"
+        )
+        fleet_after = await ctl.call("fleet", name=KEY)
+        stats = await ctl.call("stats")
+        rss = {f"worker{i}": rss_mb(w.pid) for i, w in enumerate(self.workers)}
+        threads = sum(status_kb(w.pid, "Threads") for w in self.workers)
+        self.result.update(
+            warmup=asdict(warm),
+            rotate=asdict(rotate),
+            revoke=asdict(revoke),
+            fleet_after_rotate=fleet,
+            fleet_after_revoke=fleet_after,
+            controller=stats,
+            controller_peak_rss_mb=peak_rss_mb(ctl.pid),
+            kafka_rss_mb=rss_mb(self.kafka.pid(0) or 0),
+            kafka_fds=open_fds(self.kafka.pid(0) or 0)["total"],
+            controller_fds=open_fds(ctl.pid)["total"],
+            worker_fds=sum(open_fds(w.pid)["total"] for w in self.workers),
+            worker_rss_mb=sum(rss.values()),
+            worker_threads=threads,
+            mb_per_agent=sum(rss.values()) / self.n,
+            mb_per_agent_marginal=(sum(rss.values()) - self.result["worker_rss_empty_mb"])
+            / self.n,
+        )
+        self._rotate, self._revoke = rotate, revoke
+
+    async def run_baseline(self) -> None:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        public = key.export_public_key("openssh").decode()
+        targets: list[tuple[str, int, str]] = []
+        for part in await asyncio.gather(
+            *(w.call("start_servers", authorized_key=public) for w in self.workers)
+        ):
+            targets += [tuple(t) for t in part]
+        data = await self.workers[0].call("read_file", host=self.slices[0][0], path=INSTALLED_PATH)
+        digest = hashlib.sha256(data).hexdigest()
+        private = key.export_private_key("openssh").decode()
+        runs = []
+        for spec in self.args.baseline:
+            procs, concurrency = (int(x) for x in spec.split("x"))
+            phase = Phase(f"baseline {procs}x{concurrency}", self.n, load=load_average())
+            pushers = [
+                Child.start(f"pusher{i}", "_push", "PushService") for i in range(procs)
+            ]
+            pids = {**self.pids(), **{f"pusher{i}": p.pid for i, p in enumerate(pushers)}}
+            pids.pop("controller")  # the controller plays no part in the baseline
+            await asyncio.sleep(1.0)  # let the pushers import
+            cpu0 = self.cpu(pids)
+            parts = [targets[i::procs] for i in range(procs)]
+            results = await asyncio.gather(
+                *(
+                    p.call(
+                        "push",
+                        targets=part,
+                        client_key=private,
+                        path=BASELINE_PATH,
+                        data=data,
+                        concurrency=concurrency,
+                    )
+                    for p, part in zip(pushers, parts, strict=True)
+                )
+            )
+            cpu1 = self.cpu(pids)
+            phase.cpu_s = {k: cpu1[k] - cpu0[k] for k in cpu0}
+            start = min(r["started"] for r in results)
+            ends = [t - start for r in results for t in r["done"].values()]
+            errors = sum(len(r["errors"]) for r in results)
+            _latencies(ends, phase)
+            written = sum(
+                await asyncio.gather(
+                    *(w.call("count_files", path=BASELINE_PATH, sha256=digest)
+                      for w in self.workers)
+                )
+            )
+            phase.note = f"{errors} errors, {written} files verified"
+            if errors:
+                first = next(iter(e for r in results for e in r["errors"].values()))
+                phase.note += f"; first: {first[:200]}"
+            for p in pushers:
+                await p.stop()
+            self.log(
+                f"{phase.name}: {phase.done}/{self.n} in {phase.total_s:.2f} s "
+                f"(p50 {phase.p50_ms:.0f} ms, p99 {phase.p99_ms:.0f} ms), "
+                f"CPU {phase.cpu_total_s:.1f} s ({phase.cpu_ms_per_host:.2f} ms/host); "
+                f"{phase.note}"
+            )
+            runs.append(phase)
+            await self._clear_baseline_files()
+        await asyncio.gather(*(w.call("stop_servers") for w in self.workers))
+        complete = [p for p in runs if p.done == self.n] or runs
+        best = min(complete, key=lambda p: p.total_s)
+        self.result["baseline_runs"] = [asdict(p) for p in runs]
+        self.result["baseline_best"] = asdict(best)
+        self._baseline = best
+
+    async def _clear_baseline_files(self) -> None:
+        base = self.work / "hosts"
+        await asyncio.to_thread(
+            lambda: [
+                p.unlink()
+                for p in base.glob("*/root" + BASELINE_PATH)
+                if p.exists()
+            ]
+        )
+
+    async def close(self) -> None:
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                await w.call("stop_agents")
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        if self.ctl is not None:
+            await self.ctl.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"  # NaN check
+
+
+def table(result: dict[str, Any]) -> str:
+    """The ckms / baseline / floor table for one N."""
+    n = result["hosts"]
+    rot, rev, base = result["rotate"], result["revoke"], result.get("baseline_best")
+    floor_s = n * FLOOR_CPU_MS_PER_HOST / 1000 / CORES
+
+    def cpu_total(p: dict[str, Any]) -> float:
+        return sum(p["cpu_s"].values())
+
+    def per_host(p: dict[str, Any]) -> float:
+        return 1000 * cpu_total(p) / max(1, p["done"])
+
+    cols = [("ckms rotate", rot), ("ckms revoke", rev)]
+    if base:
+        cols.append((f"baseline {base['name'].split()[-1]}", base))
+    head = f"{'':28}" + "".join(f"{c:>16}" for c, _ in cols) + f"{'floor §8':>12}"
+    lines = [f"N = {n}", head, "-" * len(head)]
+
+    def row(label: str, values: list[str], floor: str = "") -> None:
+        lines.append(f"{label:28}" + "".join(f"{v:>16}" for v in values) + f"{floor:>12}")
+
+    row("hosts done", [f"{p['done']}/{n}" for _, p in cols])
+    row("total s", [_fmt(p["total_s"]) for _, p in cols], _fmt(floor_s))
+    row("per-host p50 ms", [_fmt(p["p50_ms"], 0) for _, p in cols])
+    row("per-host p99 ms", [_fmt(p["p99_ms"], 0) for _, p in cols])
+    row("per-host max ms", [_fmt(p["max_ms"], 0) for _, p in cols])
+    row("  commit → event in Kafka ms", [_fmt(p["publish_ms"], 0) for _, p in cols[:2]])
+    row("  agent work p50 ms", [_fmt(p["agent_p50_ms"], 0) for _, p in cols[:2]])
+    row("  agent work p99 ms", [_fmt(p["agent_p99_ms"], 0) for _, p in cols[:2]])
+    row("CPU s, all processes", [_fmt(cpu_total(p), 1) for _, p in cols],
+        _fmt(n * FLOOR_CPU_MS_PER_HOST / 1000, 1))
+    row("CPU ms per host", [_fmt(per_host(p)) for _, p in cols], _fmt(FLOOR_CPU_MS_PER_HOST))
+    row(
+        "  less idle fleet cost",
+        [_fmt(1000 * (cpu_total(p) - p.get("idle_cpu_s", math.nan)) / max(1, p["done"]))
+         for _, p in cols[:2]],
+    )
+    row("  controller CPU s", [_fmt(p["cpu_s"].get("controller", math.nan), 1) for _, p in cols])
+    row("  kafka CPU s", [_fmt(p["cpu_s"].get("kafka", math.nan), 1) for _, p in cols])
+    row(
+        "  workers CPU s",
+        [_fmt(sum(v for k, v in p["cpu_s"].items() if k.startswith("worker")), 1)
+         for _, p in cols],
+    )
+    if base:
+        row("  pushers CPU s", ["", "",
+            _fmt(sum(v for k, v in base["cpu_s"].items() if k.startswith("pusher")), 1)])
+    row("total / floor", [_fmt(p["total_s"] / floor_s, 1) + "x" for _, p in cols])
+    if base:
+        row(
+            "baseline total / ckms total",
+            [_fmt(base["total_s"] / p["total_s"], 1) + "x" for _, p in cols[:2]] + ["1.0x"],
+        )
+    row("load at start", [p["load"].split()[0] for _, p in cols])
+    lines.append(
+        f"controller: peak RSS {result['controller_peak_rss_mb']:.0f} MB, "
+        f"CPU {result['controller']['cpu_s']:.1f} s since start; "
+        f"kafka RSS {result['kafka_rss_mb']:.0f} MB; "
+        f"workers: {result['workers']} processes, {result['worker_rss_mb']:.0f} MB RSS, "
+        f"{result['worker_threads']} threads = {result['mb_per_agent']:.2f} MB per agent "
+        f"({result['mb_per_agent_marginal']:.2f} MB marginal)"
+    )
+    idle = result.get("idle")
+    if idle:
+        per_s = idle["cpu_s_per_s"]
+        lines.append(
+            f"idle fleet ({idle['seconds']:.0f} s, load {idle['load'].split()[0]}): "
+            f"{sum(per_s.values()):.2f} CPU-s per s in all = controller "
+            f"{per_s['controller']:.2f} + kafka {per_s['kafka']:.2f} + workers "
+            f"{sum(v for k, v in per_s.items() if k.startswith('worker')):.2f}; "
+            f"per agent {idle['agent_ms_per_s']:.3f} ms/s"
+        )
+    lines.append(
+        f"open fds: controller {result['controller_fds']}, kafka {result['kafka_fds']}, "
+        f"workers {result['worker_fds']}"
+    )
+    lines.append(
+        f"fleet view after rotate: {result['fleet_after_rotate']}; "
+        f"after revoke: {result['fleet_after_revoke']}; warm-up create → all installed "
+        f"{_fmt(result['warmup']['total_s'])} s"
+    )
+    for p in result.get("baseline_runs", []):
+        lines.append(
+            f"  {p['name']:>16}: {p['done']}/{n} in {_fmt(p['total_s'])} s, "
+            f"p99 {_fmt(p['p99_ms'], 0)} ms, CPU {_fmt(per_host(p))} ms/host; {p['note']}"
+        )
+    for p in (rot, rev):
+        if p["note"]:
+            lines.append(f"  {p['name']}: {p['note']}")
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    before = raise_fd_limit()
+    work = Path(tempfile.mkdtemp(prefix="ckms-bench-", dir=args.dir))
+    results = []
+    print(
+        f"ckms fleet benchmark; load {load_average()}; fd limit {before[0]} raised for the run; "
+        f"data in {work}",
+        file=sys.stderr,
+    )
+    try:
+        async with LocalKafka(heap=args.kafka_heap) as kafka:
+            for n in args.hosts:
+                bench = FleetBench(n, args, kafka, work)
+                try:
+                    await bench.setup()
+                    await bench.run_ckms()
+                    if args.baseline:
+                        await bench.run_baseline()
+                except Exception as exc:
+                    bench.result["error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"N={n} failed: {exc}", file=sys.stderr)
+                finally:
+                    bench.result["load_end"] = load_average()
+                    await bench.close()
+                results.append(bench.result)
+                if "rotate" in bench.result:
+                    print(table(bench.result) + "\n", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        text = json.dumps(results, indent=2, default=str)
+        await asyncio.to_thread(Path(args.json).write_text, text)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--hosts",
+        type=lambda s: [int(x.replace("_", "")) for x in s.split(",")],
+        default=[100],
+        help="comma-separated fleet sizes (default 100)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (0: auto)")
+    parser.add_argument("--per-worker", type=int, default=1250, help="agents per worker (auto)")
+    parser.add_argument(
+        "--start-batch", type=int, default=250, help="agents started at once (all workers)"
+    )
+    parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase")
+    parser.add_argument("--settle", type=float, default=3.0, help="pause between phases, s")
+    parser.add_argument(
+        "--baseline",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["1x16", "1x64", "2x32", "2x128"],
+        help="baseline settings PROCESSESxCONCURRENCY, comma-separated ('' to skip)",
+    )
+    parser.add_argument("--idle", type=float, default=10.0, help="idle window measured, s")
+    parser.add_argument("--kafka-heap", default="1g")
+    parser.add_argument("--dir", default=None, help="where the temp dirs go (default: $TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep the data and logs")
+    parser.add_argument("--profile", default=None, help="py-spy every phase into this dir")
+    parser.add_argument("--json", default=None, help="write every figure to this file")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main_async(parse_args())))
