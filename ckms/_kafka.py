@@ -7,14 +7,17 @@ enter ckms, so callers never match on aiokafka's types.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from ckms.errors import KafkaUnavailableError
 
@@ -84,3 +87,47 @@ async def partitions_of(bootstrap: str, topic: str, wait_s: float = 30.0) -> lis
         raise KafkaUnavailableError(f"cannot read Kafka metadata from {bootstrap}: {exc}") from exc
     finally:
         await client.close()
+
+
+async def wait_delivered(
+    futures: Sequence[asyncio.Future[Any]], timeout_s: float
+) -> list[BaseException | None]:
+    """Wait (bounded) for produce futures; for each, None once Kafka confirmed it, else why not.
+
+    aiokafka never fails a message whose partition leader is known but unreachable, so while
+    every broker is down its futures stay pending for as long as the outage lasts: without a
+    bound, a publisher would neither report the outage nor back off.
+    """
+    if futures:
+        await asyncio.wait(futures, timeout=timeout_s)
+    out: list[BaseException | None] = []
+    for future in futures:
+        if not future.done():
+            # Failed later by abort_producer; consume that so it is not logged as unretrieved.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            out.append(KafkaTimeoutError(f"Kafka did not confirm within {timeout_s:.0f} s"))
+        elif future.cancelled():
+            out.append(KafkaTimeoutError("the send was cancelled"))
+        else:
+            out.append(future.exception())
+    return out
+
+
+async def abort_producer(producer: AIOKafkaProducer) -> None:
+    """Stop ``producer`` at once, failing the messages Kafka has not confirmed yet.
+
+    ``AIOKafkaProducer.stop()`` first waits for every queued message to be delivered, which
+    never happens while all brokers are down: a controller or agent could not even stop
+    (SIGTERM) during an outage. Callers keep what was not confirmed and send it again later
+    (consumers drop the duplicates by ``seq``). Safe to call twice.
+    """
+    # aiokafka has no public abort. Stop its sender task first (it returns once the requests in
+    # flight have failed or finished), then fail what is still queued, so that stop()'s flush
+    # has nothing left to wait for; failing batches under a running sender races it.
+    sender = getattr(producer, "_sender", None)
+    accumulator = getattr(producer, "_message_accumulator", None)
+    with contextlib.suppress(KafkaError, OSError):
+        if sender is not None and accumulator is not None:
+            await sender.close()
+            accumulator.fail_all(KafkaTimeoutError("stopped before Kafka confirmed"))
+        await producer.stop()

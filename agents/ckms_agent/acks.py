@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from ckms._kafka import abort_producer, wait_delivered
 from ckms.protocol import MAX_MESSAGE_BYTES, Ack, AckStatus, EventType, HookResult, encode_event
 from ckms_agent.backoff import Backoff
 from ckms_agent.state import AgentState
@@ -108,6 +109,7 @@ class AckPublisher:
         backoff: Backoff,
         client_id: str,
         request_timeout_ms: int = 15000,
+        delivery_timeout_s: float = 20.0,
     ) -> None:
         self._state = state
         self._bootstrap = bootstrap
@@ -115,6 +117,7 @@ class AckPublisher:
         self._backoff = backoff
         self._client_id = client_id
         self._request_timeout_ms = request_timeout_ms
+        self._delivery_timeout_s = delivery_timeout_s
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self.published = 0
@@ -155,7 +158,10 @@ class AckPublisher:
                         )
                         for ack in batch
                     ]
-                    await asyncio.gather(*futures)
+                    errors = await wait_delivered(futures, self._delivery_timeout_s)
+                    failed = next((e for e in errors if e is not None), None)
+                    if failed is not None:
+                        raise failed
                 except (KafkaError, OSError) as exc:
                     delay = self._backoff.next()
                     log.warning(
@@ -167,8 +173,7 @@ class AckPublisher:
                         delay,
                     )
                     if producer is not None:
-                        with contextlib.suppress(KafkaError, OSError):
-                            await producer.stop()
+                        await abort_producer(producer)  # stop() waits for Kafka to return
                         producer = None
                     await asyncio.sleep(delay)
                     continue
@@ -178,8 +183,7 @@ class AckPublisher:
                 log.debug("published %d ack(s) up to seq %d", len(batch), batch[-1].seq)
         finally:
             if producer is not None:
-                with contextlib.suppress(KafkaError, OSError):
-                    await producer.stop()
+                await abort_producer(producer)  # unconfirmed acks stay queued in the state DB
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
