@@ -24,13 +24,17 @@ async def running_controller(
     acks_topic: str,
     *,
     clock: Clock = utc_now,
+    listen_port: int = 0,
     **settings: object,
 ) -> AsyncIterator[Controller]:
-    """Open, initialise (passphrase), unseal and run a controller; stop it cleanly on exit."""
+    """Open, initialise (passphrase), unseal and run a controller; stop it cleanly on exit.
+
+    ``listen_port`` 0 picks a free port; pass the old port to restart a controller in place.
+    """
     controller = Controller(
         ControllerSettings(
             home=home,
-            listen_port=0,
+            listen_port=listen_port,
             kafka_bootstrap=bootstrap,
             events_topic=events_topic,
             acks_topic=acks_topic,
@@ -50,9 +54,11 @@ async def running_controller(
         yield controller
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await controller.close()
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await controller.close()  # even if run() failed: an open store keeps its thread
 
 
 @pytest_asyncio.fixture
