@@ -1,0 +1,104 @@
+"""A real controller in its own OS process, for the fault suite (so SIGSTOP and SIGKILL are real).
+
+    python tests/faults/controller_proc.py HOME BOOTSTRAP EVENTS_TOPIC ACKS_TOPIC PORT
+
+Built like ``tests.support.controller.running_controller`` (passphrase init on first start,
+unseal, run) with replication 3. Prints one JSON line ``{"port", "fingerprint"}`` on stdout
+once it listens; SIGTERM is a clean stop.
+
+Fault hook, for "committed but not yet published": while the file named by
+``CKMS_FAULT_HOLD_OUTBOX`` exists, the outbox publisher sends nothing; as soon as it reads at
+least as many committed, unsent events as the file says, the process stops itself (SIGSTOP)
+right there, with those rows read from the store and not sent. The test then SIGKILLs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ckms.controller.sealing import init_controller
+from ckms.controller.service import Controller, ControllerSettings
+from ckms.store import outbox
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.support.controller import PASSPHRASE
+
+HOLD_ENV = "CKMS_FAULT_HOLD_OUTBOX"
+
+
+def _held_until(hold_file: Path) -> int | None:
+    """How many unsent events to wait for before freezing; None when not holding."""
+    try:
+        return int(hold_file.read_text() or "1")
+    except FileNotFoundError:
+        return None
+
+
+def hold_outbox(controller: Controller, hold_file: Path) -> None:
+    """Install the fault hook described in the module docstring."""
+    publisher = controller.publisher
+    publish_pending = publisher.publish_pending
+
+    async def held() -> int:
+        want = _held_until(hold_file)
+        if want is not None:
+            assert controller.store is not None
+            pending = await outbox.pending_events(controller.store)
+            if len(pending) < want:
+                return 0  # hold: committed, not published
+            print(json.dumps({"frozen": [e.seq for e in pending]}), file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)  # frozen between the commit and the send
+        return await publish_pending()
+
+    publisher.publish_pending = held  # type: ignore[method-assign]
+
+
+async def main(home: Path, bootstrap: str, events: str, acks: str, port: int) -> None:
+    controller = Controller(
+        ControllerSettings(
+            home=home,
+            listen_port=port,
+            kafka_bootstrap=bootstrap,
+            events_topic=events,
+            acks_topic=acks,
+            partitions=3,
+            replication=3,
+        )
+    )
+    await controller.open()
+    try:
+        assert controller.store is not None
+        if not (await controller.vault.status()).initialized:
+            await init_controller(controller.store, passphrase=PASSPHRASE)
+        await controller.vault.unseal_with_passphrase(PASSPHRASE)
+        if os.environ.get(HOLD_ENV):
+            hold_outbox(controller, Path(os.environ[HOLD_ENV]))
+        task = asyncio.create_task(controller.run())
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        await controller.wait_started()
+        ready = {"port": controller.port, "fingerprint": controller.host_key_fingerprint}
+        print(json.dumps(ready), flush=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await controller.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aiokafka", "asyncssh"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    home_arg, bootstrap_arg, events_arg, acks_arg, port_arg = sys.argv[1:6]
+    asyncio.run(main(Path(home_arg), bootstrap_arg, events_arg, acks_arg, int(port_arg)))
