@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ckms.errors import NotFoundError, PermissionDeniedError, PolicyError
-from ckms.store import Clock, Store, format_time, parse_time, utc_now
+from ckms.store import Clock, Store, Transaction, format_time, parse_time, utc_now
 from ckms.store import audit as audit_log
 
 __all__ = ["DEFAULT_APPROVAL_TTL", "ApprovalBook", "ApprovalRequest"]
@@ -185,13 +185,7 @@ class ApprovalBook:
             )
         decision = {"by": approver, "role": role, "at": format_time(now), "decision": "approve"}
         async with self._store.write() as tx:
-            changed = await tx.execute(
-                "UPDATE approvals SET state = 'approved', approvals = ? "
-                "WHERE id = ? AND state = 'pending'",
-                (json.dumps([*request.decisions, decision], sort_keys=True), request_id),
-            )
-            if not changed:
-                raise PolicyError(f"request {request_id} was decided by someone else meanwhile")
+            await _decide(tx, request, "approved", decision)
             await audit_log.append(
                 tx,
                 now=now,
@@ -250,13 +244,7 @@ class ApprovalBook:
             "reason": reason,
         }
         async with self._store.write() as tx:
-            changed = await tx.execute(
-                "UPDATE approvals SET state = 'rejected', approvals = ? "
-                "WHERE id = ? AND state = 'pending'",
-                (json.dumps([*request.decisions, decision], sort_keys=True), request_id),
-            )
-            if not changed:
-                raise PolicyError(f"request {request_id} was decided by someone else meanwhile")
+            await _decide(tx, request, "rejected", decision)
             await audit_log.append(
                 tx,
                 now=now,
@@ -266,3 +254,15 @@ class ApprovalBook:
                 details={"request": request_id, "operation": request.operation, "reason": reason},
             )
         return await self.get(request_id)
+
+
+async def _decide(
+    tx: Transaction, request: ApprovalRequest, state: str, decision: dict[str, object]
+) -> None:
+    """Move a pending request to ``state`` with one more decision; only one decider wins."""
+    changed = await tx.execute(
+        "UPDATE approvals SET state = ?, approvals = ? WHERE id = ? AND state = 'pending'",
+        (state, json.dumps([*request.decisions, decision], sort_keys=True), request.id),
+    )
+    if not changed:
+        raise PolicyError(f"request {request.id} was decided by someone else meanwhile")
