@@ -215,7 +215,9 @@ async def test_controller_killed_between_commit_and_publish(
                 assert not published & {r["event_id"] for r in unsent}, "sent before the crash"
                 assert await proc.kill() == -signal.SIGKILL
                 hold.unlink()
-                assert await acked(view, KEY, 2) == 0
+                # No check that nobody acked v2 yet: an agent's periodic sync may learn v2 from
+                # the controller before its event is published (sync gives correctness); the
+                # topic check above is what proves the events were not sent before the crash.
                 note(f"controller SIGKILLed with {len(unsent)} committed events unsent")
 
                 await proc.start()  # same home, same port: agents reconnect by themselves
