@@ -5,7 +5,8 @@
 - **connection**: one pinned SSH connection to the controller, reconnected with jittered
   exponential backoff (never a busy loop); every (re)connect asks for a reconcile;
 - **reconcile**: ``sync`` (on start, after reconnect, every reconcile interval, and for relevant
-  events), then per key: fetch every version not held over the open connection, unwrap it,
+  events; a sync for an event asks for the versions the event names to come back in its reply,
+  so a rotation is one request), then per key: fetch every version not held, unwrap it,
   check the digest the controller named (in the sync reply, the fetch reply and the triggering
   event), install through :class:`~ckms_agent.installer.Installer`, remove what is no longer
   wanted, and ack each change;
@@ -63,7 +64,9 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-_CONTACT_WRITE_EVERY_S = 1.0
+# The stored contact time only matters after a restart (staleness); a stale value errs on the
+# safe side (keys removed sooner), and a durable write per request cost more than the request.
+_CONTACT_WRITE_EVERY_S = 15.0
 _CONNECTION_CHECK_S = 2.0
 _SEED_TIMEOUT_S = 15.0
 _REVOKED_ACK_FLUSH_S = 10.0
@@ -331,11 +334,20 @@ class Agent:
         by_key = {t.key: t for t in triggers}
         ops = self.ops
         report = await ops.held_report()
-        reply = await self._call("sync", SyncRequest(installed=report.installed), SyncReply)
+        prefetch = ops.prefetch_requests(by_key.values(), await self.state.keys())
+        reply = await self._call(
+            "sync", SyncRequest(installed=report.installed, fetch=prefetch), SyncReply
+        )
         if reply.host != self.config.host_id:
             raise ProtocolError(f"sync reply is for host {reply.host!r}, not this host")
         self._desired_keys = {k.key for k in reply.keys}
         self._controller_interval = float(reply.reconcile_interval_s)
+        carried = {(m.key, m.version): m for m in reply.material}
+
+        async def fetch(request: FetchRequest) -> FetchReply:
+            # What the sync reply carried first (checked like any fetch reply), else ask.
+            return carried.pop((request.key, request.version), None) or await self._fetch(request)
+
         held = await self.state.keys()
         plans = plan_changes(
             reply, held, drifted=report.drifted, tombstones=frozenset(ops.tombstones)
@@ -352,7 +364,7 @@ class Agent:
                 list(plan.dropped),
             )
             acked[plan.key] = await ops.execute(
-                plan, held.get(plan.key), by_key.get(plan.key), self._fetch
+                plan, held.get(plan.key), by_key.get(plan.key), fetch
             )
         await ops.answer_triggers(by_key.values(), acked)
         self.reconciles += 1
@@ -468,7 +480,7 @@ class Agent:
             )
             return
         try:
-            await critical(
+            settled = await critical(
                 self.ops.revoke(decision.key, decision.versions, decision.primary_version, event.id)
             )
         except StoreError:
@@ -477,7 +489,10 @@ class Agent:
             log.error(
                 "key=%s host=%s revocation not applied: %s", decision.key, self.config.host_id, exc
             )
-        self._request_reconcile(Trigger(decision.key, event.id))
+            settled = False
+        if not settled:
+            # Removed more than revoked (fail closed), or a primary to fetch: ask the controller.
+            self._request_reconcile(Trigger(decision.key, event.id))
 
     async def _host_revoked(self, event: Envelope) -> None:
         """This host's identity was revoked: drop every key, ack, and stop for good."""

@@ -26,7 +26,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -34,6 +34,7 @@ from typing import TypeVar
 from ckms.crypto import InstallFormat, material_digest, unwrap_for_agent
 from ckms.errors import CKMSError, IntegrityError, ProtocolError, StoreError, TransportError
 from ckms.protocol import (
+    MAX_PREFETCH,
     AckStatus,
     DesiredVersion,
     FetchReply,
@@ -146,6 +147,30 @@ class KeyOps:
         if drifted:
             log.warning("files drifted on disk for keys=%s host=%s", sorted(drifted), self._host)
         return HeldReport(tuple(installed), frozenset(drifted))
+
+    def prefetch_requests(
+        self, triggers: Iterable[Trigger], held: Mapping[str, KeyRecord]
+    ) -> tuple[FetchRequest, ...]:
+        """The versions events named that this host neither holds nor has in memory.
+
+        A sync asks for them to come back with its reply (at most ``MAX_PREFETCH``); the plan
+        still decides what is installed, and every one is checked like a fetch reply.
+        """
+        out: list[FetchRequest] = []
+        for trigger in triggers:
+            record = held.get(trigger.key)
+            for version in trigger.versions:
+                digest = trigger.digests.get(version)
+                have = record.versions.get(version) if record is not None else None
+                if have is not None and (digest is None or have.digest == digest):
+                    continue
+                cached = self._materials.get((trigger.key, version))
+                if cached is not None and (digest is None or cached[0] == digest):
+                    continue
+                if (trigger.key, version) in self.tombstones:
+                    continue
+                out.append(FetchRequest(key=trigger.key, version=version))
+        return tuple(out[:MAX_PREFETCH])
 
     async def answer_triggers(
         self, triggers: Iterable[Trigger], acked: dict[str, set[int]]
@@ -386,8 +411,13 @@ class KeyOps:
 
     async def revoke(
         self, name: str, versions: Sequence[int], primary_version: int | None, event_id: str
-    ) -> None:
-        """Remove revoked/destroyed versions now, from the signed event alone (DESIGN §7)."""
+    ) -> bool:
+        """Remove revoked/destroyed versions now, from the signed event alone (DESIGN §7).
+
+        Returns True when the host is left as the controller wants it without asking (nothing
+        held was hit, or the files were rewritten without the revoked versions and the primary
+        the event names is held); False when a sync must bring back what was removed.
+        """
         started = time.monotonic()
         revoked = set(versions)
         self.tombstones.update((name, v) for v in revoked)
@@ -396,10 +426,10 @@ class KeyOps:
         async with self.lock:
             record = await self._state.key(name)
             if record is None:
-                return
+                return True
             hit = sorted(revoked & set(record.versions))
             if not hit:
-                return
+                return True
             spec = record.spec
             current = record.primary
             if (
@@ -425,12 +455,13 @@ class KeyOps:
             if single_file and current is not None and current.version not in revoked:
                 # The one file holds a version that stays: only the record changes.
                 remaining = [replace(v, primary=v.version == current.version) for v in remaining]
+                new_primary = current.version
                 outcome = None
             else:
                 outcome = await self._rewrite_locally(record, remaining, new_primary, hit)
                 if outcome is None or outcome.status is AckStatus.FAILED:
                     await self._remove_all(record, started, event_id, "revoked")
-                    return
+                    return False
                 files = await asyncio.to_thread(hash_files, outcome.paths)
             await self._state.put_key(
                 replace(
@@ -451,6 +482,7 @@ class KeyOps:
                     hooks=hooks,
                     event_id=event_id,
                 )
+            return primary_version is None or primary_version == new_primary
 
     async def _rewrite_locally(
         self,

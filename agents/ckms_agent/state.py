@@ -1,10 +1,10 @@
 """The agent's own state: what it holds, where it reads events, what it still has to ack.
 
-One SQLite file (aiosqlite, WAL, ``synchronous=FULL``; the volume is tiny and an ack must not be
-lost to a power cut) with ordered migrations tracked in ``PRAGMA user_version``. It never holds
-key material: the files on disk are the material; the DB holds digests of each version and a
-SHA-256 of each file the agent wrote, so drift (a file edited or deleted behind the agent's
-back) is noticed before the agent reports it as installed.
+One SQLite file (on its own thread, WAL, ``synchronous=FULL``; the volume is tiny and an ack
+must not be lost to a power cut) with ordered migrations tracked in ``PRAGMA user_version``. It
+never holds key material: the files on disk are the material; the DB holds digests of each
+version and a SHA-256 of each file the agent wrote, so drift (a file edited or deleted behind
+the agent's back) is noticed before the agent reports it as installed.
 
 Schema (migration 1):
 
@@ -24,16 +24,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
-import aiosqlite
 from pydantic import ValidationError
 
 from ckms.consumer import Position
@@ -41,6 +43,8 @@ from ckms.errors import StoreError
 from ckms.protocol import InstallSpec, SignedMessage
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (
@@ -142,12 +146,21 @@ class PendingAck:
 
 
 class AgentState:
-    """``async with AgentState(path) as state:`` — the agent's SQLite state (see module doc)."""
+    """``async with AgentState(path) as state:`` — the agent's SQLite state (see module doc).
+
+    Every method is one trip to the DB's own thread that runs a whole transaction (or one
+    consistent read) there: SQLite work per change is a few statements, and each extra trip
+    (BEGIN, each statement, COMMIT) cost more than the statements themselves when many agents
+    share a core. A task cancelled while its trip is in flight cannot leave a transaction open:
+    the trip commits or rolls back on its own thread either way. ``keys()`` is served from
+    memory between writes (this object is the only writer of its file).
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._keys: dict[str, KeyRecord] | None = None
 
     async def __aenter__(self) -> AgentState:
         await self.open()
@@ -166,80 +179,49 @@ class AgentState:
         if self._db is not None:
             return
         target = str(self.path)
-        with _mapped(f"cannot open agent state {self.path}"):
-            if target != ":memory:":
-                _create_private(Path(target))
-            db = await aiosqlite.connect(target, isolation_level=None)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckms-agent-state")
+        loop = asyncio.get_running_loop()
         try:
             with _mapped(f"cannot open agent state {self.path}"):
-                await db.execute("PRAGMA journal_mode=WAL")
-                await db.execute("PRAGMA synchronous=FULL")
-                await db.execute("PRAGMA foreign_keys=ON")
-                await db.execute("PRAGMA busy_timeout=5000")
-            self._db = db
-            await self._migrate()
+                db = await loop.run_in_executor(thread, _connect, target)
         except BaseException:
-            self._db = None
-            await db.close()
+            thread.shutdown(wait=False)
+            raise
+        self._db, self._thread = db, thread
+        try:
+            await self._run(f"cannot open agent state {self.path}", _migrate, self.path)
+        except BaseException:
+            await self.close()
             raise
 
     async def close(self) -> None:
         """Close the database; safe to call twice."""
         db, self._db = self._db, None
-        if db is not None:
-            await db.close()
+        thread, self._thread = self._thread, None
+        self._keys = None
+        if db is None or thread is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(thread, db.close)
+        finally:
+            thread.shutdown(wait=False)
 
-    @property
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
+    async def _run(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(conn, *args)`` on the DB's thread; sqlite and OS errors become StoreError."""
+        db, thread = self._db, self._thread
+        if db is None or thread is None:
             raise StoreError("agent state is not open")
-        return self._db
-
-    async def _migrate(self) -> None:
-        async with self._conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        current = int(row[0]) if row else 0
-        if current > SCHEMA_VERSION:
-            raise StoreError(
-                f"agent state {self.path} has schema {current}, newer than this agent "
-                f"({SCHEMA_VERSION}): upgrade ckms-agent"
+        with _mapped(what):
+            return await asyncio.get_running_loop().run_in_executor(
+                thread, functools.partial(fn, db, *args)
             )
-        for version, name, sql in _MIGRATIONS:
-            if version <= current:
-                continue
-            with _mapped(f"migration {version} ({name}) of {self.path} failed"):
-                await self._conn.executescript(
-                    f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version={version};\nCOMMIT;"
-                )
-            log.info("agent state %s migrated to schema %d (%s)", self.path, version, name)
 
-    @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction at a time (the agent's tasks share one connection)."""
-        async with self._lock:
-            conn = self._conn
-            with _mapped(f"write to agent state {self.path} failed"):
-                if conn.in_transaction:
-                    # Left open by a task cancelled while its BEGIN was in flight: the statement
-                    # still ran in the connection's thread. Nothing in it was committed; drop it.
-                    log.warning("rolling back a transaction a cancelled task left open")
-                    await conn.execute("ROLLBACK")
-                await conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    await conn.execute("ROLLBACK")
-                    raise
-                await conn.execute("COMMIT")
+    async def _write(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(conn, *args)`` as one write transaction on the DB's thread."""
+        return await self._run(f"write to agent state {self.path} failed", _in_tx, fn, *args)
 
     async def _rows(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
-        async with self._lock:
-            return await self._rows_locked(sql, params)
-
-    async def _rows_locked(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
-        with _mapped(f"read from agent state {self.path} failed"):
-            # One trip to the connection's thread, not three (execute, fetchall, close).
-            return list(await self._conn.execute_fetchall(sql, tuple(params)))
+        return await self._run(f"read from agent state {self.path} failed", _rows, sql, params)
 
     # -- meta ---------------------------------------------------------------------------------
 
@@ -248,8 +230,7 @@ class AgentState:
         return str(rows[0][0]) if rows else None
 
     async def _set_meta(self, name: str, value: str) -> None:
-        async with self._tx() as conn:
-            await _upsert_meta(conn, name, value)
+        await self._write(_upsert_meta, name, value)
 
     async def last_contact(self) -> float | None:
         """Epoch seconds of the last successful request to the controller (None: never)."""
@@ -276,41 +257,10 @@ class AgentState:
     # -- keys ---------------------------------------------------------------------------------
 
     async def keys(self) -> dict[str, KeyRecord]:
-        """Every key the host holds, by name."""
-        async with self._lock:  # one consistent snapshot of the three tables
-            key_rows = await self._rows_locked(
-                "SELECT name, key_type, install_spec, max_staleness_s, updated_at FROM keys"
-            )
-            version_rows = await self._rows_locked(
-                "SELECT key, version, state, is_primary, digest FROM key_versions ORDER BY version"
-            )
-            file_rows = await self._rows_locked(
-                "SELECT key, path, file_sha256 FROM key_files ORDER BY path"
-            )
-        versions: dict[str, dict[int, VersionRecord]] = {}
-        for key, version, state, primary, digest in version_rows:
-            versions.setdefault(key, {})[int(version)] = VersionRecord(
-                int(version), str(state), bool(primary), str(digest)
-            )
-        files: dict[str, dict[Path, str]] = {}
-        for key, path, sha in file_rows:
-            files.setdefault(key, {})[Path(path)] = str(sha)
-        out: dict[str, KeyRecord] = {}
-        for name, key_type, spec_json, staleness, updated_at in key_rows:
-            try:
-                spec = InstallSpec.model_validate_json(spec_json)
-            except ValidationError:
-                raise StoreError(f"agent state has a bad install spec for {name}") from None
-            out[name] = KeyRecord(
-                name=name,
-                key_type=key_type,
-                spec=spec,
-                versions=versions.get(name, {}),
-                files=files.get(name, {}),
-                max_staleness_s=None if staleness is None else int(staleness),
-                updated_at=float(updated_at),
-            )
-        return out
+        """Every key the host holds, by name (a fresh dict; the records are immutable)."""
+        if self._keys is None:
+            self._keys = await self._run(f"read from agent state {self.path} failed", _load_keys)
+        return dict(self._keys)
 
     async def key(self, name: str) -> KeyRecord | None:
         """One held key, or None."""
@@ -318,36 +268,13 @@ class AgentState:
 
     async def put_key(self, record: KeyRecord) -> None:
         """Replace everything recorded about one key (versions and files) in one transaction."""
-        async with self._tx() as conn:
-            await conn.execute("DELETE FROM keys WHERE name = ?", (record.name,))
-            await conn.execute(
-                "INSERT INTO keys (name, key_type, install_spec, max_staleness_s, updated_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (
-                    record.name,
-                    record.key_type,
-                    record.spec.model_dump_json(),
-                    record.max_staleness_s,
-                    record.updated_at,
-                ),
-            )
-            await conn.executemany(
-                "INSERT INTO key_versions (key, version, state, is_primary, digest) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [
-                    (record.name, v.version, v.state, int(v.primary), v.digest)
-                    for v in record.versions.values()
-                ],
-            )
-            await conn.executemany(
-                "INSERT INTO key_files (key, path, file_sha256) VALUES (?, ?, ?)",
-                [(record.name, str(p), sha) for p, sha in record.files.items()],
-            )
+        self._keys = None
+        await self._write(_put_key, record, record.spec.model_dump_json())
 
     async def forget_key(self, name: str) -> None:
         """Drop a key (its versions and files go with it)."""
-        async with self._tx() as conn:
-            await conn.execute("DELETE FROM keys WHERE name = ?", (name,))
+        self._keys = None
+        await self._write(_forget_key, name)
 
     # -- acks ---------------------------------------------------------------------------------
 
@@ -361,20 +288,7 @@ class AgentState:
         now: float,
     ) -> int:
         """Take the next ack seq, sign the ack with it (``build``) and queue it, atomically."""
-        async with self._tx() as conn:
-            rows = await conn.execute_fetchall("SELECT value FROM meta WHERE name = 'ack_seq'")
-            row = next(iter(rows), None)
-            seq = (int(row[0]) if row else 0) + 1
-            message = build(seq)
-            headers = json.dumps([[k, base64.b64encode(v).decode()] for k, v in message.headers])
-            await conn.execute(
-                "INSERT INTO pending_acks "
-                "(seq, key, version, status, msg_key, value, headers, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, key, version, status, message.key, message.value, headers, now),
-            )
-            await _upsert_meta(conn, "ack_seq", str(seq))
-        return seq
+        return await self._write(_enqueue_ack, build, key, version, status, now)
 
     async def pending_acks(self, limit: int = 100) -> list[PendingAck]:
         """The oldest queued acks, in seq order."""
@@ -400,8 +314,9 @@ class AgentState:
 
     async def delete_acks(self, seqs: Iterable[int]) -> None:
         """Forget acks the broker has acknowledged."""
-        async with self._tx() as conn:
-            await conn.executemany("DELETE FROM pending_acks WHERE seq = ?", [(s,) for s in seqs])
+        await self._write(
+            _executemany, "DELETE FROM pending_acks WHERE seq = ?", [(s,) for s in seqs]
+        )
 
     async def pending_ack_count(self) -> int:
         """How many acks wait for Kafka."""
@@ -420,18 +335,17 @@ class AgentState:
 
     async def save_positions(self, topic: str, positions: Mapping[int, Position]) -> None:
         """Save the positions of ``topic`` (all partitions in one transaction)."""
-        async with self._tx() as conn:
-            await conn.executemany(
-                "INSERT INTO kafka_positions (topic, partition, next_offset, last_seq) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET "
-                "next_offset = excluded.next_offset, last_seq = excluded.last_seq",
-                [(topic, p, pos.offset, pos.last_seq) for p, pos in sorted(positions.items())],
-            )
+        await self._write(
+            _executemany,
+            "INSERT INTO kafka_positions (topic, partition, next_offset, last_seq) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET "
+            "next_offset = excluded.next_offset, last_seq = excluded.last_seq",
+            [(topic, p, pos.offset, pos.last_seq) for p, pos in sorted(positions.items())],
+        )
 
     async def reset_positions(self) -> None:
         """Forget every position (re-enrollment starts again from the end of the topic)."""
-        async with self._tx() as conn:
-            await conn.execute("DELETE FROM kafka_positions")
+        await self._write(_executemany, "DELETE FROM kafka_positions", [()])
 
     def offset_store(self) -> StateOffsetStore:
         """This DB as the ``OffsetStore`` of a :class:`ckms.consumer.Subscriber`."""
@@ -460,12 +374,158 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
 
 
-async def _upsert_meta(conn: aiosqlite.Connection, name: str, value: str) -> None:
-    await conn.execute(
+# -- on the DB's thread ----------------------------------------------------------------------
+
+
+def _connect(target: str) -> sqlite3.Connection:
+    if target != ":memory:":
+        _create_private(Path(target))
+    # check_same_thread=False: opened here, used only on this same one-thread executor.
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection, path: Path | str) -> None:
+    current = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"agent state {path} has schema {current}, newer than this agent "
+            f"({SCHEMA_VERSION}): upgrade ckms-agent"
+        )
+    for version, name, sql in _MIGRATIONS:
+        if version <= current:
+            continue
+        try:
+            db.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version={version};\nCOMMIT;")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"migration {version} ({name}) of {path} failed: {exc}") from exc
+        log.info("agent state %s migrated to schema %d (%s)", path, version, name)
+
+
+def _in_tx(db: sqlite3.Connection, fn: Callable[..., T], *args: object) -> T:
+    """``fn(db, *args)`` inside BEGIN IMMEDIATE … COMMIT; rolled back if anything raises."""
+    if db.in_transaction:  # pragma: no cover - every trip ends its own transaction
+        db.execute("ROLLBACK")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db, *args)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _rows(db: sqlite3.Connection, sql: str, params: Iterable[object]) -> list[sqlite3.Row]:
+    return db.execute(sql, tuple(params)).fetchall()
+
+
+def _executemany(db: sqlite3.Connection, sql: str, rows: list[tuple[object, ...]]) -> None:
+    db.executemany(sql, rows)
+
+
+def _upsert_meta(db: sqlite3.Connection, name: str, value: str) -> None:
+    db.execute(
         "INSERT INTO meta (name, value) VALUES (?, ?) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         (name, value),
     )
+
+
+def _load_keys(db: sqlite3.Connection) -> dict[str, KeyRecord]:
+    """Every held key from one snapshot of the three tables."""
+    db.execute("BEGIN")
+    try:
+        key_rows = db.execute(
+            "SELECT name, key_type, install_spec, max_staleness_s, updated_at FROM keys"
+        ).fetchall()
+        version_rows = db.execute(
+            "SELECT key, version, state, is_primary, digest FROM key_versions ORDER BY version"
+        ).fetchall()
+        file_rows = db.execute(
+            "SELECT key, path, file_sha256 FROM key_files ORDER BY path"
+        ).fetchall()
+    finally:
+        db.execute("ROLLBACK")
+    versions: dict[str, dict[int, VersionRecord]] = {}
+    for key, version, state, primary, digest in version_rows:
+        versions.setdefault(key, {})[int(version)] = VersionRecord(
+            int(version), str(state), bool(primary), str(digest)
+        )
+    files: dict[str, dict[Path, str]] = {}
+    for key, path, sha in file_rows:
+        files.setdefault(key, {})[Path(path)] = str(sha)
+    out: dict[str, KeyRecord] = {}
+    for name, key_type, spec_json, staleness, updated_at in key_rows:
+        try:
+            spec = InstallSpec.model_validate_json(spec_json)
+        except ValidationError:
+            raise StoreError(f"agent state has a bad install spec for {name}") from None
+        out[name] = KeyRecord(
+            name=name,
+            key_type=key_type,
+            spec=spec,
+            versions=versions.get(name, {}),
+            files=files.get(name, {}),
+            max_staleness_s=None if staleness is None else int(staleness),
+            updated_at=float(updated_at),
+        )
+    return out
+
+
+def _put_key(db: sqlite3.Connection, record: KeyRecord, spec_json: str) -> None:
+    db.execute("DELETE FROM keys WHERE name = ?", (record.name,))
+    db.execute(
+        "INSERT INTO keys (name, key_type, install_spec, max_staleness_s, updated_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (record.name, record.key_type, spec_json, record.max_staleness_s, record.updated_at),
+    )
+    db.executemany(
+        "INSERT INTO key_versions (key, version, state, is_primary, digest) VALUES (?, ?, ?, ?, ?)",
+        [
+            (record.name, v.version, v.state, int(v.primary), v.digest)
+            for v in record.versions.values()
+        ],
+    )
+    db.executemany(
+        "INSERT INTO key_files (key, path, file_sha256) VALUES (?, ?, ?)",
+        [(record.name, str(p), sha) for p, sha in record.files.items()],
+    )
+
+
+def _forget_key(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM keys WHERE name = ?", (name,))
+
+
+def _enqueue_ack(
+    db: sqlite3.Connection,
+    build: Callable[[int], SignedMessage],
+    key: str,
+    version: int,
+    status: str,
+    now: float,
+) -> int:
+    row = db.execute("SELECT value FROM meta WHERE name = 'ack_seq'").fetchone()
+    seq = (int(row[0]) if row else 0) + 1
+    message = build(seq)
+    headers = json.dumps([[k, base64.b64encode(v).decode()] for k, v in message.headers])
+    db.execute(
+        "INSERT INTO pending_acks (seq, key, version, status, msg_key, value, headers, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (seq, key, version, status, message.key, message.value, headers, now),
+    )
+    _upsert_meta(db, "ack_seq", str(seq))
+    return seq
 
 
 @contextlib.contextmanager

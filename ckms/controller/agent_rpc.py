@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ from ckms.protocol import (
     format_time,
 )
 from ckms.ssh import Principal, RpcServer
-from ckms.store import Clock, Store, utc_now
+from ckms.store import Clock, Store, Transaction, utc_now
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
@@ -123,18 +124,19 @@ class AgentService:
             acks_topic=self._acks_topic,
         )
 
-    async def _host(self, principal: Principal) -> Host:
-        host = await self._hosts.get(principal.name)
+    async def _host(self, principal: Principal) -> tuple[Host, WrapSuite]:
+        host, suite = await self._hosts.identity(principal.name)
         if host.revoked:
             raise PermissionDeniedError(f"host {host.id} is revoked")
-        return host
+        return host, WrapSuite(suite)
 
     async def sync(self, principal: Principal, params: dict[str, Any]) -> SyncReply:
-        """The host's desired state, and what it reported holding that it must remove."""
+        """The host's desired state, what it reported holding that it must remove, and the
+        material of the versions it asked to fetch along (those it may have)."""
         request = SyncRequest.model_validate(params)
-        host = await self._host(principal)
-        keys = await self._lifecycle.list_keys()
-        desired = desired_keys(keys, host)
+        host, suite = await self._host(principal)
+        keys = await self._lifecycle.current_keys()
+        desired = desired_keys(list(keys.values()), host)
         wanted = {(d.key, v.version) for d in desired for v in d.versions}
         extra: dict[str, set[int]] = {}
         for item in request.installed:
@@ -148,7 +150,17 @@ class AgentService:
         for row in rows:
             if (row["name"], row["version"]) not in wanted:
                 extra.setdefault(row["name"], set()).add(int(row["version"]))
-        await self._hosts.touch(host.id, [i.model_dump() for i in request.installed])
+        material: list[FetchReply] = []
+        for item in dict.fromkeys(request.fetch):
+            try:
+                material.append(await self._wrap(host, suite, keys, item))
+            except (PermissionDeniedError, NotFoundError) as exc:
+                # Left out: the agent's own fetch of it gets (and audits) the refusal.
+                log.info("host %s sync: not sending %s v%d: %s", host.id, *_item(item), exc)
+        async with self._store.write() as tx:
+            await self._hosts.record_seen(tx, host.id, [i.model_dump() for i in request.installed])
+            for reply in material:
+                await self._audit_fetch(tx, host, reply)
         return SyncReply(
             host=host.id,
             keys=tuple(desired),
@@ -158,13 +170,15 @@ class AgentService:
             ),
             controller_time=format_time(self._now()),
             reconcile_interval_s=self._reconcile_interval_s,
+            material=tuple(material),
         )
 
     async def heartbeat(self, principal: Principal, params: dict[str, Any]) -> HeartbeatReply:
         """Record what the host holds and say which keys differ from what it should hold."""
         request = SyncRequest.model_validate(params)
-        host = await self._host(principal)
-        desired = desired_keys(await self._lifecycle.list_keys(), host)
+        host, _ = await self._host(principal)
+        keys = await self._lifecycle.current_keys()
+        desired = desired_keys(list(keys.values()), host)
         want = {d.key: {(v.version, v.digest) for v in d.versions} for d in desired}
         have: dict[str, set[tuple[int, str]]] = {}
         for item in request.installed:
@@ -178,13 +192,19 @@ class AgentService:
     async def fetch(self, principal: Principal, params: dict[str, Any]) -> FetchReply:
         """One version's material, wrapped for the asking host, if it may have it."""
         request = FetchRequest.model_validate(params)
-        host = await self._host(principal)
-        try:
-            key = await self._lifecycle.get(request.key)
-        except NotFoundError:
-            raise PermissionDeniedError(
-                f"host {host.id} may not fetch {request.key}: no such key"
-            ) from None
+        host, suite = await self._host(principal)
+        reply = await self._wrap(host, suite, await self._lifecycle.current_keys(), request)
+        async with self._store.write() as tx:
+            await self._audit_fetch(tx, host, reply)
+        return reply
+
+    async def _wrap(
+        self, host: Host, suite: WrapSuite, keys: Mapping[str, Key], request: FetchRequest
+    ) -> FetchReply:
+        """Authorize one version for ``host`` and wrap its material to the host's key."""
+        key = keys.get(request.key)
+        if key is None:
+            raise PermissionDeniedError(f"host {host.id} may not fetch {request.key}: no such key")
         if not key.targets.matches(host.id, host.labels):
             raise PermissionDeniedError(f"host {host.id} is not a target of {key.name}")
         try:
@@ -197,11 +217,9 @@ class AgentService:
             raise PermissionDeniedError(
                 f"{key.name} version {version.version} is {version.state}: not distributable"
             )
-        material = await self._vault.material(key.name, version.version)
+        material = await self._vault.material(key.name, version.version, key=key)
         if material_digest(material) != version.digest:
             raise IntegrityError(f"key {key.name} version {version.version} failed integrity check")
-        details = await self._hosts.details(host.id)
-        suite = WrapSuite(str(details["wrap_suite"]))
         wrapped = wrap_for_agent(
             host.wrapping_public_key,
             material,
@@ -211,15 +229,6 @@ class AgentService:
             suite=suite,
         )
         del material
-        async with self._store.write() as tx:
-            await audit_log.append(
-                tx,
-                now=self._now(),
-                actor=f"host:{host.id}",
-                action="key.fetch",
-                object=f"key:{key.name}",
-                details={"version": version.version, "suite": str(suite)},
-            )
         return FetchReply(
             key=key.name,
             version=version.version,
@@ -227,3 +236,18 @@ class AgentService:
             suite=str(suite),
             wrapped=base64.b64encode(wrapped).decode(),
         )
+
+    async def _audit_fetch(self, tx: Transaction, host: Host, reply: FetchReply) -> None:
+        """The record that ``host`` received this version (fail closed: no record, no reply)."""
+        await audit_log.append(
+            tx,
+            now=self._now(),
+            actor=f"host:{host.id}",
+            action="key.fetch",
+            object=f"key:{reply.key}",
+            details={"version": reply.version, "suite": reply.suite},
+        )
+
+
+def _item(request: FetchRequest) -> tuple[str, int]:
+    return request.key, request.version

@@ -32,7 +32,16 @@ from ckms.errors import (
 )
 from ckms.protocol import EnrollRequest, EventType
 from ckms.protocol._keyspec import _HOST_ID_RE, _LABEL_RE, _LABEL_VALUE_RE
-from ckms.store import Clock, Reader, Store, format_time, outbox, parse_time, utc_now
+from ckms.store import (
+    Clock,
+    Reader,
+    Store,
+    Transaction,
+    format_time,
+    outbox,
+    parse_time,
+    utc_now,
+)
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
@@ -103,6 +112,8 @@ class HostRegistry:
         self._store = store
         self._vault = vault
         self._clock = clock
+        self._known: dict[str, tuple[Host, str]] = {}
+        self._known_generation = -1
 
     async def create_token(
         self,
@@ -240,6 +251,26 @@ class HostRegistry:
         async with self._store.read() as r:
             return await _repo.list_hosts(r)
 
+    async def identity(self, host_id: str) -> tuple[Host, str]:
+        """The host and its wrap suite, from memory unless a commit changed a host since.
+
+        Agent requests need who the host is (labels, revoked, wrapping key) on every request;
+        that changes only on enroll, relabel and revoke (see ``Store.generation``).
+        """
+        generation = self._store.generation("hosts")
+        if generation != self._known_generation:
+            self._known.clear()
+            self._known_generation = generation
+        known = self._known.get(host_id)
+        if known is None:
+            row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
+            if row is None:
+                raise NotFoundError(f"no host {host_id!r}")
+            known = (_host_row(row), str(row["wrap_suite"]))
+            if self._store.generation("hosts") == generation:
+                self._known[host_id] = known
+        return known
+
     async def details(self, host_id: str) -> dict[str, object]:
         """Fleet-view facts about one host: suite, last seen, last ack seq, last report."""
         row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
@@ -326,20 +357,24 @@ class HostRegistry:
 
     async def touch(self, host_id: str, reported: list[dict[str, object]] | None = None) -> None:
         """Record that the host was seen now (and what it reported holding, digests only)."""
-        now = self._clock()
         async with self._store.write() as tx:
-            if reported is None:
-                await tx.execute(
-                    "UPDATE hosts SET last_seen_at = ? WHERE id = ?", (format_time(now), host_id)
-                )
-            else:
-                # The report carries its own time: drift is only judged on a report newer
-                # than the host's last ack (a heartbeat from before a rotation is not drift).
-                report = {"at": format_time(now), "installed": reported}
-                await tx.execute(
-                    "UPDATE hosts SET last_seen_at = ?, reported = ? WHERE id = ?",
-                    (format_time(now), json.dumps(report, sort_keys=True), host_id),
-                )
+            await self.record_seen(tx, host_id, reported)
+
+    async def record_seen(
+        self, tx: Transaction, host_id: str, reported: list[dict[str, object]] | None = None
+    ) -> None:
+        """:meth:`touch` inside the caller's transaction."""
+        now = format_time(self._clock())
+        if reported is None:
+            await tx.execute("UPDATE hosts SET last_seen_at = ? WHERE id = ?", (now, host_id))
+        else:
+            # The report carries its own time: drift is only judged on a report newer than
+            # the host's last ack (a heartbeat from before a rotation is not drift).
+            report = {"at": now, "installed": reported}
+            await tx.execute(
+                "UPDATE hosts SET last_seen_at = ?, reported = ? WHERE id = ?",
+                (now, json.dumps(report, sort_keys=True), host_id),
+            )
 
     async def _require(self, r: Reader, host_id: str) -> Host:
         row = await r.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))

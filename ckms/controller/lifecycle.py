@@ -201,8 +201,21 @@ class Lifecycle:
         self._store = store
         self._vault = vault
         self._clock = clock
+        self._current: tuple[int, Mapping[str, Key]] | None = None
 
     # -- reads -----------------------------------------------------------------------------
+
+    async def current_keys(self) -> Mapping[str, Key]:
+        """Every key by name, from memory unless a commit changed keys or versions since.
+
+        The agent requests (sync, fetch) read every key on every request; keys change seldom,
+        so this is rebuilt once per key change instead (see ``Store.generation``).
+        """
+        generation = self._store.generation("keys")
+        if self._current is None or self._current[0] != generation:
+            keys = await self.list_keys()
+            self._current = (generation, MappingProxyType({k.name: k for k in keys}))
+        return self._current[1]
 
     async def get(self, name: str) -> Key:
         """Return a key with its versions, or raise NotFoundError."""

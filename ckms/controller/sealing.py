@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ckms.controller import _repo
+from ckms.controller.models import Key
 from ckms.crypto import (
     combine_shares,
     generate_signing_key,
@@ -483,14 +484,23 @@ class Vault:
         s = self._unsealed("seal key material")
         return seal(s.data_kek, material, version_aad(key_name, version, key_type, usage))
 
-    async def material(self, key_name: str, version: int) -> bytes:
+    async def material(self, key_name: str, version: int, *, key: Key | None = None) -> bytes:
         """Return one version's material (for the fetch path); IntegrityError if its row was edited.
 
         Never log or store the result. Destroyed versions raise NotFoundError.
         """
         s = self._unsealed("read key material")
-        async with self._store.read() as r:
-            key, sealed_material = await _repo.load_sealed(r, key_name, version)
+        if key is None or key.name != key_name:
+            async with self._store.read() as r:
+                key, sealed_material = await _repo.load_sealed(r, key_name, version)
+        else:
+            # The caller holds the key (name, type, usage: what the AAD binds; never change).
+            key.version(version)  # NotFoundError for an unknown version
+            value = await self._store.fetchval(
+                "SELECT sealed_material FROM key_versions WHERE key_id = ? AND version = ?",
+                (key.id, version),
+            )
+            sealed_material = None if value is None else bytes(value)
         if sealed_material is None:
             raise NotFoundError(f"key {key_name} version {version} was destroyed; no material")
         aad = version_aad(key.name, version, str(key.type), key.usage_list)

@@ -4,6 +4,7 @@ Everything here is pure: models, encodings and verification; no I/O.
 """
 
 from ckms.protocol._agent_rpc import (
+    MAX_PREFETCH,
     DesiredKey,
     DesiredVersion,
     EnrollReply,
@@ -81,6 +82,7 @@ __all__ = [
     "EVENT_DATA_MODELS",
     "KEY_ID_HEADER",
     "MAX_MESSAGE_BYTES",
+    "MAX_PREFETCH",
     "PATH_PLACEHOLDERS",
     "SIGNATURE_HEADER",
     "Ack",

@@ -55,10 +55,38 @@ class InstalledVersion(_Model):
     digest: Digest
 
 
+class FetchRequest(_Model):
+    """Ask for one version's material."""
+
+    key: KeyName
+    version: Version
+
+
+class FetchReply(_Model):
+    """One version's material, HPKE-wrapped for the asking agent (base64 of the blob)."""
+
+    key: KeyName
+    version: Version
+    digest: Digest
+    suite: str
+    wrapped: B64
+
+
+MAX_PREFETCH = 32
+"""Most versions one ``sync`` may ask to receive with its reply."""
+
+
 class SyncRequest(_Model):
-    """The agent's report of what it holds (also sent as the heartbeat)."""
+    """The agent's report of what it holds (also sent as the heartbeat).
+
+    ``fetch`` asks for versions the agent already knows it needs (named by the event that woke
+    it) to come back wrapped in the same reply, so a rotation costs one request, not two. Each
+    is authorized exactly like a ``fetch``; one that is refused is left out of the reply, and the
+    agent's own ``fetch`` of it then gets the reason.
+    """
 
     installed: tuple[InstalledVersion, ...] = Field(default=(), max_length=4096)
+    fetch: tuple[FetchRequest, ...] = Field(default=(), max_length=MAX_PREFETCH)
 
 
 class DesiredVersion(_Model):
@@ -95,6 +123,8 @@ class SyncReply(_Model):
     remove: tuple[RemoveItem, ...] = ()
     controller_time: str
     reconcile_interval_s: int = 300
+    material: tuple[FetchReply, ...] = Field(default=(), max_length=MAX_PREFETCH)
+    """The versions the request's ``fetch`` asked for that the host may have, wrapped for it."""
 
 
 class HeartbeatReply(_Model):
@@ -102,20 +132,3 @@ class HeartbeatReply(_Model):
 
     drift: tuple[KeyName, ...] = ()
     controller_time: str
-
-
-class FetchRequest(_Model):
-    """Ask for one version's material."""
-
-    key: KeyName
-    version: Version
-
-
-class FetchReply(_Model):
-    """One version's material, HPKE-wrapped for the asking agent (base64 of the blob)."""
-
-    key: KeyName
-    version: Version
-    digest: Digest
-    suite: str
-    wrapped: B64

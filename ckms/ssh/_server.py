@@ -197,8 +197,7 @@ class RpcServer:
                 reply = await self._dispatch(principal, method, params)
             finally:
                 owner.in_flight -= 1
-            process.stdout.write(ok_reply(reply))
-            process.exit(0)
+            line, status = ok_reply(reply), 0
         except CKMSError as exc:
             if isinstance(exc, PermissionDeniedError | ProtocolError) and self.on_refused:
                 try:
@@ -206,17 +205,16 @@ class RpcServer:
                 except CKMSError as hook_exc:
                     # Fail closed: a refusal that cannot be audited is reported as such.
                     exc = hook_exc
-            process.stdout.write(error_reply(exc))
-            process.exit(1)
+            line, status = error_reply(exc), 1
         except Exception:
-            log.exception("rpc %s from %s failed unexpectedly", method, principal)
-            process.stdout.write(error_reply(CKMSError(f"internal error while serving {method}")))
-            process.exit(1)
-        finally:
+            log.exception("rpc %s by %s failed unexpectedly", method, _name(principal))
+            line, status = error_reply(CKMSError(f"internal error while serving {method}")), 1
+        _reply(process, line, status, method, principal)
+        if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "rpc %s by %s in %.2f ms",
                 method,
-                principal.name if principal else "?",
+                _name(principal),
                 1000 * (time.perf_counter() - started),
             )
 
@@ -237,3 +235,34 @@ class RpcServer:
                 for e in exc.errors(include_input=False, include_url=False)[:3]
             )
             raise ProtocolError(f"bad parameters for {method}: {details}") from None
+
+
+def _name(principal: Principal | None) -> str:
+    return principal.name if principal else "?"
+
+
+def _reply(
+    process: asyncssh.SSHServerProcess[bytes],
+    line: bytes,
+    status: int,
+    method: str,
+    principal: Principal | None,
+) -> None:
+    """Write the reply line and exit status; a client that has gone away is only noted.
+
+    asyncssh raises BrokenPipeError (or a connection error) when the channel or connection was
+    closed by the client while the request was served, e.g. an agent killed mid-request. Left
+    uncaught, asyncssh would treat it as an internal error and drop the whole connection with
+    every other request in flight on it.
+    """
+    try:
+        process.stdout.write(line)
+        process.exit(status)
+    except (OSError, asyncssh.Error) as exc:
+        # Only the class name: a disconnect reason is text chosen by the peer.
+        log.info(
+            "rpc %s by %s: client went away before the reply (%s)",
+            method,
+            _name(principal),
+            type(exc).__name__,
+        )

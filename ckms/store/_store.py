@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiosqlite
 
@@ -29,9 +29,31 @@ from ckms.store._time import format_time, utc_now
 log = logging.getLogger(__name__)
 
 Params = Sequence[Any] | dict[str, Any]
+T = TypeVar("T")
 
 _MEMORY = ":memory:"
 _BUSY_TIMEOUT_MS = 5000
+
+WATCHED: dict[str, tuple[str, ...]] = {
+    "keys": (
+        "AFTER INSERT ON main.keys",
+        "AFTER UPDATE ON main.keys",
+        "AFTER DELETE ON main.keys",
+        "AFTER INSERT ON main.key_versions",
+        "AFTER UPDATE ON main.key_versions",
+        "AFTER DELETE ON main.key_versions",
+    ),
+    # Who a host is and what it may have; not when it was last seen or its last ack.
+    "hosts": (
+        "AFTER INSERT ON main.hosts",
+        "AFTER DELETE ON main.hosts",
+        "AFTER UPDATE OF name, labels, identity_public_key, wrapping_public_key, enrolled_at, "
+        "revoked, revoked_at, wrap_suite, signer_key_id ON main.hosts",
+    ),
+}
+"""What :meth:`Store.generation` counts: name → the writes that change it (temp triggers)."""
+
+_CHANGED_FUNCTION = "ckms_changed"
 
 
 def _store_error(exc: BaseException, what: str) -> StoreError:
@@ -129,6 +151,8 @@ class Store:
         self._writer_task: asyncio.Task[Any] | None = None
         self._closed = False
         self._outbox_listeners: list[Callable[[], None]] = []
+        self._generations: dict[str, int] = dict.fromkeys(WATCHED, 0)
+        self._changed: set[str] = set()
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -148,8 +172,54 @@ class Store:
         except BaseException:
             await _close_quietly(writer)
             raise
+        store = cls(location, writer, reader)
+        try:
+            await store._watch()
+        except BaseException:
+            await store.close()
+            raise
         log.info("store opened at %s", location)
-        return cls(location, writer, reader)
+        return store
+
+    async def _watch(self) -> None:
+        """Count committed writes to the :data:`WATCHED` tables (see :meth:`generation`).
+
+        Temporary triggers on the writer connection call back into this process as each row
+        changes, so counting costs no extra query; other connections never see them.
+        """
+        changed = self._changed
+
+        def note(name: str) -> None:
+            changed.add(name)
+
+        try:
+            await self._writer.create_function(_CHANGED_FUNCTION, 1, note)
+            tables = {
+                str(r[0])
+                for r in await self._writer.execute_fetchall(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+            for name, events in WATCHED.items():
+                for i, event in enumerate(events):
+                    table = event.rsplit(" ON main.", 1)[1]
+                    if table not in tables:  # a store opened with other migrations (tests)
+                        continue
+                    await self._writer.execute(
+                        f"CREATE TEMP TRIGGER IF NOT EXISTS ckms_watch_{name}_{i} {event} "
+                        f"BEGIN SELECT {_CHANGED_FUNCTION}('{name}'); END"
+                    )
+        except (sqlite3.Error, ValueError) as exc:
+            raise _store_error(exc, "cannot watch the store for changes") from exc
+
+    def generation(self, name: str) -> int:
+        """How many committed transactions changed ``name`` (a :data:`WATCHED` entry).
+
+        In-memory caches of rarely changing rows (keys, host identities) compare it to the value
+        they were filled at, so they never serve a row older than the last commit that changed
+        it. This process must be the only writer of the database (it is: one writer).
+        """
+        return self._generations[name]
 
     async def close(self) -> None:
         """Close both connections; safe to call twice."""
@@ -200,6 +270,7 @@ class Store:
             self._check_open()
             self._writer_task = task
             tx = Transaction(self._writer)
+            self._changed.clear()
             try:
                 await _run(self._writer, "BEGIN IMMEDIATE", "cannot start a write transaction")
                 try:
@@ -210,7 +281,9 @@ class Store:
                     raise
                 tx._active = False
                 try:
-                    await _run(self._writer, "COMMIT", "cannot commit")
+                    # A cancel must not leave before COMMIT's outcome is known: the generation
+                    # bump below has to follow a commit that happened.
+                    await _uncancellable(_run(self._writer, "COMMIT", "cannot commit"))
                 except StoreError:
                     await _rollback(self._writer)
                     raise
@@ -220,6 +293,10 @@ class Store:
             finally:
                 tx._active = False
                 self._writer_task = None
+                # Counted on every way out (a rolled-back change only costs a cache refill).
+                for name in self._changed:
+                    self._generations[name] += 1
+                self._changed.clear()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Reader]:
@@ -337,6 +414,16 @@ async def _run(conn: aiosqlite.Connection, sql: str, what: str) -> None:
         await conn.execute(sql)
     except (sqlite3.Error, ValueError) as exc:
         raise _store_error(exc, what) from exc
+
+
+async def _uncancellable(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:

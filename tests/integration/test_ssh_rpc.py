@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,6 +26,8 @@ class Fixture:
         self.auditor_key = generate_ssh_key()
         self.refusals: list[tuple[str | None, str, str]] = []
         self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.returned = asyncio.Event()
 
     async def authenticate(self, username: str, key: asyncssh.SSHKey) -> Principal | None:
         known = {"alice": (self.admin_key, "admin"), "audrey": (self.auditor_key, "auditor")}
@@ -46,7 +49,11 @@ async def server():
     fx = Fixture()
 
     async def slow(principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
-        await fx.gate.wait()
+        fx.entered.set()
+        try:
+            await fx.gate.wait()
+        finally:
+            fx.returned.set()
         return {}
 
     rpc = RpcServer(
@@ -137,6 +144,45 @@ async def test_requests_in_flight_are_bounded_per_connection(server) -> None:
         fx.gate.set()
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
         assert sum(1 for r in results if r == {}) == 2
+
+
+@pytest.mark.parametrize("closed", ["connection", "channel"])
+async def test_a_client_gone_before_the_reply_is_logged_quietly(
+    server, caplog: pytest.LogCaptureFixture, closed: str
+) -> None:
+    fx, rpc = server
+    caplog.set_level(logging.DEBUG, logger="ckms")
+    secret = "do-not-log-this-param"
+    c = client(fx, rpc, "alice", fx.admin_key)
+    await c.connect()
+    conn = c._conn
+    assert conn is not None
+    process = await conn.create_process(f'slow {{"token":"{secret}"}}', encoding=None)
+    await asyncio.wait_for(fx.entered.wait(), 5)
+    if closed == "connection":
+        await c.close()  # as when the agent is killed while the controller is still working
+    else:
+        process.close()
+        await asyncio.wait_for(process.wait_closed(), 5)
+    fx.gate.set()
+    await asyncio.wait_for(fx.returned.wait(), 5)
+    for _ in range(100):  # the reply is written right after the handler returns
+        if any("went away" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.01)
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    gone = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno <= logging.INFO
+    assert "slow" in gone[0].getMessage() and "alice" in gone[0].getMessage()
+    assert "\n" not in gone[0].getMessage() and secret not in caplog.text
+    if closed == "channel":  # the other requests on that connection are not dropped with it
+        assert not conn.is_closed()
+        assert (await c.call("echo", {"same": "connection"}))["params"] == {"same": "connection"}
+        assert c._conn is conn
+    await c.close()
+    async with client(fx, rpc, "alice", fx.admin_key) as fresh:
+        assert (await fresh.call("echo", {"after": closed}))["params"] == {"after": closed}
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,14 +185,32 @@ async def test_in_memory_state_for_tests() -> None:
         assert list(await state.keys()) == ["payments/db"]
 
 
-async def test_a_transaction_left_open_by_a_cancelled_task_does_not_wedge_the_state(
+async def test_a_write_cancelled_in_flight_is_all_or_nothing_and_leaves_the_state_usable(
     tmp_path: Path,
 ) -> None:
-    # A task cancelled while `BEGIN IMMEDIATE` is in flight leaves the transaction open (the
-    # statement still runs in the connection's thread); every later write must still work.
+    # A stop can cancel a task while its write is on the DB's thread: the write still ends in
+    # COMMIT or ROLLBACK there, so no transaction is left open and every later write works.
     async with AgentState(tmp_path / "state.db") as state:
-        await state._conn.execute("BEGIN IMMEDIATE")
+        for _ in range(20):
+            task = asyncio.create_task(state.put_key(record()))
+            await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            held = await state.keys()
+            assert held == {} or held["payments/db"] == record()
+            await state.forget_key("payments/db")
         await state.set_last_contact(1700000000.5)
         assert await state.last_contact() == 1700000000.5
     async with AgentState(tmp_path / "state.db") as state:
         assert await state.last_contact() == 1700000000.5
+        assert await state.keys() == {}
+
+
+async def test_keys_are_read_again_after_every_write(tmp_path: Path) -> None:
+    async with AgentState(tmp_path / "state.db") as state:
+        assert await state.keys() == {}
+        await state.put_key(record())
+        assert list(await state.keys()) == ["payments/db"]
+        await state.forget_key("payments/db")
+        assert await state.keys() == {}
