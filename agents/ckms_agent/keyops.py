@@ -137,7 +137,7 @@ class KeyOps:
         installed: list[InstalledVersion] = []
         drifted: set[str] = set()
         for record in records.values():
-            if not await asyncio.to_thread(files_match, record.files):
+            if not files_match(record.files):  # key files are small: a thread hop costs more
                 drifted.add(record.name)
                 continue
             installed.extend(
@@ -275,7 +275,7 @@ class KeyOps:
                             error=outcome.error,
                         )
                     return set(targets)
-                files = await asyncio.to_thread(hash_files, outcome.paths)
+                files = hash_files(outcome.paths)
                 if not changed:
                     changed = [v.version for v in versions if v.primary][:1]
             new_record = KeyRecord(
@@ -462,7 +462,7 @@ class KeyOps:
                 if outcome is None or outcome.status is AckStatus.FAILED:
                     await self._remove_all(record, started, event_id, "revoked")
                     return False
-                files = await asyncio.to_thread(hash_files, outcome.paths)
+                files = hash_files(outcome.paths)
             await self._state.put_key(
                 replace(
                     record,
@@ -511,7 +511,7 @@ class KeyOps:
         if new_primary is None:
             return None
         needed = needed_versions(spec, remaining)
-        materials = await asyncio.to_thread(self._local_materials, record, needed)
+        materials = self._local_materials(record, needed)
         if materials is None:
             return None
         held = [

@@ -148,18 +148,18 @@ class PendingAck:
 class AgentState:
     """``async with AgentState(path) as state:`` — the agent's SQLite state (see module doc).
 
-    Every method is one trip to the DB's own thread that runs a whole transaction (or one
-    consistent read) there: SQLite work per change is a few statements, and each extra trip
+    Every method is one trip to a DB thread that runs a whole transaction (or one consistent
+    read) there: SQLite work per change is a few statements, and each extra trip
     (BEGIN, each statement, COMMIT) cost more than the statements themselves when many agents
     share a core. A task cancelled while its trip is in flight cannot leave a transaction open:
-    the trip commits or rolls back on its own thread either way. ``keys()`` is served from
+    the trip commits or rolls back on its thread either way. ``keys()`` is served from
     memory between writes (this object is the only writer of its file).
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._lock = asyncio.Lock()
         self._keys: dict[str, KeyRecord] | None = None
 
     async def __aenter__(self) -> AgentState:
@@ -179,15 +179,10 @@ class AgentState:
         if self._db is not None:
             return
         target = str(self.path)
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckms-agent-state")
-        loop = asyncio.get_running_loop()
-        try:
-            with _mapped(f"cannot open agent state {self.path}"):
-                db = await loop.run_in_executor(thread, _connect, target)
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
-        self._db, self._thread = db, thread
+        with _mapped(f"cannot open agent state {self.path}"):
+            self._db = await asyncio.get_running_loop().run_in_executor(
+                _db_threads(), _connect, target
+            )
         try:
             await self._run(f"cannot open agent state {self.path}", _migrate, self.path)
         except BaseException:
@@ -196,25 +191,32 @@ class AgentState:
 
     async def close(self) -> None:
         """Close the database; safe to call twice."""
-        db, self._db = self._db, None
-        thread, self._thread = self._thread, None
-        self._keys = None
-        if db is None or thread is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(thread, db.close)
-        finally:
-            thread.shutdown(wait=False)
+        async with self._lock:
+            db, self._db = self._db, None
+            self._keys = None
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(_db_threads(), db.close)
 
     async def _run(self, what: str, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(conn, *args)`` on the DB's thread; sqlite and OS errors become StoreError."""
-        db, thread = self._db, self._thread
-        if db is None or thread is None:
-            raise StoreError("agent state is not open")
-        with _mapped(what):
-            return await asyncio.get_running_loop().run_in_executor(
-                thread, functools.partial(fn, db, *args)
+        """Run ``fn(conn, *args)`` on a DB thread; sqlite and OS errors become StoreError.
+
+        One call at a time per connection (the lock); the threads are shared by every
+        ``AgentState`` of the process, so many agents in one process do not mean many threads.
+        """
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreError("agent state is not open")
+            work = asyncio.get_running_loop().run_in_executor(
+                _db_threads(), functools.partial(fn, db, *args)
             )
+            with _mapped(what):
+                try:
+                    return await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # The call runs on regardless: keep the connection until it has ended.
+                    await asyncio.wait([work])
+                    raise
 
     async def _write(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(conn, *args)`` as one write transaction on the DB's thread."""
@@ -374,13 +376,24 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
 
 
-# -- on the DB's thread ----------------------------------------------------------------------
+# -- on a DB thread ---------------------------------------------------------------------------
+
+_DB_THREADS = 4
+_executor: ThreadPoolExecutor | None = None
+
+
+def _db_threads() -> ThreadPoolExecutor:
+    """The process's DB threads (sqlite releases the GIL while it works and fsyncs)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="ckms-agent-state")
+    return _executor
 
 
 def _connect(target: str) -> sqlite3.Connection:
     if target != ":memory:":
         _create_private(Path(target))
-    # check_same_thread=False: opened here, used only on this same one-thread executor.
+    # check_same_thread=False: used from the DB threads, one call at a time (AgentState._lock).
     db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode=WAL")
