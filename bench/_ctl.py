@@ -119,14 +119,16 @@ class ControllerService:
             "SELECT created_at, sent_at FROM outbox WHERE event_id = ?", (event_id,)
         )
         audit = await self.c.store.fetchall(
-            "SELECT details FROM audit WHERE action = 'fleet.ack' AND details LIKE ?",
+            "SELECT at, details FROM audit WHERE action = 'fleet.ack' AND details LIKE ?",
             (f'%"event_id":"{event_id}"%',),
         )
-        elapsed = [json.loads(r["details"]).get("elapsed_ms") for r in audit]
+        acks = [(r["at"], json.loads(r["details"])) for r in audit]
         return {
             "created_at": row["created_at"] if row else None,
             "sent_at": row["sent_at"] if row else None,
-            "agent_elapsed_ms": [e for e in elapsed if e is not None],
+            "agent_elapsed_ms": [d["elapsed_ms"] for _, d in acks if d.get("elapsed_ms")],
+            # (agent's ack time, controller's apply time) per ack: same machine, same clock
+            "ack_times": [(d["acked_at"], at) for at, d in acks if d.get("acked_at")],
         }
 
     async def fleet(self, name: str) -> dict[str, int]:

@@ -96,6 +96,11 @@ class Phase:
     agent_p50_ms: float = math.nan
     """Agent-side work per ack (the ack's ``elapsed_ms``: event handled → ack queued)."""
     agent_p99_ms: float = math.nan
+    acked_p50_ms: float = math.nan
+    """Commit → the agent signed its ack (agent clock; everything runs on one machine)."""
+    ack_transit_p50_ms: float = math.nan
+    """The agent signed its ack → the controller applied it (Kafka and the ack consumer)."""
+    ack_transit_p99_ms: float = math.nan
 
     @property
     def cpu_total_s(self) -> float:
@@ -256,6 +261,13 @@ class FleetBench:
         if parts["agent_elapsed_ms"]:
             phase.agent_p50_ms = percentile(parts["agent_elapsed_ms"], 50)
             phase.agent_p99_ms = percentile(parts["agent_elapsed_ms"], 99)
+        if parts["ack_times"]:
+            pairs = [(_parse_time(a), _parse_time(b)) for a, b in parts["ack_times"]]
+            acked = [a for a, _ in pairs]
+            transit = [1000 * (b - a) for a, b in pairs]
+            phase.acked_p50_ms = percentile([1000 * (a - committed) for a in acked], 50)
+            phase.ack_transit_p50_ms = percentile(transit, 50)
+            phase.ack_transit_p99_ms = percentile(transit, 99)
         if phase.done < self.n:
             phase.note = f"only {phase.done}/{self.n} within {self.args.timeout:.0f} s"
         self.log(
@@ -485,6 +497,9 @@ def table(result: dict[str, Any]) -> str:
     row("  commit → event in Kafka ms", [_fmt(p["publish_ms"], 0) for _, p in cols[:2]])
     row("  agent work p50 ms", [_fmt(p["agent_p50_ms"], 0) for _, p in cols[:2]])
     row("  agent work p99 ms", [_fmt(p["agent_p99_ms"], 0) for _, p in cols[:2]])
+    row("  commit → ack signed p50 ms", [_fmt(p["acked_p50_ms"], 0) for _, p in cols[:2]])
+    row("  ack signed → applied p50 ms", [_fmt(p["ack_transit_p50_ms"], 0) for _, p in cols[:2]])
+    row("  ack signed → applied p99 ms", [_fmt(p["ack_transit_p99_ms"], 0) for _, p in cols[:2]])
     row("CPU s, all processes", [_fmt(cpu_total(p), 1) for _, p in cols],
         _fmt(n * FLOOR_CPU_MS_PER_HOST / 1000, 1))
     row("CPU ms per host", [_fmt(per_host(p)) for _, p in cols], _fmt(FLOOR_CPU_MS_PER_HOST))

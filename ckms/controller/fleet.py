@@ -261,6 +261,7 @@ class AckConsumer:
                 "event_id": ack.event_id,
                 "ack_id": envelope.id,
                 "ack_seq": envelope.seq,
+                "acked_at": envelope.at,
                 "elapsed_ms": ack.elapsed_ms,
                 "hooks": [h.model_dump() for h in ack.hooks],
                 "error": ack.error,
