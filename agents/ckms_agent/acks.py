@@ -181,6 +181,11 @@ class AckPublisher:
                 self._backoff.reset()
                 self.published += len(batch)
                 log.debug("published %d ack(s) up to seq %d", len(batch), batch[-1].seq)
+                if len(batch) < BATCH and not self._wake.is_set():
+                    # Every ack is queued through wakeup(): none came since the read, so the
+                    # queue is empty without asking the DB again.
+                    self._drained.set()
+                    await self._wake.wait()
         finally:
             if producer is not None:
                 await abort_producer(producer)  # unconfirmed acks stay queued in the state DB

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -207,10 +208,20 @@ async def test_a_write_cancelled_in_flight_is_all_or_nothing_and_leaves_the_stat
         assert await state.keys() == {}
 
 
-async def test_keys_are_read_again_after_every_write(tmp_path: Path) -> None:
+async def test_keys_in_memory_match_what_a_reopen_reads(tmp_path: Path) -> None:
+    shuffled = replace(
+        record(),
+        versions=dict(reversed(record().versions.items())),
+        files={Path("/root/b"): "b" * 64, Path("/root/a"): "a" * 64},
+    )
     async with AgentState(tmp_path / "state.db") as state:
         assert await state.keys() == {}
-        await state.put_key(record())
-        assert list(await state.keys()) == ["payments/db"]
-        await state.forget_key("payments/db")
-        assert await state.keys() == {}
+        await state.put_key(shuffled)
+        await state.put_key(record("other/key"))
+        await state.forget_key("other/key")
+        held = await state.keys()
+    async with AgentState(tmp_path / "state.db") as state:
+        reread = await state.keys()
+    assert held == reread == {"payments/db": shuffled}
+    assert list(held["payments/db"].versions) == list(reread["payments/db"].versions) == [1, 2]
+    assert list(held["payments/db"].files) == list(reread["payments/db"].files)
