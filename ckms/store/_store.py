@@ -102,10 +102,15 @@ class Reader:
 class Transaction(Reader):
     """The one write transaction; handed out by :meth:`Store.write`."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, audit_head: tuple[int, str] | None = None
+    ) -> None:
         super().__init__(conn)
         self.wrote_outbox = False
         """Set by ``outbox.add_event``: the store tells its outbox listeners after the commit."""
+        self.audit_head = audit_head
+        """(records, last hash) of the audit log as this transaction sees it, if known; kept
+        by ``audit.append`` so a busy writer does not read the head back for every record."""
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run a statement and return the number of rows it changed."""
@@ -153,6 +158,7 @@ class Store:
         self._outbox_listeners: list[Callable[[], None]] = []
         self._generations: dict[str, int] = dict.fromkeys(WATCHED, 0)
         self._changed: set[str] = set()
+        self._audit_head: tuple[int, str] | None = None
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -269,7 +275,9 @@ class Store:
         async with self._write_lock:
             self._check_open()
             self._writer_task = task
-            tx = Transaction(self._writer)
+            tx = Transaction(self._writer, self._audit_head)
+            # Unknown until this transaction commits (a failure reads it from the table again).
+            self._audit_head = None
             self._changed.clear()
             try:
                 await _run(self._writer, "BEGIN IMMEDIATE", "cannot start a write transaction")
@@ -287,6 +295,7 @@ class Store:
                 except StoreError:
                     await _rollback(self._writer)
                     raise
+                self._audit_head = tx.audit_head
                 if tx.wrote_outbox:
                     for listener in self._outbox_listeners:
                         listener()

@@ -164,7 +164,7 @@ async def append(
 ) -> AuditRecord:
     """Append one record in the caller's write transaction; any failure raises AuditError."""
     try:
-        size, prev = await _head(tx)
+        size, prev = tx.audit_head if tx.audit_head is not None else await _head(tx)
         record_fields = {
             "index": size,
             "at": format_time(now),
@@ -191,6 +191,7 @@ async def append(
                 digest,
             ),
         )
+        tx.audit_head = (size + 1, digest)
     except AuditError:
         raise
     except (CKMSError, ValueError) as exc:
