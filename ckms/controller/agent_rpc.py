@@ -35,7 +35,7 @@ from ckms.protocol import (
     format_time,
 )
 from ckms.ssh import Principal, RpcServer
-from ckms.store import Clock, Store, Transaction, utc_now
+from ckms.store import Clock, GroupWriter, Store, Transaction, utc_now
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class AgentService:
         self._acks_topic = acks_topic
         self._reconcile_interval_s = reconcile_interval_s
         self._clock = clock
+        self._group = GroupWriter(store)
 
     def register(self, server: RpcServer) -> None:
         """Route the agent methods on ``server``."""
@@ -157,10 +158,14 @@ class AgentService:
             except (PermissionDeniedError, NotFoundError) as exc:
                 # Left out: the agent's own fetch of it gets (and audits) the refusal.
                 log.info("host %s sync: not sending %s v%d: %s", host.id, *_item(item), exc)
-        async with self._store.write() as tx:
-            await self._hosts.record_seen(tx, host.id, [i.model_dump() for i in request.installed])
+        reported = [i.model_dump() for i in request.installed]
+
+        async def record(tx: Transaction) -> None:
+            await self._hosts.record_seen(tx, host.id, reported)
             for reply in material:
                 await self._audit_fetch(tx, host, reply)
+
+        await self._group.write(record)
         return SyncReply(
             host=host.id,
             keys=tuple(desired),
@@ -184,7 +189,12 @@ class AgentService:
         for item in request.installed:
             have.setdefault(item.key, set()).add((item.version, item.digest))
         drift = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        await self._hosts.touch(host.id, [i.model_dump() for i in request.installed])
+        reported = [i.model_dump() for i in request.installed]
+
+        async def record(tx: Transaction) -> None:
+            await self._hosts.record_seen(tx, host.id, reported)
+
+        await self._group.write(record)
         if drift:
             log.info("host %s drifts on %s", host.id, ", ".join(drift))
         return HeartbeatReply(drift=tuple(drift), controller_time=format_time(self._now()))
@@ -194,8 +204,11 @@ class AgentService:
         request = FetchRequest.model_validate(params)
         host, suite = await self._host(principal)
         reply = await self._wrap(host, suite, await self._lifecycle.current_keys(), request)
-        async with self._store.write() as tx:
+
+        async def record(tx: Transaction) -> None:
             await self._audit_fetch(tx, host, reply)
+
+        await self._group.write(record)
         return reply
 
     async def _wrap(

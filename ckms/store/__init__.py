@@ -2,9 +2,11 @@
 
 ``Store.open(path)`` applies migrations and returns the store; ``async with store.write() as tx``
 is the one way to change it. :mod:`ckms.store.audit` holds the hash-chained audit log and
-:mod:`ckms.store.outbox` the transactional outbox.
+:mod:`ckms.store.outbox` the transactional outbox; :class:`GroupWriter` commits small writes of
+concurrent requests together.
 """
 
+from ckms.store._group import GroupWriter
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._store import Reader, Store, Transaction, apply_migrations
 from ckms.store._time import Clock, format_time, parse_time, require_utc, utc_now
@@ -12,6 +14,7 @@ from ckms.store._time import Clock, format_time, parse_time, require_utc, utc_no
 __all__ = [
     "MIGRATIONS",
     "Clock",
+    "GroupWriter",
     "Migration",
     "Reader",
     "Store",
