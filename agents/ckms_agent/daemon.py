@@ -353,7 +353,19 @@ class Agent:
             reply, held, drifted=report.drifted, tombstones=frozenset(ops.tombstones)
         )
         acked: dict[str, set[int]] = {}
+        # Retried by the periodic reconcile (a little less than its interval, so the next one
+        # does retry), or as soon as the key changes.
+        retry_after = 0.9 * self._reconcile_interval()
         for plan in plans:
+            if ops.holding_off(plan, retry_after):
+                log.info(
+                    "key=%s host=%s: this change failed recently; not retrying it for %.0f s "
+                    "unless the key changes",
+                    plan.key,
+                    self.config.host_id,
+                    retry_after,
+                )
+                continue
             log.info(
                 "key=%s host=%s %s (%s) fetch=%s drop=%s",
                 plan.key,

@@ -36,6 +36,7 @@ from ckms.errors import CKMSError, IntegrityError, ProtocolError, StoreError, Tr
 from ckms.protocol import (
     MAX_PREFETCH,
     AckStatus,
+    DesiredKey,
     DesiredVersion,
     FetchReply,
     FetchRequest,
@@ -128,6 +129,7 @@ class KeyOps:
         """Versions revoked by events in this run; never (re)installed from an older reply."""
         self.failed_at: dict[str, float] = {}
         """When a key last failed to install (drift reports do not retry it at once)."""
+        self._failed_plans: dict[str, tuple[tuple[object, ...], float]] = {}
         self._materials: dict[tuple[str, int], tuple[str, bytes]] = {}
         self._swept: set[Path] = set()
 
@@ -194,6 +196,26 @@ class KeyOps:
                         event_id=trigger.event_id,
                     )
 
+    def holding_off(self, plan: KeyPlan, retry_after_s: float) -> bool:
+        """True when this exact change failed less than ``retry_after_s`` ago.
+
+        A version whose install failed (its health check refused it, its material did not
+        verify) was acked ``failed`` and the previous one put back; trying it again on every
+        later sync would flip the service to the bad key and back each time. It is retried
+        after ``retry_after_s`` (the reconcile interval), or at once when the controller's
+        desired state for the key changes (a new version, spec or state).
+        """
+        failed = self._failed_plans.get(plan.key)
+        if failed is None or plan.desired is None:
+            return False
+        signature, at = failed
+        return signature == _signature(plan.desired) and self._clock() - at < retry_after_s
+
+    def _note_failure(self, desired: DesiredKey) -> None:
+        now = self._clock()
+        self.failed_at[desired.key] = now
+        self._failed_plans[desired.key] = (_signature(desired), now)
+
     async def execute(
         self,
         plan: KeyPlan,
@@ -219,7 +241,7 @@ class KeyOps:
             raise
         except CKMSError as exc:
             log.error("key=%s host=%s not installed: %s", plan.key, self._host, exc)
-            self.failed_at[plan.key] = self._clock()
+            self._note_failure(desired)
             versions = plan.changed or tuple(v.version for v in needed)
             for version in versions:
                 await self._acks.ack(
@@ -262,7 +284,7 @@ class KeyOps:
                 )
                 hooks = outcome.hooks
                 if outcome.status is AckStatus.FAILED:
-                    self.failed_at[name] = self._clock()
+                    self._note_failure(desired)
                     targets = changed or [v.version for v in versions if v.primary]
                     for version in targets:
                         await self._acks.ack(
@@ -292,6 +314,7 @@ class KeyOps:
             )
             await self._state.put_key(new_record)
             self.failed_at.pop(name, None)
+            self._failed_plans.pop(name, None)
             for version in dropped:
                 self._materials.pop((name, version), None)
             by_version = {v.version: v for v in versions}
@@ -648,6 +671,16 @@ class KeyOps:
             digest,
             self._host,
         )
+
+
+def _signature(desired: DesiredKey) -> tuple[object, ...]:
+    """Everything about a desired key that a retry would install."""
+    versions = sorted(desired.versions, key=lambda v: v.version)
+    return (
+        desired.key_type,
+        desired.install,
+        tuple((v.version, v.digest, str(v.state), v.primary) for v in versions),
+    )
 
 
 def read_keyring(paths: Sequence[Path]) -> dict[int, bytes]:

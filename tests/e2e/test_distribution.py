@@ -243,12 +243,31 @@ async def test_a_failing_health_check_restores_the_previous_version(
     config = await enroll_agent(c, tmp_path, "web-6", WEB)
     root = tmp_path / "web-6" / "root"
     gate = tmp_path / "healthy"
+    runs = tmp_path / "health-runs"
     gate.write_text("yes")
     spec = InstallSpec(
         path="/etc/ckms/{team}/{purpose}.key",
-        health=("sh", "-c", f"test -f {gate} || {{ echo 'service rejected the key'; exit 7; }}"),
+        health=(
+            "sh",
+            "-c",
+            f"echo run >> {runs}; test -f {gate} || {{ echo 'service rejected the key'; exit 7; }}",
+        ),
     )
-    async with running_agent(config):
+
+    def health_runs() -> int:
+        return len(runs.read_text().splitlines()) if runs.exists() else 0
+
+    async def acks(version: int, status: str) -> int:
+        assert c.store is not None
+        return sum(
+            1
+            for r in await audit_log.load_records(c.store)
+            if r.action == "fleet.ack"
+            and r.actor == "host:web-6"
+            and (r.details["version"], r.details["status"]) == (version, status)
+        )
+
+    async with running_agent(config) as agent:
         await c.lifecycle.create(
             "web/tls", "aes-256", targets=Targets(selectors=(WEB,)), install=spec, actor="alice"
         )
@@ -256,18 +275,26 @@ async def test_a_failing_health_check_restores_the_previous_version(
         v1 = await c.vault.material("web/tls", 1)
         gate.unlink()
         await c.lifecycle.rotate("web/tls", actor="alice")
-
-        async def failed_ack() -> object:
-            assert c.store is not None
-            return await c.store.fetchone(
-                "SELECT status FROM fleet_state WHERE host_id = 'web-6' AND version = 2 "
-                "AND status = 'failed'"
-            )
-
-        await wait_until(failed_ack, what="failed ack")
-    # The agent retries a failed key on later syncs; once it has stopped (a clean stop lets an
-    # install in progress finish, rollback included), the previous version must be in place.
-    assert (root / "etc/ckms/web/tls.key").read_bytes() == v1
+        await wait_until(lambda: acks(2, "failed"), what="failed ack")
+        assert (root / "etc/ckms/web/tls.key").read_bytes() == v1
+        ran = health_runs()
+        # Another key's event makes the agent sync again: the change that just failed is not
+        # tried again (the service would flip to the bad key and back on every sync).
+        reconciles = agent.reconciles
+        await c.lifecycle.create(
+            "web/other", "aes-256", targets=Targets(selectors=(WEB,)), actor="alice"
+        )
+        await wait_until(lambda: converged(c, "web/other", {"web-6"}), what="other key")
+        await wait_until(lambda: agent.reconciles > reconciles, what="a later sync")
+        assert health_runs() == ran
+        assert await acks(2, "failed") == 1
+        assert (root / "etc/ckms/web/tls.key").read_bytes() == v1
+        # A new version is a different change: tried at once, and it passes once healthy.
+        gate.write_text("yes")
+        await c.lifecycle.rotate("web/tls", actor="alice")
+        await wait_until(lambda: acks(3, "installed"), what="v3 installed")
+        v3 = await c.vault.material("web/tls", 3)
+        assert (root / "etc/ckms/web/tls.key").read_bytes() == v3
     assert c.store is not None
     failed = [
         r
