@@ -175,18 +175,26 @@ class AckConsumer:
                 checked.append((record, None, None))
         now = self._clock()
         applied = 0
+        hosts = sorted({host_id for _, host_id, _ in checked if host_id is not None})
         async with self._store.write() as tx:
+            # One query per batch for what every ack needs, not one per ack (the writer is the
+            # controller's busiest path during a rotation).
             last_seq: dict[str, int | None] = {}
+            for chunk in _chunks(hosts, 500):
+                marks = ", ".join("?" * len(chunk))
+                for row in await tx.fetchall(
+                    f"SELECT id, last_ack_seq FROM hosts WHERE id IN ({marks})",  # noqa: S608
+                    chunk,
+                ):
+                    last_seq[row["id"]] = row["last_ack_seq"]
+            lookups = _BatchLookups(tx)
             positions: dict[int, int] = {}
+            seen: dict[str, int] = {}
             for record, host_id, envelope in checked:
                 positions[record.partition] = record.offset + 1
                 if host_id is None or envelope is None:
                     continue
-                if host_id not in last_seq:
-                    last_seq[host_id] = await tx.fetchval(
-                        "SELECT last_ack_seq FROM hosts WHERE id = ?", (host_id,)
-                    )
-                previous = last_seq[host_id]
+                previous = last_seq.get(host_id)
                 if previous is not None and envelope.seq <= previous:
                     exc = ReplayedEvent(
                         f"ack seq {envelope.seq} of {host_id} is not newer than {previous}"
@@ -194,43 +202,46 @@ class AckConsumer:
                     self.stats.drop(exc.reason)
                     log.warning("dropped ack from %s reason=%s: %s", host_id, exc.reason, exc)
                     continue
-                if await self._apply_one(tx, host_id, envelope, now):
+                if await self._apply_one(tx, lookups, host_id, envelope, now):
                     applied += 1
-                last_seq[host_id] = envelope.seq
-                await tx.execute(
-                    "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
-                    (envelope.seq, format_time(now), host_id),
-                )
-            for partition, offset in positions.items():
-                await tx.execute(
-                    "INSERT INTO consumer_positions(topic, partition, next_offset) "
-                    "VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
-                    "DO UPDATE SET next_offset = excluded.next_offset",
-                    (self._topic, partition, offset),
-                )
+                last_seq[host_id] = seen[host_id] = envelope.seq
+            stamp = format_time(now)
+            await tx.executemany(
+                "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
+                [(seq, stamp, host_id) for host_id, seq in seen.items()],
+            )
+            await tx.executemany(
+                "INSERT INTO consumer_positions(topic, partition, next_offset) "
+                "VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
+                "DO UPDATE SET next_offset = excluded.next_offset",
+                [(self._topic, partition, offset) for partition, offset in positions.items()],
+            )
         self.stats.applied += applied
         async with self.applied:
             self.applied.notify_all()
         return applied
 
     async def _apply_one(
-        self, tx: Transaction, host_id: str, envelope: Envelope, now: datetime
+        self,
+        tx: Transaction,
+        lookups: _BatchLookups,
+        host_id: str,
+        envelope: Envelope,
+        now: datetime,
     ) -> bool:
         ack = envelope.data
         assert isinstance(ack, Ack)
-        key_row = await tx.fetchone("SELECT id FROM keys WHERE name = ?", (ack.key,))
-        if key_row is None:
+        key_id = await lookups.key_id(ack.key)
+        if key_id is None:
             log.warning(
                 "ack from %s names unknown key %s; recorded in audit only", host_id, ack.key
             )
         latency_ms = None
         if ack.event_id:
-            created = await tx.fetchval(
-                "SELECT created_at FROM outbox WHERE event_id = ?", (ack.event_id,)
-            )
+            created = await lookups.event_created(ack.event_id)
             if created is not None:
-                latency_ms = (now - parse_time(created)).total_seconds() * 1000
-        if key_row is not None:
+                latency_ms = (now - created).total_seconds() * 1000
+        if key_id is not None:
             await tx.execute(
                 "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
                 "updated_at, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
@@ -239,7 +250,7 @@ class AckConsumer:
                 "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms",
                 (
                     host_id,
-                    key_row["id"],
+                    key_id,
                     ack.version,
                     str(ack.status),
                     ack.digest,
@@ -267,7 +278,34 @@ class AckConsumer:
                 "error": ack.error,
             },
         )
-        return key_row is not None
+        return key_id is not None
+
+
+class _BatchLookups:
+    """Key ids and event times, each read once per ack batch (acks of a rotation share them)."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+        self._keys: dict[str, str | None] = {}
+        self._events: dict[str, datetime | None] = {}
+
+    async def key_id(self, name: str) -> str | None:
+        if name not in self._keys:
+            row = await self._tx.fetchone("SELECT id FROM keys WHERE name = ?", (name,))
+            self._keys[name] = None if row is None else row["id"]
+        return self._keys[name]
+
+    async def event_created(self, event_id: str) -> datetime | None:
+        if event_id not in self._events:
+            created = await self._tx.fetchval(
+                "SELECT created_at FROM outbox WHERE event_id = ?", (event_id,)
+            )
+            self._events[event_id] = None if created is None else parse_time(created)
+        return self._events[event_id]
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,9 @@ class RpcServer:
                 agent_forwarding=False,
                 x11_forwarding=False,
                 reuse_port=self._reuse_port,
+                # Channels are bytes (encoding=None), where asyncssh's line editor never
+                # engages; without it each channel skips two wrapper objects.
+                line_editor=False,
             )
         except OSError as exc:
             raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc

@@ -121,6 +121,16 @@ class Transaction(Reader):
             raise _store_error(exc, "write failed") from exc
         return cursor.rowcount
 
+    async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        """Run one statement for each parameter row (one trip to the connection's thread)."""
+        self._check()
+        if not rows:
+            return
+        try:
+            await self._conn.executemany(sql, rows)
+        except (sqlite3.Error, ValueError) as exc:
+            raise _store_error(exc, "write failed") from exc
+
     async def insert(self, sql: str, params: Params = ()) -> int:
         """Run an INSERT and return the new row's rowid."""
         self._check()
