@@ -2,6 +2,7 @@
 
     python bench/rpc.py                            # 2000 sequential, then 2000 with 50 in flight
     python bench/rpc.py --requests 5000 --concurrency 1,10,50 --rounds 3
+    python bench/rpc.py --one-process              # server and client on one event loop
 
 A real ``RpcServer`` runs in a child process with one trivial route (``echo``: returns its
 parameters), and a real ``RpcClient`` in this process opens one connection to it and, after a
@@ -11,10 +12,13 @@ up in production (INFO, asyncssh at WARNING), so nothing is written per request.
 
 Prints one line per setting and round: requests/s (wall clock), and CPU milliseconds per request
 of the server process (``/proc/<pid>/stat``, 10 ms ticks, so use >= 2000 requests) and of this
-client process (``time.process_time``). ``--json PATH`` also writes the figures as JSON. For a
-profile, run py-spy on the server pid it prints (``py-spy record --pid PID --format raw``), or
-``--profile client`` (or ``server``) to write a cProfile of that side to ``rpc-client.prof``
-(``rpc-server.prof``), warm-up included.
+client process (``time.process_time``). With ``--one-process`` the server runs on the client's
+event loop and one figure, server + client, is printed: it does not depend on how the two
+processes happen to be scheduled, so it is the steadier one for comparing two versions on a busy
+machine. ``--json PATH`` also writes the figures as JSON. For a profile, run py-spy on the server
+pid it prints (``py-spy record --pid PID --format raw``), or ``--profile client`` (or ``server``)
+to write a cProfile of that side to ``rpc-client.prof`` (``rpc-server.prof``, warm-up included)
+in the current directory.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._proc import cpu_seconds  # noqa: E402
-from ckms.ssh import (  # noqa: E402
+import asyncssh
+
+from bench._proc import cpu_seconds
+from ckms.ssh import (
     Principal,
     RpcClient,
     RpcServer,
@@ -51,36 +57,40 @@ async def _echo(principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _serve(
-    conn: Any, host_key_pem: bytes, client_public: bytes, max_concurrent: int, profile: bool
-) -> None:
-    """Child process: serve ``echo`` until the parent sends anything on the pipe."""
-    import asyncssh
-
-    _setup_logging()
-    host_key = asyncssh.import_private_key(host_key_pem)
+def _server(host_key: asyncssh.SSHKey, client_public: bytes, max_concurrent: int) -> RpcServer:
+    """The benchmark's RpcServer: one ``echo`` route, the client's key as the only agent."""
     allowed = fingerprint(asyncssh.import_public_key(client_public))
 
     async def authenticate(username: str, key: asyncssh.SSHKey) -> Principal | None:
         fp = fingerprint(key)
         return Principal(username, "agent", fp) if fp == allowed else None
 
-    async def main() -> None:
-        rpc = RpcServer(host_key=host_key, authenticate=authenticate, max_concurrent=max_concurrent)
-        rpc.route("echo", _echo, roles={"agent"})
-        async with rpc:
+    rpc = RpcServer(host_key=host_key, authenticate=authenticate, max_concurrent=max_concurrent)
+    rpc.route("echo", _echo, roles={"agent"})
+    return rpc
+
+
+def _serve(
+    conn: Any, host_key_pem: bytes, client_public: bytes, max_concurrent: int, profile: bool
+) -> None:
+    """Child process: serve ``echo`` until the parent sends anything on the pipe."""
+    _setup_logging()
+    host_key = asyncssh.import_private_key(host_key_pem)
+
+    async def serve() -> None:
+        async with _server(host_key, client_public, max_concurrent) as rpc:
             conn.send(rpc.port)
             await asyncio.to_thread(conn.recv)
 
     if profile:
-        cProfile.runctx("asyncio.run(main())", globals(), locals(), "rpc-server.prof")
+        cProfile.runctx("asyncio.run(serve())", globals(), locals(), "rpc-server.prof")
     else:
-        asyncio.run(main())
+        asyncio.run(serve())
 
 
 async def _run(
-    client: RpcClient, requests: int, concurrency: int, server_pid: int
-) -> dict[str, float]:
+    client: RpcClient, requests: int, concurrency: int, server_pid: int | None
+) -> dict[str, Any]:
     params = {"key": "payments/db", "version": 3}
     remaining = requests
 
@@ -90,23 +100,75 @@ async def _run(
             remaining -= 1
             await client.call("echo", params)
 
-    server_cpu, client_cpu, wall = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
+    server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
+    client_cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - wall
     client_cpu = time.process_time() - client_cpu
-    server_cpu = cpu_seconds(server_pid) - server_cpu
-    return {
+    result: dict[str, Any] = {
         "concurrency": concurrency,
         "requests": requests,
         "requests_per_s": requests / wall,
-        "server_cpu_ms": 1000 * server_cpu / requests,
-        "client_cpu_ms": 1000 * client_cpu / requests,
     }
+    if server_pid:
+        server_cpu = cpu_seconds(server_pid) - server_cpu
+        result["server_cpu_ms"] = 1000 * server_cpu / requests
+        result["client_cpu_ms"] = 1000 * client_cpu / requests
+    else:
+        result["both_cpu_ms"] = 1000 * client_cpu / requests
+    return result
 
 
-async def bench(args: argparse.Namespace) -> list[dict[str, float]]:
-    host_key, client_key = generate_ssh_key(), generate_ssh_key()
+async def _measure(
+    args: argparse.Namespace,
+    port: int,
+    host_key: asyncssh.SSHKey,
+    client_key: asyncssh.SSHKey,
+    server_pid: int | None,
+) -> list[dict[str, Any]]:
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    results = []
+    async with RpcClient(
+        host="127.0.0.1",
+        port=port,
+        username="bench",
+        client_key=client_key,
+        host_key_fingerprint=fingerprint(host_key),
+    ) as client:
+        await _run(client, 200, max(concurrency), server_pid)  # warm-up
+        profile = cProfile.Profile() if args.profile == "client" else None
+        for rnd in range(args.rounds):
+            for c in concurrency:
+                if profile:
+                    profile.enable()
+                r = await _run(client, args.requests, c, server_pid)
+                if profile:
+                    profile.disable()
+                r["round"] = rnd + 1
+                results.append(r)
+                if server_pid:
+                    cpu = f"server {r['server_cpu_ms']:.3f} ms, client {r['client_cpu_ms']:.3f} ms"
+                else:
+                    cpu = f"server + client {r['both_cpu_ms']:.3f} ms"
+                print(
+                    f"round {rnd + 1} concurrency {c:3d}: {r['requests_per_s']:7.0f} req/s, "
+                    f"CPU per request: {cpu}",
+                    flush=True,
+                )
+        if profile:
+            profile.dump_stats("rpc-client.prof")
+            print("client profile written to rpc-client.prof")
+    return results
+
+
+async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    host_key, client_key = generate_ssh_key(), generate_ssh_key()
+    client_public = client_key.export_public_key("openssh")
+    max_concurrent = max(16, *(int(c) for c in args.concurrency.split(",")))
+    if args.one_process:
+        async with _server(host_key, client_public, max_concurrent) as rpc:
+            assert rpc.port is not None
+            return await _measure(args, rpc.port, host_key, client_key, None)
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     server = ctx.Process(
@@ -114,8 +176,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, float]]:
         args=(
             child,
             host_key.export_private_key("openssh"),
-            client_key.export_public_key("openssh"),
-            max(16, *concurrency),
+            client_public,
+            max_concurrent,
             args.profile == "server",
         ),
         daemon=True,
@@ -125,35 +187,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, float]]:
     try:
         port = await asyncio.to_thread(parent.recv)
         print(f"server pid {server.pid}, port {port}", flush=True)
-        results = []
-        async with RpcClient(
-            host="127.0.0.1",
-            port=port,
-            username="bench",
-            client_key=client_key,
-            host_key_fingerprint=fingerprint(host_key),
-        ) as client:
-            await _run(client, 200, max(concurrency), server.pid)  # warm-up
-            profile = cProfile.Profile() if args.profile == "client" else None
-            for rnd in range(args.rounds):
-                for c in concurrency:
-                    if profile:
-                        profile.enable()
-                    r = await _run(client, args.requests, c, server.pid)
-                    if profile:
-                        profile.disable()
-                    r["round"] = rnd + 1
-                    results.append(r)
-                    print(
-                        f"round {rnd + 1} concurrency {c:3d}: {r['requests_per_s']:7.0f} req/s, "
-                        f"CPU per request: server {r['server_cpu_ms']:.3f} ms, "
-                        f"client {r['client_cpu_ms']:.3f} ms",
-                        flush=True,
-                    )
-            if profile:
-                profile.dump_stats("rpc-client.prof")
-                print("client profile written to rpc-client.prof")
-        return results
+        return await _measure(args, port, host_key, client_key, server.pid)
     finally:
         parent.send("stop")
         server.join(10)
@@ -166,6 +200,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="calls per setting")
     parser.add_argument("--concurrency", default="1,50", help="calls in flight, comma-separated")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every setting")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the server in this process too and report their CPU together",
+    )
     parser.add_argument(
         "--profile", choices=["client", "server"], help="cProfile one side to rpc-SIDE.prof"
     )

@@ -104,6 +104,10 @@ class TransportError(CKMSError):
     retriable = True
 
 
+class RequestTimeoutError(TransportError):
+    """Raised when one request got no reply in time; the connection itself is kept."""
+
+
 class DependencyMissingError(CKMSError):
     """Raised when a tool ckms needs (Java, Maven) is not installed; the message names it."""
 

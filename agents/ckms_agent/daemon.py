@@ -40,7 +40,14 @@ from pydantic import BaseModel, ValidationError
 
 from ckms._kafka import partitions_of
 from ckms.consumer import Position, Subscriber
-from ckms.errors import CKMSError, KafkaUnavailableError, ProtocolError, StoreError, TransportError
+from ckms.errors import (
+    CKMSError,
+    KafkaUnavailableError,
+    ProtocolError,
+    RequestTimeoutError,
+    StoreError,
+    TransportError,
+)
 from ckms.protocol import (
     Envelope,
     FetchReply,
@@ -264,6 +271,8 @@ class Agent:
             raw = await rpc.call(
                 method, params.model_dump(mode="json"), timeout_s=self.config.rpc_timeout_s
             )
+        except RequestTimeoutError:
+            raise  # the controller is busy; the connection stays (no handshake on every retry)
         except TransportError:
             self._lost.set()
             raise
@@ -312,6 +321,13 @@ class Agent:
                 backoff.reset()
             except StoreError:
                 raise
+            except RequestTimeoutError as exc:
+                # A busy controller: ask again after a jittered, growing pause.
+                delay = backoff.next()
+                log.warning("reconcile timed out: %s; retrying in %.1f s", exc, delay)
+                self._restore_triggers(triggers)
+                await asyncio.sleep(delay)
+                self._reconcile_wanted.set()
             except TransportError as exc:
                 # The connection task reconnects and asks again; keep the triggers for then.
                 log.warning("reconcile interrupted: %s", exc)

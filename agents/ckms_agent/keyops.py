@@ -197,11 +197,11 @@ class KeyOps:
                     )
 
     def holding_off(self, plan: KeyPlan, retry_after_s: float) -> bool:
-        """True when this exact change failed less than ``retry_after_s`` ago.
+        """True when this exact change failed to install less than ``retry_after_s`` ago.
 
-        A version whose install failed (its health check refused it, its material did not
-        verify) was acked ``failed`` and the previous one put back; trying it again on every
-        later sync would flip the service to the bad key and back each time. It is retried
+        A version whose install failed (its reload or health check refused it) was acked
+        ``failed`` and the previous one put back; trying it again on every later sync would
+        flip the service to the bad key and back each time. It is retried
         after ``retry_after_s`` (the reconcile interval), or at once when the controller's
         desired state for the key changes (a new version, spec or state).
         """
@@ -241,7 +241,9 @@ class KeyOps:
             raise
         except CKMSError as exc:
             log.error("key=%s host=%s not installed: %s", plan.key, self._host, exc)
-            self._note_failure(desired)
+            # Nothing was installed, so retrying on the next sync disturbs nothing (and the
+            # controller may have fixed the material meanwhile): no hold-off for this one.
+            self.failed_at[plan.key] = self._clock()
             versions = plan.changed or tuple(v.version for v in needed)
             for version in versions:
                 await self._acks.ack(

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncssh
 
-from ckms.errors import CKMSError, ConfigError, TransportError
+from ckms.errors import CKMSError, ConfigError, RequestTimeoutError, TransportError
 from ckms.protocol._rpc import MAX_REPLY_BYTES, format_request, parse_reply
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,16 @@ class RpcClient:
                 result = await self._conn.run(
                     command, encoding=None, check=False, stdin=asyncssh.DEVNULL
                 )
+        except TimeoutError:
+            # First: TimeoutError is an OSError. A slow reply is a busy controller, not a dead
+            # connection; dropping it would add a handshake to every retry (a reconnect storm).
+            raise RequestTimeoutError(
+                f"{method} to {self.host}:{self.port} timed out after {timeout_s:g} s"
+            ) from None
         except (OSError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
             await self.close()
-            raise TransportError(f"{method} to {self.host}:{self.port} failed: {exc}") from None
-        except TimeoutError:
-            raise TransportError(f"{method} to {self.host}:{self.port} timed out") from None
+            reason = str(exc) or type(exc).__name__
+            raise TransportError(f"{method} to {self.host}:{self.port} failed: {reason}") from None
         stdout = result.stdout if isinstance(result.stdout, bytes) else b""
         if len(stdout) > MAX_REPLY_BYTES:
             raise TransportError(f"{method} reply exceeds {MAX_REPLY_BYTES} bytes")

@@ -163,41 +163,50 @@ async def append(
     details: dict[str, Any] | None = None,
 ) -> AuditRecord:
     """Append one record in the caller's write transaction; any failure raises AuditError."""
+    fields = {
+        "at": format_time(now),
+        "actor": actor,
+        "action": action,
+        "object": object,
+        "outcome": outcome,
+        "details": dict(details or {}),
+    }
     try:
-        size, prev = tx.audit_head if tx.audit_head is not None else await _head(tx)
-        record_fields = {
-            "index": size,
-            "at": format_time(now),
-            "actor": actor,
-            "action": action,
-            "object": object,
-            "outcome": outcome,
-            "details": dict(details or {}),
-            "prev_hash": prev,
-        }
-        digest = record_hash(record_fields)
-        await tx.insert(
-            "INSERT INTO audit(idx, at, actor, action, object, outcome, details, prev_hash, hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                size,
-                record_fields["at"],
-                actor,
-                action,
-                object,
-                outcome,
-                canonical_json(record_fields["details"]).decode("utf-8"),
-                prev,
-                digest,
-            ),
-        )
-        tx.audit_head = (size + 1, digest)
-    except AuditError:
-        raise
+        head = tx.audit_head
+        if head is not None:
+            try:
+                return await _insert(tx, head, fields)
+            except StoreError:
+                # The head kept in memory is stale: another connection appended (an operator's
+                # tool on the same file). Chain onto the real head instead.
+                pass
+        return await _insert(tx, await _head(tx), fields)
     except (CKMSError, ValueError) as exc:
         raise AuditError(
             f"audit record for {action} on {object} could not be written: {exc}"
         ) from exc
+
+
+async def _insert(tx: Transaction, head: tuple[int, str], fields: dict[str, Any]) -> AuditRecord:
+    size, prev = head
+    record_fields = {"index": size, **fields, "prev_hash": prev}
+    digest = record_hash(record_fields)
+    await tx.insert(
+        "INSERT INTO audit(idx, at, actor, action, object, outcome, details, prev_hash, hash) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            size,
+            fields["at"],
+            fields["actor"],
+            fields["action"],
+            fields["object"],
+            fields["outcome"],
+            canonical_json(fields["details"]).decode("utf-8"),
+            prev,
+            digest,
+        ),
+    )
+    tx.audit_head = (size + 1, digest)
     return AuditRecord(hash=digest, **record_fields)
 
 

@@ -13,7 +13,13 @@ from typing import Any
 import asyncssh
 import pytest
 
-from ckms.errors import CKMSError, PermissionDeniedError, ProtocolError, TransportError
+from ckms.errors import (
+    CKMSError,
+    PermissionDeniedError,
+    ProtocolError,
+    RequestTimeoutError,
+    TransportError,
+)
 from ckms.protocol._rpc import MAX_REQUEST_BYTES
 from ckms.ssh import Principal, RpcClient, RpcServer, fingerprint, generate_ssh_key
 from ckms.ssh._keys import write_private_key
@@ -144,6 +150,18 @@ async def test_requests_in_flight_are_bounded_per_connection(server) -> None:
         fx.gate.set()
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
         assert sum(1 for r in results if r == {}) == 2
+
+
+async def test_a_request_timeout_keeps_the_connection(server) -> None:
+    fx, rpc = server
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        with pytest.raises(
+            RequestTimeoutError, match=r"slow to 127\.0\.0\.1:\d+ timed out after 0\.2 s"
+        ):
+            await c.call("slow", timeout_s=0.2)
+        assert c.connected  # a busy server is not a dead connection: no new handshake
+        assert (await c.call("echo", {"n": 1}))["params"] == {"n": 1}
+        fx.gate.set()
 
 
 @pytest.mark.parametrize("closed", ["connection", "channel"])
