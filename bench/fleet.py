@@ -11,7 +11,7 @@ What runs (all on this machine, each part a separate process):
 - worker processes, each running many real agents (``ckms_agent.daemon.Agent``): every agent has
   its own enrollment, identity keys, SQLite state DB, SSH connection, Kafka consumer and
   producer and installs into its own root directory. Agents use the agent's default settings
-  (long poll 5 s, heartbeat 60 s); their INFO logging is off (WARNING goes to a file per worker).
+  (long poll 20 s, heartbeat 60 s); their INFO logging is off (WARNING goes to a file per worker).
 
 Measured per N, after a warm-up (the key is created and installed everywhere, so every agent has
 its connection, consumer and ack producer up):

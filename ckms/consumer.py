@@ -240,6 +240,8 @@ class Subscriber:
             enable_auto_commit=False,
             auto_offset_reset=self._start,
             fetch_max_wait_ms=self._fetch_max_wait_ms,
+            # A long poll is a request in flight: its timeout must outlast the wait.
+            request_timeout_ms=max(40_000, self._fetch_max_wait_ms + 10_000),
             # aiokafka's fetch task re-checks every 200 ms by default even while a long poll is
             # in flight; with a fixed assignment nothing needs that, and data, seeks and
             # metadata changes wake it anyway. Idle cost: 5 wake-ups per second → 1.
