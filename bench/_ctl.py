@@ -36,7 +36,13 @@ class ControllerService:
         return self.controller
 
     async def start(
-        self, home: str, bootstrap: str, events_topic: str, acks_topic: str, partitions: int
+        self,
+        home: str,
+        bootstrap: str,
+        events_topic: str,
+        acks_topic: str,
+        partitions: int,
+        events_partitions: int,
     ) -> dict[str, Any]:
         """Open, initialise, unseal and run the controller; return where agents reach it."""
         controller = Controller(
@@ -47,6 +53,7 @@ class ControllerService:
                 events_topic=events_topic,
                 acks_topic=acks_topic,
                 partitions=partitions,
+                events_partitions=events_partitions,
             )
         )
         await controller.open()

@@ -168,6 +168,7 @@ class FleetBench:
             events_topic=f"bench.{run}.events",
             acks_topic=f"bench.{run}.acks",
             partitions=self.args.partitions,
+            events_partitions=self.args.events_partitions,
         )
         self.db = info["db"]
         names = [f"h{i:05d}" for i in range(n)]
@@ -287,9 +288,18 @@ class FleetBench:
         return [
             subprocess.Popen(
                 [
-                    str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
-                    "--format", "raw", "--rate", "100", "--gil", "--nonblocking",
-                    "-o", str(out / f"n{self.n}-{tag}-{proc}.txt"),
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "100",
+                    "--gil",
+                    "--nonblocking",
+                    "-o",
+                    str(out / f"n{self.n}-{tag}-{proc}.txt"),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -332,9 +342,10 @@ class FleetBench:
         ctl = self.ctl
 
         async def create() -> dict[str, Any]:
-            return {"version": 1, **await ctl.call(
-                "create_key", name=KEY, labels=LABELS, path=INSTALL_PATH
-            )}
+            return {
+                "version": 1,
+                **await ctl.call("create_key", name=KEY, labels=LABELS, path=INSTALL_PATH),
+            }
 
         warm = await self._phase("create (warm-up)", create, 1, "installed")
         await asyncio.sleep(self.args.settle)
@@ -366,8 +377,7 @@ class FleetBench:
             worker_rss_mb=sum(rss.values()),
             worker_threads=threads,
             mb_per_agent=sum(rss.values()) / self.n,
-            mb_per_agent_marginal=(sum(rss.values()) - self.result["worker_rss_empty_mb"])
-            / self.n,
+            mb_per_agent_marginal=(sum(rss.values()) - self.result["worker_rss_empty_mb"]) / self.n,
         )
         self._rotate, self._revoke = rotate, revoke
 
@@ -386,9 +396,7 @@ class FleetBench:
         for spec in self.args.baseline:
             procs, concurrency = (int(x) for x in spec.split("x"))
             phase = Phase(f"baseline {procs}x{concurrency}", self.n, load=load_average())
-            pushers = [
-                Child.start(f"pusher{i}", "_push", "PushService") for i in range(procs)
-            ]
+            pushers = [Child.start(f"pusher{i}", "_push", "PushService") for i in range(procs)]
             pids = {**self.pids(), **{f"pusher{i}": p.pid for i, p in enumerate(pushers)}}
             pids.pop("controller")  # the controller plays no part in the baseline
             await asyncio.sleep(1.0)  # let the pushers import
@@ -415,8 +423,10 @@ class FleetBench:
             _latencies(ends, phase)
             written = sum(
                 await asyncio.gather(
-                    *(w.call("count_files", path=BASELINE_PATH, sha256=digest)
-                      for w in self.workers)
+                    *(
+                        w.call("count_files", path=BASELINE_PATH, sha256=digest)
+                        for w in self.workers
+                    )
                 )
             )
             phase.note = f"{errors} errors, {written} files verified"
@@ -443,11 +453,7 @@ class FleetBench:
     async def _clear_baseline_files(self) -> None:
         base = self.work / "hosts"
         await asyncio.to_thread(
-            lambda: [
-                p.unlink()
-                for p in base.glob("*/root" + BASELINE_PATH)
-                if p.exists()
-            ]
+            lambda: [p.unlink() for p in base.glob("*/root" + BASELINE_PATH) if p.exists()]
         )
 
     async def close(self) -> None:
@@ -500,24 +506,30 @@ def table(result: dict[str, Any]) -> str:
     row("  commit → ack signed p50 ms", [_fmt(p["acked_p50_ms"], 0) for _, p in cols[:2]])
     row("  ack signed → applied p50 ms", [_fmt(p["ack_transit_p50_ms"], 0) for _, p in cols[:2]])
     row("  ack signed → applied p99 ms", [_fmt(p["ack_transit_p99_ms"], 0) for _, p in cols[:2]])
-    row("CPU s, all processes", [_fmt(cpu_total(p), 1) for _, p in cols],
-        _fmt(n * FLOOR_CPU_MS_PER_HOST / 1000, 1))
+    row(
+        "CPU s, all processes",
+        [_fmt(cpu_total(p), 1) for _, p in cols],
+        _fmt(n * FLOOR_CPU_MS_PER_HOST / 1000, 1),
+    )
     row("CPU ms per host", [_fmt(per_host(p)) for _, p in cols], _fmt(FLOOR_CPU_MS_PER_HOST))
     row(
         "  less idle fleet cost",
-        [_fmt(1000 * (cpu_total(p) - p.get("idle_cpu_s", math.nan)) / max(1, p["done"]))
-         for _, p in cols[:2]],
+        [
+            _fmt(1000 * (cpu_total(p) - p.get("idle_cpu_s", math.nan)) / max(1, p["done"]))
+            for _, p in cols[:2]
+        ],
     )
     row("  controller CPU s", [_fmt(p["cpu_s"].get("controller", math.nan), 1) for _, p in cols])
     row("  kafka CPU s", [_fmt(p["cpu_s"].get("kafka", math.nan), 1) for _, p in cols])
     row(
         "  workers CPU s",
-        [_fmt(sum(v for k, v in p["cpu_s"].items() if k.startswith("worker")), 1)
-         for _, p in cols],
+        [_fmt(sum(v for k, v in p["cpu_s"].items() if k.startswith("worker")), 1) for _, p in cols],
     )
     if base:
-        row("  pushers CPU s", ["", "",
-            _fmt(sum(v for k, v in base["cpu_s"].items() if k.startswith("pusher")), 1)])
+        row(
+            "  pushers CPU s",
+            ["", "", _fmt(sum(v for k, v in base["cpu_s"].items() if k.startswith("pusher")), 1)],
+        )
     row("total / floor", [_fmt(p["total_s"] / floor_s, 1) + "x" for _, p in cols])
     if base:
         row(
@@ -612,7 +624,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--start-batch", type=int, default=250, help="agents started at once (all workers)"
     )
-    parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
+    parser.add_argument("--partitions", type=int, default=6, help="partitions of the acks topic")
+    parser.add_argument(
+        "--events-partitions", type=int, default=1, help="partitions of the events topic"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase")
     parser.add_argument("--settle", type=float, default=3.0, help="pause between phases, s")
     parser.add_argument(

@@ -171,6 +171,12 @@ class Subscriber:
     """An async iterator of verified ckms events from one topic (see the module docstring).
 
     ``stats`` counts delivered events and dropped ones by reason, for metrics.
+
+    ``fetch_max_wait_ms`` is the long poll: idle cost, not latency, as a new event ends it at
+    once — on a one-partition topic (the controller's default). With several partitions, the
+    Kafka client fetches a broker with one request at a time and leaves a partition out of the
+    next request while its last records are being handled; an event arriving there meanwhile
+    waits for that request's long poll to end. Keep the poll short on such topics.
     """
 
     def __init__(

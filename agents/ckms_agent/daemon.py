@@ -351,9 +351,18 @@ class Agent:
         ops = self.ops
         report = await ops.held_report()
         prefetch = ops.prefetch_requests(by_key.values(), await self.state.keys())
-        reply = await self._call(
-            "sync", SyncRequest(installed=report.installed, fetch=prefetch), SyncReply
-        )
+        try:
+            reply = await self._call(
+                "sync", SyncRequest(installed=report.installed, fetch=prefetch), SyncReply
+            )
+        except (TransportError, StoreError):
+            raise
+        except CKMSError as exc:
+            if not prefetch:
+                raise
+            # A controller from before prefetching refuses the field: sync without it.
+            log.info("sync with prefetch refused (%s); syncing without it", exc)
+            reply = await self._call("sync", SyncRequest(installed=report.installed), SyncReply)
         if reply.host != self.config.host_id:
             raise ProtocolError(f"sync reply is for host {reply.host!r}, not this host")
         self._desired_keys = {k.key for k in reply.keys}

@@ -95,12 +95,17 @@ async def critical(work: Awaitable[T]) -> T:
     the files when a stop lands between writing a key and recording it.
     """
     task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if not task.done():
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
             await asyncio.wait([task])
-        raise
+        except asyncio.CancelledError as exc:  # again and again: still wait for the work
+            cancelled = exc
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved; the stop wins
+        raise cancelled
+    return task.result()
 
 
 class KeyOps:
@@ -273,6 +278,10 @@ class KeyOps:
             versions = tuple(
                 v for v in desired.versions if (name, v.version) not in self.tombstones
             )
+            if len(versions) < len(desired.versions):
+                # Planned from a reply older than a revocation applied meanwhile: install what
+                # stays now, and sync again for the controller's view after the revocation.
+                self._request_reconcile()
             if not versions:
                 return set()
             wanted = {v.version for v in versions}
@@ -454,7 +463,8 @@ class KeyOps:
                 return True
             hit = sorted(revoked & set(record.versions))
             if not hit:
-                return True
+                held = record.versions.get(primary_version) if primary_version else None
+                return primary_version is None or (held is not None and held.primary)
             spec = record.spec
             current = record.primary
             if (

@@ -20,7 +20,12 @@ from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
 from ckms.controller.models import Host, Key
 from ckms.controller.sealing import Vault
 from ckms.crypto import WrapSuite, material_digest, signer_key_id, wrap_for_agent
-from ckms.errors import CKMSError, IntegrityError, NotFoundError, PermissionDeniedError
+from ckms.errors import (
+    CKMSError,
+    IntegrityError,
+    PermissionDeniedError,
+    StoreError,
+)
 from ckms.protocol import (
     DesiredKey,
     DesiredVersion,
@@ -152,18 +157,37 @@ class AgentService:
             if (row["name"], row["version"]) not in wanted:
                 extra.setdefault(row["name"], set()).add(int(row["version"]))
         material: list[FetchReply] = []
+        refused: list[tuple[FetchRequest, CKMSError]] = []
         for item in dict.fromkeys(request.fetch):
             try:
                 material.append(await self._wrap(host, suite, keys, item))
-            except (PermissionDeniedError, NotFoundError) as exc:
-                # Left out: the agent's own fetch of it gets (and audits) the refusal.
+            except StoreError:
+                raise
+            except CKMSError as exc:
+                # Left out, and the rest of the sync still answered (one bad version must not
+                # stop a host from syncing); the agent's own fetch of it gets the reason.
                 log.info("host %s sync: not sending %s v%d: %s", host.id, *_item(item), exc)
+                refused.append((item, exc))
         reported = [i.model_dump() for i in request.installed]
 
         async def record(tx: Transaction) -> None:
             await self._hosts.record_seen(tx, host.id, reported)
             for reply in material:
                 await self._audit_fetch(tx, host, reply)
+            for item, exc in refused:
+                await audit_log.append(
+                    tx,
+                    now=self._now(),
+                    actor=f"host:{host.id}",
+                    action="key.fetch",
+                    object=f"key:{item.key}",
+                    outcome="refused",
+                    details={
+                        "version": item.version,
+                        "error": type(exc).__name__,
+                        "message": str(exc)[:500],
+                    },
+                )
 
         await self._group.write(record)
         return SyncReply(

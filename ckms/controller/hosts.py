@@ -257,7 +257,7 @@ class HostRegistry:
         Agent requests need who the host is (labels, revoked, wrapping key) on every request;
         that changes only on enroll, relabel and revoke (see ``Store.generation``).
         """
-        generation = self._store.generation("hosts")
+        generation = await self._store.generation("hosts")
         if generation != self._known_generation:
             self._known.clear()
             self._known_generation = generation
@@ -267,7 +267,7 @@ class HostRegistry:
             if row is None:
                 raise NotFoundError(f"no host {host_id!r}")
             known = (_host_row(row), str(row["wrap_suite"]))
-            if self._store.generation("hosts") == generation:
+            if await self._store.generation("hosts") == generation:
                 self._known[host_id] = known
         return known
 

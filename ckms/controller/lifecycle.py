@@ -211,7 +211,7 @@ class Lifecycle:
         The agent requests (sync, fetch) read every key on every request; keys change seldom,
         so this is rebuilt once per key change instead (see ``Store.generation``).
         """
-        generation = self._store.generation("keys")
+        generation = await self._store.generation("keys")
         if self._current is None or self._current[0] != generation:
             keys = await self.list_keys()
             self._current = (generation, MappingProxyType({k.name: k for k in keys}))

@@ -46,7 +46,13 @@ class ControllerSettings(BaseModel):
     kafka_bootstrap: str = "127.0.0.1:9092"
     events_topic: str = EVENTS_TOPIC
     acks_topic: str = ACKS_TOPIC
+    events_partitions: int = Field(default=1, ge=1, le=1000)
+    """Partitions of the events topic. One keeps every event in order and is measured best:
+    every agent reads every partition, and with several, an event landing on a partition whose
+    previous event an agent was still handling waits for that agent's long poll to end (the
+    Kafka client fetches each broker with one request at a time), up to the poll length."""
     partitions: int = Field(default=6, ge=1, le=1000)
+    """Partitions of the acks topic (written by every agent, read by the controller)."""
     replication: int = Field(default=1, ge=1, le=5)
     reconcile_interval_s: int = Field(default=300, ge=5)
     ssh_max_concurrent: int = Field(default=16, ge=1, le=1024)
@@ -65,7 +71,7 @@ class ControllerSettings(BaseModel):
     def topic_specs(self) -> list[TopicSpec]:
         """The topics the controller creates at start (idempotent)."""
         return [
-            TopicSpec(self.events_topic, self.partitions, self.replication),
+            TopicSpec(self.events_topic, self.events_partitions, self.replication),
             TopicSpec(self.acks_topic, self.partitions, self.replication),
         ]
 

@@ -86,7 +86,10 @@ class SyncRequest(_Model):
     """
 
     installed: tuple[InstalledVersion, ...] = Field(default=(), max_length=4096)
-    fetch: tuple[FetchRequest, ...] = Field(default=(), max_length=MAX_PREFETCH)
+    # Sent only when non-empty, so a controller from before this field still takes the request.
+    fetch: tuple[FetchRequest, ...] = Field(
+        default=(), max_length=MAX_PREFETCH, exclude_if=lambda value: not value
+    )
 
 
 class DesiredVersion(_Model):
@@ -123,8 +126,11 @@ class SyncReply(_Model):
     remove: tuple[RemoveItem, ...] = ()
     controller_time: str
     reconcile_interval_s: int = 300
-    material: tuple[FetchReply, ...] = Field(default=(), max_length=MAX_PREFETCH)
-    """The versions the request's ``fetch`` asked for that the host may have, wrapped for it."""
+    material: tuple[FetchReply, ...] = Field(
+        default=(), max_length=MAX_PREFETCH, exclude_if=lambda value: not value
+    )
+    """The versions the request's ``fetch`` asked for that the host may have, wrapped for it
+    (left out when empty, so an agent from before this field still takes the reply)."""
 
 
 class HeartbeatReply(_Model):

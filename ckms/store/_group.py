@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from ckms.errors import StoreError
 from ckms.store._store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ class GroupWriter:
         await future
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_all()
+        finally:
+            # However the flusher ends (cancelled at shutdown included), nobody waits forever.
+            stranded, self._pending = self._pending, []
+            for _, future in stranded:
+                _settle(future, StoreError("the store stopped before this write was committed"))
+
+    async def _flush_all(self) -> None:
         while self._pending:
             group = self._pending[:MAX_GROUP]
             del self._pending[:MAX_GROUP]
@@ -60,13 +70,18 @@ class GroupWriter:
                     _settle(group[0][1], exc)
                     continue
                 log.warning("a group of %d writes failed (%s); running each alone", len(group), exc)
-                for work, future in group:
-                    try:
-                        await self._commit([(work, future)])
-                    except Exception as alone:
-                        _settle(future, alone)
-                    else:
-                        _settle(future, None)
+                try:
+                    for work, future in group:
+                        try:
+                            await self._commit([(work, future)])
+                        except Exception as alone:
+                            _settle(future, alone)
+                        else:
+                            _settle(future, None)
+                except BaseException as stop:
+                    for _, future in group:
+                        _settle(future, stop)
+                    raise
                 continue
             except BaseException as exc:  # cancelled (the store is closing): nobody waits forever
                 for _, future in [*group, *self._pending]:

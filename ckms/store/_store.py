@@ -169,6 +169,7 @@ class Store:
         self._generations: dict[str, int] = dict.fromkeys(WATCHED, 0)
         self._changed: set[str] = set()
         self._audit_head: tuple[int, str] | None = None
+        self._data_version: int | None = None
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -228,13 +229,26 @@ class Store:
         except (sqlite3.Error, ValueError) as exc:
             raise _store_error(exc, "cannot watch the store for changes") from exc
 
-    def generation(self, name: str) -> int:
+    async def generation(self, name: str) -> int:
         """How many committed transactions changed ``name`` (a :data:`WATCHED` entry).
 
         In-memory caches of rarely changing rows (keys, host identities) compare it to the value
         they were filled at, so they never serve a row older than the last commit that changed
-        it. This process must be the only writer of the database (it is: one writer).
+        it. This process's own commits are counted by the triggers; a commit by any other
+        connection (an operator's tool, another process on the same file) moves the writer
+        connection's ``PRAGMA data_version``, and then every generation moves.
         """
+        if not self.is_memory:
+            try:
+                rows = await self._writer.execute_fetchall("PRAGMA data_version")
+            except (sqlite3.Error, ValueError) as exc:
+                raise _store_error(exc, "cannot read the data version") from exc
+            version = int(next(iter(rows))[0])
+            if version != self._data_version:
+                if self._data_version is not None:
+                    for watched in self._generations:
+                        self._generations[watched] += 1
+                self._data_version = version
         return self._generations[name]
 
     async def close(self) -> None:
@@ -290,6 +304,10 @@ class Store:
             self._audit_head = None
             self._changed.clear()
             try:
+                if self._writer.in_transaction:
+                    # Left open by a COMMIT that failed while its caller was being cancelled.
+                    log.warning("rolling back a transaction left open by a cancelled writer")
+                    await _rollback(self._writer)
                 await _run(self._writer, "BEGIN IMMEDIATE", "cannot start a write transaction")
                 try:
                     yield tx
@@ -436,13 +454,20 @@ async def _run(conn: aiosqlite.Connection, sql: str, what: str) -> None:
 
 
 async def _uncancellable(work: Awaitable[T]) -> T:
-    """Await ``work`` to its end even if the caller is cancelled meanwhile, then re-raise."""
+    """Await ``work`` to its end even if the caller is cancelled (any number of times)
+    meanwhile; then re-raise the cancel, or ``work``'s own error."""
     task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller's cleanup handles a failed COMMIT
+        raise cancelled
+    return task.result()
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.sealing import Vault, init_controller
 from ckms.protocol import KeyState, RevocationReason
 from ckms.store import Store
 
@@ -29,3 +32,19 @@ async def test_current_keys_see_a_raw_sql_change(lifecycle: Lifecycle, store: St
     async with store.write() as tx:
         await tx.execute("UPDATE key_versions SET state = 'Suspended' WHERE version = 1")
     assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.SUSPENDED
+
+
+async def test_current_keys_see_a_commit_by_another_process(tmp_path: Path) -> None:
+    # e.g. an operator's tool (or a second controller process) revoking on the same file: the
+    # agent-facing key view must not keep serving the version as distributable.
+    path = tmp_path / "ckms.db"
+    async with await Store.open(path) as store:
+        init = await init_controller(store, shares=(2, 3))
+        vault = Vault(store)
+        await vault.unseal_with_shares(init.mnemonics[:2])
+        lifecycle = Lifecycle(store, vault)
+        await lifecycle.create(NAME, "aes-256", actor="alice")
+        assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.ACTIVE
+        async with await Store.open(path) as other, other.write() as tx:
+            await tx.execute("UPDATE key_versions SET state = 'Compromised' WHERE version = 1")
+        assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.COMPROMISED

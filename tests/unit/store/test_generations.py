@@ -27,13 +27,13 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 async def test_a_committed_write_to_a_watched_table_counts(store: Store) -> None:
-    assert (store.generation("hosts"), store.generation("keys")) == (0, 0)
+    assert (await store.generation("hosts"), await store.generation("keys")) == (0, 0)
     async with store.write() as tx:
         await tx.execute(HOST)
-    assert (store.generation("hosts"), store.generation("keys")) == (1, 0)
+    assert (await store.generation("hosts"), await store.generation("keys")) == (1, 0)
     async with store.write() as tx:
         await tx.execute("UPDATE hosts SET revoked = 1 WHERE id = 'web-1'")
-    assert store.generation("hosts") == 2
+    assert await store.generation("hosts") == 2
 
 
 async def test_seen_times_and_ack_positions_do_not_count(store: Store) -> None:
@@ -45,7 +45,7 @@ async def test_seen_times_and_ack_positions_do_not_count(store: Store) -> None:
             "WHERE id = 'web-1'"
         )
         await tx.set_meta("unwatched", b"1")
-    assert store.generation("hosts") == 1
+    assert await store.generation("hosts") == 1
 
 
 async def test_a_cancel_during_a_write_still_counts_what_may_have_committed(store: Store) -> None:
@@ -64,18 +64,26 @@ async def test_a_cancel_during_a_write_still_counts_what_may_have_committed(stor
         await task
     # Rolled back, and counted anyway: a cache refills once more than needed, never less.
     assert await store.fetchval("SELECT COUNT(*) FROM hosts") == 0
-    assert store.generation("hosts") == 1
+    assert await store.generation("hosts") == 1
 
 
-async def test_other_connections_keep_working_without_the_watch(
+async def test_a_commit_by_another_connection_moves_every_generation(
     store: Store, tmp_path: Path
 ) -> None:
     # The triggers are temporary, on the controller's own writer connection only: an operator's
-    # sqlite3 shell (or a tamper test) writing the file is not broken by a missing function.
+    # sqlite3 shell (or another process) writing the file is not broken by a missing function,
+    # and its commit is still seen, so no cache keeps serving what it changed (a revocation).
+    before = (await store.generation("hosts"), await store.generation("keys"))
     db = sqlite3.connect(tmp_path / "ckms.db", timeout=5)
     try:
         db.execute(HOST)
         db.commit()
     finally:
         db.close()
+    after = (await store.generation("hosts"), await store.generation("keys"))
+    assert after[0] > before[0] and after[1] > before[1]
     assert await store.fetchval("SELECT COUNT(*) FROM hosts") == 1
+    # and our own unwatched writes do not look like someone else's
+    async with store.write() as tx:
+        await tx.set_meta("x", b"1")
+    assert (await store.generation("hosts"), await store.generation("keys")) == after
