@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -54,6 +55,10 @@ WATCHED: dict[str, tuple[str, ...]] = {
 """What :meth:`Store.generation` counts: name → the writes that change it (temp triggers)."""
 
 _CHANGED_FUNCTION = "ckms_changed"
+
+FOREIGN_CHECK_S = 0.05
+"""How often :meth:`Store.generation` looks for commits by other connections (each look is a
+query on the writer connection, queued behind its writes; the agent requests ask per request)."""
 
 
 def _store_error(exc: BaseException, what: str) -> StoreError:
@@ -170,6 +175,7 @@ class Store:
         self._changed: set[str] = set()
         self._audit_head: tuple[int, str] | None = None
         self._data_version: int | None = None
+        self._data_checked = -FOREIGN_CHECK_S
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -234,11 +240,14 @@ class Store:
 
         In-memory caches of rarely changing rows (keys, host identities) compare it to the value
         they were filled at, so they never serve a row older than the last commit that changed
-        it. This process's own commits are counted by the triggers; a commit by any other
-        connection (an operator's tool, another process on the same file) moves the writer
-        connection's ``PRAGMA data_version``, and then every generation moves.
+        it. This process's own commits are counted by the triggers, at once; a commit by any
+        other connection (an operator's tool, another process on the same file) moves the
+        writer connection's ``PRAGMA data_version``, looked at most every
+        :data:`FOREIGN_CHECK_S`, and then every generation moves.
         """
-        if not self.is_memory:
+        now = time.monotonic()
+        if not self.is_memory and now - self._data_checked >= FOREIGN_CHECK_S:
+            self._data_checked = now
             try:
                 rows = await self._writer.execute_fetchall("PRAGMA data_version")
             except (sqlite3.Error, ValueError) as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ckms.store import Store
+from ckms.store import _store as store_module
 
 HOST = (
     "INSERT INTO hosts(id, name, labels, identity_public_key, wrapping_public_key, enrolled_at) "
@@ -68,8 +69,9 @@ async def test_a_cancel_during_a_write_still_counts_what_may_have_committed(stor
 
 
 async def test_a_commit_by_another_connection_moves_every_generation(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store_module, "FOREIGN_CHECK_S", 0.0)  # look on every call
     # The triggers are temporary, on the controller's own writer connection only: an operator's
     # sqlite3 shell (or another process) writing the file is not broken by a missing function,
     # and its commit is still seen, so no cache keeps serving what it changed (a revocation).
