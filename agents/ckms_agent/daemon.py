@@ -321,17 +321,17 @@ class Agent:
                 backoff.reset()
             except StoreError:
                 raise
-            except RequestTimeoutError as exc:
+            except TransportError as exc:
+                self._restore_triggers(triggers)
+                if not isinstance(exc, RequestTimeoutError):
+                    # The connection task reconnects and asks again; the triggers wait for then.
+                    log.warning("reconcile interrupted: %s", exc)
+                    continue
                 # A busy controller: ask again after a jittered, growing pause.
                 delay = backoff.next()
                 log.warning("reconcile timed out: %s; retrying in %.1f s", exc, delay)
-                self._restore_triggers(triggers)
                 await asyncio.sleep(delay)
                 self._reconcile_wanted.set()
-            except TransportError as exc:
-                # The connection task reconnects and asks again; keep the triggers for then.
-                log.warning("reconcile interrupted: %s", exc)
-                self._restore_triggers(triggers)
             except CKMSError as exc:
                 delay = backoff.next()
                 log.error("reconcile failed: %s; retrying in %.1f s", exc, delay)

@@ -173,21 +173,9 @@ class AgentService:
         async def record(tx: Transaction) -> None:
             await self._hosts.record_seen(tx, host.id, reported)
             for reply in material:
-                await self._audit_fetch(tx, host, reply)
+                await self._audit_fetch(tx, host, reply.key, reply.version, suite=reply.suite)
             for item, exc in refused:
-                await audit_log.append(
-                    tx,
-                    now=self._now(),
-                    actor=f"host:{host.id}",
-                    action="key.fetch",
-                    object=f"key:{item.key}",
-                    outcome="refused",
-                    details={
-                        "version": item.version,
-                        "error": type(exc).__name__,
-                        "message": str(exc)[:500],
-                    },
-                )
+                await self._audit_fetch(tx, host, item.key, item.version, refused=exc)
 
         await self._group.write(record)
         return SyncReply(
@@ -230,7 +218,7 @@ class AgentService:
         reply = await self._wrap(host, suite, await self._lifecycle.current_keys(), request)
 
         async def record(tx: Transaction) -> None:
-            await self._audit_fetch(tx, host, reply)
+            await self._audit_fetch(tx, host, reply.key, reply.version, suite=reply.suite)
 
         await self._group.write(record)
         return reply
@@ -274,15 +262,31 @@ class AgentService:
             wrapped=base64.b64encode(wrapped).decode(),
         )
 
-    async def _audit_fetch(self, tx: Transaction, host: Host, reply: FetchReply) -> None:
-        """The record that ``host`` received this version (fail closed: no record, no reply)."""
+    async def _audit_fetch(
+        self,
+        tx: Transaction,
+        host: Host,
+        key: str,
+        version: int,
+        *,
+        suite: str | None = None,
+        refused: CKMSError | None = None,
+    ) -> None:
+        """The record that ``host`` received this version (fail closed: no record, no reply),
+        or that it was refused it."""
+        details: dict[str, object] = {"version": version}
+        if refused is None:
+            details["suite"] = suite
+        else:
+            details.update(error=type(refused).__name__, message=str(refused)[:500])
         await audit_log.append(
             tx,
             now=self._now(),
             actor=f"host:{host.id}",
             action="key.fetch",
-            object=f"key:{reply.key}",
-            details={"version": reply.version, "suite": reply.suite},
+            object=f"key:{key}",
+            outcome="ok" if refused is None else "refused",
+            details=details,
         )
 
 

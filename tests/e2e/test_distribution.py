@@ -23,6 +23,8 @@ from ckms.protocol import (
     FetchRequest,
     InstallSpec,
     RevocationReason,
+    SyncReply,
+    SyncRequest,
     Targets,
     encode_event,
 )
@@ -139,13 +141,31 @@ async def test_a_host_cannot_fetch_a_key_targeted_at_another(
     ) as rpc:
         with pytest.raises(PermissionDeniedError, match="not a target of web/tls"):
             await rpc.call("fetch", FetchRequest(key="web/tls", version=1).model_dump())
+        # Asking along with a sync is authorized the same way: only db/main v1 comes back,
+        # and the refusals are audited, while the sync itself is still answered.
+        await c.lifecycle.create(
+            "db/main", "aes-256", targets=Targets(hosts=("host-a",), env="prod"), actor="alice"
+        )
+        asked = SyncRequest(
+            fetch=(
+                FetchRequest(key="db/main", version=1),
+                FetchRequest(key="web/tls", version=1),
+                FetchRequest(key="db/main", version=7),
+            )
+        )
+        reply = SyncReply.model_validate(await rpc.call("sync", asked.model_dump(mode="json")))
+        assert [(m.key, m.version) for m in reply.material] == [("db/main", 1)]
+        assert [k.key for k in reply.keys] == ["db/main"]
     assert c.store is not None
-    refused = [
-        r
-        for r in await audit_log.load_records(c.store)
-        if r.outcome == "refused" and r.actor == "host:host-a"
+    records = [r for r in await audit_log.load_records(c.store) if r.actor == "host:host-a"]
+    refused = [r for r in records if r.outcome == "refused"]
+    assert refused[0].object == "rpc:fetch"
+    assert [(r.action, r.object, r.details["version"]) for r in refused[1:]] == [
+        ("key.fetch", "key:web/tls", 1),
+        ("key.fetch", "key:db/main", 7),
     ]
-    assert refused and refused[-1].object == "rpc:fetch"
+    fetched = [r for r in records if r.action == "key.fetch" and r.outcome == "ok"]
+    assert [(r.object, r.details["version"]) for r in fetched] == [("key:db/main", 1)]
     assert not (tmp_path / "host-a" / "root").exists() or not any(
         (tmp_path / "host-a" / "root").rglob("*.key")
     )
