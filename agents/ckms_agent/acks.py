@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
@@ -95,6 +95,34 @@ class AckWriter:
             self._host,
         )
         return seq
+
+    async def ack_all(
+        self,
+        key: str,
+        versions: Iterable[int],
+        status: AckStatus,
+        *,
+        started: float,
+        digests: Mapping[int, str] | None = None,
+        hooks: Sequence[HookResult] = (),
+        event_id: str | None = None,
+        error: str | None = None,
+    ) -> set[int]:
+        """:meth:`ack` each version (``digests`` by version, where known); return the versions."""
+        done = set()
+        for version in versions:
+            await self.ack(
+                key,
+                version,
+                status,
+                started=started,
+                digest=(digests or {}).get(version),
+                hooks=hooks,
+                event_id=event_id,
+                error=error,
+            )
+            done.add(version)
+        return done
 
 
 class AckPublisher:

@@ -250,16 +250,14 @@ class KeyOps:
             # controller may have fixed the material meanwhile): no hold-off for this one.
             self.failed_at[plan.key] = self._clock()
             versions = plan.changed or tuple(v.version for v in needed)
-            for version in versions:
-                await self._acks.ack(
-                    plan.key,
-                    version,
-                    AckStatus.FAILED,
-                    started=started,
-                    event_id=event_id,
-                    error=str(exc),
-                )
-            return set(versions)
+            return await self._acks.ack_all(
+                plan.key,
+                versions,
+                AckStatus.FAILED,
+                started=started,
+                event_id=event_id,
+                error=str(exc),
+            )
         return await critical(self._apply_plan(plan, record, started, event_id))
 
     async def _apply_plan(
@@ -296,18 +294,15 @@ class KeyOps:
                 hooks = outcome.hooks
                 if outcome.status is AckStatus.FAILED:
                     self._note_failure(desired)
-                    targets = changed or [v.version for v in versions if v.primary]
-                    for version in targets:
-                        await self._acks.ack(
-                            name,
-                            version,
-                            AckStatus.FAILED,
-                            started=started,
-                            hooks=hooks,
-                            event_id=event_id,
-                            error=outcome.error,
-                        )
-                    return set(targets)
+                    return await self._acks.ack_all(
+                        name,
+                        changed or [v.version for v in versions if v.primary],
+                        AckStatus.FAILED,
+                        started=started,
+                        hooks=hooks,
+                        event_id=event_id,
+                        error=outcome.error,
+                    )
                 files = hash_files(outcome.paths)
                 if not changed:
                     changed = [v.version for v in versions if v.primary][:1]
@@ -328,26 +323,18 @@ class KeyOps:
             self._failed_plans.pop(name, None)
             for version in dropped:
                 self._materials.pop((name, version), None)
-            by_version = {v.version: v for v in versions}
-            for version in changed:
-                await self._acks.ack(
-                    name,
-                    version,
-                    AckStatus.INSTALLED,
-                    started=started,
-                    digest=by_version[version].digest,
-                    hooks=hooks,
-                    event_id=event_id,
-                )
-            for version in dropped:
-                await self._acks.ack(
-                    name,
-                    version,
-                    AckStatus.REMOVED,
-                    started=started,
-                    hooks=hooks,
-                    event_id=event_id,
-                )
+            await self._acks.ack_all(
+                name,
+                changed,
+                AckStatus.INSTALLED,
+                started=started,
+                digests={v.version: v.digest for v in versions},
+                hooks=hooks,
+                event_id=event_id,
+            )
+            await self._acks.ack_all(
+                name, dropped, AckStatus.REMOVED, started=started, hooks=hooks, event_id=event_id
+            )
             if changed or dropped:
                 log.info(
                     "key=%s host=%s installed=%s removed=%s",
@@ -408,16 +395,14 @@ class KeyOps:
         versions = sorted(record.versions)
         if outcome.status is AckStatus.FAILED:
             log.error("key=%s host=%s removal failed: %s", record.name, self._host, outcome.error)
-            for version in versions:
-                await self._acks.ack(
-                    record.name,
-                    version,
-                    AckStatus.FAILED,
-                    started=started,
-                    event_id=event_id,
-                    error=outcome.error,
-                )
-            return set(versions)
+            return await self._acks.ack_all(
+                record.name,
+                versions,
+                AckStatus.FAILED,
+                started=started,
+                event_id=event_id,
+                error=outcome.error,
+            )
         await self._state.forget_key(record.name)
         self._forget_materials(record.name)
         log.info(
@@ -427,17 +412,15 @@ class KeyOps:
             self._host,
             reason,
         )
-        for version in versions:
-            await self._acks.ack(
-                record.name,
-                version,
-                AckStatus.REMOVED,
-                started=started,
-                hooks=outcome.hooks,
-                event_id=event_id,
-                error=note,
-            )
-        return set(versions)
+        return await self._acks.ack_all(
+            record.name,
+            versions,
+            AckStatus.REMOVED,
+            started=started,
+            hooks=outcome.hooks,
+            event_id=event_id,
+            error=note,
+        )
 
     def _forget_materials(self, name: str) -> None:
         for cache_key in [k for k in self._materials if k[0] == name]:
@@ -508,15 +491,9 @@ class KeyOps:
             )
             hooks = outcome.hooks if outcome is not None else []
             log.info("key=%s host=%s revoked versions %s removed locally", name, self._host, hit)
-            for version in hit:
-                await self._acks.ack(
-                    name,
-                    version,
-                    AckStatus.REMOVED,
-                    started=started,
-                    hooks=hooks,
-                    event_id=event_id,
-                )
+            await self._acks.ack_all(
+                name, hit, AckStatus.REMOVED, started=started, hooks=hooks, event_id=event_id
+            )
             return primary_version is None or primary_version == new_primary
 
     async def _rewrite_locally(
