@@ -170,10 +170,20 @@ class AgentService:
                 refused.append((item, exc))
         reported = [i.model_dump() for i in request.installed]
 
+        granted = list(material)
+
         async def record(tx: Transaction) -> None:
+            # May run twice (once in a group that failed): start from what was granted.
+            material.clear()
             await self._hosts.record_seen(tx, host.id, reported)
-            for reply in material:
+            for reply in granted:
+                try:
+                    await self._recheck(tx, host, reply)
+                except PermissionDeniedError as exc:
+                    await self._audit_fetch(tx, host, reply.key, reply.version, refused=exc)
+                    continue
                 await self._audit_fetch(tx, host, reply.key, reply.version, suite=reply.suite)
+                material.append(reply)
             for item, exc in refused:
                 await self._audit_fetch(tx, host, item.key, item.version, refused=exc)
 
@@ -218,10 +228,33 @@ class AgentService:
         reply = await self._wrap(host, suite, await self._lifecycle.current_keys(), request)
 
         async def record(tx: Transaction) -> None:
+            await self._recheck(tx, host, reply)
             await self._audit_fetch(tx, host, reply.key, reply.version, suite=reply.suite)
 
         await self._group.write(record)
         return reply
+
+    async def _recheck(self, tx: Transaction, host: Host, reply: FetchReply) -> None:
+        """Refuse material whose version or host was revoked after it was authorized.
+
+        Authorization reads a snapshot taken when the request came in; this check runs in the
+        write transaction that records the fetch, so a revocation either committed before it
+        (and the material is not sent) or comes after it in the audit log too.
+        """
+        row = await tx.fetchone(
+            "SELECT v.state, v.sealed_material IS NOT NULL AS has_material, "
+            "(SELECT revoked FROM hosts WHERE id = ?) AS host_revoked "
+            "FROM key_versions v JOIN keys k ON k.id = v.key_id WHERE k.name = ? AND v.version = ?",
+            (host.id, reply.key, reply.version),
+        )
+        if row is None or row["host_revoked"] or not row["has_material"]:
+            raise PermissionDeniedError(
+                f"host {host.id} may not fetch {reply.key} v{reply.version}: revoked meanwhile"
+            )
+        if row["state"] not in DISTRIBUTABLE_STATES:
+            raise PermissionDeniedError(
+                f"{reply.key} version {reply.version} is {row['state']}: not distributable"
+            )
 
     async def _wrap(
         self, host: Host, suite: WrapSuite, keys: Mapping[str, Key], request: FetchRequest

@@ -171,6 +171,43 @@ async def test_a_host_cannot_fetch_a_key_targeted_at_another(
     )
 
 
+async def test_material_revoked_while_a_fetch_is_served_is_not_sent(
+    controller: Controller, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = controller
+    config = await enroll_agent(c, tmp_path, "host-r", {"env": "prod", "role": "db"})
+    await c.lifecycle.create(
+        "db/main", "aes-256", targets=Targets(hosts=("host-r",), env="prod"), actor="alice"
+    )
+    assert c.agents is not None
+    authorize = c.agents._wrap
+
+    async def revoked_right_after_authorization(*args: object) -> object:
+        reply = await authorize(*args)  # type: ignore[arg-type]
+        await c.lifecycle.revoke(
+            "db/main", RevocationReason.KEY_COMPROMISE, version=1, actor="alice"
+        )
+        return reply
+
+    monkeypatch.setattr(c.agents, "_wrap", revoked_right_after_authorization)
+    cfg = agent_config(config)
+    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
+    async with RpcClient(
+        host="127.0.0.1",
+        port=c.port,
+        username="host-r",
+        client_key=keys.ssh_key(),
+        host_key_fingerprint=c.host_key_fingerprint,
+    ) as rpc:
+        with pytest.raises(PermissionDeniedError, match=r"(revoked meanwhile|not distributable)"):
+            await rpc.call("fetch", FetchRequest(key="db/main", version=1).model_dump())
+    assert c.store is not None
+    records = await audit_log.load_records(c.store)
+    assert not [r for r in records if r.action == "key.fetch" and r.outcome == "ok"]
+    revoked_at = next(i for i, r in enumerate(records) if r.action == "key.revoke")
+    assert any(r.outcome == "refused" and r.actor == "host:host-r" for r in records[revoked_at:])
+
+
 async def test_the_agent_refuses_a_controller_with_another_host_key(
     controller: Controller, tmp_path: Path
 ) -> None:
