@@ -101,8 +101,10 @@ def classify(
     if isinstance(data, KeyPolicyChanged):
         return Decision(EventAction.RECONCILE, data.key) if data.key in held else IGNORE
     if isinstance(data, KeyRevoked | KeyDestroyed):
-        if data.key not in held:
+        if data.key not in held and data.key not in desired:
             return IGNORE
+        # Not held yet but desired: a first install may be in flight; the version is noted as
+        # revoked (tombstoned) so that install cannot put it on disk.
         return Decision(
             EventAction.REMOVE_VERSIONS, data.key, (data.version,), primary_version=data.primary
         )

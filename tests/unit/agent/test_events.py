@@ -87,6 +87,9 @@ def test_revocations_remove_held_versions_from_the_event() -> None:
     d = decide(EventType.KEY_REVOKED, revoked, held={"a/b"})
     assert (d.action, d.versions, d.primary_version) == (EventAction.REMOVE_VERSIONS, (3,), 4)
     assert decide(EventType.KEY_REVOKED, revoked).action is EventAction.IGNORE
+    # Desired but not held yet (a first install may be in flight): still noted as revoked.
+    d = decide(EventType.KEY_REVOKED, revoked, desired={"a/b"})
+    assert (d.action, d.versions) == (EventAction.REMOVE_VERSIONS, (3,))
     destroyed = KeyDestroyed(
         key="a/b",
         key_id="k1",
