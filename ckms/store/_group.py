@@ -64,33 +64,31 @@ class GroupWriter:
             group = self._pending[:MAX_GROUP]
             del self._pending[:MAX_GROUP]
             try:
-                await self._commit(group)
-            except Exception as exc:
-                if len(group) == 1:
-                    _settle(group[0][1], exc)
-                    continue
-                log.warning("a group of %d writes failed (%s); running each alone", len(group), exc)
-                try:
-                    for work, future in group:
-                        try:
-                            await self._commit([(work, future)])
-                        except Exception as alone:
-                            _settle(future, alone)
-                        else:
-                            _settle(future, None)
-                except BaseException as stop:
-                    for _, future in group:
-                        _settle(future, stop)
-                    raise
-                continue
-            except BaseException as exc:  # cancelled (the store is closing): nobody waits forever
-                for _, future in [*group, *self._pending]:
-                    _settle(future, exc)
-                self._pending.clear()
+                await self._run_group(group)
+            except BaseException as stop:  # cancelled (the store is closing)
+                for _, future in group:
+                    _settle(future, stop)
                 raise
-            self.groups += 1
-            for _, future in group:
-                _settle(future, None)
+
+    async def _run_group(self, group: list[tuple[Work, asyncio.Future[None]]]) -> None:
+        try:
+            await self._commit(group)
+        except Exception as exc:
+            if len(group) == 1:
+                _settle(group[0][1], exc)
+                return
+            log.warning("a group of %d writes failed (%s); running each alone", len(group), exc)
+            for work, future in group:
+                try:
+                    await self._commit([(work, future)])
+                except Exception as alone:
+                    _settle(future, alone)
+                else:
+                    _settle(future, None)
+            return
+        self.groups += 1
+        for _, future in group:
+            _settle(future, None)
 
     async def _commit(self, group: list[tuple[Work, asyncio.Future[None]]]) -> None:
         async with self._store.write() as tx:
