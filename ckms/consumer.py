@@ -18,7 +18,8 @@ services can listen without coordinating), verifies each record's signature on t
 parses it into typed models, and drops — with a log line naming why — anything unsigned, forged,
 tampered, malformed, of an unknown version, oversized, or replayed (a ``seq`` not newer than the
 last one applied on its partition; the controller's ``seq`` grows in commit order and one key's
-events share a partition).
+events share a partition). ``min_seq`` drops every event at or below it on all partitions: an
+agent passes the ``seq`` it was given at enrollment, so nothing older than itself is applied.
 
 Delivery is at least once across crashes and exactly once otherwise: an event counts as handled
 when the loop asks for the next one, or when the ``async with`` block exits without an
@@ -191,6 +192,7 @@ class Subscriber:
         poll_ms: int = 1000,
         fetch_max_wait_ms: int = 500,
         client_id: str = "ckms-subscriber",
+        min_seq: int = 0,
     ) -> None:
         self._trust = _trust_map(trust)
         if not self._trust:
@@ -213,6 +215,7 @@ class Subscriber:
         self._poll_ms = poll_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._client_id = client_id
+        self._min_seq = min_seq
         self._consumer: AIOKafkaConsumer | None = None
         self._buffer: deque[ConsumerRecord[bytes, bytes]] = deque()
         self._positions: dict[int, Position] = {}
@@ -280,6 +283,9 @@ class Subscriber:
                 await consumer.seek_to_beginning(tp)
             else:
                 await consumer.seek_to_end(tp)
+            if self._min_seq:
+                # ``seq`` is controller-wide, so one floor holds on every partition.
+                self._guard.accept(str(tp.partition), self._min_seq)
         log.info("subscribed to %s partitions=%s", self._topic, partitions)
 
     async def aclose(self) -> None:

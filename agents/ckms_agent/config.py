@@ -60,6 +60,9 @@ class AgentConfig(BaseModel):
     kafka_bootstrap: str = Field(min_length=1, max_length=1024)
     events_topic: str = Field(default=EVENTS_TOPIC, min_length=1, max_length=249)
     acks_topic: str = Field(default=ACKS_TOPIC, min_length=1, max_length=249)
+    event_seq_floor: int = Field(default=0, ge=0)
+    """The controller's last event ``seq`` at enrollment (from the enroll reply): every event
+    at or below it predates this enrollment and is dropped as a replay."""
     state_dir: Path = DEFAULT_STATE_DIR
     root: Path | None = None
     wrap_suite: WrapSuite = WrapSuite.X25519

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 
 from ckms._kafka import partitions_of
 from ckms.consumer import Position, Subscriber
+from ckms.crypto import signer_key_id
 from ckms.errors import (
     CKMSError,
     KafkaUnavailableError,
@@ -100,6 +101,7 @@ class Agent:
         self.config = config
         self._clock = clock
         self._keys = keys
+        self._signer_key_id: str | None = None
         self._installer = Installer(host_id=config.host_id, root=config.root)
         self._state: AgentState | None = None
         self._rpc: RpcClient | None = None
@@ -148,6 +150,7 @@ class Agent:
         cfg = self.config
         if self._keys is None:
             self._keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
+        self._signer_key_id = signer_key_id(self._keys.identity_public)
         async with AgentState(cfg.state_db_path) as state:
             self._state = state
             try:
@@ -469,6 +472,7 @@ class Agent:
                     # An idle loop turn per long poll, not per second: records end the wait.
                     poll_ms=cfg.kafka_fetch_max_wait_ms,
                     client_id=f"ckms-agent-{cfg.host_id}",
+                    min_seq=cfg.event_seq_floor,
                 ) as subscriber:
                     self._subscriber = subscriber
                     backoff.reset()
@@ -492,6 +496,7 @@ class Agent:
             labels=self.config.labels,
             held=held,
             desired=self._desired_keys,
+            signer_key_id=self._signer_key_id,
         )
         if decision.action is EventAction.IGNORE:
             log.debug("event %s id=%s seq=%d not for this host", event.type, event.id, event.seq)

@@ -3,9 +3,10 @@
 The agent makes its Ed25519 identity and HPKE wrapping key, connects as user ``enroll`` with
 the new identity (pinning the controller's SSH host key by the fingerprint the operator gave),
 and calls ``enroll``. The reply names the host id, its labels, the controller's event-signing
-key and the Kafka settings; all of it is pinned in the config file (mode 0600). Keys and config
-are written only after the controller accepted the token, so a refused attempt leaves nothing
-behind; an existing enrollment is never overwritten without ``force``.
+key, the Kafka settings and the controller's last event ``seq`` (events at or below it predate
+this enrollment and are dropped); all of it is pinned in the config file (mode 0600). Keys and
+config are written only after the controller accepted the token, so a refused attempt leaves
+nothing behind; an existing enrollment is never overwritten without ``force``.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ async def enroll(
                 kafka_bootstrap=reply.kafka_bootstrap,
                 events_topic=reply.events_topic,
                 acks_topic=reply.acks_topic,
+                event_seq_floor=reply.event_seq,
                 state_dir=state_dir,
                 root=root,
                 wrap_suite=wrap_suite,
@@ -109,7 +111,8 @@ async def enroll(
     finally:
         _discard(staged)
     if (state_dir / STATE_DB_FILE).exists():
-        # A re-enrolled host starts clean: not revoked, events from the end of the topic.
+        # A re-enrolled host starts clean: not revoked, no positions; the replay floor in the
+        # new config drops every event from before this enrollment.
         async with AgentState(state_dir / STATE_DB_FILE) as state:
             await state.set_revoked(False)
             await state.reset_positions()

@@ -9,7 +9,9 @@ replay) by :class:`ckms.consumer.Subscriber`. Here each is mapped to one action:
   ``fetch``; the digest named in the event is checked too);
 - ``key.revoked`` / ``key.destroyed`` for a key it holds → **remove versions** locally at once,
   from the signed event alone, even if the controller is unreachable;
-- ``host.revoked`` naming this host → **host revoked**: drop every key and stop;
+- ``host.revoked`` naming this host and its identity key (``signer_key_id``; events from before
+  that field are taken by name) → **host revoked**: drop every key and stop. A revocation of
+  an earlier identity under the same name (a host re-enrolled since) is ignored;
 - anything else (other hosts, keys that are none of this host's business) → **ignore**.
 """
 
@@ -77,9 +79,10 @@ def classify(
     labels: Mapping[str, str],
     held: Set[str],
     desired: Set[str] = frozenset(),
+    signer_key_id: str | None = None,
 ) -> Decision:
     """Decide what ``event`` means for this host (``held``: keys it holds; ``desired``: keys the
-    controller listed for it in the last sync)."""
+    controller listed for it in the last sync; ``signer_key_id``: its own identity key's id)."""
     data = event.data
     if isinstance(data, KeyCreated | KeyRotated):
         if data.key in held or data.targets.matches(host_id, dict(labels)):
@@ -109,5 +112,7 @@ def classify(
             EventAction.REMOVE_VERSIONS, data.key, (data.version,), primary_version=data.primary
         )
     if isinstance(data, HostRevoked) and data.host == host_id:
+        if data.signer_key_id is not None and data.signer_key_id != signer_key_id:
+            return IGNORE  # the revocation of a predecessor with this name, not of this host
         return Decision(EventAction.HOST_REVOKED)
     return IGNORE

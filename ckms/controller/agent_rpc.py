@@ -10,6 +10,7 @@ successful fetch is audited too, so the log shows which host received which vers
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Mapping
 from datetime import datetime
@@ -17,7 +18,7 @@ from typing import Any
 
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
-from ckms.controller.models import Host, Key
+from ckms.controller.models import Host, Key, Targets
 from ckms.controller.sealing import Vault
 from ckms.crypto import WrapSuite, material_digest, signer_key_id, wrap_for_agent
 from ckms.errors import (
@@ -118,7 +119,8 @@ class AgentService:
     async def enroll(self, principal: Principal, params: dict[str, Any]) -> EnrollReply:
         """Record a new host (see :class:`HostRegistry.enroll`) and tell it what to pin."""
         request = EnrollRequest.model_validate(params)
-        host = await self._hosts.enroll(request, presented_key=principal.public_key)
+        enrolled = await self._hosts.enroll(request, presented_key=principal.public_key)
+        host = enrolled.host
         public = await self._vault.public_key()
         return EnrollReply(
             host=host.id,
@@ -128,6 +130,7 @@ class AgentService:
             kafka_bootstrap=self._bootstrap,
             events_topic=self._events_topic,
             acks_topic=self._acks_topic,
+            event_seq=enrolled.event_seq,
         )
 
     async def _host(self, principal: Principal) -> tuple[Host, WrapSuite]:
@@ -235,25 +238,38 @@ class AgentService:
         return reply
 
     async def _recheck(self, tx: Transaction, host: Host, reply: FetchReply) -> None:
-        """Refuse material whose version or host was revoked after it was authorized.
+        """Refuse material the host may no longer have: version or host revoked, or the key
+        retargeted away from it, after the request was authorized.
 
         Authorization reads a snapshot taken when the request came in; this check runs in the
-        write transaction that records the fetch, so a revocation either committed before it
-        (and the material is not sent) or comes after it in the audit log too.
+        write transaction that records the fetch, so a revocation or a targets change either
+        committed before it (and the material is not sent) or comes after it in the audit log.
         """
         row = await tx.fetchone(
-            "SELECT v.state, v.sealed_material IS NOT NULL AS has_material, "
-            "(SELECT revoked FROM hosts WHERE id = ?) AS host_revoked "
-            "FROM key_versions v JOIN keys k ON k.id = v.key_id WHERE k.name = ? AND v.version = ?",
+            "SELECT v.state, v.sealed_material IS NOT NULL AS has_material, k.targets, "
+            "h.revoked AS host_revoked, h.labels AS host_labels "
+            "FROM key_versions v JOIN keys k ON k.id = v.key_id LEFT JOIN hosts h ON h.id = ? "
+            "WHERE k.name = ? AND v.version = ?",
             (host.id, reply.key, reply.version),
         )
-        if row is None or row["host_revoked"] or not row["has_material"]:
+        if row is None or row["host_revoked"] is None or row["host_revoked"] or not (
+            row["has_material"]
+        ):
             raise PermissionDeniedError(
                 f"host {host.id} may not fetch {reply.key} v{reply.version}: revoked meanwhile"
             )
         if row["state"] not in DISTRIBUTABLE_STATES:
             raise PermissionDeniedError(
                 f"{reply.key} version {reply.version} is {row['state']}: not distributable"
+            )
+        try:
+            targets = Targets.model_validate_json(row["targets"])
+            labels = json.loads(row["host_labels"])
+        except ValueError as exc:
+            raise StoreError(f"stored targets of {reply.key} are malformed: {exc}") from exc
+        if not targets.matches(host.id, labels):
+            raise PermissionDeniedError(
+                f"host {host.id} is no longer a target of {reply.key}: retargeted meanwhile"
             )
 
     async def _wrap(

@@ -79,6 +79,7 @@ class AckConsumer:
         self._clock = clock
         self._poll_ms = poll_ms
         self._signers: dict[str, tuple[str, bytes]] = {}
+        self._signers_generation = -1
         self.stats = AckStats()
         self.applied = asyncio.Condition()
 
@@ -140,8 +141,13 @@ class AckConsumer:
             ),
             "",
         )
-        if kid not in self._signers:
-            self._signers = await self._hosts.signer_map()  # a host may have enrolled since
+        # Reloaded only when a commit changed a host (enroll, revoke): an ack from an unknown
+        # key costs no query, so junk on the topic cannot make the controller re-read the hosts
+        # table per record, and a host revoked since is dropped from the map at once.
+        generation = await self._store.generation("hosts")
+        if generation != self._signers_generation:
+            self._signers = await self._hosts.signer_map()
+            self._signers_generation = generation
         entry = self._signers.get(kid)
         if entry is None:
             raise UnknownSigner(f"ack signer {kid[:40]!r} is not an enrolled host")

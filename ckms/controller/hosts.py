@@ -60,6 +60,14 @@ class EnrollmentToken:
     token: str = field(repr=False)
 
 
+@dataclass(frozen=True)
+class Enrollment:
+    """A host just enrolled, and the last event ``seq`` committed before it (its replay floor)."""
+
+    host: Host
+    event_seq: int
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -158,8 +166,13 @@ class HostRegistry:
         log.info("enrollment token for host %s created by %s", name, actor)
         return EnrollmentToken(host=name, labels=labels, expires_at=expires, token=token)
 
-    async def enroll(self, request: EnrollRequest, *, presented_key: str) -> Host:
-        """Record a new host from its enrollment request; the token is burnt in the same step."""
+    async def enroll(self, request: EnrollRequest, *, presented_key: str) -> Enrollment:
+        """Record a new host from its enrollment request; the token is burnt in the same step.
+
+        Refused while sealed: what the reply pins (the controller's signing key) is only
+        verified against the sealed secrets once unsealed.
+        """
+        self._vault.require_unsealed("enroll a host")
         now = self._clock()
         try:
             signing_key = base64.b64decode(request.signing_key, validate=True)
@@ -201,12 +214,18 @@ class HostRegistry:
             if existing is not None and not existing["revoked"]:
                 raise AlreadyExistsError(f"host {name} is already enrolled")
             if existing is not None:
+                # A revoked host enrolled again: the row is replaced in place (its old tokens
+                # still name it), everything it held or acked is forgotten.
                 await tx.execute("DELETE FROM fleet_state WHERE host_id = ?", (name,))
-                await tx.execute("DELETE FROM hosts WHERE id = ?", (name,))
             await tx.execute(
                 "INSERT INTO hosts(id, name, labels, identity_public_key, wrapping_public_key, "
                 "enrolled_at, wrap_suite, signer_key_id, last_seen_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "labels = excluded.labels, identity_public_key = excluded.identity_public_key, "
+                "wrapping_public_key = excluded.wrapping_public_key, "
+                "enrolled_at = excluded.enrolled_at, wrap_suite = excluded.wrap_suite, "
+                "signer_key_id = excluded.signer_key_id, last_seen_at = excluded.last_seen_at, "
+                "revoked = 0, revoked_at = NULL, last_ack_seq = NULL, reported = NULL",
                 (
                     name,
                     name,
@@ -236,8 +255,9 @@ class HostRegistry:
                 },
             )
             host = _host_row(await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (name,)))
+            event_seq = await outbox.last_seq(tx)
         log.info("host %s enrolled", name)
-        return host
+        return Enrollment(host, event_seq)
 
     async def get(self, host_id: str) -> Host:
         """The host with this id, revoked or not."""
@@ -341,7 +361,7 @@ class HostRegistry:
                 tx,
                 type=str(EventType.HOST_REVOKED),
                 partition_key=host_id,
-                data={"host": host_id},
+                data={"host": host_id, "signer_key_id": signer_key_id(host.identity_public_key)},
                 now=now,
             )
             await audit_log.append(

@@ -45,6 +45,9 @@ class EnrollReply(_Model):
     kafka_bootstrap: str
     events_topic: str
     acks_topic: str
+    event_seq: int = Field(default=0, ge=0)
+    """The controller's last event ``seq`` when this host enrolled: the agent drops every event
+    at or below it (all older than the enrollment, e.g. a predecessor's ``host.revoked``)."""
 
 
 class InstalledVersion(_Model):

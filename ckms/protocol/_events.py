@@ -133,9 +133,15 @@ class KeyPolicyChanged(_Data):
 
 
 class HostRevoked(_Data):
-    """A host was revoked: its identity is no longer trusted; it must drop every key."""
+    """A host was revoked: its identity is no longer trusted; it must drop every key.
+
+    ``signer_key_id`` names the identity key that was revoked, so a host re-enrolled under the
+    same name (with a new key) ignores an old revocation of its predecessor. Events written
+    before this field existed lack it; agents drop those by ``seq`` once re-enrolled.
+    """
 
     host: HostId
+    signer_key_id: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 class AckStatus(StrEnum):

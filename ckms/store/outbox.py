@@ -75,6 +75,16 @@ async def add_event(
     )
 
 
+async def last_seq(tx: Transaction) -> int:
+    """The highest ``seq`` ever given out (0 before the first event); every later event is above.
+
+    Read from AUTOINCREMENT's own counter, so pruning sent rows does not lower it. Enrollment
+    hands it to the agent, which then drops any event at or below it as older than itself.
+    """
+    value = await tx.fetchval("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+    return 0 if value is None else int(value)
+
+
 def _event(row: Any) -> OutboxEvent:
     return OutboxEvent(
         seq=row["seq"],

@@ -127,6 +127,19 @@ def test_host_revocation_only_for_this_host() -> None:
         EventAction.HOST_REVOKED
     )
     assert decide(EventType.HOST_REVOKED, HostRevoked(host="web-2")).action is EventAction.IGNORE
+
+
+def test_a_revocation_of_another_identity_under_this_name_is_ignored() -> None:
+    """A host re-enrolled under its old name has a new key: its predecessor's revocation is not
+    for it; one naming its own key is."""
+    mine, old = "ed25519:mine", "ed25519:predecessor"
+
+    def action(kid: str) -> EventAction:
+        event = envelope(EventType.HOST_REVOKED, HostRevoked(host="web-1", signer_key_id=kid))
+        return classify(event, host_id="web-1", labels={}, held=set(), signer_key_id=mine).action
+
+    assert action(old) is EventAction.IGNORE
+    assert action(mine) is EventAction.HOST_REVOKED
     assert EventType.ACK not in RELEVANT_TYPES
 
 
