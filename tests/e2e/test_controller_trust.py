@@ -28,8 +28,11 @@ WEB = {"env": "prod", "role": "web"}
 RAW = InstallSpec(path="/etc/ckms/{team}/{purpose}.key", format="raw")
 
 
-async def _topic_records(bootstrap: str, topic: str) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
-    """Every record on ``topic`` so far (value, headers), as an attacker with read access sees it."""
+Record = tuple[bytes, list[tuple[str, bytes]]]
+
+
+async def _topic_records(bootstrap: str, topic: str) -> list[Record]:
+    """Every record on ``topic`` so far (value, headers), as one with read access sees it."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
     )
