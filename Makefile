@@ -32,6 +32,13 @@ bench: $(STAMP)
 faults: $(STAMP)
 	$(BIN)/pytest tests/faults -m faults
 
+## make wire: regenerate the published wire artifacts after a model change (docs/schemas/, the
+## Go consumer's embedded copy, docs/vectors/consumer.json); tests fail while they are stale
+.PHONY: wire
+wire: $(STAMP)
+	$(BIN)/python -m ckms.protocol.schemas
+	$(BIN)/python -m tests.support.consumer_vectors
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -3,7 +3,7 @@
 Everything else in ckms calls these recipes instead of primitives (STYLE §4): key generation and
 canonical encodings, install formats, sealing at rest, the root KEK and its shares, HPKE
 wrapping for agents, Ed25519 signing and digests. Formats are documented in the private modules
-and pinned by the known-answer vectors in ``tests/vectors/``. Failures to open, unwrap or verify
+and pinned by the known-answer vectors in ``docs/vectors/``. Failures to open, unwrap or verify
 raise one :class:`~ckms.errors.IntegrityError` per kind of object; no message, repr or log line
 carries key material.
 """

@@ -14,7 +14,14 @@ import string
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ckms.crypto import InstallFormat
 from ckms.errors import ConfigError
@@ -63,6 +70,35 @@ ENV_LABEL = "env"
 
 _POSIX_NAME_RE = re.compile(r"^(?:[a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")
 
+WIRE_CONTEXT: dict[str, bool] = {"wire": True}
+"""Validation context of a signed message's ``data``: the shorthands people may type in a CLI
+or a config file (a hook as a string) are refused there, so each value has one spelling on the
+wire and the JSON Schemas in ``docs/schemas`` describe exactly what is accepted."""
+
+
+def _on_wire(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("wire"))
+
+
+# The JSON Schema twins of the checks below that pydantic cannot derive from the annotations
+# (``python -m ckms.protocol.schemas`` publishes them): each sits next to the validator it
+# mirrors, and tests/unit/protocol/test_schemas.py checks that both accept the same values.
+_PATH_LIT = r"[^/\x00{}]"
+_PATH_TOKEN = rf"(?:{_PATH_LIT}|\{{\{{|\}}\}}|\{{(?:name|team|purpose|version|host):?\}})"
+_PATH_TOKEN_NODOT = _PATH_TOKEN.replace(_PATH_LIT, r"[^/\x00{}.]", 1)
+_PATH_SEGMENT = (  # any segment but "." and ".."
+    rf"(?:{_PATH_TOKEN_NODOT}{_PATH_TOKEN}*"
+    rf"|\.{_PATH_TOKEN_NODOT}{_PATH_TOKEN}*"
+    rf"|\.\.{_PATH_TOKEN}+)"
+)
+PATH_TEMPLATE_PATTERN = rf"^(?:/{_PATH_SEGMENT}?)*/{_PATH_SEGMENT}$"
+"""An absolute path template: no ``.``/``..`` segment, no NUL, no trailing ``/``, placeholders
+from :data:`PATH_PLACEHOLDERS` only (``{{``/``}}`` are literal braces)."""
+
+_POSIX_NAME_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string", "pattern": _POSIX_NAME_RE.pattern}, {"type": "null"}]
+}
+
 
 class Targets(BaseModel):
     """Which hosts get a key: label selectors (OR of ANDs) and explicit host ids.
@@ -76,9 +112,26 @@ class Targets(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    selectors: tuple[dict[str, str], ...] = ()
-    hosts: tuple[str, ...] = ()
-    env: str | None = None
+    selectors: tuple[dict[str, str], ...] = Field(
+        default=(),
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "minProperties": 1,
+                "propertyNames": {"pattern": _LABEL_RE.pattern},
+                "additionalProperties": {"type": "string", "pattern": _LABEL_VALUE_RE.pattern},
+            }
+        },
+    )
+    hosts: tuple[str, ...] = Field(
+        default=(), json_schema_extra={"items": {"type": "string", "pattern": _HOST_ID_RE.pattern}}
+    )
+    env: str | None = Field(
+        default=None,
+        json_schema_extra={
+            "anyOf": [{"type": "string", "pattern": _LABEL_VALUE_RE.pattern}, {"type": "null"}]
+        },
+    )
 
     @field_validator("selectors")
     @classmethod
@@ -87,9 +140,9 @@ class Targets(BaseModel):
             if not selector:
                 raise ValueError("an empty selector would match every host; name labels")
             for label, want in selector.items():
-                if not _LABEL_RE.match(label):
+                if not _LABEL_RE.fullmatch(label):
                     raise ValueError(f"invalid label name {label!r}")
-                if not _LABEL_VALUE_RE.match(want):
+                if not _LABEL_VALUE_RE.fullmatch(want):
                     raise ValueError(f"invalid value {want!r} for label {label!r}")
         return tuple(dict(sorted(s.items())) for s in value)
 
@@ -97,14 +150,14 @@ class Targets(BaseModel):
     @classmethod
     def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for host in value:
-            if not _HOST_ID_RE.match(host):
+            if not _HOST_ID_RE.fullmatch(host):
                 raise ValueError(f"invalid host id {host!r}")
         return tuple(sorted(set(value)))
 
     @field_validator("env")
     @classmethod
     def _check_env(cls, value: str | None) -> str | None:
-        if value is not None and not _LABEL_VALUE_RE.match(value):
+        if value is not None and not _LABEL_VALUE_RE.fullmatch(value):
             raise ValueError(f"invalid environment {value!r}")
         return value
 
@@ -192,12 +245,20 @@ class HookSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    argv: tuple[str, ...]
+    argv: tuple[str, ...] = Field(
+        json_schema_extra={
+            "minItems": 1,
+            "prefixItems": [{"minLength": 1}],
+            "items": {"type": "string", "pattern": r"^[^\x00]*$"},
+        }
+    )
     timeout_s: float = Field(default=30.0, gt=0, le=MAX_HOOK_TIMEOUT_S)
 
     @field_validator("argv", mode="before")
     @classmethod
-    def _split(cls, value: Any) -> Any:
+    def _split(cls, value: Any, info: ValidationInfo) -> Any:
+        if _on_wire(info):
+            return tuple(value) if isinstance(value, list) else value
         # A string is split like a shell would split it, but never run through a shell.
         return tuple(shlex.split(value)) if isinstance(value, str) else value
 
@@ -221,14 +282,33 @@ class InstallSpec(BaseModel):
     world-readable) and the directory may not be world-writable.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"format": {"const": "keyring-json"}}, "required": ["format"]},
+            "then": {"properties": {"path": {"not": {"pattern": r"\{version\}"}}}},
+        },
+    )
 
-    path: str
+    path: str = Field(json_schema_extra={"pattern": PATH_TEMPLATE_PATTERN})
     format: InstallFormat = InstallFormat.RAW
-    owner: str | None = None
-    group: str | None = None
-    mode: int = Field(default=0o600, ge=0, le=0o777)
-    dir_mode: int = Field(default=0o700, ge=0, le=0o777)
+    owner: str | None = Field(default=None, json_schema_extra=_POSIX_NAME_SCHEMA)
+    group: str | None = Field(default=None, json_schema_extra=_POSIX_NAME_SCHEMA)
+    # Owner-readable (0o400), nothing for "other": 0o400..0o770 in steps of 8.
+    mode: int = Field(
+        default=0o600,
+        ge=0,
+        le=0o777,
+        json_schema_extra={"minimum": 0o400, "maximum": 0o770, "multipleOf": 8},
+    )
+    # Not world-writable (0o002).
+    dir_mode: int = Field(
+        default=0o700,
+        ge=0,
+        le=0o777,
+        json_schema_extra={"not": {"enum": [m for m in range(0o1000) if m & 0o002]}},
+    )
     reload: HookSpec | None = None
     health: HookSpec | None = None
 
@@ -260,14 +340,16 @@ class InstallSpec(BaseModel):
 
     @field_validator("reload", "health", mode="before")
     @classmethod
-    def _hook_shorthand(cls, value: Any) -> Any:
+    def _hook_shorthand(cls, value: Any, info: ValidationInfo) -> Any:
         # A bare command (string or argv list) means that command with the default timeout.
+        if _on_wire(info):
+            return value
         return {"argv": value} if isinstance(value, str | list | tuple) else value
 
     @field_validator("owner", "group")
     @classmethod
     def _check_posix_name(cls, value: str | None) -> str | None:
-        if value is not None and not _POSIX_NAME_RE.match(value):
+        if value is not None and not _POSIX_NAME_RE.fullmatch(value):
             raise ValueError(f"invalid user or group name {value!r}")
         return value
 

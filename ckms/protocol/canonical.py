@@ -1,6 +1,6 @@
 """Canonical JSON: the one byte encoding that ckms signs, hashes and binds as associated data.
 
-Rules (a second implementation must follow them exactly; ``tests/vectors/canonical_json.json``
+Rules (a second implementation must follow them exactly; ``docs/vectors/canonical_json.json``
 pins them):
 
 - UTF-8, no byte order mark, no whitespace outside strings, separators ``,`` and ``:``.
@@ -25,11 +25,16 @@ from typing import Any
 
 from ckms.errors import ProtocolError
 
-__all__ = ["MAX_CANONICAL_BYTES", "canonical_json", "parse_canonical_json"]
+__all__ = ["MAX_CANONICAL_BYTES", "MAX_DEPTH", "canonical_json", "parse_canonical_json"]
 
 MAX_CANONICAL_BYTES = 1 << 20
 """Default size limit of :func:`parse_canonical_json` input, so an oversized message is refused
 before it is parsed."""
+
+MAX_DEPTH = 32
+"""Most arrays and objects :func:`parse_canonical_json` accepts nested in each other (``{}`` is
+1, ``{"a":[1]}`` is 2; an event reaches 5). A fixed bound, so every implementation refuses the
+same inputs, where Python's own limit would depend on the interpreter's stack."""
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -108,6 +113,20 @@ def parse_canonical_json(data: bytes, *, max_bytes: int = MAX_CANONICAL_BYTES) -
         raise ProtocolError("JSON message is nested too deeply") from None
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("message is not valid UTF-8 JSON") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ProtocolError(f"JSON message is nested deeper than {MAX_DEPTH}")
     if canonical_json(value) != raw:
         raise ProtocolError("JSON message is not in canonical form")
     return value
+
+
+def _depth(value: Any) -> int:
+    """How many arrays and objects are nested in each other in ``value``, without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, outer = stack.pop()
+        if isinstance(item, dict | list):
+            depth = outer + 1
+            deepest = max(deepest, depth)
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest

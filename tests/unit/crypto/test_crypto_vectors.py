@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,16 +22,10 @@ from ckms.crypto import (
 )
 from ckms.crypto._hpke import _info
 from ckms.errors import IntegrityError
+from tests.support.vectors import load_vectors
 
-VECTORS = Path(__file__).resolve().parents[2] / "vectors"
-
-
-def _load(name: str) -> dict[str, Any]:
-    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
-
-
-SIGNATURES = _load("event_signatures.json")["vectors"]
-WRAPPED = _load("wrapped_key.json")
+SIGNATURES = load_vectors("event_signatures.json")["vectors"]
+WRAPPED = load_vectors("wrapped_key.json")
 
 
 @pytest.mark.parametrize("vector", SIGNATURES, ids=[v["name"] for v in SIGNATURES])

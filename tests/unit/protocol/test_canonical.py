@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +13,9 @@ from hypothesis import strategies as st
 
 from ckms.errors import ProtocolError
 from ckms.protocol.canonical import canonical_json, parse_canonical_json
+from tests.support.vectors import load_vectors
 
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[2] / "vectors" / "canonical_json.json").read_text("utf-8")
-)
+VECTORS = load_vectors("canonical_json.json")
 
 
 @pytest.mark.parametrize("vector", VECTORS["valid"], ids=[v["name"] for v in VECTORS["valid"]])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -40,8 +39,8 @@ from ckms.protocol import (
     trust_keys,
     verify_message,
 )
+from tests.support.vectors import load_vectors
 
-VECTORS = Path(__file__).parents[2] / "vectors" / "event_envelopes.json"
 AT = datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=UTC)
 DIGEST = "sha256:" + "ab" * 32
 
@@ -272,7 +271,7 @@ def test_targets_match() -> None:
 
 
 def test_envelope_vectors() -> None:
-    vectors = json.loads(VECTORS.read_text())
+    vectors = load_vectors("event_envelopes.json")
     assert vectors["vectors"], "no vectors"
     for vector in vectors["vectors"]:
         seed = bytes.fromhex(vector["signing_key_hex"])
