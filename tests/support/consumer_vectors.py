@@ -123,7 +123,7 @@ DATA: dict[str, dict[str, Any]] = {
         "key_id": "k-0001",
         "policy": {"rotate_every_days": 30},
     },
-    "host.revoked": {"host": "db-7"},
+    "host.revoked": {"host": "db-7", "signer_key_id": "ed25519:3q2-7wAAAAAAAAAAAAAAAA"},
 }
 
 

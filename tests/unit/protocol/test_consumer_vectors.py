@@ -50,7 +50,8 @@ def test_python_reaches_every_published_verdict() -> None:
 
 def test_vectors_cover_every_reason_and_every_event_type() -> None:
     reasons = {c["reason"] for c in VECTORS["cases"] if c["verdict"] == "reject"}
-    codes = {c.reason for c in _subclasses(MessageRejected) if c.__module__ == MessageRejected.__module__}
+    home = MessageRejected.__module__
+    codes = {c.reason for c in _subclasses(MessageRejected) if c.__module__ == home}
     assert reasons == codes
     accepted = {c["expect"]["type"] for c in VECTORS["cases"] if c["verdict"] == "accept"}
     assert accepted == {str(t) for t in EventType} - {"ack"}
