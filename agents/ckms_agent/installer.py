@@ -13,6 +13,9 @@ runs once more, and the outcome is ``failed`` with the hooks' output.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -185,3 +188,18 @@ class Installer:
 def backup_paths(backup: dict[Path, bytes | None]) -> list[Path]:
     """The paths that exist again after a restore."""
     return [p for p, data in backup.items() if data is not None]
+
+
+def read_keyring(paths: Sequence[Path]) -> dict[int, bytes]:
+    """The versions of a keyring file that :meth:`Installer.render` wrote (the reverse of
+    :func:`~ckms.crypto.encode_keyring`); empty if every path is missing or malformed."""
+    for path in paths:
+        try:
+            ring = json.loads(path.read_bytes())
+            return {
+                int(entry["version"]): base64.b64decode(entry["material"], validate=True)
+                for entry in ring["versions"]
+            }
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+            continue
+    return {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -46,7 +45,7 @@ from ckms.protocol import (
 )
 from ckms_agent.acks import AckWriter
 from ckms_agent.files import files_match, hash_files, sweep_temp_files
-from ckms_agent.installer import ApplyOutcome, HeldVersion, Installer
+from ckms_agent.installer import ApplyOutcome, HeldVersion, Installer, read_keyring
 from ckms_agent.plan import (
     Action,
     KeyPlan,
@@ -670,17 +669,3 @@ def _signature(desired: DesiredKey) -> tuple[object, ...]:
         desired.install,
         tuple((v.version, v.digest, str(v.state), v.primary) for v in versions),
     )
-
-
-def read_keyring(paths: Sequence[Path]) -> dict[int, bytes]:
-    """The versions of a ckms keyring file on disk (empty if it is missing or malformed)."""
-    for path in paths:
-        try:
-            ring = json.loads(path.read_bytes())
-            return {
-                int(entry["version"]): base64.b64decode(entry["material"], validate=True)
-                for entry in ring["versions"]
-            }
-        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
-            continue
-    return {}

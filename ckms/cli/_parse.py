@@ -9,8 +9,8 @@ from pathlib import Path
 from ckms.cli._errors import UsageError
 from ckms.crypto import InstallFormat, KeyType
 from ckms.errors import ConfigError
-from ckms.protocol import RevocationReason, Targets
-from ckms.protocol.admin import APPROVAL_OPERATIONS
+from ckms.protocol import APPROVAL_OPERATIONS, RevocationReason, Targets
+from ckms.protocol import parse_labels as protocol_parse_labels
 
 __all__ = [
     "parse_approvals",
@@ -74,10 +74,8 @@ def parse_targets(specs: list[str], *, env: str | None = None) -> Targets:
 
 def parse_labels(specs: list[str], *, option: str = "--label") -> dict[str, str]:
     """Labels from ``name=value`` arguments (comma-separated pairs allowed)."""
-    from ckms.controller.hosts import parse_labels as parse
-
     try:
-        return parse(specs)
+        return protocol_parse_labels(specs)
     except ConfigError as exc:
         raise UsageError(f"{option}: {exc}") from None
 

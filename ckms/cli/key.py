@@ -22,7 +22,7 @@ from ckms.cli._parse import (
 )
 from ckms.cli._render import age, console, err_console, print_json, table, until, when
 from ckms.errors import ConfigError
-from ckms.protocol import InstallSpec, Targets
+from ckms.protocol import InstallSpec, Targets, default_install, validate_key_name
 from ckms.protocol import admin as api
 
 app = typer.Typer(
@@ -96,8 +96,6 @@ def _install(
     if not given:
         return None
     if current is None:
-        from ckms.controller.lifecycle import default_install
-
         current = default_install(parse_key_type(key_type or "aes-256"))
     try:
         return InstallSpec.model_validate({**current.model_dump(exclude_none=True), **given})
@@ -256,8 +254,6 @@ def create(
 
 
 def _valid_name(name: str) -> bool:
-    from ckms.controller.models import validate_key_name
-
     try:
         validate_key_name(name)
     except ConfigError as exc:

@@ -45,12 +45,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ckms.controller.approvals import DEFAULT_APPROVAL_TTL, ApprovalBook, ApprovalRequest
+from ckms.controller.desired import distributable_versions, drifts
 from ckms.controller.duework import plan_due_work
 from ckms.controller.fleet import key_fleet_status
-from ckms.controller.lifecycle import DISTRIBUTABLE_STATES
 from ckms.controller.models import DEFAULT_APPROVALS, Host, Key, Policy
-from ckms.controller.operators import APPROVER_ROLES, OperatorRegistry
+from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import default_policy
+from ckms.controller.targets import host_matches
 from ckms.crypto import KeyType
 from ckms.errors import (
     ApprovalRequiredError,
@@ -59,6 +60,7 @@ from ckms.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from ckms.protocol import APPROVER_ROLES, REQUESTER_ROLES, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
 from ckms.store import audit as audit_log
@@ -73,15 +75,15 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=BaseModel)
 
-_READ = frozenset({"admin", "operator", "auditor"})
-_STATUS = _READ | {"custodian"}
-_WRITE = frozenset({"admin", "operator"})
-_ADMIN = frozenset({"admin"})
-_VAULT = frozenset({"admin", "custodian"})
+_READ = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
+_STATUS = _READ | {Role.CUSTODIAN}
+_WRITE = frozenset({Role.ADMIN, Role.OPERATOR})
+_ADMIN = frozenset({Role.ADMIN})
+_VAULT = frozenset({Role.ADMIN, Role.CUSTODIAN})
 _REQUESTS = _STATUS
 _APPROVE = APPROVER_ROLES
 
-ROLES: dict[str, frozenset[str]] = {
+ROLES: dict[str, frozenset[Role]] = {
     "status": _STATUS,
     "unseal": _VAULT,
     "seal": _VAULT,
@@ -116,8 +118,7 @@ ROLES: dict[str, frozenset[str]] = {
 }
 """Every admin method and the roles its route admits (handlers may refuse more)."""
 
-_REQUESTERS = frozenset({"admin"})
-"""Roles that may ask for a dual-control operation (others are refused outright)."""
+_REQUESTERS = REQUESTER_ROLES
 
 _ROTATION_HORIZON = timedelta(days=4 * 365)
 _DAY = timedelta(days=1)
@@ -432,9 +433,7 @@ class AdminService:
         for host in hosts:
             if host.revoked:
                 continue
-            limits = [
-                k.policy.max_staleness for k in keys if k.targets.matches(host.id, host.labels)
-            ]
+            limits = [k.policy.max_staleness for k in keys if host_matches(k.targets, host)]
             limit = min(limits, default=_DAY)
             seen = facts.get(host.id, {}).get("last_seen_at") or host.enrolled_at
             if seen is None or now - seen > limit:
@@ -659,9 +658,7 @@ class AdminService:
                 last_seen_at=facts.get(h.id, {}).get("last_seen_at"),
                 stale=h.id in stale,
                 wrap_suite=facts.get(h.id, {}).get("wrap_suite"),
-                keys=tuple(
-                    k.name for k in keys if not h.revoked and k.targets.matches(h.id, h.labels)
-                ),
+                keys=tuple(k.name for k in keys if host_matches(k.targets, h)),
             )
             for h in hosts
         ]
@@ -703,26 +700,25 @@ class AdminService:
         now = self._now()
         keys = [await c.lifecycle.get(params.key)] if params.key else await c.lifecycle.list_keys()
         facts = await self._host_facts()
+        hosts = {h.id: h for h in await c.hosts.list()}
         out = []
         for key in keys:
-            wanted = {
-                (v.version, v.digest) for v in key.versions if v.state in DISTRIBUTABLE_STATES
-            }
+            wanted = {v.version for v in distributable_versions(key)}
             rows = []
             for s in await key_fleet_status(c.store, c.lifecycle, c.hosts, key.name):
                 report = facts.get(s.host, {}).get("reported")
                 # Drift: the acks say the host is current, but a heartbeat sent after its last
                 # ack says it holds something else.
-                held = None
-                if report is not None and (
-                    s.updated_at is None or parse_time(report["at"]) > s.updated_at
-                ):
-                    held = {
-                        (i["version"], i["digest"])
-                        for i in report["installed"]
-                        if i.get("key") == key.name
-                    }
-                drift = s.converged and held is not None and held != wanted
+                drift = (
+                    s.converged
+                    and report is not None
+                    and (s.updated_at is None or parse_time(report["at"]) > s.updated_at)
+                    and drifts(
+                        key,
+                        hosts[s.host],
+                        ((i.get("key"), i["version"], i["digest"]) for i in report["installed"]),
+                    )
+                )
                 rows.append(
                     api.FleetHost(
                         host=s.host,
@@ -744,7 +740,7 @@ class AdminService:
                 api.KeyFleet(
                     key=key.name,
                     primary_version=key.primary_version,
-                    wanted_versions=tuple(sorted(v for v, _ in wanted)),
+                    wanted_versions=tuple(sorted(wanted)),
                     targeted=len(rows),
                     converged=converged,
                     failed=sum(1 for h in rows if h.failed),

@@ -16,10 +16,13 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from ckms.controller.desired import desired_versions, drifted_keys
 from ckms.controller.hosts import HostRegistry
-from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
-from ckms.controller.models import Host, Key, Targets
+from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.models import Host, Key, KeyState, Targets
 from ckms.controller.sealing import Vault
+from ckms.controller.targets import host_matches
+from ckms.controller.transitions import is_distributable
 from ckms.crypto import WrapSuite, material_digest, signer_key_id, wrap_for_agent
 from ckms.errors import (
     CKMSError,
@@ -36,6 +39,7 @@ from ckms.protocol import (
     FetchRequest,
     HeartbeatReply,
     RemoveItem,
+    Role,
     SyncReply,
     SyncRequest,
     format_time,
@@ -48,13 +52,9 @@ log = logging.getLogger(__name__)
 
 
 def desired_keys(keys: list[Key], host: Host) -> list[DesiredKey]:
-    """The keys (and their distributable versions) that belong on ``host``."""
-    if host.revoked:
-        return []
+    """The keys (and their distributable versions) that belong on ``host``, as sync sends them."""
     out = []
     for key in keys:
-        if not key.targets.matches(host.id, host.labels):
-            continue
         versions = tuple(
             DesiredVersion(
                 version=v.version,
@@ -62,8 +62,7 @@ def desired_keys(keys: list[Key], host: Host) -> list[DesiredKey]:
                 primary=v.version == key.primary_version,
                 digest=v.digest,
             )
-            for v in key.versions
-            if v.state in DISTRIBUTABLE_STATES and v.has_material
+            for v in desired_versions(key, host)
         )
         if not versions:
             continue
@@ -108,10 +107,10 @@ class AgentService:
 
     def register(self, server: RpcServer) -> None:
         """Route the agent methods on ``server``."""
-        server.route("enroll", self.enroll, roles={"enroll"})
-        server.route("sync", self.sync, roles={"agent"})
-        server.route("heartbeat", self.heartbeat, roles={"agent"})
-        server.route("fetch", self.fetch, roles={"agent"})
+        server.route("enroll", self.enroll, roles={Role.ENROLL})
+        server.route("sync", self.sync, roles={Role.AGENT})
+        server.route("heartbeat", self.heartbeat, roles={Role.AGENT})
+        server.route("fetch", self.fetch, roles={Role.AGENT})
 
     def _now(self) -> datetime:
         return self._clock()
@@ -208,12 +207,9 @@ class AgentService:
         request = SyncRequest.model_validate(params)
         host, _ = await self._host(principal)
         keys = await self._lifecycle.current_keys()
-        desired = desired_keys(list(keys.values()), host)
-        want = {d.key: {(v.version, v.digest) for v in d.versions} for d in desired}
-        have: dict[str, set[tuple[int, str]]] = {}
-        for item in request.installed:
-            have.setdefault(item.key, set()).add((item.version, item.digest))
-        drift = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        drift = drifted_keys(
+            keys.values(), host, ((i.key, i.version, i.digest) for i in request.installed)
+        )
         reported = [i.model_dump() for i in request.installed]
 
         async def record(tx: Transaction) -> None:
@@ -258,7 +254,7 @@ class AgentService:
             raise PermissionDeniedError(
                 f"host {host.id} may not fetch {reply.key} v{reply.version}: revoked meanwhile"
             )
-        if row["state"] not in DISTRIBUTABLE_STATES:
+        if not is_distributable(KeyState(row["state"]), has_material=True):
             raise PermissionDeniedError(
                 f"{reply.key} version {reply.version} is {row['state']}: not distributable"
             )
@@ -267,7 +263,7 @@ class AgentService:
             labels = json.loads(row["host_labels"])
         except ValueError as exc:
             raise StoreError(f"stored targets of {reply.key} are malformed: {exc}") from exc
-        if not targets.matches(host.id, labels):
+        if not host_matches(targets, host.model_copy(update={"labels": labels})):
             raise PermissionDeniedError(
                 f"host {host.id} is no longer a target of {reply.key}: retargeted meanwhile"
             )
@@ -279,7 +275,7 @@ class AgentService:
         key = keys.get(request.key)
         if key is None:
             raise PermissionDeniedError(f"host {host.id} may not fetch {request.key}: no such key")
-        if not key.targets.matches(host.id, host.labels):
+        if not host_matches(key.targets, host):
             raise PermissionDeniedError(f"host {host.id} is not a target of {key.name}")
         try:
             version = key.version(request.version)
@@ -287,7 +283,7 @@ class AgentService:
             raise PermissionDeniedError(
                 f"host {host.id} may not fetch {key.name} v{request.version}: no such version"
             ) from None
-        if version.state not in DISTRIBUTABLE_STATES or not version.has_material:
+        if not is_distributable(version.state, has_material=version.has_material):
             raise PermissionDeniedError(
                 f"{key.name} version {version.version} is {version.state}: not distributable"
             )

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ckms.controller import _repo
 from ckms.controller.models import Key, KeyState
+from ckms.controller.transitions import Op, can
 from ckms.store import Store, require_utc
 
 __all__ = ["DueItem", "DueWork", "due_work", "plan_due_work"]
@@ -72,10 +73,10 @@ def plan_due_work(keys: Iterable[Key], now: datetime) -> DueWork:
         policy = key.policy
         primary = key.primary
         for v in key.versions:
-            if v.state is KeyState.PRE_ACTIVE and v.activation_at is not None:
+            if can(v.state, Op.ACTIVATE) and v.activation_at is not None:
                 consider(activate, key, v.version, v.activation_at)
             if (
-                v.state in (KeyState.ACTIVE, KeyState.SUSPENDED)
+                can(v.state, Op.DEACTIVATE)
                 and v.version != key.primary_version
                 and v.superseded_at is not None
             ):

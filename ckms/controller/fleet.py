@@ -22,9 +22,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from ckms._kafka import TopicSpec, ensure_topics, partitions_of
+from ckms.controller.desired import desired_versions
 from ckms.controller.hosts import HostRegistry
-from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
+from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Host, Key
+from ckms.controller.targets import match_hosts
 from ckms.errors import CKMSError
 from ckms.protocol import (
     KEY_ID_HEADER,
@@ -339,9 +341,7 @@ async def key_fleet_status(
     version with the right digest and ``removed`` (or nothing) for every other version.
     """
     key = await lifecycle.get(name)
-    targeted = [
-        h for h in await hosts.list() if not h.revoked and key.targets.matches(h.id, h.labels)
-    ]
+    targeted = match_hosts(key.targets, await hosts.list())
     rows = await store.fetchall(
         "SELECT host_id, version, status, digest, updated_at, latency_ms FROM fleet_state "
         "WHERE key_id = ?",
@@ -354,7 +354,7 @@ async def key_fleet_status(
 
 
 def _status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
-    want = {v.version: v.digest for v in key.versions if v.state in DISTRIBUTABLE_STATES}
+    want = {v.version: v.digest for v in desired_versions(key, host)}
     got = {int(r["version"]): r for r in rows}
     versions = {v: str(r["status"]) for v, r in got.items()}
     failed = any(str(r["status"]) == "failed" for r in rows if int(r["version"]) in want)

@@ -30,8 +30,12 @@ from ckms.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from ckms.protocol import EnrollRequest, EventType
-from ckms.protocol._keyspec import _HOST_ID_RE, _LABEL_RE, _LABEL_VALUE_RE
+from ckms.protocol import (
+    EnrollRequest,
+    EventType,
+    validate_host_name,
+    validate_labels,
+)
 from ckms.store import (
     Clock,
     Reader,
@@ -70,38 +74,6 @@ class Enrollment:
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def validate_host_name(name: str) -> str:
-    """Return ``name`` if it is a valid host id, else raise ConfigError."""
-    if not isinstance(name, str) or not _HOST_ID_RE.match(name):
-        raise ConfigError(
-            f"host name {name!r} must be 1-128 letters, digits, '.', '_', ':' or '-', "
-            "starting and ending with a letter or digit"
-        )
-    return name
-
-
-def validate_labels(labels: dict[str, str]) -> dict[str, str]:
-    """Return the labels if every name and value is valid, else raise ConfigError."""
-    for label, value in labels.items():
-        if not _LABEL_RE.match(label):
-            raise ConfigError(f"invalid label name {label!r}")
-        if not _LABEL_VALUE_RE.match(value):
-            raise ConfigError(f"invalid value {value!r} for label {label!r}")
-    return dict(sorted(labels.items()))
-
-
-def parse_labels(specs: list[str]) -> dict[str, str]:
-    """Parse ``env=prod`` style label arguments."""
-    labels: dict[str, str] = {}
-    for spec in specs:
-        for part in spec.split(","):
-            name, sep, value = part.partition("=")
-            if not sep or not name.strip():
-                raise ConfigError(f"label {part!r}: expected name=value")
-            labels[name.strip()] = value.strip()
-    return validate_labels(labels)
 
 
 def _ssh_line(text: str) -> str:

@@ -1,7 +1,8 @@
 """The key lifecycle: create, rotate, activate, suspend, resume, deactivate, revoke, destroy.
 
-Per-version states follow DESIGN §3 exactly (:data:`TRANSITIONS`); any other transition raises
-:class:`~ckms.errors.InvalidTransitionError` naming the operation and the current state.
+Per-version states follow the transition table of :mod:`ckms.controller.transitions` exactly;
+any other transition raises :class:`~ckms.errors.InvalidTransitionError` naming the operation
+and the current state.
 
 Every change runs in **one** store transaction together with its audit record(s) and outbox
 event(s): all are stored or none is. If the audit record cannot be written the operation fails
@@ -19,17 +20,10 @@ All mutations need an unsealed controller (material is generated and sealed, aud
 are HMAC'd, and the events cannot be signed for publication while sealed anyway). Dual control
 (``policy.approvals_required``) is enforced by the caller (the admin RPC) before it calls here.
 
-Outbox events (``data`` never holds material; times are RFC 3339 UTC):
-
-- ``key.created``: key, key_id, type, usage, version, state, digest, activation_at, primary,
-  policy, targets, install
-- ``key.rotated``: key, key_id, version, state, digest, activation_at, primary, previous_primary
-- ``key.state_changed`` (activate, suspend, resume, deactivate): key, key_id, version, from, to,
-  primary, reason
-- ``key.revoked``: key, key_id, version, from, to, reason (KMIP code), compromise, primary
-- ``key.destroyed``: key, key_id, version, from, to, digest, primary
-- ``key.policy_changed``: key, key_id, policy
-- ``key.targets_changed``: key, key_id, targets, install
+Outbox events are the typed models of :mod:`ckms.protocol` (``data`` never holds material;
+times are RFC 3339 UTC): ``key.created`` (:class:`~ckms.protocol.KeyCreated`), ``key.rotated``,
+``key.state_changed`` (activate, suspend, resume, deactivate), ``key.revoked``,
+``key.destroyed``, ``key.policy_changed`` and ``key.targets_changed``.
 """
 
 from __future__ import annotations
@@ -39,7 +33,6 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
@@ -59,7 +52,14 @@ from ckms.controller.models import (
 from ckms.controller.policy import check_policy, check_usage, default_policy
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import env_blocked, match_hosts
-from ckms.crypto import InstallFormat, KeyType, allowed_formats, generate, material_digest
+
+# DISTRIBUTABLE_STATES, TRANSITIONS and allowed_operations live in the transition table's module;
+# they stay importable from here for callers that knew them here.
+from ckms.controller.transitions import DISTRIBUTABLE_STATES as DISTRIBUTABLE_STATES
+from ckms.controller.transitions import LIVE_STATES, Op, next_state, op_label, revoked_for
+from ckms.controller.transitions import TRANSITIONS as TRANSITIONS
+from ckms.controller.transitions import allowed_operations as allowed_operations
+from ckms.crypto import KeyType, allowed_formats, generate, material_digest
 from ckms.errors import (
     AlreadyExistsError,
     CKMSError,
@@ -70,18 +70,23 @@ from ckms.errors import (
     SealedError,
     StoreError,
 )
+from ckms.protocol import (
+    EventPolicy,
+    KeyCreated,
+    KeyDestroyed,
+    KeyPolicyChanged,
+    KeyRevoked,
+    KeyRotated,
+    KeyStateChanged,
+    KeyTargetsChanged,
+    default_install,
+)
+from ckms.protocol._events import EventData
 from ckms.store import Clock, Store, Transaction, format_time, outbox, require_utc, utc_now
 from ckms.store import audit as audit_log
 
-__all__ = [
-    "DISTRIBUTABLE_STATES",
-    "TRANSITIONS",
-    "Lifecycle",
-    "Op",
-    "allowed_operations",
-    "default_install",
-    "next_state",
-]
+__all__ = ["Lifecycle"]
+
 
 log = logging.getLogger(__name__)
 
@@ -90,58 +95,6 @@ T = TypeVar("T")
 MAX_REASON_LENGTH: Final = 1000
 
 
-class Op(StrEnum):
-    """Per-version lifecycle operations (the columns of the transition table)."""
-
-    ACTIVATE = "activate"
-    SUSPEND = "suspend"
-    RESUME = "resume"
-    DEACTIVATE = "deactivate"
-    REVOKE = "revoke"  # revoke with a non-compromise reason
-    COMPROMISE = "compromise"  # revoke with keyCompromise or cACompromise
-    DESTROY = "destroy"
-
-
-_S = KeyState
-TRANSITIONS: Final[Mapping[tuple[KeyState, Op], KeyState]] = MappingProxyType(
-    {
-        (_S.PRE_ACTIVE, Op.ACTIVATE): _S.ACTIVE,
-        (_S.ACTIVE, Op.SUSPEND): _S.SUSPENDED,
-        (_S.SUSPENDED, Op.RESUME): _S.ACTIVE,
-        (_S.ACTIVE, Op.DEACTIVATE): _S.DEACTIVATED,
-        (_S.SUSPENDED, Op.DEACTIVATE): _S.DEACTIVATED,
-        (_S.ACTIVE, Op.REVOKE): _S.DEACTIVATED,
-        (_S.SUSPENDED, Op.REVOKE): _S.DEACTIVATED,
-        (_S.PRE_ACTIVE, Op.COMPROMISE): _S.COMPROMISED,
-        (_S.ACTIVE, Op.COMPROMISE): _S.COMPROMISED,
-        (_S.SUSPENDED, Op.COMPROMISE): _S.COMPROMISED,
-        (_S.DEACTIVATED, Op.COMPROMISE): _S.COMPROMISED,
-        (_S.DESTROYED, Op.COMPROMISE): _S.DESTROYED_COMPROMISED,
-        (_S.PRE_ACTIVE, Op.DESTROY): _S.DESTROYED,
-        (_S.DEACTIVATED, Op.DESTROY): _S.DESTROYED,
-        (_S.COMPROMISED, Op.DESTROY): _S.DESTROYED_COMPROMISED,
-    }
-)
-"""DESIGN §3, per version: (state, operation) → new state. Everything not listed is refused."""
-
-DISTRIBUTABLE_STATES: Final = frozenset({KeyState.PRE_ACTIVE, KeyState.ACTIVE})
-"""States whose material agents may fetch and keep installed: PreActive versions are
-pre-distributed so activation only flips the primary; every other state is removed from hosts."""
-
-_OP_LABEL: Final = {Op.REVOKE: "revoke", Op.COMPROMISE: "revoke as compromised"}
-_HINT: Final = {
-    (_S.ACTIVE, Op.DESTROY): "; deactivate or revoke it first",
-    (_S.SUSPENDED, Op.DESTROY): "; deactivate or revoke it first",
-}
-_EVENT: Final = {
-    Op.ACTIVATE: "key.state_changed",
-    Op.SUSPEND: "key.state_changed",
-    Op.RESUME: "key.state_changed",
-    Op.DEACTIVATE: "key.state_changed",
-    Op.REVOKE: "key.revoked",
-    Op.COMPROMISE: "key.revoked",
-    Op.DESTROY: "key.destroyed",
-}
 _REFUSALS = (
     InvalidTransitionError,
     NotFoundError,
@@ -150,34 +103,6 @@ _REFUSALS = (
     ConfigError,
     SealedError,
 )
-
-
-def next_state(
-    state: KeyState, op: Op, *, key: str = "key", version: int | None = None
-) -> KeyState:
-    """Return the state ``op`` leads to from ``state``, or raise InvalidTransitionError."""
-    try:
-        return TRANSITIONS[(state, op)]
-    except KeyError:
-        what = f"{key} version {version}" if version is not None else key
-        label = _OP_LABEL.get(op, str(op))
-        raise InvalidTransitionError(
-            f"cannot {label} {what}: it is {state}{_HINT.get((state, op), '')}"
-        ) from None
-
-
-def allowed_operations(state: KeyState) -> frozenset[Op]:
-    """Return the operations the table allows from ``state``."""
-    return frozenset(op for (s, op) in TRANSITIONS if s is state)
-
-
-def default_install(key_type: KeyType) -> InstallSpec:
-    """Return the install spec a key gets when create names none (one file per version)."""
-    fmt = InstallFormat.PEM if InstallFormat.PEM in allowed_formats(key_type) else InstallFormat.RAW
-    ext = "pem" if fmt is InstallFormat.PEM else "key"
-    return InstallSpec(
-        path=f"/var/lib/ckms/keys/{{team}}/{{purpose}}/v{{version}}.{ext}", format=fmt
-    )
 
 
 def _check_text(value: str | None, what: str, *, required: bool = False) -> str | None:
@@ -192,6 +117,11 @@ def _check_text(value: str | None, what: str, *, required: bool = False) -> str 
 
 def _t(when: datetime | None) -> str | None:
     return None if when is None else format_time(when)
+
+
+def _event_policy(policy: Policy) -> EventPolicy:
+    """A policy as events carry it."""
+    return EventPolicy.model_validate(policy.model_dump(mode="json"))
 
 
 class Lifecycle:
@@ -294,21 +224,18 @@ class Lifecycle:
         actor: str,
         action: str,
         key: Key,
-        event_type: str,
-        data: dict[str, Any],
+        event: EventData,
         details: dict[str, Any],
     ) -> None:
         """Write the outbox event and the audit record of one change, in its transaction."""
-        event = await outbox.add_event(
-            tx, type=event_type, partition_key=key.name, data=data, now=now
-        )
+        stored = await outbox.add_event(tx, partition_key=key.name, data=event, now=now)
         await audit_log.append(
             tx,
             now=now,
             actor=actor,
             action=action,
             object=f"key:{key.name}",
-            details={**details, "event_id": event.event_id, "event_seq": event.seq},
+            details={**details, "event_id": stored.event_id, "event_seq": stored.seq},
         )
 
     async def _set_primary_after(
@@ -319,10 +246,12 @@ class Lifecycle:
         if new_state is KeyState.ACTIVE:
             entered = key.version(version)
             if entered.superseded_at is None and (primary is None or version > primary):
+                live = sorted(str(s) for s in LIVE_STATES)
+                marks = ", ".join("?" * len(live))
                 await tx.execute(
-                    "UPDATE key_versions SET superseded_at = ? WHERE key_id = ? AND version < ? "
-                    "AND superseded_at IS NULL AND state IN ('PreActive', 'Active', 'Suspended')",
-                    (format_time(now), key.id, version),
+                    "UPDATE key_versions SET superseded_at = ? WHERE key_id = ? AND version < ? "  # noqa: S608
+                    f"AND superseded_at IS NULL AND state IN ({marks})",
+                    (format_time(now), key.id, version, *live),
                 )
                 primary = version
         elif primary == version:
@@ -376,14 +305,15 @@ class Lifecycle:
             reason=history_reason,
         )
         primary = await self._set_primary_after(tx, key, version, target, now)
-        data: dict[str, Any] = {
+        common: dict[str, Any] = {
             "key": key.name,
             "key_id": key.id,
             "version": version,
-            "from": str(current.state),
-            "to": str(target),
+            "from_state": current.state,
+            "to_state": target,
             "primary": primary,
         }
+        event: EventData
         details: dict[str, Any] = {
             "version": version,
             "from": str(current.state),
@@ -393,23 +323,16 @@ class Lifecycle:
         }
         if op in (Op.REVOKE, Op.COMPROMISE):
             assert revocation is not None
-            data |= {"reason": str(revocation), "compromise": revocation.is_compromise}
+            event = KeyRevoked(**common, reason=revocation, compromise=revocation.is_compromise)
             details["revocation_reason"] = str(revocation)
         elif op is Op.DESTROY:
-            data["digest"] = current.digest
+            event = KeyDestroyed(**common, digest=current.digest)
             details["digest_hmac"] = self._vault.identifier(current.digest)
         else:
-            data["reason"] = reason
+            event = KeyStateChanged(**common, reason=reason)
         action = "key.revoke" if op is Op.COMPROMISE else f"key.{op}"
         await self._emit(
-            tx,
-            now=now,
-            actor=actor,
-            action=action,
-            key=key,
-            event_type=_EVENT[op],
-            data=data,
-            details=details,
+            tx, now=now, actor=actor, action=action, key=key, event=event, details=details
         )
         log.info(
             "key %s version %d: %s -> %s by %s", key.name, version, current.state, target, actor
@@ -470,13 +393,6 @@ class Lifecycle:
             async with self._store.read() as r:
                 if await _repo.find_key(r, name) is not None:
                     raise AlreadyExistsError(f"a key named {name!r} already exists")
-            # RSA generation takes hundreds of ms: keep it off the event loop and the writer lock.
-            material = await asyncio.to_thread(
-                generate, kt, length=secret_length, alphabet=secret_alphabet
-            )
-            digest = material_digest(material)
-            active = pol.activation_delay <= timedelta(0)
-            state = KeyState.ACTIVE if active else KeyState.PRE_ACTIVE
             key = Key(
                 id=str(uuid.uuid4()),
                 name=name,
@@ -487,70 +403,47 @@ class Lifecycle:
                 install=spec,
                 secret_length=secret_length,
                 secret_alphabet=secret_alphabet,
-                primary_version=1 if active else None,
                 created_at=now,
                 created_by=actor,
                 updated_at=now,
             )
-            first = KeyVersion(
-                key=name,
-                version=1,
-                state=state,
-                digest=digest,
-                has_material=True,
-                created_at=now,
-                created_by=actor,
-                state_changed_at=now,
-                activation_at=now + pol.activation_delay,
-                activated_at=now if active else None,
-            )
+            material = await _generate(key)
             async with self._store.write() as tx:
                 if await _repo.find_key(tx, name) is not None:
                     raise AlreadyExistsError(f"a key named {name!r} already exists")
                 await self._check_env_guard(tx, tgt)
-                sealed = self._vault.seal_material(name, 1, str(kt), key.usage_list, material)
-                del material
                 await _repo.insert_key(tx, key)
-                await _repo.insert_version(tx, key.id, first, sealed)
-                await _repo.insert_transition(
-                    tx,
-                    key_id=key.id,
-                    version=1,
-                    from_state=None,
-                    to_state=state,
-                    operation="create",
-                    now=now,
-                    actor=actor,
-                    reason=None,
+                first, primary = await self._add_version(
+                    tx, key, material, now=now, actor=actor, operation="create", reason=None
                 )
-                data = {
-                    "key": name,
-                    "key_id": key.id,
-                    "type": str(kt),
-                    "usage": key.usage_list,
-                    "version": 1,
-                    "state": str(state),
-                    "digest": digest,
-                    "activation_at": _t(first.activation_at),
-                    "primary": key.primary_version,
-                    "policy": pol.model_dump(mode="json"),
-                    "targets": tgt.model_dump(mode="json"),
-                    "install": spec.model_dump(mode="json"),
-                }
+                del material
+                event = KeyCreated(
+                    key=name,
+                    key_id=key.id,
+                    type=str(kt),
+                    usage=tuple(key.usage_list),
+                    version=first.version,
+                    state=first.state,
+                    digest=first.digest,
+                    activation_at=_t(first.activation_at),
+                    primary=primary,
+                    policy=_event_policy(pol),
+                    targets=tgt,
+                    install=spec,
+                )
                 await self._emit(
                     tx,
                     now=now,
                     actor=actor,
                     action="key.create",
                     key=key,
-                    event_type="key.created",
-                    data=data,
+                    event=event,
                     details={
                         "type": str(kt),
                         "usage": key.usage_list,
-                        "version": 1,
-                        "state": str(state),
-                        "digest_hmac": self._vault.identifier(digest),
+                        "version": first.version,
+                        "state": str(first.state),
+                        "digest_hmac": self._vault.identifier(first.digest),
                         "targets": tgt.describe(),
                     },
                 )
@@ -568,81 +461,104 @@ class Lifecycle:
             self._vault.require_unsealed(f"rotate {name}")
             async with self._store.read() as r:
                 before = await _repo.load_key(r, name)
-            material = await asyncio.to_thread(
-                generate, before.type, length=before.secret_length, alphabet=before.secret_alphabet
-            )
-            digest = material_digest(material)
+            material = await _generate(before)
             async with self._store.write() as tx:
                 key = await _repo.load_key(tx, name)
-                number = key.latest_version + 1
-                delay = key.policy.activation_delay
-                active = delay <= timedelta(0)
-                state = KeyState.ACTIVE if active else KeyState.PRE_ACTIVE
-                version = KeyVersion(
-                    key=name,
-                    version=number,
-                    state=state,
-                    digest=digest,
-                    has_material=True,
-                    created_at=now,
-                    created_by=actor,
-                    state_changed_at=now,
-                    activation_at=now + delay,
-                    activated_at=now if active else None,
-                )
-                sealed = self._vault.seal_material(
-                    name, number, str(key.type), key.usage_list, material
+                version, primary = await self._add_version(
+                    tx, key, material, now=now, actor=actor, operation="rotate", reason=why
                 )
                 del material
-                await _repo.insert_version(tx, key.id, version, sealed)
-                await _repo.insert_transition(
-                    tx,
+                event = KeyRotated(
+                    key=name,
                     key_id=key.id,
-                    version=number,
-                    from_state=None,
-                    to_state=state,
-                    operation="rotate",
-                    now=now,
-                    actor=actor,
-                    reason=why,
+                    type=str(key.type),
+                    version=version.version,
+                    state=version.state,
+                    digest=version.digest,
+                    activation_at=_t(version.activation_at),
+                    primary=primary,
+                    previous_primary=key.primary_version,
+                    targets=key.targets,
+                    install=key.install,
                 )
-                key_with_new = await _repo.load_key(tx, name)
-                primary = await self._set_primary_after(tx, key_with_new, number, state, now)
-                data = {
-                    "key": name,
-                    "key_id": key.id,
-                    "type": str(key.type),
-                    "version": number,
-                    "state": str(state),
-                    "digest": digest,
-                    "activation_at": _t(version.activation_at),
-                    "primary": primary,
-                    "previous_primary": key.primary_version,
-                    "targets": key.targets.model_dump(mode="json"),
-                    "install": key.install.model_dump(mode="json"),
-                }
                 await self._emit(
                     tx,
                     now=now,
                     actor=actor,
                     action="key.rotate",
                     key=key,
-                    event_type="key.rotated",
-                    data=data,
+                    event=event,
                     details={
-                        "version": number,
-                        "state": str(state),
+                        "version": version.version,
+                        "state": str(version.state),
                         "primary": primary,
                         "previous_primary": key.primary_version,
-                        "digest_hmac": self._vault.identifier(digest),
+                        "digest_hmac": self._vault.identifier(version.digest),
                         "reason": why,
                     },
                 )
                 after = await _repo.load_key(tx, name)
-            log.info("rotated key %s to version %d (%s) by %s", name, number, state, actor)
-            return after.version(number)
+            log.info(
+                "rotated key %s to version %d (%s) by %s",
+                name,
+                version.version,
+                version.state,
+                actor,
+            )
+            return after.version(version.version)
 
         return await self._guarded("key.rotate", name, actor, {"reason": reason}, run)
+
+    async def _add_version(
+        self,
+        tx: Transaction,
+        key: Key,
+        material: bytes,
+        *,
+        now: datetime,
+        actor: str,
+        operation: str,
+        reason: str | None,
+    ) -> tuple[KeyVersion, int | None]:
+        """The one new-version path of create and rotate: seal, store, record, apply primary.
+
+        The version is Active (and primary) now, or PreActive until the policy's activation
+        delay ends. Returns the version and the key's primary afterwards.
+        """
+        number = key.latest_version + 1
+        delay = key.policy.activation_delay
+        active = delay <= timedelta(0)
+        state = KeyState.ACTIVE if active else KeyState.PRE_ACTIVE
+        version = KeyVersion(
+            key=key.name,
+            version=number,
+            state=state,
+            digest=material_digest(material),
+            has_material=True,
+            created_at=now,
+            created_by=actor,
+            state_changed_at=now,
+            activation_at=now + delay,
+            activated_at=now if active else None,
+        )
+        sealed = self._vault.seal_material(
+            key.name, number, str(key.type), key.usage_list, material
+        )
+        await _repo.insert_version(tx, key.id, version, sealed)
+        await _repo.insert_transition(
+            tx,
+            key_id=key.id,
+            version=number,
+            from_state=None,
+            to_state=state,
+            operation=operation,
+            now=now,
+            actor=actor,
+            reason=reason,
+        )
+        with_new = await _repo.load_key(tx, key.name)
+        primary = await self._set_primary_after(tx, with_new, number, state, now)
+        return version, primary
 
     # -- per-version transitions -----------------------------------------------------------
 
@@ -738,8 +654,7 @@ class Lifecycle:
                     actor=actor,
                     action="key.set_policy",
                     key=key,
-                    event_type="key.policy_changed",
-                    data={"key": name, "key_id": key.id, "policy": dumped},
+                    event=KeyPolicyChanged(key=name, key_id=key.id, policy=_event_policy(policy)),
                     details={"policy": dumped, "previous": key.policy.model_dump(mode="json")},
                 )
                 return await _repo.load_key(tx, name)
@@ -770,13 +685,7 @@ class Lifecycle:
                     actor=actor,
                     action="key.set_targets",
                     key=key,
-                    event_type="key.targets_changed",
-                    data={
-                        "key": name,
-                        "key_id": key.id,
-                        "targets": targets.model_dump(mode="json"),
-                        "install": spec.model_dump(mode="json"),
-                    },
+                    event=KeyTargetsChanged(key=name, key_id=key.id, targets=targets, install=spec),
                     details={
                         "targets": targets.describe(),
                         "previous": key.targets.describe(),
@@ -811,28 +720,24 @@ def _check_install(key_type: KeyType, spec: InstallSpec) -> None:
         )
 
 
+async def _generate(key: Key) -> bytes:
+    """New material for ``key``; RSA takes hundreds of ms, so off the event loop and the writer."""
+    return await asyncio.to_thread(
+        generate, key.type, length=key.secret_length, alphabet=key.secret_alphabet
+    )
+
+
 def _whole_key_revocation(key: Key, op: Op) -> list[int]:
     """Pick the versions a whole-key revocation applies to, or raise InvalidTransitionError."""
-    done = (
-        {KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED}
-        if op is Op.COMPROMISE
-        else {
-            KeyState.DEACTIVATED,
-            KeyState.COMPROMISED,
-            KeyState.DESTROYED,
-            KeyState.DESTROYED_COMPROMISED,
-        }
-    )
     numbers: list[int] = []
     for v in key.versions:
-        if v.state in done:
+        if revoked_for(v.state, op):
             continue
         next_state(v.state, op, key=key.name, version=v.version)  # refuses e.g. PreActive
         numbers.append(v.version)
     if not numbers:
         states = ", ".join(sorted({str(v.state) for v in key.versions})) or "no versions"
         raise InvalidTransitionError(
-            f"cannot {_OP_LABEL.get(op, str(op))} {key.name}: no version can be revoked "
-            f"(states: {states})"
+            f"cannot {op_label(op)} {key.name}: no version can be revoked (states: {states})"
         )
     return numbers

@@ -23,13 +23,14 @@ from pydantic import (
 from ckms.crypto import KeyType
 from ckms.errors import ConfigError, NotFoundError
 from ckms.protocol._keyspec import (
-    KEY_NAME_RE,
     HookSpec,
     InstallSpec,
     KeyState,
     RevocationReason,
     Targets,
 )
+from ckms.protocol._names import validate_key_name
+from ckms.protocol._roles import DEFAULT_APPROVALS, ApprovalOperation
 from ckms.store.audit import AuditRecord
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "Usage",
     "validate_key_name",
 ]
+# ApprovalOperation, DEFAULT_APPROVALS and validate_key_name are wire rules
+# (:mod:`ckms.protocol`); they are re-exported here for the controller's own modules.
 
 
 class Usage(StrEnum):
@@ -63,39 +66,6 @@ class Usage(StrEnum):
     DERIVE_KEY = "derive-key"
     KEY_AGREEMENT = "key-agreement"
     AUTHENTICATE = "authenticate"
-
-
-class ApprovalOperation(StrEnum):
-    """Operations a policy can put under dual control (a second person's approval)."""
-
-    CREATE = "create"
-    ROTATE = "rotate"
-    ACTIVATE = "activate"
-    SUSPEND = "suspend"
-    RESUME = "resume"
-    REVOKE = "revoke"
-    DESTROY = "destroy"
-    POLICY = "policy"
-    TARGETS = "targets"
-    ROLE = "role"
-
-
-DEFAULT_APPROVALS: frozenset[ApprovalOperation] = frozenset(
-    {ApprovalOperation.DESTROY, ApprovalOperation.POLICY, ApprovalOperation.ROLE}
-)
-
-# -- names -----------------------------------------------------------------------------------
-
-
-def validate_key_name(name: object) -> str:
-    """Return ``name`` if it is a valid ``team/purpose`` key name, else raise ConfigError."""
-    if not isinstance(name, str) or not KEY_NAME_RE.match(name) or ".." in name:
-        shown = name if isinstance(name, str) and len(name) <= 80 else "<invalid>"
-        raise ConfigError(
-            f"key name {shown!r} must be 'team/purpose': two segments of lowercase letters, "
-            "digits, '.', '_' or '-', each 1-64 characters, starting and ending alphanumeric"
-        )
-    return name
 
 
 # -- policy ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import asyncssh
 from pydantic import BaseModel, ConfigDict
 
 from ckms.errors import AlreadyExistsError, ConfigError, NotFoundError, PolicyError
-from ckms.protocol.admin import OPERATOR_ROLES
+from ckms.protocol import APPROVER_ROLES, OPERATOR_ROLES, Role
 from ckms.store import Clock, Store, format_time, parse_time, utc_now
 from ckms.store import audit as audit_log
 
@@ -31,9 +31,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-APPROVER_ROLES = frozenset({"admin", "custodian"})
-"""Roles whose holders may approve another person's dual-control request."""
 
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,63}$")
 _RESERVED = frozenset({"enroll", "anonymous", "init", "root"})
@@ -116,10 +113,12 @@ class OperatorRegistry:
 
     async def other_approvers(self, name: str) -> int:
         """How many enabled operators other than ``name`` could approve a request."""
+        roles = sorted(APPROVER_ROLES)
+        marks = ", ".join("?" * len(roles))
         value = await self._store.fetchval(
-            "SELECT count(*) FROM operators WHERE disabled = 0 AND name != ? "
-            "AND role IN ('admin', 'custodian')",  # APPROVER_ROLES
-            (name,),
+            "SELECT count(*) FROM operators WHERE disabled = 0 AND name != ? "  # noqa: S608
+            f"AND role IN ({marks})",
+            (name, *roles),
         )
         return int(value or 0)
 
@@ -136,6 +135,7 @@ class OperatorRegistry:
         validate_operator_name(name)
         if role not in OPERATOR_ROLES:
             raise ConfigError(f"unknown role {role!r}; use one of {', '.join(OPERATOR_ROLES)}")
+        role = str(Role(role))
         line, fp = parse_ssh_public_key(ssh_public_key)
         now = self._clock()
         async with self._store.write() as tx:
@@ -186,9 +186,10 @@ class OperatorRegistry:
             )
             if row is None:
                 raise NotFoundError(f"no operator named {name!r}")
-            if row["role"] == "admin":
+            if row["role"] == Role.ADMIN:
                 admins = await tx.fetchval(
-                    "SELECT count(*) FROM operators WHERE role = 'admin' AND disabled = 0"
+                    "SELECT count(*) FROM operators WHERE role = ? AND disabled = 0",
+                    (str(Role.ADMIN),),
                 )
                 if int(admins) <= 1:
                     raise PolicyError(f"{name} is the last admin; add another admin first")

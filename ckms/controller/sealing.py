@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.controller import _repo
 from ckms.controller.models import Key
 from ckms.crypto import (
@@ -61,7 +62,6 @@ from ckms.errors import (
     StoreError,
     UnsealError,
 )
-from ckms.protocol.canonical import canonical_json, parse_canonical_json
 from ckms.store import Clock, Store, format_time, require_utc, utc_now
 from ckms.store import audit as audit_log
 

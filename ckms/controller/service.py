@@ -27,7 +27,7 @@ from ckms.controller.publisher import OutboxPublisher
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError, ProtocolError
-from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC
+from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Role
 from ckms.ssh import Principal, RpcServer, fingerprint, load_or_create_host_key, public_key_text
 from ckms.store import Clock, Store, utc_now
 from ckms.store import audit as audit_log
@@ -154,11 +154,11 @@ class Controller:
         """Map an SSH login to a principal: an enrolling agent, an agent, or an operator."""
         presented = public_key_text(key)
         fp = fingerprint(key)
-        if username == "enroll":
-            return Principal("enroll", "enroll", fp, presented)
+        if username == Role.ENROLL:
+            return Principal(str(Role.ENROLL), Role.ENROLL, fp, presented)
         host = await self.hosts.authenticate(username, presented)
         if host is not None:
-            return Principal(host.id, "agent", fp, presented)
+            return Principal(host.id, Role.AGENT, fp, presented)
         assert self.store is not None
         row = await self.store.fetchone(
             "SELECT name, role, ssh_public_key FROM operators WHERE name = ? AND disabled = 0",
@@ -174,7 +174,7 @@ class Controller:
         assert self.store is not None
         who = principal.name if principal else "anonymous"
         role = principal.role if principal else "none"
-        actor = f"host:{who}" if role == "agent" else who
+        actor = f"host:{who}" if role == Role.AGENT else who
         async with self.store.write() as tx:
             await audit_log.append(
                 tx,

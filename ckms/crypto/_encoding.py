@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 
+from ckms._canonical import canonical_json
 from ckms.errors import ConfigError
 
 
@@ -53,8 +54,4 @@ def require_text(value: object, what: str) -> str:
 
 def canonical(obj: object) -> bytes:
     """Encode ``obj`` with ckms's canonical JSON, the form every bound context (AAD, info) uses."""
-    # Imported on use: the ckms.protocol package imports ckms.crypto (envelope signing), so a
-    # module-level import here would make `import ckms.crypto` fail when it runs first.
-    from ckms.protocol.canonical import canonical_json
-
     return canonical_json(obj)

@@ -8,7 +8,7 @@ specs. Every model forbids unknown fields, so a message that grew a field it sho
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,7 @@ from ckms.protocol._keyspec import (
     Targets,
     VersionState,
 )
+from ckms.protocol._roles import ApprovalOperation
 
 KeyName = Annotated[str, Field(max_length=129, pattern=KEY_NAME_RE.pattern)]
 Version = Annotated[int, Field(ge=1)]
@@ -45,6 +46,19 @@ class _Data(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+Seconds = Annotated[int, Field(ge=0)]
+
+
+class EventPolicy(_Data):
+    """A key's policy as events carry it: durations in whole seconds, operations sorted."""
+
+    cryptoperiod: Seconds
+    grace: Seconds
+    activation_delay: Seconds
+    max_staleness: Seconds
+    approvals_required: tuple[ApprovalOperation, ...]
+
+
 class KeyCreated(_Data):
     """A key was created with its first version."""
 
@@ -57,7 +71,7 @@ class KeyCreated(_Data):
     digest: Digest
     activation_at: str | None = None
     primary: int | None = None
-    policy: dict[str, Any]
+    policy: EventPolicy
     targets: Targets
     install: InstallSpec
 
@@ -129,7 +143,7 @@ class KeyPolicyChanged(_Data):
 
     key: KeyName
     key_id: str
-    policy: dict[str, Any]
+    policy: EventPolicy
 
 
 class HostRevoked(_Data):
@@ -187,6 +201,17 @@ EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.ACK: Ack,
 }
 """The data model of each type; an unknown type is refused."""
+
+_TYPE_OF: dict[type[BaseModel], EventType] = {m: t for t, m in EVENT_DATA_MODELS.items()}
+
+
+def event_type_of(data: BaseModel) -> EventType:
+    """The event type a data model announces (ValueError for a model that is no event data)."""
+    try:
+        return _TYPE_OF[type(data)]
+    except KeyError:
+        raise ValueError(f"{type(data).__name__} is not event data") from None
+
 
 EventData = (
     KeyCreated

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from ckms.crypto import InstallFormat
+from ckms.crypto import InstallFormat, KeyType, allowed_formats
 from ckms.errors import ConfigError
 
 
@@ -371,3 +371,16 @@ class InstallSpec(BaseModel):
         return self.path.format(
             name=key_name, team=team, purpose=purpose, version=version, host=host_id
         )
+
+
+def default_install(key_type: KeyType | str) -> InstallSpec:
+    """Return the install spec a key gets when create names none (one file per version).
+
+    A wire rule: the CLI builds partial install options on top of it, so it must be the
+    controller's own default, not a guess of it.
+    """
+    fmt = InstallFormat.PEM if InstallFormat.PEM in allowed_formats(key_type) else InstallFormat.RAW
+    ext = "pem" if fmt is InstallFormat.PEM else "key"
+    return InstallSpec(
+        path=f"/var/lib/ckms/keys/{{team}}/{{purpose}}/v{{version}}.{ext}", format=fmt
+    )

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import shlex
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ckms.protocol._events import HostId, KeyName
 from ckms.protocol._keyspec import InstallSpec, KeyState, RevocationReason, Targets
+from ckms.protocol._roles import APPROVAL_OPERATIONS, OPERATOR_ROLES, ApprovalOperation, Role
 
 __all__ = [
     "APPROVAL_OPERATIONS",
@@ -74,24 +75,14 @@ __all__ = [
     "agent_enroll_command",
 ]
 
-OPERATOR_ROLES = ("admin", "operator", "custodian", "auditor")
-"""Roles an operator can hold (``agent`` and ``enroll`` belong to hosts, never to people)."""
 
-APPROVAL_OPERATIONS = (
-    "create",
-    "rotate",
-    "activate",
-    "suspend",
-    "resume",
-    "revoke",
-    "destroy",
-    "policy",
-    "targets",
-    "role",
-)
-"""Operations a key policy can put under dual control (``role``: operator changes)."""
+def _operator_role(role: Role) -> Role:
+    if role not in OPERATOR_ROLES:
+        raise ValueError(f"role {role} belongs to hosts; use one of {', '.join(OPERATOR_ROLES)}")
+    return role
 
-Role = Literal["admin", "operator", "custodian", "auditor"]
+
+OperatorRole = Annotated[Role, AfterValidator(_operator_role)]
 OperatorName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,63}$")]
 RequestId = Annotated[str, Field(pattern=r"^[a-z0-9-]{4,40}$")]
 Text = Annotated[str, Field(max_length=1000)]
@@ -134,7 +125,7 @@ class PolicyPatch(_Model):
     grace_s: Seconds | None = None
     activation_delay_s: Seconds | None = None
     max_staleness_s: Seconds | None = None
-    approvals_required: tuple[Literal[APPROVAL_OPERATIONS], ...] | None = None  # type: ignore[valid-type]
+    approvals_required: tuple[ApprovalOperation, ...] | None = None
 
     @property
     def empty(self) -> bool:
@@ -248,7 +239,7 @@ class OperatorAddParams(_Model):
     """A new operator: name, role and their SSH public key (OpenSSH one-line form)."""
 
     name: OperatorName
-    role: Role
+    role: OperatorRole
     ssh_public_key: Annotated[str, Field(min_length=16, max_length=16384)]
 
 

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ckms._canonical import canonical_json
 from ckms.crypto import signer_key_id, verify_signature
 from ckms.errors import AuditError, AuditVerificationError, CKMSError, StoreError
-from ckms.protocol.canonical import canonical_json
 from ckms.store._store import Reader, Store, Transaction
 from ckms.store._time import format_time, parse_time
 

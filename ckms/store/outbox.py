@@ -1,7 +1,8 @@
 """The transactional outbox: events are stored in the same transaction as the change they announce.
 
-A publisher task (built later) reads unsent rows in ``seq`` order, wraps each in the signed
-envelope ``{"v":1,"id","seq","type","at","data"}`` and marks it sent once Kafka acknowledged it.
+The publisher (:mod:`ckms.controller.publisher`) reads unsent rows in ``seq`` order, wraps
+each in the signed envelope ``{"v":1,"id","seq","type","at","data"}`` and marks it sent once
+Kafka acknowledged it.
 ``seq`` is the controller's monotonic event sequence; ``partition_key`` is the key name, so one
 key's events stay ordered on one partition. ``payload`` is the canonical JSON of ``data`` and
 never holds key material.
@@ -15,9 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.errors import ProtocolError
-from ckms.protocol._events import EVENT_DATA_MODELS, EventType
-from ckms.protocol.canonical import canonical_json, parse_canonical_json
+from ckms.protocol._events import EVENT_DATA_MODELS, EventData, EventType, event_type_of
 from ckms.store._store import Store, Transaction
 from ckms.store._time import format_time, parse_time
 
@@ -44,16 +45,29 @@ class OutboxEvent(BaseModel):
 
 
 async def add_event(
-    tx: Transaction, *, type: str, partition_key: str, data: dict[str, Any], now: datetime
+    tx: Transaction,
+    *,
+    partition_key: str,
+    data: EventData | dict[str, Any],
+    now: datetime,
+    type: str | None = None,
 ) -> OutboxEvent:
     """Store one event in the caller's write transaction and return it with its sequence number.
 
-    ``data`` is validated against the event type's protocol model first, so an event that agents
+    ``data`` is a typed event model (its type names the event) or a dict with ``type``; either
+    way it is validated against the event type's protocol model first, so an event that agents
     would refuse can never be committed (the change it announces fails with it).
     """
     try:
+        if isinstance(data, BaseModel):
+            named = event_type_of(data)
+            if type is not None and EventType(type) is not named:
+                raise ValueError(f"{type!r} is not the type of {named.value}")
+            type = str(named)
+        if type is None:
+            raise ValueError("an event given as a dict needs its type")
         model = EVENT_DATA_MODELS[EventType(type)]
-        typed = model.model_validate(data)
+        typed = data if isinstance(data, model) else model.model_validate(data)
     except (ValueError, KeyError) as exc:
         raise ProtocolError(f"outbox event {type!r} does not match its model: {exc}") from None
     payload = canonical_json(typed.model_dump(mode="json", by_alias=True))

@@ -102,6 +102,16 @@ def test_revocations_remove_held_versions_from_the_event() -> None:
     assert (d.action, d.versions) == (EventAction.REMOVE_VERSIONS, (1,))
 
 
+POLICY = {
+    "cryptoperiod": 86400,
+    "grace": 3600,
+    "activation_delay": 0,
+    "max_staleness": 60,
+    "approvals_required": ["destroy"],
+}
+"""A key's policy as events carry it (a typed model: whole seconds, sorted operations)."""
+
+
 def test_state_targets_and_policy_changes() -> None:
     state = KeyStateChanged(
         key="a/b", key_id="k1", version=2, from_state="PreActive", to_state="Active", primary=2
@@ -115,7 +125,7 @@ def test_state_targets_and_policy_changes() -> None:
     away = KeyTargetsChanged(key="a/b", key_id="k1", targets=DB, install=SPEC)
     assert decide(EventType.KEY_TARGETS_CHANGED, away, held={"a/b"}).action is EventAction.RECONCILE
     assert decide(EventType.KEY_TARGETS_CHANGED, away).action is EventAction.IGNORE
-    policy = KeyPolicyChanged(key="a/b", key_id="k1", policy={"max_staleness_s": 60})
+    policy = KeyPolicyChanged(key="a/b", key_id="k1", policy=POLICY)
     assert (
         decide(EventType.KEY_POLICY_CHANGED, policy, held={"a/b"}).action is EventAction.RECONCILE
     )
@@ -153,7 +163,7 @@ def test_a_created_key_for_this_host_is_fetched_with_its_first_digest() -> None:
         state="Active",
         digest=DIGEST,
         primary=1,
-        policy={},
+        policy=POLICY,
         targets=WEB,
         install=SPEC,
     )

@@ -1,0 +1,72 @@
+"""What a host should hold, and whether what it reports holding differs: pure, no I/O.
+
+The one definition behind agent sync, the fleet view, ``fleet status`` and heartbeat drift: a
+host should hold a version of a key when the key targets the (non-revoked) host
+(:func:`~ckms.controller.targets.host_matches`) and the version is distributable
+(:func:`~ckms.controller.transitions.is_distributable`: PreActive or Active, material present).
+Two copies of this rule would let the fleet view and the agent disagree about the same host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ckms.controller.models import Host, Key, KeyVersion
+from ckms.controller.targets import host_matches
+from ckms.controller.transitions import is_distributable
+
+__all__ = [
+    "Held",
+    "desired_versions",
+    "distributable_versions",
+    "drifted_keys",
+    "drifts",
+    "held_by_key",
+    "wanted",
+]
+
+Held = frozenset[tuple[int, str]]
+"""What a host holds of one key: (version, digest) pairs."""
+
+
+def distributable_versions(key: Key) -> tuple[KeyVersion, ...]:
+    """The versions of ``key`` that every host it targets should hold."""
+    return tuple(v for v in key.versions if is_distributable(v.state, has_material=v.has_material))
+
+
+def desired_versions(key: Key, host: Host) -> tuple[KeyVersion, ...]:
+    """The versions of ``key`` that belong on ``host`` (empty when the key does not target it)."""
+    if not host_matches(key.targets, host):
+        return ()
+    return distributable_versions(key)
+
+
+def wanted(key: Key, host: Host) -> Held:
+    """The (version, digest) pairs ``host`` should hold of ``key``."""
+    return frozenset((v.version, v.digest) for v in desired_versions(key, host))
+
+
+def held_by_key(installed: Iterable[tuple[str, int, str]]) -> dict[str, Held]:
+    """Group (key, version, digest) reports of a host by key."""
+    out: dict[str, set[tuple[int, str]]] = {}
+    for key, version, digest in installed:
+        out.setdefault(key, set()).add((version, digest))
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def drifts(key: Key, host: Host, installed: Iterable[tuple[str, int, str]]) -> bool:
+    """True when what ``host`` reports holding of ``key`` differs from what it should hold."""
+    return key.name in drifted_keys([key], host, installed)
+
+
+def drifted_keys(
+    keys: Iterable[Key], host: Host, installed: Iterable[tuple[str, int, str]]
+) -> list[str]:
+    """Names of the keys where what ``host`` reports holding differs from what it should hold.
+
+    A key the host holds that no longer targets it (or no longer exists) drifts too.
+    """
+    held = held_by_key(installed)
+    want = {k.name: wanted(k, host) for k in keys}
+    names = {n for n, w in want.items() if w} | set(held)
+    return sorted(n for n in names if want.get(n, frozenset()) != held.get(n, frozenset()))
