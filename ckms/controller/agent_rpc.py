@@ -248,8 +248,11 @@ class AgentService:
             "WHERE k.name = ? AND v.version = ?",
             (host.id, reply.key, reply.version),
         )
-        if row is None or row["host_revoked"] is None or row["host_revoked"] or not (
-            row["has_material"]
+        if (
+            row is None
+            or row["host_revoked"] is None
+            or row["host_revoked"]
+            or not (row["has_material"])
         ):
             raise PermissionDeniedError(
                 f"host {host.id} may not fetch {reply.key} v{reply.version}: revoked meanwhile"
