@@ -54,6 +54,13 @@ INSTALL = {
     "reload": {"argv": ["systemctl", "reload", "postgresql"], "timeout_s": 30.0},
     "health": None,
 }
+POLICY = {
+    "cryptoperiod": 90 * 86400,
+    "grace": 7 * 86400,
+    "activation_delay": 0,
+    "max_staleness": 86400,
+    "approvals_required": ["destroy", "policy", "role"],
+}
 TARGETS = {"selectors": [{"env": "prod", "role": "db"}], "hosts": ["db-7"], "env": "prod"}
 
 DATA: dict[str, dict[str, Any]] = {
@@ -67,7 +74,7 @@ DATA: dict[str, dict[str, Any]] = {
         "digest": DIGEST,
         "activation_at": None,
         "primary": 1,
-        "policy": {"rotate_every_days": 90, "grace_days": 7},
+        "policy": POLICY,
         "targets": TARGETS,
         "install": INSTALL,
     },
@@ -121,7 +128,7 @@ DATA: dict[str, dict[str, Any]] = {
     "key.policy_changed": {
         "key": "payments/db",
         "key_id": "k-0001",
-        "policy": {"rotate_every_days": 30},
+        "policy": {**POLICY, "cryptoperiod": 30 * 86400},
     },
     "host.revoked": {"host": "db-7", "signer_key_id": "ed25519:3q2-7wAAAAAAAAAAAAAAAA"},
 }
@@ -253,14 +260,16 @@ def cases() -> list[Case]:
         )
     )
     last += 1
+    # No event field holds arbitrary JSON, so a value nested exactly MAX_DEPTH deep passes the
+    # depth bound and is then refused for its data; one level deeper is refused unparsed.
     out.append(
-        accept(
+        reject(
             "max_depth",
-            f"arrays and objects nested exactly {MAX_DEPTH} deep",
-            with_data("key.policy_changed", last + 1, policy=_nest(MAX_DEPTH - 3)),
+            f"arrays and objects nested exactly {MAX_DEPTH} deep: within the bound, invalid data",
+            raw_envelope(with_data("key.policy_changed", last + 1, policy=_nest(MAX_DEPTH - 3))),
+            "invalid-data",
         )
     )
-    last += 1
     good = raw_envelope(envelope("key.revoked", last + 1))
     sig = sign(CONTROLLER, good)
 
