@@ -25,7 +25,7 @@ its connection, consumer and ack producer up):
 **Baseline**, on the same simulated hosts: each host also gets a real asyncssh server (own port,
 own host key) that serves ``cat > PATH``; pusher processes open a new SSH connection per host,
 authenticate, write the same key file, close — for several (processes x concurrency) settings;
-the best one is compared. The floor is DESIGN §8's: 1.9 ms CPU per host on 2 cores.
+the best one is compared. The floor is docs/architecture.md §8's: 1.9 ms CPU per host on 2 cores.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from _proc import (
 
 from ckms.devkafka import LocalKafka
 
-FLOOR_CPU_MS_PER_HOST = 1.9  # DESIGN §8, everything on one 2-core box
+FLOOR_CPU_MS_PER_HOST = 1.9  # docs/architecture.md §8, everything on one 2-core box
 CORES = 2
 KEY = "bench/fleet"
 LABELS = {"fleet": "bench"}

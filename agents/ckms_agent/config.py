@@ -74,9 +74,9 @@ class AgentConfig(BaseModel):
     """Used for keys whose policy names no max staleness; None: such keys never go stale."""
     rpc_timeout_s: Seconds = 30.0
     kafka_fetch_max_wait_ms: int = Field(default=20000, ge=10, le=60000)
-    """Long poll: an idle agent costs the broker one fetch per this many ms (DESIGN §8); an
-    event ends the wait at once, so this bounds idle cost, not latency (10,000 agents at 5 s
-    were 2,000 fetches a second for the broker; at 20 s, 500)."""
+    """Long poll: an idle agent costs the broker one fetch per this many ms (docs/architecture.md
+    §8); an event ends the wait at once, so this bounds idle cost, not latency (10,000 agents at
+    5 s were 2,000 fetches a second for the broker; at 20 s, 500)."""
     log_level: str = "INFO"
 
     @field_validator("host_id")

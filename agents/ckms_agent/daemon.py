@@ -1,6 +1,6 @@
-"""The host agent daemon: keep this host's keys equal to what the controller wants (DESIGN §7).
+"""The host agent daemon: keep this host's keys equal to what the controller wants.
 
-``Agent(config).run()`` is one ``asyncio.TaskGroup`` (STYLE §7) of:
+``Agent(config).run()`` is one ``asyncio.TaskGroup`` of:
 
 - **connection**: one pinned SSH connection to the controller, reconnected with jittered
   exponential backoff (never a busy loop); every (re)connect asks for a reconcile;

@@ -1,8 +1,9 @@
 """The agent's own keys: an Ed25519 identity seed and an HPKE wrapping key, each a 0600 file.
 
-The identity seed is stored raw (32 bytes) once and serves two jobs (DESIGN §4): SSH client
-authentication (converted to OpenSSH form in memory) and signing acks. The wrapping key opens
-material the controller wraps for this agent only. Neither is ever logged or put in the state DB.
+The identity seed is stored raw (32 bytes) once and serves two jobs (docs/architecture.md §5):
+SSH client authentication (converted to OpenSSH form in memory) and signing acks. The wrapping
+key opens material the controller wraps for this agent only. Neither is ever logged or put in
+the state DB.
 """
 
 from __future__ import annotations

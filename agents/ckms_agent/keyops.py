@@ -428,7 +428,7 @@ class KeyOps:
     async def revoke(
         self, name: str, versions: Sequence[int], primary_version: int | None, event_id: str
     ) -> bool:
-        """Remove revoked/destroyed versions now, from the signed event alone (DESIGN §7).
+        """Remove revoked/destroyed versions now, from the signed event alone (architecture §4).
 
         Returns True when the host is left as the controller wants it without asking (nothing
         held was hit, or the files were rewritten without the revoked versions and the primary

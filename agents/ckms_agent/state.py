@@ -522,7 +522,7 @@ def _enqueue_ack(
 
 @contextlib.contextmanager
 def _mapped(what: str) -> Iterator[None]:
-    """Translate sqlite and OS errors into StoreError where they enter (STYLE §2)."""
+    """Translate sqlite and OS errors into StoreError where they enter."""
     try:
         yield
     except sqlite3.Error as exc:

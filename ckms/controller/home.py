@@ -5,7 +5,7 @@
 :func:`~ckms.controller.sealing.init_controller`), create the first admin operator and the SSH
 host key. :func:`load_settings` is what ``ckms controller run`` does: read the TOML file, apply
 ``CKMS_<FIELD>`` environment overrides (``CKMS_LISTEN_PORT=2223``), validate once into a
-:class:`~ckms.controller.service.ControllerSettings` (STYLE §8). Precedence: environment > file >
+:class:`~ckms.controller.service.ControllerSettings`. Precedence: environment > file >
 defaults. A relative ``home`` in the file is relative to the file's directory; a file without
 ``home`` means the file's directory.
 """

@@ -2,7 +2,7 @@
 
 ``Controller(settings)`` opens the store and the vault (sealed); ``run()`` serves until
 cancelled, with every loop a task in one ``asyncio.TaskGroup``: the first failure stops the
-service and cancellation is a clean stop (STYLE §7). Kafka being down is not a failure: the
+service and cancellation is a clean stop. Kafka being down is not a failure: the
 publisher and the ack consumer wait it out while the SSH endpoint keeps serving.
 """
 

@@ -1,6 +1,6 @@
 """ckms.crypto: the named cryptographic recipes of ckms, the only user of ``cryptography.hazmat``.
 
-Everything else in ckms calls these recipes instead of primitives (STYLE §4): key generation and
+Everything else in ckms calls these recipes instead of primitives: key generation and
 canonical encodings, install formats, sealing at rest, the root KEK and its shares, HPKE
 wrapping for agents, Ed25519 signing and digests. Formats are documented in the private modules
 and pinned by the known-answer vectors in ``docs/vectors/``. Failures to open, unwrap or verify

@@ -3,11 +3,11 @@
 Shares: one SLIP-39 group (group threshold 1) holding ``threshold``-of-``count`` member shares,
 made and read by ``shamir_mnemonic`` with an empty SLIP-39 passphrase, the extendable flag set
 and iteration exponent 1. ckms requires ``2 <= threshold <= count <= 16``: one share alone never
-unseals (DESIGN §4), so 1-of-N is refused, and 16 is SLIP-39's limit. Single-custodian setups
-use the passphrase wrap instead. ``combine_shares`` names shares by their 1-based position in
-the input, refuses a share given twice (same mnemonic, however typed, or same member index),
-a share of another split, a set below its threshold (saying how many more are needed) and any
-invalid mnemonic; shares beyond the threshold are checked but not used.
+unseals (docs/architecture.md §5), so 1-of-N is refused, and 16 is SLIP-39's limit.
+Single-custodian setups use the passphrase wrap instead. ``combine_shares`` names shares by
+their 1-based position in the input, refuses a share given twice (same mnemonic, however typed,
+or same member index), a share of another split, a set below its threshold (saying how many more
+are needed) and any invalid mnemonic; shares beyond the threshold are checked but not used.
 
 Check value: hex HMAC-SHA256(kek, ``b"ckms.root-kek.check.v1"``), stored beside the sealed data
 so unseal can tell a wrong (but well-formed) KEK before using it.

@@ -1,7 +1,7 @@
 """Typed parameters and replies of the agent's SSH requests: enroll, sync, heartbeat, fetch.
 
 Replies carry install specs, digests and states; only ``fetch`` carries material, and only
-HPKE-wrapped for the one agent that asked (DESIGN §4), inside SSH.
+HPKE-wrapped for the one agent that asked (docs/architecture.md §5), inside SSH.
 """
 
 from __future__ import annotations

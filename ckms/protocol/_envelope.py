@@ -1,4 +1,4 @@
-"""The signed envelope of every event and ack (DESIGN §5), and its verification.
+"""The signed envelope of every event and ack (docs/architecture.md §3), and its verification.
 
 The Kafka value is the canonical JSON of ``{"v":1,"id":..,"seq":..,"type":..,"at":..,"data":..}``;
 header ``ckms-sig`` is the Ed25519 signature over exactly those bytes and ``ckms-kid`` names the

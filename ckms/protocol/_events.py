@@ -1,4 +1,4 @@
-"""The typed ``data`` of every event and of the ack (DESIGN §5).
+"""The typed ``data`` of every event and of the ack (docs/architecture.md §3).
 
 Events never carry key material: only names, versions, digests, states, targets and install
 specs. Every model forbids unknown fields, so a message that grew a field it should not have

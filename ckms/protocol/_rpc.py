@@ -1,4 +1,4 @@
-"""The SSH request/reply format (DESIGN §5): one exec channel per request, JSON in and out.
+"""The SSH request/reply format: one exec channel per request, JSON in and out.
 
 Request: the exec command is ``<method>`` optionally followed by one space and a JSON object of
 parameters, e.g. ``fetch {"key":"payments/db","version":3}`` — so a plain OpenSSH client can

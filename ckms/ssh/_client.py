@@ -1,8 +1,8 @@
 """A persistent SSH connection to the controller that makes JSON requests on exec channels.
 
-A new connection costs about 4 ms of CPU on each side (DESIGN §8) and a request on an open one
-0.85-1.6 ms per side as measured by ``bench/rpc.py`` (many in flight vs one at a time), so
-agents and the CLI keep one connection and reuse it. The controller's
+A new connection costs about 4 ms of CPU on each side (docs/architecture.md §8) and a request
+on an open one 0.85-1.6 ms per side as measured by ``bench/rpc.py`` (many in flight vs one at
+a time), so agents and the CLI keep one connection and reuse it. The controller's
 host key is pinned: either its full public key or, at enrollment, its ``SHA256:`` fingerprint;
 a different key is refused with an error that says so.
 """
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 # AES-GCM first: with AES-NI it costs ~11 µs per packet in asyncssh against ~60 µs for its
-# default chacha20-poly1305 (measured on the 2-core box, DESIGN §8), and every request is a
-# dozen packets each way. chacha20-poly1305 stays on the list for servers without AES-GCM.
+# default chacha20-poly1305 (measured on a 2-core box), and every request is a dozen packets
+# each way. chacha20-poly1305 stays on the list for servers without AES-GCM.
 ENCRYPTION_ALGS = (
     "aes256-gcm@openssh.com",
     "aes128-gcm@openssh.com",

@@ -1,4 +1,4 @@
-"""DESIGN §3 per-version transition table: every state and every operation, through the API."""
+"""The per-version transition table: every state and every operation, through the API."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ckms.errors import InvalidTransitionError
 from ckms.store import Store, outbox
 from ckms.store import audit as audit_log
 
-# DESIGN §3, written out independently of the implementation's table.
+# NIST SP 800-57 §7 / KMIP 2.1, written out independently of the implementation's table.
 EXPECTED: dict[str, dict[str, str]] = {
     "PreActive": {"activate": "Active", "compromise": "Compromised", "destroy": "Destroyed"},
     "Active": {

@@ -1,4 +1,4 @@
-"""Known-answer vectors (STYLE §12): ckms.crypto must keep speaking the recorded wire formats."""
+"""Known-answer vectors: ckms.crypto must keep speaking the recorded wire formats."""
 
 from __future__ import annotations
 

@@ -122,4 +122,3 @@ def test_every_model_has_a_standalone_schema_of_the_same_fields() -> None:
         aliases = {f.alias or name for name, f in model.model_fields.items()}
         assert set(schema["properties"]) == aliases
         assert schema["additionalProperties"] is False
-
