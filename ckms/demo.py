@@ -93,13 +93,21 @@ class Demo:
         )
         return await proc.wait()
 
-    async def _run(self, exe: str, args: Sequence[str], *, check: bool, show: bool) -> Any:
+    async def _run(
+        self,
+        exe: str,
+        args: Sequence[str],
+        *,
+        check: bool,
+        show: bool,
+        env: dict[str, str] | None = None,
+    ) -> Any:
         shown = " ".join(a if " " not in a else repr(a) for a in args)
         console.print(f"  [dim]$ {Path(exe).name} {shown}[/]")
         proc = await asyncio.create_subprocess_exec(
             exe,
             *args,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
@@ -268,7 +276,6 @@ async def _agents(demo: Demo) -> None:
             [
                 "enroll",
                 "--controller", f"127.0.0.1:{demo.port}",
-                "--token", reply["token"],
                 "--host-key-fingerprint", demo.fingerprint,
                 "--state-dir", str(base / "state"),
                 "--config", str(config),
@@ -276,6 +283,7 @@ async def _agents(demo: Demo) -> None:
             ],
             check=True,
             show=False,
+            env={"CKMS_AGENT_ENROLL_TOKEN": reply["token"]},  # never on a command line
         )  # fmt: skip
         await demo.start(host, _bin("ckms-agent"), "run", "--config", str(config))
     console.print(f"  enrolled and running: {', '.join(HOSTS)}")

@@ -19,8 +19,9 @@ from typing import Annotated
 
 import typer
 
+from ckms._logging import configure_logging
 from ckms.crypto import WrapSuite
-from ckms.errors import CKMSError
+from ckms.errors import CKMSError, ConfigError
 from ckms_agent import enroll as enrollment
 from ckms_agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, load_config
 from ckms_agent.daemon import Agent
@@ -67,28 +68,28 @@ def _one_line_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if level != "DEBUG":
-        # Library chatter (reconnect attempts, metadata refreshes) stays out of INFO logs.
-        for noisy in ("aiokafka", "asyncssh"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(level: str, *, ssh_debug: bool = False) -> None:
+    # Library chatter stays out of INFO logs; asyncssh stays at WARNING unless asked for.
+    configure_logging(level, ssh_debug=ssh_debug, stream=sys.stderr)
 
 
 @app.command()
 def enroll(
     controller: Annotated[str, typer.Option(help="Controller SSH endpoint, HOST:PORT.")],
-    token: Annotated[
-        str,
-        typer.Option(envvar="CKMS_AGENT_ENROLL_TOKEN", help="One-time enrollment token."),
-    ],
     host_key_fingerprint: Annotated[
         str, typer.Option(help="The controller's SSH host key, SHA256:... (pinned).")
     ],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CKMS_AGENT_ENROLL_TOKEN",
+            help="One-time enrollment token; prefer the environment variable or --token-file "
+            "(a command line shows in ps and shell history).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="A file holding the one-time enrollment token.")
+    ] = None,
     state_dir: Annotated[
         Path, typer.Option(help="Where the agent keeps its keys and state.")
     ] = DEFAULT_STATE_DIR,
@@ -101,15 +102,33 @@ def enroll(
         WrapSuite, typer.Option(help="HPKE suite of the wrapping key.")
     ] = WrapSuite.X25519,
     force: Annotated[bool, typer.Option(help="Replace an existing enrollment.")] = False,
+    log_level: Annotated[
+        str, typer.Option(envvar="CKMS_AGENT_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
+    ] = "WARNING",
+    ssh_debug: Annotated[
+        bool,
+        typer.Option(envvar="CKMS_AGENT_SSH_DEBUG", help="Let asyncssh log at DEBUG too."),
+    ] = False,
 ) -> None:
     """Enroll this host: make its keys, present them with the token, pin the controller."""
     try:
         host, port = enrollment.parse_controller(controller)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--controller") from None
+    if (token is None) == (token_file is None):
+        raise typer.BadParameter(
+            "give the token in CKMS_AGENT_ENROLL_TOKEN, with --token-file, or with --token",
+            param_hint="--token",
+        )
     config_path = config or DEFAULT_CONFIG_PATH
-    _setup_logging("WARNING")
+    try:
+        _setup_logging(log_level, ssh_debug=ssh_debug)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
     with _one_line_errors():
+        if token_file is not None:
+            token = _read_token(token_file)
+        assert token is not None
         cfg = asyncio.run(
             enrollment.enroll(
                 controller_host=host,
@@ -130,6 +149,14 @@ def enroll(
     )
 
 
+def _read_token(path: Path) -> str:
+    """The token in ``path`` (surrounding whitespace dropped); ConfigError if unreadable."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --token-file {path}: {type(exc).__name__}") from None
+
+
 async def _run_agent(agent: Agent) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -146,7 +173,7 @@ def run(config: ConfigOption = None) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (a clean stop)."""
     with _one_line_errors():
         cfg = load_config(config)
-        _setup_logging(cfg.log_level)
+        _setup_logging(cfg.log_level, ssh_debug=cfg.ssh_debug)
         asyncio.run(_run_agent(Agent(cfg)))
 
 

@@ -78,6 +78,8 @@ class AgentConfig(BaseModel):
     §8); an event ends the wait at once, so this bounds idle cost, not latency (10,000 agents at
     5 s were 2,000 fetches a second for the broker; at 20 s, 500)."""
     log_level: str = "INFO"
+    ssh_debug: bool = False
+    """Let asyncssh log at DEBUG when ``log_level`` is DEBUG (it stays at WARNING otherwise)."""
 
     @field_validator("host_id")
     @classmethod

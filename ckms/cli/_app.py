@@ -7,7 +7,6 @@ environment variable, so scripts set them once. Exit codes are documented in
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from ckms._logging import configure_logging
 from ckms.cli import audit, controller, dev, fleet, host, init, key, operator, request, vault
 from ckms.cli._client import Connection
 from ckms.cli._errors import EXIT_CODES_HELP, ExitCode
@@ -115,7 +115,12 @@ def main() -> None:
     """Console-script entry point."""
     level = os.environ.get("CKMS_LOG_LEVEL")
     if level:
-        logging.basicConfig(stream=sys.stderr, level=level.upper())
+        ssh_debug = os.environ.get("CKMS_SSH_DEBUG", "").lower() in ("1", "true", "yes", "on")
+        try:
+            configure_logging(level, ssh_debug=ssh_debug, stream=sys.stderr)
+        except ValueError:
+            print(f"ckms: CKMS_LOG_LEVEL={level!r} is not a log level", file=sys.stderr)
+            raise SystemExit(2) from None
     app()
 
 

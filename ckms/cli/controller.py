@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from ckms._logging import configure_logging
 from ckms.cli._errors import cli_errors
 from ckms.controller.home import load_settings
 from ckms.controller.service import Controller, ControllerSettings
@@ -21,15 +22,11 @@ app = typer.Typer(help="Run the controller service.", no_args_is_help=True)
 log = logging.getLogger(__name__)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if level.upper() != "DEBUG":
-        for noisy in ("aiokafka", "asyncssh"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(level: str, *, ssh_debug: bool) -> None:
+    try:
+        configure_logging(level, ssh_debug=ssh_debug, stream=sys.stderr)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
 
 
 async def serve(settings: ControllerSettings) -> None:
@@ -70,9 +67,13 @@ def run_controller(
     log_level: Annotated[
         str, typer.Option(envvar="CKMS_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
+    ssh_debug: Annotated[
+        bool,
+        typer.Option(help="Let asyncssh log at DEBUG too (also the ssh_debug setting)."),
+    ] = False,
 ) -> None:
     """Run the controller (starts sealed: `ckms unseal`); SIGTERM/SIGINT stop it cleanly."""
     with cli_errors():
         settings = load_settings(config)
-        _setup_logging(log_level)
+        _setup_logging(log_level, ssh_debug=ssh_debug or settings.ssh_debug)
         asyncio.run(serve(settings))

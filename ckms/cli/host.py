@@ -64,7 +64,7 @@ def enroll(
             api.HostEnrollParams(name=name, labels=labels, ttl_s=seconds),
             api.HostEnrollReply,
         )
-    command = api.agent_enroll_command(connection.address, reply.token, reply.host_key_fingerprint)
+    command = api.agent_enroll_command(connection.address, reply.host_key_fingerprint)
     if as_json:
         print_json({**reply.model_dump(mode="json"), "agent_command": command})
         return
@@ -72,8 +72,12 @@ def enroll(
     typer.echo(
         f"Enrollment token for host {reply.host} (single use, expires {when(reply.expires_at)}):"
     )
-    typer.echo(f"  {reply.token}")
-    typer.echo("It is shown only once. Run this on the host:")
+    typer.echo(f"  {reply.token.get_secret_value()}")
+    typer.echo(
+        "It is shown only once. On the host, put it in CKMS_AGENT_ENROLL_TOKEN (e.g. "
+        "`read -rs CKMS_AGENT_ENROLL_TOKEN; export CKMS_AGENT_ENROLL_TOKEN`) or in a file "
+        "given as --token-file, and run:"
+    )
     typer.echo(f"  {command}")
 
 

@@ -223,7 +223,7 @@ class AdminService:
     def register(self, server: RpcServer) -> None:
         """Route every admin method on ``server`` with the roles of :data:`ROLES`."""
         self._route(server, "status", api.Empty, self.status)
-        self._route(server, "unseal", api.UnsealParams, self.unseal)
+        self._route(server, "unseal", api.UnsealParams, self.unseal, secret_params=True)
         self._route(server, "seal", api.Empty, self.seal)
 
         self._route(server, "key.create", api.KeyCreateParams, self.key_create)
@@ -278,12 +278,19 @@ class AdminService:
         params_model: type[P],
         handler: Callable[[Principal, P], Awaitable[BaseModel]],
         roles: Collection[str] | None = None,
+        *,
+        secret_params: bool = False,
     ) -> None:
         async def serve(principal: Principal, raw: dict[str, Any]) -> BaseModel:
             # A ValidationError here becomes a ProtocolError naming the bad field (server side).
             return await handler(principal, params_model.model_validate(raw))
 
-        server.route(method, serve, roles=roles if roles is not None else ROLES[method])
+        server.route(
+            method,
+            serve,
+            roles=roles if roles is not None else ROLES[method],
+            secret_params=secret_params,
+        )
 
     # -- dual control ---------------------------------------------------------------------
 
@@ -444,11 +451,15 @@ class AdminService:
         """Give one custodian share (counted once per custodian) or the passphrase."""
         vault = self._c.vault
         if params.share is not None:
-            progress = await vault.submit_share(params.share, custodian=principal.name)
+            progress = await vault.submit_share(
+                params.share.get_secret_value(), custodian=principal.name
+            )
             given = progress.given
         else:
             assert params.passphrase is not None
-            await vault.unseal_with_passphrase(params.passphrase, actor=principal.name)
+            await vault.unseal_with_passphrase(
+                params.passphrase.get_secret_value(), actor=principal.name
+            )
             given = 1
         status = await vault.status()
         if not status.sealed:

@@ -107,7 +107,7 @@ class AgentService:
 
     def register(self, server: RpcServer) -> None:
         """Route the agent methods on ``server``."""
-        server.route("enroll", self.enroll, roles={Role.ENROLL})
+        server.route("enroll", self.enroll, roles={Role.ENROLL}, secret_params=True)
         server.route("sync", self.sync, roles={Role.AGENT})
         server.route("heartbeat", self.heartbeat, roles={Role.AGENT})
         server.route("fetch", self.fetch, roles={Role.AGENT})

@@ -168,7 +168,7 @@ class HostRegistry:
         async with self._store.write() as tx:
             row = await tx.fetchone(
                 "SELECT * FROM enrollment_tokens WHERE token_hash = ?",
-                (_token_hash(request.token),),
+                (_token_hash(request.token.get_secret_value()),),
             )
             problem = None
             if row is None:
@@ -212,7 +212,7 @@ class HostRegistry:
             )
             await tx.execute(
                 "UPDATE enrollment_tokens SET used_at = ?, used_by_host = ? WHERE token_hash = ?",
-                (format_time(now), name, _token_hash(request.token)),
+                (format_time(now), name, _token_hash(request.token.get_secret_value())),
             )
             await audit_log.append(
                 tx,

@@ -28,8 +28,16 @@ from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError, ProtocolError
 from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Role
-from ckms.ssh import Principal, RpcServer, fingerprint, load_or_create_host_key, public_key_text
-from ckms.store import Clock, Store, utc_now
+from ckms.ssh import (
+    ConnectionLimits,
+    Principal,
+    RefusalBurst,
+    RpcServer,
+    fingerprint,
+    load_or_create_host_key,
+    public_key_text,
+)
+from ckms.store import Clock, Store, format_time, utc_now
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,22 @@ class ControllerSettings(BaseModel):
     replication: int = Field(default=1, ge=1, le=5)
     reconcile_interval_s: int = Field(default=300, ge=5)
     ssh_max_concurrent: int = Field(default=16, ge=1, le=1024)
+    """Requests in flight on one SSH connection."""
+    ssh_max_connections: int = Field(default=16384, ge=1)
+    """SSH connections open at once, in total (each agent keeps one)."""
+    ssh_max_unauthenticated_per_source: int = Field(default=16, ge=1)
+    """Connections per source address not (yet) authenticated with a known key (enrolling
+    agents count here; known keys do not, so a fleet behind one NAT address is not capped)."""
+    ssh_refusal_burst: int = Field(default=20, ge=1)
+    """Refusals of unknown keys a source may collect at once before its connections are
+    dropped on arrival (a penalty), refilled at ``ssh_refusal_rate_per_s``."""
+    ssh_refusal_rate_per_s: float = Field(default=0.5, gt=0)
+    ssh_refusal_report_s: float = Field(default=10.0, gt=0)
+    """A source's refusals are audited as one record once it has been quiet this long (and at
+    least every six times this long while it goes on)."""
+    ssh_debug: bool = False
+    """Let asyncssh log at DEBUG when the log level is DEBUG (off: asyncssh stays at WARNING;
+    a redaction filter covers what it logs either way)."""
     reuse_port: bool = False
 
     @property
@@ -98,6 +122,15 @@ class Controller:
             host_key=self.host_key,
             authenticate=self.authenticate,
             on_refused=self._audit_refusal,
+            on_refusal_burst=self._audit_refusal_burst,
+            limits=ConnectionLimits(
+                max_connections=self.settings.ssh_max_connections,
+                max_unauthenticated_per_source=self.settings.ssh_max_unauthenticated_per_source,
+                refusal_burst=self.settings.ssh_refusal_burst,
+                refusal_rate_per_s=self.settings.ssh_refusal_rate_per_s,
+                burst_quiet_s=self.settings.ssh_refusal_report_s,
+                burst_max_s=6 * self.settings.ssh_refusal_report_s,
+            ),
             max_concurrent=self.settings.ssh_max_concurrent,
             reuse_port=self.settings.reuse_port,
         )
@@ -155,7 +188,10 @@ class Controller:
         presented = public_key_text(key)
         fp = fingerprint(key)
         if username == Role.ENROLL:
-            return Principal(str(Role.ENROLL), Role.ENROLL, fp, presented)
+            # Any key may enroll (the token decides), so it is a stranger with one request.
+            return Principal(
+                str(Role.ENROLL), Role.ENROLL, fp, presented, known=False, max_requests=1
+            )
         host = await self.hosts.authenticate(username, presented)
         if host is not None:
             return Principal(host.id, Role.AGENT, fp, presented)
@@ -184,6 +220,26 @@ class Controller:
                 object=f"rpc:{method}",
                 outcome="refused",
                 details={"role": role, "error": type(exc).__name__, "message": str(exc)[:500]},
+            )
+
+    async def _audit_refusal_burst(self, burst: RefusalBurst) -> None:
+        """One audit record for a burst of refused strangers from one source, with counts."""
+        assert self.store is not None
+        async with self.store.write() as tx:
+            await audit_log.append(
+                tx,
+                now=self.clock(),
+                actor=f"source:{burst.source}",
+                action="ssh.refused",
+                object="ssh",
+                outcome="refused",
+                details={
+                    "count": burst.count,
+                    "refused": burst.refused,
+                    "dropped": burst.dropped,
+                    "first_at": format_time(burst.first_at),
+                    "last_at": format_time(burst.last_at),
+                },
             )
 
     async def run(self) -> None:

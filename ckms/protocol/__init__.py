@@ -84,6 +84,7 @@ from ckms.protocol._roles import (
     ApprovalOperation,
     Role,
 )
+from ckms.protocol._secret import WireSecret
 from ckms.protocol._topics import (
     ACKS_TOPIC,
     EVENTS_TOPIC,
@@ -153,6 +154,7 @@ __all__ = [
     "UnsignedMessage",
     "UnsupportedVersion",
     "VersionState",
+    "WireSecret",
     "canonical_json",
     "default_install",
     "encode_event",

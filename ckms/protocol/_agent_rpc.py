@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ckms.protocol._events import Digest, HostId, KeyName, Version, VersionState
 from ckms.protocol._keyspec import InstallSpec
+from ckms.protocol._secret import WireSecret
 
 B64 = Annotated[str, Field(max_length=8192, pattern=r"^[A-Za-z0-9+/=_-]*$")]
 
@@ -27,7 +28,7 @@ class EnrollRequest(_Model):
     ``signing_key`` is the same Ed25519 key as 32 raw bytes (base64), used to verify acks.
     """
 
-    token: str = Field(min_length=16, max_length=256)
+    token: Annotated[WireSecret, Field(min_length=16, max_length=256)]
     identity_key: str = Field(min_length=16, max_length=1024)
     signing_key: B64
     wrapping_key: B64

@@ -1,10 +1,15 @@
 """The SSH request/reply format: one exec channel per request, JSON in and out.
 
-Request: the exec command is ``<method>`` optionally followed by one space and a JSON object of
-parameters, e.g. ``fetch {"key":"payments/db","version":3}`` — so a plain OpenSSH client can
-call it as ``ssh -p PORT user@controller 'fetch {...}'``. Reply: one line of canonical JSON on
-stdout, ``{"ok":true,"result":{...}}`` with exit status 0, or
-``{"ok":false,"error":{"type":..,"message":..,"retriable":..}}`` with exit status 1.
+Request: the exec command is the method name; its parameters, a JSON object, are the request
+*body* on stdin, ended by EOF (``echo '{"key":"payments/db"}' | ssh -p PORT user@controller
+key.show``; ``ssh -n ... status`` for a call without parameters). The body, never the command
+line, carries secrets: SSH implementations log the exec command (asyncssh at INFO on both ends),
+so a share, passphrase or token there would land in two logs. For OpenSSH one-liners the
+parameters may still follow the method in the command (``fetch {"key":...}``), except for
+methods whose parameters are secret (:func:`split_command` leaves that check to the server,
+which knows them). Reply: one line of canonical JSON on stdout, ``{"ok":true,"result":{...}}``
+with exit status 0, or ``{"ok":false,"error":{"type":..,"message":..,"retriable":..}}`` with
+exit status 1.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from ckms.errors import CKMSError, ProtocolError
 from ckms.protocol.canonical import canonical_json
 
 MAX_REQUEST_BYTES = 32 * 1024
-"""Largest exec command accepted (method plus JSON parameters)."""
+"""Largest exec command accepted, and largest request body (each on its own)."""
 
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 """Largest reply a client reads (a sync reply for a host with many keys stays far below)."""
@@ -40,33 +45,48 @@ class RpcErrorInfo(BaseModel):
     """Set for ApprovalRequiredError: the approval request the refused call created."""
 
 
-def parse_request(command: str | None) -> tuple[str, dict[str, Any]]:
-    """Split an exec command into method and parameters, refusing anything malformed."""
+def split_command(command: str | None) -> tuple[str, str | None]:
+    """Split an exec command into the method and its inline parameters (None: in the body)."""
     if not command:
-        raise ProtocolError("empty request: send `<method> [json params]` as the exec command")
+        raise ProtocolError("empty request: send `<method>` as the exec command")
     if len(command.encode("utf-8", "replace")) > MAX_REQUEST_BYTES:
         raise ProtocolError(f"request exceeds {MAX_REQUEST_BYTES} bytes")
     method, _, rest = command.strip().partition(" ")
     if not _METHOD_RE.match(method):
         raise ProtocolError(f"bad method name {method[:64]!r}")
-    if not rest.strip():
-        return method, {}
+    return method, rest if rest.strip() else None
+
+
+def parse_params(method: str, text: str | bytes) -> dict[str, Any]:
+    """Decode the parameters of ``method`` (a JSON object; empty means none)."""
+    if len(text) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"request exceeds {MAX_REQUEST_BYTES} bytes")
+    if not text.strip():
+        return {}
     try:
-        params = json.loads(rest)
+        params = json.loads(text)
     except (ValueError, RecursionError):
         raise ProtocolError(f"parameters of {method} are not valid JSON") from None
     if not isinstance(params, dict):
         raise ProtocolError(f"parameters of {method} must be a JSON object")
-    return method, params
+    return params
 
 
-def format_request(method: str, params: dict[str, Any] | None = None) -> str:
-    """The exec command for one request."""
+def parse_request(command: str | None, body: bytes = b"") -> tuple[str, dict[str, Any]]:
+    """Method and parameters of one request, from its command and body; refuses both at once."""
+    method, inline = split_command(command)
+    if inline is not None and body.strip():
+        raise ProtocolError(
+            f"parameters of {method} given twice: in the command and on stdin; send them once"
+        )
+    return method, parse_params(method, inline if inline is not None else body)
+
+
+def format_request(method: str, params: dict[str, Any] | None = None) -> tuple[str, bytes]:
+    """The exec command (the method alone) and the body (the parameters) of one request."""
     if not _METHOD_RE.match(method):
         raise ProtocolError(f"bad method name {method!r}")
-    if not params:
-        return method
-    return method + " " + canonical_json(params).decode()
+    return method, canonical_json(params) if params else b""
 
 
 def ok_reply(result: BaseModel | dict[str, Any] | None) -> bytes:

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from ckms.protocol._events import HostId, KeyName
 from ckms.protocol._keyspec import InstallSpec, KeyState, RevocationReason, Targets
 from ckms.protocol._roles import APPROVAL_OPERATIONS, OPERATOR_ROLES, ApprovalOperation, Role
+from ckms.protocol._secret import WireSecret
 
 __all__ = [
     "APPROVAL_OPERATIONS",
@@ -108,8 +109,8 @@ class Empty(_Model):
 class UnsealParams(_Model):
     """Exactly one of a custodian's SLIP-39 share or the passphrase."""
 
-    share: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
-    passphrase: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    share: Annotated[WireSecret, Field(min_length=1, max_length=2048)] | None = None
+    passphrase: Annotated[WireSecret, Field(min_length=1, max_length=1024)] | None = None
 
     @model_validator(mode="after")
     def _one(self) -> UnsealParams:
@@ -390,7 +391,7 @@ class HostEnrollReply(_Reply):
 
     host: str
     labels: dict[str, str]
-    token: str = Field(repr=False)
+    token: WireSecret
     expires_at: datetime
     host_key_fingerprint: str
     listen: str
@@ -586,17 +587,12 @@ class ApproveReply(_Reply):
     result: dict[str, Any]
 
 
-def agent_enroll_command(controller: str, token: str, fingerprint: str) -> str:
-    """The exact ``ckms-agent enroll`` command line an operator runs on the new host."""
+def agent_enroll_command(controller: str, fingerprint: str) -> str:
+    """The ``ckms-agent enroll`` command an operator runs on the new host.
+
+    The token is not in it: a command line shows in ``ps`` and shell history, so the agent
+    reads the token from ``CKMS_AGENT_ENROLL_TOKEN`` (or ``--token-file``).
+    """
     return shlex.join(
-        [
-            "ckms-agent",
-            "enroll",
-            "--controller",
-            controller,
-            "--token",
-            token,
-            "--host-key-fingerprint",
-            fingerprint,
-        ]
+        ["ckms-agent", "enroll", "--controller", controller, "--host-key-fingerprint", fingerprint]
     )

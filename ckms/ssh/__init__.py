@@ -8,10 +8,13 @@ from ckms.ssh._keys import (
     load_private_key,
     public_key_text,
 )
+from ckms.ssh._limits import ConnectionLimits, RefusalBurst
 from ckms.ssh._server import Principal, RpcServer
 
 __all__ = [
+    "ConnectionLimits",
     "Principal",
+    "RefusalBurst",
     "RpcClient",
     "RpcServer",
     "fingerprint",

@@ -125,14 +125,12 @@ class RpcClient:
         """Make one request on the open connection (connecting first if needed)."""
         await self.connect()
         assert self._conn is not None
-        command = format_request(method, params)
+        command, body = format_request(method, params)
         try:
             # asyncio.timeout rather than wait_for: wait_for runs the call as a task of its own,
             # which costs about three more event-loop iterations per request (bench/rpc.py).
             async with asyncio.timeout(timeout_s):
-                result = await self._conn.run(
-                    command, encoding=None, check=False, stdin=asyncssh.DEVNULL
-                )
+                stdout, exit_status = await _exchange(self._conn, command, body, method)
         except TimeoutError:
             # First: TimeoutError is an OSError. A slow reply is a busy controller, not a dead
             # connection; dropping it would add a handshake to every retry (a reconnect storm).
@@ -143,12 +141,9 @@ class RpcClient:
             await self.close()
             reason = str(exc) or type(exc).__name__
             raise TransportError(f"{method} to {self.host}:{self.port} failed: {reason}") from None
-        stdout = result.stdout if isinstance(result.stdout, bytes) else b""
-        if len(stdout) > MAX_REPLY_BYTES:
-            raise TransportError(f"{method} reply exceeds {MAX_REPLY_BYTES} bytes")
         if not stdout:
             raise TransportError(
-                f"{method} to {self.host}:{self.port} got no reply (exit {result.exit_status})"
+                f"{method} to {self.host}:{self.port} got no reply (exit {exit_status})"
             )
         return parse_reply(stdout)
 
@@ -166,3 +161,29 @@ class RpcClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def _exchange(
+    conn: asyncssh.SSHClientConnection, command: str, body: bytes, method: str
+) -> tuple[bytes, int | None]:
+    """Send one request (the body on stdin, then EOF) and read its reply, at most
+    MAX_REPLY_BYTES: past that the channel is closed, so a hostile or broken server cannot make
+    the client buffer more than the limit."""
+    process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
+    try:
+        # The server may refuse (role, method) and close the channel before reading the body;
+        # its reply is still there to read, so a write to the closed channel is not an error.
+        with contextlib.suppress(BrokenPipeError, asyncssh.Error):
+            if body:
+                process.stdin.write(body)
+            process.stdin.write_eof()
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await process.stdout.read(MAX_REPLY_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise TransportError(f"{method} reply exceeds {MAX_REPLY_BYTES} bytes")
+        return b"".join(chunks), process.exit_status
+    finally:
+        process.close()

@@ -2,9 +2,12 @@
 
 The server knows nothing of keys or hosts: an ``authenticate`` callback maps (username, public
 key) to a :class:`Principal` with a role, and each method is routed to a handler with the roles
-allowed to call it. Authorization is checked here, on the server, for every request; refusals
-go to an ``on_refused`` callback (the controller audits them). Per connection, at most
-``max_concurrent`` requests run at once; more are refused with a retriable error.
+allowed to call it. Authorization is checked here, on the server, for every request, before the
+request body is read; refusals of known principals go to an ``on_refused`` callback (the
+controller audits them). Per connection, at most ``max_concurrent`` requests run at once; more
+are refused with a retriable error. Strangers (unknown keys, and principals with
+``known=False`` such as an enrolling agent) are bounded by :mod:`ckms.ssh._limits`: capped
+connections, a per-source refusal budget, and refusals summed into one report per burst.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ import asyncssh
 from pydantic import BaseModel, ValidationError
 
 from ckms.errors import CKMSError, PermissionDeniedError, ProtocolError, TransportError
-from ckms.protocol._rpc import error_reply, ok_reply, parse_request
+from ckms.protocol._rpc import (
+    MAX_REQUEST_BYTES,
+    error_reply,
+    ok_reply,
+    parse_params,
+    split_command,
+)
+from ckms.ssh._limits import BurstHook, ConnectionLimits, SourceGuard
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,11 @@ class Principal:
     role: str
     key_fingerprint: str
     public_key: str = field(default="", repr=False)
+    known: bool = True
+    """False when any key is let in (enrollment): refusals then count against the source's
+    budget and are reported per burst, not audited one by one."""
+    max_requests: int | None = None
+    """Requests one connection of this principal may make (None: unlimited)."""
 
 
 Authenticator = Callable[[str, asyncssh.SSHKey], Awaitable[Principal | None]]
@@ -51,25 +66,44 @@ class _Busy(CKMSError):
 class _Route:
     handler: Handler
     roles: frozenset[str]
+    secret_params: bool
 
 
 class _ServerConnection(asyncssh.SSHServer):
-    """One client connection: authenticates once, then counts its requests in flight."""
+    """One client connection: authenticates once, then counts its requests."""
 
     def __init__(self, rpc: RpcServer) -> None:
         self._rpc = rpc
         self._conn: asyncssh.SSHServerConnection | None = None
+        self.source = "?"
         self.principal: Principal | None = None
-        self.semaphore = asyncio.Semaphore(rpc.max_concurrent)
         self.in_flight = 0
+        self.requests = 0
+        self._capped = False  # counted by the guard as not (yet) known
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        peer = conn.get_extra_info("peername")
+        self.source = str(peer[0]) if peer else "?"
+        refusal = self._rpc.guard.admit(self.source, open_connections=len(self._rpc._connections))
+        if refusal is not None:
+            log.debug("dropping connection from %s: %s", self.source, refusal)
+            conn.abort()
+            return
+        self._capped = True
         self._conn = conn
         self._rpc._connections.add(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._rpc._connections.discard(self._conn)
+        if self._capped:
+            self._capped = False
+            self._rpc.guard.closed(self.source)
+
+    def auth_completed(self) -> None:
+        if self._capped and self.principal is not None and self.principal.known:
+            self._capped = False
+            self._rpc.guard.authenticated(self.source)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -90,7 +124,9 @@ class _ServerConnection(asyncssh.SSHServer):
             log.warning("authentication of %r failed: %s", username, exc)
             return False
         if principal is None:
-            log.info("refused key %s for user %r", key.get_fingerprint("sha256"), username)
+            # DEBUG only: strangers choose how often this happens; the burst report sums them.
+            log.debug("refused key %s for user %r", key.get_fingerprint("sha256"), username)
+            self._rpc.guard.refused(self.source, "auth")
             return False
         self.principal = principal
         return True
@@ -105,15 +141,20 @@ class RpcServer:
         host_key: asyncssh.SSHKey,
         authenticate: Authenticator,
         on_refused: RefusalHook | None = None,
+        on_refusal_burst: BurstHook | None = None,
+        limits: ConnectionLimits | None = None,
         max_concurrent: int = 16,
         keepalive_s: float = 30.0,
         login_timeout_s: float = 30.0,
+        body_timeout_s: float = 30.0,
         reuse_port: bool = False,
     ) -> None:
         self.host_key = host_key
         self.authenticate = authenticate
         self.on_refused = on_refused
+        self.guard = SourceGuard(limits or ConnectionLimits(), on_burst=on_refusal_burst)
         self.max_concurrent = max_concurrent
+        self._body_timeout_s = body_timeout_s
         self._keepalive_s = keepalive_s
         self._login_timeout_s = login_timeout_s
         self._reuse_port = reuse_port
@@ -122,9 +163,20 @@ class RpcServer:
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self.port: int | None = None
 
-    def route(self, method: str, handler: Handler, *, roles: Collection[str]) -> None:
-        """Serve ``method`` with ``handler`` to principals whose role is in ``roles``."""
-        self._routes[method] = _Route(handler, frozenset(roles))
+    def route(
+        self,
+        method: str,
+        handler: Handler,
+        *,
+        roles: Collection[str],
+        secret_params: bool = False,
+    ) -> None:
+        """Serve ``method`` with ``handler`` to principals whose role is in ``roles``.
+
+        ``secret_params``: the parameters carry a secret (a share, a passphrase, a token), so
+        they are accepted only in the request body, never in the logged exec command.
+        """
+        self._routes[method] = _Route(handler, frozenset(roles), secret_params)
 
     @property
     def methods(self) -> list[str]:
@@ -171,6 +223,7 @@ class RpcServer:
         for conn in connections:
             with contextlib.suppress(OSError, asyncssh.Error):
                 await conn.wait_closed()
+        await self.guard.flush()
 
     async def __aenter__(self) -> RpcServer:
         if self._acceptor is None:
@@ -190,24 +243,30 @@ class RpcServer:
         try:
             if process.command is None:
                 raise ProtocolError(
-                    "interactive shells are not served: send `<method> [json]` as the command"
+                    "interactive shells are not served: send `<method>` as the command and "
+                    "the JSON parameters on stdin"
+                )
+            method, inline = split_command(process.command)
+            route = self._authorize(principal, method)
+            owner.requests += 1
+            limit = principal.max_requests if principal is not None else None
+            if limit is not None and owner.requests > limit:
+                raise PermissionDeniedError(
+                    f"{method}: one connection may send {limit} such request"
+                    f"{'s' if limit != 1 else ''}; open a new connection"
                 )
             if owner.in_flight >= self.max_concurrent:
                 raise _Busy(f"more than {self.max_concurrent} requests in flight on one connection")
             owner.in_flight += 1
             try:
-                method, params = parse_request(process.command)
-                reply = await self._dispatch(principal, method, params)
+                params = await self._params(process, method, route, inline)
+                reply = await self._call(route, principal, method, params)
             finally:
                 owner.in_flight -= 1
             line, status = ok_reply(reply), 0
         except CKMSError as exc:
-            if isinstance(exc, PermissionDeniedError | ProtocolError) and self.on_refused:
-                try:
-                    await self.on_refused(principal, method, exc)
-                except CKMSError as hook_exc:
-                    # Fail closed: a refusal that cannot be audited is reported as such.
-                    exc = hook_exc
+            if isinstance(exc, PermissionDeniedError | ProtocolError):
+                exc = await self._refused(owner, principal, method, exc)
             line, status = error_reply(exc), 1
         except Exception:
             log.exception("rpc %s by %s failed unexpectedly", method, _name(principal))
@@ -221,15 +280,74 @@ class RpcServer:
                 1000 * (time.perf_counter() - started),
             )
 
-    async def _dispatch(
-        self, principal: Principal | None, method: str, params: dict[str, Any]
-    ) -> BaseModel | dict[str, Any] | None:
+    async def _refused(
+        self, owner: _ServerConnection, principal: Principal | None, method: str, exc: CKMSError
+    ) -> CKMSError:
+        """Record a refusal: a stranger's against its source's budget, a known one's by hook."""
+        if principal is None or not principal.known:
+            self.guard.refused(owner.source, f"rpc.{method}")
+            return exc
+        if self.on_refused is None:
+            return exc
+        try:
+            await self.on_refused(principal, method, exc)
+        except CKMSError as hook_exc:
+            # Fail closed: a refusal that cannot be audited is reported as such.
+            return hook_exc
+        return exc
+
+    def _authorize(self, principal: Principal | None, method: str) -> _Route:
+        """The route of ``method`` if ``principal`` may call it (checked before any body)."""
         route = self._routes.get(method)
         if route is None:
             raise ProtocolError(f"unknown method {method!r}")
         if principal is None or principal.role not in route.roles:
             role = principal.role if principal else "anonymous"
             raise PermissionDeniedError(f"role {role} may not call {method}")
+        return route
+
+    async def _params(
+        self,
+        process: asyncssh.SSHServerProcess[bytes],
+        method: str,
+        route: _Route,
+        inline: str | None,
+    ) -> dict[str, Any]:
+        if inline is None:
+            return parse_params(method, await self._read_body(process, method))
+        if route.secret_params:
+            raise ProtocolError(
+                f"the parameters of {method} are secret: send them on stdin, never in the "
+                "command line (SSH logs the command)"
+            )
+        return parse_params(method, inline)
+
+    async def _read_body(self, process: asyncssh.SSHServerProcess[bytes], method: str) -> bytes:
+        """The request body up to EOF, refused past MAX_REQUEST_BYTES or ``body_timeout_s``."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                while chunk := await process.stdin.read(MAX_REQUEST_BYTES + 1 - size):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_REQUEST_BYTES:
+                        raise ProtocolError(f"request exceeds {MAX_REQUEST_BYTES} bytes")
+        except TimeoutError:
+            raise ProtocolError(
+                f"the body of {method} did not end within {self._body_timeout_s:g} s: close "
+                "stdin after the JSON (ssh -n for a call without parameters)"
+            ) from None
+        except (OSError, asyncssh.Error) as exc:
+            raise ProtocolError(
+                f"the body of {method} could not be read: {type(exc).__name__}"
+            ) from None
+        return b"".join(chunks)
+
+    async def _call(
+        self, route: _Route, principal: Principal | None, method: str, params: dict[str, Any]
+    ) -> BaseModel | dict[str, Any] | None:
+        assert principal is not None
         try:
             return await route.handler(principal, params)
         except ValidationError as exc:

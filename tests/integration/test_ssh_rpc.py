@@ -20,7 +20,7 @@ from ckms.errors import (
     RequestTimeoutError,
     TransportError,
 )
-from ckms.protocol._rpc import MAX_REQUEST_BYTES
+from ckms.protocol._rpc import MAX_REPLY_BYTES, MAX_REQUEST_BYTES
 from ckms.ssh import Principal, RpcClient, RpcServer, fingerprint, generate_ssh_key
 from ckms.ssh._keys import write_private_key
 
@@ -231,3 +231,120 @@ async def test_openssh_client_can_call_the_endpoint(server, tmp_path: Path) -> N
     )
     assert denied.returncode == 1
     assert json.loads(denied.stdout)["error"]["type"] == "ProtocolError"
+
+
+async def test_parameters_travel_in_the_body_not_the_logged_command(server, caplog) -> None:
+    """The exec command is the method alone: SSH logs it (asyncssh at INFO), so parameters,
+    which may be secret, go on stdin."""
+    fx, rpc = server
+    caplog.set_level(logging.DEBUG)
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        reply = await c.call("echo", {"token": "body-only-0f3a9c"})
+    assert reply["params"] == {"token": "body-only-0f3a9c"}
+    commands = [r.getMessage() for r in caplog.records if "Command:" in r.getMessage()]
+    assert commands and all(m.strip().endswith("Command: echo") for m in commands), commands
+    assert "body-only-0f3a9c" not in caplog.text
+
+
+async def test_secret_parameters_are_refused_in_the_command_line(server) -> None:
+    fx, rpc = server
+    rpc.route("unseal", echo, roles={"admin"}, secret_params=True)
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        conn = c._conn
+        assert conn is not None
+        result = await conn.run('unseal {"share":"x"}', encoding=None, check=False)
+        reply = json.loads(result.stdout)
+        assert result.exit_status == 1 and "send them on stdin" in reply["error"]["message"]
+        assert (await c.call("unseal", {"share": "x"}))["params"] == {"share": "x"}
+    assert (("alice", "unseal", "ProtocolError")) in fx.refusals
+
+
+async def test_a_body_too_large_or_never_ended_is_refused(server) -> None:
+    fx, rpc = server
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        conn = c._conn
+        assert conn is not None
+        big = json.dumps({"x": "a" * MAX_REQUEST_BYTES}).encode()
+        result = await conn.run("echo", input=big, encoding=None, check=False)
+        assert "exceeds" in json.loads(result.stdout)["error"]["message"]
+    rpc._body_timeout_s = 0.2
+    async with client(fx, rpc, "alice", fx.admin_key) as c:
+        assert c._conn is not None
+        process = await c._conn.create_process("echo", encoding=None)  # stdin never closed
+        out = await asyncio.wait_for(process.stdout.read(), 10)
+        assert "did not end within" in json.loads(out)["error"]["message"]
+        process.close()
+
+
+async def test_the_client_stops_reading_at_the_reply_limit(tmp_path: Path) -> None:
+    """A hostile server that never stops sending cannot make the client buffer past
+    MAX_REPLY_BYTES: the client closes the channel at the limit and says so."""
+    host_key = generate_ssh_key()
+    sent = 0
+    stopped = asyncio.Event()
+
+    class Open(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False  # no authentication: any client gets in
+
+    async def flood(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        nonlocal sent
+        chunk = b"x" * 65536
+        try:
+            while sent < 256 * MAX_REPLY_BYTES:
+                process.stdout.write(chunk)
+                sent += len(chunk)
+                await process.stdout.drain()
+        except (OSError, asyncssh.Error):
+            pass  # the client closed the channel: what this test wants
+        finally:
+            stopped.set()
+            process.exit(0)
+
+    acceptor = await asyncssh.create_server(
+        Open, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=flood, encoding=None
+    )
+    port = acceptor.sockets[0].getsockname()[1]
+    try:
+        c = RpcClient(
+            host="127.0.0.1",
+            port=port,
+            username="x",
+            client_key=generate_ssh_key(),
+            host_key_fingerprint=fingerprint(host_key),
+        )
+        async with c:
+            with pytest.raises(TransportError, match="exceeds"):
+                await c.call("anything", timeout_s=60)
+        await asyncio.wait_for(stopped.wait(), 10)
+    finally:
+        acceptor.close()
+    # What the server could send: the limit plus what SSH flow control let it have in flight.
+    assert sent < MAX_REPLY_BYTES + 8 * 1024 * 1024, sent
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_openssh_client_sends_the_body_on_stdin(server, tmp_path: Path) -> None:
+    fx, rpc = server
+    rpc.route("unseal", echo, roles={"admin"}, secret_params=True)
+    key_path = tmp_path / "id_ed25519"
+    write_private_key(key_path, fx.admin_key)
+    known = tmp_path / "known_hosts"
+    known.write_bytes(
+        f"[127.0.0.1]:{rpc.port} ".encode() + fx.host_key.export_public_key("openssh")
+    )
+    argv = [
+        "ssh", "-p", str(rpc.port), "-i", str(key_path), "-F", "/dev/null",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known}", "alice@127.0.0.1", "unseal",
+    ]  # fmt: skip
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        argv,
+        input=b'{"share":"from stdin"}',
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["result"]["params"] == {"share": "from stdin"}

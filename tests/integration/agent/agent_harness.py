@@ -159,7 +159,7 @@ class FakeController:
 
     async def _enroll(self, principal: Principal, params: dict[str, Any]) -> EnrollReply:
         request = EnrollRequest.model_validate(params)
-        if request.token != TOKEN:
+        if request.token.get_secret_value() != TOKEN:
             raise PermissionDeniedError("enrollment token is not valid")
         if request.identity_key.split()[:2] != principal.public_key.split()[:2]:
             raise PermissionDeniedError("identity key is not the key of this connection")

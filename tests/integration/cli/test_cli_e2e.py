@@ -164,7 +164,7 @@ async def test_every_read_command_prints_json(controller: Controller, ops: Opera
     token = enrolled.json()
     assert token["token"].startswith("ckms-enroll-")
     assert token["agent_command"] == (
-        f"ckms-agent enroll --controller 127.0.0.1:{controller.port} --token {token['token']} "
+        f"ckms-agent enroll --controller 127.0.0.1:{controller.port} "
         f"--host-key-fingerprint {controller.host_key_fingerprint}"
     )
     reads = {
