@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ckms._exposition import parse_listen
 from ckms.crypto import WrapSuite, signer_key_id
 from ckms.errors import ConfigError
 from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Targets
@@ -80,6 +81,22 @@ class AgentConfig(BaseModel):
     log_level: str = "INFO"
     ssh_debug: bool = False
     """Let asyncssh log at DEBUG when ``log_level`` is DEBUG (it stays at WARNING otherwise)."""
+    metrics_textfile: Path | None = None
+    """A ``.prom`` file in node_exporter's textfile-collector directory, rewritten atomically;
+    unset, no file is written."""
+    metrics_listen: str | None = None
+    """``127.0.0.1:PORT`` (loopback only) to also serve ``/metrics``; unset, no port opens."""
+    metrics_interval_s: Seconds = 15.0
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_listen(value, loopback_only=True)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("host_id")
     @classmethod
@@ -124,7 +141,7 @@ class AgentConfig(BaseModel):
             raise ValueError(f"expected one of {', '.join(_LEVELS)}")
         return value.upper()
 
-    @field_validator("state_dir", "root")
+    @field_validator("state_dir", "root", "metrics_textfile")
     @classmethod
     def _check_absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():

@@ -65,6 +65,7 @@ from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
 from ckms_agent.identity import AgentKeys, load_keys
 from ckms_agent.installer import Installer
 from ckms_agent.keyops import KeyOps, Trigger, critical
+from ckms_agent.metrics import AgentMetrics
 from ckms_agent.plan import plan_changes
 from ckms_agent.state import AgentState
 
@@ -121,6 +122,7 @@ class Agent:
         self._healthy = False
         self.reconciles = 0
         """Completed reconciles (for tests and metrics)."""
+        self.metrics = AgentMetrics(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -217,6 +219,9 @@ class Agent:
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 tg.create_task(self._staleness_loop(), name="staleness")
                 tg.create_task(self._acks.run(), name="acks")
+                cfg = self.config
+                if cfg.metrics_textfile is not None or cfg.metrics_listen is not None:
+                    tg.create_task(self.metrics.run(), name="metrics")
         except BaseExceptionGroup as group:
             # The condition also sees (nested) groups: let those recurse, drop only the stop.
             rest = group.subgroup(lambda e: not isinstance(e, _StopRequested | BaseExceptionGroup))
@@ -408,6 +413,7 @@ class Agent:
             )
         await ops.answer_triggers(by_key.values(), acked)
         self.reconciles += 1
+        self.metrics.synced(self._clock())
         log.info(
             "reconciled host=%s keys=%d changes=%d in %.1f ms",
             self.config.host_id,
@@ -501,6 +507,7 @@ class Agent:
         if decision.action is EventAction.IGNORE:
             log.debug("event %s id=%s seq=%d not for this host", event.type, event.id, event.seq)
             return
+        self.metrics.event(self._clock() - event.time.timestamp())
         log.info(
             "event %s id=%s seq=%d key=%s versions=%s host=%s -> %s",
             event.type,

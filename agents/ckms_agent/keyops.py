@@ -132,6 +132,8 @@ class KeyOps:
         self.tombstones: set[tuple[str, int]] = set()
         """Versions revoked by events in this run; never (re)installed from an older reply."""
         self.failed_at: dict[str, float] = {}
+        self.install_failures = 0
+        """Changes that failed to install since start (for metrics)."""
         """When a key last failed to install (drift reports do not retry it at once)."""
         self._failed_plans: dict[str, tuple[tuple[object, ...], float]] = {}
         self._materials: dict[tuple[str, int], tuple[str, bytes]] = {}
@@ -217,6 +219,7 @@ class KeyOps:
 
     def _note_failure(self, desired: DesiredKey) -> None:
         now = self._clock()
+        self.install_failures += 1
         self.failed_at[desired.key] = now
         self._failed_plans[desired.key] = (_signature(desired), now)
 
@@ -248,6 +251,7 @@ class KeyOps:
             # Nothing was installed, so retrying on the next sync disturbs nothing (and the
             # controller may have fixed the material meanwhile): no hold-off for this one.
             self.failed_at[plan.key] = self._clock()
+            self.install_failures += 1
             versions = plan.changed or tuple(v.version for v in needed)
             return await self._acks.ack_all(
                 plan.key,

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -84,6 +85,8 @@ class AckConsumer:
         self._signers_generation = -1
         self.stats = AckStats()
         self.applied = asyncio.Condition()
+        self.on_latency: Callable[[float], None] | None = None
+        """Called once per applied ack that answers an event, with commit → ack seconds."""
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff while Kafka is away."""
@@ -196,6 +199,7 @@ class AckConsumer:
                 ):
                     last_seq[row["id"]] = row["last_ack_seq"]
             lookups = _BatchLookups(tx)
+            latencies: list[float] = []
             positions: dict[int, int] = {}
             seen: dict[str, int] = {}
             for record, host_id, envelope in checked:
@@ -210,7 +214,7 @@ class AckConsumer:
                     self.stats.drop(exc.reason)
                     log.warning("dropped ack from %s reason=%s: %s", host_id, exc.reason, exc)
                     continue
-                if await self._apply_one(tx, lookups, host_id, envelope, now):
+                if await self._apply_one(tx, lookups, host_id, envelope, now, latencies):
                     applied += 1
                 last_seq[host_id] = seen[host_id] = envelope.seq
             stamp = format_time(now)
@@ -225,6 +229,9 @@ class AckConsumer:
                 [(self._topic, partition, offset) for partition, offset in positions.items()],
             )
         self.stats.applied += applied
+        if self.on_latency is not None:
+            for seconds in latencies:  # after the commit: only acks that were kept count
+                self.on_latency(seconds)
         async with self.applied:
             self.applied.notify_all()
         return applied
@@ -236,6 +243,7 @@ class AckConsumer:
         host_id: str,
         envelope: Envelope,
         now: datetime,
+        latencies: list[float],
     ) -> bool:
         ack = envelope.data
         assert isinstance(ack, Ack)
@@ -249,6 +257,8 @@ class AckConsumer:
             created = await lookups.event_created(ack.event_id)
             if created is not None:
                 latency_ms = (now - created).total_seconds() * 1000
+                if key_id is not None:
+                    latencies.append(latency_ms / 1000)
         if key_id is not None:
             await tx.execute(
                 "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "

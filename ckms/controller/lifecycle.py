@@ -132,6 +132,8 @@ class Lifecycle:
         self._vault = vault
         self._clock = clock
         self._current: tuple[int, Mapping[str, Key]] | None = None
+        self.outcomes: dict[tuple[str, str], int] = {}
+        """Operations by (operation, outcome: ok, refused, error), e.g. ``("rotate", "ok")``."""
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -182,14 +184,24 @@ class Lifecycle:
         details: dict[str, Any],
         run: Callable[[datetime], Awaitable[T]],
     ) -> T:
-        """Run an operation; audit a refusal (own transaction) before re-raising it."""
+        """Run an operation; audit a refusal (own transaction) before re-raising it.
+
+        Every outcome is also counted in :attr:`outcomes` (the controller's metrics).
+        """
         now = self._now()
+        outcome = "error"
         try:
             _check_text(actor, "actor", required=True)
-            return await run(now)
+            result = await run(now)
+            outcome = "ok"
+            return result
         except _REFUSALS as exc:
+            outcome = "refused"
             await self._audit_refusal(action, name, actor, details, exc, now)
             raise
+        finally:
+            counted = (action.removeprefix("key."), outcome)
+            self.outcomes[counted] = self.outcomes.get(counted, 0) + 1
 
     async def _audit_refusal(
         self,

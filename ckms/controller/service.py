@@ -3,7 +3,8 @@
 ``Controller(settings)`` opens the store and the vault (sealed); ``run()`` serves until
 cancelled, with every loop a task in one ``asyncio.TaskGroup``: the first failure stops the
 service and cancellation is a clean stop. Kafka being down is not a failure: the
-publisher and the ack consumer wait it out while the SSH endpoint keeps serving.
+publisher and the ack consumer wait it out while the SSH endpoint keeps serving. With
+``metrics_listen`` set, Prometheus metrics are served there too (:mod:`ckms.controller.metrics`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from types import TracebackType
 from typing import Any
 
 import asyncssh
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
 from ckms.controller.admin_rpc import AdminService
 from ckms.controller.agent_rpc import AgentService
 from ckms.controller.fleet import AckConsumer
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.metrics import ControllerMetrics
 from ckms.controller.publisher import OutboxPublisher
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
-from ckms.errors import CKMSError, ProtocolError
+from ckms.errors import CKMSError, ConfigError, ProtocolError
 from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Role
 from ckms.ssh import (
     ConnectionLimits,
@@ -81,6 +84,18 @@ class ControllerSettings(BaseModel):
     """Let asyncssh log at DEBUG when the log level is DEBUG (off: asyncssh stays at WARNING;
     a redaction filter covers what it logs either way)."""
     reuse_port: bool = False
+    metrics_listen: str | None = None
+    """``HOST:PORT`` of the Prometheus ``/metrics`` endpoint; unset, none is served."""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_listen(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @property
     def db_path(self) -> Path:
@@ -166,6 +181,9 @@ class Controller:
         )
         self.admin = AdminService(self)
         self.admin.register(self.rpc)
+        self.metrics = ControllerMetrics(self)
+        self.acks.on_latency = self.metrics.ack_latency.observe
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def host_key_fingerprint(self) -> str:
@@ -247,6 +265,14 @@ class Controller:
         if self.store is None:
             await self.open()
         await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
+        if self.settings.metrics_listen is not None:
+            host, port = parse_listen(self.settings.metrics_listen)
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.render, host, port)
+            try:
+                await self.metrics_endpoint.start()
+            except CKMSError:
+                await self.rpc.close()
+                raise
         self._started.set()
         log.info(
             "controller listening on %s:%d (host key %s)",
@@ -261,11 +287,15 @@ class Controller:
                 group.create_task(self.scheduler.run(), name="scheduler")
         finally:
             await self.rpc.close()
+            if self.metrics_endpoint is not None:
+                await self.metrics_endpoint.close()
 
     async def close(self) -> None:
-        """Close the SSH endpoint and the store; safe to call twice."""
+        """Close the SSH endpoint, the metrics endpoint and the store; safe to call twice."""
         if hasattr(self, "rpc"):
             await self.rpc.close()
+        if getattr(self, "metrics_endpoint", None) is not None:
+            await self.metrics_endpoint.close()
         store, self.store = self.store, None
         if store is not None:
             await store.close()

@@ -162,6 +162,8 @@ class RpcServer:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self.port: int | None = None
+        self.request_counts: dict[tuple[str, str], int] = {}
+        """Requests served by (route, outcome); unknown methods count as route ``unknown``."""
 
     def route(
         self,
@@ -264,13 +266,20 @@ class RpcServer:
             finally:
                 owner.in_flight -= 1
             line, status = ok_reply(reply), 0
+            outcome = "ok"
         except CKMSError as exc:
+            outcome = _outcome(exc)
             if isinstance(exc, PermissionDeniedError | ProtocolError):
                 exc = await self._refused(owner, principal, method, exc)
             line, status = error_reply(exc), 1
         except Exception:
             log.exception("rpc %s by %s failed unexpectedly", method, _name(principal))
             line, status = error_reply(CKMSError(f"internal error while serving {method}")), 1
+            outcome = "internal"
+        # The route label is bounded by the routes served: a caller's made-up method names
+        # must not grow the metrics without limit.
+        counted = (method if method in self._routes else "unknown", outcome)
+        self.request_counts[counted] = self.request_counts.get(counted, 0) + 1
         _reply(process, line, status, method, principal)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -279,6 +288,16 @@ class RpcServer:
                 _name(principal),
                 1000 * (time.perf_counter() - started),
             )
+
+    async def call(
+        self, principal: Principal, method: str, params: dict[str, Any] | None = None
+    ) -> BaseModel | dict[str, Any] | None:
+        """Serve one request in-process as ``principal`` (roles checked as for a remote caller).
+
+        For the controller's own readers (metrics) that want exactly what the RPC answers.
+        """
+        route = self._authorize(principal, method)
+        return await self._call(route, principal, method, params or {})
 
     async def _refused(
         self, owner: _ServerConnection, principal: Principal | None, method: str, exc: CKMSError
@@ -356,6 +375,17 @@ class RpcServer:
                 for e in exc.errors(include_input=False, include_url=False)[:3]
             )
             raise ProtocolError(f"bad parameters for {method}: {details}") from None
+
+
+def _outcome(exc: CKMSError) -> str:
+    """The metrics outcome of a refused or failed request."""
+    if isinstance(exc, _Busy):
+        return "busy"
+    if isinstance(exc, PermissionDeniedError):
+        return "denied"
+    if isinstance(exc, ProtocolError):
+        return "invalid"
+    return "error"
 
 
 def _name(principal: Principal | None) -> str:

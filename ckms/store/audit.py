@@ -26,6 +26,7 @@ import base64
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -152,6 +153,15 @@ async def _head(r: Reader) -> tuple[int, str]:
     return int(row["idx"]) + 1, str(row["hash"])
 
 
+@dataclass
+class _Tally:
+    count: int = 0
+
+
+append_failures = _Tally()
+"""Appends that failed in this process (their operation failed with them): a metric."""
+
+
 async def append(
     tx: Transaction,
     *,
@@ -182,6 +192,7 @@ async def append(
                 pass
         return await _insert(tx, await _head(tx), fields)
     except (CKMSError, ValueError) as exc:
+        append_failures.count += 1
         raise AuditError(
             f"audit record for {action} on {object} could not be written: {exc}"
         ) from exc
