@@ -95,6 +95,7 @@ PATH_TEMPLATE_PATTERN = rf"^(?:/{_PATH_SEGMENT}?)*/{_PATH_SEGMENT}$"
 """An absolute path template: no ``.``/``..`` segment, no NUL, no trailing ``/``, placeholders
 from :data:`PATH_PLACEHOLDERS` only (``{{``/``}}`` are literal braces)."""
 
+_NO_NUL = r"^[^\x00]*$"
 _POSIX_NAME_SCHEMA: dict[str, Any] = {
     "anyOf": [{"type": "string", "pattern": _POSIX_NAME_RE.pattern}, {"type": "null"}]
 }
@@ -248,8 +249,8 @@ class HookSpec(BaseModel):
     argv: tuple[str, ...] = Field(
         json_schema_extra={
             "minItems": 1,
-            "prefixItems": [{"minLength": 1}],
-            "items": {"type": "string", "pattern": r"^[^\x00]*$"},
+            "prefixItems": [{"type": "string", "minLength": 1, "pattern": _NO_NUL}],
+            "items": {"type": "string", "pattern": _NO_NUL},
         }
     )
     timeout_s: float = Field(default=30.0, gt=0, le=MAX_HOOK_TIMEOUT_S)

@@ -3,16 +3,13 @@ independent validator (python-jsonschema), and verify with the Python rules."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import timedelta
 from pathlib import Path
 
 import jsonschema
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ckms._kafka import partitions_of
 from ckms.controller.models import Policy
 from ckms.controller.service import Controller
 from ckms.protocol import (
@@ -24,31 +21,11 @@ from ckms.protocol import (
     verify_message,
 )
 from tests.support.cli import enroll_host
+from tests.support.records import read_raw
 
 pytestmark = pytest.mark.kafka
 
 SCHEMAS = Path(__file__).resolve().parents[3] / "docs" / "schemas"
-
-
-async def read_raw(bootstrap: str, topic: str, n: int, wait_s: float = 30.0) -> list:
-    """The first ``n`` records of ``topic`` as Kafka holds them (value bytes and headers)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        records: list = []
-
-        async def collect() -> None:
-            while len(records) < n:
-                for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    records.extend(batch)
-
-        await asyncio.wait_for(collect(), wait_s)
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_every_event_type_a_controller_sends_matches_its_schema(

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckms.protocol import EVENT_DATA_MODELS, EventType, InstallSpec, parse_canonical_json
+from ckms.protocol import EVENT_DATA_MODELS, EventType, HookSpec, InstallSpec, parse_canonical_json
 from ckms.protocol import schemas as schema_module
-from ckms.protocol._keyspec import PATH_TEMPLATE_PATTERN
+from ckms.protocol._keyspec import PATH_TEMPLATE_PATTERN, WIRE_CONTEXT
 from tests.support.vectors import load_vectors
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -122,3 +122,20 @@ def test_every_model_has_a_standalone_schema_of_the_same_fields() -> None:
         aliases = {f.alias or name for name, f in model.model_fields.items()}
         assert set(schema["properties"]) == aliases
         assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "argv", [[], [""], ["a"], [5], ["a", 5], ["a\x00"], ["a", "b\x00"], ["", "a"], ["a", ""]]
+)
+def test_hook_commands_are_judged_alike(argv: list[Any]) -> None:
+    hook = {"argv": argv, "timeout_s": 30.0}
+    try:
+        HookSpec.model_validate_json(json.dumps(hook), strict=True, context=WIRE_CONTEXT)
+        model_ok = True
+    except ValueError:
+        model_ok = False
+    schema = _schema("key.rotated.json")
+    validator = jsonschema.Draft202012Validator(
+        {**schema["$defs"]["HookSpec"], "$defs": schema["$defs"]}
+    )
+    assert model_ok == validator.is_valid(hook), argv

@@ -1,0 +1,32 @@
+"""Test support: the raw records of a topic, as Kafka holds them (value bytes and headers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from ckms._kafka import partitions_of
+
+
+async def read_raw(
+    bootstrap: str, topic: str, n: int, wait_s: float = 30.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """The first ``n`` records of ``topic`` (every partition), waiting for them (bounded)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+
+        async def collect() -> None:
+            while len(records) < n:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(batch)
+
+        await asyncio.wait_for(collect(), wait_s)
+        return records
+    finally:
+        await consumer.stop()
