@@ -1,10 +1,10 @@
 """What the controller answers operators over SSH: the admin RPC behind the ``ckms`` CLI.
 
-Thin over the library: each method validates its typed parameters
-(:mod:`ckms.protocol.admin`), checks what the caller's role allows, calls
-:class:`~ckms.controller.lifecycle.Lifecycle`, :class:`~ckms.controller.hosts.HostRegistry`,
-:class:`~ckms.controller.sealing.Vault`, the audit log or the fleet view, and returns a typed
-reply.
+Thin handlers: each validates its typed parameters (:mod:`ckms.protocol.admin`), passes dual
+control (:class:`~ckms.controller.approvals.DualControl`), calls one collaborator
+(:class:`~ckms.controller.lifecycle.Lifecycle`, :class:`~ckms.controller.hosts.HostRegistry`,
+:class:`~ckms.controller.sealing.Vault`, :class:`~ckms.controller.fleet.FleetView`, the operator
+registry or the audit log) and converts the result with :mod:`ckms.controller.replies`.
 
 **Roles** (checked on the controller for every request: the route's roles in the SSH server,
 then per-operation checks here; refusals raise PermissionDeniedError, which the server's refusal
@@ -25,7 +25,7 @@ role               may call
 
 **Dual control**: an operation listed in the key's ``policy.approvals_required`` (destroy and
 policy changes by default), and every operator change (``operator.add|remove``), is not run
-when an admin asks: a request row is stored (:class:`~ckms.controller.approvals.ApprovalBook`)
+when an admin asks: a request row is stored (:class:`~ckms.controller.approvals.DualControl`)
 and the call is refused with ApprovalRequiredError carrying the request id. A *different* admin
 or custodian runs ``request.approve``, which runs the stored operation as the requester with the
 actor recorded as ``requester+approver``. Operator changes made while no other admin or
@@ -36,42 +36,32 @@ the audit record says so.
 from __future__ import annotations
 
 import base64
-import json
-import logging
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from ckms.controller.approvals import DEFAULT_APPROVAL_TTL, ApprovalBook, ApprovalRequest
-from ckms.controller.desired import distributable_versions, drifts
+from ckms.controller import replies
+from ckms.controller.approvals import DualControl
 from ckms.controller.duework import plan_due_work
-from ckms.controller.fleet import key_fleet_status
-from ckms.controller.models import DEFAULT_APPROVALS, Host, Key, Policy
+from ckms.controller.fleet import FleetView
+from ckms.controller.hosts import HostRegistry
+from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.models import DEFAULT_APPROVALS
 from ckms.controller.operators import OperatorRegistry
-from ckms.controller.policy import default_policy
-from ckms.controller.targets import host_matches
+from ckms.controller.policy import default_policy, patch_policy
+from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType
-from ckms.errors import (
-    ApprovalRequiredError,
-    CKMSError,
-    ConfigError,
-    NotFoundError,
-    PermissionDeniedError,
-)
-from ckms.protocol import APPROVER_ROLES, REQUESTER_ROLES, Role
+from ckms.errors import ConfigError, NotFoundError
+from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
+from ckms.store import Clock, Store, utc_now
 from ckms.store import audit as audit_log
-from ckms.store import format_time, parse_time
 
-if TYPE_CHECKING:
-    from ckms.controller.service import Controller
-
-__all__ = ["ROLES", "AdminService", "key_info"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ROLES", "AdminService", "Endpoint"]
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -118,107 +108,82 @@ ROLES: dict[str, frozenset[Role]] = {
 }
 """Every admin method and the roles its route admits (handlers may refuse more)."""
 
-_REQUESTERS = REQUESTER_ROLES
-
-_ROTATION_HORIZON = timedelta(days=4 * 365)
 _DAY = timedelta(days=1)
-
-Executor = Callable[[Any, str], Awaitable[BaseModel]]
-
-
-# -- model conversions ------------------------------------------------------------------------
-
-
-def policy_info(policy: Policy) -> api.PolicyInfo:
-    """A policy as the wire shows it (seconds, sorted operations)."""
-    dumped = policy.model_dump(mode="json")
-    return api.PolicyInfo(
-        cryptoperiod_s=dumped["cryptoperiod"],
-        grace_s=dumped["grace"],
-        activation_delay_s=dumped["activation_delay"],
-        max_staleness_s=dumped["max_staleness"],
-        approvals_required=tuple(dumped["approvals_required"]),
-    )
+_VERSION_OPS = (
+    ApprovalOperation.ACTIVATE,
+    ApprovalOperation.SUSPEND,
+    ApprovalOperation.RESUME,
+    ApprovalOperation.DESTROY,
+)
 
 
-def next_rotation(key: Key, now: datetime) -> datetime | None:
-    """When the key's primary is due to rotate (None: no Active primary, or a version waits)."""
-    work = plan_due_work([key], now + _ROTATION_HORIZON)
-    return work.rotate[0].due_at if work.rotate else None
+class _Stats(Protocol):
+    connected: bool
+    published: int
+    failures: int
+    last_error: str | None
 
 
-def key_info(key: Key, *, now: datetime, hosts_targeted: int | None = None) -> api.KeyInfo:
-    """A key as the wire shows it (never material)."""
-    return api.KeyInfo(
-        name=key.name,
-        type=str(key.type),
-        usage=tuple(key.usage_list),
-        policy=policy_info(key.policy),
-        targets=key.targets,
-        install=key.install,
-        primary_version=key.primary_version,
-        created_at=key.created_at,
-        created_by=key.created_by,
-        updated_at=key.updated_at,
-        versions=tuple(
-            api.VersionInfo(
-                primary=v.version == key.primary_version,
-                **v.model_dump(exclude={"key"}),
-            )
-            for v in key.versions
-        ),
-        next_rotation_at=next_rotation(key, now),
-        hosts_targeted=hosts_targeted,
-    )
+class Publisher(Protocol):
+    """What ``status`` and ``unseal`` need of the outbox publisher."""
+
+    @property
+    def stats(self) -> Any: ...
+
+    async def backlog(self) -> int: ...
+
+    def wake(self) -> None: ...
 
 
-def _request_info(request: ApprovalRequest, now: datetime) -> api.RequestInfo:
-    return api.RequestInfo(
-        expired=request.expired_at(now),
-        **request.model_dump(),
-    )
+class AckCounts(Protocol):
+    """What ``status`` needs of the ack consumer."""
+
+    @property
+    def stats(self) -> Any: ...
 
 
-def _patched_policy(base: Policy, patch: api.PolicyPatch) -> Policy:
-    """``base`` with the fields of ``patch`` that are set; ConfigError if the result is invalid."""
-    values: dict[str, Any] = {
-        "cryptoperiod": base.cryptoperiod,
-        "grace": base.grace,
-        "activation_delay": base.activation_delay,
-        "max_staleness": base.max_staleness,
-        "approvals_required": base.approvals_required,
-    }
-    for field in ("cryptoperiod", "grace", "activation_delay", "max_staleness"):
-        seconds = getattr(patch, f"{field}_s")
-        if seconds is not None:
-            values[field] = timedelta(seconds=seconds)
-    if patch.approvals_required is not None:
-        values["approvals_required"] = frozenset(patch.approvals_required)
-    try:
-        return Policy(**values)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]["msg"]
-        raise ConfigError(f"invalid policy: {first.removeprefix('Value error, ')}") from None
+@dataclass(frozen=True)
+class Endpoint:
+    """How operators and agents reach this controller, as ``status`` and ``host.enroll`` say."""
 
-
-# -- the service ------------------------------------------------------------------------------
+    listen: Callable[[], str]
+    host_key_fingerprint: str
+    kafka_bootstrap: str
 
 
 class AdminService:
-    """The operator-facing half of the controller's SSH endpoint."""
+    """The operator-facing half of the controller's SSH endpoint, over explicit collaborators."""
 
     def __init__(
-        self, controller: Controller, *, approval_ttl: timedelta = DEFAULT_APPROVAL_TTL
+        self,
+        *,
+        store: Store,
+        vault: Vault,
+        lifecycle: Lifecycle,
+        hosts: HostRegistry,
+        operators: OperatorRegistry,
+        dual_control: DualControl,
+        fleet: FleetView,
+        publisher: Publisher,
+        acks: AckCounts,
+        endpoint: Endpoint,
+        clock: Clock = utc_now,
     ) -> None:
-        assert controller.store is not None, "open the controller first"
-        self._c = controller
-        self._store = controller.store
-        self.operators = OperatorRegistry(controller.store, clock=controller.clock)
-        self.requests = ApprovalBook(controller.store, clock=controller.clock, ttl=approval_ttl)
-        self._executors: dict[str, tuple[type[BaseModel], Executor]] = {}
+        self._store = store
+        self._vault = vault
+        self._lifecycle = lifecycle
+        self._hosts = hosts
+        self.operators = operators
+        self.dual = dual_control
+        self.requests = dual_control.book
+        self._fleet = fleet
+        self._publisher = publisher
+        self._acks = acks
+        self._endpoint = endpoint
+        self._clock = clock
 
     def _now(self) -> datetime:
-        return self._c.clock()
+        return self._clock()
 
     def register(self, server: RpcServer) -> None:
         """Route every admin method on ``server`` with the roles of :data:`ROLES`."""
@@ -231,8 +196,8 @@ class AdminService:
         self._route(server, "key.show", api.KeyRef, self.key_show)
         self._route(server, "key.history", api.KeyRef, self.key_history)
         self._route(server, "key.rotate", api.KeyRotateParams, self.key_rotate)
-        for verb in ("activate", "suspend", "resume", "destroy"):
-            self._route(server, f"key.{verb}", api.KeyVersionParams, self._version_handler(verb))
+        for op in _VERSION_OPS:
+            self._route(server, f"key.{op}", api.KeyVersionParams, self._version_handler(op))
         self._route(server, "key.revoke", api.KeyRevokeParams, self.key_revoke)
         self._route(server, "key.policy", api.KeyPolicyParams, self.key_policy)
         self._route(server, "key.targets", api.KeyTargetsParams, self.key_targets)
@@ -259,17 +224,16 @@ class AdminService:
         self._route(server, "request.reject", api.RequestRejectParams, self.request_reject)
 
         # What an approval may run, as the requester: the same executors a direct call uses.
-        self._executors = {
-            "key.create": (api.KeyCreateParams, self._run_create),
-            "key.rotate": (api.KeyRotateParams, self._run_rotate),
-            "key.revoke": (api.KeyRevokeParams, self._run_revoke),
-            "key.policy": (api.KeyPolicyParams, self._run_policy),
-            "key.targets": (api.KeyTargetsParams, self._run_targets),
-            "operator.add": (api.OperatorAddParams, self._run_operator_add),
-            "operator.remove": (api.OperatorRef, self._run_operator_remove),
-        }
-        for verb in ("activate", "suspend", "resume", "destroy"):
-            self._executors[f"key.{verb}"] = (api.KeyVersionParams, self._version_executor(verb))
+        dual = self.dual
+        dual.register("key.create", api.KeyCreateParams, self._run_create)
+        dual.register("key.rotate", api.KeyRotateParams, self._run_rotate)
+        dual.register("key.revoke", api.KeyRevokeParams, self._run_revoke)
+        dual.register("key.policy", api.KeyPolicyParams, self._run_policy)
+        dual.register("key.targets", api.KeyTargetsParams, self._run_targets)
+        dual.register("operator.add", api.OperatorAddParams, self._run_operator_add)
+        dual.register("operator.remove", api.OperatorRef, self._run_operator_remove)
+        for op in _VERSION_OPS:
+            dual.register(f"key.{op}", api.KeyVersionParams, self._version_executor(op))
 
     def _route(
         self,
@@ -292,82 +256,18 @@ class AdminService:
             secret_params=secret_params,
         )
 
-    # -- dual control ---------------------------------------------------------------------
-
-    async def _gate(
-        self,
-        principal: Principal,
-        method: str,
-        params: BaseModel,
-        *,
-        operation: str,
-        required: Collection[str],
-        object: str,
-    ) -> None:
-        """Refuse or turn into a request an operation that ``required`` puts under dual control."""
-        if operation not in {str(r) for r in required}:
-            return
-        if principal.role not in _REQUESTERS:
-            raise PermissionDeniedError(
-                f"{method} on {object} needs dual control ({operation} is in its approvals); "
-                f"role {principal.role} may not request it: ask an admin"
-            )
-        request = await self.requests.create(
-            method,
-            params.model_dump(mode="json"),
-            requester=principal.name,
-            object=object,
-            role=principal.role,
-        )
-        raise ApprovalRequiredError(
-            f"{method} on {object} needs a second person's approval: request {request.id} "
-            f"created (expires {format_time(request.expires_at)}); another admin or custodian "
-            f"runs `ckms approve {request.id}`",
-            request_id=request.id,
-        )
-
-    async def _key_gate(
-        self, principal: Principal, method: str, params: BaseModel, name: str, operation: str
-    ) -> None:
-        key = await self._c.lifecycle.get(name)
-        await self._gate(
-            principal,
-            method,
-            params,
-            operation=operation,
-            required=key.policy.approvals_required,
-            object=f"key:{name}",
-        )
-
-    async def _role_gate(
-        self, principal: Principal, method: str, params: BaseModel, name: str
-    ) -> str:
-        """Operator changes need a second person unless nobody else could approve (bootstrap)."""
-        if await self.operators.other_approvers(principal.name) == 0:
-            return "waived: no other admin or custodian exists to approve"
-        await self._gate(
-            principal,
-            method,
-            params,
-            operation="role",
-            required=DEFAULT_APPROVALS,
-            object=f"operator:{name}",
-        )
-        return "approved"  # pragma: no cover - _gate always raises for "role"
-
     # -- status and sealing ---------------------------------------------------------------
 
     async def status(self, principal: Principal, params: api.Empty) -> api.StatusReply:
         """Sealed?, Kafka reachable?, outbox backlog, due rotations, stale hosts, requests."""
-        c = self._c
         now = self._now()
-        seal = await c.vault.status()
+        seal = await self._vault.status()
         try:
-            public: str | None = base64.b64encode(await c.vault.public_key()).decode()
+            public: str | None = base64.b64encode(await self._vault.public_key()).decode()
         except NotFoundError:
             public = None
-        keys = await c.lifecycle.list_keys()
-        hosts = await c.hosts.list()
+        keys = await self._lifecycle.list_keys()
+        hosts = await self._hosts.list()
         soon = plan_due_work(keys, now + timedelta(days=30))
         current = plan_due_work(keys, now)
         rotations = tuple(
@@ -382,7 +282,7 @@ class AdminService:
                 ("30d", 30 * _DAY),
             )
         }
-        pub, acks = c.publisher.stats, c.acks.stats
+        pub, acks = self._publisher.stats, self._acks.stats
         return api.StatusReply(
             now=now,
             initialized=seal.initialized,
@@ -392,15 +292,15 @@ class AdminService:
             shares_given=seal.shares_given,
             signer_key_id=seal.signer_key_id,
             signing_public_key=public,
-            host_key_fingerprint=c.host_key_fingerprint,
-            listen=self._listen(),
+            host_key_fingerprint=self._endpoint.host_key_fingerprint,
+            listen=self._endpoint.listen(),
             kafka=api.KafkaStatus(
-                bootstrap=c.settings.kafka_bootstrap,
+                bootstrap=self._endpoint.kafka_bootstrap,
                 connected=pub.connected,
                 published=pub.published,
                 failures=pub.failures,
                 last_error=pub.last_error,
-                backlog=await c.publisher.backlog(),
+                backlog=await self._publisher.backlog(),
                 acks_applied=acks.applied,
                 acks_dropped=dict(acks.dropped or {}),
             ),
@@ -411,45 +311,13 @@ class AdminService:
             due_counts=counts,
             activations_due=len(current.activate),
             deactivations_due=len(current.deactivate),
-            stale_hosts=tuple(await self._stale_hosts(keys, hosts, now)),
+            stale_hosts=tuple(await self._fleet.stale_hosts(keys, hosts, now)),
             pending_requests=await self.requests.count_pending(),
         )
 
-    def _listen(self) -> str:
-        port = self._c.rpc.port if self._c.rpc.port is not None else self._c.settings.listen_port
-        return f"{self._c.settings.listen_host}:{port}"
-
-    async def _host_facts(self) -> dict[str, dict[str, Any]]:
-        """Last-seen time, last report and wrap suite of every host, in one query."""
-        rows = await self._store.fetchall(
-            "SELECT id, last_seen_at, reported, wrap_suite FROM hosts"
-        )
-        return {
-            row["id"]: {
-                "last_seen_at": parse_time(row["last_seen_at"]) if row["last_seen_at"] else None,
-                "reported": json.loads(row["reported"]) if row["reported"] else None,
-                "wrap_suite": row["wrap_suite"],
-            }
-            for row in rows
-        }
-
-    async def _stale_hosts(self, keys: list[Key], hosts: list[Host], now: datetime) -> list[str]:
-        """Hosts not seen for longer than the shortest max staleness of the keys they hold."""
-        facts = await self._host_facts()
-        stale = []
-        for host in hosts:
-            if host.revoked:
-                continue
-            limits = [k.policy.max_staleness for k in keys if host_matches(k.targets, host)]
-            limit = min(limits, default=_DAY)
-            seen = facts.get(host.id, {}).get("last_seen_at") or host.enrolled_at
-            if seen is None or now - seen > limit:
-                stale.append(host.id)
-        return stale
-
     async def unseal(self, principal: Principal, params: api.UnsealParams) -> api.SealReply:
         """Give one custodian share (counted once per custodian) or the passphrase."""
-        vault = self._c.vault
+        vault = self._vault
         if params.share is not None:
             progress = await vault.submit_share(
                 params.share.get_secret_value(), custodian=principal.name
@@ -463,7 +331,7 @@ class AdminService:
             given = 1
         status = await vault.status()
         if not status.sealed:
-            self._c.publisher.wake()  # the outbox may have waited for the signing key
+            self._publisher.wake()  # the outbox may have waited for the signing key
         return api.SealReply(
             sealed=status.sealed,
             mode=status.mode,
@@ -473,17 +341,18 @@ class AdminService:
 
     async def seal(self, principal: Principal, params: api.Empty) -> api.SealReply:
         """Forget the controller's secrets until the next unseal."""
-        await self._c.vault.seal(actor=principal.name)
-        status = await self._c.vault.status()
+        await self._vault.seal(actor=principal.name)
+        status = await self._vault.status()
         return api.SealReply(sealed=status.sealed, mode=status.mode, threshold=status.threshold)
 
     # -- keys -----------------------------------------------------------------------------
 
     async def _key_reply(self, name: str, versions: tuple[int, ...] = ()) -> api.KeyChangeReply:
-        key = await self._c.lifecycle.get(name)
-        hosts = await self._c.lifecycle.hosts_for(name)
+        key = await self._lifecycle.get(name)
+        hosts = await self._lifecycle.hosts_for(name)
         return api.KeyChangeReply(
-            key=key_info(key, now=self._now(), hosts_targeted=len(hosts)), versions=versions
+            key=replies.key_info(key, now=self._now(), hosts_targeted=len(hosts)),
+            versions=versions,
         )
 
     async def key_create(
@@ -491,11 +360,11 @@ class AdminService:
     ) -> api.KeyChangeReply:
         """Create a key (a request instead, if its own policy puts ``create`` under approval)."""
         approvals = params.policy.approvals_required
-        await self._gate(
+        await self.dual.gate(
             principal,
             "key.create",
             params,
-            operation="create",
+            operation=ApprovalOperation.CREATE,
             required=DEFAULT_APPROVALS if approvals is None else approvals,
             object=f"key:{params.name}",
         )
@@ -509,8 +378,8 @@ class AdminService:
             except ValueError:
                 raise ConfigError(f"unsupported key type {params.type!r}") from None
             usage = None if params.usage is None else frozenset(params.usage)
-            policy = _patched_policy(default_policy(kt, usage), params.policy)  # type: ignore[arg-type]
-        await self._c.lifecycle.create(
+            policy = patch_policy(default_policy(kt, usage), params.policy)  # type: ignore[arg-type]
+        await self._lifecycle.create(
             params.name,
             params.type,
             actor=actor,
@@ -526,26 +395,8 @@ class AdminService:
     async def key_list(self, principal: Principal, params: api.Empty) -> api.KeyListReply:
         """Every key, one line each."""
         now = self._now()
-        out = []
-        for key in await self._c.lifecycle.list_keys():
-            states: dict[str, int] = {}
-            for v in key.versions:
-                states[str(v.state)] = states.get(str(v.state), 0) + 1
-            primary = key.primary
-            out.append(
-                api.KeySummary(
-                    name=key.name,
-                    type=str(key.type),
-                    primary_version=key.primary_version,
-                    primary_state=None if primary is None else str(primary.state),
-                    versions=len(key.versions),
-                    states=states,
-                    targets=tuple(key.targets.describe()),
-                    next_rotation_at=next_rotation(key, now),
-                    updated_at=key.updated_at,
-                )
-            )
-        return api.KeyListReply(keys=tuple(out))
+        keys = await self._lifecycle.list_keys()
+        return api.KeyListReply(keys=tuple(replies.key_summary(k, now=now) for k in keys))
 
     async def key_show(self, principal: Principal, params: api.KeyRef) -> api.KeyChangeReply:
         """One key with its versions, policy, targets and how many hosts it targets."""
@@ -553,41 +404,48 @@ class AdminService:
 
     async def key_history(self, principal: Principal, params: api.KeyRef) -> api.KeyHistoryReply:
         """Every state transition of the key's versions."""
-        rows = await self._c.lifecycle.history(params.name)
+        rows = await self._lifecycle.history(params.name)
         return api.KeyHistoryReply(
-            key=params.name,
-            history=tuple(api.HistoryEntry(**{**row, "at": parse_time(row["at"])}) for row in rows),
+            key=params.name, history=tuple(replies.history_entry(row) for row in rows)
         )
 
     async def key_rotate(
         self, principal: Principal, params: api.KeyRotateParams
     ) -> api.KeyChangeReply:
         """Add a version (primary now, or PreActive until the activation delay ends)."""
-        await self._key_gate(principal, "key.rotate", params, params.name, "rotate")
+        await self.dual.key_gate(
+            principal, "key.rotate", params, params.name, ApprovalOperation.ROTATE
+        )
         return await self._run_rotate(params, principal.name)
 
     async def _run_rotate(self, params: api.KeyRotateParams, actor: str) -> api.KeyChangeReply:
-        version = await self._c.lifecycle.rotate(params.name, actor=actor, reason=params.reason)
+        version = await self._lifecycle.rotate(params.name, actor=actor, reason=params.reason)
         return await self._key_reply(params.name, (version.version,))
 
     def _version_handler(
-        self, verb: str
+        self, op: ApprovalOperation
     ) -> Callable[[Principal, api.KeyVersionParams], Awaitable[BaseModel]]:
-        run = self._version_executor(verb)
+        run = self._version_executor(op)
 
         async def handle(principal: Principal, params: api.KeyVersionParams) -> BaseModel:
-            await self._key_gate(principal, f"key.{verb}", params, params.name, verb)
+            await self.dual.key_gate(principal, f"key.{op}", params, params.name, op)
             return await run(params, principal.name)
 
-        handle.__doc__ = f"{verb.capitalize()} one version of a key."
+        handle.__doc__ = f"{str(op).capitalize()} one version of a key."
         return handle
 
     def _version_executor(
-        self, verb: str
+        self, op: ApprovalOperation
     ) -> Callable[[api.KeyVersionParams, str], Awaitable[BaseModel]]:
+        change = {
+            ApprovalOperation.ACTIVATE: self._lifecycle.activate,
+            ApprovalOperation.SUSPEND: self._lifecycle.suspend,
+            ApprovalOperation.RESUME: self._lifecycle.resume,
+            ApprovalOperation.DESTROY: self._lifecycle.destroy,
+        }[op]
+
         async def run(params: api.KeyVersionParams, actor: str) -> BaseModel:
-            op = getattr(self._c.lifecycle, verb)
-            await op(params.name, params.version, actor=actor, reason=params.reason)
+            await change(params.name, params.version, actor=actor, reason=params.reason)
             return await self._key_reply(params.name, (params.version,))
 
         return run
@@ -596,11 +454,13 @@ class AdminService:
         self, principal: Principal, params: api.KeyRevokeParams
     ) -> api.KeyChangeReply:
         """Revoke one version, or every version the KMIP reason applies to."""
-        await self._key_gate(principal, "key.revoke", params, params.name, "revoke")
+        await self.dual.key_gate(
+            principal, "key.revoke", params, params.name, ApprovalOperation.REVOKE
+        )
         return await self._run_revoke(params, principal.name)
 
     async def _run_revoke(self, params: api.KeyRevokeParams, actor: str) -> api.KeyChangeReply:
-        versions = await self._c.lifecycle.revoke(
+        versions = await self._lifecycle.revoke(
             params.name,
             params.reason,
             actor=actor,
@@ -615,24 +475,28 @@ class AdminService:
         """Change the policy (under dual control by default)."""
         if params.policy.empty:
             raise ConfigError("name at least one policy field to change")
-        await self._key_gate(principal, "key.policy", params, params.name, "policy")
+        await self.dual.key_gate(
+            principal, "key.policy", params, params.name, ApprovalOperation.POLICY
+        )
         return await self._run_policy(params, principal.name)
 
     async def _run_policy(self, params: api.KeyPolicyParams, actor: str) -> api.KeyChangeReply:
-        key = await self._c.lifecycle.get(params.name)
-        policy = _patched_policy(key.policy, params.policy)
-        await self._c.lifecycle.set_policy(params.name, policy, actor=actor)
+        key = await self._lifecycle.get(params.name)
+        policy = patch_policy(key.policy, params.policy)
+        await self._lifecycle.set_policy(params.name, policy, actor=actor)
         return await self._key_reply(params.name)
 
     async def key_targets(
         self, principal: Principal, params: api.KeyTargetsParams
     ) -> api.KeyChangeReply:
         """Replace the key's targets (and optionally its install spec)."""
-        await self._key_gate(principal, "key.targets", params, params.name, "targets")
+        await self.dual.key_gate(
+            principal, "key.targets", params, params.name, ApprovalOperation.TARGETS
+        )
         return await self._run_targets(params, principal.name)
 
     async def _run_targets(self, params: api.KeyTargetsParams, actor: str) -> api.KeyChangeReply:
-        await self._c.lifecycle.set_targets(
+        await self._lifecycle.set_targets(
             params.name, params.targets, actor=actor, install=params.install
         )
         return await self._key_reply(params.name)
@@ -643,7 +507,7 @@ class AdminService:
         self, principal: Principal, params: api.HostEnrollParams
     ) -> api.HostEnrollReply:
         """A one-time token for a new host, and the host key fingerprint it must pin."""
-        token = await self._c.hosts.create_token(
+        token = await self._hosts.create_token(
             params.name, params.labels, actor=principal.name, ttl=timedelta(seconds=params.ttl_s)
         )
         return api.HostEnrollReply(
@@ -651,53 +515,36 @@ class AdminService:
             labels=token.labels,
             token=token.token,
             expires_at=token.expires_at,
-            host_key_fingerprint=self._c.host_key_fingerprint,
-            listen=self._listen(),
+            host_key_fingerprint=self._endpoint.host_key_fingerprint,
+            listen=self._endpoint.listen(),
         )
-
-    async def _host_infos(self, hosts: list[Host]) -> list[api.HostInfo]:
-        now = self._now()
-        keys = await self._c.lifecycle.list_keys()
-        facts = await self._host_facts()
-        stale = set(await self._stale_hosts(keys, hosts, now))
-        return [
-            api.HostInfo(
-                id=h.id,
-                labels=h.labels,
-                enrolled_at=h.enrolled_at,
-                revoked=h.revoked,
-                last_seen_at=facts.get(h.id, {}).get("last_seen_at"),
-                stale=h.id in stale,
-                wrap_suite=facts.get(h.id, {}).get("wrap_suite"),
-                keys=tuple(k.name for k in keys if host_matches(k.targets, h)),
-            )
-            for h in hosts
-        ]
 
     async def host_list(self, principal: Principal, params: api.Empty) -> api.HostListReply:
         """Every enrolled host (revoked ones included)."""
-        return api.HostListReply(hosts=tuple(await self._host_infos(await self._c.hosts.list())))
+        return api.HostListReply(
+            hosts=tuple(await self._fleet.host_infos(await self._hosts.list()))
+        )
 
     async def host_show(self, principal: Principal, params: api.HostRef) -> api.HostInfo:
         """One host, with the keys that target it."""
-        (info,) = await self._host_infos([await self._c.hosts.get(params.name)])
+        (info,) = await self._fleet.host_infos([await self._hosts.get(params.name)])
         return info
 
     async def host_label(self, principal: Principal, params: api.HostLabelParams) -> api.HostInfo:
         """Set, unset or replace a host's labels."""
-        host = await self._c.hosts.get(params.name)
+        host = await self._hosts.get(params.name)
         labels = {} if params.replace else dict(host.labels)
         labels.update(params.set)
         for name in params.unset:
             labels.pop(name, None)
-        updated = await self._c.hosts.set_labels(params.name, labels, actor=principal.name)
-        (info,) = await self._host_infos([updated])
+        updated = await self._hosts.set_labels(params.name, labels, actor=principal.name)
+        (info,) = await self._fleet.host_infos([updated])
         return info
 
     async def host_revoke(self, principal: Principal, params: api.HostRef) -> api.HostInfo:
         """Revoke a host: its key stops authenticating, a ``host.revoked`` event goes out."""
-        revoked = await self._c.hosts.revoke(params.name, actor=principal.name)
-        (info,) = await self._host_infos([revoked])
+        revoked = await self._hosts.revoke(params.name, actor=principal.name)
+        (info,) = await self._fleet.host_infos([revoked])
         return info
 
     # -- fleet ----------------------------------------------------------------------------
@@ -706,75 +553,20 @@ class AdminService:
         self, principal: Principal, params: api.FleetStatusParams
     ) -> api.FleetStatusReply:
         """Per key: host x version x status x age, converged %, failures and drift first."""
-        c = self._c
-        assert c.store is not None
-        now = self._now()
-        keys = [await c.lifecycle.get(params.key)] if params.key else await c.lifecycle.list_keys()
-        facts = await self._host_facts()
-        hosts = {h.id: h for h in await c.hosts.list()}
-        out = []
-        for key in keys:
-            wanted = {v.version for v in distributable_versions(key)}
-            rows = []
-            for s in await key_fleet_status(c.store, c.lifecycle, c.hosts, key.name):
-                report = facts.get(s.host, {}).get("reported")
-                # Drift: the acks say the host is current, but a heartbeat sent after its last
-                # ack says it holds something else.
-                drift = (
-                    s.converged
-                    and report is not None
-                    and (s.updated_at is None or parse_time(report["at"]) > s.updated_at)
-                    and drifts(
-                        key,
-                        hosts[s.host],
-                        ((i.get("key"), i["version"], i["digest"]) for i in report["installed"]),
-                    )
-                )
-                rows.append(
-                    api.FleetHost(
-                        host=s.host,
-                        versions=s.versions,
-                        converged=s.converged,
-                        failed=s.failed,
-                        drift=drift,
-                        digests_ok=s.digests_ok,
-                        updated_at=s.updated_at,
-                        age_s=None
-                        if s.updated_at is None
-                        else round((now - s.updated_at).total_seconds(), 3),
-                        latency_ms=s.latency_ms,
-                    )
-                )
-            rows.sort(key=lambda h: (not h.failed, not h.drift, h.converged, h.host))
-            converged = sum(1 for h in rows if h.converged)
-            out.append(
-                api.KeyFleet(
-                    key=key.name,
-                    primary_version=key.primary_version,
-                    wanted_versions=tuple(sorted(wanted)),
-                    targeted=len(rows),
-                    converged=converged,
-                    failed=sum(1 for h in rows if h.failed),
-                    drift=sum(1 for h in rows if h.drift),
-                    converged_pct=round(100.0 * converged / len(rows), 1) if rows else 100.0,
-                    hosts=tuple(rows[: params.limit]),
-                    truncated=max(0, len(rows) - params.limit),
-                )
-            )
-        return api.FleetStatusReply(keys=tuple(out))
+        return await self._fleet.fleet_status(params.key, params.limit)
 
     # -- audit ----------------------------------------------------------------------------
 
     async def _checkpoint(self) -> int | None:
         """Sign a checkpoint of the log as it is now (None while sealed)."""
-        if self._c.vault.sealed:
+        if self._vault.sealed:
             return None
-        return (await self._c.vault.checkpoint_audit()).size
+        return (await self._vault.checkpoint_audit()).size
 
     async def audit_verify(self, principal: Principal, params: api.Empty) -> api.AuditVerifyReply:
         """Checkpoint the log (when unsealed), then verify chain and every checkpoint."""
         size = await self._checkpoint()
-        report = await audit_log.verify_store(self._store, await self._c.vault.public_key())
+        report = await audit_log.verify_store(self._store, await self._vault.public_key())
         return api.AuditVerifyReply(checkpoint_size=size, **report.model_dump())
 
     async def _audit_size(self) -> int:
@@ -825,21 +617,17 @@ class AdminService:
 
     # -- operators ------------------------------------------------------------------------
 
-    @staticmethod
-    def _operator_info(op: Any) -> api.OperatorInfo:
-        return api.OperatorInfo(**op.model_dump(exclude={"ssh_public_key"}))
-
     async def operator_list(self, principal: Principal, params: api.Empty) -> api.OperatorListReply:
         """Every operator (disabled ones included)."""
         return api.OperatorListReply(
-            operators=tuple(self._operator_info(o) for o in await self.operators.list())
+            operators=tuple(replies.operator_info(o) for o in await self.operators.list())
         )
 
     async def operator_add(
         self, principal: Principal, params: api.OperatorAddParams
     ) -> api.OperatorReply:
         """Add an operator (dual control, except while nobody else could approve)."""
-        waiver = await self._role_gate(principal, "operator.add", params, params.name)
+        waiver = await self.dual.role_gate(principal, "operator.add", params, params.name)
         op = await self.operators.add(
             params.name,
             params.role,
@@ -847,28 +635,28 @@ class AdminService:
             actor=principal.name,
             details={"dual_control": waiver},
         )
-        return api.OperatorReply(operator=self._operator_info(op))
+        return api.OperatorReply(operator=replies.operator_info(op))
 
     async def _run_operator_add(
         self, params: api.OperatorAddParams, actor: str
     ) -> api.OperatorReply:
         op = await self.operators.add(params.name, params.role, params.ssh_public_key, actor=actor)
-        return api.OperatorReply(operator=self._operator_info(op))
+        return api.OperatorReply(operator=replies.operator_info(op))
 
     async def operator_remove(
         self, principal: Principal, params: api.OperatorRef
     ) -> api.OperatorReply:
         """Disable an operator (dual control, except while nobody else could approve)."""
         await self.operators.get(params.name, enabled_only=True)
-        waiver = await self._role_gate(principal, "operator.remove", params, params.name)
+        waiver = await self.dual.role_gate(principal, "operator.remove", params, params.name)
         op = await self.operators.remove(
             params.name, actor=principal.name, details={"dual_control": waiver}
         )
-        return api.OperatorReply(operator=self._operator_info(op))
+        return api.OperatorReply(operator=replies.operator_info(op))
 
     async def _run_operator_remove(self, params: api.OperatorRef, actor: str) -> api.OperatorReply:
         op = await self.operators.remove(params.name, actor=actor)
-        return api.OperatorReply(operator=self._operator_info(op))
+        return api.OperatorReply(operator=replies.operator_info(op))
 
     # -- requests -------------------------------------------------------------------------
 
@@ -878,58 +666,24 @@ class AdminService:
         """Pending requests (or all of them), newest first."""
         now = self._now()
         requests = await self.requests.list(include_done=params.all)
-        return api.RequestListReply(requests=tuple(_request_info(r, now) for r in requests))
+        return api.RequestListReply(requests=tuple(replies.request_info(r, now) for r in requests))
 
     async def request_show(self, principal: Principal, params: api.RequestRef) -> api.RequestInfo:
         """One request with its decisions."""
-        return _request_info(await self.requests.get(params.id), self._now())
+        return replies.request_info(await self.requests.get(params.id), self._now())
 
     async def request_approve(
         self, principal: Principal, params: api.RequestRef
     ) -> api.ApproveReply:
         """Approve another person's request and run it as ``requester+approver``."""
-        request = await self.requests.get(params.id)
-        if request.operation not in self._executors:
-            raise ConfigError(f"request {request.id} names an unknown operation")
-        try:
-            requester = await self.operators.get(request.requester, enabled_only=True)
-        except NotFoundError:
-            raise PermissionDeniedError(
-                f"{request.requester}, who requested {request.id}, is no longer an operator"
-            ) from None
-        if requester.role not in _REQUESTERS:
-            raise PermissionDeniedError(
-                f"{requester.name} is now {requester.role} and may no longer request "
-                f"{request.operation}"
-            )
-        claimed = await self.requests.claim(
-            request.id, approver=principal.name, role=principal.role
-        )
-        actor = f"{claimed.requester}+{principal.name}"
-        model, run = self._executors[claimed.operation]
-        try:
-            result = await run(model.model_validate(claimed.params), actor)
-        except CKMSError as exc:
-            await self.requests.finish(
-                claimed.id, actor=actor, error=f"{type(exc).__name__}: {exc}"
-            )
-            raise
-        except ValidationError:
-            await self.requests.finish(claimed.id, actor=actor, error="stored parameters invalid")
-            raise ConfigError(f"request {claimed.id} has invalid stored parameters") from None
-        done = await self.requests.finish(claimed.id, actor=actor)
-        log.info(
-            "request %s (%s) approved by %s and executed", done.id, done.operation, principal.name
-        )
+        done, result = await self.dual.approve(principal, params.id)
         return api.ApproveReply(
-            request=_request_info(done, self._now()), result=result.model_dump(mode="json")
+            request=replies.request_info(done, self._now()), result=result.model_dump(mode="json")
         )
 
     async def request_reject(
         self, principal: Principal, params: api.RequestRejectParams
     ) -> api.RequestInfo:
         """Reject a pending request (or withdraw one's own)."""
-        rejected = await self.requests.reject(
-            params.id, by=principal.name, role=principal.role, reason=params.reason
-        )
-        return _request_info(rejected, self._now())
+        rejected = await self.dual.reject(principal, params.id, params.reason)
+        return replies.request_info(rejected, self._now())

@@ -12,8 +12,11 @@ Claiming is one conditional UPDATE, so two approvers racing cannot both run the 
 process that dies between claiming and finishing leaves the request ``approved``: it is shown
 as such and is not run again automatically (the audit log says whether the operation ran).
 
-The rules that need people (who may request, who may approve, never one's own request) live
-in :mod:`ckms.controller.admin_rpc`; this module only keeps the rows and their audit records.
+:class:`ApprovalBook` keeps the rows and their audit records; :class:`DualControl` holds the
+rules that need people: which operations a policy puts under dual control (the gate), who may
+request them (:data:`~ckms.protocol.REQUESTER_ROLES`), who may approve
+(:data:`~ckms.protocol.APPROVER_ROLES`, never one's own request), and the table of what an
+approval may run, as the requester, with the same executor a direct call uses.
 """
 
 from __future__ import annotations
@@ -21,16 +24,30 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ckms.errors import NotFoundError, PermissionDeniedError, PolicyError
+from ckms.errors import (
+    ApprovalRequiredError,
+    CKMSError,
+    ConfigError,
+    NotFoundError,
+    PermissionDeniedError,
+    PolicyError,
+)
+from ckms.protocol import REQUESTER_ROLES, ApprovalOperation
+from ckms.ssh import Principal
 from ckms.store import Clock, Store, Transaction, format_time, parse_time, utc_now
 from ckms.store import audit as audit_log
 
-__all__ = ["DEFAULT_APPROVAL_TTL", "ApprovalBook", "ApprovalRequest"]
+if TYPE_CHECKING:
+    from ckms.controller.lifecycle import Lifecycle
+    from ckms.controller.operators import OperatorRegistry
+
+__all__ = ["DEFAULT_APPROVAL_TTL", "ApprovalBook", "ApprovalRequest", "DualControl", "Executor"]
 
 log = logging.getLogger(__name__)
 
@@ -266,3 +283,148 @@ async def _decide(
     )
     if not changed:
         raise PolicyError(f"request {request.id} was decided by someone else meanwhile")
+
+
+Executor = Callable[[Any, str], Awaitable[BaseModel]]
+"""Runs one operation with validated parameters as the given actor and returns its reply."""
+
+
+class DualControl:
+    """The gate in front of operations that need a second person, and the approval that runs them.
+
+    A gated operation asked by an admin becomes a stored request and the call is refused with
+    ApprovalRequiredError carrying the request id; any other role is refused outright. A
+    *different* admin or custodian approves it, and the operation runs as the requester with
+    the actor recorded as ``requester+approver``.
+    """
+
+    def __init__(
+        self, book: ApprovalBook, operators: OperatorRegistry, lifecycle: Lifecycle
+    ) -> None:
+        self.book = book
+        self._operators = operators
+        self._lifecycle = lifecycle
+        self._executors: dict[str, tuple[type[BaseModel], Executor]] = {}
+
+    def register(self, method: str, model: type[BaseModel], run: Executor) -> None:
+        """Say what an approval of ``method`` runs (the executor a direct call uses too)."""
+        self._executors[method] = (model, run)
+
+    async def gate(
+        self,
+        principal: Principal,
+        method: str,
+        params: BaseModel,
+        *,
+        operation: ApprovalOperation | str,
+        required: Collection[ApprovalOperation | str],
+        object: str,
+    ) -> None:
+        """Return if ``operation`` is not in ``required``; else refuse, or store a request."""
+        if str(operation) in {str(r) for r in required}:
+            await self._request(principal, method, params, operation=operation, object=object)
+
+    async def _request(
+        self,
+        principal: Principal,
+        method: str,
+        params: BaseModel,
+        *,
+        operation: ApprovalOperation | str,
+        object: str,
+    ) -> NoReturn:
+        """Store a request for a gated operation (admins only) and refuse the call with its id."""
+        if principal.role not in REQUESTER_ROLES:
+            raise PermissionDeniedError(
+                f"{method} on {object} needs dual control ({operation} is in its approvals); "
+                f"role {principal.role} may not request it: ask an admin"
+            )
+        request = await self.book.create(
+            method,
+            params.model_dump(mode="json"),
+            requester=principal.name,
+            object=object,
+            role=principal.role,
+        )
+        raise ApprovalRequiredError(
+            f"{method} on {object} needs a second person's approval: request {request.id} "
+            f"created (expires {format_time(request.expires_at)}); another admin or custodian "
+            f"runs `ckms approve {request.id}`",
+            request_id=request.id,
+        )
+
+    async def key_gate(
+        self,
+        principal: Principal,
+        method: str,
+        params: BaseModel,
+        name: str,
+        operation: ApprovalOperation,
+    ) -> None:
+        """:meth:`gate` with the approvals the key's own policy requires."""
+        key = await self._lifecycle.get(name)
+        await self.gate(
+            principal,
+            method,
+            params,
+            operation=operation,
+            required=key.policy.approvals_required,
+            object=f"key:{name}",
+        )
+
+    async def role_gate(
+        self, principal: Principal, method: str, params: BaseModel, name: str
+    ) -> str:
+        """Operator changes need a second person unless nobody else could approve (bootstrap).
+
+        Returns what the audit record says about dual control when the change runs directly.
+        """
+        if await self._operators.other_approvers(principal.name) == 0:
+            return "waived: no other admin or custodian exists to approve"
+        # Operator changes are always under dual control (``role``), whatever a key's policy says.
+        await self._request(
+            principal, method, params, operation=ApprovalOperation.ROLE, object=f"operator:{name}"
+        )
+
+    async def approve(
+        self, principal: Principal, request_id: str
+    ) -> tuple[ApprovalRequest, BaseModel]:
+        """Approve another person's request and run it as ``requester+approver``."""
+        request = await self.book.get(request_id)
+        if request.operation not in self._executors:
+            raise ConfigError(f"request {request.id} names an unknown operation")
+        try:
+            requester = await self._operators.get(request.requester, enabled_only=True)
+        except NotFoundError:
+            raise PermissionDeniedError(
+                f"{request.requester}, who requested {request.id}, is no longer an operator"
+            ) from None
+        if requester.role not in REQUESTER_ROLES:
+            raise PermissionDeniedError(
+                f"{requester.name} is now {requester.role} and may no longer request "
+                f"{request.operation}"
+            )
+        claimed = await self.book.claim(request.id, approver=principal.name, role=principal.role)
+        actor = f"{claimed.requester}+{principal.name}"
+        model, run = self._executors[claimed.operation]
+        try:
+            result = await run(model.model_validate(claimed.params), actor)
+        except CKMSError as exc:
+            await self.book.finish(claimed.id, actor=actor, error=f"{type(exc).__name__}: {exc}")
+            raise
+        except ValidationError:
+            await self.book.finish(claimed.id, actor=actor, error="stored parameters invalid")
+            raise ConfigError(f"request {claimed.id} has invalid stored parameters") from None
+        done = await self.book.finish(claimed.id, actor=actor)
+        log.info(
+            "request %s (%s) approved by %s and executed", done.id, done.operation, principal.name
+        )
+        return done, result
+
+    async def reject(
+        self, principal: Principal, request_id: str, reason: str | None
+    ) -> ApprovalRequest:
+        """Reject a pending request (or withdraw one's own)."""
+        return await self.book.reject(
+            request_id, by=principal.name, role=principal.role, reason=reason
+        )

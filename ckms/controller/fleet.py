@@ -1,329 +1,29 @@
-"""The fleet view: which host holds which version, fed by signed acks from ``ckms.acks``.
+"""The fleet view: which host holds which version, as acks and heartbeats report it.
 
-The ack consumer assigns itself every partition of the acks topic (no consumer group), verifies
-each ack against the enrolled identity key of the agent that claims it, refuses acks for another
-agent, replays (an ack ``seq`` not newer than the agent's last) and anything malformed, and
-applies each fetched batch in **one** transaction: fleet rows, the hosts' last ack seq, one audit
-record per ack and the consumer's Kafka positions. A crash therefore never applies an ack twice
-nor loses one.
+Queries only (the rows are written by :mod:`ckms.controller.acks` and by agent heartbeats):
+per key and host, whether the host acknowledged every version it should hold
+(:func:`~ckms.controller.desired.desired_versions`) and no other; drift (a heartbeat newer than
+the last ack reporting something else); stale hosts; and the fleet rows of ``fleet status``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import logging
-import random
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
-
-from ckms._kafka import TopicSpec, ensure_topics, partitions_of
-from ckms.controller.desired import desired_versions
+from ckms.controller.desired import desired_versions, distributable_versions, drifts
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Host, Key
-from ckms.controller.targets import match_hosts
-from ckms.errors import CKMSError
-from ckms.protocol import (
-    KEY_ID_HEADER,
-    MAX_MESSAGE_BYTES,
-    Ack,
-    Envelope,
-    EventType,
-    MessageRejected,
-    ReplayedEvent,
-    UnknownSigner,
-    verify_message,
-)
-from ckms.store import Clock, Store, Transaction, format_time, parse_time, utc_now
-from ckms.store import audit as audit_log
+from ckms.controller.replies import host_info
+from ckms.controller.targets import host_matches, match_hosts
+from ckms.protocol import admin as api
+from ckms.store import Clock, Store, parse_time, utc_now
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AckStats:
-    """What the ack consumer did."""
-
-    applied: int = 0
-    dropped: dict[str, int] | None = None
-
-    def drop(self, reason: str) -> None:
-        """Count one dropped ack."""
-        if self.dropped is None:
-            self.dropped = {}
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-
-
-class AckConsumer:
-    """``run()`` applies acks to the fleet view until cancelled."""
-
-    def __init__(
-        self,
-        store: Store,
-        hosts: HostRegistry,
-        *,
-        bootstrap: str,
-        topic: str,
-        topics: list[TopicSpec],
-        clock: Clock = utc_now,
-        poll_ms: int = 500,
-    ) -> None:
-        self._store = store
-        self._hosts = hosts
-        self._bootstrap = bootstrap
-        self._topic = topic
-        self._topics = topics
-        self._clock = clock
-        self._poll_ms = poll_ms
-        self._signers: dict[str, tuple[str, bytes]] = {}
-        self._signers_generation = -1
-        self.stats = AckStats()
-        self.applied = asyncio.Condition()
-        self.on_latency: Callable[[float], None] | None = None
-        """Called once per applied ack that answers an event, with commit → ack seconds."""
-
-    async def run(self) -> None:
-        """Consume until cancelled, reconnecting with backoff while Kafka is away."""
-        failures = 0
-        while True:
-            try:
-                await self._consume()
-            except (KafkaError, OSError, CKMSError) as exc:
-                failures += 1
-                delay = min(10.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
-                log.warning("ack consumer stopped (%s); restarting in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-
-    async def _consume(self) -> None:
-        await ensure_topics(self._bootstrap, self._topics)
-        partitions = await partitions_of(self._bootstrap, self._topic)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._poll_ms,
-            max_partition_fetch_bytes=max(1 << 20, 2 * MAX_MESSAGE_BYTES),
-            client_id="ckms-controller-acks",
-        )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(self._topic, p) for p in partitions]
-            consumer.assign(tps)
-            rows = await self._store.fetchall(
-                "SELECT partition, next_offset FROM consumer_positions WHERE topic = ?",
-                (self._topic,),
-            )
-            saved = {int(r["partition"]): int(r["next_offset"]) for r in rows}
-            for tp in tps:
-                if tp.partition in saved:
-                    consumer.seek(tp, saved[tp.partition])
-                else:
-                    await consumer.seek_to_beginning(tp)
-            while True:
-                batches = await consumer.getmany(timeout_ms=self._poll_ms, max_records=1000)
-                records = [
-                    r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]
-                ]
-                if records:
-                    await self.apply(records)
-        finally:
-            with contextlib.suppress(KafkaError, OSError):
-                await consumer.stop()
-
-    async def _verify(self, record: ConsumerRecord[bytes, bytes]) -> tuple[str, Envelope]:
-        kid = next(
-            (
-                bytes(v).decode("ascii", "replace")
-                for k, v in record.headers or ()
-                if k == KEY_ID_HEADER
-            ),
-            "",
-        )
-        # Reloaded only when a commit changed a host (enroll, revoke): an ack from an unknown
-        # key costs no query, so junk on the topic cannot make the controller re-read the hosts
-        # table per record, and a host revoked since is dropped from the map at once.
-        generation = await self._store.generation("hosts")
-        if generation != self._signers_generation:
-            self._signers = await self._hosts.signer_map()
-            self._signers_generation = generation
-        entry = self._signers.get(kid)
-        if entry is None:
-            raise UnknownSigner(f"ack signer {kid[:40]!r} is not an enrolled host")
-        host_id, public = entry
-        envelope = verify_message(
-            record.value, record.headers, {kid: public}, types={EventType.ACK}
-        )
-        assert isinstance(envelope.data, Ack)
-        if envelope.data.agent != host_id:
-            raise UnknownSigner(
-                f"ack signed by host {host_id} claims to come from {envelope.data.agent}"
-            )
-        return host_id, envelope
-
-    async def apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
-        """Verify and apply a batch of ack records in one transaction; return how many applied."""
-        checked: list[tuple[ConsumerRecord[bytes, bytes], str | None, Envelope | None]] = []
-        for record in records:
-            try:
-                host_id, envelope = await self._verify(record)
-                checked.append((record, host_id, envelope))
-            except MessageRejected as exc:
-                self.stats.drop(exc.reason)
-                log.warning(
-                    "dropped ack partition=%d offset=%d reason=%s: %s",
-                    record.partition,
-                    record.offset,
-                    exc.reason,
-                    exc,
-                )
-                checked.append((record, None, None))
-        now = self._clock()
-        applied = 0
-        hosts = sorted({host_id for _, host_id, _ in checked if host_id is not None})
-        async with self._store.write() as tx:
-            # One query per batch for what every ack needs, not one per ack (the writer is the
-            # controller's busiest path during a rotation).
-            last_seq: dict[str, int | None] = {}
-            for chunk in _chunks(hosts, 500):
-                marks = ", ".join("?" * len(chunk))
-                for row in await tx.fetchall(
-                    f"SELECT id, last_ack_seq FROM hosts WHERE id IN ({marks})",  # noqa: S608
-                    chunk,
-                ):
-                    last_seq[row["id"]] = row["last_ack_seq"]
-            lookups = _BatchLookups(tx)
-            latencies: list[float] = []
-            positions: dict[int, int] = {}
-            seen: dict[str, int] = {}
-            for record, host_id, envelope in checked:
-                positions[record.partition] = record.offset + 1
-                if host_id is None or envelope is None:
-                    continue
-                previous = last_seq.get(host_id)
-                if previous is not None and envelope.seq <= previous:
-                    exc = ReplayedEvent(
-                        f"ack seq {envelope.seq} of {host_id} is not newer than {previous}"
-                    )
-                    self.stats.drop(exc.reason)
-                    log.warning("dropped ack from %s reason=%s: %s", host_id, exc.reason, exc)
-                    continue
-                if await self._apply_one(tx, lookups, host_id, envelope, now, latencies):
-                    applied += 1
-                last_seq[host_id] = seen[host_id] = envelope.seq
-            stamp = format_time(now)
-            await tx.executemany(
-                "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
-                [(seq, stamp, host_id) for host_id, seq in seen.items()],
-            )
-            await tx.executemany(
-                "INSERT INTO consumer_positions(topic, partition, next_offset) "
-                "VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
-                "DO UPDATE SET next_offset = excluded.next_offset",
-                [(self._topic, partition, offset) for partition, offset in positions.items()],
-            )
-        self.stats.applied += applied
-        if self.on_latency is not None:
-            for seconds in latencies:  # after the commit: only acks that were kept count
-                self.on_latency(seconds)
-        async with self.applied:
-            self.applied.notify_all()
-        return applied
-
-    async def _apply_one(
-        self,
-        tx: Transaction,
-        lookups: _BatchLookups,
-        host_id: str,
-        envelope: Envelope,
-        now: datetime,
-        latencies: list[float],
-    ) -> bool:
-        ack = envelope.data
-        assert isinstance(ack, Ack)
-        key_id = await lookups.key_id(ack.key)
-        if key_id is None:
-            log.warning(
-                "ack from %s names unknown key %s; recorded in audit only", host_id, ack.key
-            )
-        latency_ms = None
-        if ack.event_id:
-            created = await lookups.event_created(ack.event_id)
-            if created is not None:
-                latency_ms = (now - created).total_seconds() * 1000
-                if key_id is not None:
-                    latencies.append(latency_ms / 1000)
-        if key_id is not None:
-            await tx.execute(
-                "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
-                "updated_at, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(host_id, key_id, version) DO UPDATE SET status = excluded.status, "
-                "digest = excluded.digest, event_id = excluded.event_id, "
-                "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms",
-                (
-                    host_id,
-                    key_id,
-                    ack.version,
-                    str(ack.status),
-                    ack.digest,
-                    ack.event_id,
-                    format_time(now),
-                    latency_ms,
-                ),
-            )
-        await audit_log.append(
-            tx,
-            now=now,
-            actor=f"host:{host_id}",
-            action="fleet.ack",
-            object=f"key:{ack.key}",
-            outcome="ok" if str(ack.status) != "failed" else "failed",
-            details={
-                "version": ack.version,
-                "status": str(ack.status),
-                "event_id": ack.event_id,
-                "ack_id": envelope.id,
-                "ack_seq": envelope.seq,
-                "acked_at": envelope.at,
-                "elapsed_ms": ack.elapsed_ms,
-                "hooks": [h.model_dump() for h in ack.hooks],
-                "error": ack.error,
-            },
-        )
-        return key_id is not None
-
-
-class _BatchLookups:
-    """Key ids and event times, each read once per ack batch (acks of a rotation share them)."""
-
-    def __init__(self, tx: Transaction) -> None:
-        self._tx = tx
-        self._keys: dict[str, str | None] = {}
-        self._events: dict[str, datetime | None] = {}
-
-    async def key_id(self, name: str) -> str | None:
-        if name not in self._keys:
-            row = await self._tx.fetchone("SELECT id FROM keys WHERE name = ?", (name,))
-            self._keys[name] = None if row is None else row["id"]
-        return self._keys[name]
-
-    async def event_created(self, event_id: str) -> datetime | None:
-        if event_id not in self._events:
-            created = await self._tx.fetchval(
-                "SELECT created_at FROM outbox WHERE event_id = ?", (event_id,)
-            )
-            self._events[event_id] = None if created is None else parse_time(created)
-        return self._events[event_id]
-
-
-def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @dataclass(frozen=True)
@@ -385,4 +85,115 @@ def _status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
         latency_ms=max(latencies) if latencies else None,
         converged=digests_ok and clean,
         failed=failed,
+    )
+
+
+DEFAULT_STALENESS = timedelta(days=1)
+"""How long a host that no key targets may go unseen before it is called stale."""
+
+
+class FleetView:
+    """The fleet queries behind ``status``, ``host list|show`` and ``fleet status``."""
+
+    def __init__(
+        self, store: Store, lifecycle: Lifecycle, hosts: HostRegistry, *, clock: Clock = utc_now
+    ) -> None:
+        self._store = store
+        self._lifecycle = lifecycle
+        self._hosts = hosts
+        self._clock = clock
+
+    async def host_facts(self) -> dict[str, dict[str, Any]]:
+        """Last-seen time, last report and wrap suite of every host, in one query."""
+        rows = await self._store.fetchall(
+            "SELECT id, last_seen_at, reported, wrap_suite FROM hosts"
+        )
+        return {
+            row["id"]: {
+                "last_seen_at": parse_time(row["last_seen_at"]) if row["last_seen_at"] else None,
+                "reported": json.loads(row["reported"]) if row["reported"] else None,
+                "wrap_suite": row["wrap_suite"],
+            }
+            for row in rows
+        }
+
+    async def stale_hosts(self, keys: list[Key], hosts: list[Host], now: datetime) -> list[str]:
+        """Hosts not seen for longer than the shortest max staleness of the keys they hold."""
+        facts = await self.host_facts()
+        stale = []
+        for host in hosts:
+            if host.revoked:
+                continue
+            limits = [k.policy.max_staleness for k in keys if host_matches(k.targets, host)]
+            limit = min(limits, default=DEFAULT_STALENESS)
+            seen = facts.get(host.id, {}).get("last_seen_at") or host.enrolled_at
+            if seen is None or now - seen > limit:
+                stale.append(host.id)
+        return stale
+
+    async def host_infos(self, hosts: list[Host]) -> list[api.HostInfo]:
+        """Hosts as the wire shows them, with the keys that target each and whether it is stale."""
+        now = self._clock()
+        keys = await self._lifecycle.list_keys()
+        facts = await self.host_facts()
+        stale = set(await self.stale_hosts(keys, hosts, now))
+        return [host_info(h, facts.get(h.id, {}), stale=h.id in stale, keys=keys) for h in hosts]
+
+    async def fleet_status(self, key: str | None, limit: int) -> api.FleetStatusReply:
+        """Per key: host x version x status x age, converged %, failures and drift first."""
+        now = self._clock()
+        lc = self._lifecycle
+        keys = [await lc.get(key)] if key else await lc.list_keys()
+        facts = await self.host_facts()
+        hosts = {h.id: h for h in await self._hosts.list()}
+        out = []
+        for k in keys:
+            rows = []
+            for s in await key_fleet_status(self._store, lc, self._hosts, k.name):
+                report = facts.get(s.host, {}).get("reported")
+                rows.append(
+                    _fleet_host(s, now, drift=s.converged and _drifts(k, hosts[s.host], s, report))
+                )
+            rows.sort(key=lambda h: (not h.failed, not h.drift, h.converged, h.host))
+            converged = sum(1 for h in rows if h.converged)
+            out.append(
+                api.KeyFleet(
+                    key=k.name,
+                    primary_version=k.primary_version,
+                    wanted_versions=tuple(sorted(v.version for v in distributable_versions(k))),
+                    targeted=len(rows),
+                    converged=converged,
+                    failed=sum(1 for h in rows if h.failed),
+                    drift=sum(1 for h in rows if h.drift),
+                    converged_pct=round(100.0 * converged / len(rows), 1) if rows else 100.0,
+                    hosts=tuple(rows[:limit]),
+                    truncated=max(0, len(rows) - limit),
+                )
+            )
+        return api.FleetStatusReply(keys=tuple(out))
+
+
+def _drifts(key: Key, host: Host, status: HostKeyStatus, report: dict[str, Any] | None) -> bool:
+    """Drift: the acks say the host is current, but a heartbeat sent after its last ack says it
+    holds something else (a heartbeat from before a rotation is not drift)."""
+    if report is None:
+        return False
+    if status.updated_at is not None and parse_time(report["at"]) <= status.updated_at:
+        return False
+    held = ((i.get("key"), i["version"], i["digest"]) for i in report["installed"])
+    return drifts(key, host, held)
+
+
+def _fleet_host(s: HostKeyStatus, now: datetime, *, drift: bool) -> api.FleetHost:
+    age = None if s.updated_at is None else round((now - s.updated_at).total_seconds(), 3)
+    return api.FleetHost(
+        host=s.host,
+        versions=s.versions,
+        converged=s.converged,
+        failed=s.failed,
+        drift=drift,
+        digests_ok=s.digests_ok,
+        updated_at=s.updated_at,
+        age_s=age,
+        latency_ms=s.latency_ms,
     )

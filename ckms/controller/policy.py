@@ -37,11 +37,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
+
+from pydantic import ValidationError
 
 from ckms.controller.models import DEFAULT_APPROVALS, Policy, Usage
 from ckms.crypto import KeyType
 from ckms.errors import ConfigError, PolicyError
+from ckms.protocol.admin import PolicyPatch
 
 __all__ = [
     "ALLOWED_USAGE",
@@ -52,6 +55,7 @@ __all__ = [
     "check_policy",
     "check_usage",
     "default_policy",
+    "patch_policy",
     "purpose_of",
 ]
 
@@ -199,3 +203,25 @@ def check_policy(key_type: KeyType, usage: frozenset[Usage], policy: Policy) -> 
             f"grace {policy.grace.days} days exceeds the maximum of {limits.max_grace.days} days "
             f"for a {limits.table1_row} (NIST SP 800-57 Part 1, Table 1)"
         )
+
+
+def patch_policy(base: Policy, patch: PolicyPatch) -> Policy:
+    """``base`` with the fields of ``patch`` that are set; ConfigError if the result is invalid."""
+    values: dict[str, Any] = {
+        "cryptoperiod": base.cryptoperiod,
+        "grace": base.grace,
+        "activation_delay": base.activation_delay,
+        "max_staleness": base.max_staleness,
+        "approvals_required": base.approvals_required,
+    }
+    for field in ("cryptoperiod", "grace", "activation_delay", "max_staleness"):
+        seconds = getattr(patch, f"{field}_s")
+        if seconds is not None:
+            values[field] = timedelta(seconds=seconds)
+    if patch.approvals_required is not None:
+        values["approvals_required"] = frozenset(patch.approvals_required)
+    try:
+        return Policy(**values)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]["msg"]
+        raise ConfigError(f"invalid policy: {first.removeprefix('Value error, ')}") from None

@@ -20,12 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
-from ckms.controller.admin_rpc import AdminService
+from ckms.controller.acks import AckConsumer
+from ckms.controller.admin_rpc import AdminService, Endpoint
 from ckms.controller.agent_rpc import AgentService
-from ckms.controller.fleet import AckConsumer
+from ckms.controller.approvals import ApprovalBook, DualControl
+from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.metrics import ControllerMetrics
+from ckms.controller.operators import OperatorRegistry
 from ckms.controller.publisher import OutboxPublisher
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
@@ -179,11 +182,37 @@ class Controller:
             topics=topics,
             clock=self.clock,
         )
-        self.admin = AdminService(self)
+        self.operators = OperatorRegistry(store, clock=self.clock)
+        self.dual_control = DualControl(
+            ApprovalBook(store, clock=self.clock), self.operators, self.lifecycle
+        )
+        self.fleet = FleetView(store, self.lifecycle, self.hosts, clock=self.clock)
+        self.admin = AdminService(
+            store=store,
+            vault=self.vault,
+            lifecycle=self.lifecycle,
+            hosts=self.hosts,
+            operators=self.operators,
+            dual_control=self.dual_control,
+            fleet=self.fleet,
+            publisher=self.publisher,
+            acks=self.acks,
+            endpoint=Endpoint(
+                listen=self._listen,
+                host_key_fingerprint=self.host_key_fingerprint,
+                kafka_bootstrap=self.settings.kafka_bootstrap,
+            ),
+            clock=self.clock,
+        )
         self.admin.register(self.rpc)
         self.metrics = ControllerMetrics(self)
         self.acks.on_latency = self.metrics.ack_latency.observe
         self.metrics_endpoint: MetricsEndpoint | None = None
+
+    def _listen(self) -> str:
+        """``host:port`` of the SSH endpoint (the bound port once listening)."""
+        port = self.rpc.port if self.rpc.port is not None else self.settings.listen_port
+        return f"{self.settings.listen_host}:{port}"
 
     @property
     def host_key_fingerprint(self) -> str:
