@@ -11,7 +11,7 @@
         offsets="/var/lib/mysvc/ckms-offsets.json",
     ) as sub:
         async for event in sub:
-            drop_sessions_using(event.data.key, event.data.versions)
+            drop_sessions_using(event.data.key, event.data.version)
 
 The subscriber assigns itself every partition of the topic (no consumer group, so any number of
 services can listen without coordinating), verifies each record's signature on the raw bytes,
@@ -25,6 +25,8 @@ Delivery is at least once across crashes and exactly once otherwise: an event co
 when the loop asks for the next one, or when the ``async with`` block exits without an
 exception. Positions (next offset and last ``seq`` per partition) are saved to the offset store
 after each fetched batch and on exit; after a crash, the events since the last save come again.
+
+The rules are specified for consumers in any language in ``docs/events.md``.
 """
 
 from __future__ import annotations

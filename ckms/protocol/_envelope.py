@@ -5,6 +5,7 @@ header ``ckms-sig`` is the Ed25519 signature over exactly those bytes and ``ckms
 signer. :func:`verify_message` checks size, headers and signature on the raw bytes *before*
 anything is parsed, then the version, the type and the typed data. Each refusal raises a
 :class:`MessageRejected` subclass whose ``reason`` is a stable code for logs and metrics.
+``docs/events.md`` §2 is this order written down for other implementations: change both.
 """
 
 from __future__ import annotations
