@@ -38,6 +38,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/ckms-agent")
 
 IDENTITY_KEY_FILE = "identity.key"
 WRAPPING_KEY_FILE = "wrapping.key"
+DIGEST_KEY_FILE = "digest.key"
 STATE_DB_FILE = "state.db"
 
 _FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
@@ -173,6 +174,11 @@ class AgentConfig(BaseModel):
     def wrapping_key_path(self) -> Path:
         """The agent's HPKE wrapping private key, mode 0600."""
         return self.state_dir / WRAPPING_KEY_FILE
+
+    @property
+    def digest_key_path(self) -> Path:
+        """The fleet's digest key, as the controller handed it to this host, mode 0600."""
+        return self.state_dir / DIGEST_KEY_FILE
 
     @property
     def state_db_path(self) -> Path:

@@ -50,6 +50,8 @@ from ckms.errors import (
     TransportError,
 )
 from ckms.protocol import (
+    DigestKeyReply,
+    DigestKeyRequest,
     Envelope,
     FetchReply,
     FetchRequest,
@@ -62,7 +64,13 @@ from ckms_agent.acks import AckPublisher, AckWriter
 from ckms_agent.backoff import Backoff
 from ckms_agent.config import AgentConfig
 from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
-from ckms_agent.identity import AgentKeys, load_keys
+from ckms_agent.identity import (
+    AgentKeys,
+    load_digest_key,
+    load_keys,
+    save_digest_key,
+    unwrap_digest_key,
+)
 from ckms_agent.installer import Installer
 from ckms_agent.keyops import KeyOps, Trigger, critical
 from ckms_agent.metrics import AgentMetrics
@@ -182,6 +190,7 @@ class Agent:
                     host_id=cfg.host_id,
                     request_reconcile=self._request_reconcile,
                     clock=self._clock,
+                    digest_key=load_digest_key(cfg.digest_key_path),
                 )
                 self._last_contact = await state.last_contact()
                 self._ops.sweep_held(await state.keys())
@@ -357,6 +366,8 @@ class Agent:
         started = time.monotonic()
         by_key = {t.key: t for t in triggers}
         ops = self.ops
+        if ops.digest_key is None:
+            await self._obtain_digest_key()
         report = await ops.held_report()
         prefetch = ops.prefetch_requests(by_key.values(), await self.state.keys())
         try:
@@ -606,6 +617,15 @@ class Agent:
 
     async def _fetch(self, request: FetchRequest) -> FetchReply:
         return await self._call("fetch", request, FetchReply)
+
+    async def _obtain_digest_key(self) -> None:
+        """Ask for the fleet's digest key once (a host enrolled before digests were keyed)."""
+        assert self._keys is not None
+        reply = await self._call("digest_key", DigestKeyRequest(), DigestKeyReply)
+        key = unwrap_digest_key(self._keys.wrapping, reply.wrapped, host_id=self.config.host_id)
+        save_digest_key(self.config.digest_key_path, key)
+        self.ops.digest_key = key
+        log.info("host=%s received the fleet digest key", self.config.host_id)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

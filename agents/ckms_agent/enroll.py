@@ -23,6 +23,7 @@ from ckms.errors import AlreadyExistsError, ConfigError, ProtocolError
 from ckms.protocol import EnrollReply, EnrollRequest
 from ckms.ssh import RpcClient
 from ckms_agent.config import (
+    DIGEST_KEY_FILE,
     IDENTITY_KEY_FILE,
     STATE_DB_FILE,
     WRAPPING_KEY_FILE,
@@ -30,7 +31,7 @@ from ckms_agent.config import (
     write_config,
 )
 from ckms_agent.files import secure_remove, sweep_temp_files, write_atomic
-from ckms_agent.identity import AgentKeys, create_keys
+from ckms_agent.identity import AgentKeys, create_keys, save_digest_key, unwrap_digest_key
 from ckms_agent.state import AgentState
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,12 @@ async def enroll(
             raise ProtocolError(
                 f"the controller's enrollment reply is unusable ({fields})"
             ) from None
+        digest_key = unwrap_digest_key(keys.wrapping, reply.digest_key, host_id=reply.host)
         # Accepted: move the keys into place, then write the config (the "enrolled" marker).
         write_atomic(identity_path, keys.identity, mode=0o600, dir_mode=0o700)
         write_atomic(wrapping_path, keys.wrapping, mode=0o600, dir_mode=0o700)
+        save_digest_key(state_dir / DIGEST_KEY_FILE, digest_key)
+        del digest_key
     finally:
         _discard(staged)
     if (state_dir / STATE_DB_FILE).exists():

@@ -1,13 +1,17 @@
-"""The agent's own keys: an Ed25519 identity seed and an HPKE wrapping key, each a 0600 file.
+"""The agent's own keys: an Ed25519 identity seed and an HPKE wrapping key, each a 0600 file;
+and the fleet's digest key the controller hands it, also a 0600 file.
 
 The identity seed is stored raw (32 bytes) once and serves two jobs (docs/architecture.md §5):
 SSH client authentication (converted to OpenSSH form in memory) and signing acks. The wrapping
-key opens material the controller wraps for this agent only. Neither is ever logged or put in
-the state DB.
+key opens material the controller wraps for this agent only. The digest key (32 bytes,
+HPKE-wrapped to this agent in transit) keys the material digests events name, so the agent can
+check what it fetched. None of them is ever logged or put in the state DB.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +24,11 @@ from ckms.crypto import (
     generate_wrapping_keypair,
     signing_key_openssh,
     signing_public_key,
+    unwrap_for_agent,
     wrapping_public_key,
 )
-from ckms.errors import CKMSError, ConfigError
+from ckms.errors import CKMSError, ConfigError, IntegrityError
+from ckms.protocol import DIGEST_KEY_WRAP_NAME, DIGEST_KEY_WRAP_VERSION
 from ckms_agent.files import InstallError, write_atomic
 
 
@@ -90,3 +96,43 @@ def load_keys(identity_path: Path, wrapping_path: Path, suite: WrapSuite) -> Age
     except CKMSError:
         raise ConfigError(f"wrapping key {wrapping_path} is not a valid {suite} key") from None
     return keys
+
+
+DIGEST_KEY_BYTES = 32
+
+
+def unwrap_digest_key(wrapping_key: bytes, wrapped_b64: str, *, host_id: str) -> bytes:
+    """Open the digest key the controller wrapped to this agent (IntegrityError if it is not)."""
+    try:
+        blob = base64.b64decode(wrapped_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise IntegrityError("the wrapped digest key is not base64") from None
+    key = unwrap_for_agent(
+        wrapping_key,
+        blob,
+        key_name=DIGEST_KEY_WRAP_NAME,
+        version=DIGEST_KEY_WRAP_VERSION,
+        agent_id=host_id,
+    )
+    if len(key) != DIGEST_KEY_BYTES:
+        raise IntegrityError("the digest key the controller sent is not 32 bytes")
+    return key
+
+
+def save_digest_key(path: Path, key: bytes) -> None:
+    """Write the digest key (0600, directory 0700)."""
+    try:
+        write_atomic(path, key, mode=0o600, dir_mode=0o700)
+    except InstallError as exc:
+        raise ConfigError(f"cannot write the digest key: {exc}") from None
+
+
+def load_digest_key(path: Path) -> bytes | None:
+    """Read the digest key; None when this host has none yet (enrolled before digests were
+    keyed: it asks the controller once)."""
+    if not path.exists():
+        return None
+    key = _read_private(path, "digest key")
+    if len(key) != DIGEST_KEY_BYTES:
+        raise ConfigError(f"digest key {path} is not 32 bytes")
+    return key

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from ckms.crypto import InstallFormat, material_digest, unwrap_for_agent
+from ckms.crypto import InstallFormat, is_keyed_digest, material_digest, unwrap_for_agent
 from ckms.errors import CKMSError, IntegrityError, ProtocolError, StoreError, TransportError
 from ckms.protocol import (
     MAX_PREFETCH,
@@ -120,11 +120,15 @@ class KeyOps:
         host_id: str,
         request_reconcile: Callable[[], None],
         clock: Callable[[], float] = time.time,
+        digest_key: bytes | None = None,
     ) -> None:
         self._state = state
         self._installer = installer
         self._acks = acks
         self._wrapping = wrapping_key
+        self.digest_key = digest_key
+        """The fleet's digest key; None until a host enrolled before keyed digests asked for it
+        (until then nothing fetched can be checked, so nothing is installed)."""
         self._host = host_id
         self._request_reconcile = request_reconcile
         self._clock = clock
@@ -554,7 +558,7 @@ class KeyOps:
             if record.spec.format is InstallFormat.KEYRING_JSON and ring is None:
                 ring = read_keyring(record.paths)
             material = (ring or {}).get(v.version)
-            if material is None or material_digest(material) != v.digest:
+            if material is None or self._digest(material) != v.digest:
                 return None
             out[v.version] = material
         return out
@@ -646,9 +650,10 @@ class KeyOps:
             version=desired.version,
             agent_id=self._host,
         )
-        digest = material_digest(material)
+        digest = self._digest(material)
         expected = {desired.digest, reply.digest}
-        if trigger is not None and desired.version in trigger.digests:
+        if trigger is not None and is_keyed_digest(trigger.digests.get(desired.version, "")):
+            # An event from before digests were keyed names a plain hash: not comparable.
             expected.add(trigger.digests[desired.version])
         if expected != {digest}:
             raise IntegrityError(
@@ -663,6 +668,12 @@ class KeyOps:
             digest,
             self._host,
         )
+
+
+    def _digest(self, material: bytes) -> str:
+        if self.digest_key is None:
+            raise IntegrityError("no digest key yet: cannot check material before installing it")
+        return material_digest(self.digest_key, material)
 
 
 def _signature(desired: DesiredKey) -> tuple[object, ...]:

@@ -17,6 +17,9 @@ Schema (migration 1):
 - ``pending_acks(seq, key, version, status, msg_key, value, headers, created_at)``: acks are
   signed and written here first, then published and deleted, so none is lost while Kafka is down
   or across restarts; ``seq`` is the ack's envelope ``seq``.
+
+Migration 2 lets ``key_versions.digest`` hold keyed digests (``hmac-sha256:``) beside the plain
+``sha256:`` ones written before digests were keyed.
 """
 
 from __future__ import annotations
@@ -90,6 +93,25 @@ _MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             headers     TEXT NOT NULL,
             created_at  REAL NOT NULL
         );
+        """,
+    ),
+    (
+        2,
+        "keyed digests",
+        """
+        CREATE TABLE key_versions_v2 (
+            key         TEXT NOT NULL REFERENCES keys(name) ON DELETE CASCADE,
+            version     INTEGER NOT NULL CHECK (version >= 1),
+            state       TEXT NOT NULL,
+            is_primary  INTEGER NOT NULL CHECK (is_primary IN (0, 1)),
+            digest      TEXT NOT NULL
+                        CHECK (digest LIKE 'hmac-sha256:%' OR digest LIKE 'sha256:%'),
+            PRIMARY KEY (key, version)
+        );
+        INSERT INTO key_versions_v2 SELECT key, version, state, is_primary, digest
+            FROM key_versions;
+        DROP TABLE key_versions;
+        ALTER TABLE key_versions_v2 RENAME TO key_versions;
         """,
     ),
 )

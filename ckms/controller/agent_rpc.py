@@ -1,4 +1,4 @@
-"""What the controller answers agents over SSH: enroll, sync, heartbeat, fetch.
+"""What the controller answers agents over SSH: enroll, sync, heartbeat, fetch, digest_key.
 
 ``fetch`` is the only path by which key material leaves the controller: for a host that the
 key targets, for a version in a distributable state, HPKE-wrapped to that host's wrapping key
@@ -23,16 +23,18 @@ from ckms.controller.models import Host, Key, KeyState, Targets
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import host_matches
 from ckms.controller.transitions import is_distributable
-from ckms.crypto import WrapSuite, material_digest, signer_key_id, wrap_for_agent
+from ckms.crypto import WrapSuite, signer_key_id, wrap_for_agent
 from ckms.errors import (
     CKMSError,
     IntegrityError,
     PermissionDeniedError,
+    ProtocolError,
     StoreError,
 )
 from ckms.protocol import (
     DesiredKey,
     DesiredVersion,
+    DigestKeyReply,
     EnrollReply,
     EnrollRequest,
     FetchReply,
@@ -111,6 +113,7 @@ class AgentService:
         server.route("sync", self.sync, roles={Role.AGENT})
         server.route("heartbeat", self.heartbeat, roles={Role.AGENT})
         server.route("fetch", self.fetch, roles={Role.AGENT})
+        server.route("digest_key", self.digest_key, roles={Role.AGENT})
 
     def _now(self) -> datetime:
         return self._clock()
@@ -121,6 +124,9 @@ class AgentService:
         enrolled = await self._hosts.enroll(request, presented_key=principal.public_key)
         host = enrolled.host
         public = await self._vault.public_key()
+        digest_key = self._vault.wrapped_digest_key(
+            host.wrapping_public_key, host_id=host.id, suite=WrapSuite(request.wrap_suite)
+        )
         return EnrollReply(
             host=host.id,
             labels=host.labels,
@@ -130,7 +136,19 @@ class AgentService:
             events_topic=self._events_topic,
             acks_topic=self._acks_topic,
             event_seq=enrolled.event_seq,
+            digest_key=base64.b64encode(digest_key).decode(),
         )
+
+    async def digest_key(self, principal: Principal, params: dict[str, Any]) -> DigestKeyReply:
+        """The fleet's digest key wrapped to the asking host (agents enrolled before digests
+        were keyed ask once; newer ones got it with their enrollment)."""
+        if params:
+            raise ProtocolError("digest_key takes no parameters")
+        host, suite = await self._host(principal)
+        wrapped = self._vault.wrapped_digest_key(
+            host.wrapping_public_key, host_id=host.id, suite=suite
+        )
+        return DigestKeyReply(suite=str(suite), wrapped=base64.b64encode(wrapped).decode())
 
     async def _host(self, principal: Principal) -> tuple[Host, WrapSuite]:
         host, suite = await self._hosts.identity(principal.name)
@@ -291,7 +309,7 @@ class AgentService:
                 f"{key.name} version {version.version} is {version.state}: not distributable"
             )
         material = await self._vault.material(key.name, version.version, key=key)
-        if material_digest(material) != version.digest:
+        if self._vault.digest(material) != version.digest:
             raise IntegrityError(f"key {key.name} version {version.version} failed integrity check")
         wrapped = wrap_for_agent(
             host.wrapping_public_key,

@@ -59,7 +59,7 @@ from ckms.controller.transitions import DISTRIBUTABLE_STATES as DISTRIBUTABLE_ST
 from ckms.controller.transitions import LIVE_STATES, Op, next_state, op_label, revoked_for
 from ckms.controller.transitions import TRANSITIONS as TRANSITIONS
 from ckms.controller.transitions import allowed_operations as allowed_operations
-from ckms.crypto import KeyType, allowed_formats, generate, material_digest
+from ckms.crypto import KeyType, allowed_formats, generate
 from ckms.errors import (
     AlreadyExistsError,
     CKMSError,
@@ -545,7 +545,7 @@ class Lifecycle:
             key=key.name,
             version=number,
             state=state,
-            digest=material_digest(material),
+            digest=self._vault.digest(material),
             has_material=True,
             created_at=now,
             created_by=actor,

@@ -12,7 +12,9 @@ stores, each sealed (AES-256-GCM) under the root KEK with associated data naming
 
 Only the KEK check value (an HMAC of a fixed label under the root KEK) is stored to tell a wrong
 KEK from a tampered store. A :class:`Vault` starts sealed; unsealing reconstructs the root KEK,
-checks it, opens the three secrets into memory and forgets the root KEK. While sealed, anything
+checks it, opens the three secrets into memory, derives the fleet's digest key and the row MAC
+key from the root KEK (HKDF, ``ckms.crypto.derive_from_root``; never stored) and forgets the
+root KEK. While sealed, anything
 that needs those secrets raises :class:`~ckms.errors.SealedError`. Every unseal attempt and every
 seal is audited; a successful unseal whose audit record cannot be written is undone.
 
@@ -33,13 +35,18 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ckms._canonical import canonical_json, parse_canonical_json
-from ckms.controller import _repo
+from ckms.controller import _repo, upgrade
 from ckms.controller.models import Key
 from ckms.crypto import (
+    DIGEST_KEY_PURPOSE,
+    ROW_MAC_PURPOSE,
+    WrapSuite,
     combine_shares,
+    derive_from_root,
     generate_signing_key,
     hmac_identifier,
     kek_check_value,
+    material_digest,
     new_data_kek,
     new_root_kek,
     open_sealed,
@@ -50,6 +57,7 @@ from ckms.crypto import (
     split_root_kek,
     unwrap_root_kek_with_passphrase,
     version_aad,
+    wrap_for_agent,
     wrap_root_kek_with_passphrase,
 )
 from ckms.errors import (
@@ -62,6 +70,7 @@ from ckms.errors import (
     StoreError,
     UnsealError,
 )
+from ckms.protocol import DIGEST_KEY_WRAP_NAME, DIGEST_KEY_WRAP_VERSION
 from ckms.store import Clock, Store, format_time, require_utc, utc_now
 from ckms.store import audit as audit_log
 
@@ -218,6 +227,8 @@ class _Secrets:
     data_kek: bytes = field(repr=False)
     signing_key: bytes = field(repr=False)
     audit_hmac_key: bytes = field(repr=False)
+    digest_key: bytes = field(repr=False)
+    row_key: bytes = field(repr=False)
 
 
 class Vault:
@@ -411,6 +422,8 @@ class Vault:
             data_kek=opened[META_DATA_KEK],
             signing_key=opened[META_SIGNING_KEY],
             audit_hmac_key=opened[META_AUDIT_HMAC],
+            digest_key=derive_from_root(kek, DIGEST_KEY_PURPOSE),
+            row_key=derive_from_root(kek, ROW_MAC_PURPOSE),
         )
         self._public_key = public
 
@@ -428,6 +441,11 @@ class Vault:
                 )
         except (AuditError, StoreError):
             self._secrets = None  # fail closed: an unaudited unseal does not stand
+            raise
+        try:
+            await upgrade.after_unseal(self._store, self, now=require_utc(self._clock()))
+        except BaseException:
+            self._secrets = None  # nothing is served on data that could not be brought up
             raise
         log.info("controller unsealed (%s)", details["method"])
 
@@ -507,6 +525,27 @@ class Vault:
         return open_sealed(
             s.data_kek, sealed_material, aad, what=f"key {key_name} version {version}"
         )
+
+    def digest(self, material: bytes) -> str:
+        """Return the keyed digest of canonical material (what events name and agents check)."""
+        return material_digest(self._unsealed("compute material digests").digest_key, material)
+
+    def wrapped_digest_key(
+        self, wrapping_public_key: bytes, *, host_id: str, suite: WrapSuite
+    ) -> bytes:
+        """Return the fleet's digest key HPKE-wrapped to one host, as enrollment hands it out."""
+        return wrap_for_agent(
+            wrapping_public_key,
+            self._unsealed("hand out the digest key").digest_key,
+            key_name=DIGEST_KEY_WRAP_NAME,
+            version=DIGEST_KEY_WRAP_VERSION,
+            agent_id=host_id,
+            suite=suite,
+        )
+
+    def row_key(self) -> bytes:
+        """Return the key that MACs store rows (never leaves the controller; see rowmac)."""
+        return self._unsealed("check stored rows").row_key
 
     def identifier(self, value: str) -> str:
         """Return the audit HMAC of a sensitive identifier (matchable, not reversible)."""

@@ -9,7 +9,14 @@ carries key material.
 """
 
 from ckms.crypto._aead import new_data_kek, open_sealed, seal, version_aad
-from ckms.crypto._digest import hmac_identifier, material_digest
+from ckms.crypto._derive import DIGEST_KEY_PURPOSE, ROW_MAC_PURPOSE, derive_from_root
+from ckms.crypto._digest import (
+    hmac_identifier,
+    is_keyed_digest,
+    material_digest,
+    row_mac,
+    row_mac_matches,
+)
 from ckms.crypto._formats import (
     InstallFormat,
     KeyringEntry,
@@ -24,7 +31,14 @@ from ckms.crypto._hpke import (
     wrap_for_agent,
     wrapping_public_key,
 )
-from ckms.crypto._keytypes import KeyType, generate, public_key_pem, validate_material
+from ckms.crypto._keytypes import (
+    MIN_SECRET_BITS,
+    KeyType,
+    check_secret_spec,
+    generate,
+    public_key_pem,
+    validate_material,
+)
 from ckms.crypto._sealing import (
     combine_shares,
     kek_check_value,
@@ -43,24 +57,32 @@ from ckms.crypto._signing import (
 from ckms.crypto._sshkeys import signing_key_openssh, signing_public_openssh
 
 __all__ = [
+    "DIGEST_KEY_PURPOSE",
+    "MIN_SECRET_BITS",
+    "ROW_MAC_PURPOSE",
     "InstallFormat",
     "KeyType",
     "KeyringEntry",
     "WrapSuite",
     "allowed_formats",
+    "check_secret_spec",
     "combine_shares",
+    "derive_from_root",
     "encode_for_install",
     "encode_keyring",
     "generate",
     "generate_signing_key",
     "generate_wrapping_keypair",
     "hmac_identifier",
+    "is_keyed_digest",
     "kek_check_value",
     "material_digest",
     "new_data_kek",
     "new_root_kek",
     "open_sealed",
     "public_key_pem",
+    "row_mac",
+    "row_mac_matches",
     "seal",
     "sign",
     "signer_key_id",

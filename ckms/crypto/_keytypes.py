@@ -7,12 +7,14 @@ hashes and what agents check after unwrapping:
 - ``ed25519``, ``x25519``, ``ecdsa-p256``, ``ecdsa-p384``, ``rsa-3072``, ``rsa-4096``: the
   unencrypted PKCS#8 DER of the private key exactly as pyca/cryptography writes it (RSA with
   public exponent 65537). Bytes that load but re-encode differently are not canonical.
-- ``secret``: the UTF-8 bytes of 8..4096 printable, non-space characters.
+- ``secret``: the UTF-8 bytes of 8..4096 printable, non-space characters, generated with at
+  least 128 bits of entropy (length x log2(alphabet size); weaker specs are refused).
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 import string
 from enum import StrEnum
@@ -58,6 +60,9 @@ SECRET_MIN_LENGTH: Final = 8
 SECRET_MAX_LENGTH: Final = 4096
 SECRET_DEFAULT_ALPHABET: Final = string.ascii_letters + string.digits
 """URL-safe alphanumerics: 62 symbols, so the default 32 characters carry about 190 bits."""
+MIN_SECRET_BITS: Final = 128
+"""Least entropy (length x log2(alphabet size)) of a generated secret: below it, a guess per
+candidate, against a digest or the service the secret guards, is within reach."""
 
 _RSA_PUBLIC_EXPONENT: Final = 65537
 _RSA_BITS: Final = {KeyType.RSA_3072: 3072, KeyType.RSA_4096: 4096}
@@ -104,6 +109,27 @@ def _check_length(length: object) -> int:
     return length
 
 
+def secret_entropy_bits(length: int, alphabet: str) -> float:
+    """Entropy of a secret of ``length`` characters drawn uniformly from ``alphabet``."""
+    return length * math.log2(len(alphabet))
+
+
+def check_secret_spec(length: int | None, alphabet: str | None) -> tuple[int, str]:
+    """Return the (length, alphabet) a ``secret`` is generated with, refusing weak specs."""
+    n = _check_length(SECRET_DEFAULT_LENGTH if length is None else length)
+    chars = _check_alphabet(SECRET_DEFAULT_ALPHABET if alphabet is None else alphabet)
+    bits = secret_entropy_bits(n, chars)
+    if bits < MIN_SECRET_BITS:
+        needed = math.ceil(MIN_SECRET_BITS / math.log2(len(chars)))
+        raise ConfigError(
+            f"a secret of {n} characters from an alphabet of {len(chars)} carries {bits:.1f} "
+            f"bits of entropy (length x log2(alphabet size)); at least {MIN_SECRET_BITS} are "
+            "required so that neither a digest nor guessing can recover it: use at least "
+            f"{needed} characters with this alphabet, or a larger alphabet"
+        )
+    return n, chars
+
+
 def _pkcs8_der(key: PrivateKeyTypes) -> bytes:
     """Serialize a private key to the canonical unencrypted PKCS#8 DER."""
     return key.private_bytes(
@@ -121,8 +147,7 @@ def generate(key_type: KeyType, *, length: int | None = None, alphabet: str | No
     if kt in SYMMETRIC_TYPES:
         return secrets.token_bytes(SYMMETRIC_KEY_BYTES)
     if kt is KeyType.SECRET:
-        n = _check_length(SECRET_DEFAULT_LENGTH if length is None else length)
-        chars = _check_alphabet(SECRET_DEFAULT_ALPHABET if alphabet is None else alphabet)
+        n, chars = check_secret_spec(length, alphabet)
         return "".join(secrets.choice(chars) for _ in range(n)).encode("utf-8")
     key: PrivateKeyTypes
     if kt is KeyType.ED25519:

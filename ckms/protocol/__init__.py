@@ -4,9 +4,13 @@ Everything here is pure: models, encodings and verification; no I/O.
 """
 
 from ckms.protocol._agent_rpc import (
+    DIGEST_KEY_WRAP_NAME,
+    DIGEST_KEY_WRAP_VERSION,
     MAX_PREFETCH,
     DesiredKey,
     DesiredVersion,
+    DigestKeyReply,
+    DigestKeyRequest,
     EnrollReply,
     EnrollRequest,
     FetchReply,
@@ -99,6 +103,8 @@ __all__ = [
     "APPROVAL_OPERATIONS",
     "APPROVER_ROLES",
     "DEFAULT_APPROVALS",
+    "DIGEST_KEY_WRAP_NAME",
+    "DIGEST_KEY_WRAP_VERSION",
     "ENVELOPE_VERSION",
     "EVENTS_TOPIC",
     "EVENT_DATA_MODELS",
@@ -115,6 +121,8 @@ __all__ = [
     "BadSignature",
     "DesiredKey",
     "DesiredVersion",
+    "DigestKeyReply",
+    "DigestKeyRequest",
     "EnrollReply",
     "EnrollRequest",
     "Envelope",

@@ -1,7 +1,12 @@
-"""Typed parameters and replies of the agent's SSH requests: enroll, sync, heartbeat, fetch.
+"""Typed parameters and replies of the agent's SSH requests: enroll, sync, heartbeat, fetch,
+digest_key.
 
 Replies carry install specs, digests and states; only ``fetch`` carries material, and only
-HPKE-wrapped for the one agent that asked (docs/architecture.md §5), inside SSH.
+HPKE-wrapped for the one agent that asked (docs/architecture.md §5), inside SSH. The fleet's
+digest key (what material digests are keyed with) comes the same way: HPKE-wrapped to the
+agent, with the key name :data:`DIGEST_KEY_WRAP_NAME` and version :data:`DIGEST_KEY_WRAP_VERSION`
+bound into the wrap (no real key can have that name or version), in the enroll reply and, for
+agents enrolled before digests were keyed, from ``digest_key``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from ckms.protocol._keyspec import InstallSpec
 from ckms.protocol._secret import WireSecret
 
 B64 = Annotated[str, Field(max_length=8192, pattern=r"^[A-Za-z0-9+/=_-]*$")]
+
+DIGEST_KEY_WRAP_NAME = "ckms:digest-key"
+DIGEST_KEY_WRAP_VERSION = 0
 
 
 class _Model(BaseModel):
@@ -49,6 +57,19 @@ class EnrollReply(_Model):
     event_seq: int = Field(default=0, ge=0)
     """The controller's last event ``seq`` when this host enrolled: the agent drops every event
     at or below it (all older than the enrollment, e.g. a predecessor's ``host.revoked``)."""
+    digest_key: B64
+    """The fleet's digest key, HPKE-wrapped to this host (base64 of the blob)."""
+
+
+class DigestKeyRequest(_Model):
+    """Ask for the fleet's digest key (no parameters)."""
+
+
+class DigestKeyReply(_Model):
+    """The fleet's digest key, HPKE-wrapped to the asking host (base64 of the blob)."""
+
+    suite: str
+    wrapped: B64
 
 
 class InstalledVersion(_Model):

@@ -24,7 +24,9 @@ from ckms.protocol._roles import ApprovalOperation
 
 KeyName = Annotated[str, Field(max_length=129, pattern=KEY_NAME_RE.pattern)]
 Version = Annotated[int, Field(ge=1)]
-Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+Digest = Annotated[str, Field(pattern=r"^(hmac-sha256|sha256):[0-9a-f]{64}$")]
+"""A keyed material digest (``hmac-sha256:``, see ``ckms.crypto.material_digest``); the plain
+``sha256:`` form is what versions made before digests were keyed carried."""
 HostId = Annotated[str, Field(pattern=_HOST_ID_RE.pattern)]
 
 

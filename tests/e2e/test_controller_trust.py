@@ -211,3 +211,32 @@ async def test_enrollment_is_refused_while_sealed(controller: Controller, tmp_pa
     assert not (tmp_path / "web-4" / "agent.toml").exists()
     assert c.store is not None
     assert await c.store.fetchone("SELECT 1 FROM hosts WHERE id = 'web-4'") is None
+
+
+async def test_an_agent_enrolled_before_keyed_digests_asks_for_the_digest_key_once(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """No digest key on the host (enrolled by an older agent): it asks, stores it 0600, and
+    installs only material whose keyed digest matches."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "web-5", WEB)
+    digest_key = agent_config(config).digest_key_path
+    assert digest_key.stat().st_mode & 0o777 == 0o600
+    given = digest_key.read_bytes()
+    digest_key.unlink()
+    await c.lifecycle.create(
+        "web/tls", "aes-256", targets=Targets(selectors=(WEB,)), install=RAW, actor="alice"
+    )
+    path = tmp_path / "web-5" / "root" / "etc/ckms/web/tls.key"
+    assert c.store is not None
+    store = c.store
+
+    async def acked() -> list[str]:
+        rows = await store.fetchall("SELECT digest FROM fleet_state WHERE host_id = 'web-5'")
+        return [r["digest"] for r in rows]
+
+    async with running_agent(config):
+        await wait_until(path.exists, what="install with a digest key asked for")
+        digests = await wait_until(acked, what="install acked")
+    assert digest_key.read_bytes() == given and digest_key.stat().st_mode & 0o777 == 0o600
+    assert digests == [c.vault.digest(await c.vault.material("web/tls", 1))]

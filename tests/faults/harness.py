@@ -104,6 +104,10 @@ class Host:
     def state_db(self) -> Path:
         return self.config.parent / "state" / "state.db"
 
+    @property
+    def digest_key_path(self) -> Path:
+        return self.config.parent / "state" / "digest.key"
+
 
 async def enroll_host(
     hosts: HostRegistry, port: int, fingerprint: str, base: Path, name: str, labels: dict[str, str]
@@ -362,8 +366,9 @@ _REMOVED_SQL = (
 )
 
 
-def digests_on_disk(root: Path) -> dict[str, list[Path]]:
-    """Digest of every key material found in any file under ``root`` (keyrings: each entry)."""
+def digests_on_disk(root: Path, digest_key: bytes) -> dict[str, list[Path]]:
+    """Digest of every key material found in any file under ``root`` (keyrings: each entry),
+    keyed with the fleet's digest key as the host holds it."""
     found: dict[str, list[Path]] = defaultdict(list)
     if not root.exists():
         return found
@@ -374,11 +379,12 @@ def digests_on_disk(root: Path) -> dict[str, list[Path]]:
             data = path.read_bytes()
         except FileNotFoundError:
             continue  # replaced or removed while we looked
-        found[material_digest(data)].append(path)
+        found[material_digest(digest_key, data)].append(path)
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             ring = json.loads(data)
             for entry in ring["versions"]:
-                found[material_digest(base64.b64decode(entry["material"]))].append(path)
+                material = base64.b64decode(entry["material"])
+                found[material_digest(digest_key, material)].append(path)
     return found
 
 
@@ -392,6 +398,7 @@ class RevocationWatch:
     def __init__(self, store: Store, hosts: Iterable[Host], interval_s: float = 0.1) -> None:
         self._store = store
         self._roots = {h.name: h.root for h in hosts}
+        self._digest_keys = {h.name: h.digest_key_path for h in hosts}
         self._interval = interval_s
         self._task: asyncio.Task[None] | None = None
         self.scans: Counter[tuple[str, str, int]] = Counter()
@@ -422,7 +429,8 @@ class RevocationWatch:
                 continue
             gone[row["host_id"]][row["digest"]] = (row["name"], int(row["version"]))
         for host, digests in gone.items():
-            found = await asyncio.to_thread(digests_on_disk, self._roots[host])
+            digest_key = self._digest_keys[host].read_bytes()
+            found = await asyncio.to_thread(digests_on_disk, self._roots[host], digest_key)
             for digest, (key, version) in digests.items():
                 self.scans[(host, key, version)] += 1
                 if digest in found:

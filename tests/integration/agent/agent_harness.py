@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from ckms._kafka import partitions_of
 from ckms.crypto import (
     KeyType,
+    WrapSuite,
     generate,
     generate_signing_key,
     material_digest,
@@ -32,6 +33,8 @@ from ckms.crypto import (
 )
 from ckms.errors import NotFoundError, PermissionDeniedError
 from ckms.protocol import (
+    DIGEST_KEY_WRAP_NAME,
+    DIGEST_KEY_WRAP_VERSION,
     DesiredKey,
     DesiredVersion,
     EnrollReply,
@@ -57,6 +60,8 @@ from ckms_agent.config import AgentConfig, load_config
 TOKEN = "enroll-token-0123456789"
 HOST = "web-1"
 LABELS = {"env": "test", "role": "web"}
+DIGEST_KEY = bytes(range(32))
+"""The fake controller's fleet digest key (the real one derives it from its root KEK)."""
 
 FAST = {
     "CKMS_AGENT_HEARTBEAT_INTERVAL_S": "1",
@@ -90,7 +95,7 @@ class FakeVersion:
 
     @property
     def digest(self) -> str:
-        return material_digest(self.material)
+        return material_digest(DIGEST_KEY, self.material)
 
 
 @dataclass
@@ -178,6 +183,16 @@ class FakeController:
             kafka_bootstrap=self.bootstrap,
             events_topic=self.events_topic,
             acks_topic=self.acks_topic,
+            digest_key=base64.b64encode(
+                wrap_for_agent(
+                    base64.b64decode(request.wrapping_key),
+                    DIGEST_KEY,
+                    key_name=DIGEST_KEY_WRAP_NAME,
+                    version=DIGEST_KEY_WRAP_VERSION,
+                    agent_id=HOST,
+                    suite=WrapSuite(request.wrap_suite),
+                )
+            ).decode(),
         )
 
     def desired_for(self, host: str) -> tuple[DesiredKey, ...]:

@@ -21,7 +21,7 @@ from ckms_agent.installer import HeldVersion, Installer
 
 def held(version: int, *, primary: bool, state: str = "Active") -> HeldVersion:
     material = generate(KeyType.AES_256)
-    return HeldVersion(version, state, primary, material_digest(material), material)
+    return HeldVersion(version, state, primary, material_digest(bytes(32), material), material)
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import pytest
 
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.sealing import InitResult, Vault, init_controller
-from ckms.crypto import KeyType, material_digest
+from ckms.crypto import KeyType
 from ckms.errors import IntegrityError, UnsealError
 from ckms.store import Store
+from ckms.store import audit as audit_log
 
 NAME = "payments/db"
 
@@ -34,18 +35,23 @@ async def sealed_file(tmp_path: Path) -> AsyncIterator[tuple[Path, InitResult]]:
 
 
 async def _material(path: Path, result: InitResult, name: str, version: int) -> bytes:
+    return (await _opened(path, result, name, version))[0]
+
+
+async def _opened(path: Path, result: InitResult, name: str, version: int) -> tuple[bytes, str]:
     async with await Store.open(path) as store:
         vault = Vault(store)
         await vault.unseal_with_shares(result.mnemonics[1:])
-        return await vault.material(name, version)
+        material = await vault.material(name, version)
+        return material, vault.digest(material)
 
 
 async def test_untouched_file_opens(sealed_file: tuple[Path, InitResult]) -> None:
     path, result = sealed_file
-    material = await _material(path, result, NAME, 2)
+    _material_bytes, digest = await _opened(path, result, NAME, 2)
     async with await Store.open(path) as store:
         row = await store.fetchone("SELECT digest FROM key_versions WHERE version = 2")
-    assert row is not None and row["digest"] == material_digest(material)
+    assert row is not None and row["digest"] == digest
 
 
 @pytest.mark.parametrize(
@@ -78,6 +84,30 @@ async def test_edited_row_fails_with_integrity_error(
     with pytest.raises(IntegrityError) as info:
         await _material(path, result, name, version)
     assert str(info.value) == f"key {name} version {version} failed integrity check"
+
+
+async def test_plain_digests_of_an_older_store_are_rekeyed_at_unseal(
+    sealed_file: tuple[Path, InitResult],
+) -> None:
+    """A store from before keyed digests carries ``sha256:`` of each version's material; the
+    first unseal replaces each with the keyed digest and audits how many."""
+    import hashlib
+
+    path, result = sealed_file
+    material, keyed = await _opened(path, result, NAME, 1)
+    with sqlite3.connect(path) as raw:
+        raw.execute(
+            "UPDATE key_versions SET digest = ? WHERE version = 1",
+            ("sha256:" + hashlib.sha256(material).hexdigest(),),
+        )
+    assert (await _opened(path, result, NAME, 1))[1] == keyed
+    async with await Store.open(path) as store:
+        digests = [r["digest"] for r in await store.fetchall("SELECT digest FROM key_versions")]
+        records = [
+            r for r in await audit_log.load_records(store) if r.action == "controller.upgrade"
+        ]
+    assert keyed in digests and all(d.startswith("hmac-sha256:") for d in digests)
+    assert [r.details for r in records] == [{"digests_rekeyed": 1, "digests_not_rekeyed": 0}]
 
 
 def _forms(secret: bytes) -> list[bytes]:

@@ -56,7 +56,7 @@ async def test_create_makes_active_primary_version_with_event_and_audit(
     v1 = key.version(1)
     assert v1.state is KeyState.ACTIVE
     assert v1.activated_at == clock.now
-    assert v1.digest.startswith("sha256:")
+    assert v1.digest.startswith("hmac-sha256:")
     assert key.policy == default_policy(KeyType.AES_256)
     assert key.install.mode == 0o600 and key.install.dir_mode == 0o700
 
@@ -136,13 +136,43 @@ async def test_create_validates_arguments(
 
 async def test_secret_keeps_its_length_across_rotation(lifecycle: Lifecycle, vault: Vault) -> None:
     await lifecycle.create(
-        "app/api-token", KeyType.SECRET, actor="alice", secret_length=20, secret_alphabet="abcdef"
+        "app/api-token", KeyType.SECRET, actor="alice", secret_length=50, secret_alphabet="abcdef"
     )
     await lifecycle.rotate("app/api-token", actor="alice")
     for version in (1, 2):
         material = await vault.material("app/api-token", version)
-        assert len(material) == 20
+        assert len(material) == 50
         assert set(material.decode()) <= set("abcdef")
+
+
+async def test_a_weak_secret_spec_is_refused_before_anything_is_stored(
+    lifecycle: Lifecycle, store: Store
+) -> None:
+    with pytest.raises(ConfigError, match=r"8\.0 bits of entropy.*at least 128"):
+        await lifecycle.create(
+            "app/pin", KeyType.SECRET, actor="alice", secret_length=8, secret_alphabet="01"
+        )
+    assert await _events(store) == []
+
+
+async def test_the_event_digest_of_a_weak_secret_does_not_recover_it(
+    lifecycle: Lifecycle, store: Store, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret made before the entropy floor (8 bits here): reading ``key.created`` off the
+    topic and trying all 256 candidates recovered it from the plain digest; not any more."""
+    import hashlib
+    import itertools
+
+    monkeypatch.setattr("ckms.crypto._keytypes.MIN_SECRET_BITS", 0)
+    await lifecycle.create(
+        "app/pin", KeyType.SECRET, actor="alice", secret_length=8, secret_alphabet="01"
+    )
+    (event,) = await _events(store)
+    digest = event.data["digest"]
+    candidates = ["".join(bits).encode() for bits in itertools.product("01", repeat=8)]
+    recovered = [c for c in candidates if "sha256:" + hashlib.sha256(c).hexdigest() == digest]
+    assert recovered == []
+    assert digest == vault.digest(await vault.material("app/pin", 1))
 
 
 # -- rotate and primary ------------------------------------------------------------------------

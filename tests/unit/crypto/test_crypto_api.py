@@ -5,6 +5,14 @@ from __future__ import annotations
 import ckms.crypto
 
 EXPECTED = {
+    "DIGEST_KEY_PURPOSE",
+    "MIN_SECRET_BITS",
+    "ROW_MAC_PURPOSE",
+    "check_secret_spec",
+    "derive_from_root",
+    "is_keyed_digest",
+    "row_mac",
+    "row_mac_matches",
     "InstallFormat",
     "KeyType",
     "KeyringEntry",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import string
 
@@ -16,6 +17,7 @@ from ckms.crypto import (
     KeyType,
     generate,
     hmac_identifier,
+    is_keyed_digest,
     material_digest,
     public_key_pem,
     validate_material,
@@ -39,8 +41,9 @@ def test_every_type_generates_validates_and_digests(
     material = materials[key_type]
     validate_material(key_type, material)
     validate_material(key_type.value, material)  # the stored string value works too
-    digest = material_digest(material)
-    assert digest == "sha256:" + hashlib.sha256(material).hexdigest()
+    key = bytes(range(32))
+    digest = material_digest(key, material)
+    assert digest == "hmac-sha256:" + hmac.new(key, material, hashlib.sha256).hexdigest()
 
 
 @pytest.mark.parametrize("key_type", [KeyType.AES_256, KeyType.HMAC_SHA256])
@@ -83,9 +86,24 @@ def test_secret_honours_length_and_alphabet() -> None:
     secret = generate(KeyType.SECRET, length=4096, alphabet="ab").decode()
     assert len(secret) == 4096
     assert set(secret) == {"a", "b"}  # 2**-4095 chance of a false failure
-    unicode_secret = generate(KeyType.SECRET, length=8, alphabet="äöüß€")
+    unicode_secret = generate(KeyType.SECRET, length=56, alphabet="äöüß€")
     validate_material(KeyType.SECRET, unicode_secret)
-    assert len(unicode_secret.decode("utf-8")) == 8
+    assert len(unicode_secret.decode("utf-8")) == 56
+
+
+@pytest.mark.parametrize(
+    ("length", "alphabet", "bits", "needed"),
+    [(8, "0123456789", "26.6", 39), (20, "abcdef", "51.7", 50), (127, "ab", "127.0", 128)],
+)
+def test_a_secret_spec_below_128_bits_is_refused_saying_why(
+    length: int, alphabet: str, bits: str, needed: int
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        generate(KeyType.SECRET, length=length, alphabet=alphabet)
+    message = str(refused.value)
+    assert f"{bits} bits of entropy" in message and "at least 128" in message
+    assert f"at least {needed} characters" in message
+    assert len(generate(KeyType.SECRET, length=needed, alphabet=alphabet)) == needed
 
 
 @pytest.mark.parametrize("length", [7, 4097, 0, -1, True, "32", 8.0])
@@ -266,9 +284,33 @@ def test_public_key_pem_is_none_for_symmetric_types(
 
 
 def test_material_digest_known_answer() -> None:
-    assert material_digest(b"abc") == (
-        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert material_digest(bytes(range(32)), b"abc") == (
+        "hmac-sha256:f0133729c4163dede81e21cd47839256da58171238c8a0d874397c73b14e1e47"
     )
+    assert is_keyed_digest(material_digest(bytes(32), b"abc"))
+    assert not is_keyed_digest("sha256:" + "0" * 64)
+
+
+def test_a_digest_in_an_event_does_not_give_away_a_low_entropy_secret() -> None:
+    """The attack: read a digest off the events topic and try every 4-digit secret. Against
+    the plain SHA-256 digests events carried before, it finds the secret at once; against the
+    keyed digest, with every key the reader could know, it finds nothing."""
+    secret = b"4821"
+    candidates = [f"{n:04d}".encode() for n in range(10_000)]
+    plain = "sha256:" + hashlib.sha256(secret).hexdigest()
+    assert [c for c in candidates if "sha256:" + hashlib.sha256(c).hexdigest() == plain] == [secret]
+    digest_key = bytes(range(1, 33))  # the fleet's; the reader does not have it
+    keyed = material_digest(digest_key, secret)
+    guessable_keys = [b"", bytes(32), b"ckms", b"4821"]
+    hits = [
+        c
+        for c in candidates
+        for k in guessable_keys
+        if "hmac-sha256:" + hmac.new(k, c, hashlib.sha256).hexdigest() == keyed
+        or "sha256:" + hashlib.sha256(c).hexdigest() == keyed
+    ]
+    assert hits == []
+    assert material_digest(digest_key, secret) == keyed  # the agent, holding the key, checks it
 
 
 def test_hmac_identifier_is_keyed_prefixed_and_stable() -> None:
