@@ -175,9 +175,19 @@ func Run(ctx context.Context, cfg Config, v *Verifier, h Handler) error {
 		if ctx.Err() != nil {
 			return save()
 		}
+		failed := false
 		fetches.EachError(func(topic string, p int32, err error) {
+			failed = true
 			log.Printf("fetch error topic=%s partition=%d: %v", topic, p, err)
 		})
+		if failed && fetches.NumRecords() == 0 {
+			// The client retries by itself; do not spin on a broker that keeps failing.
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
 		fetches.EachRecord(func(r *kgo.Record) {
 			headers := make([]Header, len(r.Headers))
 			for i, hd := range r.Headers {

@@ -103,6 +103,14 @@ func (s *Schemas) check(node any) error {
 				continue
 			case !assertions[k]:
 				return fmt.Errorf("unsupported keyword %q", k)
+			case k == "type":
+				if _, ok := v.(string); !ok {
+					return fmt.Errorf("type %v: only a single type name is supported", v)
+				}
+			case k == "$ref":
+				if ref, _ := v.(string); !strings.HasPrefix(ref, "#/$defs/") {
+					return fmt.Errorf("$ref %v: only #/$defs/ references are supported", v)
+				}
 			case k == "pattern":
 				text, _ := v.(string)
 				re, err := regexp.Compile(text)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
 import math
+import random
 import re
 import shutil
 import subprocess
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 from ckms._kafka import TopicSpec, ensure_topics
 from ckms.consumer import FileOffsetStore, Subscriber
 from ckms.errors import ProtocolError
-from ckms.protocol import canonical_json, parse_canonical_json
+from ckms.protocol import MessageRejected, canonical_json, parse_canonical_json, verify_message
 from tests.support.go_consumer import MODULE, go_consumer, run_go_consumer
 from tests.support.vectors import VECTORS_DIR, load_vectors
 
@@ -268,3 +270,87 @@ def test_go_sources_are_gofmt_clean(go_consumer: Path) -> None:
         [str(gofmt), "-l", "."], cwd=MODULE, capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout == "", f"run gofmt -w on: {result.stdout}"
+
+
+# -- random near misses of valid data: both sides must agree on every one -------------------
+
+_POOL: list[Any] = [
+    None, True, False, 0, -1, 1, 7, 1.5, 30.0, 2**63, "", "x", "X", "a/b", "db-7", "db-7\n",
+    "Active", "keyCompromise", "sha256:" + "0" * 64, "/etc/{name}", "/etc/{nope}", "/a/../b",
+    "root", "Root", "keyring-json", "raw", "é" * 130, [], [""], ["a"], [5], {}, {"env": "prod"},
+    {"Env": "prod"}, {"argv": ["x"]}, {"argv": []}, 0o640, 0o644, 0o777, 0o700,
+]  # fmt: skip
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _mutate(data: Any, rng: random.Random) -> Any:
+    data = copy.deepcopy(data)
+    paths = _paths(data)
+    if not paths:
+        return rng.choice(_POOL)
+    path = rng.choice(paths)
+    parent = data
+    for part in path[:-1]:
+        parent = parent[part]
+    last = path[-1]
+    op = rng.random()
+    if op < 0.15 and isinstance(parent, dict):
+        del parent[last]
+    elif op < 0.25 and isinstance(parent, dict):
+        parent[rng.choice(["extra", "material", "Key", "version "])] = rng.choice(_POOL)
+    else:
+        parent[last] = rng.choice(_POOL)
+    return data
+
+
+def test_go_and_python_agree_on_random_near_misses_of_valid_data(
+    go_consumer: Path, tmp_path: Path
+) -> None:
+    from tests.support import consumer_vectors as cv
+
+    rng = random.Random(20)
+    cases = []
+    for seq in range(1, 601):
+        etype = rng.choice(list(cv.DATA))
+        value = cv.raw_envelope(cv.envelope(etype, seq, _mutate(cv.DATA[etype], rng)))
+        headers = cv.signed(value)
+        cases.append({"name": f"m{seq}", "partition": 0, "value_hex": value.hex(),
+                      "headers": [[n, h.hex()] for n, h in headers]})  # fmt: skip
+    path = tmp_path / "mutations.json"
+    path.write_text(json.dumps({"trusted": VECTORS["trusted"], "cases": cases}))
+    result = subprocess.run(
+        [str(go_consumer), "-vectors", str(path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    go = [(g["verdict"], g["reason"]) for g in map(json.loads, result.stdout.splitlines())]
+    trust = {t["kid"]: bytes.fromhex(t["public_hex"]) for t in VECTORS["trusted"]}
+    python = []
+    for case in cases:
+        headers = [(n, bytes.fromhex(h)) for n, h in case["headers"]]
+        try:
+            verify_message(bytes.fromhex(case["value_hex"]), headers, trust)
+            python.append(("accept", None))
+        except MessageRejected as exc:
+            python.append(("reject", exc.reason))
+    differ = [(c["name"], bytes.fromhex(c["value_hex"])[:300], g, p)
+              for c, g, p in zip(cases, go, python, strict=True) if g != p]  # fmt: skip
+    assert not differ, differ[:3]
+    # The mutations reach both verdicts, so the comparison means something.
+    assert {v for v, _ in python} == {"accept", "reject"}
+
+
+def test_go_and_python_agree_on_long_integers_and_deep_nesting(go_consumer: Path) -> None:
+    values = [b"1" * 4300, b"1" * 4301, b"-" + b"9" * 4300, b"[" * 32 + b"]" * 32,
+              b"[" * 33 + b"]" * 33, b'{"a":' * 32 + b"1" + b"}" * 32]  # fmt: skip
+    assert _go_canonical(go_consumer, values) == [_python_canonical(v) for v in values]
+    assert [_python_canonical(v) for v in values] == [True, False, True, True, False, True]
