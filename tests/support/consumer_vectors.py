@@ -32,7 +32,7 @@ from ckms.protocol.canonical import MAX_DEPTH
 PATH = Path(__file__).resolve().parents[2] / "docs" / "vectors" / "consumer.json"
 PARTITIONS = 2
 AT = "2026-11-28T12:00:00.000000Z"
-DIGEST = "sha256:" + "5e" * 32
+DIGEST = "hmac-sha256:" + "5e" * 32
 
 
 def _seed(label: str) -> bytes:
