@@ -68,8 +68,8 @@ FLOOR_CPU_MS_PER_HOST = 1.9  # docs/architecture.md §8, everything on one 2-cor
 CORES = 2
 KEY = "bench/fleet"
 LABELS = {"fleet": "bench"}
-INSTALL_PATH = "/etc/ckms/{team}/{purpose}.json"
-INSTALLED_PATH = "/etc/ckms/bench/fleet.json"
+INSTALL_PATH = "/etc/ckms/keys/{team}/{purpose}.json"
+INSTALLED_PATH = "/etc/ckms/keys/bench/fleet.json"
 BASELINE_PATH = "/etc/ckms-baseline/bench/fleet.json"
 
 

@@ -131,7 +131,7 @@ async def measure(
         "idle/key",
         "aes-256",
         targets=Targets(selectors=(LABELS,)),
-        install=InstallSpec(path="/etc/ckms/{team}/{purpose}.json", format="keyring-json"),
+        install=InstallSpec(path="/etc/ckms/keys/{team}/{purpose}.json", format="keyring-json"),
         actor="bench",
     )
     agent_log = (work / "agent.log").open("wb")

@@ -37,7 +37,7 @@ from ckms.ssh._keys import write_private_key
 
 KEY = "demo/web-tls"
 HOSTS = ("web-1", "web-2", "web-3")
-KEY_PATH = "/etc/ckms/{team}/{purpose}.json"
+KEY_PATH = "/etc/ckms/keys/{team}/{purpose}.json"
 PASSPHRASE = "demo passphrase: never use this one for real"  # noqa: S105 - throwaway demo
 
 console = Console(highlight=False)

@@ -109,6 +109,13 @@ def enroll(
         bool,
         typer.Option(envvar="CKMS_AGENT_SSH_DEBUG", help="Let asyncssh log at DEBUG too."),
     ] = False,
+    allow_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A directory keys may be installed under (repeat; default /etc/ckms/keys and "
+            "/var/lib/ckms/keys, or what the existing config allows)."
+        ),
+    ] = None,
 ) -> None:
     """Enroll this host: make its keys, present them with the token, pin the controller."""
     try:
@@ -140,6 +147,7 @@ def enroll(
                 root=root,
                 force=force,
                 wrap_suite=wrap_suite,
+                policy={"allowed_paths": tuple(allow_path)} if allow_path else None,
             )
         )
     labels = ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())) or "none"

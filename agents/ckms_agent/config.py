@@ -9,6 +9,12 @@ only ever sees an :class:`AgentConfig`.
 ``CKMS_AGENT_CONFIG`` (the file's path) and ``CKMS_AGENT_FAULT`` (fault injection) are not
 fields and are ignored here; so are other unknown ``CKMS_AGENT_*`` variables, while an unknown
 key in the file is an error (a typo in a pinned setting must not pass silently).
+
+The file also holds the **host's policy**, which the controller cannot change: the directories
+keys may be installed under (``allowed_paths``), the users and groups key files may be given
+(``allowed_owners``, ``allowed_groups``), and the commands behind the hook names install specs
+use (``[hooks.<name>]``). Running as root, the agent refuses a config file that someone other
+than root owns or may write, since whoever writes it decides what the agent does as root.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ckms._exposition import parse_listen
 from ckms.crypto import WrapSuite, signer_key_id
 from ckms.errors import ConfigError
-from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Targets
+from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, HOOK_NAME_RE, Targets
 from ckms_agent.files import InstallError, write_atomic
 
 ENV_PREFIX = "CKMS_AGENT_"
@@ -44,7 +50,51 @@ STATE_DB_FILE = "state.db"
 _FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+DEFAULT_ALLOWED_PATHS = (Path("/etc/ckms/keys"), Path("/var/lib/ckms/keys"))
+MAX_HOOK_TIMEOUT_S = 600.0
+
 Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+POLICY_FIELDS = (
+    "allowed_paths",
+    "allowed_owners",
+    "allowed_groups",
+    "hooks",
+    "allow_controller_commands",
+)
+"""The settings that are the host's policy: kept across re-enrollment, never from the wire."""
+
+
+def _argv(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if value is not None and (not value or not value[0] or any("\x00" in a for a in value)):
+        raise ValueError("a hook command is a non-empty argv list (no NUL)")
+    return value
+
+
+class HookCommand(BaseModel):
+    """One hook the host defines: what its reload and health check run, as whom, for how long.
+
+    Commands are argv lists, never run through a shell. ``user`` (default: the agent's own
+    user) runs them with that user's uid, primary group and no supplementary groups.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reload: tuple[str, ...] | None = None
+    health: tuple[str, ...] | None = None
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_HOOK_TIMEOUT_S)
+    user: str | None = Field(default=None, min_length=1, max_length=32)
+
+    @field_validator("reload", "health")
+    @classmethod
+    def _check_argv(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _argv(value)
+
+    @model_validator(mode="after")
+    def _something(self) -> HookCommand:
+        if self.reload is None and self.health is None:
+            raise ValueError("a hook defines a reload command, a health check, or both")
+        return self
 
 
 class AgentConfig(BaseModel):
@@ -97,6 +147,45 @@ class AgentConfig(BaseModel):
                 parse_listen(value, loopback_only=True)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+    allowed_paths: tuple[Path, ...] = DEFAULT_ALLOWED_PATHS
+    """Directories keys may be installed under (paths as the controller names them, before
+    ``root``); an install spec resolving elsewhere is refused and acked ``failed``."""
+    allowed_owners: tuple[str, ...] = ()
+    """Users key files may be given besides root (an install spec naming another is refused)."""
+    allowed_groups: tuple[str, ...] = ()
+    """Groups key files may be given besides root's."""
+    hooks: dict[str, HookCommand] = Field(default_factory=dict)
+    """The commands behind the hook names install specs use (``[hooks.<name>]``)."""
+    allow_controller_commands: bool = False
+    """Run reload/health commands the controller supplies as argv (legacy; off: refused)."""
+
+    @field_validator("allowed_paths")
+    @classmethod
+    def _check_allowed(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for path in value:
+            text = str(path)
+            if not path.is_absolute() or any(p in (".", "..") for p in text.split("/")):
+                raise ValueError(f"{text!r} must be an absolute path without '.' or '..'")
+            if path == Path("/"):
+                raise ValueError("'/' cannot be an allowed path (name the key directories)")
+        return value
+
+    @field_validator("allowed_owners", "allowed_groups")
+    @classmethod
+    def _check_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.match(r"^(?:[a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$", name):
+                raise ValueError(f"invalid user or group name {name!r}")
+        return value
+
+    @field_validator("hooks")
+    @classmethod
+    def _check_hook_names(cls, value: dict[str, HookCommand]) -> dict[str, HookCommand]:
+        for name in value:
+            if not HOOK_NAME_RE.match(name):
+                raise ValueError(
+                    f"invalid hook name {name!r} (lowercase letters, digits, '.', '_', '-')"
+                )
         return value
 
     @field_validator("host_id")
@@ -210,6 +299,13 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if field == "labels":
             out[field] = parse_labels(value, name)
+        elif field in ("allowed_paths", "allowed_owners", "allowed_groups"):
+            out[field] = [part.strip() for part in value.split(",") if part.strip()]
+        elif field == "hooks":
+            try:
+                out[field] = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a JSON object of hooks") from None
         elif field in ("root", "default_max_staleness_s") and not value.strip():
             out[field] = None
         else:
@@ -231,9 +327,10 @@ def parse_labels(text: str, source: str = "labels") -> dict[str, str]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse the TOML file (missing file: ConfigError naming it)."""
+    """Parse the TOML file (missing file: ConfigError naming it; unsafe owner or mode too)."""
     try:
         with path.open("rb") as src:
+            _check_owner(path, os.fstat(src.fileno()))
             return tomllib.load(src)
     except FileNotFoundError:
         raise ConfigError(
@@ -243,6 +340,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read agent config {path}: {exc.strerror}") from None
+
+
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """As root, refuse a config that another user owns or that group or others may write."""
+    if os.geteuid() != 0:
+        return
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise ConfigError(
+            f"agent config {path} must be owned by root and writable by root only (owner uid "
+            f"{st.st_uid}, mode {st.st_mode & 0o777:#o}): it decides what the agent does as root"
+        )
 
 
 def build_config(
@@ -288,23 +396,40 @@ def _describe(exc: ValidationError, *, env_fields: set[str], source: str) -> str
 
 
 def dump_toml(values: Mapping[str, Any]) -> str:
-    """Write flat settings (strings, numbers, booleans, paths, one level of str tables) as TOML.
+    """Write settings (scalars, lists, tables, one level of sub-tables) as TOML.
 
-    The stdlib reads TOML but does not write it; the config is flat, so a small writer whose
+    The stdlib reads TOML but does not write it; the config is simple, so a small writer whose
     output ``tomllib`` reads back exactly is enough (JSON string escapes are valid TOML).
     """
     lines = ["# ckms-agent configuration, written by `ckms-agent enroll`. Pinned trust below:"]
-    lines.append("# changing it by hand means trusting another controller.")
+    lines.append("# changing it by hand means trusting another controller. allowed_paths,")
+    lines.append("# allowed_owners, allowed_groups and [hooks.<name>] are this host's policy.")
     tables: list[str] = []
     for name, value in values.items():
         if value is None:
             continue
         if isinstance(value, Mapping):
-            tables.append(f"\n[{name}]")
-            tables.extend(f"{_toml_str(k)} = {_toml_value(v)}" for k, v in value.items())
+            tables.extend(_toml_table(name, value))
         else:
             lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines + tables) + "\n"
+
+
+def _toml_table(name: str, table: Mapping[str, Any]) -> list[str]:
+    head = [f"\n[{name}]"]
+    plain = [f"{_toml_str(k)} = {_toml_value(v)}" for k, v in table.items() if not _nested(v)]
+    out = head + plain if plain or not table else []
+    for key, sub in table.items():
+        if _nested(sub):
+            out.append(f"\n[{name}.{_toml_str(key)}]")
+            out.extend(
+                f"{_toml_str(k)} = {_toml_value(v)}" for k, v in sub.items() if v is not None
+            )
+    return out
+
+
+def _nested(value: Any) -> bool:
+    return isinstance(value, Mapping)
 
 
 def _toml_str(text: str) -> str:
@@ -312,6 +437,8 @@ def _toml_str(text: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

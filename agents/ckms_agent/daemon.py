@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -75,6 +76,7 @@ from ckms_agent.installer import Installer
 from ckms_agent.keyops import KeyOps, Trigger, critical
 from ckms_agent.metrics import AgentMetrics
 from ckms_agent.plan import plan_changes
+from ckms_agent.policy import HostPolicy
 from ckms_agent.state import AgentState
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,10 @@ class Agent:
         self._clock = clock
         self._keys = keys
         self._signer_key_id: str | None = None
-        self._installer = Installer(host_id=config.host_id, root=config.root)
+        self._installer = Installer(
+            host_id=config.host_id, root=config.root, policy=HostPolicy.from_config(config)
+        )
+        self._revocations: dict[str, asyncio.Task[None]] = {}
         self._state: AgentState | None = None
         self._rpc: RpcClient | None = None
         self._acks: AckPublisher | None = None
@@ -204,13 +209,26 @@ class Agent:
                     connect_timeout_s=min(cfg.rpc_timeout_s, 10.0),
                 )
                 log.info(
-                    "agent starting host=%s controller=%s:%d",
+                    "agent starting host=%s controller=%s:%d allowed_paths=%s hooks=%s",
                     cfg.host_id,
                     cfg.controller_host,
                     cfg.controller_port,
+                    [str(p) for p in cfg.allowed_paths],
+                    sorted(cfg.hooks),
                 )
+                if cfg.allow_controller_commands:
+                    log.warning(
+                        "allow_controller_commands is on: the controller (and anyone who can "
+                        "change an install spec there) can run any command on this host as %s",
+                        "root" if os.geteuid() == 0 else f"uid {os.geteuid()}",
+                    )
                 await self._task_group()
             finally:
+                pending = list(self._revocations.values())
+                if pending:  # each finishes its file work first (a critical section)
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
                 if self._rpc is not None:
                     await self._rpc.close()
                 self._state = None
@@ -539,20 +557,46 @@ class Agent:
                 Trigger(decision.key, event.id, dict(decision.digests), versions)
             )
             return
+        key, versions = decision.key, decision.versions
+        self.ops.note_revoked(key, versions)
+        busy = self._revocations.get(key)
+        if busy is None and not self.ops.lock(key).locked():
+            await self._revoke(key, versions, decision.primary_version, event.id)
+            return
+        # The key is being changed (a reload may hang until its timeout): its revocation waits
+        # for that, the events of every other key go on. Tombstones already stop a reinstall.
+        log.info("key=%s busy: its revocation (event %s) runs when the change ends", key, event.id)
+
+        async def after_busy() -> None:
+            if busy is not None:
+                with contextlib.suppress(BaseException):
+                    await busy
+            await self._revoke(key, versions, decision.primary_version, event.id)
+
+        task = asyncio.create_task(after_busy(), name=f"revoke {key}")
+        self._revocations[key] = task
+        task.add_done_callback(lambda t: self._revocation_done(key, t))
+
+    def _revocation_done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._revocations.get(key) is task:
+            del self._revocations[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("key=%s revocation failed: %s", key, task.exception())
+            self._request_reconcile()
+
+    async def _revoke(
+        self, key: str, versions: tuple[int, ...], primary: int | None, event_id: str
+    ) -> None:
         try:
-            settled = await critical(
-                self.ops.revoke(decision.key, decision.versions, decision.primary_version, event.id)
-            )
+            settled = await critical(self.ops.revoke(key, versions, primary, event_id))
         except StoreError:
             raise
         except CKMSError as exc:
-            log.error(
-                "key=%s host=%s revocation not applied: %s", decision.key, self.config.host_id, exc
-            )
+            log.error("key=%s host=%s revocation not applied: %s", key, self.config.host_id, exc)
             settled = False
         if not settled:
             # Removed more than revoked (fail closed), or a primary to fetch: ask the controller.
-            self._request_reconcile(Trigger(decision.key, event.id))
+            self._request_reconcile(Trigger(key, event_id))
 
     async def _host_revoked(self, event: Envelope) -> None:
         """This host's identity was revoked: drop every key, ack, and stop for good."""

@@ -6,7 +6,9 @@ and calls ``enroll``. The reply names the host id, its labels, the controller's 
 key, the Kafka settings and the controller's last event ``seq`` (events at or below it predate
 this enrollment and are dropped); all of it is pinned in the config file (mode 0600). Keys and
 config are written only after the controller accepted the token, so a refused attempt leaves
-nothing behind; an existing enrollment is never overwritten without ``force``.
+nothing behind; an existing enrollment is never overwritten without ``force``. The host's own
+policy (allowed paths, owners, hooks) never comes from the controller: it is what the host's
+admin passes here, and a re-enrollment keeps whatever the existing config file says.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -25,9 +29,11 @@ from ckms.ssh import RpcClient
 from ckms_agent.config import (
     DIGEST_KEY_FILE,
     IDENTITY_KEY_FILE,
+    POLICY_FIELDS,
     STATE_DB_FILE,
     WRAPPING_KEY_FILE,
     AgentConfig,
+    read_config_file,
     write_config,
 )
 from ckms_agent.files import secure_remove, sweep_temp_files, write_atomic
@@ -61,10 +67,19 @@ async def enroll(
     force: bool = False,
     wrap_suite: WrapSuite = WrapSuite.X25519,
     connect_timeout_s: float = 10.0,
+    policy: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
-    """Enroll this host with the controller and write its keys and config; return the config."""
+    """Enroll this host with the controller and write its keys and config; return the config.
+
+    ``policy`` sets host-policy settings (:data:`~ckms_agent.config.POLICY_FIELDS`); the rest
+    of the host policy comes from the existing config file, else the defaults.
+    """
     if not 16 <= len(token) <= 256:
         raise ConfigError("the enrollment token must be 16 to 256 characters")
+    unknown = sorted(set(policy or {}) - set(POLICY_FIELDS))
+    if unknown:
+        raise ConfigError(f"not host-policy settings: {', '.join(unknown)}")
+    host_policy = {**_existing_policy(config_path), **(policy or {})}
     state_dir, root = _absolute(state_dir), _absolute(root) if root is not None else None
     identity_path = state_dir / IDENTITY_KEY_FILE
     wrapping_path = state_dir / WRAPPING_KEY_FILE
@@ -97,8 +112,14 @@ async def enroll(
                 state_dir=state_dir,
                 root=root,
                 wrap_suite=wrap_suite,
+                **host_policy,
             )
         except ValidationError as exc:
+            bad = {str(e["loc"][0]) for e in exc.errors(include_input=False) if e.get("loc")}
+            if bad & set(POLICY_FIELDS):
+                raise ConfigError(
+                    f"invalid host policy ({', '.join(sorted(bad & set(POLICY_FIELDS)))})"
+                ) from None
             fields = ", ".join(
                 str(e["loc"][0]) if e.get("loc") else "reply"
                 for e in exc.errors(include_input=False)
@@ -123,6 +144,14 @@ async def enroll(
     write_config(config_path, config)
     log.info("enrolled host=%s labels=%s config=%s", config.host_id, config.labels, config_path)
     return config
+
+
+def _existing_policy(config_path: Path) -> dict[str, Any]:
+    """The host-policy settings of an existing config file (none if there is no file)."""
+    if not config_path.exists():
+        return {}
+    values = read_config_file(config_path)
+    return {k: values[k] for k in POLICY_FIELDS if k in values}
 
 
 def _absolute(path: Path) -> Path:

@@ -6,9 +6,13 @@ Which files a key produces follows its install spec:
 - ``keyring-json``: one file with every usable version, the primary marked;
 - any other format: one file with the primary version.
 
-``apply`` writes every file atomically, removes files the key no longer produces, then runs the
-reload command and the health check. If either fails, the previous files are put back, reload
-runs once more, and the outcome is ``failed`` with the hooks' output.
+Before anything is written, the host's policy (:mod:`ckms_agent.policy`) must allow the spec:
+every path under an allowed root, owner and group allowed, every hook named defined here.
+``apply`` then writes every file atomically (through directory descriptors from the allowed
+root, :mod:`ckms_agent.files`), removes files the key no longer produces, and runs the reload
+hook and the health check. If either fails, the previous files are put back (only bytes this
+agent wrote, read back without following links), reload runs once more, and the outcome is
+``failed`` with the hooks' names and exit statuses (their output stays in the local log).
 """
 
 from __future__ import annotations
@@ -17,15 +21,25 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckms.crypto import InstallFormat, KeyringEntry, KeyType, encode_for_install, encode_keyring
 from ckms.errors import CKMSError
 from ckms.protocol import AckStatus, HookResult, InstallSpec
-from ckms_agent.files import InstallError, read_if_exists, secure_remove, write_atomic
-from ckms_agent.hooks import hook_ok, run_hook
+from ckms_agent.files import (
+    InstallError,
+    digest_of,
+    open_directory,
+    read_at,
+    remove_at,
+    resolve_ids,
+    sweep_at,
+    write_at,
+)
+from ckms_agent.hooks import Hook, hook_ok, run_hook
+from ckms_agent.policy import HostPolicy, PolicyRefusal
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +66,44 @@ class ApplyOutcome:
 
 
 class Installer:
-    """Writes keys under an optional root directory (a stand-in for ``/`` in tests and demos)."""
+    """Writes keys where this host allows, under an optional root (``/`` in tests and demos)."""
 
-    def __init__(self, *, host_id: str, root: Path | None = None) -> None:
+    def __init__(
+        self, *, host_id: str, root: Path | None = None, policy: HostPolicy | None = None
+    ) -> None:
         self.host_id = host_id
         self.root = root
+        self.policy = policy if policy is not None else HostPolicy()
 
     def host_path(self, path: str) -> Path:
         """Map an install path onto this host (prefixing the root directory when set)."""
         if self.root is None:
             return Path(path)
         return self.root / path.lstrip("/")
+
+    def _spec_path(self, host_path: Path) -> str:
+        if self.root is None:
+            return str(host_path)
+        return "/" + str(host_path.relative_to(self.root))
+
+    def locate(self, path: Path) -> tuple[Path, tuple[str, ...], str]:
+        """The allowed root (on this host) holding ``path``, the directories below it, the name.
+
+        Raises PolicyRefusal when ``path`` is outside every allowed root.
+        """
+        try:
+            spec_path = self._spec_path(path)
+        except ValueError:
+            raise PolicyRefusal(f"{path} is outside this agent's root {self.root}") from None
+        allowed, rest = self.policy.allowed_root(spec_path)
+        return self.host_path(str(allowed)), rest[:-1], rest[-1]
+
+    def check(self, spec: InstallSpec, paths: Iterable[Path]) -> list[Hook]:
+        """Refuse (PolicyRefusal) what this host does not allow; return the hooks to run."""
+        hooks = self.policy.check_spec(spec)
+        for path in paths:
+            self.locate(path)
+        return hooks
 
     def render(
         self, key_name: str, key_type: str, spec: InstallSpec, versions: Sequence[HeldVersion]
@@ -93,94 +134,166 @@ class Installer:
             )
         }
 
+    # -- files, always through directory descriptors from the allowed root --------------------
+
+    def read(self, path: Path) -> bytes | None:
+        """The bytes of a key file (None when absent); links and special files are refused."""
+        root, parts, name = self.locate(path)
+        try:
+            with open_directory(root, parts) as fd:
+                return read_at(fd, name, str(path))
+        except FileNotFoundError:
+            return None
+
+    def write(self, path: Path, data: bytes, spec: InstallSpec) -> None:
+        """Write one key file atomically, creating its directories below the allowed root."""
+        uid, gid = resolve_ids(spec.owner, spec.group)
+        root, parts, name = self.locate(path)
+        with open_directory(root, parts, create_mode=spec.dir_mode, gid=gid) as fd:
+            write_at(fd, name, data, shown=str(path), mode=spec.mode, uid=uid, gid=gid)
+
+    def unlink(self, path: Path) -> bool:
+        """Overwrite and remove one key file; False when it was absent."""
+        root, parts, name = self.locate(path)
+        try:
+            with open_directory(root, parts) as fd:
+                return remove_at(fd, name, str(path))
+        except FileNotFoundError:
+            return False
+
+    def sweep(self, directory: Path, names: Iterable[str] | None = None) -> list[str]:
+        """Remove temp files a crash left in a key directory (only ``names``' when given)."""
+        root, parts, last = self.locate(directory / "_")
+        del last
+        try:
+            with open_directory(root, parts) as fd:
+                return sweep_at(fd, str(directory), names)
+        except FileNotFoundError:
+            return []
+        except CKMSError as exc:
+            log.warning("temp files in %s not swept: %s", directory, exc)
+            return []
+
+    def hash_files(self, paths: Iterable[Path]) -> dict[Path, str]:
+        """SHA-256 (hex) of each key file as it is now on disk."""
+        out: dict[Path, str] = {}
+        for path in paths:
+            digest = digest_of(self.read(path))
+            if digest is None:
+                raise InstallError(f"cannot read back {path}: it is missing")
+            out[path] = digest
+        return out
+
+    def files_match(self, files: Mapping[Path, str]) -> bool:
+        """True when every file still exists with the hash recorded when it was written."""
+        for path, expected in files.items():
+            try:
+                if digest_of(self.read(path)) != expected:
+                    return False
+            except (OSError, CKMSError):
+                return False
+        return True
+
+    # -- install and remove --------------------------------------------------------------------
+
     async def apply(
         self,
         key_name: str,
         key_type: str,
         spec: InstallSpec,
         versions: Sequence[HeldVersion],
-        previous_paths: Iterable[Path] = (),
+        previous: Mapping[Path, str] | Iterable[Path] = (),
     ) -> ApplyOutcome:
-        """Install ``versions`` of one key; on any failure put the previous files back."""
+        """Install ``versions`` of one key; on any failure put the previous files back.
+
+        ``previous`` maps the files the key had to the digests this agent wrote them with;
+        only bytes matching those come back on a rollback (others are removed instead).
+        """
         try:
             files = self.render(key_name, key_type, spec, versions)
         except CKMSError as exc:
             return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
-        stale = [p for p in previous_paths if p not in files]
-        backup = {p: read_if_exists(p) for p in [*files, *stale]}
+        wrote = dict(previous) if isinstance(previous, Mapping) else None
+        earlier = list(wrote) if wrote is not None else list(previous)
+        stale = [p for p in earlier if p not in files]
+        try:
+            hooks = self.check(spec, files)
+            backup = {p: self._backup(p, wrote) for p in [*files, *stale]}
+        except CKMSError as exc:
+            log.error("install of %s refused: %s", key_name, exc)
+            return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
         try:
             for path, data in files.items():
-                self._write(path, data, spec)
+                self.write(path, data, spec)
             for path in stale:
-                secure_remove(path)
+                self.unlink(path)
         except CKMSError as exc:
             self._restore(backup, spec)
             log.error("install of %s failed: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, sorted(backup_paths(backup)), error=str(exc))
-        hooks = await self._run_hooks(spec)
-        if all(hook_ok(h) for h in hooks):
+        results = await self._run_hooks(hooks)
+        if all(hook_ok(h) for h in results):
             status = AckStatus.INSTALLED if files else AckStatus.REMOVED
-            return ApplyOutcome(status, sorted(files), hooks)
-        failed = next(h for h in hooks if not hook_ok(h))
+            return ApplyOutcome(status, sorted(files), results)
+        failed = next(h for h in results if not hook_ok(h))
+        shown = f"{failed.command} hook {failed.name!r}" if failed.name else f"{failed.command}"
         log.error(
-            "%s hook failed for %s (exit=%s timed_out=%s); restoring the previous files",
-            failed.command,
+            "%s failed for %s (exit=%s timed_out=%s); restoring the previous files",
+            shown,
             key_name,
             failed.exit_code,
             failed.timed_out,
         )
         self._restore(backup, spec)
-        if spec.reload:
-            hooks.append(
-                await run_hook("reload", spec.reload.argv, timeout_s=spec.reload.timeout_s)
-            )
+        results.extend([await run_hook(h) for h in hooks if h.kind == "reload"])
         return ApplyOutcome(
             AckStatus.FAILED,
             sorted(backup_paths(backup)),
-            hooks,
-            error=f"{failed.command} hook failed; previous version restored",
+            results,
+            error=f"{shown} failed; previous version restored",
         )
+
+    def _backup(self, path: Path, wrote: Mapping[Path, str] | None) -> bytes | None:
+        """What to put back at ``path`` on a rollback: only bytes this agent wrote there."""
+        data = self.read(path)
+        if data is not None and wrote is not None and digest_of(data) != wrote.get(path):
+            log.warning("%s is not what this agent wrote there; a rollback removes it", path)
+            return None
+        return data
 
     async def remove(self, spec: InstallSpec | None, paths: Iterable[Path]) -> ApplyOutcome:
-        """Remove a key's files from this host (overwrite, unlink) and run its reload command."""
+        """Remove a key's files from this host (overwrite, unlink) and run its reload hook.
+
+        Removal never depends on the hooks: one the host does not allow is skipped (logged).
+        """
         try:
             for path in paths:
-                secure_remove(path)
+                self.unlink(path)
         except CKMSError as exc:
             return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
-        hooks: list[HookResult] = []
-        if spec is not None and spec.reload:
-            hooks.append(
-                await run_hook("reload", spec.reload.argv, timeout_s=spec.reload.timeout_s)
-            )
-        return ApplyOutcome(AckStatus.REMOVED, [], hooks)
+        hooks: list[Hook] = []
+        if spec is not None:
+            try:
+                hooks = [h for h in self.policy.hooks_for(spec) if h.kind == "reload"]
+            except PolicyRefusal as exc:
+                log.warning("key files removed; reload skipped: %s", exc)
+        return ApplyOutcome(AckStatus.REMOVED, [], [await run_hook(h) for h in hooks])
 
-    async def _run_hooks(self, spec: InstallSpec) -> list[HookResult]:
-        hooks: list[HookResult] = []
-        if spec.reload:
-            hooks.append(
-                await run_hook("reload", spec.reload.argv, timeout_s=spec.reload.timeout_s)
-            )
-            if not hook_ok(hooks[-1]):
-                return hooks
-        if spec.health:
-            hooks.append(
-                await run_hook("health", spec.health.argv, timeout_s=spec.health.timeout_s)
-            )
-        return hooks
-
-    def _write(self, path: Path, data: bytes, spec: InstallSpec) -> None:
-        write_atomic(
-            path, data, mode=spec.mode, owner=spec.owner, group=spec.group, dir_mode=spec.dir_mode
-        )
+    async def _run_hooks(self, hooks: Sequence[Hook]) -> list[HookResult]:
+        results: list[HookResult] = []
+        for hook in hooks:
+            results.append(await run_hook(hook))
+            if not hook_ok(results[-1]):
+                break
+        return results
 
     def _restore(self, backup: dict[Path, bytes | None], spec: InstallSpec) -> None:
         for path, data in backup.items():
             try:
                 if data is None:
-                    secure_remove(path)
+                    self.unlink(path)
                 else:
-                    self._write(path, data, spec)
+                    self.write(path, data, spec)
             except CKMSError as exc:
                 log.error("could not restore %s: %s", path, exc)
 
@@ -190,16 +303,25 @@ def backup_paths(backup: dict[Path, bytes | None]) -> list[Path]:
     return [p for p, data in backup.items() if data is not None]
 
 
-def read_keyring(paths: Sequence[Path]) -> dict[int, bytes]:
+def read_keyring(
+    paths: Sequence[Path], read: Callable[[Path], bytes | None] | None = None
+) -> dict[int, bytes]:
     """The versions of a keyring file that :meth:`Installer.render` wrote (the reverse of
-    :func:`~ckms.crypto.encode_keyring`); empty if every path is missing or malformed."""
+    :func:`~ckms.crypto.encode_keyring`); empty if every path is missing or malformed.
+
+    ``read`` is how the file is read (the agent passes :meth:`Installer.read`, which follows no
+    link); without it, the path is read as is (tests, tools).
+    """
     for path in paths:
         try:
-            ring = json.loads(path.read_bytes())
+            data = read(path) if read is not None else path.read_bytes()
+            if data is None:
+                continue
+            ring = json.loads(data)
             return {
                 int(entry["version"]): base64.b64decode(entry["material"], validate=True)
                 for entry in ring["versions"]
             }
-        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error, CKMSError):
             continue
     return {}

@@ -1,9 +1,10 @@
 """Changing this host's keys: apply a reconcile plan, revoke locally, remove; record and ack.
 
-:class:`KeyOps` is what the daemon's loops call to touch key files. Every change holds one lock
-(the agent never writes key files concurrently, so sweeping temp files beside them is safe),
-runs as a critical section (a stop lands after the state DB and the acks match the files), and
-ends in acks queued in the state DB:
+:class:`KeyOps` is what the daemon's loops call to touch key files. Every change holds its
+key's lock (one key's files are never written concurrently; a sweep only touches temp files of
+the key being changed, so other keys may change meanwhile, and a reload that hangs on one key
+holds up no revocation of another), runs as a critical section (a stop lands after the state DB
+and the acks match the files), and ends in acks queued in the state DB:
 
 - **execute** a :class:`~ckms_agent.plan.KeyPlan`: fetch what is needed through the daemon's
   connection, unwrap it with the wrapping key, keep it only if it matches every digest the
@@ -44,7 +45,6 @@ from ckms.protocol import (
     InstallSpec,
 )
 from ckms_agent.acks import AckWriter
-from ckms_agent.files import files_match, hash_files, sweep_temp_files
 from ckms_agent.installer import ApplyOutcome, HeldVersion, Installer, read_keyring
 from ckms_agent.plan import (
     Action,
@@ -132,7 +132,7 @@ class KeyOps:
         self._host = host_id
         self._request_reconcile = request_reconcile
         self._clock = clock
-        self.lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
         self.tombstones: set[tuple[str, int]] = set()
         """Versions revoked by events in this run; never (re)installed from an older reply."""
         self.failed_at: dict[str, float] = {}
@@ -143,13 +143,20 @@ class KeyOps:
         self._materials: dict[tuple[str, int], tuple[str, bytes]] = {}
         self._swept: set[Path] = set()
 
+    def lock(self, name: str) -> asyncio.Lock:
+        """The lock held while one key's files change."""
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
     async def held_report(self) -> HeldReport:
         """What is intact on disk (file hashes match what was written) and which keys drifted."""
         records = await self._state.keys()
         installed: list[InstalledVersion] = []
         drifted: set[str] = set()
         for record in records.values():
-            if not files_match(record.files):  # key files are small: a thread hop costs more
+            if not self._installer.files_match(record.files):  # small files: no thread hop
                 drifted.add(record.name)
                 continue
             installed.extend(
@@ -243,6 +250,22 @@ class KeyOps:
         desired = plan.desired
         assert desired is not None
         needed = needed_versions(desired.install, desired.versions)
+        refused = self._refused(plan.key, desired.install, needed)
+        if refused is not None:
+            # This host's own policy says no: nothing is fetched or written, the operator sees
+            # why in the fleet view, and it is tried again only when the key changes.
+            log.error(
+                "key=%s host=%s refused by this host's policy: %s", plan.key, self._host, refused
+            )
+            self._note_failure(desired)
+            return await self._acks.ack_all(
+                plan.key,
+                plan.changed or tuple(v.version for v in needed),
+                AckStatus.FAILED,
+                started=started,
+                event_id=event_id,
+                error=refused,
+            )
         want = {*plan.fetch, *(v.version for v in needed if not self._cached(plan.key, v))}
         by_version = {v.version: v for v in desired.versions}
         try:
@@ -273,7 +296,7 @@ class KeyOps:
         desired = plan.desired
         assert desired is not None
         name = plan.key
-        async with self.lock:
+        async with self.lock(name):
             record = await self._state.key(name)
             if record != planned_from:
                 # A revocation (or staleness) changed this key while fetching: plan again.
@@ -310,7 +333,7 @@ class KeyOps:
                         event_id=event_id,
                         error=outcome.error,
                     )
-                files = hash_files(outcome.paths)
+                files = self._installer.hash_files(outcome.paths)
                 if not changed:
                     changed = [v.version for v in versions if v.primary][:1]
             new_record = KeyRecord(
@@ -369,11 +392,24 @@ class KeyOps:
                 return ApplyOutcome(AckStatus.FAILED, [], error=f"material of v{v.version} missing")
             held.append(HeldVersion(v.version, str(v.state), v.primary, v.digest, cached[1]))
         self._sweep_targets(spec, name, [v.version for v in versions])
-        previous = record.paths if record is not None else []
+        previous = record.files if record is not None else {}
         try:
-            return await self._installer.apply(name, key_type, spec, held, previous_paths=previous)
+            return await self._installer.apply(name, key_type, spec, held, previous=previous)
         except ValueError as exc:  # an unknown key type or format reaches render()
             return ApplyOutcome(AckStatus.FAILED, [], error=f"cannot install {name}: {exc}")
+
+    def _refused(
+        self, name: str, spec: InstallSpec, needed: Sequence[DesiredVersion]
+    ) -> str | None:
+        """Why this host's policy refuses the key's install spec (None: it allows it)."""
+        paths = [
+            self._installer.host_path(spec.render_path(name, v.version, self._host)) for v in needed
+        ]
+        try:
+            self._installer.check(spec, paths)
+        except CKMSError as exc:
+            return str(exc)
+        return None
 
     def _cached(self, name: str, version: DesiredVersion) -> bool:
         cached = self._materials.get((name, version.version))
@@ -382,7 +418,7 @@ class KeyOps:
     async def _remove_key(
         self, record: KeyRecord, started: float, event_id: str | None, reason: str
     ) -> set[int]:
-        async with self.lock:
+        async with self.lock(record.name):
             current = await self._state.key(record.name)
             if current is None:
                 return set()
@@ -433,6 +469,12 @@ class KeyOps:
         for cache_key in [k for k in self._materials if k[0] == name]:
             del self._materials[cache_key]
 
+    def note_revoked(self, name: str, versions: Iterable[int]) -> None:
+        """Remember revoked versions at once (never installed again, material dropped)."""
+        for version in versions:
+            self.tombstones.add((name, version))
+            self._materials.pop((name, version), None)
+
     async def revoke(
         self, name: str, versions: Sequence[int], primary_version: int | None, event_id: str
     ) -> bool:
@@ -444,10 +486,8 @@ class KeyOps:
         """
         started = time.monotonic()
         revoked = set(versions)
-        self.tombstones.update((name, v) for v in revoked)
-        for version in revoked:
-            self._materials.pop((name, version), None)
-        async with self.lock:
+        self.note_revoked(name, revoked)
+        async with self.lock(name):
             record = await self._state.key(name)
             if record is None:
                 return True
@@ -487,7 +527,7 @@ class KeyOps:
                 if outcome is None or outcome.status is AckStatus.FAILED:
                     await self._remove_all(record, started, event_id, "revoked")
                     return False
-                files = hash_files(outcome.paths)
+                files = self._installer.hash_files(outcome.paths)
             await self._state.put_key(
                 replace(
                     record,
@@ -539,7 +579,7 @@ class KeyOps:
         ]
         try:
             return await self._installer.apply(
-                record.name, record.key_type, spec, held, previous_paths=record.paths
+                record.name, record.key_type, spec, held, previous=record.files
             )
         except ValueError:
             return None
@@ -556,7 +596,7 @@ class KeyOps:
                 out[v.version] = cached[1]
                 continue
             if record.spec.format is InstallFormat.KEYRING_JSON and ring is None:
-                ring = read_keyring(record.paths)
+                ring = read_keyring(record.paths, self._installer.read)
             material = (ring or {}).get(v.version)
             if material is None or self._digest(material) != v.digest:
                 return None
@@ -592,41 +632,51 @@ class KeyOps:
         started = time.monotonic()
 
         async def drop_all() -> None:
-            async with self.lock:
-                for record in (await self._state.keys()).values():
-                    await self._remove_all(record, started, event_id, "host revoked")
-                self._materials.clear()
-                await self._state.set_revoked(True)
+            for name in list(await self._state.keys()):
+                async with self.lock(name):
+                    record = await self._state.key(name)
+                    if record is not None:
+                        await self._remove_all(record, started, event_id, "host revoked")
+            self._materials.clear()
+            await self._state.set_revoked(True)
 
         await critical(drop_all())
 
     async def remove_stale(self, name: str, age: float) -> None:
         """Remove one stale key (acked ``removed`` with the reason)."""
         started = time.monotonic()
-        async with self.lock:
+        async with self.lock(name):
             record = await self._state.key(name)
             if record is not None:
                 reason = f"stale: no controller contact for {age:.0f} s"
                 await self._remove_all(record, started, None, reason, note=reason)
 
     def sweep_held(self, records: dict[str, KeyRecord]) -> None:
+        """At start (before any change runs): remove every temp file beside held keys."""
         for record in records.values():
             for path in record.paths:
-                self._sweep(path.parent)
+                self._sweep(path, whole_directory=True)
 
     def _sweep_targets(self, spec: InstallSpec, name: str, versions: Iterable[int]) -> None:
         for version in versions:
-            path = self._installer.host_path(spec.render_path(name, version, self._host))
-            self._sweep(path.parent)
+            self._sweep(self._installer.host_path(spec.render_path(name, version, self._host)))
 
-    def _sweep(self, directory: Path) -> None:
-        """Remove temp files a crash left (once per directory per run; writes hold the lock)."""
-        if directory in self._swept:
+    def _sweep(self, path: Path, *, whole_directory: bool = False) -> None:
+        """Remove temp files a crash left for ``path`` (once per run; the key's lock is held).
+
+        While the agent runs, only temp files of this key's file names are swept: another
+        key's change may be writing beside it.
+        """
+        if path in self._swept or path.parent in self._swept:
             return
-        self._swept.add(directory)
-        removed = sweep_temp_files(directory)
+        self._swept.add(path.parent if whole_directory else path)
+        try:
+            removed = self._installer.sweep(path.parent, None if whole_directory else [path.name])
+        except CKMSError as exc:
+            log.warning("temp files beside %s not swept: %s", path, exc)
+            return
         if removed:
-            log.warning("removed %d leftover temp file(s) in %s", len(removed), directory)
+            log.warning("removed %d leftover temp file(s) in %s", len(removed), path.parent)
 
     async def _fetch(
         self, fetch: Fetcher, name: str, desired: DesiredVersion, trigger: Trigger | None

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ckms_agent.config import AgentConfig
-from ckms_agent.files import files_match
+from ckms_agent.installer import Installer
 from ckms_agent.plan import is_stale, staleness_limit
+from ckms_agent.policy import HostPolicy
 from ckms_agent.state import AgentState
 
 
@@ -87,6 +88,9 @@ async def collect_status(config: AgentConfig, *, now: float | None = None) -> Ag
             ack_seq=0,
             keys=[],
         )
+    installer = Installer(
+        host_id=config.host_id, root=config.root, policy=HostPolicy.from_config(config)
+    )
     async with AgentState(config.state_db_path) as state:
         last = await state.last_contact()
         records = await state.keys()
@@ -99,7 +103,7 @@ async def collect_status(config: AgentConfig, *, now: float | None = None) -> Ag
                     for v in sorted(r.versions.values(), key=lambda v: v.version)
                 ],
                 paths=[str(p) for p in r.paths],
-                intact=files_match(r.files),
+                intact=installer.files_match(r.files),
                 stale=is_stale(
                     r, last_contact=last, now=now, default=config.default_max_staleness_s
                 ),

@@ -53,8 +53,11 @@ def status(
         out.print(
             table(
                 None,
-                ["host", "state", "versions", "age"],
-                [(h.host, _state(h), _versions(h), age(h.age_s)) for h in fleet.hosts],
+                ["host", "state", "versions", "age", "reason"],
+                [
+                    (h.host, _state(h), _versions(h), age(h.age_s), h.error or "")
+                    for h in fleet.hosts
+                ],
             )
         )
         if fleet.truncated:

@@ -228,8 +228,14 @@ def create(
     owner: Annotated[str | None, typer.Option(help="File owner on the host.")] = None,
     group: Annotated[str | None, typer.Option(help="File group on the host.")] = None,
     mode: Annotated[str | None, typer.Option(help="File mode, octal (default 0600).")] = None,
-    reload: Annotated[str | None, typer.Option(help="Command run after install.")] = None,
-    health: Annotated[str | None, typer.Option(help="Health check run after reload.")] = None,
+    reload: Annotated[
+        str | None,
+        typer.Option(help="Reload hook name; each host's agent config says what it runs."),
+    ] = None,
+    health: Annotated[
+        str | None,
+        typer.Option(help="Health-check hook name (default: the reload hook's own check)."),
+    ] = None,
     length: Annotated[int | None, typer.Option(help="Length of a 'secret' key.", min=1)] = None,
     alphabet: Annotated[str | None, typer.Option(help="Alphabet of a 'secret' key.")] = None,
     as_json: JsonOption = False,
@@ -474,8 +480,8 @@ def targets(
     owner: Annotated[str | None, typer.Option(help="New file owner.")] = None,
     group: Annotated[str | None, typer.Option(help="New file group.")] = None,
     mode: Annotated[str | None, typer.Option(help="New file mode, octal.")] = None,
-    reload: Annotated[str | None, typer.Option(help="New reload command.")] = None,
-    health: Annotated[str | None, typer.Option(help="New health check.")] = None,
+    reload: Annotated[str | None, typer.Option(help="New reload hook name.")] = None,
+    health: Annotated[str | None, typer.Option(help="New health-check hook name.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a key's targets, or replace them (and optionally its install spec)."""

@@ -257,10 +257,11 @@ class AckConsumer:
         if key_id is not None:
             await tx.execute(
                 "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
-                "updated_at, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "updated_at, latency_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(host_id, key_id, version) DO UPDATE SET status = excluded.status, "
                 "digest = excluded.digest, event_id = excluded.event_id, "
-                "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms",
+                "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms, "
+                "error = excluded.error",
                 (
                     host_id,
                     key_id,
@@ -270,6 +271,7 @@ class AckConsumer:
                     ack.event_id,
                     format_time(now),
                     latency_ms,
+                    ack.error if str(ack.status) == "failed" else None,
                 ),
             )
         await audit_log.append(

@@ -53,7 +53,7 @@ async def key_fleet_status(
     key = await lifecycle.get(name)
     targeted = match_hosts(key.targets, await hosts.list())
     rows = await store.fetchall(
-        "SELECT host_id, version, status, digest, updated_at, latency_ms FROM fleet_state "
+        "SELECT host_id, version, status, digest, updated_at, latency_ms, error FROM fleet_state "
         "WHERE key_id = ?",
         (key.id,),
     )
@@ -85,6 +85,14 @@ def _status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
         latency_ms=max(latencies) if latencies else None,
         converged=digests_ok and clean,
         failed=failed,
+        error=next(
+            (
+                r["error"]
+                for r in sorted(rows, key=lambda r: r["updated_at"], reverse=True)
+                if str(r["status"]) == "failed" and r["error"]
+            ),
+            None,
+        ),
     )
 
 
@@ -196,4 +204,5 @@ def _fleet_host(s: HostKeyStatus, now: datetime, *, drift: bool) -> api.FleetHos
         updated_at=s.updated_at,
         age_s=age,
         latency_ms=s.latency_ms,
+        error=s.error,
     )

@@ -681,25 +681,32 @@ class Lifecycle:
         actor: str,
         install: InstallSpec | None = None,
     ) -> Key:
-        """Replace a key's targets (and optionally its install spec)."""
+        """Replace a key's targets (and optionally its install spec).
+
+        The key's environment is pinned for life: targets naming another environment are
+        refused, and targets naming none keep the key's (so ``role=web`` on a prod key means
+        prod hosts with that role).
+        """
 
         async def run(now: datetime) -> Key:
             self._vault.require_unsealed(f"change the targets of {name}")
             async with self._store.write() as tx:
                 key = await _repo.load_key(tx, name)
+                pinned = pin_environment(name, key.targets, targets)
                 spec = install if install is not None else key.install
                 _check_install(key.type, spec)
-                await self._check_env_guard(tx, targets)
-                await _repo.update_key(tx, key.id, now=now, targets=targets, install=spec)
+                await self._check_env_guard(tx, pinned)
+                await _repo.update_key(tx, key.id, now=now, targets=pinned, install=spec)
                 await self._emit(
                     tx,
                     now=now,
                     actor=actor,
                     action="key.set_targets",
                     key=key,
-                    event=KeyTargetsChanged(key=name, key_id=key.id, targets=targets, install=spec),
+                    event=KeyTargetsChanged(key=name, key_id=key.id, targets=pinned, install=spec),
                     details={
-                        "targets": targets.describe(),
+                        "targets": pinned.describe(),
+                        "env": pinned.effective_env,
                         "previous": key.targets.describe(),
                         "install_changed": spec != key.install,
                     },
@@ -720,6 +727,32 @@ class Lifecycle:
                 f"hosts {', '.join(h.id for h in blocked)} are not labelled "
                 f"env={targets.effective_env}; a key of one environment never goes to another"
             )
+
+
+def pin_environment(name: str, current: Targets, new: Targets) -> Targets:
+    """``new`` with the key's environment kept; PolicyError if it names another one.
+
+    A key created for ``env=prod`` never reaches hosts of another environment, however its
+    targets are rewritten later (DESIGN §3): the guard compares the new targets with the key's
+    environment, not only with themselves.
+    """
+    env = current.effective_env
+    if env is None:
+        return new
+    wanted = new.effective_env
+    other = {s["env"] for s in new.selectors if "env" in s and s["env"] != env}
+    if (wanted is not None and wanted != env) or other or (new.env not in (None, env)):
+        shown = wanted or ", ".join(sorted(other)) or str(new.env)
+        raise PolicyError(
+            f"{name} belongs to env={env}; it cannot be retargeted to env={shown} (a key's "
+            "environment is fixed when it is created: create a key for the other environment)"
+        )
+    if wanted == env:
+        return new
+    try:
+        return Targets(selectors=new.selectors, hosts=new.hosts, env=env)
+    except ValueError as exc:
+        raise PolicyError(f"invalid targets for {name}: {exc}") from None
 
 
 def _check_install(key_type: KeyType, spec: InstallSpec) -> None:

@@ -66,6 +66,7 @@ from ckms.protocol._events import (
     event_type_of,
 )
 from ckms.protocol._keyspec import (
+    HOOK_NAME_RE,
     PATH_PLACEHOLDERS,
     HookSpec,
     InstallSpec,
@@ -108,6 +109,7 @@ __all__ = [
     "ENVELOPE_VERSION",
     "EVENTS_TOPIC",
     "EVENT_DATA_MODELS",
+    "HOOK_NAME_RE",
     "KEY_ID_HEADER",
     "MAX_MESSAGE_BYTES",
     "MAX_PREFETCH",

@@ -8,9 +8,9 @@ specs. Every model forbids unknown fields, so a message that grew a field it sho
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ckms.protocol._keyspec import (
     _HOST_ID_RE,
@@ -169,12 +169,25 @@ class AckStatus(StrEnum):
 
 
 class HookResult(_Data):
-    """The outcome of a reload or health-check command (output bounded, never material)."""
+    """The outcome of a reload or health-check hook: its name, exit status and duration.
+
+    A hook's output never leaves the host (it may print anything, key material included); it
+    goes to the agent's local log only.
+    """
 
     command: Literal["reload", "health"]
+    name: str | None = Field(default=None, max_length=64)
     exit_code: int | None
     timed_out: bool = False
-    output: str = Field(default="", max_length=4096)
+    duration_ms: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_output(cls, value: Any) -> Any:
+        # Agents before hook names sent the hook's output; it is dropped here, never kept.
+        if isinstance(value, dict) and "output" in value:
+            return {k: v for k, v in value.items() if k != "output"}
+        return value
 
 
 class Ack(_Data):

@@ -12,7 +12,7 @@ import re
 import shlex
 import string
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -240,9 +240,18 @@ PATH_PLACEHOLDERS = frozenset({"name", "team", "purpose", "version", "host"})
 
 MAX_HOOK_TIMEOUT_S = 600.0
 
+HOOK_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
+HOOK_NAME_RE = re.compile(HOOK_NAME_PATTERN)
+"""A hook name: what the controller may say; the host's own config maps it to a command."""
+HookName = Annotated[str, Field(pattern=HOOK_NAME_PATTERN)]
+
 
 class HookSpec(BaseModel):
-    """A command run on the host after install (reload) or to check it (health), as argv."""
+    """A controller-supplied command (argv) for reload or health: the legacy form.
+
+    Agents refuse it unless their own config sets ``allow_controller_commands = true``; the
+    supported form is a hook *name* that the host's config maps to a command.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -273,6 +282,20 @@ class HookSpec(BaseModel):
         return value
 
 
+def _hook_ref(value: Any) -> Any:
+    """A string names a host hook; a list, tuple or mapping is a legacy controller command."""
+    if isinstance(value, str):
+        if not HOOK_NAME_RE.match(value):
+            raise ValueError(
+                f"hook {value!r} is not a hook name (lowercase letters, digits, '.', '_', '-'); "
+                "the command itself lives in the agent's config under [hooks.<name>]"
+            )
+        return value
+    if isinstance(value, list | tuple):
+        return {"argv": value}
+    return value
+
+
 class InstallSpec(BaseModel):
     """Where and how an agent writes a key version to disk.
 
@@ -280,15 +303,39 @@ class InstallSpec(BaseModel):
     every usable version into one file, so its path must not contain ``{version}``; other
     formats write one file per version when the path contains ``{version}``, else only the
     primary. The file mode may not grant anything to "other" (a key file is never
-    world-readable) and the directory may not be world-writable.
+    world-readable) and is not group-writable unless ``group_write_reason`` says why; the
+    directory is never group- or world-writable (the agent refuses such directories, since
+    whoever can write them can redirect its file operations).
+
+    ``reload`` and ``health`` name hooks that the host's own agent config defines
+    (``[hooks.<name>]``); the controller never decides what runs on a host. The legacy form,
+    a command (:class:`HookSpec`), is refused by agents unless their config allows it.
     """
 
     model_config = ConfigDict(
         frozen=True,
         extra="forbid",
         json_schema_extra={
-            "if": {"properties": {"format": {"const": "keyring-json"}}, "required": ["format"]},
-            "then": {"properties": {"path": {"not": {"pattern": r"\{version\}"}}}},
+            "allOf": [
+                {
+                    "if": {
+                        "properties": {"format": {"const": "keyring-json"}},
+                        "required": ["format"],
+                    },
+                    "then": {"properties": {"path": {"not": {"pattern": r"\{version\}"}}}},
+                },
+                {
+                    "if": {
+                        "properties": {"group_write_reason": {"type": "string"}},
+                        "required": ["group_write_reason"],
+                    },
+                    "else": {
+                        "properties": {
+                            "mode": {"not": {"enum": [m for m in range(0o1000) if m & 0o020]}}
+                        }
+                    },
+                },
+            ]
         },
     )
 
@@ -296,22 +343,24 @@ class InstallSpec(BaseModel):
     format: InstallFormat = InstallFormat.RAW
     owner: str | None = Field(default=None, json_schema_extra=_POSIX_NAME_SCHEMA)
     group: str | None = Field(default=None, json_schema_extra=_POSIX_NAME_SCHEMA)
-    # Owner-readable (0o400), nothing for "other": 0o400..0o770 in steps of 8.
+    # Owner-readable (0o400), nothing for "other": 0o400..0o770 in steps of 8 (group write
+    # only with group_write_reason: see the model's schema above).
     mode: int = Field(
         default=0o600,
         ge=0,
         le=0o777,
         json_schema_extra={"minimum": 0o400, "maximum": 0o770, "multipleOf": 8},
     )
-    # Not world-writable (0o002).
+    # Neither group- nor world-writable (0o022).
     dir_mode: int = Field(
         default=0o700,
         ge=0,
         le=0o777,
-        json_schema_extra={"not": {"enum": [m for m in range(0o1000) if m & 0o002]}},
+        json_schema_extra={"not": {"enum": [m for m in range(0o1000) if m & 0o022]}},
     )
-    reload: HookSpec | None = None
-    health: HookSpec | None = None
+    reload: HookName | HookSpec | None = None
+    health: HookName | HookSpec | None = None
+    group_write_reason: str | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("path")
     @classmethod
@@ -342,10 +391,11 @@ class InstallSpec(BaseModel):
     @field_validator("reload", "health", mode="before")
     @classmethod
     def _hook_shorthand(cls, value: Any, info: ValidationInfo) -> Any:
-        # A bare command (string or argv list) means that command with the default timeout.
-        if _on_wire(info):
+        # On the wire a string is a hook name and an object a (legacy) command; elsewhere an
+        # argv list is accepted as the command too.
+        if _on_wire(info) and not isinstance(value, str):
             return value
-        return {"argv": value} if isinstance(value, str | list | tuple) else value
+        return _hook_ref(value)
 
     @field_validator("owner", "group")
     @classmethod
@@ -360,8 +410,16 @@ class InstallSpec(BaseModel):
             raise ValueError(f"mode {self.mode:#o} grants access to other users")
         if self.mode & 0o400 == 0:
             raise ValueError(f"mode {self.mode:#o} does not let the owner read the key")
-        if self.dir_mode & 0o002:
-            raise ValueError(f"dir_mode {self.dir_mode:#o} is world-writable")
+        if self.mode & 0o020 and self.group_write_reason is None:
+            raise ValueError(
+                f"mode {self.mode:#o} lets the group write the key: set group_write_reason to "
+                "say why, or drop the group write bit"
+            )
+        if self.dir_mode & 0o022:
+            raise ValueError(
+                f"dir_mode {self.dir_mode:#o} is group- or world-writable: whoever can write the "
+                "key directory can swap the key for a link, so agents refuse it"
+            )
         if self.format is InstallFormat.KEYRING_JSON and "{version}" in self.path:
             raise ValueError("a keyring-json file holds every version: drop {version} from path")
         return self

@@ -61,6 +61,13 @@ APPROVAL_OPERATIONS: Final = tuple(ApprovalOperation)
 """Every operation dual control can cover, in a stable order (for messages and help)."""
 
 DEFAULT_APPROVALS: Final[frozenset[ApprovalOperation]] = frozenset(
-    {ApprovalOperation.DESTROY, ApprovalOperation.POLICY, ApprovalOperation.ROLE}
+    {
+        ApprovalOperation.DESTROY,
+        ApprovalOperation.POLICY,
+        ApprovalOperation.TARGETS,
+        ApprovalOperation.ROLE,
+    }
 )
-"""What a policy puts under dual control unless it says otherwise."""
+"""What a policy puts under dual control unless it says otherwise: destroy, policy and role
+changes, and targets or install-spec changes (they decide which hosts get a key and where it
+lands on them)."""

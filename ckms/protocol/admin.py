@@ -409,6 +409,8 @@ class FleetHost(_Reply):
     updated_at: datetime | None = None
     age_s: float | None = None
     latency_ms: float | None = None
+    error: str | None = None
+    """The host's reason for its latest failure (e.g. a path its policy refuses)."""
 
 
 class KeyFleet(_Reply):

@@ -215,8 +215,15 @@ CREATE TABLE consumer_positions (
 (replays are refused), when it was last seen and what it last reported (digests only); and the
 ack consumer's Kafka positions, stored in the same transaction as the acks they cover."""
 
+_FLEET_ERRORS = """
+ALTER TABLE fleet_state ADD COLUMN error TEXT;
+"""
+"""Why a host failed a key (the agent's reason: a path or hook its policy refuses, a failed
+health check), shown by ``ckms fleet status``; never hook output."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
+    Migration(3, "fleet: a host's reason for a failed key", _FLEET_ERRORS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -297,19 +297,15 @@ async def test_a_failing_health_check_restores_the_previous_version(
     controller: Controller, tmp_path: Path
 ) -> None:
     c = controller
-    config = await enroll_agent(c, tmp_path, "web-6", WEB)
-    root = tmp_path / "web-6" / "root"
     gate = tmp_path / "healthy"
     runs = tmp_path / "health-runs"
+    check = f"echo run >> {runs}; test -f {gate} || {{ echo 'service rejected the key'; exit 7; }}"
+    # The host's own config defines what the hook name runs; the key only names it.
+    hooks = {"tls-check": {"health": ["sh", "-c", check]}}
+    config = await enroll_agent(c, tmp_path, "web-6", WEB, hooks=hooks)
+    root = tmp_path / "web-6" / "root"
     gate.write_text("yes")
-    spec = InstallSpec(
-        path="/etc/ckms/{team}/{purpose}.key",
-        health=(
-            "sh",
-            "-c",
-            f"echo run >> {runs}; test -f {gate} || {{ echo 'service rejected the key'; exit 7; }}",
-        ),
-    )
+    spec = InstallSpec(path="/etc/ckms/{team}/{purpose}.key", health="tls-check")
 
     def health_runs() -> int:
         return len(runs.read_text().splitlines()) if runs.exists() else 0
@@ -358,8 +354,11 @@ async def test_a_failing_health_check_restores_the_previous_version(
         for r in await audit_log.load_records(c.store)
         if r.action == "fleet.ack" and r.outcome == "failed"
     ]
-    hooks = failed[-1].details["hooks"]
-    assert any("service rejected the key" in h["output"] for h in hooks)
+    [hook] = failed[-1].details["hooks"]
+    assert (hook["command"], hook["name"], hook["exit_code"]) == ("health", "tls-check", 7)
+    # What the hook printed stayed on the host: in no audit record, no fleet row.
+    every = json.dumps([r.details for r in await audit_log.load_records(c.store)])
+    assert "service rejected" not in every
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")

@@ -51,7 +51,7 @@ from ckms.store import Store
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
-from tests.support.fleet import FAST_AGENT, agent_config, wait_until
+from tests.support.fleet import FAST_AGENT, TEST_ALLOWED_PATHS, agent_config, wait_until
 
 AGENT_BIN = str(Path(sys.executable).parent / "ckms-agent")
 REPO = Path(__file__).resolve().parents[2]
@@ -109,6 +109,24 @@ class Host:
         return self.config.parent / "state" / "digest.key"
 
 
+FAULT_HOST_POLICY = {
+    "allowed_paths": TEST_ALLOWED_PATHS,
+    "hooks": {
+        "gated": {
+            "reload": [
+                "sh",
+                "-c",
+                'if [ -n "$FAULT_GATE" ] && [ -e "$FAULT_GATE" ]; then '
+                'echo $$ > "$FAULT_GATE.pid"; exec sleep 120; fi',
+            ],
+            "timeout_s": 180,
+        }
+    },
+}
+"""What each fault-suite host allows, in its own config: the test install roots, and a reload
+hook that blocks only for the agent started with FAULT_GATE set while the gate file exists."""
+
+
 async def enroll_host(
     hosts: HostRegistry, port: int, fingerprint: str, base: Path, name: str, labels: dict[str, str]
 ) -> Host:
@@ -123,6 +141,7 @@ async def enroll_host(
         state_dir=base / name / "state",
         config_path=config,
         root=base / name / "root",
+        policy=FAULT_HOST_POLICY,
     )
     return Host(name, config)
 

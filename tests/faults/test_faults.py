@@ -38,7 +38,7 @@ from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.sealing import Vault
 from ckms.devkafka import LocalKafka
-from ckms.protocol import HookSpec, InstallSpec, RevocationReason, Targets
+from ckms.protocol import InstallSpec, RevocationReason, Targets
 from ckms.store import Store
 from ckms_agent.files import TEMP_MARK
 from tests.faults.controller_proc import HOLD_ENV
@@ -238,17 +238,9 @@ async def test_controller_killed_between_commit_and_publish(
 
 # -- 3. an agent dies (kill -9) in the middle of an install ---------------------------------------
 
-# The reload hook blocks (and says where) only for the agent started with FAULT_GATE set while
-# the gate file exists; for every other agent and run it does nothing.
-GATED_RELOAD = HookSpec(
-    argv=(
-        "sh",
-        "-c",
-        'if [ -n "$FAULT_GATE" ] && [ -e "$FAULT_GATE" ]; then '
-        'echo $$ > "$FAULT_GATE.pid"; exec sleep 120; fi',
-    ),
-    timeout_s=180,
-)
+# The reload hook ("gated", which every fault-suite host defines in its own config) blocks
+# (and says where) only for the agent started with FAULT_GATE set while the gate file exists;
+# for every other agent and run it does nothing.
 
 
 @pytest.mark.timeout(240)
@@ -256,7 +248,7 @@ async def test_agent_killed_mid_install_then_restarted(
     healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
 ) -> None:
     cluster = healthy_cluster
-    spec = KEYRING.model_copy(update={"reload": GATED_RELOAD})
+    spec = KEYRING.model_copy(update={"reload": "gated"})
     gate = tmp_path / "gate"
     async with running_controller(
         tmp_path / "controller",

@@ -23,6 +23,9 @@ FAST_AGENT = {
 }
 """Environment overrides that make agents react quickly enough for tests."""
 
+TEST_ALLOWED_PATHS = ("/etc/ckms", "/keys", "/var/lib/ckms/keys")
+"""The install roots test hosts allow (each host's own config says so, as its admin would)."""
+
 
 async def wait_until(
     predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
@@ -41,9 +44,18 @@ async def wait_until(
 
 
 async def enroll_agent(
-    controller: Controller, base: Path, name: str, labels: dict[str, str]
+    controller: Controller,
+    base: Path,
+    name: str,
+    labels: dict[str, str],
+    *,
+    hooks: dict[str, Any] | None = None,
 ) -> Path:
-    """Create a token on the controller and enroll a real agent with it; return its config."""
+    """Create a token on the controller and enroll a real agent with it; return its config.
+
+    The host allows keys under :data:`TEST_ALLOWED_PATHS` and defines ``hooks`` (name → the
+    ``[hooks.<name>]`` table of its config).
+    """
     token = await controller.hosts.create_token(name, labels, actor="alice")
     config_path = base / name / "agent.toml"
     await enroll(
@@ -54,6 +66,7 @@ async def enroll_agent(
         state_dir=base / name / "state",
         config_path=config_path,
         root=base / name / "root",
+        policy={"allowed_paths": TEST_ALLOWED_PATHS, "hooks": hooks or {}},
     )
     return config_path
 

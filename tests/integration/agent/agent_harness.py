@@ -55,7 +55,7 @@ from ckms.protocol import (
     verify_message,
 )
 from ckms.ssh import Principal, RpcServer, fingerprint, generate_ssh_key, public_key_text
-from ckms_agent.config import AgentConfig, load_config
+from ckms_agent.config import AgentConfig, load_config, read_config_file, write_config
 
 TOKEN = "enroll-token-0123456789"
 HOST = "web-1"
@@ -71,6 +71,9 @@ FAST = {
     "CKMS_AGENT_RPC_TIMEOUT_S": "5",
 }
 """Environment overrides that make the agent quick enough for tests (also exercises env > file)."""
+
+ALLOWED = ("/etc/ckms", "/keys", "/var/lib/ckms/keys")
+"""The install roots the test hosts allow (their configs say so, as a host's admin would)."""
 
 
 async def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "") -> Any:
@@ -416,6 +419,11 @@ class World:
 
     def host_path(self, path: str) -> Path:
         return self.root / path.lstrip("/")
+
+    def set_policy(self, **values: Any) -> None:
+        """Change the host's own policy in its config file, as the host's admin would."""
+        current = read_config_file(self.config_path)
+        write_config(self.config_path, AgentConfig.model_validate({**current, **values}))
 
     def agent_public(self) -> bytes:
         seed = (self.tmp / "state" / "identity.key").read_bytes()

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from agent_harness import TOKEN, AckReader, FakeController, World
+from agent_harness import ALLOWED, TOKEN, AckReader, FakeController, World
 
 from ckms._kafka import TopicSpec, ensure_topics
 from ckms_agent.enroll import enroll
@@ -34,6 +34,7 @@ async def world(
         state_dir=tmp_path / "state",
         config_path=config_path,
         root=root,
+        policy={"allowed_paths": ALLOWED},
     )
     try:
         yield World(controller, reader, tmp_path, config_path, root)

@@ -135,3 +135,38 @@ async def test_a_rejected_request_never_runs(controller: Controller, ops: Operat
     late = await ops.ckms("approve", rid, who="bob")
     assert late.rc == ExitCode.FAILED and "is rejected, not pending" in late.stderr
     assert (await controller.lifecycle.get("pay/db")).version(1).state is KeyState.DEACTIVATED
+
+
+async def test_a_targets_or_install_change_waits_for_approval_unless_policy_lowers_it(
+    controller: Controller, ops: Operators
+) -> None:
+    lc = controller.lifecycle
+    await lc.create("pay/db", "aes-256", actor="test-setup")
+    asked = await ops.ckms(
+        "key", "targets", "pay/db", "--target", "role=db", "--path", "/etc/ckms/keys/x.key",
+        who="alice",
+    )  # fmt: skip
+    assert asked.rc == ExitCode.APPROVAL_REQUIRED, asked.stderr
+    rid = request_id(asked.stderr)
+    key = await lc.get("pay/db")
+    assert key.targets.describe() == [] and key.install.path != "/etc/ckms/keys/x.key"
+
+    # An operator may not even ask for it (like destroy).
+    refused = await ops.ckms("key", "targets", "pay/db", "--target", "role=db", who="dave")
+    assert refused.rc == ExitCode.FAILED and "dual control" in refused.stderr
+
+    approved = await ops.ckms("request", "approve", rid, "--json", who="carol")
+    assert approved.rc == 0, approved.stderr
+    key = await lc.get("pay/db")
+    assert key.targets.describe() == ["role=db"] and key.install.path == "/etc/ckms/keys/x.key"
+
+    # A key whose policy leaves targets out of its approvals is retargeted at once.
+    await lc.create("pay/api", "aes-256", actor="test-setup")
+    lowered = await ops.ckms(
+        "key", "policy", "pay/api", "--approvals", "destroy,policy", who="alice"
+    )
+    assert lowered.rc == ExitCode.APPROVAL_REQUIRED  # lowering it is a policy change: approved
+    assert (await ops.ckms("approve", request_id(lowered.stderr), who="carol")).rc == 0
+    direct = await ops.ckms("key", "targets", "pay/api", "--target", "role=api", who="alice")
+    assert direct.rc == 0, direct.stderr
+    assert (await lc.get("pay/api")).targets.describe() == ["role=api"]

@@ -14,9 +14,11 @@ import pytest
 
 from ckms.crypto import KeyType, generate, material_digest
 from ckms.protocol import AckStatus, InstallSpec
+from ckms_agent.config import HookCommand
 from ckms_agent.files import TEMP_MARK, secure_remove, sweep_temp_files, write_atomic
-from ckms_agent.hooks import run_hook
+from ckms_agent.hooks import Hook, run_hook
 from ckms_agent.installer import HeldVersion, Installer
+from ckms_agent.policy import HostPolicy
 
 
 def held(version: int, *, primary: bool, state: str = "Active") -> HeldVersion:
@@ -24,9 +26,22 @@ def held(version: int, *, primary: bool, state: str = "Active") -> HeldVersion:
     return HeldVersion(version, state, primary, material_digest(bytes(32), material), material)
 
 
+HOOKS = {
+    "ok": HookCommand(reload=("true",)),
+    "bad": HookCommand(health=("false",)),
+}
+
+
+def host(tmp_path: Path, **hooks: HookCommand) -> Installer:
+    policy = HostPolicy(
+        allowed_paths=(Path("/etc/ckms/keys"), Path("/keys")), hooks={**HOOKS, **hooks}
+    )
+    return Installer(host_id="web-1", root=tmp_path / "host", policy=policy)
+
+
 @pytest.fixture
 def installer(tmp_path: Path) -> Installer:
-    return Installer(host_id="web-1", root=tmp_path / "host")
+    return host(tmp_path)
 
 
 def mode_of(path: Path) -> int:
@@ -67,51 +82,73 @@ async def test_per_version_files_and_removal_of_versions_no_longer_held(
     spec = InstallSpec(path="/keys/{team}_{purpose}/{version}.b64", format="base64")
     first = await installer.apply("app/sig", "aes-256", spec, [v1, v2])
     assert len(first.paths) == 2
-    second = await installer.apply("app/sig", "aes-256", spec, [v2], previous_paths=first.paths)
+    second = await installer.apply("app/sig", "aes-256", spec, [v2], previous=first.paths)
     assert [p.name for p in second.paths] == ["2.b64"]
     assert not installer.host_path("/keys/app_sig/1.b64").exists()
     assert base64.b64decode(second.paths[0].read_bytes()) == v2.material
 
 
-async def test_failed_health_check_restores_the_previous_version(
-    installer: Installer, tmp_path: Path
-) -> None:
-    v1, v2 = held(1, primary=True), held(2, primary=True)
-    path = installer.host_path("/keys/db.key")
-    ok = InstallSpec(path="/keys/db.key")
-    await installer.apply("payments/db", "aes-256", ok, [v1])
+async def test_failed_health_check_restores_the_previous_version(tmp_path: Path) -> None:
     reloads = tmp_path / "reloads"
-    failing = InstallSpec(
-        path="/keys/db.key",
+    db = HookCommand(
         reload=("sh", "-c", f"echo reload >> {reloads}"),
         health=("sh", "-c", "echo 'db refused the new key' ; exit 3"),
     )
-    outcome = await installer.apply("payments/db", "aes-256", failing, [v2], previous_paths=[path])
+    installer = host(tmp_path, db=db)
+    v1, v2 = held(1, primary=True), held(2, primary=True)
+    path = installer.host_path("/keys/db.key")
+    ok = InstallSpec(path="/keys/db.key")
+    first = await installer.apply("payments/db", "aes-256", ok, [v1])
+    failing = InstallSpec(path="/keys/db.key", reload="db")
+    wrote = installer.hash_files(first.paths)
+    outcome = await installer.apply("payments/db", "aes-256", failing, [v2], previous=wrote)
     assert outcome.status is AckStatus.FAILED
     assert path.read_bytes() == v1.material  # previous version back in place
     health = next(h for h in outcome.hooks if h.command == "health")
-    assert health.exit_code == 3
-    assert "db refused the new key" in health.output
+    assert (health.name, health.exit_code) == ("db", 3)
+    assert "db refused" not in repr(outcome)  # the output stays in the local log
     assert reloads.read_text().count("reload") == 2  # once for the new key, once after restore
 
 
+async def test_a_rollback_puts_back_only_bytes_the_agent_wrote(installer: Installer) -> None:
+    v1, v2 = held(1, primary=True), held(2, primary=True)
+    first = await installer.apply("payments/db", "aes-256", InstallSpec(path="/keys/db.key"), [v1])
+    wrote = installer.hash_files(first.paths)
+    first.paths[0].write_bytes(b"changed behind the agent's back")
+    failing = InstallSpec(path="/keys/db.key", health="bad")
+    outcome = await installer.apply("payments/db", "aes-256", failing, [v2], previous=wrote)
+    assert outcome.status is AckStatus.FAILED
+    assert not first.paths[0].exists()
+
+
 async def test_failed_first_install_leaves_no_file(installer: Installer) -> None:
-    spec = InstallSpec(path="/keys/db.key", health=("false",))
+    spec = InstallSpec(path="/keys/db.key", health="bad")
     outcome = await installer.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
     assert outcome.status is AckStatus.FAILED
     assert not installer.host_path("/keys/db.key").exists()
 
 
-async def test_hook_timeout_kills_the_process_group() -> None:
-    result = await run_hook("health", ["sh", "-c", "sleep 30 & sleep 30"], timeout_s=0.5)
-    assert result.timed_out and result.exit_code is None
-    missing = await run_hook("reload", ["/nonexistent/reload"], timeout_s=1)
-    assert missing.exit_code is None and "cannot run" in missing.output
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as src:
+            return src.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+async def test_hook_timeout_kills_the_whole_tree(tmp_path: Path) -> None:
+    child = tmp_path / "child.pid"
+    script = f"setsid sh -c 'echo $$ > {child}; exec sleep 30' & sleep 30"
+    result = await run_hook(Hook("health", "slow", ("sh", "-c", script), 0.5))
+    assert result.timed_out and result.exit_code is None and result.name == "slow"
+    assert not _alive(int(child.read_text()))
+    missing = await run_hook(Hook("reload", "gone", ("/nonexistent/reload",), 1))
+    assert missing.exit_code is None and not missing.timed_out
 
 
 async def test_remove_overwrites_and_reloads(installer: Installer, tmp_path: Path) -> None:
     v1 = held(1, primary=True)
-    spec = InstallSpec(path="/keys/db.key", reload=("true",))
+    spec = InstallSpec(path="/keys/db.key", reload="ok")
     first = await installer.apply("payments/db", "aes-256", spec, [v1])
     outcome = await installer.remove(spec, first.paths)
     assert outcome.status is AckStatus.REMOVED

@@ -484,3 +484,22 @@ async def test_list_history_and_concurrent_rotations(lifecycle: Lifecycle) -> No
         (2, "rotate", "Active"),
     ]
     assert len(history) == 6
+
+
+async def test_a_prod_key_can_never_be_retargeted_to_another_environment(
+    lifecycle: Lifecycle, store: Store
+) -> None:
+    await _enroll(store, "web-1", '{"env":"prod","role":"web"}')
+    await _enroll(store, "dev-1", '{"env":"dev","role":"web"}')
+    await lifecycle.create(
+        NAME, KeyType.AES_256, targets=Targets.parse(["env=prod,role=web"]), actor="alice"
+    )
+    for other in (["env=dev,role=web"], ["env=dev"], ["env=prod", "env=dev"]):
+        with pytest.raises(PolicyError, match="belongs to env=prod"):
+            await lifecycle.set_targets(NAME, Targets.parse(other), actor="alice")
+    with pytest.raises(PolicyError, match="belongs to env=prod"):
+        await lifecycle.set_targets(NAME, Targets.parse(["role=web"], env="dev"), actor="alice")
+    # Targets naming no environment keep the key's: role=web means prod hosts with that role.
+    key = await lifecycle.set_targets(NAME, Targets.parse(["role=web"]), actor="alice")
+    assert key.targets.effective_env == "prod"
+    assert [h.id for h in await lifecycle.hosts_for(NAME)] == ["web-1"]

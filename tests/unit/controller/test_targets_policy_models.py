@@ -19,6 +19,7 @@ from ckms.controller.policy import (
 from ckms.controller.targets import env_blocked, host_matches, match_hosts
 from ckms.crypto import InstallFormat, KeyType
 from ckms.errors import ConfigError, PolicyError
+from ckms.protocol import HookSpec
 
 YEAR = timedelta(days=365)
 
@@ -113,7 +114,7 @@ def test_defaults_follow_the_table(
     policy = default_policy(key_type, mask)
     assert (policy.cryptoperiod, policy.grace) == (cryptoperiod, grace)
     assert policy.activation_delay == timedelta(0)
-    assert {str(op) for op in policy.approvals_required} == {"destroy", "policy", "role"}
+    assert {str(op) for op in policy.approvals_required} == {"destroy", "policy", "role", "targets"}
     check_policy(key_type, mask, policy)
 
 
@@ -155,7 +156,7 @@ def test_policy_serialises_durations_as_seconds_and_round_trips() -> None:
     policy = default_policy(KeyType.AES_256)
     dumped = policy.model_dump(mode="json")
     assert dumped["cryptoperiod"] == 365 * 86400
-    assert dumped["approvals_required"] == ["destroy", "policy", "role"]
+    assert dumped["approvals_required"] == ["destroy", "policy", "role", "targets"]
     assert Policy.model_validate(dumped) == policy
     assert Policy.model_validate_json(policy.model_dump_json()) == policy
 
@@ -167,13 +168,29 @@ def test_install_spec_defaults_and_rendering() -> None:
     spec = InstallSpec(
         path="/etc/ckms/{team}/{purpose}-{version}.key",
         format=InstallFormat.RAW,
-        reload="systemctl reload nginx",
+        reload="nginx",
         health={"argv": ["curl", "-fsS", "http://localhost/health"], "timeout_s": 5},
     )
     assert (spec.mode, spec.dir_mode, spec.owner) == (0o600, 0o700, None)  # the agent's user
-    assert spec.reload is not None and spec.reload.argv == ("systemctl", "reload", "nginx")
-    assert spec.reload.timeout_s == 30
+    assert spec.reload == "nginx"  # a name: the host's own config says what it runs
+    assert isinstance(spec.health, HookSpec)  # the legacy form, refused by default on hosts
+    assert spec.health.argv == ("curl", "-fsS", "http://localhost/health")
     assert spec.render_path("payments/db", 3, "web-1") == "/etc/ckms/payments/db-3.key"
+
+
+def test_a_hook_is_a_name_not_a_command_line() -> None:
+    with pytest.raises(ValidationError, match=r"\[hooks.<name>\]"):
+        InstallSpec(path="/etc/ckms/k", reload="systemctl reload nginx")
+
+
+def test_group_write_needs_a_stated_reason_and_directories_never_get_it() -> None:
+    with pytest.raises(ValidationError, match="group_write_reason"):
+        InstallSpec(path="/etc/ckms/k", mode=0o660)
+    spec = InstallSpec(path="/etc/ckms/k", mode=0o660, group_write_reason="app rewrites it")
+    assert spec.mode == 0o660
+    for dir_mode in (0o770, 0o730, 0o707):
+        with pytest.raises(ValidationError, match="dir_mode"):
+            InstallSpec(path="/etc/ckms/k", dir_mode=dir_mode, group_write_reason="no")
 
 
 @pytest.mark.parametrize(
@@ -187,6 +204,8 @@ def test_install_spec_defaults_and_rendering() -> None:
         {"mode": 0o644},
         {"mode": 0o200},
         {"dir_mode": 0o777},
+        {"dir_mode": 0o770},
+        {"mode": 0o620},
         {"owner": "root; rm -rf /"},
         {"format": "keyring-json"},
         {"reload": ""},
