@@ -1,7 +1,14 @@
-"""Kafka plumbing shared by controller, agent and consumers: topics, clients, error mapping.
+"""The one Kafka boundary of ckms: topics, the relay loop, consumers' error mapping.
 
 aiokafka errors are translated into :class:`~ckms.errors.KafkaUnavailableError` here, where they
-enter ckms, so callers never match on aiokafka's types.
+enter ckms (:func:`kafka_errors`), so callers never match on aiokafka's types.
+
+:class:`Relay` is the one loop that moves a durable queue to a topic: the controller's outbox
+(signed events) and an agent's pending acks. It reads a batch in order, sends it with an
+idempotent producer (``acks=all``), tells the queue which prefix the broker confirmed (the rest
+goes again, in order), and on any failure closes the producer and retries after a jittered
+:class:`~ckms._backoff.Backoff`. A crash between the broker's confirmation and the queue's
+deletion sends a message twice; readers drop the duplicate by ``seq``.
 """
 
 from __future__ import annotations
@@ -10,18 +17,30 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
-from ckms.errors import KafkaUnavailableError
+from ckms._backoff import Backoff
+from ckms.errors import CKMSError, KafkaUnavailableError
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def kafka_errors(what: str) -> Iterator[None]:
+    """Raise :class:`KafkaUnavailableError` naming ``what`` for any aiokafka or socket error."""
+    try:
+        yield
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise KafkaUnavailableError(f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -131,3 +150,188 @@ async def abort_producer(producer: AIOKafkaProducer) -> None:
             await sender.close()
             accumulator.fail_all(KafkaTimeoutError("stopped before Kafka confirmed"))
         await producer.stop()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message of a relayed queue; ``ident`` is what the queue confirms it by."""
+
+    ident: int
+    value: bytes
+    key: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class RelaySource(Protocol):
+    """A durable queue a :class:`Relay` drains, oldest first."""
+
+    async def pending(self, limit: int) -> Sequence[Outgoing]:
+        """Up to ``limit`` unconfirmed messages, in the order they must be sent."""
+        ...
+
+    async def confirmed(self, idents: Sequence[int]) -> None:
+        """The broker stored these (a prefix of the last batch): drop or mark them."""
+        ...
+
+
+@dataclass
+class RelayStats:
+    """What a relay did, for ``ckms status``, metrics and tests."""
+
+    published: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    connected: bool = False
+
+
+@dataclass(frozen=True)
+class ProducerSettings:
+    """How a relay's idempotent producer talks to Kafka."""
+
+    client_id: str
+    linger_ms: int = 0
+    request_timeout_ms: int = 15000
+    max_request_size: int = 1 << 20
+
+
+class Relay:
+    """``await relay.run()`` drains ``source`` to ``topic`` until cancelled; ``wake()`` on news.
+
+    ``poll_s`` is how long an idle relay waits before looking again without being woken (None:
+    only when woken, for a queue every writer wakes). ``topics`` are created (idempotent) before
+    the first producer starts. Failures never stop the loop: they are counted in :attr:`stats`,
+    logged, and retried after ``backoff``.
+    """
+
+    def __init__(
+        self,
+        source: RelaySource,
+        *,
+        bootstrap: str,
+        topic: str,
+        producer: ProducerSettings,
+        backoff: Backoff,
+        batch_size: int = 500,
+        poll_s: float | None = None,
+        delivery_timeout_s: float = 20.0,
+        topics: Sequence[TopicSpec] = (),
+    ) -> None:
+        self.source = source
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.producer = producer
+        self.backoff = backoff
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.delivery_timeout_s = delivery_timeout_s
+        self.topics = tuple(topics)
+        self.stats = RelayStats()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._producer: AIOKafkaProducer | None = None
+
+    def wake(self) -> None:
+        """Say that the queue has new messages."""
+        self._drained.clear()
+        self._wake.set()
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the queue was found empty; False on timeout."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Relay until cancelled; Kafka outages are waited out, never fatal."""
+        try:
+            while True:
+                self._wake.clear()  # before reading: a write from now on wakes the wait below
+                try:
+                    sent = await self.publish_pending()
+                except CKMSError as exc:
+                    await self._failed(exc)
+                    continue
+                self.backoff.reset()
+                if sent < self.batch_size and not self._wake.is_set():
+                    # Every writer wakes the relay: nothing came since the read, so the queue
+                    # is drained without reading it again.
+                    self._drained.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_s)
+        finally:
+            await self._close_producer()
+
+    async def publish_pending(self) -> int:
+        """Send one batch and confirm the prefix the broker stored; return how many."""
+        batch = await self.source.pending(self.batch_size)
+        if not batch:
+            return 0
+        producer = await self._ensure_producer()
+        with kafka_errors(f"sending to {self.topic}"):
+            futures = [
+                await producer.send(self.topic, m.value, key=m.key, headers=list(m.headers))
+                for m in batch
+            ]
+        results = await wait_delivered(futures, self.delivery_timeout_s)
+        confirmed: list[int] = []
+        error: BaseException | None = None
+        for message, result in zip(batch, results, strict=True):
+            if result is not None:
+                error = result
+                break  # only the prefix in queue order counts; the rest go again
+            confirmed.append(message.ident)
+        if confirmed:
+            await self.source.confirmed(confirmed)
+            self.stats.published += len(confirmed)
+            log.debug(
+                "relayed %d message(s) to %s up to %d", len(confirmed), self.topic, confirmed[-1]
+            )
+        if error is not None:
+            raise KafkaUnavailableError(
+                f"Kafka did not confirm {len(batch) - len(confirmed)} message(s) to "
+                f"{self.topic}: {type(error).__name__}: {error}"
+            ) from error
+        return len(confirmed)
+
+    async def _failed(self, exc: CKMSError) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        self.stats.connected = False
+        delay = self.backoff.next()
+        log.warning("relaying to %s failed (%s); retrying in %.1f s", self.topic, exc, delay)
+        await self._close_producer()
+        await asyncio.sleep(delay)
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        if self.topics:
+            await ensure_topics(self.bootstrap, self.topics)
+        settings = self.producer
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=settings.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=settings.linger_ms,
+            request_timeout_ms=settings.request_timeout_ms,
+            max_request_size=settings.max_request_size,
+        )
+        try:
+            with kafka_errors(f"connecting to Kafka at {self.bootstrap}"):
+                await producer.start()
+        except BaseException:
+            with contextlib.suppress(KafkaError, OSError):
+                await producer.stop()
+            raise
+        self._producer = producer
+        self.stats.connected = True
+        log.info("relay to %s connected to %s", self.topic, self.bootstrap)
+        return producer
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await abort_producer(producer)  # stop() would wait for Kafka to come back

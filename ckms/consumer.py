@@ -45,9 +45,8 @@ from types import TracebackType
 from typing import Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 
-from ckms._kafka import partitions_of
+from ckms._kafka import kafka_errors, partitions_of
 from ckms.errors import ConfigError, KafkaUnavailableError, StoreError
 from ckms.protocol import (
     EVENTS_TOPIC,
@@ -262,11 +261,9 @@ class Subscriber:
             max_partition_fetch_bytes=max(1 << 20, 2 * MAX_MESSAGE_BYTES),
         )
         try:
-            await consumer.start()
+            with kafka_errors(f"cannot subscribe to {self._topic}"):
+                await consumer.start()
             partitions = await partitions_of(self._bootstrap, self._topic)
-        except KafkaError as exc:
-            await consumer.stop()
-            raise KafkaUnavailableError(f"cannot subscribe to {self._topic}: {exc}") from exc
         except BaseException:
             await consumer.stop()
             raise
@@ -314,10 +311,8 @@ class Subscriber:
                 if event is not None:
                     return event
             await self._save()
-            try:
+            with kafka_errors(f"reading {self._topic} failed"):
                 batches = await self._consumer.getmany(timeout_ms=self._poll_ms)
-            except KafkaError as exc:
-                raise KafkaUnavailableError(f"reading {self._topic} failed: {exc}") from exc
             for tp in sorted(batches, key=lambda t: t.partition):
                 self._buffer.extend(batches[tp])
 

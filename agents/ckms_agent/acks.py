@@ -4,25 +4,21 @@
 (:meth:`AgentState.enqueue_ack`, which also takes the next ack ``seq``), so neither a Kafka
 outage nor a restart loses it. :class:`AckPublisher` drains that queue in ``seq`` order with an
 idempotent producer (``acks=all``; partition key = the agent id, so one agent's acks stay in
-order) and deletes rows only after the broker confirmed them. A crash between the two sends an
+order) and deletes rows only after the broker confirmed them (the relay loop of
+:mod:`ckms._kafka`, shared with the controller's outbox). A crash between the two sends an
 ack twice; the controller can key acks by (agent, seq), so a duplicate is harmless.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-
-from ckms._kafka import abort_producer, wait_delivered
+from ckms._backoff import Backoff
+from ckms._kafka import Outgoing, ProducerSettings, Relay
 from ckms.protocol import MAX_MESSAGE_BYTES, Ack, AckStatus, EventType, HookResult, encode_event
-from ckms_agent.backoff import Backoff
 from ckms_agent.state import AgentState
 
 log = logging.getLogger(__name__)
@@ -125,8 +121,28 @@ class AckWriter:
         return done
 
 
-class AckPublisher:
-    """``await publisher.run()`` in the agent's task group; ``wakeup()`` after queueing an ack."""
+class _AckQueue:
+    """The state DB's pending acks as a relay's queue."""
+
+    def __init__(self, state: AgentState) -> None:
+        self._state = state
+
+    async def pending(self, limit: int) -> Sequence[Outgoing]:
+        return [
+            Outgoing(a.seq, a.message.value, a.message.key, tuple(a.message.headers))
+            for a in await self._state.pending_acks(limit)
+        ]
+
+    async def confirmed(self, idents: Sequence[int]) -> None:
+        await self._state.delete_acks(idents)
+
+
+class AckPublisher(Relay):
+    """``await publisher.run()`` in the agent's task group; ``wakeup()`` after queueing an ack.
+
+    The relay of :mod:`ckms._kafka` over the state DB's queue: unconfirmed acks stay queued
+    across Kafka outages and restarts, and are sent again in ``seq`` order.
+    """
 
     def __init__(
         self,
@@ -139,98 +155,25 @@ class AckPublisher:
         request_timeout_ms: int = 15000,
         delivery_timeout_s: float = 20.0,
     ) -> None:
-        self._state = state
-        self._bootstrap = bootstrap
-        self._topic = topic
-        self._backoff = backoff
-        self._client_id = client_id
-        self._request_timeout_ms = request_timeout_ms
-        self._delivery_timeout_s = delivery_timeout_s
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self.published = 0
+        super().__init__(
+            _AckQueue(state),
+            bootstrap=bootstrap,
+            topic=topic,
+            producer=ProducerSettings(
+                client_id=client_id,
+                request_timeout_ms=request_timeout_ms,
+                max_request_size=max(1 << 20, 2 * MAX_MESSAGE_BYTES),
+            ),
+            backoff=backoff,
+            batch_size=BATCH,
+            delivery_timeout_s=delivery_timeout_s,
+        )
 
     def wakeup(self) -> None:
         """Say that the queue has new acks."""
-        self._drained.clear()
-        self._wake.set()
+        self.wake()
 
-    async def wait_drained(self, timeout_s: float) -> bool:
-        """Wait (bounded) until the queue is empty; False on timeout."""
-        try:
-            await asyncio.wait_for(self._drained.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
-    async def run(self) -> None:
-        """Publish queued acks forever; Kafka failures back off and retry, never drop."""
-        producer: AIOKafkaProducer | None = None
-        try:
-            while True:
-                self._wake.clear()
-                batch = await self._state.pending_acks(BATCH)
-                if not batch:
-                    self._drained.set()
-                    await self._wake.wait()
-                    continue
-                try:
-                    if producer is None:
-                        producer = await self._start_producer()
-                    futures = [
-                        await producer.send(
-                            self._topic,
-                            ack.message.value,
-                            key=ack.message.key,
-                            headers=list(ack.message.headers),
-                        )
-                        for ack in batch
-                    ]
-                    errors = await wait_delivered(futures, self._delivery_timeout_s)
-                    failed = next((e for e in errors if e is not None), None)
-                    if failed is not None:
-                        raise failed
-                except (KafkaError, OSError) as exc:
-                    delay = self._backoff.next()
-                    log.warning(
-                        "publishing %d ack(s) to %s failed (%s: %s); retrying in %.1f s",
-                        len(batch),
-                        self._topic,
-                        type(exc).__name__,
-                        exc,
-                        delay,
-                    )
-                    if producer is not None:
-                        await abort_producer(producer)  # stop() waits for Kafka to return
-                        producer = None
-                    await asyncio.sleep(delay)
-                    continue
-                await self._state.delete_acks(a.seq for a in batch)
-                self._backoff.reset()
-                self.published += len(batch)
-                log.debug("published %d ack(s) up to seq %d", len(batch), batch[-1].seq)
-                if len(batch) < BATCH and not self._wake.is_set():
-                    # Every ack is queued through wakeup(): none came since the read, so the
-                    # queue is empty without asking the DB again.
-                    self._drained.set()
-                    await self._wake.wait()
-        finally:
-            if producer is not None:
-                await abort_producer(producer)  # unconfirmed acks stay queued in the state DB
-
-    async def _start_producer(self) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            client_id=self._client_id,
-            acks="all",
-            enable_idempotence=True,
-            request_timeout_ms=self._request_timeout_ms,
-            max_request_size=max(1 << 20, 2 * MAX_MESSAGE_BYTES),
-        )
-        try:
-            await producer.start()
-        except BaseException:
-            with contextlib.suppress(KafkaError, OSError):
-                await producer.stop()
-            raise
-        return producer
+    @property
+    def published(self) -> int:
+        """How many acks the broker confirmed since start."""
+        return self.stats.published

@@ -36,10 +36,10 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ValidationError
 
-from ckms._kafka import partitions_of
+from ckms._backoff import Backoff
+from ckms._kafka import kafka_errors, partitions_of
 from ckms.consumer import Position, Subscriber
 from ckms.crypto import signer_key_id
 from ckms.errors import (
@@ -62,7 +62,6 @@ from ckms.protocol import (
 )
 from ckms.ssh import RpcClient
 from ckms_agent.acks import AckPublisher, AckWriter
-from ckms_agent.backoff import Backoff
 from ckms_agent.config import AgentConfig
 from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
 from ckms_agent.identity import (
@@ -465,13 +464,12 @@ class Agent:
             client_id=f"ckms-agent-{cfg.host_id}-seed",
         )
         try:
-            await consumer.start()
-            parts = await partitions_of(cfg.kafka_bootstrap, cfg.events_topic, wait_s=10.0)
-            ends = await consumer.end_offsets([TopicPartition(cfg.events_topic, p) for p in parts])
-        except KafkaError as exc:
-            raise KafkaUnavailableError(
-                f"cannot read the end of {cfg.events_topic}: {exc}"
-            ) from exc
+            with kafka_errors(f"cannot read the end of {cfg.events_topic}"):
+                await consumer.start()
+                parts = await partitions_of(cfg.kafka_bootstrap, cfg.events_topic, wait_s=10.0)
+                ends = await consumer.end_offsets(
+                    [TopicPartition(cfg.events_topic, p) for p in parts]
+                )
         finally:
             await consumer.stop()
         await self.state.save_positions(

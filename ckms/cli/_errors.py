@@ -108,7 +108,9 @@ def cli_errors() -> Iterator[None]:
     except UsageError as exc:
         raise fail(f"error: {exc}", ExitCode.USAGE) from None
     except CKMSError as exc:
-        raise fail(f"{type(exc).__name__}: {exc}", exit_code_for(exc)) from None
+        # The controller (or the error class) says whether the same call may work later.
+        again = " (temporary: try again)" if exc.retriable else ""
+        raise fail(f"{type(exc).__name__}: {exc}{again}", exit_code_for(exc)) from None
     except ValidationError as exc:
         # Arguments that the typed request models refuse (the CLI builds them from options).
         error = exc.errors(include_input=False, include_url=False)[0]

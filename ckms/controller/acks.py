@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 
-from ckms._kafka import TopicSpec, ensure_topics, partitions_of
+from ckms._backoff import Backoff
+from ckms._kafka import TopicSpec, ensure_topics, kafka_errors, partitions_of
 from ckms.controller.hosts import HostRegistry
 from ckms.errors import CKMSError
 from ckms.protocol import (
@@ -85,13 +84,13 @@ class AckConsumer:
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff while Kafka is away."""
-        failures = 0
+        backoff = Backoff(0.5, 10.0)
         while True:
             try:
-                await self._consume()
-            except (KafkaError, OSError, CKMSError) as exc:
-                failures += 1
-                delay = min(10.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+                with kafka_errors("consuming acks"):
+                    await self._consume()
+            except CKMSError as exc:
+                delay = backoff.next()
                 log.warning("ack consumer stopped (%s); restarting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
 
@@ -129,7 +128,7 @@ class AckConsumer:
                 if records:
                     await self.apply(records)
         finally:
-            with contextlib.suppress(KafkaError, OSError):
+            with contextlib.suppress(CKMSError), kafka_errors("stopping the ack consumer"):
                 await consumer.stop()
 
     async def _verify(self, record: ConsumerRecord[bytes, bytes]) -> tuple[str, Envelope]:

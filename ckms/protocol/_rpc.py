@@ -129,7 +129,11 @@ def parse_reply(data: bytes) -> dict[str, Any]:
 
 
 def error_from_info(info: RpcErrorInfo) -> CKMSError:
-    """Rebuild the ckms error a server reported, falling back to the root class."""
+    """Rebuild the ckms error a server reported, falling back to the root class.
+
+    ``retriable`` is the server's word, kept on the rebuilt error even when its class is one
+    the client does not know (a busy connection): callers decide on it, not on the message.
+    """
     cls = getattr(errors, info.type, None)
     if not (isinstance(cls, type) and issubclass(cls, CKMSError)):
         cls = CKMSError
@@ -137,6 +141,8 @@ def error_from_info(info: RpcErrorInfo) -> CKMSError:
         exc = cls(info.message)
     except TypeError:
         exc = CKMSError(info.message)
+    if exc.retriable != info.retriable:
+        exc.retriable = info.retriable
     if info.request_id is not None and isinstance(exc, errors.ApprovalRequiredError):
         exc.request_id = info.request_id
     return exc
