@@ -32,13 +32,12 @@ type Number struct {
 	Float float64
 }
 
-// Rat is the number's exact value, for comparisons.
+// Rat is the number's exact value (a float's exact binary value, as Python compares floats).
 func (n Number) Rat() *big.Rat {
 	if n.IsInt {
 		return new(big.Rat).SetInt(n.Int)
 	}
-	r, _ := new(big.Rat).SetString(strconv.FormatFloat(n.Float, 'g', -1, 64))
-	return r
+	return new(big.Rat).SetFloat64(n.Float)
 }
 
 // Object is a parsed JSON object; key order is not kept (the canonical order is sorted).

@@ -277,10 +277,9 @@ func main() {
 		TLS:      tlsFiles,
 	}
 	if len(types) > 0 {
-		known := schemas.Types()
 		cfg.Types = map[string]bool{}
 		for _, t := range types {
-			if !known[t] {
+			if !schemas.Known(t) {
 				log.Fatalf("-type %s: unknown event type", t)
 			}
 			cfg.Types[t] = true

@@ -7,6 +7,7 @@ package main
 // means an integer literal (3, never 3.0).
 
 import (
+	"bytes"
 	"embed"
 	"encoding/json"
 	"fmt"
@@ -37,6 +38,7 @@ var assertions = map[string]bool{
 type Schemas struct {
 	defs    map[string]any
 	byType  map[string]any
+	types   map[string]bool
 	regexps map[string]*regexp.Regexp
 }
 
@@ -47,10 +49,12 @@ func LoadSchemas() (*Schemas, error) {
 		return nil, err
 	}
 	var root map[string]any
-	if err := json.Unmarshal(raw, &root); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber() // bounds stay exact (a float64 would round 2**63-1)
+	if err := dec.Decode(&root); err != nil {
 		return nil, fmt.Errorf("envelope schema: %w", err)
 	}
-	s := &Schemas{byType: map[string]any{}, regexps: map[string]*regexp.Regexp{}}
+	s := &Schemas{byType: map[string]any{}, types: map[string]bool{}, regexps: map[string]*regexp.Regexp{}}
 	s.defs, _ = root["$defs"].(map[string]any)
 	if err := s.check(root); err != nil {
 		return nil, fmt.Errorf("envelope schema: %w", err)
@@ -66,6 +70,7 @@ func LoadSchemas() (*Schemas, error) {
 			return nil, fmt.Errorf("envelope schema: unexpected allOf branch %v", branch)
 		}
 		s.byType[name] = data
+		s.types[name] = true
 	}
 	if len(s.byType) == 0 {
 		return nil, fmt.Errorf("envelope schema names no event types")
@@ -73,14 +78,8 @@ func LoadSchemas() (*Schemas, error) {
 	return s, nil
 }
 
-// Types are the event types the schemas describe.
-func (s *Schemas) Types() map[string]bool {
-	out := map[string]bool{}
-	for t := range s.byType {
-		out[t] = true
-	}
-	return out
-}
+// Known reports whether the schemas describe event type t.
+func (s *Schemas) Known(t string) bool { return s.types[t] }
 
 func dig(node any, path ...string) any {
 	for _, p := range path {
@@ -186,13 +185,17 @@ func jsonType(v any) string {
 	return "unknown"
 }
 
-// schemaNumber reads a number written in a schema (decoded by encoding/json as float64).
+// schemaNumber reads a number written in a schema, exactly.
 func schemaNumber(v any) *big.Rat {
-	f, ok := v.(float64)
+	n, ok := v.(json.Number)
 	if !ok {
 		return nil
 	}
-	return new(big.Rat).SetFloat64(f)
+	r, ok := new(big.Rat).SetString(n.String())
+	if !ok {
+		return nil
+	}
+	return r
 }
 
 // equal compares an instance with a value from a schema (enum, const).
@@ -206,7 +209,7 @@ func equal(v any, want any) bool {
 	case string:
 		s, ok := v.(string)
 		return ok && s == w
-	case float64:
+	case json.Number:
 		n, ok := v.(Number)
 		return ok && n.Rat().Cmp(schemaNumber(w)) == 0
 	}

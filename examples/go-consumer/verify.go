@@ -118,7 +118,7 @@ func (v *Verifier) Verify(value []byte, headers []Header) (*Event, *Rejection) {
 		return nil, reject("unsupported-version", "envelope version is not supported")
 	}
 	etype, ok := raw["type"].(string)
-	if !ok || !v.Schemas.Types()[etype] {
+	if !ok || !v.Schemas.Known(etype) {
 		return nil, reject("unknown-type", "unknown event type")
 	}
 	for _, name := range []string{"id", "seq", "at", "data"} {

@@ -278,7 +278,8 @@ _POOL: list[Any] = [
     None, True, False, 0, -1, 1, 7, 1.5, 30.0, 2**63, "", "x", "X", "a/b", "db-7", "db-7\n",
     "Active", "keyCompromise", "sha256:" + "0" * 64, "/etc/{name}", "/etc/{nope}", "/a/../b",
     "root", "Root", "keyring-json", "raw", "é" * 130, [], [""], ["a"], [5], {}, {"env": "prod"},
-    {"Env": "prod"}, {"argv": ["x"]}, {"argv": []}, 0o640, 0o644, 0o777, 0o700,
+    {"Env": "prod"}, {"argv": ["x"]}, {"argv": []}, 0o640, 0o644, 0o777, 0o700, 600.0, 600.5,
+    0.0, -0.0, 1e-300, 0.1, {"argv": ["x"], "timeout_s": 600}, {"argv": ["x"], "timeout_s": 0},
 ]  # fmt: skip
 
 
