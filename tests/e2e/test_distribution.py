@@ -391,3 +391,38 @@ async def test_openssh_can_call_the_controller_with_a_hosts_key(
     argv[argv.index(str(key_file))] = str(other)
     denied = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=30)
     assert denied.returncode != 0 and not denied.stdout
+
+
+async def failed_on(c: Controller, key: str, host: str) -> bool:
+    assert c.store is not None
+    status = await key_fleet_status(c.store, c.lifecycle, c.hosts, key)
+    return any(s.host == host and s.failed for s in status)
+
+
+async def test_a_hook_that_prints_the_key_leaks_it_into_no_controller_table(
+    controller: Controller, tmp_path: Path
+) -> None:
+    c = controller
+    path = tmp_path / "web-8" / "root" / "etc/ckms/web/tls.key"
+    dump = f"cat {path}; base64 -w0 {path}; od -An -tx1 {path}; exit 3"
+    hooks = {"leaky": {"health": ["sh", "-c", dump]}}
+    config = await enroll_agent(c, tmp_path, "web-8", WEB, hooks=hooks)
+    async with running_agent(config):
+        await c.lifecycle.create(
+            "web/tls",
+            "aes-256",
+            targets=Targets(selectors=(WEB,)),
+            install=InstallSpec(path="/etc/ckms/{team}/{purpose}.key", health="leaky"),
+            actor="alice",
+        )
+        await wait_until(lambda: failed_on(c, "web/tls", "web-8"), what="the failed ack applied")
+    material = await c.vault.material("web/tls", 1)
+    shapes = [material, base64.b64encode(material), material.hex().encode()]
+    shapes.append(" ".join(f"{b:02x}" for b in material[:8]).encode())
+    # Every table of the controller: the database file, its WAL and shared memory, raw bytes.
+    for db_file in c.settings.home.glob("controller.db*"):
+        blob = await asyncio.to_thread(db_file.read_bytes)
+        for shape in shapes:
+            assert shape not in blob, f"key material in {db_file.name}"
+    status = await key_fleet_status(c.store, c.lifecycle, c.hosts, "web/tls")
+    assert [s.error for s in status] == ["health hook 'leaky' failed; previous version restored"]

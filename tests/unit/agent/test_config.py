@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,60 @@ def test_config_is_immutable(values: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="frozen"):
         cfg.host_id = "other"  # type: ignore[misc]
     assert isinstance(cfg, AgentConfig)
+
+
+def test_the_host_policy_round_trips_and_defaults_allow_only_the_key_roots(
+    values: dict[str, Any], tmp_path: Path
+) -> None:
+    assert build_config(values, environ={}).allowed_paths == (
+        Path("/etc/ckms/keys"),
+        Path("/var/lib/ckms/keys"),
+    )
+    values |= {
+        "allowed_paths": ["/etc/ssl/ckms"],
+        "allowed_owners": ["postgres"],
+        "hooks": {"postgresql": {"reload": ["systemctl", "reload", "postgresql"], "user": "root"}},
+    }
+    cfg = build_config(values, environ={})
+    path = tmp_path / "agent.toml"
+    write_config(path, cfg)
+    again = load_config(path, environ={})
+    assert again == cfg and again.hooks["postgresql"].timeout_s == 30
+    assert again.allow_controller_commands is False
+    env = {"CKMS_AGENT_ALLOWED_PATHS": "/a,/b", "CKMS_AGENT_HOOKS": '{"x": {"health": ["true"]}}'}
+    over = load_config(path, environ=env)
+    assert over.allowed_paths == (Path("/a"), Path("/b")) and set(over.hooks) == {"x"}
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"allowed_paths": ["relative"]},
+        {"allowed_paths": ["/"]},
+        {"allowed_paths": ["/etc/../root"]},
+        {"allowed_owners": ["root; x"]},
+        {"hooks": {"Bad Name": {"reload": ["true"]}}},
+        {"hooks": {"empty": {}}},
+        {"hooks": {"x": {"reload": []}}},
+        {"hooks": {"x": {"reload": ["true"], "timeout_s": 601}}},
+    ],
+)
+def test_a_bad_host_policy_is_refused(values: dict[str, Any], policy: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        build_config(values | policy, environ={})
+
+
+def test_a_config_another_user_could_write_is_refused(
+    values: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "agent.toml"
+    write_config(path, build_config(values, environ={}))
+    if os.geteuid() != 0:
+        pytest.skip("the owner check applies to an agent running as root")
+    path.chmod(0o620)
+    with pytest.raises(ConfigError, match="writable by root only"):
+        load_config(path, environ={})
+    path.chmod(0o600)
+    os.chown(path, 65534, 0)
+    with pytest.raises(ConfigError, match="owned by root"):
+        load_config(path, environ={})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,7 +17,14 @@ import pytest
 from ckms.crypto import KeyType, generate, material_digest
 from ckms.protocol import AckStatus, InstallSpec
 from ckms_agent.config import HookCommand
-from ckms_agent.files import TEMP_MARK, secure_remove, sweep_temp_files, write_atomic
+from ckms_agent.files import (
+    TEMP_MARK,
+    UnsafePathError,
+    ensure_directory,
+    secure_remove,
+    sweep_temp_files,
+    write_atomic,
+)
 from ckms_agent.hooks import Hook, run_hook
 from ckms_agent.installer import HeldVersion, Installer
 from ckms_agent.policy import HostPolicy
@@ -185,3 +194,62 @@ def test_rewrite_applies_the_new_mode(tmp_path: Path) -> None:
     write_atomic(path, b"b", mode=0o640)
     assert path.read_bytes() == b"b"
     assert mode_of(path) == 0o640
+
+
+async def test_an_owner_or_group_the_host_does_not_allow_is_refused(tmp_path: Path) -> None:
+    installer = host(tmp_path)
+    for spec in (
+        InstallSpec(path="/keys/db.key", owner="nobody"),
+        InstallSpec(path="/keys/db.key", group="nogroup"),
+    ):
+        outcome = await installer.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
+        assert outcome.status is AckStatus.FAILED and "not allowed on this host" in outcome.error
+    assert not installer.host_path("/keys/db.key").exists()
+    allowed = Installer(
+        host_id="web-1",
+        root=tmp_path / "host",
+        policy=HostPolicy(allowed_paths=(Path("/keys"),), allowed_owners=("nobody",)),
+    )
+    spec = InstallSpec(path="/keys/db.key", owner="nobody")
+    outcome = await allowed.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
+    assert outcome.status is AckStatus.INSTALLED
+    assert outcome.paths[0].stat().st_uid == 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_an_existing_directory_is_checked_before_it_is_used(tmp_path: Path) -> None:
+    directory = tmp_path / "keys"
+    directory.mkdir(mode=0o700)
+    ensure_directory(directory, 0o700)  # root's own, not writable by others: fine
+    directory.chmod(0o770)
+    os.chown(directory, 0, 65534)
+    with pytest.raises(UnsafePathError, match="writable by others"):
+        write_atomic(directory / "k", b"x")
+    directory.chmod(0o700)
+    os.chown(directory, 65534, 0)
+    with pytest.raises(UnsafePathError, match="owned by uid 65534"):
+        ensure_directory(directory, 0o700)
+
+
+def _drop_box() -> Path:
+    """A directory anyone may write (the hook runs as nobody), outside pytest's 0700 tree."""
+    box = Path(tempfile.mkdtemp(prefix="ckms-hook-"))
+    box.chmod(0o1777)
+    return box
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a hook as another user")
+async def test_a_hook_runs_as_the_user_the_host_names() -> None:
+    out = _drop_box()
+    try:
+        script = f"id -u > {out}/uid; id -G > {out}/groups"
+        result = await run_hook(Hook("reload", "as-nobody", ("sh", "-c", script), 5, "nobody"))
+        assert result.exit_code == 0
+        assert _read(out / "uid").split() == ["65534"]
+        assert _read(out / "groups").split() == ["65534"]
+    finally:
+        shutil.rmtree(out)
+
+
+def _read(path: Path) -> str:
+    return path.read_text()
