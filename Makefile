@@ -12,8 +12,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+## tools the tests check ckms's output with (Debian's age); apt-get installs them as root
+.PHONY: tools
+tools:
+	@command -v age >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q age >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q age >/dev/null; }; \
+	  else echo "make: Debian's age is missing (not root): the tests that need it skip"; fi; }
+
 ## make test: lint, then every test (unit and integration against a real local Kafka)
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -48,3 +50,26 @@ def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"test.{base}.{suffix}.{run}"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def age_binary() -> str:
+    """Debian's ``age`` (to check what ckms encrypts with a second implementation).
+
+    Installed with apt-get when missing and running as root, as CI and ``make test`` do;
+    otherwise the test is skipped with the reason.
+    """
+    found = shutil.which("age")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        for argv in (
+            ["apt-get", "install", "-y", "-q", "age"],
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "age"],
+        ):
+            subprocess.run(argv, capture_output=True, timeout=600, check=False)
+            found = shutil.which("age")
+            if found:
+                break
+    if found is None:
+        pytest.skip("Debian's age is not installed (apt-get install age, or run as root)")
+    return found

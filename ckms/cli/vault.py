@@ -11,7 +11,9 @@ from ckms.cli._common import JsonOption, conn
 from ckms.cli._errors import ExitCode, UsageError, cli_errors
 from ckms.cli._parse import read_text_file
 from ckms.cli._render import console, print_json, until, when
+from ckms.crypto import age_decrypt_ssh, is_age_file
 from ckms.protocol import admin as api
+from ckms.ssh import load_private_key
 
 
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
@@ -54,7 +56,19 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
 def unseal(
     ctx: typer.Context,
     share_file: Annotated[
-        Path | None, typer.Option(help="A file holding your SLIP-39 share (one mnemonic).")
+        Path | None,
+        typer.Option(
+            help="Your share: the NAME.age file `ckms init --custodian` made (decrypted here "
+            "with --identity), or a file holding the mnemonic itself."
+        ),
+    ] = None,
+    identity: Annotated[
+        Path | None,
+        typer.Option(
+            "--identity",
+            help="The SSH private key that decrypts an age share file (default: the key you "
+            "log in with, --identity of ckms / CKMS_IDENTITY).",
+        ),
     ] = None,
     passphrase_file: Annotated[
         Path | None, typer.Option(help="A file holding the unseal passphrase.")
@@ -66,7 +80,8 @@ def unseal(
             raise UsageError("give --share-file or --passphrase-file, not both")
         connection = conn(ctx)
         if share_file is not None:
-            params = api.UnsealParams(share=read_text_file(share_file, option="--share-file"))
+            key_path = identity or connection.identity or Path.home() / ".ssh" / "id_ed25519"
+            params = api.UnsealParams(share=_read_share(share_file, key_path))
         elif passphrase_file is not None:
             params = api.UnsealParams(
                 passphrase=read_text_file(passphrase_file, option="--passphrase-file")
@@ -90,6 +105,24 @@ def unseal(
         typer.echo(f"share accepted: {reply.given} of {reply.threshold} given; still sealed")
     else:
         typer.echo("controller unsealed")
+
+
+def _read_share(path: Path, identity: Path) -> str:
+    """The mnemonic in ``path``: decrypted with ``identity`` if it is an age file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--share-file: cannot read {path}: {exc.strerror}") from None
+    if len(data) > 64 * 1024:
+        raise UsageError(f"--share-file: {path} is too large")
+    if not is_age_file(data):
+        return read_text_file(path, option="--share-file")
+    key = load_private_key(identity)  # ConfigError names the problem (missing, mode, format)
+    plain = age_decrypt_ssh(data, key.export_private_key("openssh"))
+    try:
+        return plain.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"--share-file: {path} does not hold a share") from None
 
 
 def seal(ctx: typer.Context) -> None:

@@ -316,13 +316,18 @@ class AdminService:
         )
 
     async def unseal(self, principal: Principal, params: api.UnsealParams) -> api.SealReply:
-        """Give one custodian share (counted once per custodian) or the passphrase."""
+        """Give one custodian share (counted once per custodian identity key) or the passphrase;
+        the first unseal by custodians' own keys confirms the custodian set."""
         vault = self._vault
         if params.share is not None:
             progress = await vault.submit_share(
-                params.share.get_secret_value(), custodian=principal.name
+                params.share.get_secret_value(),
+                custodian=principal.name,
+                key=principal.key_fingerprint,
             )
             given = progress.given
+            if not progress.sealed:
+                await self.operators.confirm_custodians(progress.contributors)
         else:
             assert params.passphrase is not None
             await vault.unseal_with_passphrase(

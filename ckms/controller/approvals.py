@@ -375,11 +375,16 @@ class DualControl:
     async def role_gate(
         self, principal: Principal, method: str, params: BaseModel, name: str
     ) -> str:
-        """Operator changes need a second person unless nobody else could approve (bootstrap).
+        """Operator changes need a second person unless nobody else could approve (bootstrap,
+        which ends for good once a custodian set is confirmed).
 
         Returns what the audit record says about dual control when the change runs directly.
         """
-        if await self._operators.other_approvers(principal.name) == 0:
+        if (
+            await self._operators.bootstrap_open()
+            and await self._operators.other_approvers(principal.name) == 0
+        ):
+            # Bootstrap only: it ends for good once a custodian set is confirmed.
             return "waived: no other admin or custodian exists to approve"
         # Operator changes are always under dual control (``role``), whatever a key's policy says.
         await self._request(

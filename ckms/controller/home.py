@@ -16,7 +16,7 @@ import asyncio
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from ckms.controller.operators import (
 )
 from ckms.controller.sealing import InitResult, init_controller
 from ckms.controller.service import ControllerSettings
+from ckms.crypto import age_encrypt_to_ssh
 from ckms.errors import AlreadyExistsError, ConfigError
 from ckms.ssh import fingerprint, load_or_create_host_key
 from ckms.store import Store
@@ -113,6 +114,9 @@ class HomeInit:
     init: InitResult = field(repr=False)
     admin: Operator
     host_key_fingerprint: str
+    custodians: tuple[Operator, ...] = ()
+    encrypted_shares: dict[str, str] = field(default_factory=dict)
+    """Custodian name -> their share as an armored age file (safe to show and store)."""
 
 
 def _fresh_home(home: Path) -> tuple[Path, Path]:
@@ -135,11 +139,18 @@ async def init_home(
     kafka_bootstrap: str = "127.0.0.1:9092",
     listen_host: str = "127.0.0.1",
     listen_port: int = 2222,
+    custodians: Sequence[tuple[str, str]] = (),
 ) -> HomeInit:
-    """Create and initialise a controller home; refuses one that is already initialised."""
+    """Create and initialise a controller home; refuses one that is already initialised.
+
+    With ``custodians`` (name, ssh-ed25519 public key line), there must be one per share: each
+    becomes an operator with role custodian and gets its share age-encrypted to that key
+    (``encrypted_shares``), so no one sees every share.
+    """
     # Refuse a bad name or key before anything is written.
     validate_operator_name(admin)
     parse_ssh_public_key(admin_public_key)
+    check_custodians(custodians, shares=shares, admin_public_key=admin_public_key)
     home, config_path = await asyncio.to_thread(_fresh_home, home)
     try:
         settings = ControllerSettings(
@@ -156,9 +167,26 @@ async def init_home(
         result = await init_controller(
             store, shares=shares, passphrase=passphrase, actor=f"init:{admin}"
         )
-        operator = await OperatorRegistry(store).add(
-            admin, "admin", admin_public_key, actor=f"init:{admin}"
+        registry = OperatorRegistry(store)
+        operator = await registry.add(admin, "admin", admin_public_key, actor=f"init:{admin}")
+        encrypted = {
+            name: age_encrypt_to_ssh(mnemonic.encode(), public)
+            for (name, public), mnemonic in zip(custodians, result.mnemonics, strict=False)
+        }
+        added = tuple(
+            [
+                await registry.add(
+                    name,
+                    "custodian",
+                    public,
+                    actor=f"init:{admin}",
+                    details={"share": number},
+                )
+                for number, (name, public) in enumerate(custodians, start=1)
+            ]
         )
+        if added:
+            await registry.record_custodian_set(added, actor=f"init:{admin}")
     finally:
         await store.close()
     host_key = await asyncio.to_thread(load_or_create_host_key, settings.host_key_path)
@@ -169,4 +197,37 @@ async def init_home(
         init=result,
         admin=operator,
         host_key_fingerprint=fingerprint(host_key),
+        custodians=added,
+        encrypted_shares=encrypted,
     )
+
+
+def check_custodians(
+    custodians: Sequence[tuple[str, str]],
+    *,
+    shares: tuple[int, int] | None,
+    admin_public_key: str,
+) -> None:
+    """Refuse a custodian list that would not give each share to one distinct person's key."""
+    if not custodians:
+        return
+    if shares is None:
+        raise ConfigError("custodians hold shares: give --shares M/N with them")
+    if len(custodians) != shares[1]:
+        raise ConfigError(
+            f"{len(custodians)} custodians for {shares[1]} shares: give one custodian per share"
+        )
+    names: set[str] = set()
+    keys = {parse_ssh_public_key(admin_public_key)[1]}
+    for name, public in custodians:
+        validate_operator_name(name)
+        line, fp = parse_ssh_public_key(public)
+        if not line.startswith("ssh-ed25519 "):
+            raise ConfigError(f"custodian {name}: shares are age-encrypted to ssh-ed25519 keys")
+        if name in names:
+            raise ConfigError(f"custodian {name} is named twice")
+        if fp in keys:
+            # One key, two shares (or the admin's key): one person could unseal alone.
+            raise ConfigError(f"custodian {name}'s key is already someone else's in this init")
+        names.add(name)
+        keys.add(fp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncssh
@@ -19,8 +20,12 @@ from pydantic import BaseModel, ConfigDict
 
 from ckms.errors import AlreadyExistsError, ConfigError, NotFoundError, PolicyError
 from ckms.protocol import APPROVER_ROLES, OPERATOR_ROLES, Role
+from ckms.protocol.canonical import canonical_json
 from ckms.store import Clock, Store, format_time, parse_time, utc_now
 from ckms.store import audit as audit_log
+
+META_CUSTODIAN_SET = "custodians.set"
+META_CUSTODIANS_CONFIRMED = "custodians.confirmed_at"
 
 __all__ = [
     "APPROVER_ROLES",
@@ -121,6 +126,61 @@ class OperatorRegistry:
             (name, *roles),
         )
         return int(value or 0)
+
+    # -- the custodian set and the end of bootstrap ------------------------------------------
+
+    async def record_custodian_set(self, custodians: Sequence[Operator], *, actor: str) -> None:
+        """Remember who got a share at init (name and key), until they confirm it."""
+        members = [{"name": c.name, "fingerprint": c.fingerprint} for c in custodians]
+        async with self._store.write() as tx:
+            await tx.set_meta(META_CUSTODIAN_SET, canonical_json(members))
+            await audit_log.append(
+                tx,
+                now=self._clock(),
+                actor=actor,
+                action="custodians.set",
+                object="custodians",
+                details={"custodians": members},
+            )
+
+    async def bootstrap_open(self) -> bool:
+        """True until a custodian set is confirmed; while open (and only then), operator
+        changes that nobody else could approve run without approval."""
+        return await self._store.get_meta(META_CUSTODIANS_CONFIRMED) is None
+
+    async def confirm_custodians(self, contributors: Sequence[tuple[str, str]]) -> bool:
+        """Close bootstrap for good if every share of an unseal came from a custodian's key.
+
+        ``contributors`` are the (name, key fingerprint) pairs whose shares unsealed the
+        controller. The set counts as confirmed when each is an enabled custodian with that
+        key: M custodians have proved they hold their key and their share. Returns whether
+        this call confirmed it (False if already confirmed or not a custodian set).
+        """
+        if not contributors or not await self.bootstrap_open():
+            return False
+        custodians = {
+            (op.name, op.fingerprint)
+            for op in await self.list()
+            if op.role == Role.CUSTODIAN and not op.disabled
+        }
+        if not all(tuple(c) in custodians for c in contributors):
+            return False
+        members = [{"name": n, "fingerprint": fp} for n, fp in sorted(contributors)]
+        now = self._clock()
+        async with self._store.write() as tx:
+            if await tx.get_meta(META_CUSTODIANS_CONFIRMED) is not None:
+                return False
+            await tx.set_meta(META_CUSTODIANS_CONFIRMED, format_time(now).encode())
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=",".join(n for n, _ in sorted(contributors)),
+                action="custodians.confirm",
+                object="custodians",
+                details={"custodians": members, "bootstrap": "closed"},
+            )
+        log.info("custodian set confirmed by %d custodians; bootstrap closed", len(members))
+        return True
 
     async def add(
         self,

@@ -131,6 +131,8 @@ class UnsealProgress:
     sealed: bool
     threshold: int
     given: int
+    contributors: tuple[tuple[str, str], ...] = ()
+    """(custodian, identity key fingerprint) of the shares that unsealed, once unsealed."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ class Vault:
         self._pending_ttl = pending_ttl
         self._secrets: _Secrets | None = None
         self._lock = asyncio.Lock()
-        self._pending: list[tuple[str, str]] = []  # (custodian, normalised mnemonic)
+        self._pending: list[tuple[str, str, str]] = []  # (custodian, key, normalised mnemonic)
         self._pending_since: datetime | None = None
         self._public_key: bytes | None = None
 
@@ -322,8 +324,15 @@ class Vault:
             normalised = [_normalise_share(m) if isinstance(m, str) else "" for m in mnemonics]
             await self._unseal_shares(normalised, params, actor=actor)
 
-    async def submit_share(self, mnemonic: str, *, custodian: str) -> UnsealProgress:
-        """Add one custodian's share; unseal once M distinct custodians gave distinct shares."""
+    async def submit_share(
+        self, mnemonic: str, *, custodian: str, key: str | None = None
+    ) -> UnsealProgress:
+        """Add one custodian's share; unseal once M distinct custodians gave distinct shares.
+
+        A share counts once per custodian *identity key* (``key``, the SSH key fingerprint the
+        caller authenticated with) as well as once per name: one key under two names is one
+        person and gives one share.
+        """
         async with self._lock:
             mode, params = await self._mode()
             if mode != "shares":
@@ -340,20 +349,25 @@ class Vault:
                 )
                 self._clear_pending()
             share = _normalise_share(mnemonic) if isinstance(mnemonic, str) else ""
-            if any(c == custodian for c, _ in self._pending):
+            identity = key if key is not None else f"name:{custodian}"
+            if any(c == custodian for c, _, _ in self._pending):
                 raise UnsealError(f"custodian {custodian!r} already gave a share")
-            if any(s == share for _, s in self._pending):
+            if any(k == identity for _, k, _ in self._pending):
+                raise UnsealError("this identity key already gave a share; each key counts once")
+            if any(s == share for _, _, s in self._pending):
                 raise UnsealError("this share was already given")
-            self._pending.append((custodian, share))
+            self._pending.append((custodian, identity, share))
             if self._pending_since is None:
                 self._pending_since = now
             if len(self._pending) < threshold:
                 return UnsealProgress(sealed=True, threshold=threshold, given=len(self._pending))
-            given = [s for _, s in self._pending]
-            custodians = sorted(c for c, _ in self._pending)
+            given = [s for _, _, s in self._pending]
+            contributors = tuple(sorted((c, k) for c, k, _ in self._pending))
             self._clear_pending()
-            await self._unseal_shares(given, params, actor=",".join(custodians))
-            return UnsealProgress(sealed=False, threshold=threshold, given=len(given))
+            await self._unseal_shares(given, params, actor=",".join(c for c, _ in contributors))
+            return UnsealProgress(
+                sealed=False, threshold=threshold, given=len(given), contributors=contributors
+            )
 
     async def _unseal_shares(
         self, shares: list[str], params: dict[str, Any], *, actor: str

@@ -9,6 +9,7 @@ carries key material.
 """
 
 from ckms.crypto._aead import new_data_kek, open_sealed, seal, version_aad
+from ckms.crypto._age import age_decrypt_ssh, age_encrypt_to_ssh, is_age_file
 from ckms.crypto._derive import DIGEST_KEY_PURPOSE, ROW_MAC_PURPOSE, derive_from_root
 from ckms.crypto._digest import (
     hmac_identifier,
@@ -64,6 +65,8 @@ __all__ = [
     "KeyType",
     "KeyringEntry",
     "WrapSuite",
+    "age_decrypt_ssh",
+    "age_encrypt_to_ssh",
     "allowed_formats",
     "check_secret_spec",
     "combine_shares",
@@ -74,6 +77,7 @@ __all__ = [
     "generate_signing_key",
     "generate_wrapping_keypair",
     "hmac_identifier",
+    "is_age_file",
     "is_keyed_digest",
     "kek_check_value",
     "material_digest",

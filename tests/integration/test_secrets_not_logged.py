@@ -209,4 +209,4 @@ def plain_shares_flag(mode: str) -> list[str]:
     return [] if mode == "passphrase" else PLAIN_SHARES
 
 
-PLAIN_SHARES: list[str] = []
+PLAIN_SHARES = ["--print-shares"]

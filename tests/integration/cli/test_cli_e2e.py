@@ -48,7 +48,7 @@ async def test_init_run_unseal_with_two_custodians_then_stop(
     home = tmp_path / "home"
 
     init = await run_cli(
-        "init", "--home", str(home), "--shares", "2/3", "--admin", "alice",
+        "init", "--home", str(home), "--shares", "2/3", "--print-shares", "--admin", "alice",
         "--admin-key", str(tmp_path / "alice.pub"), "--kafka", kafka_bootstrap,
         "--listen", "127.0.0.1:0", "--json",
     )  # fmt: skip

@@ -132,8 +132,9 @@ def test_init_prints_json_once_and_refuses_a_second_time(tmp_path: Path) -> None
     key = generate_ssh_key()
     (tmp_path / "alice.pub").write_text(public_key_text(key) + " alice@laptop\n")
     args = [
-        "init", "--home", str(tmp_path / "home"), "--shares", "2/3", "--admin", "alice",
-        "--admin-key", str(tmp_path / "alice.pub"), "--listen", "127.0.0.1:2299", "--json",
+        "init", "--home", str(tmp_path / "home"), "--shares", "2/3", "--print-shares",
+        "--admin", "alice", "--admin-key", str(tmp_path / "alice.pub"),
+        "--listen", "127.0.0.1:2299", "--json",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
