@@ -9,7 +9,7 @@ if [ ! -f "$CONFIG" ]; then
         i=$((i+1)); [ $i -gt 120 ] && { echo "no enrollment token for $NAME" >&2; exit 1; }
         sleep 1
     done
-    ckms-agent enroll --controller controller:2222 --token "$(cat "/shared/$NAME.token")" \
+    ckms-agent enroll --controller controller:2222 --token-file "/shared/$NAME.token" \
         --host-key-fingerprint "$(cat /shared/fingerprint)" \
         --state-dir /var/lib/ckms-agent --config "$CONFIG"
 fi
