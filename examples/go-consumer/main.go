@@ -228,7 +228,7 @@ func main() {
 	minSeq := flag.Int64("min-seq", 0, "drop every event at or below this seq on all partitions")
 	pollWait := flag.Duration("poll-wait", 5*time.Second, "long poll: how long the broker may hold a fetch (idle cost, not latency)")
 	asJSON := flag.Bool("json", false, "print one JSON object per record (refusals included) instead of text")
-	all := flag.Bool("all", false, "in text mode, print every event, not only revocations")
+	all := flag.Bool("all", false, "in text mode, print every event, not only revocations (implied by -type)")
 	vectors := flag.String("vectors", "", "judge the records of a consumer vector file (docs/vectors/consumer.json) and exit")
 	canonical := flag.Bool("check-canonical", false, "read hex values from stdin, one per line, and say whether each is canonical JSON")
 	var tlsFiles TLSFiles
@@ -287,7 +287,8 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	out := &printer{out: os.Stdout, asJSON: *asJSON, all: *all}
+	// Types asked for by name are printed whatever they are.
+	out := &printer{out: os.Stdout, asJSON: *asJSON, all: *all || len(types) > 0}
 	if err := Run(ctx, cfg, v, out); err != nil && !errors.Is(err, context.Canceled) {
 		log.Fatal(err)
 	}

@@ -192,6 +192,7 @@ async def python_verdicts(
     return verdicts
 
 
+@pytest.mark.kafka
 async def test_both_consumers_judge_the_vectors_alike_over_kafka(
     go_consumer: Path,
     kafka_bootstrap: str,
@@ -233,6 +234,7 @@ async def test_both_consumers_judge_the_vectors_alike_over_kafka(
         assert saved[partition].last_seq == last_accepted[partition]
 
 
+@pytest.mark.kafka
 async def test_go_consumer_resumes_from_its_state_and_drops_replays_across_restarts(
     go_consumer: Path, kafka_bootstrap: str, vector_topic: tuple, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

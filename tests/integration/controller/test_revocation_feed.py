@@ -125,3 +125,13 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
         assert any(where in line for line in go_drops), (where, go_drops)
     assert len(python_drops) == len(go_drops) == len(attacks)
     assert stats["delivered"] == len(python_lines)
+
+    # Asked for revocations only, the Go consumer prints exactly those (and still refuses the
+    # attacks: a filter never skips verification).
+    args = ["-brokers", bootstrap, "-topic", topic, "-state", str(tmp_path / "go-revoked.json"),
+            "-trust", base64.b64encode(public).decode(), "-type", "key.revoked",
+            "-poll-wait", "500ms"]  # fmt: skip
+    async with run_go_consumer(go_consumer, *args) as go:
+        only = await go.wait_lines(2)
+    assert only == revocations
+    assert len([line for line in go.stderr if "dropped event" in line]) == len(attacks)
