@@ -12,14 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-## tools the tests check ckms's output with (Debian's age); apt-get installs them as root
+## tools the tests check ckms with, from Debian: age (its output), headless Chromium and its
+## driver (the console), promtool (metric names); apt-get installs the missing ones as root
+TOOL_PACKAGES := age:age chromium:chromium chromedriver:chromium-driver promtool:prometheus
 .PHONY: tools
 tools:
-	@command -v age >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(TOOL_PACKAGES); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y -q age >/dev/null 2>&1 || \
-	      { apt-get update -q >/dev/null && apt-get install -y -q age >/dev/null; }; \
-	  else echo "make: Debian's age is missing (not root): the tests that need it skip"; fi; }
+	    echo "make: installing$$missing from Debian"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && \
+	        apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	  else echo "make: missing$$missing (not root): the tests that need them skip"; fi; fi
 
 ## make test: lint, then every test (unit and integration against a real local Kafka)
 test: $(STAMP) tools

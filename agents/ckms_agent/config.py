@@ -138,15 +138,6 @@ class AgentConfig(BaseModel):
     metrics_listen: str | None = None
     """``127.0.0.1:PORT`` (loopback only) to also serve ``/metrics``; unset, no port opens."""
     metrics_interval_s: Seconds = 15.0
-
-    @field_validator("metrics_listen")
-    @classmethod
-    def _check_metrics_listen(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                parse_listen(value, loopback_only=True)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
     allowed_paths: tuple[Path, ...] = DEFAULT_ALLOWED_PATHS
     """Directories keys may be installed under (paths as the controller names them, before
     ``root``); an install spec resolving elsewhere is refused and acked ``failed``."""
@@ -186,6 +177,16 @@ class AgentConfig(BaseModel):
                 raise ValueError(
                     f"invalid hook name {name!r} (lowercase letters, digits, '.', '_', '-')"
                 )
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_listen(value, loopback_only=True)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("host_id")

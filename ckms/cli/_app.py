@@ -15,7 +15,19 @@ from typing import Annotated
 import typer
 
 from ckms._logging import configure_logging
-from ckms.cli import audit, controller, dev, fleet, host, init, key, operator, request, vault
+from ckms.cli import (
+    audit,
+    console,
+    controller,
+    dev,
+    fleet,
+    host,
+    init,
+    key,
+    operator,
+    request,
+    vault,
+)
 from ckms.cli._client import Connection
 from ckms.cli._errors import EXIT_CODES_HELP, ExitCode
 
@@ -84,6 +96,7 @@ def root(
 
 app.command("init")(init.init)
 app.command("status")(vault.status)
+app.command("console")(console.console)
 app.command("unseal")(vault.unseal)
 app.command("seal")(vault.seal)
 app.command("approve", help="Approve another person's request (same as `request approve`).")(

@@ -13,11 +13,13 @@ hook writes to the audit log whether the route or the handler refused):
 =================  =========================================================================
 role               may call
 =================  =========================================================================
-``auditor``        read only: ``status``, ``key.list|show|history``, ``host.list|show``,
-                   ``fleet.status``, ``audit.*``, ``operator.list``, ``request.list|show``
+``auditor``        read only: ``status``, ``whoami``, ``key.list|show|history``,
+                   ``host.list|show``, ``fleet.status``, ``audit.*``, ``operator.list``,
+                   ``request.list|show``
 ``operator``       the reads, plus ``key.*`` changes and ``host.enroll|label|revoke``, except
                    operations the key's policy puts under dual control (refused)
-``custodian``      ``status``, ``unseal``, ``seal``, ``request.list|show|approve|reject``
+``custodian``      ``status``, ``whoami``, ``unseal``, ``seal``,
+                   ``request.list|show|approve|reject``
 ``admin``          everything, including ``operator.add|remove``; dual-control operations
                    become requests
 ``agent``/enroll   nothing here (agent methods only)
@@ -75,6 +77,7 @@ _APPROVE = APPROVER_ROLES
 
 ROLES: dict[str, frozenset[Role]] = {
     "status": _STATUS,
+    "whoami": _STATUS,
     "unseal": _VAULT,
     "seal": _VAULT,
     "key.create": _WRITE,
@@ -188,6 +191,7 @@ class AdminService:
     def register(self, server: RpcServer) -> None:
         """Route every admin method on ``server`` with the roles of :data:`ROLES`."""
         self._route(server, "status", api.Empty, self.status)
+        self._route(server, "whoami", api.Empty, self.whoami)
         self._route(server, "unseal", api.UnsealParams, self.unseal, secret_params=True)
         self._route(server, "seal", api.Empty, self.seal)
 
@@ -257,6 +261,10 @@ class AdminService:
         )
 
     # -- status and sealing ---------------------------------------------------------------
+
+    async def whoami(self, principal: Principal, params: api.Empty) -> api.WhoamiReply:
+        """The caller's operator name and role, as the controller authenticated them."""
+        return api.WhoamiReply(name=principal.name, role=principal.role)
 
     async def status(self, principal: Principal, params: api.Empty) -> api.StatusReply:
         """Sealed?, Kafka reachable?, outbox backlog, due rotations, stale hosts, requests."""

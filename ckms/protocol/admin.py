@@ -73,6 +73,7 @@ __all__ = [
     "StatusReply",
     "UnsealParams",
     "VersionInfo",
+    "WhoamiReply",
     "agent_enroll_command",
 ]
 
@@ -458,6 +459,13 @@ class DueEntry(_Reply):
     key: str
     version: int
     due_at: datetime
+
+
+class WhoamiReply(_Reply):
+    """Who the controller says the caller is (the console shows only what the role may do)."""
+
+    name: str
+    role: str
 
 
 class StatusReply(_Reply):
