@@ -27,7 +27,7 @@ import os
 import pwd
 import secrets
 import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ckms.errors import CKMSError, ConfigError
@@ -387,34 +387,3 @@ def sweep_temp_files(directory: Path) -> list[Path]:
             return [directory / name for name in sweep_at(fd, str(directory))]
     except FileNotFoundError:
         return []
-
-
-def read_if_exists(path: Path) -> bytes | None:
-    """The current bytes of ``path``, or None when it does not exist (links refused)."""
-    try:
-        with open_directory(path.parent) as fd:
-            return read_at(fd, path.name, str(path))
-    except FileNotFoundError:
-        return None
-
-
-def hash_files(paths: Iterable[Path]) -> dict[Path, str]:
-    """SHA-256 (hex) of each file (links and special files refused)."""
-    out: dict[Path, str] = {}
-    for path in paths:
-        digest = digest_of(read_if_exists(path))
-        if digest is None:
-            raise InstallError(f"cannot read back {path}: it is missing")
-        out[path] = digest
-    return out
-
-
-def files_match(files: Mapping[Path, str]) -> bool:
-    """True when every file still exists with the hash recorded when it was written."""
-    for path, expected in files.items():
-        try:
-            if digest_of(read_if_exists(path)) != expected:
-                return False
-        except (OSError, CKMSError):
-            return False
-    return True

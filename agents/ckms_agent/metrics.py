@@ -24,7 +24,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ckms._exposition import MetricsEndpoint, parse_listen
-from ckms_agent.files import files_match
 from ckms_agent.plan import is_stale
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ class AgentMetrics:
         versions = 0
         for record in held.values():
             versions += len(record.versions)
-            if not files_match(record.files):
+            if not agent._installer.files_match(record.files):
                 statuses["drifted"] += 1
             elif is_stale(record, last_contact=last, now=now, default=default):
                 statuses["stale"] += 1

@@ -253,3 +253,18 @@ async def test_a_hook_runs_as_the_user_the_host_names() -> None:
 
 def _read(path: Path) -> str:
     return path.read_text()
+
+
+async def test_controller_commands_run_only_where_the_host_opts_in(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    spec = InstallSpec(path="/keys/db.key", reload=("touch", str(ran)))
+    refused = await host(tmp_path).apply("payments/db", "aes-256", spec, [held(1, primary=True)])
+    assert refused.status is AckStatus.FAILED and not ran.exists()
+    opted_in = Installer(
+        host_id="web-1",
+        root=tmp_path / "host",
+        policy=HostPolicy(allowed_paths=(Path("/keys"),), allow_controller_commands=True),
+    )
+    outcome = await opted_in.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
+    assert outcome.status is AckStatus.INSTALLED and ran.exists()
+    assert [(h.command, h.name, h.exit_code) for h in outcome.hooks] == [("reload", None, 0)]
