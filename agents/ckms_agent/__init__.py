@@ -7,10 +7,12 @@ Modules, from the edge inward:
 - ``enroll``: first contact with the controller; makes the keys, pins what it answers.
 - ``daemon``: :class:`~ckms_agent.daemon.Agent`, the task group of loops (connection, reconcile,
   events, heartbeat, staleness, acks): *when* things happen.
-- ``keyops``: *what* happens to key files: apply a plan, revoke locally, remove; record, ack.
+- ``keyops``: *what* happens to key files: execute a plan, record, ack; it composes
+  ``materials`` (the verified material cache and fetch), ``revocation`` (offline revocation
+  from the signed event) and ``removal`` (taking a key off, per-key locks, critical sections).
 - ``plan`` / ``events``: pure decisions (desired vs held; what an event means for this host).
 - ``installer`` / ``files`` / ``hooks``: crash-safe files, reload and health hooks, rollback.
 - ``state``: the SQLite state DB (held keys and digests, Kafka positions, pending acks).
 - ``acks``: signing, queueing and publishing acks; ``identity``: the agent's own keys;
-  ``backoff``: jittered exponential backoff; ``status``: the ``status`` report.
+  ``backoff``: the retry delays (``ckms._backoff``); ``status``: the ``status`` report.
 """

@@ -9,59 +9,47 @@ and the acks match the files), and ends in acks queued in the state DB:
 - **execute** a :class:`~ckms_agent.plan.KeyPlan`: fetch what is needed through the daemon's
   connection, unwrap it with the wrapping key, keep it only if it matches every digest the
   controller named (sync reply, fetch reply, triggering event), install, record, ack;
-- **revoke** versions from a signed event alone, without the controller: per-version files
-  are removed, a keyring is rewritten from material at hand (memory, or the keyring file itself,
-  digest-checked), a single file whose version stays is left alone; when none of that is
-  possible, every file of the key goes (fail closed) and the next sync brings back the rest;
-- **remove** a key (no longer desired, stale, or the host revoked).
+- **revoke** versions from a signed event alone, without the controller
+  (:class:`~ckms_agent.revocation.OfflineRevoker`);
+- **remove** a key (no longer desired, stale, or the host revoked;
+  :class:`~ckms_agent.removal.Remover`).
 
-Material lives in memory (``_materials``, never in reprs or logs) so keyrings can be rewritten
-offline; it is dropped as soon as its version is revoked or removed.
+Material lives in memory (:class:`~ckms_agent.materials.Materials`, never in reprs or logs) so
+keyrings can be rewritten offline; it is dropped as soon as its version is revoked or removed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-from ckms.crypto import InstallFormat, is_keyed_digest, material_digest, unwrap_for_agent
-from ckms.errors import CKMSError, IntegrityError, ProtocolError, StoreError, TransportError
+from ckms.errors import CKMSError, StoreError, TransportError
 from ckms.protocol import (
     MAX_PREFETCH,
     AckStatus,
     DesiredKey,
     DesiredVersion,
-    FetchReply,
     FetchRequest,
     HookResult,
     InstalledVersion,
     InstallSpec,
 )
 from ckms_agent.acks import AckWriter
-from ckms_agent.installer import ApplyOutcome, HeldVersion, Installer, read_keyring
-from ckms_agent.plan import (
-    Action,
-    KeyPlan,
-    is_stale,
-    needed_versions,
-    per_version_files,
-    staleness_limit,
-)
+from ckms_agent.installer import ApplyOutcome, HeldVersion, Installer
+from ckms_agent.installer import read_keyring as read_keyring  # importable here as before
+from ckms_agent.materials import Fetcher, Materials
+from ckms_agent.plan import Action, KeyPlan, is_stale, needed_versions, staleness_limit
+from ckms_agent.removal import KeyLocks, Remover
+from ckms_agent.removal import critical as critical  # the daemon's stops use it too
+from ckms_agent.revocation import OfflineRevoker
 from ckms_agent.state import AgentState, KeyRecord, VersionRecord
 
+__all__ = ["Fetcher", "HeldReport", "KeyOps", "Trigger", "critical"]
+
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-Fetcher = Callable[[FetchRequest], Awaitable[FetchReply]]
-"""Sends one ``fetch`` on the open connection (raises TransportError when it is down)."""
 
 
 @dataclass
@@ -87,26 +75,6 @@ class HeldReport:
     drifted: frozenset[str]
 
 
-async def critical(work: Awaitable[T]) -> T:
-    """Finish ``work`` even if this task is cancelled meanwhile, then honour the cancel.
-
-    Files are replaced atomically either way; this keeps the state DB and the acks in step with
-    the files when a stop lands between writing a key and recording it.
-    """
-    task = asyncio.ensure_future(work)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError as exc:  # again and again: still wait for the work
-            cancelled = exc
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved; the stop wins
-        raise cancelled
-    return task.result()
-
-
 class KeyOps:
     """Installs, revokes and removes this host's keys (see the module docstring)."""
 
@@ -125,30 +93,57 @@ class KeyOps:
         self._state = state
         self._installer = installer
         self._acks = acks
-        self._wrapping = wrapping_key
-        self.digest_key = digest_key
-        """The fleet's digest key; None until a host enrolled before keyed digests asked for it
-        (until then nothing fetched can be checked, so nothing is installed)."""
         self._host = host_id
         self._request_reconcile = request_reconcile
         self._clock = clock
-        self._locks: dict[str, asyncio.Lock] = {}
-        self.tombstones: set[tuple[str, int]] = set()
+        self.materials = Materials(
+            wrapping_key=wrapping_key, host_id=host_id, digest_key=digest_key
+        )
+        self.lock = KeyLocks()
+        """``ops.lock(name)``: the lock held while one key's files change."""
+        self._remover = Remover(
+            state=state, installer=installer, acks=acks, materials=self.materials, host_id=host_id
+        )
+        self.revoker = OfflineRevoker(
+            state=state,
+            installer=installer,
+            acks=acks,
+            materials=self.materials,
+            locks=self.lock,
+            remover=self._remover,
+            host_id=host_id,
+            clock=clock,
+        )
+        self.tombstones = self.revoker.tombstones
         """Versions revoked by events in this run; never (re)installed from an older reply."""
         self.failed_at: dict[str, float] = {}
         self.install_failures = 0
         """Changes that failed to install since start (for metrics)."""
         """When a key last failed to install (drift reports do not retry it at once)."""
         self._failed_plans: dict[str, tuple[tuple[object, ...], float]] = {}
-        self._materials: dict[tuple[str, int], tuple[str, bytes]] = {}
         self._swept: set[Path] = set()
 
-    def lock(self, name: str) -> asyncio.Lock:
-        """The lock held while one key's files change."""
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
-        return lock
+    @property
+    def digest_key(self) -> bytes | None:
+        """The fleet's digest key (None until it is known: nothing can be installed then)."""
+        return self.materials.digest_key
+
+    @digest_key.setter
+    def digest_key(self, key: bytes | None) -> None:
+        self.materials.digest_key = key
+
+    def note_revoked(self, name: str, versions: Iterable[int]) -> None:
+        """Remember revoked versions at once (never installed again, material dropped)."""
+        self.revoker.note(name, versions)
+
+    async def revoke(
+        self, name: str, versions: Sequence[int], primary_version: int | None, event_id: str
+    ) -> bool:
+        """Remove revoked/destroyed versions now, from the signed event alone (architecture §4).
+
+        True when the host is left as the controller wants it without asking.
+        """
+        return await self.revoker.revoke(name, versions, primary_version, event_id)
 
     async def held_report(self) -> HeldReport:
         """What is intact on disk (file hashes match what was written) and which keys drifted."""
@@ -183,8 +178,7 @@ class KeyOps:
                 have = record.versions.get(version) if record is not None else None
                 if have is not None and (digest is None or have.digest == digest):
                     continue
-                cached = self._materials.get((trigger.key, version))
-                if cached is not None and (digest is None or cached[0] == digest):
+                if self.materials.has(trigger.key, version, digest):
                     continue
                 if (trigger.key, version) in self.tombstones:
                     continue
@@ -266,11 +260,15 @@ class KeyOps:
                 event_id=event_id,
                 error=refused,
             )
-        want = {*plan.fetch, *(v.version for v in needed if not self._cached(plan.key, v))}
+        want = {
+            *plan.fetch,
+            *(v.version for v in needed if not self.materials.has(plan.key, v.version, v.digest)),
+        }
         by_version = {v.version: v for v in desired.versions}
         try:
             for version in sorted(want):
-                await self._fetch(fetch, plan.key, by_version[version], trigger)
+                named = trigger.digests.get(version) if trigger is not None else None
+                await self.materials.fetch(fetch, plan.key, by_version[version], named)
         except (TransportError, StoreError):
             raise
         except CKMSError as exc:
@@ -306,6 +304,10 @@ class KeyOps:
             versions = tuple(
                 v for v in desired.versions if (name, v.version) not in self.tombstones
             )
+            for v in desired.versions:
+                if (name, v.version) in self.tombstones:
+                    # Fetched before its revocation was noted: its material goes now too.
+                    self.materials.drop(name, v.version)
             if len(versions) < len(desired.versions):
                 # Planned from a reply older than a revocation applied meanwhile: install what
                 # stays now, and sync again for the controller's view after the revocation.
@@ -352,7 +354,7 @@ class KeyOps:
             self.failed_at.pop(name, None)
             self._failed_plans.pop(name, None)
             for version in dropped:
-                self._materials.pop((name, version), None)
+                self.materials.drop(name, version)
             await self._acks.ack_all(
                 name,
                 changed,
@@ -387,10 +389,10 @@ class KeyOps:
         needed = needed_versions(spec, versions)
         held = []
         for v in needed:
-            cached = self._materials.get((name, v.version))
-            if cached is None or cached[0] != v.digest:
+            material = self.materials.get(name, v.version, v.digest)
+            if material is None:
                 return ApplyOutcome(AckStatus.FAILED, [], error=f"material of v{v.version} missing")
-            held.append(HeldVersion(v.version, str(v.state), v.primary, v.digest, cached[1]))
+            held.append(HeldVersion(v.version, str(v.state), v.primary, v.digest, material))
         self._sweep_targets(spec, name, [v.version for v in versions])
         previous = record.files if record is not None else {}
         try:
@@ -411,10 +413,6 @@ class KeyOps:
             return str(exc)
         return None
 
-    def _cached(self, name: str, version: DesiredVersion) -> bool:
-        cached = self._materials.get((name, version.version))
-        return cached is not None and cached[0] == version.digest
-
     async def _remove_key(
         self, record: KeyRecord, started: float, event_id: str | None, reason: str
     ) -> set[int]:
@@ -422,186 +420,7 @@ class KeyOps:
             current = await self._state.key(record.name)
             if current is None:
                 return set()
-            return await self._remove_all(current, started, event_id, reason)
-
-    async def _remove_all(
-        self,
-        record: KeyRecord,
-        started: float,
-        event_id: str | None,
-        reason: str,
-        *,
-        note: str | None = None,
-    ) -> set[int]:
-        """Remove every file of a key and forget it; the caller holds the lock."""
-        outcome = await self._installer.remove(record.spec, record.paths)
-        versions = sorted(record.versions)
-        if outcome.status is AckStatus.FAILED:
-            log.error("key=%s host=%s removal failed: %s", record.name, self._host, outcome.error)
-            return await self._acks.ack_all(
-                record.name,
-                versions,
-                AckStatus.FAILED,
-                started=started,
-                event_id=event_id,
-                error=outcome.error,
-            )
-        await self._state.forget_key(record.name)
-        self._forget_materials(record.name)
-        log.info(
-            "removed key=%s versions=%s host=%s (%s)",
-            record.name,
-            versions,
-            self._host,
-            reason,
-        )
-        return await self._acks.ack_all(
-            record.name,
-            versions,
-            AckStatus.REMOVED,
-            started=started,
-            hooks=outcome.hooks,
-            event_id=event_id,
-            error=note,
-        )
-
-    def _forget_materials(self, name: str) -> None:
-        for cache_key in [k for k in self._materials if k[0] == name]:
-            del self._materials[cache_key]
-
-    def note_revoked(self, name: str, versions: Iterable[int]) -> None:
-        """Remember revoked versions at once (never installed again, material dropped)."""
-        for version in versions:
-            self.tombstones.add((name, version))
-            self._materials.pop((name, version), None)
-
-    async def revoke(
-        self, name: str, versions: Sequence[int], primary_version: int | None, event_id: str
-    ) -> bool:
-        """Remove revoked/destroyed versions now, from the signed event alone (architecture §4).
-
-        Returns True when the host is left as the controller wants it without asking (nothing
-        held was hit, or the files were rewritten without the revoked versions and the primary
-        the event names is held); False when a sync must bring back what was removed.
-        """
-        started = time.monotonic()
-        revoked = set(versions)
-        self.note_revoked(name, revoked)
-        async with self.lock(name):
-            record = await self._state.key(name)
-            if record is None:
-                return True
-            hit = sorted(revoked & set(record.versions))
-            if not hit:
-                held = record.versions.get(primary_version) if primary_version else None
-                return primary_version is None or (held is not None and held.primary)
-            spec = record.spec
-            current = record.primary
-            if (
-                primary_version is not None
-                and primary_version in record.versions
-                and primary_version not in revoked
-            ):
-                new_primary: int | None = primary_version
-            elif current is not None and current.version not in revoked:
-                new_primary = current.version
-            else:
-                new_primary = None
-            remaining = [
-                replace(v, primary=v.version == new_primary)
-                for v in record.versions.values()
-                if v.version not in revoked
-            ]
-            single_file = (
-                not per_version_files(spec) and spec.format is not InstallFormat.KEYRING_JSON
-            )
-            outcome: ApplyOutcome | None
-            files = dict(record.files)
-            if single_file and current is not None and current.version not in revoked:
-                # The one file holds a version that stays: only the record changes.
-                remaining = [replace(v, primary=v.version == current.version) for v in remaining]
-                new_primary = current.version
-                outcome = None
-            else:
-                outcome = await self._rewrite_locally(record, remaining, new_primary, hit)
-                if outcome is None or outcome.status is AckStatus.FAILED:
-                    await self._remove_all(record, started, event_id, "revoked")
-                    return False
-                files = self._installer.hash_files(outcome.paths)
-            await self._state.put_key(
-                replace(
-                    record,
-                    versions={v.version: v for v in remaining},
-                    files=files,
-                    updated_at=self._clock(),
-                )
-            )
-            hooks = outcome.hooks if outcome is not None else []
-            log.info("key=%s host=%s revoked versions %s removed locally", name, self._host, hit)
-            await self._acks.ack_all(
-                name, hit, AckStatus.REMOVED, started=started, hooks=hooks, event_id=event_id
-            )
-            return primary_version is None or primary_version == new_primary
-
-    async def _rewrite_locally(
-        self,
-        record: KeyRecord,
-        remaining: Sequence[VersionRecord],
-        new_primary: int | None,
-        hit: Sequence[int],
-    ) -> ApplyOutcome | None:
-        """Rewrite a key's files without the revoked versions, with no help from the controller.
-
-        Returns None when that is impossible (material of a remaining version not at hand, or no
-        primary left); the caller then removes every file of the key (fail closed).
-        """
-        spec = record.spec
-        if not remaining:
-            return None
-        if per_version_files(spec):
-            paths = [
-                self._installer.host_path(spec.render_path(record.name, v, self._host)) for v in hit
-            ]
-            outcome = await self._installer.remove(spec, paths)
-            if outcome.status is AckStatus.FAILED:
-                return outcome
-            kept = [p for p in record.paths if p not in paths]
-            return ApplyOutcome(AckStatus.INSTALLED, kept, outcome.hooks)
-        if new_primary is None:
-            return None
-        needed = needed_versions(spec, remaining)
-        materials = self._local_materials(record, needed)
-        if materials is None:
-            return None
-        held = [
-            HeldVersion(v.version, v.state, v.primary, v.digest, materials[v.version])
-            for v in needed
-        ]
-        try:
-            return await self._installer.apply(
-                record.name, record.key_type, spec, held, previous=record.files
-            )
-        except ValueError:
-            return None
-
-    def _local_materials(
-        self, record: KeyRecord, versions: Sequence[VersionRecord]
-    ) -> dict[int, bytes] | None:
-        """Material of ``versions`` from memory or the keyring file itself, digest-checked."""
-        out: dict[int, bytes] = {}
-        ring: dict[int, bytes] | None = None
-        for v in versions:
-            cached = self._materials.get((record.name, v.version))
-            if cached is not None and cached[0] == v.digest:
-                out[v.version] = cached[1]
-                continue
-            if record.spec.format is InstallFormat.KEYRING_JSON and ring is None:
-                ring = read_keyring(record.paths, self._installer.read)
-            material = (ring or {}).get(v.version)
-            if material is None or self._digest(material) != v.digest:
-                return None
-            out[v.version] = material
-        return out
+            return await self._remover.remove_all(current, started, event_id, reason)
 
     async def remove_stale_keys(
         self, *, last_contact: float | None, default_max_staleness_s: int | None
@@ -636,8 +455,8 @@ class KeyOps:
                 async with self.lock(name):
                     record = await self._state.key(name)
                     if record is not None:
-                        await self._remove_all(record, started, event_id, "host revoked")
-            self._materials.clear()
+                        await self._remover.remove_all(record, started, event_id, "host revoked")
+            self.materials.clear()
             await self._state.set_revoked(True)
 
         await critical(drop_all())
@@ -649,7 +468,7 @@ class KeyOps:
             record = await self._state.key(name)
             if record is not None:
                 reason = f"stale: no controller contact for {age:.0f} s"
-                await self._remove_all(record, started, None, reason, note=reason)
+                await self._remover.remove_all(record, started, None, reason, note=reason)
 
     def sweep_held(self, records: dict[str, KeyRecord]) -> None:
         """At start (before any change runs): remove every temp file beside held keys."""
@@ -677,53 +496,6 @@ class KeyOps:
             return
         if removed:
             log.warning("removed %d leftover temp file(s) in %s", len(removed), path.parent)
-
-    async def _fetch(
-        self, fetch: Fetcher, name: str, desired: DesiredVersion, trigger: Trigger | None
-    ) -> None:
-        """Fetch one version, unwrap it, and keep it only if it matches every digest named."""
-        reply = await fetch(FetchRequest(key=name, version=desired.version))
-        if reply.key != name or reply.version != desired.version:
-            raise ProtocolError(
-                f"fetch of {name} v{desired.version} was answered for {reply.key} v{reply.version}"
-            )
-        try:
-            blob = base64.b64decode(reply.wrapped, validate=True)
-        except (binascii.Error, ValueError):
-            raise IntegrityError(
-                f"wrapped material of {name} v{desired.version} is not base64"
-            ) from None
-        material = unwrap_for_agent(
-            self._wrapping,
-            blob,
-            key_name=name,
-            version=desired.version,
-            agent_id=self._host,
-        )
-        digest = self._digest(material)
-        expected = {desired.digest, reply.digest}
-        if trigger is not None and is_keyed_digest(trigger.digests.get(desired.version, "")):
-            # An event from before digests were keyed names a plain hash: not comparable.
-            expected.add(trigger.digests[desired.version])
-        if expected != {digest}:
-            raise IntegrityError(
-                f"material fetched for {name} v{desired.version} does not match the digest the "
-                "controller named; refusing to install it"
-            )
-        self._materials[(name, desired.version)] = (digest, material)
-        log.info(
-            "fetched key=%s version=%d digest=%s host=%s",
-            name,
-            desired.version,
-            digest,
-            self._host,
-        )
-
-
-    def _digest(self, material: bytes) -> str:
-        if self.digest_key is None:
-            raise IntegrityError("no digest key yet: cannot check material before installing it")
-        return material_digest(self.digest_key, material)
 
 
 def _signature(desired: DesiredKey) -> tuple[object, ...]:
