@@ -168,12 +168,22 @@ class AckStatus(StrEnum):
     FAILED = "failed"
 
 
+def _legacy_output(schema: dict[str, Any]) -> None:
+    # The schema twin of _drop_output: any value is accepted there, and ignored.
+    schema["properties"]["output"] = {
+        "deprecated": True,
+        "description": "Sent by agents before hook names; accepted and ignored.",
+    }
+
+
 class HookResult(_Data):
     """The outcome of a reload or health-check hook: its name, exit status and duration.
 
     A hook's output never leaves the host (it may print anything, key material included); it
     goes to the agent's local log only.
     """
+
+    model_config = ConfigDict(json_schema_extra=_legacy_output)
 
     command: Literal["reload", "health"]
     name: str | None = Field(default=None, max_length=64)

@@ -117,10 +117,18 @@ def _render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def _checkout() -> Path:
+    """The repository this module runs from, else the current directory."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "docs").is_dir() else Path()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the schemas under the repository root, or with ``--check`` report stale ones."""
     parser = argparse.ArgumentParser(prog="python -m ckms.protocol.schemas", description=__doc__)
-    parser.add_argument("--root", type=Path, default=Path(), help="repository root")
+    parser.add_argument(
+        "--root", type=Path, default=_checkout(), help="repository root (default: this checkout)"
+    )
     parser.add_argument("--check", action="store_true", help="only report files that differ")
     args = parser.parse_args(argv)
     files = {name: _render(schema) for name, schema in build_schemas().items()}

@@ -23,6 +23,7 @@ var schemaFiles embed.FS
 // annotations are keywords that never change a verdict.
 var annotations = map[string]bool{
 	"$schema": true, "title": true, "description": true, "default": true, "examples": true,
+	"deprecated": true,
 }
 
 var assertions = map[string]bool{

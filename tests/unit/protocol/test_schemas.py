@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from ckms.protocol import EVENT_DATA_MODELS, EventType, HookSpec, InstallSpec, parse_canonical_json
 from ckms.protocol import schemas as schema_module
@@ -122,6 +124,30 @@ def test_every_model_has_a_standalone_schema_of_the_same_fields() -> None:
         aliases = {f.alias or name for name, f in model.model_fields.items()}
         assert set(schema["properties"]) == aliases
         assert schema["additionalProperties"] is False
+
+
+def _nested_models() -> dict[str, type[BaseModel]]:
+    """Every model an event's data contains, by its schema name."""
+    found: dict[str, type[BaseModel]] = {}
+    pending: list[Any] = list(EVENT_DATA_MODELS.values())
+    while pending:
+        item = pending.pop()
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            if item.__name__ not in found:
+                found[item.__name__] = item
+                pending.extend(f.annotation for f in item.model_fields.values())
+        else:
+            pending.extend(typing.get_args(item))
+    return found
+
+
+def test_nested_schemas_have_the_models_fields_and_mark_ignored_ones_deprecated() -> None:
+    defs = _schema("envelope.json")["$defs"]
+    for name, model in _nested_models().items():
+        props = defs[name]["properties"]
+        legacy = {k for k, v in props.items() if v.get("deprecated")}
+        assert set(props) - legacy == {f.alias or n for n, f in model.model_fields.items()}, name
+        assert defs[name]["additionalProperties"] is False, name
 
 
 @pytest.mark.parametrize(
