@@ -51,8 +51,8 @@ INSTALL = {
     "group": None,
     "mode": 0o640,
     "dir_mode": 0o750,
-    "reload": {"argv": ["systemctl", "reload", "postgresql"], "timeout_s": 30.0},
-    "health": None,
+    "reload": "reload-postgresql",  # a hook name: the host's own config says what it runs
+    "health": {"argv": ["pg_isready"], "timeout_s": 30.0},  # the legacy form: a command
 }
 POLICY = {
     "cryptoperiod": 90 * 86400,
@@ -467,9 +467,13 @@ def cases() -> list[Case]:
         "bad_host": (with_data("host.revoked", n, host="db 7"), "a space in a host id"),
         "hook_shorthand": (
             with_data("key.rotated", n, install__reload="systemctl reload postgresql"),
-            "a hook as a string (a CLI shorthand, not a wire form)",
+            "a command line where a hook name belongs (the CLI's shorthand is not a wire form)",
         ),
-        "hook_empty_argv": (with_data("key.rotated", n, install__reload__argv=[]), "argv []"),
+        "hook_argv_list": (
+            with_data("key.rotated", n, install__health=["pg_isready"]),
+            "a bare argv list (a config shorthand) instead of a command object",
+        ),
+        "hook_empty_argv": (with_data("key.rotated", n, install__health__argv=[]), "argv []"),
         "world_readable_mode": (with_data("key.rotated", n, install__mode=0o644), "mode 0644"),
         "unreadable_mode": (with_data("key.rotated", n, install__mode=0o200), "mode 0200"),
         "world_writable_dir": (with_data("key.rotated", n, install__dir_mode=0o777), "0777"),
