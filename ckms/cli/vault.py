@@ -14,6 +14,7 @@ from ckms.cli._render import console, print_json, until, when
 from ckms.crypto import age_decrypt_ssh, is_age_file
 from ckms.protocol import admin as api
 from ckms.ssh import load_private_key
+from ckms.ssh._keys import KeyPassphraseNeeded
 
 
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
@@ -117,7 +118,11 @@ def _read_share(path: Path, identity: Path) -> str:
         raise UsageError(f"--share-file: {path} is too large")
     if not is_age_file(data):
         return read_text_file(path, option="--share-file")
-    key = load_private_key(identity)  # ConfigError names the problem (missing, mode, format)
+    try:
+        key = load_private_key(identity)  # ConfigError names the problem (missing, mode, ...)
+    except KeyPassphraseNeeded:
+        secret = typer.prompt(f"Passphrase of {identity}", hide_input=True, err=True)
+        key = load_private_key(identity, secret)
     plain = age_decrypt_ssh(data, key.export_private_key("openssh"))
     try:
         return plain.decode("utf-8").strip()

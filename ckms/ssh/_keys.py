@@ -27,16 +27,25 @@ def write_private_key(path: Path, key: asyncssh.SSHKey) -> None:
     (path.parent / (path.name + ".pub")).write_bytes(key.export_public_key("openssh"))
 
 
-def load_private_key(path: Path) -> asyncssh.SSHKey:
-    """Load a private key, refusing one that others can read."""
+class KeyPassphraseNeeded(ConfigError):
+    """Raised when a private key file is encrypted and no passphrase was given."""
+
+
+def load_private_key(path: Path, passphrase: str | None = None) -> asyncssh.SSHKey:
+    """Load a private key (decrypting it with ``passphrase``), refusing one others can read."""
     try:
         mode = path.stat().st_mode & 0o077
         if mode:
             raise ConfigError(f"private key {path} is readable by others (chmod 600 it)")
-        return asyncssh.read_private_key(str(path))
+        return asyncssh.read_private_key(str(path), passphrase)
     except FileNotFoundError:
         raise ConfigError(f"private key {path} does not exist") from None
-    except (asyncssh.KeyImportError, OSError) as exc:
+    except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError, OSError) as exc:
+        encrypted = "passphrase" in str(exc).lower()
+        if passphrase is None and encrypted:
+            raise KeyPassphraseNeeded(f"private key {path} is encrypted") from None
+        if isinstance(exc, asyncssh.KeyEncryptionError):
+            raise ConfigError(f"cannot decrypt private key {path}: wrong passphrase") from None
         raise ConfigError(f"cannot load private key {path}: {exc}") from None
 
 
