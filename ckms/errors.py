@@ -111,6 +111,3 @@ class RequestTimeoutError(TransportError):
 class DependencyMissingError(CKMSError):
     """Raised when a tool ckms needs (Java, Maven) is not installed; the message names it."""
 
-
-class NotImplementedYetError(CKMSError):
-    """Raised by a capability that is designed but not built yet; the message says which."""

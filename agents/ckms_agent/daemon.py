@@ -387,18 +387,9 @@ class Agent:
             await self._obtain_digest_key()
         report = await ops.held_report()
         prefetch = ops.prefetch_requests(by_key.values(), await self.state.keys())
-        try:
-            reply = await self._call(
-                "sync", SyncRequest(installed=report.installed, fetch=prefetch), SyncReply
-            )
-        except (TransportError, StoreError):
-            raise
-        except CKMSError as exc:
-            if not prefetch:
-                raise
-            # A controller from before prefetching refuses the field: sync without it.
-            log.info("sync with prefetch refused (%s); syncing without it", exc)
-            reply = await self._call("sync", SyncRequest(installed=report.installed), SyncReply)
+        reply = await self._call(
+            "sync", SyncRequest(installed=report.installed, fetch=prefetch), SyncReply
+        )
         if reply.host != self.config.host_id:
             raise ProtocolError(f"sync reply is for host {reply.host!r}, not this host")
         self._desired_keys = {k.key for k in reply.keys}

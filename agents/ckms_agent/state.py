@@ -222,7 +222,7 @@ class AgentState:
             return fn(db, *args)
 
     async def _write(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(conn, *args)`` as one write transaction on the DB's thread."""
+        """Run ``fn(conn, *args)`` as one write transaction, in one call on the event loop."""
         return await self._run(f"write to agent state {self.path} failed", _in_tx, fn, *args)
 
     async def _rows(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:

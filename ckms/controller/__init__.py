@@ -1,4 +1,4 @@
-"""ckms.controller: the controller's key lifecycle, policies, sealing and (later) its services.
+"""ckms.controller: the controller's key lifecycle, policies, sealing and its services.
 
 Public entry points: :class:`~ckms.controller.lifecycle.Lifecycle`,
 :class:`~ckms.controller.sealing.Vault` with :func:`~ckms.controller.sealing.init_controller`,

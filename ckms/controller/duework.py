@@ -8,8 +8,8 @@
 - **deactivate**: an Active or Suspended version that is no longer primary and whose grace (from
   the moment it was superseded) has ended.
 
-The scheduler loop (built later) applies the items through :class:`~ckms.controller.lifecycle.
-Lifecycle` and sleeps until :attr:`DueWork.next_at`.
+The scheduler (:mod:`ckms.controller.scheduler`) applies the items through
+:class:`~ckms.controller.lifecycle.Lifecycle` and sleeps until :attr:`DueWork.next_at`.
 """
 
 from __future__ import annotations

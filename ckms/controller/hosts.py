@@ -263,19 +263,6 @@ class HostRegistry:
                 self._known[host_id] = known
         return known
 
-    async def details(self, host_id: str) -> dict[str, object]:
-        """Fleet-view facts about one host: suite, last seen, last ack seq, last report."""
-        row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
-        if row is None:
-            raise NotFoundError(f"no host {host_id!r}")
-        return {
-            "wrap_suite": row["wrap_suite"],
-            "signer_key_id": row["signer_key_id"],
-            "last_ack_seq": row["last_ack_seq"],
-            "last_seen_at": row["last_seen_at"],
-            "reported": json.loads(row["reported"]) if row["reported"] else None,
-        }
-
     async def authenticate(self, host_id: str, presented_key: str) -> Host | None:
         """The host whose id and identity key these are, unless it is revoked."""
         row = await self._store.fetchone(

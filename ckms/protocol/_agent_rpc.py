@@ -111,10 +111,7 @@ class SyncRequest(_Model):
     """
 
     installed: tuple[InstalledVersion, ...] = Field(default=(), max_length=4096)
-    # Sent only when non-empty, so a controller from before this field still takes the request.
-    fetch: tuple[FetchRequest, ...] = Field(
-        default=(), max_length=MAX_PREFETCH, exclude_if=lambda value: not value
-    )
+    fetch: tuple[FetchRequest, ...] = Field(default=(), max_length=MAX_PREFETCH)
 
 
 class DesiredVersion(_Model):
@@ -151,11 +148,8 @@ class SyncReply(_Model):
     remove: tuple[RemoveItem, ...] = ()
     controller_time: str
     reconcile_interval_s: int = 300
-    material: tuple[FetchReply, ...] = Field(
-        default=(), max_length=MAX_PREFETCH, exclude_if=lambda value: not value
-    )
-    """The versions the request's ``fetch`` asked for that the host may have, wrapped for it
-    (left out when empty, so an agent from before this field still takes the reply)."""
+    material: tuple[FetchReply, ...] = Field(default=(), max_length=MAX_PREFETCH)
+    """The versions the request's ``fetch`` asked for that the host may have, wrapped for it."""
 
 
 class HeartbeatReply(_Model):
