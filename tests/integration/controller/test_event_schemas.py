@@ -38,8 +38,8 @@ async def test_every_event_type_a_controller_sends_matches_its_schema(
         "aes-256",
         actor="alice",
         targets=Targets(selectors=({"env": "prod", "role": "db"},), env="prod"),
-        install=InstallSpec(
-            path="/etc/ckms/{team}/{purpose}.key", reload="systemctl reload postgresql"
+        install=InstallSpec(  # a hook name, and a command in the legacy form
+            path="/etc/ckms/{team}/{purpose}.key", reload="reload-postgresql", health=["pg_isready"]
         ),
         policy=Policy(cryptoperiod=timedelta(days=90), grace=timedelta(days=7),
                       approvals_required=frozenset()),
