@@ -512,9 +512,15 @@ class Console:
             return await self.page(
                 request, "enroll.html", status=400, error=str(exc), values=values, command=None
             )
-        command = api.agent_enroll_command(reply.listen, reply.token, reply.host_key_fingerprint)
+        command = api.agent_enroll_command(reply.listen, reply.host_key_fingerprint)
         return await self.page(
-            request, "enroll.html", error=None, values=values, command=command, reply=reply
+            request,
+            "enroll.html",
+            error=None,
+            values=values,
+            command=command,
+            reply=reply,
+            token=reply.token.get_secret_value(),
         )
 
     # -- login ----------------------------------------------------------------------------
