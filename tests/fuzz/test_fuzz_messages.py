@@ -152,6 +152,27 @@ def test_ssh_requests_parse_or_are_refused_with_a_protocol_error(command: str) -
     assert isinstance(params, dict) and method
 
 
+@FUZZ
+@given(
+    method=st.sampled_from(["sync", "unseal", "enroll", "Bad!", ""]),
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda t: t.encode(), st.text(max_size=300)),
+        st.just(b'{"share":"x"}'),
+        st.just(b"[1, 2]"),
+        st.just(b"{" * 5000),
+    ),
+)
+def test_ssh_request_bodies_parse_or_are_refused_with_a_protocol_error(
+    method: str, body: bytes
+) -> None:
+    try:
+        name, params = parse_request(method, body)
+    except ProtocolError:
+        return
+    assert isinstance(params, dict) and name == method
+
+
 @pytest.mark.parametrize("original", ORIGINALS)
 def test_the_originals_verify(original) -> None:  # type: ignore[no-untyped-def]
     verify_message(original.value, list(original.headers), TRUST)
