@@ -160,16 +160,26 @@ async def enroll_host(c: Controller, name: str, labels: dict[str, str]) -> bytes
 
 
 async def send_installed_ack(
-    c: Controller, signer: bytes, host: str, key: str, version: int, digest: str, seq: int
+    c: Controller,
+    signer: bytes,
+    host: str,
+    key: str,
+    version: int,
+    digest: str | None,
+    seq: int,
+    *,
+    status: AckStatus = AckStatus.INSTALLED,
+    error: str | None = None,
 ) -> None:
-    """Publish the signed ack an agent sends after installing ``key`` ``version``."""
+    """Publish the signed ack an agent sends after installing ``key`` ``version`` (or not)."""
     ack = Ack(
         agent=host,
         key=key,
         version=version,
-        status=AckStatus.INSTALLED,
+        status=status,
         digest=digest,
         elapsed_ms=5,
+        error=error,
     )
     msg = encode_event(EventType.ACK, ack, seq=seq, signing_key=signer, at=datetime.now(UTC))
     producer = AIOKafkaProducer(bootstrap_servers=c.settings.kafka_bootstrap, acks="all")

@@ -11,7 +11,7 @@ import pytest
 from ckms.cli._errors import ExitCode
 from ckms.controller.models import Key
 from ckms.controller.service import Controller
-from ckms.protocol import Targets
+from ckms.protocol import AckStatus, Targets
 from tests.support.cli import Operators, enroll_host, send_installed_ack
 
 pytestmark = pytest.mark.kafka
@@ -95,3 +95,21 @@ async def test_rotate_wait_exits_0_once_every_host_acked(
         "web-1": {"1": "installed", "2": "installed"},
         "web-2": {"1": "installed", "2": "installed"},
     }
+
+
+async def test_fleet_status_shows_why_a_host_refused_a_key(
+    controller: Controller, ops: Operators
+) -> None:
+    signers = await fleet_of_two(controller)
+    reason = "install path /etc/cron.d/x is outside this host's allowed paths (/etc/ckms/keys)"
+    await send_installed_ack(
+        controller, signers["web-2"], "web-2", KEY, 1, None, 2, status=AckStatus.FAILED,
+        error=reason,
+    )  # fmt: skip
+    await until(lambda: controller.acks.stats.applied >= 3)
+    fleet = await ops.ckms("fleet", "status", KEY, "--json", who="erin")
+    (view,) = fleet.json()["keys"]
+    assert {h["host"]: h["error"] for h in view["hosts"]} == {"web-1": None, "web-2": reason}
+    shown = await ops.ckms("fleet", "status", KEY, who="erin")
+    assert shown.rc == 0, shown.stderr
+    assert "/etc/cron.d/x" in shown.stdout and "outside" in shown.stdout  # the reason column
