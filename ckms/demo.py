@@ -38,6 +38,8 @@ from ckms.ssh._keys import write_private_key
 KEY = "demo/web-tls"
 HOSTS = ("web-1", "web-2", "web-3")
 KEY_PATH = "/etc/ckms/keys/{team}/{purpose}.json"
+HOOK = "web-tls"
+"""The hook name the demo key's install spec gives; each host's own config says what it runs."""
 PASSPHRASE = "demo passphrase: never use this one for real"  # noqa: S105 - throwaway demo
 
 console = Console(highlight=False)
@@ -151,17 +153,20 @@ class Demo:
                     proc.kill()
                 await proc.wait()
 
+    def keyring_path(self, host: str) -> Path:
+        """Where the key's keyring lands on one host (under the host's root directory)."""
+        key_path = KEY_PATH.format(team="demo", purpose="web-tls").lstrip("/")
+        return self.work / "hosts" / host / "root" / key_path
+
+    def reloads(self, host: str) -> int:
+        """How often the host's own reload hook ran."""
+        log = self.work / "hosts" / host / "reloads.log"
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
     def keyring(self, host: str) -> dict[str, Any] | None:
         """The key's keyring file on one host, or None when it is not there."""
-        path = (
-            self.work
-            / "hosts"
-            / host
-            / "root"
-            / KEY_PATH.format(team="demo", purpose="web-tls").lstrip("/")
-        )
         try:
-            return json.loads(path.read_bytes())
+            return json.loads(self.keyring_path(host).read_bytes())
         except FileNotFoundError:
             return None
         except ValueError:
@@ -285,8 +290,18 @@ async def _agents(demo: Demo) -> None:
             show=False,
             env={"CKMS_AGENT_ENROLL_TOKEN": reply["token"]},  # never on a command line
         )  # fmt: skip
+        # The host's admin says what the hook name the key uses runs here (the controller
+        # only names it): a reload that notes each run, and a health check that the key is
+        # a keyring with a primary.
+        reload_cmd = ["sh", "-c", f"echo reloaded >> {base / 'reloads.log'}"]
+        health_cmd = ["grep", "-q", '"primary"', str(demo.keyring_path(host))]
+        with config.open("a") as out:
+            out.write(
+                f"\n[hooks.{HOOK}]\nreload = {json.dumps(reload_cmd)}\n"
+                f"health = {json.dumps(health_cmd)}\ntimeout_s = 10\n"
+            )
         await demo.start(host, _bin("ckms-agent"), "run", "--config", str(config))
-    console.print(f"  enrolled and running: {', '.join(HOSTS)}")
+    console.print(f"  enrolled and running: {', '.join(HOSTS)} (each defines hook {HOOK!r})")
 
 
 async def _key_lifecycle(demo: Demo) -> None:
@@ -297,6 +312,7 @@ async def _key_lifecycle(demo: Demo) -> None:
         "--target", "env=demo,role=web",
         "--path", KEY_PATH,
         "--format", "keyring-json",
+        "--reload", HOOK,
     )  # fmt: skip
     fleet = await _wait_fleet(demo, 60)
     console.print(f"  all {fleet['targeted']} hosts installed version 1 and acknowledged it")
@@ -313,6 +329,9 @@ async def _key_lifecycle(demo: Demo) -> None:
         if ring is None or ring["primary"] != 2 or len(ring["versions"]) != 2:
             raise DemoError(f"{host} does not hold versions 1 and 2 with 2 primary")
     console.print("  each host's keyring holds v1 (kept for its grace) and v2 (primary)")
+    if min(demo.reloads(host) for host in HOSTS) < 2:
+        raise DemoError(f"a host did not run its {HOOK!r} reload hook for both versions")
+    console.print(f"  each host ran the command its own config maps {HOOK!r} to, for each version")
 
     demo.step("Revoking version 1 with keyCompromise; timing its removal on every host's disk")
     v1 = {host: _material_of(demo.keyring(host), 1) for host in HOSTS}
