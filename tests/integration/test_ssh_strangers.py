@@ -44,16 +44,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def agent_client(controller: Controller, base: Path, name: str) -> RpcClient:
+async def agent_key(controller: Controller, base: Path, name: str) -> asyncssh.SSHKey:
+    """Enroll a real agent as ``name``; return its SSH identity key."""
     config = load_config(await enroll_agent(controller, base, name, {}))
     keys = load_keys(
         config.state_dir / "identity.key", config.state_dir / "wrapping.key", config.wrap_suite
     )
+    return keys.ssh_key()
+
+
+async def agent_client(controller: Controller, base: Path, name: str) -> RpcClient:
     return RpcClient(
         host="127.0.0.1",
         port=controller.port,
-        username=config.host_id,
-        client_key=keys.ssh_key(),
+        username=name,
+        client_key=await agent_key(controller, base, name),
         host_key_fingerprint=controller.host_key_fingerprint,
     )
 
@@ -152,8 +157,30 @@ async def test_unauthenticated_connections_are_capped_per_source_and_in_total(
         ssh_max_connections=6,
     ) as controller:
         agent = await agent_client(controller, tmp_path / "agents", "web-1")
+        known = await agent_key(controller, tmp_path / "agents", "web-2")
         held: list[asyncssh.SSHClientConnection] = []
         try:
+            # Known keys leave the per-source count once authenticated: three web-2
+            # connections from the junk source, and the source still has all three slots.
+            for _ in range(3):
+                held.append(
+                    await asyncssh.connect(
+                        "127.0.0.1",
+                        controller.port,
+                        username="web-2",
+                        client_keys=[known],
+                        known_hosts=None,
+                        local_addr=(JUNK_SOURCE, 0),
+                        agent_path=None,
+                        config=[],
+                    )
+                )
+            assert controller.rpc.guard._unauthenticated.get(JUNK_SOURCE, 0) == 0
+            for conn in held:
+                conn.close()
+            for conn in held:
+                await conn.wait_closed()
+            held.clear()
             for _ in range(3):  # enrolling connections that just sit there
                 held.append(
                     await asyncssh.connect(
