@@ -29,7 +29,7 @@ from ckms._kafka import TopicSpec, ensure_topics
 from ckms.consumer import FileOffsetStore, Subscriber
 from ckms.errors import ProtocolError
 from ckms.protocol import MessageRejected, canonical_json, parse_canonical_json, verify_message
-from tests.support.go_consumer import MODULE, go_consumer, run_go_consumer
+from tests.support.go_consumer import MODULE, go_consumer, go_env, run_go_consumer
 from tests.support.vectors import VECTORS_DIR, load_vectors
 
 __all__ = ["go_consumer"]
@@ -357,3 +357,14 @@ def test_go_and_python_agree_on_long_integers_and_deep_nesting(go_consumer: Path
               b"[" * 33 + b"]" * 33, b'{"a":' * 32 + b"1" + b"}" * 32]  # fmt: skip
     assert _go_canonical(go_consumer, values) == [_python_canonical(v) for v in values]
     assert [_python_canonical(v) for v in values] == [True, False, True, True, False, True]
+
+
+def test_go_test_passes(go_consumer: Path) -> None:
+    """The example's own `go test` (the vectors, Python's float spelling, key ids) and vet."""
+    go = shutil.which("go")
+    assert go is not None
+    result = subprocess.run(
+        [go, "test", "-count=1", "./..."],
+        cwd=MODULE, env=go_env(), capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
