@@ -20,8 +20,8 @@ from ckms.errors import ApprovalRequiredError, UnsealError
 from ckms.protocol import admin as api
 from ckms.ssh import RpcClient, load_private_key
 from ckms.store import audit as audit_log
-from tests.integration.test_secrets_not_logged import BIN, base_env, controller_process, run
 from tests.support.cli import make_ssh_key
+from tests.support.processes import BIN, base_env, controller_process, run
 
 NO_KAFKA = "127.0.0.1:9"
 WORDS = frozenset(WORDLIST)
