@@ -150,6 +150,7 @@ class Controller:
                 burst_max_s=6 * self.settings.ssh_refusal_report_s,
             ),
             max_concurrent=self.settings.ssh_max_concurrent,
+            clock=self.clock,
             reuse_port=self.settings.reuse_port,
         )
         self.agents = AgentService(

@@ -32,6 +32,7 @@ from ckms.protocol._rpc import (
     split_command,
 )
 from ckms.ssh._limits import BurstHook, ConnectionLimits, SourceGuard
+from ckms.store import Clock, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,14 @@ class RpcServer:
         login_timeout_s: float = 30.0,
         body_timeout_s: float = 30.0,
         reuse_port: bool = False,
+        clock: Clock = utc_now,
     ) -> None:
         self.host_key = host_key
         self.authenticate = authenticate
         self.on_refused = on_refused
-        self.guard = SourceGuard(limits or ConnectionLimits(), on_burst=on_refusal_burst)
+        self.guard = SourceGuard(
+            limits or ConnectionLimits(), on_burst=on_refusal_burst, clock=clock
+        )
         self.max_concurrent = max_concurrent
         self._body_timeout_s = body_timeout_s
         self._keepalive_s = keepalive_s
