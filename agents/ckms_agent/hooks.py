@@ -5,7 +5,10 @@ environment, stdout and stderr on a pipe the agent reads into a bounded buffer. 
 whole tree is killed: the session, every process still carrying the marker (a ``setsid`` or
 double-forked daemon keeps it), and their descendants, until none is left; the agent then
 closes its end of the pipe, so a survivor holding the pipe cannot hold the agent either. After
-a normal exit, the pipe is read for a moment more and closed.
+a normal exit, the pipe is read for a moment more and closed. (A process that leaves the
+session, clears its environment and loses its parent is beyond this reach; under systemd the
+unit's cgroup still ends it when the agent stops. A hook is the host admin's own command, so
+this bounds accidents such as a daemonizing reload, not a hostile hook.)
 
 What a hook prints stays on this host: it goes to the agent's local log (truncated), never into
 the ack, Kafka or the controller; the ack carries the hook's name, exit status and duration.

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from agent_harness import World, wait_until
+from agent_harness import ALLOWED, World, wait_until
 
 from ckms.protocol import InstallSpec
 from ckms_agent.daemon import Agent
@@ -253,6 +253,8 @@ async def test_cli_enroll_refuses_to_overwrite_and_errors_are_one_line(world: Wo
     assert new_identity != old_identity
     assert (world.tmp / "state" / "identity.key").stat().st_mode & 0o777 == 0o600
     assert world.config_path.stat().st_mode & 0o777 == 0o600
+    # The host's own policy survives the re-enrollment (it never comes from the controller).
+    assert world.config().allowed_paths == tuple(Path(p) for p in ALLOWED)
 
     code, out = await asyncio.to_thread(run_cli, world, "status", "--bogus")
     assert code == 2

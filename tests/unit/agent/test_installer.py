@@ -146,11 +146,17 @@ def _alive(pid: int) -> bool:
 
 
 async def test_hook_timeout_kills_the_whole_tree(tmp_path: Path) -> None:
-    child = tmp_path / "child.pid"
-    script = f"setsid sh -c 'echo $$ > {child}; exec sleep 30' & sleep 30"
+    child, orphan = tmp_path / "child.pid", tmp_path / "orphan.pid"
+    script = (
+        f"setsid sh -c 'echo $$ > {child}; exec sleep 30' & "  # a new session, holds the pipe
+        f"( setsid sh -c 'echo $$ > {orphan}; exec sleep 30' & ) ; "  # double fork: init's child
+        "sleep 30"
+    )
     result = await run_hook(Hook("health", "slow", ("sh", "-c", script), 0.5))
     assert result.timed_out and result.exit_code is None and result.name == "slow"
+    assert result.duration_ms < 5000
     assert not _alive(int(child.read_text()))
+    assert not _alive(int(orphan.read_text()))
     missing = await run_hook(Hook("reload", "gone", ("/nonexistent/reload",), 1))
     assert missing.exit_code is None and not missing.timed_out
 
