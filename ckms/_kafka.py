@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
@@ -335,3 +335,51 @@ class Relay:
         producer, self._producer = self._producer, None
         if producer is not None:
             await abort_producer(producer)  # stop() would wait for Kafka to come back
+
+
+async def read_newest(
+    bootstrap: str, topic: str, key: bytes | None = None, timeout_s: float = 30.0
+) -> bytes | None:
+    """The value of the newest record of ``topic`` (with this record ``key``, if given), read
+    from the start without a consumer group; None if there is none; KafkaUnavailableError if
+    Kafka cannot say within ``timeout_s``. Meant for small, compacted topics."""
+    parts = await partitions_of(bootstrap, topic, wait_s=timeout_s)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="ckms-read-newest",
+    )
+    try:
+        await consumer.start()
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        pending = {tp for tp, end in ends.items() if end > 0}
+        for tp in tps:
+            await consumer.seek_to_beginning(tp)
+        newest: tuple[int, bytes] | None = None  # (timestamp, value)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailableError(f"could not read {topic} to its end")
+            batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= ends[tp] - 1:
+                        pending.discard(tp)
+                    if record.value is None or (key is not None and record.key != key):
+                        continue
+                    if newest is None or record.timestamp >= newest[0]:
+                        newest = (record.timestamp, bytes(record.value))
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+        return None if newest is None else newest[1]
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"cannot read {topic} from {bootstrap}: {exc}") from exc
+    except OSError as exc:
+        raise KafkaUnavailableError(f"Kafka at {bootstrap} is unreachable: {exc}") from exc
+    finally:
+        await consumer.stop()

@@ -84,6 +84,11 @@ class AuditError(StoreError):
     retriable = False
 
 
+class AuditAnchorError(AuditError):
+    """Raised when the audit log does not extend the last checkpoint signed and published:
+    the controller refuses to sign over it and to write audited operations."""
+
+
 class AuditVerificationError(CKMSError):
     """Raised when the audit log does not verify; ``index`` names the first bad record."""
 

@@ -10,24 +10,45 @@ from typing import Annotated
 
 import typer
 
+from ckms._kafka import read_newest
 from ckms.cli._client import run
 from ckms.cli._common import JsonOption, conn
 from ckms.cli._errors import ExitCode, UsageError, cli_errors, fail
 from ckms.cli._render import console, print_json, table
+from ckms.crypto import signer_key_id
 from ckms.errors import AuditVerificationError
+from ckms.protocol import AUDIT_TOPIC
 from ckms.protocol import admin as api
 from ckms.store import audit as audit_log
 
 app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
 
-def _verify_file(path: Path, signing_key: str) -> api.AuditVerifyReply:
+def _anchor_from_kafka(bootstrap: str, topic: str, public: bytes) -> audit_log.Anchor:
+    """The newest checkpoint this controller published on the anchor topic (its signature is
+    checked by the verifier)."""
+    value = run(read_newest(bootstrap, topic, key=signer_key_id(public).encode()))
+    if value is None:
+        raise UsageError(f"{topic} holds no audit anchor of this controller yet")
     try:
-        public = base64.b64decode(signing_key, validate=True)
+        return audit_log.Anchor.of(audit_log.parse_checkpoint_line(value))
+    except ValueError:
+        raise UsageError(f"the newest record on {topic} is not an audit checkpoint") from None
+
+
+def _public(signing_key: str) -> bytes:
+    try:
+        return base64.b64decode(signing_key, validate=True)
     except (binascii.Error, ValueError):
         raise UsageError(
             "--signing-key: expected the base64 public key `ckms status --json` shows"
         ) from None
+
+
+def _verify_file(
+    path: Path, signing_key: str, anchor: audit_log.Anchor | None
+) -> api.AuditVerifyReply:
+    public = _public(signing_key)
     try:
         with path.open(encoding="utf-8") as lines:
             records, checkpoints = audit_log.parse_jsonl(lines)
@@ -42,7 +63,7 @@ def _verify_file(path: Path, signing_key: str) -> api.AuditVerifyReply:
             first_bad_index=exc.index,
             reason=str(exc),
         )
-    report = audit_log.verify_audit(records, checkpoints, public)
+    report = audit_log.verify_audit(records, checkpoints, public, anchor=anchor)
     return api.AuditVerifyReply(**report.model_dump())
 
 
@@ -56,28 +77,74 @@ def verify(
     signing_key: Annotated[
         str | None, typer.Option(help="With --file: the controller's signing public key (base64).")
     ] = None,
+    anchor: Annotated[
+        str | None,
+        typer.Option(
+            help="With --file: an anchor kept elsewhere, SIZE:HEAD (as `ckms status` shows it); "
+            "the export must extend it and hold its checkpoint."
+        ),
+    ] = None,
+    anchor_from_kafka: Annotated[
+        bool,
+        typer.Option(
+            "--anchor-from-kafka",
+            help="With --file: use the newest checkpoint on the anchor topic as the anchor.",
+        ),
+    ] = False,
+    kafka_bootstrap: Annotated[
+        str | None,
+        typer.Option(envvar="CKMS_KAFKA_BOOTSTRAP", help="With --anchor-from-kafka: HOST:PORT."),
+    ] = None,
+    audit_topic: Annotated[
+        str, typer.Option(help="With --anchor-from-kafka: the anchor topic.")
+    ] = AUDIT_TOPIC,
     as_json: JsonOption = False,
 ) -> None:
-    """Verify the audit log; name the first record edited, removed, reordered or truncated."""
+    """Verify the audit log; name the first record edited, removed, reordered or truncated.
+
+    Against an anchor kept outside the controller (``--anchor`` or ``--anchor-from-kafka``), a
+    cut-off tail, deleted checkpoints and a rewritten tail up to the anchor are found too.
+    """
     with cli_errors():
         if file is not None:
             if not signing_key:
                 raise UsageError("--file needs --signing-key (see `ckms status --json`)")
-            reply = _verify_file(file, signing_key)
+            if anchor is not None and anchor_from_kafka:
+                raise UsageError("give --anchor or --anchor-from-kafka, not both")
+            kept: audit_log.Anchor | None = None
+            if anchor is not None:
+                try:
+                    kept = audit_log.parse_anchor(anchor)
+                except ValueError as exc:
+                    raise UsageError(f"--anchor: {exc}") from None
+            elif anchor_from_kafka:
+                if not kafka_bootstrap:
+                    raise UsageError("--anchor-from-kafka needs --kafka-bootstrap HOST:PORT")
+                kept = _anchor_from_kafka(kafka_bootstrap, audit_topic, _public(signing_key))
+            reply = _verify_file(file, signing_key, kept)
         else:
+            if anchor is not None or anchor_from_kafka:
+                raise UsageError("--anchor and --anchor-from-kafka verify an export: add --file")
             reply = conn(ctx).call("audit.verify", None, api.AuditVerifyReply)
     if as_json:
         print_json(reply)
     elif reply.ok:
+        anchored = "" if reply.anchor_size is None else f", extends anchor {reply.anchor_size}"
         typer.echo(
             f"audit log OK: {reply.size} records, {reply.checkpoints_verified} signed "
-            f"checkpoints verified, head {reply.head_hash[:16]}"
+            f"checkpoints verified{anchored}, head {reply.head_hash[:16]}"
         )
+        if reply.checkpoint_size == reply.size:
+            typer.echo(f"anchor (keep a copy elsewhere): {reply.size}:{reply.head_hash}")
     if not reply.ok:
-        raise fail(
-            f"audit log does NOT verify: first bad record {reply.first_bad_index}: {reply.reason}",
-            ExitCode.FAILED,
+        where = (
+            f"first bad record {reply.first_bad_index}: "
+            if reply.first_bad_index is not None
+            else f"checkpoint {reply.bad_checkpoint_size}: "
+            if reply.bad_checkpoint_size is not None
+            else ""
         )
+        raise fail(f"audit log does NOT verify: {where}{reply.reason}", ExitCode.FAILED)
 
 
 @app.command("tail")

@@ -18,7 +18,8 @@ from ckms.ssh._keys import KeyPassphraseNeeded
 
 
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Controller health: sealing, Kafka, backlog, due rotations, stale hosts; exit 4 if sealed."""
+    """Controller health: sealing, Kafka, backlog, due rotations, stale hosts, the audit anchor;
+    exit 4 if sealed, 1 if the audit log does not extend its anchor."""
     with cli_errors():
         reply = conn(ctx).call("status", None, api.StatusReply)
     if as_json:
@@ -50,8 +51,21 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             out.print(
                 f"  {due.key} v{due.version}: {when(due.due_at)} ({until(due.due_at, reply.now)})"
             )
+        a = reply.audit_anchor
+        if a is not None and a.broken:
+            out.print(
+                "[bold red]AUDIT LOG DOES NOT EXTEND ITS LAST SIGNED ANCHOR[/bold red]: "
+                f"{a.broken}; checkpoints are not signed and audited operations are refused"
+            )
+        elif a is not None:
+            anchor = "none yet" if a.size is None else f"{a.size}:{a.head}"
+            pending = "" if a.size is None or a.published_size == a.size else " (not published)"
+            loaded = "" if a.loaded else " (not read back from Kafka yet: nothing is signed)"
+            out.print(f"audit anchor {anchor}{pending}{loaded}")
     if reply.sealed:
         raise typer.Exit(int(ExitCode.SEALED))
+    if reply.audit_anchor is not None and reply.audit_anchor.broken:
+        raise typer.Exit(int(ExitCode.FAILED))
 
 
 def unseal(

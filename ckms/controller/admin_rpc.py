@@ -56,7 +56,7 @@ from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import default_policy, patch_policy
 from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType
-from ckms.errors import ConfigError, NotFoundError
+from ckms.errors import AuditAnchorError, ConfigError, NotFoundError
 from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
@@ -291,6 +291,7 @@ class AdminService:
             )
         }
         pub, acks = self._publisher.stats, self._acks.stats
+        anchor = self._vault.anchor.status()
         return api.StatusReply(
             now=now,
             initialized=seal.initialized,
@@ -321,6 +322,13 @@ class AdminService:
             deactivations_due=len(current.deactivate),
             stale_hosts=tuple(await self._fleet.stale_hosts(keys, hosts, now)),
             pending_requests=await self.requests.count_pending(),
+            audit_anchor=api.AuditAnchorStatus(
+                loaded=anchor.loaded,
+                size=anchor.size,
+                head=anchor.head,
+                published_size=anchor.published_size,
+                broken=anchor.broken,
+            ),
         )
 
     async def unseal(self, principal: Principal, params: api.UnsealParams) -> api.SealReply:
@@ -571,15 +579,25 @@ class AdminService:
     # -- audit ----------------------------------------------------------------------------
 
     async def _checkpoint(self) -> int | None:
-        """Sign a checkpoint of the log as it is now (None while sealed)."""
+        """Sign a checkpoint of the log as it is now (None while sealed, or while the anchor
+        forbids signing: the verification that follows says why)."""
         if self._vault.sealed:
             return None
-        return (await self._vault.checkpoint_audit()).size
+        try:
+            return (await self._vault.checkpoint_audit()).size
+        except AuditAnchorError:
+            return None
 
     async def audit_verify(self, principal: Principal, params: api.Empty) -> api.AuditVerifyReply:
-        """Checkpoint the log (when unsealed), then verify chain and every checkpoint."""
+        """Checkpoint the log (when unsealed), then verify chain, every checkpoint and the
+        checkpoint chain, and the log against the anchor the controller holds."""
         size = await self._checkpoint()
-        report = await audit_log.verify_store(self._store, await self._vault.public_key())
+        anchor = self._vault.anchor
+        report = await audit_log.verify_store(
+            self._store, await self._vault.public_key(), anchor=anchor.last
+        )
+        if report.ok and anchor.broken is not None:
+            report = report.model_copy(update={"ok": False, "reason": anchor.broken})
         return api.AuditVerifyReply(checkpoint_size=size, **report.model_dump())
 
     async def _audit_size(self) -> int:
@@ -622,7 +640,7 @@ class AdminService:
         done = end >= upto
         if done:
             lines += [
-                audit_log._checkpoint_line(cp)
+                audit_log.checkpoint_line(cp)
                 for cp in await audit_log.load_checkpoints(self._store)
                 if cp.size <= upto
             ]

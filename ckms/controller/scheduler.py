@@ -9,7 +9,7 @@ moving their clock instead of waiting.
 
 While sealed, nothing is done (every lifecycle change needs the vault). After every tick that
 changed something, and at least every ``checkpoint_interval``, the audit log gets a signed
-checkpoint, so truncation of the log is detectable up to the last one.
+checkpoint through the audit anchor, so truncation of the log is detectable up to the last one.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class Scheduler:
             self._last_checkpoint is None
             or now - self._last_checkpoint >= self._checkpoint_interval
         )
-        if report.changed or due_checkpoint:
+        # Nothing is signed before the anchor was read back (see ckms.controller.anchor).
+        if (report.changed or due_checkpoint) and self._vault.anchor.loaded:
             try:
                 await self._vault.checkpoint_audit()
                 self._last_checkpoint = now

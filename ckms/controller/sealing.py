@@ -32,7 +32,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.controller import _repo, upgrade
@@ -70,7 +70,7 @@ from ckms.errors import (
     StoreError,
     UnsealError,
 )
-from ckms.protocol import DIGEST_KEY_WRAP_NAME, DIGEST_KEY_WRAP_VERSION
+from ckms.protocol import AUDIT_TOPIC, DIGEST_KEY_WRAP_NAME, DIGEST_KEY_WRAP_VERSION
 from ckms.store import Clock, Store, format_time, require_utc, utc_now
 from ckms.store import audit as audit_log
 
@@ -82,6 +82,9 @@ __all__ = [
     "Vault",
     "init_controller",
 ]
+
+if TYPE_CHECKING:
+    from ckms.controller.anchor import AuditAnchor
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +254,7 @@ class Vault:
         self._pending: list[tuple[str, str, str]] = []  # (custodian, key, normalised mnemonic)
         self._pending_since: datetime | None = None
         self._public_key: bytes | None = None
+        self._anchor: AuditAnchor | None = None
 
     def __repr__(self) -> str:
         return f"<Vault sealed={self.sealed}>"
@@ -569,12 +573,22 @@ class Vault:
         """Sign ``data`` with the controller's event-signing key."""
         return sign(self._unsealed("sign").signing_key, data)
 
+    @property
+    def anchor(self) -> AuditAnchor:
+        """The audit anchor every checkpoint goes through (in memory only until the controller
+        attaches one that is published on the anchor topic)."""
+        if self._anchor is None:
+            from ckms.controller.anchor import AuditAnchor
+
+            self._anchor = AuditAnchor(
+                self._store, self, bootstrap=None, topic=AUDIT_TOPIC, clock=self._clock
+            )
+        return self._anchor
+
+    @anchor.setter
+    def anchor(self, value: AuditAnchor) -> None:
+        self._anchor = value
+
     async def checkpoint_audit(self) -> audit_log.AuditCheckpoint:
-        """Sign and store a checkpoint of the audit log as it is now."""
-        self.require_unsealed("sign an audit checkpoint")
-        return await audit_log.checkpoint(
-            self._store,
-            sign=self.sign,
-            public_key=await self.public_key(),
-            now=require_utc(self._clock()),
-        )
+        """Sign and store a checkpoint of the audit log as it is now, if it extends the anchor."""
+        return await self.anchor.checkpoint()

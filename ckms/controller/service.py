@@ -23,6 +23,7 @@ from ckms._kafka import TopicSpec
 from ckms.controller.acks import AckConsumer
 from ckms.controller.admin_rpc import AdminService, Endpoint
 from ckms.controller.agent_rpc import AgentService
+from ckms.controller.anchor import AuditAnchor
 from ckms.controller.approvals import ApprovalBook, DualControl
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
@@ -33,7 +34,7 @@ from ckms.controller.publisher import OutboxPublisher
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError, ConfigError, ProtocolError
-from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, Role
+from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC, Role
 from ckms.ssh import (
     ConnectionLimits,
     Principal,
@@ -60,6 +61,9 @@ class ControllerSettings(BaseModel):
     kafka_bootstrap: str = "127.0.0.1:9092"
     events_topic: str = EVENTS_TOPIC
     acks_topic: str = ACKS_TOPIC
+    audit_topic: str = AUDIT_TOPIC
+    """Where every signed audit checkpoint is published; the newest is the anchor read back on
+    start (the controller writes it, auditors read it)."""
     events_partitions: int = Field(default=1, ge=1, le=1000)
     """Partitions of the events topic. One keeps every event in order and is measured best:
     every agent reads every partition, and with several, an event landing on a partition whose
@@ -172,6 +176,14 @@ class Controller:
             bootstrap=self.settings.kafka_bootstrap,
             topics=topics,
             topic=self.settings.events_topic,
+            clock=self.clock,
+        )
+        self.vault.anchor = AuditAnchor(
+            store,
+            self.vault,
+            bootstrap=self.settings.kafka_bootstrap,
+            topic=self.settings.audit_topic,
+            replication=self.settings.replication,
             clock=self.clock,
         )
         self.scheduler = Scheduler(store, self.vault, self.lifecycle, clock=self.clock)
@@ -315,8 +327,10 @@ class Controller:
                 group.create_task(self.publisher.run(), name="outbox-publisher")
                 group.create_task(self.acks.run(), name="ack-consumer")
                 group.create_task(self.scheduler.run(), name="scheduler")
+                group.create_task(self.vault.anchor.run(), name="audit-anchor")
         finally:
             await self.rpc.close()
+            await self.vault.anchor.close()
             if self.metrics_endpoint is not None:
                 await self.metrics_endpoint.close()
 

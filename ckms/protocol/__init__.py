@@ -92,6 +92,7 @@ from ckms.protocol._roles import (
 from ckms.protocol._secret import WireSecret
 from ckms.protocol._topics import (
     ACKS_TOPIC,
+    AUDIT_TOPIC,
     EVENTS_TOPIC,
     KEY_ID_HEADER,
     MAX_MESSAGE_BYTES,
@@ -103,6 +104,7 @@ __all__ = [
     "ACKS_TOPIC",
     "APPROVAL_OPERATIONS",
     "APPROVER_ROLES",
+    "AUDIT_TOPIC",
     "DEFAULT_APPROVALS",
     "DIGEST_KEY_WRAP_NAME",
     "DIGEST_KEY_WRAP_VERSION",

@@ -25,6 +25,7 @@ __all__ = [
     "APPROVAL_OPERATIONS",
     "OPERATOR_ROLES",
     "ApproveReply",
+    "AuditAnchorStatus",
     "AuditExportParams",
     "AuditExportReply",
     "AuditRecordInfo",
@@ -453,6 +454,18 @@ class KafkaStatus(_Reply):
     acks_dropped: dict[str, int] = Field(default_factory=dict)
 
 
+class AuditAnchorStatus(_Reply):
+    """The audit anchor: the last checkpoint signed and published outside the database."""
+
+    loaded: bool
+    """False until the anchor was read back from its topic (nothing is signed before)."""
+    size: int | None = None
+    head: str | None = None
+    published_size: int | None = None
+    broken: str | None = None
+    """Why the stored log does not extend the anchor; audited operations are refused."""
+
+
 class DueEntry(_Reply):
     """A version whose rotation is due at ``due_at``."""
 
@@ -493,6 +506,7 @@ class StatusReply(_Reply):
     deactivations_due: int = 0
     stale_hosts: tuple[str, ...] = ()
     pending_requests: int = 0
+    audit_anchor: AuditAnchorStatus | None = None
 
 
 class SealReply(_Reply):
@@ -536,6 +550,8 @@ class AuditVerifyReply(_Reply):
     reason: str | None = None
     checkpoint_size: int | None = None
     """Size of the checkpoint signed just before verifying (None while sealed)."""
+    anchor_size: int | None = None
+    """Size of the anchor the log was verified against (None: no anchor)."""
 
 
 class AuditExportReply(_Reply):

@@ -11,7 +11,8 @@ Schema notes (why, not what):
 - ``key_versions.sealed_material`` is the only place version material lives, always sealed under
   the data KEK; destroy sets it to NULL (``secure_delete`` zeroes the freed bytes).
 - ``audit`` is append-only; triggers refuse UPDATE and DELETE so a bug cannot rewrite history
-  (an attacker with the file can drop them; the hash chain and signed checkpoints catch that).
+  (an attacker with the file can drop them; the hash chain and signed checkpoints catch edits,
+  and a cut tail is caught against the anchor kept outside the database).
 - ``outbox.seq`` is AUTOINCREMENT: never reused, and a rolled-back insert leaves no gap, so it is
   the controller's monotonic event sequence.
 - ``fleet_state`` has one row per (host, key, version), because a host holds every version that
@@ -221,9 +222,19 @@ ALTER TABLE fleet_state ADD COLUMN error TEXT;
 """Why a host failed a key (the agent's reason: a path or hook its policy refuses, a failed
 health check), shown by ``ckms fleet status``; never hook output."""
 
+_AUDIT_CHAIN = """
+ALTER TABLE audit_checkpoints ADD COLUMN v INTEGER NOT NULL DEFAULT 1 CHECK (v IN (1, 2));
+ALTER TABLE audit_checkpoints ADD COLUMN prev_size INTEGER;
+ALTER TABLE audit_checkpoints ADD COLUMN prev_head TEXT;
+ALTER TABLE audit_checkpoints ADD COLUMN prev_sig_hash TEXT;
+"""
+"""Checkpoints chain: each (v2) names the one before it by size, head and signature hash, so a
+deleted checkpoint row shows; existing rows stay v1 and the first v2 names the last of them."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
     Migration(3, "fleet: a host's reason for a failed key", _FLEET_ERRORS),
+    Migration(4, "chained audit checkpoints", _AUDIT_CHAIN),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

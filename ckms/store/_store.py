@@ -108,12 +108,17 @@ class Transaction(Reader):
     """The one write transaction; handed out by :meth:`Store.write`."""
 
     def __init__(
-        self, conn: aiosqlite.Connection, audit_head: tuple[int, str] | None = None
+        self,
+        conn: aiosqlite.Connection,
+        audit_head: tuple[int, str] | None = None,
+        audit_blocked: str | None = None,
     ) -> None:
         super().__init__(conn)
         self.wrote_outbox = False
         """Set by ``outbox.add_event``: the store tells its outbox listeners after the commit."""
         self.audit_head = audit_head
+        self.audit_blocked = audit_blocked
+        """Why audit appends are refused in this transaction (``Store.audit_blocked``), if so."""
         """(records, last hash) of the audit log as this transaction sees it, if known; kept
         by ``audit.append`` so a busy writer does not read the head back for every record."""
 
@@ -174,6 +179,9 @@ class Store:
         self._generations: dict[str, int] = dict.fromkeys(WATCHED, 0)
         self._changed: set[str] = set()
         self._audit_head: tuple[int, str] | None = None
+        self.audit_blocked: str | None = None
+        """Set (to why) while the audit log is known not to extend its last anchor: every audit
+        append then fails, so nothing that must be audited happens on a cut log."""
         self._data_version: int | None = None
         self._data_checked = -FOREIGN_CHECK_S
 
@@ -308,7 +316,7 @@ class Store:
         async with self._write_lock:
             self._check_open()
             self._writer_task = task
-            tx = Transaction(self._writer, self._audit_head)
+            tx = Transaction(self._writer, self._audit_head, self.audit_blocked)
             # Unknown until this transaction commits (a failure reads it from the table again).
             self._audit_head = None
             self._changed.clear()

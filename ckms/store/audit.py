@@ -1,4 +1,4 @@
-"""The audit log: append-only, hash-chained, with signed checkpoints.
+"""The audit log: append-only, hash-chained, with signed checkpoints that chain too.
 
 Record ``i`` carries ``prev_hash`` (the hash of record ``i-1``, or :data:`GENESIS_HASH` for
 record 0) and ``hash = sha256(canonical_json({index, at, actor, action, object, outcome, details,
@@ -6,23 +6,38 @@ prev_hash}))`` as lowercase hex. Records never hold key material; callers HMAC i
 are sensitive (``hmac_identifier`` with the controller's audit key) before passing ``details``.
 
 A checkpoint is the controller's Ed25519 signature over the canonical JSON of ``{"ctx":
-"ckms.audit.checkpoint.v1", "size", "head", "at"}``: it commits to the first ``size`` records.
-:func:`verify_audit` walks the chain and checks every checkpoint, so an edited, removed,
-reordered or truncated record is found and named by index.
+"ckms.audit.checkpoint.v2", "size", "head", "at", "prev"}``: it commits to the first ``size``
+records and names the checkpoint before it (``prev`` = ``{"size", "head", "sig_hash"}``, the
+SHA-256 of that checkpoint's signature, or null for the first), so checkpoints form a chain of
+their own and a deleted checkpoint row breaks it. Checkpoints signed before chaining (``v1``,
+``{"ctx": "ckms.audit.checkpoint.v1", "size", "head", "at"}``) still verify; the first ``v2``
+checkpoint names the last of them.
 
-Limits, stated plainly: records appended after the newest checkpoint are protected only by the
-chain, so cutting them off the tail is detected only against a checkpoint that covers them;
-and someone who can rewrite the database can delete checkpoints too. Keep an exported
-checkpoint (``ckms audit export``) outside the controller to anchor it.
+An **anchor** is a checkpoint kept outside the database (the controller publishes each one it
+signs on a Kafka topic and keeps the last in memory). :func:`checkpoint` refuses to sign over a
+log that does not extend the anchor it is given (:class:`~ckms.errors.AuditAnchorError`), and
+:func:`verify_audit` checks an export against one. What is detected, and what is not:
+
+- an edited, removed or reordered record, anywhere: by the hash chain (named by index);
+- a rewritten (re-hashed) run of records covered by a checkpoint: by its signed head;
+- a deleted checkpoint row with a later checkpoint still present: by the checkpoint chain;
+- truncation, deleted trailing checkpoints, or a rewritten tail, up to the anchor: only
+  against an anchor (the last checkpoint is what the file owner can cut with the records);
+- **not detected**: records appended after the newest anchor and cut off or rewritten before
+  the next checkpoint is signed and published; and anything, if both the database and every
+  copy of the anchor (the topic and auditors' copies) are rewritten together.
 
 Appending happens inside the caller's write transaction (:func:`append`), so the operation it
 records and the record commit together; if the record cannot be written, the caller's whole
-transaction fails with :class:`~ckms.errors.AuditError` (fail closed).
+transaction fails with :class:`~ckms.errors.AuditError` (fail closed). While the store is
+marked as holding a log that does not extend its anchor (``Store.audit_blocked``), every append
+fails: operations that must be audited are refused until the log is restored.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -34,22 +49,34 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ckms._canonical import canonical_json
 from ckms.crypto import signer_key_id, verify_signature
-from ckms.errors import AuditError, AuditVerificationError, CKMSError, StoreError
+from ckms.errors import (
+    AuditAnchorError,
+    AuditError,
+    AuditVerificationError,
+    CKMSError,
+    StoreError,
+)
 from ckms.store._store import Reader, Store, Transaction
 from ckms.store._time import format_time, parse_time
 
 __all__ = [
     "GENESIS_HASH",
+    "Anchor",
     "AuditCheckpoint",
     "AuditRecord",
     "AuditReport",
     "Outcome",
+    "anchor_problem",
     "append",
     "checkpoint",
+    "checkpoint_line",
     "checkpoint_message",
     "export_jsonl",
+    "is_signed",
     "load_checkpoints",
     "load_records",
+    "parse_anchor",
+    "parse_checkpoint_line",
     "parse_jsonl",
     "record_hash",
     "verify_audit",
@@ -60,6 +87,7 @@ GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of record 0."""
 
 CHECKPOINT_CONTEXT = "ckms.audit.checkpoint.v1"
+CHECKPOINT_CONTEXT_V2 = "ckms.audit.checkpoint.v2"
 
 Outcome = Literal["ok", "refused", "failed"]
 """``ok``: done; ``refused``: not allowed (state, policy, permission); ``failed``: tried, broke."""
@@ -100,7 +128,8 @@ class AuditRecord(BaseModel):
 
 
 class AuditCheckpoint(BaseModel):
-    """A signed commitment to the first ``size`` records, whose last hash is ``head_hash``."""
+    """A signed commitment to the first ``size`` records, whose last hash is ``head_hash``;
+    ``v`` 2 also names the checkpoint before it (``prev_*``; all None for the first)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -109,6 +138,63 @@ class AuditCheckpoint(BaseModel):
     at: str
     signer_key_id: str
     signature: bytes
+    v: Literal[1, 2] = 1
+    prev_size: int | None = None
+    prev_head: str | None = None
+    prev_sig_hash: str | None = None
+
+    @property
+    def sig_hash(self) -> str:
+        """SHA-256 of the signature: what the next checkpoint names."""
+        return hashlib.sha256(self.signature).hexdigest()
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the signature covers."""
+        if self.v == 1:
+            return checkpoint_message(self.size, self.head_hash, self.at)
+        prev = (
+            None
+            if self.prev_size is None
+            else {"size": self.prev_size, "head": self.prev_head, "sig_hash": self.prev_sig_hash}
+        )
+        return canonical_json(
+            {
+                "ctx": CHECKPOINT_CONTEXT_V2,
+                "size": self.size,
+                "head": self.head_hash,
+                "at": self.at,
+                "prev": prev,
+            }
+        )
+
+    def follows(self, previous: AuditCheckpoint | None) -> bool:
+        """Say whether this (v2) checkpoint names ``previous`` as the one before it."""
+        if previous is None:
+            return self.prev_size is None and self.prev_head is None and self.prev_sig_hash is None
+        return (self.prev_size, self.prev_head, self.prev_sig_hash) == (
+            previous.size,
+            previous.head_hash,
+            previous.sig_hash,
+        )
+
+
+class Anchor(BaseModel):
+    """A checkpoint kept outside the database: its size and head, and the checkpoint itself
+    when it came whole (from the anchor topic) rather than as ``size:head`` text."""
+
+    model_config = ConfigDict(frozen=True)
+
+    size: int = Field(ge=0)
+    head_hash: str
+    checkpoint: AuditCheckpoint | None = None
+
+    @classmethod
+    def of(cls, cp: AuditCheckpoint) -> Anchor:
+        """The anchor a signed checkpoint makes."""
+        return cls(size=cp.size, head_hash=cp.head_hash, checkpoint=cp)
+
+    def __str__(self) -> str:
+        return f"{self.size}:{self.head_hash}"
 
 
 class AuditReport(BaseModel):
@@ -123,6 +209,8 @@ class AuditReport(BaseModel):
     first_bad_index: int | None = None
     bad_checkpoint_size: int | None = None
     reason: str | None = None
+    anchor_size: int | None = None
+    """The anchor verified against (None: no anchor given)."""
 
     def raise_if_bad(self) -> None:
         """Raise AuditVerificationError (with ``index``) unless the log verified."""
@@ -182,6 +270,11 @@ async def append(
         "details": dict(details or {}),
     }
     try:
+        if tx.audit_blocked is not None:
+            raise AuditAnchorError(
+                f"the audit log does not extend its last anchor ({tx.audit_blocked}); "
+                "operations that must be audited are refused until it is restored"
+            )
         head = tx.audit_head
         if head is not None:
             try:
@@ -191,6 +284,9 @@ async def append(
                 # tool on the same file). Chain onto the real head instead.
                 pass
         return await _insert(tx, await _head(tx), fields)
+    except AuditAnchorError:
+        append_failures.count += 1
+        raise
     except (CKMSError, ValueError) as exc:
         append_failures.count += 1
         raise AuditError(
@@ -222,32 +318,120 @@ async def _insert(tx: Transaction, head: tuple[int, str], fields: dict[str, Any]
 
 
 async def checkpoint(
-    store: Store, *, sign: Callable[[bytes], bytes], public_key: bytes, now: datetime
+    store: Store,
+    *,
+    sign: Callable[[bytes], bytes],
+    public_key: bytes,
+    now: datetime,
+    anchor: Anchor | None = None,
 ) -> AuditCheckpoint:
-    """Sign and store a checkpoint of the log as it is now (or return the one already there)."""
+    """Sign and store a checkpoint of the log as it is now (or return the one already there).
+
+    The new checkpoint names the newest stored one. With ``anchor`` (the last checkpoint signed
+    and kept outside the database), the log must extend it first: AuditAnchorError otherwise,
+    and nothing is signed.
+    """
     async with store.write() as tx:
         size, head = await _head(tx)
-        row = await tx.fetchone("SELECT * FROM audit_checkpoints WHERE size = ?", (size,))
-        if row is not None:
-            return _checkpoint(row)
+        rows = await tx.fetchall("SELECT * FROM audit_checkpoints ORDER BY size")
+        stored = [_checkpoint(row) for row in rows]
+        last = stored[-1] if stored else None
+        if anchor is not None:
+            problem = await _anchor_problem(tx, anchor, stored, size, public_key)
+            if problem is not None:
+                raise AuditAnchorError(problem)
+        if last is not None and last.size > size:
+            raise AuditAnchorError(
+                f"the log has {size} records but its newest checkpoint covers {last.size} "
+                "(records were cut off)"
+            )
+        if last is not None and last.size == size:
+            if last.head_hash != head:
+                raise AuditAnchorError(
+                    f"the log's head at size {size} differs from its checkpoint (rewritten)"
+                )
+            return last
         at = format_time(now)
-        signature = sign(checkpoint_message(size, head, at))
-        cp = AuditCheckpoint(
+        unsigned = AuditCheckpoint(
+            v=2,
             size=size,
             head_hash=head,
             at=at,
             signer_key_id=signer_key_id(public_key),
-            signature=signature,
+            signature=b"",
+            prev_size=None if last is None else last.size,
+            prev_head=None if last is None else last.head_hash,
+            prev_sig_hash=None if last is None else last.sig_hash,
         )
+        cp = unsigned.model_copy(update={"signature": sign(unsigned.signed_bytes())})
         try:
             await tx.insert(
-                "INSERT INTO audit_checkpoints(size, head_hash, at, signer_key_id, signature) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (cp.size, cp.head_hash, cp.at, cp.signer_key_id, cp.signature),
+                "INSERT INTO audit_checkpoints(size, head_hash, at, signer_key_id, signature, v, "
+                "prev_size, prev_head, prev_sig_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cp.size,
+                    cp.head_hash,
+                    cp.at,
+                    cp.signer_key_id,
+                    cp.signature,
+                    cp.v,
+                    cp.prev_size,
+                    cp.prev_head,
+                    cp.prev_sig_hash,
+                ),
             )
         except StoreError as exc:
             raise AuditError(f"audit checkpoint could not be written: {exc}") from exc
         return cp
+
+
+async def _anchor_problem(
+    r: Reader, anchor: Anchor, stored: list[AuditCheckpoint], size: int, public_key: bytes
+) -> str | None:
+    """Why the stored log does not extend ``anchor`` (None when it does)."""
+    if size < anchor.size:
+        return (
+            f"the log has {size} records, fewer than the {anchor.size} the last anchor signed "
+            "(truncated)"
+        )
+    at = await r.fetchval("SELECT hash FROM audit WHERE idx = ?", (anchor.size - 1,))
+    expected = GENESIS_HASH if anchor.size == 0 else at
+    if expected != anchor.head_hash:
+        return f"record {anchor.size - 1} differs from what the last anchor signed (rewritten)"
+    position = next((i for i, cp in enumerate(stored) if cp.size == anchor.size), None)
+    if position is None or (
+        anchor.checkpoint is not None
+        and stored[position].signature != anchor.checkpoint.signature
+    ):
+        return f"the anchored checkpoint at size {anchor.size} is not in the database (deleted)"
+    # Checkpoints newer than the anchor (signed, but their publication was lost) must chain to it.
+    for previous, cp in zip(stored[position:], stored[position + 1 :], strict=False):
+        if cp.v != 2 or not cp.follows(previous) or not _signed(cp, public_key):
+            return f"the checkpoint at size {cp.size} does not chain to the anchor"
+    return None
+
+
+async def anchor_problem(store: Store, anchor: Anchor, public_key: bytes) -> str | None:
+    """Why the stored log does not extend ``anchor``, or None when it does (one snapshot)."""
+    async with store.read() as r:
+        size, _ = await _head(r)
+        stored = await load_checkpoints(r)
+        return await _anchor_problem(r, anchor, stored, size, public_key)
+
+
+def is_signed(cp: AuditCheckpoint, public_key: bytes) -> bool:
+    """Say whether ``cp`` carries a valid signature by ``public_key``."""
+    return _signed(cp, public_key)
+
+
+def _signed(cp: AuditCheckpoint, public_key: bytes) -> bool:
+    try:
+        if cp.signer_key_id != signer_key_id(public_key):
+            return False
+        verify_signature(public_key, cp.signed_bytes(), cp.signature)
+    except CKMSError:
+        return False
+    return True
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -283,6 +467,10 @@ def _checkpoint(row: Any) -> AuditCheckpoint:
         at=str(row["at"]),
         signer_key_id=str(row["signer_key_id"]),
         signature=bytes(row["signature"]),
+        v=int(row["v"]),
+        prev_size=row["prev_size"],
+        prev_head=row["prev_head"],
+        prev_sig_hash=row["prev_sig_hash"],
     )
 
 
@@ -331,32 +519,42 @@ def verify_audit(
     records: Sequence[AuditRecord],
     checkpoints: Iterable[AuditCheckpoint],
     public_key: bytes,
+    *,
+    anchor: Anchor | None = None,
 ) -> AuditReport:
-    """Verify the chain and every checkpoint; name the first record that was tampered with.
+    """Verify the chain, every checkpoint and the checkpoint chain, and the log against
+    ``anchor`` when one is given; name the first record that was tampered with.
 
     ``records`` are taken in the order given (as exported, or as stored by index). Every
-    checkpoint must carry a valid signature by ``public_key`` and the log must still contain the
-    exact prefix it commits to; a log shorter than a checkpoint was truncated, and the first
-    missing index is reported.
+    checkpoint must carry a valid signature by ``public_key``, name the checkpoint before it,
+    and the log must still contain the exact prefix it commits to; a log shorter than a
+    checkpoint or the anchor was truncated, and the first missing index is reported.
     """
     bad_index, reason = _walk_chain(records)
     size = len(records)
     head = records[-1].hash if records else GENESIS_HASH
-    expected_kid = signer_key_id(public_key)
     verified = 0
     bad_cp: int | None = None
     cp_reason: str | None = None
     last_good_size = 0
-    for cp in sorted(checkpoints, key=lambda c: c.size):
-        try:
-            if cp.signer_key_id != expected_kid:
-                raise AuditVerificationError("signed by another key")
-            verify_signature(
-                public_key, checkpoint_message(cp.size, cp.head_hash, cp.at), cp.signature
-            )
-        except CKMSError:
+    previous: AuditCheckpoint | None = None
+    ordered = sorted(checkpoints, key=lambda c: c.size)
+    for cp in ordered:
+        if not _signed(cp, public_key):
             bad_cp, cp_reason = cp.size, f"checkpoint at size {cp.size} has no valid signature"
             break
+        chained = cp.follows(previous) if cp.v == 2 else previous is None or previous.v == 1
+        if not chained:
+            bad_cp = cp.size
+            if cp.prev_size is not None and (previous is None or previous.size != cp.prev_size):
+                cp_reason = (
+                    f"checkpoint at size {cp.size} names a checkpoint at size {cp.prev_size} "
+                    "that is not there (checkpoint rows were deleted)"
+                )
+            else:
+                cp_reason = f"checkpoint at size {cp.size} does not chain to the one before it"
+            break
+        previous = cp
         if cp.size > size:
             candidate = size
             why = f"log truncated: checkpoint covers {cp.size} records but only {size} remain"
@@ -376,6 +574,12 @@ def verify_audit(
         if bad_index is None or candidate < bad_index:
             bad_index, reason = candidate, why
         break
+    if anchor is not None:
+        bad_index, reason, anchor_cp, anchor_reason = _check_anchor(
+            anchor, records, ordered, public_key, bad_index, reason
+        )
+        if anchor_cp is not None and bad_cp is None:
+            bad_cp, cp_reason = anchor_cp, anchor_reason
     if bad_index is None and bad_cp is not None:
         reason = cp_reason
     ok = bad_index is None and bad_cp is None
@@ -387,15 +591,62 @@ def verify_audit(
         first_bad_index=bad_index,
         bad_checkpoint_size=bad_cp,
         reason=None if ok else reason or cp_reason,
+        anchor_size=None if anchor is None else anchor.size,
     )
 
 
-async def verify_store(store: Store, public_key: bytes) -> AuditReport:
-    """Verify the audit log stored in ``store`` (one read snapshot)."""
+def _check_anchor(
+    anchor: Anchor,
+    records: Sequence[AuditRecord],
+    checkpoints: Sequence[AuditCheckpoint],
+    public_key: bytes,
+    bad_index: int | None,
+    reason: str | None,
+) -> tuple[int | None, str | None, int | None, str | None]:
+    """Check the log against an anchor kept elsewhere: (bad index, why, bad checkpoint, why)."""
+    size = len(records)
+    if anchor.checkpoint is not None and not _signed(anchor.checkpoint, public_key):
+        return bad_index, reason, anchor.size, "the anchor is not signed by this controller's key"
+    candidate: int | None = None
+    why = ""
+    if size < anchor.size:
+        candidate = size
+        why = f"log truncated: the anchor covers {anchor.size} records but only {size} remain"
+    elif (records[anchor.size - 1].hash if anchor.size else GENESIS_HASH) != anchor.head_hash:
+        vouched = [
+            cp.size
+            for cp in checkpoints
+            if cp.size < anchor.size
+            and (records[cp.size - 1].hash if cp.size else GENESIS_HASH) == cp.head_hash
+        ]
+        candidate = max(vouched, default=0)
+        why = f"records before {anchor.size} were rewritten: head hash differs from the anchor"
+    if candidate is not None:
+        if bad_index is None or candidate < bad_index:
+            return candidate, why, None, None
+        return bad_index, reason, None, None
+    match = next((cp for cp in checkpoints if cp.size == anchor.size), None)
+    if match is None or (
+        anchor.checkpoint is not None and match.signature != anchor.checkpoint.signature
+    ):
+        return (
+            bad_index,
+            reason,
+            anchor.size,
+            f"the anchored checkpoint (size {anchor.size}) is not in the log: checkpoint rows "
+            "were deleted",
+        )
+    return bad_index, reason, None, None
+
+
+async def verify_store(
+    store: Store, public_key: bytes, *, anchor: Anchor | None = None
+) -> AuditReport:
+    """Verify the audit log stored in ``store`` (one read snapshot), against ``anchor`` if given."""
     async with store.read() as r:
         records = await load_records(r)
         checkpoints = await load_checkpoints(r)
-    return verify_audit(records, checkpoints, public_key)
+    return verify_audit(records, checkpoints, public_key, anchor=anchor)
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -405,17 +656,45 @@ def _record_line(rec: AuditRecord) -> str:
     return canonical_json({"kind": "record", **rec.hashed_fields(), "hash": rec.hash}).decode()
 
 
-def _checkpoint_line(cp: AuditCheckpoint) -> str:
-    return canonical_json(
-        {
-            "kind": "checkpoint",
-            "size": cp.size,
-            "head_hash": cp.head_hash,
-            "at": cp.at,
-            "signer_key_id": cp.signer_key_id,
-            "signature": base64.b64encode(cp.signature).decode("ascii"),
-        }
-    ).decode()
+def checkpoint_line(cp: AuditCheckpoint) -> str:
+    """One checkpoint as an export line (and as the anchor topic carries it)."""
+    line: dict[str, Any] = {
+        "kind": "checkpoint",
+        "size": cp.size,
+        "head_hash": cp.head_hash,
+        "at": cp.at,
+        "signer_key_id": cp.signer_key_id,
+        "signature": base64.b64encode(cp.signature).decode("ascii"),
+    }
+    if cp.v == 2:
+        line.update(
+            v=2, prev_size=cp.prev_size, prev_head=cp.prev_head, prev_sig_hash=cp.prev_sig_hash
+        )
+    return canonical_json(line).decode()
+
+
+def parse_checkpoint_line(text: str | bytes) -> AuditCheckpoint:
+    """Parse one checkpoint line (an export's, or an anchor topic record); ValueError if not."""
+    try:
+        obj = json.loads(text)
+        if not isinstance(obj, dict) or obj.pop("kind", None) != "checkpoint":
+            raise ValueError("not a checkpoint")
+        obj["signature"] = base64.b64decode(obj["signature"], validate=True)
+        return AuditCheckpoint(**obj)
+    except (KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise ValueError(f"not a checkpoint line: {exc}") from None
+
+
+def parse_anchor(text: str) -> Anchor:
+    """Parse ``SIZE:HEAD`` (as ``ckms status`` and ``ckms audit verify`` print the anchor)."""
+    size_text, sep, head = text.strip().partition(":")
+    if not sep or not size_text.isdigit() or len(head) != 64:
+        raise ValueError("expected SIZE:HEAD, e.g. 1234:<64 hex digits>")
+    try:
+        int(head, 16)
+    except ValueError:
+        raise ValueError("the head of an anchor is 64 hex digits") from None
+    return Anchor(size=int(size_text), head_hash=head.lower())
 
 
 async def export_jsonl(store: Store) -> AsyncIterator[str]:
@@ -429,7 +708,7 @@ async def export_jsonl(store: Store) -> AsyncIterator[str]:
     for rec in records:
         yield _record_line(rec)
     for cp in checkpoints:
-        yield _checkpoint_line(cp)
+        yield checkpoint_line(cp)
 
 
 def parse_jsonl(lines: Iterable[str]) -> tuple[list[AuditRecord], list[AuditCheckpoint]]:

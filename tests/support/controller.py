@@ -67,6 +67,10 @@ async def controller(
 ) -> AsyncIterator[Controller]:
     """A running, unsealed controller with its own topics on the session Kafka."""
     async with running_controller(
-        tmp_path / "controller", kafka_bootstrap, unique_topic("events"), unique_topic("acks")
+        tmp_path / "controller",
+        kafka_bootstrap,
+        unique_topic("events"),
+        unique_topic("acks"),
+        audit_topic=unique_topic("audit"),
     ) as c:
         yield c

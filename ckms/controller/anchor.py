@@ -1,0 +1,217 @@
+"""The audit anchor: the last checkpoint the controller signed, kept outside its database.
+
+The database's owner can cut the audit log and its checkpoints together, so a checkpoint stored
+beside the log proves nothing about its tail. The anchor is the newest checkpoint, held in memory
+while the controller runs and published on the ``ckms.audit`` topic (one partition, compacted
+by signer key id), which the controller writes and auditors read:
+
+- on start, :meth:`AuditAnchor.load` reads back the newest record this controller published
+  (record key: its signer key id, so several controllers can share the topic), checks its
+  signature, and checks that the stored log extends it (same record at its size, the anchored
+  checkpoint row still there, newer checkpoints chaining to it);
+- :meth:`AuditAnchor.checkpoint` signs only over a log that extends the anchor, then publishes
+  the new checkpoint (if Kafka is down, it stays the anchor in memory and is published later);
+- on a mismatch the anchor is **broken**: nothing more is signed, the store refuses every audit
+  append (so every operation that must be audited fails), ``ckms status`` says why, and the log
+  says so at CRITICAL. Only a restart over a restored log that extends the anchor clears it.
+
+Until the topic has been read (Kafka down at start), nothing is signed: signing first could put
+a signature on a log cut while the controller was stopped. A topic with no record (a new
+installation, or a wiped topic) gives no anchor; that is logged, since from here on the
+guarantee starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ckms._kafka import TopicSpec, abort_producer, ensure_topics, read_newest, wait_delivered
+from ckms.controller.sealing import Vault
+from ckms.crypto import signer_key_id
+from ckms.errors import AuditAnchorError, KafkaUnavailableError
+from ckms.store import Clock, Store, require_utc, utc_now
+from ckms.store import audit as audit_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnchorStatus:
+    """What ``ckms status`` shows about the anchor."""
+
+    loaded: bool
+    size: int | None
+    head: str | None
+    published_size: int | None
+    broken: str | None
+
+
+class AuditAnchor:
+    """Signs checkpoints only over a log that extends the last one; publishes each one."""
+
+    def __init__(
+        self,
+        store: Store,
+        vault: Vault,
+        *,
+        bootstrap: str | None,
+        topic: str,
+        replication: int = 1,
+        clock: Clock = utc_now,
+        delivery_timeout_s: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._vault = vault
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._spec = TopicSpec(topic, 1, replication, (("cleanup.policy", "compact"),))
+        self._clock = clock
+        self._delivery_timeout_s = delivery_timeout_s
+        self._lock = asyncio.Lock()
+        self._producer: AIOKafkaProducer | None = None
+        self.last: audit_log.Anchor | None = None
+        self.loaded = bootstrap is None  # without a topic there is nothing to read back
+        self.published_size: int | None = None
+        self.broken: str | None = None
+
+    def status(self) -> AnchorStatus:
+        """The anchor's state, for ``ckms status``."""
+        return AnchorStatus(
+            loaded=self.loaded,
+            size=None if self.last is None else self.last.size,
+            head=None if self.last is None else self.last.head_hash,
+            published_size=self.published_size,
+            broken=self.broken,
+        )
+
+    def _fail(self, problem: str) -> None:
+        self.broken = problem
+        self._store.audit_blocked = problem
+        log.critical(
+            "AUDIT LOG DOES NOT EXTEND ITS LAST SIGNED ANCHOR (%s): refusing to sign checkpoints "
+            "and every audited operation until the log is restored",
+            problem,
+        )
+
+    async def load(self) -> None:
+        """Read the newest anchor this controller published and check the stored log extends it."""
+        assert self._bootstrap is not None
+        await ensure_topics(self._bootstrap, [self._spec])
+        public = await self._vault.public_key()
+        kid = signer_key_id(public)
+        value = await read_newest(self._bootstrap, self._topic, key=kid.encode())
+        async with self._lock:
+            self.loaded = True
+            if value is None:
+                log.warning(
+                    "no audit anchor of %s on %s: the log is trusted as it is now, and anchored "
+                    "from the next checkpoint on",
+                    kid,
+                    self._topic,
+                )
+                return
+            try:
+                newest = audit_log.parse_checkpoint_line(value)
+            except ValueError:
+                self._fail(f"the newest record of {kid} on {self._topic} is not a checkpoint")
+                return
+            anchor = audit_log.Anchor.of(newest)
+            self.last = anchor
+            self.published_size = anchor.size
+            problem = await audit_log.anchor_problem(self._store, anchor, public)
+            if problem is None and not audit_log.is_signed(newest, public):
+                problem = f"the anchor on {self._topic} is not signed by this controller's key"
+            if problem is not None:
+                self._fail(problem)
+                return
+        log.info("audit anchor loaded from %s: %s", self._topic, anchor)
+
+    async def checkpoint(self) -> audit_log.AuditCheckpoint:
+        """Sign and store a checkpoint over a log that extends the anchor, then publish it."""
+        self._vault.require_unsealed("sign an audit checkpoint")
+        async with self._lock:
+            if self.broken is not None:
+                raise AuditAnchorError(self.broken)
+            if not self.loaded:
+                raise AuditAnchorError(
+                    f"the last audit anchor has not been read back from {self._topic} yet "
+                    "(is Kafka reachable?): not signing until it is"
+                )
+            try:
+                cp = await audit_log.checkpoint(
+                    self._store,
+                    sign=self._vault.sign,
+                    public_key=await self._vault.public_key(),
+                    now=require_utc(self._clock()),
+                    anchor=self.last,
+                )
+            except AuditAnchorError as exc:
+                self._fail(str(exc))
+                raise
+            self.last = audit_log.Anchor.of(cp)
+        await self.publish()
+        return cp
+
+    async def publish(self) -> bool:
+        """Publish the anchor if the topic does not have it yet; False if Kafka did not take it."""
+        anchor = self.last
+        if self._bootstrap is None or anchor is None or anchor.checkpoint is None:
+            return True
+        if self.published_size == anchor.size:
+            return True
+        try:
+            if self._producer is None:
+                await ensure_topics(self._bootstrap, [self._spec])
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._bootstrap,
+                    acks="all",
+                    enable_idempotence=True,
+                    client_id="ckms-controller-audit",
+                )
+                await producer.start()
+                self._producer = producer
+            future = await self._producer.send(
+                self._topic,
+                audit_log.checkpoint_line(anchor.checkpoint).encode(),
+                key=anchor.checkpoint.signer_key_id.encode(),
+            )
+            (error,) = await wait_delivered([future], self._delivery_timeout_s)
+            if error is not None:
+                raise error
+        except (KafkaError, KafkaUnavailableError, OSError) as exc:
+            log.warning("audit anchor %s not published yet: %s", anchor, exc)
+            await self.close()
+            return False
+        self.published_size = anchor.size
+        return True
+
+    async def run(self) -> None:
+        """Read the anchor back (retrying while Kafka is away), then keep it published."""
+        if self._bootstrap is None:
+            return
+        failures = 0
+        while not self.loaded:
+            try:
+                await self.load()
+            except KafkaUnavailableError as exc:
+                failures += 1
+                delay = min(10.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+                log.warning("cannot read the audit anchor (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+        while True:
+            await asyncio.sleep(5.0)
+            await self.publish()
+
+    async def close(self) -> None:
+        """Stop the producer; safe to call twice."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await abort_producer(producer)
