@@ -79,6 +79,26 @@ def _ago(seconds: float | None) -> str:
     return f"{s // 86400} d"
 
 
+def _converge(fleet: api.KeyFleet, since: datetime) -> dict[str, Any]:
+    """Seconds from the newest version's creation to each converged host's last ack.
+
+    Both times are the controller's, so the chart does not depend on the viewer's clock.
+    """
+    seconds = sorted(
+        max(0.0, (h.updated_at - since).total_seconds())
+        for h in fleet.hosts
+        if h.converged and h.updated_at is not None
+    )
+    # The controller's "now" as the reply saw it: any host's last ack time plus its age.
+    nows = [
+        h.updated_at + timedelta(seconds=h.age_s)
+        for h in fleet.hosts
+        if h.updated_at is not None and h.age_s is not None
+    ]
+    elapsed = max(0.0, (max(nows) - since).total_seconds()) if nows else 0.0
+    return {"converge_s": [round(s, 3) for s in seconds], "elapsed_s": round(elapsed, 3)}
+
+
 class Console:
     """The pages of one console (one operator's session to the controller)."""
 
@@ -238,11 +258,17 @@ class Console:
         await response.prepare(request)
         last = None
         params = api.FleetStatusParams(key=name)
+        since: tuple[tuple[int, ...], datetime] | None = None
         try:
             while True:
                 try:
                     fleet = (await self.call("fleet.status", params, api.FleetStatusReply)).keys[0]
-                    data = fleet.model_dump_json()
+                    if since is None or since[0] != fleet.wanted_versions:
+                        key = await self.call("key.show", api.KeyRef(name=name), api.KeyChangeReply)
+                        since = (fleet.wanted_versions, max(v.created_at for v in key.key.versions))
+                    data = json.dumps(
+                        {**fleet.model_dump(mode="json"), **_converge(fleet, since[1])}
+                    )
                 except CKMSError as exc:
                     data = json.dumps({"error": str(exc)})
                 if data != last:
@@ -512,15 +538,15 @@ class Console:
             return await self.page(
                 request, "enroll.html", status=400, error=str(exc), values=values, command=None
             )
-        command = api.agent_enroll_command(reply.listen, reply.host_key_fingerprint)
+        command = api.agent_enroll_command(self.controller, reply.host_key_fingerprint)
         return await self.page(
             request,
             "enroll.html",
             error=None,
             values=values,
             command=command,
-            reply=reply,
             token=reply.token.get_secret_value(),
+            reply=reply,
         )
 
     # -- login ----------------------------------------------------------------------------

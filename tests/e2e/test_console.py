@@ -7,6 +7,7 @@ Set ``CKMS_CONSOLE_SCREENSHOTS=DIR`` to also save the README's screenshots from 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 
 from ckms.controller.service import Controller
+from ckms.store import audit as audit_log
 from tests.e2e.test_distribution import converged
 from tests.support.browser import chrome, console_process, ensure_chromium
 from tests.support.cli import Operators
@@ -29,9 +31,45 @@ SHOTS = os.environ.get("CKMS_CONSOLE_SCREENSHOTS")
 
 
 def shot(driver: Any, name: str) -> None:
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(Path(SHOTS) / name))
+    """Save a whole-page screenshot when asked to (``CKMS_CONSOLE_SCREENSHOTS``)."""
+    if not SHOTS:
+        return
+    Path(SHOTS).mkdir(parents=True, exist_ok=True)
+    metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+    size = metrics["cssContentSize"]
+    png = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        },
+    )
+    (Path(SHOTS) / name).write_bytes(base64.b64decode(png["data"]))
+
+
+class Restartable:
+    """A real agent the test can stop and start again (``async with`` stops it at the end)."""
+
+    def __init__(self, config: Path) -> None:
+        self._config = config
+        self._cm: Any = None
+
+    async def start(self) -> None:
+        self._cm = running_agent(self._config)
+        await self._cm.__aenter__()
+
+    async def stop(self) -> None:
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            await cm.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> Restartable:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def wait_text(driver: Any, css: str, pattern: str, timeout: float = 60) -> str:
@@ -43,10 +81,15 @@ def wait_text(driver: Any, css: str, pattern: str, timeout: float = 60) -> str:
         found = d.find_elements(By.CSS_SELECTOR, css)
         return bool(found) and re.search(pattern, found[0].text) is not None and found[0].text
 
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(matches)
+        return WebDriverWait(
+            driver,
+            timeout,
+            poll_frequency=0.2,
+            ignored_exceptions=(StaleElementReferenceException,),  # a page replaced under us
+        ).until(matches)
     except TimeoutException:
         page = driver.find_element(By.TAG_NAME, "body").text[:2000]
         raise AssertionError(f"{css} !~ {pattern!r} at {driver.current_url}:\n{page}") from None
@@ -100,9 +143,10 @@ async def test_console_end_to_end(
     await ops.add("audrey", "auditor")
     hosts = {"web-1", "web-2"}
     configs = [await enroll_agent(c, tmp_path / "agents", h, WEB) for h in sorted(hosts)]
+    second = Restartable(configs[1])
     async with (
         running_agent(configs[0]),
-        running_agent(configs[1]),
+        second,
         console_process(ops.env("alice")) as alice_url,
         console_process(ops.env("bob")) as bob_url,
         console_process(ops.env("audrey")) as audrey_url,
@@ -147,17 +191,33 @@ async def test_console_end_to_end(
             await wait_until(lambda: converged(c, "web/tls", hosts), what="first install")
 
             # Rotate; the live table (SSE) follows the fleet to 100 %.
-            def rotate() -> str:
+            # Rotate while web-2 is down: the live table (SSE) shows it pending, then follows
+            # the fleet to 100 % once web-2 is back, without a reload.
+            await second.stop()
+
+            def rotate() -> tuple[str, str]:
                 click(a, "#rotate")
                 wait_text(a, "#versions", "v2")
-                shot(a, "console-rotation-start.png")
+                wait_text(a, "#fleet-table", r"web-1\s+v1 installed, v2 installed\s+converged")
+                wait_text(a, "#fleet-table", r"web-2\s+v1 installed\s+pending")
+                wait_text(a, "#fleet-pct", r"^50(\.0)?$")
+                shot(a, "console-rotation-converging.png")
+                updates = a.find_element("id", "fleet").get_attribute("data-updates")
+                return a.current_url, str(updates)
+
+            url, before = await asyncio.to_thread(rotate)
+            await second.start()
+
+            def converges() -> str:
                 wait_text(a, "#fleet-table", r"v2 installed[\s\S]*v2 installed")
                 wait_text(a, "#fleet-pct", r"^100(\.0)?$")
-                updates = a.find_element("id", "fleet").get_attribute("data-updates")
+                wait_text(a, "#converge-time", "2 of 2 hosts in")
+                assert a.current_url == url
                 shot(a, "console-rotation.png")
-                return str(updates)
+                return str(a.find_element("id", "fleet").get_attribute("data-updates"))
 
-            assert int(await asyncio.to_thread(rotate)) >= 1
+            after = await asyncio.to_thread(converges)
+            assert int(after) > int(before) >= 1  # live updates, not a reload
             await wait_until(lambda: converged(c, "web/tls", hosts), what="rotation")
 
             # Revoke v1 as compromised: the button waits for the typed name.
@@ -193,8 +253,26 @@ async def test_console_end_to_end(
                 wait_text(a, "#count-keys", r"^1$")
                 wait_text(a, "#count-hosts", r"^2$")
                 shot(a, "console-overview.png")
+                if SHOTS:  # the same page in a narrow window (a phone, a split screen)
+                    a.set_window_size(420, 900)
+                    shot(a, "console-overview-narrow.png")
+                    a.set_window_size(1280, 900)
 
             await asyncio.to_thread(overview)
+
+            # Enroll a host: the agent command is shown once.
+            def enroll_host() -> tuple[str, str]:
+                a.get(base + "/hosts/enroll")
+                fill(a, {"name": "web-3", "labels": "env=prod role=web"})
+                click(a, "#enroll")
+                command = wait_text(a, "#enroll-command", "ckms-agent enroll")
+                token = wait_text(a, "#enroll-token", r"\S")
+                a.get(base + "/hosts/enroll")
+                assert not exists(a, "#enroll-command") and not exists(a, "#enroll-token")
+                return command, token
+
+            command, token = await asyncio.to_thread(enroll_host)
+            assert c.host_key_fingerprint in command and token not in command
 
             # CSRF and cross-origin, with the real session cookie.
             jar = {"ckms_console": cookie["value"]}
@@ -213,6 +291,11 @@ async def test_console_end_to_end(
                 port = urlsplit(base).port
                 async with http.get(base + "/", headers={"Host": f"evil.example:{port}"}) as r:
                     assert r.status == 421
+                async with http.get(base + "/audit/export") as r:
+                    assert r.status == 200
+                    lines = (await r.text()).splitlines()
+                records, checkpoints = audit_log.parse_jsonl(lines)
+                assert records and checkpoints and records[0].index == 0
             assert len((await c.lifecycle.get("web/tls")).versions) == 2  # nothing rotated
 
         # The second admin approves in their own console.

@@ -43,32 +43,43 @@ function renderRows(tbody, hosts) {
   tbody.replaceChildren(...rows);
 }
 
-function drawChart(svg, points, targeted) {
+// Time to converge: hosts acknowledged over seconds since the newest version was created.
+// (Seconds are the controller's: converge_s comes with each update.)
+function drawChart(svg, fleet) {
   const NS = "http://www.w3.org/2000/svg";
-  const w = 600, h = 120, pad = 4;
-  const t0 = points[0].t, span = Math.max(1, points[points.length - 1].t - t0);
-  const top = Math.max(1, targeted);
-  const coords = points.map((p) => {
-    const x = pad + ((p.t - t0) / span) * (w - 2 * pad);
-    const y = h - pad - (p.converged / top) * (h - 2 * pad);
-    return x.toFixed(1) + "," + y.toFixed(1);
+  const w = 600, h = 120, pad = 6;
+  const times = fleet.converge_s || [];
+  const done = times.length >= fleet.targeted && fleet.targeted > 0;
+  const last = times.length ? times[times.length - 1] : 0;
+  const span = Math.max(0.001, done ? last : Math.max(last, fleet.elapsed_s || 0));
+  const top = Math.max(1, fleet.targeted);
+  const x = (t) => pad + (t / span) * (w - 2 * pad);
+  const y = (n) => h - pad - (n / top) * (h - 2 * pad);
+  const coords = [x(0).toFixed(1) + "," + y(0).toFixed(1)];
+  times.forEach((t, i) => {
+    coords.push(x(t).toFixed(1) + "," + y(i).toFixed(1));
+    coords.push(x(t).toFixed(1) + "," + y(i + 1).toFixed(1));
   });
+  coords.push(x(span).toFixed(1) + "," + y(times.length).toFixed(1));
   const line = document.createElementNS(NS, "polyline");
   line.setAttribute("points", coords.join(" "));
   line.setAttribute("class", "series");
   const goal = document.createElementNS(NS, "line");
   goal.setAttribute("x1", pad); goal.setAttribute("x2", w - pad);
-  goal.setAttribute("y1", pad); goal.setAttribute("y2", pad);
+  goal.setAttribute("y1", y(top)); goal.setAttribute("y2", y(top));
   goal.setAttribute("class", "goal");
   const label = document.createElementNS(NS, "text");
-  label.setAttribute("x", w - pad); label.setAttribute("y", h - pad - 2);
+  label.setAttribute("x", w - pad); label.setAttribute("y", h - pad - 4);
   label.setAttribute("text-anchor", "end");
-  label.textContent = (span / 1000).toFixed(1) + " s";
+  label.textContent = times.length + " of " + fleet.targeted + " hosts" +
+    (done ? " in " + last.toFixed(2) + " s" : " after " + span.toFixed(1) + " s");
   svg.replaceChildren(goal, line, label);
+  svg.setAttribute("aria-label", label.textContent + " since the newest version was created");
+  document.getElementById("converge-time").textContent = label.textContent;
 }
 
 function startFleet(section) {
-  const points = [];
+  let updates = 0;
   const source = new EventSource(section.dataset.stream);
   const $ = (id) => document.getElementById(id);
   source.addEventListener("fleet", (ev) => {
@@ -83,9 +94,9 @@ function startFleet(section) {
     section.dataset.converged = f.converged;
     section.dataset.targeted = f.targeted;
     renderRows(document.querySelector("#fleet-table tbody"), f.hosts);
-    points.push({ t: Date.now(), converged: f.converged });
-    drawChart($("fleet-chart"), points, f.targeted);
-    section.dataset.updates = String(points.length);
+    updates += 1;
+    drawChart($("fleet-chart"), f);
+    section.dataset.updates = String(updates);
   });
 }
 
