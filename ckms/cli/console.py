@@ -26,10 +26,11 @@ def console(
     ] = False,
 ) -> None:
     """Serve the web console on loopback; prints a one-time URL (the token works once)."""
-    from ckms.console import serve_console
+    from ckms.console import check_loopback, serve_console
 
     with cli_errors():
         host, port = parse_controller(listen, option="--listen", allow_any_port=True)
+        check_loopback(host)
         connection = conn(ctx)
         connection.client()  # the connection options are checked before anything listens
 

@@ -12,12 +12,14 @@ import ipaddress
 import webbrowser
 from collections.abc import Callable
 
-from ckms.errors import ConfigError, DependencyMissingError
+from ckms.cli._errors import UsageError
+from ckms.errors import DependencyMissingError
 
-__all__ = ["serve_console"]
+__all__ = ["check_loopback", "serve_console"]
 
 
-def _loopback(host: str) -> None:
+def check_loopback(host: str) -> None:
+    """UsageError unless ``host`` is a loopback address (the console listens nowhere else)."""
     if host == "localhost":
         return
     try:
@@ -25,7 +27,7 @@ def _loopback(host: str) -> None:
             return
     except ValueError:
         pass
-    raise ConfigError(f"--listen {host}: the console listens on loopback only (127.0.0.1, ::1)")
+    raise UsageError(f"--listen {host}: the console listens on loopback only (127.0.0.1, ::1)")
 
 
 async def serve_console(
@@ -38,7 +40,7 @@ async def serve_console(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve the console until ``stop`` is set (or the task is cancelled)."""
-    _loopback(host)
+    check_loopback(host)
     try:
         from aiohttp import web
 

@@ -26,11 +26,11 @@ from ckms.cli._client import Session
 from ckms.cli._parse import parse_key_type, parse_labels, parse_reason, parse_targets
 from ckms.cli.key import _install, _policy_patch, _valid_name
 from ckms.crypto import InstallFormat, KeyType
-from ckms.errors import ApprovalRequiredError, CKMSError, PermissionDeniedError
+from ckms.errors import ApprovalRequiredError, CKMSError, PermissionDeniedError, TransportError
 from ckms.protocol import RevocationReason
 from ckms.protocol import admin as api
 
-from ._security import COOKIE, Gate, security_middleware
+from ._security import COOKIE, SESSION, Gate, security_middleware
 
 __all__ = ["WRITE_ROLES", "build_app"]
 
@@ -128,7 +128,7 @@ class Console:
             me=me,
             can_write=me.role in WRITE_ROLES,
             can_approve=me.role in APPROVE_ROLES,
-            csrf=self.gate.csrf(request.get("session")) or "",
+            csrf=self.gate.csrf(request.get(SESSION)) or "",
             path=request.path,
             controller=self.controller,
             **values,
@@ -138,6 +138,8 @@ class Console:
     async def refused(self, request: web.Request, exc: CKMSError, back: str) -> web.Response:
         """The controller's message for a refused action (nothing was changed)."""
         status = 403 if isinstance(exc, PermissionDeniedError) else 409
+        if isinstance(exc, TransportError):
+            status = 502
         request_id = exc.request_id if isinstance(exc, ApprovalRequiredError) else None
         if request_id is not None:
             status = 202
@@ -578,11 +580,34 @@ async def _static(request: web.Request) -> web.Response:
     return web.Response(body=resource.read_bytes(), content_type=kinds[suffix], charset="utf-8")
 
 
+def _errors_middleware(console: Console) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A controller error while reading a page shows its message, not a bare 500."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CKMSError as exc:
+            log.warning("console page %s: %s", request.path, type(exc).__name__)
+            try:
+                return await console.refused(request, exc, "/")
+            except CKMSError:  # the controller is unreachable: not even whoami works
+                return web.Response(
+                    status=502,
+                    text=f"the controller did not answer: {exc}\n",
+                    content_type="text/plain",
+                )
+
+    return middleware
+
+
 def build_app(session: Session, gate: Gate, controller: str) -> web.Application:
     """The aiohttp application of one console."""
     console = Console(session, gate, controller)
-    app = web.Application(middlewares=[security_middleware(gate)], client_max_size=64 * 1024)
-    app["console"] = console
+    app = web.Application(
+        middlewares=[security_middleware(gate), _errors_middleware(console)],
+        client_max_size=64 * 1024,
+    )
     r = app.router
     r.add_get("/login", console.login)
     r.add_get("/static/{file}", _static)

@@ -26,9 +26,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-__all__ = ["COOKIE", "CSP", "Gate", "security_middleware"]
+__all__ = ["COOKIE", "CSP", "SESSION", "Gate", "security_middleware"]
 
 COOKIE = "ckms_console"
+SESSION = web.RequestKey("session", str)
+"""Where the middleware leaves the signed-in session id on the request."""
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -126,7 +128,7 @@ def security_middleware(gate: Gate) -> Callable[..., Awaitable[web.StreamRespons
                 return _refuse(
                     401, "not signed in: open the one-time URL that `ckms console` printed"
                 )
-            request["session"] = session
+            request[SESSION] = session
             if request.method == "POST":
                 form = await request.post()
                 if not gate.check_csrf(session, form.get("csrf")):  # type: ignore[arg-type]
