@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ckms.cli._client import Connection, Session
-from ckms.cli._errors import NotConvergedError
-from ckms.cli._render import err_console
+from ckms.cli._errors import NotConvergedError, cli_errors
+from ckms.cli._render import err_console, print_json
 from ckms.protocol import admin as api
 
-__all__ = ["JsonOption", "conn", "wait_converged"]
+__all__ = ["JsonOption", "call_and_show", "conn", "wait_converged"]
+
+M = TypeVar("M", bound=BaseModel)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the reply as JSON.")]
 
@@ -63,3 +67,29 @@ async def wait_converged(
                     late,
                 )
             await asyncio.sleep(min(POLL_S, remaining))
+
+
+def call_and_show(
+    ctx: typer.Context,
+    method: str,
+    params: BaseModel | None,
+    reply_type: type[M],
+    render: Callable[[M], None],
+    *,
+    as_json: bool,
+    json_part: Callable[[M], BaseModel] | None = None,
+) -> M:
+    """Call one admin method and print its reply: indented JSON with ``--json``, else ``render``.
+
+    ``json_part`` picks the part of the reply ``--json`` prints (the whole reply by default).
+
+    The one shape of every read (and most changes) of the CLI: errors of the call become one
+    stderr line and the exit code of :func:`~ckms.cli._errors.cli_errors`.
+    """
+    with cli_errors():
+        reply = conn(ctx).call(method, params, reply_type)
+    if as_json:
+        print_json(reply if json_part is None else json_part(reply))
+    else:
+        render(reply)
+    return reply

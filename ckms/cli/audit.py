@@ -12,7 +12,7 @@ import typer
 
 from ckms._kafka import read_newest
 from ckms.cli._client import run
-from ckms.cli._common import JsonOption, conn
+from ckms.cli._common import JsonOption, call_and_show, conn
 from ckms.cli._errors import ExitCode, UsageError, cli_errors, fail
 from ckms.cli._render import console, print_json, table
 from ckms.crypto import signer_key_id
@@ -156,28 +156,34 @@ def tail(
     as_json: JsonOption = False,
 ) -> None:
     """Show the newest audit records."""
-    with cli_errors():
-        reply = conn(ctx).call("audit.tail", api.AuditTailParams(count=count), api.AuditTailReply)
-    if as_json:
-        print_json(reply)
-        return
-    console().print(
-        table(
-            None,
-            ["#", "at", "actor", "action", "object", "outcome", "details"],
-            [
-                (
-                    r.index,
-                    r.at,
-                    r.actor,
-                    r.action,
-                    r.object,
-                    r.outcome,
-                    json.dumps(r.details, sort_keys=True)[:100],
-                )
-                for r in reply.records
-            ],
+
+    def render(reply: api.AuditTailReply) -> None:
+        console().print(
+            table(
+                None,
+                ["#", "at", "actor", "action", "object", "outcome", "details"],
+                [
+                    (
+                        r.index,
+                        r.at,
+                        r.actor,
+                        r.action,
+                        r.object,
+                        r.outcome,
+                        json.dumps(r.details, sort_keys=True)[:100],
+                    )
+                    for r in reply.records
+                ],
+            )
         )
+
+    call_and_show(
+        ctx,
+        "audit.tail",
+        api.AuditTailParams(count=count),
+        api.AuditTailReply,
+        render,
+        as_json=as_json,
     )
 
 

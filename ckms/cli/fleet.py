@@ -6,9 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, conn
-from ckms.cli._errors import cli_errors
-from ckms.cli._render import age, console, print_json, table
+from ckms.cli._common import JsonOption, call_and_show
+from ckms.cli._render import age, console, table
 from ckms.protocol import admin as api
 
 app = typer.Typer(help="The fleet view: what each host acknowledged.", no_args_is_help=True)
@@ -34,31 +33,35 @@ def status(
     as_json: JsonOption = False,
 ) -> None:
     """Per key: host x version x status x age, and how much of the fleet converged."""
-    with cli_errors():
-        reply = conn(ctx).call(
-            "fleet.status", api.FleetStatusParams(key=key, limit=limit), api.FleetStatusReply
-        )
-    if as_json:
-        print_json(reply)
-        return
-    out = console()
-    for fleet in reply.keys:
-        wanted = ", ".join(f"v{v}" for v in fleet.wanted_versions) or "none"
-        title = (
-            f"{fleet.key}: {fleet.converged}/{fleet.targeted} converged "
-            f"({fleet.converged_pct:g}%), {fleet.failed} failed, {fleet.drift} drift; "
-            f"primary v{fleet.primary_version or '-'}, distributing {wanted}"
-        )
-        out.print(title)
-        out.print(
-            table(
-                None,
-                ["host", "state", "versions", "age", "reason"],
-                [
-                    (h.host, _state(h), _versions(h), age(h.age_s), h.error or "")
-                    for h in fleet.hosts
-                ],
+
+    def render(reply: api.FleetStatusReply) -> None:
+        out = console()
+        for fleet in reply.keys:
+            wanted = ", ".join(f"v{v}" for v in fleet.wanted_versions) or "none"
+            title = (
+                f"{fleet.key}: {fleet.converged}/{fleet.targeted} converged "
+                f"({fleet.converged_pct:g}%), {fleet.failed} failed, {fleet.drift} drift; "
+                f"primary v{fleet.primary_version or '-'}, distributing {wanted}"
             )
-        )
-        if fleet.truncated:
-            out.print(f"... {fleet.truncated} more hosts (raise --limit)")
+            out.print(title)
+            out.print(
+                table(
+                    None,
+                    ["host", "state", "versions", "age", "reason"],
+                    [
+                        (h.host, _state(h), _versions(h), age(h.age_s), h.error or "")
+                        for h in fleet.hosts
+                    ],
+                )
+            )
+            if fleet.truncated:
+                out.print(f"... {fleet.truncated} more hosts (raise --limit)")
+
+    call_and_show(
+        ctx,
+        "fleet.status",
+        api.FleetStatusParams(key=key, limit=limit),
+        api.FleetStatusReply,
+        render,
+        as_json=as_json,
+    )

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, conn
+from ckms.cli._common import JsonOption, call_and_show, conn
 from ckms.cli._errors import UsageError, cli_errors
 from ckms.cli._parse import parse_duration, parse_labels
 from ckms.cli._render import console, print_json, table, until, when
@@ -84,30 +84,28 @@ def enroll(
 @app.command("list")
 def list_hosts(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List enrolled hosts (revoked ones included)."""
-    with cli_errors():
-        reply = conn(ctx).call("host.list", None, api.HostListReply)
-    if as_json:
-        print_json(reply)
-    else:
+
+    def render(reply: api.HostListReply) -> None:
         _render_hosts(reply.hosts)
+
+    call_and_show(ctx, "host.list", None, api.HostListReply, render, as_json=as_json)
 
 
 @app.command("show")
 def show(ctx: typer.Context, name: HostArg, as_json: JsonOption = False) -> None:
     """Show a host: labels, last contact and the keys that target it."""
-    with cli_errors():
-        reply = conn(ctx).call("host.show", api.HostRef(name=name), api.HostInfo)
-    if as_json:
-        print_json(reply)
-        return
-    out = console()
-    state = "revoked" if reply.revoked else "enrolled"
-    stale = "  STALE" if reply.stale else ""
-    out.print(f"[bold]{reply.id}[/bold]  {state} {when(reply.enrolled_at)}")
-    out.print(f"labels: {_labels(reply.labels)}")
-    out.print(f"last seen: {when(reply.last_seen_at)} ({until(reply.last_seen_at)}){stale}")
-    out.print(f"wrap suite: {reply.wrap_suite or '-'}")
-    out.print(f"keys: {', '.join(reply.keys) or 'none'}")
+
+    def render(reply: api.HostInfo) -> None:
+        out = console()
+        state = "revoked" if reply.revoked else "enrolled"
+        stale = "  STALE" if reply.stale else ""
+        out.print(f"[bold]{reply.id}[/bold]  {state} {when(reply.enrolled_at)}")
+        out.print(f"labels: {_labels(reply.labels)}")
+        out.print(f"last seen: {when(reply.last_seen_at)} ({until(reply.last_seen_at)}){stale}")
+        out.print(f"wrap suite: {reply.wrap_suite or '-'}")
+        out.print(f"keys: {', '.join(reply.keys) or 'none'}")
+
+    call_and_show(ctx, "host.show", api.HostRef(name=name), api.HostInfo, render, as_json=as_json)
 
 
 @app.command("label")
@@ -128,23 +126,21 @@ def label(
         labels = parse_labels(label or [])
         if not labels and not unset and not replace:
             raise UsageError("give --label name=value, --unset name or --replace")
-        reply = conn(ctx).call(
-            "host.label",
-            api.HostLabelParams(name=name, set=labels, unset=tuple(unset or ()), replace=replace),
-            api.HostInfo,
+        params = api.HostLabelParams(
+            name=name, set=labels, unset=tuple(unset or ()), replace=replace
         )
-    if as_json:
-        print_json(reply)
-    else:
+
+    def render(reply: api.HostInfo) -> None:
         typer.echo(f"{reply.id}: labels {_labels(reply.labels)}")
+
+    call_and_show(ctx, "host.label", params, api.HostInfo, render, as_json=as_json)
 
 
 @app.command("revoke")
 def revoke(ctx: typer.Context, name: HostArg, as_json: JsonOption = False) -> None:
     """Revoke a host: its key stops working and its keys are no longer sent to it."""
-    with cli_errors():
-        reply = conn(ctx).call("host.revoke", api.HostRef(name=name), api.HostInfo)
-    if as_json:
-        print_json(reply)
-    else:
+
+    def render(reply: api.HostInfo) -> None:
         typer.echo(f"revoked host {reply.id}")
+
+    call_and_show(ctx, "host.revoke", api.HostRef(name=name), api.HostInfo, render, as_json=as_json)

@@ -9,7 +9,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from ckms.cli._client import run
-from ckms.cli._common import JsonOption, conn, wait_converged
+from ckms.cli._common import JsonOption, call_and_show, conn, wait_converged
 from ckms.cli._errors import UsageError, cli_errors
 from ckms.cli._parse import (
     parse_approvals,
@@ -270,28 +270,27 @@ def _valid_name(name: str) -> bool:
 @app.command("list")
 def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List every key with its primary version and next rotation."""
-    with cli_errors():
-        reply = conn(ctx).call("key.list", None, api.KeyListReply)
-    if as_json:
-        print_json(reply)
-        return
-    console().print(
-        table(
-            None,
-            ["name", "type", "primary", "versions", "targets", "next rotation"],
-            [
-                (
-                    k.name,
-                    k.type,
-                    f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
-                    ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
-                    " | ".join(k.targets) or "-",
-                    until(k.next_rotation_at),
-                )
-                for k in reply.keys
-            ],
+
+    def render(reply: api.KeyListReply) -> None:
+        console().print(
+            table(
+                None,
+                ["name", "type", "primary", "versions", "targets", "next rotation"],
+                [
+                    (
+                        k.name,
+                        k.type,
+                        f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
+                        ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
+                        " | ".join(k.targets) or "-",
+                        until(k.next_rotation_at),
+                    )
+                    for k in reply.keys
+                ],
+            )
         )
-    )
+
+    call_and_show(ctx, "key.list", None, api.KeyListReply, render, as_json=as_json)
 
 
 @app.command("show")
@@ -299,11 +298,15 @@ def show(ctx: typer.Context, name: NameArg, as_json: JsonOption = False) -> None
     """Show a key: policy, targets, install spec and versions."""
     with cli_errors():
         _valid_name(name)
-        reply = conn(ctx).call("key.show", api.KeyRef(name=name), api.KeyChangeReply)
-    if as_json:
-        print_json(reply.key)
-    else:
-        _render_key(reply.key)
+    call_and_show(
+        ctx,
+        "key.show",
+        api.KeyRef(name=name),
+        api.KeyChangeReply,
+        lambda reply: _render_key(reply.key),
+        as_json=as_json,
+        json_part=lambda reply: reply.key,
+    )
 
 
 @app.command("history")
@@ -311,27 +314,29 @@ def history(ctx: typer.Context, name: NameArg, as_json: JsonOption = False) -> N
     """Show every state transition of a key's versions (time, actor, reason)."""
     with cli_errors():
         _valid_name(name)
-        reply = conn(ctx).call("key.history", api.KeyRef(name=name), api.KeyHistoryReply)
-    if as_json:
-        print_json(reply)
-        return
-    console().print(
-        table(
-            None,
-            ["at", "version", "from", "to", "operation", "actor", "reason"],
-            [
-                (
-                    when(h.at),
-                    h.version,
-                    h.from_state or "-",
-                    h.to_state,
-                    h.operation,
-                    h.actor,
-                    h.reason,
-                )
-                for h in reply.history
-            ],
+
+    def render(reply: api.KeyHistoryReply) -> None:
+        console().print(
+            table(
+                None,
+                ["at", "version", "from", "to", "operation", "actor", "reason"],
+                [
+                    (
+                        when(h.at),
+                        h.version,
+                        h.from_state or "-",
+                        h.to_state,
+                        h.operation,
+                        h.actor,
+                        h.reason,
+                    )
+                    for h in reply.history
+                ],
+            )
         )
+
+    call_and_show(
+        ctx, "key.history", api.KeyRef(name=name), api.KeyHistoryReply, render, as_json=as_json
     )
 
 

@@ -6,9 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, conn
-from ckms.cli._errors import cli_errors
-from ckms.cli._render import console, print_json, table, until, when
+from ckms.cli._common import JsonOption, call_and_show
+from ckms.cli._render import console, table, until, when
 from ckms.protocol import admin as api
 
 app = typer.Typer(help="Dual-control requests waiting for a second person.", no_args_is_help=True)
@@ -27,62 +26,74 @@ def list_requests(
     as_json: JsonOption = False,
 ) -> None:
     """List pending requests (newest first)."""
-    with cli_errors():
-        reply = conn(ctx).call(
-            "request.list", api.RequestListParams(all=all_), api.RequestListReply
+
+    def render(reply: api.RequestListReply) -> None:
+        console().print(
+            table(
+                None,
+                ["id", "operation", "object", "requester", "state", "created", "expires"],
+                [
+                    (
+                        r.id,
+                        r.operation,
+                        r.object,
+                        r.requester,
+                        _state(r),
+                        when(r.created_at),
+                        until(r.expires_at),
+                    )
+                    for r in reply.requests
+                ],
+            )
         )
-    if as_json:
-        print_json(reply)
-        return
-    console().print(
-        table(
-            None,
-            ["id", "operation", "object", "requester", "state", "created", "expires"],
-            [
-                (
-                    r.id,
-                    r.operation,
-                    r.object,
-                    r.requester,
-                    _state(r),
-                    when(r.created_at),
-                    until(r.expires_at),
-                )
-                for r in reply.requests
-            ],
-        )
+
+    call_and_show(
+        ctx,
+        "request.list",
+        api.RequestListParams(all=all_),
+        api.RequestListReply,
+        render,
+        as_json=as_json,
     )
 
 
 @app.command("show")
 def show(ctx: typer.Context, request_id: IdArg, as_json: JsonOption = False) -> None:
     """Show a request: operation, parameters and decisions."""
-    with cli_errors():
-        reply = conn(ctx).call("request.show", api.RequestRef(id=request_id), api.RequestInfo)
-    if as_json:
-        print_json(reply)
-        return
-    out = console()
-    out.print(f"[bold]{reply.id}[/bold] {reply.operation} on {reply.object}: {_state(reply)}")
-    out.print(f"requested by {reply.requester} at {when(reply.created_at)}")
-    out.print(f"expires {when(reply.expires_at)}")
-    out.print(f"parameters: {reply.params}")
-    for d in reply.decisions:
-        outcome = f"{d.get('outcome', '')} {d.get('error') or ''}".strip()
-        out.print(f"  {d.get('at')} {d.get('decision')} by {d.get('by')}: {outcome or '-'}")
+
+    def render(reply: api.RequestInfo) -> None:
+        out = console()
+        out.print(f"[bold]{reply.id}[/bold] {reply.operation} on {reply.object}: {_state(reply)}")
+        out.print(f"requested by {reply.requester} at {when(reply.created_at)}")
+        out.print(f"expires {when(reply.expires_at)}")
+        out.print(f"parameters: {reply.params}")
+        for d in reply.decisions:
+            outcome = f"{d.get('outcome', '')} {d.get('error') or ''}".strip()
+            out.print(f"  {d.get('at')} {d.get('decision')} by {d.get('by')}: {outcome or '-'}")
+
+    call_and_show(
+        ctx, "request.show", api.RequestRef(id=request_id), api.RequestInfo, render, as_json=as_json
+    )
 
 
 @app.command("approve")
 def approve(ctx: typer.Context, request_id: IdArg, as_json: JsonOption = False) -> None:
     """Approve another person's request; its operation runs now."""
-    with cli_errors():
-        reply = conn(ctx).call("request.approve", api.RequestRef(id=request_id), api.ApproveReply)
-    if as_json:
-        print_json(reply)
-        return
-    r = reply.request
-    typer.echo(
-        f"approved {r.id}: {r.operation} on {r.object} requested by {r.requester} ran ({r.state})"
+
+    def render(reply: api.ApproveReply) -> None:
+        r = reply.request
+        typer.echo(
+            f"approved {r.id}: {r.operation} on {r.object} requested by {r.requester} "
+            f"ran ({r.state})"
+        )
+
+    call_and_show(
+        ctx,
+        "request.approve",
+        api.RequestRef(id=request_id),
+        api.ApproveReply,
+        render,
+        as_json=as_json,
     )
 
 
@@ -94,11 +105,15 @@ def reject(
     as_json: JsonOption = False,
 ) -> None:
     """Reject a request (or withdraw your own)."""
-    with cli_errors():
-        reply = conn(ctx).call(
-            "request.reject", api.RequestRejectParams(id=request_id, reason=reason), api.RequestInfo
-        )
-    if as_json:
-        print_json(reply)
-    else:
+
+    def render(reply: api.RequestInfo) -> None:
         typer.echo(f"rejected {reply.id}: {reply.operation} on {reply.object}")
+
+    call_and_show(
+        ctx,
+        "request.reject",
+        api.RequestRejectParams(id=request_id, reason=reason),
+        api.RequestInfo,
+        render,
+        as_json=as_json,
+    )

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, conn
+from ckms.cli._common import JsonOption, call_and_show, conn
 from ckms.cli._errors import ExitCode, UsageError, cli_errors
 from ckms.cli._parse import read_text_file
-from ckms.cli._render import console, print_json, until, when
+from ckms.cli._render import console, until, when
 from ckms.crypto import age_decrypt_ssh, is_age_file
 from ckms.protocol import admin as api
 from ckms.ssh import load_private_key
@@ -20,11 +20,8 @@ from ckms.ssh._keys import KeyPassphraseNeeded
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Controller health: sealing, Kafka, backlog, due rotations, stale hosts, the audit anchor;
     exit 4 if sealed, 1 if the audit log does not extend its anchor."""
-    with cli_errors():
-        reply = conn(ctx).call("status", None, api.StatusReply)
-    if as_json:
-        print_json(reply)
-    else:
+
+    def render(reply: api.StatusReply) -> None:
         out = console()
         seal = "SEALED" if reply.sealed else "unsealed"
         if reply.sealed and reply.mode == "shares":
@@ -62,6 +59,8 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             pending = "" if a.size is None or a.published_size == a.size else " (not published)"
             loaded = "" if a.loaded else " (not read back from Kafka yet: nothing is signed)"
             out.print(f"audit anchor {anchor}{pending}{loaded}")
+
+    reply = call_and_show(ctx, "status", None, api.StatusReply, render, as_json=as_json)
     if reply.sealed:
         raise typer.Exit(int(ExitCode.SEALED))
     if reply.audit_anchor is not None and reply.audit_anchor.broken:

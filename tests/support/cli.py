@@ -13,8 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
 from ckms.controller.service import Controller
 from ckms.crypto import (
     generate_signing_key,
@@ -22,10 +20,11 @@ from ckms.crypto import (
     signing_public_key,
     signing_public_openssh,
 )
-from ckms.protocol import Ack, AckStatus, EnrollRequest, EventType, encode_event
+from ckms.protocol import Ack, AckStatus, EnrollRequest
 from ckms.ssh import generate_ssh_key, public_key_text
 from ckms.ssh._keys import write_private_key
 from ckms.store import audit as audit_log
+from tests.support.acks import send_ack
 
 CLI_TIMEOUT_S = 60.0
 
@@ -181,12 +180,4 @@ async def send_installed_ack(
         elapsed_ms=5,
         error=error,
     )
-    msg = encode_event(EventType.ACK, ack, seq=seq, signing_key=signer, at=datetime.now(UTC))
-    producer = AIOKafkaProducer(bootstrap_servers=c.settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            c.settings.acks_topic, msg.value, key=msg.key, headers=list(msg.headers)
-        )
-    finally:
-        await producer.stop()
+    await send_ack(c, signer, ack, seq)

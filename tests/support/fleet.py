@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from ckms.controller.service import Controller
 from ckms_agent.config import AgentConfig, load_config
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
+from tests.support.waiting import wait_until as wait_until  # tests import it from here
 
 FAST_AGENT = {
     "CKMS_AGENT_HEARTBEAT_INTERVAL_S": "1",
@@ -25,22 +25,6 @@ FAST_AGENT = {
 
 TEST_ALLOWED_PATHS = ("/etc/ckms", "/keys", "/var/lib/ckms/keys")
 """The install roots test hosts allow (each host's own config says so, as its admin would)."""
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
-) -> Any:
-    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s:.0f} s")
-        await asyncio.sleep(0.05)
 
 
 async def enroll_agent(

@@ -7,10 +7,8 @@ is just enough of the agent RPC contract (enroll, sync, heartbeat, fetch) to dri
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +54,7 @@ from ckms.protocol import (
 )
 from ckms.ssh import Principal, RpcServer, fingerprint, generate_ssh_key, public_key_text
 from ckms_agent.config import AgentConfig, load_config, read_config_file, write_config
+from tests.support.waiting import wait_until
 
 TOKEN = "enroll-token-0123456789"
 HOST = "web-1"
@@ -74,20 +73,6 @@ FAST = {
 
 ALLOWED = ("/etc/ckms", "/keys", "/var/lib/ckms/keys")
 """The install roots the test hosts allow (their configs say so, as a host's admin would)."""
-
-
-async def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "") -> Any:
-    """Poll ``predicate`` (sync or async) until truthy, or fail after a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from ckms.consumer import Envelope, Subscriber
 from ckms.controller.fleet import key_fleet_status
@@ -25,10 +22,11 @@ from ckms.protocol import (
     KeyCreated,
     KeyRevoked,
     RevocationReason,
-    encode_event,
 )
+from tests.support.acks import send_ack
 from tests.support.cli import enroll_host
 from tests.support.controller import PASSPHRASE, running_controller
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -46,11 +44,7 @@ async def take(sub: Subscriber, n: int, wait_s: float = 30.0) -> list[Envelope]:
 
 
 async def wait_for(predicate: Callable[[], object], wait_s: float = 20.0) -> None:
-    deadline = time.monotonic() + wait_s
-    while not await predicate():  # type: ignore[misc]
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
+    await wait_until(predicate, wait_s)
 
 
 def subscriber(c: Controller, public: bytes, **kw: object) -> Subscriber:
@@ -169,18 +163,6 @@ async def _no_backlog(c: Controller) -> bool:
 
 
 # -- acks ------------------------------------------------------------------------------------
-
-
-async def send_ack(c: Controller, signer: bytes, ack: Ack, seq: int) -> None:
-    msg = encode_event(EventType.ACK, ack, seq=seq, signing_key=signer, at=datetime.now(UTC))
-    producer = AIOKafkaProducer(bootstrap_servers=c.settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            c.settings.acks_topic, msg.value, key=msg.key, headers=list(msg.headers)
-        )
-    finally:
-        await producer.stop()
 
 
 async def test_acks_build_the_fleet_view_and_forged_ones_change_nothing(
