@@ -163,7 +163,12 @@ class Console:
         with contextlib.suppress(PermissionDeniedError):
             requests = (await self.call("request.list", None, api.RequestListReply)).requests
         waiting = [
-            r for r in requests if r.state == "pending" and not r.expired and r.requester != me.name
+            r
+            for r in requests
+            if me.role in APPROVE_ROLES
+            and r.state == "pending"
+            and not r.expired
+            and r.requester != me.name
         ]
         fleet: tuple[api.KeyFleet, ...] = ()
         failures: list[api.AuditRecordInfo] = []

@@ -303,10 +303,14 @@ async def test_console_end_to_end(
 
             def approve() -> None:
                 b.get(bob_url)
+                wait_text(b, "#count-waiting", r"^1$")  # alice's request waits for bob
                 b.get(bob_url.split("/login")[0] + "/requests")
                 wait_text(b, f"[data-request='{request_id[1]}']", "pay/db")
                 click(b, f"[data-request='{request_id[1]}'] button.approve")
                 wait_text(b, "#message", "approved")
+                b.get(bob_url.split("/login")[0] + "/keys?team=pay")
+                listed = wait_text(b, "#keys", "pay/db")
+                assert "web/tls" not in listed
                 b.get(bob_url.split("/login")[0] + "/audit")
                 click(b, "#verify")
                 wait_text(b, "#verify-result", r"^OK")
