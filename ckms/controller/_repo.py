@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from ckms.controller.models import (
     Host,
@@ -127,6 +127,64 @@ async def list_keys(r: Reader) -> list[Key]:
     for v in versions:
         by_key.setdefault(v["key_id"], []).append(v)
     return [_key(row, by_key.get(row["id"], [])) for row in rows]
+
+
+NEVER_DUE: Final = "9999-12-31T23:59:59.999999Z"
+"""``keys.next_due_at`` of a key with nothing pending (NULL: not computed yet, e.g. a key stored
+before the column existed; the scheduler fills those in)."""
+
+
+async def _keys_where(r: Reader, where: str, params: tuple[Any, ...]) -> list[Key]:
+    """Keys matching ``where`` (on ``keys``) with their versions, by name."""
+    rows = await r.fetchall(f"SELECT * FROM keys WHERE {where} ORDER BY name", params)  # noqa: S608
+    if not rows:
+        return []
+    ids = [row["id"] for row in rows]
+    by_key: dict[str, list[Any]] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for v in await r.fetchall(
+            f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id IN ({marks}) "  # noqa: S608
+            "ORDER BY key_id, version",
+            chunk,
+        ):
+            by_key.setdefault(v["key_id"], []).append(v)
+    return [_key(row, by_key.get(row["id"], [])) for row in rows]
+
+
+_IN_CHUNK: Final = 500
+"""Ids bound per ``IN (...)`` query (well under SQLite's variable limit)."""
+
+
+async def keys_due_by(r: Reader, now: datetime) -> list[Key]:
+    """Keys whose next due time is at or before ``now`` (or not computed yet), via the index."""
+    return await _keys_where(r, "next_due_at <= ? OR next_due_at IS NULL", (format_time(now),))
+
+
+async def next_due_after(r: Reader, now: datetime) -> datetime | None:
+    """The earliest next due time after ``now`` of any key (None: nothing pending)."""
+    value = await r.fetchval(
+        "SELECT MIN(next_due_at) FROM keys WHERE next_due_at > ?", (format_time(now),)
+    )
+    return None if value is None or value == NEVER_DUE else parse_time(value)
+
+
+async def set_next_due(tx: Transaction, key_id: str, when: datetime | None) -> None:
+    """Store a key's next due time (see :func:`ckms.controller.duework.next_due`)."""
+    value = NEVER_DUE if when is None else format_time(when)
+    # Unchanged values are not rewritten: the write would move the keys generation for nothing.
+    await tx.execute(
+        "UPDATE keys SET next_due_at = ? WHERE id = ? AND next_due_at IS NOT ?",
+        (value, key_id, value),
+    )
+
+
+async def keys_without_next_due(r: Reader, limit: int) -> list[Key]:
+    """Up to ``limit`` keys whose next due time was never computed."""
+    return await _keys_where(
+        r, "id IN (SELECT id FROM keys WHERE next_due_at IS NULL LIMIT ?)", (limit,)
+    )
 
 
 async def load_sealed(r: Reader, name: str, version: int) -> tuple[Key, bytes | None]:

@@ -47,7 +47,7 @@ from pydantic import BaseModel
 
 from ckms.controller import replies
 from ckms.controller.approvals import DualControl
-from ckms.controller.duework import plan_due_work
+from ckms.controller.duework import due_keys, plan_due_work
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
@@ -274,10 +274,12 @@ class AdminService:
             public: str | None = base64.b64encode(await self._vault.public_key()).decode()
         except NotFoundError:
             public = None
-        keys = await self._lifecycle.list_keys()
+        keys = list((await self._lifecycle.current_keys()).values())
         hosts = await self._hosts.list()
-        soon = plan_due_work(keys, now + timedelta(days=30))
-        current = plan_due_work(keys, now)
+        # Only the keys due within the horizon are planned (the next-due index), not every key.
+        due_soon, _ = await due_keys(self._store, now + timedelta(days=30))
+        soon = plan_due_work(due_soon, now + timedelta(days=30))
+        current = plan_due_work(due_soon, now)
         rotations = tuple(
             api.DueEntry(key=i.key, version=i.version, due_at=i.due_at) for i in soon.rotate
         )

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 from ckms.controller import _repo
+from ckms.controller.duework import next_due
 from ckms.controller.models import (
     Host,
     InstallSpec,
@@ -239,7 +240,10 @@ class Lifecycle:
         event: EventData,
         details: dict[str, Any],
     ) -> None:
-        """Write the outbox event and the audit record of one change, in its transaction."""
+        """Write the outbox event and the audit record of one change, in its transaction, and
+        the key's next due time as the change leaves it (the scheduler's index)."""
+        changed = await _repo.load_key(tx, key.name)
+        await _repo.set_next_due(tx, changed.id, next_due(changed))
         stored = await outbox.add_event(tx, partition_key=key.name, data=event, now=now)
         await audit_log.append(
             tx,

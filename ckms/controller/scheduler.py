@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from ckms.controller.duework import due_work
+from ckms.controller.duework import due_work, fill_next_due
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError
@@ -72,6 +72,7 @@ class Scheduler:
     async def tick(self) -> TickReport:
         """Apply everything due now, then checkpoint the audit log when it is time."""
         report = TickReport()
+        await fill_next_due(self._store)
         if self._vault.sealed:
             return report
         now = self._clock()

@@ -231,10 +231,19 @@ ALTER TABLE audit_checkpoints ADD COLUMN prev_sig_hash TEXT;
 """Checkpoints chain: each (v2) names the one before it by size, head and signature hash, so a
 deleted checkpoint row shows; existing rows stay v1 and the first v2 names the last of them."""
 
+_NEXT_DUE = """
+ALTER TABLE keys ADD COLUMN next_due_at TEXT;
+CREATE INDEX keys_by_next_due ON keys(next_due_at);
+"""
+"""When a key next has something due (rotate, activate, deactivate), kept in every key change's
+transaction, so the scheduler reads only the keys due instead of every key; NULL until computed
+(keys stored before this migration are filled in by the scheduler)."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
     Migration(3, "fleet: a host's reason for a failed key", _FLEET_ERRORS),
     Migration(4, "chained audit checkpoints", _AUDIT_CHAIN),
+    Migration(5, "keys: indexed next due time", _NEXT_DUE),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from ckms.controller.duework import DueWork, due_work
+from ckms.controller._repo import NEVER_DUE
+from ckms.controller.duework import DueWork, due_keys, due_work, fill_next_due, next_due
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import KeyState, Policy, RevocationReason
 from ckms.crypto import KeyType
-from ckms.store import Store
+from ckms.store import Store, format_time
 
 if TYPE_CHECKING:
     from conftest import FakeClock
@@ -153,3 +154,66 @@ async def test_a_simulated_scheduler_keeps_one_fresh_primary(
         active = [v for v in key.versions if v.state is KeyState.ACTIVE]
         assert len(active) <= 2
     assert 8 <= key.latest_version <= 10
+
+
+async def _stored_next_due(store: Store) -> dict[str, str | None]:
+    rows = await store.fetchall("SELECT name, next_due_at FROM keys")
+    return {r["name"]: r["next_due_at"] for r in rows}
+
+
+async def test_every_change_keeps_the_next_due_index_true(
+    lifecycle: Lifecycle, store: Store, clock: FakeClock
+) -> None:
+    """The indexed next-due time is what the key's versions say after every kind of change."""
+    policy = Policy(cryptoperiod=30 * DAY, grace=5 * DAY, activation_delay=2 * DAY)
+
+    async def check() -> None:
+        stored = await _stored_next_due(store)
+        for key in await lifecycle.list_keys():
+            due = next_due(key)
+            assert stored[key.name] == (NEVER_DUE if due is None else format_time(due)), key.name
+
+    await lifecycle.create("i/a", KeyType.HMAC_SHA256, actor="alice", policy=policy)
+    await lifecycle.create("i/b", KeyType.AES_256, actor="alice")
+    await check()
+    clock.advance(2 * DAY)
+    await lifecycle.activate("i/a", 1, actor="alice")
+    await check()
+    await lifecycle.rotate("i/a", actor="alice")
+    await lifecycle.rotate("i/b", actor="alice")
+    await check()
+    await lifecycle.suspend("i/b", 1, actor="alice")
+    await check()
+    await lifecycle.set_policy("i/b", Policy(cryptoperiod=10 * DAY, grace=DAY), actor="alice")
+    await check()
+    await lifecycle.revoke("i/b", RevocationReason.CESSATION_OF_OPERATION, actor="alice")
+    await check()
+    assert (await _stored_next_due(store))["i/b"] == NEVER_DUE
+
+
+async def test_a_pass_reads_only_the_keys_due(
+    lifecycle: Lifecycle, store: Store, clock: FakeClock
+) -> None:
+    await lifecycle.create(
+        "soon/key", KeyType.AES_256, actor="alice", policy=Policy(cryptoperiod=10 * DAY, grace=DAY)
+    )
+    await lifecycle.create("late/key", KeyType.AES_256, actor="alice")  # 365 d
+    clock.advance(11 * DAY)
+    keys, later = await due_keys(store, clock.now)
+    assert [k.name for k in keys] == ["soon/key"]
+    assert later is not None and later > clock.now
+
+
+async def test_keys_from_before_the_index_are_still_scheduled_and_filled_in(
+    lifecycle: Lifecycle, store: Store, clock: FakeClock
+) -> None:
+    """A key stored before the column existed (NULL) is never skipped; the scheduler fills it."""
+    await lifecycle.create("old/key", KeyType.AES_256, actor="alice")
+    async with store.write() as tx:
+        await tx.execute("UPDATE keys SET next_due_at = NULL")
+    clock.advance(366 * DAY)
+    assert _items(await due_work(store, clock.now))["rotate"] == [("old/key", 1)]
+    assert await fill_next_due(store, batch=1) == 1
+    assert (await _stored_next_due(store))["old/key"] is not None
+    assert _items(await due_work(store, clock.now))["rotate"] == [("old/key", 1)]
+    assert await fill_next_due(store) == 0
