@@ -106,6 +106,8 @@ def open_directory(
         _check_directory(fd, str(base))
         shown = base
         for part in parts:
+            if part in ("", ".", "..") or "/" in part:
+                raise UnsafePathError(f"{base}: {part!r} is not a directory name")
             shown = shown / part
             try:
                 child = _open_dir(part, fd, str(shown))

@@ -47,6 +47,8 @@ class HostPolicy:
 
     def allowed_root(self, path: str) -> tuple[Path, tuple[str, ...]]:
         """The allowed root ``path`` lies under and the components below it (else refused)."""
+        if any(part in (".", "..") for part in path.split("/")):
+            raise PolicyRefusal(f"install path {path} has a '.' or '..' segment")
         target = Path(path)
         for root in sorted(self.allowed_paths, key=lambda p: len(p.parts), reverse=True):
             try:

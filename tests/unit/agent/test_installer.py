@@ -21,13 +21,14 @@ from ckms_agent.files import (
     TEMP_MARK,
     UnsafePathError,
     ensure_directory,
+    open_directory,
     secure_remove,
     sweep_temp_files,
     write_atomic,
 )
 from ckms_agent.hooks import Hook, run_hook
 from ckms_agent.installer import HeldVersion, Installer
-from ckms_agent.policy import HostPolicy
+from ckms_agent.policy import HostPolicy, PolicyRefusal
 
 
 def held(version: int, *, primary: bool, state: str = "Active") -> HeldVersion:
@@ -274,3 +275,13 @@ async def test_controller_commands_run_only_where_the_host_opts_in(tmp_path: Pat
     outcome = await opted_in.apply("payments/db", "aes-256", spec, [held(1, primary=True)])
     assert outcome.status is AckStatus.INSTALLED and ran.exists()
     assert [(h.command, h.name, h.exit_code) for h in outcome.hooks] == [("reload", None, 0)]
+
+
+def test_a_path_cannot_climb_out_of_its_allowed_root(tmp_path: Path) -> None:
+    installer = host(tmp_path)
+    for path in ("/keys/../etc/shadow", "/keys/x/../../y", "/elsewhere/k"):
+        with pytest.raises(PolicyRefusal):
+            installer.locate(installer.host_path(path))
+    with pytest.raises(UnsafePathError, match="not a directory name"):
+        with open_directory(tmp_path, ("..",)):
+            pass
