@@ -282,6 +282,8 @@ def test_a_path_cannot_climb_out_of_its_allowed_root(tmp_path: Path) -> None:
     for path in ("/keys/../etc/shadow", "/keys/x/../../y", "/elsewhere/k"):
         with pytest.raises(PolicyRefusal):
             installer.locate(installer.host_path(path))
-    with pytest.raises(UnsafePathError, match="not a directory name"):
-        with open_directory(tmp_path, ("..",)):
-            pass
+    with (
+        pytest.raises(UnsafePathError, match="not a directory name"),
+        open_directory(tmp_path, ("..",)),
+    ):
+        pass
