@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Final
 
@@ -119,6 +120,16 @@ async def load_key(r: Reader, name: str) -> Key:
 
 async def list_keys(r: Reader) -> list[Key]:
     """Return every key with its versions, by name."""
+    return [key_from_rows(row, versions) for row, versions in await list_key_rows(r)]
+
+
+KeyRows = tuple[Any, list[Any]]
+"""A key's row and its version rows, as read (see :func:`key_from_rows`)."""
+
+
+async def list_key_rows(r: Reader) -> list[KeyRows]:
+    """Every key's rows, by name: one snapshot read, turned into models by the caller in
+    slices (building 100,000 models at once would hold the event loop for seconds)."""
     rows = await r.fetchall("SELECT * FROM keys ORDER BY name")
     versions = await r.fetchall(
         f"SELECT {_VERSION_COLUMNS} FROM key_versions ORDER BY key_id, version"  # noqa: S608
@@ -126,7 +137,22 @@ async def list_keys(r: Reader) -> list[Key]:
     by_key: dict[str, list[Any]] = {}
     for v in versions:
         by_key.setdefault(v["key_id"], []).append(v)
-    return [_key(row, by_key.get(row["id"], [])) for row in rows]
+    return [(row, by_key.get(row["id"], [])) for row in rows]
+
+
+def key_from_rows(row: Any, versions: list[Any]) -> Key:
+    """The model of one key from its rows (StoreError when they are malformed)."""
+    return _key(row, versions)
+
+
+async def keys_by_ids(r: Reader, ids: Iterable[str]) -> list[Key]:
+    """The keys with these ids that exist (a deleted one is simply absent), by name."""
+    wanted = sorted(set(ids))
+    out: list[Key] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = tuple(wanted[start : start + _IN_CHUNK])
+        out += await _keys_where(r, f"id IN ({', '.join('?' * len(chunk))})", chunk)
+    return sorted(out, key=lambda k: k.name)
 
 
 NEVER_DUE: Final = "9999-12-31T23:59:59.999999Z"

@@ -95,6 +95,12 @@ T = TypeVar("T")
 
 MAX_REASON_LENGTH: Final = 1000
 
+_BUILD_SLICE: Final = 500
+"""Key models built between two yields to the event loop when the key view is (re)loaded."""
+
+_REFRESH_ALL_ABOVE: Final = 5000
+"""Changed keys above which the key view is reloaded whole instead of key by key."""
+
 
 _REFUSALS = (
     InvalidTransitionError,
@@ -133,22 +139,62 @@ class Lifecycle:
         self._vault = vault
         self._clock = clock
         self._current: tuple[int, Mapping[str, Key]] | None = None
+        self._names: dict[str, str] = {}
+        """Key id → name of the keys in ``_current`` (a changed id names the entry to replace)."""
+        self._refresh = asyncio.Lock()
         self.outcomes: dict[tuple[str, str], int] = {}
         """Operations by (operation, outcome: ok, refused, error), e.g. ``("rotate", "ok")``."""
 
     # -- reads -----------------------------------------------------------------------------
 
     async def current_keys(self) -> Mapping[str, Key]:
-        """Every key by name, from memory unless a commit changed keys or versions since.
+        """Every key by name, from memory, refreshed for the keys committed changes touched.
 
-        The agent requests (sync, fetch) read every key on every request; keys change seldom,
-        so this is rebuilt once per key change instead (see ``Store.generation``).
+        The agent requests (sync, fetch) read every key on every request; keys change seldom.
+        The store says which key ids changed since the view was filled
+        (:meth:`~ckms.store.Store.changed_since`), and only those are read again: a key change
+        costs that key, not a reload of every key. When the store cannot say (a commit by
+        another connection, a long gap) everything is reloaded, building the models in slices
+        so the event loop is never held for the whole set.
         """
         generation = await self._store.generation("keys")
-        if self._current is None or self._current[0] != generation:
-            keys = await self.list_keys()
-            self._current = (generation, MappingProxyType({k.name: k for k in keys}))
-        return self._current[1]
+        current = self._current
+        if current is not None and current[0] == generation:
+            return current[1]
+        async with self._refresh:
+            generation = await self._store.generation("keys")
+            current = self._current
+            if current is not None and current[0] == generation:
+                return current[1]
+            ids = None if current is None else self._store.changed_since("keys", current[0])
+            if current is None or ids is None or len(ids) > _REFRESH_ALL_ABOVE:
+                by_name = await self._load_all()
+            else:
+                by_name = dict(current[1])
+                async with self._store.read() as r:
+                    fresh = await _repo.keys_by_ids(r, ids)
+                for key_id in ids:
+                    gone = self._names.pop(key_id, None)
+                    if gone is not None:
+                        by_name.pop(gone, None)
+                for key in fresh:
+                    by_name[key.name] = key
+                    self._names[key.id] = key.name
+            self._current = (generation, MappingProxyType(by_name))
+            return self._current[1]
+
+    async def _load_all(self) -> dict[str, Key]:
+        """Every key, read in one snapshot and built into models a slice at a time."""
+        async with self._store.read() as r:
+            rows = await _repo.list_key_rows(r)
+        by_name: dict[str, Key] = {}
+        for i, (row, versions) in enumerate(rows, 1):
+            key = _repo.key_from_rows(row, versions)
+            by_name[key.name] = key
+            if i % _BUILD_SLICE == 0:
+                await asyncio.sleep(0)  # let requests run between slices
+        self._names = {k.id: k.name for k in by_name.values()}
+        return by_name
 
     async def get(self, name: str) -> Key:
         """Return a key with its versions, or raise NotFoundError."""

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,24 +36,31 @@ T = TypeVar("T")
 _MEMORY = ":memory:"
 _BUSY_TIMEOUT_MS = 5000
 
-WATCHED: dict[str, tuple[str, ...]] = {
+WATCHED: dict[str, tuple[tuple[str, str], ...]] = {
     "keys": (
-        "AFTER INSERT ON main.keys",
-        "AFTER UPDATE ON main.keys",
-        "AFTER DELETE ON main.keys",
-        "AFTER INSERT ON main.key_versions",
-        "AFTER UPDATE ON main.key_versions",
-        "AFTER DELETE ON main.key_versions",
+        ("AFTER INSERT ON main.keys", "NEW.id"),
+        ("AFTER UPDATE ON main.keys", "NEW.id"),
+        ("AFTER DELETE ON main.keys", "OLD.id"),
+        ("AFTER INSERT ON main.key_versions", "NEW.key_id"),
+        ("AFTER UPDATE ON main.key_versions", "NEW.key_id"),
+        ("AFTER DELETE ON main.key_versions", "OLD.key_id"),
     ),
     # Who a host is and what it may have; not when it was last seen or its last ack.
     "hosts": (
-        "AFTER INSERT ON main.hosts",
-        "AFTER DELETE ON main.hosts",
-        "AFTER UPDATE OF name, labels, identity_public_key, wrapping_public_key, enrolled_at, "
-        "revoked, revoked_at, wrap_suite, signer_key_id ON main.hosts",
+        ("AFTER INSERT ON main.hosts", "NEW.id"),
+        ("AFTER DELETE ON main.hosts", "OLD.id"),
+        (
+            "AFTER UPDATE OF name, labels, identity_public_key, wrapping_public_key, enrolled_at, "
+            "revoked, revoked_at, wrap_suite, signer_key_id ON main.hosts",
+            "NEW.id",
+        ),
     ),
 }
-"""What :meth:`Store.generation` counts: name → the writes that change it (temp triggers)."""
+"""What :meth:`Store.generation` counts: name → the writes that change it (temp triggers), each
+with the id of the row it changed (a key's id for its versions), for :meth:`Store.changed_since`."""
+
+CHANGE_HISTORY = 1024
+"""Committed generations per watched name whose changed ids :meth:`Store.changed_since` keeps."""
 
 _CHANGED_FUNCTION = "ckms_changed"
 
@@ -177,7 +185,10 @@ class Store:
         self._closed = False
         self._outbox_listeners: list[Callable[[], None]] = []
         self._generations: dict[str, int] = dict.fromkeys(WATCHED, 0)
-        self._changed: set[str] = set()
+        self._changed: dict[str, set[str]] = {}
+        self._history: dict[str, deque[tuple[int, frozenset[str] | None]]] = {
+            name: deque(maxlen=CHANGE_HISTORY) for name in WATCHED
+        }
         self._audit_head: tuple[int, str] | None = None
         self.audit_blocked: str | None = None
         """Set (to why) while the audit log is known not to extend its last anchor: every audit
@@ -220,11 +231,11 @@ class Store:
         """
         changed = self._changed
 
-        def note(name: str) -> None:
-            changed.add(name)
+        def note(name: str, row_id: object) -> None:
+            changed.setdefault(name, set()).add(str(row_id))
 
         try:
-            await self._writer.create_function(_CHANGED_FUNCTION, 1, note)
+            await self._writer.create_function(_CHANGED_FUNCTION, 2, note)
             tables = {
                 str(r[0])
                 for r in await self._writer.execute_fetchall(
@@ -232,13 +243,13 @@ class Store:
                 )
             }
             for name, events in WATCHED.items():
-                for i, event in enumerate(events):
+                for i, (event, row_id) in enumerate(events):
                     table = event.rsplit(" ON main.", 1)[1]
                     if table not in tables:  # a store opened with other migrations (tests)
                         continue
                     await self._writer.execute(
                         f"CREATE TEMP TRIGGER IF NOT EXISTS ckms_watch_{name}_{i} {event} "
-                        f"BEGIN SELECT {_CHANGED_FUNCTION}('{name}'); END"
+                        f"BEGIN SELECT {_CHANGED_FUNCTION}('{name}', {row_id}); END"
                     )
         except (sqlite3.Error, ValueError) as exc:
             raise _store_error(exc, "cannot watch the store for changes") from exc
@@ -264,9 +275,35 @@ class Store:
             if version != self._data_version:
                 if self._data_version is not None:
                     for watched in self._generations:
-                        self._generations[watched] += 1
+                        self._bump(watched, None)  # which rows, another connection never says
                 self._data_version = version
         return self._generations[name]
+
+    def _bump(self, name: str, ids: frozenset[str] | None) -> None:
+        self._generations[name] += 1
+        self._history[name].append((self._generations[name], ids))
+
+    def changed_since(self, name: str, generation: int) -> frozenset[str] | None:
+        """The ids of the rows of ``name`` changed by the commits after ``generation`` (as
+        returned by :meth:`generation`), or None when that is not known (a commit by another
+        connection, or more commits than :data:`CHANGE_HISTORY` ago): reload everything then.
+
+        A cache filled at ``generation`` refreshes just these rows instead of all of them.
+        """
+        current = self._generations[name]
+        if generation == current:
+            return frozenset()
+        history = self._history[name]
+        if generation > current or not history or history[0][0] > generation + 1:
+            return None
+        out: set[str] = set()
+        for gen, ids in reversed(history):
+            if gen <= generation:
+                break
+            if ids is None:
+                return None
+            out |= ids
+        return frozenset(out)
 
     async def close(self) -> None:
         """Close both connections; safe to call twice."""
@@ -348,8 +385,8 @@ class Store:
                 tx._active = False
                 self._writer_task = None
                 # Counted on every way out (a rolled-back change only costs a cache refill).
-                for name in self._changed:
-                    self._generations[name] += 1
+                for name, ids in self._changed.items():
+                    self._bump(name, frozenset(ids))
                 self._changed.clear()
 
     @asynccontextmanager

@@ -54,3 +54,26 @@ async def test_current_keys_see_a_commit_by_another_process(
         async with await Store.open(path) as other, other.write() as tx:
             await tx.execute("UPDATE key_versions SET state = 'Compromised' WHERE version = 1")
         assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.COMPROMISED
+
+
+async def test_a_key_change_reloads_that_key_only(lifecycle: Lifecycle, store: Store) -> None:
+    """Other keys keep their very objects: a change costs the key it touched, not a reload."""
+    for i in range(5):
+        await lifecycle.create(f"team/k{i}", "aes-256", actor="alice")
+    before = await lifecycle.current_keys()
+    await lifecycle.rotate("team/k2", actor="alice")
+    after = await lifecycle.current_keys()
+    assert [v.version for v in after["team/k2"].versions] == [1, 2]
+    assert all(after[f"team/k{i}"] is before[f"team/k{i}"] for i in (0, 1, 3, 4))
+    assert dict(before)["team/k2"].latest_version == 1  # a view handed out earlier is unchanged
+    async with store.write() as tx:  # raw SQL on a key's row, not only its versions
+        await tx.execute("UPDATE key_versions SET state = 'Suspended' WHERE version = 2")
+    assert (await lifecycle.current_keys())["team/k2"].version(2).state is KeyState.SUSPENDED
+    assert (await lifecycle.current_keys())["team/k0"] is before["team/k0"]
+    async with store.write() as tx:
+        key_id = after["team/k4"].id
+        await tx.execute("DELETE FROM version_transitions WHERE key_id = ?", (key_id,))
+        await tx.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
+        await tx.execute("DELETE FROM keys WHERE id = ?", (key_id,))
+    assert "team/k4" not in await lifecycle.current_keys()
+    assert dict(await lifecycle.current_keys()) == {k.name: k for k in await lifecycle.list_keys()}

@@ -89,3 +89,47 @@ async def test_a_commit_by_another_connection_moves_every_generation(
     async with store.write() as tx:
         await tx.set_meta("x", b"1")
     assert (await store.generation("hosts"), await store.generation("keys")) == after
+
+
+async def test_changed_since_names_the_rows_of_each_commit(store: Store, tmp_path: Path) -> None:
+    start = await store.generation("hosts")
+    assert store.changed_since("hosts", start) == frozenset()
+    async with store.write() as tx:
+        await tx.execute(HOST)
+    middle = await store.generation("hosts")
+    async with store.write() as tx:
+        await tx.execute(HOST.replace("web-1", "web-2"))
+    assert store.changed_since("hosts", start) == {"web-1", "web-2"}
+    assert store.changed_since("hosts", middle) == {"web-2"}
+    assert store.changed_since("hosts", middle + 5) is None  # a generation never handed out
+
+
+async def test_changed_since_is_unknown_after_another_connections_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "FOREIGN_CHECK_S", 0.0)
+    before = await store.generation("hosts")
+    other = sqlite3.connect(store.path)
+    try:
+        other.execute(HOST)
+        other.commit()
+    finally:
+        other.close()
+    assert await store.generation("hosts") > before
+    assert store.changed_since("hosts", before) is None  # which rows: only a reload can tell
+
+
+async def test_changed_since_is_unknown_beyond_its_history(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHANGE_HISTORY", 2)
+    fresh = await Store.open(store.path)
+    try:
+        start = await fresh.generation("hosts")
+        for i in range(3):
+            async with fresh.write() as tx:
+                await tx.execute(HOST.replace("web-1", f"web-{i + 5}"))
+        assert fresh.changed_since("hosts", start) is None
+        assert fresh.changed_since("hosts", start + 1) == {"web-6", "web-7"}
+    finally:
+        await fresh.close()
