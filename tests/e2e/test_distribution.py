@@ -121,6 +121,7 @@ async def test_a_stopped_agent_converges_through_sync(
         assert [v["version"] for v in keyring(root)["versions"]] == [2]
 
 
+@pytest.mark.requirement("SP800-130-DISTRIBUTE", "PCI-3.7.2")
 async def test_a_host_cannot_fetch_a_key_targeted_at_another(
     controller: Controller, tmp_path: Path
 ) -> None:
@@ -171,6 +172,7 @@ async def test_a_host_cannot_fetch_a_key_targeted_at_another(
     )
 
 
+@pytest.mark.requirement("PCI-3.7.2")
 async def test_material_revoked_while_a_fetch_is_served_is_not_sent(
     controller: Controller, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,6 +210,7 @@ async def test_material_revoked_while_a_fetch_is_served_is_not_sent(
     assert any(r.outcome == "refused" and r.actor == "host:host-r" for r in records[revoked_at:])
 
 
+@pytest.mark.requirement("PCI-3.7.7")
 async def test_the_agent_refuses_a_controller_with_another_host_key(
     controller: Controller, tmp_path: Path
 ) -> None:

@@ -179,6 +179,7 @@ async def test_shares_count_once_per_identity_key_not_per_name(tmp_path: Path) -
         assert progress.contributors == (("alice", "SHA256:same-key"), ("bob", "SHA256:bob"))
 
 
+@pytest.mark.requirement("PCI-3.7.8")
 async def test_bootstrap_ends_for_good_once_custodians_confirm(tmp_path: Path) -> None:
     async with share_controller(tmp_path) as (controller, shares):
         root = await person(controller, tmp_path, "boss", "admin")

@@ -95,6 +95,7 @@ async def test_requests_on_one_persistent_connection(server) -> None:
         assert [r["params"]["i"] for r in results] == [0, 1]
 
 
+@pytest.mark.requirement("PCI-3.6.1")
 async def test_roles_are_enforced_on_the_server_and_refusals_reported(server) -> None:
     fx, rpc = server
     async with client(fx, rpc, "audrey", fx.auditor_key) as c:

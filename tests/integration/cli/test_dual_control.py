@@ -30,6 +30,7 @@ def request_id(stderr: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.requirement("PCI-3.7.6")
 async def test_destroy_needs_a_second_person(controller: Controller, ops: Operators) -> None:
     await deactivated_key(controller)
     asked = await ops.ckms("key", "destroy", "pay/db", "-v", "1", "--yes", who="alice")

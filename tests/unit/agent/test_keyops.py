@@ -207,6 +207,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         yield Rig(state)
 
 
+@pytest.mark.requirement("PCI-3.7.5")
 async def test_install_then_offline_revocation_of_a_per_version_file(rig: Rig) -> None:
     v1, v2 = rig.controller.add(1), rig.controller.add(2)
     assert await rig.sync(rig.desired(PER_VERSION, v1, v2, primary=2)) == {1, 2}
@@ -245,6 +246,7 @@ async def test_an_event_digest_that_disagrees_refuses_the_install(rig: Rig) -> N
     assert await rig.acks() == [(1, "failed")]
 
 
+@pytest.mark.requirement("PCI-3.7.5")
 async def test_revocation_landing_while_the_first_install_is_in_flight(rig: Rig) -> None:
     """The host holds nothing of the key yet; v1 is being fetched when its revocation arrives.
 

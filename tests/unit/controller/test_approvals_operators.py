@@ -44,6 +44,7 @@ async def make(book: ApprovalBook) -> str:
     return request.id
 
 
+@pytest.mark.requirement("PCI-3.7.6")
 async def test_a_request_is_approved_once_by_someone_else(book: ApprovalBook) -> None:
     rid = await make(book)
     with pytest.raises(PermissionDeniedError, match="a different admin or custodian"):

@@ -74,6 +74,7 @@ async def test_untouched_file_opens(sealed_file: tuple[Path, InitResult]) -> Non
         ),
     ],
 )
+@pytest.mark.requirement("PCI-3.7.3", "PCI-3.7.7")
 async def test_edited_row_fails_with_integrity_error(
     sealed_file: tuple[Path, InitResult], statements: list[str], name: str, version: int
 ) -> None:
@@ -125,6 +126,7 @@ def _forms(secret: bytes) -> list[bytes]:
     return forms
 
 
+@pytest.mark.requirement("SP800-130-STORE", "PCI-3.6.1.2")
 async def test_no_plaintext_material_in_db_or_wal(tmp_path: Path) -> None:
     path = tmp_path / "controller.db"
     wal = Path(f"{path}-wal")

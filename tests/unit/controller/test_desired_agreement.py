@@ -97,6 +97,7 @@ def _pairs(key: Key, host: Host) -> set[tuple[str, int, str]]:
     return {(key.name, v.version, v.digest) for v in desired_versions(key, host)}
 
 
+@pytest.mark.requirement("ISO27002-8.24")
 async def test_every_caller_agrees_with_desired_versions(
     controller: Controller, clock: FakeClock
 ) -> None:

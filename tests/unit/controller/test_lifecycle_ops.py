@@ -46,6 +46,7 @@ async def _events(store: Store) -> list[outbox.OutboxEvent]:
 # -- create ------------------------------------------------------------------------------------
 
 
+@pytest.mark.requirement("KMIP-2.1-OPERATIONS")
 async def test_create_makes_active_primary_version_with_event_and_audit(
     lifecycle: Lifecycle, store: Store, vault: Vault, clock: FakeClock
 ) -> None:
@@ -178,6 +179,7 @@ async def test_the_event_digest_of_a_weak_secret_does_not_recover_it(
 # -- rotate and primary ------------------------------------------------------------------------
 
 
+@pytest.mark.requirement("KMIP-2.1-OPERATIONS")
 async def test_rotate_moves_primary_and_marks_old_superseded(
     lifecycle: Lifecycle, store: Store, clock: FakeClock
 ) -> None:
@@ -222,6 +224,7 @@ async def test_rotate_with_delay_keeps_primary_until_activation(
     )
 
 
+@pytest.mark.requirement("KMIP-2.1-OPERATIONS")
 async def test_suspending_the_primary_leaves_no_primary_until_resumed(
     lifecycle: Lifecycle,
 ) -> None:
@@ -254,6 +257,7 @@ async def test_unknown_key_and_version_are_not_found(lifecycle: Lifecycle) -> No
 # -- revoke and destroy ------------------------------------------------------------------------
 
 
+@pytest.mark.requirement("PCI-3.7.5")
 async def test_whole_key_compromise_revokes_every_version(
     lifecycle: Lifecycle, store: Store
 ) -> None:
@@ -297,12 +301,14 @@ async def test_whole_key_revoke_with_nothing_left_is_refused(lifecycle: Lifecycl
         await lifecycle.revoke(NAME, RevocationReason.SUPERSEDED, actor="alice")
 
 
+@pytest.mark.requirement("KMIP-2.1-REVOCATION-REASONS")
 async def test_unknown_revocation_reason_is_refused(lifecycle: Lifecycle) -> None:
     await lifecycle.create(NAME, KeyType.AES_256, actor="alice")
     with pytest.raises(ConfigError, match="revocation reason"):
         await lifecycle.revoke(NAME, "bored", actor="alice")
 
 
+@pytest.mark.requirement("SP800-130-DESTROY")
 async def test_destroy_wipes_material_and_keeps_metadata(
     lifecycle: Lifecycle, store: Store, vault: Vault, clock: FakeClock
 ) -> None:
@@ -331,6 +337,7 @@ async def test_destroy_wipes_material_and_keeps_metadata(
 # -- policy and targets ------------------------------------------------------------------------
 
 
+@pytest.mark.requirement("PCI-3.7.4")
 async def test_set_policy_emits_event_and_checks_limits(lifecycle: Lifecycle, store: Store) -> None:
     await lifecycle.create(NAME, KeyType.AES_256, actor="alice")
     longer = default_policy(KeyType.AES_256).model_copy(
@@ -451,6 +458,7 @@ async def test_outbox_failure_also_undoes_the_change(lifecycle: Lifecycle, store
 # -- no material outside the sealed column -----------------------------------------------------
 
 
+@pytest.mark.requirement("PCI-3.6.1.2", "ISO27002-8.24")
 async def test_events_and_audit_never_carry_material(
     lifecycle: Lifecycle, store: Store, vault: Vault
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import KeyState, Policy
 from ckms.controller.scheduler import Scheduler
@@ -14,6 +16,7 @@ from ckms.store import audit as audit_log
 DAY = timedelta(days=1)
 
 
+@pytest.mark.requirement("SP800-57-5.3", "PCI-3.7.4")
 async def test_rotation_activation_and_deactivation_follow_the_clock(
     store: Store, vault: Vault, lifecycle: Lifecycle, clock
 ) -> None:

@@ -37,6 +37,7 @@ async def shares_3_of_5(store: Store, clock: FakeClock) -> InitResult:
     return await init_controller(store, shares=(3, 5), clock=clock)
 
 
+@pytest.mark.requirement("PCI-3.6.1")
 async def test_init_returns_shares_once_and_stores_no_root_kek(
     store: Store, shares_3_of_5: InitResult
 ) -> None:
@@ -73,6 +74,7 @@ async def test_init_argument_errors(store: Store, kwargs: dict) -> None:
         await init_controller(store, **kwargs)
 
 
+@pytest.mark.requirement("PCI-3.7.6")
 async def test_fewer_than_threshold_shares_fail(store: Store, shares_3_of_5: InitResult) -> None:
     vault = Vault(store)
     with pytest.raises(UnsealError, match="1 more share needed"):
@@ -92,6 +94,7 @@ async def test_threshold_shares_unseal(
     assert not vault.sealed
 
 
+@pytest.mark.requirement("PCI-3.7.6")
 async def test_a_repeated_share_does_not_count_twice(
     store: Store, shares_3_of_5: InitResult
 ) -> None:
@@ -188,6 +191,7 @@ async def test_tampered_sealed_secret_keeps_controller_sealed(
     assert vault.sealed
 
 
+@pytest.mark.requirement("PCI-3.7.3")
 async def test_sealed_controller_refuses_material_operations(
     store: Store, vault: Vault, lifecycle: Lifecycle
 ) -> None:

@@ -102,6 +102,7 @@ def test_targets_round_trip_and_describe() -> None:
         (KeyType.SECRET, None, Purpose.AUTHENTICATION, YEAR, timedelta(days=7)),
     ],
 )
+@pytest.mark.requirement("SP800-57-5.3")
 def test_defaults_follow_the_table(
     key_type: KeyType,
     usage: set[str] | None,
@@ -118,6 +119,7 @@ def test_defaults_follow_the_table(
     check_policy(key_type, mask, policy)
 
 
+@pytest.mark.requirement("SP800-57-5.3")
 def test_symmetric_data_keys_never_over_two_years_signing_keys_three() -> None:
     aes = check_usage(KeyType.AES_256, None)
     ed = check_usage(KeyType.ED25519, None)
@@ -132,6 +134,7 @@ def test_symmetric_data_keys_never_over_two_years_signing_keys_three() -> None:
     assert LIMITS[Purpose.DERIVATION].max_cryptoperiod == YEAR
 
 
+@pytest.mark.requirement("SP800-57-5.2")
 def test_rsa_cannot_both_sign_and_encrypt() -> None:
     with pytest.raises(ConfigError, match="one purpose"):
         check_usage(KeyType.RSA_4096, frozenset({Usage.SIGN, Usage.DECRYPT}))

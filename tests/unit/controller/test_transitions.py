@@ -41,6 +41,7 @@ OPS = ["activate", "suspend", "resume", "deactivate", "revoke", "compromise", "d
 NAME = "team/matrix"
 
 
+@pytest.mark.requirement("SP800-57-7")
 def test_table_matches_design() -> None:
     table = {(str(s), str(op)): str(t) for (s, op), t in TRANSITIONS.items()}
     expected = {(s, op): t for s, row in EXPECTED.items() for op, t in row.items()}
@@ -87,6 +88,7 @@ async def _apply(lc: Lifecycle, op: str, *, actor: str) -> Any:
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("state", STATES)
+@pytest.mark.requirement("SP800-57-7")
 async def test_transition_matrix(lifecycle: Lifecycle, store: Store, state: str, op: str) -> None:
     await _make_version_in(lifecycle, state)
     events_before = len(await outbox.all_events(store))
@@ -130,6 +132,7 @@ async def test_transition_matrix(lifecycle: Lifecycle, store: Store, state: str,
 
 
 @pytest.mark.parametrize("reason", list(RevocationReason))
+@pytest.mark.requirement("KMIP-2.1-REVOCATION-REASONS")
 async def test_revocation_reason_decides_the_state(
     lifecycle: Lifecycle, reason: RevocationReason
 ) -> None:
@@ -141,6 +144,7 @@ async def test_revocation_reason_decides_the_state(
     assert (v.compromised_at is not None) == compromise
 
 
+@pytest.mark.requirement("SP800-57-7")
 async def test_active_to_destroyed_is_refused_with_a_hint(lifecycle: Lifecycle) -> None:
     await lifecycle.create(NAME, KeyType.AES_256, actor="setup")
     with pytest.raises(InvalidTransitionError, match="it is Active; deactivate or revoke it first"):

@@ -67,6 +67,7 @@ def test_wrong_context_fails(
         unwrap_for_agent(private, blob, **{**CTX, **override})  # type: ignore[arg-type]
 
 
+@pytest.mark.requirement("SP800-130-DISTRIBUTE")
 def test_another_agents_key_fails(keypair: tuple[WrapSuite, bytes, bytes]) -> None:
     suite, _, public = keypair
     blob = wrap_for_agent(public, b"material", suite=suite, **CTX)

@@ -35,6 +35,7 @@ PRIVATE_TYPES = [
 
 
 @pytest.mark.parametrize("key_type", list(KeyType))
+@pytest.mark.requirement("SP800-130-GENERATE")
 def test_every_type_generates_validates_and_digests(
     key_type: KeyType, materials: dict[KeyType, bytes]
 ) -> None:
@@ -47,6 +48,7 @@ def test_every_type_generates_validates_and_digests(
 
 
 @pytest.mark.parametrize("key_type", [KeyType.AES_256, KeyType.HMAC_SHA256])
+@pytest.mark.requirement("PCI-3.7.1")
 def test_symmetric_material_is_32_random_bytes(key_type: KeyType) -> None:
     a, b = generate(key_type), generate(key_type)
     assert len(a) == len(b) == 32
@@ -95,6 +97,7 @@ def test_secret_honours_length_and_alphabet() -> None:
     ("length", "alphabet", "bits", "needed"),
     [(8, "0123456789", "26.6", 39), (20, "abcdef", "51.7", 50), (127, "ab", "127.0", 128)],
 )
+@pytest.mark.requirement("SP800-130-GENERATE", "PCI-3.7.1")
 def test_a_secret_spec_below_128_bits_is_refused_saying_why(
     length: int, alphabet: str, bits: str, needed: int
 ) -> None:

@@ -49,6 +49,7 @@ def test_truncated_or_extended_blobs_fail() -> None:
             open_sealed(key, candidate, AAD)
 
 
+@pytest.mark.requirement("SP800-130-STORE")
 def test_changed_aad_fails() -> None:
     key = new_data_kek()
     blob = seal(key, b"material", AAD)

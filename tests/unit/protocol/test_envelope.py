@@ -106,6 +106,7 @@ def test_ack_round_trip(trust: dict[str, bytes]) -> None:
     assert env.data == ack
 
 
+@pytest.mark.requirement("PCI-3.7.7")
 def test_forged_by_another_key_is_refused(trust: dict[str, bytes]) -> None:
     other = generate_signing_key()
     msg = encode_event(EventType.KEY_ROTATED, rotated(), seq=1, signing_key=other, at=AT)

@@ -104,6 +104,7 @@ async def test_records_chain_by_hash(mem_store: Store) -> None:
         pytest.param(["DELETE FROM audit WHERE idx >= 2"], 2, id="truncate-deep"),
     ],
 )
+@pytest.mark.requirement("SP800-130-AUDIT")
 async def test_tampered_file_names_first_bad_record(
     ten_records: Path,
     signing_pair: tuple[bytes, bytes],
@@ -204,6 +205,7 @@ async def test_audit_table_refuses_update_and_delete(mem_store: Store) -> None:
                 await tx.execute(statement)
 
 
+@pytest.mark.requirement("SP800-130-AUDIT")
 async def test_failed_append_raises_audit_error_and_rolls_back(mem_store: Store) -> None:
     async with mem_store.write() as tx:
         await tx.execute(
