@@ -24,15 +24,20 @@ guarantee starts over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
-from ckms._kafka import TopicSpec, abort_producer, ensure_topics, read_newest, wait_delivered
+from ckms._backoff import Backoff
+from ckms._kafka import (
+    TopicSpec,
+    abort_producer,
+    ensure_topics,
+    kafka_errors,
+    read_newest,
+    wait_delivered,
+)
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
 from ckms.errors import AuditAnchorError, KafkaUnavailableError
@@ -167,25 +172,26 @@ class AuditAnchor:
         if self.published_size == anchor.size:
             return True
         try:
-            if self._producer is None:
-                await ensure_topics(self._bootstrap, [self._spec])
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self._bootstrap,
-                    acks="all",
-                    enable_idempotence=True,
-                    client_id="ckms-controller-audit",
+            with kafka_errors(f"publishing the audit anchor to {self._topic}"):
+                if self._producer is None:
+                    await ensure_topics(self._bootstrap, [self._spec])
+                    producer = AIOKafkaProducer(
+                        bootstrap_servers=self._bootstrap,
+                        acks="all",
+                        enable_idempotence=True,
+                        client_id="ckms-controller-audit",
+                    )
+                    await producer.start()
+                    self._producer = producer
+                future = await self._producer.send(
+                    self._topic,
+                    audit_log.checkpoint_line(anchor.checkpoint).encode(),
+                    key=anchor.checkpoint.signer_key_id.encode(),
                 )
-                await producer.start()
-                self._producer = producer
-            future = await self._producer.send(
-                self._topic,
-                audit_log.checkpoint_line(anchor.checkpoint).encode(),
-                key=anchor.checkpoint.signer_key_id.encode(),
-            )
-            (error,) = await wait_delivered([future], self._delivery_timeout_s)
-            if error is not None:
-                raise error
-        except (KafkaError, KafkaUnavailableError, OSError) as exc:
+                (error,) = await wait_delivered([future], self._delivery_timeout_s)
+                if error is not None:
+                    raise error
+        except KafkaUnavailableError as exc:
             log.warning("audit anchor %s not published yet: %s", anchor, exc)
             await self.close()
             return False
@@ -196,13 +202,12 @@ class AuditAnchor:
         """Read the anchor back (retrying while Kafka is away), then keep it published."""
         if self._bootstrap is None:
             return
-        failures = 0
+        backoff = Backoff(0.5, 10.0)
         while not self.loaded:
             try:
                 await self.load()
             except KafkaUnavailableError as exc:
-                failures += 1
-                delay = min(10.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+                delay = backoff.next()
                 log.warning("cannot read the audit anchor (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
         while True:
@@ -213,5 +218,4 @@ class AuditAnchor:
         """Stop the producer; safe to call twice."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(KafkaError, OSError):
-                await abort_producer(producer)
+            await abort_producer(producer)  # it suppresses Kafka's and the socket's errors
