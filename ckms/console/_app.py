@@ -79,6 +79,19 @@ def _ago(seconds: float | None) -> str:
     return f"{s // 86400} d"
 
 
+def _shown(value: Any) -> str:
+    """A request value as JSON without the unset (null or empty) parts."""
+
+    def compact(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: compact(x) for k, x in sorted(v.items()) if x not in (None, {}, [], ())}
+        if isinstance(v, list):
+            return [compact(x) for x in v]
+        return v
+
+    return json.dumps(compact(value), sort_keys=True)
+
+
 def _converge(fleet: api.KeyFleet, since: datetime) -> dict[str, Any]:
     """Seconds from the newest version's creation to each converged host's last ack.
 
@@ -387,7 +400,57 @@ class Console:
         reply = await self.call(
             "request.list", api.RequestListParams(all=show_all), api.RequestListReply
         )
-        return await self.page(request, "requests.html", requests=reply.requests, show_all=show_all)
+        changes = {r.id: await self._changes(r) for r in reply.requests if r.state == "pending"}
+        return await self.page(
+            request, "requests.html", requests=reply.requests, show_all=show_all, changes=changes
+        )
+
+    async def _changes(self, req: api.RequestInfo) -> list[tuple[str, str, str]]:
+        """(what, now, after) rows for a pending request: the key as it is against the request."""
+        params = req.params
+        name = params.get("name")
+        if not req.operation.startswith("key.") or not isinstance(name, str):
+            return [(k, "", _shown(v)) for k, v in sorted(params.items())]
+        try:
+            key = (await self.call("key.show", api.KeyRef(name=name), api.KeyChangeReply)).key
+        except CKMSError:
+            key = None
+        if req.operation == "key.create" or key is None:
+            rows = [("key", "does not exist" if key is None else "exists", name)]
+            return rows + [
+                (k, "", _shown(v))
+                for k, v in sorted(params.items())
+                if k != "name" and _shown(v) not in ("null", "{}", "[]")
+            ]
+        if req.operation == "key.policy":
+            current = key.policy.model_dump(mode="json")
+            return [
+                (field, json.dumps(current.get(field)), json.dumps(value))
+                for field, value in sorted(params.get("policy", {}).items())
+                if value is not None
+            ]
+        if req.operation == "key.targets":
+            rows = [
+                (
+                    "targets",
+                    _shown(key.targets.model_dump(mode="json")),
+                    _shown(params.get("targets")),
+                )
+            ]
+            if params.get("install"):
+                rows.append(
+                    (
+                        "install",
+                        _shown(key.install.model_dump(mode="json")),
+                        _shown(params["install"]),
+                    )
+                )
+            return rows
+        verb = req.operation.removeprefix("key.")
+        wanted = params.get("version")
+        versions = [v for v in key.versions if wanted is None or v.version == wanted]
+        detail = f" ({params['reason']})" if verb == "revoke" and params.get("reason") else ""
+        return [(f"v{v.version}", str(v.state), f"{verb}{detail}") for v in versions]
 
     # -- actions --------------------------------------------------------------------------
 

@@ -305,7 +305,9 @@ async def test_console_end_to_end(
                 b.get(bob_url)
                 wait_text(b, "#count-waiting", r"^1$")  # alice's request waits for bob
                 b.get(bob_url.split("/login")[0] + "/requests")
-                wait_text(b, f"[data-request='{request_id[1]}']", "pay/db")
+                card = wait_text(b, f"[data-request='{request_id[1]}']", "pay/db")
+                assert "does not exist" in card  # what would change, next to the exact request
+                shot(b, "console-requests.png")
                 click(b, f"[data-request='{request_id[1]}'] button.approve")
                 wait_text(b, "#message", "approved")
                 b.get(bob_url.split("/login")[0] + "/keys?team=pay")

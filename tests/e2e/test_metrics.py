@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import subprocess
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from ckms.protocol import InstallSpec, Targets
 from ckms.store import audit as audit_log
 from ckms_agent.metrics import AgentMetrics
 from tests.e2e.test_distribution import converged
-from tests.support.cli import Operators
+from tests.support.cli import MovableClock, Operators
 from tests.support.controller import running_controller
 from tests.support.fleet import enroll_agent, running_agent, wait_until
 
@@ -210,3 +211,18 @@ async def test_promtool_accepts_every_metric(controller: Controller, tmp_path: P
         await wait_until(lambda: converged(c, "web/tls", {"web-1"}), what="install")
         promtool_check((await c.metrics.render()).decode())
         promtool_check((await agent.metrics.render()).decode())
+
+
+async def test_backlog_and_publish_lag_while_kafka_is_away(tmp_path: Path) -> None:
+    """No broker: events wait in the outbox, and the lag grows with the controller's clock."""
+    clock = MovableClock()
+    async with running_controller(
+        tmp_path / "controller", "127.0.0.1:1", "events", "acks", clock=clock
+    ) as c:
+        await c.lifecycle.create("web/tls", "aes-256", actor="a")
+        clock.advance(timedelta(seconds=90))
+        got = samples((await c.metrics.render()).decode())
+    assert got[("ckms_outbox_backlog_events", ())] == 1
+    assert got[("ckms_outbox_publish_lag_seconds", ())] >= 90
+    assert got[("ckms_kafka_connected", ())] == 0
+    assert got[("ckms_key_operations_total", (("operation", "create"), ("outcome", "ok")))] == 1
