@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller
@@ -32,6 +31,7 @@ from ckms.ssh import RpcClient, generate_ssh_key
 from ckms.store import audit as audit_log
 from ckms_agent.enroll import enroll
 from ckms_agent.identity import load_keys
+from tests.support.acks import publish
 from tests.support.fleet import agent_config, enroll_agent, running_agent, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -282,14 +282,7 @@ async def test_a_forged_event_is_ignored_and_the_agent_keeps_working(
             signing_key=generate_signing_key(),
             at=datetime.now(UTC),
         )
-        producer = AIOKafkaProducer(bootstrap_servers=c.settings.kafka_bootstrap)
-        await producer.start()
-        try:
-            await producer.send_and_wait(
-                c.settings.events_topic, forged.value, key=forged.key, headers=list(forged.headers)
-            )
-        finally:
-            await producer.stop()
+        await publish(c.settings.kafka_bootstrap, c.settings.events_topic, forged)
         await wait_until(lambda: agent.event_stats.get("unknown-signer"), what="forged dropped")
         await c.lifecycle.rotate("web/tls", actor="alice")
         await wait_until(lambda: converged(c, "web/tls", {"web-5"}), what="rotation after forgery")

@@ -4,7 +4,6 @@ did not (real CLI subprocess, real controller, acks signed by the enrolled hosts
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from ckms.controller.models import Key
 from ckms.controller.service import Controller
 from ckms.protocol import AckStatus, Targets
 from tests.support.cli import Operators, enroll_host, send_installed_ack
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -32,16 +32,7 @@ async def fleet_of_two(controller: Controller) -> dict[str, bytes]:
 
 
 async def until(predicate, wait_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + wait_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
+    await wait_until(predicate, wait_s)
 
 
 async def rotated(controller: Controller) -> Key:
