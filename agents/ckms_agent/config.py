@@ -84,6 +84,11 @@ class HookCommand(BaseModel):
     health: tuple[str, ...] | None = None
     timeout_s: float = Field(default=30.0, gt=0, le=MAX_HOOK_TIMEOUT_S)
     user: str | None = Field(default=None, min_length=1, max_length=32)
+    log_output: bool = False
+    """Keep the tail of the hook's output in this host's agent log (off: only its size).
+
+    Off by default because a hook is free to print what it reads, key files included; when on,
+    the key's own material is scrubbed from what is logged (raw, hex, base64)."""
 
     @field_validator("reload", "health")
     @classmethod

@@ -10,21 +10,25 @@ session, clears its environment and loses its parent is beyond this reach; under
 unit's cgroup still ends it when the agent stops. A hook is the host admin's own command, so
 this bounds accidents such as a daemonizing reload, not a hostile hook.)
 
-What a hook prints stays on this host: it goes to the agent's local log (truncated), never into
-the ack, Kafka or the controller; the ack carries the hook's name, exit status and duration.
+What a hook prints stays on this host, never in the ack, Kafka or the controller; the ack
+carries the hook's name, exit status and duration. A hook may print what it reads (key files
+included), so its output is logged only when the host's config sets ``log_output`` for it, and
+then with the key's material scrubbed (:func:`scrub`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
 import pwd
+import re
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,10 +52,18 @@ class Hook:
     argv: tuple[str, ...]
     timeout_s: float
     user: str | None = None
+    log_output: bool = False
+    """The host's choice to keep the output's tail in the local log (scrubbed of the key)."""
 
 
-async def run_hook(hook: Hook, *, env: Mapping[str, str] | None = None) -> HookResult:
-    """Run one hook and report its exit code, whether it timed out, and how long it took."""
+async def run_hook(
+    hook: Hook, *, env: Mapping[str, str] | None = None, material: Sequence[bytes] = ()
+) -> HookResult:
+    """Run one hook and report its exit code, whether it timed out, and how long it took.
+
+    The output never leaves the host. It is logged locally only when the host's config asks
+    (``log_output``), with every form of ``material`` (the key's material and files) scrubbed.
+    """
     started = time.monotonic()
     marker = secrets.token_hex(8)
     label = f"{hook.kind} hook {hook.name or hook.argv[0]!r}"
@@ -96,7 +108,6 @@ async def run_hook(hook: Hook, *, env: Mapping[str, str] | None = None) -> HookR
     finally:
         os.close(read_fd)
     result = _result(hook, None if timed_out else proc.returncode, timed_out, started)
-    output = buffer.text()
     level = logging.INFO if result.exit_code == 0 else logging.WARNING
     log.log(
         level,
@@ -105,9 +116,59 @@ async def run_hook(hook: Hook, *, env: Mapping[str, str] | None = None) -> HookR
         result.exit_code,
         timed_out,
         result.duration_ms,
-        f"; output (local only, last {MAX_OUTPUT_BYTES} bytes): {output}" if output else "",
+        _describe_output(hook, buffer, material),
     )
     return result
+
+
+def _describe_output(hook: Hook, buffer: _Tail, material: Sequence[bytes]) -> str:
+    if not buffer.total:
+        return ""
+    if not hook.log_output:
+        return f"; {buffer.total} bytes of output (not logged: this hook's log_output is off)"
+    shown = scrub(bytes(buffer.data), material).decode("utf-8", "replace").strip()
+    return f"; output (local only, last {MAX_OUTPUT_BYTES} bytes, key scrubbed): {shown}"
+
+
+_TOKEN = re.compile(rb"[A-Za-z0-9+/=_-]{12,}")
+_SPACED_HEX = re.compile(rb"(?:[0-9a-fA-F]{2}[ \t:]{1,2}){6,}[0-9a-fA-F]{2}")
+REDACTED = b"[redacted]"
+
+
+def scrub(output: bytes, material: Sequence[bytes]) -> bytes:
+    """``output`` with the forms a hook is likely to print of any of ``material`` replaced.
+
+    Whole raw, hex and base64 forms go first; then every base64/hex-looking run of 12+
+    characters (a wrapped line, a JSON field, a cut-off tail) found inside one of those forms,
+    and every run of spaced hex bytes (``od``, ``xxd``) found inside the hex form.
+    """
+    forms: list[bytes] = []
+    for secret in material:
+        if len(secret) < 8:
+            continue
+        forms += [
+            secret,
+            secret.hex().encode(),
+            base64.b64encode(secret),
+            base64.urlsafe_b64encode(secret).rstrip(b"="),
+            base64.b64encode(secret).rstrip(b"="),
+        ]
+    if not forms:
+        return output
+    for form in sorted(forms, key=len, reverse=True):
+        output = output.replace(form, REDACTED)
+    hex_forms = [f for f in forms if f.isalnum() and not f.strip(b"0123456789abcdef")]
+
+    def token(match: re.Match[bytes]) -> bytes:
+        run = match.group(0).rstrip(b"=")
+        found = any(run in form for form in forms) or any(run.lower() in h for h in hex_forms)
+        return REDACTED if found else match.group(0)
+
+    def spaced(match: re.Match[bytes]) -> bytes:
+        run = re.sub(rb"[ \t:]", b"", match.group(0)).lower()
+        return REDACTED if any(run in h for h in hex_forms) else match.group(0)
+
+    return _TOKEN.sub(token, _SPACED_HEX.sub(spaced, output))
 
 
 def hook_ok(result: HookResult) -> bool:
@@ -138,7 +199,8 @@ class _Tail:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._data = bytearray()
+        self.data = bytearray()
+        self.total = 0
 
     def read_from(self, fd: int, eof: asyncio.Event) -> None:
         try:
@@ -151,11 +213,9 @@ class _Tail:
             eof.set()
             asyncio.get_running_loop().remove_reader(fd)
             return
-        self._data += chunk
-        del self._data[: -self._limit]
-
-    def text(self) -> str:
-        return self._data.decode("utf-8", "replace").strip()
+        self.total += len(chunk)
+        self.data += chunk
+        del self.data[: -self._limit]
 
 
 async def kill_tree(pid: int, marker: str) -> int:

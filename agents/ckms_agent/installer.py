@@ -231,7 +231,10 @@ class Installer:
             self._restore(backup, spec)
             log.error("install of %s failed: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, sorted(backup_paths(backup)), error=str(exc))
-        results = await self._run_hooks(hooks)
+        material = [v.material for v in versions] + [
+            d for d in [*files.values(), *backup.values()] if d is not None
+        ]
+        results = await self._run_hooks(hooks, material)
         if all(hook_ok(h) for h in results):
             status = AckStatus.INSTALLED if files else AckStatus.REMOVED
             return ApplyOutcome(status, sorted(files), results)
@@ -245,7 +248,9 @@ class Installer:
             failed.timed_out,
         )
         self._restore(backup, spec)
-        results.extend([await run_hook(h) for h in hooks if h.kind == "reload"])
+        results.extend(
+            [await run_hook(h, material=material) for h in hooks if h.kind == "reload"]
+        )
         return ApplyOutcome(
             AckStatus.FAILED,
             sorted(backup_paths(backup)),
@@ -279,10 +284,12 @@ class Installer:
                 log.warning("key files removed; reload skipped: %s", exc)
         return ApplyOutcome(AckStatus.REMOVED, [], [await run_hook(h) for h in hooks])
 
-    async def _run_hooks(self, hooks: Sequence[Hook]) -> list[HookResult]:
+    async def _run_hooks(
+        self, hooks: Sequence[Hook], material: Sequence[bytes]
+    ) -> list[HookResult]:
         results: list[HookResult] = []
         for hook in hooks:
-            results.append(await run_hook(hook))
+            results.append(await run_hook(hook, material=material))
             if not hook_ok(results[-1]):
                 break
         return results

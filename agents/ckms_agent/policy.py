@@ -122,7 +122,14 @@ class HostPolicy:
 
 
 def _hook(kind: str, name: str, argv: tuple[str, ...], entry: HookCommand) -> Hook:
-    return Hook(kind, name, argv, entry.timeout_s, entry.user)  # type: ignore[arg-type]
+    return Hook(
+        kind,  # type: ignore[arg-type]
+        name,
+        argv,
+        entry.timeout_s,
+        entry.user,
+        log_output=entry.log_output,
+    )
 
 
 def _ids(names: Iterable[str], *, user: bool) -> set[int]:

@@ -128,7 +128,7 @@ async def test_a_health_check_that_prints_the_key_leaks_it_nowhere(world: World)
     ctl = world.controller
     path = world.host_path("/etc/ckms/payments/db.key")
     dump = f"cat {path}; base64 {path}; od -An -tx1 {path}; base64 -w0 {path} >&2"
-    world.set_policy(hooks={"leaky": {"health": ["sh", "-c", dump]}})
+    world.set_policy(hooks={"leaky": {"health": ["sh", "-c", dump], "log_output": True}})
     key = ctl.add_key(
         "payments/db", install=InstallSpec(path="/etc/ckms/{team}/{purpose}.key", health="leaky")
     )
@@ -146,8 +146,11 @@ async def test_a_health_check_that_prints_the_key_leaks_it_nowhere(world: World)
             blob = value + b"".join(v for _, v in headers)
             for shape in shapes:
                 assert shape not in blob, "key material reached Kafka in an ack"
-        # It went to the agent's own log on this host, as the issue asks.
+        # The host asked for the output in its own log: it is there, with the key scrubbed.
         await wait_until(lambda: "output (local only" in log.read_text(), 10, "the local log")
+        text = log.read_bytes()
+        for shape in shapes:
+            assert shape not in text, "key material reached the agent's own log"
     [hook] = ack.data.hooks
     assert (hook.command, hook.name, hook.exit_code) == ("health", "leaky", 0)
 

@@ -287,3 +287,38 @@ def test_a_path_cannot_climb_out_of_its_allowed_root(tmp_path: Path) -> None:
         open_directory(tmp_path, ("..",)),
     ):
         pass
+
+
+async def test_hook_output_is_logged_only_when_the_host_asks_and_then_without_the_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook may print what it reads; the agent's log keeps the key out either way."""
+    material = generate(KeyType.AES_256)
+    key_file = tmp_path / "db.key"
+    key_file.write_bytes(material)
+    ring = json.dumps({"versions": [{"material": base64.b64encode(material).decode()}]})
+    (tmp_path / "ring.json").write_text(ring)
+    dump = (
+        f"echo marker-line; cat {key_file}; base64 {key_file}; base64 -w0 {key_file}; echo; "
+        f"od -An -tx1 {key_file}; xxd -p {key_file} 2>/dev/null || od -An -tx1 {key_file}; "
+        f"cat {tmp_path / 'ring.json'}"
+    )
+    shapes = [
+        material,
+        material.hex().encode(),
+        base64.b64encode(material),
+        base64.b64encode(material)[:16],
+        " ".join(f"{b:02x}" for b in material[:8]).encode(),
+    ]
+    argv = ("sh", "-c", dump)
+    with caplog.at_level("DEBUG", logger="ckms_agent.hooks"):
+        quiet = await run_hook(Hook("health", "dump", argv, 5), material=[material])
+    assert quiet.exit_code == 0
+    assert "not logged" in caplog.text and "marker-line" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="ckms_agent.hooks"):
+        await run_hook(Hook("health", "dump", argv, 5, log_output=True), material=[material])
+    logged = caplog.text.encode("utf-8", "surrogateescape")
+    assert b"marker-line" in logged and b"[redacted]" in logged
+    for shape in shapes:
+        assert shape not in logged, shape
