@@ -17,15 +17,19 @@ agent wrote, read back without following links), reload runs once more, and the 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckms.crypto import InstallFormat, KeyringEntry, KeyType, encode_for_install, encode_keyring
+from ckms.crypto import (
+    InstallFormat,
+    KeyringEntry,
+    KeyType,
+    decode_keyring,
+    encode_for_install,
+    encode_keyring,
+)
 from ckms.errors import CKMSError
 from ckms.protocol import AckStatus, HookResult, InstallSpec
 from ckms_agent.files import (
@@ -313,8 +317,8 @@ def backup_paths(backup: dict[Path, bytes | None]) -> list[Path]:
 def read_keyring(
     paths: Sequence[Path], read: Callable[[Path], bytes | None] | None = None
 ) -> dict[int, bytes]:
-    """The versions of a keyring file that :meth:`Installer.render` wrote (the reverse of
-    :func:`~ckms.crypto.encode_keyring`); empty if every path is missing or malformed.
+    """The versions of the first readable keyring file among ``paths``
+    (:func:`~ckms.crypto.decode_keyring`); empty if every path is missing or malformed.
 
     ``read`` is how the file is read (the agent passes :meth:`Installer.read`, which follows no
     link); without it, the path is read as is (tests, tools).
@@ -324,11 +328,7 @@ def read_keyring(
             data = read(path) if read is not None else path.read_bytes()
             if data is None:
                 continue
-            ring = json.loads(data)
-            return {
-                int(entry["version"]): base64.b64decode(entry["material"], validate=True)
-                for entry in ring["versions"]
-            }
-        except (OSError, ValueError, KeyError, TypeError, binascii.Error, CKMSError):
+            return decode_keyring(data)
+        except (OSError, CKMSError):
             continue
     return {}

@@ -22,6 +22,7 @@ from ckms.crypto._formats import (
     InstallFormat,
     KeyringEntry,
     allowed_formats,
+    decode_keyring,
     encode_for_install,
     encode_keyring,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "allowed_formats",
     "check_secret_spec",
     "combine_shares",
+    "decode_keyring",
     "derive_from_root",
     "encode_for_install",
     "encode_keyring",

@@ -9,8 +9,8 @@
   ``oct`` for aes-256 (``alg`` A256GCM), hmac-sha256 (HS256) and secret (its UTF-8 bytes);
   ``OKP`` for ed25519 (EdDSA) and x25519; ``EC`` for P-256 (ES256) and P-384 (ES384); ``RSA``
   with all CRT parameters and no ``alg`` (the same key may serve RS256 or PS256).
-- ``keyring-json``: every usable version in one file, made by :func:`encode_keyring` (canonical
-  JSON)::
+- ``keyring-json``: every usable version in one file, made by :func:`encode_keyring` and read
+  back by :func:`decode_keyring` (canonical JSON)::
 
       {"format": "ckms-keyring", "v": 1, "key": <name>, "type": <key type>,
        "primary": <primary version>,
@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ckms.crypto._encoding import (
     b64,
+    b64decode_strict,
     b64url,
     canonical,
     require_bytes,
@@ -261,3 +263,24 @@ def encode_keyring(key_type: KeyType, entries: Sequence[KeyringEntry], *, key_na
             "versions": versions,
         }
     )
+
+
+def decode_keyring(data: bytes) -> dict[int, bytes]:
+    """Read a ``keyring-json`` file back: its versions' material by version number.
+
+    The reverse of :func:`encode_keyring` (the agent rewrites a keyring from it when a version is
+    revoked offline). Anything that is not such a file raises ConfigError, naming no material.
+    """
+    try:
+        ring = json.loads(require_bytes(data, "keyring"))
+        if ring.get("format") != KEYRING_FORMAT or ring.get("v") != KEYRING_VERSION:
+            raise ValueError("not a ckms keyring")
+        out: dict[int, bytes] = {}
+        for entry in ring["versions"]:
+            material = b64decode_strict(entry["material"])
+            if material is None:
+                raise ValueError("material is not base64")
+            out[require_version(entry["version"])] = material
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError):
+        raise ConfigError("the file is not a readable ckms keyring") from None

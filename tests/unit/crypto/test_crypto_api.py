@@ -21,6 +21,7 @@ EXPECTED = {
     "age_encrypt_to_ssh",
     "allowed_formats",
     "combine_shares",
+    "decode_keyring",
     "encode_for_install",
     "encode_keyring",
     "generate",

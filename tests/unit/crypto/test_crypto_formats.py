@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import pytest
@@ -16,8 +17,10 @@ from ckms.crypto import (
     KeyringEntry,
     KeyType,
     allowed_formats,
+    decode_keyring,
     encode_for_install,
     encode_keyring,
+    generate,
 )
 from ckms.errors import ConfigError, IntegrityError
 from ckms.protocol.canonical import parse_canonical_json
@@ -263,3 +266,25 @@ def test_jwk_ec_members_keep_leading_zero_octets(
     jwk = parse_canonical_json(out)
     assert len(_b64url_bytes(jwk["x"])) == size
     assert _b64url_bytes(jwk["x"])[0] == 0
+
+
+def test_a_keyring_reads_back_and_anything_else_is_refused_without_material() -> None:
+    m1, m2 = generate(KeyType.AES_256), generate(KeyType.AES_256)
+    ring = encode_keyring(
+        KeyType.AES_256,
+        [KeyringEntry(1, m1, False, "Active"), KeyringEntry(2, m2, True, "Active")],
+        key_name="a/b",
+    )
+    assert decode_keyring(ring) == {1: m1, 2: m2}
+    doc = json.loads(ring)
+    bad = [
+        b"{not json",
+        json.dumps({**doc, "format": "other"}).encode(),
+        json.dumps({**doc, "v": 2}).encode(),
+        json.dumps({**doc, "versions": [{"version": 1, "material": "!!"}]}).encode(),
+        json.dumps({**doc, "versions": [{"version": -1, "material": "AA=="}]}).encode(),
+    ]
+    for data in bad:
+        with pytest.raises(ConfigError, match="not a readable ckms keyring") as caught:
+            decode_keyring(data)
+        assert m1.hex() not in str(caught.value)
