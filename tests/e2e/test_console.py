@@ -128,6 +128,43 @@ def exists(driver: Any, css: str) -> bool:
     return bool(driver.find_elements(By.CSS_SELECTOR, css))
 
 
+A11Y = """
+const unlabelled = [...document.querySelectorAll("input:not([type=hidden]), select, textarea")]
+  .filter((e) => e.labels.length === 0 && !e.getAttribute("aria-label")).map((e) => e.name);
+const tables = [...document.querySelectorAll("table")].filter((t) => !t.caption).length;
+return {
+  lang: document.documentElement.lang,
+  main: document.querySelectorAll("main").length,
+  nav: document.querySelectorAll("nav[aria-label]").length,
+  h1: document.querySelectorAll("h1").length,
+  unlabelled: unlabelled,
+  uncaptioned: tables,
+};
+"""
+
+
+def accessible(driver: Any) -> None:
+    """Landmarks, one heading, a label for every control, a caption for every table, and the
+    skip link first in the keyboard order (Tab, then Enter moves focus to the content)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    facts = driver.execute_script(A11Y)
+    assert facts == {
+        "lang": "en",
+        "main": 1,
+        "nav": 1,
+        "h1": 1,
+        "unlabelled": [],
+        "uncaptioned": 0,
+    }, (driver.current_url, facts)
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0);")
+    ActionChains(driver).send_keys(Keys.TAB).perform()
+    assert driver.execute_script("return document.activeElement.className") == "skip"
+    ActionChains(driver).send_keys(Keys.ENTER).perform()
+    assert driver.execute_script("return location.hash") == "#main"
+
+
 @pytest.fixture(scope="module")
 def browser_ready() -> None:
     ensure_chromium()
@@ -253,6 +290,10 @@ async def test_console_end_to_end(
                 wait_text(a, "#count-keys", r"^1$")
                 wait_text(a, "#count-hosts", r"^2$")
                 shot(a, "console-overview.png")
+                accessible(a)
+                for page in ("/keys", "/keys/new", "/keys/web/tls", "/hosts", "/audit"):
+                    a.get(base + page)
+                    accessible(a)
                 if SHOTS:  # the same page in a narrow window (a phone, a split screen)
                     a.set_window_size(420, 900)
                     shot(a, "console-overview-narrow.png")
