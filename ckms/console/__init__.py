@@ -8,14 +8,20 @@ network-facing service. See :mod:`ckms.console._security` for how the browser is
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import html
 import ipaddress
+import os
+import shutil
+import tempfile
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from ckms.cli._errors import UsageError
 from ckms.errors import DependencyMissingError
 
-__all__ = ["check_loopback", "serve_console"]
+__all__ = ["check_loopback", "launch_file", "serve_console"]
 
 
 def check_loopback(host: str) -> None:
@@ -28,6 +34,29 @@ def check_loopback(host: str) -> None:
     except ValueError:
         pass
     raise UsageError(f"--listen {host}: the console listens on loopback only (127.0.0.1, ::1)")
+
+
+@contextlib.contextmanager
+def launch_file(url: str) -> Iterator[Path]:
+    """A private page (0600 in a 0700 directory) that sends the browser on to ``url``.
+
+    ``--open`` hands the browser this file, never the URL: a command line is visible to every
+    local user (``ps``), who could spend the one-time token first. The file goes on exit.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="ckms-console-"))
+    try:
+        page = folder / "open.html"
+        fd = os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            target = html.escape(url, quote=True)
+            out.write(
+                '<!doctype html><meta charset="utf-8">'
+                f'<meta http-equiv="refresh" content="0;url={target}">'
+                f'<title>ckms console</title><a href="{target}">Open the ckms console</a>\n'
+            )
+        yield page
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def serve_console(
@@ -68,8 +97,9 @@ async def serve_console(
             shown = f"[{host}]" if ":" in host else host
             url = f"http://{shown}:{bound}/login?token={gate.login_token}"
             announce(url)
-            if open_browser:
-                webbrowser.open(url)
-            await (stop or asyncio.Event()).wait()
+            with contextlib.ExitStack() as opened:
+                if open_browser:
+                    webbrowser.open(opened.enter_context(launch_file(url)).as_uri())
+                await (stop or asyncio.Event()).wait()
         finally:
             await runner.cleanup()

@@ -25,12 +25,11 @@ from pydantic import BaseModel
 from ckms.cli._client import Session
 from ckms.cli._parse import parse_key_type, parse_labels, parse_reason, parse_targets
 from ckms.cli.key import _install, _policy_patch, _valid_name
+from ckms.console._security import COOKIE, SESSION, Gate, security_middleware
 from ckms.crypto import InstallFormat, KeyType
 from ckms.errors import ApprovalRequiredError, CKMSError, PermissionDeniedError, TransportError
 from ckms.protocol import RevocationReason
 from ckms.protocol import admin as api
-
-from ._security import COOKIE, SESSION, Gate, security_middleware
 
 __all__ = ["WRITE_ROLES", "build_app"]
 
@@ -206,6 +205,7 @@ class Console:
             drifting_hosts=drifting,
             failures=failures,
             fleet=fleet,
+            audit_window=_FAILED_AUDIT_TAIL,
         )
 
     async def keys(self, request: web.Request) -> web.Response:

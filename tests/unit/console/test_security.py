@@ -119,3 +119,16 @@ async def test_another_host_name_is_refused(console: tuple[Gate, str]) -> None:
             assert r.status == 421
         async with http.get(f"{base}/", headers={"Host": f"localhost:{port}"}) as r:
             assert r.status == 200
+
+
+def test_open_hands_the_browser_a_private_file_not_the_token() -> None:
+    """``--open``: the token stays out of command lines (``ps``) other local users can read."""
+    from ckms.console import launch_file
+
+    url = "http://127.0.0.1:1/login?token=secret&x=<y>"
+    with launch_file(url) as page:
+        assert page.stat().st_mode & 0o777 == 0o600
+        assert page.parent.stat().st_mode & 0o777 == 0o700
+        assert "token=secret&amp;x=&lt;y&gt;" in page.read_text()
+        assert "secret" not in page.as_uri()
+    assert not page.exists() and not page.parent.exists()
