@@ -3,11 +3,14 @@ targets, history."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import BaseModel, ValidationError
 
+from ckms._canonical import canonical_json
 from ckms.cli._client import run
 from ckms.cli._common import JsonOption, call_and_show, conn, wait_converged
 from ckms.cli._errors import UsageError, cli_errors
@@ -24,6 +27,7 @@ from ckms.cli._render import age, console, err_console, print_json, table, until
 from ckms.errors import ConfigError
 from ckms.protocol import InstallSpec, Targets, default_install, validate_key_name
 from ckms.protocol import admin as api
+from ckms.protocol._rpc import MAX_REQUEST_BYTES
 
 app = typer.Typer(
     help="Keys: create, rotate, revoke, destroy; policies and targets.", no_args_is_help=True
@@ -185,15 +189,18 @@ def _after_change(
 @app.command("create")
 def create(
     ctx: typer.Context,
-    name: NameArg,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Key name, team/purpose (or --from-file).", show_default=False),
+    ] = None,
     key_type: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--type",
             help="aes-256, hmac-sha256, ed25519, ecdsa-p256, ecdsa-p384, rsa-3072, rsa-4096, "
             "x25519 or secret.",
         ),
-    ],
+    ] = None,
     usage: Annotated[
         str | None,
         typer.Option("--usage", help="Usage mask, comma-separated (default: the type's)."),
@@ -238,10 +245,26 @@ def create(
     ] = None,
     length: Annotated[int | None, typer.Option(help="Length of a 'secret' key.", min=1)] = None,
     alphabet: Annotated[str | None, typer.Option(help="Alphabet of a 'secret' key.")] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file",
+            help="Create every key of a JSON file at once: a list of objects with the fields of "
+            "one key (name, type, usage, policy, targets, install, ...).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a key with version 1."""
+    """Create a key with version 1 (or every key of --from-file, each audited and evented)."""
+    if from_file is not None:
+        with cli_errors():
+            if name is not None or key_type is not None:
+                raise UsageError("give either NAME --type TYPE or --from-file, not both")
+        _create_from_file(ctx, from_file, as_json=as_json)
+        return
     with cli_errors():
+        if name is None or key_type is None:
+            raise UsageError("NAME and --type are required (or --from-file)")
         kt = parse_key_type(key_type)
         _valid_name(name)
         params = api.KeyCreateParams(
@@ -259,6 +282,78 @@ def create(
         _after_change(ctx, "key.create", params, as_json=as_json, verb="created")
 
 
+def _create_from_file(ctx: typer.Context, path: Path, *, as_json: bool) -> None:
+    """Send the keys of ``path`` in as few ``key.create_many`` requests as the bound allows."""
+    with cli_errors():
+        specs = read_key_file(path)
+        batches = request_batches(specs)
+        connection = conn(ctx)
+
+        async def go() -> list[str]:
+            created: list[str] = []
+            async with connection.session() as session:
+                for batch in batches:
+                    reply = await session.call(
+                        "key.create_many",
+                        api.KeyCreateManyParams(keys=tuple(batch)),
+                        api.KeyCreateManyReply,
+                    )
+                    created += reply.created
+                    err_console().print(f"created {len(created)} of {len(specs)} keys")
+            return created
+
+        created = run(go())
+    if as_json:
+        print_json({"created": created})
+    else:
+        console().print(f"created {len(created)} keys")
+
+
+def read_key_file(path: Path) -> list[api.KeyCreateParams]:
+    """The keys a ``--from-file`` file lists (UsageError naming the entry that is wrong)."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise UsageError(f"{path}: YAML is not read (no YAML parser is a dependency); use JSON")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from None
+    if isinstance(data, dict) and set(data) == {"keys"}:
+        data = data["keys"]
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"{path} must hold a non-empty list of keys (or {{\"keys\": [...]}})")
+    out: list[api.KeyCreateParams] = []
+    for i, entry in enumerate(data, 1):
+        try:
+            out.append(api.KeyCreateParams.model_validate(entry))
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "entry"
+            raise UsageError(f"{path}: key {i}: {where}: {first['msg']}") from None
+    return out
+
+
+def request_batches(specs: list[api.KeyCreateParams]) -> list[list[api.KeyCreateParams]]:
+    """Split ``specs`` into requests that each fit the request bound (and the per-request max)."""
+    budget = MAX_REQUEST_BYTES - 1024  # the envelope ({"keys": [...]}) and some margin
+    batches: list[list[api.KeyCreateParams]] = []
+    current: list[api.KeyCreateParams] = []
+    size = 0
+    for spec in specs:
+        item = len(canonical_json(spec.model_dump(mode="json", exclude_none=True))) + 1
+        if item > budget:
+            raise UsageError(f"key {spec.name} is too large for one request")
+        if current and (size + item > budget or len(current) >= api.CREATE_MANY_MAX):
+            batches.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += item
+    if current:
+        batches.append(current)
+    return batches
+
+
 def _valid_name(name: str) -> bool:
     try:
         validate_key_name(name)
@@ -269,28 +364,53 @@ def _valid_name(name: str) -> bool:
 
 @app.command("list")
 def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """List every key with its primary version and next rotation."""
+    """List every key with its primary version and next rotation (all pages)."""
 
-    def render(reply: api.KeyListReply) -> None:
-        console().print(
-            table(
-                None,
-                ["name", "type", "primary", "versions", "targets", "next rotation"],
-                [
-                    (
-                        k.name,
-                        k.type,
-                        f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
-                        ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
-                        " | ".join(k.targets) or "-",
-                        until(k.next_rotation_at),
-                    )
-                    for k in reply.keys
-                ],
-            )
+    async def stream() -> list[api.KeySummary]:
+        # --json prints each page as it arrives: memory stays one page however many keys.
+        shown: list[api.KeySummary] = []
+        first = True
+        if as_json:
+            typer.echo('{\n  "keys": [', nl=False)
+        async with conn(ctx).session() as session:
+            async for page in api.key_pages(session.call):
+                if not as_json:
+                    shown.extend(page.keys)
+                    continue
+                for k in page.keys:
+                    text = json.dumps(k.model_dump(mode="json"), indent=2, sort_keys=True)
+                    typer.echo(("\n" if first else ",\n") + _indent(text, 4), nl=False)
+                    first = False
+        if as_json:
+            typer.echo(("\n  " if not first else "") + "]\n}")
+        return shown
+
+    with cli_errors():
+        keys = run(stream())
+    if as_json:
+        return
+    console().print(
+        table(
+            None,
+            ["name", "type", "primary", "versions", "targets", "next rotation"],
+            [
+                (
+                    k.name,
+                    k.type,
+                    f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
+                    ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
+                    " | ".join(k.targets) or "-",
+                    until(k.next_rotation_at),
+                )
+                for k in keys
+            ],
         )
+    )
 
-    call_and_show(ctx, "key.list", None, api.KeyListReply, render, as_json=as_json)
+
+def _indent(text: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in text.splitlines())
 
 
 @app.command("show")

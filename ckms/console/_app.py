@@ -210,7 +210,7 @@ class Console:
 
     async def keys(self, request: web.Request) -> web.Response:
         """Every key, searchable and filtered by team, type, primary state and due date."""
-        reply = await self.call("key.list", None, api.KeyListReply)
+        listed = [k async for page in api.key_pages(self.call) for k in page.keys]
         q = request.query.get("q", "").strip().lower()
         team = request.query.get("team", "")
         kind = request.query.get("type", "")
@@ -220,7 +220,7 @@ class Console:
         horizon = {"1": 1, "7": 7, "30": 30}.get(due)
         shown = [
             k
-            for k in reply.keys
+            for k in listed
             if (not q or q in k.name.lower())
             and (not team or k.name.split("/", 1)[0] == team)
             and (not kind or k.type == kind)
@@ -237,10 +237,10 @@ class Console:
             request,
             "keys.html",
             keys=shown,
-            total=len(reply.keys),
-            teams=sorted({k.name.split("/", 1)[0] for k in reply.keys}),
-            types=sorted({k.type for k in reply.keys}),
-            states=sorted({k.primary_state for k in reply.keys if k.primary_state}),
+            total=len(listed),
+            teams=sorted({k.name.split("/", 1)[0] for k in listed}),
+            types=sorted({k.type for k in listed}),
+            states=sorted({k.primary_state for k in listed if k.primary_state}),
             query={"q": q, "team": team, "type": kind, "state": state, "due": due},
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -145,6 +145,25 @@ def key_from_rows(row: Any, versions: list[Any]) -> Key:
     return _key(row, versions)
 
 
+async def existing_names(r: Reader, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that name a stored key, sorted."""
+    wanted = sorted(set(names))
+    found: list[str] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start : start + _IN_CHUNK]
+        rows = await r.fetchall(
+            f"SELECT name FROM keys WHERE name IN ({', '.join('?' * len(chunk))})",  # noqa: S608
+            chunk,
+        )
+        found += [str(row["name"]) for row in rows]
+    return sorted(found)
+
+
+async def keys_page(r: Reader, after: str | None, limit: int) -> list[Key]:
+    """Up to ``limit`` keys named after ``after`` (all from the first when None), by name."""
+    return await _keys_where(r, "name > ?", ("" if after is None else after,), limit=limit)
+
+
 async def keys_by_ids(r: Reader, ids: Iterable[str]) -> list[Key]:
     """The keys with these ids that exist (a deleted one is simply absent), by name."""
     wanted = sorted(set(ids))
@@ -160,9 +179,12 @@ NEVER_DUE: Final = "9999-12-31T23:59:59.999999Z"
 before the column existed; the scheduler fills those in)."""
 
 
-async def _keys_where(r: Reader, where: str, params: tuple[Any, ...]) -> list[Key]:
-    """Keys matching ``where`` (on ``keys``) with their versions, by name."""
-    rows = await r.fetchall(f"SELECT * FROM keys WHERE {where} ORDER BY name", params)  # noqa: S608
+async def _keys_where(
+    r: Reader, where: str, params: tuple[Any, ...], *, limit: int | None = None
+) -> list[Key]:
+    """Keys matching ``where`` (on ``keys``) with their versions, by name, at most ``limit``."""
+    tail = "" if limit is None else f" LIMIT {int(limit)}"
+    rows = await r.fetchall(f"SELECT * FROM keys WHERE {where} ORDER BY name{tail}", params)  # noqa: S608
     if not rows:
         return []
     ids = [row["id"] for row in rows]

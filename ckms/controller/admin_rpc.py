@@ -50,13 +50,13 @@ from ckms.controller.approvals import DualControl
 from ckms.controller.duework import due_keys, plan_due_work
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
-from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.lifecycle import Lifecycle, NewKey
 from ckms.controller.models import DEFAULT_APPROVALS
 from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import default_policy, patch_policy
 from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType
-from ckms.errors import AuditAnchorError, ConfigError, NotFoundError
+from ckms.errors import AuditAnchorError, ConfigError, NotFoundError, PolicyError
 from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
@@ -81,6 +81,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "unseal": _VAULT,
     "seal": _VAULT,
     "key.create": _WRITE,
+    "key.create_many": _WRITE,
     "key.list": _READ,
     "key.show": _READ,
     "key.history": _READ,
@@ -196,7 +197,8 @@ class AdminService:
         self._route(server, "seal", api.Empty, self.seal)
 
         self._route(server, "key.create", api.KeyCreateParams, self.key_create)
-        self._route(server, "key.list", api.Empty, self.key_list)
+        self._route(server, "key.create_many", api.KeyCreateManyParams, self.key_create_many)
+        self._route(server, "key.list", api.KeyListParams, self.key_list)
         self._route(server, "key.show", api.KeyRef, self.key_show)
         self._route(server, "key.history", api.KeyRef, self.key_history)
         self._route(server, "key.rotate", api.KeyRotateParams, self.key_rotate)
@@ -393,33 +395,56 @@ class AdminService:
         )
         return await self._run_create(params, principal.name)
 
+    async def key_create_many(
+        self, principal: Principal, params: api.KeyCreateManyParams
+    ) -> api.KeyCreateManyReply:
+        """Create many keys in a few transactions, each sealed, audited and evented.
+
+        A key whose policy puts ``create`` under dual control is refused here (nothing of the
+        request is created): it goes through ``key.create`` and its approval, one by one.
+        """
+        for spec in params.keys:
+            approvals = spec.policy.approvals_required
+            required = DEFAULT_APPROVALS if approvals is None else approvals
+            if str(ApprovalOperation.CREATE) in {str(r) for r in required}:
+                raise PolicyError(
+                    f"{spec.name} puts create under dual control: create it with key.create, "
+                    "which asks for the approval; nothing of this batch was created"
+                )
+        created = await self._lifecycle.create_many(
+            [_new_key(spec) for spec in params.keys], actor=principal.name
+        )
+        return api.KeyCreateManyReply(created=tuple(k.name for k in created))
+
     async def _run_create(self, params: api.KeyCreateParams, actor: str) -> api.KeyChangeReply:
-        policy = None
-        if not params.policy.empty:
-            try:
-                kt = KeyType(params.type)
-            except ValueError:
-                raise ConfigError(f"unsupported key type {params.type!r}") from None
-            usage = None if params.usage is None else frozenset(params.usage)
-            policy = patch_policy(default_policy(kt, usage), params.policy)  # type: ignore[arg-type]
+        spec = _new_key(params)
         await self._lifecycle.create(
-            params.name,
-            params.type,
+            spec.name,
+            spec.type,
             actor=actor,
-            usage=params.usage,
-            policy=policy,
-            targets=params.targets,
-            install=params.install,
-            secret_length=params.secret_length,
-            secret_alphabet=params.secret_alphabet,
+            usage=spec.usage,
+            policy=spec.policy,
+            targets=spec.targets,
+            install=spec.install,
+            secret_length=spec.secret_length,
+            secret_alphabet=spec.secret_alphabet,
         )
         return await self._key_reply(params.name, (1,))
 
-    async def key_list(self, principal: Principal, params: api.Empty) -> api.KeyListReply:
-        """Every key, one line each."""
+    async def key_list(self, principal: Principal, params: api.KeyListParams) -> api.KeyListReply:
+        """One page of keys by name, one line each; ``next`` continues after the last one.
+
+        Pages keep every reply far under the reply bound and the work per request flat, however
+        many keys there are (one indexed range read of ``limit`` + 1 keys).
+        """
         now = self._now()
-        keys = await self._lifecycle.list_keys()
-        return api.KeyListReply(keys=tuple(replies.key_summary(k, now=now) for k in keys))
+        keys = await self._lifecycle.page(params.after, params.limit + 1)
+        more = len(keys) > params.limit
+        keys = keys[: params.limit]
+        return api.KeyListReply(
+            keys=tuple(replies.key_summary(k, now=now) for k in keys),
+            next=keys[-1].name if more else None,
+        )
 
     async def key_show(self, principal: Principal, params: api.KeyRef) -> api.KeyChangeReply:
         """One key with its versions, policy, targets and how many hosts it targets."""
@@ -720,3 +745,25 @@ class AdminService:
         """Reject a pending request (or withdraw one's own)."""
         rejected = await self.dual.reject(principal, params.id, params.reason)
         return replies.request_info(rejected, self._now())
+
+
+def _new_key(params: api.KeyCreateParams) -> NewKey:
+    """What the lifecycle creates for a ``key.create`` request (its policy patch applied)."""
+    policy = None
+    if not params.policy.empty:
+        try:
+            kt = KeyType(params.type)
+        except ValueError:
+            raise ConfigError(f"unsupported key type {params.type!r}") from None
+        usage = None if params.usage is None else frozenset(params.usage)
+        policy = patch_policy(default_policy(kt, usage), params.policy)  # type: ignore[arg-type]
+    return NewKey(
+        name=params.name,
+        type=params.type,
+        usage=params.usage,
+        policy=policy,
+        targets=params.targets,
+        install=params.install,
+        secret_length=params.secret_length,
+        secret_alphabet=params.secret_alphabet,
+    )

@@ -31,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -60,7 +61,7 @@ from ckms.controller.transitions import DISTRIBUTABLE_STATES as DISTRIBUTABLE_ST
 from ckms.controller.transitions import LIVE_STATES, Op, next_state, op_label, revoked_for
 from ckms.controller.transitions import TRANSITIONS as TRANSITIONS
 from ckms.controller.transitions import allowed_operations as allowed_operations
-from ckms.crypto import KeyType, allowed_formats, generate
+from ckms.crypto import KeyType, allowed_formats, check_secret_spec, generate
 from ckms.errors import (
     AlreadyExistsError,
     CKMSError,
@@ -86,7 +87,25 @@ from ckms.protocol._events import EventData
 from ckms.store import Clock, Store, Transaction, format_time, outbox, require_utc, utc_now
 from ckms.store import audit as audit_log
 
-__all__ = ["Lifecycle"]
+__all__ = ["CREATE_BATCH", "Lifecycle", "NewKey"]
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """One key to create: what :meth:`Lifecycle.create` takes (None: the type's default)."""
+
+    name: str
+    type: KeyType | str
+    usage: Iterable[Usage | str] | None = None
+    policy: Policy | None = None
+    targets: Targets | None = None
+    install: InstallSpec | None = None
+    secret_length: int | None = None
+    secret_alphabet: str | None = None
+
+
+CREATE_BATCH: Final = 500
+"""Keys per transaction in :meth:`Lifecycle.create_many`."""
 
 
 log = logging.getLogger(__name__)
@@ -205,6 +224,11 @@ class Lifecycle:
         """Return every key, by name."""
         async with self._store.read() as r:
             return await _repo.list_keys(r)
+
+    async def page(self, after: str | None, limit: int) -> list[Key]:
+        """Up to ``limit`` keys named after ``after`` (from the first when None), by name."""
+        async with self._store.read() as r:
+            return await _repo.keys_page(r, after, limit)
 
     async def history(self, name: str) -> list[dict[str, Any]]:
         """Return every state transition of a key's versions (time, actor, reason), oldest first."""
@@ -434,86 +458,160 @@ class Lifecycle:
     ) -> Key:
         """Create a key with version 1 (Active, or PreActive when the policy delays activation)."""
         details: dict[str, Any] = {"type": str(key_type)}
+        spec = NewKey(
+            name=name,
+            type=key_type,
+            usage=usage,
+            policy=policy,
+            targets=targets,
+            install=install,
+            secret_length=secret_length,
+            secret_alphabet=secret_alphabet,
+        )
 
         async def run(now: datetime) -> Key:
-            validate_key_name(name)
-            try:
-                kt = KeyType(key_type)
-            except ValueError:
-                raise ConfigError(f"unsupported key type {key_type!r}") from None
-            mask = check_usage(kt, None if usage is None else frozenset(usage))  # type: ignore[arg-type]
-            pol = policy if policy is not None else default_policy(kt, mask)
-            check_policy(kt, mask, pol)
-            tgt = targets if targets is not None else Targets()
-            spec = install if install is not None else default_install(kt)
-            _check_install(kt, spec)
-            if kt is not KeyType.SECRET and (
-                secret_length is not None or secret_alphabet is not None
-            ):
-                raise ConfigError("secret_length and secret_alphabet apply only to type 'secret'")
+            key = self._new_key(spec, now=now, actor=actor)
             self._vault.require_unsealed(f"create key {name}")
             async with self._store.read() as r:
                 if await _repo.find_key(r, name) is not None:
                     raise AlreadyExistsError(f"a key named {name!r} already exists")
-            key = Key(
-                id=str(uuid.uuid4()),
-                name=name,
-                type=kt,
-                usage=mask,
-                policy=pol,
-                targets=tgt,
-                install=spec,
-                secret_length=secret_length,
-                secret_alphabet=secret_alphabet,
-                created_at=now,
-                created_by=actor,
-                updated_at=now,
-            )
             material = await _generate(key)
             async with self._store.write() as tx:
-                if await _repo.find_key(tx, name) is not None:
-                    raise AlreadyExistsError(f"a key named {name!r} already exists")
-                await self._check_env_guard(tx, tgt)
-                await _repo.insert_key(tx, key)
-                first, primary = await self._add_version(
-                    tx, key, material, now=now, actor=actor, operation="create", reason=None
-                )
+                created = await self._store_new(tx, key, material, now=now, actor=actor)
                 del material
-                event = KeyCreated(
-                    key=name,
-                    key_id=key.id,
-                    type=str(kt),
-                    usage=tuple(key.usage_list),
-                    version=first.version,
-                    state=first.state,
-                    digest=first.digest,
-                    activation_at=_t(first.activation_at),
-                    primary=primary,
-                    policy=_event_policy(pol),
-                    targets=tgt,
-                    install=spec,
-                )
-                await self._emit(
-                    tx,
-                    now=now,
-                    actor=actor,
-                    action="key.create",
-                    key=key,
-                    event=event,
-                    details={
-                        "type": str(kt),
-                        "usage": key.usage_list,
-                        "version": first.version,
-                        "state": str(first.state),
-                        "digest_hmac": self._vault.identifier(first.digest),
-                        "targets": tgt.describe(),
-                    },
-                )
-                created = await _repo.load_key(tx, name)
-            log.info("created key %s (%s) by %s", name, kt, actor)
+            log.info("created key %s (%s) by %s", name, key.type, actor)
             return created
 
         return await self._guarded("key.create", name, actor, details, run)
+
+    async def create_many(
+        self, specs: Sequence[NewKey], *, actor: str, batch: int = CREATE_BATCH
+    ) -> list[Key]:
+        """Create many keys at once (onboarding a team): each exactly as :meth:`create` does,
+        sealed, audited and evented, but ``batch`` keys per transaction and per trip to the
+        material generator, so the fsync and the thread hops are shared.
+
+        Every spec is checked (names unique, types, usage, policy, install, not already
+        existing) before anything is written; a refusal names the spec and creates nothing. A
+        batch is all or nothing; the batches before a failed one stay created.
+        """
+        names = [s.name for s in specs]
+        details: dict[str, Any] = {"keys": len(specs)}
+        shown = names[0] if len(names) == 1 else f"{len(names)} keys"
+
+        async def run(now: datetime) -> list[Key]:
+            if not specs:
+                return []
+            seen: set[str] = set()
+            keys: list[Key] = []
+            for i, spec in enumerate(specs):
+                try:
+                    key = self._new_key(spec, now=now, actor=actor)
+                except (ConfigError, PolicyError) as exc:
+                    raise type(exc)(f"key {i + 1} ({spec.name!r}): {exc}") from None
+                if key.name in seen:
+                    raise ConfigError(f"key {i + 1}: {key.name!r} is named twice")
+                seen.add(key.name)
+                keys.append(key)
+            self._vault.require_unsealed(f"create {shown}")
+            async with self._store.read() as r:
+                existing = await _repo.existing_names(r, names)
+            if existing:
+                raise AlreadyExistsError(
+                    f"{len(existing)} of these keys already exist: {', '.join(existing[:5])}"
+                    + (" ..." if len(existing) > 5 else "")
+                )
+            created: list[Key] = []
+            for start in range(0, len(keys), batch):
+                chunk = keys[start : start + batch]
+                materials = await asyncio.to_thread(_generate_all, chunk)
+                async with self._store.write() as tx:
+                    for key, material in zip(chunk, materials, strict=True):
+                        created.append(
+                            await self._store_new(tx, key, material, now=now, actor=actor)
+                        )
+                del materials
+            log.info("created %d keys by %s", len(created), actor)
+            return created
+
+        return await self._guarded("key.create", shown, actor, details, run)
+
+    def _new_key(self, spec: NewKey, *, now: datetime, actor: str) -> Key:
+        """The checked model of a key to create (ConfigError/PolicyError naming what is wrong)."""
+        validate_key_name(spec.name)
+        try:
+            kt = KeyType(spec.type)
+        except ValueError:
+            raise ConfigError(f"unsupported key type {spec.type!r}") from None
+        mask = check_usage(kt, None if spec.usage is None else frozenset(spec.usage))  # type: ignore[arg-type]
+        pol = spec.policy if spec.policy is not None else default_policy(kt, mask)
+        check_policy(kt, mask, pol)
+        install = spec.install if spec.install is not None else default_install(kt)
+        _check_install(kt, install)
+        if kt is not KeyType.SECRET and (
+            spec.secret_length is not None or spec.secret_alphabet is not None
+        ):
+            raise ConfigError("secret_length and secret_alphabet apply only to type 'secret'")
+        if kt is KeyType.SECRET:
+            check_secret_spec(spec.secret_length, spec.secret_alphabet)  # before any write
+        return Key(
+            id=str(uuid.uuid4()),
+            name=spec.name,
+            type=kt,
+            usage=mask,
+            policy=pol,
+            targets=spec.targets if spec.targets is not None else Targets(),
+            install=install,
+            secret_length=spec.secret_length,
+            secret_alphabet=spec.secret_alphabet,
+            created_at=now,
+            created_by=actor,
+            updated_at=now,
+        )
+
+    async def _store_new(
+        self, tx: Transaction, key: Key, material: bytes, *, now: datetime, actor: str
+    ) -> Key:
+        """Store a new key with version 1, its history, event and audit record, in ``tx``."""
+        name = key.name
+        if await _repo.find_key(tx, name) is not None:
+            raise AlreadyExistsError(f"a key named {name!r} already exists")
+        await self._check_env_guard(tx, key.targets)
+        await _repo.insert_key(tx, key)
+        first, primary = await self._add_version(
+            tx, key, material, now=now, actor=actor, operation="create", reason=None
+        )
+        event = KeyCreated(
+            key=name,
+            key_id=key.id,
+            type=str(key.type),
+            usage=tuple(key.usage_list),
+            version=first.version,
+            state=first.state,
+            digest=first.digest,
+            activation_at=_t(first.activation_at),
+            primary=primary,
+            policy=_event_policy(key.policy),
+            targets=key.targets,
+            install=key.install,
+        )
+        await self._emit(
+            tx,
+            now=now,
+            actor=actor,
+            action="key.create",
+            key=key,
+            event=event,
+            details={
+                "type": str(key.type),
+                "usage": key.usage_list,
+                "version": first.version,
+                "state": str(first.state),
+                "digest_hmac": self._vault.identifier(first.digest),
+                "targets": key.targets.describe(),
+            },
+        )
+        return await _repo.load_key(tx, name)
 
     async def rotate(self, name: str, *, actor: str, reason: str | None = None) -> KeyVersion:
         """Add a version: Active and primary now, or PreActive until the activation delay ends."""
@@ -813,6 +911,11 @@ def _check_install(key_type: KeyType, spec: InstallSpec) -> None:
             f"install format '{spec.format}' is not available for key type '{key_type}' "
             f"(allowed: {', '.join(sorted(allowed))})"
         )
+
+
+def _generate_all(keys: Sequence[Key]) -> list[bytes]:
+    """New material for each of ``keys`` (one trip to a worker thread for a whole batch)."""
+    return [generate(k.type, length=k.secret_length, alphabet=k.secret_alphabet) for k in keys]
 
 
 async def _generate(key: Key) -> bytes:

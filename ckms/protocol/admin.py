@@ -11,11 +11,13 @@ the one-time enrollment token of ``host.enroll``, shown once.
 from __future__ import annotations
 
 import shlex
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ckms.errors import ProtocolError
 from ckms.protocol._events import HostId, KeyName
 from ckms.protocol._keyspec import InstallSpec, KeyState, RevocationReason, Targets
 from ckms.protocol._roles import APPROVAL_OPERATIONS, OPERATOR_ROLES, ApprovalOperation, Role
@@ -23,6 +25,8 @@ from ckms.protocol._secret import WireSecret
 
 __all__ = [
     "APPROVAL_OPERATIONS",
+    "CREATE_MANY_MAX",
+    "KEY_PAGE_MAX",
     "OPERATOR_ROLES",
     "ApproveReply",
     "AuditAnchorStatus",
@@ -46,10 +50,13 @@ __all__ = [
     "HostRef",
     "KafkaStatus",
     "KeyChangeReply",
+    "KeyCreateManyParams",
+    "KeyCreateManyReply",
     "KeyCreateParams",
     "KeyFleet",
     "KeyHistoryReply",
     "KeyInfo",
+    "KeyListParams",
     "KeyListReply",
     "KeyPolicyParams",
     "KeyRef",
@@ -76,6 +83,7 @@ __all__ = [
     "VersionInfo",
     "WhoamiReply",
     "agent_enroll_command",
+    "key_pages",
 ]
 
 
@@ -153,6 +161,23 @@ class KeyCreateParams(_Model):
     install: InstallSpec | None = None
     secret_length: Annotated[int, Field(ge=1, le=4096)] | None = None
     secret_alphabet: Annotated[str, Field(min_length=2, max_length=256)] | None = None
+
+
+CREATE_MANY_MAX = 1000
+"""Most keys in one ``key.create_many`` request (the request bound, 32 KiB, usually binds first:
+the CLI sends as many as fit)."""
+
+
+class KeyCreateManyParams(_Model):
+    """Several new keys at once (onboarding), each as ``key.create`` takes it."""
+
+    keys: Annotated[tuple[KeyCreateParams, ...], Field(min_length=1, max_length=CREATE_MANY_MAX)]
+
+
+class KeyCreateManyReply(_Reply):
+    """The keys created, in request order."""
+
+    created: tuple[str, ...]
 
 
 class KeyRotateParams(_Model):
@@ -337,10 +362,43 @@ class KeySummary(_Reply):
     updated_at: datetime
 
 
+KEY_PAGE_MAX = 2000
+"""Most keys one ``key.list`` reply carries (about 0.5 MB, well under the reply bound)."""
+
+
+class KeyListParams(_Model):
+    """One page of ``key.list``: the keys named after ``after`` (by name), at most ``limit``."""
+
+    after: KeyName | None = None
+    limit: Annotated[int, Field(ge=1, le=KEY_PAGE_MAX)] = 1000
+
+
 class KeyListReply(_Reply):
-    """Every key."""
+    """One page of keys, by name; ``next`` is the cursor of the next page (None: last page)."""
 
     keys: tuple[KeySummary, ...]
+    next: str | None = None
+
+
+PageCall = Callable[[str, KeyListParams, type[KeyListReply]], Awaitable[KeyListReply]]
+"""An admin RPC call (CLI session, console client) as :func:`key_pages` makes it."""
+
+
+async def key_pages(call: PageCall, *, limit: int = KEY_PAGE_MAX) -> AsyncIterator[KeyListReply]:
+    """Every page of ``key.list`` in name order, following ``next`` until the last page.
+
+    Each page is read in its own snapshot: a key created meanwhile shows when its name sorts
+    after the cursor; no key present throughout is missed or shown twice.
+    """
+    after: str | None = None
+    while True:
+        page = await call("key.list", KeyListParams(after=after, limit=limit), KeyListReply)
+        yield page
+        if page.next is None or not page.keys:
+            return
+        if after is not None and page.next <= after:
+            raise ProtocolError("the controller's key.list cursor did not advance")
+        after = page.next
 
 
 class KeyChangeReply(_Reply):
