@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel, ValidationError
 
-from ckms._canonical import canonical_json
 from ckms.cli._client import run
 from ckms.cli._common import JsonOption, call_and_show, conn, wait_converged
 from ckms.cli._errors import UsageError, cli_errors
@@ -25,7 +24,7 @@ from ckms.cli._parse import (
 )
 from ckms.cli._render import age, console, err_console, print_json, table, until, when
 from ckms.errors import ConfigError
-from ckms.protocol import InstallSpec, Targets, default_install, validate_key_name
+from ckms.protocol import InstallSpec, Targets, canonical_json, default_install, validate_key_name
 from ckms.protocol import admin as api
 from ckms.protocol._rpc import MAX_REQUEST_BYTES
 
