@@ -36,11 +36,13 @@ fails: operations that must be audited are refused until the log is restored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -351,6 +353,9 @@ async def checkpoint(
                     f"the log's head at size {size} differs from its checkpoint (rewritten)"
                 )
             return last
+        problem = await _new_records_problem(tx, last)
+        if problem is not None:
+            raise AuditAnchorError(f"{problem}; not signing a checkpoint over it")
         at = format_time(now)
         unsigned = AuditCheckpoint(
             v=2,
@@ -383,6 +388,27 @@ async def checkpoint(
         except StoreError as exc:
             raise AuditError(f"audit checkpoint could not be written: {exc}") from exc
         return cp
+
+
+async def _new_records_problem(r: Reader, last: AuditCheckpoint | None) -> str | None:
+    """Why the records after checkpoint ``last`` (all, when None) do not verify, or None.
+
+    Incremental: only the records the new checkpoint adds are hashed (in a worker thread),
+    chained onto the head ``last`` signed, so a checkpoint never vouches for an edited tail
+    and costs O(new records), not O(log).
+    """
+    start = 0 if last is None else last.size
+    prev = GENESIS_HASH if last is None else last.head_hash
+    if start > 0:
+        signed_head = await r.fetchval("SELECT hash FROM audit WHERE idx = ?", (start - 1,))
+        if signed_head != prev:
+            return f"record {start - 1} differs from what the checkpoint at size {start} signed"
+    rows = await r.fetchall(
+        f"SELECT {_RECORD_COLUMNS} FROM audit WHERE idx >= ? ORDER BY idx",  # noqa: S608
+        (start,),
+    )
+    walk = await asyncio.to_thread(walk_rows, rows, start=start, prev=prev)
+    return walk.reason
 
 
 async def _anchor_problem(
@@ -531,8 +557,50 @@ def verify_audit(
     checkpoint or the anchor was truncated, and the first missing index is reported.
     """
     bad_index, reason = _walk_chain(records)
-    size = len(records)
-    head = records[-1].hash if records else GENESIS_HASH
+    walk = _Walk(
+        size=len(records),
+        head=records[-1].hash if records else GENESIS_HASH,
+        bad_index=bad_index,
+        reason=reason,
+        hashes=None,
+        records=records,
+    )
+    return _judge(walk, checkpoints, public_key, anchor=anchor)
+
+
+@dataclass
+class _Walk:
+    """What the chain walk learnt: size, head, first bad record, and the hashes at the
+    positions the checkpoints and the anchor name (all that the rest of verification reads)."""
+
+    size: int
+    head: str
+    bad_index: int | None
+    reason: str | None
+    hashes: dict[int, str] | None
+    records: Sequence[AuditRecord] | None = None
+
+    def hash_at(self, position: int) -> str:
+        """The stored hash of the record at ``position`` (< size), GENESIS_HASH for -1."""
+        if position < 0:
+            return GENESIS_HASH
+        if self.hashes is not None and position in self.hashes:
+            return self.hashes[position]
+        assert self.records is not None, "the walk kept no hash at this position"
+        return self.records[position].hash
+
+
+def _judge(
+    walk: _Walk,
+    checkpoints: Iterable[AuditCheckpoint],
+    public_key: bytes,
+    *,
+    anchor: Anchor | None = None,
+) -> AuditReport:
+    """The report of a walked log against its checkpoints and ``anchor``."""
+    bad_index, reason = walk.bad_index, walk.reason
+    size = walk.size
+    head = walk.head
     verified = 0
     bad_cp: int | None = None
     cp_reason: str | None = None
@@ -559,7 +627,7 @@ def verify_audit(
             candidate = size
             why = f"log truncated: checkpoint covers {cp.size} records but only {size} remain"
         else:
-            at_head = records[cp.size - 1].hash if cp.size else GENESIS_HASH
+            at_head = walk.hash_at(cp.size - 1)
             if at_head == cp.head_hash:
                 verified += 1
                 last_good_size = cp.size
@@ -576,7 +644,7 @@ def verify_audit(
         break
     if anchor is not None:
         bad_index, reason, anchor_cp, anchor_reason = _check_anchor(
-            anchor, records, ordered, public_key, bad_index, reason
+            anchor, walk, ordered, public_key, bad_index, reason
         )
         if anchor_cp is not None and bad_cp is None:
             bad_cp, cp_reason = anchor_cp, anchor_reason
@@ -597,14 +665,14 @@ def verify_audit(
 
 def _check_anchor(
     anchor: Anchor,
-    records: Sequence[AuditRecord],
+    walk: _Walk,
     checkpoints: Sequence[AuditCheckpoint],
     public_key: bytes,
     bad_index: int | None,
     reason: str | None,
 ) -> tuple[int | None, str | None, int | None, str | None]:
     """Check the log against an anchor kept elsewhere: (bad index, why, bad checkpoint, why)."""
-    size = len(records)
+    size = walk.size
     if anchor.checkpoint is not None and not _signed(anchor.checkpoint, public_key):
         return bad_index, reason, anchor.size, "the anchor is not signed by this controller's key"
     candidate: int | None = None
@@ -612,12 +680,11 @@ def _check_anchor(
     if size < anchor.size:
         candidate = size
         why = f"log truncated: the anchor covers {anchor.size} records but only {size} remain"
-    elif (records[anchor.size - 1].hash if anchor.size else GENESIS_HASH) != anchor.head_hash:
+    elif walk.hash_at(anchor.size - 1) != anchor.head_hash:
         vouched = [
             cp.size
             for cp in checkpoints
-            if cp.size < anchor.size
-            and (records[cp.size - 1].hash if cp.size else GENESIS_HASH) == cp.head_hash
+            if cp.size < anchor.size and walk.hash_at(cp.size - 1) == cp.head_hash
         ]
         candidate = max(vouched, default=0)
         why = f"records before {anchor.size} were rewritten: head hash differs from the anchor"
@@ -642,11 +709,140 @@ def _check_anchor(
 async def verify_store(
     store: Store, public_key: bytes, *, anchor: Anchor | None = None
 ) -> AuditReport:
-    """Verify the audit log stored in ``store`` (one read snapshot), against ``anchor`` if given."""
-    async with store.read() as r:
-        records = await load_records(r)
-        checkpoints = await load_checkpoints(r)
-    return verify_audit(records, checkpoints, public_key, anchor=anchor)
+    """Verify the audit log stored in ``store`` (one read snapshot), against ``anchor`` if given.
+
+    A file store is verified in a worker thread on a connection of its own, streaming the
+    records in slices: memory stays constant and the event loop is never held, however long
+    the log. An in-memory store (tests) has no second connection and is loaded whole.
+    """
+    if store.is_memory:
+        async with store.read() as r:
+            records = await load_records(r)
+            checkpoints = await load_checkpoints(r)
+        return verify_audit(records, checkpoints, public_key, anchor=anchor)
+    return await asyncio.to_thread(_verify_file, store.path, public_key, anchor)
+
+
+STREAM_SLICE = 10_000
+"""Records read per slice when a log is verified streamed."""
+
+_RECORD_COLUMNS = "idx, at, actor, action, object, outcome, details, prev_hash, hash"
+_ENCODE = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
+def _verify_file(path: str, public_key: bytes, anchor: Anchor | None) -> AuditReport:
+    """:func:`verify_store` for a file, in the calling (worker) thread."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("BEGIN")  # one snapshot for the checkpoints and every record
+        conn.row_factory = sqlite3.Row
+        checkpoints = [
+            _checkpoint(row)
+            for row in conn.execute("SELECT * FROM audit_checkpoints ORDER BY size")
+        ]
+        conn.row_factory = None
+        wanted = {cp.size - 1 for cp in checkpoints}
+        if anchor is not None:
+            wanted.add(anchor.size - 1)
+        cursor = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM audit ORDER BY idx")  # noqa: S608
+        walk = walk_rows(_slices(cursor), wanted=wanted)
+        return _judge(walk, checkpoints, public_key, anchor=anchor)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the audit log: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _slices(cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
+    while rows := cursor.fetchmany(STREAM_SLICE):
+        yield from rows
+
+
+def _row_hash(row: tuple[Any, ...]) -> str:
+    """The hash a stored record should carry, computed from its row.
+
+    Fast form first: the stored details text is the canonical JSON ``append`` wrote, so the
+    hashed bytes are assembled around it. When that does not match, the exact form decides
+    (details parsed and re-encoded, as :func:`record_hash` of the record would).
+    """
+    idx, at, actor, action, obj, outcome, details, prev, _ = row
+    try:
+        fast = (
+            f'{{"action":{_ENCODE(str(action))},"actor":{_ENCODE(str(actor))},'
+            f'"at":{_ENCODE(str(at))},"details":{details},"index":{int(idx)},'
+            f'"object":{_ENCODE(str(obj))},"outcome":{_ENCODE(str(outcome))},'
+            f'"prev_hash":{_ENCODE(str(prev))}}}'
+        )
+        digest = hashlib.sha256(fast.encode("utf-8")).hexdigest()
+    except (ValueError, TypeError):
+        digest = ""
+    if digest == row[8]:
+        return digest
+    fields = {
+        "index": int(idx),
+        "at": str(at),
+        "actor": str(actor),
+        "action": str(action),
+        "object": str(obj),
+        "outcome": str(outcome),
+        "details": _details(str(details)),
+        "prev_hash": str(prev),
+    }
+    try:
+        return record_hash(fields)
+    except CKMSError:
+        return ""  # not encodable: cannot match any stored hash
+
+
+def walk_rows(
+    rows: Iterable[tuple[Any, ...]],
+    *,
+    start: int = 0,
+    prev: str = GENESIS_HASH,
+    wanted: Collection[int] = (),
+) -> _Walk:
+    """Walk stored record rows (``idx, at, actor, action, object, outcome, details, prev_hash,
+    hash``, by index) from position ``start``, chaining onto ``prev``: the same verdicts as
+    :func:`verify_audit`'s walk, one row at a time, keeping only the hashes at ``wanted``."""
+    position = start
+    head = prev
+    bad: tuple[int, str] | None = None
+    hashes: dict[int, str] = {}
+    for row in rows:
+        stored = str(row[8])
+        if bad is None:
+            index = int(row[0])
+            if index != position:
+                if index > position:
+                    why = f"record {position} is missing (found record {index} in its place)"
+                else:
+                    why = f"records are out of order (found record {index} at position {position})"
+                bad = (position, why)
+            elif _row_hash(row) != stored:
+                why = f"record {position} was edited (its hash does not match its content)"
+                bad = (position, why)
+            elif str(row[7]) != head:
+                if position == 0:
+                    bad = (0, "record 0 does not start the chain")
+                else:
+                    bad = (
+                        position - 1,
+                        f"record {position - 1} does not match the hash record {position} "
+                        "chains to (edited and re-hashed)",
+                    )
+        if position in wanted:
+            hashes[position] = stored
+        head = stored
+        position += 1
+    return _Walk(
+        size=position,
+        head=head,
+        bad_index=None if bad is None else bad[0],
+        reason=None if bad is None else bad[1],
+        hashes=hashes,
+    )
 
 
 # -- export ----------------------------------------------------------------------------------
