@@ -47,7 +47,6 @@ from pydantic import BaseModel
 
 from ckms.controller import replies
 from ckms.controller.approvals import DualControl
-from ckms.controller.duework import due_keys, plan_due_work
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle, NewKey
@@ -112,7 +111,6 @@ ROLES: dict[str, frozenset[Role]] = {
 }
 """Every admin method and the roles its route admits (handlers may refuse more)."""
 
-_DAY = timedelta(days=1)
 _VERSION_OPS = (
     ApprovalOperation.ACTIVATE,
     ApprovalOperation.SUSPEND,
@@ -278,22 +276,7 @@ class AdminService:
             public = None
         keys = list((await self._lifecycle.current_keys()).values())
         hosts = await self._hosts.list()
-        # Only the keys due within the horizon are planned (the next-due index), not every key.
-        due_soon, _ = await due_keys(self._store, now + timedelta(days=30))
-        soon = plan_due_work(due_soon, now + timedelta(days=30))
-        current = plan_due_work(due_soon, now)
-        rotations = tuple(
-            api.DueEntry(key=i.key, version=i.version, due_at=i.due_at) for i in soon.rotate
-        )
-        counts = {
-            label: sum(1 for r in rotations if r.due_at <= now + delta)
-            for label, delta in (
-                ("overdue", timedelta(0)),
-                ("1d", _DAY),
-                ("7d", 7 * _DAY),
-                ("30d", 30 * _DAY),
-            )
-        }
+        due = await self._fleet.due(now)
         pub, acks = self._publisher.stats, self._acks.stats
         anchor = self._vault.anchor.status()
         return api.StatusReply(
@@ -320,10 +303,10 @@ class AdminService:
             keys=len(keys),
             hosts=sum(1 for h in hosts if not h.revoked),
             hosts_revoked=sum(1 for h in hosts if h.revoked),
-            rotations_due=rotations,
-            due_counts=counts,
-            activations_due=len(current.activate),
-            deactivations_due=len(current.deactivate),
+            rotations_due=due.rotations,
+            due_counts=due.counts,
+            activations_due=due.activations,
+            deactivations_due=due.deactivations,
             stale_hosts=tuple(await self._fleet.stale_hosts(keys, hosts, now)),
             pending_requests=await self.requests.count_pending(),
             audit_anchor=api.AuditAnchorStatus(

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ckms.controller.desired import desired_versions, distributable_versions, drifts
+from ckms.controller.duework import due_keys, plan_due_work
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Host, Key
@@ -99,6 +100,27 @@ def _status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
 DEFAULT_STALENESS = timedelta(days=1)
 """How long a host that no key targets may go unseen before it is called stale."""
 
+DUE_HORIZON = timedelta(days=30)
+"""How far ahead ``status`` lists rotations."""
+
+_DUE_BUCKETS = (
+    ("overdue", timedelta(0)),
+    ("1d", timedelta(days=1)),
+    ("7d", timedelta(days=7)),
+    ("30d", DUE_HORIZON),
+)
+
+
+@dataclass(frozen=True)
+class DueSummary:
+    """What ``status`` says is due: rotations within the horizon, counts by how soon, and how
+    many activations and deactivations are due now."""
+
+    rotations: tuple[api.DueEntry, ...]
+    counts: dict[str, int]
+    activations: int
+    deactivations: int
+
 
 class FleetView:
     """The fleet queries behind ``status``, ``host list|show`` and ``fleet status``."""
@@ -124,6 +146,24 @@ class FleetView:
             }
             for row in rows
         }
+
+    async def due(self, now: datetime) -> DueSummary:
+        """Rotations due within :data:`DUE_HORIZON` and what is due now.
+
+        Only the keys due within the horizon are planned (the next-due index), not every key.
+        """
+        horizon = now + DUE_HORIZON
+        due_soon, _ = await due_keys(self._store, horizon)
+        soon = plan_due_work(due_soon, horizon)
+        current = plan_due_work(due_soon, now)
+        rotations = tuple(
+            api.DueEntry(key=i.key, version=i.version, due_at=i.due_at) for i in soon.rotate
+        )
+        counts = {
+            label: sum(1 for r in rotations if r.due_at <= now + delta)
+            for label, delta in _DUE_BUCKETS
+        }
+        return DueSummary(rotations, counts, len(current.activate), len(current.deactivate))
 
     async def stale_hosts(self, keys: list[Key], hosts: list[Host], now: datetime) -> list[str]:
         """Hosts not seen for longer than the shortest max staleness of the keys they hold."""
