@@ -114,7 +114,7 @@ T = TypeVar("T")
 
 MAX_REASON_LENGTH: Final = 1000
 
-_BUILD_SLICE: Final = 500
+_BUILD_SLICE: Final = 100
 """Key models built between two yields to the event loop when the key view is (re)loaded."""
 
 _REFRESH_ALL_ABOVE: Final = 5000
@@ -513,6 +513,8 @@ class Lifecycle:
                     raise ConfigError(f"key {i + 1}: {key.name!r} is named twice")
                 seen.add(key.name)
                 keys.append(key)
+                if i % _BUILD_SLICE == _BUILD_SLICE - 1:
+                    await asyncio.sleep(0)  # checking 100,000 specs must not hold the loop
             self._vault.require_unsealed(f"create {shown}")
             async with self._store.read() as r:
                 existing = await _repo.existing_names(r, names)

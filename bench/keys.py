@@ -1,0 +1,295 @@
+"""Scale in keys and audit records: the controller's costs at 10k, 30k and 100k keys, 1M records.
+
+    python bench/keys.py                                   # 10k, 30k, 100k keys; 1M records
+    python bench/keys.py --keys 500,1500,5000 --records 50000   # quick
+
+Everything runs in this process on real SQLite files (WAL, synchronous=FULL) through the real
+paths: keys are created with ``Lifecycle.create_many`` (each sealed under the data KEK, audited
+and evented, 500 per transaction), audit records with ``audit.append``. No Kafka and no SSH:
+what is measured is the controller's own work.
+
+Per key count, in one run:
+
+- **create**: keys/s through the batched create path (onboarding);
+- **scheduler pass**: ``due_work`` when nothing is due (the next-due index);
+- **key view fill**: ``Lifecycle.current_keys`` from empty (the agents' view), and RSS after;
+- **key change**: one rotation, then ``current_keys`` again (refreshes that key only);
+- **key.list**: every page of the admin handler, each reply encoded as JSON (what the CLI
+  receives, minus SSH), and the bytes of the largest page.
+
+For the audit log (a store of its own): appends one per transaction and group-committed (1,000
+per transaction), a full ``audit verify`` (streamed, in a worker thread) with the RSS it adds,
+and one incremental checkpoint over 1,000 new records.
+
+A loop-lag probe (a task asking to wake every 5 ms) records the worst event-loop stall of each
+phase. Ratios 100k/10k are printed at the end. The machine may be shared: figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from _proc import rss_mb
+
+from ckms.controller import replies
+from ckms.controller.duework import due_work
+from ckms.controller.lifecycle import Lifecycle, NewKey
+from ckms.controller.sealing import Vault, init_controller
+from ckms.crypto import generate_signing_key, sign, signing_public_key
+from ckms.protocol import admin as api
+from ckms.store import Store, utc_now
+from ckms.store import audit as audit_log
+
+PASSPHRASE = "benchmark passphrase, not a secret"
+PAGE = api.KEY_PAGE_DEFAULT
+
+
+class LoopLag:
+    """The worst delay past its deadline of a task that asks to wake every ``period``."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.period
+            await asyncio.sleep(self.period)
+            self.worst = max(self.worst, loop.time() - due)
+
+    @asynccontextmanager
+    async def phase(self) -> AsyncIterator[dict[str, float]]:
+        """Measure one phase: yields a dict that gets ``seconds`` and ``stall_ms``."""
+        self.worst = 0.0
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(self.period * 2)  # the probe is running before the phase starts
+        self.worst = 0.0
+        out: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            yield out
+        finally:
+            out["seconds"] = time.perf_counter() - start
+            await asyncio.sleep(self.period * 2)
+            self._task.cancel()
+            out["stall_ms"] = self.worst * 1000
+
+
+class PeakRss:
+    """This process's highest RSS (MB) while the block runs, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self.base = rss_mb(os.getpid())
+        self.peak = self.base
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, rss_mb(os.getpid()))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def _open(path: Path) -> tuple[Store, Vault, Lifecycle]:
+    store = await Store.open(path)
+    await init_controller(store, passphrase=PASSPHRASE)
+    vault = Vault(store)
+    await vault.unseal_with_passphrase(PASSPHRASE)
+    return store, vault, Lifecycle(store, vault)
+
+
+async def keys_phase(root: Path, count: int, lag: LoopLag) -> dict[str, float]:
+    """Every key figure at ``count`` keys, on a store of its own."""
+    store, _, lifecycle = await _open(root / f"keys-{count}.db")
+    out: dict[str, float] = {}
+    try:
+        specs = [
+            NewKey(name=f"team{i % 100:02}/key-{i:06}", type="hmac-sha256") for i in range(count)
+        ]
+        async with lag.phase() as p:
+            await lifecycle.create_many(specs, actor="bench")
+        out["create keys/s"] = count / p["seconds"]
+        out["create stall ms"] = p["stall_ms"]
+        del specs
+        gc.collect()
+
+        async with lag.phase() as p:
+            work = await due_work(store, utc_now())
+        assert work.empty, "nothing should be due right after creation"
+        out["scheduler pass s"], out["scheduler stall ms"] = p["seconds"], p["stall_ms"]
+
+        async with lag.phase() as p:
+            view = await lifecycle.current_keys()
+        assert len(view) == count
+        out["view fill s"], out["view fill stall ms"] = p["seconds"], p["stall_ms"]
+        gc.collect()
+        out["RSS with view MB"] = rss_mb(os.getpid())
+
+        async with lag.phase() as p:
+            await lifecycle.rotate("team00/key-000000", actor="bench")
+            view = await lifecycle.current_keys()
+        assert view["team00/key-000000"].latest_version == 2
+        out["key change s"], out["key change stall ms"] = p["seconds"], p["stall_ms"]
+
+        async with lag.phase() as p:
+            listed, largest = await _list_all(lifecycle)
+        assert listed == count
+        out["key.list all pages s"], out["key.list stall ms"] = p["seconds"], p["stall_ms"]
+        out["key.list largest page KB"] = largest / 1024
+    finally:
+        del lifecycle
+        await store.close()
+    return out
+
+
+async def _list_all(lifecycle: Lifecycle) -> tuple[int, int]:
+    """What the admin ``key.list`` handler does for every page, each reply JSON-encoded."""
+    after: str | None = None
+    listed = largest = 0
+    while True:
+        now = utc_now()
+        keys = await lifecycle.page(after, PAGE + 1)
+        more = len(keys) > PAGE
+        keys = keys[:PAGE]
+        reply = api.KeyListReply(
+            keys=tuple(replies.key_summary(k, now=now) for k in keys),
+            next=keys[-1].name if more else None,
+        )
+        body = reply.model_dump_json()
+        largest = max(largest, len(body))
+        listed += len(reply.keys)
+        await asyncio.sleep(0)
+        if reply.next is None:
+            return listed, largest
+        after = reply.next
+
+
+async def _append(store: Store, n: int, *, per_tx: int, start: int = 0) -> None:
+    now = utc_now()
+    for first in range(start, start + n, per_tx):
+        async with store.write() as tx:
+            for i in range(first, min(first + per_tx, start + n)):
+                await audit_log.append(
+                    tx,
+                    now=now,
+                    actor="bench",
+                    action="key.rotate",
+                    object=f"key:team{i % 100:02}/key-{i:06}",
+                    details={"version": 2, "event_id": f"{i:032x}", "event_seq": i},
+                )
+
+
+async def audit_phase(root: Path, records: int, lag: LoopLag) -> dict[str, float]:
+    """Append rates, a full streamed verify and one incremental checkpoint."""
+    store = await Store.open(root / "audit.db")
+    private = generate_signing_key()
+    public = signing_public_key(private)
+    out: dict[str, float] = {}
+
+    async def checkpoint() -> audit_log.AuditCheckpoint:
+        return await audit_log.checkpoint(
+            store, sign=lambda data: sign(private, data), public_key=public, now=utc_now()
+        )
+
+    try:
+        single = min(3000, records)
+        async with lag.phase() as p:
+            await _append(store, single, per_tx=1)
+        out["append 1/tx records/s"] = single / p["seconds"]
+        rest = records - single
+        async with lag.phase() as p:
+            await _append(store, rest, per_tx=1000, start=single)
+        out["append grouped records/s"] = rest / p["seconds"]
+        out["append grouped stall ms"] = p["stall_ms"]
+        await checkpoint()
+        gc.collect()
+        with PeakRss() as rss:
+            async with lag.phase() as p:
+                report = await audit_log.verify_store(store, public)
+        assert report.ok and report.size == records, report
+        out["verify full s"], out["verify stall ms"] = p["seconds"], p["stall_ms"]
+        out["verify RSS added MB"] = rss.peak - rss.base
+        await _append(store, 1000, per_tx=1000, start=records)
+        async with lag.phase() as p:
+            cp = await checkpoint()
+        assert cp.size == records + 1000
+        out["incremental checkpoint (1,000 new) s"] = p["seconds"]
+        out["incremental checkpoint stall ms"] = p["stall_ms"]
+    finally:
+        await store.close()
+    return out
+
+
+def _show(results: dict[int, dict[str, float]]) -> None:
+    counts = sorted(results)
+    names = list(results[counts[0]])
+    header = ["figure", *(f"{c:,} keys" for c in counts)]
+    if len(counts) > 1:
+        header.append(f"{counts[-1] // counts[0]}x keys: ratio")
+    rows = []
+    for name in names:
+        values = [results[c][name] for c in counts]
+        row = [name, *(f"{v:,.3f}" if v < 100 else f"{v:,.0f}" for v in values)]
+        if len(counts) > 1:
+            row.append(f"{values[-1] / values[0]:.2f}" if values[0] else "-")
+        rows.append(row)
+    _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+async def main(args: argparse.Namespace) -> None:
+    lag = LoopLag()
+    counts = [int(c) for c in args.keys.split(",") if c]
+    with tempfile.TemporaryDirectory(prefix="ckms-bench-keys-", dir=args.dir) as tmp:
+        root = Path(tmp)
+        results: dict[int, dict[str, Any]] = {}
+        for count in counts:
+            started = time.perf_counter()
+            results[count] = await keys_phase(root, count, lag)
+            print(f"# {count:,} keys measured in {time.perf_counter() - started:.0f} s", flush=True)
+            gc.collect()
+        _show(results)
+        if args.records:
+            print()
+            audit = await audit_phase(root, args.records, lag)
+            _table(
+                ["figure", f"{args.records:,} records"],
+                [[k, f"{v:,.3f}" if v < 100 else f"{v:,.0f}"] for k, v in audit.items()],
+            )
+    print(f"\n(one run, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", default="10000,30000,100000", help="key counts, comma-separated")
+    parser.add_argument("--records", type=int, default=1_000_000, help="audit records (0: skip)")
+    parser.add_argument("--dir", default=None, help="where the SQLite files go (default: tmp)")
+    asyncio.run(main(parser.parse_args()))
