@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ckms.controller.desired import desired_versions, drifted_keys
+from ckms.controller.desired import desired_versions, drifted_keys, targeting
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Host, Key, KeyState, Targets
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 def desired_keys(keys: list[Key], host: Host) -> list[DesiredKey]:
     """The keys (and their distributable versions) that belong on ``host``, as sync sends them."""
     out = []
-    for key in keys:
+    for key in targeting(keys, host):
         versions = tuple(
             DesiredVersion(
                 version=v.version,

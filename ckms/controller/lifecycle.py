@@ -29,6 +29,7 @@ times are RFC 3339 UTC): ``key.created`` (:class:`~ckms.protocol.KeyCreated`), `
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -213,6 +214,12 @@ class Lifecycle:
             if i % _BUILD_SLICE == 0:
                 await asyncio.sleep(0)  # let requests run between slices
         self._names = {k.id: k.name for k in by_name.values()}
+        # The view is most of the controller's live objects (about 20 per key) and lives until
+        # the next full reload. Left to the collector, every full collection walks all of them:
+        # a pause that grows with the key count (hundreds of ms at 100,000 keys), on whichever
+        # request triggers it. Frozen, they are skipped; they hold no reference cycles, so the
+        # ones later replaced are still freed by their reference counts.
+        gc.freeze()
         return by_name
 
     async def get(self, name: str) -> Key:

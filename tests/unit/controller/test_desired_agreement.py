@@ -183,3 +183,26 @@ async def _ack_desired(c: Controller, keys: list[Key], hosts: list[Host], clock:
                         "updated_at) VALUES (?, ?, ?, 'installed', ?, ?)",
                         (host.id, key.id, v.version, v.digest, format_time(clock())),
                     )
+
+
+async def test_targeting_decides_once_per_targets_object_and_agrees_with_host_matches(
+    controller: Controller, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckms.controller import desired
+
+    keys = await _keys(controller, clock)
+    hosts = await controller.hosts.list()
+    assert len({id(k.targets) for k in keys}) < len(keys)  # loaded keys share targets
+    calls: list[int] = []
+    real = desired.host_matches
+
+    def counted(targets: Targets, host: Host) -> bool:
+        calls.append(1)
+        return real(targets, host)
+
+    monkeypatch.setattr(desired, "host_matches", counted)
+    for host in hosts:
+        calls.clear()
+        picked = [k.name for k in desired.targeting(keys, host)]
+        assert picked == [k.name for k in keys if real(k.targets, host)]
+        assert len(calls) == len({id(k.targets) for k in keys})  # app/web, app/gone share one
