@@ -65,6 +65,15 @@ from ckms.store import audit as audit_log
 __all__ = ["ROLES", "AdminService", "Endpoint"]
 
 P = TypeVar("P", bound=BaseModel)
+K = TypeVar(
+    "K",
+    bound=api.KeyRef
+    | api.KeyVersionParams
+    | api.KeyRotateParams
+    | api.KeyRevokeParams
+    | api.KeyPolicyParams
+    | api.KeyTargetsParams,
+)
 
 _READ = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
 _STATUS = _READ | {Role.CUSTODIAN}
@@ -199,12 +208,28 @@ class AdminService:
         self._route(server, "key.list", api.KeyListParams, self.key_list)
         self._route(server, "key.show", api.KeyRef, self.key_show)
         self._route(server, "key.history", api.KeyRef, self.key_history)
-        self._route(server, "key.rotate", api.KeyRotateParams, self.key_rotate)
+        # Key changes: the route gates by the key's policy, then runs the executor an approval
+        # of the same request runs too (one table for both).
+        gated = self._gated_key
+        gated(server, "key.rotate", api.KeyRotateParams, ApprovalOperation.ROTATE, self._run_rotate)
         for op in _VERSION_OPS:
-            self._route(server, f"key.{op}", api.KeyVersionParams, self._version_handler(op))
-        self._route(server, "key.revoke", api.KeyRevokeParams, self.key_revoke)
-        self._route(server, "key.policy", api.KeyPolicyParams, self.key_policy)
-        self._route(server, "key.targets", api.KeyTargetsParams, self.key_targets)
+            gated(server, f"key.{op}", api.KeyVersionParams, op, self._version_executor(op))
+        gated(server, "key.revoke", api.KeyRevokeParams, ApprovalOperation.REVOKE, self._run_revoke)
+        gated(
+            server,
+            "key.policy",
+            api.KeyPolicyParams,
+            ApprovalOperation.POLICY,
+            self._run_policy,
+            check=_policy_named,
+        )
+        gated(
+            server,
+            "key.targets",
+            api.KeyTargetsParams,
+            ApprovalOperation.TARGETS,
+            self._run_targets,
+        )
 
         self._route(server, "host.enroll", api.HostEnrollParams, self.host_enroll)
         self._route(server, "host.list", api.Empty, self.host_list)
@@ -230,14 +255,33 @@ class AdminService:
         # What an approval may run, as the requester: the same executors a direct call uses.
         dual = self.dual
         dual.register("key.create", api.KeyCreateParams, self._run_create)
-        dual.register("key.rotate", api.KeyRotateParams, self._run_rotate)
-        dual.register("key.revoke", api.KeyRevokeParams, self._run_revoke)
-        dual.register("key.policy", api.KeyPolicyParams, self._run_policy)
-        dual.register("key.targets", api.KeyTargetsParams, self._run_targets)
         dual.register("operator.add", api.OperatorAddParams, self._run_operator_add)
         dual.register("operator.remove", api.OperatorRef, self._run_operator_remove)
-        for op in _VERSION_OPS:
-            dual.register(f"key.{op}", api.KeyVersionParams, self._version_executor(op))
+
+    def _gated_key(
+        self,
+        server: RpcServer,
+        method: str,
+        params_model: type[K],
+        op: ApprovalOperation,
+        run: Callable[[K, str], Awaitable[BaseModel]],
+        *,
+        check: Callable[[K], None] | None = None,
+    ) -> None:
+        """Route ``method``: check the parameters, pass the key's dual control for ``op``, run.
+
+        ``run`` is also what an approval of a stored ``method`` request runs, as the requester.
+        """
+
+        async def handle(principal: Principal, params: K) -> BaseModel:
+            if check is not None:
+                check(params)
+            await self.dual.key_gate(principal, method, params, params.name, op)
+            return await run(params, principal.name)
+
+        handle.__doc__ = run.__doc__
+        self._route(server, method, params_model, handle)
+        self.dual.register(method, params_model, run)
 
     def _route(
         self,
@@ -440,30 +484,10 @@ class AdminService:
             key=params.name, history=tuple(replies.history_entry(row) for row in rows)
         )
 
-    async def key_rotate(
-        self, principal: Principal, params: api.KeyRotateParams
-    ) -> api.KeyChangeReply:
-        """Add a version (primary now, or PreActive until the activation delay ends)."""
-        await self.dual.key_gate(
-            principal, "key.rotate", params, params.name, ApprovalOperation.ROTATE
-        )
-        return await self._run_rotate(params, principal.name)
-
     async def _run_rotate(self, params: api.KeyRotateParams, actor: str) -> api.KeyChangeReply:
+        """Add a version (primary now, or PreActive until the activation delay ends)."""
         version = await self._lifecycle.rotate(params.name, actor=actor, reason=params.reason)
         return await self._key_reply(params.name, (version.version,))
-
-    def _version_handler(
-        self, op: ApprovalOperation
-    ) -> Callable[[Principal, api.KeyVersionParams], Awaitable[BaseModel]]:
-        run = self._version_executor(op)
-
-        async def handle(principal: Principal, params: api.KeyVersionParams) -> BaseModel:
-            await self.dual.key_gate(principal, f"key.{op}", params, params.name, op)
-            return await run(params, principal.name)
-
-        handle.__doc__ = f"{str(op).capitalize()} one version of a key."
-        return handle
 
     def _version_executor(
         self, op: ApprovalOperation
@@ -479,18 +503,12 @@ class AdminService:
             await change(params.name, params.version, actor=actor, reason=params.reason)
             return await self._key_reply(params.name, (params.version,))
 
+        run.__doc__ = f"{str(op).capitalize()} one version of a key."
+
         return run
 
-    async def key_revoke(
-        self, principal: Principal, params: api.KeyRevokeParams
-    ) -> api.KeyChangeReply:
-        """Revoke one version, or every version the KMIP reason applies to."""
-        await self.dual.key_gate(
-            principal, "key.revoke", params, params.name, ApprovalOperation.REVOKE
-        )
-        return await self._run_revoke(params, principal.name)
-
     async def _run_revoke(self, params: api.KeyRevokeParams, actor: str) -> api.KeyChangeReply:
+        """Revoke one version, or every version the KMIP reason applies to."""
         versions = await self._lifecycle.revoke(
             params.name,
             params.reason,
@@ -500,33 +518,15 @@ class AdminService:
         )
         return await self._key_reply(params.name, tuple(v.version for v in versions))
 
-    async def key_policy(
-        self, principal: Principal, params: api.KeyPolicyParams
-    ) -> api.KeyChangeReply:
-        """Change the policy (under dual control by default)."""
-        if params.policy.empty:
-            raise ConfigError("name at least one policy field to change")
-        await self.dual.key_gate(
-            principal, "key.policy", params, params.name, ApprovalOperation.POLICY
-        )
-        return await self._run_policy(params, principal.name)
-
     async def _run_policy(self, params: api.KeyPolicyParams, actor: str) -> api.KeyChangeReply:
+        """Change the policy (under dual control by default)."""
         key = await self._lifecycle.get(params.name)
         policy = patch_policy(key.policy, params.policy)
         await self._lifecycle.set_policy(params.name, policy, actor=actor)
         return await self._key_reply(params.name)
 
-    async def key_targets(
-        self, principal: Principal, params: api.KeyTargetsParams
-    ) -> api.KeyChangeReply:
-        """Replace the key's targets (and optionally its install spec)."""
-        await self.dual.key_gate(
-            principal, "key.targets", params, params.name, ApprovalOperation.TARGETS
-        )
-        return await self._run_targets(params, principal.name)
-
     async def _run_targets(self, params: api.KeyTargetsParams, actor: str) -> api.KeyChangeReply:
+        """Replace the key's targets (and optionally its install spec)."""
         await self._lifecycle.set_targets(
             params.name, params.targets, actor=actor, install=params.install
         )
@@ -750,3 +750,9 @@ def _new_key(params: api.KeyCreateParams) -> NewKey:
         secret_length=params.secret_length,
         secret_alphabet=params.secret_alphabet,
     )
+
+
+def _policy_named(params: api.KeyPolicyParams) -> None:
+    """A policy change must name a field (refused before any request is stored)."""
+    if params.policy.empty:
+        raise ConfigError("name at least one policy field to change")
