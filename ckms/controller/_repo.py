@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from ckms.controller import rowmac
 from ckms.controller.models import (
     Host,
     InstallSpec,
@@ -89,7 +90,10 @@ def _shared(kind: type, text: str) -> Any:
     return found
 
 
-def _key(row: Any, versions: list[Any]) -> Key:
+def _key(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
+    rowmac.check_key(row_key, row)
+    for v in versions:
+        rowmac.check_version(row_key, str(row["name"]), v)
     try:
         params = json.loads(row["params"])
         return Key(
@@ -115,7 +119,7 @@ def _key(row: Any, versions: list[Any]) -> Key:
 _VERSION_COLUMNS = (
     "key_id, version, state, digest, created_at, created_by, activation_at, activated_at, "
     "superseded_at, deactivated_at, compromised_at, destroyed_at, revocation_reason, "
-    "revocation_message, state_changed_at, sealed_material IS NOT NULL AS has_material"
+    "revocation_message, state_changed_at, sealed_material IS NOT NULL AS has_material, mac"
 )
 
 
@@ -128,7 +132,7 @@ async def find_key(r: Reader, name: str) -> Key | None:
         f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id = ? ORDER BY version",  # noqa: S608
         (row["id"],),
     )
-    return _key(row, versions)
+    return _key(row, versions, r.row_key)
 
 
 async def load_key(r: Reader, name: str) -> Key:
@@ -141,7 +145,7 @@ async def load_key(r: Reader, name: str) -> Key:
 
 async def list_keys(r: Reader) -> list[Key]:
     """Return every key with its versions, by name."""
-    return [key_from_rows(row, versions) for row, versions in await list_key_rows(r)]
+    return [key_from_rows(row, versions, r.row_key) for row, versions in await list_key_rows(r)]
 
 
 KeyRows = tuple[Any, list[Any]]
@@ -161,9 +165,10 @@ async def list_key_rows(r: Reader) -> list[KeyRows]:
     return [(row, by_key.get(row["id"], [])) for row in rows]
 
 
-def key_from_rows(row: Any, versions: list[Any]) -> Key:
-    """The model of one key from its rows (StoreError when they are malformed)."""
-    return _key(row, versions)
+def key_from_rows(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
+    """The model of one key from its rows (StoreError when they are malformed, IntegrityError
+    when ``row_key`` is given and a row's MAC does not match)."""
+    return _key(row, versions, row_key)
 
 
 async def existing_names(r: Reader, names: Sequence[str]) -> list[str]:
@@ -219,7 +224,7 @@ async def _keys_where(
             chunk,
         ):
             by_key.setdefault(v["key_id"], []).append(v)
-    return [_key(row, by_key.get(row["id"], [])) for row in rows]
+    return [_key(row, by_key.get(row["id"], []), r.row_key) for row in rows]
 
 
 _IN_CHUNK: Final = 500
@@ -297,6 +302,7 @@ async def insert_key(tx: Transaction, key: Key) -> None:
             format_time(key.updated_at),
         ),
     )
+    await rowmac.stamp_key(tx, key.id)
 
 
 async def update_key(tx: Transaction, key_id: str, *, now: datetime, **changes: Any) -> None:
@@ -314,6 +320,7 @@ async def update_key(tx: Transaction, key_id: str, *, now: datetime, **changes: 
         f"UPDATE keys SET {assignments} WHERE id = ?",  # noqa: S608 - columns are whitelisted
         (*values.values(), key_id),
     )
+    await rowmac.stamp_key(tx, key_id)
 
 
 async def insert_version(
@@ -337,6 +344,7 @@ async def insert_version(
             format_time(version.state_changed_at),
         ),
     )
+    await rowmac.stamp_version(tx, key_id, version.version)
 
 
 async def update_version(tx: Transaction, key_id: str, version: int, **changes: Any) -> None:
@@ -356,6 +364,7 @@ async def update_version(tx: Transaction, key_id: str, version: int, **changes: 
     )
     if count != 1:
         raise StoreError(f"version {version} of key id {key_id} was not updated")
+    await rowmac.stamp_version(tx, key_id, version)
 
 
 async def insert_transition(

@@ -151,6 +151,8 @@ class AgentService:
         return DigestKeyReply(suite=str(suite), wrapped=base64.b64encode(wrapped).decode())
 
     async def _host(self, principal: Principal) -> tuple[Host, WrapSuite]:
+        # While sealed, rows are not checked (rowmac): no host acts on what they say.
+        self._vault.require_unsealed("answer a host")
         host, suite = await self._hosts.identity(principal.name)
         if host.revoked:
             raise PermissionDeniedError(f"host {host.id} is revoked")

@@ -207,9 +207,10 @@ class Lifecycle:
         """Every key, read in one snapshot and built into models a slice at a time."""
         async with self._store.read() as r:
             rows = await _repo.list_key_rows(r)
+            row_key = r.row_key
         by_name: dict[str, Key] = {}
         for i, (row, versions) in enumerate(rows, 1):
-            key = _repo.key_from_rows(row, versions)
+            key = _repo.key_from_rows(row, versions, row_key)
             by_name[key.name] = key
             if i % _BUILD_SLICE == 0:
                 await asyncio.sleep(0)  # let requests run between slices

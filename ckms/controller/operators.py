@@ -18,6 +18,7 @@ from datetime import datetime
 import asyncssh
 from pydantic import BaseModel, ConfigDict
 
+from ckms.controller import rowmac
 from ckms.errors import AlreadyExistsError, ConfigError, NotFoundError, PolicyError
 from ckms.protocol import APPROVER_ROLES, OPERATOR_ROLES, Role
 from ckms.protocol.canonical import canonical_json
@@ -107,14 +108,15 @@ class OperatorRegistry:
         row = await self._store.fetchone("SELECT * FROM operators WHERE name = ?", (name,))
         if row is None or (enabled_only and row["disabled"]):
             raise NotFoundError(f"no operator named {name!r}")
+        rowmac.check_operator(self._store.row_key, row)
         return _operator(row)
 
     async def list(self) -> list[Operator]:
         """Return every operator, disabled ones included, by name."""
-        return [
-            _operator(r)
-            for r in await self._store.fetchall("SELECT * FROM operators ORDER BY name")
-        ]
+        rows = await self._store.fetchall("SELECT * FROM operators ORDER BY name")
+        for row in rows:
+            rowmac.check_operator(self._store.row_key, row)
+        return [_operator(r) for r in rows]
 
     async def other_approvers(self, name: str) -> int:
         """How many enabled operators other than ``name`` could approve a request."""
@@ -200,6 +202,8 @@ class OperatorRegistry:
         now = self._clock()
         async with self._store.write() as tx:
             existing = await tx.fetchone("SELECT * FROM operators WHERE name = ?", (name,))
+            if existing is not None:
+                rowmac.check_operator(tx.row_key, existing)
             if existing is not None and not existing["disabled"]:
                 raise AlreadyExistsError(f"operator {name} already exists")
             owner = await tx.fetchval(
@@ -223,6 +227,7 @@ class OperatorRegistry:
                     "created_by = ?, disabled = 0 WHERE name = ?",
                     values,
                 )
+            await rowmac.stamp_operator(tx, name)
             await audit_log.append(
                 tx,
                 now=now,
@@ -246,6 +251,7 @@ class OperatorRegistry:
             )
             if row is None:
                 raise NotFoundError(f"no operator named {name!r}")
+            rowmac.check_operator(tx.row_key, row)
             if row["role"] == Role.ADMIN:
                 admins = await tx.fetchval(
                     "SELECT count(*) FROM operators WHERE role = ? AND disabled = 0",
@@ -254,6 +260,7 @@ class OperatorRegistry:
                 if int(admins) <= 1:
                     raise PolicyError(f"{name} is the last admin; add another admin first")
             await tx.execute("UPDATE operators SET disabled = 1 WHERE name = ?", (name,))
+            await rowmac.stamp_operator(tx, name)
             await audit_log.append(
                 tx,
                 now=now,

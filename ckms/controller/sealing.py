@@ -65,6 +65,7 @@ from ckms.errors import (
     AuditError,
     ConfigError,
     CryptoError,
+    IntegrityError,
     NotFoundError,
     SealedError,
     StoreError,
@@ -435,7 +436,9 @@ class Vault:
             if blob is not None
         }
         if not hmac.compare_digest(signing_public_key(opened[META_SIGNING_KEY]), public):
-            raise UnsealError("the stored signing key does not match its public key")
+            # The public key is stored in clear (events and checkpoints verify while sealed);
+            # it is bound to the root KEK through the sealed private key it must match.
+            raise IntegrityError("the stored event-signing public key failed integrity check")
         self._secrets = _Secrets(
             data_kek=opened[META_DATA_KEK],
             signing_key=opened[META_SIGNING_KEY],
@@ -463,7 +466,7 @@ class Vault:
         try:
             await upgrade.after_unseal(self._store, self, now=require_utc(self._clock()))
         except BaseException:
-            self._secrets = None  # nothing is served on data that could not be brought up
+            self._forget()  # nothing is served on data that could not be brought up
             raise
         log.info("controller unsealed (%s)", details["method"])
 
@@ -496,11 +499,17 @@ class Vault:
         self._pending.clear()
         self._pending_since = None
 
+    def _forget(self) -> None:
+        """Drop the secrets from memory; row checks stop with them (nothing to check with)."""
+        self._secrets = None
+        self._store.row_key = None
+        self._store.invalidate()
+
     async def seal(self, *, actor: str = "operator") -> None:
         """Forget every secret and pending share; material operations are refused again."""
         async with self._lock:
             was_sealed = self.sealed
-            self._secrets = None
+            self._forget()
             self._clear_pending()
             if was_sealed:
                 return

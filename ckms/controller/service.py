@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
+from ckms.controller import rowmac
 from ckms.controller.acks import AckConsumer
 from ckms.controller.admin_rpc import AdminService, Endpoint
 from ckms.controller.agent_rpc import AgentService
@@ -33,7 +34,7 @@ from ckms.controller.operators import OperatorRegistry
 from ckms.controller.publisher import OutboxPublisher
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
-from ckms.errors import CKMSError, ConfigError, ProtocolError
+from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
 from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC, Role
 from ckms.ssh import (
     ConnectionLimits,
@@ -257,10 +258,14 @@ class Controller:
             return Principal(host.id, Role.AGENT, fp, presented)
         assert self.store is not None
         row = await self.store.fetchone(
-            "SELECT name, role, ssh_public_key FROM operators WHERE name = ? AND disabled = 0",
-            (username,),
+            "SELECT * FROM operators WHERE name = ? AND disabled = 0", (username,)
         )
         if row is not None and " ".join(row["ssh_public_key"].split()[:2]) == presented:
+            try:
+                rowmac.check_operator(self.store.row_key, row)
+            except IntegrityError as exc:
+                log.error("login refused for %s: %s", username, exc)
+                return None
             return Principal(row["name"], row["role"], fp, presented)
         return None
 

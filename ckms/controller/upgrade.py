@@ -2,6 +2,9 @@
 
 :func:`after_unseal` runs inside every successful unseal, before anything is served:
 
+- **Row MACs.** Rows written before rows were bound to the root KEK are stamped, once per store
+  (``ckms.controller.rowmac.bind_existing``); from then on every read of them is checked.
+
 - **Keyed digests.** Versions stored before digests were keyed carry ``sha256:`` of their
   material; each one that still has material is re-digested under the fleet's digest key (the
   material is opened and checked like any fetch), so no new event, sync or fleet view names the
@@ -18,6 +21,7 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ckms.controller import rowmac
 from ckms.errors import CKMSError
 from ckms.store import Store
 from ckms.store import audit as audit_log
@@ -29,7 +33,15 @@ log = logging.getLogger(__name__)
 
 
 async def after_unseal(store: Store, vault: Vault, *, now: datetime) -> None:
-    """Bring data written by older versions up to what needs the root KEK (see the module)."""
+    """Bind rows to the root KEK (once per store), turn row checks on, then bring data written
+    by older versions up to what needs the root KEK (see the module)."""
+    row_key = vault.row_key()
+    async with store.write() as tx:
+        bound = await rowmac.bind_existing(tx, row_key, now=now)
+    if bound:
+        log.info("bound %d existing rows to the root KEK", bound)
+    store.row_key = row_key
+    store.invalidate()  # caches filled while sealed were not checked
     rekeyed, skipped = await _rekey_digests(store, vault)
     if rekeyed or skipped:
         async with store.write() as tx:
@@ -61,11 +73,13 @@ async def _rekey_digests(store: Store, vault: Vault) -> tuple[int, int]:
         digest = vault.digest(material)
         del material
         async with store.write() as tx:
-            await tx.execute(
+            changed = await tx.execute(
                 "UPDATE key_versions SET digest = ? WHERE key_id = ? AND version = ? "
                 "AND digest = ?",
                 (digest, row["id"], row["version"], row["digest"]),
             )
+            if changed:
+                await rowmac.stamp_version(tx, str(row["id"]), int(row["version"]))
         rekeyed += 1
     if rekeyed:
         log.info("re-digested %d key versions under the fleet digest key", rekeyed)

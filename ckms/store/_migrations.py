@@ -239,11 +239,20 @@ CREATE INDEX keys_by_next_due ON keys(next_due_at);
 transaction, so the scheduler reads only the keys due instead of every key; NULL until computed
 (keys stored before this migration are filled in by the scheduler)."""
 
+_ROW_MACS = """
+ALTER TABLE keys ADD COLUMN mac TEXT;
+ALTER TABLE key_versions ADD COLUMN mac TEXT;
+ALTER TABLE operators ADD COLUMN mac TEXT;
+"""
+"""Rows whose meaning matters carry a MAC under a key derived from the root KEK (see
+``ckms.controller.rowmac``); existing rows get theirs at the first unseal after this."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
     Migration(3, "fleet: a host's reason for a failed key", _FLEET_ERRORS),
     Migration(4, "chained audit checkpoints", _AUDIT_CHAIN),
     Migration(5, "keys: indexed next due time", _NEXT_DUE),
+    Migration(6, "row MACs bound to the root KEK", _ROW_MACS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -79,9 +79,11 @@ def _store_error(exc: BaseException, what: str) -> StoreError:
 class Reader:
     """Queries inside one read snapshot (or inside the write transaction, for a Transaction)."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, row_key: bytes | None = None) -> None:
         self._conn = conn
         self._active = True
+        self.row_key = row_key
+        """The key that binds rows to the root KEK (``Store.row_key``), or None while sealed."""
 
     def _check(self) -> None:
         """Refuse use after the context that handed this object out has ended."""
@@ -120,8 +122,9 @@ class Transaction(Reader):
         conn: aiosqlite.Connection,
         audit_head: tuple[int, str] | None = None,
         audit_blocked: str | None = None,
+        row_key: bytes | None = None,
     ) -> None:
-        super().__init__(conn)
+        super().__init__(conn, row_key)
         self.wrote_outbox = False
         """Set by ``outbox.add_event``: the store tells its outbox listeners after the commit."""
         self.audit_head = audit_head
@@ -190,6 +193,9 @@ class Store:
             name: deque(maxlen=CHANGE_HISTORY) for name in WATCHED
         }
         self._audit_head: tuple[int, str] | None = None
+        self.row_key: bytes | None = None
+        """Set by the vault once unsealed (and rows are bound): reads check row MACs with it,
+        writes stamp them (``ckms.controller.rowmac``); None while sealed."""
         self.audit_blocked: str | None = None
         """Set (to why) while the audit log is known not to extend its last anchor: every audit
         append then fails, so nothing that must be audited happens on a cut log."""
@@ -253,6 +259,11 @@ class Store:
                     )
         except (sqlite3.Error, ValueError) as exc:
             raise _store_error(exc, "cannot watch the store for changes") from exc
+
+    def invalidate(self) -> None:
+        """Move every generation, so caches of rows refill (after unseal: now checked)."""
+        for name in self._generations:
+            self._bump(name, None)  # every row: caches reload in full
 
     async def generation(self, name: str) -> int:
         """How many committed transactions changed ``name`` (a :data:`WATCHED` entry).
@@ -353,7 +364,7 @@ class Store:
         async with self._write_lock:
             self._check_open()
             self._writer_task = task
-            tx = Transaction(self._writer, self._audit_head, self.audit_blocked)
+            tx = Transaction(self._writer, self._audit_head, self.audit_blocked, self.row_key)
             # Unknown until this transaction commits (a failure reads it from the table again).
             self._audit_head = None
             self._changed.clear()
@@ -399,7 +410,7 @@ class Store:
         conn = self._reader if self._reader is not None else self._writer
         async with self._read_lock:
             self._check_open()
-            reader = Reader(conn)
+            reader = Reader(conn, self.row_key)
             await _run(conn, "BEGIN", "cannot start a read transaction")
             try:
                 yield reader
@@ -418,7 +429,7 @@ class Store:
         conn = self._reader if self._reader is not None else self._writer
         async with self._read_lock:
             self._check_open()
-            reader = Reader(conn)
+            reader = Reader(conn, self.row_key)
             try:
                 yield reader
             finally:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from ckms.controller import rowmac
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.sealing import Vault, init_controller
+from ckms.errors import IntegrityError
 from ckms.protocol import KeyState, RevocationReason
 from ckms.store import Store
 from ckms.store import _store as store_module
@@ -30,11 +32,16 @@ async def test_current_keys_follow_create_rotate_and_revoke(lifecycle: Lifecycle
 
 
 async def test_current_keys_see_a_raw_sql_change(lifecycle: Lifecycle, store: Store) -> None:
-    await lifecycle.create(NAME, "aes-256", actor="alice")
+    key = await lifecycle.create(NAME, "aes-256", actor="alice")
     await lifecycle.current_keys()
-    async with store.write() as tx:
+    async with store.write() as tx:  # a change made with the row key (rows stay bound)
         await tx.execute("UPDATE key_versions SET state = 'Suspended' WHERE version = 1")
+        await rowmac.stamp_version(tx, key.id, 1)
     assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.SUSPENDED
+    async with store.write() as tx:  # and one made without it
+        await tx.execute("UPDATE key_versions SET state = 'Active' WHERE version = 1")
+    with pytest.raises(IntegrityError, match="version 1 failed integrity check"):
+        await lifecycle.current_keys()
 
 
 async def test_current_keys_see_a_commit_by_another_process(
@@ -51,8 +58,14 @@ async def test_current_keys_see_a_commit_by_another_process(
         lifecycle = Lifecycle(store, vault)
         await lifecycle.create(NAME, "aes-256", actor="alice")
         assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.ACTIVE
-        async with await Store.open(path) as other, other.write() as tx:
-            await tx.execute("UPDATE key_versions SET state = 'Compromised' WHERE version = 1")
+        async with await Store.open(path) as other:
+            other.row_key = store.row_key  # another controller process, unsealed too
+            async with other.write() as tx:
+                await tx.execute(
+                    "UPDATE key_versions SET state = 'Compromised' WHERE version = 1"
+                )
+                key_id = await tx.fetchval("SELECT id FROM keys WHERE name = ?", (NAME,))
+                await rowmac.stamp_version(tx, key_id, 1)
         assert (await lifecycle.current_keys())[NAME].version(1).state is KeyState.COMPROMISED
 
 
