@@ -79,8 +79,9 @@ async def test_a_key_change_reloads_that_key_only(lifecycle: Lifecycle, store: S
     assert [v.version for v in after["team/k2"].versions] == [1, 2]
     assert all(after[f"team/k{i}"] is before[f"team/k{i}"] for i in (0, 1, 3, 4))
     assert dict(before)["team/k2"].latest_version == 1  # a view handed out earlier is unchanged
-    async with store.write() as tx:  # raw SQL on a key's row, not only its versions
+    async with store.write() as tx:  # raw SQL on a key's row (with the row key: still bound)
         await tx.execute("UPDATE key_versions SET state = 'Suspended' WHERE version = 2")
+        await rowmac.stamp_version(tx, after["team/k2"].id, 2)
     assert (await lifecycle.current_keys())["team/k2"].version(2).state is KeyState.SUSPENDED
     assert (await lifecycle.current_keys())["team/k0"] is before["team/k0"]
     async with store.write() as tx:
