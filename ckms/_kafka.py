@@ -215,8 +215,11 @@ class Relay:
         poll_s: float | None = None,
         delivery_timeout_s: float = 20.0,
         topics: Sequence[TopicSpec] = (),
+        fatal: tuple[type[CKMSError], ...] = (),
     ) -> None:
         self.source = source
+        self.fatal = fatal
+        """Errors that stop the relay instead of being retried (say, a broken local queue)."""
         self.bootstrap = bootstrap
         self.topic = topic
         self.producer = producer
@@ -251,6 +254,8 @@ class Relay:
                 try:
                     sent = await self.publish_pending()
                 except CKMSError as exc:
+                    if isinstance(exc, self.fatal):
+                        raise
                     await self._failed(exc)
                     continue
                 self.backoff.reset()

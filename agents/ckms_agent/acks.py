@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from ckms._backoff import Backoff
 from ckms._kafka import Outgoing, ProducerSettings, Relay
+from ckms.errors import StoreError
 from ckms.protocol import MAX_MESSAGE_BYTES, Ack, AckStatus, EventType, HookResult, encode_event
 from ckms_agent.state import AgentState
 
@@ -167,6 +168,7 @@ class AckPublisher(Relay):
             backoff=backoff,
             batch_size=BATCH,
             delivery_timeout_s=delivery_timeout_s,
+            fatal=(StoreError,),  # the state DB failing stops the agent, as everywhere else
         )
 
     def wakeup(self) -> None:
