@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from ckms.controller.service import Controller
 from ckms.crypto import generate_signing_key
 from ckms.errors import PermissionDeniedError, SealedError
-from ckms.protocol import FetchRequest, InstallSpec, Targets
+from ckms.protocol import FetchRequest, InstallSpec, SyncRequest, Targets
 from ckms.ssh import RpcClient
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent, HostRevokedError
@@ -240,3 +240,22 @@ async def test_an_agent_enrolled_before_keyed_digests_asks_for_the_digest_key_on
         digests = await wait_until(acked, what="install acked")
     assert digest_key.read_bytes() == given and digest_key.stat().st_mode & 0o777 == 0o600
     assert digests == [c.vault.digest(await c.vault.material("web/tls", 1))]
+
+
+async def test_a_sealed_controller_answers_no_host(controller: Controller, tmp_path: Path) -> None:
+    """While sealed, rows cannot be checked: a host's sync is refused (it keeps what it has)
+    rather than answered from targets nobody verified."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "web-6", WEB)
+    cfg = agent_config(config)
+    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
+    await c.vault.seal(actor="alice")
+    async with RpcClient(
+        host="127.0.0.1",
+        port=c.port,
+        username="web-6",
+        client_key=keys.ssh_key(),
+        host_key_fingerprint=c.host_key_fingerprint,
+    ) as rpc:
+        with pytest.raises(SealedError):
+            await rpc.call("sync", SyncRequest().model_dump())
