@@ -214,3 +214,23 @@ async def test_checkpoints_signed_before_chaining_still_verify_and_the_next_name
     assert (cp.v, cp.prev_size) == (2, 4)
     report = await _verify(db_path, public, audit_log.Anchor.of(cp))
     assert report.ok and report.checkpoints_verified == 2
+
+
+async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path) -> None:
+    """Kafka unreachable at start: the anchor is unknown, so no checkpoint is signed (it could
+    put a signature on a log cut while the controller was stopped); records still append."""
+    from ckms.controller.anchor import AuditAnchor
+    from ckms.controller.sealing import Vault, init_controller
+    from ckms.errors import KafkaUnavailableError
+
+    async with await Store.open(tmp_path / "c.db") as store:
+        await init_controller(store, passphrase="a passphrase long enough")
+        vault = Vault(store)
+        await vault.unseal_with_passphrase("a passphrase long enough")
+        vault.anchor = AuditAnchor(store, vault, bootstrap="127.0.0.1:1", topic="ckms.audit")
+        with pytest.raises(KafkaUnavailableError):
+            await vault.anchor.load()
+        with pytest.raises(AuditAnchorError, match="not been read back"):
+            await vault.checkpoint_audit()
+        assert await audit_log.load_checkpoints(store) == []
+        await _build(store, 1)
