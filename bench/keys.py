@@ -164,7 +164,8 @@ async def keys_phase(root: Path, count: int, lag: LoopLag) -> dict[str, float]:
 
 
 async def _list_all(lifecycle: Lifecycle) -> tuple[int, int]:
-    """What the admin ``key.list`` handler does for every page, each reply JSON-encoded."""
+    """What the admin ``key.list`` handler does for every page (the same steps, in the same
+    slices), each reply JSON-encoded."""
     after: str | None = None
     listed = largest = 0
     while True:
@@ -172,8 +173,13 @@ async def _list_all(lifecycle: Lifecycle) -> tuple[int, int]:
         keys = await lifecycle.page(after, PAGE + 1)
         more = len(keys) > PAGE
         keys = keys[:PAGE]
+        summaries = []
+        for i, key in enumerate(keys, 1):
+            summaries.append(replies.key_summary(key, now=now))
+            if i % 100 == 0:
+                await asyncio.sleep(0)
         reply = api.KeyListReply(
-            keys=tuple(replies.key_summary(k, now=now) for k in keys),
+            keys=tuple(summaries),
             next=keys[-1].name if more else None,
         )
         body = reply.model_dump_json()

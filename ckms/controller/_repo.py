@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -224,8 +225,16 @@ async def _keys_where(
             chunk,
         ):
             by_key.setdefault(v["key_id"], []).append(v)
-    return [_key(row, by_key.get(row["id"], []), r.row_key) for row in rows]
+    out: list[Key] = []
+    for i, row in enumerate(rows, 1):
+        out.append(_key(row, by_key.get(row["id"], []), r.row_key))
+        if i % _MODEL_SLICE == 0:
+            await asyncio.sleep(0)  # a page of a thousand keys is not built in one hold
+    return out
 
+
+_MODEL_SLICE: Final = 100
+"""Key models built between two yields to the event loop."""
 
 _IN_CHUNK: Final = 500
 """Ids bound per ``IN (...)`` query (well under SQLite's variable limit)."""
@@ -233,7 +242,13 @@ _IN_CHUNK: Final = 500
 
 async def keys_due_by(r: Reader, now: datetime) -> list[Key]:
     """Keys whose next due time is at or before ``now`` (or not computed yet), via the index."""
-    return await _keys_where(r, "next_due_at <= ? OR next_due_at IS NULL", (format_time(now),))
+    # Two indexed lookups: SQLite scans the whole table for "<= ? OR IS NULL".
+    return await _keys_where(
+        r,
+        "id IN (SELECT id FROM keys WHERE next_due_at <= ? "
+        "UNION ALL SELECT id FROM keys WHERE next_due_at IS NULL)",
+        (format_time(now),),
+    )
 
 
 async def next_due_after(r: Reader, now: datetime) -> datetime | None:

@@ -37,6 +37,7 @@ the audit record says so.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -468,8 +469,13 @@ class AdminService:
         keys = await self._lifecycle.page(params.after, params.limit + 1)
         more = len(keys) > params.limit
         keys = keys[: params.limit]
+        summaries = []
+        for i, key in enumerate(keys, 1):
+            summaries.append(replies.key_summary(key, now=now))
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # a page is not summarised in one hold of the loop
         return api.KeyListReply(
-            keys=tuple(replies.key_summary(k, now=now) for k in keys),
+            keys=tuple(summaries),
             next=keys[-1].name if more else None,
         )
 
