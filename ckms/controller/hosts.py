@@ -32,7 +32,7 @@ from ckms.errors import (
 )
 from ckms.protocol import (
     EnrollRequest,
-    EventType,
+    HostRevoked,
     validate_host_name,
     validate_labels,
 )
@@ -316,13 +316,10 @@ class HostRegistry:
                 "UPDATE hosts SET revoked = 1, revoked_at = ? WHERE id = ?",
                 (format_time(now), host_id),
             )
-            event = await outbox.add_event(
-                tx,
-                type=str(EventType.HOST_REVOKED),
-                partition_key=host_id,
-                data={"host": host_id, "signer_key_id": signer_key_id(host.identity_public_key)},
-                now=now,
+            revoked = HostRevoked(
+                host=host_id, signer_key_id=signer_key_id(host.identity_public_key)
             )
+            event = await outbox.add_event(tx, partition_key=host_id, data=revoked, now=now)
             await audit_log.append(
                 tx,
                 now=now,
