@@ -202,18 +202,14 @@ class ApprovalBook:
             )
         decision = {"by": approver, "role": role, "at": format_time(now), "decision": "approve"}
         async with self._store.write() as tx:
-            await _decide(tx, request, "approved", decision)
-            await audit_log.append(
+            await _decide(
                 tx,
+                request,
+                "approved",
+                decision,
                 now=now,
-                actor=approver,
                 action="request.approve",
-                object=request.object,
-                details={
-                    "request": request_id,
-                    "operation": request.operation,
-                    "requester": request.requester,
-                },
+                details={"requester": request.requester},
             )
         return await self.get(request_id)
 
@@ -261,28 +257,44 @@ class ApprovalBook:
             "reason": reason,
         }
         async with self._store.write() as tx:
-            await _decide(tx, request, "rejected", decision)
-            await audit_log.append(
+            await _decide(
                 tx,
+                request,
+                "rejected",
+                decision,
                 now=now,
-                actor=by,
                 action="request.reject",
-                object=request.object,
-                details={"request": request_id, "operation": request.operation, "reason": reason},
+                details={"reason": reason},
             )
         return await self.get(request_id)
 
 
 async def _decide(
-    tx: Transaction, request: ApprovalRequest, state: str, decision: dict[str, object]
+    tx: Transaction,
+    request: ApprovalRequest,
+    state: str,
+    decision: dict[str, object],
+    *,
+    now: datetime,
+    action: str,
+    details: dict[str, object],
 ) -> None:
-    """Move a pending request to ``state`` with one more decision; only one decider wins."""
+    """Move a pending request to ``state`` with one more decision (only one decider wins) and
+    audit it as ``action`` by the decider, in the caller's transaction."""
     changed = await tx.execute(
         "UPDATE approvals SET state = ?, approvals = ? WHERE id = ? AND state = 'pending'",
         (state, json.dumps([*request.decisions, decision], sort_keys=True), request.id),
     )
     if not changed:
         raise PolicyError(f"request {request.id} was decided by someone else meanwhile")
+    await audit_log.append(
+        tx,
+        now=now,
+        actor=str(decision["by"]),
+        action=action,
+        object=request.object,
+        details={"request": request.id, "operation": request.operation, **details},
+    )
 
 
 Executor = Callable[[Any, str], Awaitable[BaseModel]]
