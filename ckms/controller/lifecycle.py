@@ -900,8 +900,8 @@ def pin_environment(name: str, current: Targets, new: Targets) -> Targets:
     """``new`` with the key's environment kept; PolicyError if it names another one.
 
     A key created for ``env=prod`` never reaches hosts of another environment, however its
-    targets are rewritten later (DESIGN §3): the guard compares the new targets with the key's
-    environment, not only with themselves.
+    targets are rewritten later (docs/architecture.md §5): the guard compares the new targets
+    with the key's environment, not only with themselves.
     """
     env = current.effective_env
     if env is None:

@@ -1,8 +1,9 @@
 """Bounds on the SSH endpoint's unauthenticated surface: connection caps and refusal bursts.
 
 Anyone can open a TCP connection and offer a key, and username ``enroll`` accepts any key, so
-strangers cost the controller CPU (a handshake is ~4 ms per side, DESIGN §8), memory and audit
-space. Modelled on OpenSSH's ``MaxStartups``/``PerSourceMaxStartups`` and ``PerSourcePenalties``:
+strangers cost the controller CPU (a handshake is ~4 ms per side, docs/architecture.md §8),
+memory and audit space. Modelled on OpenSSH's ``MaxStartups``/``PerSourceMaxStartups`` and
+``PerSourcePenalties``:
 
 - at most ``max_connections`` connections in total, and per source address at most
   ``max_unauthenticated_per_source`` that have not (yet) authenticated with a known key
