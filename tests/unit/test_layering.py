@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,16 @@ def test_crypto_imports_first_without_the_protocol() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "False"
+
+
+def test_comments_cite_only_documents_the_repository_has() -> None:
+    """Design and style notes outside the repository are not cited; docs/architecture.md is."""
+    cited = sorted(
+        f"{path.relative_to(ROOT)}:{n}"
+        for top in ("ckms", "agents", "tests", "bench", "docs")
+        for path in (ROOT / top).rglob("*")
+        if path.suffix in (".py", ".md") and path.is_file()
+        for n, line in enumerate(path.read_text("utf-8", "replace").splitlines(), 1)
+        if re.search(r"\b(DESIGN|STYLE) §", line)
+    )
+    assert cited == []
