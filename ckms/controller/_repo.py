@@ -186,11 +186,6 @@ async def existing_names(r: Reader, names: Sequence[str]) -> list[str]:
     return sorted(found)
 
 
-async def keys_page(r: Reader, after: str | None, limit: int) -> list[Key]:
-    """Up to ``limit`` keys named after ``after`` (all from the first when None), by name."""
-    return await _keys_where(r, "name > ?", ("" if after is None else after,), limit=limit)
-
-
 async def keys_by_ids(r: Reader, ids: Iterable[str]) -> list[Key]:
     """The keys with these ids that exist (a deleted one is simply absent), by name."""
     wanted = sorted(set(ids))

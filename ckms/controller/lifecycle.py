@@ -29,6 +29,7 @@ times are RFC 3339 UTC): ``key.created`` (:class:`~ckms.protocol.KeyCreated`), `
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import logging
 import uuid
@@ -162,6 +163,8 @@ class Lifecycle:
         self._names: dict[str, str] = {}
         """Key id → name of the keys in ``_current`` (a changed id names the entry to replace)."""
         self._refresh = asyncio.Lock()
+        self._ordered: list[str] = []
+        """The names in ``_current``, sorted (``key.list`` pages through them)."""
         self.outcomes: dict[tuple[str, str], int] = {}
         """Operations by (operation, outcome: ok, refused, error), e.g. ``("rotate", "ok")``."""
 
@@ -189,19 +192,38 @@ class Lifecycle:
             ids = None if current is None else self._store.changed_since("keys", current[0])
             if current is None or ids is None or len(ids) > _REFRESH_ALL_ABOVE:
                 by_name = await self._load_all()
+                ordered = list(by_name)  # read by name: already in order
             else:
                 by_name = dict(current[1])
+                ordered = list(self._ordered)
                 async with self._store.read() as r:
                     fresh = await _repo.keys_by_ids(r, ids)
                 for key_id in ids:
                     gone = self._names.pop(key_id, None)
                     if gone is not None:
                         by_name.pop(gone, None)
+                        del ordered[bisect.bisect_left(ordered, gone)]
                 for key in fresh:
+                    if key.name not in by_name:
+                        bisect.insort(ordered, key.name)
                     by_name[key.name] = key
                     self._names[key.id] = key.name
+            self._ordered = ordered
             self._current = (generation, MappingProxyType(by_name))
             return self._current[1]
+
+    async def page(self, after: str | None, limit: int) -> list[Key]:
+        """Up to ``limit`` keys named after ``after`` (from the first when None), by name.
+
+        Served from the key view (rows already checked when read, refreshed per changed key):
+        a page costs its own keys, not a read and check of them from the store each time.
+        """
+        await self.current_keys()
+        assert self._current is not None
+        # Read together (no await between): the names and the view they were sorted from.
+        view, ordered = self._current[1], self._ordered
+        start = 0 if after is None else bisect.bisect_right(ordered, after)
+        return [view[name] for name in ordered[start : start + limit]]
 
     async def _load_all(self) -> dict[str, Key]:
         """Every key, read in one snapshot and built into models a slice at a time."""
@@ -241,11 +263,6 @@ class Lifecycle:
         """Return every key, by name."""
         async with self._store.read() as r:
             return await _repo.list_keys(r)
-
-    async def page(self, after: str | None, limit: int) -> list[Key]:
-        """Up to ``limit`` keys named after ``after`` (from the first when None), by name."""
-        async with self._store.read() as r:
-            return await _repo.keys_page(r, after, limit)
 
     async def history(self, name: str) -> list[dict[str, Any]]:
         """Return every state transition of a key's versions (time, actor, reason), oldest first."""

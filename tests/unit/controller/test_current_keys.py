@@ -91,3 +91,30 @@ async def test_a_key_change_reloads_that_key_only(lifecycle: Lifecycle, store: S
         await tx.execute("DELETE FROM keys WHERE id = ?", (key_id,))
     assert "team/k4" not in await lifecycle.current_keys()
     assert dict(await lifecycle.current_keys()) == {k.name: k for k in await lifecycle.list_keys()}
+
+
+async def test_pages_follow_the_view_in_name_order(lifecycle: Lifecycle, store: Store) -> None:
+    for name in ("b/k", "d/k", "a/k"):
+        await lifecycle.create(name, "aes-256", actor="alice")
+
+    async def everything(limit: int) -> list[str]:
+        names: list[str] = []
+        after = None
+        while page := await lifecycle.page(after, limit):
+            names += [k.name for k in page]
+            after = page[-1].name
+        return names
+
+    assert await everything(2) == ["a/k", "b/k", "d/k"]
+    await lifecycle.create("c/k", "aes-256", actor="alice")  # lands between two pages
+    await lifecycle.rotate("a/k", actor="alice")
+    assert await everything(2) == ["a/k", "b/k", "c/k", "d/k"]
+    assert (await lifecycle.page(None, 1))[0].latest_version == 2
+    key_id = (await lifecycle.get("b/k")).id
+    async with store.write() as tx:
+        await tx.execute("DELETE FROM version_transitions WHERE key_id = ?", (key_id,))
+        await tx.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
+        await tx.execute("DELETE FROM keys WHERE id = ?", (key_id,))
+    assert await everything(3) == ["a/k", "c/k", "d/k"]
+    assert [k.name for k in await lifecycle.page("a/k", 5)] == ["c/k", "d/k"]
+    assert await lifecycle.page("zzz/k", 5) == []
