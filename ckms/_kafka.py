@@ -26,6 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
+from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
 from ckms.errors import CKMSError, KafkaUnavailableError
 
@@ -240,16 +241,13 @@ class Relay:
 
     async def wait_drained(self, timeout_s: float) -> bool:
         """Wait (bounded) until the queue was found empty; False on timeout."""
-        try:
-            await asyncio.wait_for(self._drained.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._drained, timeout_s)
 
     async def run(self) -> None:
         """Relay until cancelled; Kafka outages are waited out, never fatal."""
         try:
             while True:
+                stop_if_cancelled()
                 self._wake.clear()  # before reading: a write from now on wakes the wait below
                 try:
                     sent = await self.publish_pending()
@@ -263,8 +261,7 @@ class Relay:
                     # Every writer wakes the relay: nothing came since the read, so the queue
                     # is drained without reading it again.
                     self._drained.set()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                    await wait_event(self._wake, self.poll_s)
         finally:
             await self._close_producer()
 

@@ -46,6 +46,7 @@ from typing import Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from ckms._aio import stop_if_cancelled
 from ckms._kafka import kafka_errors, partitions_of
 from ckms.errors import ConfigError, KafkaUnavailableError, StoreError
 from ckms.protocol import (
@@ -313,6 +314,7 @@ class Subscriber:
             await self._save()
             with kafka_errors(f"reading {self._topic} failed"):
                 batches = await self._consumer.getmany(timeout_ms=self._poll_ms)
+            stop_if_cancelled()
             for tp in sorted(batches, key=lambda t: t.partition):
                 self._buffer.extend(batches[tp])
 

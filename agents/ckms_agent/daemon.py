@@ -38,6 +38,7 @@ from typing import TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, ValidationError
 
+from ckms._aio import wait_event
 from ckms._backoff import Backoff
 from ckms._kafka import kafka_errors, partitions_of
 from ckms.consumer import Position, Subscriber
@@ -286,8 +287,7 @@ class Agent:
             log.info("connected to controller %s:%d", cfg.controller_host, cfg.controller_port)
             self._request_reconcile()
             while self._rpc.connected and not self._lost.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), _CONNECTION_CHECK_S)
+                await wait_event(self._lost, _CONNECTION_CHECK_S)
             self._connected.clear()
             await self._rpc.close()
             if self._healthy:
@@ -345,8 +345,7 @@ class Agent:
         backoff = self._backoff()
         await self._events_ready.wait()
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reconcile_wanted.wait(), self._reconcile_interval())
+            await wait_event(self._reconcile_wanted, self._reconcile_interval())
             await self._connected.wait()
             self._reconcile_wanted.clear()
             triggers, self._triggers = self._triggers, {}
@@ -479,7 +478,8 @@ class Agent:
         first = True
         while True:
             try:
-                seeded = await asyncio.wait_for(self._seed_positions(), _SEED_TIMEOUT_S)
+                async with asyncio.timeout(_SEED_TIMEOUT_S):
+                    seeded = await self._seed_positions()
                 if seeded and not first:
                     # The first sync ran before this start position existed: sync again.
                     self._request_reconcile()

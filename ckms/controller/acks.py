@@ -19,6 +19,7 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from ckms._aio import stop_if_cancelled
 from ckms._backoff import Backoff
 from ckms._kafka import TopicSpec, ensure_topics, kafka_errors, partitions_of
 from ckms.controller.hosts import HostRegistry
@@ -86,6 +87,7 @@ class AckConsumer:
         """Consume until cancelled, reconnecting with backoff while Kafka is away."""
         backoff = Backoff(0.5, 10.0)
         while True:
+            stop_if_cancelled()
             try:
                 with kafka_errors("consuming acks"):
                     await self._consume()
@@ -122,6 +124,7 @@ class AckConsumer:
                     await consumer.seek_to_beginning(tp)
             while True:
                 batches = await consumer.getmany(timeout_ms=self._poll_ms, max_records=1000)
+                stop_if_cancelled()
                 records = [
                     r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]
                 ]

@@ -55,10 +55,39 @@ async def running_controller(
     finally:
         task.cancel()
         try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stopped(task, controller)
         finally:
             await controller.close()  # even if run() failed: an open store keeps its thread
+
+
+STOP_TIMEOUT_S = 30.0
+
+
+async def _stopped(task: asyncio.Task[None], controller: Controller) -> None:
+    """Wait (bounded) for a cancelled controller to stop; if it hangs, say where, then fail."""
+    done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+    if done:
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
+        return
+    stacks = [
+        _await_chain(other) for other in asyncio.all_tasks() if other is not asyncio.current_task()
+    ]
+    raise AssertionError(
+        f"the controller did not stop within {STOP_TIMEOUT_S:.0f} s; tasks:\n" + "\n".join(stacks)
+    )
+
+
+def _await_chain(task: asyncio.Task[object]) -> str:
+    """Where a task waits, every coroutine down its await chain (get_stack shows only one)."""
+    lines = [repr(task)]
+    coro: object = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "\n".join(lines)
 
 
 @pytest_asyncio.fixture
