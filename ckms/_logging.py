@@ -30,6 +30,9 @@ _SECRET_FIELD_RE = re.compile(
     r"""\s*[:=]\s*)(?P<value>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\[[^\]]*\])""",
     re.IGNORECASE,
 )
+_INPUT_VALUE_RE = re.compile(r"""input_value=(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^,\]]*)""")
+"""pydantic puts the refused value into its error text (``input_value='...'``), even for a
+``SecretStr`` field: a validation error logged with its exception would show it."""
 _WORD_RE = re.compile(r"[A-Za-z]+")
 _SLIP39_WORDS = frozenset(WORDLIST)
 MIN_MNEMONIC_RUN = 8
@@ -41,6 +44,7 @@ def redact(text: str) -> str:
     """Return ``text`` with tokens, mnemonic word runs and secret-named fields replaced."""
     text = _TOKEN_RE.sub("ckms-enroll-" + REDACTED, text)
     text = _SECRET_FIELD_RE.sub(lambda m: m.group("key") + f'"{REDACTED}"', text)
+    text = _INPUT_VALUE_RE.sub("input_value=" + REDACTED, text)
     return _redact_word_runs(text)
 
 
@@ -75,12 +79,22 @@ class RedactingFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and redact(str(exc)) != str(exc):
-            # The traceback would print the exception's text: keep only its class.
+        if exc is not None and any(redact(str(e)) != str(e) for e in _chain(exc)):
+            # The traceback would print every chained exception's text: keep only the class.
             record.exc_info = record.exc_text = None
             record.msg = f"{record.getMessage()} ({type(exc).__name__}: {REDACTED})"
             record.args = None
         return True
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception a traceback of it prints (causes and contexts)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
 
 
 def configure_logging(

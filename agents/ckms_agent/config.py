@@ -253,7 +253,21 @@ class AgentConfig(BaseModel):
             )
         if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
             raise ValueError("reconnect_backoff_max_s is below reconnect_backoff_min_s")
+        self.check_allowed_excludes(self.state_dir, "the agent's state directory")
         return self
+
+    def on_host(self, path: Path) -> Path:
+        """Where a path the controller names lands on this host (under ``root`` if set)."""
+        return self.root / path.relative_to("/") if self.root is not None else path
+
+    def check_allowed_excludes(self, path: Path, what: str) -> None:
+        """Refuse an allowed root that holds ``path``: keys written there would replace it."""
+        for allowed in self.allowed_paths:
+            if path.is_relative_to(self.on_host(allowed)):
+                raise ValueError(
+                    f"allowed path {allowed} holds {what} ({path}): the controller could "
+                    "replace it with key material; name a directory of its own for keys"
+                )
 
     @property
     def controller_public_key(self) -> bytes:
@@ -382,7 +396,12 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     env = os.environ if environ is None else environ
     if path is None:
         path = Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
-    return build_config(read_config_file(path), env, source=str(path))
+    config = build_config(read_config_file(path), env, source=str(path))
+    try:
+        config.check_allowed_excludes(path.absolute(), "this config file")
+    except ValueError as exc:
+        raise ConfigError(f"invalid agent config {path}: {exc}") from None
+    return config
 
 
 def _describe(exc: ValidationError, *, env_fields: set[str], source: str) -> str:

@@ -73,7 +73,8 @@ def _check_directory(fd: int, shown: str) -> None:
         raise UnsafePathError(
             f"{shown} is owned by uid {st.st_uid}: refusing a directory another user controls"
         )
-    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
+    # Group write is refused even for group root: a POSIX ACL entry (u:svc:rwx) shows as g+w.
+    if st.st_mode & 0o022:
         raise UnsafePathError(
             f"{shown} is writable by others (mode {st.st_mode & 0o7777:#o}, gid {st.st_gid}): "
             "refusing a directory another user could redirect"

@@ -132,20 +132,29 @@ def _describe_output(hook: Hook, buffer: _Tail, material: Sequence[bytes]) -> st
 
 _TOKEN = re.compile(rb"[A-Za-z0-9+/=_-]{12,}")
 _SPACED_HEX = re.compile(rb"(?:[0-9a-fA-F]{2}[ \t:]{1,2}){6,}[0-9a-fA-F]{2}")
+_NOT_HEX = re.compile(rb"[^0-9a-f]")
 REDACTED = b"[redacted]"
+WINDOW = 8
+"""Bytes of a key in a row that give a line away (in raw bytes or in any hex dump of it)."""
 
 
 def scrub(output: bytes, material: Sequence[bytes]) -> bytes:
-    """``output`` with the forms a hook is likely to print of any of ``material`` replaced.
+    """``output`` with what a hook is likely to print of any of ``material`` taken out.
 
-    Whole raw, hex and base64 forms go first; then every base64/hex-looking run of 12+
-    characters (a wrapped line, a JSON field, a cut-off tail) found inside one of those forms,
-    and every run of spaced hex bytes (``od``, ``xxd``) found inside the hex form.
+    Whole raw, hex and base64 forms are replaced; so is every base64/hex-looking run of 12+
+    characters found inside one of them (a wrapped line, a JSON field, a cut-off tail). A line
+    that still holds :data:`WINDOW` bytes of a secret in a row -- raw, or as hex once every
+    non-hex character is dropped, in byte order or as the little-endian words ``od -x`` and
+    ``hexdump`` print, behind offsets and ASCII columns (``xxd``, ``hexdump -C``) -- is
+    replaced whole. A command can always invent another encoding: this bounds accidents.
     """
+    secrets_ = [s for s in material if len(s) >= WINDOW]
+    if not secrets_:
+        return output
     forms: list[bytes] = []
-    for secret in material:
-        if len(secret) < 8:
-            continue
+    raw_windows: set[bytes] = set()
+    hex_windows: set[bytes] = set()
+    for secret in secrets_:
         forms += [
             secret,
             secret.hex().encode(),
@@ -153,8 +162,9 @@ def scrub(output: bytes, material: Sequence[bytes]) -> bytes:
             base64.urlsafe_b64encode(secret).rstrip(b"="),
             base64.b64encode(secret).rstrip(b"="),
         ]
-    if not forms:
-        return output
+        raw_windows.update(_windows(secret, WINDOW))
+        for order in (secret, _swapped(secret, 2), _swapped(secret, 4)):
+            hex_windows.update(_windows(order.hex().encode(), 2 * WINDOW, step=2))
     for form in sorted(forms, key=len, reverse=True):
         output = output.replace(form, REDACTED)
     hex_forms = [f for f in forms if f.isalnum() and not f.strip(b"0123456789abcdef")]
@@ -168,7 +178,26 @@ def scrub(output: bytes, material: Sequence[bytes]) -> bytes:
         run = re.sub(rb"[ \t:]", b"", match.group(0)).lower()
         return REDACTED if any(run in h for h in hex_forms) else match.group(0)
 
-    return _TOKEN.sub(token, _SPACED_HEX.sub(spaced, output))
+    output = _TOKEN.sub(token, _SPACED_HEX.sub(spaced, output))
+    lines = output.split(b"\n")
+    for i, line in enumerate(lines):
+        squeezed = _NOT_HEX.sub(b"", line.lower())
+        if not _windows(line, WINDOW).isdisjoint(raw_windows) or not _windows(
+            squeezed, 2 * WINDOW
+        ).isdisjoint(hex_windows):
+            lines[i] = REDACTED
+    return b"\n".join(lines)
+
+
+def _windows(data: bytes, size: int, step: int = 1) -> set[bytes]:
+    return {data[i : i + size] for i in range(0, len(data) - size + 1, step)}
+
+
+def _swapped(data: bytes, width: int) -> bytes:
+    """``data`` with each ``width``-byte group reversed (little-endian words; a short tail kept)."""
+    whole = len(data) - len(data) % width
+    groups = [data[i : i + width][::-1] for i in range(0, whole, width)]
+    return b"".join(groups) + data[whole:]
 
 
 def hook_ok(result: HookResult) -> bool:

@@ -104,3 +104,38 @@ def test_the_filter_scrubs_records_and_exceptions(
     text = caplog.text + isolated_logging.getvalue()
     assert "Command: unseal" in text and "failed (ValueError" in text
     assert TOKEN not in text and " ".join(SHARE.split()[:4]) not in text
+
+
+def test_a_validation_error_or_a_chained_cause_shows_no_secret(
+    isolated_logging: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydantic's error text carries ``input_value`` even for SecretStr fields."""
+    from pydantic import BaseModel, SecretStr, ValidationError, field_validator
+
+    class Shares(BaseModel):
+        passphrase: SecretStr
+
+        @field_validator("passphrase")
+        @classmethod
+        def _long(cls, value: SecretStr) -> SecretStr:
+            raise ValueError("too short")
+
+    secret = "hunter2-" + "q" * 12
+    configure_logging("DEBUG", stream=isolated_logging)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    log = logging.getLogger("ckms.test")
+    try:
+        Shares(passphrase=secret)  # type: ignore[arg-type]
+    except ValidationError:
+        log.exception("refused")
+    try:
+        try:
+            Shares.model_validate({"passphrase": secret})
+        except ValidationError as exc:
+            raise RuntimeError("could not unseal") from exc
+    except RuntimeError:
+        log.exception("unseal failed")
+    text = caplog.text + isolated_logging.getvalue()
+    assert "refused" in text and "unseal failed" in text
+    assert secret not in text

@@ -179,3 +179,17 @@ def test_a_config_another_user_could_write_is_refused(
     os.chown(path, 65534, 0)
     with pytest.raises(ConfigError, match="owned by root"):
         load_config(path, environ={})
+
+
+def test_an_allowed_root_holding_the_state_dir_or_the_config_is_refused(
+    values: dict[str, Any], tmp_path: Path
+) -> None:
+    """Keys written there would replace the agent's identity, state or policy."""
+    with pytest.raises(ConfigError, match="state directory"):
+        build_config(values | {"allowed_paths": [str(tmp_path)]}, environ={})
+    path = tmp_path / "etc" / "agent.toml"
+    path.parent.mkdir()
+    write_config(path, build_config(values, environ={}))
+    with pytest.raises(ConfigError, match="this config file"):
+        load_config(path, environ={"CKMS_AGENT_ALLOWED_PATHS": str(path.parent)})
+    assert load_config(path, environ={"CKMS_AGENT_ALLOWED_PATHS": "/etc/ckms/keys"})

@@ -232,6 +232,9 @@ def test_an_existing_directory_is_checked_before_it_is_used(tmp_path: Path) -> N
     os.chown(directory, 0, 65534)
     with pytest.raises(UnsafePathError, match="writable by others"):
         write_atomic(directory / "k", b"x")
+    os.chown(directory, 0, 0)  # group root can still mean someone else (an ACL shows as g+w)
+    with pytest.raises(UnsafePathError, match="writable by others"):
+        write_atomic(directory / "k", b"x")
     directory.chmod(0o700)
     os.chown(directory, 65534, 0)
     with pytest.raises(UnsafePathError, match="owned by uid 65534"):
@@ -300,7 +303,9 @@ async def test_hook_output_is_logged_only_when_the_host_asks_and_then_without_th
     (tmp_path / "ring.json").write_text(ring)
     dump = (
         f"echo marker-line; cat {key_file}; base64 {key_file}; base64 -w0 {key_file}; echo; "
-        f"od -An -tx1 {key_file}; xxd -p {key_file} 2>/dev/null || od -An -tx1 {key_file}; "
+        f"od -An -tx1 {key_file}; od -x {key_file}; od -tx4 {key_file}; "
+        f"for tool in 'xxd' 'xxd -p' 'hexdump' 'hexdump -C'; do "
+        f"command -v ${{tool%% *}} >/dev/null && $tool {key_file}; done; "
         f"cat {tmp_path / 'ring.json'}"
     )
     shapes = [
@@ -309,6 +314,8 @@ async def test_hook_output_is_logged_only_when_the_host_asks_and_then_without_th
         base64.b64encode(material),
         base64.b64encode(material)[:16],
         " ".join(f"{b:02x}" for b in material[:8]).encode(),
+        material[8:16].hex().encode(),
+        material[2:4][::-1].hex().encode() + b" " + material[4:6][::-1].hex().encode(),
     ]
     argv = ("sh", "-c", dump)
     with caplog.at_level("DEBUG", logger="ckms_agent.hooks"):
@@ -322,3 +329,12 @@ async def test_hook_output_is_logged_only_when_the_host_asks_and_then_without_th
     assert b"marker-line" in logged and b"[redacted]" in logged
     for shape in shapes:
         assert shape not in logged, shape
+    # Every line a dump tool prints of the key file (the file holds only the key).
+    for tool in (["od", "-x"], ["od", "-An", "-tx1"], ["xxd"], ["hexdump"], ["hexdump", "-C"]):
+        if shutil.which(tool[0]) is None:
+            continue
+        dumped = subprocess.run([*tool, str(key_file)], capture_output=True, check=True).stdout
+        for line in dumped.splitlines():
+            data = line.split(b" ", 1)[-1].strip()  # without the offset column
+            if len(data) >= 16:
+                assert data not in logged, (tool, line)
