@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -333,7 +334,10 @@ async def test_hook_output_is_logged_only_when_the_host_asks_and_then_without_th
     for tool in (["od", "-x"], ["od", "-An", "-tx1"], ["xxd"], ["hexdump"], ["hexdump", "-C"]):
         if shutil.which(tool[0]) is None:
             continue
-        dumped = subprocess.run([*tool, str(key_file)], capture_output=True, check=True).stdout
+        proc = await asyncio.create_subprocess_exec(
+            *tool, str(key_file), stdout=asyncio.subprocess.PIPE
+        )
+        dumped, _ = await proc.communicate()
         for line in dumped.splitlines():
             data = line.split(b" ", 1)[-1].strip()  # without the offset column
             if len(data) >= 16:
