@@ -81,6 +81,9 @@ class ControllerSettings(BaseModel):
     ssh_max_unauthenticated_per_source: int = Field(default=16, ge=1)
     """Connections per source address not (yet) authenticated with a known key (enrolling
     agents count here; known keys do not, so a fleet behind one NAT address is not capped)."""
+    ssh_max_unauthenticated_share: float = Field(default=0.25, gt=0, le=1)
+    """The part of ``ssh_max_connections`` strangers may hold together (from any number of
+    addresses; IPv6 counted per /64), so known agents and operators always find room."""
     ssh_refusal_burst: int = Field(default=20, ge=1)
     """Refusals of unknown keys a source may collect at once before its connections are
     dropped on arrival (a penalty), refilled at ``ssh_refusal_rate_per_s``."""
@@ -149,6 +152,7 @@ class Controller:
             limits=ConnectionLimits(
                 max_connections=self.settings.ssh_max_connections,
                 max_unauthenticated_per_source=self.settings.ssh_max_unauthenticated_per_source,
+                max_unauthenticated_share=self.settings.ssh_max_unauthenticated_share,
                 refusal_burst=self.settings.ssh_refusal_burst,
                 refusal_rate_per_s=self.settings.ssh_refusal_rate_per_s,
                 burst_quiet_s=self.settings.ssh_refusal_report_s,

@@ -13,6 +13,11 @@ memory and audit space. Modelled on OpenSSH's ``MaxStartups``/``PerSourceMaxStar
   (``refusal_burst`` at once, refilled at ``refusal_rate_per_s``); a source with an empty bucket
   is *penalised*: its new connections are closed on arrival, before any key exchange, until a
   token is back;
+- strangers (connections not yet authenticated with a known key) may hold at most
+  ``max_unauthenticated_share`` of ``max_connections`` together (never fewer than one
+  source's cap), so a spray from many addresses
+  cannot lock known agents and operators out; IPv6 sources count per /64 (one host's share of
+  a subnet is trivially many addresses), IPv4-mapped ones as their IPv4 address;
 - refusals are not audited one by one (10,000 junk requests would be 10,000 records): each
   source's refusals and dropped connections are summed into one :class:`RefusalBurst`, reported
   when the source has been quiet for ``burst_quiet_s``, or every ``burst_max_s`` while it lasts.
@@ -21,6 +26,7 @@ memory and audit space. Modelled on OpenSSH's ``MaxStartups``/``PerSourceMaxStar
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -30,7 +36,7 @@ from datetime import datetime
 
 from ckms.store import Clock, utc_now
 
-__all__ = ["ConnectionLimits", "RefusalBurst", "SourceGuard"]
+__all__ = ["ConnectionLimits", "RefusalBurst", "SourceGuard", "source_of"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,20 @@ class ConnectionLimits:
     burst_quiet_s: float = 10.0
     burst_max_s: float = 60.0
     max_sources: int = 4096
+    max_unauthenticated_share: float = 0.25
+
+
+def source_of(address: str) -> str:
+    """The source a peer address counts against: itself (IPv4), or its IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,7 @@ class SourceGuard:
         self._clock = clock
         self._mono = monotonic
         self._unauthenticated: Counter[str] = Counter()
+        self._strangers = 0
         self._buckets: dict[str, _Bucket] = {}
         self._bursts: dict[str, _Burst] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,15 +133,24 @@ class SourceGuard:
         """Count a new connection from ``source``, or return why it is turned away."""
         if open_connections >= self.limits.max_connections:
             reason = f"{open_connections} connections open (max_connections)"
+        elif self._strangers >= self.stranger_slots:
+            reason = f"{self._strangers} unauthenticated connections (max_unauthenticated_share)"
         elif self.penalised(source):
             reason = "penalised for refused attempts"
         elif self._unauthenticated[source] >= self.limits.max_unauthenticated_per_source:
             reason = "too many unauthenticated connections (max_unauthenticated_per_source)"
         else:
             self._unauthenticated[source] += 1
+            self._strangers += 1
             return None
         self._note(source, dropped=True)
         return reason
+
+    @property
+    def stranger_slots(self) -> int:
+        """How many unauthenticated connections may be open at once, from all sources."""
+        share = int(self.limits.max_connections * self.limits.max_unauthenticated_share)
+        return max(self.limits.max_unauthenticated_per_source, share)
 
     def authenticated(self, source: str) -> None:
         """A connection from ``source`` authenticated with a known key: no longer capped."""
@@ -131,6 +161,7 @@ class SourceGuard:
         self._release(source)
 
     def _release(self, source: str) -> None:
+        self._strangers -= 1
         self._unauthenticated[source] -= 1
         if self._unauthenticated[source] <= 0:
             del self._unauthenticated[source]

@@ -31,7 +31,7 @@ from ckms.protocol._rpc import (
     parse_params,
     split_command,
 )
-from ckms.ssh._limits import BurstHook, ConnectionLimits, SourceGuard
+from ckms.ssh._limits import BurstHook, ConnectionLimits, SourceGuard, source_of
 from ckms.store import Clock, utc_now
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class _ServerConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
-        self.source = str(peer[0]) if peer else "?"
+        self.source = source_of(str(peer[0])) if peer else "?"
         refusal = self._rpc.guard.admit(self.source, open_connections=len(self._rpc._connections))
         if refusal is not None:
             log.debug("dropping connection from %s: %s", self.source, refusal)

@@ -155,6 +155,7 @@ async def test_unauthenticated_connections_are_capped_per_source_and_in_total(
         "a",
         ssh_max_unauthenticated_per_source=3,
         ssh_max_connections=6,
+        ssh_max_unauthenticated_share=1.0,  # the total cap is what this test reaches
     ) as controller:
         agent = await agent_client(controller, tmp_path / "agents", "web-1")
         known = await agent_key(controller, tmp_path / "agents", "web-2")

@@ -85,3 +85,25 @@ async def test_a_spray_of_sources_is_tracked_in_bounded_memory() -> None:
     await g.flush()
     assert sum(r.count for r in reports) == 5000
     assert any(r.source == OVERFLOW_SOURCE for r in reports)
+
+
+async def test_strangers_from_many_addresses_leave_room_for_known_keys() -> None:
+    """A spray of addresses fills at most its share of max_connections."""
+    g, _clocks, _reports = guard(
+        max_connections=40, max_unauthenticated_share=0.25, max_unauthenticated_per_source=2
+    )
+    admitted = sum(g.admit(f"10.1.0.{i}", open_connections=i) is None for i in range(30))
+    assert admitted == 10
+    assert "max_unauthenticated_share" in (g.admit("10.2.0.1", open_connections=30) or "")
+    g.authenticated("10.1.0.0")  # a known key logged in: its slot goes back to the strangers
+    assert g.admit("10.2.0.1", open_connections=30) is None
+
+
+def test_ipv6_sources_count_per_64_and_mapped_ipv4_as_itself() -> None:
+    from ckms.ssh._limits import source_of
+
+    assert source_of("2001:db8:1:2::1") == source_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_of("fe80::1%eth0") == "fe80::/64"
+    assert source_of("192.0.2.7") == "192.0.2.7"
