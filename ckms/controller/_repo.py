@@ -417,7 +417,9 @@ async def transitions(r: Reader, name: str) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
-def _host(row: Any) -> Host:
+def _host(row: Any, row_key: bytes | None) -> Host:
+    """The host of one ``hosts`` row, checked against its MAC once unsealed."""
+    rowmac.check_host(row_key, row)
     return Host(
         id=row["id"],
         name=row["name"],
@@ -431,4 +433,5 @@ def _host(row: Any) -> Host:
 
 async def list_hosts(r: Reader) -> list[Host]:
     """Return every enrolled host (revoked ones included), by id."""
-    return [_host(row) for row in await r.fetchall("SELECT * FROM hosts ORDER BY id")]
+    rows = await r.fetchall("SELECT * FROM hosts ORDER BY id")
+    return [_host(row, r.row_key) for row in rows]

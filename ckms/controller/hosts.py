@@ -1,11 +1,16 @@
 """Enrolled hosts: single-use enrollment tokens, enrollment, identity lookup, labels, revocation.
 
 An operator creates a token for a host name and its labels; the token is shown once and only
-its SHA-256 is stored (tokens are 256-bit random, so a plain hash is enough). The agent's first
-SSH connection authenticates with its new Ed25519 identity key and presents the token; the
-controller checks that the key in the request is the key the connection proved, that the raw
-ack-signing key is the same Ed25519 key, and that the token is unused and unexpired, then
-records the host and burns the token — all in one transaction with its audit record.
+its SHA-256 is stored (tokens are 256-bit random, so a plain hash is enough to keep the token
+secret). The token row carries a MAC under the row key (``ckms.controller.rowmac``), so a token
+row the controller did not write -- one the database file's owner inserted with labels of their
+choosing, or whose labels or host they changed -- enrolls nobody. Host rows carry one too: who a
+host is, its labels and whether it is revoked are checked on every read once unsealed.
+
+The agent's first SSH connection authenticates with its new Ed25519 identity key and presents
+the token; the controller checks that the key in the request is the key the connection proved,
+that the raw ack-signing key is the same Ed25519 key, and that the token is unused and
+unexpired, then records the host and burns the token — all in one transaction with its audit record.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from ckms.controller import _repo
+from ckms.controller import _repo, rowmac
 from ckms.controller.models import Host
 from ckms.controller.sealing import Vault
 from ckms.crypto import WrapSuite, signer_key_id, signing_public_openssh
@@ -27,6 +32,7 @@ from ckms.errors import (
     AlreadyExistsError,
     CKMSError,
     ConfigError,
+    IntegrityError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -81,8 +87,8 @@ def _ssh_line(text: str) -> str:
     return " ".join(text.split()[:2])
 
 
-def _host_row(row: object) -> Host:
-    return _repo._host(row)
+def _host_row(row: object, row_key: bytes | None) -> Host:
+    return _repo._host(row, row_key)
 
 
 class HostRegistry:
@@ -112,8 +118,8 @@ class HostRegistry:
         token = "ckms-enroll-" + secrets.token_urlsafe(32)
         expires = now + ttl
         async with self._store.write() as tx:
-            existing = await tx.fetchone("SELECT revoked FROM hosts WHERE id = ?", (name,))
-            if existing is not None and not existing["revoked"]:
+            existing = await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (name,))
+            if existing is not None and not _host_row(existing, tx.row_key).revoked:
                 raise AlreadyExistsError(f"host {name} is already enrolled")
             await tx.execute(
                 "INSERT INTO enrollment_tokens(token_hash, host_name, labels, created_at, "
@@ -127,6 +133,7 @@ class HostRegistry:
                     format_time(expires),
                 ),
             )
+            await rowmac.stamp_token(tx, _token_hash(token))
             await audit_log.append(
                 tx,
                 now=now,
@@ -181,9 +188,10 @@ class HostRegistry:
                 # Audited in its own transaction by the caller's refusal hook.
                 raise PermissionDeniedError(f"enrollment token is {problem}")
             assert row is not None
+            rowmac.check_token(tx.row_key, row)
             name = row["host_name"]
-            existing = await tx.fetchone("SELECT revoked FROM hosts WHERE id = ?", (name,))
-            if existing is not None and not existing["revoked"]:
+            existing = await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (name,))
+            if existing is not None and not _host_row(existing, tx.row_key).revoked:
                 raise AlreadyExistsError(f"host {name} is already enrolled")
             if existing is not None:
                 # A revoked host enrolled again: the row is replaced in place (its old tokens
@@ -210,10 +218,13 @@ class HostRegistry:
                     format_time(now),
                 ),
             )
+            await rowmac.stamp_host(tx, name)
+            token_hash = _token_hash(request.token.get_secret_value())
             await tx.execute(
                 "UPDATE enrollment_tokens SET used_at = ?, used_by_host = ? WHERE token_hash = ?",
-                (format_time(now), name, _token_hash(request.token.get_secret_value())),
+                (format_time(now), name, token_hash),
             )
+            await rowmac.stamp_token(tx, token_hash)
             await audit_log.append(
                 tx,
                 now=now,
@@ -226,7 +237,9 @@ class HostRegistry:
                     "wrap_suite": str(suite),
                 },
             )
-            host = _host_row(await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (name,)))
+            host = _host_row(
+                await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (name,)), tx.row_key
+            )
             event_seq = await outbox.last_seq(tx)
         log.info("host %s enrolled", name)
         return Enrollment(host, event_seq)
@@ -236,7 +249,7 @@ class HostRegistry:
         row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
         if row is None:
             raise NotFoundError(f"no host {host_id!r}")
-        return _host_row(row)
+        return _host_row(row, self._store.row_key)
 
     async def list(self) -> list[Host]:
         """Every host, revoked ones included."""
@@ -258,19 +271,24 @@ class HostRegistry:
             row = await self._store.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
             if row is None:
                 raise NotFoundError(f"no host {host_id!r}")
-            known = (_host_row(row), str(row["wrap_suite"]))
+            known = (_host_row(row, self._store.row_key), str(row["wrap_suite"]))
             if await self._store.generation("hosts") == generation:
                 self._known[host_id] = known
         return known
 
     async def authenticate(self, host_id: str, presented_key: str) -> Host | None:
-        """The host whose id and identity key these are, unless it is revoked."""
+        """The host whose id and identity key these are, unless it is revoked (or its row
+        fails its integrity check: logged, and the login refused)."""
         row = await self._store.fetchone(
             "SELECT * FROM hosts WHERE id = ? AND revoked = 0", (host_id,)
         )
         if row is None:
             return None
-        host = _host_row(row)
+        try:
+            host = _host_row(row, self._store.row_key)
+        except IntegrityError as exc:
+            log.error("login refused for host %s: %s", host_id, exc)
+            return None
         try:
             if signing_public_openssh(host.identity_public_key) == _ssh_line(presented_key):
                 return host
@@ -279,11 +297,21 @@ class HostRegistry:
         return None
 
     async def signer_map(self) -> dict[str, tuple[str, bytes]]:
-        """Ack signer key id → (host id, raw public key) for every host that is not revoked."""
-        rows = await self._store.fetchall(
-            "SELECT id, identity_public_key, signer_key_id FROM hosts WHERE revoked = 0"
-        )
-        return {r["signer_key_id"]: (r["id"], bytes(r["identity_public_key"])) for r in rows}
+        """Ack signer key id → (host id, raw public key) for every host that is not revoked.
+
+        A row failing its integrity check is left out (logged), so its acks are refused."""
+        row_key = self._store.row_key
+        out: dict[str, tuple[str, bytes]] = {}
+        for r in await self._store.fetchall("SELECT * FROM hosts WHERE revoked = 0"):
+            try:
+                host = _host_row(r, row_key)
+            except IntegrityError as exc:
+                log.error("acks from host %s refused: %s", r["id"], exc)
+                continue
+            if host.revoked:
+                continue
+            out[str(r["signer_key_id"])] = (host.id, host.identity_public_key)
+        return out
 
     async def set_labels(self, host_id: str, labels: dict[str, str], *, actor: str) -> Host:
         """Replace a host's labels (which keys target it follows from them)."""
@@ -295,6 +323,7 @@ class HostRegistry:
                 "UPDATE hosts SET labels = ? WHERE id = ?",
                 (json.dumps(labels, sort_keys=True), host_id),
             )
+            await rowmac.stamp_host(tx, host_id)
             await audit_log.append(
                 tx,
                 now=now,
@@ -316,6 +345,7 @@ class HostRegistry:
                 "UPDATE hosts SET revoked = 1, revoked_at = ? WHERE id = ?",
                 (format_time(now), host_id),
             )
+            await rowmac.stamp_host(tx, host_id)
             revoked = HostRevoked(
                 host=host_id, signer_key_id=signer_key_id(host.identity_public_key)
             )
@@ -356,4 +386,4 @@ class HostRegistry:
         row = await r.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
         if row is None:
             raise NotFoundError(f"no host {host_id!r}")
-        return _host_row(row)
+        return _host_row(row, r.row_key)

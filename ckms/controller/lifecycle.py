@@ -368,11 +368,13 @@ class Lifecycle:
             if entered.superseded_at is None and (primary is None or version > primary):
                 live = sorted(str(s) for s in LIVE_STATES)
                 marks = ", ".join("?" * len(live))
-                await tx.execute(
-                    "UPDATE key_versions SET superseded_at = ? WHERE key_id = ? AND version < ? "  # noqa: S608
+                older = await tx.fetchall(
+                    "SELECT version FROM key_versions WHERE key_id = ? AND version < ? "  # noqa: S608
                     f"AND superseded_at IS NULL AND state IN ({marks})",
-                    (format_time(now), key.id, version, *live),
+                    (key.id, version, *live),
                 )
+                for row in older:  # one by one: each version's MAC covers superseded_at
+                    await _repo.update_version(tx, key.id, int(row["version"]), superseded_at=now)
                 primary = version
         elif primary == version:
             primary = None

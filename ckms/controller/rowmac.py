@@ -2,8 +2,9 @@
 
 Sealed material already fails to open when its row is edited (its AAD binds name, version,
 type and usage). What decides *who gets what* lives in clear columns, though: a key's targets,
-install spec, policy and primary; a version's state, digest and activation time; an operator's
-key, role and whether it is disabled. Each such row carries ``mac`` = ``row_mac(row key,
+install spec, policy and primary; a version's state, digest and lifecycle times; an operator's
+key, role and whether it is disabled; a host's keys, labels and revoked state; an enrollment
+token's host and labels. Each such row carries ``mac`` = ``row_mac(row key,
 table, id, fields)`` (``ckms.crypto``), the row key derived from the root KEK with HKDF, so
 only an unsealed controller can make one. Reads refuse a row whose MAC does not match with
 :class:`~ckms.errors.IntegrityError`, like sealed material; writes stamp the MAC in the same
@@ -17,7 +18,9 @@ needs the vault (no material leaves, nothing is signed or changed, agents' sync 
 no host acts on an unchecked target). Rows written before MACs existed are stamped once, at the
 first unseal that finds none bound (:func:`bind_existing`), which also stores a marker MAC and
 audits it; after that, a row without a MAC is refused, and a store whose marker was removed
-after it was written (the audit log says it was) is refused at unseal.
+after it was written (the audit log says it was) is refused at unseal. The marker names a
+binding level (:data:`BIND_LEVEL`): a store bound at an earlier level is brought up once, its
+existing MACs checked under the old fields before they are re-stamped.
 """
 
 from __future__ import annotations
@@ -39,15 +42,53 @@ KEY_FIELDS: Final = (
     "install",
     "primary_version",
 )
-VERSION_FIELDS: Final = ("state", "digest", "activation_at", "revocation_reason")
+VERSION_FIELDS_V1: Final = ("state", "digest", "activation_at", "revocation_reason")
+"""What a version's MAC covered at binding level 1 (re-bound to :data:`VERSION_FIELDS`)."""
+VERSION_FIELDS: Final = (
+    *VERSION_FIELDS_V1,
+    "created_at",
+    "state_changed_at",
+    "activated_at",
+    "superseded_at",
+    "deactivated_at",
+    "compromised_at",
+    "destroyed_at",
+    "revocation_message",
+)
+"""A version's state and every time the lifecycle reads to decide what is due or served."""
 OPERATOR_FIELDS: Final = ("ssh_public_key", "role", "disabled")
+HOST_FIELDS: Final = (
+    "name",
+    "labels",
+    "identity_public_key",
+    "wrapping_public_key",
+    "wrap_suite",
+    "signer_key_id",
+    "enrolled_at",
+    "revoked",
+    "revoked_at",
+)
+"""Who a host is (its keys, which decide who logs in and who may open what is wrapped to it),
+what it is (labels, which decide which keys target it) and whether it is revoked. Not bound:
+``last_seen_at``, ``reported`` and ``last_ack_seq`` (the fleet view's, written on every
+heartbeat and ack)."""
+TOKEN_FIELDS: Final = ("host_name", "labels", "expires_at", "used_at")
+"""An enrollment token row, keyed by its hash: a row the controller did not write (a token of
+the file owner's own) or whose labels or host were changed lets nobody enroll."""
 
 META_MARKER: Final = "rows.bound"
 BIND_ACTION: Final = "controller.bind_rows"
+BIND_LEVEL: Final = 2
+"""Level 1 bound keys, versions (:data:`VERSION_FIELDS_V1`) and operators; level 2 adds hosts,
+enrollment tokens and the version times. A store is brought up a level at unseal, once."""
+
+
+def _value(value: Any) -> Any:
+    return value.hex() if isinstance(value, bytes | memoryview) else value
 
 
 def _fields(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    return {name: row[name] for name in names}
+    return {name: _value(row[name]) for name in names}
 
 
 def _version_id(key_id: str, version: int) -> str:
@@ -59,15 +100,25 @@ def key_row_mac(row_key: bytes, row: Any) -> str:
     return row_mac(row_key, "keys", str(row["id"]), _fields(row, KEY_FIELDS))
 
 
-def version_row_mac(row_key: bytes, row: Any) -> str:
-    """The MAC of one ``key_versions`` row."""
+def version_row_mac(row_key: bytes, row: Any, fields: tuple[str, ...] | None = None) -> str:
+    """The MAC of one ``key_versions`` row (over :data:`VERSION_FIELDS` unless told)."""
     rid = _version_id(str(row["key_id"]), int(row["version"]))
-    return row_mac(row_key, "key_versions", rid, _fields(row, VERSION_FIELDS))
+    return row_mac(row_key, "key_versions", rid, _fields(row, fields or VERSION_FIELDS))
 
 
 def operator_row_mac(row_key: bytes, row: Any) -> str:
     """The MAC of one ``operators`` row."""
     return row_mac(row_key, "operators", str(row["name"]), _fields(row, OPERATOR_FIELDS))
+
+
+def host_row_mac(row_key: bytes, row: Any) -> str:
+    """The MAC of one ``hosts`` row."""
+    return row_mac(row_key, "hosts", str(row["id"]), _fields(row, HOST_FIELDS))
+
+
+def token_row_mac(row_key: bytes, row: Any) -> str:
+    """The MAC of one ``enrollment_tokens`` row."""
+    return row_mac(row_key, "enrollment_tokens", str(row["token_hash"]), _fields(row, TOKEN_FIELDS))
 
 
 def check_key(row_key: bytes | None, row: Any) -> None:
@@ -80,11 +131,13 @@ def check_key(row_key: bytes | None, row: Any) -> None:
 
 def check_version(row_key: bytes | None, name: str, row: Any) -> None:
     """Refuse a ``key_versions`` row edited outside the controller (no check while sealed)."""
-    rid = _version_id(str(row["key_id"]), int(row["version"]))
-    if row_key is not None and not row_mac_matches(
-        row_key, "key_versions", rid, _fields(row, VERSION_FIELDS), row["mac"]
-    ):
+    if row_key is not None and not _version_matches(row_key, row, VERSION_FIELDS):
         raise IntegrityError(f"key {name} version {row['version']} failed integrity check")
+
+
+def _version_matches(row_key: bytes, row: Any, fields: tuple[str, ...]) -> bool:
+    rid = _version_id(str(row["key_id"]), int(row["version"]))
+    return row_mac_matches(row_key, "key_versions", rid, _fields(row, fields), row["mac"])
 
 
 def check_operator(row_key: bytes | None, row: Any) -> None:
@@ -93,6 +146,26 @@ def check_operator(row_key: bytes | None, row: Any) -> None:
         row_key, "operators", str(row["name"]), _fields(row, OPERATOR_FIELDS), row["mac"]
     ):
         raise IntegrityError(f"operator {row['name']} failed integrity check")
+
+
+def check_host(row_key: bytes | None, row: Any) -> None:
+    """Refuse a ``hosts`` row edited outside the controller (no check while sealed)."""
+    if row_key is not None and not row_mac_matches(
+        row_key, "hosts", str(row["id"]), _fields(row, HOST_FIELDS), row["mac"]
+    ):
+        raise IntegrityError(f"host {row['id']} failed integrity check")
+
+
+def check_token(row_key: bytes | None, row: Any) -> None:
+    """Refuse an ``enrollment_tokens`` row the controller did not write as it is."""
+    if row_key is not None and not row_mac_matches(
+        row_key,
+        "enrollment_tokens",
+        str(row["token_hash"]),
+        _fields(row, TOKEN_FIELDS),
+        row["mac"],
+    ):
+        raise IntegrityError(f"enrollment token for host {row['host_name']} failed integrity check")
 
 
 async def _require_key(tx: Transaction) -> bytes | None:
@@ -138,26 +211,63 @@ async def stamp_operator(tx: Transaction, name: str) -> None:
         )
 
 
-def _marker(row_key: bytes) -> bytes:
-    return row_mac(row_key, "meta", META_MARKER, {}).encode()
-
-
-async def bind_existing(tx: Transaction, row_key: bytes, *, now: Any) -> int | None:
-    """Stamp every row written before rows were bound (once per store); return how many, or
-    None when the store was bound already. IntegrityError if its marker was tampered with."""
-    marker = await tx.get_meta(META_MARKER)
-    if marker is not None:
-        if marker != _marker(row_key):
-            raise IntegrityError("the store's row binding marker failed integrity check")
-        return None
-    bound = await tx.fetchval(
-        "SELECT count(*) FROM audit WHERE action = ? AND outcome = 'ok'", (BIND_ACTION,)
-    )
-    if bound:
-        raise IntegrityError(
-            "the store's rows were bound to the root KEK before, but its marker is gone: "
-            "refusing to trust its rows again"
+async def stamp_host(tx: Transaction, host_id: str) -> None:
+    """Stamp the MAC of a ``hosts`` row the caller just wrote."""
+    row_key = await _require_key(tx)
+    row = await tx.fetchone("SELECT * FROM hosts WHERE id = ?", (host_id,))
+    if row is not None and row_key is not None:
+        await tx.execute(
+            "UPDATE hosts SET mac = ? WHERE id = ?", (host_row_mac(row_key, row), host_id)
         )
+
+
+async def stamp_token(tx: Transaction, token_hash: str) -> None:
+    """Stamp the MAC of an ``enrollment_tokens`` row the caller just wrote."""
+    row_key = await _require_key(tx)
+    row = await tx.fetchone("SELECT * FROM enrollment_tokens WHERE token_hash = ?", (token_hash,))
+    if row is not None and row_key is not None:
+        await tx.execute(
+            "UPDATE enrollment_tokens SET mac = ? WHERE token_hash = ?",
+            (token_row_mac(row_key, row), token_hash),
+        )
+
+
+def _marker(row_key: bytes, level: int) -> str:
+    # Level 1's marker had no fields; keeping it lets a level-1 store be recognised.
+    return row_mac(row_key, "meta", META_MARKER, {} if level == 1 else {"level": level})
+
+
+async def _bound_before(tx: Transaction, level: int) -> bool:
+    """Whether the audit log says the store was bound at ``level`` (or above) before."""
+    count = await tx.fetchval(
+        "SELECT count(*) FROM audit WHERE action = ? AND outcome = 'ok' "
+        "AND coalesce(json_extract(details, '$.level'), 1) >= ?",
+        (BIND_ACTION, level),
+    )
+    return bool(count)
+
+
+async def _stamp_unbound(tx: Transaction, row_key: bytes, *, from_level: int) -> int:
+    """Stamp every row without a MAC of the tables bound after ``from_level``; return how
+    many. (A row of a table bound already that lost its MAC stays refused.)"""
+    count = 0
+    if from_level < 1:
+        count += await _stamp_level_1(tx, row_key)
+    for row in await tx.fetchall("SELECT * FROM hosts WHERE mac IS NULL"):
+        await tx.execute(
+            "UPDATE hosts SET mac = ? WHERE id = ?", (host_row_mac(row_key, row), row["id"])
+        )
+        count += 1
+    for row in await tx.fetchall("SELECT * FROM enrollment_tokens WHERE mac IS NULL"):
+        await tx.execute(
+            "UPDATE enrollment_tokens SET mac = ? WHERE token_hash = ?",
+            (token_row_mac(row_key, row), row["token_hash"]),
+        )
+        count += 1
+    return count
+
+
+async def _stamp_level_1(tx: Transaction, row_key: bytes) -> int:
     count = 0
     for row in await tx.fetchall("SELECT * FROM keys WHERE mac IS NULL"):
         await tx.execute(
@@ -176,13 +286,60 @@ async def bind_existing(tx: Transaction, row_key: bytes, *, now: Any) -> int | N
             (operator_row_mac(row_key, row), row["name"]),
         )
         count += 1
-    await tx.set_meta(META_MARKER, _marker(row_key))
+    return count
+
+
+async def _rebind_versions_from_v1(tx: Transaction, row_key: bytes) -> int:
+    """Re-stamp, under :data:`VERSION_FIELDS`, every version whose level-1 MAC still matches;
+    one that does not keeps its MAC and so stays refused."""
+    count = 0
+    for row in await tx.fetchall("SELECT * FROM key_versions WHERE mac IS NOT NULL"):
+        if _version_matches(row_key, row, VERSION_FIELDS_V1):
+            await tx.execute(
+                "UPDATE key_versions SET mac = ? WHERE key_id = ? AND version = ?",
+                (version_row_mac(row_key, row), row["key_id"], row["version"]),
+            )
+            count += 1
+    return count
+
+
+async def bind_existing(tx: Transaction, row_key: bytes, *, now: Any) -> int | None:
+    """Bring the store's rows up to :data:`BIND_LEVEL` (once per level); return how many rows
+    were stamped, or None when it was there already.
+
+    An unbound store has every row stamped as it is (trust on first unseal, audited). A
+    level-1 store has its versions re-stamped with their times (only those whose level-1 MAC
+    matches) and its hosts and tokens stamped as they are. IntegrityError if the marker was
+    tampered with, or is gone or older than the audit log says the store was bound at.
+    """
+    marker = await tx.get_meta(META_MARKER)
+    if marker is not None and marker == _marker(row_key, BIND_LEVEL).encode():
+        return None
+    if marker is None:
+        if await _bound_before(tx, 1):
+            raise IntegrityError(
+                "the store's rows were bound to the root KEK before, but its marker is gone: "
+                "refusing to trust its rows again"
+            )
+        from_level = 0
+    elif marker == _marker(row_key, 1).encode():
+        if await _bound_before(tx, 2):
+            raise IntegrityError(
+                "the store's row binding marker is older than the audit log says it was bound "
+                "at: refusing to trust its rows again"
+            )
+        from_level = 1
+    else:
+        raise IntegrityError("the store's row binding marker failed integrity check")
+    count = await _rebind_versions_from_v1(tx, row_key) if from_level == 1 else 0
+    count += await _stamp_unbound(tx, row_key, from_level=from_level)
+    await tx.set_meta(META_MARKER, _marker(row_key, BIND_LEVEL).encode())
     await audit_log.append(
         tx,
         now=now,
         actor="controller",
         action=BIND_ACTION,
         object="controller",
-        details={"rows": count},
+        details={"rows": count, "level": BIND_LEVEL, "from_level": from_level},
     )
     return count

@@ -247,6 +247,13 @@ ALTER TABLE operators ADD COLUMN mac TEXT;
 """Rows whose meaning matters carry a MAC under a key derived from the root KEK (see
 ``ckms.controller.rowmac``); existing rows get theirs at the first unseal after this."""
 
+_HOST_MACS = """
+ALTER TABLE hosts ADD COLUMN mac TEXT;
+ALTER TABLE enrollment_tokens ADD COLUMN mac TEXT;
+"""
+"""Hosts and enrollment tokens carry a row MAC too (binding level 2, see
+``ckms.controller.rowmac``); existing rows get theirs at the first unseal after this."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
@@ -254,5 +261,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "chained audit checkpoints", _AUDIT_CHAIN),
     Migration(5, "keys: indexed next due time", _NEXT_DUE),
     Migration(6, "row MACs bound to the root KEK", _ROW_MACS),
+    Migration(7, "row MACs on hosts and enrollment tokens", _HOST_MACS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

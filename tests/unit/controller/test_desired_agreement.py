@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ckms.controller import rowmac
 from ckms.controller.desired import desired_versions, drifted_keys
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.models import Host, Key
@@ -56,6 +57,7 @@ async def controller(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Controll
                 "enrolled_at, revoked) VALUES (?, ?, ?, x'00', x'00', ?, ?)",
                 (host_id, host_id, json.dumps(labels), format_time(clock()), host_id == "old-1"),
             )
+            await rowmac.stamp_host(tx, host_id)
     try:
         yield c
     finally:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ckms.controller import rowmac
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import (
     InstallSpec,
@@ -361,6 +362,7 @@ async def _enroll(store: Store, host_id: str, labels: str) -> None:
             "enrolled_at) VALUES (?, ?, ?, x'00', x'00', ?)",
             (host_id, host_id, labels, "2025-01-01T00:00:00.000000Z"),
         )
+        await rowmac.stamp_host(tx, host_id)
 
 
 async def test_set_targets_and_env_guard(lifecycle: Lifecycle, store: Store) -> None:

@@ -158,8 +158,7 @@ async def test_a_removed_binding_marker_stops_unseal(bound_file: tuple[Path, Ini
     _edit(
         path,
         "DELETE FROM meta WHERE name = 'rows.bound'",
-        "UPDATE keys SET mac = NULL, "
-        "targets = json_set(targets, '$.hosts', json_array('evil-1'))",
+        "UPDATE keys SET mac = NULL, targets = json_set(targets, '$.hosts', json_array('evil-1'))",
         "UPDATE key_versions SET mac = NULL",
         "UPDATE operators SET mac = NULL",
     )
@@ -186,15 +185,13 @@ async def test_rows_written_before_binding_are_bound_at_the_first_unseal(tmp_pat
             "created_by, updated_at) SELECT 'k-1', 'old/key', 'aes-256', 'decrypt,encrypt', "
             "policy, targets, install, '2025-01-01T00:00:00Z', 'old', '2025-01-01T00:00:00Z' "
             "FROM (SELECT '{}' AS policy, '{\"hosts\": [], \"selectors\": []}' AS targets, "
-            "'{\"path\": \"/etc/ckms/{team}/{purpose}.key\"}' AS install)"
+            '\'{"path": "/etc/ckms/{team}/{purpose}.key"}\' AS install)'
         )
         assert raw.execute("SELECT mac FROM keys").fetchone() == (None,)
     store, _vault = await _unsealed(path)
     try:
-        records = [
-            r for r in await audit_log.load_records(store) if r.action == rowmac.BIND_ACTION
-        ]
-        assert [r.details for r in records] == [{"rows": 2}]
+        records = [r for r in await audit_log.load_records(store) if r.action == rowmac.BIND_ACTION]
+        assert [r.details for r in records] == [{"rows": 2, "level": 2, "from_level": 0}]
         assert (await OperatorRegistry(store).get("alice")).role == "admin"
         macs = await store.fetchall("SELECT mac FROM keys UNION ALL SELECT mac FROM operators")
         assert all(m["mac"] for m in macs)
