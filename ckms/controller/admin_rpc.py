@@ -25,6 +25,10 @@ role               may call
 ``agent``/enroll   nothing here (agent methods only)
 =================  =========================================================================
 
+**While sealed** only ``status``, ``whoami``, ``unseal`` and ``seal`` are answered
+(:data:`WHILE_SEALED`): operator rows cannot be checked against their MAC until unsealed.
+Before the first unseal, ``operator.add`` too (:data:`BEFORE_FIRST_UNSEAL`).
+
 **Dual control**: an operation listed in the key's ``policy.approvals_required`` (destroy and
 policy changes by default), and every operator change (``operator.add|remove``), is not run
 when an admin asks: a request row is stored (:class:`~ckms.controller.approvals.DualControl`)
@@ -46,7 +50,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from ckms.controller import replies
+from ckms.controller import replies, rowmac
 from ckms.controller.approvals import DualControl
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
@@ -56,7 +60,13 @@ from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import default_policy, patch_policy
 from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType
-from ckms.errors import AuditAnchorError, ConfigError, NotFoundError, PolicyError
+from ckms.errors import (
+    AuditAnchorError,
+    ConfigError,
+    NotFoundError,
+    PolicyError,
+    SealedError,
+)
 from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
@@ -120,6 +130,16 @@ ROLES: dict[str, frozenset[Role]] = {
     "request.reject": _APPROVE,
 }
 """Every admin method and the roles its route admits (handlers may refuse more)."""
+
+WHILE_SEALED: frozenset[str] = frozenset({"status", "whoami", "unseal", "seal"})
+"""The only methods answered while sealed. Operator rows cannot be checked then (their MAC
+key comes from the root KEK), so a row the database file's owner added could log in: it gets
+no metadata, no audit log and no say in approvals until custodians have unsealed."""
+
+BEFORE_FIRST_UNSEAL: frozenset[str] = frozenset({"operator.add"})
+"""Also answered while sealed, but only before the store's first unseal binds its rows (the
+init ceremony: the first admin adds the custodians who will unseal). Until then no row is
+bound, so nothing an operator row could be trusted for has been checked yet either."""
 
 _VERSION_OPS = (
     ApprovalOperation.ACTIVATE,
@@ -295,6 +315,13 @@ class AdminService:
         secret_params: bool = False,
     ) -> None:
         async def serve(principal: Principal, raw: dict[str, Any]) -> BaseModel:
+            if method not in WHILE_SEALED and self._vault.sealed and not (
+                method in BEFORE_FIRST_UNSEAL and not await rowmac.is_bound(self._store)
+            ):
+                raise SealedError(
+                    f"controller is sealed: {method} is refused until it is unsealed "
+                    f"(only {', '.join(sorted(WHILE_SEALED))} are answered)"
+                )
             # A ValidationError here becomes a ProtocolError naming the bad field (server side).
             return await handler(principal, params_model.model_validate(raw))
 

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from ckms.crypto import row_mac, row_mac_matches
 from ckms.errors import IntegrityError, SealedError
-from ckms.store import Transaction
+from ckms.store import Reader, Store, Transaction
 from ckms.store import audit as audit_log
 
 KEY_FIELDS: Final = (
@@ -166,6 +166,11 @@ def check_token(row_key: bytes | None, row: Any) -> None:
         row["mac"],
     ):
         raise IntegrityError(f"enrollment token for host {row['host_name']} failed integrity check")
+
+
+async def is_bound(r: Reader | Store) -> bool:
+    """Whether the store's rows were ever bound (a first unseal happened)."""
+    return await r.get_meta(META_MARKER) is not None
 
 
 async def _require_key(tx: Transaction) -> bytes | None:
