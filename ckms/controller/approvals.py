@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ckms.controller import rowmac
 from ckms.errors import (
     ApprovalRequiredError,
     CKMSError,
@@ -74,7 +75,8 @@ class ApprovalRequest(BaseModel):
         return self.state == "expired" or (self.state == "pending" and now >= self.expires_at)
 
 
-def _request(row: Any) -> ApprovalRequest:
+def _request(row: Any, row_key: bytes | None) -> ApprovalRequest:
+    rowmac.check_approval(row_key, row)
     stored = json.loads(row["params"])
     return ApprovalRequest(
         id=row["id"],
@@ -119,6 +121,7 @@ class ApprovalBook:
                     format_time(expires),
                 ),
             )
+            await rowmac.stamp_approval(tx, request_id)
             await audit_log.append(
                 tx,
                 now=now,
@@ -134,14 +137,14 @@ class ApprovalBook:
             )
             row = await tx.fetchone("SELECT * FROM approvals WHERE id = ?", (request_id,))
         log.info("%s requested %s on %s (request %s)", requester, operation, object, request_id)
-        return _request(row)
+        return _request(row, tx.row_key)
 
     async def get(self, request_id: str) -> ApprovalRequest:
         """Return one request, or raise NotFoundError."""
         row = await self._store.fetchone("SELECT * FROM approvals WHERE id = ?", (request_id,))
         if row is None:
             raise NotFoundError(f"no request {request_id!r}")
-        return _request(row)
+        return _request(row, self._store.row_key)
 
     async def list(self, *, include_done: bool = False) -> list[ApprovalRequest]:
         """Pending (and approved-but-unfinished) requests, or all of them; newest first."""
@@ -149,7 +152,7 @@ class ApprovalBook:
         rows = await self._store.fetchall(
             f"SELECT * FROM approvals {where} ORDER BY created_at DESC, id"  # noqa: S608
         )
-        return [_request(r) for r in rows]
+        return [_request(r, self._store.row_key) for r in rows]
 
     async def count_pending(self) -> int:
         """How many requests wait for approval and have not expired."""
@@ -182,6 +185,7 @@ class ApprovalBook:
                     (request_id,),
                 )
                 if changed:
+                    await rowmac.stamp_approval(tx, request_id)
                     await audit_log.append(
                         tx,
                         now=now,
@@ -230,6 +234,7 @@ class ApprovalBook:
                 "UPDATE approvals SET state = ?, approvals = ? WHERE id = ? AND state = 'approved'",
                 (state, json.dumps(decisions, sort_keys=True), request_id),
             )
+            await rowmac.stamp_approval(tx, request_id)
             await audit_log.append(
                 tx,
                 now=now,
@@ -287,6 +292,7 @@ async def _decide(
     )
     if not changed:
         raise PolicyError(f"request {request.id} was decided by someone else meanwhile")
+    await rowmac.stamp_approval(tx, request.id)
     await audit_log.append(
         tx,
         now=now,

@@ -4,7 +4,8 @@ Sealed material already fails to open when its row is edited (its AAD binds name
 type and usage). What decides *who gets what* lives in clear columns, though: a key's targets,
 install spec, policy and primary; a version's state, digest and lifecycle times; an operator's
 key, role and whether it is disabled; a host's keys, labels and revoked state; an enrollment
-token's host and labels. Each such row carries ``mac`` = ``row_mac(row key,
+token's host and labels; a dual-control request's operation, parameters, requester, expiry,
+state and decisions. Each such row carries ``mac`` = ``row_mac(row key,
 table, id, fields)`` (``ckms.crypto``), the row key derived from the root KEK with HKDF, so
 only an unsealed controller can make one. Reads refuse a row whose MAC does not match with
 :class:`~ckms.errors.IntegrityError`, like sealed material; writes stamp the MAC in the same
@@ -75,12 +76,25 @@ heartbeat and ack)."""
 TOKEN_FIELDS: Final = ("host_name", "labels", "expires_at", "used_at")
 """An enrollment token row, keyed by its hash: a row the controller did not write (a token of
 the file owner's own) or whose labels or host were changed lets nobody enroll."""
+APPROVAL_FIELDS: Final = (
+    "operation",
+    "params",
+    "requester",
+    "created_at",
+    "expires_at",
+    "state",
+    "approvals",
+)
+"""A dual-control request: what runs (operation and its parameters), as whom, until when, and
+the decisions so far; a swapped parameter or requester would have an approver run something
+else than what they were shown."""
 
 META_MARKER: Final = "rows.bound"
 BIND_ACTION: Final = "controller.bind_rows"
-BIND_LEVEL: Final = 2
+BIND_LEVEL: Final = 3
 """Level 1 bound keys, versions (:data:`VERSION_FIELDS_V1`) and operators; level 2 adds hosts,
-enrollment tokens and the version times. A store is brought up a level at unseal, once."""
+enrollment tokens and the version times; level 3 approvals. A store is brought up to the
+current level at unseal, once."""
 
 
 def _value(value: Any) -> Any:
@@ -119,6 +133,19 @@ def host_row_mac(row_key: bytes, row: Any) -> str:
 def token_row_mac(row_key: bytes, row: Any) -> str:
     """The MAC of one ``enrollment_tokens`` row."""
     return row_mac(row_key, "enrollment_tokens", str(row["token_hash"]), _fields(row, TOKEN_FIELDS))
+
+
+def approval_row_mac(row_key: bytes, row: Any) -> str:
+    """The MAC of one ``approvals`` row."""
+    return row_mac(row_key, "approvals", str(row["id"]), _fields(row, APPROVAL_FIELDS))
+
+
+def check_approval(row_key: bytes | None, row: Any) -> None:
+    """Refuse an ``approvals`` row edited outside the controller (no check while sealed)."""
+    if row_key is not None and not row_mac_matches(
+        row_key, "approvals", str(row["id"]), _fields(row, APPROVAL_FIELDS), row["mac"]
+    ):
+        raise IntegrityError(f"request {row['id']} failed integrity check")
 
 
 def check_key(row_key: bytes | None, row: Any) -> None:
@@ -226,6 +253,17 @@ async def stamp_host(tx: Transaction, host_id: str) -> None:
         )
 
 
+async def stamp_approval(tx: Transaction, request_id: str) -> None:
+    """Stamp the MAC of an ``approvals`` row the caller just wrote."""
+    row_key = await _require_key(tx)
+    row = await tx.fetchone("SELECT * FROM approvals WHERE id = ?", (request_id,))
+    if row is not None and row_key is not None:
+        await tx.execute(
+            "UPDATE approvals SET mac = ? WHERE id = ?",
+            (approval_row_mac(row_key, row), request_id),
+        )
+
+
 async def stamp_token(tx: Transaction, token_hash: str) -> None:
     """Stamp the MAC of an ``enrollment_tokens`` row the caller just wrote."""
     row_key = await _require_key(tx)
@@ -258,6 +296,18 @@ async def _stamp_unbound(tx: Transaction, row_key: bytes, *, from_level: int) ->
     count = 0
     if from_level < 1:
         count += await _stamp_level_1(tx, row_key)
+    if from_level < 2:
+        count += await _stamp_level_2(tx, row_key)
+    for row in await tx.fetchall("SELECT * FROM approvals WHERE mac IS NULL"):
+        await tx.execute(
+            "UPDATE approvals SET mac = ? WHERE id = ?", (approval_row_mac(row_key, row), row["id"])
+        )
+        count += 1
+    return count
+
+
+async def _stamp_level_2(tx: Transaction, row_key: bytes) -> int:
+    count = 0
     for row in await tx.fetchall("SELECT * FROM hosts WHERE mac IS NULL"):
         await tx.execute(
             "UPDATE hosts SET mac = ? WHERE id = ?", (host_row_mac(row_key, row), row["id"])
@@ -314,8 +364,9 @@ async def bind_existing(tx: Transaction, row_key: bytes, *, now: Any) -> int | N
 
     An unbound store has every row stamped as it is (trust on first unseal, audited). A
     level-1 store has its versions re-stamped with their times (only those whose level-1 MAC
-    matches) and its hosts and tokens stamped as they are. IntegrityError if the marker was
-    tampered with, or is gone or older than the audit log says the store was bound at.
+    matches) and its hosts and tokens stamped as they are; a level-2 store its approvals.
+    IntegrityError if the marker was tampered with, or is gone or older than the audit log
+    says the store was bound at.
     """
     marker = await tx.get_meta(META_MARKER)
     if marker is not None and marker == _marker(row_key, BIND_LEVEL).encode():
@@ -327,15 +378,16 @@ async def bind_existing(tx: Transaction, row_key: bytes, *, now: Any) -> int | N
                 "refusing to trust its rows again"
             )
         from_level = 0
-    elif marker == _marker(row_key, 1).encode():
-        if await _bound_before(tx, 2):
+    else:
+        older = [n for n in range(1, BIND_LEVEL) if marker == _marker(row_key, n).encode()]
+        if not older:
+            raise IntegrityError("the store's row binding marker failed integrity check")
+        from_level = older[0]
+        if await _bound_before(tx, from_level + 1):
             raise IntegrityError(
                 "the store's row binding marker is older than the audit log says it was bound "
                 "at: refusing to trust its rows again"
             )
-        from_level = 1
-    else:
-        raise IntegrityError("the store's row binding marker failed integrity check")
     count = await _rebind_versions_from_v1(tx, row_key) if from_level == 1 else 0
     count += await _stamp_unbound(tx, row_key, from_level=from_level)
     await tx.set_meta(META_MARKER, _marker(row_key, BIND_LEVEL).encode())

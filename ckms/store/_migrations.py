@@ -254,6 +254,12 @@ ALTER TABLE enrollment_tokens ADD COLUMN mac TEXT;
 """Hosts and enrollment tokens carry a row MAC too (binding level 2, see
 ``ckms.controller.rowmac``); existing rows get theirs at the first unseal after this."""
 
+_APPROVAL_MACS = """
+ALTER TABLE approvals ADD COLUMN mac TEXT;
+"""
+"""Dual-control requests carry a row MAC (binding level 3, see ``ckms.controller.rowmac``);
+existing rows get theirs at the first unseal after this."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
@@ -262,5 +268,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "keys: indexed next due time", _NEXT_DUE),
     Migration(6, "row MACs bound to the root KEK", _ROW_MACS),
     Migration(7, "row MACs on hosts and enrollment tokens", _HOST_MACS),
+    Migration(8, "row MACs on approval requests", _APPROVAL_MACS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -191,7 +191,7 @@ async def test_rows_written_before_binding_are_bound_at_the_first_unseal(tmp_pat
     store, _vault = await _unsealed(path)
     try:
         records = [r for r in await audit_log.load_records(store) if r.action == rowmac.BIND_ACTION]
-        assert [r.details for r in records] == [{"rows": 2, "level": 2, "from_level": 0}]
+        assert [r.details for r in records] == [{"rows": 2, "level": 3, "from_level": 0}]
         assert (await OperatorRegistry(store).get("alice")).role == "admin"
         macs = await store.fetchall("SELECT mac FROM keys UNION ALL SELECT mac FROM operators")
         assert all(m["mac"] for m in macs)

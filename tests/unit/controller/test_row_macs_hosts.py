@@ -288,8 +288,8 @@ async def test_a_store_bound_at_level_1_is_bound_for_hosts_and_times_at_unseal(
             for r in await audit_log.load_records(c.store)
             if r.action == rowmac.BIND_ACTION
         ]
-        # level 1 stamped the first unseal's rows; level 2: 2 versions, 1 host, 1 token
-        assert binds[-1] == {"rows": 4, "level": 2, "from_level": 1}
+        # level 1 stamped the first unseal's rows; now 2 versions, 1 host, 1 token
+        assert binds[-1] == {"rows": 4, "level": 3, "from_level": 1}
         assert (await c.hosts.identity("web-1"))[0].labels == {"env": "prod"}
         assert [v.version for v in (await c.lifecycle.get(NAME)).versions] == [1, 2]
     finally:
