@@ -8,7 +8,6 @@ an anchor kept elsewhere can, and the controller refuses to sign over such a log
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,38 +16,10 @@ from ckms.crypto import sign, signer_key_id
 from ckms.errors import AuditAnchorError, AuditError
 from ckms.store import Store
 from ckms.store import audit as audit_log
-
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-async def _build(store: Store, n: int, *, start: int = 0) -> None:
-    for i in range(start, start + n):
-        async with store.write() as tx:
-            await audit_log.append(
-                tx,
-                now=T0 + timedelta(minutes=i),
-                actor="alice",
-                action="key.rotate",
-                object=f"key:team/k{i}",
-                details={"version": i},
-            )
-
-
-async def _checkpoint(
-    store: Store, pair: tuple[bytes, bytes], anchor: audit_log.Anchor | None = None
-) -> audit_log.AuditCheckpoint:
-    private, public = pair
-    return await audit_log.checkpoint(
-        store, sign=lambda data: sign(private, data), public_key=public, now=T0, anchor=anchor
-    )
-
-
-def _tamper(db_path: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-        for statement in statements:
-            raw.execute(statement, params if "?" in statement else ())
+from tests.support.audit import T0
+from tests.support.audit import build_log as _build
+from tests.support.audit import checkpoint as _checkpoint
+from tests.support.audit import tamper as _tamper
 
 
 async def _verify(

@@ -5,46 +5,18 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from ckms.crypto import generate_signing_key, sign, signing_public_key
+from ckms.crypto import generate_signing_key, signing_public_key
 from ckms.errors import AuditError, AuditVerificationError, StoreError
 from ckms.store import Store
 from ckms.store import audit as audit_log
-
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-async def _build(store: Store, n: int, *, start: int = 0) -> None:
-    for i in range(start, start + n):
-        async with store.write() as tx:
-            await audit_log.append(
-                tx,
-                now=T0 + timedelta(minutes=i),
-                actor="alice",
-                action="key.rotate",
-                object=f"key:team/k{i}",
-                details={"version": i},
-            )
-
-
-async def _checkpoint(store: Store, pair: tuple[bytes, bytes]) -> audit_log.AuditCheckpoint:
-    private, public = pair
-    return await audit_log.checkpoint(
-        store, sign=lambda data: sign(private, data), public_key=public, now=T0
-    )
-
-
-def _tamper(db_path: Path, *statements: str) -> None:
-    """Edit the database file like an attacker would: with plain sqlite3, triggers dropped."""
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-        for statement in statements:
-            raw.execute(statement)
+from tests.support.audit import T0
+from tests.support.audit import build_log as _build
+from tests.support.audit import checkpoint as _checkpoint
+from tests.support.audit import tamper as _tamper
 
 
 async def _verify_file(db_path: Path, public: bytes) -> audit_log.AuditReport:

@@ -3,18 +3,17 @@ says; the periodic checkpoint verifies only the records it adds, and never signs
 
 from __future__ import annotations
 
-import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from ckms.crypto import sign
 from ckms.errors import AuditAnchorError
 from ckms.store import Store
 from ckms.store import audit as audit_log
-
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
+from tests.support.audit import T0
+from tests.support.audit import checkpoint as _checkpoint
+from tests.support.audit import tamper as _tamper
 
 
 async def _build(store: Store, n: int, *, start: int = 0) -> None:
@@ -30,19 +29,10 @@ async def _build(store: Store, n: int, *, start: int = 0) -> None:
             )
 
 
-async def _checkpoint(store: Store, pair: tuple[bytes, bytes]) -> audit_log.AuditCheckpoint:
-    private, public = pair
-    return await audit_log.checkpoint(
-        store, sign=lambda data: sign(private, data), public_key=public, now=T0
-    )
 
 
-def _tamper(db_path: Path, *statements: str) -> None:
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-        for statement in statements:
-            raw.execute(statement)
+
+
 
 
 TAMPERS = {
