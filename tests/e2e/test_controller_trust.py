@@ -14,13 +14,11 @@ from ckms.controller.service import Controller
 from ckms.crypto import generate_signing_key
 from ckms.errors import PermissionDeniedError, SealedError
 from ckms.protocol import FetchRequest, InstallSpec, SyncRequest, Targets
-from ckms.ssh import RpcClient
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent, HostRevokedError
 from ckms_agent.enroll import enroll
-from ckms_agent.identity import load_keys
 from tests.support.cli import send_installed_ack
-from tests.support.fleet import agent_config, enroll_agent, running_agent, wait_until
+from tests.support.fleet import agent_config, enroll_agent, host_rpc, running_agent, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -132,15 +130,7 @@ async def test_a_fetch_for_a_key_retargeted_meanwhile_is_not_sent(
         return reply
 
     monkeypatch.setattr(c.agents, "_wrap", retargeted_right_after_authorization)
-    cfg = agent_config(config)
-    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
-    async with RpcClient(
-        host="127.0.0.1",
-        port=c.port,
-        username="host-t",
-        client_key=keys.ssh_key(),
-        host_key_fingerprint=c.host_key_fingerprint,
-    ) as rpc:
+    async with host_rpc(c, config) as rpc:
         with pytest.raises(PermissionDeniedError, match="retargeted meanwhile"):
             await rpc.call("fetch", FetchRequest(key="db/main", version=1).model_dump())
     assert c.store is not None
@@ -247,15 +237,7 @@ async def test_a_sealed_controller_answers_no_host(controller: Controller, tmp_p
     rather than answered from targets nobody verified."""
     c = controller
     config = await enroll_agent(c, tmp_path, "web-6", WEB)
-    cfg = agent_config(config)
-    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
     await c.vault.seal(actor="alice")
-    async with RpcClient(
-        host="127.0.0.1",
-        port=c.port,
-        username="web-6",
-        client_key=keys.ssh_key(),
-        host_key_fingerprint=c.host_key_fingerprint,
-    ) as rpc:
+    async with host_rpc(c, config) as rpc:
         with pytest.raises(SealedError):
             await rpc.call("sync", SyncRequest().model_dump())

@@ -27,12 +27,12 @@ from ckms.protocol import (
     Targets,
     encode_event,
 )
-from ckms.ssh import RpcClient, generate_ssh_key
+from ckms.ssh import generate_ssh_key
 from ckms.store import audit as audit_log
 from ckms_agent.enroll import enroll
 from ckms_agent.identity import load_keys
 from tests.support.acks import publish
-from tests.support.fleet import agent_config, enroll_agent, running_agent, wait_until
+from tests.support.fleet import agent_config, enroll_agent, host_rpc, running_agent, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -131,15 +131,7 @@ async def test_a_host_cannot_fetch_a_key_targeted_at_another(
     await c.lifecycle.create(
         "web/tls", "aes-256", targets=Targets(hosts=("host-b",), env="prod"), actor="alice"
     )
-    cfg = agent_config(config_a)
-    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
-    async with RpcClient(
-        host="127.0.0.1",
-        port=c.port,
-        username="host-a",
-        client_key=keys.ssh_key(),
-        host_key_fingerprint=c.host_key_fingerprint,
-    ) as rpc:
+    async with host_rpc(c, config_a) as rpc:
         with pytest.raises(PermissionDeniedError, match="not a target of web/tls"):
             await rpc.call("fetch", FetchRequest(key="web/tls", version=1).model_dump())
         # Asking along with a sync is authorized the same way: only db/main v1 comes back,
@@ -192,15 +184,7 @@ async def test_material_revoked_while_a_fetch_is_served_is_not_sent(
         return reply
 
     monkeypatch.setattr(c.agents, "_wrap", revoked_right_after_authorization)
-    cfg = agent_config(config)
-    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
-    async with RpcClient(
-        host="127.0.0.1",
-        port=c.port,
-        username="host-r",
-        client_key=keys.ssh_key(),
-        host_key_fingerprint=c.host_key_fingerprint,
-    ) as rpc:
+    async with host_rpc(c, config) as rpc:
         with pytest.raises(PermissionDeniedError, match=r"(revoked meanwhile|not distributable)"):
             await rpc.call("fetch", FetchRequest(key="db/main", version=1).model_dump())
     assert c.store is not None

@@ -204,20 +204,23 @@ async def test_a_client_gone_before_the_reply_is_logged_quietly(
         assert (await fresh.call("echo", {"after": closed}))["params"] == {"after": closed}
 
 
-@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
-async def test_openssh_client_can_call_the_endpoint(server, tmp_path: Path) -> None:
-    fx, rpc = server
+def openssh_argv(fx: Fixture, port: int, tmp_path: Path, command: str) -> list[str]:
+    """OpenSSH's ``ssh`` as alice (the admin's key), pinning the server's host key."""
     key_path = tmp_path / "id_ed25519"
     write_private_key(key_path, fx.admin_key)
     known = tmp_path / "known_hosts"
-    known.write_bytes(
-        f"[127.0.0.1]:{rpc.port} ".encode() + fx.host_key.export_public_key("openssh")
-    )
-    argv = [
-        "ssh", "-p", str(rpc.port), "-i", str(key_path), "-F", "/dev/null",
+    known.write_bytes(f"[127.0.0.1]:{port} ".encode() + fx.host_key.export_public_key("openssh"))
+    return [
+        "ssh", "-p", str(port), "-i", str(key_path), "-F", "/dev/null",
         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={known}", "alice@127.0.0.1", 'echo {"from":"openssh"}',
+        "-o", f"UserKnownHostsFile={known}", "alice@127.0.0.1", command,
     ]  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_openssh_client_can_call_the_endpoint(server, tmp_path: Path) -> None:
+    fx, rpc = server
+    argv = openssh_argv(fx, rpc.port, tmp_path, 'echo {"from":"openssh"}')
     proc = await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, timeout=30, check=False
     )
@@ -328,17 +331,7 @@ async def test_the_client_stops_reading_at_the_reply_limit(tmp_path: Path) -> No
 async def test_openssh_client_sends_the_body_on_stdin(server, tmp_path: Path) -> None:
     fx, rpc = server
     rpc.route("unseal", echo, roles={"admin"}, secret_params=True)
-    key_path = tmp_path / "id_ed25519"
-    write_private_key(key_path, fx.admin_key)
-    known = tmp_path / "known_hosts"
-    known.write_bytes(
-        f"[127.0.0.1]:{rpc.port} ".encode() + fx.host_key.export_public_key("openssh")
-    )
-    argv = [
-        "ssh", "-p", str(rpc.port), "-i", str(key_path), "-F", "/dev/null",
-        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={known}", "alice@127.0.0.1", "unseal",
-    ]  # fmt: skip
+    argv = openssh_argv(fx, rpc.port, tmp_path, "unseal")
     proc = await asyncio.to_thread(
         subprocess.run,
         argv,

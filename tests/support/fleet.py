@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ckms.controller.service import Controller
+from ckms.ssh import RpcClient
 from ckms_agent.config import AgentConfig, load_config
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
+from ckms_agent.identity import load_keys
 from tests.support.waiting import wait_until as wait_until  # tests import it from here
 
 FAST_AGENT = {
@@ -71,3 +73,18 @@ async def running_agent(config_path: Path, **env: str) -> AsyncIterator[Agent]:
         agent.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def host_rpc(controller: Controller, config_path: Path) -> AsyncIterator[RpcClient]:
+    """An RPC connection to ``controller`` as the host enrolled with ``config_path`` (its keys)."""
+    cfg = agent_config(config_path)
+    keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
+    async with RpcClient(
+        host="127.0.0.1",
+        port=controller.port,
+        username=cfg.host_id,
+        client_key=keys.ssh_key(),
+        host_key_fingerprint=controller.host_key_fingerprint,
+    ) as rpc:
+        yield rpc
