@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -256,12 +257,16 @@ async def next_due_after(r: Reader, now: datetime) -> datetime | None:
 
 async def set_next_due(tx: Transaction, key_id: str, when: datetime | None) -> None:
     """Store a key's next due time (see :func:`ckms.controller.duework.next_due`)."""
-    value = NEVER_DUE if when is None else format_time(when)
+    value = _due_text(when)
     # Unchanged values are not rewritten: the write would move the keys generation for nothing.
     await tx.execute(
         "UPDATE keys SET next_due_at = ? WHERE id = ? AND next_due_at IS NOT ?",
         (value, key_id, value),
     )
+
+
+def _due_text(when: datetime | None) -> str:
+    return NEVER_DUE if when is None else format_time(when)
 
 
 async def keys_without_next_due(r: Reader, limit: int) -> list[Key]:
@@ -286,33 +291,117 @@ def _json(model: Any) -> str:
     return str(model.model_dump_json())
 
 
-async def insert_key(tx: Transaction, key: Key) -> None:
-    """Insert a key row (its versions are inserted separately)."""
+def _key_row(key: Key, *, next_due_at: str | None = None) -> dict[str, Any]:
+    """The columns of a new ``keys`` row, as stored (and as its MAC covers them)."""
     params = {}
     if key.secret_length is not None:
         params["length"] = key.secret_length
     if key.secret_alphabet is not None:
         params["alphabet"] = key.secret_alphabet
-    await tx.insert(
-        "INSERT INTO keys(id, name, key_type, usage, params, policy, targets, install, "
-        "primary_version, created_at, created_by, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            key.id,
-            key.name,
-            str(key.type),
-            ",".join(key.usage_list),
-            json.dumps(params, sort_keys=True),
-            _json(key.policy),
-            _json(key.targets),
-            _json(key.install),
-            key.primary_version,
-            format_time(key.created_at),
-            key.created_by,
-            format_time(key.updated_at),
+    return {
+        "id": key.id,
+        "name": key.name,
+        "key_type": str(key.type),
+        "usage": ",".join(key.usage_list),
+        "params": json.dumps(params, sort_keys=True),
+        "policy": _json(key.policy),
+        "targets": _json(key.targets),
+        "install": _json(key.install),
+        "primary_version": key.primary_version,
+        "created_at": format_time(key.created_at),
+        "created_by": key.created_by,
+        "updated_at": format_time(key.updated_at),
+        "next_due_at": next_due_at,
+    }
+
+
+def _version_row(key_id: str, version: KeyVersion, sealed_material: bytes) -> dict[str, Any]:
+    """The columns of a new ``key_versions`` row, as stored (and as its MAC covers them)."""
+    row: dict[str, Any] = {
+        "key_id": key_id,
+        "version": version.version,
+        "state": str(version.state),
+        "digest": version.digest,
+        "sealed_material": sealed_material,
+        "created_by": version.created_by,
+        "revocation_reason": (
+            None if version.revocation_reason is None else str(version.revocation_reason)
         ),
+        "revocation_message": version.revocation_message,
+    }
+    for col in _VERSION_TIME_COLUMNS:
+        when = getattr(version, col)
+        row[col] = None if when is None else format_time(when)
+    return row
+
+
+def _insert_sql(table: str, row: dict[str, Any]) -> str:
+    cols = [*row, "mac"]
+    return (
+        f"INSERT INTO {table}({', '.join(cols)}) "  # noqa: S608 - our own column names
+        f"VALUES ({', '.join(':' + c for c in cols)})"
     )
-    await rowmac.stamp_key(tx, key.id)
+
+
+async def insert_key(tx: Transaction, key: Key) -> None:
+    """Insert a key row (its versions are inserted separately)."""
+    await insert_new_keys(tx, [NewKeyRows(key)])
+
+
+@dataclass(frozen=True, slots=True)
+class NewKeyRows:
+    """A key to insert whole: the key with its versions (inserted when ``sealed`` is given,
+    each with that sealed material), and the key's next due time."""
+
+    key: Key
+    sealed: bytes | None = None
+    next_due: datetime | None = None
+    operation: str = "create"
+
+
+async def insert_new_keys(tx: Transaction, new: Sequence[NewKeyRows]) -> None:
+    """Insert keys (and, with their sealed material, their versions and the history entry of
+    each version's creation) in a few statements, each row with its MAC: a batch of
+    onboarded keys costs a handful of trips to the database, not a dozen per key."""
+    if not new:
+        return
+    row_key = await rowmac.write_key(tx)
+    key_rows: list[dict[str, Any]] = []
+    version_rows: list[dict[str, Any]] = []
+    history: list[tuple[Any, ...]] = []
+    for item in new:
+        key, sealed = item.key, item.sealed
+        # A key inserted alone has its next due time set by the caller (None: not computed).
+        due = None if sealed is None else _due_text(item.next_due)
+        row = _key_row(key, next_due_at=due)
+        row["mac"] = None if row_key is None else rowmac.key_row_mac(row_key, row)
+        key_rows.append(row)
+        if sealed is None:
+            continue
+        for version in key.versions:
+            vrow = _version_row(key.id, version, sealed)
+            vrow["mac"] = None if row_key is None else rowmac.version_row_mac(row_key, vrow)
+            version_rows.append(vrow)
+            history.append(
+                (
+                    key.id,
+                    version.version,
+                    None,
+                    str(version.state),
+                    item.operation,
+                    format_time(version.created_at),
+                    version.created_by,
+                    None,
+                )
+            )
+    first = dict(key_rows[0])
+    del first["mac"]
+    await tx.executemany(_insert_sql("keys", first), key_rows)
+    if version_rows:
+        vfirst = dict(version_rows[0])
+        del vfirst["mac"]
+        await tx.executemany(_insert_sql("key_versions", vfirst), version_rows)
+        await tx.executemany(_INSERT_TRANSITION, history)
 
 
 async def update_key(tx: Transaction, key_id: str, *, now: datetime, **changes: Any) -> None:
@@ -377,6 +466,12 @@ async def update_version(tx: Transaction, key_id: str, version: int, **changes: 
     await rowmac.stamp_version(tx, key_id, version)
 
 
+_INSERT_TRANSITION: Final = (
+    "INSERT INTO version_transitions(key_id, version, from_state, to_state, operation, at, "
+    "actor, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 async def insert_transition(
     tx: Transaction,
     *,
@@ -391,8 +486,7 @@ async def insert_transition(
 ) -> None:
     """Record one state transition (UTC time, actor, reason) in the version's history."""
     await tx.insert(
-        "INSERT INTO version_transitions(key_id, version, from_state, to_state, operation, at, "
-        "actor, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        _INSERT_TRANSITION,
         (
             key_id,
             version,

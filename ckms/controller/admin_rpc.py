@@ -469,7 +469,7 @@ class AdminService:
         created = await self._lifecycle.create_many(
             [_new_key(spec) for spec in params.keys], actor=principal.name
         )
-        return api.KeyCreateManyReply(created=tuple(k.name for k in created))
+        return api.KeyCreateManyReply(created=tuple(created))
 
     async def _run_create(self, params: api.KeyCreateParams, actor: str) -> api.KeyChangeReply:
         spec = _new_key(params)

@@ -511,10 +511,7 @@ class Lifecycle:
             async with self._store.read() as r:
                 if await _repo.find_key(r, name) is not None:
                     raise AlreadyExistsError(f"a key named {name!r} already exists")
-            material = await _generate(key)
-            async with self._store.write() as tx:
-                created = await self._store_new(tx, key, material, now=now, actor=actor)
-                del material
+            (created,) = await self._create_batch([key], now=now, actor=actor)
             log.info("created key %s (%s) by %s", name, key.type, actor)
             return created
 
@@ -522,35 +519,32 @@ class Lifecycle:
 
     async def create_many(
         self, specs: Sequence[NewKey], *, actor: str, batch: int = CREATE_BATCH
-    ) -> list[Key]:
+    ) -> list[str]:
         """Create many keys at once (onboarding a team): each exactly as :meth:`create` does,
         sealed, audited and evented, but ``batch`` keys per transaction and per trip to the
         material generator, so the fsync and the thread hops are shared.
 
         Every spec is checked (names unique, types, usage, policy, install, not already
         existing) before anything is written; a refusal names the spec and creates nothing. A
-        batch is all or nothing; the batches before a failed one stay created.
+        batch is all or nothing; the batches before a failed one stay created. Returns the
+        names created, in order (not their models: onboarding 100,000 keys must not hold them).
         """
         names = [s.name for s in specs]
         details: dict[str, Any] = {"keys": len(specs)}
         shown = names[0] if len(names) == 1 else f"{len(names)} keys"
 
-        async def run(now: datetime) -> list[Key]:
+        async def run(now: datetime) -> list[str]:
             if not specs:
                 return []
+            # Checked whole first (a refusal creates nothing), but the models are not kept:
+            # 100,000 of them alive at once would make each full garbage collection (which
+            # walks every live object, holding the loop) longer than the loop may stall.
             seen: set[str] = set()
-            keys: list[Key] = []
             for i, spec in enumerate(specs):
-                try:
-                    key = self._new_key(spec, now=now, actor=actor)
-                except (ConfigError, PolicyError) as exc:
-                    raise type(exc)(f"key {i + 1} ({spec.name!r}): {exc}") from None
-                if key.name in seen:
-                    raise ConfigError(f"key {i + 1}: {key.name!r} is named twice")
-                seen.add(key.name)
-                keys.append(key)
+                self._new_numbered(i, spec, now=now, actor=actor, seen=seen)
                 if i % _BUILD_SLICE == _BUILD_SLICE - 1:
                     await asyncio.sleep(0)  # checking 100,000 specs must not hold the loop
+            del seen
             self._vault.require_unsealed(f"create {shown}")
             async with self._store.read() as r:
                 existing = await _repo.existing_names(r, names)
@@ -559,20 +553,33 @@ class Lifecycle:
                     f"{len(existing)} of these keys already exist: {', '.join(existing[:5])}"
                     + (" ..." if len(existing) > 5 else "")
                 )
-            created: list[Key] = []
-            for start in range(0, len(keys), batch):
-                chunk = keys[start : start + batch]
-                materials = await asyncio.to_thread(_generate_all, chunk)
-                async with self._store.write() as tx:
-                    for key, material in zip(chunk, materials, strict=True):
-                        created.append(
-                            await self._store_new(tx, key, material, now=now, actor=actor)
-                        )
-                del materials
+            created: list[str] = []
+            for start in range(0, len(specs), batch):
+                chunk = [
+                    self._new_numbered(i, spec, now=now, actor=actor)
+                    for i, spec in enumerate(specs[start : start + batch], start)
+                ]
+                created += [k.name for k in await self._create_batch(chunk, now=now, actor=actor)]
+                del chunk
             log.info("created %d keys by %s", len(created), actor)
             return created
 
         return await self._guarded("key.create", shown, actor, details, run)
+
+    def _new_numbered(
+        self, i: int, spec: NewKey, *, now: datetime, actor: str, seen: set[str] | None = None
+    ) -> Key:
+        """:meth:`_new_key` for the ``i``-th spec of a batch, errors naming it; a name already
+        in ``seen`` is refused, and added otherwise."""
+        try:
+            key = self._new_key(spec, now=now, actor=actor)
+        except (ConfigError, PolicyError) as exc:
+            raise type(exc)(f"key {i + 1} ({spec.name!r}): {exc}") from None
+        if seen is not None:
+            if key.name in seen:
+                raise ConfigError(f"key {i + 1}: {key.name!r} is named twice")
+            seen.add(key.name)
+        return key
 
     def _new_key(self, spec: NewKey, *, now: datetime, actor: str) -> Key:
         """The checked model of a key to create (ConfigError/PolicyError naming what is wrong)."""
@@ -607,49 +614,119 @@ class Lifecycle:
             updated_at=now,
         )
 
-    async def _store_new(
-        self, tx: Transaction, key: Key, material: bytes, *, now: datetime, actor: str
-    ) -> Key:
-        """Store a new key with version 1, its history, event and audit record, in ``tx``."""
-        name = key.name
-        if await _repo.find_key(tx, name) is not None:
-            raise AlreadyExistsError(f"a key named {name!r} already exists")
-        await self._check_env_guard(tx, key.targets)
-        await _repo.insert_key(tx, key)
-        first, primary = await self._add_version(
-            tx, key, material, now=now, actor=actor, operation="create", reason=None
-        )
-        event = KeyCreated(
-            key=name,
-            key_id=key.id,
-            type=str(key.type),
-            usage=tuple(key.usage_list),
-            version=first.version,
-            state=first.state,
-            digest=first.digest,
-            activation_at=_t(first.activation_at),
-            primary=primary,
-            policy=_event_policy(key.policy),
-            targets=key.targets,
-            install=key.install,
-        )
-        await self._emit(
-            tx,
-            now=now,
-            actor=actor,
-            action="key.create",
-            key=key,
-            event=event,
-            details={
-                "type": str(key.type),
-                "usage": key.usage_list,
-                "version": first.version,
-                "state": str(first.state),
-                "digest_hmac": self._vault.identifier(first.digest),
-                "targets": key.targets.describe(),
-            },
-        )
-        return await _repo.load_key(tx, name)
+    async def _create_batch(
+        self, keys: Sequence[Key], *, now: datetime, actor: str
+    ) -> list[Key]:
+        """Store new keys, each with version 1, its history, event and audit record, in one
+        transaction and a handful of statements; return them as stored.
+
+        Material is generated and sealed in a worker thread (RSA takes hundreds of ms) and
+        never reaches the event loop; the rows are built between yields to the loop.
+        """
+        sealed = await asyncio.to_thread(self._generate_sealed, keys)
+        delay_of: dict[Policy, tuple[timedelta, bool]] = {}
+        event_policy: dict[Policy, EventPolicy] = {}
+        rows: list[_repo.NewKeyRows] = []
+        events: list[tuple[str, EventData]] = []
+        details: list[dict[str, Any]] = []
+        for i, (key, (digest, material)) in enumerate(zip(keys, sealed, strict=True), 1):
+            if key.policy not in delay_of:
+                delay = key.policy.activation_delay
+                delay_of[key.policy] = (delay, delay <= timedelta(0))
+                event_policy[key.policy] = _event_policy(key.policy)
+            delay, active = delay_of[key.policy]
+            state = KeyState.ACTIVE if active else KeyState.PRE_ACTIVE
+            first = KeyVersion(
+                key=key.name,
+                version=1,
+                state=state,
+                digest=digest,
+                has_material=True,
+                created_at=now,
+                created_by=actor,
+                state_changed_at=now,
+                activation_at=now + delay,
+                activated_at=now if active else None,
+            )
+            stored = key.model_copy(
+                update={"primary_version": 1 if active else None, "versions": (first,)}
+            )
+            rows.append(_repo.NewKeyRows(stored, material, next_due(stored)))
+            events.append(
+                (
+                    key.name,
+                    KeyCreated(
+                        key=key.name,
+                        key_id=key.id,
+                        type=str(key.type),
+                        usage=tuple(key.usage_list),
+                        version=1,
+                        state=state,
+                        digest=digest,
+                        activation_at=_t(first.activation_at),
+                        primary=stored.primary_version,
+                        policy=event_policy[key.policy],
+                        targets=key.targets,
+                        install=key.install,
+                    ),
+                )
+            )
+            details.append(
+                {
+                    "type": str(key.type),
+                    "usage": key.usage_list,
+                    "version": 1,
+                    "state": str(state),
+                    "digest_hmac": self._vault.identifier(digest),
+                    "targets": key.targets.describe(),
+                }
+            )
+            if i % _BUILD_SLICE == 0:
+                await asyncio.sleep(0)
+        del sealed
+        names = [k.name for k in keys]
+        async with self._store.write() as tx:
+            existing = await _repo.existing_names(tx, names)
+            if existing:
+                raise AlreadyExistsError(f"a key named {existing[0]!r} already exists")
+            guarded = [k.targets for k in keys if k.targets.hosts]
+            if guarded:
+                hosts = await _repo.list_hosts(tx)
+                for targets in guarded:
+                    self._check_env_guard(targets, hosts)
+            await _repo.insert_new_keys(tx, rows)
+            stored_events = await outbox.add_events(tx, events, now=now)
+            await audit_log.append_many(
+                tx,
+                [
+                    audit_log.Entry(
+                        actor=actor,
+                        action="key.create",
+                        object=f"key:{name}",
+                        details={**detail, "event_id": event_id, "event_seq": seq},
+                    )
+                    for name, detail, (seq, event_id) in zip(
+                        names, details, stored_events, strict=True
+                    )
+                ],
+                now=now,
+            )
+        return [row.key for row in rows]
+
+    def _generate_sealed(self, keys: Sequence[Key]) -> list[tuple[str, bytes]]:
+        """(digest, sealed material) of new material for each of ``keys`` (in a worker thread:
+        the material itself never leaves this function)."""
+        out: list[tuple[str, bytes]] = []
+        for key in keys:
+            material = generate(key.type, length=key.secret_length, alphabet=key.secret_alphabet)
+            out.append(
+                (
+                    self._vault.digest(material),
+                    self._vault.seal_material(key.name, 1, str(key.type), key.usage_list, material),
+                )
+            )
+            del material
+        return out
 
     async def rotate(self, name: str, *, actor: str, reason: str | None = None) -> KeyVersion:
         """Add a version: Active and primary now, or PreActive until the activation delay ends."""
@@ -881,7 +958,7 @@ class Lifecycle:
                 pinned = pin_environment(name, key.targets, targets)
                 spec = install if install is not None else key.install
                 _check_install(key.type, spec)
-                await self._check_env_guard(tx, pinned)
+                await self._check_env_guard_in(tx, pinned)
                 await _repo.update_key(tx, key.id, now=now, targets=pinned, install=spec)
                 await self._emit(
                     tx,
@@ -903,11 +980,15 @@ class Lifecycle:
             "key.set_targets", name, actor, {"targets": targets.describe()}, run
         )
 
-    async def _check_env_guard(self, tx: Transaction, targets: Targets) -> None:
+    async def _check_env_guard_in(self, tx: Transaction, targets: Targets) -> None:
         """Refuse targets that list, by id, a known host of another environment."""
-        if not targets.hosts:
-            return
-        blocked = env_blocked(targets, await _repo.list_hosts(tx))
+        if targets.hosts:
+            self._check_env_guard(targets, await _repo.list_hosts(tx))
+
+    @staticmethod
+    def _check_env_guard(targets: Targets, hosts: Sequence[Host]) -> None:
+        """Refuse targets that list, by id, one of ``hosts`` of another environment."""
+        blocked = env_blocked(targets, hosts)
         if blocked:
             raise PolicyError(
                 f"hosts {', '.join(h.id for h in blocked)} are not labelled "
@@ -949,11 +1030,6 @@ def _check_install(key_type: KeyType, spec: InstallSpec) -> None:
             f"install format '{spec.format}' is not available for key type '{key_type}' "
             f"(allowed: {', '.join(sorted(allowed))})"
         )
-
-
-def _generate_all(keys: Sequence[Key]) -> list[bytes]:
-    """New material for each of ``keys`` (one trip to a worker thread for a whole batch)."""
-    return [generate(k.type, length=k.secret_length, alphabet=k.secret_alphabet) for k in keys]
 
 
 async def _generate(key: Key) -> bytes:

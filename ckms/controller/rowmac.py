@@ -200,6 +200,13 @@ async def is_bound(r: Reader | Store) -> bool:
     return await r.get_meta(META_MARKER) is not None
 
 
+async def write_key(tx: Transaction) -> bytes | None:
+    """The key to MAC rows written in ``tx`` with (for writers that compute the MAC of rows
+    they build, instead of stamping each after writing it); None and SealedError as for
+    the ``stamp_*`` functions."""
+    return await _require_key(tx)
+
+
 async def _require_key(tx: Transaction) -> bytes | None:
     """The row key; None for a store not bound yet (``ckms init`` adds the first operators
     before the first unseal binds them); SealedError for a bound store while sealed."""

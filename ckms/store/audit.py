@@ -67,9 +67,11 @@ __all__ = [
     "AuditCheckpoint",
     "AuditRecord",
     "AuditReport",
+    "Entry",
     "Outcome",
     "anchor_problem",
     "append",
+    "append_many",
     "checkpoint",
     "checkpoint_line",
     "checkpoint_message",
@@ -296,13 +298,79 @@ async def append(
         ) from exc
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One record to append with :func:`append_many` (what :func:`append` takes, less the time)."""
+
+    actor: str
+    action: str
+    object: str
+    details: dict[str, Any]
+    outcome: Outcome = "ok"
+
+
+async def append_many(tx: Transaction, entries: Sequence[Entry], *, now: datetime) -> list[str]:
+    """Append records in the caller's write transaction, chained as :func:`append` chains them,
+    in one statement (a batch of key creations records hundreds at once); return their hashes.
+
+    The head is read from the table (one indexed query), never from memory: a batch that
+    chained onto a stale head would fail half-way. Any failure raises AuditError.
+    """
+    if not entries:
+        return []
+    at = format_time(now)
+    try:
+        if tx.audit_blocked is not None:
+            raise AuditAnchorError(
+                f"the audit log does not extend its last anchor ({tx.audit_blocked}); "
+                "operations that must be audited are refused until it is restored"
+            )
+        size, prev = await _head(tx)
+        rows: list[tuple[Any, ...]] = []
+        for i, entry in enumerate(entries, size):
+            details = dict(entry.details)
+            digest = record_hash(
+                {
+                    "index": i,
+                    "at": at,
+                    "actor": entry.actor,
+                    "action": entry.action,
+                    "object": entry.object,
+                    "outcome": entry.outcome,
+                    "details": details,
+                    "prev_hash": prev,
+                }
+            )
+            text = canonical_json(details).decode("utf-8")
+            rows.append(
+                (i, at, entry.actor, entry.action, entry.object, entry.outcome, text, prev, digest)
+            )
+            prev = digest
+        await tx.executemany(_INSERT_RECORD, rows)
+    except AuditAnchorError:
+        append_failures.count += 1
+        raise
+    except (CKMSError, ValueError) as exc:
+        append_failures.count += 1
+        raise AuditError(
+            f"audit records for {len(entries)} {entries[0].action} could not be written: {exc}"
+        ) from exc
+    tx.audit_head = (size + len(entries), prev)
+    return [row[-1] for row in rows]
+
+
+_INSERT_RECORD = (
+    "INSERT INTO audit(idx, at, actor, action, object, outcome, details, prev_hash, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 async def _insert(tx: Transaction, head: tuple[int, str], fields: dict[str, Any]) -> AuditRecord:
     size, prev = head
     record_fields = {"index": size, **fields, "prev_hash": prev}
     digest = record_hash(record_fields)
     await tx.insert(
-        "INSERT INTO audit(idx, at, actor, action, object, outcome, details, prev_hash, hash) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        _INSERT_RECORD,
         (
             size,
             fields["at"],

@@ -11,6 +11,7 @@ never holds key material.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -58,19 +59,7 @@ async def add_event(
     way it is validated against the event type's protocol model first, so an event that agents
     would refuse can never be committed (the change it announces fails with it).
     """
-    try:
-        if isinstance(data, BaseModel):
-            named = event_type_of(data)
-            if type is not None and EventType(type) is not named:
-                raise ValueError(f"{type!r} is not the type of {named.value}")
-            type = str(named)
-        if type is None:
-            raise ValueError("an event given as a dict needs its type")
-        model = EVENT_DATA_MODELS[EventType(type)]
-        typed = data if isinstance(data, model) else model.model_validate(data)
-    except (ValueError, KeyError) as exc:
-        raise ProtocolError(f"outbox event {type!r} does not match its model: {exc}") from None
-    payload = canonical_json(typed.model_dump(mode="json", by_alias=True))
+    type, payload = _payload(data, type)
     event_id = str(uuid.uuid4())
     created = format_time(now)
     seq = await tx.insert(
@@ -87,6 +76,55 @@ async def add_event(
         payload=payload,
         created_at=parse_time(created),
     )
+
+
+async def add_events(
+    tx: Transaction, events: Sequence[tuple[str, EventData]], *, now: datetime
+) -> list[tuple[int, str]]:
+    """Store many (partition key, typed event) in the caller's write transaction, in order, in
+    one statement; return each one's (seq, event_id). Checked like :func:`add_event`.
+
+    The sequence numbers are given here, after the highest ever given out: the transaction
+    holds the one writer, so nobody else can take them meanwhile.
+    """
+    if not events:
+        return []
+    created = format_time(now)
+    seq = int(
+        await tx.fetchval(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "
+            "COALESCE((SELECT MAX(seq) FROM outbox), 0))"
+        )
+    )
+    rows: list[tuple[Any, ...]] = []
+    for partition_key, data in events:
+        type, payload = _payload(data, None)
+        seq += 1
+        rows.append((seq, str(uuid.uuid4()), type, partition_key, payload, created))
+    await tx.executemany(
+        "INSERT INTO outbox(seq, event_id, type, partition_key, payload, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    tx.wrote_outbox = True
+    return [(row[0], row[1]) for row in rows]
+
+
+def _payload(data: EventData | dict[str, Any], type: str | None) -> tuple[str, bytes]:
+    """The event type and canonical payload of ``data``, checked against the type's model."""
+    try:
+        if isinstance(data, BaseModel):
+            named = event_type_of(data)
+            if type is not None and EventType(type) is not named:
+                raise ValueError(f"{type!r} is not the type of {named.value}")
+            type = str(named)
+        if type is None:
+            raise ValueError("an event given as a dict needs its type")
+        model = EVENT_DATA_MODELS[EventType(type)]
+        typed = data if isinstance(data, model) else model.model_validate(data)
+    except (ValueError, KeyError) as exc:
+        raise ProtocolError(f"outbox event {type!r} does not match its model: {exc}") from None
+    return type, canonical_json(typed.model_dump(mode="json", by_alias=True))
 
 
 async def last_seq(tx: Transaction) -> int:
