@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, TypeVar
 
 import typer
 from pydantic import BaseModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ckms.cli._client import Connection, Session
+from ckms.cli._client import Connection, Session, run
 from ckms.cli._errors import NotConvergedError, cli_errors
 from ckms.cli._render import err_console, print_json
 from ckms.protocol import admin as api
 
-__all__ = ["JsonOption", "call_and_show", "conn", "wait_converged"]
+__all__ = ["JsonOption", "call_and_show", "conn", "show_pages", "wait_converged"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,7 +40,8 @@ async def wait_converged(
     Shows a live bar (acknowledged hosts / targeted hosts) on stderr.
     """
     deadline = time.monotonic() + timeout_s
-    params = api.FleetStatusParams(key=key, limit=20000)
+    # Failures and hosts still pending sort first: the page names the late ones.
+    params = api.FleetStatusParams(key=key, limit=api.FLEET_ROWS_MAX)
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -93,3 +95,47 @@ def call_and_show(
     else:
         render(reply)
     return reply
+
+
+def show_pages(
+    ctx: typer.Context,
+    pages: Callable[[Session], AsyncIterator[BaseModel]],
+    field: str,
+    render: Callable[[list[M]], None],
+    *,
+    as_json: bool,
+) -> None:
+    """Follow every page of a paged read; print ``{field: [...]}`` as JSON or ``render`` them.
+
+    ``--json`` prints each page as it arrives, so memory stays one page however many items
+    (100,000 keys, 10,000 hosts); the output is one JSON document either way.
+    """
+
+    async def follow() -> list[M]:
+        shown: list[M] = []
+        first = True
+        if as_json:
+            typer.echo(f'{{\n  "{field}": [', nl=False)
+        async with conn(ctx).session() as session:
+            async for page in pages(session):
+                items: Sequence[M] = getattr(page, field)
+                if not as_json:
+                    shown.extend(items)
+                    continue
+                for item in items:
+                    text = json.dumps(item.model_dump(mode="json"), indent=2, sort_keys=True)
+                    typer.echo(("\n" if first else ",\n") + _indent(text, 4), nl=False)
+                    first = False
+        if as_json:
+            typer.echo(("\n  " if not first else "") + "]\n}")
+        return shown
+
+    with cli_errors():
+        items = run(follow())
+    if not as_json:
+        render(items)
+
+
+def _indent(text: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in text.splitlines())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, call_and_show
+from ckms.cli._common import JsonOption, call_and_show, show_pages
 from ckms.cli._render import age, console, table
 from ckms.protocol import admin as api
 
@@ -29,14 +30,17 @@ def _state(host: api.FleetHost) -> str:
 def status(
     ctx: typer.Context,
     key: Annotated[str | None, typer.Argument(help="One key (default: every key).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many hosts per key.", min=1)] = 1000,
+    limit: Annotated[
+        int,
+        typer.Option(help="At most this many hosts per key.", min=1, max=api.FLEET_ROWS_MAX),
+    ] = 1000,
     as_json: JsonOption = False,
 ) -> None:
     """Per key: host x version x status x age, and how much of the fleet converged."""
 
-    def render(reply: api.FleetStatusReply) -> None:
+    def render(keys: Sequence[api.KeyFleet]) -> None:
         out = console()
-        for fleet in reply.keys:
+        for fleet in keys:
             wanted = ", ".join(f"v{v}" for v in fleet.wanted_versions) or "none"
             title = (
                 f"{fleet.key}: {fleet.converged}/{fleet.targeted} converged "
@@ -57,11 +61,16 @@ def status(
             if fleet.truncated:
                 out.print(f"... {fleet.truncated} more hosts (raise --limit)")
 
-    call_and_show(
-        ctx,
-        "fleet.status",
-        api.FleetStatusParams(key=key, limit=limit),
-        api.FleetStatusReply,
-        render,
-        as_json=as_json,
+    if key is not None:
+        call_and_show(
+            ctx,
+            "fleet.status",
+            api.FleetStatusParams(key=key, limit=limit),
+            api.FleetStatusReply,
+            lambda reply: render(reply.keys),
+            as_json=as_json,
+        )
+        return
+    show_pages(
+        ctx, lambda s: api.fleet_pages(s.call, limit=limit), "keys", render, as_json=as_json
     )

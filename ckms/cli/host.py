@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, call_and_show, conn
+from ckms.cli._common import JsonOption, call_and_show, conn, show_pages
 from ckms.cli._errors import UsageError, cli_errors
 from ckms.cli._parse import parse_duration, parse_labels
 from ckms.cli._render import console, print_json, table, until, when
@@ -25,7 +26,7 @@ def _labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
 
-def _render_hosts(hosts: tuple[api.HostInfo, ...]) -> None:
+def _render_hosts(hosts: Sequence[api.HostInfo]) -> None:
     console().print(
         table(
             None,
@@ -83,12 +84,8 @@ def enroll(
 
 @app.command("list")
 def list_hosts(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """List enrolled hosts (revoked ones included)."""
-
-    def render(reply: api.HostListReply) -> None:
-        _render_hosts(reply.hosts)
-
-    call_and_show(ctx, "host.list", None, api.HostListReply, render, as_json=as_json)
+    """List enrolled hosts (revoked ones included; all pages)."""
+    show_pages(ctx, lambda s: api.host_pages(s.call), "hosts", _render_hosts, as_json=as_json)
 
 
 @app.command("show")

@@ -11,7 +11,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from ckms.cli._client import run
-from ckms.cli._common import JsonOption, call_and_show, conn, wait_converged
+from ckms.cli._common import JsonOption, call_and_show, conn, show_pages, wait_converged
 from ckms.cli._errors import UsageError, cli_errors
 from ckms.cli._parse import (
     parse_approvals,
@@ -365,51 +365,26 @@ def _valid_name(name: str) -> bool:
 def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List every key with its primary version and next rotation (all pages)."""
 
-    async def stream() -> list[api.KeySummary]:
-        # --json prints each page as it arrives: memory stays one page however many keys.
-        shown: list[api.KeySummary] = []
-        first = True
-        if as_json:
-            typer.echo('{\n  "keys": [', nl=False)
-        async with conn(ctx).session() as session:
-            async for page in api.key_pages(session.call):
-                if not as_json:
-                    shown.extend(page.keys)
-                    continue
-                for k in page.keys:
-                    text = json.dumps(k.model_dump(mode="json"), indent=2, sort_keys=True)
-                    typer.echo(("\n" if first else ",\n") + _indent(text, 4), nl=False)
-                    first = False
-        if as_json:
-            typer.echo(("\n  " if not first else "") + "]\n}")
-        return shown
-
-    with cli_errors():
-        keys = run(stream())
-    if as_json:
-        return
-    console().print(
-        table(
-            None,
-            ["name", "type", "primary", "versions", "targets", "next rotation"],
-            [
-                (
-                    k.name,
-                    k.type,
-                    f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
-                    ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
-                    " | ".join(k.targets) or "-",
-                    until(k.next_rotation_at),
-                )
-                for k in keys
-            ],
+    def render(keys: list[api.KeySummary]) -> None:
+        console().print(
+            table(
+                None,
+                ["name", "type", "primary", "versions", "targets", "next rotation"],
+                [
+                    (
+                        k.name,
+                        k.type,
+                        f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
+                        ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
+                        " | ".join(k.targets) or "-",
+                        until(k.next_rotation_at),
+                    )
+                    for k in keys
+                ],
+            )
         )
-    )
 
-
-def _indent(text: str, spaces: int) -> str:
-    pad = " " * spaces
-    return "\n".join(pad + line for line in text.splitlines())
+    show_pages(ctx, lambda s: api.key_pages(s.call), "keys", render, as_json=as_json)
 
 
 @app.command("show")

@@ -303,14 +303,18 @@ class Console:
 
     async def hosts(self, request: web.Request) -> web.Response:
         """Every host: labels, last seen, staleness, drift and failures."""
-        reply = await self.call("host.list", None, api.HostListReply)
-        fleet = (await self.call("fleet.status", None, api.FleetStatusReply)).keys
+        listed = [h async for page in api.host_pages(self.call) for h in page.hosts]
+        fleet = [
+            k
+            async for page in api.fleet_pages(self.call, limit=api.FLEET_ROWS_MAX)
+            for k in page.keys
+        ]
         failed = {h.host for k in fleet for h in k.hosts if h.failed}
         drift = {h.host for k in fleet for h in k.hosts if h.drift}
         return await self.page(
             request,
             "hosts.html",
-            hosts=reply.hosts,
+            hosts=listed,
             failed=failed,
             drift=drift,
             now=datetime.now(UTC),

@@ -253,7 +253,7 @@ class AdminService:
         )
 
         self._route(server, "host.enroll", api.HostEnrollParams, self.host_enroll)
-        self._route(server, "host.list", api.Empty, self.host_list)
+        self._route(server, "host.list", api.HostListParams, self.host_list)
         self._route(server, "host.show", api.HostRef, self.host_show)
         self._route(server, "host.label", api.HostLabelParams, self.host_label)
         self._route(server, "host.revoke", api.HostRef, self.host_revoke)
@@ -583,10 +583,19 @@ class AdminService:
             listen=self._endpoint.listen(),
         )
 
-    async def host_list(self, principal: Principal, params: api.Empty) -> api.HostListReply:
-        """Every enrolled host (revoked ones included)."""
+    async def host_list(
+        self, principal: Principal, params: api.HostListParams
+    ) -> api.HostListReply:
+        """One page of enrolled hosts by id (revoked ones included); ``next`` continues.
+
+        Pages keep each reply far under the reply bound however large the fleet.
+        """
+        hosts = await self._hosts.page(params.after, params.limit + 1)
+        more = len(hosts) > params.limit
+        hosts = hosts[: params.limit]
         return api.HostListReply(
-            hosts=tuple(await self._fleet.host_infos(await self._hosts.list()))
+            hosts=tuple(await self._fleet.host_infos(hosts)),
+            next=hosts[-1].id if more else None,
         )
 
     async def host_show(self, principal: Principal, params: api.HostRef) -> api.HostInfo:
@@ -616,8 +625,9 @@ class AdminService:
     async def fleet_status(
         self, principal: Principal, params: api.FleetStatusParams
     ) -> api.FleetStatusReply:
-        """Per key: host x version x status x age, converged %, failures and drift first."""
-        return await self._fleet.fleet_status(params.key, params.limit)
+        """Per key: host x version x status x age, converged %, failures and drift first (one
+        key, or one page of every key: ``next`` continues)."""
+        return await self._fleet.fleet_status(params.key, params.limit, params.after)
 
     # -- audit ----------------------------------------------------------------------------
 

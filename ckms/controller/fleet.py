@@ -133,11 +133,17 @@ class FleetView:
         self._hosts = hosts
         self._clock = clock
 
-    async def host_facts(self) -> dict[str, dict[str, Any]]:
-        """Last-seen time, last report and wrap suite of every host, in one query."""
-        rows = await self._store.fetchall(
-            "SELECT id, last_seen_at, reported, wrap_suite FROM hosts"
-        )
+    async def host_facts(self, ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Last-seen time, last report and wrap suite of every host (or of ``ids``), in one
+        query: a page of hosts reads its own rows, not the whole fleet's."""
+        sql = "SELECT id, last_seen_at, reported, wrap_suite FROM hosts"
+        if ids is None:
+            rows = await self._store.fetchall(sql)
+        elif not ids:
+            return {}
+        else:
+            marks = ",".join("?" * len(ids))
+            rows = await self._store.fetchall(f"{sql} WHERE id IN ({marks})", tuple(ids))
         return {
             row["id"]: {
                 "last_seen_at": parse_time(row["last_seen_at"]) if row["last_seen_at"] else None,
@@ -165,9 +171,16 @@ class FleetView:
         }
         return DueSummary(rotations, counts, len(current.activate), len(current.deactivate))
 
-    async def stale_hosts(self, keys: list[Key], hosts: list[Host], now: datetime) -> list[str]:
+    async def stale_hosts(
+        self,
+        keys: list[Key],
+        hosts: list[Host],
+        now: datetime,
+        facts: dict[str, dict[str, Any]] | None = None,
+    ) -> list[str]:
         """Hosts not seen for longer than the shortest max staleness of the keys they hold."""
-        facts = await self.host_facts()
+        if facts is None:
+            facts = await self.host_facts()
         stale = []
         for host in hosts:
             if host.revoked:
@@ -183,42 +196,73 @@ class FleetView:
         """Hosts as the wire shows them, with the keys that target each and whether it is stale."""
         now = self._clock()
         keys = await self._lifecycle.list_keys()
-        facts = await self.host_facts()
-        stale = set(await self.stale_hosts(keys, hosts, now))
+        facts = await self.host_facts([h.id for h in hosts])
+        stale = set(await self.stale_hosts(keys, hosts, now, facts))
         return [host_info(h, facts.get(h.id, {}), stale=h.id in stale, keys=keys) for h in hosts]
 
-    async def fleet_status(self, key: str | None, limit: int) -> api.FleetStatusReply:
-        """Per key: host x version x status x age, converged %, failures and drift first."""
+    async def fleet_status(
+        self, key: str | None, limit: int | None, after: str | None = None
+    ) -> api.FleetStatusReply:
+        """Per key: host x version x status x age, converged %, failures and drift first.
+
+        One key, or one page of every key named after ``after``: keys are added until the page
+        holds :data:`~ckms.protocol.admin.FLEET_ROWS_MAX` host rows or
+        :data:`~ckms.protocol.admin.FLEET_KEYS_MAX` keys, so a reply stays bounded however many
+        hosts and keys there are. ``limit`` None (in-process readers only) keeps every row.
+        """
         now = self._clock()
         lc = self._lifecycle
-        keys = [await lc.get(key)] if key else await lc.list_keys()
         facts = await self.host_facts()
         hosts = {h.id: h for h in await self._hosts.list()}
-        out = []
-        for k in keys:
-            rows = []
-            for s in await key_fleet_status(self._store, lc, self._hosts, k.name):
-                report = facts.get(s.host, {}).get("reported")
-                rows.append(
-                    _fleet_host(s, now, drift=s.converged and _drifts(k, hosts[s.host], s, report))
-                )
-            rows.sort(key=lambda h: (not h.failed, not h.drift, h.converged, h.host))
-            converged = sum(1 for h in rows if h.converged)
-            out.append(
-                api.KeyFleet(
-                    key=k.name,
-                    primary_version=k.primary_version,
-                    wanted_versions=tuple(sorted(v.version for v in distributable_versions(k))),
-                    targeted=len(rows),
-                    converged=converged,
-                    failed=sum(1 for h in rows if h.failed),
-                    drift=sum(1 for h in rows if h.drift),
-                    converged_pct=round(100.0 * converged / len(rows), 1) if rows else 100.0,
-                    hosts=tuple(rows[:limit]),
-                    truncated=max(0, len(rows) - limit),
-                )
+        if key is not None:
+            fleet = await self._key_fleet(await lc.get(key), now, facts, hosts, limit)
+            return api.FleetStatusReply(keys=(fleet,))
+        out: list[api.KeyFleet] = []
+        rows = 0
+        cursor = after
+        while True:
+            batch = await lc.page(cursor, api.FLEET_KEYS_MAX)
+            for k in batch:
+                fleet = await self._key_fleet(k, now, facts, hosts, limit)
+                shown = len(fleet.hosts)
+                full = len(out) == api.FLEET_KEYS_MAX or rows + shown > api.FLEET_ROWS_MAX
+                if out and full and limit is not None:
+                    return api.FleetStatusReply(keys=tuple(out), next=out[-1].key)
+                out.append(fleet)
+                rows += shown
+            if len(batch) < api.FLEET_KEYS_MAX:
+                return api.FleetStatusReply(keys=tuple(out))
+            cursor = batch[-1].name
+
+    async def _key_fleet(
+        self,
+        k: Key,
+        now: datetime,
+        facts: dict[str, dict[str, Any]],
+        hosts: dict[str, Host],
+        limit: int | None,
+    ) -> api.KeyFleet:
+        rows = []
+        for s in await key_fleet_status(self._store, self._lifecycle, self._hosts, k.name):
+            report = facts.get(s.host, {}).get("reported")
+            rows.append(
+                _fleet_host(s, now, drift=s.converged and _drifts(k, hosts[s.host], s, report))
             )
-        return api.FleetStatusReply(keys=tuple(out))
+        rows.sort(key=lambda h: (not h.failed, not h.drift, h.converged, h.host))
+        converged = sum(1 for h in rows if h.converged)
+        shown = rows if limit is None else rows[:limit]
+        return api.KeyFleet(
+            key=k.name,
+            primary_version=k.primary_version,
+            wanted_versions=tuple(sorted(v.version for v in distributable_versions(k))),
+            targeted=len(rows),
+            converged=converged,
+            failed=sum(1 for h in rows if h.failed),
+            drift=sum(1 for h in rows if h.drift),
+            converged_pct=round(100.0 * converged / len(rows), 1) if rows else 100.0,
+            hosts=tuple(shown),
+            truncated=len(rows) - len(shown),
+        )
 
 
 def _drifts(key: Key, host: Host, status: HostKeyStatus, report: dict[str, Any] | None) -> bool:

@@ -256,6 +256,11 @@ class HostRegistry:
         async with self._store.read() as r:
             return await _repo.list_hosts(r)
 
+    async def page(self, after: str | None, limit: int) -> list[Host]:
+        """Up to ``limit`` hosts whose id sorts after ``after``, by id."""
+        async with self._store.read() as r:
+            return await _repo.page_hosts(r, after, limit)
+
     async def identity(self, host_id: str) -> tuple[Host, str]:
         """The host and its wrap suite, from memory unless a commit changed a host since.
 

@@ -17,7 +17,7 @@ rotation is due within 1/7/30 days) is the expiry signal today; a certificate ty
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -69,10 +69,15 @@ class ControllerMetrics:
     async def refresh(self) -> None:
         """Take a new snapshot of the store-backed gauges."""
         status: api.StatusReply = await self._call("status", None, api.StatusReply)
-        fleet: api.FleetStatusReply = await self._call(
-            "fleet.status", {"limit": 20000}, api.FleetStatusReply
-        )
-        hosts: api.HostListReply = await self._call("host.list", None, api.HostListReply)
+        # In process, so every host row of every key (no reply bound to page under).
+        fleet = await self._c.fleet.fleet_status(None, None)
+        hosts = [
+            h
+            async for page in api.host_pages(
+                lambda m, p, r: self._call(m, p.model_dump(mode="json"), r)
+            )
+            for h in page.hosts
+        ]
         assert self._c.store is not None
         oldest = await self._c.store.fetchval(
             "SELECT MIN(created_at) FROM outbox WHERE sent_at IS NULL"
@@ -96,7 +101,7 @@ class ControllerMetrics:
 
 
 def host_states(
-    fleet: api.FleetStatusReply, hosts: api.HostListReply, stale: set[str]
+    fleet: api.FleetStatusReply, hosts: Sequence[api.HostInfo], stale: set[str]
 ) -> dict[str, int]:
     """Count hosts by their worst state (see :data:`HOST_STATES`)."""
     worst: dict[str, str] = {}
@@ -106,7 +111,7 @@ def host_states(
         if rank[state] > rank[worst.get(host, "ok")]:
             worst[host] = state
 
-    for host in hosts.hosts:
+    for host in hosts:
         worst.setdefault(host.id, "ok")
         if host.revoked:
             worst[host.id] = "revoked"

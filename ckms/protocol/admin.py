@@ -13,7 +13,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,10 @@ from ckms.protocol._secret import WireSecret
 __all__ = [
     "APPROVAL_OPERATIONS",
     "CREATE_MANY_MAX",
+    "FLEET_KEYS_MAX",
+    "FLEET_ROWS_MAX",
+    "HOST_PAGE_DEFAULT",
+    "HOST_PAGE_MAX",
     "KEY_PAGE_DEFAULT",
     "KEY_PAGE_MAX",
     "OPERATOR_ROLES",
@@ -47,6 +51,7 @@ __all__ = [
     "HostEnrollReply",
     "HostInfo",
     "HostLabelParams",
+    "HostListParams",
     "HostListReply",
     "HostRef",
     "KafkaStatus",
@@ -84,7 +89,10 @@ __all__ = [
     "VersionInfo",
     "WhoamiReply",
     "agent_enroll_command",
+    "fleet_pages",
+    "host_pages",
     "key_pages",
+    "pages",
 ]
 
 
@@ -243,11 +251,26 @@ class HostLabelParams(_Model):
     replace: bool = False
 
 
+FLEET_ROWS_MAX = 5000
+"""Most host rows one ``fleet.status`` reply carries (about 2 MB at most, under the reply bound):
+the per-key ``limit`` and the rows of one page of every key both stop there."""
+FLEET_KEYS_MAX = 500
+"""Most keys one ``fleet.status`` page carries (keys without hosts cost a row of their own)."""
+
+
 class FleetStatusParams(_Model):
-    """Fleet view of one key, or of every key; at most ``limit`` host rows per key."""
+    """Fleet view of one key, or one page of every key (by name, after ``after``); at most
+    ``limit`` host rows per key, failures and drift first."""
 
     key: KeyName | None = None
-    limit: Annotated[int, Field(ge=1, le=20000)] = 1000
+    limit: Annotated[int, Field(ge=1, le=FLEET_ROWS_MAX)] = 1000
+    after: KeyName | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> FleetStatusParams:
+        if self.key is not None and self.after is not None:
+            raise ValueError("after pages every key's view; it does not go with key")
+        return self
 
 
 class AuditTailParams(_Model):
@@ -364,9 +387,9 @@ class KeySummary(_Reply):
 
 
 KEY_PAGE_MAX = 2000
+"""Most keys one ``key.list`` reply carries (about 0.5 MB, well under the reply bound)."""
 KEY_PAGE_DEFAULT = 1000
 """The page :func:`key_pages` asks for by default: about 0.25 MB, a short hold of the loop."""
-"""Most keys one ``key.list`` reply carries (about 0.5 MB, well under the reply bound)."""
 
 
 class KeyListParams(_Model):
@@ -376,34 +399,48 @@ class KeyListParams(_Model):
     limit: Annotated[int, Field(ge=1, le=KEY_PAGE_MAX)] = KEY_PAGE_DEFAULT
 
 
-class KeyListReply(_Reply):
-    """One page of keys, by name; ``next`` is the cursor of the next page (None: last page)."""
+class _Page(_Reply):
+    """A reply of a paged method: ``next`` is the cursor of the next page (None: last page)."""
 
-    keys: tuple[KeySummary, ...]
     next: str | None = None
 
 
-PageCall = Callable[[str, KeyListParams, type[KeyListReply]], Awaitable[KeyListReply]]
-"""An admin RPC call (CLI session, console client) as :func:`key_pages` makes it."""
+class KeyListReply(_Page):
+    """One page of keys, by name."""
+
+    keys: tuple[KeySummary, ...]
 
 
-async def key_pages(
-    call: PageCall, *, limit: int = KEY_PAGE_DEFAULT
-) -> AsyncIterator[KeyListReply]:
-    """Every page of ``key.list`` in name order, following ``next`` until the last page.
+_R = TypeVar("_R", bound=_Page)
 
-    Each page is read in its own snapshot: a key created meanwhile shows when its name sorts
-    after the cursor; no key present throughout is missed or shown twice.
+PageCall = Callable[[str, Any, type[Any]], Awaitable[Any]]
+"""An admin RPC call (CLI session, console client) as :func:`pages` makes it."""
+
+
+async def pages(
+    call: PageCall, method: str, reply: type[_R], params: Callable[[str | None], BaseModel]
+) -> AsyncIterator[_R]:
+    """Every page of a paged method, following the reply's ``next`` cursor to the last page.
+
+    Each page is read in its own snapshot: an item added meanwhile shows when it sorts after
+    the cursor; no item present throughout is missed or shown twice. A cursor that does not
+    advance is the controller's fault, refused rather than followed forever.
     """
     after: str | None = None
     while True:
-        page = await call("key.list", KeyListParams(after=after, limit=limit), KeyListReply)
+        page = await call(method, params(after), reply)
         yield page
-        if page.next is None or not page.keys:
+        cursor = page.next
+        if cursor is None:
             return
-        if after is not None and page.next <= after:
-            raise ProtocolError("the controller's key.list cursor did not advance")
-        after = page.next
+        if after is not None and cursor <= after:
+            raise ProtocolError(f"the controller's {method} cursor did not advance")
+        after = cursor
+
+
+def key_pages(call: PageCall, *, limit: int = KEY_PAGE_DEFAULT) -> AsyncIterator[KeyListReply]:
+    """Every page of ``key.list`` in name order."""
+    return pages(call, "key.list", KeyListReply, lambda a: KeyListParams(after=a, limit=limit))
 
 
 class KeyChangeReply(_Reply):
@@ -445,10 +482,27 @@ class HostInfo(_Reply):
     keys: tuple[str, ...] = ()
 
 
-class HostListReply(_Reply):
-    """Every host."""
+HOST_PAGE_MAX = 2000
+"""Most hosts one ``host.list`` reply carries (about 1 MB, well under the reply bound)."""
+HOST_PAGE_DEFAULT = 500
+
+
+class HostListParams(_Model):
+    """One page of ``host.list``: the hosts whose id sorts after ``after``, at most ``limit``."""
+
+    after: HostId | None = None
+    limit: Annotated[int, Field(ge=1, le=HOST_PAGE_MAX)] = HOST_PAGE_DEFAULT
+
+
+class HostListReply(_Page):
+    """One page of hosts by id (revoked ones included)."""
 
     hosts: tuple[HostInfo, ...]
+
+
+def host_pages(call: PageCall, *, limit: int = HOST_PAGE_DEFAULT) -> AsyncIterator[HostListReply]:
+    """Every page of ``host.list`` in id order."""
+    return pages(call, "host.list", HostListReply, lambda a: HostListParams(after=a, limit=limit))
 
 
 class HostEnrollReply(_Reply):
@@ -498,10 +552,20 @@ class KeyFleet(_Reply):
         return [h.host for h in self.hosts if not h.converged]
 
 
-class FleetStatusReply(_Reply):
-    """The fleet view of one key or all keys."""
+class FleetStatusReply(_Page):
+    """The fleet view of one key, or one page of every key by name."""
 
     keys: tuple[KeyFleet, ...]
+
+
+def fleet_pages(call: PageCall, *, limit: int = 1000) -> AsyncIterator[FleetStatusReply]:
+    """Every page of ``fleet.status`` over every key, in name order."""
+    return pages(
+        call,
+        "fleet.status",
+        FleetStatusReply,
+        lambda a: FleetStatusParams(limit=limit, after=a),
+    )
 
 
 class KafkaStatus(_Reply):
