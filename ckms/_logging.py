@@ -5,7 +5,8 @@ the logged exec command; models hide them from ``repr``). This is the second lin
 pinned to WARNING unless SSH debugging is asked for explicitly (its DEBUG output describes every
 channel, and at its debug level 3 every packet), and :class:`RedactingFilter` rewrites any
 record that still looks like it holds a secret: an enrollment token, a SLIP-39 mnemonic (a run
-of its words), or a JSON/repr field named like a secret.
+of its words), or a JSON/repr field named like a secret (``material`` included: an imported
+key file rides in that field of ``key.import`` and ``key.rotate``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _QUIET_LIBRARIES = ("asyncssh", "aiokafka")
 
 _TOKEN_RE = re.compile(r"ckms-enroll-[A-Za-z0-9_\-]+")
 _SECRET_FIELD_RE = re.compile(
-    r"""(?P<key>["']?(?:share|shares|passphrase|token|mnemonic|mnemonics|password|secret)["']?"""
+    r"""(?P<key>["']?(?:share|shares|passphrase|token|mnemonic|mnemonics|password|secret|material)["']?"""
     r"""\s*[:=]\s*)(?P<value>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\[[^\]]*\])""",
     re.IGNORECASE,
 )

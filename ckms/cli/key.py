@@ -1,8 +1,9 @@
-"""``ckms key``: create, list, show, rotate, activate, suspend, resume, revoke, destroy, policy,
-targets, history."""
+"""``ckms key``: create, import, list, show, rotate, activate, suspend, resume, revoke, destroy,
+policy, targets, history."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,7 @@ from ckms.errors import ConfigError
 from ckms.protocol import InstallSpec, Targets, canonical_json, default_install, validate_key_name
 from ckms.protocol import admin as api
 from ckms.protocol._rpc import MAX_REQUEST_BYTES
+from ckms.protocol.admin import MAX_IMPORT_BYTES, ImportFormat
 
 app = typer.Typer(
     help="Keys: create, rotate, revoke, destroy; policies and targets.", no_args_is_help=True
@@ -129,12 +131,13 @@ def _render_key(info: api.KeyInfo) -> None:
     out.print(
         table(
             None,
-            ["version", "state", "primary", "created", "activated", "digest"],
+            ["version", "state", "primary", "origin", "created", "activated", "digest"],
             [
                 (
                     v.version,
                     v.state,
                     "*" if v.primary else "",
+                    v.origin,
                     when(v.created_at),
                     when(v.activated_at),
                     v.digest[:19] + "…",
@@ -321,7 +324,7 @@ def read_key_file(path: Path) -> list[api.KeyCreateParams]:
     if isinstance(data, dict) and set(data) == {"keys"}:
         data = data["keys"]
     if not isinstance(data, list) or not data:
-        raise UsageError(f"{path} must hold a non-empty list of keys (or {{\"keys\": [...]}})")
+        raise UsageError(f'{path} must hold a non-empty list of keys (or {{"keys": [...]}})')
     out: list[api.KeyCreateParams] = []
     for i, entry in enumerate(data, 1):
         try:
@@ -434,19 +437,138 @@ def history(ctx: typer.Context, name: NameArg, as_json: JsonOption = False) -> N
     )
 
 
+FileFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--file-format",
+        help="Format of the key file: auto, pem, der, openssh, jwk, raw, hex, base64.",
+    ),
+]
+
+
+def read_import_file(path: Path) -> str:
+    """The base64 text of a key file to import (UsageError if unreadable or too large).
+
+    Only its size and name are ever shown; the controller checks the content."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMPORT_BYTES:
+            raise UsageError(f"{path} is {size} bytes; a key file is at most {MAX_IMPORT_BYTES}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if not data:
+        raise UsageError(f"{path} is empty")
+    return base64.b64encode(data).decode("ascii")
+
+
+def _file_format(text: str) -> ImportFormat:
+    try:
+        return ImportFormat(text.strip().lower())
+    except ValueError:
+        names = ", ".join(f.value for f in ImportFormat)
+        raise UsageError(f"unknown --file-format {text!r}; use one of {names}") from None
+
+
+@app.command("import")
+def import_key(
+    ctx: typer.Context,
+    name: NameArg,
+    key_type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="aes-256, hmac-sha256, ed25519, ecdsa-p256, ecdsa-p384, rsa-3072, rsa-4096, "
+            "x25519 or secret.",
+        ),
+    ],
+    file: Annotated[
+        Path, typer.Option("--file", help="The key file (PEM, DER, OpenSSH, JWK or raw).")
+    ],
+    file_format: FileFormatOpt = "auto",
+    usage: Annotated[
+        str | None,
+        typer.Option("--usage", help="Usage mask, comma-separated (default: the type's)."),
+    ] = None,
+    target: TargetOpt = None,
+    env: EnvOpt = None,
+    cryptoperiod: Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")] = None,
+    grace: Annotated[
+        str | None, typer.Option(help="Keep a superseded version installed for (e.g. 30d).")
+    ] = None,
+    approvals: Annotated[
+        str | None,
+        typer.Option(help="Operations under dual control, comma-separated, or none."),
+    ] = None,
+    path: Annotated[str | None, typer.Option(help="Install path template.")] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="Install format: raw, base64, pem, openssh, jwk, ..."),
+    ] = None,
+    owner: Annotated[str | None, typer.Option(help="File owner on the host.")] = None,
+    group: Annotated[str | None, typer.Option(help="File group on the host.")] = None,
+    mode: Annotated[str | None, typer.Option(help="File mode, octal (default 0600).")] = None,
+    reload: Annotated[str | None, typer.Option(help="Reload hook name.")] = None,
+    health: Annotated[str | None, typer.Option(help="Health-check hook name.")] = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 60.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a key you already have (bring your own key) as version 1 of a new key.
+
+    The controller checks type, size, curve and usage, refuses weak or mismatched material,
+    stores it sealed like generated material and marks the version origin=imported. The file
+    goes to the controller only inside the SSH request body, never on a command line.
+    """
+    with cli_errors():
+        kt = parse_key_type(key_type)
+        _valid_name(name)
+        params = api.KeyImportParams(
+            name=name,
+            type=str(kt),
+            usage=None
+            if usage is None
+            else tuple(u.strip() for u in usage.split(",") if u.strip()),
+            policy=_policy_patch(cryptoperiod, grace, None, None, approvals),
+            targets=parse_targets(target or [], env=env),
+            install=_install(str(kt), path, fmt, owner, group, mode, reload, health),
+            material=read_import_file(file),  # type: ignore[arg-type]
+            format=_file_format(file_format),
+        )
+        _after_change(
+            ctx, "key.import", params, as_json=as_json, verb="imported", wait=wait, timeout=timeout
+        )
+
+
 @app.command("rotate")
 def rotate(
     ctx: typer.Context,
     name: NameArg,
     reason: ReasonOpt = None,
+    import_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--import-file",
+            help="Make the new version from this key file instead of generating it.",
+        ),
+    ] = None,
+    import_format: Annotated[
+        str, typer.Option("--import-format", help="Format of --import-file (default auto).")
+    ] = "auto",
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 60.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Add a new version; with --wait, show hosts converging and exit 3 on timeout."""
+    """Add a new version (generated, even for an imported key, unless --import-file gives it);
+    with --wait, show hosts converging and exit 3 on timeout."""
     with cli_errors():
         _valid_name(name)
-        params = api.KeyRotateParams(name=name, reason=reason)
+        params = api.KeyRotateParams(
+            name=name,
+            reason=reason,
+            material=None if import_file is None else read_import_file(import_file),  # type: ignore[arg-type]
+            format=_file_format(import_format),
+        )
         _after_change(
             ctx, "key.rotate", params, as_json=as_json, verb="rotated", wait=wait, timeout=timeout
         )

@@ -67,6 +67,7 @@ def _version(name: str, row: Any) -> KeyVersion:
         created_by=str(row["created_by"]),
         revocation_reason=None if reason is None else RevocationReason(reason),
         revocation_message=row["revocation_message"],
+        origin=row["origin"] or "generated",
         **times,
     )
 
@@ -121,7 +122,8 @@ def _key(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
 _VERSION_COLUMNS = (
     "key_id, version, state, digest, created_at, created_by, activation_at, activated_at, "
     "superseded_at, deactivated_at, compromised_at, destroyed_at, revocation_reason, "
-    "revocation_message, state_changed_at, sealed_material IS NOT NULL AS has_material, mac"
+    "revocation_message, state_changed_at, sealed_material IS NOT NULL AS has_material, origin, "
+    "mac"
 )
 
 
@@ -328,6 +330,7 @@ def _version_row(key_id: str, version: KeyVersion, sealed_material: bytes) -> di
             None if version.revocation_reason is None else str(version.revocation_reason)
         ),
         "revocation_message": version.revocation_message,
+        "origin": None if version.origin == "generated" else version.origin,
     }
     for col in _VERSION_TIME_COLUMNS:
         when = getattr(version, col)
@@ -428,8 +431,8 @@ async def insert_version(
     """Insert a version row with its sealed material."""
     await tx.insert(
         "INSERT INTO key_versions(key_id, version, state, digest, sealed_material, created_at, "
-        "created_by, activation_at, activated_at, state_changed_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "created_by, activation_at, activated_at, state_changed_at, origin) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             key_id,
             version.version,
@@ -441,6 +444,7 @@ async def insert_version(
             None if version.activation_at is None else format_time(version.activation_at),
             None if version.activated_at is None else format_time(version.activated_at),
             format_time(version.state_changed_at),
+            None if version.origin == "generated" else version.origin,
         ),
     )
     await rowmac.stamp_version(tx, key_id, version.version)

@@ -57,7 +57,7 @@ from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle, NewKey
 from ckms.controller.models import DEFAULT_APPROVALS
 from ckms.controller.operators import OperatorRegistry
-from ckms.controller.policy import default_policy, patch_policy
+from ckms.controller.policy import check_usage, default_policy, patch_policy
 from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType
 from ckms.errors import (
@@ -65,6 +65,7 @@ from ckms.errors import (
     ConfigError,
     NotFoundError,
     PolicyError,
+    ProtocolError,
     SealedError,
 )
 from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
@@ -101,6 +102,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "seal": _VAULT,
     "key.create": _WRITE,
     "key.create_many": _WRITE,
+    "key.import": _WRITE,
     "key.list": _READ,
     "key.show": _READ,
     "key.history": _READ,
@@ -226,13 +228,22 @@ class AdminService:
 
         self._route(server, "key.create", api.KeyCreateParams, self.key_create)
         self._route(server, "key.create_many", api.KeyCreateManyParams, self.key_create_many)
+        self._route(server, "key.import", api.KeyImportParams, self.key_import, secret_params=True)
         self._route(server, "key.list", api.KeyListParams, self.key_list)
         self._route(server, "key.show", api.KeyRef, self.key_show)
         self._route(server, "key.history", api.KeyRef, self.key_history)
         # Key changes: the route gates by the key's policy, then runs the executor an approval
         # of the same request runs too (one table for both).
         gated = self._gated_key
-        gated(server, "key.rotate", api.KeyRotateParams, ApprovalOperation.ROTATE, self._run_rotate)
+        gated(
+            server,
+            "key.rotate",
+            api.KeyRotateParams,
+            ApprovalOperation.ROTATE,
+            self._run_rotate,
+            prepare=self._stage_rotate,
+            secret_params=True,
+        )
         for op in _VERSION_OPS:
             gated(server, f"key.{op}", api.KeyVersionParams, op, self._version_executor(op))
         gated(server, "key.revoke", api.KeyRevokeParams, ApprovalOperation.REVOKE, self._run_revoke)
@@ -276,6 +287,7 @@ class AdminService:
         # What an approval may run, as the requester: the same executors a direct call uses.
         dual = self.dual
         dual.register("key.create", api.KeyCreateParams, self._run_create)
+        dual.register("key.import", api.KeyImportParams, self._run_import)
         dual.register("operator.add", api.OperatorAddParams, self._run_operator_add)
         dual.register("operator.remove", api.OperatorRef, self._run_operator_remove)
 
@@ -288,20 +300,26 @@ class AdminService:
         run: Callable[[K, str], Awaitable[BaseModel]],
         *,
         check: Callable[[K], None] | None = None,
+        prepare: Callable[[Principal, K], Awaitable[K]] | None = None,
+        secret_params: bool = False,
     ) -> None:
         """Route ``method``: check the parameters, pass the key's dual control for ``op``, run.
 
         ``run`` is also what an approval of a stored ``method`` request runs, as the requester.
+        ``prepare`` turns the caller's parameters into what is gated, stored and run (imported
+        material checked and sealed, so no request row holds it in the clear).
         """
 
         async def handle(principal: Principal, params: K) -> BaseModel:
             if check is not None:
                 check(params)
+            if prepare is not None:
+                params = await prepare(principal, params)
             await self.dual.key_gate(principal, method, params, params.name, op)
             return await run(params, principal.name)
 
         handle.__doc__ = run.__doc__
-        self._route(server, method, params_model, handle)
+        self._route(server, method, params_model, handle, secret_params=secret_params)
         self.dual.register(method, params_model, run)
 
     def _route(
@@ -315,8 +333,10 @@ class AdminService:
         secret_params: bool = False,
     ) -> None:
         async def serve(principal: Principal, raw: dict[str, Any]) -> BaseModel:
-            if method not in WHILE_SEALED and self._vault.sealed and not (
-                method in BEFORE_FIRST_UNSEAL and not await rowmac.is_bound(self._store)
+            if (
+                method not in WHILE_SEALED
+                and self._vault.sealed
+                and not (method in BEFORE_FIRST_UNSEAL and not await rowmac.is_bound(self._store))
             ):
                 raise SealedError(
                     f"controller is sealed: {method} is refused until it is unsealed "
@@ -486,6 +506,64 @@ class AdminService:
         )
         return await self._key_reply(params.name, (1,))
 
+    async def key_import(
+        self, principal: Principal, params: api.KeyImportParams
+    ) -> api.KeyChangeReply:
+        """Create a key whose version 1 is the operator's material, checked and converted to
+        its canonical encoding (a request instead, if its policy puts ``create`` under
+        approval: the request holds the material sealed, never in the clear)."""
+        create = _import_as_create(params)
+        kt = _key_type(params.type)
+        usage = _usage_of(kt, params.usage)
+        material = await self._lifecycle.read_import(
+            params.name,
+            kt,
+            usage,
+            _file_bytes(params),
+            params.format,
+            actor=principal.name,
+        )
+        staged = params.model_copy(
+            update={
+                "material": None,
+                "staged": self._vault.seal_staged("key.import", params.name, kt, usage, material),
+            }
+        )
+        del material
+        approvals = params.policy.approvals_required
+        await self.dual.gate(
+            principal,
+            "key.import",
+            staged,
+            operation=ApprovalOperation.CREATE,
+            required=DEFAULT_APPROVALS if approvals is None else approvals,
+            object=f"key:{params.name}",
+        )
+        return await self._run_import(staged, principal.name, checked=create)
+
+    async def _run_import(
+        self, params: api.KeyImportParams, actor: str, checked: api.KeyCreateParams | None = None
+    ) -> api.KeyChangeReply:
+        """Create the imported key from staged material (directly, or once approved)."""
+        spec = _new_key(checked if checked is not None else _import_as_create(params))
+        kt = _key_type(params.type)
+        if params.staged is None:
+            raise ConfigError("key.import: the stored request holds no material")
+        material = self._vault.open_staged(
+            "key.import", params.name, kt, _usage_of(kt, params.usage), params.staged
+        )
+        await self._lifecycle.create(
+            spec.name,
+            spec.type,
+            actor=actor,
+            usage=spec.usage,
+            policy=spec.policy,
+            targets=spec.targets,
+            install=spec.install,
+            material=material,
+        )
+        return await self._key_reply(params.name, (1,))
+
     async def key_list(self, principal: Principal, params: api.KeyListParams) -> api.KeyListReply:
         """One page of keys by name, one line each; ``next`` continues after the last one.
 
@@ -517,9 +595,37 @@ class AdminService:
             key=params.name, history=tuple(replies.history_entry(row) for row in rows)
         )
 
+    async def _stage_rotate(
+        self, principal: Principal, params: api.KeyRotateParams
+    ) -> api.KeyRotateParams:
+        """A rotation that brings its material: check it against the key and seal it."""
+        if params.staged is not None:
+            raise ProtocolError("staged material is set by the controller, never by a caller")
+        if params.material is None:
+            return params
+        key = await self._lifecycle.get(params.name)
+        usage = key.usage_list
+        material = await self._lifecycle.read_import(
+            params.name, key.type, usage, _file_bytes(params), params.format, actor=principal.name
+        )
+        staged = self._vault.seal_staged("key.rotate", key.name, key.type, usage, material)
+        del material
+        return params.model_copy(update={"material": None, "staged": staged})
+
     async def _run_rotate(self, params: api.KeyRotateParams, actor: str) -> api.KeyChangeReply:
-        """Add a version (primary now, or PreActive until the activation delay ends)."""
-        version = await self._lifecycle.rotate(params.name, actor=actor, reason=params.reason)
+        """Add a version (primary now, or PreActive until the activation delay ends); its
+        material is generated, or the operator's (``--import-file``) when staged."""
+        material = None
+        if params.material is not None:
+            raise ConfigError("key.rotate: imported material must be checked first")
+        if params.staged is not None:
+            key = await self._lifecycle.get(params.name)
+            material = self._vault.open_staged(
+                "key.rotate", key.name, key.type, key.usage_list, params.staged
+            )
+        version = await self._lifecycle.rotate(
+            params.name, actor=actor, reason=params.reason, material=material
+        )
         return await self._key_reply(params.name, (version.version,))
 
     def _version_executor(
@@ -793,6 +899,44 @@ def _new_key(params: api.KeyCreateParams) -> NewKey:
         secret_length=params.secret_length,
         secret_alphabet=params.secret_alphabet,
     )
+
+
+def _key_type(name: str) -> KeyType:
+    try:
+        return KeyType(name)
+    except ValueError:
+        raise ConfigError(f"unsupported key type {name[:32]!r}") from None
+
+
+def _usage_of(kt: KeyType, usage: tuple[str, ...] | None) -> list[str]:
+    """The usage mask a key of ``kt`` gets (its default when none is named), sorted."""
+    return sorted(str(u) for u in check_usage(kt, None if usage is None else frozenset(usage)))  # type: ignore[arg-type]
+
+
+def _import_as_create(params: api.KeyImportParams) -> api.KeyCreateParams:
+    """The key an import creates, as ``key.create`` would check it (name, policy, install)."""
+    if params.staged is not None and params.material is not None:
+        raise ProtocolError("key.import: give material, not staged material")
+    return api.KeyCreateParams(
+        name=params.name,
+        type=params.type,
+        usage=params.usage,
+        policy=params.policy,
+        targets=params.targets,
+        install=params.install,
+    )
+
+
+def _file_bytes(params: api.KeyImportParams | api.KeyRotateParams) -> bytes:
+    """The operator's file from its base64 (refusing anything else), never echoed."""
+    if params.staged is not None:
+        raise ProtocolError("staged material is set by the controller, never by a caller")
+    if params.material is None:
+        raise ConfigError("no material: give the key file to import")
+    try:
+        return base64.b64decode(params.material.get_secret_value().encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise ConfigError("the material is not base64 text") from None
 
 
 def _policy_named(params: api.KeyPolicyParams) -> None:

@@ -47,6 +47,7 @@ from ckms.controller.models import (
     Key,
     KeyState,
     KeyVersion,
+    Origin,
     Policy,
     RevocationReason,
     Targets,
@@ -63,7 +64,15 @@ from ckms.controller.transitions import DISTRIBUTABLE_STATES as DISTRIBUTABLE_ST
 from ckms.controller.transitions import LIVE_STATES, Op, next_state, op_label, revoked_for
 from ckms.controller.transitions import TRANSITIONS as TRANSITIONS
 from ckms.controller.transitions import allowed_operations as allowed_operations
-from ckms.crypto import KeyType, allowed_formats, check_secret_spec, generate
+from ckms.crypto import (
+    ImportFormat,
+    KeyType,
+    allowed_formats,
+    check_secret_spec,
+    generate,
+    import_material,
+    validate_material,
+)
 from ckms.errors import (
     AlreadyExistsError,
     CKMSError,
@@ -491,9 +500,18 @@ class Lifecycle:
         install: InstallSpec | None = None,
         secret_length: int | None = None,
         secret_alphabet: str | None = None,
+        material: bytes | None = None,
     ) -> Key:
-        """Create a key with version 1 (Active, or PreActive when the policy delays activation)."""
+        """Create a key with version 1 (Active, or PreActive when the policy delays activation).
+
+        ``material``: canonical material an operator imported (:meth:`read_import`) instead of
+        generated; the version is marked ``origin=imported`` and audited as ``key.import``.
+        """
+        imported = material is not None
+        action = "key.import" if imported else "key.create"
         details: dict[str, Any] = {"type": str(key_type)}
+        if imported:
+            details["origin"] = "imported"
         spec = NewKey(
             name=name,
             type=key_type,
@@ -511,11 +529,46 @@ class Lifecycle:
             async with self._store.read() as r:
                 if await _repo.find_key(r, name) is not None:
                     raise AlreadyExistsError(f"a key named {name!r} already exists")
-            (created,) = await self._create_batch([key], now=now, actor=actor)
-            log.info("created key %s (%s) by %s", name, key.type, actor)
+            (created,) = await self._create_batch(
+                [key], now=now, actor=actor, imported=None if material is None else [material]
+            )
+            log.info(
+                "%s key %s (%s) by %s", "imported" if imported else "created", name, key.type, actor
+            )
             return created
 
-        return await self._guarded("key.create", name, actor, details, run)
+        return await self._guarded(action, name, actor, details, run)
+
+    async def read_import(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        usage: Iterable[Usage | str] | None,
+        data: bytes,
+        fmt: ImportFormat | str,
+        *,
+        actor: str,
+    ) -> bytes:
+        """Check an operator's file as material for a version of ``name`` and return its
+        canonical encoding (:func:`ckms.crypto.import_material`, off the event loop).
+
+        A refusal (wrong type, size, curve or usage; weak material) is audited as a refused
+        ``key.import`` with the reason, which never holds the material.
+        """
+
+        async def run(now: datetime) -> bytes:
+            try:
+                kt = KeyType(key_type)
+            except ValueError:
+                raise ConfigError(f"unsupported key type {str(key_type)[:32]!r}") from None
+            mask = check_usage(kt, None if usage is None else frozenset(usage))  # type: ignore[arg-type]
+            return await asyncio.to_thread(
+                import_material, kt, data, fmt, usage=[str(u) for u in mask]
+            )
+
+        return await self._guarded(
+            "key.import", name, actor, {"type": str(key_type), "format": str(fmt)}, run
+        )
 
     async def create_many(
         self, specs: Sequence[NewKey], *, actor: str, batch: int = CREATE_BATCH
@@ -615,15 +668,24 @@ class Lifecycle:
         )
 
     async def _create_batch(
-        self, keys: Sequence[Key], *, now: datetime, actor: str
+        self,
+        keys: Sequence[Key],
+        *,
+        now: datetime,
+        actor: str,
+        imported: Sequence[bytes] | None = None,
     ) -> list[Key]:
         """Store new keys, each with version 1, its history, event and audit record, in one
         transaction and a handful of statements; return them as stored.
 
         Material is generated and sealed in a worker thread (RSA takes hundreds of ms) and
         never reaches the event loop; the rows are built between yields to the loop.
+        ``imported``: each key's canonical material an operator brought, checked again for its
+        type and sealed instead (its version ``origin=imported``, audited as ``key.import``).
         """
-        sealed = await asyncio.to_thread(self._generate_sealed, keys)
+        sealed = await asyncio.to_thread(self._generate_sealed, keys, imported)
+        origin: Origin = "generated" if imported is None else "imported"
+        action = "key.create" if imported is None else "key.import"
         delay_of: dict[Policy, tuple[timedelta, bool]] = {}
         event_policy: dict[Policy, EventPolicy] = {}
         rows: list[_repo.NewKeyRows] = []
@@ -647,11 +709,19 @@ class Lifecycle:
                 state_changed_at=now,
                 activation_at=now + delay,
                 activated_at=now if active else None,
+                origin=origin,
             )
             stored = key.model_copy(
                 update={"primary_version": 1 if active else None, "versions": (first,)}
             )
-            rows.append(_repo.NewKeyRows(stored, material, next_due(stored)))
+            rows.append(
+                _repo.NewKeyRows(
+                    stored,
+                    material,
+                    next_due(stored),
+                    operation="create" if imported is None else "import",
+                )
+            )
             events.append(
                 (
                     key.name,
@@ -673,6 +743,7 @@ class Lifecycle:
             )
             details.append(
                 {
+                    "origin": origin,
                     "type": str(key.type),
                     "usage": key.usage_list,
                     "version": 1,
@@ -701,7 +772,7 @@ class Lifecycle:
                 [
                     audit_log.Entry(
                         actor=actor,
-                        action="key.create",
+                        action=action,
                         object=f"key:{name}",
                         details={**detail, "event_id": event_id, "event_seq": seq},
                     )
@@ -713,12 +784,24 @@ class Lifecycle:
             )
         return [row.key for row in rows]
 
-    def _generate_sealed(self, keys: Sequence[Key]) -> list[tuple[str, bytes]]:
+    def _generate_sealed(
+        self, keys: Sequence[Key], imported: Sequence[bytes] | None = None
+    ) -> list[tuple[str, bytes]]:
         """(digest, sealed material) of new material for each of ``keys`` (in a worker thread:
-        the material itself never leaves this function)."""
+        the material itself never leaves this function), or of the ``imported`` material,
+        each checked again (the full check, RSA included) for its key's type."""
         out: list[tuple[str, bytes]] = []
-        for key in keys:
-            material = generate(key.type, length=key.secret_length, alphabet=key.secret_alphabet)
+        for i, key in enumerate(keys):
+            if imported is None:
+                material = generate(
+                    key.type, length=key.secret_length, alphabet=key.secret_alphabet
+                )
+            else:
+                material = imported[i]
+                try:
+                    validate_material(key.type, material)
+                except Exception:
+                    raise ConfigError(f"imported material is not a valid {key.type} key") from None
             out.append(
                 (
                     self._vault.digest(material),
@@ -728,21 +811,43 @@ class Lifecycle:
             del material
         return out
 
-    async def rotate(self, name: str, *, actor: str, reason: str | None = None) -> KeyVersion:
-        """Add a version: Active and primary now, or PreActive until the activation delay ends."""
+    async def rotate(
+        self,
+        name: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        material: bytes | None = None,
+    ) -> KeyVersion:
+        """Add a version: Active and primary now, or PreActive until the activation delay ends.
+
+        The new version's material is generated, whatever the origin of the ones before,
+        unless ``material`` (canonical, from :meth:`read_import`) gives it: then it is
+        ``origin=imported``.
+        """
+        imported = material is not None
 
         async def run(now: datetime) -> KeyVersion:
             why = _check_text(reason, "reason")
             self._vault.require_unsealed(f"rotate {name}")
             async with self._store.read() as r:
                 before = await _repo.load_key(r, name)
-            material = await _generate(before)
+            if material is None:
+                fresh = await _generate(before)
+            else:
+                fresh = await _checked_import(before.type, material)
             async with self._store.write() as tx:
                 key = await _repo.load_key(tx, name)
                 version, primary = await self._add_version(
-                    tx, key, material, now=now, actor=actor, operation="rotate", reason=why
+                    tx,
+                    key,
+                    fresh,
+                    now=now,
+                    actor=actor,
+                    operation="rotate",
+                    reason=why,
+                    imported=imported,
                 )
-                del material
                 event = KeyRotated(
                     key=name,
                     key_id=key.id,
@@ -756,6 +861,7 @@ class Lifecycle:
                     targets=key.targets,
                     install=key.install,
                 )
+                del fresh
                 await self._emit(
                     tx,
                     now=now,
@@ -770,6 +876,7 @@ class Lifecycle:
                         "previous_primary": key.primary_version,
                         "digest_hmac": self._vault.identifier(version.digest),
                         "reason": why,
+                        "origin": version.origin,
                     },
                 )
                 after = await _repo.load_key(tx, name)
@@ -794,6 +901,7 @@ class Lifecycle:
         actor: str,
         operation: str,
         reason: str | None,
+        imported: bool = False,
     ) -> tuple[KeyVersion, int | None]:
         """The one new-version path of create and rotate: seal, store, record, apply primary.
 
@@ -815,6 +923,7 @@ class Lifecycle:
             state_changed_at=now,
             activation_at=now + delay,
             activated_at=now if active else None,
+            origin="imported" if imported else "generated",
         )
         sealed = self._vault.seal_material(
             key.name, number, str(key.type), key.usage_list, material
@@ -1030,6 +1139,15 @@ def _check_install(key_type: KeyType, spec: InstallSpec) -> None:
             f"install format '{spec.format}' is not available for key type '{key_type}' "
             f"(allowed: {', '.join(sorted(allowed))})"
         )
+
+
+async def _checked_import(key_type: KeyType, material: bytes) -> bytes:
+    """Imported canonical material, checked again for the key's own type (off the loop)."""
+    try:
+        await asyncio.to_thread(validate_material, key_type, material)
+    except Exception:
+        raise ConfigError(f"imported material is not a valid {key_type} key") from None
+    return material
 
 
 async def _generate(key: Key) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -42,6 +43,7 @@ __all__ = [
     "Key",
     "KeyState",
     "KeyVersion",
+    "Origin",
     "Policy",
     "RevocationReason",
     "Targets",
@@ -50,6 +52,10 @@ __all__ = [
 ]
 # ApprovalOperation, DEFAULT_APPROVALS and validate_key_name are wire rules
 # (:mod:`ckms.protocol`); they are re-exported here for the controller's own modules.
+
+
+Origin = Literal["generated", "imported"]
+"""Where a version's material came from: made by ckms, or brought by an operator."""
 
 
 class Usage(StrEnum):
@@ -156,6 +162,8 @@ class KeyVersion(BaseModel):
     destroyed_at: datetime | None = None
     revocation_reason: RevocationReason | None = None
     revocation_message: str | None = None
+    origin: Origin = "generated"
+    """``imported`` when an operator brought the material (``key.import``), else ckms made it."""
 
 
 class Key(BaseModel):

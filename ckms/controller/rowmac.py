@@ -57,6 +57,10 @@ VERSION_FIELDS: Final = (
     "revocation_message",
 )
 """A version's state and every time the lifecycle reads to decide what is due or served."""
+VERSION_OPTIONAL_FIELDS: Final = ("origin",)
+"""Version fields added after binding level 3, covered by the MAC whenever they are set (NULL
+leaves the MAC what it was, so existing rows need no re-binding; setting or clearing one in
+the file changes what the MAC covers and fails the check)."""
 OPERATOR_FIELDS: Final = ("ssh_public_key", "role", "disabled")
 HOST_FIELDS: Final = (
     "name",
@@ -114,10 +118,20 @@ def key_row_mac(row_key: bytes, row: Any) -> str:
     return row_mac(row_key, "keys", str(row["id"]), _fields(row, KEY_FIELDS))
 
 
+def _version_fields(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """``names`` of a version row, plus each :data:`VERSION_OPTIONAL_FIELDS` that is set."""
+    fields = _fields(row, names)
+    present = row.keys()
+    for name in VERSION_OPTIONAL_FIELDS:
+        if name in present and row[name] is not None:
+            fields[name] = _value(row[name])
+    return fields
+
+
 def version_row_mac(row_key: bytes, row: Any, fields: tuple[str, ...] | None = None) -> str:
     """The MAC of one ``key_versions`` row (over :data:`VERSION_FIELDS` unless told)."""
     rid = _version_id(str(row["key_id"]), int(row["version"]))
-    return row_mac(row_key, "key_versions", rid, _fields(row, fields or VERSION_FIELDS))
+    return row_mac(row_key, "key_versions", rid, _version_fields(row, fields or VERSION_FIELDS))
 
 
 def operator_row_mac(row_key: bytes, row: Any) -> str:
@@ -164,7 +178,7 @@ def check_version(row_key: bytes | None, name: str, row: Any) -> None:
 
 def _version_matches(row_key: bytes, row: Any, fields: tuple[str, ...]) -> bool:
     rid = _version_id(str(row["key_id"]), int(row["version"]))
-    return row_mac_matches(row_key, "key_versions", rid, _fields(row, fields), row["mac"])
+    return row_mac_matches(row_key, "key_versions", rid, _version_fields(row, fields), row["mac"])
 
 
 def check_operator(row_key: bytes | None, row: Any) -> None:

@@ -26,6 +26,7 @@ for at most ``pending_ttl``, and dropped on failure or seal.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import secrets
@@ -55,6 +56,7 @@ from ckms.crypto import (
     signer_key_id,
     signing_public_key,
     split_root_kek,
+    staged_aad,
     unwrap_root_kek_with_passphrase,
     version_aad,
     wrap_for_agent,
@@ -528,6 +530,27 @@ class Vault:
         """Seal a version's material under the data KEK, bound to its name, version, type, usage."""
         s = self._unsealed("seal key material")
         return seal(s.data_kek, material, version_aad(key_name, version, key_type, usage))
+
+    def seal_staged(
+        self, operation: str, key: str, key_type: str, usage: Sequence[str], material: bytes
+    ) -> str:
+        """Seal imported material for an operation that may wait for approval (base64 text
+        for the request's parameters; the material is never stored in the clear)."""
+        s = self._unsealed("seal imported material")
+        blob = seal(s.data_kek, material, staged_aad(operation, key, key_type, usage))
+        return base64.b64encode(blob).decode("ascii")
+
+    def open_staged(
+        self, operation: str, key: str, key_type: str, usage: Sequence[str], staged: str
+    ) -> bytes:
+        """Open :meth:`seal_staged` text; IntegrityError if it was made for anything else."""
+        s = self._unsealed("open imported material")
+        what = f"imported material for {operation} {key}"
+        try:
+            blob = base64.b64decode(staged.encode("ascii"), validate=True)
+        except (ValueError, UnicodeEncodeError):
+            raise IntegrityError(f"{what} failed integrity check") from None
+        return open_sealed(s.data_kek, blob, staged_aad(operation, key, key_type, usage), what=what)
 
     async def material(self, key_name: str, version: int, *, key: Key | None = None) -> bytes:
         """Return one version's material (for the fetch path); IntegrityError if its row was edited.

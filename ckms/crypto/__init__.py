@@ -9,7 +9,7 @@ are documented in the private modules and pinned by the known-answer vectors in
 key material.
 """
 
-from ckms.crypto._aead import new_data_kek, open_sealed, seal, version_aad
+from ckms.crypto._aead import new_data_kek, open_sealed, seal, staged_aad, version_aad
 from ckms.crypto._age import age_decrypt_ssh, age_encrypt_to_ssh, is_age_file
 from ckms.crypto._derive import DIGEST_KEY_PURPOSE, ROW_MAC_PURPOSE, derive_from_root
 from ckms.crypto._digest import (
@@ -34,6 +34,7 @@ from ckms.crypto._hpke import (
     wrap_for_agent,
     wrapping_public_key,
 )
+from ckms.crypto._import import MAX_IMPORT_BYTES, ImportFormat, import_formats, import_material
 from ckms.crypto._keytypes import (
     MIN_SECRET_BITS,
     KeyType,
@@ -90,6 +91,7 @@ from ckms.crypto._x509 import (
 
 __all__ = [
     "DIGEST_KEY_PURPOSE",
+    "MAX_IMPORT_BYTES",
     "MIN_SECRET_BITS",
     "ROW_MAC_PURPOSE",
     "CertSubject",
@@ -97,6 +99,7 @@ __all__ = [
     "CertificateAuthority",
     "CertificateInfo",
     "CsrInfo",
+    "ImportFormat",
     "InstallFormat",
     "KeyType",
     "KeyringEntry",
@@ -123,6 +126,8 @@ __all__ = [
     "generate_signing_key",
     "generate_wrapping_keypair",
     "hmac_identifier",
+    "import_formats",
+    "import_material",
     "is_age_file",
     "is_keyed_digest",
     "issue_certificate",
@@ -151,6 +156,7 @@ __all__ = [
     "signing_public_openssh",
     "split_certificates",
     "split_root_kek",
+    "staged_aad",
     "subject_for",
     "unwrap_for_agent",
     "unwrap_root_kek_with_passphrase",

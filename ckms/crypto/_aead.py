@@ -27,6 +27,7 @@ KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12
 TAG_BYTES: Final = 16
 VERSION_AAD_CONTEXT: Final = "ckms.version.v1"
+STAGED_AAD_CONTEXT: Final = "ckms.staged-import.v1"
 
 
 def new_data_kek() -> bytes:
@@ -84,6 +85,22 @@ def version_aad(key_name: str, version: int, key_type: str, usage: Sequence[str]
             "key": name,
             "version": number,
             "type": kind,
+            "usage": sorted(usage),
+        }
+    )
+
+
+def staged_aad(operation: str, key_name: str, key_type: str, usage: Sequence[str]) -> bytes:
+    """AAD of imported material sealed while its operation waits (dual control): bound to the
+    operation and the key it is for, so it opens for nothing else."""
+    if isinstance(usage, str) or not all(isinstance(u, str) and u for u in usage):
+        raise ConfigError("usage must be a sequence of non-empty strings")
+    return canonical(
+        {
+            "ctx": STAGED_AAD_CONTEXT,
+            "operation": require_text(operation, "operation"),
+            "key": require_text(key_name, "key name"),
+            "type": require_text(key_type, "key type"),
             "usage": sorted(usage),
         }
     )

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ckms.crypto import MAX_IMPORT_BYTES, ImportFormat
 from ckms.errors import ProtocolError
 from ckms.protocol._events import HostId, KeyName
 from ckms.protocol._keyspec import InstallSpec, KeyState, RevocationReason, Targets
@@ -61,6 +62,7 @@ __all__ = [
     "KeyCreateParams",
     "KeyFleet",
     "KeyHistoryReply",
+    "KeyImportParams",
     "KeyInfo",
     "KeyListParams",
     "KeyListReply",
@@ -189,8 +191,38 @@ class KeyCreateManyReply(_Reply):
     created: tuple[str, ...]
 
 
-class KeyRotateParams(_Model):
-    """Add a version to a key."""
+IMPORT_MATERIAL_MAX = 4 * ((MAX_IMPORT_BYTES + 2) // 3)
+"""Longest base64 text of an imported file (:data:`ckms.crypto.MAX_IMPORT_BYTES` bytes)."""
+
+ImportMaterial = Annotated[WireSecret, Field(min_length=1, max_length=IMPORT_MATERIAL_MAX)]
+"""An operator's key file, standard base64, in a request body (hidden from reprs and logs)."""
+
+Staged = Annotated[str, Field(min_length=1, max_length=IMPORT_MATERIAL_MAX + 64)]
+
+
+class _Importing(_Model):
+    """The material of an import: the file (``material``, from the operator) or, set only by
+    the controller in a stored dual-control request, that material checked and sealed under
+    the data KEK (``staged``); a caller sending ``staged`` is refused."""
+
+    material: ImportMaterial | None = None
+    format: ImportFormat = ImportFormat.AUTO
+    staged: Staged | None = None
+
+
+class KeyImportParams(_Importing):
+    """A new key whose version 1 is the operator's material (KMIP Register)."""
+
+    name: KeyName
+    type: Annotated[str, Field(max_length=32)]
+    usage: tuple[Annotated[str, Field(max_length=32)], ...] | None = None
+    policy: PolicyPatch = PolicyPatch()
+    targets: Targets = Targets()
+    install: InstallSpec | None = None
+
+
+class KeyRotateParams(_Importing):
+    """Add a version to a key: generated, or the operator's ``material``."""
 
     name: KeyName
     reason: Text | None = None
@@ -352,6 +384,7 @@ class VersionInfo(_Reply):
     destroyed_at: datetime | None = None
     revocation_reason: str | None = None
     revocation_message: str | None = None
+    origin: str = "generated"
 
 
 class KeyInfo(_Reply):

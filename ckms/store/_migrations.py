@@ -260,6 +260,12 @@ ALTER TABLE approvals ADD COLUMN mac TEXT;
 """Dual-control requests carry a row MAC (binding level 3, see ``ckms.controller.rowmac``);
 existing rows get theirs at the first unseal after this."""
 
+_VERSION_ORIGIN = """
+ALTER TABLE key_versions ADD COLUMN origin TEXT CHECK (origin IS NULL OR origin = 'imported');
+"""
+"""Where a version's material came from: NULL when ckms generated it, ``imported`` when an
+operator brought it (``key.import``). Covered by the version's row MAC once set."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
@@ -269,5 +275,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "row MACs bound to the root KEK", _ROW_MACS),
     Migration(7, "row MACs on hosts and enrollment tokens", _HOST_MACS),
     Migration(8, "row MACs on approval requests", _APPROVAL_MACS),
+    Migration(9, "key versions: origin of the material", _VERSION_ORIGIN),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -6,6 +6,7 @@ import ckms.crypto
 
 EXPECTED = {
     "DIGEST_KEY_PURPOSE",
+    "MAX_IMPORT_BYTES",
     "MIN_SECRET_BITS",
     "ROW_MAC_PURPOSE",
     "check_secret_spec",
@@ -13,6 +14,7 @@ EXPECTED = {
     "is_keyed_digest",
     "row_mac",
     "row_mac_matches",
+    "ImportFormat",
     "InstallFormat",
     "KeyType",
     "KeyringEntry",
@@ -28,6 +30,8 @@ EXPECTED = {
     "generate_signing_key",
     "generate_wrapping_keypair",
     "hmac_identifier",
+    "import_formats",
+    "import_material",
     "is_age_file",
     "kek_check_value",
     "material_digest",
@@ -42,6 +46,7 @@ EXPECTED = {
     "signing_public_key",
     "signing_public_openssh",
     "split_root_kek",
+    "staged_aad",
     "unwrap_for_agent",
     "unwrap_root_kek_with_passphrase",
     "validate_material",
