@@ -17,6 +17,7 @@ import typer
 from ckms._logging import configure_logging
 from ckms.cli import (
     audit,
+    backup,
     console,
     controller,
     dev,
@@ -99,6 +100,8 @@ app.command("status")(vault.status)
 app.command("console")(console.console)
 app.command("unseal")(vault.unseal)
 app.command("seal")(vault.seal)
+app.command("backup")(backup.backup)
+app.command("restore")(backup.restore)
 app.command("approve", help="Approve another person's request (same as `request approve`).")(
     request.approve
 )

@@ -20,8 +20,8 @@ role               may call
                    operations the key's policy puts under dual control (refused)
 ``custodian``      ``status``, ``whoami``, ``unseal``, ``seal``,
                    ``request.list|show|approve|reject``
-``admin``          everything, including ``operator.add|remove``; dual-control operations
-                   become requests
+``admin``          everything, including ``operator.add|remove`` and ``backup.*``; dual-control
+                   operations become requests
 ``agent``/enroll   nothing here (agent methods only)
 =================  =========================================================================
 
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,6 +53,7 @@ from pydantic import BaseModel
 
 from ckms.controller import replies, rowmac
 from ckms.controller.approvals import DualControl
+from ckms.controller.backup import Backups
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle, NewKey
@@ -129,6 +131,9 @@ ROLES: dict[str, frozenset[Role]] = {
     "request.list": _REQUESTS,
     "request.show": _REQUESTS,
     "request.approve": _APPROVE,
+    "backup.create": _ADMIN,
+    "backup.read": _ADMIN,
+    "backup.delete": _ADMIN,
     "request.reject": _APPROVE,
 }
 """Every admin method and the roles its route admits (handlers may refuse more)."""
@@ -201,6 +206,7 @@ class AdminService:
         publisher: Publisher,
         acks: AckCounts,
         endpoint: Endpoint,
+        backups: Backups | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self._store = store
@@ -214,6 +220,7 @@ class AdminService:
         self._publisher = publisher
         self._acks = acks
         self._endpoint = endpoint
+        self._backups = backups
         self._clock = clock
 
     def _now(self) -> datetime:
@@ -283,6 +290,10 @@ class AdminService:
         self._route(server, "request.show", api.RequestRef, self.request_show)
         self._route(server, "request.approve", api.RequestRef, self.request_approve)
         self._route(server, "request.reject", api.RequestRejectParams, self.request_reject)
+
+        self._route(server, "backup.create", api.Empty, self.backup_create)
+        self._route(server, "backup.read", api.BackupReadParams, self.backup_read)
+        self._route(server, "backup.delete", api.BackupRef, self.backup_delete)
 
         # What an approval may run, as the requester: the same executors a direct call uses.
         dual = self.dual
@@ -804,6 +815,39 @@ class AdminService:
                 if cp.size <= upto
             ]
         return api.AuditExportReply(lines=tuple(lines), upto=upto, next_start=None if done else end)
+
+    # -- backups --------------------------------------------------------------------------
+
+    def _require_backups(self) -> Backups:
+        if self._backups is None:
+            raise ConfigError("this controller has no home to write backups into")
+        return self._backups
+
+    async def backup_create(self, principal: Principal, params: api.Empty) -> api.BackupInfo:
+        """Copy the store now, while serving (material stays sealed); audited with the audit
+        head the copy contains. Fetch it with ``backup.read``, then ``backup.delete`` it.
+
+        The log is checkpointed first (when unsealed and the anchor allows), so the copy holds
+        a signed checkpoint near its head: a restore can show what it brings back was signed.
+        """
+        backups = self._require_backups()
+        await self._checkpoint()
+        backup_id, facts = await backups.create(actor=principal.name)
+        return api.BackupInfo(id=backup_id, **dataclasses.asdict(facts))
+
+    async def backup_read(
+        self, principal: Principal, params: api.BackupReadParams
+    ) -> api.BackupChunk:
+        """One chunk of a backup file."""
+        data, size = await self._require_backups().read(params.id, params.offset, params.length)
+        return api.BackupChunk(
+            offset=params.offset, size=size, data=base64.b64encode(data).decode("ascii")
+        )
+
+    async def backup_delete(self, principal: Principal, params: api.BackupRef) -> api.BackupDeleted:
+        """Remove a fetched backup from the controller's home."""
+        await self._require_backups().delete(params.id)
+        return api.BackupDeleted(id=params.id)
 
     # -- operators ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from ckms.controller.admin_rpc import AdminService, Endpoint
 from ckms.controller.agent_rpc import AgentService
 from ckms.controller.anchor import AuditAnchor
 from ckms.controller.approvals import ApprovalBook, DualControl
+from ckms.controller.backup import Backups
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
@@ -220,6 +221,7 @@ class Controller:
                 host_key_fingerprint=self.host_key_fingerprint,
                 kafka_bootstrap=self.settings.kafka_bootstrap,
             ),
+            backups=Backups(store, self.settings.home, clock=self.clock),
             clock=self.clock,
         )
         self.admin.register(self.rpc)

@@ -42,6 +42,11 @@ __all__ = [
     "AuditTailParams",
     "AuditTailReply",
     "AuditVerifyReply",
+    "BackupChunk",
+    "BackupDeleted",
+    "BackupInfo",
+    "BackupReadParams",
+    "BackupRef",
     "DueEntry",
     "Empty",
     "FleetHost",
@@ -782,3 +787,52 @@ def agent_enroll_command(controller: str, fingerprint: str) -> str:
     return shlex.join(
         ["ckms-agent", "enroll", "--controller", controller, "--host-key-fingerprint", fingerprint]
     )
+
+
+# -- backups ---------------------------------------------------------------------------------
+
+BackupId = Annotated[str, Field(pattern=r"^b-[0-9a-f]{16}$")]
+
+
+class BackupRef(_Model):
+    """One backup the controller made and keeps until it is fetched."""
+
+    id: BackupId
+
+
+class BackupReadParams(_Model):
+    """A chunk of a backup file (at most 1 MiB a chunk)."""
+
+    id: BackupId
+    offset: Annotated[int, Field(ge=0)] = 0
+    length: Annotated[int, Field(ge=1, le=1024 * 1024)] = 1024 * 1024
+
+
+class BackupInfo(_Reply):
+    """A consistent copy of the controller's store (material sealed) and what it holds."""
+
+    id: str
+    size: int
+    sha256: str
+    schema_version: int
+    keys: int
+    versions: int
+    audit_size: int
+    audit_head: str
+    checkpoint_size: int | None = None
+    checkpoint_head: str | None = None
+    signer_key_id: str | None = None
+
+
+class BackupChunk(_Reply):
+    """Bytes of a backup file, base64, from ``offset``; ``size`` is the whole file's."""
+
+    offset: int
+    size: int
+    data: str
+
+
+class BackupDeleted(_Reply):
+    """A backup removed from the controller's home."""
+
+    id: str

@@ -54,8 +54,9 @@ def _offenders(package: str, allowed: tuple[str, ...]) -> list[str]:
             "ckms.store",
             ("ckms.store", "ckms.protocol", "ckms.crypto", "ckms.errors", "ckms._canonical"),
         ),
-        # The CLI is a client: it speaks the protocol and may start a controller, nothing else
-        # of the controller's internals (wire rules live in ckms.protocol). It reads the audit
+        # The CLI is a client: it speaks the protocol and may start a controller or make its
+        # home (init, restore), nothing else of the controller's internals (wire rules live in
+        # ckms.protocol). It reads the audit
         # anchor topic itself (ckms._kafka) so an auditor needs no controller to check an export.
         (
             "ckms.cli",
@@ -71,6 +72,7 @@ def _offenders(package: str, allowed: tuple[str, ...]) -> list[str]:
                 "ckms.devkafka",
                 "ckms.demo",
                 "ckms.controller.home",
+                "ckms.controller.restore",
                 "ckms.controller.service",
                 "ckms.console",
             ),

@@ -1,0 +1,187 @@
+"""The restore drill: ``ckms backup`` of a running controller while rotations commit, ``ckms
+restore`` into a new home, and the restored controller serves the same keys (to the agent that
+knew the original, and to a host enrolled afresh) and its audit log verifies; a backup older
+than the last published audit anchor is refused; only admins may take one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ckms.cli._errors import ExitCode
+from ckms.controller.fleet import key_fleet_status
+from ckms.controller.home import write_settings
+from ckms.controller.service import Controller
+from ckms.protocol import InstallSpec, Targets
+from tests.support.cli import Operators, audit_records
+from tests.support.controller import running_controller
+from tests.support.fleet import enroll_agent, running_agent, wait_until
+
+pytestmark = pytest.mark.kafka
+
+APP = {"env": "prod", "role": "app"}
+
+
+async def converged(c: Controller, key: str, host: str) -> bool:
+    assert c.store is not None
+    status = await key_fleet_status(c.store, c.lifecycle, c.hosts, key)
+    return any(s.host == host and s.converged for s in status)
+
+
+async def people(c: Controller, tmp_path: Path) -> Operators:
+    ops = Operators(c, tmp_path)
+    await ops.add("alice", "admin")
+    await ops.add("dave", "operator")
+    await ops.add("erin", "auditor")
+    return ops
+
+
+@pytest.mark.requirement("SP800-130-STORE")
+async def test_restore_drill_backup_while_rotating(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    topics = (unique_topic("events"), unique_topic("acks"))
+    backup = tmp_path / "drill" / "ckms.backup"
+    backup.parent.mkdir()
+    config = tmp_path / "original.toml"
+    async with running_controller(tmp_path / "original", kafka_bootstrap, *topics) as c:
+        ops = await people(c, tmp_path)
+        port = c.port
+        write_settings(config, c.settings)
+        agent = await enroll_agent(c, tmp_path, "app-1", APP)
+        spec = InstallSpec(path="/keys/{purpose}", format="raw")
+        await c.lifecycle.create("app/db", "aes-256", targets=Targets(selectors=(APP,)),
+                                 install=spec, actor="alice")  # fmt: skip
+        await c.lifecycle.create("app/sign", "rsa-4096", actor="alice")
+        async with running_agent(agent):
+            await wait_until(lambda: converged(c, "app/db", "app-1"), what="app/db installed")
+
+        # Rotations commit one after the other while the backup is taken.
+        rotated: list[int] = []
+        stop = asyncio.Event()
+
+        async def rotate_until_stopped() -> None:
+            while not stop.is_set():
+                rotated.append((await c.lifecycle.rotate("app/sign", actor="alice")).version)
+
+        rotating = asyncio.create_task(rotate_until_stopped())
+        await wait_until(lambda: len(rotated) >= 1, what="a first rotation")
+        before = len(rotated)
+        run = await ops.ckms("backup", "--output", str(backup), "--json", who="alice")
+        during = len(rotated)
+        await wait_until(lambda: len(rotated) > during, what="a rotation after the backup")
+        stop.set()
+        await rotating
+        assert run.rc == 0, run.stderr
+        info = run.json()
+        assert before >= 1 and len(rotated) > before  # rotations ran before, during and after
+        assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+        assert not list((c.settings.home / "backups").iterdir())  # the controller's copy is gone
+        assert [p.name for p in backup.parent.iterdir()] == ["ckms.backup"]  # no temp file left
+        original = {
+            (k.name, v.version): await c.vault.material(k.name, v.version)
+            for k in await c.lifecycle.list_keys()
+            for v in k.versions
+        }
+        (record,) = [r for r in await audit_records(c) if r.action == "controller.backup"]
+        assert record.details["sha256"] == info["sha256"]
+        assert record.details["audit_size"] == info["audit_size"]
+    # The original is gone (disaster); restore into a new home with its host key.
+    home = tmp_path / "restored"
+    run = await ops.ckms(
+        "restore", str(backup), "--home", str(home), "--config", str(config),
+        "--listen", f"127.0.0.1:{port}",
+        "--host-key", str(tmp_path / "original" / "ssh_host_ed25519_key"), "--json",
+        who=None,
+    )  # fmt: skip
+    assert run.rc == 0, run.stderr
+    restored = run.json()
+    assert restored["audit_ok"] and restored["anchor_checked"]
+    assert restored["anchor_size"] is not None  # checked against a real anchor
+    assert restored["audit_size"] == info["audit_size"]
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    async with running_controller(home, kafka_bootstrap, *topics, listen_port=port) as c2:
+        assert c2.vault.anchor.broken is None
+        ops2 = Operators(c2, tmp_path / "again")
+        ops2.people = ops.people  # the same operators, restored with their keys
+        verified = await ops2.ckms("audit", "verify", "--json", who="erin")
+        assert verified.rc == 0, verified.stderr
+        assert verified.json()["ok"]
+        keys = await c2.lifecycle.list_keys()
+        served = {(k.name, v.version) for k in keys for v in k.versions}
+        assert served <= set(original)
+        signed = sorted(v for (n, v) in served if n == "app/sign")
+        assert signed == list(range(1, len(signed) + 1))  # a prefix of the versions, no gap
+        assert len(signed) >= 1 + before  # every rotation committed before the copy is in it
+        for name, version in served:  # each version whole: committed before the copy or not in it
+            assert await c2.vault.material(name, version) == original[(name, version)]
+        # The agent that knew the original converges on the restored one (same host key).
+        async with running_agent(agent):
+            await wait_until(lambda: converged(c2, "app/db", "app-1"), what="app-1 back")
+        on_disk = tmp_path / "app-1" / "root" / "keys" / "db"
+        assert on_disk.read_bytes() == original[("app/db", 1)]
+        # A host enrolled on the restored controller gets the same material.
+        fresh = await enroll_agent(c2, tmp_path, "app-2", APP)
+        async with running_agent(fresh):
+            await wait_until(lambda: converged(c2, "app/db", "app-2"), what="app-2 installed")
+        assert (tmp_path / "app-2" / "root" / "keys" / "db").read_bytes() == original[("app/db", 1)]
+
+
+async def test_a_backup_older_than_the_anchor_is_refused_and_leaves_nothing(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    topics = (unique_topic("events"), unique_topic("acks"))
+    backup = tmp_path / "old.backup"
+    config = tmp_path / "original.toml"
+    async with running_controller(tmp_path / "original", kafka_bootstrap, *topics) as c:
+        ops = await people(c, tmp_path)
+        write_settings(config, c.settings)
+        await c.lifecycle.create("app/db", "aes-256", actor="alice")
+        run = await ops.ckms("backup", "-o", str(backup), who="alice")
+        assert run.rc == 0, run.stderr
+        again = await ops.ckms("backup", "-o", str(backup), who="alice")
+        assert again.rc == ExitCode.USAGE and "already exists" in again.stderr
+        await c.lifecycle.rotate("app/db", actor="alice")
+        verified = await ops.ckms(
+            "audit", "verify", who="erin"
+        )  # signs and publishes a newer anchor
+        assert verified.rc == 0, verified.stderr
+    home = tmp_path / "restored"
+    run = await ops.ckms("restore", str(backup), "--home", str(home), "--config", str(config),
+                         who=None)  # fmt: skip
+    assert run.rc != 0
+    assert "older than the last published anchor" in run.stderr
+    assert not home.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".restored")]  # no staging left
+    # A file that is not a backup is refused before anything is written.
+    junk = tmp_path / "junk.backup"
+    junk.write_bytes(os.urandom(4096))
+    run = await ops.ckms("restore", str(junk), "--home", str(home), "--config", str(config),
+                         who=None)  # fmt: skip
+    assert run.rc == ExitCode.USAGE and "not a" in run.stderr
+    assert not home.exists()
+
+
+async def test_only_admins_take_backups(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    topics = (unique_topic("events"), unique_topic("acks"))
+    async with running_controller(tmp_path / "ctl", kafka_bootstrap, *topics) as c:
+        ops = await people(c, tmp_path)
+        for who in ("dave", "erin"):
+            run = await ops.ckms("backup", "-o", str(tmp_path / f"{who}.backup"), who=who)
+            assert run.rc == ExitCode.FAILED
+            assert "may not call backup.create" in run.stderr
+            assert not (tmp_path / f"{who}.backup").exists()
+        refused = [(r.actor, r.action) for r in await audit_records(c) if r.outcome == "refused"]
+        assert ("dave", "rpc.backup.create") in refused and ("erin", "rpc.backup.create") in refused
+        # Reading another backup by guessing its id is refused (and ids are 64 random bits).
+        run = await ops.ckms("backup", "-o", str(tmp_path / "a.backup"), "--json", who="alice")
+        assert run.rc == 0, run.stderr
+        assert json.loads(run.stdout)["keys"] == 0
