@@ -5,8 +5,8 @@
 
 Everything runs in this process on real SQLite files (WAL, synchronous=FULL) through the real
 paths: keys are created with ``Lifecycle.create_many`` (each sealed under the data KEK, audited
-and evented, 500 per transaction), audit records with ``audit.append``. No Kafka and no SSH:
-what is measured is the controller's own work.
+and evented) in the requests ``ckms key create --from-file`` sends, audit records with
+``audit.append``. No Kafka and no SSH: what is measured is the controller's own work.
 
 Per key count, in one run:
 
@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -41,12 +43,17 @@ from typing import Any
 
 from _proc import rss_mb
 
+from ckms import _gc
+from ckms.cli.key import request_batches
 from ckms.controller import replies
 from ckms.controller.duework import due_work
 from ckms.controller.lifecycle import Lifecycle, NewKey
 from ckms.controller.sealing import Vault, init_controller
+from ckms.controller.service import Controller, ControllerSettings
 from ckms.crypto import generate_signing_key, sign, signing_public_key
 from ckms.protocol import admin as api
+from ckms.ssh import generate_ssh_key, public_key_text
+from ckms.ssh._keys import write_private_key
 from ckms.store import Store, utc_now
 from ckms.store import audit as audit_log
 
@@ -119,16 +126,32 @@ async def _open(path: Path) -> tuple[Store, Vault, Lifecycle]:
     return store, vault, Lifecycle(store, vault)
 
 
-async def keys_phase(root: Path, count: int, lag: LoopLag) -> dict[str, float]:
-    """Every key figure at ``count`` keys, on a store of its own."""
-    store, _, lifecycle = await _open(root / f"keys-{count}.db")
+async def _open_controller(home: Path) -> Controller:
+    """A controller on a home of its own, unsealed; its SSH endpoint is started later, and no
+    Kafka is needed (nothing here publishes)."""
+    controller = Controller(ControllerSettings(home=home, listen_port=0))
+    await controller.open()
+    assert controller.store is not None
+    await init_controller(controller.store, passphrase=PASSPHRASE)
+    await controller.vault.unseal_with_passphrase(PASSPHRASE)
+    return controller
+
+
+async def keys_phase(root: Path, count: int, lag: LoopLag, *, ssh: bool) -> dict[str, float]:
+    """Every key figure at ``count`` keys, on a controller (and store) of its own."""
+    controller = await _open_controller(root / f"keys-{count}")
+    store, lifecycle = controller.store, controller.lifecycle
+    assert store is not None
     out: dict[str, float] = {}
     try:
-        specs = [
-            NewKey(name=f"team{i % 100:02}/key-{i:06}", type="hmac-sha256") for i in range(count)
-        ]
+        per_request = _keys_per_request()
+        _gc.settle()  # as the controller does when it starts
         async with lag.phase() as p:
-            await lifecycle.create_many(specs, actor="bench")
+            # As ``ckms key create --from-file`` sends them: requests as large as the request
+            # bound allows, each one ``key.create_many`` of the specs it carries.
+            for start in range(0, count, per_request):
+                specs = [_spec(i) for i in range(start, min(start + per_request, count))]
+                await lifecycle.create_many(specs, actor="bench")
         out["create keys/s"] = count / p["seconds"]
         out["create stall ms"] = p["stall_ms"]
         del specs
@@ -157,10 +180,69 @@ async def keys_phase(root: Path, count: int, lag: LoopLag) -> dict[str, float]:
         assert listed == count
         out["key.list all pages s"], out["key.list stall ms"] = p["seconds"], p["stall_ms"]
         out["key.list largest page KB"] = largest / 1024
+        if ssh:
+            out.update(await _cli_phase(controller, root, count, lag))
     finally:
         del lifecycle
-        await store.close()
+        await controller.close()
     return out
+
+
+async def _cli_phase(
+    controller: Controller, root: Path, count: int, lag: LoopLag
+) -> dict[str, float]:
+    """``ckms key list`` (table) and ``ckms key list --json``, the real CLI in a process of its
+    own over SSH to this controller's endpoint: start to exit, every key listed."""
+    await controller.rpc.start("127.0.0.1", 0)
+    identity = root / f"operator-{count}"
+    key = generate_ssh_key()
+    write_private_key(identity, key)
+    await controller.admin.operators.add("bench", "auditor", public_key_text(key), actor="bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKMS_")}
+    env |= {
+        "CKMS_CONTROLLER": f"127.0.0.1:{controller.port}",
+        "CKMS_CONTROLLER_FINGERPRINT": controller.host_key_fingerprint,
+        "CKMS_USER": "bench",
+        "CKMS_IDENTITY": str(identity),
+        "COLUMNS": "200",
+    }
+    out: dict[str, float] = {}
+    for label, args in (("key list --json", ["--json"]), ("key list (table)", [])):
+        async with lag.phase() as p:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ckms.cli",
+                "key",
+                "list",
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        if args:
+            assert len(json.loads(stdout)["keys"]) == count
+        else:
+            assert stdout.count(b"hmac-sha256") == count, "the table lists every key"
+        out[f"CLI {label} over SSH s"] = p["seconds"]
+        out[f"CLI {label} stall ms"] = p["stall_ms"]
+    return out
+
+
+def _spec(i: int) -> NewKey:
+    return NewKey(name=f"team{i % 100:02}/key-{i:06}", type="hmac-sha256")
+
+
+def _keys_per_request() -> int:
+    """How many of the bench's keys the CLI puts in one ``key.create_many`` request."""
+    sample = [
+        api.KeyCreateParams(name=s.name, type=str(s.type))
+        for s in map(_spec, range(api.CREATE_MANY_MAX + 1))
+    ]
+    return len(request_batches(sample)[0])
 
 
 async def _list_all(lifecycle: Lifecycle) -> tuple[int, int]:
@@ -279,7 +361,7 @@ async def main(args: argparse.Namespace) -> None:
         results: dict[int, dict[str, Any]] = {}
         for count in counts:
             started = time.perf_counter()
-            results[count] = await keys_phase(root, count, lag)
+            results[count] = await keys_phase(root, count, lag, ssh=args.ssh)
             print(f"# {count:,} keys measured in {time.perf_counter() - started:.0f} s", flush=True)
             gc.collect()
         _show(results)
@@ -297,5 +379,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", default="10000,30000,100000", help="key counts, comma-separated")
     parser.add_argument("--records", type=int, default=1_000_000, help="audit records (0: skip)")
+    parser.add_argument(
+        "--no-ssh",
+        dest="ssh",
+        action="store_false",
+        help="skip the CLI phase (``ckms key list`` over SSH in a process of its own)",
+    )
     parser.add_argument("--dir", default=None, help="where the SQLite files go (default: tmp)")
     asyncio.run(main(parser.parse_args()))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 from ckms.controller import rowmac
+from ckms.controller.keyview import KeyView, VersionView
 from ckms.controller.models import (
     Host,
     InstallSpec,
@@ -22,7 +23,7 @@ from ckms.controller.models import (
     Usage,
 )
 from ckms.crypto import KeyType
-from ckms.errors import NotFoundError, StoreError
+from ckms.errors import NotFoundError, SealedError, StoreError
 from ckms.store import Reader, Transaction, format_time, parse_time
 
 _VERSION_TIME_COLUMNS = (
@@ -169,6 +170,99 @@ async def list_key_rows(r: Reader) -> list[KeyRows]:
     return [(row, by_key.get(row["id"], [])) for row in rows]
 
 
+async def key_rows_after(r: Reader, after: str | None, limit: int) -> list[KeyRows]:
+    """Up to ``limit`` keys' rows named after ``after`` (from the first when None), by name:
+    the key view is read in such slices (one snapshot), never as one result of every row."""
+    first = "" if after is None else after
+    rows = await r.fetchall(
+        "SELECT * FROM keys WHERE name > ? ORDER BY name LIMIT ?", (first, limit)
+    )
+    if not rows:
+        return []
+    versions = await r.fetchall(
+        f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id IN "  # noqa: S608
+        "(SELECT id FROM keys WHERE name > ? AND name <= ?) ORDER BY key_id, version",
+        (first, rows[-1]["name"]),
+    )
+    by_key: dict[str, list[Any]] = {}
+    for v in versions:
+        by_key.setdefault(v["key_id"], []).append(v)
+    return [(row, by_key.get(row["id"], [])) for row in rows]
+
+
+class ViewBuilder:
+    """Builds :class:`~ckms.controller.keyview.KeyView` entries from checked rows, sharing the
+    times and creators that are equal between them (one load of the view)."""
+
+    def __init__(self, row_key: bytes | None) -> None:
+        self._row_key = row_key
+        self._times: dict[str, datetime] = {}
+        self._texts: dict[str, str] = {}
+
+    def _time(self, text: str | None) -> datetime | None:
+        if text is None:
+            return None
+        found = self._times.get(text)
+        if found is None:
+            found = self._times[text] = parse_time(text)
+        return found
+
+    def _text(self, text: str) -> str:
+        return self._texts.setdefault(text, text)
+
+    def key(self, row: Any, versions: list[Any]) -> KeyView:
+        """The view of one key (IntegrityError when a row's MAC does not match, StoreError when
+        it is malformed), exactly what :func:`key_from_rows` would give."""
+        rowmac.check_key(self._row_key, row)
+        name = str(row["name"])
+        for v in versions:
+            rowmac.check_version(self._row_key, name, v)
+        t = self._time
+        try:
+            params = json.loads(row["params"]) if row["params"] != "{}" else {}
+            return KeyView(
+                id=row["id"],
+                name=name,
+                type=KeyType(row["key_type"]),
+                usage=_shared(frozenset, row["usage"]),
+                policy=_shared(Policy, row["policy"]),
+                targets=_shared(Targets, row["targets"]),
+                install=_shared(InstallSpec, row["install"]),
+                secret_length=params.get("length"),
+                secret_alphabet=params.get("alphabet"),
+                primary_version=row["primary_version"],
+                created_at=t(row["created_at"]),  # type: ignore[arg-type]
+                created_by=self._text(row["created_by"]),
+                updated_at=t(row["updated_at"]),  # type: ignore[arg-type]
+                versions=tuple(
+                    VersionView(
+                        name,
+                        int(v["version"]),
+                        KeyState(v["state"]),
+                        str(v["digest"]),
+                        v["has_material"] == 1,
+                        t(v["created_at"]),  # type: ignore[arg-type]
+                        self._text(v["created_by"]),
+                        t(v["state_changed_at"]),  # type: ignore[arg-type]
+                        t(v["activation_at"]),
+                        t(v["activated_at"]),
+                        t(v["superseded_at"]),
+                        t(v["deactivated_at"]),
+                        t(v["compromised_at"]),
+                        t(v["destroyed_at"]),
+                        None
+                        if v["revocation_reason"] is None
+                        else RevocationReason(v["revocation_reason"]),
+                        v["revocation_message"],
+                        v["origin"] or "generated",
+                    )
+                    for v in versions
+                ),
+            )
+        except ValueError as exc:
+            raise StoreError(f"stored key {name!r} is malformed: {exc}") from exc
+
+
 def key_from_rows(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
     """The model of one key from its rows (StoreError when they are malformed, IntegrityError
     when ``row_key`` is given and a row's MAC does not match)."""
@@ -199,15 +293,34 @@ async def keys_by_ids(r: Reader, ids: Iterable[str]) -> list[Key]:
     return sorted(out, key=lambda k: k.name)
 
 
+async def key_views_by_ids(r: Reader, ids: Iterable[str]) -> list[KeyView]:
+    """Like :func:`keys_by_ids`, as key view entries."""
+    wanted = sorted(set(ids))
+    builder = ViewBuilder(r.row_key)
+    out: list[KeyView] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = tuple(wanted[start : start + _IN_CHUNK])
+        out += await _keys_where(
+            r, f"id IN ({', '.join('?' * len(chunk))})", chunk, build=builder.key
+        )
+    return sorted(out, key=lambda k: k.name)
+
+
 NEVER_DUE: Final = "9999-12-31T23:59:59.999999Z"
 """``keys.next_due_at`` of a key with nothing pending (NULL: not computed yet, e.g. a key stored
 before the column existed; the scheduler fills those in)."""
 
 
 async def _keys_where(
-    r: Reader, where: str, params: tuple[Any, ...], *, limit: int | None = None
-) -> list[Key]:
-    """Keys matching ``where`` (on ``keys``) with their versions, by name, at most ``limit``."""
+    r: Reader,
+    where: str,
+    params: tuple[Any, ...],
+    *,
+    limit: int | None = None,
+    build: Callable[[Any, list[Any]], Any] | None = None,
+) -> list[Any]:
+    """Keys matching ``where`` (on ``keys``) with their versions, by name, at most ``limit``
+    (models, or what ``build`` makes of each key's rows)."""
     tail = "" if limit is None else f" LIMIT {int(limit)}"
     rows = await r.fetchall(f"SELECT * FROM keys WHERE {where} ORDER BY name{tail}", params)  # noqa: S608
     if not rows:
@@ -223,9 +336,10 @@ async def _keys_where(
             chunk,
         ):
             by_key.setdefault(v["key_id"], []).append(v)
-    out: list[Key] = []
+    out: list[Any] = []
     for i, row in enumerate(rows, 1):
-        out.append(_key(row, by_key.get(row["id"], []), r.row_key))
+        versions = by_key.get(row["id"], [])
+        out.append(_key(row, versions, r.row_key) if build is None else build(row, versions))
         if i % _MODEL_SLICE == 0:
             await asyncio.sleep(0)  # a page of a thousand keys is not built in one hold
     return out
@@ -293,8 +407,34 @@ def _json(model: Any) -> str:
     return str(model.model_dump_json())
 
 
-def _key_row(key: Key, *, next_due_at: str | None = None) -> dict[str, Any]:
+class _Texts:
+    """The stored text of times and models, each made once for a batch of rows (the keys of
+    one onboarding share their policy, targets, install spec and times)."""
+
+    def __init__(self) -> None:
+        self._times: dict[datetime, str] = {}
+        self._models: dict[int, tuple[Any, str]] = {}
+
+    def time(self, when: datetime | None) -> str | None:
+        if when is None:
+            return None
+        text = self._times.get(when)
+        if text is None:
+            text = self._times[when] = format_time(when)
+        return text
+
+    def json(self, model: Any) -> str:
+        found = self._models.get(id(model))
+        if found is None or found[0] is not model:
+            found = self._models[id(model)] = (model, _json(model))
+        return found[1]
+
+
+def _key_row(
+    key: Key, *, next_due_at: str | None = None, texts: _Texts | None = None
+) -> dict[str, Any]:
     """The columns of a new ``keys`` row, as stored (and as its MAC covers them)."""
+    texts = texts or _Texts()
     params = {}
     if key.secret_length is not None:
         params["length"] = key.secret_length
@@ -306,18 +446,20 @@ def _key_row(key: Key, *, next_due_at: str | None = None) -> dict[str, Any]:
         "key_type": str(key.type),
         "usage": ",".join(key.usage_list),
         "params": json.dumps(params, sort_keys=True),
-        "policy": _json(key.policy),
-        "targets": _json(key.targets),
-        "install": _json(key.install),
+        "policy": texts.json(key.policy),
+        "targets": texts.json(key.targets),
+        "install": texts.json(key.install),
         "primary_version": key.primary_version,
-        "created_at": format_time(key.created_at),
+        "created_at": texts.time(key.created_at),
         "created_by": key.created_by,
-        "updated_at": format_time(key.updated_at),
+        "updated_at": texts.time(key.updated_at),
         "next_due_at": next_due_at,
     }
 
 
-def _version_row(key_id: str, version: KeyVersion, sealed_material: bytes) -> dict[str, Any]:
+def _version_row(
+    key_id: str, version: KeyVersion, sealed_material: bytes, texts: _Texts
+) -> dict[str, Any]:
     """The columns of a new ``key_versions`` row, as stored (and as its MAC covers them)."""
     row: dict[str, Any] = {
         "key_id": key_id,
@@ -333,13 +475,12 @@ def _version_row(key_id: str, version: KeyVersion, sealed_material: bytes) -> di
         "origin": None if version.origin == "generated" else version.origin,
     }
     for col in _VERSION_TIME_COLUMNS:
-        when = getattr(version, col)
-        row[col] = None if when is None else format_time(when)
+        row[col] = texts.time(getattr(version, col))
     return row
 
 
 def _insert_sql(table: str, row: dict[str, Any]) -> str:
-    cols = [*row, "mac"]
+    cols = list(row)  # the MAC included
     return (
         f"INSERT INTO {table}({', '.join(cols)}) "  # noqa: S608 - our own column names
         f"VALUES ({', '.join(':' + c for c in cols)})"
@@ -348,7 +489,9 @@ def _insert_sql(table: str, row: dict[str, Any]) -> str:
 
 async def insert_key(tx: Transaction, key: Key) -> None:
     """Insert a key row (its versions are inserted separately)."""
-    await insert_new_keys(tx, [NewKeyRows(key)])
+    rows = KeyInserts(await rowmac.write_key(tx))
+    rows.add(NewKeyRows(key))
+    await insert_new_keys(tx, rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,49 +505,59 @@ class NewKeyRows:
     operation: str = "create"
 
 
-async def insert_new_keys(tx: Transaction, new: Sequence[NewKeyRows]) -> None:
-    """Insert keys (and, with their sealed material, their versions and the history entry of
-    each version's creation) in a few statements, each row with its MAC: a batch of
-    onboarded keys costs a handful of trips to the database, not a dozen per key."""
-    if not new:
-        return
-    row_key = await rowmac.write_key(tx)
-    key_rows: list[dict[str, Any]] = []
-    version_rows: list[dict[str, Any]] = []
-    history: list[tuple[Any, ...]] = []
-    for item in new:
-        key, sealed = item.key, item.sealed
+class KeyInserts:
+    """The rows of new keys, each with its MAC under ``row_key``, built before the write
+    transaction that inserts them (:func:`insert_new_keys`), so that building a batch of
+    onboarded keys holds neither the writer nor, in one go, the event loop."""
+
+    def __init__(self, row_key: bytes | None) -> None:
+        self.row_key = row_key
+        self.keys: list[dict[str, Any]] = []
+        self.versions: list[dict[str, Any]] = []
+        self.history: list[tuple[Any, ...]] = []
+        self._texts = _Texts()
+
+    def add(self, item: NewKeyRows) -> None:
+        """Build the rows of one key (and of its versions when ``item.sealed`` is given)."""
+        key, sealed, row_key, texts = item.key, item.sealed, self.row_key, self._texts
         # A key inserted alone has its next due time set by the caller (None: not computed).
-        due = None if sealed is None else _due_text(item.next_due)
-        row = _key_row(key, next_due_at=due)
+        due = None if sealed is None else (texts.time(item.next_due) or NEVER_DUE)
+        row = _key_row(key, next_due_at=due, texts=texts)
         row["mac"] = None if row_key is None else rowmac.key_row_mac(row_key, row)
-        key_rows.append(row)
+        self.keys.append(row)
         if sealed is None:
-            continue
+            return
         for version in key.versions:
-            vrow = _version_row(key.id, version, sealed)
+            vrow = _version_row(key.id, version, sealed, texts)
             vrow["mac"] = None if row_key is None else rowmac.version_row_mac(row_key, vrow)
-            version_rows.append(vrow)
-            history.append(
+            self.versions.append(vrow)
+            self.history.append(
                 (
                     key.id,
                     version.version,
                     None,
                     str(version.state),
                     item.operation,
-                    format_time(version.created_at),
+                    texts.time(version.created_at),
                     version.created_by,
                     None,
                 )
             )
-    first = dict(key_rows[0])
-    del first["mac"]
-    await tx.executemany(_insert_sql("keys", first), key_rows)
-    if version_rows:
-        vfirst = dict(version_rows[0])
-        del vfirst["mac"]
-        await tx.executemany(_insert_sql("key_versions", vfirst), version_rows)
-        await tx.executemany(_INSERT_TRANSITION, history)
+
+
+async def insert_new_keys(tx: Transaction, rows: KeyInserts) -> None:
+    """Insert the keys of ``rows`` (with their versions and the history entry of each
+    version's creation) in a few statements: a batch of onboarded keys costs a handful of
+    trips to the database, not a dozen per key. SealedError if the rows were MAC'd under a
+    row key the store no longer has (sealed meanwhile)."""
+    if not rows.keys:
+        return
+    if await rowmac.write_key(tx) != rows.row_key:
+        raise SealedError("the controller was sealed while these keys were being prepared")
+    await tx.executemany(_insert_sql("keys", rows.keys[0]), rows.keys)
+    if rows.versions:
+        await tx.executemany(_insert_sql("key_versions", rows.versions[0]), rows.versions)
+        await tx.executemany(_INSERT_TRANSITION, rows.history)
 
 
 async def update_key(tx: Transaction, key_id: str, *, now: datetime, **changes: Any) -> None:

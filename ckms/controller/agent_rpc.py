@@ -18,8 +18,9 @@ from typing import Any
 
 from ckms.controller.desired import desired_versions, drifted_keys, targeting
 from ckms.controller.hosts import HostRegistry
+from ckms.controller.keyview import KeyView
 from ckms.controller.lifecycle import Lifecycle
-from ckms.controller.models import Host, Key, KeyState, Targets
+from ckms.controller.models import Host, KeyState, Targets
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import host_matches
 from ckms.controller.transitions import is_distributable
@@ -53,7 +54,7 @@ from ckms.store import audit as audit_log
 log = logging.getLogger(__name__)
 
 
-def desired_keys(keys: list[Key], host: Host) -> list[DesiredKey]:
+def desired_keys(keys: list[KeyView], host: Host) -> list[DesiredKey]:
     """The keys (and their distributable versions) that belong on ``host``, as sync sends them."""
     out = []
     for key in targeting(keys, host):
@@ -292,7 +293,7 @@ class AgentService:
             )
 
     async def _wrap(
-        self, host: Host, suite: WrapSuite, keys: Mapping[str, Key], request: FetchRequest
+        self, host: Host, suite: WrapSuite, keys: Mapping[str, KeyView], request: FetchRequest
     ) -> FetchReply:
         """Authorize one version for ``host`` and wrap its material to the host's key."""
         key = keys.get(request.key)

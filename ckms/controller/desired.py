@@ -10,8 +10,10 @@ Two copies of this rule would let the fleet view and the agent disagree about th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
-from ckms.controller.models import Host, Key, KeyVersion, Targets
+from ckms.controller.keyview import AnyKey, AnyVersion, KeyView
+from ckms.controller.models import Host, Key, Targets
 from ckms.controller.targets import host_matches
 from ckms.controller.transitions import is_distributable
 
@@ -26,11 +28,13 @@ __all__ = [
     "wanted",
 ]
 
+K = TypeVar("K", Key, KeyView)
+
 Held = frozenset[tuple[int, str]]
 """What a host holds of one key: (version, digest) pairs."""
 
 
-def targeting(keys: Iterable[Key], host: Host) -> Iterator[Key]:
+def targeting(keys: Iterable[K], host: Host) -> Iterator[K]:
     """The keys whose targets select ``host``, in the order given.
 
     Keys loaded from the store share one targets object per distinct targets text, so the
@@ -47,19 +51,19 @@ def targeting(keys: Iterable[Key], host: Host) -> Iterator[Key]:
             yield key
 
 
-def distributable_versions(key: Key) -> tuple[KeyVersion, ...]:
+def distributable_versions(key: AnyKey) -> tuple[AnyVersion, ...]:
     """The versions of ``key`` that every host it targets should hold."""
     return tuple(v for v in key.versions if is_distributable(v.state, has_material=v.has_material))
 
 
-def desired_versions(key: Key, host: Host) -> tuple[KeyVersion, ...]:
+def desired_versions(key: AnyKey, host: Host) -> tuple[AnyVersion, ...]:
     """The versions of ``key`` that belong on ``host`` (empty when the key does not target it)."""
     if not host_matches(key.targets, host):
         return ()
     return distributable_versions(key)
 
 
-def wanted(key: Key, host: Host) -> Held:
+def wanted(key: AnyKey, host: Host) -> Held:
     """The (version, digest) pairs ``host`` should hold of ``key``."""
     return frozenset((v.version, v.digest) for v in desired_versions(key, host))
 
@@ -72,13 +76,13 @@ def held_by_key(installed: Iterable[tuple[str, int, str]]) -> dict[str, Held]:
     return {k: frozenset(v) for k, v in out.items()}
 
 
-def drifts(key: Key, host: Host, installed: Iterable[tuple[str, int, str]]) -> bool:
+def drifts(key: AnyKey, host: Host, installed: Iterable[tuple[str, int, str]]) -> bool:
     """True when what ``host`` reports holding of ``key`` differs from what it should hold."""
     return key.name in drifted_keys([key], host, installed)
 
 
 def drifted_keys(
-    keys: Iterable[Key], host: Host, installed: Iterable[tuple[str, int, str]]
+    keys: Iterable[AnyKey], host: Host, installed: Iterable[tuple[str, int, str]]
 ) -> list[str]:
     """Names of the keys where what ``host`` reports holding differs from what it should hold.
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict
 
 from ckms.controller import _repo
+from ckms.controller.keyview import AnyKey
 from ckms.controller.models import Key, KeyState
 from ckms.controller.transitions import Op, can
 from ckms.store import Store, require_utc
@@ -63,7 +64,7 @@ class DueWork(BaseModel):
         return not (self.rotate or self.activate or self.deactivate)
 
 
-def _candidates(key: Key) -> list[tuple[str, int, datetime]]:
+def _candidates(key: AnyKey) -> list[tuple[str, int, datetime]]:
     """Every (bucket, version, due time) of ``key``, due or not: the one rule of what is due."""
     out: list[tuple[str, int, datetime]] = []
     policy = key.policy
@@ -88,7 +89,7 @@ def _candidates(key: Key) -> list[tuple[str, int, datetime]]:
     return out
 
 
-def next_due(key: Key) -> datetime | None:
+def next_due(key: AnyKey) -> datetime | None:
     """The earliest time anything of ``key`` is due (past or future), None when nothing is.
 
     Stored with the key (``keys.next_due_at``, indexed) in the transaction of every key change,
@@ -97,7 +98,7 @@ def next_due(key: Key) -> datetime | None:
     return min((due for _, _, due in _candidates(key)), default=None)
 
 
-def plan_due_work(keys: Iterable[Key], now: datetime) -> DueWork:
+def plan_due_work(keys: Iterable[AnyKey], now: datetime) -> DueWork:
     """Return what is due at ``now`` for ``keys`` (pure: no I/O, no clock)."""
     now = require_utc(now)
     buckets: dict[str, list[DueItem]] = {"rotate": [], "activate": [], "deactivate": []}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from ckms.controller.desired import desired_versions, distributable_versions, drifts
 from ckms.controller.duework import due_keys, plan_due_work
 from ckms.controller.hosts import HostRegistry
+from ckms.controller.keyview import AnyKey
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Host, Key
 from ckms.controller.replies import host_info
@@ -173,7 +175,7 @@ class FleetView:
 
     async def stale_hosts(
         self,
-        keys: list[Key],
+        keys: Sequence[AnyKey],
         hosts: list[Host],
         now: datetime,
         facts: dict[str, dict[str, Any]] | None = None,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import gc
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -39,8 +39,10 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
+from ckms import _gc
 from ckms.controller import _repo
 from ckms.controller.duework import next_due
+from ckms.controller.keyview import KeyView
 from ckms.controller.models import (
     Host,
     InstallSpec,
@@ -128,6 +130,13 @@ MAX_REASON_LENGTH: Final = 1000
 _BUILD_SLICE: Final = 100
 """Key models built between two yields to the event loop when the key view is (re)loaded."""
 
+_CREATE_SLICE: Final = 25
+"""New keys built between two yields to the event loop (each costs ~0.1 ms: rows, MACs, event)."""
+
+_LOAD_SLICE: Final = 1000
+"""Keys read per snapshot when the key view is loaded whole (the rows of 100,000 keys at once
+cost hundreds of MB, and their creation alone stalled the loop)."""
+
 _REFRESH_ALL_ABOVE: Final = 5000
 """Changed keys above which the key view is reloaded whole instead of key by key."""
 
@@ -140,6 +149,12 @@ _REFUSALS = (
     ConfigError,
     SealedError,
 )
+
+
+# One (frozen) default policy and install spec per type and usage: onboarding 100,000 keys
+# builds them once, and the keys share them (stored, cached and evented alike).
+_default_policy = functools.lru_cache(maxsize=256)(default_policy)
+_default_install = functools.lru_cache(maxsize=64)(default_install)
 
 
 def _check_text(value: str | None, what: str, *, required: bool = False) -> str | None:
@@ -168,7 +183,7 @@ class Lifecycle:
         self._store = store
         self._vault = vault
         self._clock = clock
-        self._current: tuple[int, Mapping[str, Key]] | None = None
+        self._current: tuple[int, Mapping[str, KeyView]] | None = None
         self._names: dict[str, str] = {}
         """Key id → name of the keys in ``_current`` (a changed id names the entry to replace)."""
         self._refresh = asyncio.Lock()
@@ -179,7 +194,7 @@ class Lifecycle:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def current_keys(self) -> Mapping[str, Key]:
+    async def current_keys(self) -> Mapping[str, KeyView]:
         """Every key by name, from memory, refreshed for the keys committed changes touched.
 
         The agent requests (sync, fetch) read every key on every request; keys change seldom.
@@ -206,7 +221,7 @@ class Lifecycle:
                 by_name = dict(current[1])
                 ordered = list(self._ordered)
                 async with self._store.read() as r:
-                    fresh = await _repo.keys_by_ids(r, ids)
+                    fresh = await _repo.key_views_by_ids(r, ids)
                 for key_id in ids:
                     gone = self._names.pop(key_id, None)
                     if gone is not None:
@@ -221,7 +236,7 @@ class Lifecycle:
             self._current = (generation, MappingProxyType(by_name))
             return self._current[1]
 
-    async def page(self, after: str | None, limit: int) -> list[Key]:
+    async def page(self, after: str | None, limit: int) -> list[KeyView]:
         """Up to ``limit`` keys named after ``after`` (from the first when None), by name.
 
         Served from the key view (rows already checked when read, refreshed per changed key):
@@ -234,33 +249,38 @@ class Lifecycle:
         start = 0 if after is None else bisect.bisect_right(ordered, after)
         return [view[name] for name in ordered[start : start + limit]]
 
-    async def _load_all(self) -> dict[str, Key]:
-        """Every key, read in one snapshot and built into models a slice at a time."""
-        async with self._store.read() as r:
-            rows = await _repo.list_key_rows(r)
-            row_key = r.row_key
-        by_name: dict[str, Key] = {}
-        collecting = gc.isenabled()
-        # No collection while the view grows by ~20 objects a key: each full pass would walk
-        # everything built so far (a pause of hundreds of ms at 100,000 keys).
-        gc.disable()
-        try:
-            for i, (row, versions) in enumerate(rows, 1):
-                key = _repo.key_from_rows(row, versions, row_key)
-                by_name[key.name] = key
-                if i % _BUILD_SLICE == 0:
-                    await asyncio.sleep(0)  # let requests run between slices
-        finally:
-            if collecting:
-                gc.enable()
-        del rows
-        self._names = {k.id: k.name for k in by_name.values()}
-        # The view is most of the controller's live objects (about 20 per key) and lives until
-        # the next full reload. Left to the collector, every full collection walks all of them:
-        # a pause that grows with the key count (hundreds of ms at 100,000 keys), on whichever
-        # request triggers it. Frozen, they are skipped; they hold no reference cycles, so the
-        # ones later replaced are still freed by their reference counts.
-        gc.freeze()
+    async def _load_all(self) -> dict[str, KeyView]:
+        """Every key, read a slice at a time and built into view entries between yields.
+
+        Each slice is its own snapshot: the generation was taken before the first, so a key
+        committed meanwhile is read again by the next refresh (its id is among the changed).
+        """
+        by_name: dict[str, KeyView] = {}
+        # No collection while the view grows: each full pass would walk everything built so
+        # far (pauses of tens to hundreds of ms at 100,000 keys).
+        with _gc.paused():
+            after: str | None = None
+            builder: _repo.ViewBuilder | None = None
+            while True:
+                async with self._store.read() as r:
+                    chunk = await _repo.key_rows_after(r, after, _LOAD_SLICE)
+                    builder = builder or _repo.ViewBuilder(r.row_key)
+                for i, (row, versions) in enumerate(chunk, 1):
+                    key = builder.key(row, versions)
+                    by_name[key.name] = key
+                    if i % _BUILD_SLICE == 0:
+                        await asyncio.sleep(0)  # let requests run between slices
+                if len(chunk) < _LOAD_SLICE:
+                    break
+                after = chunk[-1][0]["name"]
+                await asyncio.sleep(0)
+            del chunk
+            self._names = {k.id: k.name for k in by_name.values()}
+            # The view is most of the controller's live objects and lives until the next full
+            # reload. Left to the collector, every full collection would walk all of it, on
+            # whichever request triggers it. Frozen, it is skipped; it holds no reference
+            # cycles, so entries later replaced are still freed by their reference counts.
+            _gc.freeze()
         return by_name
 
     async def get(self, name: str) -> Key:
@@ -608,10 +628,11 @@ class Lifecycle:
                 )
             created: list[str] = []
             for start in range(0, len(specs), batch):
-                chunk = [
-                    self._new_numbered(i, spec, now=now, actor=actor)
-                    for i, spec in enumerate(specs[start : start + batch], start)
-                ]
+                chunk: list[Key] = []
+                for i, spec in enumerate(specs[start : start + batch], start):
+                    chunk.append(self._new_numbered(i, spec, now=now, actor=actor))
+                    if i % _CREATE_SLICE == _CREATE_SLICE - 1:
+                        await asyncio.sleep(0)
                 created += [k.name for k in await self._create_batch(chunk, now=now, actor=actor)]
                 del chunk
             log.info("created %d keys by %s", len(created), actor)
@@ -642,9 +663,9 @@ class Lifecycle:
         except ValueError:
             raise ConfigError(f"unsupported key type {spec.type!r}") from None
         mask = check_usage(kt, None if spec.usage is None else frozenset(spec.usage))  # type: ignore[arg-type]
-        pol = spec.policy if spec.policy is not None else default_policy(kt, mask)
+        pol = spec.policy if spec.policy is not None else _default_policy(kt, mask)
         check_policy(kt, mask, pol)
-        install = spec.install if spec.install is not None else default_install(kt)
+        install = spec.install if spec.install is not None else _default_install(kt)
         _check_install(kt, install)
         if kt is not KeyType.SECRET and (
             spec.secret_length is not None or spec.secret_alphabet is not None
@@ -688,8 +709,9 @@ class Lifecycle:
         action = "key.create" if imported is None else "key.import"
         delay_of: dict[Policy, tuple[timedelta, bool]] = {}
         event_policy: dict[Policy, EventPolicy] = {}
-        rows: list[_repo.NewKeyRows] = []
-        events: list[tuple[str, EventData]] = []
+        rows = _repo.KeyInserts(self._store.row_key)
+        stored: list[Key] = []
+        events: list[outbox.Prepared] = []
         details: list[dict[str, Any]] = []
         for i, (key, (digest, material)) in enumerate(zip(keys, sealed, strict=True), 1):
             if key.policy not in delay_of:
@@ -711,36 +733,33 @@ class Lifecycle:
                 activated_at=now if active else None,
                 origin=origin,
             )
-            stored = key.model_copy(
+            new = key.model_copy(
                 update={"primary_version": 1 if active else None, "versions": (first,)}
             )
-            rows.append(
+            stored.append(new)
+            rows.add(
                 _repo.NewKeyRows(
-                    stored,
+                    new,
                     material,
-                    next_due(stored),
+                    next_due(new),
                     operation="create" if imported is None else "import",
                 )
             )
-            events.append(
-                (
-                    key.name,
-                    KeyCreated(
-                        key=key.name,
-                        key_id=key.id,
-                        type=str(key.type),
-                        usage=tuple(key.usage_list),
-                        version=1,
-                        state=state,
-                        digest=digest,
-                        activation_at=_t(first.activation_at),
-                        primary=stored.primary_version,
-                        policy=event_policy[key.policy],
-                        targets=key.targets,
-                        install=key.install,
-                    ),
-                )
+            event = KeyCreated(
+                key=key.name,
+                key_id=key.id,
+                type=str(key.type),
+                usage=tuple(key.usage_list),
+                version=1,
+                state=state,
+                digest=digest,
+                activation_at=_t(first.activation_at),
+                primary=new.primary_version,
+                policy=event_policy[key.policy],
+                targets=key.targets,
+                install=key.install,
             )
+            events.append(outbox.prepare(key.name, event))
             details.append(
                 {
                     "origin": origin,
@@ -752,7 +771,7 @@ class Lifecycle:
                     "targets": key.targets.describe(),
                 }
             )
-            if i % _BUILD_SLICE == 0:
+            if i % _CREATE_SLICE == 0:
                 await asyncio.sleep(0)
         del sealed
         names = [k.name for k in keys]
@@ -782,7 +801,7 @@ class Lifecycle:
                 ],
                 now=now,
             )
-        return [row.key for row in rows]
+        return stored
 
     def _generate_sealed(
         self, keys: Sequence[Key], imported: Sequence[bytes] | None = None

@@ -13,6 +13,7 @@ from typing import Any
 
 from ckms.controller.approvals import ApprovalRequest
 from ckms.controller.duework import plan_due_work
+from ckms.controller.keyview import AnyKey
 from ckms.controller.models import Host, Key, Policy
 from ckms.controller.operators import Operator
 from ckms.controller.targets import host_matches
@@ -45,7 +46,7 @@ def policy_info(policy: Policy) -> api.PolicyInfo:
     )
 
 
-def next_rotation(key: Key, now: datetime) -> datetime | None:
+def next_rotation(key: AnyKey, now: datetime) -> datetime | None:
     """When the key's primary is due to rotate (None: no Active primary, or a version waits)."""
     work = plan_due_work([key], now + _ROTATION_HORIZON)
     return work.rotate[0].due_at if work.rotate else None
@@ -76,7 +77,7 @@ def key_info(key: Key, *, now: datetime, hosts_targeted: int | None = None) -> a
     )
 
 
-def key_summary(key: Key, *, now: datetime) -> api.KeySummary:
+def key_summary(key: AnyKey, *, now: datetime) -> api.KeySummary:
     """A key in one line of ``key list``."""
     states: dict[str, int] = {}
     for v in key.versions:
@@ -101,7 +102,7 @@ def history_entry(row: Mapping[str, Any]) -> api.HistoryEntry:
 
 
 def host_info(
-    host: Host, facts: Mapping[str, Any], *, stale: bool, keys: Iterable[Key]
+    host: Host, facts: Mapping[str, Any], *, stale: bool, keys: Iterable[AnyKey]
 ) -> api.HostInfo:
     """A host with the keys that target it; ``facts`` are its last-seen time and wrap suite."""
     return api.HostInfo(

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.controller import _repo, upgrade
+from ckms.controller.keyview import KeyView
 from ckms.controller.models import Key
 from ckms.crypto import (
     DIGEST_KEY_PURPOSE,
@@ -552,7 +553,9 @@ class Vault:
             raise IntegrityError(f"{what} failed integrity check") from None
         return open_sealed(s.data_kek, blob, staged_aad(operation, key, key_type, usage), what=what)
 
-    async def material(self, key_name: str, version: int, *, key: Key | None = None) -> bytes:
+    async def material(
+        self, key_name: str, version: int, *, key: Key | KeyView | None = None
+    ) -> bytes:
         """Return one version's material (for the fetch path); IntegrityError if its row was edited.
 
         Never log or store the result. Destroyed versions raise NotFoundError.

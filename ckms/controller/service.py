@@ -18,6 +18,7 @@ from typing import Any
 import asyncssh
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ckms import _gc
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
 from ckms.controller import rowmac
@@ -317,6 +318,7 @@ class Controller:
         """Serve until cancelled (one task group: SSH, publisher, ack consumer, scheduler)."""
         if self.store is None:
             await self.open()
+        _gc.settle()  # what lives as long as the controller is never walked by a collection
         await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
         if self.settings.metrics_listen is not None:
             host, port = parse_listen(self.settings.metrics_listen)

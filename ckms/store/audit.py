@@ -346,6 +346,8 @@ async def append_many(tx: Transaction, entries: Sequence[Entry], *, now: datetim
                 (i, at, entry.actor, entry.action, entry.object, entry.outcome, text, prev, digest)
             )
             prev = digest
+            if len(rows) % 100 == 0:
+                await asyncio.sleep(0)  # hashing a batch of hundreds must not hold the loop
         await tx.executemany(_INSERT_RECORD, rows)
     except AuditAnchorError:
         append_failures.count += 1

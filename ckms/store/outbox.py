@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -78,11 +78,25 @@ async def add_event(
     )
 
 
+class Prepared(NamedTuple):
+    """An event checked and encoded ahead of its transaction (:func:`prepare`)."""
+
+    partition_key: str
+    type: str
+    payload: bytes
+
+
+def prepare(partition_key: str, data: EventData) -> Prepared:
+    """Check and encode one typed event for :func:`add_events` (as :func:`add_event` does)."""
+    type, payload = _payload(data, None)
+    return Prepared(partition_key, type, payload)
+
+
 async def add_events(
-    tx: Transaction, events: Sequence[tuple[str, EventData]], *, now: datetime
+    tx: Transaction, events: Sequence[Prepared], *, now: datetime
 ) -> list[tuple[int, str]]:
-    """Store many (partition key, typed event) in the caller's write transaction, in order, in
-    one statement; return each one's (seq, event_id). Checked like :func:`add_event`.
+    """Store prepared events in the caller's write transaction, in order, in one statement;
+    return each one's (seq, event_id).
 
     The sequence numbers are given here, after the highest ever given out: the transaction
     holds the one writer, so nobody else can take them meanwhile.
@@ -97,10 +111,11 @@ async def add_events(
         )
     )
     rows: list[tuple[Any, ...]] = []
-    for partition_key, data in events:
-        type, payload = _payload(data, None)
+    for event in events:
         seq += 1
-        rows.append((seq, str(uuid.uuid4()), type, partition_key, payload, created))
+        rows.append(
+            (seq, str(uuid.uuid4()), event.type, event.partition_key, event.payload, created)
+        )
     await tx.executemany(
         "INSERT INTO outbox(seq, event_id, type, partition_key, payload, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?)",

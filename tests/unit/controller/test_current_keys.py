@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ckms.controller import lifecycle as lifecycle_module
 from ckms.controller import rowmac
-from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.lifecycle import Lifecycle, NewKey
 from ckms.controller.sealing import Vault, init_controller
 from ckms.errors import IntegrityError
 from ckms.protocol import KeyState, RevocationReason
@@ -118,3 +119,37 @@ async def test_pages_follow_the_view_in_name_order(lifecycle: Lifecycle, store: 
     assert await everything(3) == ["a/k", "c/k", "d/k"]
     assert [k.name for k in await lifecycle.page("a/k", 5)] == ["c/k", "d/k"]
     assert await lifecycle.page("zzz/k", 5) == []
+
+
+async def test_a_view_read_in_slices_is_every_key_as_stored(
+    lifecycle: Lifecycle, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view is read a few keys per snapshot, and each entry is what the store holds (the
+    pydantic model it stands for), with the parsed policy, targets and times shared."""
+    monkeypatch.setattr(lifecycle_module, "_LOAD_SLICE", 3)
+    names = await lifecycle.create_many(
+        [NewKey(name=f"team/k{i:02}", type="aes-256") for i in range(10)], actor="alice"
+    )
+    await lifecycle.rotate("team/k07", actor="alice")
+    view = await Lifecycle(store, lifecycle._vault).current_keys()  # a fresh view: full load
+    assert list(view) == names
+    stored = {k.name: k for k in await lifecycle.list_keys()}
+    assert all(view[n].to_model() == stored[n] for n in names)
+    assert view["team/k07"].latest_version == 2 and view["team/k07"].primary_version == 2
+    assert len({id(k.policy) for k in view.values()}) == 1
+    assert len({id(k.created_at) for k in view.values()}) == 1  # one batch, one time
+
+
+async def test_a_tampered_row_in_a_later_slice_refuses_the_whole_view(
+    lifecycle: Lifecycle, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "_LOAD_SLICE", 2)
+    await lifecycle.create_many(
+        [NewKey(name=f"team/k{i}", type="aes-256") for i in range(5)], actor="alice"
+    )
+    async with store.write() as tx:  # a DB file owner retargets the last key
+        await tx.execute(
+            "UPDATE keys SET targets = '{\"hosts\":[\"evil\"]}' WHERE name = 'team/k4'"
+        )
+    with pytest.raises(IntegrityError, match="team/k4 failed integrity check"):
+        await Lifecycle(store, lifecycle._vault).current_keys()
