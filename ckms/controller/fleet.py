@@ -238,7 +238,7 @@ class FleetView:
 
     async def _key_fleet(
         self,
-        k: Key,
+        k: AnyKey,
         now: datetime,
         facts: dict[str, dict[str, Any]],
         hosts: dict[str, Host],
@@ -267,7 +267,7 @@ class FleetView:
         )
 
 
-def _drifts(key: Key, host: Host, status: HostKeyStatus, report: dict[str, Any] | None) -> bool:
+def _drifts(key: AnyKey, host: Host, status: HostKeyStatus, report: dict[str, Any] | None) -> bool:
     """Drift: the acks say the host is current, but a heartbeat sent after its last ack says it
     holds something else (a heartbeat from before a rotation is not drift)."""
     if report is None:
