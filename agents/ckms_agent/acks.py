@@ -57,6 +57,8 @@ class AckWriter:
         hooks: Sequence[HookResult] = (),
         event_id: str | None = None,
         error: str | None = None,
+        cert_serial: str | None = None,
+        cert_not_after: str | None = None,
     ) -> int:
         """Queue one signed ack (``started``: ``time.monotonic()`` when the work began)."""
         now = self._clock()
@@ -70,6 +72,8 @@ class AckWriter:
             event_id=event_id,
             elapsed_ms=max(0, int(1000 * (time.monotonic() - started))),
             error=error[:MAX_ERROR_CHARS] if error else None,
+            cert_serial=cert_serial,
+            cert_not_after=cert_not_after,
         )
         at = datetime.fromtimestamp(now, UTC)
         identity = self._identity

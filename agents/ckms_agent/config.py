@@ -46,6 +46,7 @@ IDENTITY_KEY_FILE = "identity.key"
 WRAPPING_KEY_FILE = "wrapping.key"
 DIGEST_KEY_FILE = "digest.key"
 STATE_DB_FILE = "state.db"
+CA_BUNDLE_FILE = "ca-bundle.pem"
 
 _FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -288,6 +289,11 @@ class AgentConfig(BaseModel):
     def digest_key_path(self) -> Path:
         """The fleet's digest key, as the controller handed it to this host, mode 0600."""
         return self.state_dir / DIGEST_KEY_FILE
+
+    @property
+    def ca_bundle_path(self) -> Path:
+        """The controller CA's roots this host trusts (PEM; public), updated on every sync."""
+        return self.state_dir / CA_BUNDLE_FILE
 
     @property
     def state_db_path(self) -> Path:

@@ -38,7 +38,7 @@ from typing import TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, ValidationError
 
-from ckms._aio import wait_event
+from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
 from ckms._kafka import kafka_errors, partitions_of
 from ckms.consumer import Position, Subscriber
@@ -52,17 +52,21 @@ from ckms.errors import (
     TransportError,
 )
 from ckms.protocol import (
+    CertSignReply,
+    CertSignRequest,
     DigestKeyReply,
     DigestKeyRequest,
     Envelope,
     FetchReply,
     FetchRequest,
     HeartbeatReply,
+    InstalledVersion,
     SyncReply,
     SyncRequest,
 )
 from ckms.ssh import RpcClient
 from ckms_agent.acks import AckPublisher, AckWriter
+from ckms_agent.certs import CertKeeper, is_cert_key
 from ckms_agent.config import AgentConfig
 from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
 from ckms_agent.identity import (
@@ -89,6 +93,10 @@ _CONTACT_WRITE_EVERY_S = 15.0
 _CONNECTION_CHECK_S = 2.0
 _SEED_TIMEOUT_S = 15.0
 _REVOKED_ACK_FLUSH_S = 10.0
+
+
+_RENEWAL_RECHECK_S = 5.0
+"""After asking for a renewal sync, how long until the renewal loop looks again."""
 
 
 class HostRevokedError(CKMSError):
@@ -127,6 +135,8 @@ class Agent:
         self._events_ready = asyncio.Event()
         self._reconcile_wanted = asyncio.Event()
         self._ops: KeyOps | None = None
+        self._certs: CertKeeper | None = None
+        self._cert_wake = asyncio.Event()
         self._triggers: dict[str, Trigger] = {}
         self._desired_keys: set[str] = set()
         self._controller_interval: float | None = None
@@ -181,16 +191,26 @@ class Agent:
                     backoff=self._backoff(),
                     client_id=f"ckms-agent-{cfg.host_id}",
                 )
+                writer = AckWriter(
+                    state,
+                    identity_key=self._keys.identity,
+                    host_id=cfg.host_id,
+                    clock=self._clock,
+                    on_queued=self._acks.wakeup,
+                )
+                self._certs = CertKeeper(
+                    state=state,
+                    installer=self._installer,
+                    acks=writer,
+                    host_id=cfg.host_id,
+                    bundle_path=cfg.ca_bundle_path,
+                    clock=self._clock,
+                )
+                await self._certs.load()
                 self._ops = KeyOps(
                     state=state,
                     installer=self._installer,
-                    acks=AckWriter(
-                        state,
-                        identity_key=self._keys.identity,
-                        host_id=cfg.host_id,
-                        clock=self._clock,
-                        on_queued=self._acks.wakeup,
-                    ),
+                    acks=writer,
                     wrapping_key=self._keys.wrapping,
                     host_id=cfg.host_id,
                     request_reconcile=self._request_reconcile,
@@ -233,6 +253,7 @@ class Agent:
                     await self._rpc.close()
                 self._state = None
                 self._ops = None
+                self._certs = None
         log.info("agent stopped host=%s", cfg.host_id)
 
     async def _task_group(self) -> None:
@@ -245,6 +266,7 @@ class Agent:
                 tg.create_task(self._event_loop(), name="events")
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 tg.create_task(self._staleness_loop(), name="staleness")
+                tg.create_task(self._renewal_loop(), name="renewal")
                 tg.create_task(self._acks.run(), name="acks")
                 cfg = self.config
                 if cfg.metrics_textfile is not None or cfg.metrics_listen is not None:
@@ -387,7 +409,9 @@ class Agent:
         report = await ops.held_report()
         prefetch = ops.prefetch_requests(by_key.values(), await self.state.keys())
         reply = await self._call(
-            "sync", SyncRequest(installed=report.installed, fetch=prefetch), SyncReply
+            "sync",
+            SyncRequest(installed=self._installed(report.installed), fetch=prefetch),
+            SyncReply,
         )
         if reply.host != self.config.host_id:
             raise ProtocolError(f"sync reply is for host {reply.host!r}, not this host")
@@ -400,8 +424,15 @@ class Agent:
             return carried.pop((request.key, request.version), None) or await self._fetch(request)
 
         held = await self.state.keys()
+        certs = self.certs
+        certs.save_bundle(reply.ca_bundle)
+        cert_keys = tuple(k for k in reply.keys if is_cert_key(k))
+        # tls-cert keys are the certificate keeper's: their key never comes from the controller.
+        keyed = reply.model_copy(
+            update={"keys": tuple(k for k in reply.keys if not is_cert_key(k))}
+        )
         plans = plan_changes(
-            reply, held, drifted=report.drifted, tombstones=frozenset(ops.tombstones)
+            keyed, held, drifted=report.drifted, tombstones=frozenset(ops.tombstones)
         )
         acked: dict[str, set[int]] = {}
         # Retried by the periodic reconcile (a little less than its interval, so the next one
@@ -430,6 +461,8 @@ class Agent:
                 plan, held.get(plan.key), by_key.get(plan.key), fetch
             )
         await ops.answer_triggers(by_key.values(), acked)
+        await certs.reconcile(cert_keys, self._cert_sign)
+        self._cert_wake.set()
         self.reconciles += 1
         self.metrics.synced(self._clock())
         log.info(
@@ -539,7 +572,15 @@ class Agent:
         if decision.action is EventAction.HOST_REVOKED:
             await self._host_revoked(event)
             return
+        if decision.action is EventAction.REFRESH_TRUST:
+            self._request_reconcile()
+            return
         assert decision.key is not None
+        if decision.action is EventAction.REMOVE_VERSIONS and self.certs.holds(decision.key):
+            # A certificate's version was revoked: its files go now, renewal stops.
+            await self.certs.revoke(decision.key, decision.versions, event.id)
+            self._request_reconcile()
+            return
         if decision.action is EventAction.RECONCILE:
             versions = decision.versions if decision.digests else ()
             self._request_reconcile(
@@ -595,6 +636,7 @@ class Agent:
             event.id,
         )
         await self.ops.drop_everything(event.id)
+        await self.certs.drop_everything(event.id)
         assert self._acks is not None
         await self._acks.wait_drained(_REVOKED_ACK_FLUSH_S)
         raise HostRevokedError(
@@ -611,7 +653,9 @@ class Agent:
             report = await self.ops.held_report()
             try:
                 reply = await self._call(
-                    "heartbeat", SyncRequest(installed=report.installed), HeartbeatReply
+                    "heartbeat",
+                    SyncRequest(installed=self._installed(report.installed)),
+                    HeartbeatReply,
                 )
             except StoreError:
                 raise
@@ -640,6 +684,35 @@ class Agent:
             last_contact=self._last_contact,
             default_max_staleness_s=self.config.default_max_staleness_s,
         )
+
+    async def _renewal_loop(self) -> None:
+        """Ask for a sync when a certificate is due for renewal (the sync renews it)."""
+        while True:
+            stop_if_cancelled()
+            due = self.certs.next_renewal()
+            delay = 60.0 if due is None else min(60.0, max(0.0, due - self._clock()))
+            self._cert_wake.clear()
+            if delay > 0:
+                await wait_event(self._cert_wake, delay)
+                continue
+            log.info("host=%s: a certificate is due for renewal", self.config.host_id)
+            self._request_reconcile()
+            # The reconcile sets the wake event; until then (or a failure) look again in a while.
+            await wait_event(self._cert_wake, _RENEWAL_RECHECK_S)
+
+    def _installed(self, keyed: Iterable[InstalledVersion]) -> tuple[InstalledVersion, ...]:
+        """What the host holds: installed key versions and intact certificates."""
+        return (*keyed, *self.certs.installed())
+
+    async def _cert_sign(self, request: CertSignRequest) -> CertSignReply:
+        return await self._call("cert_sign", request, CertSignReply)
+
+    @property
+    def certs(self) -> CertKeeper:
+        """The certificate keeper of the running agent."""
+        if self._certs is None:
+            raise StoreError("the agent is not running")
+        return self._certs
 
     @property
     def ops(self) -> KeyOps:

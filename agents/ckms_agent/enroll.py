@@ -27,6 +27,7 @@ from ckms.errors import AlreadyExistsError, ConfigError, ProtocolError
 from ckms.protocol import EnrollReply, EnrollRequest
 from ckms.ssh import RpcClient
 from ckms_agent.config import (
+    CA_BUNDLE_FILE,
     DIGEST_KEY_FILE,
     IDENTITY_KEY_FILE,
     POLICY_FIELDS,
@@ -133,6 +134,10 @@ async def enroll(
         write_atomic(wrapping_path, keys.wrapping, mode=0o600, dir_mode=0o700)
         save_digest_key(state_dir / DIGEST_KEY_FILE, digest_key)
         del digest_key
+        if reply.ca_bundle:
+            write_atomic(
+                state_dir / CA_BUNDLE_FILE, reply.ca_bundle.encode(), mode=0o644, dir_mode=0o700
+            )
     finally:
         _discard(staged)
     if (state_dir / STATE_DB_FILE).exists():

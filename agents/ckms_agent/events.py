@@ -9,6 +9,8 @@ replay) by :class:`ckms.consumer.Subscriber`. Here each is mapped to one action:
   ``fetch``; the digest named in the event is checked too);
 - ``key.revoked`` / ``key.destroyed`` for a key it holds → **remove versions** locally at once,
   from the signed event alone, even if the controller is unreachable;
+- ``ca.rotated`` → **refresh trust**: sync now, so the new trust bundle (and certificates from
+  the new CA, when the old one is retired) arrive;
 - ``host.revoked`` naming this host and its identity key (``signer_key_id``; events from before
   that field are taken by name) → **host revoked**: drop every key and stop. A revocation of
   an earlier identity under the same name (a host re-enrolled since) is ignored;
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ckms.protocol import (
+    CaRotated,
     Envelope,
     EventType,
     HostRevoked,
@@ -44,6 +47,7 @@ RELEVANT_TYPES = frozenset(
         EventType.KEY_REVOKED,
         EventType.KEY_DESTROYED,
         EventType.HOST_REVOKED,
+        EventType.CA_ROTATED,
     }
 )
 """The event types an agent subscribes to; the Subscriber skips the others without parsing."""
@@ -56,6 +60,7 @@ class EventAction(StrEnum):
     RECONCILE = "reconcile"
     REMOVE_VERSIONS = "remove-versions"
     HOST_REVOKED = "host-revoked"
+    REFRESH_TRUST = "refresh-trust"
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ def classify(
         return Decision(
             EventAction.REMOVE_VERSIONS, data.key, (data.version,), primary_version=data.primary
         )
+    if isinstance(data, CaRotated):
+        return Decision(EventAction.REFRESH_TRUST)
     if isinstance(data, HostRevoked) and data.host == host_id:
         if data.signer_key_id is not None and data.signer_key_id != signer_key_id:
             return IGNORE  # the revocation of a predecessor with this name, not of this host

@@ -217,6 +217,24 @@ class Installer:
             files = self.render(key_name, key_type, spec, versions)
         except CKMSError as exc:
             return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
+        return await self.apply_files(
+            key_name, spec, files, previous, secrets=[v.material for v in versions]
+        )
+
+    async def apply_files(
+        self,
+        key_name: str,
+        spec: InstallSpec,
+        files: Mapping[Path, bytes],
+        previous: Mapping[Path, str] | Iterable[Path] = (),
+        *,
+        secrets: Sequence[bytes] = (),
+    ) -> ApplyOutcome:
+        """Write ``files`` of one key (each atomically, in order), remove what ``previous`` had
+        that they do not, run the hooks; on any failure put the previous files back.
+
+        ``secrets`` are scrubbed from hook output like the files' own bytes.
+        """
         wrote = dict(previous) if isinstance(previous, Mapping) else None
         earlier = list(wrote) if wrote is not None else list(previous)
         stale = [p for p in earlier if p not in files]
@@ -235,7 +253,7 @@ class Installer:
             self._restore(backup, spec)
             log.error("install of %s failed: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, sorted(backup_paths(backup)), error=str(exc))
-        material = [v.material for v in versions] + [
+        material = [*secrets] + [
             d for d in [*files.values(), *backup.values()] if d is not None
         ]
         results = await self._run_hooks(hooks, material)

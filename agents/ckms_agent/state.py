@@ -254,6 +254,15 @@ class AgentState:
         """Mark this host revoked (or clear it on re-enrollment)."""
         await self._set_meta("revoked", "1" if revoked else "0")
 
+    async def tls_certs(self) -> dict[str, dict[str, object]]:
+        """What :class:`ckms_agent.certs.CertKeeper` installed, by key (no private key)."""
+        value = await self._meta("tls_certs")
+        return json.loads(value) if value else {}
+
+    async def set_tls_certs(self, records: dict[str, dict[str, object]]) -> None:
+        """Record what the certificate keeper installed."""
+        await self._set_meta("tls_certs", json.dumps(records, sort_keys=True))
+
     async def ack_seq(self) -> int:
         """The last ack sequence number used (0: none yet)."""
         value = await self._meta("ack_seq")

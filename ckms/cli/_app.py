@@ -18,6 +18,7 @@ from ckms._logging import configure_logging
 from ckms.cli import (
     audit,
     backup,
+    ca,
     console,
     controller,
     dev,
@@ -109,6 +110,7 @@ app.add_typer(controller.app, name="controller")
 app.add_typer(key.app, name="key")
 app.add_typer(host.app, name="host")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(ca.app, name="ca")
 app.add_typer(audit.app, name="audit")
 app.add_typer(operator.app, name="operator")
 app.add_typer(request.app, name="request")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ckms.cli._common import JsonOption, call_and_show, show_pages
-from ckms.cli._render import age, console, table
+from ckms.cli._render import age, console, table, when
 from ckms.protocol import admin as api
 
 app = typer.Typer(help="The fleet view: what each host acknowledged.", no_args_is_help=True)
@@ -48,16 +48,18 @@ def status(
                 f"primary v{fleet.primary_version or '-'}, distributing {wanted}"
             )
             out.print(title)
-            out.print(
-                table(
-                    None,
-                    ["host", "state", "versions", "age", "reason"],
-                    [
-                        (h.host, _state(h), _versions(h), age(h.age_s), h.error or "")
-                        for h in fleet.hosts
-                    ],
-                )
-            )
+            certs = any(h.cert_serial for h in fleet.hosts)
+            columns = ["host", "state", "versions", "age", "reason"]
+            if certs:
+                columns[4:4] = ["certificate", "expires"]
+            rows = []
+            for h in fleet.hosts:
+                row = [h.host, _state(h), _versions(h), age(h.age_s), h.error or ""]
+                if certs:
+                    installed = "" if h.cert_installed or not h.cert_serial else " (not acked)"
+                    row[4:4] = [(h.cert_serial or "-") + installed, when(h.cert_not_after)]
+                rows.append(tuple(row))
+            out.print(table(None, columns, rows))
             if fleet.truncated:
                 out.print(f"... {fleet.truncated} more hosts (raise --limit)")
 

@@ -66,6 +66,7 @@ def _policy_patch(
     activation_delay: str | None,
     max_staleness: str | None,
     approvals: str | None,
+    cert_lifetime: str | None = None,
 ) -> api.PolicyPatch:
     return api.PolicyPatch(
         cryptoperiod_s=_seconds(cryptoperiod, "--cryptoperiod"),
@@ -73,6 +74,7 @@ def _policy_patch(
         activation_delay_s=_seconds(activation_delay, "--activation-delay"),
         max_staleness_s=_seconds(max_staleness, "--max-staleness"),
         approvals_required=None if approvals is None else parse_approvals(approvals),  # type: ignore[arg-type]
+        cert_lifetime_s=_seconds(cert_lifetime, "--cert-lifetime"),
     )
 
 
@@ -86,6 +88,7 @@ def _install(
     reload: str | None,
     health: str | None,
     current: InstallSpec | None = None,
+    tls: dict[str, object] | None = None,
 ) -> InstallSpec | None:
     """An install spec from options (None when no install option was given)."""
     given = {
@@ -96,6 +99,7 @@ def _install(
         "mode": None if mode is None else parse_mode(mode),
         "reload": reload,
         "health": health,
+        "tls": tls or None,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
@@ -109,6 +113,19 @@ def _install(
         where = ".".join(str(p) for p in error["loc"]) or "install"
         msg = error["msg"].removeprefix("Value error, ")
         raise UsageError(f"install spec {where}: {msg}") from None
+
+
+def _tls_options(
+    san: list[str] | None, cn: str | None, usage: str | None
+) -> dict[str, object] | None:
+    given: dict[str, object] = {}
+    if san:
+        given["sans"] = tuple(san)
+    if cn is not None:
+        given["common_name"] = cn
+    if usage is not None:
+        given["usage"] = usage
+    return given or None
 
 
 def _render_key(info: api.KeyInfo) -> None:
@@ -245,6 +262,25 @@ def create(
         str | None,
         typer.Option(help="Health-check hook name (default: the reload hook's own check)."),
     ] = None,
+    cert_lifetime: Annotated[
+        str | None,
+        typer.Option(help="tls-cert: how long each host certificate lives (default 24h)."),
+    ] = None,
+    san: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--san",
+            help="tls-cert: a subject alternative name template, e.g. '{host}.db.internal' or "
+            "'{label:role}.internal' (repeat; default '{host}'). IPs become IP SANs.",
+        ),
+    ] = None,
+    cn: Annotated[
+        str | None, typer.Option("--cn", help="tls-cert: common name template (default {host}).")
+    ] = None,
+    cert_usage: Annotated[
+        str | None,
+        typer.Option("--cert-usage", help="tls-cert: server (default), client or both."),
+    ] = None,
     length: Annotated[int | None, typer.Option(help="Length of a 'secret' key.", min=1)] = None,
     alphabet: Annotated[str | None, typer.Option(help="Alphabet of a 'secret' key.")] = None,
     from_file: Annotated[
@@ -275,9 +311,21 @@ def create(
             usage=None
             if usage is None
             else tuple(u.strip() for u in usage.split(",") if u.strip()),
-            policy=_policy_patch(cryptoperiod, grace, activation_delay, max_staleness, approvals),
+            policy=_policy_patch(
+                cryptoperiod, grace, activation_delay, max_staleness, approvals, cert_lifetime
+            ),
             targets=parse_targets(target or [], env=env),
-            install=_install(str(kt), path, fmt, owner, group, mode, reload, health),
+            install=_install(
+                str(kt),
+                path,
+                fmt,
+                owner,
+                group,
+                mode,
+                reload,
+                health,
+                tls=_tls_options(san, cn, cert_usage),
+            ),
             secret_length=length,
             secret_alphabet=alphabet,
         )
@@ -673,12 +721,18 @@ def policy(
     approvals: Annotated[
         str | None, typer.Option(help="Operations under dual control, comma-separated, or none.")
     ] = None,
+    cert_lifetime: Annotated[
+        str | None,
+        typer.Option(help="tls-cert: how long each host certificate lives (default 24h)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a key's policy, or change it (dual control by default)."""
     with cli_errors():
         _valid_name(name)
-        patch = _policy_patch(cryptoperiod, grace, activation_delay, max_staleness, approvals)
+        patch = _policy_patch(
+            cryptoperiod, grace, activation_delay, max_staleness, approvals, cert_lifetime
+        )
         if patch.empty:
             reply = conn(ctx).call("key.show", api.KeyRef(name=name), api.KeyChangeReply)
             if as_json:

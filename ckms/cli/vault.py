@@ -48,6 +48,12 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             out.print(
                 f"  {due.key} v{due.version}: {when(due.due_at)} ({until(due.due_at, reply.now)})"
             )
+        for w in reply.cert_warnings[:20]:
+            state = "EXPIRED" if w.expired else f"expires {when(w.not_after)}"
+            out.print(
+                f"[bold yellow]certificate not renewed[/bold yellow]: host {w.host} {w.key} "
+                f"v{w.version} serial {w.serial} {state} (renewal was due {when(w.renew_at)})"
+            )
         a = reply.audit_anchor
         if a is not None and a.broken:
             out.print(

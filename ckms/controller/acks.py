@@ -276,6 +276,16 @@ class AckConsumer:
                     ack.error if str(ack.status) == "failed" else None,
                 ),
             )
+            if ack.cert_serial is not None and str(ack.status) == "installed":
+                # The host installed a certificate issued to it (the fleet view's column).
+                await tx.execute(
+                    "UPDATE certificates SET installed_at = ? WHERE serial = ? AND host_id = ? "
+                    "AND key_id = ?",
+                    (format_time(now), ack.cert_serial, host_id, key_id),
+                )
+        details: dict[str, object] = {}
+        if ack.cert_serial is not None:
+            details = {"cert_serial": ack.cert_serial, "cert_not_after": ack.cert_not_after}
         await audit_log.append(
             tx,
             now=now,
@@ -293,6 +303,7 @@ class AckConsumer:
                 "elapsed_ms": ack.elapsed_ms,
                 "hooks": [h.model_dump() for h in ack.hooks],
                 "error": ack.error,
+                **details,
             },
         )
         return key_id is not None

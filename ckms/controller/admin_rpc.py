@@ -54,14 +54,16 @@ from pydantic import BaseModel
 from ckms.controller import replies, rowmac
 from ckms.controller.approvals import DualControl
 from ckms.controller.backup import Backups
+from ckms.controller.ca import CaState, ControllerCA
+from ckms.controller.desired import desired_versions
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle, NewKey
-from ckms.controller.models import DEFAULT_APPROVALS
+from ckms.controller.models import DEFAULT_APPROVALS, Host, Key
 from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import check_usage, default_policy, patch_policy
 from ckms.controller.sealing import Vault
-from ckms.crypto import KeyType
+from ckms.crypto import KeyType, certificate_info
 from ckms.errors import (
     AuditAnchorError,
     ConfigError,
@@ -73,7 +75,7 @@ from ckms.errors import (
 from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
-from ckms.store import Clock, Store, utc_now
+from ckms.store import Clock, Store, parse_time, utc_now
 from ckms.store import audit as audit_log
 
 __all__ = ["ROLES", "AdminService", "Endpoint"]
@@ -122,6 +124,10 @@ ROLES: dict[str, frozenset[Role]] = {
     "host.label": _WRITE,
     "host.revoke": _WRITE,
     "fleet.status": _READ,
+    "ca.show": _READ,
+    "ca.crl": _READ,
+    "ca.rotate": _ADMIN,
+    "ca.retire": _ADMIN,
     "audit.verify": _READ,
     "audit.tail": _READ,
     "audit.export": _READ,
@@ -208,7 +214,9 @@ class AdminService:
         endpoint: Endpoint,
         backups: Backups | None = None,
         clock: Clock = utc_now,
+        ca: ControllerCA | None = None,
     ) -> None:
+        self._ca = ca if ca is not None else ControllerCA(store, vault)
         self._store = store
         self._vault = vault
         self._lifecycle = lifecycle
@@ -277,6 +285,11 @@ class AdminService:
         self._route(server, "host.revoke", api.HostRef, self.host_revoke)
 
         self._route(server, "fleet.status", api.FleetStatusParams, self.fleet_status)
+
+        self._route(server, "ca.show", api.Empty, self.ca_show)
+        self._route(server, "ca.crl", api.Empty, self.ca_crl)
+        self._route(server, "ca.rotate", api.Empty, self.ca_rotate)
+        self._route(server, "ca.retire", api.Empty, self.ca_retire)
 
         self._route(server, "audit.verify", api.Empty, self.audit_verify)
         self._route(server, "audit.tail", api.AuditTailParams, self.audit_tail)
@@ -419,7 +432,46 @@ class AdminService:
                 published_size=anchor.published_size,
                 broken=anchor.broken,
             ),
+            cert_warnings=await self._cert_warnings(keys, hosts, now),
         )
+
+    async def _cert_warnings(
+        self, keys: list[Key], hosts: list[Host], now: datetime
+    ) -> tuple[api.CertWarning, ...]:
+        """Host certificates past their renewal point by more than a sixth of their lifetime
+        (agents renew at two thirds): unless the host renews, they expire. Only for hosts and
+        versions that should still hold one."""
+        if self._vault.sealed or not any(k.type is KeyType.TLS_CERT for k in keys):
+            return ()
+        by_name = {k.name: k for k in keys}
+        by_id = {h.id: h for h in hosts}
+        newest: dict[tuple[str, str, int], dict[str, Any]] = {}
+        for row in await self._ca.latest():
+            newest[(str(row["host_id"]), str(row["key_name"]), int(row["version"]))] = row
+        out = []
+        for (host_id, name, version), row in sorted(newest.items()):
+            key, host = by_name.get(name), by_id.get(host_id)
+            if key is None or host is None or host.revoked:
+                continue
+            if version not in {v.version for v in desired_versions(key, host)}:
+                continue
+            issued, not_after = parse_time(row["issued_at"]), parse_time(row["not_after"])
+            lifetime = not_after - issued
+            renew_at = issued + lifetime * 2 / 3
+            if now < renew_at + lifetime / 6:
+                continue
+            out.append(
+                api.CertWarning(
+                    host=host_id,
+                    key=name,
+                    version=version,
+                    serial=str(row["serial"]),
+                    not_after=not_after,
+                    renew_at=renew_at,
+                    expired=now >= not_after,
+                )
+            )
+        return tuple(out)
 
     async def unseal(self, principal: Principal, params: api.UnsealParams) -> api.SealReply:
         """Give one custodian share (counted once per custodian identity key) or the passphrase;
@@ -743,8 +795,87 @@ class AdminService:
         self, principal: Principal, params: api.FleetStatusParams
     ) -> api.FleetStatusReply:
         """Per key: host x version x status x age, converged %, failures and drift first (one
-        key, or one page of every key: ``next`` continues)."""
-        return await self._fleet.fleet_status(params.key, params.limit, params.after)
+        key, or one page of every key: ``next`` continues); for ``tls-cert`` keys each host's
+        newest certificate and its expiry."""
+        reply = await self._fleet.fleet_status(params.key, params.limit, params.after)
+        if self._vault.sealed:
+            return reply
+        keys = await self._lifecycle.current_keys()
+        if not any(
+            (k := keys.get(f.key)) is not None and k.type is KeyType.TLS_CERT for f in reply.keys
+        ):
+            return reply
+        newest: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in await self._ca.latest():
+            at = (str(row["host_id"]), str(row["key_name"]))
+            held = newest.get(at)
+            if held is None or (row["version"], row["issued_at"]) > (
+                held["version"],
+                held["issued_at"],
+            ):
+                newest[at] = row
+        out = []
+        for fleet in reply.keys:
+            hosts = []
+            for h in fleet.hosts:
+                row = newest.get((h.host, fleet.key))
+                if row is not None:
+                    h = h.model_copy(
+                        update={
+                            "cert_serial": row["serial"],
+                            "cert_not_after": parse_time(row["not_after"]),
+                            "cert_installed": row["installed_at"] is not None,
+                        }
+                    )
+                hosts.append(h)
+            out.append(fleet.model_copy(update={"hosts": tuple(hosts)}))
+        return reply.model_copy(update={"keys": tuple(out)})
+
+    # -- CA -------------------------------------------------------------------------------
+
+    async def _ca_reply(self, state: CaState) -> api.CaReply:
+        trusted = {g.generation for g in state.trusted}
+        gens = []
+        for g in state.generations:
+            root, issuing = (
+                certificate_info(g.root.certificate),
+                certificate_info(g.issuing.certificate),
+            )
+            gens.append(
+                api.CaGenerationInfo(
+                    generation=g.generation,
+                    root_fingerprint=root.fingerprint,
+                    root_subject=root.subject,
+                    root_not_after=root.not_after,
+                    issuing_fingerprint=issuing.fingerprint,
+                    issuing_subject=issuing.subject,
+                    issuing_not_after=issuing.not_after,
+                    active=g is state.active,
+                    trusted=g.generation in trusted,
+                )
+            )
+        return api.CaReply(generations=tuple(gens), bundle=state.bundle().decode("ascii"))
+
+    async def ca_show(self, principal: Principal, params: api.Empty) -> api.CaReply:
+        """The CA's generations and the trust bundle hosts hold."""
+        return await self._ca_reply(await self._ca.state())
+
+    async def ca_crl(self, principal: Principal, params: api.Empty) -> api.CrlReply:
+        """A CRL per trusted generation listing the revoked, unexpired host certificates."""
+        pem, serials = await self._ca.crl(now=self._now())
+        return api.CrlReply(crl=pem.decode("ascii"), serials=serials)
+
+    async def ca_rotate(self, principal: Principal, params: api.Empty) -> api.CaReply:
+        """Add a CA generation that signs from now on; the previous root stays trusted."""
+        state = await self._ca.rotate(now=self._now(), actor=principal.name)
+        self._publisher.wake()
+        return await self._ca_reply(state)
+
+    async def ca_retire(self, principal: Principal, params: api.Empty) -> api.CaReply:
+        """Stop trusting every CA generation but the active one (end of the overlap)."""
+        state = await self._ca.retire(now=self._now(), actor=principal.name)
+        self._publisher.wake()
+        return await self._ca_reply(state)
 
     # -- audit ----------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ key targets, for a version in a distributable state, HPKE-wrapped to that host's
 with the key name, version and host id bound into the wrap, inside the SSH channel. Every other
 request is refused with PermissionDeniedError and audited by the server's refusal hook; every
 successful fetch is audited too, so the log shows which host received which version.
+
+``cert_sign`` is the other way round: the host sends a CSR for a ``tls-cert`` key it is a
+target of, the controller checks it (signature, key type, and that it asks for no name but those
+the key's install spec renders for this host) and returns a certificate from the internal CA
+with exactly those names. The host's private key never crosses the connection.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from ckms.controller.ca import ControllerCA
 from ckms.controller.desired import desired_versions, drifted_keys, targeting
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.keyview import KeyView
@@ -24,15 +30,26 @@ from ckms.controller.models import Host, KeyState, Targets
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import host_matches
 from ckms.controller.transitions import is_distributable
-from ckms.crypto import WrapSuite, signer_key_id, wrap_for_agent
+from ckms.crypto import (
+    CertSubject,
+    CertUsage,
+    KeyType,
+    WrapSuite,
+    load_csr,
+    signer_key_id,
+    wrap_for_agent,
+)
 from ckms.errors import (
     CKMSError,
+    ConfigError,
     IntegrityError,
     PermissionDeniedError,
     ProtocolError,
     StoreError,
 )
 from ckms.protocol import (
+    CertSignReply,
+    CertSignRequest,
     DesiredKey,
     DesiredVersion,
     DigestKeyReply,
@@ -46,6 +63,7 @@ from ckms.protocol import (
     SyncReply,
     SyncRequest,
     format_time,
+    render_tls_names,
 )
 from ckms.ssh import Principal, RpcServer
 from ckms.store import Clock, GroupWriter, Store, Transaction, utc_now
@@ -96,8 +114,10 @@ class AgentService:
         acks_topic: str,
         reconcile_interval_s: int = 300,
         clock: Clock = utc_now,
+        ca: ControllerCA | None = None,
     ) -> None:
         self._store = store
+        self._ca = ca if ca is not None else ControllerCA(store, vault)
         self._vault = vault
         self._lifecycle = lifecycle
         self._hosts = hosts
@@ -115,6 +135,7 @@ class AgentService:
         server.route("heartbeat", self.heartbeat, roles={Role.AGENT})
         server.route("fetch", self.fetch, roles={Role.AGENT})
         server.route("digest_key", self.digest_key, roles={Role.AGENT})
+        server.route("cert_sign", self.cert_sign, roles={Role.AGENT})
 
     def _now(self) -> datetime:
         return self._clock()
@@ -138,6 +159,7 @@ class AgentService:
             acks_topic=self._acks_topic,
             event_seq=enrolled.event_seq,
             digest_key=base64.b64encode(digest_key).decode(),
+            ca_bundle=_text(await self._ca.bundle()),
         )
 
     async def digest_key(self, principal: Principal, params: dict[str, Any]) -> DigestKeyReply:
@@ -182,6 +204,9 @@ class AgentService:
         material: list[FetchReply] = []
         refused: list[tuple[FetchRequest, CKMSError]] = []
         for item in dict.fromkeys(request.fetch):
+            wanted_key = keys.get(item.key)
+            if wanted_key is not None and wanted_key.type is KeyType.TLS_CERT:
+                continue  # an event woke the host; it asks for a certificate, not material
             try:
                 material.append(await self._wrap(host, suite, keys, item))
             except StoreError:
@@ -221,6 +246,7 @@ class AgentService:
             controller_time=format_time(self._now()),
             reconcile_interval_s=self._reconcile_interval_s,
             material=tuple(material),
+            ca_bundle=_text(await self._ca.bundle()),
         )
 
     async def heartbeat(self, principal: Principal, params: dict[str, Any]) -> HeartbeatReply:
@@ -253,6 +279,95 @@ class AgentService:
 
         await self._group.write(record)
         return reply
+
+    async def cert_sign(self, principal: Principal, params: dict[str, Any]) -> CertSignReply:
+        """Certify the host's own key for a ``tls-cert`` version it is a target of, with the
+        names the key's install spec renders for it; refuse a CSR asking for anything else."""
+        request = CertSignRequest.model_validate(params)
+        host, _ = await self._host(principal)
+        key = (await self._lifecycle.current_keys()).get(request.key)
+        what = f"{request.key} v{request.version}"
+        if key is None or key.type is not KeyType.TLS_CERT or key.install.tls is None:
+            raise PermissionDeniedError(f"host {host.id} may not get a certificate for {what}")
+        if not host_matches(key.targets, host):
+            raise PermissionDeniedError(f"host {host.id} is not a target of {key.name}")
+        try:
+            version = key.version(request.version)
+        except CKMSError:
+            raise PermissionDeniedError(f"{what}: no such version") from None
+        if not is_distributable(version.state, has_material=version.has_material):
+            raise PermissionDeniedError(f"{what} is {version.state}: no certificates for it")
+        profile = key.install.tls
+        try:
+            cn, dns, ips = render_tls_names(
+                profile, key_name=key.name, host_id=host.id, labels=host.labels
+            )
+            csr = load_csr(request.csr.encode("ascii"))
+        except ConfigError as exc:
+            raise PermissionDeniedError(f"certificate for {what} refused: {exc}") from None
+        claimed = {*csr.dns_names, *csr.ip_addresses} - {*dns, *ips}
+        if csr.common_name not in (None, cn) or csr.organizational_unit is not None:
+            claimed.add(f"subject CN={csr.common_name},OU={csr.organizational_unit}")
+        if claimed:
+            raise PermissionDeniedError(
+                f"host {host.id} may not claim {sorted(claimed)} in a certificate for {what}; "
+                f"it may have CN={cn} and {sorted({*dns, *ips})}"
+            )
+        now = self._now()
+        async with self._store.write() as tx:
+            await self._recheck_cert(tx, host, key.name, version.version)
+            await _check_issue_rate(tx, host.id, key.id, version.version, now)
+            issued = await self._ca.issue(
+                tx,
+                host_id=host.id,
+                key_id=key.id,
+                key_name=key.name,
+                version=version.version,
+                public_key=csr.public_key,
+                subject=CertSubject(cn),
+                dns_names=dns,
+                ip_addresses=ips,
+                lifetime=key.policy.effective_cert_lifetime,
+                usage=CertUsage(profile.usage),
+                now=now,
+            )
+        log.info(
+            "host %s: issued certificate %s for %s (until %s)",
+            host.id,
+            issued.info.serial_hex,
+            what,
+            format_time(issued.info.not_after),
+        )
+        return CertSignReply(
+            key=key.name,
+            version=version.version,
+            certificate=issued.certificate.decode("ascii"),
+            chain=issued.chain.decode("ascii"),
+            ca_bundle=issued.bundle.decode("ascii"),
+            serial=issued.info.serial_hex,
+            not_after=format_time(issued.info.not_after),
+        )
+
+    async def _recheck_cert(self, tx: Transaction, host: Host, key: str, version: int) -> None:
+        """In the transaction that issues: refuse if the version or host was revoked, or the
+        key retargeted away from the host, since the request was authorized."""
+        row = await tx.fetchone(
+            "SELECT v.state, k.targets, h.revoked AS host_revoked, h.labels AS host_labels "
+            "FROM key_versions v JOIN keys k ON k.id = v.key_id LEFT JOIN hosts h ON h.id = ? "
+            "WHERE k.name = ? AND v.version = ?",
+            (host.id, key, version),
+        )
+        if row is None or row["host_revoked"] is None or row["host_revoked"]:
+            raise PermissionDeniedError(f"host {host.id}: {key} v{version} revoked meanwhile")
+        if not is_distributable(KeyState(row["state"]), has_material=True):
+            raise PermissionDeniedError(f"{key} version {version} is {row['state']}")
+        try:
+            targets = Targets.model_validate_json(row["targets"])
+            labels = json.loads(row["host_labels"])
+        except ValueError as exc:
+            raise StoreError(f"stored targets of {key} are malformed: {exc}") from exc
+        if not host_matches(targets, host.model_copy(update={"labels": labels})):
+            raise PermissionDeniedError(f"host {host.id} is no longer a target of {key}")
 
     async def _recheck(self, tx: Transaction, host: Host, reply: FetchReply) -> None:
         """Refuse material the host may no longer have: version or host revoked, or the key
@@ -301,6 +416,10 @@ class AgentService:
             raise PermissionDeniedError(f"host {host.id} may not fetch {request.key}: no such key")
         if not host_matches(key.targets, host):
             raise PermissionDeniedError(f"host {host.id} is not a target of {key.name}")
+        if key.type is KeyType.TLS_CERT:
+            raise PermissionDeniedError(
+                f"{key.name} is a tls-cert: hosts make their own key and ask for a certificate"
+            )
         try:
             version = key.version(request.version)
         except CKMSError:
@@ -359,5 +478,29 @@ class AgentService:
         )
 
 
+MAX_ISSUES_PER_WINDOW = 20
+"""Most certificates one host gets for one key version per certificate lifetime: a host that
+loses its files re-asks, one that asks in a loop is refused instead of filling the store."""
+
+
+async def _check_issue_rate(
+    tx: Transaction, host_id: str, key_id: str, version: int, now: datetime
+) -> None:
+    count = await tx.fetchval(
+        "SELECT count(*) FROM certificates WHERE host_id = ? AND key_id = ? AND version = ? "
+        "AND not_after > ?",
+        (host_id, key_id, version, format_time(now)),
+    )
+    if int(count or 0) >= MAX_ISSUES_PER_WINDOW:
+        raise PermissionDeniedError(
+            f"host {host_id} holds {count} unexpired certificates of this key version: "
+            "not issuing more until some expire"
+        )
+
+
 def _item(request: FetchRequest) -> tuple[str, int]:
     return request.key, request.version
+
+
+def _text(pem: bytes | None) -> str | None:
+    return None if pem is None else pem.decode("ascii")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from ckms.controller import _repo, rowmac
+from ckms.controller.ca import revoke_certificates
 from ckms.controller.models import Host
 from ckms.controller.sealing import Vault
 from ckms.crypto import WrapSuite, signer_key_id, signing_public_openssh
@@ -351,8 +352,11 @@ class HostRegistry:
                 (format_time(now), host_id),
             )
             await rowmac.stamp_host(tx, host_id)
+            serials = await revoke_certificates(tx, now=now, host_id=host_id)
             revoked = HostRevoked(
-                host=host_id, signer_key_id=signer_key_id(host.identity_public_key)
+                host=host_id,
+                signer_key_id=signer_key_id(host.identity_public_key),
+                serials=serials,
             )
             event = await outbox.add_event(tx, partition_key=host_id, data=revoked, now=now)
             await audit_log.append(
@@ -361,7 +365,11 @@ class HostRegistry:
                 actor=actor,
                 action="host.revoke",
                 object=f"host:{host_id}",
-                details={"event_id": event.event_id, "event_seq": event.seq},
+                details={
+                    "event_id": event.event_id,
+                    "event_seq": event.seq,
+                    "serials": list(serials),
+                },
             )
         log.info("host %s revoked by %s", host_id, actor)
         return await self.get(host_id)

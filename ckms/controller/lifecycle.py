@@ -41,6 +41,7 @@ from typing import Any, Final, TypeVar
 
 from ckms import _gc
 from ckms.controller import _repo
+from ckms.controller.ca import revoke_certificates
 from ckms.controller.duework import next_due
 from ckms.controller.keyview import KeyView
 from ckms.controller.models import (
@@ -474,7 +475,18 @@ class Lifecycle:
         }
         if op in (Op.REVOKE, Op.COMPROMISE):
             assert revocation is not None
-            event = KeyRevoked(**common, reason=revocation, compromise=revocation.is_compromise)
+            serials: tuple[str, ...] = ()
+            if key.type is KeyType.TLS_CERT:
+                # The hosts' certificates of this version stop being renewed (the version is
+                # no longer distributable) and are listed in the event and on the CRL.
+                serials = await revoke_certificates(tx, now=now, key_id=key.id, version=version)
+                details["serials"] = list(serials)
+            event = KeyRevoked(
+                **common,
+                reason=revocation,
+                compromise=revocation.is_compromise,
+                serials=serials,
+            )
             details["revocation_reason"] = str(revocation)
         elif op is Op.DESTROY:
             event = KeyDestroyed(**common, digest=current.digest)

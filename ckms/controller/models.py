@@ -77,6 +77,14 @@ class Usage(StrEnum):
 # -- policy ----------------------------------------------------------------------------------
 
 
+DEFAULT_CERT_LIFETIME = timedelta(hours=24)
+"""A host certificate's lifetime unless the key's policy sets one: short, so a lost key or a
+revoked host stops mattering within a day even where no one checks a CRL."""
+MIN_CERT_LIFETIME = timedelta(seconds=30)
+MAX_CERT_LIFETIME = timedelta(days=397)
+"""The CA/Browser Forum's ceiling for a TLS server certificate."""
+
+
 class Policy(BaseModel):
     """How long a key's versions live and who must agree to change them.
 
@@ -86,6 +94,8 @@ class Policy(BaseModel):
     waits in PreActive (pre-distributed to hosts) before it becomes primary. ``max_staleness``:
     how long a targeted host may go without acknowledging the current versions before the fleet
     view flags it. ``approvals_required``: operations that need a second person.
+    ``cert_lifetime``: how long each host's certificate of a ``tls-cert`` key is valid (None:
+    :data:`DEFAULT_CERT_LIFETIME`); hosts renew at two thirds of it.
     Defaults per key type: :func:`ckms.controller.policy.default_policy`.
     """
 
@@ -96,9 +106,17 @@ class Policy(BaseModel):
     activation_delay: timedelta = timedelta(0)
     max_staleness: timedelta = timedelta(days=1)
     approvals_required: frozenset[ApprovalOperation] = DEFAULT_APPROVALS
+    cert_lifetime: timedelta | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
+        if self.cert_lifetime is not None and not (
+            MIN_CERT_LIFETIME <= self.cert_lifetime <= MAX_CERT_LIFETIME
+        ):
+            raise ValueError(
+                f"cert_lifetime must be between {int(MIN_CERT_LIFETIME.total_seconds())} s and "
+                f"{MAX_CERT_LIFETIME.days} days"
+            )
         if self.cryptoperiod < timedelta(hours=1):
             raise ValueError("cryptoperiod must be at least 1 hour")
         if self.grace < timedelta(0):
@@ -119,6 +137,15 @@ class Policy(BaseModel):
     def _seconds(self, value: timedelta) -> int:
         # Whole seconds: unambiguous on the wire (ISO 8601 "P1Y" could mean a calendar year).
         return value // timedelta(seconds=1)
+
+    @field_serializer("cert_lifetime")
+    def _optional_seconds(self, value: timedelta | None) -> int | None:
+        return None if value is None else value // timedelta(seconds=1)
+
+    @property
+    def effective_cert_lifetime(self) -> timedelta:
+        """The lifetime a ``tls-cert`` key's certificates get."""
+        return self.cert_lifetime or DEFAULT_CERT_LIFETIME
 
 
 # -- hosts -----------------------------------------------------------------------------------

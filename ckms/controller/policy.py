@@ -101,6 +101,7 @@ ALLOWED_USAGE: Final[dict[KeyType, frozenset[Usage]]] = {
     KeyType.RSA_4096: _SIGNING | {Usage.ENCRYPT, Usage.DECRYPT, Usage.WRAP_KEY, Usage.UNWRAP_KEY},
     KeyType.X25519: frozenset({Usage.KEY_AGREEMENT}),
     KeyType.SECRET: frozenset(Usage),
+    KeyType.TLS_CERT: frozenset({Usage.AUTHENTICATE}),
 }
 """Usage entries each key type can serve at all."""
 
@@ -114,6 +115,7 @@ DEFAULT_USAGE: Final[dict[KeyType, frozenset[Usage]]] = {
     KeyType.RSA_4096: _SIGNING,
     KeyType.X25519: frozenset({Usage.KEY_AGREEMENT}),
     KeyType.SECRET: frozenset({Usage.AUTHENTICATE}),
+    KeyType.TLS_CERT: frozenset({Usage.AUTHENTICATE}),
 }
 """Usage a key gets when create names none."""
 
@@ -190,6 +192,8 @@ def default_policy(key_type: KeyType, usage: frozenset[Usage] | None = None) -> 
 
 def check_policy(key_type: KeyType, usage: frozenset[Usage], policy: Policy) -> None:
     """Raise PolicyError if ``policy`` exceeds the SP 800-57 limits of the key's purpose."""
+    if policy.cert_lifetime is not None and key_type is not KeyType.TLS_CERT:
+        raise PolicyError(f"cert_lifetime applies to tls-cert keys only, not {key_type}")
     purpose = purpose_of(usage)
     limits = LIMITS[purpose]
     if policy.cryptoperiod > limits.max_cryptoperiod:
@@ -213,8 +217,9 @@ def patch_policy(base: Policy, patch: PolicyPatch) -> Policy:
         "activation_delay": base.activation_delay,
         "max_staleness": base.max_staleness,
         "approvals_required": base.approvals_required,
+        "cert_lifetime": base.cert_lifetime,
     }
-    for field in ("cryptoperiod", "grace", "activation_delay", "max_staleness"):
+    for field in ("cryptoperiod", "grace", "activation_delay", "max_staleness", "cert_lifetime"):
         seconds = getattr(patch, f"{field}_s")
         if seconds is not None:
             values[field] = timedelta(seconds=seconds)

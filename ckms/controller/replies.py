@@ -43,6 +43,7 @@ def policy_info(policy: Policy) -> api.PolicyInfo:
         activation_delay_s=dumped["activation_delay"],
         max_staleness_s=dumped["max_staleness"],
         approvals_required=tuple(dumped["approvals_required"]),
+        cert_lifetime_s=dumped["cert_lifetime"],
     )
 
 

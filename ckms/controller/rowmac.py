@@ -93,6 +93,21 @@ APPROVAL_FIELDS: Final = (
 the decisions so far; a swapped parameter or requester would have an approver run something
 else than what they were shown."""
 
+CERTIFICATE_FIELDS: Final = (
+    "host_id",
+    "key_id",
+    "version",
+    "ca_generation",
+    "fingerprint",
+    "not_before",
+    "not_after",
+    "issued_at",
+    "revoked_at",
+)
+"""A certificate the CA issued: to whom, for what, until when, and whether it is revoked (a
+cleared revocation would drop the serial from the CRL and let renewal status lie). Rows exist
+only from an unsealed controller, so none predates its MAC (no binding level of its own)."""
+
 META_MARKER: Final = "rows.bound"
 BIND_ACTION: Final = "controller.bind_rows"
 BIND_LEVEL: Final = 3
@@ -152,6 +167,32 @@ def token_row_mac(row_key: bytes, row: Any) -> str:
 def approval_row_mac(row_key: bytes, row: Any) -> str:
     """The MAC of one ``approvals`` row."""
     return row_mac(row_key, "approvals", str(row["id"]), _fields(row, APPROVAL_FIELDS))
+
+
+def certificate_row_mac(row_key: bytes, row: Any) -> str:
+    """The MAC of one ``certificates`` row."""
+    return row_mac(row_key, "certificates", str(row["serial"]), _fields(row, CERTIFICATE_FIELDS))
+
+
+def check_certificate(row_key: bytes | None, row: Any) -> None:
+    """Refuse a ``certificates`` row edited outside the controller (no check while sealed)."""
+    if row_key is not None and not row_mac_matches(
+        row_key, "certificates", str(row["serial"]), _fields(row, CERTIFICATE_FIELDS), row["mac"]
+    ):
+        raise IntegrityError(f"certificate {row['serial']} failed integrity check")
+
+
+async def stamp_certificate(tx: Transaction, serial: str) -> None:
+    """Stamp the MAC of a ``certificates`` row the caller just wrote (only ever unsealed)."""
+    row_key = tx.row_key
+    if row_key is None:
+        raise SealedError("controller is sealed: cannot record a certificate; unseal it first")
+    row = await tx.fetchone("SELECT * FROM certificates WHERE serial = ?", (serial,))
+    if row is not None:
+        await tx.execute(
+            "UPDATE certificates SET mac = ? WHERE serial = ?",
+            (certificate_row_mac(row_key, row), serial),
+        )
 
 
 def check_approval(row_key: bytes | None, row: Any) -> None:

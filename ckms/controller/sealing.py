@@ -37,12 +37,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.controller import _repo, upgrade
+from ckms.controller.ca import CA_RECORD, new_ca_state
 from ckms.controller.keyview import KeyView
 from ckms.controller.models import Key
 from ckms.crypto import (
     DIGEST_KEY_PURPOSE,
     ROW_MAC_PURPOSE,
     WrapSuite,
+    certificate_fingerprint,
     combine_shares,
     derive_from_root,
     generate_signing_key,
@@ -111,6 +113,16 @@ Mode = Literal["shares", "passphrase"]
 def _meta_aad(name: str) -> bytes:
     """Associated data for a controller secret sealed under the root KEK: names which one it is."""
     return canonical_json({"ctx": "ckms.meta.v1", "name": name})
+
+
+def _record_aad(name: str) -> bytes:
+    """Associated data for a controller record sealed under the data KEK (the CA): its name."""
+    return canonical_json({"ctx": "ckms.record.v1", "name": name})
+
+
+def seal_record(data_kek: bytes, name: str, plaintext: bytes) -> bytes:
+    """Seal a controller record (the CA's keys) under the data KEK, bound to its name."""
+    return seal(data_kek, plaintext, _record_aad(name))
 
 
 def _normalise_share(mnemonic: str) -> str:
@@ -187,6 +199,8 @@ async def init_controller(
     signing_key = generate_signing_key()
     public = signing_public_key(signing_key)
     check = kek_check_value(root)
+    data_kek = new_data_kek()
+    ca_state = await asyncio.to_thread(new_ca_state, now)
     async with store.write() as tx:
         if await tx.get_meta(META_CHECK) is not None:
             raise AlreadyExistsError("the controller is already initialised")
@@ -197,12 +211,13 @@ async def init_controller(
             await tx.set_meta(META_PASSPHRASE, canonical_json(wrapped))
         await tx.set_meta(META_CHECK, check.encode())
         for name, secret in (
-            (META_DATA_KEK, new_data_kek()),
+            (META_DATA_KEK, data_kek),
             (META_SIGNING_KEY, signing_key),
             (META_AUDIT_HMAC, secrets.token_bytes(AUDIT_HMAC_KEY_BYTES)),
         ):
             await tx.set_meta(name, seal(root, secret, _meta_aad(name)))
         await tx.set_meta(META_SIGNING_PUBLIC, public)
+        await tx.set_meta(CA_RECORD, seal_record(data_kek, CA_RECORD, ca_state.encode()))
         await tx.set_meta(META_INITIALIZED_AT, format_time(now).encode())
         await audit_log.append(
             tx,
@@ -216,9 +231,10 @@ async def init_controller(
                 "count": count,
                 "kek_check_value": check,
                 "signer_key_id": signer_key_id(public),
+                "ca_root": certificate_fingerprint(ca_state.active.root.certificate),
             },
         )
-    del root, signing_key
+    del root, signing_key, data_kek, ca_state
     log.info("controller initialised (%s)", mode)
     return InitResult(
         mode=mode,
@@ -578,6 +594,15 @@ class Vault:
         return open_sealed(
             s.data_kek, sealed_material, aad, what=f"key {key_name} version {version}"
         )
+
+    def seal_record(self, name: str, plaintext: bytes) -> bytes:
+        """Seal a controller record (the CA) under the data KEK, bound to its name."""
+        return seal_record(self._unsealed("seal a controller record").data_kek, name, plaintext)
+
+    def open_record(self, name: str, blob: bytes) -> bytes:
+        """Open a controller record; IntegrityError if it was edited or swapped for another."""
+        s = self._unsealed("open a controller record")
+        return open_sealed(s.data_kek, blob, _record_aad(name), what=f"controller record {name}")
 
     def digest(self, material: bytes) -> str:
         """Return the keyed digest of canonical material (what events name and agents check)."""

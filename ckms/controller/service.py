@@ -28,6 +28,7 @@ from ckms.controller.agent_rpc import AgentService
 from ckms.controller.anchor import AuditAnchor
 from ckms.controller.approvals import ApprovalBook, DualControl
 from ckms.controller.backup import Backups
+from ckms.controller.ca import ControllerCA
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
@@ -145,6 +146,7 @@ class Controller:
         self.vault = Vault(store, clock=self.clock)
         self.lifecycle = Lifecycle(store, self.vault, clock=self.clock)
         self.hosts = HostRegistry(store, self.vault, clock=self.clock)
+        self.ca = ControllerCA(store, self.vault)
         self.host_key = load_or_create_host_key(self.settings.host_key_path)
         self.rpc = RpcServer(
             host_key=self.host_key,
@@ -174,6 +176,7 @@ class Controller:
             acks_topic=self.settings.acks_topic,
             reconcile_interval_s=self.settings.reconcile_interval_s,
             clock=self.clock,
+            ca=self.ca,
         )
         self.agents.register(self.rpc)
         topics = self.settings.topic_specs()
@@ -224,6 +227,7 @@ class Controller:
             ),
             backups=Backups(store, self.settings.home, clock=self.clock),
             clock=self.clock,
+            ca=self.ca,
         )
         self.admin.register(self.rpc)
         self.metrics = ControllerMetrics(self)

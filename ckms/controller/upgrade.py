@@ -42,6 +42,9 @@ async def after_unseal(store: Store, vault: Vault, *, now: datetime) -> None:
         log.info("bound %d existing rows to the root KEK", bound)
     store.row_key = row_key
     store.invalidate()  # caches filled while sealed were not checked
+    from ckms.controller.ca import ControllerCA  # ca imports sealing, which imports this
+
+    await ControllerCA(store, vault).ensure(now=now)
     rekeyed, skipped = await _rekey_digests(store, vault)
     if rekeyed or skipped:
         async with store.write() as tx:

@@ -59,6 +59,9 @@ class InstallFormat(StrEnum):
     OPENSSH = "openssh"
     JWK = "jwk"
     KEYRING_JSON = "keyring-json"
+    TLS_PEM = "tls-pem"
+    """A ``tls-cert``: the agent writes its own key, the certificate, chain and CA bundle as PEM
+    files in the directory the path names (see ``ckms_agent.certs``)."""
 
 
 KEYRING_FORMAT: Final = "ckms-keyring"
@@ -80,6 +83,7 @@ ALLOWED_FORMATS: Final[Mapping[KeyType, frozenset[InstallFormat]]] = {
     KeyType.RSA_3072: _SSH,
     KeyType.RSA_4096: _SSH,
     KeyType.X25519: _PRIVATE,
+    KeyType.TLS_CERT: frozenset({InstallFormat.TLS_PEM}),
 }
 
 _JWK_OCT_ALG: Final = {KeyType.AES_256: "A256GCM", KeyType.HMAC_SHA256: "HS256"}
@@ -194,6 +198,8 @@ def encode_for_install(
     number = require_version(version)
     if f is InstallFormat.KEYRING_JSON:
         raise ConfigError("keyring-json holds every usable version: build it with encode_keyring")
+    if f is InstallFormat.TLS_PEM:
+        raise ConfigError("a tls-cert is installed by the agent from its own key and certificate")
     data = require_bytes(material, "key material")
     key = _check_installable(kt, data)
     if f is InstallFormat.RAW:

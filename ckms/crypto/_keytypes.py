@@ -9,6 +9,10 @@ hashes and what agents check after unwrapping:
   public exponent 65537). Bytes that load but re-encode differently are not canonical.
 - ``secret``: the UTF-8 bytes of 8..4096 printable, non-space characters, generated with at
   least 128 bits of entropy (length x log2(alphabet size); weaker specs are refused).
+- ``tls-cert``: 32 random bytes naming the version (its digest tells versions apart). A
+  certificate's private key is made on each host and never reaches the controller, which
+  only signs the host's CSR (``ckms.crypto._x509``); these bytes are no key and are never
+  installed.
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ class KeyType(StrEnum):
     RSA_4096 = "rsa-4096"
     X25519 = "x25519"
     SECRET = "secret"  # noqa: S105 - a type name, not a credential
+    TLS_CERT = "tls-cert"
 
 
 SYMMETRIC_TYPES: Final = frozenset({KeyType.AES_256, KeyType.HMAC_SHA256})
+HOST_KEYED_TYPES: Final = frozenset({KeyType.TLS_CERT})
+"""Types whose private key each host makes for itself: the controller holds only a version id."""
 PRIVATE_KEY_TYPES: Final = frozenset(
     {
         KeyType.ED25519,
@@ -144,7 +151,7 @@ def generate(key_type: KeyType, *, length: int | None = None, alphabet: str | No
     kt = coerce_key_type(key_type)
     if kt is not KeyType.SECRET and (length is not None or alphabet is not None):
         raise ConfigError(f"length and alphabet apply only to key type 'secret', not '{kt}'")
-    if kt in SYMMETRIC_TYPES:
+    if kt in SYMMETRIC_TYPES or kt in HOST_KEYED_TYPES:
         return secrets.token_bytes(SYMMETRIC_KEY_BYTES)
     if kt is KeyType.SECRET:
         n, chars = check_secret_spec(length, alphabet)
@@ -218,7 +225,7 @@ def validate_material(key_type: KeyType, material: bytes) -> None:
     """
     kt = coerce_key_type(key_type)
     data = require_bytes(material, "key material")
-    if kt in SYMMETRIC_TYPES:
+    if kt in SYMMETRIC_TYPES or kt in HOST_KEYED_TYPES:
         if len(data) != SYMMETRIC_KEY_BYTES:
             raise _invalid(kt)
     elif kt is KeyType.SECRET:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from enum import StrEnum
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -395,15 +397,20 @@ def _check_issuer(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> No
 
 def build_csr(
     private_key: bytes,
-    subject: CertSubject,
+    subject: CertSubject | None,
     *,
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
 ) -> bytes:
-    """Build a PEM CSR signed by ``private_key`` (PKCS#8 DER or PEM) for ``subject`` and SANs."""
+    """Build a PEM CSR signed by ``private_key`` (PKCS#8 DER or PEM) for ``subject`` and SANs.
+
+    ``subject=None`` asks for no name at all: the CA decides every name (as the ckms controller
+    does for ``tls-cert`` keys); the CSR then only proves the requester holds the key.
+    """
     key = _load_private(private_key)
     _check_subject_key(key.public_key())
-    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(subject))
+    name = x509.Name([]) if subject is None else _name(subject)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(name)
     sans = _sans(dns_names, ip_addresses)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -675,6 +682,38 @@ def _key_id(cert: x509.Certificate, kind: type) -> str | None:
 def certificate_matches_key(certificate: bytes, private_key: bytes) -> bool:
     """Say whether ``private_key`` (PKCS#8 DER or PEM) is the key ``certificate`` names."""
     return _spki(_load_one(certificate).public_key()) == public_key_of(private_key)
+
+
+def chains_to(leaf: bytes, chain: bytes, roots: bytes, *, now: dt.datetime | None = None) -> bool:
+    """Whether ``leaf`` is signed by the first certificate of ``chain`` (or by a root), each
+    link by the next, ending at one of ``roots``, every one valid at ``now``.
+
+    Usage-agnostic (no EKU or name check): what an agent checks of a certificate the
+    controller just issued it, before installing it.
+    """
+    at = _utc(now)
+    try:
+        path = [_load_one(leaf), *(_load_many(chain) if chain.strip() else [])]
+        anchors = _load_many(roots)
+    except ConfigError:
+        return False
+    if any(not (c.not_valid_before_utc <= at <= c.not_valid_after_utc) for c in path):
+        return False
+    for child, parent in itertools.pairwise(path):
+        if not _issued_by(child, parent):
+            return False
+    return any(
+        _issued_by(path[-1], root) and root.not_valid_before_utc <= at <= root.not_valid_after_utc
+        for root in anchors
+    )
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def verify_certificate(

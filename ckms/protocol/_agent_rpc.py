@@ -1,12 +1,13 @@
 """Typed parameters and replies of the agent's SSH requests: enroll, sync, heartbeat, fetch,
-digest_key.
+digest_key, cert_sign.
 
 Replies carry install specs, digests and states; only ``fetch`` carries material, and only
 HPKE-wrapped for the one agent that asked (docs/architecture.md §5), inside SSH. The fleet's
 digest key (what material digests are keyed with) comes the same way: HPKE-wrapped to the
 agent, with the key name :data:`DIGEST_KEY_WRAP_NAME` and version :data:`DIGEST_KEY_WRAP_VERSION`
 bound into the wrap (no real key can have that name or version), in the enroll reply and, for
-agents enrolled before digests were keyed, from ``digest_key``.
+agents enrolled before digests were keyed, from ``digest_key``. ``cert_sign`` carries a CSR
+one way and a certificate the other: the private key behind it never leaves the host.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ckms.protocol._events import Digest, HostId, KeyName, Version, VersionState
+from ckms.protocol._events import Digest, HostId, KeyName, Serial, Version, VersionState
 from ckms.protocol._keyspec import InstallSpec
 from ckms.protocol._secret import WireSecret
 
 B64 = Annotated[str, Field(max_length=8192, pattern=r"^[A-Za-z0-9+/=_-]*$")]
+Pem = Annotated[str, Field(max_length=65536, pattern=r"^[A-Za-z0-9+/=\n\r -]*$")]
+"""PEM text (certificates, CSRs, bundles): base64 lines between ``-----BEGIN/END`` markers."""
 
 DIGEST_KEY_WRAP_NAME = "ckms:digest-key"
 DIGEST_KEY_WRAP_VERSION = 0
@@ -59,6 +62,8 @@ class EnrollReply(_Model):
     at or below it (all older than the enrollment, e.g. a predecessor's ``host.revoked``)."""
     digest_key: B64
     """The fleet's digest key, HPKE-wrapped to this host (base64 of the blob)."""
+    ca_bundle: Pem | None = None
+    """The roots of the controller's CA this host trusts (PEM), from a controller that has one."""
 
 
 class DigestKeyRequest(_Model):
@@ -150,6 +155,33 @@ class SyncReply(_Model):
     reconcile_interval_s: int = 300
     material: tuple[FetchReply, ...] = Field(default=(), max_length=MAX_PREFETCH)
     """The versions the request's ``fetch`` asked for that the host may have, wrapped for it."""
+    ca_bundle: Pem | None = None
+    """The CA roots hosts trust now (both during a CA rotation); the agent keeps its copy."""
+
+
+class CertSignRequest(_Model):
+    """Ask the controller to certify the host's own key for one ``tls-cert`` version.
+
+    ``csr`` is a PEM PKCS#10 request signed by the key the host just made; the controller
+    issues exactly the names the key's install spec renders for this host and refuses a CSR
+    asking for any other.
+    """
+
+    key: KeyName
+    version: Version
+    csr: Pem
+
+
+class CertSignReply(_Model):
+    """The issued certificate, the chain to a root, and the roots the host should trust."""
+
+    key: KeyName
+    version: Version
+    certificate: Pem
+    chain: Pem
+    ca_bundle: Pem
+    serial: Serial
+    not_after: str
 
 
 class HeartbeatReply(_Model):

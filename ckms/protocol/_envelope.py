@@ -21,7 +21,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ckms.crypto import sign, signer_key_id, signing_public_key, verify_signature
 from ckms.errors import IntegrityError, ProtocolError
-from ckms.protocol._events import EVENT_DATA_MODELS, EventData, EventType
+from ckms.protocol._events import (
+    CA_SUBJECT,
+    EVENT_DATA_MODELS,
+    CaRotated,
+    EventData,
+    EventType,
+)
 from ckms.protocol._keyspec import WIRE_CONTEXT
 from ckms.protocol._topics import KEY_ID_HEADER, MAX_MESSAGE_BYTES, SIGNATURE_HEADER
 from ckms.protocol.canonical import canonical_json, parse_canonical_json
@@ -140,7 +146,10 @@ class Envelope(BaseModel):
 
 
 def subject_of(data: BaseModel) -> str:
-    """The partitioning key: the agent of an ack (its acks stay in order), else key or host."""
+    """The partitioning key: the agent of an ack (its acks stay in order), else key or host
+    (``ca.rotated``: :data:`CA_SUBJECT`)."""
+    if isinstance(data, CaRotated):
+        return CA_SUBJECT
     for attr in ("agent", "key", "host"):
         value = getattr(data, attr, None)
         if isinstance(value, str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from ckms.protocol._keyspec import (
     _HOST_ID_RE,
@@ -41,6 +41,7 @@ class EventType(StrEnum):
     KEY_TARGETS_CHANGED = "key.targets_changed"
     KEY_POLICY_CHANGED = "key.policy_changed"
     HOST_REVOKED = "host.revoked"
+    CA_ROTATED = "ca.rotated"
     ACK = "ack"
 
 
@@ -49,6 +50,24 @@ class _Data(BaseModel):
 
 
 Seconds = Annotated[int, Field(ge=0)]
+Serial = Annotated[str, Field(pattern=r"^[0-9a-f]{1,40}$")]
+"""A certificate serial: lowercase hex, no separators (``ckms.crypto.serial_hex``)."""
+Fingerprint = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
+def _omit_empty(*names: str) -> Any:
+    """A wrap serializer leaving out fields that are empty or None, so a field added later is
+    absent (not null or []) in events that do not use it, which read exactly as before."""
+
+    def serialize(self: Any, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict):
+            for name in names:
+                if out.get(name) in (None, [], ()):
+                    out.pop(name, None)
+        return out
+
+    return model_serializer(mode="wrap")(serialize)
 
 
 class EventPolicy(_Data):
@@ -59,6 +78,10 @@ class EventPolicy(_Data):
     activation_delay: Seconds
     max_staleness: Seconds
     approvals_required: tuple[ApprovalOperation, ...]
+    cert_lifetime: Seconds | None = None
+    """A ``tls-cert`` key's certificate lifetime; absent for every other key."""
+
+    _omit = _omit_empty("cert_lifetime")
 
 
 class KeyCreated(_Data):
@@ -117,6 +140,11 @@ class KeyRevoked(_Data):
     reason: RevocationReason
     compromise: bool
     primary: int | None = None
+    serials: tuple[Serial, ...] = Field(default=(), max_length=10000)
+    """For a ``tls-cert`` key: the serials of the hosts' certificates of this version that the
+    revocation made invalid (the CRL lists them too); absent for other keys."""
+
+    _omit = _omit_empty("serials")
 
 
 class KeyDestroyed(_Data):
@@ -158,6 +186,27 @@ class HostRevoked(_Data):
 
     host: HostId
     signer_key_id: str | None = Field(default=None, min_length=1, max_length=128)
+    serials: tuple[Serial, ...] = Field(default=(), max_length=10000)
+    """The serials of the host's certificates the revocation made invalid (absent if none)."""
+
+    _omit = _omit_empty("serials")
+
+
+CA_SUBJECT = "ckms:ca"
+"""The subject (Kafka partitioning key) of ``ca.rotated``: no key or host can be named so."""
+
+
+class CaRotated(_Data):
+    """The controller's CA changed: hosts fetch the new trust bundle (and renew on the new CA).
+
+    ``trusted`` lists the fingerprints of every root hosts must trust now (during a rotation
+    both the new and the previous root; after ``ckms ca retire`` only the new one);
+    ``issuing`` is the fingerprint of the intermediate that signs new certificates.
+    """
+
+    generation: int = Field(ge=1)
+    trusted: tuple[Fingerprint, ...] = Field(min_length=1, max_length=8)
+    issuing: Fingerprint
 
 
 class AckStatus(StrEnum):
@@ -212,6 +261,12 @@ class Ack(_Data):
     event_id: str | None = None
     elapsed_ms: int = Field(ge=0)
     error: str | None = Field(default=None, max_length=1024)
+    cert_serial: Serial | None = None
+    """For a ``tls-cert`` key: the serial of the certificate now installed (absent otherwise)."""
+    cert_not_after: str | None = Field(default=None, max_length=64)
+    """...and when it expires (RFC 3339 UTC)."""
+
+    _omit = _omit_empty("cert_serial", "cert_not_after")
 
 
 EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
@@ -223,6 +278,7 @@ EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.KEY_TARGETS_CHANGED: KeyTargetsChanged,
     EventType.KEY_POLICY_CHANGED: KeyPolicyChanged,
     EventType.HOST_REVOKED: HostRevoked,
+    EventType.CA_ROTATED: CaRotated,
     EventType.ACK: Ack,
 }
 """The data model of each type; an unknown type is refused."""
@@ -247,5 +303,6 @@ EventData = (
     | KeyTargetsChanged
     | KeyPolicyChanged
     | HostRevoked
+    | CaRotated
     | Ack
 )

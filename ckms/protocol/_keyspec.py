@@ -12,7 +12,7 @@ import re
 import shlex
 import string
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,7 +23,13 @@ from pydantic import (
     model_validator,
 )
 
-from ckms.crypto import InstallFormat, KeyType, allowed_formats
+from ckms.crypto import (
+    InstallFormat,
+    KeyType,
+    allowed_formats,
+    check_dns_name,
+    check_ip_address,
+)
 from ckms.errors import ConfigError
 
 
@@ -296,6 +302,106 @@ def _hook_ref(value: Any) -> Any:
     return value
 
 
+SAN_PLACEHOLDERS = frozenset({"host", "team", "purpose", "label"})
+"""Placeholders a ``tls-cert`` name template may use: ``{host}`` (the host id), ``{team}`` and
+``{purpose}`` (the key name's halves) and ``{label:NAME}`` (the value of the host's label NAME;
+a host without it gets no certificate)."""
+MAX_SAN_TEMPLATES = 32
+CertUsageName = Literal["server", "client", "both"]
+
+
+def _check_name_template(value: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 253 or "\x00" in value:
+        raise ValueError("a name template must be 1..253 characters")
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"name template {value!r} is malformed: {exc}") from None
+    for _, field, spec, conv in parts:
+        if field is None:
+            continue
+        if field not in SAN_PLACEHOLDERS or conv:
+            raise ValueError(
+                f"name template {value!r} uses {{{field}}}; allowed: {{host}}, {{team}}, "
+                "{purpose}, {label:NAME}"
+            )
+        if (field == "label") != bool(spec):
+            raise ValueError(f"name template {value!r}: write a label as {{label:NAME}}")
+        if field == "label" and not _LABEL_RE.fullmatch(spec or ""):
+            raise ValueError(f"name template {value!r}: invalid label name {spec!r}")
+    return value
+
+
+class TlsProfile(BaseModel):
+    """What each host's certificate of a ``tls-cert`` key says: its subject common name and
+    subject alternative names, as templates rendered per host (:func:`render_tls_names`), and
+    whether it authenticates a TLS server, a client, or both.
+
+    A name that renders to an IP address becomes an IP SAN. The controller issues exactly the
+    rendered names and refuses a CSR that asks for any other.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    common_name: str = "{host}"
+    sans: tuple[str, ...] = Field(default=("{host}",), max_length=MAX_SAN_TEMPLATES)
+    usage: CertUsageName = "server"
+
+    @field_validator("common_name")
+    @classmethod
+    def _check_cn(cls, value: str) -> str:
+        return _check_name_template(value)
+
+    @field_validator("sans")
+    @classmethod
+    def _check_sans(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_check_name_template(v) for v in value))
+
+
+def render_tls_names(
+    profile: TlsProfile, *, key_name: str, host_id: str, labels: dict[str, str]
+) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """The (common name, DNS names, IP addresses) ``host_id`` may have certified for a key.
+
+    ConfigError naming the template when a host lacks a label a template needs, or a rendered
+    name is not a valid host name or address (a host id with ``_`` or ``:`` cannot be a DNS
+    name): that host gets no certificate rather than a guessed name.
+    """
+    team, _, purpose = key_name.partition("/")
+
+    def render(template: str) -> str:
+        out = []
+        for literal, field, spec, _ in string.Formatter().parse(template):
+            out.append(literal)
+            if field is None:
+                continue
+            if field == "label":
+                if not spec or spec not in labels:
+                    raise ConfigError(
+                        f"host {host_id} has no label {spec!r} that name template "
+                        f"{template!r} needs"
+                    )
+                out.append(labels[spec])
+            else:
+                out.append({"host": host_id, "team": team, "purpose": purpose}[field])
+        return "".join(out)
+
+    dns: list[str] = []
+    ips: list[str] = []
+    for template in profile.sans:
+        name = render(template)
+        try:
+            ips.append(check_ip_address(name))
+            continue
+        except ConfigError:
+            pass
+        try:
+            dns.append(check_dns_name(name))
+        except ConfigError as exc:
+            raise ConfigError(f"host {host_id} may not claim {name!r}: {exc}") from None
+    return render(profile.common_name), tuple(dict.fromkeys(dns)), tuple(dict.fromkeys(ips))
+
+
 class InstallSpec(BaseModel):
     """Where and how an agent writes a key version to disk.
 
@@ -361,6 +467,10 @@ class InstallSpec(BaseModel):
     reload: HookName | HookSpec | None = None
     health: HookName | HookSpec | None = None
     group_write_reason: str | None = Field(default=None, min_length=1, max_length=200)
+    tls: TlsProfile | None = None
+    """For ``tls-pem`` (``tls-cert`` keys) only: the certificate's names and usage; ``path``
+    then names the directory the agent writes ``key.pem``, ``cert.pem``, ``chain.pem``,
+    ``fullchain.pem``, ``combined.pem`` and ``ca.pem`` into."""
 
     @field_validator("path")
     @classmethod
@@ -422,6 +532,10 @@ class InstallSpec(BaseModel):
             )
         if self.format is InstallFormat.KEYRING_JSON and "{version}" in self.path:
             raise ValueError("a keyring-json file holds every version: drop {version} from path")
+        if self.tls is not None and self.format is not InstallFormat.TLS_PEM:
+            raise ValueError("tls names and usage apply to the tls-pem format only")
+        if self.tls is None and self.format is InstallFormat.TLS_PEM:
+            object.__setattr__(self, "tls", TlsProfile())
         return self
 
     def render_path(self, key_name: str, version: int, host_id: str) -> str:
@@ -438,6 +552,12 @@ def default_install(key_type: KeyType | str) -> InstallSpec:
     A wire rule: the CLI builds partial install options on top of it, so it must be the
     controller's own default, not a guess of it.
     """
+    if InstallFormat.TLS_PEM in allowed_formats(key_type):
+        return InstallSpec(
+            path="/var/lib/ckms/tls/{team}/{purpose}",
+            format=InstallFormat.TLS_PEM,
+            tls=TlsProfile(),
+        )
     fmt = InstallFormat.PEM if InstallFormat.PEM in allowed_formats(key_type) else InstallFormat.RAW
     ext = "pem" if fmt is InstallFormat.PEM else "key"
     return InstallSpec(

@@ -153,6 +153,7 @@ class PolicyPatch(_Model):
     activation_delay_s: Seconds | None = None
     max_staleness_s: Seconds | None = None
     approvals_required: tuple[ApprovalOperation, ...] | None = None
+    cert_lifetime_s: Seconds | None = None
 
     @property
     def empty(self) -> bool:
@@ -368,6 +369,7 @@ class PolicyInfo(_Reply):
     activation_delay_s: int
     max_staleness_s: int
     approvals_required: tuple[str, ...]
+    cert_lifetime_s: int | None = None
 
 
 class VersionInfo(_Reply):
@@ -568,6 +570,12 @@ class FleetHost(_Reply):
     latency_ms: float | None = None
     error: str | None = None
     """The host's reason for its latest failure (e.g. a path its policy refuses)."""
+    cert_serial: str | None = None
+    """``tls-cert`` keys: the serial of the host's newest unrevoked certificate..."""
+    cert_not_after: datetime | None = None
+    """...when it expires..."""
+    cert_installed: bool | None = None
+    """...and whether the host acked installing it."""
 
 
 class KeyFleet(_Reply):
@@ -646,6 +654,46 @@ class WhoamiReply(_Reply):
     role: str
 
 
+class CertWarning(_Reply):
+    """A host certificate that was due for renewal and was not renewed."""
+
+    host: str
+    key: str
+    version: int
+    serial: str
+    not_after: datetime
+    renew_at: datetime
+    expired: bool
+
+
+class CaGenerationInfo(_Reply):
+    """One CA generation: a root and the intermediate that signs for it."""
+
+    generation: int
+    root_fingerprint: str
+    root_subject: str
+    root_not_after: datetime
+    issuing_fingerprint: str
+    issuing_subject: str
+    issuing_not_after: datetime
+    active: bool
+    trusted: bool
+
+
+class CaReply(_Reply):
+    """The controller's CA: its generations, and the trust bundle hosts hold (PEM)."""
+
+    generations: tuple[CaGenerationInfo, ...]
+    bundle: str
+
+
+class CrlReply(_Reply):
+    """One CRL per trusted CA generation (PEM, concatenated) and the serials they list."""
+
+    crl: str
+    serials: tuple[str, ...]
+
+
 class StatusReply(_Reply):
     """Health of the controller: sealing, Kafka, due work, stale hosts, pending requests."""
 
@@ -672,6 +720,8 @@ class StatusReply(_Reply):
     stale_hosts: tuple[str, ...] = ()
     pending_requests: int = 0
     audit_anchor: AuditAnchorStatus | None = None
+    cert_warnings: tuple[CertWarning, ...] = ()
+    """Host certificates that missed their renewal and will expire (or did) unless renewed."""
 
 
 class SealReply(_Reply):

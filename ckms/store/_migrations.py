@@ -265,6 +265,28 @@ ALTER TABLE key_versions ADD COLUMN origin TEXT CHECK (origin IS NULL OR origin 
 """
 """Where a version's material came from: NULL when ckms generated it, ``imported`` when an
 operator brought it (``key.import``). Covered by the version's row MAC once set."""
+_CERTIFICATES = """
+CREATE TABLE certificates (
+    serial        TEXT PRIMARY KEY,
+    host_id       TEXT NOT NULL,
+    key_id        TEXT NOT NULL REFERENCES keys(id),
+    version       INTEGER NOT NULL,
+    ca_generation INTEGER NOT NULL,
+    fingerprint   TEXT NOT NULL,
+    not_before    TEXT NOT NULL,
+    not_after     TEXT NOT NULL,
+    issued_at     TEXT NOT NULL,
+    revoked_at    TEXT,
+    installed_at  TEXT,
+    mac           TEXT
+);
+CREATE INDEX certificates_by_version ON certificates(key_id, version);
+CREATE INDEX certificates_by_host ON certificates(host_id);
+"""
+"""Host certificates the internal CA issued (``tls-cert`` keys): which host, key version and CA
+generation, validity, and revocation, bound by a row MAC (a cleared ``revoked_at`` would drop a
+serial from the CRL). ``installed_at`` is the fleet view's (the host's ack), not bound. Never a
+private key: hosts make theirs and send only CSRs."""
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
@@ -276,5 +298,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "row MACs on hosts and enrollment tokens", _HOST_MACS),
     Migration(8, "row MACs on approval requests", _APPROVAL_MACS),
     Migration(9, "key versions: origin of the material", _VERSION_ORIGIN),
+    Migration(10, "certificates issued by the internal CA", _CERTIFICATES),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -131,6 +131,11 @@ DATA: dict[str, dict[str, Any]] = {
         "policy": {**POLICY, "cryptoperiod": 30 * 86400},
     },
     "host.revoked": {"host": "db-7", "signer_key_id": "ed25519:3q2-7wAAAAAAAAAAAAAAAA"},
+    "ca.rotated": {
+        "generation": 2,
+        "trusted": ["sha256:" + "2" * 64, "sha256:" + "1" * 64],
+        "issuing": "sha256:" + "3" * 64,
+    },
 }
 
 

@@ -66,6 +66,7 @@ EXPECTED = {
     "certificate_fingerprint",
     "certificate_info",
     "certificate_matches_key",
+    "chains_to",
     "check_dns_name",
     "check_ip_address",
     "crl_serials",
@@ -112,6 +113,7 @@ def test_enum_values_match_the_interface() -> None:
         "rsa-4096",
         "x25519",
         "secret",
+        "tls-cert",
     }
     assert {f.value for f in ckms.crypto.InstallFormat} == {
         "raw",
@@ -120,5 +122,6 @@ def test_enum_values_match_the_interface() -> None:
         "openssh",
         "jwk",
         "keyring-json",
+        "tls-pem",
     }
     assert {s.value for s in ckms.crypto.WrapSuite} == {"x25519", "mlkem768-x25519"}

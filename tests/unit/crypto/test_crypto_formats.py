@@ -38,12 +38,13 @@ EXPECTED_ALLOWED = {
     KeyType.ECDSA_P384: SINGLE | {F.PEM, F.OPENSSH},
     KeyType.RSA_3072: SINGLE | {F.PEM, F.OPENSSH},
     KeyType.RSA_4096: SINGLE | {F.PEM, F.OPENSSH},
+    KeyType.TLS_CERT: {F.TLS_PEM},
 }
 SINGLE_VERSION_COMBOS = [
     (kt, fmt)
     for kt, fmts in EXPECTED_ALLOWED.items()
     for fmt in sorted(fmts)
-    if fmt is not F.KEYRING_JSON
+    if fmt not in (F.KEYRING_JSON, F.TLS_PEM)
 ]
 REFUSED_COMBOS = [
     (kt, fmt) for kt in KeyType for fmt in InstallFormat if fmt not in EXPECTED_ALLOWED[kt]
@@ -66,6 +67,15 @@ def _b64url_int(text: str) -> int:
 def _b64url_bytes(text: str) -> bytes:
     assert "=" not in text
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_a_tls_cert_is_never_rendered_from_controller_material(
+    materials: dict[KeyType, bytes],
+) -> None:
+    with pytest.raises(ConfigError, match="installed by the agent from its own key"):
+        encode_for_install(
+            KeyType.TLS_CERT, materials[KeyType.TLS_CERT], F.TLS_PEM, key_name="a/b", version=1
+        )
 
 
 def test_allowed_formats_table() -> None:
@@ -155,7 +165,7 @@ def test_refused_combinations_name_type_and_format(
     assert key_type.value in str(info.value) and fmt.value in str(info.value)
 
 
-@pytest.mark.parametrize("key_type", list(KeyType))
+@pytest.mark.parametrize("key_type", [k for k in KeyType if k is not KeyType.TLS_CERT])
 def test_keyring_json_needs_encode_keyring(
     key_type: KeyType, materials: dict[KeyType, bytes]
 ) -> None:

@@ -1,0 +1,425 @@
+"""The controller's internal CA: roots and signing intermediates, sealed; host certificates issued.
+
+**What is kept.** One record, ``sealed.ca`` in ``meta``, sealed (AES-256-GCM) under the data
+KEK, which the root KEK seals, exactly like key material: every CA *generation* (an ECDSA P-256
+root, ``CN=ckms root <n>``, and the intermediate it signed, which signs host certificates),
+with their private keys and certificates, and whether the generation is retired. Editing or
+swapping the record makes it fail to open; nothing about the CA is stored in clear.
+
+**Lifecycle.** ``ckms init`` creates generation 1 (and the first unseal of a home made before
+the CA existed does, audited either way). ``ckms ca rotate`` adds a generation that signs from
+then on while the previous one stays trusted (hosts' bundles hold both roots: the overlap);
+``ckms ca retire`` drops every older generation from the bundle once hosts renewed. Each change
+is audited and announced with a signed ``ca.rotated`` event, on which agents fetch the new
+bundle with a sync.
+
+**Issued certificates** are rows of ``certificates`` (serial, host, key, version, generation,
+fingerprint, validity, revocation), each with a row MAC (``ckms.controller.rowmac``) checked
+when read, so a DB file owner cannot clear a revocation and drop a serial from the CRL. The
+CRL of each trusted generation lists the revoked serials that have not expired yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from ckms._canonical import canonical_json, parse_canonical_json
+from ckms.controller import rowmac
+from ckms.crypto import (
+    CertificateAuthority,
+    CertificateInfo,
+    CertSubject,
+    CertUsage,
+    build_crl,
+    certificate_fingerprint,
+    certificate_info,
+    issue_certificate,
+    join_certificates,
+    new_intermediate_ca,
+    new_root_ca,
+    parse_serial,
+)
+from ckms.errors import ConfigError, NotFoundError, PolicyError
+from ckms.protocol import CA_SUBJECT, CaRotated
+from ckms.store import Reader, Store, Transaction, format_time, outbox, parse_time
+from ckms.store import audit as audit_log
+
+if TYPE_CHECKING:
+    from ckms.controller.sealing import Vault
+
+__all__ = [
+    "CA_RECORD",
+    "CaGeneration",
+    "CaState",
+    "ControllerCA",
+    "IssuedCertificate",
+    "new_ca_state",
+    "revoke_certificates",
+]
+
+log = logging.getLogger(__name__)
+
+CA_RECORD: Final = "sealed.ca"
+ROOT_LIFETIME: Final = timedelta(days=10 * 365)
+ISSUING_LIFETIME: Final = timedelta(days=2 * 365)
+CRL_LIFETIME: Final = timedelta(days=7)
+CA_PARTITION: Final = CA_SUBJECT
+
+
+@dataclass(frozen=True)
+class CaGeneration:
+    """One root and the intermediate it signed."""
+
+    generation: int
+    root: CertificateAuthority = field(repr=False)
+    issuing: CertificateAuthority = field(repr=False)
+    created_at: str
+    retired: bool = False
+
+    def _dump(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "root_key": base64.b64encode(self.root.key).decode(),
+            "root_cert": self.root.certificate.decode(),
+            "issuing_key": base64.b64encode(self.issuing.key).decode(),
+            "issuing_cert": self.issuing.certificate.decode(),
+            "created_at": self.created_at,
+            "retired": self.retired,
+        }
+
+    @classmethod
+    def _load(cls, value: dict[str, Any]) -> CaGeneration:
+        return cls(
+            generation=int(value["generation"]),
+            root=CertificateAuthority(
+                base64.b64decode(value["root_key"]), value["root_cert"].encode()
+            ),
+            issuing=CertificateAuthority(
+                base64.b64decode(value["issuing_key"]), value["issuing_cert"].encode()
+            ),
+            created_at=str(value["created_at"]),
+            retired=bool(value["retired"]),
+        )
+
+
+@dataclass(frozen=True)
+class CaState:
+    """Every CA generation; the newest signs, every one not retired is trusted."""
+
+    generations: tuple[CaGeneration, ...]
+
+    @property
+    def active(self) -> CaGeneration:
+        """The generation that signs new certificates."""
+        return self.generations[-1]
+
+    @property
+    def trusted(self) -> tuple[CaGeneration, ...]:
+        """The generations whose roots hosts trust (newest first)."""
+        return tuple(g for g in reversed(self.generations) if not g.retired)
+
+    def bundle(self) -> bytes:
+        """The PEM trust bundle: every trusted root, newest first."""
+        return join_certificates(*(g.root.certificate for g in self.trusted))
+
+    def encode(self) -> bytes:
+        """The record's plaintext (sealed before it is stored)."""
+        return canonical_json({"v": 1, "generations": [g._dump() for g in self.generations]})
+
+    @classmethod
+    def decode(cls, data: bytes) -> CaState:
+        """Read a record's plaintext (after it opened, so it is what the controller wrote)."""
+        value = parse_canonical_json(data)
+        return cls(tuple(CaGeneration._load(g) for g in value["generations"]))
+
+
+def new_generation(number: int, now: datetime) -> CaGeneration:
+    """A fresh ECDSA P-256 root and the intermediate it signs."""
+    root = new_root_ca(f"ckms root {number}", lifetime=ROOT_LIFETIME, now=now)
+    issuing = new_intermediate_ca(
+        root, f"ckms issuing {number}", lifetime=ISSUING_LIFETIME, now=now
+    )
+    return CaGeneration(number, root, issuing, format_time(now))
+
+
+def new_ca_state(now: datetime) -> CaState:
+    """The CA of a new controller: generation 1."""
+    return CaState((new_generation(1, now),))
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A certificate just issued to a host, with the chain and bundle it installs."""
+
+    certificate: bytes
+    chain: bytes
+    bundle: bytes
+    info: CertificateInfo
+
+
+def _audit_generation(g: CaGeneration) -> dict[str, Any]:
+    return {
+        "generation": g.generation,
+        "root": certificate_fingerprint(g.root.certificate),
+        "issuing": certificate_fingerprint(g.issuing.certificate),
+    }
+
+
+class ControllerCA:
+    """Opens, changes and signs with the sealed CA record (see the module docstring)."""
+
+    def __init__(self, store: Store, vault: Vault) -> None:
+        self._store = store
+        self._vault = vault
+        self._bundle: bytes | None = None
+
+    async def _read(self, r: Reader | Transaction) -> CaState:
+        blob = await r.get_meta(CA_RECORD)
+        if blob is None:
+            raise NotFoundError("the controller has no CA yet (it is made at init or unseal)")
+        return CaState.decode(self._vault.open_record(CA_RECORD, blob))
+
+    async def state(self) -> CaState:
+        """The CA as stored (needs the controller unsealed)."""
+        self._vault.require_unsealed("use the CA")
+        async with self._store.read() as r:
+            return await self._read(r)
+
+    async def bundle(self) -> bytes | None:
+        """The trust bundle, or None while sealed or before the CA exists."""
+        if self._vault.sealed:
+            return None
+        if self._bundle is None:  # every sync sends it: kept until this CA changes it
+            try:
+                self._bundle = (await self.state()).bundle()
+            except NotFoundError:
+                return None
+        return self._bundle
+
+    async def ensure(self, *, now: datetime, actor: str = "controller") -> bool:
+        """Create generation 1 if this home has no CA yet (homes made before it); True if made."""
+        async with self._store.write() as tx:
+            if await tx.get_meta(CA_RECORD) is not None:
+                return False
+            state = new_ca_state(now)
+            await tx.set_meta(CA_RECORD, self._vault.seal_record(CA_RECORD, state.encode()))
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="ca.create",
+                object="ca",
+                details=_audit_generation(state.active),
+            )
+        log.info("created the controller CA (generation 1)")
+        return True
+
+    async def _change(self, tx: Transaction, state: CaState, *, now: datetime) -> None:
+        self._bundle = None
+        await tx.set_meta(CA_RECORD, self._vault.seal_record(CA_RECORD, state.encode()))
+        event = CaRotated(
+            generation=state.active.generation,
+            trusted=tuple(certificate_fingerprint(g.root.certificate) for g in state.trusted),
+            issuing=certificate_fingerprint(state.active.issuing.certificate),
+        )
+        await outbox.add_event(tx, partition_key=CA_PARTITION, data=event, now=now)
+
+    async def rotate(self, *, now: datetime, actor: str) -> CaState:
+        """Add a generation that signs from now on; the previous ones stay trusted (overlap)."""
+        self._vault.require_unsealed("rotate the CA")
+        async with self._store.write() as tx:
+            state = await self._read(tx)
+            fresh = new_generation(state.active.generation + 1, now)
+            changed = CaState((*state.generations, fresh))
+            await self._change(tx, changed, now=now)
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="ca.rotate",
+                object="ca",
+                details={
+                    **_audit_generation(fresh),
+                    "trusted": [g.generation for g in changed.trusted],
+                },
+            )
+        log.info("CA rotated to generation %d by %s", fresh.generation, actor)
+        return changed
+
+    async def retire(self, *, now: datetime, actor: str) -> CaState:
+        """Stop trusting every generation but the active one (the end of a rotation's overlap)."""
+        self._vault.require_unsealed("retire CA generations")
+        async with self._store.write() as tx:
+            state = await self._read(tx)
+            old = [g for g in state.generations[:-1] if not g.retired]
+            if not old:
+                raise PolicyError("no previous CA generation is trusted: nothing to retire")
+            changed = CaState(
+                (*tuple(replace(g, retired=True) for g in state.generations[:-1]), state.active)
+            )
+            await self._change(tx, changed, now=now)
+            await audit_log.append(
+                tx,
+                now=now,
+                actor=actor,
+                action="ca.retire",
+                object="ca",
+                details={
+                    "retired": [g.generation for g in old],
+                    "trusted": [g.generation for g in changed.trusted],
+                },
+            )
+        log.info("CA generations %s retired by %s", [g.generation for g in old], actor)
+        return changed
+
+    async def issue(
+        self,
+        tx: Transaction,
+        *,
+        host_id: str,
+        key_id: str,
+        key_name: str,
+        version: int,
+        public_key: bytes,
+        subject: CertSubject,
+        dns_names: tuple[str, ...],
+        ip_addresses: tuple[str, ...],
+        lifetime: timedelta,
+        usage: CertUsage,
+        now: datetime,
+    ) -> IssuedCertificate:
+        """Sign a host's public key with the active intermediate and record it (row MAC, audit)
+        in the caller's transaction."""
+        state = await self._read(tx)
+        active = state.active
+        pem = issue_certificate(
+            active.issuing,
+            public_key,
+            subject,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+            lifetime=lifetime,
+            usage=usage,
+            now=now,
+        )
+        info = certificate_info(pem)
+        serial = info.serial_hex
+        await tx.execute(
+            "INSERT INTO certificates(serial, host_id, key_id, version, ca_generation, "
+            "fingerprint, not_before, not_after, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                serial,
+                host_id,
+                key_id,
+                version,
+                active.generation,
+                info.fingerprint,
+                format_time(info.not_before),
+                format_time(info.not_after),
+                format_time(now),
+            ),
+        )
+        await rowmac.stamp_certificate(tx, serial)
+        await audit_log.append(
+            tx,
+            now=now,
+            actor=f"host:{host_id}",
+            action="cert.issue",
+            object=f"key:{key_name}",
+            details={
+                "version": version,
+                "serial": serial,
+                "subject": info.subject,
+                "dns_names": list(info.dns_names),
+                "ip_addresses": list(info.ip_addresses),
+                "not_after": format_time(info.not_after),
+                "ca_generation": active.generation,
+                "fingerprint": info.fingerprint,
+            },
+        )
+        return IssuedCertificate(pem, active.issuing.certificate, state.bundle(), info)
+
+    async def crl(self, *, now: datetime) -> tuple[bytes, tuple[str, ...]]:
+        """One CRL per trusted generation (PEM, concatenated), each listing that generation's
+        revoked certificates that have not expired; numbered by time so each is newer."""
+        state = await self.state()
+        rows = await self._store.fetchall(
+            "SELECT * FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ? "
+            "ORDER BY serial",
+            (format_time(now),),
+        )
+        by_generation: dict[int, list[tuple[int, datetime]]] = {}
+        serials = []
+        for row in rows:
+            serials.append(str(row["serial"]))
+            rowmac.check_certificate(self._store.row_key, row)
+            by_generation.setdefault(int(row["ca_generation"]), []).append(
+                (parse_serial(str(row["serial"])), parse_time(str(row["revoked_at"])))
+            )
+        number = int(now.timestamp() * 1000)
+        pem = b"".join(
+            build_crl(
+                g.issuing,
+                by_generation.get(g.generation, []),
+                crl_number=number,
+                next_update=CRL_LIFETIME,
+                now=now,
+            )
+            for g in state.trusted
+        )
+        return pem, tuple(serials)
+
+    async def latest(self, host_id: str | None = None) -> list[dict[str, Any]]:
+        """The newest unrevoked certificate of each (host, key, version), checked: what the
+        fleet view and status show."""
+        sql = (
+            "SELECT c.*, k.name AS key_name FROM certificates c JOIN keys k ON k.id = c.key_id "
+            "WHERE c.revoked_at IS NULL"
+        )
+        args: tuple[Any, ...] = ()
+        if host_id is not None:
+            sql += " AND c.host_id = ?"
+            args = (host_id,)
+        rows = await self._store.fetchall(sql + " ORDER BY c.issued_at", args)
+        newest: dict[tuple[str, str, int], dict[str, Any]] = {}
+        for row in rows:
+            rowmac.check_certificate(self._store.row_key, row)
+            newest[(str(row["host_id"]), str(row["key_name"]), int(row["version"]))] = dict(row)
+        return list(newest.values())
+
+
+async def revoke_certificates(
+    tx: Transaction,
+    *,
+    now: datetime,
+    key_id: str | None = None,
+    version: int | None = None,
+    host_id: str | None = None,
+) -> tuple[str, ...]:
+    """Mark every unexpired, unrevoked certificate of a key version (or of a host) revoked;
+    return their serials for the revocation event."""
+    if host_id is not None:
+        where, args = "host_id = ?", (host_id,)
+    elif key_id is not None and version is not None:
+        where, args = "key_id = ? AND version = ?", (key_id, version)
+    else:
+        raise ConfigError("revoke certificates of a key version or of a host")
+    rows = await tx.fetchall(
+        f"SELECT * FROM certificates WHERE {where} AND revoked_at IS NULL "  # noqa: S608
+        "AND not_after > ? ORDER BY serial",
+        (*args, format_time(now)),
+    )
+    serials = []
+    for row in rows:
+        rowmac.check_certificate(tx.row_key, row)
+        await tx.execute(
+            "UPDATE certificates SET revoked_at = ? WHERE serial = ?",
+            (format_time(now), row["serial"]),
+        )
+        await rowmac.stamp_certificate(tx, str(row["serial"]))
+        serials.append(str(row["serial"]))
+    return tuple(serials)
