@@ -55,7 +55,6 @@ from ckms.controller import replies, rowmac
 from ckms.controller.approvals import DualControl
 from ckms.controller.backup import Backups
 from ckms.controller.ca import CaState, ControllerCA
-from ckms.controller.desired import desired_versions
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle, NewKey
@@ -438,40 +437,21 @@ class AdminService:
     async def _cert_warnings(
         self, keys: list[Key], hosts: list[Host], now: datetime
     ) -> tuple[api.CertWarning, ...]:
-        """Host certificates past their renewal point by more than a sixth of their lifetime
-        (agents renew at two thirds): unless the host renews, they expire. Only for hosts and
-        versions that should still hold one."""
+        """Host certificates that missed their renewal (see ``ControllerCA.overdue``)."""
         if self._vault.sealed or not any(k.type is KeyType.TLS_CERT for k in keys):
             return ()
-        by_name = {k.name: k for k in keys}
-        by_id = {h.id: h for h in hosts}
-        newest: dict[tuple[str, str, int], dict[str, Any]] = {}
-        for row in await self._ca.latest():
-            newest[(str(row["host_id"]), str(row["key_name"]), int(row["version"]))] = row
-        out = []
-        for (host_id, name, version), row in sorted(newest.items()):
-            key, host = by_name.get(name), by_id.get(host_id)
-            if key is None or host is None or host.revoked:
-                continue
-            if version not in {v.version for v in desired_versions(key, host)}:
-                continue
-            issued, not_after = parse_time(row["issued_at"]), parse_time(row["not_after"])
-            lifetime = not_after - issued
-            renew_at = issued + lifetime * 2 / 3
-            if now < renew_at + lifetime / 6:
-                continue
-            out.append(
-                api.CertWarning(
-                    host=host_id,
-                    key=name,
-                    version=version,
-                    serial=str(row["serial"]),
-                    not_after=not_after,
-                    renew_at=renew_at,
-                    expired=now >= not_after,
-                )
+        return tuple(
+            api.CertWarning(
+                host=o.host,
+                key=o.key,
+                version=o.version,
+                serial=o.serial,
+                not_after=o.not_after,
+                renew_at=o.renew_at,
+                expired=o.expired,
             )
-        return tuple(out)
+            for o in await self._ca.overdue(keys, hosts, now)
+        )
 
     async def unseal(self, principal: Principal, params: api.UnsealParams) -> api.SealReply:
         """Give one custodian share (counted once per custodian identity key) or the passphrase;

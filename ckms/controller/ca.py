@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.controller import rowmac
+from ckms.controller.desired import desired_versions
+from ckms.controller.keyview import AnyKey
+from ckms.controller.models import Host
 from ckms.crypto import (
     CertificateAuthority,
     CertificateInfo,
@@ -57,6 +61,7 @@ __all__ = [
     "CaState",
     "ControllerCA",
     "IssuedCertificate",
+    "Overdue",
     "new_ca_state",
     "revoke_certificates",
 ]
@@ -149,6 +154,24 @@ def new_generation(number: int, now: datetime) -> CaGeneration:
 def new_ca_state(now: datetime) -> CaState:
     """The CA of a new controller: generation 1."""
     return CaState((new_generation(1, now),))
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A host certificate past its renewal point that was not renewed."""
+
+    host: str
+    key: str
+    version: int
+    serial: str
+    not_after: datetime
+    renew_at: datetime
+    expired: bool
+
+
+OVERDUE_MARGIN: Final = 1 / 6
+"""How far past its renewal point (two thirds of the lifetime) a certificate is flagged: half
+of what remains, so an operator has the other half to act before it expires."""
 
 
 @dataclass(frozen=True)
@@ -372,6 +395,42 @@ class ControllerCA:
             for g in state.trusted
         )
         return pem, tuple(serials)
+
+    async def overdue(
+        self, keys: Iterable[AnyKey], hosts: Iterable[Host], now: datetime
+    ) -> list[Overdue]:
+        """The newest certificate of each (host, key version) that the host should still hold
+        and did not renew by :data:`OVERDUE_MARGIN` past its renewal point: unless the host
+        renews, it expires (or did)."""
+        by_name = {k.name: k for k in keys}
+        by_id = {h.id: h for h in hosts}
+        newest: dict[tuple[str, str, int], dict[str, Any]] = {}
+        for row in await self.latest():
+            newest[(str(row["host_id"]), str(row["key_name"]), int(row["version"]))] = row
+        out = []
+        for (host_id, name, version), row in sorted(newest.items()):
+            key, host = by_name.get(name), by_id.get(host_id)
+            if key is None or host is None or host.revoked:
+                continue
+            if version not in {v.version for v in desired_versions(key, host)}:
+                continue
+            issued, not_after = parse_time(row["issued_at"]), parse_time(row["not_after"])
+            lifetime = not_after - issued
+            renew_at = issued + lifetime * 2 / 3
+            if now < renew_at + lifetime * OVERDUE_MARGIN:
+                continue
+            out.append(
+                Overdue(
+                    host_id,
+                    name,
+                    version,
+                    str(row["serial"]),
+                    not_after,
+                    renew_at,
+                    now >= not_after,
+                )
+            )
+        return out
 
     async def latest(self, host_id: str | None = None) -> list[dict[str, Any]]:
         """The newest unrevoked certificate of each (host, key, version), checked: what the
