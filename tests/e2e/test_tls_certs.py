@@ -160,6 +160,7 @@ def _params(key: str) -> api.FleetStatusParams:
     return api.FleetStatusParams(key=key)
 
 
+@pytest.mark.requirement("PCI-4.2.1")
 async def test_renewal_before_expiry_with_a_fresh_key(
     controller: Controller, tmp_path: Path
 ) -> None:
@@ -192,6 +193,7 @@ async def _renewed(c: Controller, old: str) -> bool:
     return serial is not None and serial != old
 
 
+@pytest.mark.requirement("PCI-4.2.1")
 async def test_revoking_the_key_removes_the_files_stops_renewal_and_lists_the_serials(
     controller: Controller, tmp_path: Path
 ) -> None:

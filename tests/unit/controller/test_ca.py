@@ -153,6 +153,7 @@ async def test_clearing_a_revocation_in_the_file_is_refused(
         await ca.crl(now=clock())
 
 
+@pytest.mark.requirement("PCI-4.2.1")
 async def test_a_certificate_past_its_renewal_is_flagged_before_it_expires(
     store: Store, vault: Vault, lifecycle: Lifecycle, clock: FakeClock
 ) -> None:
