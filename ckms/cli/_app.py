@@ -27,6 +27,7 @@ from ckms.cli import (
     init,
     key,
     operator,
+    report,
     request,
     vault,
 )
@@ -114,6 +115,7 @@ app.add_typer(ca.app, name="ca")
 app.add_typer(audit.app, name="audit")
 app.add_typer(operator.app, name="operator")
 app.add_typer(request.app, name="request")
+app.add_typer(report.app, name="report")
 app.add_typer(dev.app, name="dev")
 
 

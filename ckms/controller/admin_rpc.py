@@ -13,7 +13,7 @@ hook writes to the audit log whether the route or the handler refused):
 =================  =========================================================================
 role               may call
 =================  =========================================================================
-``auditor``        read only: ``status``, ``whoami``, ``key.list|show|history``,
+``auditor``        read only: ``status``, ``whoami``, ``key.list|show|history``, ``report.*``,
                    ``host.list|show``, ``fleet.status``, ``audit.*``, ``operator.list``,
                    ``request.list|show``
 ``operator``       the reads, plus ``key.*`` changes and ``host.enroll|label|revoke``, except
@@ -61,6 +61,7 @@ from ckms.controller.lifecycle import Lifecycle, NewKey
 from ckms.controller.models import DEFAULT_APPROVALS, Host, Key
 from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import check_usage, default_policy, patch_policy
+from ckms.controller.report import Reports
 from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType, certificate_info
 from ckms.errors import (
@@ -136,6 +137,8 @@ ROLES: dict[str, frozenset[Role]] = {
     "request.list": _REQUESTS,
     "request.show": _REQUESTS,
     "request.approve": _APPROVE,
+    "report.summary": _READ,
+    "report.keys": _READ,
     "backup.create": _ADMIN,
     "backup.read": _ADMIN,
     "backup.delete": _ADMIN,
@@ -229,6 +232,17 @@ class AdminService:
         self._endpoint = endpoint
         self._backups = backups
         self._clock = clock
+        self._reports = Reports(
+            store=store,
+            vault=vault,
+            lifecycle=lifecycle,
+            hosts=hosts,
+            operators=operators,
+            book=dual_control.book,
+            fleet=fleet,
+            checkpoint=self._checkpoint,
+            clock=clock,
+        )
 
     def _now(self) -> datetime:
         return self._clock()
@@ -303,6 +317,8 @@ class AdminService:
         self._route(server, "request.approve", api.RequestRef, self.request_approve)
         self._route(server, "request.reject", api.RequestRejectParams, self.request_reject)
 
+        self._route(server, "report.summary", api.Empty, self.report_summary)
+        self._route(server, "report.keys", api.ReportKeysParams, self.report_keys)
         self._route(server, "backup.create", api.Empty, self.backup_create)
         self._route(server, "backup.read", api.BackupReadParams, self.backup_read)
         self._route(server, "backup.delete", api.BackupRef, self.backup_delete)
@@ -926,6 +942,19 @@ class AdminService:
                 if cp.size <= upto
             ]
         return api.AuditExportReply(lines=tuple(lines), upto=upto, next_start=None if done else end)
+
+    # -- reports --------------------------------------------------------------------------
+
+    async def report_summary(self, principal: Principal, params: api.Empty) -> api.ReportSummary:
+        """The inventory's header: audit verification (head and checkpoint), counts, people,
+        overdue rotations, stale hosts and the controller-wide findings."""
+        return await self._reports.summary()
+
+    async def report_keys(
+        self, principal: Principal, params: api.ReportKeysParams
+    ) -> api.ReportKeysReply:
+        """One page of the key inventory with each key's findings; ``next`` continues."""
+        return await self._reports.keys(params.after, params.limit)
 
     # -- backups --------------------------------------------------------------------------
 

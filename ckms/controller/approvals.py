@@ -154,6 +154,22 @@ class ApprovalBook:
         )
         return [_request(r, self._store.row_key) for r in rows]
 
+    async def for_objects(self, objects: list[str]) -> dict[str, list[ApprovalRequest]]:
+        """Every request (any state) on each of ``objects`` (``key:<name>``), oldest first."""
+        if not objects:
+            return {}
+        marks = ",".join("?" * len(objects))
+        rows = await self._store.fetchall(
+            "SELECT * FROM approvals WHERE json_extract(params, '$.object') "  # noqa: S608
+            f"IN ({marks}) ORDER BY created_at, id",
+            tuple(objects),
+        )
+        out: dict[str, list[ApprovalRequest]] = {}
+        for row in rows:
+            request = _request(row, self._store.row_key)
+            out.setdefault(request.object, []).append(request)
+        return out
+
     async def count_pending(self) -> int:
         """How many requests wait for approval and have not expired."""
         value = await self._store.fetchval(

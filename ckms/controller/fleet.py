@@ -63,10 +63,12 @@ async def key_fleet_status(
     by_host: dict[str, list[Any]] = {}
     for row in rows:
         by_host.setdefault(row["host_id"], []).append(row)
-    return [_status(key, host, by_host.get(host.id, [])) for host in targeted]
+    return [host_key_status(key, host, by_host.get(host.id, [])) for host in targeted]
 
 
-def _status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
+def host_key_status(key: Key, host: Host, rows: list[Any]) -> HostKeyStatus:
+    """One host's standing for ``key`` from its ``fleet_state`` rows of that key (the one
+    convergence rule: what :func:`desired_versions` says it should hold, and nothing else)."""
     want = {v.version: v.digest for v in desired_versions(key, host)}
     got = {int(r["version"]): r for r in rows}
     versions = {v: str(r["status"]) for v, r in got.items()}

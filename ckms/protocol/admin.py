@@ -34,6 +34,8 @@ __all__ = [
     "KEY_PAGE_DEFAULT",
     "KEY_PAGE_MAX",
     "OPERATOR_ROLES",
+    "REPORT_HOLDERS_MAX",
+    "REPORT_KEYS_MAX",
     "ApproveReply",
     "AuditAnchorStatus",
     "AuditExportParams",
@@ -85,6 +87,14 @@ __all__ = [
     "OperatorReply",
     "PolicyInfo",
     "PolicyPatch",
+    "ReportApproval",
+    "ReportAudit",
+    "ReportKey",
+    "ReportKeysParams",
+    "ReportKeysReply",
+    "ReportPerson",
+    "ReportSummary",
+    "ReportVersion",
     "RequestInfo",
     "RequestListParams",
     "RequestListReply",
@@ -100,6 +110,7 @@ __all__ = [
     "host_pages",
     "key_pages",
     "pages",
+    "report_pages",
 ]
 
 
@@ -886,3 +897,128 @@ class BackupDeleted(_Reply):
     """A backup removed from the controller's home."""
 
     id: str
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+REPORT_KEYS_MAX = 500
+"""Most keys in one ``report.keys`` page."""
+REPORT_HOLDERS_MAX = 5000
+"""Most holder host names in one ``report.keys`` page (a page ends before the key that would
+pass it; a key alone past it has each version's holders cut to what fits, with the count)."""
+
+
+class ReportKeysParams(_Model):
+    """One page of the key inventory, by name after ``after``."""
+
+    after: KeyName | None = None
+    limit: Annotated[int, Field(ge=1, le=REPORT_KEYS_MAX)] = 200
+
+
+class ReportVersion(_Reply):
+    """One version in the inventory: its state and origin, and which hosts hold it now."""
+
+    version: int
+    state: str
+    primary: bool
+    origin: str
+    created_at: datetime
+    activated_at: datetime | None = None
+    deactivated_at: datetime | None = None
+    compromised_at: datetime | None = None
+    destroyed_at: datetime | None = None
+    holders: tuple[str, ...] = ()
+    """Hosts whose acks say ``installed`` for this version, by name (cut: ``holders_total``)."""
+    holders_total: int = 0
+
+
+class ReportApproval(_Reply):
+    """One dual-control request on a key: who asked, who decided, how it ended."""
+
+    id: str
+    operation: str
+    requester: str
+    state: str
+    created_at: datetime
+    decisions: tuple[dict[str, Any], ...] = ()
+
+
+class ReportKey(_Reply):
+    """A key as the inventory (PCI DSS 3.6.1.1) lists it, with the findings that apply."""
+
+    name: str
+    type: str
+    purpose: str
+    usage: tuple[str, ...]
+    cryptoperiod_s: int
+    max_cryptoperiod_s: int
+    grace_s: int
+    approvals_required: tuple[str, ...]
+    targets: tuple[str, ...]
+    env: str | None = None
+    created_at: datetime
+    created_by: str
+    rotated_at: datetime | None = None
+    """When the newest version was made (None: never rotated)."""
+    next_rotation_at: datetime | None = None
+    overdue: bool = False
+    primary_version: int | None = None
+    hosts_targeted: int = 0
+    hosts_converged: int = 0
+    versions: tuple[ReportVersion, ...] = ()
+    approvals: tuple[ReportApproval, ...] = ()
+    findings: tuple[str, ...] = ()
+
+
+class ReportKeysReply(_Reply):
+    """One page of the inventory; ``next`` continues after the last key."""
+
+    keys: tuple[ReportKey, ...]
+    next: str | None = None
+
+
+class ReportPerson(_Reply):
+    """An operator who holds a share or may approve dual-control requests."""
+
+    name: str
+    role: str
+    disabled: bool
+
+
+class ReportAudit(_Reply):
+    """The audit verification the report ran: what it verified, up to which head."""
+
+    ok: bool
+    size: int
+    head_hash: str
+    checkpoints_verified: int
+    checkpoint_size: int | None = None
+    checkpoint_head: str | None = None
+    checkpoint_at: str | None = None
+    anchor_size: int | None = None
+    reason: str | None = None
+    first_bad_index: int | None = None
+
+
+class ReportSummary(_Reply):
+    """The report's header, from the live controller at ``generated_at``."""
+
+    generated_at: datetime
+    signer_key_id: str | None = None
+    keys: int
+    hosts: int
+    hosts_revoked: int
+    stale_hosts: tuple[str, ...] = ()
+    rotations_overdue: int
+    pending_requests: int
+    custodians: tuple[ReportPerson, ...] = ()
+    approvers: tuple[ReportPerson, ...] = ()
+    audit: ReportAudit
+    findings: tuple[str, ...] = ()
+
+
+def report_pages(call: PageCall, *, limit: int = 200) -> AsyncIterator[ReportKeysReply]:
+    """Every page of ``report.keys`` in name order."""
+    return pages(
+        call, "report.keys", ReportKeysReply, lambda a: ReportKeysParams(after=a, limit=limit)
+    )
