@@ -4,7 +4,10 @@ It starts a local Apache Kafka, initialises and unseals a controller (a separate
 three agents that run as separate processes with their own root directories standing in for
 hosts, creates a key targeted at all of them, rotates it with ``--wait``, prints the fleet table,
 revokes the old version with keyCompromise and prints each host's time to removal (watched on
-the hosts' disks), verifies the audit log, and tears everything down. Every step goes through
+the hosts' disks), issues a ``tls-cert`` key to the three hosts (each makes its own private key;
+the controller's CA signs their CSRs), checks the certificates with ``openssl verify``, watches
+them renew on a shortened lifetime, revokes the key and writes a CRL, verifies the audit log,
+and tears everything down. Every step goes through
 the same commands an operator would type (``ckms ...``, ``ckms-agent ...``). The exit status is
 0 only if every step converged.
 """
@@ -40,6 +43,11 @@ HOSTS = ("web-1", "web-2", "web-3")
 KEY_PATH = "/etc/ckms/keys/{team}/{purpose}.json"
 HOOK = "web-tls"
 """The hook name the demo key's install spec gives; each host's own config says what it runs."""
+CERT_KEY = "demo/web-cert"
+CERT_PATH = "/etc/ckms/keys/tls/{purpose}"
+CERT_HOOK = "web-cert"
+CERT_LIFETIME_S = 30
+"""Shortened so the demo sees a renewal (at two thirds: 20 s); the default is 24 h."""
 PASSPHRASE = "demo passphrase: never use this one for real"  # noqa: S105 - throwaway demo
 
 console = Console(highlight=False)
@@ -79,9 +87,12 @@ class Demo:
         """Say what happens next."""
         console.print(f"\n[bold cyan]▶ {text}[/]")
 
-    async def ckms(self, *args: str, check: bool = True, show: bool = False) -> Any:
-        """Run one ``ckms`` command as an operator would; return parsed --json output if any."""
-        return await self._run(_bin("ckms"), args, check=check, show=show)
+    async def ckms(
+        self, *args: str, check: bool = True, show: bool = False, echo: bool = True
+    ) -> Any:
+        """Run one ``ckms`` command as an operator would; return parsed --json output if any
+        (``echo=False``: a poll, not shown)."""
+        return await self._run(_bin("ckms"), args, check=check, show=show, echo=echo)
 
     async def exit_code(self, *args: str) -> int:
         """Run one ``ckms`` command quietly and return its exit status only."""
@@ -103,9 +114,11 @@ class Demo:
         check: bool,
         show: bool,
         env: dict[str, str] | None = None,
+        echo: bool = True,
     ) -> Any:
         shown = " ".join(a if " " not in a else repr(a) for a in args)
-        console.print(f"  [dim]$ {Path(exe).name} {shown}[/]")
+        if echo:
+            console.print(f"  [dim]$ {Path(exe).name} {shown}[/]")
         proc = await asyncio.create_subprocess_exec(
             exe,
             *args,
@@ -163,6 +176,10 @@ class Demo:
         log = self.work / "hosts" / host / "reloads.log"
         return len(log.read_text().splitlines()) if log.exists() else 0
 
+    def cert_dir(self, host: str) -> Path:
+        """Where the tls-cert key's files land on one host."""
+        return self.work / "hosts" / host / "root" / CERT_PATH.format(purpose="web-cert")[1:]
+
     def keyring(self, host: str) -> dict[str, Any] | None:
         """The key's keyring file on one host, or None when it is not there."""
         try:
@@ -201,6 +218,9 @@ async def run_demo(keep: bool = False) -> int:
             await _controller(demo, bootstrap)
             await _agents(demo)
             await _key_lifecycle(demo)
+            await _certificates(demo)
+            demo.step("Verifying the audit log (hash chain and signed checkpoints)")
+            await demo.ckms("audit", "verify", show=True)
         console.print(
             f"\n[bold green]✔ demo finished: every step converged "
             f"({time.monotonic() - started:.1f} s)[/]"
@@ -295,10 +315,19 @@ async def _agents(demo: Demo) -> None:
         # a keyring with a primary.
         reload_cmd = ["sh", "-c", f"echo reloaded >> {base / 'reloads.log'}"]
         health_cmd = ["grep", "-q", '"primary"', str(demo.keyring_path(host))]
+        # The certificate's hook: note the reload; check the chain as a server would.
+        cert_dir = demo.cert_dir(host)
+        cert_reload = ["sh", "-c", f"echo reloaded >> {base / 'cert-reloads.log'}"]
+        cert_health = [
+            _bin("openssl"), "verify", "-CAfile", str(cert_dir / "ca.pem"),
+            "-untrusted", str(cert_dir / "chain.pem"), str(cert_dir / "cert.pem"),
+        ]  # fmt: skip
         with config.open("a") as out:
             out.write(
                 f"\n[hooks.{HOOK}]\nreload = {json.dumps(reload_cmd)}\n"
                 f"health = {json.dumps(health_cmd)}\ntimeout_s = 10\n"
+                f"\n[hooks.{CERT_HOOK}]\nreload = {json.dumps(cert_reload)}\n"
+                f"health = {json.dumps(cert_health)}\ntimeout_s = 10\n"
             )
         await demo.start(host, _bin("ckms-agent"), "run", "--config", str(config))
     console.print(f"  enrolled and running: {', '.join(HOSTS)} (each defines hook {HOOK!r})")
@@ -379,8 +408,96 @@ async def _key_lifecycle(demo: Demo) -> None:
     await _wait_fleet(demo, 60)
     console.print("  every host acknowledged the removal; the fleet has converged on v2")
 
-    demo.step("Verifying the audit log (hash chain and signed checkpoints)")
-    await demo.ckms("audit", "verify", show=True)
+
+def _serial_on_disk(demo: Demo, host: str) -> str | None:
+    """The serial of the certificate installed on ``host`` (None: none, or being replaced)."""
+    from ckms.crypto import certificate_info
+
+    try:
+        return certificate_info((demo.cert_dir(host) / "cert.pem").read_bytes()).serial_hex
+    except (OSError, CKMSError):
+        return None
+
+
+async def _cert_fleet(demo: Demo, timeout_s: float, *, not_serials: set[str]) -> dict[str, str]:
+    """Poll until every host acknowledged a certificate of the tls-cert key whose serial is not
+    in ``not_serials``; return host → serial."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = await demo.ckms("fleet", "status", CERT_KEY, "--json", check=False, echo=False)
+        if isinstance(reply, dict) and reply.get("keys"):
+            got = {
+                h["host"]: h["cert_serial"]
+                for h in reply["keys"][0]["hosts"]
+                if h.get("cert_installed") and h.get("cert_serial") not in not_serials
+            }
+            if len(got) == len(HOSTS):
+                return got
+        if time.monotonic() > deadline:
+            raise DemoError(f"not every host installed a certificate within {timeout_s:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+async def _certificates(demo: Demo) -> None:
+    demo.step(
+        f"Issuing {CERT_KEY} (tls-cert) to the three hosts: each makes its own private key "
+        "and sends only a CSR; the controller's CA signs the names the spec renders per host"
+    )
+    await demo.ckms(
+        "key", "create", CERT_KEY,
+        "--type", "tls-cert",
+        "--target", "env=demo,role=web",
+        "--path", CERT_PATH,
+        "--san", "{host}.demo.internal",
+        "--san", "127.0.0.1",
+        "--cert-usage", "both",
+        "--cert-lifetime", f"{CERT_LIFETIME_S}s",
+        "--reload", CERT_HOOK,
+    )  # fmt: skip
+    first = await _cert_fleet(demo, 60, not_serials=set())
+    await demo.ckms("fleet", "status", CERT_KEY, show=True)
+
+    demo.step("Checking what the hosts installed with OpenSSL (openssl verify -CAfile ca.pem)")
+    for host in HOSTS:
+        d = demo.cert_dir(host)
+        proc = await asyncio.create_subprocess_exec(
+            _bin("openssl"), "verify", "-CAfile", str(d / "ca.pem"),
+            "-untrusted", str(d / "chain.pem"), str(d / "cert.pem"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise DemoError(f"openssl verify refused {host}'s certificate: {out.decode()}")
+        console.print(f"  {host}: {out.decode().strip().replace(str(d) + '/', '')}")
+
+    demo.step(
+        f"Watching the hosts renew: {CERT_LIFETIME_S} s certificates are renewed at two thirds "
+        "of their lifetime, each with a fresh key"
+    )
+    began = time.monotonic()
+    renewed = await _cert_fleet(demo, 2 * CERT_LIFETIME_S, not_serials=set(first.values()))
+    table = Table(title=f"renewed after {time.monotonic() - began:.0f} s of watching")
+    for column in ("host", "first serial", "renewed serial"):
+        table.add_column(column)
+    for host in HOSTS:
+        table.add_row(host, first[host][:16] + "…", renewed[host][:16] + "…")
+    console.print(table)
+
+    demo.step(f"Revoking {CERT_KEY}: renewal stops, the files go, the serials are published")
+    await demo.ckms(
+        "key", "revoke", CERT_KEY, "--reason", "keyCompromise", "-m", "demo: retire the certs"
+    )
+    deadline = time.monotonic() + 60
+    while any((demo.cert_dir(h) / "key.pem").exists() for h in HOSTS):
+        if time.monotonic() > deadline:
+            raise DemoError("a host still holds the revoked certificate's files after 60 s")
+        await asyncio.sleep(0.05)
+    console.print("  every host removed key.pem, cert.pem and the rest")
+    crl = demo.work / "ckms.crl.pem"
+    await demo.ckms("ca", "crl", "--out", str(crl), show=True)
+    text = crl.read_text()
+    if "BEGIN X509 CRL" not in text:
+        raise DemoError("ckms ca crl wrote no CRL")
 
 
 def _material_of(ring: dict[str, Any] | None, version: int) -> str | None:

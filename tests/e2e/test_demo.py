@@ -20,3 +20,7 @@ def test_the_demo_converges_and_exits_0() -> None:
     out = proc.stdout
     for step in ("Unsealing", "Rotating", "removed after", "audit log OK", "every step converged"):
         assert step in out, step
+    # The tls-cert steps: three hosts' certificates verified by OpenSSL, renewed, revoked.
+    assert out.count("cert.pem: OK") == 3
+    for step in ("renewed after", "every host removed key.pem", "revoked serials written"):
+        assert step in out, step
