@@ -370,16 +370,19 @@ class ControllerCA:
         """One CRL per trusted generation (PEM, concatenated), each listing that generation's
         revoked certificates that have not expired; numbered by time so each is newer."""
         state = await self.state()
-        rows = await self._store.fetchall(
-            "SELECT * FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ? "
-            "ORDER BY serial",
-            (format_time(now),),
+        # Every row is checked before it is filtered: a WHERE on revoked_at or not_after would
+        # skip, unchecked, a row whose revocation the file's owner cleared or backdated.
+        rows = _unexpired_checked(
+            self._store.row_key,
+            await self._store.fetchall("SELECT * FROM certificates ORDER BY serial"),
+            now,
         )
         by_generation: dict[int, list[tuple[int, datetime]]] = {}
         serials = []
         for row in rows:
+            if row["revoked_at"] is None:
+                continue
             serials.append(str(row["serial"]))
-            rowmac.check_certificate(self._store.row_key, row)
             by_generation.setdefault(int(row["ca_generation"]), []).append(
                 (parse_serial(str(row["serial"])), parse_time(str(row["revoked_at"])))
             )
@@ -467,14 +470,18 @@ async def revoke_certificates(
         where, args = "key_id = ? AND version = ?", (key_id, version)
     else:
         raise ConfigError("revoke certificates of a key version or of a host")
-    rows = await tx.fetchall(
-        f"SELECT * FROM certificates WHERE {where} AND revoked_at IS NULL "  # noqa: S608
-        "AND not_after > ? ORDER BY serial",
-        (*args, format_time(now)),
+    rows = _unexpired_checked(
+        tx.row_key,
+        await tx.fetchall(
+            f"SELECT * FROM certificates WHERE {where} ORDER BY serial",  # noqa: S608
+            args,
+        ),
+        now,
     )
     serials = []
     for row in rows:
-        rowmac.check_certificate(tx.row_key, row)
+        if row["revoked_at"] is not None:
+            continue
         await tx.execute(
             "UPDATE certificates SET revoked_at = ? WHERE serial = ?",
             (format_time(now), row["serial"]),
@@ -482,3 +489,15 @@ async def revoke_certificates(
         await rowmac.stamp_certificate(tx, str(row["serial"]))
         serials.append(str(row["serial"]))
     return tuple(serials)
+
+
+def _unexpired_checked(row_key: bytes | None, rows: list[Any], now: datetime) -> list[Any]:
+    """The rows that have not expired at ``now``, every one of ``rows`` MAC-checked first.
+
+    Revocation and the CRL select by ``revoked_at`` and ``not_after``, which the row MAC
+    covers; filtering in SQL would never check the rows it leaves out, so a row whose
+    revocation was cleared or whose expiry was backdated in the file would silently escape.
+    """
+    for row in rows:
+        rowmac.check_certificate(row_key, row)
+    return [row for row in rows if parse_time(str(row["not_after"])) > now]

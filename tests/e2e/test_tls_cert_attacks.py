@@ -1,0 +1,81 @@
+"""Attacks on issued certificates' records: a database file owner who edits ``certificates``
+rows must not make a revoked serial vanish from the CRL, nor keep a certificate out of a
+revocation. Real controller, CA, SSH and SQLite file; the host asks over its own connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckms.controller.service import Controller
+from ckms.crypto import KeyType, build_csr, crl_serials, generate
+from ckms.errors import IntegrityError
+from ckms.protocol import CertSignReply, CertSignRequest, InstallSpec, Targets, TlsProfile
+from tests.support.audit import tamper
+from tests.support.fleet import enroll_agent, host_rpc
+
+pytestmark = [pytest.mark.kafka]
+
+DB = {"env": "prod", "role": "db"}
+SPEC = InstallSpec(path="/etc/ckms/tls/{purpose}", format="tls-pem", tls=TlsProfile())
+BACKDATE = "UPDATE certificates SET not_after = '2001-01-01T00:00:00Z'"
+
+
+async def _issued(c: Controller, tmp_path: Path, host: str = "db-1") -> str:
+    """Create a tls-cert key for ``host``, have the host get a certificate; its serial."""
+    config = await enroll_agent(c, tmp_path, host, DB)
+    await c.lifecycle.create(
+        "db/server", "tls-cert", targets=Targets(selectors=(DB,)), install=SPEC, actor="alice"
+    )
+    csr = build_csr(generate(KeyType.ECDSA_P256), None).decode()
+    async with host_rpc(c, config) as rpc:
+        reply = CertSignReply.model_validate(
+            await rpc.call(
+                "cert_sign",
+                CertSignRequest(key="db/server", version=1, csr=csr).model_dump(mode="json"),
+            )
+        )
+    return reply.serial
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE certificates SET revoked_at = NULL",  # the revocation cleared
+        BACKDATE,  # made to look expired
+    ],
+)
+async def test_an_edited_revoked_row_fails_the_crl_instead_of_leaving_it(
+    controller: Controller, tmp_path: Path, edit: str
+) -> None:
+    c = controller
+    serial = await _issued(c, tmp_path)
+    await c.hosts.revoke("db-1", actor="alice")
+    _, serials = await c.ca.crl(now=c.clock())
+    assert serial in serials
+    tamper(c.settings.db_path, edit)
+    with pytest.raises(IntegrityError, match="failed integrity check"):
+        await c.ca.crl(now=c.clock())
+
+
+async def test_a_row_made_to_look_expired_fails_the_revocation_instead_of_escaping_it(
+    controller: Controller, tmp_path: Path
+) -> None:
+    c = controller
+    await _issued(c, tmp_path)
+    tamper(c.settings.db_path, BACKDATE)
+    with pytest.raises(IntegrityError, match="failed integrity check"):
+        await c.hosts.revoke("db-1", actor="alice")
+    assert not (await c.hosts.get("db-1")).revoked  # nothing half done
+
+
+async def test_the_crl_lists_a_revoked_serial_signed_by_its_issuer(
+    controller: Controller, tmp_path: Path
+) -> None:
+    c = controller
+    serial = await _issued(c, tmp_path)
+    await c.hosts.revoke("db-1", actor="alice")
+    pem, _ = await c.ca.crl(now=c.clock())
+    state = await c.ca.state()
+    assert serial in {format(s, "x") for s in crl_serials(pem, state.active.issuing.certificate)}
