@@ -3,10 +3,10 @@
     python bench/keys.py                                   # 10k, 30k, 100k keys; 1M records
     python bench/keys.py --keys 500,1500,5000 --records 50000   # quick
 
-Everything runs in this process on real SQLite files (WAL, synchronous=FULL) through the real
-paths: keys are created with ``Lifecycle.create_many`` (each sealed under the data KEK, audited
-and evented) in the requests ``ckms key create --from-file`` sends, audit records with
-``audit.append``. No Kafka and no SSH: what is measured is the controller's own work.
+Everything runs in this process, on a real controller's store (SQLite files, WAL,
+synchronous=FULL) through the real paths: keys are created with ``Lifecycle.create_many``
+(each sealed under the data KEK, audited and evented) in the requests ``ckms key create
+--from-file`` sends, audit records with ``audit.append``. No Kafka; SSH only for the CLI phase.
 
 Per key count, in one run:
 
@@ -17,9 +17,13 @@ Per key count, in one run:
 - **key.list**: every page of the admin handler, each reply encoded as JSON (what the CLI
   receives, minus SSH), and the bytes of the largest page.
 
-For the audit log (a store of its own): appends one per transaction and group-committed (1,000
-per transaction), a full ``audit verify`` (streamed, in a worker thread) with the RSS it adds,
-and one incremental checkpoint over 1,000 new records.
+For the audit log (a store of its own): appends one per transaction (beside plain sqlite3's rate
+on the same disk, which bounds it: one fsync each) and group-committed (1,000 per
+transaction), a full ``audit verify`` (streamed, in a worker thread) with the RSS it adds, and
+one incremental checkpoint over 1,000 new records.
+
+Per key count the CLI phase also runs the real ``ckms key list`` and ``ckms key list --json``
+in a process of their own against this controller's SSH endpoint (``--no-ssh`` skips it).
 
 A loop-lag probe (a task asking to wake every 5 ms) records the worst event-loop stall of each
 phase. Ratios 100k/10k are printed at the end. The machine may be shared: figures are noisy.
@@ -32,6 +36,7 @@ import asyncio
 import gc
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -288,6 +293,24 @@ async def _append(store: Store, n: int, *, per_tx: int, start: int = 0) -> None:
                 )
 
 
+def _raw_commits(path: Path, n: int) -> float:
+    """Transactions/s of plain sqlite3 (no ckms) inserting one audit-sized row each, with the
+    store's pragmas (WAL, synchronous=FULL): what the disk allows one per transaction."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        start = time.perf_counter()
+        for i in range(n):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?, ?)", (i, "x" * 300))
+            conn.execute("COMMIT")
+        return n / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
 async def audit_phase(root: Path, records: int, lag: LoopLag) -> dict[str, float]:
     """Append rates, a full streamed verify and one incremental checkpoint."""
     store = await Store.open(root / "audit.db")
@@ -302,6 +325,9 @@ async def audit_phase(root: Path, records: int, lag: LoopLag) -> dict[str, float
 
     try:
         single = min(3000, records)
+        out["raw sqlite3 1 insert/tx (this disk) /s"] = await asyncio.to_thread(
+            _raw_commits, root / "raw.db", single
+        )
         async with lag.phase() as p:
             await _append(store, single, per_tx=1)
         out["append 1/tx records/s"] = single / p["seconds"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, TypeVar
@@ -14,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ckms.cli._client import Connection, Session, run
 from ckms.cli._errors import NotConvergedError, cli_errors
-from ckms.cli._render import err_console, print_json
+from ckms.cli._render import err_console, json_text, print_json
 from ckms.protocol import admin as api
 
 __all__ = ["JsonOption", "call_and_show", "conn", "show_pages", "wait_converged"]
@@ -122,10 +121,12 @@ def show_pages(
                 if not as_json:
                     shown.extend(items)
                     continue
+                texts = []
                 for item in items:
-                    text = json.dumps(item.model_dump(mode="json"), indent=2, sort_keys=True)
-                    typer.echo(("\n" if first else ",\n") + _indent(text, 4), nl=False)
+                    text = json_text(item.model_dump(mode="json"))
+                    texts.append(("\n" if first else ",\n") + _indent(text, 4))
                     first = False
+                typer.echo("".join(texts), nl=False)  # one write a page, not one an item
         if as_json:
             typer.echo(("\n  " if not first else "") + "]\n}")
         return shown

@@ -8,12 +8,22 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic_core
 import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["age", "console", "err_console", "print_json", "table", "when"]
+__all__ = [
+    "age",
+    "console",
+    "err_console",
+    "json_text",
+    "print_json",
+    "print_table",
+    "table",
+    "when",
+]
 
 
 def _console(stderr: bool) -> Console:
@@ -37,6 +47,27 @@ def print_json(value: BaseModel | dict[str, Any] | list[Any]) -> None:
     """Print a reply as indented, sorted JSON on stdout."""
     data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
     typer.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def json_text(value: Any) -> str:
+    """``value`` (JSON data) as ``json.dumps(value, indent=2, sort_keys=True)`` writes it.
+
+    Through pydantic-core's encoder, about 4x faster than the json module's indenting one
+    (listing 100,000 keys spent most of its time there); text that is not all ASCII, which
+    the two would write differently (escaped or not), goes through the json module.
+    """
+    text = pydantic_core.to_json(_sorted(value), indent=2).decode("utf-8")
+    if text.isascii():
+        return text
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_sorted(v) for v in value]
+    return value
 
 
 def when(value: datetime | None) -> str:
@@ -67,6 +98,25 @@ def until(value: datetime | None, now: datetime | None = None) -> str:
         return "-"
     delta = (value - (now or datetime.now(UTC))).total_seconds()
     return age(-delta) if delta >= 0 else f"{age(-delta)} ago"
+
+
+PLAIN_ROWS_ABOVE = 1000
+"""Rows above which :func:`print_table` writes plain aligned columns: rich lays a table out at
+about half a millisecond a row (100,000 keys took 45 s to print)."""
+
+
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Print a table on stdout: :func:`table` for a screenful, plain aligned columns (two
+    spaces apart, as the table lays them out, never folded) for a long listing."""
+    cells = [tuple("-" if cell is None else str(cell) for cell in row) for row in rows]
+    if len(cells) <= PLAIN_ROWS_ABOVE:
+        console().print(table(None, columns, cells))
+        return
+    widths = [max(len(name), *(len(row[i]) for row in cells)) for i, name in enumerate(columns)]
+    out = sys.stdout
+    for row in [tuple(columns), *cells]:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    out.flush()
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

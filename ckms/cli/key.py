@@ -23,7 +23,7 @@ from ckms.cli._parse import (
     parse_reason,
     parse_targets,
 )
-from ckms.cli._render import age, console, err_console, print_json, table, until, when
+from ckms.cli._render import age, console, err_console, print_json, print_table, table, until, when
 from ckms.errors import ConfigError
 from ckms.protocol import InstallSpec, Targets, canonical_json, default_install, validate_key_name
 from ckms.protocol import admin as api
@@ -417,22 +417,19 @@ def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List every key with its primary version and next rotation (all pages)."""
 
     def render(keys: list[api.KeySummary]) -> None:
-        console().print(
-            table(
-                None,
-                ["name", "type", "primary", "versions", "targets", "next rotation"],
-                [
-                    (
-                        k.name,
-                        k.type,
-                        f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
-                        ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
-                        " | ".join(k.targets) or "-",
-                        until(k.next_rotation_at),
-                    )
-                    for k in keys
-                ],
-            )
+        print_table(
+            ["name", "type", "primary", "versions", "targets", "next rotation"],
+            [
+                (
+                    k.name,
+                    k.type,
+                    f"v{k.primary_version} {k.primary_state}" if k.primary_version else "none",
+                    ", ".join(f"{n} {s}" for s, n in sorted(k.states.items())),
+                    " | ".join(k.targets) or "-",
+                    until(k.next_rotation_at),
+                )
+                for k in keys
+            ],
         )
 
     show_pages(ctx, lambda s: api.key_pages(s.call), "keys", render, as_json=as_json)

@@ -33,6 +33,7 @@ __all__ = [
     "fill_next_due",
     "next_due",
     "plan_due_work",
+    "rotation_due",
 ]
 
 
@@ -96,6 +97,12 @@ def next_due(key: AnyKey) -> datetime | None:
     so a scheduler pass reads only the keys due by now instead of every key.
     """
     return min((due for _, _, due in _candidates(key)), default=None)
+
+
+def rotation_due(key: AnyKey) -> datetime | None:
+    """When ``key``'s primary is due to rotate, due or not (None: no Active primary, or a newer
+    version waits in PreActive); what ``key list`` shows for each key."""
+    return min((due for bucket, _, due in _candidates(key) if bucket == "rotate"), default=None)
 
 
 def plan_due_work(keys: Iterable[AnyKey], now: datetime) -> DueWork:

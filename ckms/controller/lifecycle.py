@@ -624,9 +624,13 @@ class Lifecycle:
             # Checked whole first (a refusal creates nothing), but the models are not kept:
             # 100,000 of them alive at once would make each full garbage collection (which
             # walks every live object, holding the loop) longer than the loop may stall.
+            # (A request's worth, one batch, is kept: checking it twice would cost for nothing.)
             seen: set[str] = set()
+            checked: list[Key] = []
             for i, spec in enumerate(specs):
-                self._new_numbered(i, spec, now=now, actor=actor, seen=seen)
+                key = self._new_numbered(i, spec, now=now, actor=actor, seen=seen)
+                if len(specs) <= batch:
+                    checked.append(key)
                 if i % _BUILD_SLICE == _BUILD_SLICE - 1:
                     await asyncio.sleep(0)  # checking 100,000 specs must not hold the loop
             del seen
@@ -640,11 +644,12 @@ class Lifecycle:
                 )
             created: list[str] = []
             for start in range(0, len(specs), batch):
-                chunk: list[Key] = []
-                for i, spec in enumerate(specs[start : start + batch], start):
-                    chunk.append(self._new_numbered(i, spec, now=now, actor=actor))
-                    if i % _CREATE_SLICE == _CREATE_SLICE - 1:
-                        await asyncio.sleep(0)
+                chunk: list[Key] = list(checked)  # one batch only: the models checked above
+                if not chunk:
+                    for i, spec in enumerate(specs[start : start + batch], start):
+                        chunk.append(self._new_numbered(i, spec, now=now, actor=actor))
+                        if i % _CREATE_SLICE == _CREATE_SLICE - 1:
+                            await asyncio.sleep(0)
                 created += [k.name for k in await self._create_batch(chunk, now=now, actor=actor)]
                 del chunk
             log.info("created %d keys by %s", len(created), actor)

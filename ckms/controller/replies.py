@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ckms.controller.approvals import ApprovalRequest
-from ckms.controller.duework import plan_due_work
+from ckms.controller.duework import rotation_due
 from ckms.controller.keyview import AnyKey
 from ckms.controller.models import Host, Key, Policy
 from ckms.controller.operators import Operator
@@ -49,8 +49,8 @@ def policy_info(policy: Policy) -> api.PolicyInfo:
 
 def next_rotation(key: AnyKey, now: datetime) -> datetime | None:
     """When the key's primary is due to rotate (None: no Active primary, or a version waits)."""
-    work = plan_due_work([key], now + _ROTATION_HORIZON)
-    return work.rotate[0].due_at if work.rotate else None
+    due = rotation_due(key)
+    return due if due is not None and due <= now + _ROTATION_HORIZON else None
 
 
 def key_info(key: Key, *, now: datetime, hosts_targeted: int | None = None) -> api.KeyInfo:

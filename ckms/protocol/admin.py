@@ -10,6 +10,7 @@ the one-time enrollment token of ``host.enroll``, shown once.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -476,17 +477,27 @@ async def pages(
     Each page is read in its own snapshot: an item added meanwhile shows when it sorts after
     the cursor; no item present throughout is missed or shown twice. A cursor that does not
     advance is the controller's fault, refused rather than followed forever.
+
+    The next page is asked for as soon as a page arrives, before it is handed on: the
+    controller reads it while the caller shows this one (one request in flight at a time).
     """
     after: str | None = None
-    while True:
-        page = await call(method, params(after), reply)
-        yield page
-        cursor = page.next
-        if cursor is None:
-            return
-        if after is not None and cursor <= after:
-            raise ProtocolError(f"the controller's {method} cursor did not advance")
-        after = cursor
+    ahead: asyncio.Future[_R] | None = asyncio.ensure_future(call(method, params(after), reply))
+    try:
+        while ahead is not None:
+            page = await ahead
+            ahead = None
+            cursor = page.next
+            if cursor is not None:
+                if after is not None and cursor <= after:
+                    raise ProtocolError(f"the controller's {method} cursor did not advance")
+                after = cursor
+                ahead = asyncio.ensure_future(call(method, params(after), reply))
+                await asyncio.sleep(0)  # the request is on its way before the page is shown
+            yield page
+    finally:
+        if ahead is not None:
+            ahead.cancel()
 
 
 def key_pages(call: PageCall, *, limit: int = KEY_PAGE_DEFAULT) -> AsyncIterator[KeyListReply]:
