@@ -219,18 +219,22 @@ class Lifecycle:
                 by_name = await self._load_all()
                 ordered = list(by_name)  # read by name: already in order
             else:
-                by_name = dict(current[1])
-                ordered = list(self._ordered)
                 async with self._store.read() as r:
                     fresh = await _repo.key_views_by_ids(r, ids)
+                by_name = dict(current[1])
+                ordered = self._ordered
+                before = {self._names[i] for i in ids if i in self._names}
+                if before != {k.name for k in fresh}:  # a key added or gone: names re-sorted
+                    ordered = list(ordered)
+                    for name in before:
+                        del ordered[bisect.bisect_left(ordered, name)]
+                    for key in fresh:
+                        bisect.insort(ordered, key.name)
                 for key_id in ids:
                     gone = self._names.pop(key_id, None)
                     if gone is not None:
                         by_name.pop(gone, None)
-                        del ordered[bisect.bisect_left(ordered, gone)]
                 for key in fresh:
-                    if key.name not in by_name:
-                        bisect.insort(ordered, key.name)
                     by_name[key.name] = key
                     self._names[key.id] = key.name
             self._ordered = ordered
