@@ -435,6 +435,10 @@ class Agent:
             keyed, held, drifted=report.drifted, tombstones=frozenset(ops.tombstones)
         )
         acked: dict[str, set[int]] = {}
+        # A failed change the controller no longer asks for (what it wants is what the host
+        # holds, e.g. a rollout stage rolled back) is forgotten: asked again later, it is
+        # tried at once instead of waiting out the hold-off.
+        ops.forget_failures(except_keys={p.key for p in plans})
         # Retried by the periodic reconcile (a little less than its interval, so the next one
         # does retry), or as soon as the key changes.
         retry_after = 0.9 * self._reconcile_interval()

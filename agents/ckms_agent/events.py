@@ -5,8 +5,10 @@ replay) by :class:`ckms.consumer.Subscriber`. Here each is mapped to one action:
 
 - ``key.created`` / ``key.rotated`` / ``key.targets_changed`` for a key whose targets match
   this host, or that it holds; ``key.state_changed`` for a key it holds or the controller last
-  listed for it; ``key.policy_changed`` for a key it holds → **reconcile** that key (``sync`` +
-  ``fetch``; the digest named in the event is checked too);
+  listed for it; ``key.policy_changed`` for a key it holds; ``key.rollout`` for a key it holds,
+  that the controller last listed for it or whose targets match it → **reconcile** that key
+  (``sync`` + ``fetch``; the digest named in the event is checked too; whether a rollout stage
+  includes this host is the sync reply's to say);
 - ``key.revoked`` / ``key.destroyed`` for a key it holds → **remove versions** locally at once,
   from the signed event alone, even if the controller is unreachable;
 - ``ca.rotated`` → **refresh trust**: sync now, so the new trust bundle (and certificates from
@@ -32,6 +34,7 @@ from ckms.protocol import (
     KeyDestroyed,
     KeyPolicyChanged,
     KeyRevoked,
+    KeyRollout,
     KeyRotated,
     KeyStateChanged,
     KeyTargetsChanged,
@@ -44,6 +47,7 @@ RELEVANT_TYPES = frozenset(
         EventType.KEY_STATE_CHANGED,
         EventType.KEY_TARGETS_CHANGED,
         EventType.KEY_POLICY_CHANGED,
+        EventType.KEY_ROLLOUT,
         EventType.KEY_REVOKED,
         EventType.KEY_DESTROYED,
         EventType.HOST_REVOKED,
@@ -98,7 +102,7 @@ def classify(
                 {data.version: data.digest},
             )
         return IGNORE
-    if isinstance(data, KeyTargetsChanged):
+    if isinstance(data, KeyTargetsChanged | KeyRollout):
         if data.key in held or data.targets.matches(host_id, dict(labels)):
             return Decision(EventAction.RECONCILE, data.key)
         return IGNORE

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +221,14 @@ class KeyOps:
             return False
         signature, at = failed
         return signature == _signature(plan.desired) and self._clock() - at < retry_after_s
+
+    def forget_failures(self, *, except_keys: Set[str]) -> None:
+        """Forget the failed changes of every key but ``except_keys`` (the keys a sync still
+        asks to change): the controller's desired state for the others is what the host
+        holds, so the failed change is no longer wanted, and a later request for it (a
+        resumed rollout) is a new attempt."""
+        for name in [n for n in self._failed_plans if n not in except_keys]:
+            del self._failed_plans[name]
 
     def _note_failure(self, desired: DesiredKey) -> None:
         now = self._clock()

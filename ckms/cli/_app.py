@@ -29,6 +29,7 @@ from ckms.cli import (
     operator,
     report,
     request,
+    rollout,
     vault,
 )
 from ckms.cli._client import Connection
@@ -112,6 +113,7 @@ app.add_typer(key.app, name="key")
 app.add_typer(host.app, name="host")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(ca.app, name="ca")
+app.add_typer(rollout.app, name="rollout")
 app.add_typer(audit.app, name="audit")
 app.add_typer(operator.app, name="operator")
 app.add_typer(request.app, name="request")

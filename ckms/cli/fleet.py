@@ -48,6 +48,14 @@ def status(
                 f"primary v{fleet.primary_version or '-'}, distributing {wanted}"
             )
             out.print(title)
+            r = fleet.rollout
+            if r is not None:
+                out.print(
+                    f"  rollout v{r.version}: {r.state}, stage {r.stage} of {len(r.stages)} "
+                    f"(gate {r.gate})"
+                    + (f"; failed on {', '.join(r.failed[:10])}" if r.failed else "")
+                    + (f"; held up by {', '.join(r.waiting[:10])}" if r.waiting else "")
+                )
             certs = any(h.cert_serial for h in fleet.hosts)
             columns = ["host", "state", "versions", "age", "reason"]
             if certs:

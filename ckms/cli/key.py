@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -25,7 +26,16 @@ from ckms.cli._parse import (
 )
 from ckms.cli._render import age, console, err_console, print_json, print_table, table, until, when
 from ckms.errors import ConfigError
-from ckms.protocol import InstallSpec, Targets, canonical_json, default_install, validate_key_name
+from ckms.protocol import (
+    ActivateWhen,
+    InstallSpec,
+    Targets,
+    canonical_json,
+    default_install,
+    parse_gate,
+    parse_stages,
+    validate_key_name,
+)
 from ckms.protocol import admin as api
 from ckms.protocol._rpc import MAX_REQUEST_BYTES
 from ckms.protocol.admin import MAX_IMPORT_BYTES, ImportFormat
@@ -33,6 +43,8 @@ from ckms.protocol.admin import MAX_IMPORT_BYTES, ImportFormat
 app = typer.Typer(
     help="Keys: create, rotate, revoke, destroy; policies and targets.", no_args_is_help=True
 )
+
+T = TypeVar("T")
 
 NameArg = Annotated[str, typer.Argument(help="Key name, team/purpose.", show_default=False)]
 VersionOpt = Annotated[int, typer.Option("--version", "-v", help="Version number.", min=1)]
@@ -56,6 +68,14 @@ TimeoutOpt = Annotated[
 ]
 
 
+def _option(parse: Callable[[str], T], text: str, option: str) -> T:
+    """``parse(text)``, its ConfigError a usage error naming ``option``."""
+    try:
+        return parse(text)
+    except ConfigError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
 def _seconds(text: str | None, option: str) -> int | None:
     return None if text is None else int(parse_duration(text, option=option).total_seconds())
 
@@ -67,8 +87,20 @@ def _policy_patch(
     max_staleness: str | None,
     approvals: str | None,
     cert_lifetime: str | None = None,
+    activate_when: str | None = None,
+    activation_deadline: str | None = None,
 ) -> api.PolicyPatch:
+    activation = None
+    if activate_when is not None:
+        try:
+            activation = ActivateWhen(activate_when)
+        except ValueError:
+            raise UsageError(
+                f"--activate-when: unknown value {activate_when!r}; use delay or converged"
+            ) from None
     return api.PolicyPatch(
+        activate_when=activation,
+        activation_deadline_s=_seconds(activation_deadline, "--activation-deadline"),
         cryptoperiod_s=_seconds(cryptoperiod, "--cryptoperiod"),
         grace_s=_seconds(grace, "--grace"),
         activation_delay_s=_seconds(activation_delay, "--activation-delay"),
@@ -140,7 +172,13 @@ def _render_key(info: api.KeyInfo) -> None:
     out.print(
         f"policy: cryptoperiod {age(p.cryptoperiod_s)}, grace {age(p.grace_s)}, activation "
         f"delay {age(p.activation_delay_s)}, max staleness {age(p.max_staleness_s)}, "
-        f"approvals {','.join(p.approvals_required) or 'none'}"
+        f"approvals {','.join(p.approvals_required) or 'none'}, activate when "
+        f"{p.activate_when}"
+        + (
+            f" (deadline {age(p.activation_deadline_s)})"
+            if p.activate_when == "converged" and p.activation_deadline_s
+            else ""
+        )
     )
     env = f" (env {info.targets.env})" if info.targets.env else ""
     out.print(f"targets: {' | '.join(info.targets.describe()) or 'none'}{env}")
@@ -600,6 +638,40 @@ def rotate(
     import_format: Annotated[
         str, typer.Option("--import-format", help="Format of --import-file (default auto).")
     ] = "auto",
+    activate_when: Annotated[
+        str | None,
+        typer.Option(
+            "--activate-when",
+            help="delay (the policy's activation delay) or converged (primary only once every "
+            "targeted host acknowledged it). Default: the key's policy.",
+        ),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help="Roll out in stages, cumulative shares of the targeted hosts ending at 100% "
+            "(e.g. 5%,25%,100%); activates when the last stage converges.",
+        ),
+    ] = None,
+    gate: Annotated[
+        str | None,
+        typer.Option(
+            "--gate",
+            help="What each stage must pass before the next: installed, or healthy (the "
+            "install spec's health check passed on every host of the stage).",
+        ),
+    ] = None,
+    spread: Annotated[
+        str | None,
+        typer.Option("--spread", help="Spread each stage's sample over this host label (zone)."),
+    ] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option(
+            "--deadline", help="How long the rollout may wait (e.g. 2h; default: the policy's)."
+        ),
+    ] = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 60.0,
     as_json: JsonOption = False,
@@ -608,9 +680,29 @@ def rotate(
     with --wait, show hosts converging and exit 3 on timeout."""
     with cli_errors():
         _valid_name(name)
+        activation = None
+        if activate_when is not None:
+            try:
+                activation = ActivateWhen(activate_when)
+            except ValueError:
+                raise UsageError(
+                    f"--activate-when: unknown value {activate_when!r}; use delay or converged"
+                ) from None
+        staged = None if stages is None else _option(parse_stages, stages, "--stages")
+        gated = None if gate is None else _option(parse_gate, gate, "--gate")
+        if activation is ActivateWhen.DELAY and (staged or gated or spread):
+            raise UsageError(
+                "--activate-when delay cannot go with --stages, --gate or --spread: a staged "
+                "rollout activates when its last stage converges"
+            )
         params = api.KeyRotateParams(
             name=name,
             reason=reason,
+            activate_when=activation,
+            stages=staged,
+            gate=gated,
+            spread=spread,
+            deadline_s=_seconds(deadline, "--deadline"),
             material=None if import_file is None else read_import_file(import_file),  # type: ignore[arg-type]
             format=_file_format(import_format),
         )
@@ -722,13 +814,31 @@ def policy(
         str | None,
         typer.Option(help="tls-cert: how long each host certificate lives (default 24h)."),
     ] = None,
+    activate_when: Annotated[
+        str | None,
+        typer.Option(
+            "--activate-when",
+            help="Rotations' default: delay, or converged (primary once the fleet holds it).",
+        ),
+    ] = None,
+    activation_deadline: Annotated[
+        str | None,
+        typer.Option(help="How long a converging rotation may wait (e.g. 7d)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a key's policy, or change it (dual control by default)."""
     with cli_errors():
         _valid_name(name)
         patch = _policy_patch(
-            cryptoperiod, grace, activation_delay, max_staleness, approvals, cert_lifetime
+            cryptoperiod,
+            grace,
+            activation_delay,
+            max_staleness,
+            approvals,
+            cert_lifetime,
+            activate_when=activate_when,
+            activation_deadline=activation_deadline,
         )
         if patch.empty:
             reply = conn(ctx).call("key.show", api.KeyRef(name=name), api.KeyChangeReply)

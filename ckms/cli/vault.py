@@ -54,6 +54,16 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 f"[bold yellow]certificate not renewed[/bold yellow]: host {w.host} {w.key} "
                 f"v{w.version} serial {w.serial} {state} (renewal was due {when(w.renew_at)})"
             )
+        for r in reply.rollouts:
+            line = (
+                f"rollout {r.key} v{r.version}: {r.state}, stage {r.stage} of {len(r.stages)}"
+            )
+            if r.failed:
+                line += f"; failed on {', '.join(r.failed[:10])}"
+            if r.waiting:
+                line += f"; held up by {', '.join(r.waiting[:10])}"
+                line += f" and {len(r.waiting) - 10} more" if len(r.waiting) > 10 else ""
+            out.print(line)
         a = reply.audit_anchor
         if a is not None and a.broken:
             out.print(

@@ -19,11 +19,13 @@ from ckms.controller.models import (
     KeyVersion,
     Policy,
     RevocationReason,
+    Rollout,
     Targets,
     Usage,
 )
 from ckms.crypto import KeyType
 from ckms.errors import NotFoundError, SealedError, StoreError
+from ckms.protocol import Gate, RolloutState
 from ckms.store import Reader, Transaction, format_time, parse_time
 
 _VERSION_TIME_COLUMNS = (
@@ -94,7 +96,32 @@ def _shared(kind: type, text: str) -> Any:
     return found
 
 
-def _key(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
+def _rollout(name: str, row: Any, row_key: bytes | None) -> Rollout:
+    """The rollout of one ``rollouts`` row, checked against its MAC once unsealed."""
+    rowmac.check_rollout(row_key, name, row)
+    released = row["released"]
+    return Rollout(
+        key_id=row["key_id"],
+        version=int(row["version"]),
+        stages=tuple(json.loads(row["stages"])),
+        gate=Gate(row["gate"]),
+        spread=row["spread"],
+        stage=int(row["stage"]),
+        state=RolloutState(row["state"]),
+        released=None if released is None else frozenset(json.loads(released)),
+        threshold_pct=int(row["threshold_pct"]),
+        started_at=parse_time(row["started_at"]),
+        started_by=row["started_by"],
+        stage_started_at=parse_time(row["stage_started_at"]),
+        deadline_at=parse_time(row["deadline_at"]),
+        updated_at=parse_time(row["updated_at"]),
+        reason=row["reason"],
+    )
+
+
+def _key(
+    row: Any, versions: list[Any], row_key: bytes | None, rollout: Any | None = None
+) -> Key:
     rowmac.check_key(row_key, row)
     for v in versions:
         rowmac.check_version(row_key, str(row["name"]), v)
@@ -115,6 +142,7 @@ def _key(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
             created_by=row["created_by"],
             updated_at=parse_time(row["updated_at"]),
             versions=tuple(_version(row["name"], v) for v in versions),
+            rollout=None if rollout is None else _rollout(row["name"], rollout, row_key),
         )
     except ValueError as exc:
         raise StoreError(f"stored key {row['name']!r} is malformed: {exc}") from exc
@@ -137,7 +165,8 @@ async def find_key(r: Reader, name: str) -> Key | None:
         f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id = ? ORDER BY version",  # noqa: S608
         (row["id"],),
     )
-    return _key(row, versions, r.row_key)
+    rollout = await r.fetchone("SELECT * FROM rollouts WHERE key_id = ?", (row["id"],))
+    return _key(row, versions, r.row_key, rollout)
 
 
 async def load_key(r: Reader, name: str) -> Key:
@@ -150,11 +179,11 @@ async def load_key(r: Reader, name: str) -> Key:
 
 async def list_keys(r: Reader) -> list[Key]:
     """Return every key with its versions, by name."""
-    return [key_from_rows(row, versions, r.row_key) for row, versions in await list_key_rows(r)]
+    return [key_from_rows(*rows, r.row_key) for rows in await list_key_rows(r)]
 
 
-KeyRows = tuple[Any, list[Any]]
-"""A key's row and its version rows, as read (see :func:`key_from_rows`)."""
+KeyRows = tuple[Any, list[Any], Any | None]
+"""A key's row, its version rows and its rollout row, as read (see :func:`key_from_rows`)."""
 
 
 async def list_key_rows(r: Reader) -> list[KeyRows]:
@@ -167,7 +196,8 @@ async def list_key_rows(r: Reader) -> list[KeyRows]:
     by_key: dict[str, list[Any]] = {}
     for v in versions:
         by_key.setdefault(v["key_id"], []).append(v)
-    return [(row, by_key.get(row["id"], [])) for row in rows]
+    rollouts = {r["key_id"]: r for r in await r.fetchall("SELECT * FROM rollouts")}
+    return [(row, by_key.get(row["id"], []), rollouts.get(row["id"])) for row in rows]
 
 
 async def key_rows_after(r: Reader, after: str | None, limit: int) -> list[KeyRows]:
@@ -187,7 +217,15 @@ async def key_rows_after(r: Reader, after: str | None, limit: int) -> list[KeyRo
     by_key: dict[str, list[Any]] = {}
     for v in versions:
         by_key.setdefault(v["key_id"], []).append(v)
-    return [(row, by_key.get(row["id"], [])) for row in rows]
+    rollouts = {
+        ro["key_id"]: ro
+        for ro in await r.fetchall(
+            "SELECT * FROM rollouts WHERE key_id IN "
+            "(SELECT id FROM keys WHERE name > ? AND name <= ?)",
+            (first, rows[-1]["name"]),
+        )
+    }
+    return [(row, by_key.get(row["id"], []), rollouts.get(row["id"])) for row in rows]
 
 
 class ViewBuilder:
@@ -210,7 +248,7 @@ class ViewBuilder:
     def _text(self, text: str) -> str:
         return self._texts.setdefault(text, text)
 
-    def key(self, row: Any, versions: list[Any]) -> KeyView:
+    def key(self, row: Any, versions: list[Any], rollout: Any | None = None) -> KeyView:
         """The view of one key (IntegrityError when a row's MAC does not match, StoreError when
         it is malformed), exactly what :func:`key_from_rows` would give."""
         rowmac.check_key(self._row_key, row)
@@ -219,6 +257,7 @@ class ViewBuilder:
             rowmac.check_version(self._row_key, name, v)
         t = self._time
         try:
+            its_rollout = None if rollout is None else _rollout(name, rollout, self._row_key)
             params = json.loads(row["params"]) if row["params"] != "{}" else {}
             return KeyView(
                 id=row["id"],
@@ -258,15 +297,18 @@ class ViewBuilder:
                     )
                     for v in versions
                 ),
+                rollout=its_rollout,
             )
         except ValueError as exc:
             raise StoreError(f"stored key {name!r} is malformed: {exc}") from exc
 
 
-def key_from_rows(row: Any, versions: list[Any], row_key: bytes | None) -> Key:
+def key_from_rows(
+    row: Any, versions: list[Any], rollout: Any | None, row_key: bytes | None
+) -> Key:
     """The model of one key from its rows (StoreError when they are malformed, IntegrityError
     when ``row_key`` is given and a row's MAC does not match)."""
-    return _key(row, versions, row_key)
+    return _key(row, versions, row_key, rollout)
 
 
 async def existing_names(r: Reader, names: Sequence[str]) -> list[str]:
@@ -317,7 +359,7 @@ async def _keys_where(
     params: tuple[Any, ...],
     *,
     limit: int | None = None,
-    build: Callable[[Any, list[Any]], Any] | None = None,
+    build: Callable[[Any, list[Any], Any | None], Any] | None = None,
 ) -> list[Any]:
     """Keys matching ``where`` (on ``keys``) with their versions, by name, at most ``limit``
     (models, or what ``build`` makes of each key's rows)."""
@@ -336,10 +378,24 @@ async def _keys_where(
             chunk,
         ):
             by_key.setdefault(v["key_id"], []).append(v)
+    rollouts: dict[str, Any] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for ro in await r.fetchall(
+            f"SELECT * FROM rollouts WHERE key_id IN ({marks})",  # noqa: S608
+            chunk,
+        ):
+            rollouts[ro["key_id"]] = ro
     out: list[Any] = []
     for i, row in enumerate(rows, 1):
         versions = by_key.get(row["id"], [])
-        out.append(_key(row, versions, r.row_key) if build is None else build(row, versions))
+        rollout = rollouts.get(row["id"])
+        out.append(
+            _key(row, versions, r.row_key, rollout)
+            if build is None
+            else build(row, versions, rollout)
+        )
         if i % _MODEL_SLICE == 0:
             await asyncio.sleep(0)  # a page of a thousand keys is not built in one hold
     return out
@@ -695,3 +751,59 @@ async def page_hosts(r: Reader, after: str | None, limit: int) -> list[Host]:
         "SELECT * FROM hosts WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit)
     )
     return [_host(row, r.row_key) for row in rows]
+def _rollout_values(rollout: Rollout) -> tuple[Any, ...]:
+    released = None if rollout.released is None else json.dumps(sorted(rollout.released))
+    return (
+        rollout.version,
+        json.dumps(list(rollout.stages)),
+        str(rollout.gate),
+        rollout.spread,
+        rollout.stage,
+        str(rollout.state),
+        released,
+        rollout.threshold_pct,
+        format_time(rollout.started_at),
+        rollout.started_by,
+        format_time(rollout.stage_started_at),
+        format_time(rollout.deadline_at),
+        format_time(rollout.updated_at),
+        rollout.reason,
+    )
+
+
+async def put_rollout(tx: Transaction, rollout: Rollout) -> None:
+    """Write the key's rollout row (replacing its last one) and stamp its MAC."""
+    await tx.execute(
+        "INSERT INTO rollouts(key_id, version, stages, gate, spread, stage, state, released, "
+        "threshold_pct, started_at, started_by, stage_started_at, deadline_at, updated_at, "
+        "reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(key_id) DO UPDATE SET version = excluded.version, "
+        "stages = excluded.stages, gate = excluded.gate, spread = excluded.spread, "
+        "stage = excluded.stage, state = excluded.state, released = excluded.released, "
+        "threshold_pct = excluded.threshold_pct, started_at = excluded.started_at, "
+        "started_by = excluded.started_by, stage_started_at = excluded.stage_started_at, "
+        "deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, "
+        "reason = excluded.reason, mac = NULL",
+        (rollout.key_id, *_rollout_values(rollout)),
+    )
+    await rowmac.stamp_rollout(tx, rollout.key_id)
+
+
+async def live_rollout_keys(r: Reader) -> list[str]:
+    """Names of the keys whose rollout is running (the ones the driver watches), by name."""
+    rows = await r.fetchall(
+        "SELECT k.name FROM rollouts o JOIN keys k ON k.id = o.key_id WHERE o.state = ? "
+        "ORDER BY k.name",
+        (str(RolloutState.RUNNING),),
+    )
+    return [str(row["name"]) for row in rows]
+
+
+async def rollout_keys(r: Reader) -> list[str]:
+    """Names of the keys with a rollout not ended (running, halted, rolled back, expired)."""
+    rows = await r.fetchall(
+        "SELECT k.name FROM rollouts o JOIN keys k ON k.id = o.key_id "
+        "WHERE o.state NOT IN (?, ?) ORDER BY k.name",
+        (str(RolloutState.COMPLETED), str(RolloutState.CANCELLED)),
+    )
+    return [str(row["name"]) for row in rows]

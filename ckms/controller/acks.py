@@ -82,6 +82,8 @@ class AckConsumer:
         self.applied = asyncio.Condition()
         self.on_latency: Callable[[float], None] | None = None
         """Called once per applied ack that answers an event, with commit → ack seconds."""
+        self.on_applied: Callable[[], None] | None = None
+        """Called after every committed batch that applied an ack (the rollout driver wakes)."""
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff while Kafka is away."""
@@ -229,6 +231,8 @@ class AckConsumer:
         if self.on_latency is not None:
             for seconds in latencies:  # after the commit: only acks that were kept count
                 self.on_latency(seconds)
+        if applied and self.on_applied is not None:
+            self.on_applied()
         async with self.applied:
             self.applied.notify_all()
         return applied

@@ -62,6 +62,8 @@ from ckms.controller.models import DEFAULT_APPROVALS, Host, Key
 from ckms.controller.operators import OperatorRegistry
 from ckms.controller.policy import check_usage, default_policy, patch_policy
 from ckms.controller.report import Reports
+from ckms.controller.rollout_plan import RolloutRequest
+from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.sealing import Vault
 from ckms.crypto import KeyType, certificate_info
 from ckms.errors import (
@@ -72,7 +74,7 @@ from ckms.errors import (
     ProtocolError,
     SealedError,
 )
-from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Role
+from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Gate, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
 from ckms.store import Clock, Store, parse_time, utc_now
@@ -88,8 +90,13 @@ K = TypeVar(
     | api.KeyRotateParams
     | api.KeyRevokeParams
     | api.KeyPolicyParams
-    | api.KeyTargetsParams,
+    | api.KeyTargetsParams
+    | api.RolloutResumeParams,
 )
+
+def _seconds(value: int | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
 
 _READ = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
 _STATUS = _READ | {Role.CUSTODIAN}
@@ -128,6 +135,10 @@ ROLES: dict[str, frozenset[Role]] = {
     "ca.crl": _READ,
     "ca.rotate": _ADMIN,
     "ca.retire": _ADMIN,
+    "rollout.status": _READ,
+    "rollout.list": _READ,
+    "rollout.resume": _WRITE,
+    "rollout.abort": _WRITE,
     "audit.verify": _READ,
     "audit.tail": _READ,
     "audit.export": _READ,
@@ -211,6 +222,7 @@ class AdminService:
         operators: OperatorRegistry,
         dual_control: DualControl,
         fleet: FleetView,
+        rollouts: RolloutDriver,
         publisher: Publisher,
         acks: AckCounts,
         endpoint: Endpoint,
@@ -219,6 +231,7 @@ class AdminService:
         ca: ControllerCA | None = None,
     ) -> None:
         self._ca = ca if ca is not None else ControllerCA(store, vault)
+        self._rollouts = rollouts
         self._store = store
         self._vault = vault
         self._lifecycle = lifecycle
@@ -303,6 +316,19 @@ class AdminService:
         self._route(server, "ca.crl", api.Empty, self.ca_crl)
         self._route(server, "ca.rotate", api.Empty, self.ca_rotate)
         self._route(server, "ca.retire", api.Empty, self.ca_retire)
+        # Rollouts: resuming releases the version further, so it passes the dual control a
+        # rotation of the key needs; aborting only withdraws a version that was never primary
+        # (the old one stays primary), so it needs the role alone: a rollback is never held up.
+        self._route(server, "rollout.status", api.KeyRef, self.rollout_status)
+        self._route(server, "rollout.list", api.Empty, self.rollout_list)
+        gated(
+            server,
+            "rollout.resume",
+            api.RolloutResumeParams,
+            ApprovalOperation.ROTATE,
+            self._run_rollout_resume,
+        )
+        self._route(server, "rollout.abort", api.RolloutRef, self.rollout_abort)
 
         self._route(server, "audit.verify", api.Empty, self.audit_verify)
         self._route(server, "audit.tail", api.AuditTailParams, self.audit_tail)
@@ -440,6 +466,7 @@ class AdminService:
             deactivations_due=due.deactivations,
             stale_hosts=tuple(await self._fleet.stale_hosts(keys, hosts, now)),
             pending_requests=await self.requests.count_pending(),
+            rollouts=tuple(await self._fleet.rollouts()),
             audit_anchor=api.AuditAnchorStatus(
                 loaded=anchor.loaded,
                 size=anchor.size,
@@ -672,8 +699,9 @@ class AdminService:
         return params.model_copy(update={"material": None, "staged": staged})
 
     async def _run_rotate(self, params: api.KeyRotateParams, actor: str) -> api.KeyChangeReply:
-        """Add a version (primary now, or PreActive until the activation delay ends); its
-        material is generated, or the operator's (``--import-file``) when staged."""
+        """Add a version (primary now, PreActive until the activation delay ends, or until its
+        rollout completes); its material is generated, or the operator's (``--import-file``)
+        when staged."""
         material = None
         if params.material is not None:
             raise ConfigError("key.rotate: imported material must be checked first")
@@ -682,10 +710,54 @@ class AdminService:
             material = self._vault.open_staged(
                 "key.rotate", key.name, key.type, key.usage_list, params.staged
             )
+        plan = None
+        if params.rolls_out:
+            plan = RolloutRequest(
+                stages=params.stages or (100,),
+                gate=params.gate or Gate.INSTALLED,
+                spread=params.spread,
+                deadline=_seconds(params.deadline_s),
+                threshold_pct=params.threshold_pct,
+            )
         version = await self._lifecycle.rotate(
-            params.name, actor=actor, reason=params.reason, material=material
+            params.name,
+            actor=actor,
+            reason=params.reason,
+            material=material,
+            activate_when=params.activate_when,
+            rollout=plan,
         )
+        self._rollouts.wake()
         return await self._key_reply(params.name, (version.version,))
+
+    async def rollout_status(
+        self, principal: Principal, params: api.KeyRef
+    ) -> api.RolloutStatusReply:
+        """A key's rollout: stage, state, gate, and the hosts holding it up or failing it."""
+        view = await self._rollouts.view(await self._lifecycle.get(params.name))
+        return api.RolloutStatusReply(rollout=view.info())
+
+    async def rollout_list(self, principal: Principal, params: api.Empty) -> api.RolloutListReply:
+        """Every rollout not ended."""
+        return api.RolloutListReply(rollouts=tuple(await self._fleet.rollouts()))
+
+    async def _run_rollout_resume(
+        self, params: api.RolloutResumeParams, actor: str
+    ) -> api.RolloutStatusReply:
+        """Go on with a halted, rolled-back or expired rollout (its stage goes out again)."""
+        await self._rollouts.resume(
+            params.name, actor=actor, reason=params.reason, deadline=_seconds(params.deadline_s)
+        )
+        view = await self._rollouts.view(await self._lifecycle.get(params.name))
+        return api.RolloutStatusReply(rollout=view.info())
+
+    async def rollout_abort(
+        self, principal: Principal, params: api.RolloutRef
+    ) -> api.RolloutStatusReply:
+        """Withdraw the stage in progress: its hosts drop the version, the old stays primary."""
+        await self._rollouts.abort(params.name, actor=principal.name, reason=params.reason)
+        view = await self._rollouts.view(await self._lifecycle.get(params.name))
+        return api.RolloutStatusReply(rollout=view.info())
 
     def _version_executor(
         self, op: ApprovalOperation

@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from ckms.controller import _repo
 from ckms.controller.ca import ControllerCA
-from ckms.controller.desired import desired_versions, drifted_keys, targeting
+from ckms.controller.desired import desired_versions, drifted_keys, released_to, targeting
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.keyview import KeyView
 from ckms.controller.lifecycle import Lifecycle
@@ -406,6 +407,15 @@ class AgentService:
             raise PermissionDeniedError(
                 f"host {host.id} is no longer a target of {reply.key}: retargeted meanwhile"
             )
+        if row["state"] == str(KeyState.PRE_ACTIVE):
+            # A rollout may have withdrawn the stage since: read the key as this transaction
+            # sees it (rows checked) and ask the one rule again.
+            key = await _repo.load_key(tx, reply.key)
+            if not released_to(key, key.version(reply.version), host):
+                raise PermissionDeniedError(
+                    f"host {host.id} may not fetch {reply.key} v{reply.version}: its rollout "
+                    "withdrew it meanwhile"
+                )
 
     async def _wrap(
         self, host: Host, suite: WrapSuite, keys: Mapping[str, KeyView], request: FetchRequest
@@ -429,6 +439,11 @@ class AgentService:
         if not is_distributable(version.state, has_material=version.has_material):
             raise PermissionDeniedError(
                 f"{key.name} version {version.version} is {version.state}: not distributable"
+            )
+        if not released_to(key, version, host):
+            raise PermissionDeniedError(
+                f"host {host.id} may not fetch {key.name} v{version.version}: its rollout has "
+                "not released it to this host"
             )
         material = await self._vault.material(key.name, version.version, key=key)
         if self._vault.digest(material) != version.digest:

@@ -3,8 +3,11 @@
 The one definition behind agent sync, the fleet view, ``fleet status`` and heartbeat drift: a
 host should hold a version of a key when the key targets the (non-revoked) host
 (:func:`~ckms.controller.targets.host_matches`) and the version is distributable
-(:func:`~ckms.controller.transitions.is_distributable`: PreActive or Active, material present).
-Two copies of this rule would let the fleet view and the agent disagree about the same host.
+(:func:`~ckms.controller.transitions.is_distributable`: PreActive or Active, material present)
+and, for a version that waits for its rollout (:func:`~ckms.controller.transitions.awaits_rollout`),
+the rollout released it to the host. A waiting version without its rollout (the row deleted
+outside the controller) goes to no host: fail closed. Two copies of this rule would let the
+fleet view, the fetch authorization and the agent disagree about the same host.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TypeVar
 from ckms.controller.keyview import AnyKey, AnyVersion, KeyView
 from ckms.controller.models import Host, Key, Targets
 from ckms.controller.targets import host_matches
-from ckms.controller.transitions import is_distributable
+from ckms.controller.transitions import awaits_rollout, is_distributable
 
 __all__ = [
     "Held",
@@ -24,6 +27,7 @@ __all__ = [
     "drifted_keys",
     "drifts",
     "held_by_key",
+    "released_to",
     "targeting",
     "wanted",
 ]
@@ -52,15 +56,26 @@ def targeting(keys: Iterable[K], host: Host) -> Iterator[K]:
 
 
 def distributable_versions(key: AnyKey) -> tuple[AnyVersion, ...]:
-    """The versions of ``key`` that every host it targets should hold."""
+    """The versions of ``key`` that hosts it targets may hold (a rollout releases a waiting one
+    host by host: :func:`desired_versions`)."""
     return tuple(v for v in key.versions if is_distributable(v.state, has_material=v.has_material))
+
+
+def released_to(key: AnyKey, version: AnyVersion, host: Host) -> bool:
+    """True unless ``version`` waits for a rollout that has not released it to ``host``."""
+    if not awaits_rollout(version.state, version.activation_at):
+        return True
+    rollout = key.rollout
+    if rollout is None or rollout.version != version.version or not rollout.live:
+        return False
+    return rollout.releases(host.id)
 
 
 def desired_versions(key: AnyKey, host: Host) -> tuple[AnyVersion, ...]:
     """The versions of ``key`` that belong on ``host`` (empty when the key does not target it)."""
     if not host_matches(key.targets, host):
         return ()
-    return distributable_versions(key)
+    return tuple(v for v in distributable_versions(key) if released_to(key, v, host))
 
 
 def wanted(key: AnyKey, host: Host) -> Held:

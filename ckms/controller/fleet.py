@@ -22,6 +22,7 @@ from ckms.controller.keyview import AnyKey
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Host, Key
 from ckms.controller.replies import host_info
+from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.targets import host_matches, match_hosts
 from ckms.protocol import admin as api
 from ckms.store import Clock, Store, parse_time, utc_now
@@ -130,12 +131,25 @@ class FleetView:
     """The fleet queries behind ``status``, ``host list|show`` and ``fleet status``."""
 
     def __init__(
-        self, store: Store, lifecycle: Lifecycle, hosts: HostRegistry, *, clock: Clock = utc_now
+        self,
+        store: Store,
+        lifecycle: Lifecycle,
+        hosts: HostRegistry,
+        *,
+        clock: Clock = utc_now,
+        rollouts: RolloutDriver | None = None,
     ) -> None:
         self._store = store
         self._lifecycle = lifecycle
         self._hosts = hosts
         self._clock = clock
+        self._rollouts = rollouts
+
+    async def rollouts(self) -> list[api.RolloutInfo]:
+        """Every rollout not ended, with the hosts holding each up (``status``)."""
+        if self._rollouts is None:
+            return []
+        return [v.info() for v in await self._rollouts.views()]
 
     async def host_facts(self, ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Last-seen time, last report and wrap suite of every host (or of ``ids``), in one
@@ -255,6 +269,9 @@ class FleetView:
         rows.sort(key=lambda h: (not h.failed, not h.drift, h.converged, h.host))
         converged = sum(1 for h in rows if h.converged)
         shown = rows if limit is None else rows[:limit]
+        rollout = None
+        if self._rollouts is not None and k.rollout is not None and k.rollout.live:
+            rollout = (await self._rollouts.view(k)).info()
         return api.KeyFleet(
             key=k.name,
             primary_version=k.primary_version,
@@ -266,6 +283,7 @@ class FleetView:
             converged_pct=round(100.0 * converged / len(rows), 1) if rows else 100.0,
             hosts=tuple(shown),
             truncated=len(rows) - len(shown),
+            rollout=rollout,
         )
 
 

@@ -25,6 +25,7 @@ from ckms.controller.models import (
     Origin,
     Policy,
     RevocationReason,
+    Rollout,
     Targets,
     Usage,
 )
@@ -81,6 +82,8 @@ class KeyView:
     created_by: str
     updated_at: datetime
     versions: tuple[VersionView, ...]
+    rollout: Rollout | None = None
+    """The key's current or last rollout (few keys have one: the model itself)."""
 
     def to_model(self) -> Key:
         """The pydantic model of this key (for a reply that needs one)."""

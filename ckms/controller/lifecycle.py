@@ -53,18 +53,29 @@ from ckms.controller.models import (
     Origin,
     Policy,
     RevocationReason,
+    Rollout,
     Targets,
     Usage,
     validate_key_name,
 )
 from ckms.controller.policy import check_policy, check_usage, default_policy
+from ckms.controller.rollout_plan import RolloutRequest, stage_release
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import env_blocked, match_hosts
 
 # DISTRIBUTABLE_STATES, TRANSITIONS and allowed_operations live in the transition table's module;
 # they stay importable from here for callers that knew them here.
 from ckms.controller.transitions import DISTRIBUTABLE_STATES as DISTRIBUTABLE_STATES
-from ckms.controller.transitions import LIVE_STATES, Op, next_state, op_label, revoked_for
+from ckms.controller.transitions import (
+    LIVE_STATES,
+    Op,
+    RolloutOp,
+    awaits_rollout,
+    next_rollout_state,
+    next_state,
+    op_label,
+    revoked_for,
+)
 from ckms.controller.transitions import TRANSITIONS as TRANSITIONS
 from ckms.controller.transitions import allowed_operations as allowed_operations
 from ckms.crypto import (
@@ -87,14 +98,18 @@ from ckms.errors import (
     StoreError,
 )
 from ckms.protocol import (
+    ActivateWhen,
     EventPolicy,
+    Gate,
     KeyCreated,
     KeyDestroyed,
     KeyPolicyChanged,
     KeyRevoked,
+    KeyRollout,
     KeyRotated,
     KeyStateChanged,
     KeyTargetsChanged,
+    RolloutState,
     default_install,
 )
 from ckms.protocol._events import EventData
@@ -173,8 +188,12 @@ def _t(when: datetime | None) -> str | None:
 
 
 def _event_policy(policy: Policy) -> EventPolicy:
-    """A policy as events carry it."""
-    return EventPolicy.model_validate(policy.model_dump(mode="json"))
+    """A policy as events carry it (the activation fields only for a converging policy)."""
+    dumped = policy.model_dump(mode="json")
+    if policy.activate_when is not ActivateWhen.CONVERGED:
+        for name in ("activate_when", "activation_deadline", "activation_threshold_pct"):
+            dumped.pop(name)
+    return EventPolicy.model_validate(dumped)
 
 
 class Lifecycle:
@@ -270,8 +289,8 @@ class Lifecycle:
                 async with self._store.read() as r:
                     chunk = await _repo.key_rows_after(r, after, _LOAD_SLICE)
                     builder = builder or _repo.ViewBuilder(r.row_key)
-                for i, (row, versions) in enumerate(chunk, 1):
-                    key = builder.key(row, versions)
+                for i, (row, versions, rollout) in enumerate(chunk, 1):
+                    key = builder.key(row, versions, rollout)
                     by_name[key.name] = key
                     if i % _BUILD_SLICE == 0:
                         await asyncio.sleep(0)  # let requests run between slices
@@ -427,6 +446,7 @@ class Lifecycle:
         actor: str,
         reason: str | None,
         revocation: RevocationReason | None = None,
+        rollout_completes: bool = False,
     ) -> Key:
         """Move one version through the table, with history, event and audit; return the new key."""
         current = key.version(version)
@@ -461,6 +481,23 @@ class Lifecycle:
             reason=history_reason,
         )
         primary = await self._set_primary_after(tx, key, version, target, now)
+        rollout = key.rollout
+        if (
+            rollout is not None
+            and rollout.live
+            and rollout.version == version
+            and not rollout_completes
+        ):
+            # Activated by hand, revoked or destroyed: the rollout no longer decides anything.
+            await self._put_rollout(
+                tx,
+                key,
+                rollout,
+                RolloutOp.CANCEL,
+                now=now,
+                actor=actor,
+                reason=f"version {version} was {op_label(op)}d ({target})",
+            )
         common: dict[str, Any] = {
             "key": key.name,
             "key_id": key.id,
@@ -858,26 +895,52 @@ class Lifecycle:
         actor: str,
         reason: str | None = None,
         material: bytes | None = None,
+        activate_when: ActivateWhen | str | None = None,
+        rollout: RolloutRequest | None = None,
     ) -> KeyVersion:
-        """Add a version: Active and primary now, or PreActive until the activation delay ends.
+        """Add a version: Active and primary now, PreActive until the activation delay ends, or
+        PreActive until its rollout completes (``activate_when`` converged, the policy's
+        default when None, or ``rollout`` stages): see :meth:`move_rollout`.
 
         The new version's material is generated, whatever the origin of the ones before,
         unless ``material`` (canonical, from :meth:`read_import`) gives it: then it is
         ``origin=imported``.
         """
         imported = material is not None
+        details: dict[str, Any] = {"reason": reason}
+        if activate_when is not None:
+            details["activate_when"] = str(activate_when)
+        if rollout is not None:
+            details["stages"] = list(rollout.stages)
+            details["gate"] = str(rollout.gate)
 
         async def run(now: datetime) -> KeyVersion:
             why = _check_text(reason, "reason")
+            try:
+                when = None if activate_when is None else ActivateWhen(activate_when)
+            except ValueError:
+                raise ConfigError(
+                    f"unknown activation {activate_when!r}; use one of "
+                    f"{', '.join(a.value for a in ActivateWhen)}"
+                ) from None
+            if when is ActivateWhen.DELAY and rollout is not None:
+                raise ConfigError("stages activate when the last stage converges, not on a delay")
             self._vault.require_unsealed(f"rotate {name}")
             async with self._store.read() as r:
                 before = await _repo.load_key(r, name)
+            plan = rollout
+            if plan is None and (when or before.policy.activate_when) is ActivateWhen.CONVERGED:
+                plan = RolloutRequest()
+            if plan is not None:
+                _check_rollout(before, plan)
             if material is None:
                 fresh = await _generate(before)
             else:
                 fresh = await _checked_import(before.type, material)
             async with self._store.write() as tx:
                 key = await _repo.load_key(tx, name)
+                if plan is not None:
+                    _check_rollout(key, plan)
                 version, primary = await self._add_version(
                     tx,
                     key,
@@ -887,6 +950,7 @@ class Lifecycle:
                     operation="rotate",
                     reason=why,
                     imported=imported,
+                    held=plan is not None,
                 )
                 event = KeyRotated(
                     key=name,
@@ -917,8 +981,11 @@ class Lifecycle:
                         "digest_hmac": self._vault.identifier(version.digest),
                         "reason": why,
                         "origin": version.origin,
+                        "activation": "rollout" if plan is not None else "delay",
                     },
                 )
+                if plan is not None:
+                    await self._start_rollout(tx, key, version.version, plan, now=now, actor=actor)
                 after = await _repo.load_key(tx, name)
             log.info(
                 "rotated key %s to version %d (%s) by %s",
@@ -929,7 +996,7 @@ class Lifecycle:
             )
             return after.version(version.version)
 
-        return await self._guarded("key.rotate", name, actor, {"reason": reason}, run)
+        return await self._guarded("key.rotate", name, actor, details, run)
 
     async def _add_version(
         self,
@@ -942,15 +1009,18 @@ class Lifecycle:
         operation: str,
         reason: str | None,
         imported: bool = False,
+        held: bool = False,
     ) -> tuple[KeyVersion, int | None]:
         """The one new-version path of create and rotate: seal, store, record, apply primary.
 
-        The version is Active (and primary) now, or PreActive until the policy's activation
-        delay ends. Returns the version and the key's primary afterwards.
+        The version is Active (and primary) now, PreActive until the policy's activation delay
+        ends, or (``held``) PreActive with no activation time: its rollout activates it
+        (:func:`~ckms.controller.transitions.awaits_rollout`). Returns the version and the
+        key's primary afterwards.
         """
         number = key.latest_version + 1
         delay = key.policy.activation_delay
-        active = delay <= timedelta(0)
+        active = delay <= timedelta(0) and not held
         state = KeyState.ACTIVE if active else KeyState.PRE_ACTIVE
         version = KeyVersion(
             key=key.name,
@@ -961,7 +1031,7 @@ class Lifecycle:
             created_at=now,
             created_by=actor,
             state_changed_at=now,
-            activation_at=now + delay,
+            activation_at=None if held else now + delay,
             activated_at=now if active else None,
             origin="imported" if imported else "generated",
         )
@@ -983,6 +1053,229 @@ class Lifecycle:
         with_new = await _repo.load_key(tx, key.name)
         primary = await self._set_primary_after(tx, with_new, number, state, now)
         return version, primary
+
+    # -- rollouts --------------------------------------------------------------------------
+
+    async def _start_rollout(
+        self,
+        tx: Transaction,
+        key: Key,
+        version: int,
+        plan: RolloutRequest,
+        *,
+        now: datetime,
+        actor: str,
+    ) -> Rollout:
+        """Store the rollout of a just-added held version with its first stage out."""
+        targeted = match_hosts(key.targets, await _repo.list_hosts(tx))
+        policy = key.policy
+        rollout = Rollout(
+            key_id=key.id,
+            version=version,
+            stages=plan.stages,
+            gate=plan.gate,
+            spread=plan.spread,
+            stage=1,
+            state=RolloutState.RUNNING,
+            released=stage_release(key, version, plan.stages, 1, targeted, spread=plan.spread),
+            threshold_pct=plan.threshold_pct or policy.activation_threshold_pct,
+            started_at=now,
+            started_by=actor,
+            stage_started_at=now,
+            deadline_at=now + (plan.deadline or policy.activation_deadline),
+            updated_at=now,
+        )
+        await self._write_rollout(tx, key, rollout, "rollout.start", now=now, actor=actor)
+        return rollout
+
+    async def _write_rollout(
+        self,
+        tx: Transaction,
+        key: Key,
+        rollout: Rollout,
+        action: str,
+        *,
+        now: datetime,
+        actor: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Store a rollout row with its ``key.rollout`` event and audit record."""
+        await _repo.put_rollout(tx, rollout)
+        released = None if rollout.released is None else len(rollout.released)
+        event = KeyRollout(
+            key=key.name,
+            key_id=key.id,
+            version=rollout.version,
+            state=rollout.state,
+            stage=rollout.stage,
+            stages=rollout.stages,
+            gate=rollout.gate,
+            released=released,
+            targets=key.targets,
+            reason=None if rollout.reason is None else rollout.reason[:1024],
+        )
+        details: dict[str, Any] = {
+            "version": rollout.version,
+            "state": str(rollout.state),
+            "stage": rollout.stage,
+            "stages": list(rollout.stages),
+            "gate": str(rollout.gate),
+            "spread": rollout.spread,
+            "released": None if rollout.released is None else sorted(rollout.released),
+            "deadline_at": format_time(rollout.deadline_at),
+            "reason": rollout.reason,
+            **(extra or {}),
+        }
+        await self._emit(
+            tx, now=now, actor=actor, action=action, key=key, event=event, details=details
+        )
+
+    async def _put_rollout(
+        self,
+        tx: Transaction,
+        key: Key,
+        rollout: Rollout,
+        op: RolloutOp,
+        *,
+        now: datetime,
+        actor: str,
+        reason: str | None,
+        deadline: timedelta | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Rollout:
+        """Move ``rollout`` by ``op`` (the table of :mod:`~ckms.controller.transitions`)."""
+        state = next_rollout_state(rollout.state, op, key=key.name)
+        changes: dict[str, Any] = {"state": state, "updated_at": now, "reason": reason}
+        if op in (RolloutOp.ADVANCE, RolloutOp.RESUME, RolloutOp.ABORT):
+            targeted = match_hosts(key.targets, await _repo.list_hosts(tx))
+            already = rollout.released or frozenset()
+            if op is RolloutOp.ADVANCE:
+                stage = rollout.stage + 1
+                changes["stage"] = stage
+                changes["released"] = stage_release(
+                    key,
+                    rollout.version,
+                    rollout.stages,
+                    stage,
+                    targeted,
+                    spread=rollout.spread,
+                    before=already,
+                )
+                changes["stage_started_at"] = now
+            elif op is RolloutOp.RESUME:
+                if rollout.state is RolloutState.ROLLED_BACK:
+                    changes["released"] = stage_release(
+                        key,
+                        rollout.version,
+                        rollout.stages,
+                        rollout.stage,
+                        targeted,
+                        spread=rollout.spread,
+                        before=already,
+                    )
+                changes["stage_started_at"] = now
+                changes["deadline_at"] = now + (deadline or key.policy.activation_deadline)
+            else:  # abort: the stage in progress is withdrawn, the ones before it stay out
+                if rollout.stage == 1:
+                    changes["released"] = frozenset()
+                else:
+                    before = (
+                        stage_release(
+                            key,
+                            rollout.version,
+                            rollout.stages,
+                            rollout.stage - 1,
+                            targeted,
+                            spread=rollout.spread,
+                        )
+                        or frozenset()
+                    )
+                    changes["released"] = (
+                        before if rollout.released is None else before & rollout.released
+                    )
+        moved = rollout.model_copy(update=changes)
+        await self._write_rollout(
+            tx, key, moved, f"rollout.{op}", now=now, actor=actor, extra=extra
+        )
+        return moved
+
+    async def move_rollout(
+        self,
+        name: str,
+        op: RolloutOp,
+        *,
+        actor: str,
+        reason: str | None = None,
+        expect: tuple[int, int] | None = None,
+        deadline: timedelta | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Rollout:
+        """Move a key's rollout by ``op`` in one transaction with its event and audit record.
+
+        ``complete`` also activates the version (the one signed ``key.state_changed`` every
+        host applies); ``expect`` (version, stage) refuses the move when the rollout moved
+        meanwhile (the driver judged an older stage). Refusals are audited like every
+        lifecycle refusal.
+        """
+        details: dict[str, Any] = {"op": str(op), "reason": reason}
+
+        async def run(now: datetime) -> Rollout:
+            why = _check_text(reason, "reason")
+            self._vault.require_unsealed(f"{op} the rollout of {name}")
+            async with self._store.write() as tx:
+                key = await _repo.load_key(tx, name)
+                rollout = key.rollout
+                if rollout is None:
+                    raise NotFoundError(f"key {name} has no rollout")
+                if expect is not None and expect != (rollout.version, rollout.stage):
+                    raise InvalidTransitionError(
+                        f"the rollout of {name} moved meanwhile (now v{rollout.version} stage "
+                        f"{rollout.stage}, {rollout.state})"
+                    )
+                version = key.version(rollout.version)
+                if rollout.live and not awaits_rollout(version.state, version.activation_at):
+                    raise InvalidTransitionError(
+                        f"cannot {op} the rollout of {name}: version {version.version} is "
+                        f"{version.state}"
+                    )
+                if op is RolloutOp.COMPLETE:
+                    if not rollout.final_stage:
+                        raise InvalidTransitionError(
+                            f"cannot complete the rollout of {name}: stage {rollout.stage} of "
+                            f"{len(rollout.stages)} is out"
+                        )
+                    moved = await self._put_rollout(
+                        tx, key, rollout, op, now=now, actor=actor, reason=why, extra=extra
+                    )
+                    key = await _repo.load_key(tx, name)
+                    await self._transition(
+                        tx,
+                        key,
+                        rollout.version,
+                        Op.ACTIVATE,
+                        now=now,
+                        actor=actor,
+                        reason=why,
+                        rollout_completes=True,
+                    )
+                    return moved
+                if op is RolloutOp.ADVANCE and rollout.final_stage:
+                    raise InvalidTransitionError(
+                        f"cannot advance the rollout of {name}: its last stage is out"
+                    )
+                return await self._put_rollout(
+                    tx,
+                    key,
+                    rollout,
+                    op,
+                    now=now,
+                    actor=actor,
+                    reason=why,
+                    deadline=deadline,
+                    extra=extra,
+                )
+
+        return await self._guarded(f"rollout.{op}", name, actor, details, run)
 
     # -- per-version transitions -----------------------------------------------------------
 
@@ -1188,6 +1481,22 @@ async def _checked_import(key_type: KeyType, material: bytes) -> bytes:
     except Exception:
         raise ConfigError(f"imported material is not a valid {key_type} key") from None
     return material
+
+
+def _check_rollout(key: Key, plan: RolloutRequest) -> None:
+    """Refuse a rollout the key cannot have (a health gate without a health check)."""
+    if plan.gate is Gate.HEALTHY and key.install.health is None:
+        raise ConfigError(
+            f"gate healthy needs a health check: {key.name}'s install spec names none "
+            "(set one with ckms key targets --health NAME, or use --gate installed)"
+        )
+    if key.rollout is not None and key.rollout.live:
+        raise InvalidTransitionError(
+            f"{key.name} version {key.rollout.version} is still rolling out "
+            f"({key.rollout.state}, stage {key.rollout.stage} of {len(key.rollout.stages)}); "
+            "resume or abort it first"
+        )
+
 
 
 async def _generate(key: Key) -> bytes:

@@ -32,6 +32,7 @@ from ckms.protocol._keyspec import (
 )
 from ckms.protocol._names import validate_key_name
 from ckms.protocol._roles import DEFAULT_APPROVALS, ApprovalOperation
+from ckms.protocol._rollout import ActivateWhen, Gate, RolloutState
 from ckms.store.audit import AuditRecord
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "Origin",
     "Policy",
     "RevocationReason",
+    "Rollout",
     "Targets",
     "Usage",
     "validate_key_name",
@@ -96,6 +98,11 @@ class Policy(BaseModel):
     view flags it. ``approvals_required``: operations that need a second person.
     ``cert_lifetime``: how long each host's certificate of a ``tls-cert`` key is valid (None:
     :data:`DEFAULT_CERT_LIFETIME`); hosts renew at two thirds of it.
+    ``activate_when``: a rotation's default, ``delay`` (the activation delay above) or
+    ``converged`` (primary once the fleet acknowledged it, see :class:`Rollout`);
+    ``activation_deadline``: how long a converging rotation may wait before it is reported
+    expired (it then stays PreActive); ``activation_threshold_pct``: the share of the counted
+    hosts whose acknowledgement makes a stage's gate hold (100: all of them).
     Defaults per key type: :func:`ckms.controller.policy.default_policy`.
     """
 
@@ -107,6 +114,9 @@ class Policy(BaseModel):
     max_staleness: timedelta = timedelta(days=1)
     approvals_required: frozenset[ApprovalOperation] = DEFAULT_APPROVALS
     cert_lifetime: timedelta | None = None
+    activate_when: ActivateWhen = ActivateWhen.DELAY
+    activation_deadline: timedelta = timedelta(days=7)
+    activation_threshold_pct: int = Field(default=100, ge=1, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> Policy:
@@ -127,13 +137,17 @@ class Policy(BaseModel):
             raise ValueError("activation_delay must be shorter than the cryptoperiod")
         if self.max_staleness <= timedelta(0):
             raise ValueError("max_staleness must be positive")
+        if self.activation_deadline <= timedelta(0):
+            raise ValueError("activation_deadline must be positive")
         return self
 
     @field_serializer("approvals_required")
     def _sorted(self, value: frozenset[ApprovalOperation]) -> list[str]:
         return sorted(str(v) for v in value)
 
-    @field_serializer("cryptoperiod", "grace", "activation_delay", "max_staleness")
+    @field_serializer(
+        "cryptoperiod", "grace", "activation_delay", "max_staleness", "activation_deadline"
+    )
     def _seconds(self, value: timedelta) -> int:
         # Whole seconds: unambiguous on the wire (ISO 8601 "P1Y" could mean a calendar year).
         return value // timedelta(seconds=1)
@@ -146,6 +160,54 @@ class Policy(BaseModel):
     def effective_cert_lifetime(self) -> timedelta:
         """The lifetime a ``tls-cert`` key's certificates get."""
         return self.cert_lifetime or DEFAULT_CERT_LIFETIME
+
+
+# -- rollouts --------------------------------------------------------------------------------
+
+
+class Rollout(BaseModel):
+    """How a PreActive version of a key goes out to the fleet before it becomes primary.
+
+    One row per key (``rollouts``, row MAC): the key's current or last rollout. ``stages`` are
+    cumulative percents of the targeted hosts (the last is 100); ``stage`` is the 1-based stage
+    out now (or, rolled back, the one withdrawn). ``released`` are the hosts that may hold the
+    version (None: every targeted host, the last stage), chosen by a deterministic sample
+    (:mod:`ckms.controller.rollout_plan`) and kept, so retries and restarts release the same
+    hosts. ``stage_started_at`` is when the stage went out: only failures acknowledged since
+    count against its gate.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: str
+    version: int = Field(ge=1)
+    stages: tuple[int, ...]
+    gate: Gate
+    spread: str | None = None
+    stage: int = Field(ge=1)
+    state: RolloutState
+    released: frozenset[str] | None = None
+    threshold_pct: int = Field(default=100, ge=1, le=100)
+    started_at: datetime
+    started_by: str
+    stage_started_at: datetime
+    deadline_at: datetime
+    updated_at: datetime
+    reason: str | None = None
+
+    @property
+    def live(self) -> bool:
+        """True while the rollout still decides who holds the version (not ended)."""
+        return self.state not in (RolloutState.COMPLETED, RolloutState.CANCELLED)
+
+    @property
+    def final_stage(self) -> bool:
+        """True when the stage out now is the last one (every targeted host)."""
+        return self.stage == len(self.stages)
+
+    def releases(self, host_id: str) -> bool:
+        """True when ``host_id`` may hold the version now."""
+        return self.released is None or host_id in self.released
 
 
 # -- hosts -----------------------------------------------------------------------------------
@@ -212,6 +274,8 @@ class Key(BaseModel):
     created_by: str
     updated_at: datetime
     versions: tuple[KeyVersion, ...] = ()
+    rollout: Rollout | None = None
+    """The key's current or last rollout (see :class:`Rollout`)."""
 
     @field_validator("name")
     @classmethod

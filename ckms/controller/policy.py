@@ -218,8 +218,22 @@ def patch_policy(base: Policy, patch: PolicyPatch) -> Policy:
         "max_staleness": base.max_staleness,
         "approvals_required": base.approvals_required,
         "cert_lifetime": base.cert_lifetime,
+        "activate_when": base.activate_when,
+        "activation_deadline": base.activation_deadline,
+        "activation_threshold_pct": base.activation_threshold_pct,
     }
-    for field in ("cryptoperiod", "grace", "activation_delay", "max_staleness", "cert_lifetime"):
+    if patch.activate_when is not None:
+        values["activate_when"] = patch.activate_when
+    if patch.activation_threshold_pct is not None:
+        values["activation_threshold_pct"] = patch.activation_threshold_pct
+    for field in (
+        "cryptoperiod",
+        "grace",
+        "activation_delay",
+        "max_staleness",
+        "cert_lifetime",
+        "activation_deadline",
+    ):
         seconds = getattr(patch, f"{field}_s")
         if seconds is not None:
             values[field] = timedelta(seconds=seconds)

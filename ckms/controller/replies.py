@@ -14,8 +14,9 @@ from typing import Any
 from ckms.controller.approvals import ApprovalRequest
 from ckms.controller.duework import rotation_due
 from ckms.controller.keyview import AnyKey
-from ckms.controller.models import Host, Key, Policy
+from ckms.controller.models import Host, Key, Policy, Rollout
 from ckms.controller.operators import Operator
+from ckms.controller.rollout_plan import GateVerdict
 from ckms.controller.targets import host_matches
 from ckms.protocol import admin as api
 from ckms.store import parse_time
@@ -29,6 +30,7 @@ __all__ = [
     "operator_info",
     "policy_info",
     "request_info",
+    "rollout_info",
 ]
 
 _ROTATION_HORIZON = timedelta(days=4 * 365)
@@ -44,6 +46,9 @@ def policy_info(policy: Policy) -> api.PolicyInfo:
         max_staleness_s=dumped["max_staleness"],
         approvals_required=tuple(dumped["approvals_required"]),
         cert_lifetime_s=dumped["cert_lifetime"],
+        activate_when=policy.activate_when,
+        activation_deadline_s=dumped["activation_deadline"],
+        activation_threshold_pct=policy.activation_threshold_pct,
     )
 
 
@@ -126,3 +131,33 @@ def operator_info(op: Operator) -> api.OperatorInfo:
 def request_info(request: ApprovalRequest, now: datetime) -> api.RequestInfo:
     """A dual-control request with whether it has expired at ``now``."""
     return api.RequestInfo(expired=request.expired_at(now), **request.model_dump())
+
+
+def rollout_info(
+    key: str, rollout: Rollout, verdict: GateVerdict | None, primary: int | None
+) -> api.RolloutInfo:
+    """A rollout as the wire shows it, with its gate now when it is not ended."""
+    return api.RolloutInfo(
+        key=key,
+        version=rollout.version,
+        state=rollout.state,
+        stage=rollout.stage,
+        stages=rollout.stages,
+        gate=rollout.gate,
+        spread=rollout.spread,
+        released=None if rollout.released is None else len(rollout.released),
+        threshold_pct=rollout.threshold_pct,
+        primary_version=primary,
+        started_at=rollout.started_at,
+        started_by=rollout.started_by,
+        stage_started_at=rollout.stage_started_at,
+        deadline_at=rollout.deadline_at,
+        updated_at=rollout.updated_at,
+        reason=rollout.reason,
+        hosts=None if verdict is None else verdict.hosts,
+        acked=() if verdict is None else verdict.acked,
+        waiting=() if verdict is None else verdict.waiting,
+        failed=() if verdict is None else verdict.failed,
+        uncounted=() if verdict is None else verdict.uncounted,
+        gate_holds=None if verdict is None else verdict.holds,
+    )

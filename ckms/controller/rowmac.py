@@ -5,11 +5,12 @@ type and usage). What decides *who gets what* lives in clear columns, though: a 
 install spec, policy and primary; a version's state, digest and lifecycle times; an operator's
 key, role and whether it is disabled; a host's keys, labels and revoked state; an enrollment
 token's host and labels; a dual-control request's operation, parameters, requester, expiry,
-state and decisions. Each such row carries ``mac`` = ``row_mac(row key,
-table, id, fields)`` (``ckms.crypto``), the row key derived from the root KEK with HKDF, so
-only an unsealed controller can make one. Reads refuse a row whose MAC does not match with
-:class:`~ckms.errors.IntegrityError`, like sealed material; writes stamp the MAC in the same
-transaction, right after reading (and so checking) the row they change.
+state and decisions; a rollout's stage, state, released hosts and deadline. Each such row
+carries ``mac`` = ``row_mac(row key, table, id, fields)`` (``ckms.crypto``), the row key
+derived from the root KEK with HKDF, so only an unsealed controller can make one. Reads refuse
+a row whose MAC does not match with :class:`~ckms.errors.IntegrityError`, like sealed material;
+writes stamp the MAC in the same transaction, right after reading (and so checking) the row
+they change.
 
 The event-signing public key is bound differently: unseal checks it against the private key,
 which is sealed under the root KEK, and refuses a mismatch with IntegrityError.
@@ -92,6 +93,26 @@ APPROVAL_FIELDS: Final = (
 """A dual-control request: what runs (operation and its parameters), as whom, until when, and
 the decisions so far; a swapped parameter or requester would have an approver run something
 else than what they were shown."""
+ROLLOUT_FIELDS: Final = (
+    "version",
+    "stages",
+    "gate",
+    "spread",
+    "stage",
+    "state",
+    "released",
+    "threshold_pct",
+    "started_at",
+    "started_by",
+    "stage_started_at",
+    "deadline_at",
+    "updated_at",
+    "reason",
+)
+"""A rollout (one row per key): which version, which stage is out to which hosts, in what state,
+until when. Edited, a stage could be advanced or a host released by whoever owns the DB file;
+a rollout row is only ever written by an unsealed controller, so there is no unbound row to
+bring up (no binding level)."""
 
 CERTIFICATE_FIELDS: Final = (
     "host_id",
@@ -201,6 +222,19 @@ def check_approval(row_key: bytes | None, row: Any) -> None:
         row_key, "approvals", str(row["id"]), _fields(row, APPROVAL_FIELDS), row["mac"]
     ):
         raise IntegrityError(f"request {row['id']} failed integrity check")
+
+
+def rollout_row_mac(row_key: bytes, row: Any) -> str:
+    """The MAC of one ``rollouts`` row."""
+    return row_mac(row_key, "rollouts", str(row["key_id"]), _fields(row, ROLLOUT_FIELDS))
+
+
+def check_rollout(row_key: bytes | None, name: str, row: Any) -> None:
+    """Refuse a ``rollouts`` row edited outside the controller (no check while sealed)."""
+    if row_key is not None and not row_mac_matches(
+        row_key, "rollouts", str(row["key_id"]), _fields(row, ROLLOUT_FIELDS), row["mac"]
+    ):
+        raise IntegrityError(f"the rollout of key {name} failed integrity check")
 
 
 def check_key(row_key: bytes | None, row: Any) -> None:
@@ -323,6 +357,16 @@ async def stamp_approval(tx: Transaction, request_id: str) -> None:
         await tx.execute(
             "UPDATE approvals SET mac = ? WHERE id = ?",
             (approval_row_mac(row_key, row), request_id),
+        )
+
+
+async def stamp_rollout(tx: Transaction, key_id: str) -> None:
+    """Stamp the MAC of a ``rollouts`` row the caller just wrote."""
+    row_key = await _require_key(tx)
+    row = await tx.fetchone("SELECT * FROM rollouts WHERE key_id = ?", (key_id,))
+    if row is not None and row_key is not None:
+        await tx.execute(
+            "UPDATE rollouts SET mac = ? WHERE key_id = ?", (rollout_row_mac(row_key, row), key_id)
         )
 
 

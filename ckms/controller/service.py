@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,7 @@ from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.metrics import ControllerMetrics
 from ckms.controller.operators import OperatorRegistry
 from ckms.controller.publisher import OutboxPublisher
+from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
@@ -77,6 +79,9 @@ class ControllerSettings(BaseModel):
     """Partitions of the acks topic (written by every agent, read by the controller)."""
     replication: int = Field(default=1, ge=1, le=5)
     reconcile_interval_s: int = Field(default=300, ge=5)
+    rollout_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    """How often running rollouts are judged besides after every batch of acks (deadlines,
+    hosts going stale)."""
     ssh_max_concurrent: int = Field(default=16, ge=1, le=1024)
     """Requests in flight on one SSH connection."""
     ssh_max_connections: int = Field(default=16384, ge=1)
@@ -205,11 +210,22 @@ class Controller:
             topics=topics,
             clock=self.clock,
         )
+        self.rollouts = RolloutDriver(
+            store,
+            self.vault,
+            self.lifecycle,
+            self.hosts,
+            clock=self.clock,
+            interval=timedelta(seconds=self.settings.rollout_interval_s),
+        )
+        self.acks.on_applied = self.rollouts.wake
         self.operators = OperatorRegistry(store, clock=self.clock)
         self.dual_control = DualControl(
             ApprovalBook(store, clock=self.clock), self.operators, self.lifecycle
         )
-        self.fleet = FleetView(store, self.lifecycle, self.hosts, clock=self.clock)
+        self.fleet = FleetView(
+            store, self.lifecycle, self.hosts, clock=self.clock, rollouts=self.rollouts
+        )
         self.admin = AdminService(
             store=store,
             vault=self.vault,
@@ -218,6 +234,7 @@ class Controller:
             operators=self.operators,
             dual_control=self.dual_control,
             fleet=self.fleet,
+            rollouts=self.rollouts,
             publisher=self.publisher,
             acks=self.acks,
             endpoint=Endpoint(
@@ -344,6 +361,7 @@ class Controller:
                 group.create_task(self.publisher.run(), name="outbox-publisher")
                 group.create_task(self.acks.run(), name="ack-consumer")
                 group.create_task(self.scheduler.run(), name="scheduler")
+                group.create_task(self.rollouts.run(), name="rollout-driver")
                 group.create_task(self.vault.anchor.run(), name="audit-anchor")
         finally:
             await self.rpc.close()

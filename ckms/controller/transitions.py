@@ -4,6 +4,10 @@ One table says which operation moves a version from which state to which; the li
 it, the scheduler plans with it (:mod:`ckms.controller.duework`) and :mod:`ckms.controller.desired`
 derives from it what a host should hold. Everything not in :data:`TRANSITIONS` is refused with
 :class:`~ckms.errors.InvalidTransitionError` naming the operation and the current state.
+
+A second, smaller table (:data:`ROLLOUT_TRANSITIONS`) says how a rollout of a PreActive
+version moves (:class:`~ckms.controller.models.Rollout`); a version waiting for its rollout
+(:func:`awaits_rollout`) is activated by the rollout's completion, never by a clock.
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ from types import MappingProxyType
 from typing import Final
 
 from ckms.errors import InvalidTransitionError
-from ckms.protocol import KeyState
+from ckms.protocol import KeyState, RolloutState
 
 __all__ = [
     "DISTRIBUTABLE_STATES",
     "LIVE_STATES",
+    "ROLLOUT_TRANSITIONS",
     "TRANSITIONS",
     "Op",
+    "RolloutOp",
     "allowed_operations",
+    "awaits_rollout",
     "can",
     "is_distributable",
+    "next_rollout_state",
     "next_state",
     "op_label",
     "revoked_for",
@@ -120,3 +128,59 @@ def revoked_for(state: KeyState, op: Op) -> bool:
     if op is Op.COMPROMISE:
         return state in (KeyState.COMPROMISED, KeyState.DESTROYED_COMPROMISED)
     return state not in LIVE_STATES
+
+
+def awaits_rollout(state: KeyState, activation_at: object) -> bool:
+    """True for a version that a rollout activates: PreActive with no activation time.
+
+    Create and rotate always give a time-activated version its activation time (and the
+    version's row MAC covers it), so a version without one was rotated into a rollout; which
+    hosts may hold it is the rollout's to say (:func:`ckms.controller.desired.desired_versions`).
+    """
+    return state is KeyState.PRE_ACTIVE and activation_at is None
+
+
+class RolloutOp(StrEnum):
+    """What moves a rollout (the columns of :data:`ROLLOUT_TRANSITIONS`)."""
+
+    ADVANCE = "advance"  # the gate held: the next stage goes out
+    COMPLETE = "complete"  # the last gate held: the version is activated
+    HALT = "halt"  # a host of the stage failed
+    EXPIRE = "expire"  # the deadline passed before the gate held
+    ABORT = "abort"  # an operator withdraws the stage in progress
+    RESUME = "resume"  # an operator goes on (after a fix, or with a new deadline)
+    CANCEL = "cancel"  # the version left PreActive some other way
+
+
+_R = RolloutState
+ROLLOUT_TRANSITIONS: Final[Mapping[tuple[RolloutState, RolloutOp], RolloutState]] = (
+    MappingProxyType(
+        {
+            (_R.RUNNING, RolloutOp.ADVANCE): _R.RUNNING,
+            (_R.RUNNING, RolloutOp.COMPLETE): _R.COMPLETED,
+            (_R.RUNNING, RolloutOp.HALT): _R.HALTED,
+            (_R.RUNNING, RolloutOp.EXPIRE): _R.EXPIRED,
+            (_R.RUNNING, RolloutOp.ABORT): _R.ROLLED_BACK,
+            (_R.HALTED, RolloutOp.ABORT): _R.ROLLED_BACK,
+            (_R.EXPIRED, RolloutOp.ABORT): _R.ROLLED_BACK,
+            (_R.HALTED, RolloutOp.RESUME): _R.RUNNING,
+            (_R.EXPIRED, RolloutOp.RESUME): _R.RUNNING,
+            (_R.ROLLED_BACK, RolloutOp.RESUME): _R.RUNNING,
+            (_R.RUNNING, RolloutOp.CANCEL): _R.CANCELLED,
+            (_R.HALTED, RolloutOp.CANCEL): _R.CANCELLED,
+            (_R.EXPIRED, RolloutOp.CANCEL): _R.CANCELLED,
+            (_R.ROLLED_BACK, RolloutOp.CANCEL): _R.CANCELLED,
+        }
+    )
+)
+"""Per rollout: (state, operation) → new state. Everything not listed is refused."""
+
+
+def next_rollout_state(state: RolloutState, op: RolloutOp, *, key: str = "key") -> RolloutState:
+    """Return the state ``op`` leads a rollout to, or raise InvalidTransitionError."""
+    try:
+        return ROLLOUT_TRANSITIONS[(state, op)]
+    except KeyError:
+        raise InvalidTransitionError(
+            f"cannot {op} the rollout of {key}: it is {state}"
+        ) from None

@@ -21,6 +21,7 @@ from ckms.protocol._keyspec import (
     VersionState,
 )
 from ckms.protocol._roles import ApprovalOperation
+from ckms.protocol._rollout import MAX_STAGES, ActivateWhen, Gate, RolloutState
 
 KeyName = Annotated[str, Field(max_length=129, pattern=KEY_NAME_RE.pattern)]
 Version = Annotated[int, Field(ge=1)]
@@ -40,6 +41,7 @@ class EventType(StrEnum):
     KEY_DESTROYED = "key.destroyed"
     KEY_TARGETS_CHANGED = "key.targets_changed"
     KEY_POLICY_CHANGED = "key.policy_changed"
+    KEY_ROLLOUT = "key.rollout"
     HOST_REVOKED = "host.revoked"
     CA_ROTATED = "ca.rotated"
     ACK = "ack"
@@ -80,8 +82,15 @@ class EventPolicy(_Data):
     approvals_required: tuple[ApprovalOperation, ...]
     cert_lifetime: Seconds | None = None
     """A ``tls-cert`` key's certificate lifetime; absent for every other key."""
+    activate_when: ActivateWhen | None = None
+    """Set (with the two below) only for a policy that activates rotations when converged:
+    events of every other policy stay as agents before rollouts read them."""
+    activation_deadline: Seconds | None = None
+    activation_threshold_pct: Annotated[int, Field(ge=1, le=100)] | None = None
 
-    _omit = _omit_empty("cert_lifetime")
+    _omit = _omit_empty(
+        "cert_lifetime", "activate_when", "activation_deadline", "activation_threshold_pct"
+    )
 
 
 class KeyCreated(_Data):
@@ -174,6 +183,32 @@ class KeyPolicyChanged(_Data):
     key: KeyName
     key_id: str
     policy: EventPolicy
+
+
+Percent = Annotated[int, Field(ge=1, le=100)]
+
+
+class KeyRollout(_Data):
+    """A rollout of a PreActive version moved: a stage went out, halted, was rolled back,
+    expired, or the rollout ended.
+
+    Hosts that hold the key (or that ``targets`` select) reconcile it: the sync reply says
+    whether this host is in a released stage (then it fetches and installs the version, not as
+    primary) or not (then it drops the version if it holds it). The version becomes primary only
+    through the ``key.state_changed`` activation that follows ``completed``.
+    """
+
+    key: KeyName
+    key_id: str
+    version: Version
+    state: RolloutState
+    stage: Annotated[int, Field(ge=1, le=MAX_STAGES)]
+    stages: Annotated[tuple[Percent, ...], Field(min_length=1, max_length=MAX_STAGES)]
+    gate: Gate
+    released: Annotated[int, Field(ge=0)] | None = None
+    """Hosts the version is released to (None: every targeted host)."""
+    targets: Targets
+    reason: str | None = Field(default=None, max_length=1024)
 
 
 class HostRevoked(_Data):
@@ -277,6 +312,7 @@ EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.KEY_DESTROYED: KeyDestroyed,
     EventType.KEY_TARGETS_CHANGED: KeyTargetsChanged,
     EventType.KEY_POLICY_CHANGED: KeyPolicyChanged,
+    EventType.KEY_ROLLOUT: KeyRollout,
     EventType.HOST_REVOKED: HostRevoked,
     EventType.CA_ROTATED: CaRotated,
     EventType.ACK: Ack,
@@ -302,6 +338,7 @@ EventData = (
     | KeyDestroyed
     | KeyTargetsChanged
     | KeyPolicyChanged
+    | KeyRollout
     | HostRevoked
     | CaRotated
     | Ack

@@ -19,10 +19,17 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ckms.crypto import MAX_IMPORT_BYTES, ImportFormat
-from ckms.errors import ProtocolError
+from ckms.errors import ConfigError, ProtocolError
 from ckms.protocol._events import HostId, KeyName
 from ckms.protocol._keyspec import InstallSpec, KeyState, RevocationReason, Targets
 from ckms.protocol._roles import APPROVAL_OPERATIONS, OPERATOR_ROLES, ApprovalOperation, Role
+from ckms.protocol._rollout import (
+    ActivateWhen,
+    Gate,
+    RolloutState,
+    parse_gate,
+    parse_stages,
+)
 from ckms.protocol._secret import WireSecret
 
 __all__ = [
@@ -101,6 +108,11 @@ __all__ = [
     "RequestListReply",
     "RequestRef",
     "RequestRejectParams",
+    "RolloutInfo",
+    "RolloutListReply",
+    "RolloutRef",
+    "RolloutResumeParams",
+    "RolloutStatusReply",
     "SealReply",
     "StatusReply",
     "UnsealParams",
@@ -166,6 +178,9 @@ class PolicyPatch(_Model):
     max_staleness_s: Seconds | None = None
     approvals_required: tuple[ApprovalOperation, ...] | None = None
     cert_lifetime_s: Seconds | None = None
+    activate_when: ActivateWhen | None = None
+    activation_deadline_s: Seconds | None = None
+    activation_threshold_pct: Annotated[int | None, Field(ge=1, le=100)] = None
 
     @property
     def empty(self) -> bool:
@@ -239,11 +254,70 @@ class KeyImportParams(_Importing):
     install: InstallSpec | None = None
 
 
+def _stages(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_stages(value if isinstance(value, str) else tuple(value))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _gate(value: Any) -> Any:
+    if value is None or isinstance(value, Gate):
+        return value
+    try:
+        return parse_gate(str(value))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class KeyRotateParams(_Importing):
-    """Add a version to a key: generated, or the operator's ``material``."""
+    """Add a version to a key, generated or the operator's ``material``: primary at once or
+    after the policy's delay, when the fleet holds it (``activate_when`` converged, the
+    policy's default when unset), or through ``stages`` (cumulative percents, the last 100)
+    that each pass ``gate`` first."""
 
     name: KeyName
     reason: Text | None = None
+    activate_when: ActivateWhen | None = None
+    stages: Annotated[tuple[int, ...] | None, AfterValidator(_stages)] = None
+    gate: Annotated[Gate | None, AfterValidator(_gate)] = None
+    spread: Annotated[str | None, Field(min_length=1, max_length=63)] = None
+    """A host label (``zone``) the stage samples spread over."""
+    deadline_s: Annotated[int | None, Field(gt=0)] = None
+    """How long the rollout may wait for its gates (default: the policy's)."""
+    threshold_pct: Annotated[int | None, Field(ge=1, le=100)] = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> KeyRotateParams:
+        staged = self.stages is not None or self.gate is not None or self.spread is not None
+        if staged and self.activate_when is ActivateWhen.DELAY:
+            raise ValueError("stages activate when the last stage converges, not on a delay")
+        return self
+
+    @property
+    def rolls_out(self) -> bool:
+        """True when the rotation names rollout options beyond ``activate_when``."""
+        return any(
+            v is not None
+            for v in (self.stages, self.gate, self.spread, self.deadline_s, self.threshold_pct)
+        )
+
+
+class RolloutRef(_Model):
+    """A key's rollout, with the operator's reason for the move."""
+
+    name: KeyName
+    reason: Text | None = None
+
+
+class RolloutResumeParams(_Model):
+    """Go on with a halted, rolled-back or expired rollout."""
+
+    name: KeyName
+    reason: Text | None = None
+    deadline_s: Annotated[int | None, Field(gt=0)] = None
 
 
 class KeyVersionParams(_Model):
@@ -382,6 +456,9 @@ class PolicyInfo(_Reply):
     max_staleness_s: int
     approvals_required: tuple[str, ...]
     cert_lifetime_s: int | None = None
+    activate_when: ActivateWhen = ActivateWhen.DELAY
+    activation_deadline_s: int | None = None
+    activation_threshold_pct: int = 100
 
 
 class VersionInfo(_Reply):
@@ -600,6 +677,49 @@ class FleetHost(_Reply):
     """...and whether the host acked installing it."""
 
 
+class RolloutInfo(_Reply):
+    """A key's rollout and the gate of its stage out now (who holds it up, who failed)."""
+
+    key: str
+    version: int
+    state: RolloutState
+    stage: int
+    stages: tuple[int, ...]
+    gate: Gate
+    spread: str | None = None
+    released: int | None = None
+    """Hosts the version is released to (None: every targeted host)."""
+    threshold_pct: int = 100
+    primary_version: int | None = None
+    started_at: datetime
+    started_by: str
+    stage_started_at: datetime
+    deadline_at: datetime
+    updated_at: datetime
+    reason: str | None = None
+    hosts: int | None = None
+    """Hosts of the stage out now (None once the rollout ended)."""
+    acked: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+    """Hosts of the stage that have not acknowledged the version: they hold the gate up."""
+    failed: tuple[str, ...] = ()
+    uncounted: tuple[str, ...] = ()
+    """Silent hosts not seen for longer than max staleness (their agents dropped the key)."""
+    gate_holds: bool | None = None
+
+
+class RolloutStatusReply(_Reply):
+    """One key's rollout."""
+
+    rollout: RolloutInfo
+
+
+class RolloutListReply(_Reply):
+    """Every rollout not ended."""
+
+    rollouts: tuple[RolloutInfo, ...]
+
+
 class KeyFleet(_Reply):
     """The fleet view of one key: failures and drift first, then pending, then converged."""
 
@@ -613,6 +733,8 @@ class KeyFleet(_Reply):
     converged_pct: float
     hosts: tuple[FleetHost, ...]
     truncated: int = 0
+    rollout: RolloutInfo | None = None
+    """The key's rollout while one is not ended."""
 
     @property
     def not_converged(self) -> list[str]:
@@ -744,6 +866,8 @@ class StatusReply(_Reply):
     audit_anchor: AuditAnchorStatus | None = None
     cert_warnings: tuple[CertWarning, ...] = ()
     """Host certificates that missed their renewal and will expire (or did) unless renewed."""
+    rollouts: tuple[RolloutInfo, ...] = ()
+    """Rollouts not ended (running, halted, rolled back, expired), with who holds each up."""
 
 
 class SealReply(_Reply):

@@ -288,6 +288,30 @@ generation, validity, and revocation, bound by a row MAC (a cleared ``revoked_at
 serial from the CRL). ``installed_at`` is the fleet view's (the host's ack), not bound. Never a
 private key: hosts make theirs and send only CSRs."""
 
+_ROLLOUTS = """
+CREATE TABLE rollouts (
+    key_id           TEXT PRIMARY KEY REFERENCES keys(id),
+    version          INTEGER NOT NULL CHECK (version >= 1),
+    stages           TEXT NOT NULL,
+    gate             TEXT NOT NULL,
+    spread           TEXT,
+    stage            INTEGER NOT NULL CHECK (stage >= 1),
+    state            TEXT NOT NULL,
+    released         TEXT,
+    threshold_pct    INTEGER NOT NULL CHECK (threshold_pct BETWEEN 1 AND 100),
+    started_at       TEXT NOT NULL,
+    started_by       TEXT NOT NULL,
+    stage_started_at TEXT NOT NULL,
+    deadline_at      TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    reason           TEXT,
+    mac              TEXT
+);
+"""
+"""A key's current or last rollout of a PreActive version (``ckms.controller.rollouts``): the
+stages, the gate, the stage out now and the hosts it released (JSON, NULL: every targeted host),
+its state and deadline; bound by a row MAC (``ckms.controller.rowmac``)."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
@@ -299,5 +323,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "row MACs on approval requests", _APPROVAL_MACS),
     Migration(9, "key versions: origin of the material", _VERSION_ORIGIN),
     Migration(10, "certificates issued by the internal CA", _CERTIFICATES),
+    Migration(11, "rollouts of PreActive versions", _ROLLOUTS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

@@ -44,6 +44,9 @@ WATCHED: dict[str, tuple[tuple[str, str], ...]] = {
         ("AFTER INSERT ON main.key_versions", "NEW.key_id"),
         ("AFTER UPDATE ON main.key_versions", "NEW.key_id"),
         ("AFTER DELETE ON main.key_versions", "OLD.key_id"),
+        ("AFTER INSERT ON main.rollouts", "NEW.key_id"),
+        ("AFTER UPDATE ON main.rollouts", "NEW.key_id"),
+        ("AFTER DELETE ON main.rollouts", "OLD.key_id"),
     ),
     # Who a host is and what it may have; not when it was last seen or its last ack.
     "hosts": (

@@ -130,6 +130,18 @@ DATA: dict[str, dict[str, Any]] = {
         "key_id": "k-0001",
         "policy": {**POLICY, "cryptoperiod": 30 * 86400},
     },
+    "key.rollout": {
+        "key": "payments/db",
+        "key_id": "k-0001",
+        "version": 3,
+        "state": "running",
+        "stage": 2,
+        "stages": [5, 25, 100],
+        "gate": "healthy",
+        "released": 12,
+        "targets": TARGETS,
+        "reason": "stage 1 of 3 gate healthy held: 3 of 3 hosts",
+    },
     "host.revoked": {"host": "db-7", "signer_key_id": "ed25519:3q2-7wAAAAAAAAAAAAAAAA"},
     "ca.rotated": {
         "generation": 2,
