@@ -339,6 +339,54 @@ class Relay:
             await abort_producer(producer)  # stop() would wait for Kafka to come back
 
 
+async def read_tails(
+    bootstrap: str, topic: str, per_partition: int = 1, timeout_s: float = 30.0
+) -> list[tuple[bytes | None, list[tuple[str, bytes]]]]:
+    """(value, headers) of the last ``per_partition`` records of every partition of ``topic``,
+    without a consumer group and without reading the rest of the topic; KafkaUnavailableError
+    if Kafka cannot say within ``timeout_s``."""
+    parts = await partitions_of(bootstrap, topic, wait_s=timeout_s)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        client_id="ckms-read-tails",
+    )
+    try:
+        await consumer.start()
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        pending = set()
+        for tp in tps:
+            first = max(starts[tp], ends[tp] - per_partition)
+            if first < ends[tp]:
+                consumer.seek(tp, first)
+                pending.add(tp)
+        out: list[tuple[bytes | None, list[tuple[str, bytes]]]] = []
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailableError(f"could not read the end of {topic}")
+            batches = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    out.append((record.value, [(k, bytes(v)) for k, v in record.headers]))
+                    if record.offset >= ends[tp] - 1:
+                        pending.discard(tp)
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+        return out
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"cannot read {topic} from {bootstrap}: {exc}") from exc
+    except OSError as exc:
+        raise KafkaUnavailableError(f"Kafka at {bootstrap} is unreachable: {exc}") from exc
+    finally:
+        await consumer.stop()
+
+
 async def read_newest(
     bootstrap: str, topic: str, key: bytes | None = None, timeout_s: float = 30.0
 ) -> bytes | None:

@@ -164,6 +164,7 @@ def restore(
         "checkpoints_verified": report.checkpoints_verified,
         "anchor_checked": result.anchor_checked,
         "anchor_size": result.anchor_size,
+        "event_seq": result.event_seq,
         "host_key": result.host_key,
     }
     if as_json:

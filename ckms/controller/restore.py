@@ -6,7 +6,9 @@ verifies the restored audit log (hash chain, every checkpoint and their chain) a
 anchor topic holds an anchor of this controller, that the restored log extends it: a backup
 older than the last published anchor would silently cut the audit log, and the controller
 would refuse to sign over it anyway (:mod:`ckms.controller.anchor`). Only then is the home
-renamed into place; a refused restore leaves nothing behind.
+renamed into place; a refused restore leaves nothing behind. The event sequence continues
+after the newest event the controller signed on the events topic, since agents drop an event at
+or below the last one they applied (:func:`_lift_sequence`).
 
 The SSH host key is not in the store: agents pin it, so a restore is given the original
 home's key file (``--host-key``) or makes a new one, which enrolled agents refuse until they
@@ -22,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckms._kafka import read_newest
+from ckms._kafka import read_newest, read_tails
 from ckms.controller.backup import BackupFacts, inspect_backup
 from ckms.controller.home import CONFIG_FILE, write_settings
 from ckms.controller.sealing import META_SIGNING_PUBLIC
@@ -34,7 +36,8 @@ from ckms.errors import (
     ConfigError,
     KafkaUnavailableError,
 )
-from ckms.store import Store
+from ckms.protocol import MessageRejected, verify_message
+from ckms.store import Store, outbox
 from ckms.store import audit as audit_log
 
 __all__ = ["RestoreResult", "restore_home"]
@@ -51,6 +54,9 @@ class RestoreResult:
     anchor_size: int | None
     """The anchor on the topic the restored log extends (None: no anchor was checked)."""
     anchor_checked: bool
+    event_seq: int | None
+    """The event sequence the restored controller continues after (lifted to the newest
+    published one, so agents do not drop its events as replays); None when not checked."""
     host_key: str
     """``kept`` (the original host key) or ``new``."""
 
@@ -83,9 +89,10 @@ async def restore_home(
                     f"the backup's audit log does not verify: {report.reason}",
                     report.first_bad_index,
                 )
-            anchor_size = None
+            anchor_size = seq = None
             if check_anchor:
                 anchor_size = await _check_anchor(store, public, settings, anchor_timeout_s)
+                seq = await _lift_sequence(store, public, settings, anchor_timeout_s)
         finally:
             await store.close()
         await asyncio.to_thread(_finish, staging, home, settings)
@@ -99,6 +106,7 @@ async def restore_home(
         report=report,
         anchor_size=anchor_size,
         anchor_checked=check_anchor,
+        event_seq=seq,
         host_key="kept" if host_key is not None else "new",
     )
 
@@ -179,3 +187,42 @@ async def _check_anchor(
             None,
         )
     return anchor.size
+
+
+_TAIL = 100
+"""Records read from the end of each events partition: the newest genuine event is among them
+unless someone who may write the topic buried it (then agents still converge, through sync)."""
+
+
+async def _lift_sequence(
+    store: Store, public: bytes, settings: ControllerSettings, timeout_s: float
+) -> int:
+    """Continue the event sequence after the newest event this controller published.
+
+    Events published after the backup was taken carry sequence numbers the backup also hands
+    out again; agents drop an event at or below the last one they applied, so the restored
+    controller's events would be ignored until its sequence passed theirs. Only records that
+    verify under this controller's signing key count (a forged huge ``seq`` moves nothing).
+    """
+    kid = signer_key_id(public)
+    newest = 0
+    tails = await read_tails(
+        settings.kafka_bootstrap, settings.events_topic, per_partition=_TAIL, timeout_s=timeout_s
+    )
+    for value, headers in tails:
+        try:
+            envelope = verify_message(value, headers, {kid: public})
+        except MessageRejected:
+            continue
+        newest = max(newest, envelope.seq)
+    async with store.write() as tx:
+        current = await outbox.last_seq(tx)
+        if newest > current:
+            changed = await tx.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (newest,)
+            )
+            if not changed:
+                await tx.execute(
+                    "INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (newest,)
+                )
+        return max(newest, current)

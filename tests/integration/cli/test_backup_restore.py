@@ -10,6 +10,7 @@ import json
 import os
 import stat
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from ckms.cli._errors import ExitCode
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.home import write_settings
 from ckms.controller.service import Controller
-from ckms.protocol import InstallSpec, Targets
+from ckms.crypto import generate_signing_key
+from ckms.protocol import EventType, InstallSpec, Targets, encode_event
+from tests.support.acks import publish
 from tests.support.cli import Operators, audit_records
 from tests.support.controller import running_controller
 from tests.support.fleet import enroll_agent, running_agent, wait_until
@@ -84,6 +87,10 @@ async def test_restore_drill_backup_while_rotating(
         assert stat.S_IMODE(backup.stat().st_mode) == 0o600
         assert not list((c.settings.home / "backups").iterdir())  # the controller's copy is gone
         assert [p.name for p in backup.parent.iterdir()] == ["ckms.backup"]  # no temp file left
+        # After the backup the agent applies one more event of app/db's partition.
+        async with running_agent(agent):
+            await c.lifecycle.rotate("app/db", actor="alice")
+            await wait_until(lambda: converged(c, "app/db", "app-1"), what="app/db v2 installed")
         original = {
             (k.name, v.version): await c.vault.material(k.name, v.version)
             for k in await c.lifecycle.list_keys()
@@ -122,15 +129,29 @@ async def test_restore_drill_backup_while_rotating(
         for name, version in served:  # each version whole: committed before the copy or not in it
             assert await c2.vault.material(name, version) == original[(name, version)]
         # The agent that knew the original converges on the restored one (same host key).
-        async with running_agent(agent):
-            await wait_until(lambda: converged(c2, "app/db", "app-1"), what="app-1 back")
         on_disk = tmp_path / "app-1" / "root" / "keys" / "db"
-        assert on_disk.read_bytes() == original[("app/db", 1)]
-        # A host enrolled on the restored controller gets the same material.
+        # No heartbeat within the test (its drift check would converge the host without the
+        # event): only the event can bring the rotation below.
+        async with running_agent(agent, CKMS_AGENT_HEARTBEAT_INTERVAL_S="600"):
+            # It held v2 of the original (made after the backup); the restored one says v1.
+            await wait_until(
+                lambda: on_disk.read_bytes() == original[("app/db", 1)], what="app-1 back on v1"
+            )
+            await wait_until(lambda: converged(c2, "app/db", "app-1"), what="app-1 acked")
+            # The restored controller's events reach the agent although it applied events
+            # after the backup: the restore continued the sequence after the newest published.
+            assert restored["event_seq"] is not None
+            await c2.lifecycle.rotate("app/db", actor="alice")
+            await wait_until(
+                lambda: converged(c2, "app/db", "app-1"), timeout_s=20, what="event applied"
+            )
+            assert on_disk.read_bytes() == await c2.vault.material("app/db", 2)
+        # A host enrolled on the restored controller gets what it serves.
         fresh = await enroll_agent(c2, tmp_path, "app-2", APP)
         async with running_agent(fresh):
             await wait_until(lambda: converged(c2, "app/db", "app-2"), what="app-2 installed")
-        assert (tmp_path / "app-2" / "root" / "keys" / "db").read_bytes() == original[("app/db", 1)]
+        new_disk = tmp_path / "app-2" / "root" / "keys" / "db"
+        assert new_disk.read_bytes() == await c2.vault.material("app/db", 2)
 
 
 async def test_a_backup_older_than_the_anchor_is_refused_and_leaves_nothing(
@@ -185,3 +206,34 @@ async def test_only_admins_take_backups(
         run = await ops.ckms("backup", "-o", str(tmp_path / "a.backup"), "--json", who="alice")
         assert run.rc == 0, run.stderr
         assert json.loads(run.stdout)["keys"] == 0
+
+
+async def test_a_forged_event_does_not_move_the_restored_sequence(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    """The restore continues the event sequence after the newest event *this controller*
+    signed; a record on the topic signed by anyone else (here with seq 10**9) counts for
+    nothing, or a writer of the topic could push the sequence out of reach."""
+    topics = (unique_topic("events"), unique_topic("acks"))
+    backup = tmp_path / "b.backup"
+    config = tmp_path / "original.toml"
+    async with running_controller(tmp_path / "original", kafka_bootstrap, *topics) as c:
+        ops = await people(c, tmp_path)
+        write_settings(config, c.settings)
+        await c.lifecycle.create("app/db", "aes-256", actor="alice")
+        run = await ops.ckms("backup", "-o", str(backup), who="alice")
+        assert run.rc == 0, run.stderr
+        await c.lifecycle.rotate("app/db", actor="alice")
+        await wait_until(lambda: c.publisher.stats.published >= 2, what="both events published")
+    forged = encode_event(
+        EventType.HOST_REVOKED,
+        {"host": "web-5"},
+        seq=10**9,
+        signing_key=generate_signing_key(),
+        at=datetime.now(UTC),
+    )
+    await publish(kafka_bootstrap, topics[0], forged)
+    run = await ops.ckms("restore", str(backup), "--home", str(tmp_path / "restored"),
+                         "--config", str(config), "--json", who=None)  # fmt: skip
+    assert run.rc == 0, run.stderr
+    assert run.json()["event_seq"] == 2  # the rotation published after the backup
