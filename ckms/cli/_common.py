@@ -70,6 +70,58 @@ async def wait_converged(
             await asyncio.sleep(min(POLL_S, remaining))
 
 
+_ROLLOUT_ENDED = {"completed": None, "cancelled": "was cancelled"}
+_ROLLOUT_STUCK = {"halted": "halted", "expired": "expired", "rolled-back": "was rolled back"}
+
+
+async def wait_rollout(
+    session: Session, key: str, version: int, timeout_s: float, *, progress: bool = True
+) -> api.RolloutInfo:
+    """Poll ``rollout.status`` until the rollout of ``version`` completed (the version is
+    primary); NotConvergedError when it halted, expired, was rolled back or cancelled, or the
+    time ran out, naming the hosts that failed or hold it up."""
+    deadline = time.monotonic() + timeout_s
+    params = api.KeyRef(name=key)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console(),
+        disable=not progress,
+    )
+    with bar:
+        task = bar.add_task(f"{key} v{version}: stage 1", total=None)
+        while True:
+            info = (await session.call("rollout.status", params, api.RolloutStatusReply)).rollout
+            if info.version != version:
+                raise NotConvergedError(f"{key}: another rollout replaced v{version}", [])
+            bar.update(
+                task,
+                description=f"{key} v{version}: stage {info.stage} of {len(info.stages)}",
+                total=info.hosts,
+                completed=len(info.acked),
+            )
+            state = str(info.state)
+            if state == "completed":
+                return info
+            why = _ROLLOUT_STUCK.get(state) or _ROLLOUT_ENDED.get(state)
+            remaining = deadline - time.monotonic()
+            if why is not None or remaining <= 0:
+                hosts = list(info.failed or info.waiting)
+                named = f": {', '.join(hosts[:20])}" if hosts else ""
+                what = "failed on" if info.failed else "held up by"
+                raise NotConvergedError(
+                    f"{key} v{version}: rollout "
+                    + (why if why is not None else f"not complete within {timeout_s:g}s")
+                    + f" at stage {info.stage} of {len(info.stages)}"
+                    + (f", {what}{named}" if hosts else "")
+                    + (f" ({info.reason})" if info.reason and why is not None else ""),
+                    hosts,
+                )
+            await asyncio.sleep(min(POLL_S, remaining))
+
+
 def call_and_show(
     ctx: typer.Context,
     method: str,

@@ -13,7 +13,14 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from ckms.cli._client import run
-from ckms.cli._common import JsonOption, call_and_show, conn, show_pages, wait_converged
+from ckms.cli._common import (
+    JsonOption,
+    call_and_show,
+    conn,
+    show_pages,
+    wait_converged,
+    wait_rollout,
+)
 from ckms.cli._errors import UsageError, cli_errors
 from ckms.cli._parse import (
     parse_approvals,
@@ -89,6 +96,7 @@ def _policy_patch(
     cert_lifetime: str | None = None,
     activate_when: str | None = None,
     activation_deadline: str | None = None,
+    activation_threshold: int | None = None,
 ) -> api.PolicyPatch:
     activation = None
     if activate_when is not None:
@@ -101,6 +109,7 @@ def _policy_patch(
     return api.PolicyPatch(
         activate_when=activation,
         activation_deadline_s=_seconds(activation_deadline, "--activation-deadline"),
+        activation_threshold_pct=activation_threshold,
         cryptoperiod_s=_seconds(cryptoperiod, "--cryptoperiod"),
         grace_s=_seconds(grace, "--grace"),
         activation_delay_s=_seconds(activation_delay, "--activation-delay"),
@@ -217,6 +226,13 @@ def _changed(reply: api.KeyChangeReply, as_json: bool, verb: str) -> None:
     )
 
 
+def _rolling_out(reply: api.KeyChangeReply) -> bool:
+    """True when the rotation's new version waits for a rollout (PreActive, no activation
+    time)."""
+    versions = [v for v in reply.key.versions if v.version in reply.versions]
+    return any(str(v.state) == "PreActive" and v.activation_at is None for v in versions)
+
+
 def _after_change(
     ctx: typer.Context,
     method: str,
@@ -234,7 +250,16 @@ def _after_change(
         async with connection.session() as session:
             reply = await session.call(method, params, api.KeyChangeReply)
             _changed(reply, as_json, verb)
-            if wait:
+            if wait and method == "key.rotate" and _rolling_out(reply):
+                # Converged hosts are not the end of a rollout: its activation is.
+                (version,) = reply.versions
+                info = await wait_rollout(session, reply.key.name, version, timeout)
+                err_console().print(
+                    f"{reply.key.name}: v{version} rolled out to every stage and is primary"
+                    if info.primary_version == version
+                    else f"{reply.key.name}: v{version} rolled out"
+                )
+            elif wait:
                 fleet = await wait_converged(session, reply.key.name, timeout)
                 err_console().print(
                     f"{reply.key.name}: all {fleet.targeted} targeted hosts converged"
@@ -825,6 +850,15 @@ def policy(
         str | None,
         typer.Option(help="How long a converging rotation may wait (e.g. 7d)."),
     ] = None,
+    activation_threshold: Annotated[
+        int | None,
+        typer.Option(
+            help="Percent of the counted hosts whose acknowledgement makes a rollout gate "
+            "hold (default 100).",
+            min=1,
+            max=100,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a key's policy, or change it (dual control by default)."""
@@ -839,6 +873,7 @@ def policy(
             cert_lifetime,
             activate_when=activate_when,
             activation_deadline=activation_deadline,
+            activation_threshold=activation_threshold,
         )
         if patch.empty:
             reply = conn(ctx).call("key.show", api.KeyRef(name=name), api.KeyChangeReply)

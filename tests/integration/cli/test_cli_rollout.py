@@ -8,8 +8,10 @@ needs the role alone. Bad stage lists and gates are refused before anything is s
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from ckms.cli._errors import ExitCode
@@ -18,6 +20,7 @@ from ckms.controller.policy import patch_policy
 from ckms.controller.service import Controller
 from ckms.protocol import RolloutState
 from ckms.protocol.admin import PolicyPatch
+from tests.support.browser import console_process
 from tests.support.cli import Operators, audit_records
 from tests.support.fleet import enroll_agent
 
@@ -32,6 +35,20 @@ async def a_key_with_a_silent_host(controller: Controller, tmp_path: Path) -> No
     await controller.lifecycle.create(
         KEY, "aes-256", targets=Targets.parse(["env=prod"], env="prod"), actor="test-setup"
     )
+
+
+async def console_key_page(env: dict[str, str], name: str) -> str:
+    """The console's page of one key as the operator of ``env`` sees it (signed in by its
+    one-time URL)."""
+    async with console_process(env) as url:
+        base = url.split("/login")[0]
+        jar = aiohttp.CookieJar(unsafe=True)  # the console listens on 127.0.0.1
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            async with http.get(url) as signed_in:
+                assert signed_in.status == 200, await signed_in.text()
+            async with http.get(f"{base}/keys/{name}") as page:
+                assert page.status == 200
+                return await page.text()
 
 
 async def state(controller: Controller) -> RolloutState | None:
@@ -59,6 +76,10 @@ async def test_who_may_start_resume_and_abort_a_rollout(
     assert (info["state"], info["stage"], info["waiting"]) == ("running", 1, ["web-1"])
     listed = await ops.ckms("status", who="erin")
     assert "rollout pay/api v2: running, stage 1 of 2; held up by web-1" in listed.stdout
+    fleet = await ops.ckms("fleet", "status", KEY, who="erin")
+    assert "rollout v2: running, stage 1 of 2 (gate installed); held up by web-1" in fleet.stdout
+    page = await console_key_page(ops.env("erin"), KEY)  # the console's key page shows it too
+    assert "Rollout of v2" in page and "Held up by: web-1" in page
 
     for who in ("erin", "carol"):
         refused = await ops.ckms("rollout", "abort", KEY, who=who)
@@ -132,3 +153,37 @@ async def test_gate_healthy_without_a_health_check_is_refused_by_the_controller(
     assert run.rc != 0
     assert "gate healthy needs a health check" in run.stderr
     assert (await controller.lifecycle.get(KEY)).latest_version == 1
+
+
+async def test_wait_on_a_converging_rotation_names_the_host_holding_it_up(
+    controller: Controller, ops: Operators, tmp_path: Path
+) -> None:
+    await a_key_with_a_silent_host(controller, tmp_path)
+    policy = await ops.ckms(
+        "key",
+        "policy",
+        KEY,
+        "--activate-when",
+        "converged",
+        "--activation-deadline",
+        "2h",
+        who="alice",
+    )
+    assert policy.rc == ExitCode.APPROVAL_REQUIRED  # a policy change: dual control
+    match = re.search(r"request (r-[0-9a-f]+)", policy.stderr)
+    assert match, policy.stderr
+    assert (await ops.ckms("approve", match.group(1), who="bob")).rc == 0
+    key = await controller.lifecycle.get(KEY)
+    assert (str(key.policy.activate_when), key.policy.activation_deadline.total_seconds()) == (
+        "converged",
+        7200,
+    )
+
+    waited = await ops.ckms("key", "rotate", KEY, "--wait", "--timeout", "3", who="dave")
+    assert waited.rc == ExitCode.NOT_CONVERGED, waited.stderr
+    assert "pay/api v2: rollout not complete within 3s at stage 1 of 1, held up by: web-1" in (
+        waited.stderr
+    )
+    key = await controller.lifecycle.get(KEY)
+    assert key.primary_version == 1 and key.rollout is not None
+    assert key.rollout.deadline_at - key.rollout.started_at == timedelta(hours=2)

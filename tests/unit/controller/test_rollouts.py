@@ -39,6 +39,7 @@ from ckms.crypto import (
 )
 from ckms.errors import ConfigError, IntegrityError, InvalidTransitionError, NotFoundError
 from ckms.protocol import (
+    ActivateWhen,
     EnrollRequest,
     Gate,
     InstallSpec,
@@ -515,3 +516,19 @@ def test_stage_release_keeps_every_host_an_earlier_stage_released() -> None:
     grown = stage_release(key, 2, (10, 50, 100), 2, hosts[1:], spread="zone", before=first)
     assert grown is not None and first <= grown
     assert stage_release(key, 2, (10, 50, 100), 3, hosts, spread="zone") is None
+
+
+async def test_the_scheduler_rotates_a_converging_key_into_a_rollout(
+    ctl: Controller, clock: FakeClock
+) -> None:
+    c = ctl
+    key = await c.lifecycle.get(NAME)
+    policy = key.policy.model_copy(update={"activate_when": ActivateWhen.CONVERGED})
+    await c.lifecycle.set_policy(NAME, policy, actor="alice")
+    clock.advance(policy.cryptoperiod + timedelta(seconds=1))
+    report = await c.scheduler.tick()
+    assert report.rotated == [NAME]
+    key = await c.lifecycle.get(NAME)
+    assert (key.primary_version, key.version(2).state) == (1, KeyState.PRE_ACTIVE)
+    assert key.rollout is not None and key.rollout.started_by == "scheduler"
+    assert (await c.scheduler.tick()).rotated == []  # a waiting version: no second rotation
