@@ -59,6 +59,7 @@ from ckms.protocol import (
     FetchReply,
     FetchRequest,
     HeartbeatReply,
+    InstallSpec,
     RemoveItem,
     Role,
     SyncReply,
@@ -316,7 +317,7 @@ class AgentService:
             )
         now = self._now()
         async with self._store.write() as tx:
-            await self._recheck_cert(tx, host, key.name, version.version)
+            await self._recheck_cert(tx, host, key.name, version.version, (cn, dns, ips))
             await _check_issue_rate(tx, host.id, key.id, version.version, now)
             issued = await self._ca.issue(
                 tx,
@@ -349,11 +350,21 @@ class AgentService:
             not_after=format_time(issued.info.not_after),
         )
 
-    async def _recheck_cert(self, tx: Transaction, host: Host, key: str, version: int) -> None:
-        """In the transaction that issues: refuse if the version or host was revoked, or the
-        key retargeted away from the host, since the request was authorized."""
+    async def _recheck_cert(
+        self,
+        tx: Transaction,
+        host: Host,
+        key: str,
+        version: int,
+        names: tuple[str, tuple[str, ...], tuple[str, ...]],
+    ) -> None:
+        """In the transaction that issues: refuse if the version or host was revoked, the key
+        retargeted away from the host, or its names changed (new labels or name templates)
+        since the request was authorized: a change commits either before the certificate (and
+        refuses it) or after it (and revokes it)."""
         row = await tx.fetchone(
-            "SELECT v.state, k.targets, h.revoked AS host_revoked, h.labels AS host_labels "
+            "SELECT v.state, k.targets, k.install, h.revoked AS host_revoked, "
+            "h.labels AS host_labels "
             "FROM key_versions v JOIN keys k ON k.id = v.key_id LEFT JOIN hosts h ON h.id = ? "
             "WHERE k.name = ? AND v.version = ?",
             (host.id, key, version),
@@ -367,8 +378,23 @@ class AgentService:
             labels = json.loads(row["host_labels"])
         except ValueError as exc:
             raise StoreError(f"stored targets of {key} are malformed: {exc}") from exc
-        if not host_matches(targets, host.model_copy(update={"labels": labels})):
+        fresh = host.model_copy(update={"labels": labels})
+        if not host_matches(targets, fresh):
             raise PermissionDeniedError(f"host {host.id} is no longer a target of {key}")
+        try:
+            profile = InstallSpec.model_validate_json(row["install"]).tls
+        except ValueError as exc:
+            raise StoreError(f"stored install spec of {key} is malformed: {exc}") from exc
+        try:
+            now_names = (
+                None
+                if profile is None
+                else render_tls_names(profile, key_name=key, host_id=host.id, labels=labels)
+            )
+        except ConfigError:
+            now_names = None
+        if now_names != names:
+            raise PermissionDeniedError(f"host {host.id}: the names of {key} changed meanwhile")
 
     async def _recheck(self, tx: Transaction, host: Host, reply: FetchReply) -> None:
         """Refuse material the host may no longer have: version or host revoked, or the key

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -32,12 +32,14 @@ from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.controller import rowmac
 from ckms.controller.desired import desired_versions
 from ckms.controller.keyview import AnyKey
-from ckms.controller.models import Host
+from ckms.controller.models import Host, Key
+from ckms.controller.targets import host_matches
 from ckms.crypto import (
     CertificateAuthority,
     CertificateInfo,
     CertSubject,
     CertUsage,
+    KeyType,
     build_crl,
     certificate_fingerprint,
     certificate_info,
@@ -48,7 +50,7 @@ from ckms.crypto import (
     parse_serial,
 )
 from ckms.errors import ConfigError, NotFoundError, PolicyError
-from ckms.protocol import CA_SUBJECT, CaRotated
+from ckms.protocol import CA_SUBJECT, CaRotated, render_tls_names
 from ckms.store import Reader, Store, Transaction, format_time, outbox, parse_time
 from ckms.store import audit as audit_log
 
@@ -62,6 +64,7 @@ __all__ = [
     "ControllerCA",
     "IssuedCertificate",
     "Overdue",
+    "entitled_names",
     "new_ca_state",
     "revoke_certificates",
 ]
@@ -454,6 +457,26 @@ class ControllerCA:
         return list(newest.values())
 
 
+TlsNames = tuple[str, tuple[str, ...], tuple[str, ...]]
+"""A certificate's (common name, DNS names, IP addresses)."""
+
+
+def entitled_names(key: Key, host: Host) -> TlsNames | None:
+    """The names ``host`` may have certified for ``key`` as both are now (None: none at all:
+    not a ``tls-cert`` key, not a target, or a template the host's labels cannot fill).
+
+    The one rule behind issuing and keeping: ``cert_sign`` issues exactly these names, and a
+    change of targets, names or labels revokes each certificate whose host they no longer
+    entitle to what it holds."""
+    profile = key.install.tls
+    if key.type is not KeyType.TLS_CERT or profile is None or not host_matches(key.targets, host):
+        return None
+    try:
+        return render_tls_names(profile, key_name=key.name, host_id=host.id, labels=host.labels)
+    except ConfigError:
+        return None
+
+
 async def revoke_certificates(
     tx: Transaction,
     *,
@@ -461,13 +484,19 @@ async def revoke_certificates(
     key_id: str | None = None,
     version: int | None = None,
     host_id: str | None = None,
+    keep: Callable[[str, str], bool] | None = None,
 ) -> tuple[str, ...]:
-    """Mark every unexpired, unrevoked certificate of a key version (or of a host) revoked;
-    return their serials for the revocation event."""
+    """Mark every unexpired, unrevoked certificate of a key version, of every version of a key
+    (``keep`` given), or of a host revoked; return their serials for the event and audit.
+
+    ``keep(host_id, key_id)`` spares the certificates it is true for (those whose host is
+    still entitled to them, :func:`entitled_names`)."""
     if host_id is not None:
         where, args = "host_id = ?", (host_id,)
     elif key_id is not None and version is not None:
         where, args = "key_id = ? AND version = ?", (key_id, version)
+    elif key_id is not None and keep is not None:
+        where, args = "key_id = ?", (key_id,)
     else:
         raise ConfigError("revoke certificates of a key version or of a host")
     rows = _unexpired_checked(
@@ -481,6 +510,8 @@ async def revoke_certificates(
     serials = []
     for row in rows:
         if row["revoked_at"] is not None:
+            continue
+        if keep is not None and keep(str(row["host_id"]), str(row["key_id"])):
             continue
         await tx.execute(
             "UPDATE certificates SET revoked_at = ? WHERE serial = ?",

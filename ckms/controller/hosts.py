@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from ckms.controller import _repo, rowmac
-from ckms.controller.ca import revoke_certificates
+from ckms.controller.ca import entitled_names, revoke_certificates
 from ckms.controller.models import Host
 from ckms.controller.sealing import Vault
 from ckms.crypto import WrapSuite, signer_key_id, signing_public_openssh
@@ -86,6 +86,26 @@ def _token_hash(token: str) -> str:
 def _ssh_line(text: str) -> str:
     """The ``type base64`` part of an OpenSSH public key line (comments dropped)."""
     return " ".join(text.split()[:2])
+
+
+async def _revoke_unentitled(tx: Transaction, host: Host, now: datetime) -> tuple[str, ...]:
+    """Revoke the host's certificates of keys its new labels no longer entitle it to (no
+    longer a target, or a name template they cannot fill); the agent removes those files."""
+    key_ids = [
+        str(r["key_id"])
+        for r in await tx.fetchall(
+            "SELECT DISTINCT key_id FROM certificates WHERE host_id = ?", (host.id,)
+        )
+    ]
+    if not key_ids:
+        return ()
+    keys = {k.id: k for k in await _repo.keys_by_ids(tx, key_ids)}
+
+    def keep(host_id: str, key_id: str) -> bool:
+        key = keys.get(key_id)
+        return key is not None and entitled_names(key, host) is not None
+
+    return await revoke_certificates(tx, now=now, host_id=host.id, keep=keep)
 
 
 def _host_row(row: object, row_key: bytes | None) -> Host:
@@ -330,13 +350,14 @@ class HostRegistry:
                 (json.dumps(labels, sort_keys=True), host_id),
             )
             await rowmac.stamp_host(tx, host_id)
+            serials = await _revoke_unentitled(tx, host.model_copy(update={"labels": labels}), now)
             await audit_log.append(
                 tx,
                 now=now,
                 actor=actor,
                 action="host.label",
                 object=f"host:{host_id}",
-                details={"labels": labels, "previous": host.labels},
+                details={"labels": labels, "previous": host.labels, "serials": list(serials)},
             )
         return await self.get(host_id)
 

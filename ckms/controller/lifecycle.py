@@ -41,7 +41,7 @@ from typing import Any, Final, TypeVar
 
 from ckms import _gc
 from ckms.controller import _repo
-from ckms.controller.ca import revoke_certificates
+from ckms.controller.ca import entitled_names, revoke_certificates
 from ckms.controller.duework import next_due
 from ckms.controller.keyview import KeyView
 from ckms.controller.models import (
@@ -1402,6 +1402,15 @@ class Lifecycle:
                 _check_install(key.type, spec)
                 await self._check_env_guard_in(tx, pinned)
                 await _repo.update_key(tx, key.id, now=now, targets=pinned, install=spec)
+                details: dict[str, Any] = {
+                    "targets": pinned.describe(),
+                    "env": pinned.effective_env,
+                    "previous": key.targets.describe(),
+                    "install_changed": spec != key.install,
+                }
+                after = await _repo.load_key(tx, name)
+                if key.type is KeyType.TLS_CERT:
+                    details["serials"] = list(await _revoke_unentitled(tx, key, after, now))
                 await self._emit(
                     tx,
                     now=now,
@@ -1409,14 +1418,9 @@ class Lifecycle:
                     action="key.set_targets",
                     key=key,
                     event=KeyTargetsChanged(key=name, key_id=key.id, targets=pinned, install=spec),
-                    details={
-                        "targets": pinned.describe(),
-                        "env": pinned.effective_env,
-                        "previous": key.targets.describe(),
-                        "install_changed": spec != key.install,
-                    },
+                    details=details,
                 )
-                return await _repo.load_key(tx, name)
+                return after
 
         return await self._guarded(
             "key.set_targets", name, actor, {"targets": targets.describe()}, run
@@ -1472,6 +1476,23 @@ def _check_install(key_type: KeyType, spec: InstallSpec) -> None:
             f"install format '{spec.format}' is not available for key type '{key_type}' "
             f"(allowed: {', '.join(sorted(allowed))})"
         )
+
+
+async def _revoke_unentitled(
+    tx: Transaction, before: Key, after: Key, now: datetime
+) -> tuple[str, ...]:
+    """Revoke the certificates of ``before`` whose host ``after`` (new targets or name
+    templates) no longer entitles to the names it holds; the agents then re-issue or remove."""
+    hosts = {h.id: h for h in await _repo.list_hosts(tx)}
+
+    def keep(host_id: str, key_id: str) -> bool:
+        host = hosts.get(host_id)
+        if host is None:
+            return False
+        names = entitled_names(after, host)
+        return names is not None and names == entitled_names(before, host)
+
+    return await revoke_certificates(tx, now=now, key_id=before.id, keep=keep)
 
 
 async def _checked_import(key_type: KeyType, material: bytes) -> bytes:

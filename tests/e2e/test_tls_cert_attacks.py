@@ -10,7 +10,7 @@ import pytest
 
 from ckms.controller.service import Controller
 from ckms.crypto import KeyType, build_csr, crl_serials, generate
-from ckms.errors import IntegrityError
+from ckms.errors import IntegrityError, PermissionDeniedError
 from ckms.protocol import CertSignReply, CertSignRequest, InstallSpec, Targets, TlsProfile
 from tests.support.audit import tamper
 from tests.support.fleet import enroll_agent, host_rpc
@@ -79,3 +79,73 @@ async def test_the_crl_lists_a_revoked_serial_signed_by_its_issuer(
     pem, _ = await c.ca.crl(now=c.clock())
     state = await c.ca.state()
     assert serial in {format(s, "x") for s in crl_serials(pem, state.active.issuing.certificate)}
+
+
+async def _crl_serials(c: Controller) -> tuple[str, ...]:
+    _, serials = await c.ca.crl(now=c.clock())
+    return serials
+
+
+async def test_a_host_retargeted_away_loses_its_certificate_to_the_crl(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """Taking a host out of a key's targets (say, out of the pool that answers for a name)
+    must not leave it a valid certificate for that name until expiry."""
+    c = controller
+    serial = await _issued(c, tmp_path)
+    await c.lifecycle.set_targets("db/server", Targets(selectors=(DB,)), actor="alice")
+    assert serial not in await _crl_serials(c)  # still a target: kept
+    await c.lifecycle.set_targets(
+        "db/server", Targets(selectors=({"env": "prod", "role": "db2"},)), actor="alice"
+    )
+    assert serial in await _crl_serials(c)
+
+
+async def test_a_host_relabelled_out_of_the_targets_loses_its_certificate_to_the_crl(
+    controller: Controller, tmp_path: Path
+) -> None:
+    c = controller
+    serial = await _issued(c, tmp_path)
+    await c.hosts.set_labels("db-1", {**DB, "zone": "a"}, actor="alice")
+    assert serial not in await _crl_serials(c)  # still a target, same names: kept
+    await c.hosts.set_labels("db-1", {"env": "prod", "role": "web"}, actor="alice")
+    assert serial in await _crl_serials(c)
+
+
+async def test_new_name_templates_revoke_the_certificates_of_the_old_names(
+    controller: Controller, tmp_path: Path
+) -> None:
+    c = controller
+    serial = await _issued(c, tmp_path)
+    renamed = SPEC.model_copy(update={"tls": TlsProfile(sans=("{host}.other.internal",))})
+    await c.lifecycle.set_targets(
+        "db/server", Targets(selectors=(DB,)), install=renamed, actor="alice"
+    )
+    assert serial in await _crl_serials(c)
+
+
+async def test_names_rendered_from_labels_that_changed_before_the_commit_are_refused(
+    controller: Controller, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request authorized on the host's labels as they were (its snapshot) while an
+    operator moved a label away must not get a certificate of the old label's names."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "db-1", {**DB, "zone": "a"})
+    zoned = SPEC.model_copy(update={"tls": TlsProfile(sans=("{label:zone}.db.internal",))})
+    await c.lifecycle.create(
+        "db/zoned", "tls-cert", targets=Targets(selectors=(DB,)), install=zoned, actor="alice"
+    )
+    before = await c.hosts.identity("db-1")
+    await c.hosts.set_labels("db-1", {**DB, "zone": "b"}, actor="alice")
+
+    async def stale(host_id: str) -> tuple[object, str]:
+        return before
+
+    monkeypatch.setattr(c.hosts, "identity", stale)
+    csr = build_csr(generate(KeyType.ECDSA_P256), None).decode()
+    async with host_rpc(c, config) as rpc:
+        with pytest.raises(PermissionDeniedError, match="changed meanwhile"):
+            await rpc.call(
+                "cert_sign",
+                CertSignRequest(key="db/zoned", version=1, csr=csr).model_dump(mode="json"),
+            )
