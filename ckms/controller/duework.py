@@ -4,7 +4,8 @@
   in PreActive. The rotation is due ``activation_delay`` before the cryptoperiod ends, so the new
   version (pre-distributed while PreActive) becomes primary exactly when the old one's
   cryptoperiod is over; with no delay that is the end of the cryptoperiod itself.
-- **activate**: a PreActive version whose activation time has passed.
+- **activate**: a PreActive version whose activation time has passed (a version waiting for
+  its rollout has none: the rollout activates it, :mod:`ckms.controller.rollouts`).
 - **deactivate**: an Active or Suspended version that is no longer primary and whose grace (from
   the moment it was superseded) has ended.
 

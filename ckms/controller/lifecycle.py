@@ -1206,16 +1206,16 @@ class Lifecycle:
         *,
         actor: str,
         reason: str | None = None,
-        expect: tuple[int, int] | None = None,
+        expect: tuple[int, int, datetime] | None = None,
         deadline: timedelta | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Rollout:
         """Move a key's rollout by ``op`` in one transaction with its event and audit record.
 
         ``complete`` also activates the version (the one signed ``key.state_changed`` every
-        host applies); ``expect`` (version, stage) refuses the move when the rollout moved
-        meanwhile (the driver judged an older stage). Refusals are audited like every
-        lifecycle refusal.
+        host applies); ``expect`` (version, stage, stage start) refuses the move when the rollout
+        moved meanwhile (the driver judged a stage as it was before a resume or an abort).
+        Refusals are audited like every lifecycle refusal.
         """
         details: dict[str, Any] = {"op": str(op), "reason": reason}
 
@@ -1227,7 +1227,8 @@ class Lifecycle:
                 rollout = key.rollout
                 if rollout is None:
                     raise NotFoundError(f"key {name} has no rollout")
-                if expect is not None and expect != (rollout.version, rollout.stage):
+                now_at = (rollout.version, rollout.stage, rollout.stage_started_at)
+                if expect is not None and expect != now_at:
                     raise InvalidTransitionError(
                         f"the rollout of {name} moved meanwhile (now v{rollout.version} stage "
                         f"{rollout.stage}, {rollout.state})"

@@ -130,7 +130,8 @@ class RolloutDriver:
         rollout = key.rollout
         if rollout is None or rollout.state is not RolloutState.RUNNING:
             return None
-        expect = (rollout.version, rollout.stage)
+        # What was judged: a resume or abort meanwhile (a new stage start) refuses the move.
+        expect = (rollout.version, rollout.stage, rollout.stage_started_at)
         version = key.version(rollout.version)
         if not awaits_rollout(version.state, version.activation_at):
             await self._move(name, RolloutOp.CANCEL, f"version is {version.state}", expect)
@@ -170,7 +171,7 @@ class RolloutDriver:
         name: str,
         op: RolloutOp,
         reason: str,
-        expect: tuple[int, int],
+        expect: tuple[int, int, datetime],
         extra: dict[str, object] | None = None,
     ) -> None:
         await self._lifecycle.move_rollout(

@@ -291,8 +291,18 @@ async def test_a_failure_halts_abort_rolls_the_stage_back_and_resume_releases_it
     assert holders(key, hosts, 2) == {order[0]}  # stage 2 withdrawn, stage 1 stays
 
     await ack(c, order[2], 2, "failed", clock)  # an old failure, before the resume
+    judged = (await c.lifecycle.get(NAME)).rollout
+    assert judged is not None
     clock.advance(seconds=1)
     await c.rollouts.resume(NAME, actor="alice", reason="fixed")
+    # A judgment of the stage as it was before the resume cannot halt the resumed one.
+    with pytest.raises(InvalidTransitionError, match="moved meanwhile"):
+        await c.lifecycle.move_rollout(
+            NAME,
+            RolloutOp.HALT,
+            actor="rollout",
+            expect=(judged.version, judged.stage, judged.stage_started_at),
+        )
     key = await c.lifecycle.get(NAME)
     assert key.rollout is not None and key.rollout.released == frozenset(order[:5])  # same hosts
     assert await c.rollouts.step() == []  # the old failure no longer counts; waits for acks
@@ -414,7 +424,7 @@ async def test_gate_healthy_needs_a_health_check_and_one_rollout_at_a_time(
     with pytest.raises(InvalidTransitionError, match=r"cannot resume the rollout .* running"):
         await c.lifecycle.move_rollout(NAME, RolloutOp.RESUME, actor="alice")
     with pytest.raises(InvalidTransitionError, match="moved meanwhile"):
-        await c.lifecycle.move_rollout(NAME, RolloutOp.HALT, actor="rollout", expect=(2, 7))
+        await c.lifecycle.move_rollout(NAME, RolloutOp.HALT, actor="rollout", expect=(2, 7, T0))
     with pytest.raises(InvalidTransitionError, match="its last stage is out"):
         await c.lifecycle.move_rollout(NAME, RolloutOp.ADVANCE, actor="rollout")
     assert c.store is not None
