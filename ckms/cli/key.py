@@ -557,14 +557,20 @@ FileFormatOpt = Annotated[
 def read_import_file(path: Path) -> str:
     """The base64 text of a key file to import (UsageError if unreadable or too large).
 
-    Only its size and name are ever shown; the controller checks the content."""
+    Only its size and name are ever shown; the controller checks the content. At most one
+    byte past the bound is read, whatever the path is: a pipe (``--file <(gpg -d k.gpg)``) or a
+    device reports size 0, and a file may grow after it was measured."""
+    too_big = f"{path} is larger than a key file (at most {MAX_IMPORT_BYTES} bytes)"
     try:
         size = path.stat().st_size
         if size > MAX_IMPORT_BYTES:
             raise UsageError(f"{path} is {size} bytes; a key file is at most {MAX_IMPORT_BYTES}")
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(MAX_IMPORT_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_IMPORT_BYTES:
+        raise UsageError(too_big)
     if not data:
         raise UsageError(f"{path} is empty")
     return base64.b64encode(data).decode("ascii")
