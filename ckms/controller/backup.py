@@ -46,7 +46,7 @@ BACKUP_DIR: Final = "backups"
 CHUNK_MAX: Final = 1024 * 1024
 """Largest chunk one ``backup.read`` returns (base64 keeps the reply well under its bound)."""
 KEEP_FOR: Final = timedelta(hours=1)
-"""A backup the operator did not fetch and delete is swept after this long."""
+"""A backup the operator did not fetch and delete is removed by the next backup once this old."""
 _ID_RE: Final = re.compile(r"^b-[0-9a-f]{16}$")
 
 

@@ -20,7 +20,9 @@ from ckms.controller.fleet import key_fleet_status
 from ckms.controller.home import write_settings
 from ckms.controller.service import Controller
 from ckms.crypto import generate_signing_key
+from ckms.errors import NotFoundError, ProtocolError
 from ckms.protocol import EventType, InstallSpec, Targets, encode_event
+from ckms.ssh import Principal
 from tests.support.acks import publish
 from tests.support.cli import Operators, audit_records
 from tests.support.controller import running_controller
@@ -202,10 +204,16 @@ async def test_only_admins_take_backups(
             assert not (tmp_path / f"{who}.backup").exists()
         refused = [(r.actor, r.action) for r in await audit_records(c) if r.outcome == "refused"]
         assert ("dave", "rpc.backup.create") in refused and ("erin", "rpc.backup.create") in refused
-        # Reading another backup by guessing its id is refused (and ids are 64 random bits).
         run = await ops.ckms("backup", "-o", str(tmp_path / "a.backup"), "--json", who="alice")
         assert run.rc == 0, run.stderr
         assert json.loads(run.stdout)["keys"] == 0
+        # A backup id names a file in the controller's backups directory and nothing else.
+        admin = Principal(name="alice", role="admin", key_fingerprint="SHA256:in-process")
+        for bad in ("../controller", "b-../../controller.db", "b-0123456789abcdeg"):
+            with pytest.raises(ProtocolError, match="bad parameters"):
+                await c.rpc.call(admin, "backup.read", {"id": bad})
+        with pytest.raises(NotFoundError, match="no backup"):
+            await c.rpc.call(admin, "backup.read", {"id": "b-0123456789abcdef"})
 
 
 async def test_a_forged_event_does_not_move_the_restored_sequence(
