@@ -33,7 +33,7 @@ from enum import StrEnum
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -241,7 +241,7 @@ def _load_public(public_key: bytes) -> CertificateIssuerPublicKeyTypes:
             key = serialization.load_pem_public_key(data)
         else:
             key = serialization.load_der_public_key(data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError("public key could not be parsed") from None
     _check_subject_key(key)
     return key  # type: ignore[return-value]  # checked: EC or RSA
@@ -432,12 +432,12 @@ def load_csr(data: bytes) -> CsrInfo:
             csr = x509.load_pem_x509_csr(raw)
         else:
             csr = x509.load_der_x509_csr(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(f"{_BAD_CSR} could not be parsed") from None
     try:
         valid = csr.is_signature_valid
         public = csr.public_key()
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
         raise ConfigError(f"{_BAD_CSR} has an unsupported key or signature") from None
     if not valid:
         raise ConfigError(f"{_BAD_CSR} signature is not valid")
@@ -664,7 +664,7 @@ def certificate_info(pem: bytes) -> CertificateInfo:
         is_ca=is_ca,
         dns_names=dns,
         ip_addresses=ips,
-        public_key=_spki(cert.public_key()),
+        public_key=_spki(_certified_key(cert)),
         subject_key_id=_key_id(cert, x509.SubjectKeyIdentifier),
         authority_key_id=_key_id(cert, x509.AuthorityKeyIdentifier),
     )
@@ -681,7 +681,16 @@ def _key_id(cert: x509.Certificate, kind: type) -> str | None:
 
 def certificate_matches_key(certificate: bytes, private_key: bytes) -> bool:
     """Say whether ``private_key`` (PKCS#8 DER or PEM) is the key ``certificate`` names."""
-    return _spki(_load_one(certificate).public_key()) == public_key_of(private_key)
+    return _spki(_certified_key(_load_one(certificate))) == public_key_of(private_key)
+
+
+def _certified_key(cert: x509.Certificate) -> object:
+    """A certificate's subject public key; ConfigError for an algorithm or curve pyca cannot
+    load (its own exception must not cross this module's boundary)."""
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError("certificate has an unsupported subject key") from None
 
 
 def chains_to(leaf: bytes, chain: bytes, roots: bytes, *, now: dt.datetime | None = None) -> bool:
@@ -711,7 +720,7 @@ def chains_to(leaf: bytes, chain: bytes, roots: bytes, *, now: dt.datetime | Non
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
