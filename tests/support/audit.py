@@ -41,7 +41,9 @@ def tamper(db_path: Path, *statements: str, params: tuple[object, ...] = ()) -> 
     """Edit the database file like an attacker would: with plain sqlite3, triggers dropped.
 
     ``params`` go to every statement that has placeholders."""
-    with sqlite3.connect(db_path) as raw:
+    # A long busy timeout: the running controller may hold the write lock for a while on a
+    # loaded machine; the attacker simply waits for it.
+    with sqlite3.connect(db_path, timeout=60) as raw:
         raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
         raw.execute("DROP TRIGGER IF EXISTS audit_no_delete")
         for statement in statements:

@@ -170,5 +170,5 @@ async def test_origin_is_bound_by_the_version_mac(
         )
         with pytest.raises(IntegrityError, match="failed integrity check"):
             await c.lifecycle.get(name)
-    with sqlite3.connect(db) as raw:
+    with sqlite3.connect(db, timeout=60) as raw:
         assert raw.execute("SELECT count(*) FROM key_versions WHERE origin IS NOT NULL").fetchone()

@@ -40,7 +40,7 @@ async def test_an_operator_row_added_while_sealed_gets_only_status(
     await c.lifecycle.create("web/tls", "aes-256", actor="alice")
     await c.vault.seal(actor="alice")
     mine = generate_ssh_key()
-    with sqlite3.connect(c.store.path) as raw:  # the running controller's own file
+    with sqlite3.connect(c.store.path, timeout=60) as raw:  # the running controller's own file
         raw.execute(
             "INSERT INTO operators(name, role, ssh_public_key, created_at, created_by) "
             "VALUES ('mallory', 'admin', ?, '2025-01-01T00:00:00Z', 'alice')",
