@@ -21,6 +21,11 @@ certificate of the key's primary (else newest) version installed:
 
 The private key exists in this process only while it is written and in the key file; it is
 never logged, sent or kept in the state DB (which holds serials, times and file hashes).
+
+:class:`ClientCertKeeper` does the same for the agent's own Kafka client certificate
+(``CN=<host>,OU=ckms-agent``, issued at enrollment): one file, ``kafka-client.pem`` in the
+state directory (key, certificate, chain), renewed at two thirds of its lifetime
+(``client_cert``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ckms.crypto import (
+    CLOCK_SKEW,
     KeyType,
     build_csr,
     certificate_info,
@@ -41,12 +47,15 @@ from ckms.crypto import (
     generate,
     join_certificates,
     private_key_pem,
+    split_certificates,
 )
 from ckms.errors import CKMSError, ProtocolError, StoreError, TransportError
 from ckms.protocol import (
     AckStatus,
     CertSignReply,
     CertSignRequest,
+    ClientCertReply,
+    ClientCertRequest,
     DesiredKey,
     DesiredVersion,
     InstalledVersion,
@@ -55,11 +64,18 @@ from ckms.protocol import (
     parse_time,
 )
 from ckms_agent.acks import AckWriter
-from ckms_agent.files import digest_of
+from ckms_agent.files import digest_of, write_atomic
 from ckms_agent.installer import Installer
 from ckms_agent.state import AgentState
 
-__all__ = ["CERT_FILES", "CertKeeper", "CertRecord", "is_cert_key"]
+__all__ = [
+    "CERT_FILES",
+    "CertKeeper",
+    "CertRecord",
+    "ClientCertKeeper",
+    "client_pem",
+    "is_cert_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +151,15 @@ class CertKeeper:
         return key in self._records
 
     def next_renewal(self) -> float | None:
-        """Epoch seconds of the soonest renewal due (None: nothing installed)."""
-        return min((r.renew_at for r in self._records.values()), default=None)
+        """Epoch seconds of the soonest renewal due (None: nothing installed); one that failed
+        is due again :data:`RETRY_S` after the failure."""
+        return min(
+            (
+                max(r.renew_at, self._failed_at.get((r.key, r.version), 0.0) + RETRY_S)
+                for r in self._records.values()
+            ),
+            default=None,
+        )
 
     def installed(self) -> list[InstalledVersion]:
         """What the host reports holding: versions whose files are intact on disk."""
@@ -341,3 +364,81 @@ class CertKeeper:
 
 def _v(version: DesiredVersion) -> int:
     return version.version
+
+
+def client_pem(private: bytes, certificate: str, bundle: str) -> bytes:
+    """The Kafka client file: the key, then the certificate and its chain, after checking the
+    certificate is for ``private`` and chains to ``bundle`` (ProtocolError otherwise)."""
+    cert = certificate.encode("ascii")
+    try:
+        first = split_certificates(cert)
+        ok = bool(first) and certificate_matches_key(first[0], private)
+        ok = ok and chains_to(first[0], b"".join(first[1:]), bundle.encode("ascii"))
+    except CKMSError:
+        ok = False
+    if not ok:
+        raise ProtocolError("the controller sent a Kafka client certificate not for this key")
+    return private_key_pem(private) + join_certificates(cert)
+
+
+ClientSigner = Callable[[ClientCertRequest], Awaitable[ClientCertReply]]
+
+
+class ClientCertKeeper:
+    """Renews the agent's Kafka client certificate file at two thirds of its lifetime."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        bundle_path: Path,
+        host_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._bundle_path = bundle_path
+        self._host = host_id
+        self._clock = clock
+        self._failed_at: float | None = None
+
+    def renew_at(self) -> float | None:
+        """When the certificate is due for renewal (None: this host has none to renew)."""
+        try:
+            certs = split_certificates(self._path.read_bytes())
+        except (OSError, CKMSError):
+            # None yet (enrolled before the controller had a CA): get one once it has.
+            if not self._bundle_path.exists():
+                return None
+            return self._clock() if self._failed_at is None else self._failed_at + RETRY_S
+        if not certs:
+            return self._clock()
+        info = certificate_info(certs[0])
+        issued = info.not_before + CLOCK_SKEW  # the CA backdates not_before by CLOCK_SKEW
+        due = (issued + (info.not_after - issued) * RENEW_AT).timestamp()
+        return due if self._failed_at is None else max(due, self._failed_at + RETRY_S)
+
+    async def ensure(self, sign: ClientSigner) -> bool:
+        """Renew the certificate if due; True when a new one was written."""
+        due = self.renew_at()
+        if due is None or self._clock() < due:
+            return False
+        private = generate(KeyType.ECDSA_P256)
+        try:
+            reply = await sign(ClientCertRequest(csr=build_csr(private, None).decode("ascii")))
+            data = client_pem(private, reply.certificate, reply.ca_bundle)
+        except (TransportError, StoreError):
+            raise
+        except CKMSError as exc:
+            self._failed_at = self._clock()
+            log.error("host=%s: Kafka client certificate not renewed: %s", self._host, exc)
+            return False
+        del private
+        write_atomic(self._path, data, mode=0o600, dir_mode=0o700)
+        self._failed_at = None
+        log.info(
+            "host=%s: Kafka client certificate %s installed, valid until %s",
+            self._host,
+            reply.serial,
+            reply.not_after,
+        )
+        return True

@@ -47,6 +47,7 @@ WRAPPING_KEY_FILE = "wrapping.key"
 DIGEST_KEY_FILE = "digest.key"
 STATE_DB_FILE = "state.db"
 CA_BUNDLE_FILE = "ca-bundle.pem"
+KAFKA_CLIENT_FILE = "kafka-client.pem"
 
 _FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -294,6 +295,13 @@ class AgentConfig(BaseModel):
     def ca_bundle_path(self) -> Path:
         """The controller CA's roots this host trusts (PEM; public), updated on every sync."""
         return self.state_dir / CA_BUNDLE_FILE
+
+    @property
+    def kafka_client_path(self) -> Path:
+        """The host's Kafka client key, certificate and chain in one PEM file, mode 0600
+        (``CN=<host>,OU=ckms-agent``; one file, so a renewal replaces key and certificate
+        together: ``ssl.SSLContext.load_cert_chain(path)`` and Kafka's PEM keystore read it)."""
+        return self.state_dir / KAFKA_CLIENT_FILE
 
     @property
     def state_db_path(self) -> Path:

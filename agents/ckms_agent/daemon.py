@@ -54,6 +54,8 @@ from ckms.errors import (
 from ckms.protocol import (
     CertSignReply,
     CertSignRequest,
+    ClientCertReply,
+    ClientCertRequest,
     DigestKeyReply,
     DigestKeyRequest,
     Envelope,
@@ -66,7 +68,7 @@ from ckms.protocol import (
 )
 from ckms.ssh import RpcClient
 from ckms_agent.acks import AckPublisher, AckWriter
-from ckms_agent.certs import CertKeeper, is_cert_key
+from ckms_agent.certs import CertKeeper, ClientCertKeeper, is_cert_key
 from ckms_agent.config import AgentConfig
 from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
 from ckms_agent.identity import (
@@ -136,6 +138,7 @@ class Agent:
         self._reconcile_wanted = asyncio.Event()
         self._ops: KeyOps | None = None
         self._certs: CertKeeper | None = None
+        self._client_cert: ClientCertKeeper | None = None
         self._cert_wake = asyncio.Event()
         self._triggers: dict[str, Trigger] = {}
         self._desired_keys: set[str] = set()
@@ -207,6 +210,12 @@ class Agent:
                     clock=self._clock,
                 )
                 await self._certs.load()
+                self._client_cert = ClientCertKeeper(
+                    path=cfg.kafka_client_path,
+                    bundle_path=cfg.ca_bundle_path,
+                    host_id=cfg.host_id,
+                    clock=self._clock,
+                )
                 self._ops = KeyOps(
                     state=state,
                     installer=self._installer,
@@ -466,6 +475,8 @@ class Agent:
             )
         await ops.answer_triggers(by_key.values(), acked)
         await certs.reconcile(cert_keys, self._cert_sign)
+        if self._client_cert is not None:
+            await self._client_cert.ensure(self._client_sign)
         self._cert_wake.set()
         self.reconciles += 1
         self.metrics.synced(self._clock())
@@ -693,7 +704,10 @@ class Agent:
         """Ask for a sync when a certificate is due for renewal (the sync renews it)."""
         while True:
             stop_if_cancelled()
-            due = self.certs.next_renewal()
+            dues = [self.certs.next_renewal()]
+            if self._client_cert is not None:
+                dues.append(self._client_cert.renew_at())
+            due = min((d for d in dues if d is not None), default=None)
             delay = 60.0 if due is None else min(60.0, max(0.0, due - self._clock()))
             self._cert_wake.clear()
             if delay > 0:
@@ -710,6 +724,9 @@ class Agent:
 
     async def _cert_sign(self, request: CertSignRequest) -> CertSignReply:
         return await self._call("cert_sign", request, CertSignReply)
+
+    async def _client_sign(self, request: ClientCertRequest) -> ClientCertReply:
+        return await self._call("client_cert", request, ClientCertReply)
 
     @property
     def certs(self) -> CertKeeper:

@@ -22,14 +22,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ckms.crypto import WrapSuite, signing_public_openssh
+from ckms.crypto import KeyType, WrapSuite, build_csr, generate, signing_public_openssh
 from ckms.errors import AlreadyExistsError, ConfigError, ProtocolError
 from ckms.protocol import EnrollReply, EnrollRequest
 from ckms.ssh import RpcClient
+from ckms_agent.certs import client_pem
 from ckms_agent.config import (
     CA_BUNDLE_FILE,
     DIGEST_KEY_FILE,
     IDENTITY_KEY_FILE,
+    KAFKA_CLIENT_FILE,
     POLICY_FIELDS,
     STATE_DB_FILE,
     WRAPPING_KEY_FILE,
@@ -88,9 +90,11 @@ async def enroll(
         _refuse_existing(config_path, identity_path)
     staged = state_dir / ".enroll-staging"
     keys = create_keys(staged / IDENTITY_KEY_FILE, staged / WRAPPING_KEY_FILE, wrap_suite)
+    kafka_key = generate(KeyType.ECDSA_P256)  # made here; only its CSR goes to the controller
     try:
         reply = await _call_enroll(
             keys,
+            kafka_csr=build_csr(kafka_key, None).decode("ascii"),
             host=controller_host,
             port=controller_port,
             token=token,
@@ -138,6 +142,10 @@ async def enroll(
             write_atomic(
                 state_dir / CA_BUNDLE_FILE, reply.ca_bundle.encode(), mode=0o644, dir_mode=0o700
             )
+            if reply.kafka_certificate:
+                combined = client_pem(kafka_key, reply.kafka_certificate, reply.ca_bundle)
+                write_atomic(state_dir / KAFKA_CLIENT_FILE, combined, mode=0o600, dir_mode=0o700)
+        del kafka_key
     finally:
         _discard(staged)
     if (state_dir / STATE_DB_FILE).exists():
@@ -181,7 +189,14 @@ def _discard(staged: Path) -> None:
 
 
 async def _call_enroll(
-    keys: AgentKeys, *, host: str, port: int, token: str, fingerprint: str, timeout_s: float
+    keys: AgentKeys,
+    *,
+    host: str,
+    port: int,
+    token: str,
+    fingerprint: str,
+    timeout_s: float,
+    kafka_csr: str | None = None,
 ) -> EnrollReply:
     request = EnrollRequest(
         token=token,
@@ -190,6 +205,7 @@ async def _call_enroll(
         wrapping_key=base64.b64encode(keys.wrapping_public).decode(),
         wrap_suite=str(keys.suite),
         agent_version=AGENT_VERSION,
+        kafka_csr=kafka_csr,
     )
     client = RpcClient(
         host=host,

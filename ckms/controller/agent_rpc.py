@@ -18,7 +18,7 @@ import base64
 import json
 import logging
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ckms.controller import _repo
@@ -27,17 +27,21 @@ from ckms.controller.desired import desired_versions, drifted_keys, released_to,
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.keyview import KeyView
 from ckms.controller.lifecycle import Lifecycle
-from ckms.controller.models import Host, KeyState, Targets
+from ckms.controller.models import DEFAULT_CERT_LIFETIME, Host, KeyState, Targets
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import host_matches
 from ckms.controller.transitions import is_distributable
 from ckms.crypto import (
     CertSubject,
     CertUsage,
+    CsrInfo,
     KeyType,
+    SubjectRole,
     WrapSuite,
+    join_certificates,
     load_csr,
     signer_key_id,
+    subject_for,
     wrap_for_agent,
 )
 from ckms.errors import (
@@ -51,6 +55,8 @@ from ckms.errors import (
 from ckms.protocol import (
     CertSignReply,
     CertSignRequest,
+    ClientCertReply,
+    ClientCertRequest,
     DesiredKey,
     DesiredVersion,
     DigestKeyReply,
@@ -117,7 +123,9 @@ class AgentService:
         reconcile_interval_s: int = 300,
         clock: Clock = utc_now,
         ca: ControllerCA | None = None,
+        agent_cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME,
     ) -> None:
+        self._agent_cert_lifetime = agent_cert_lifetime
         self._store = store
         self._ca = ca if ca is not None else ControllerCA(store, vault)
         self._vault = vault
@@ -138,6 +146,7 @@ class AgentService:
         server.route("fetch", self.fetch, roles={Role.AGENT})
         server.route("digest_key", self.digest_key, roles={Role.AGENT})
         server.route("cert_sign", self.cert_sign, roles={Role.AGENT})
+        server.route("client_cert", self.client_cert, roles={Role.AGENT})
 
     def _now(self) -> datetime:
         return self._clock()
@@ -145,8 +154,17 @@ class AgentService:
     async def enroll(self, principal: Principal, params: dict[str, Any]) -> EnrollReply:
         """Record a new host (see :class:`HostRegistry.enroll`) and tell it what to pin."""
         request = EnrollRequest.model_validate(params)
+        csr = None
+        if request.kafka_csr is not None:
+            try:  # before the token is spent: a bad CSR refuses the enrollment
+                csr = load_csr(request.kafka_csr.encode("ascii"))
+            except ConfigError as exc:
+                raise PermissionDeniedError(f"enrollment refused: Kafka client {exc}") from None
         enrolled = await self._hosts.enroll(request, presented_key=principal.public_key)
         host = enrolled.host
+        kafka_certificate = None
+        if csr is not None and await self._ca.bundle() is not None:
+            kafka_certificate = (await self._issue_client(host, csr)).certificate
         public = await self._vault.public_key()
         digest_key = self._vault.wrapped_digest_key(
             host.wrapping_public_key, host_id=host.id, suite=WrapSuite(request.wrap_suite)
@@ -162,6 +180,62 @@ class AgentService:
             event_seq=enrolled.event_seq,
             digest_key=base64.b64encode(digest_key).decode(),
             ca_bundle=_text(await self._ca.bundle()),
+            kafka_certificate=kafka_certificate,
+        )
+
+    async def client_cert(self, principal: Principal, params: dict[str, Any]) -> ClientCertReply:
+        """Renew the host's Kafka client certificate (``CN=<host>,OU=ckms-agent``)."""
+        request = ClientCertRequest.model_validate(params)
+        host, _ = await self._host(principal)
+        try:
+            csr = load_csr(request.csr.encode("ascii"))
+        except ConfigError as exc:
+            raise PermissionDeniedError(f"client certificate refused: {exc}") from None
+        return await self._issue_client(host, csr)
+
+    async def _issue_client(self, host: Host, csr: CsrInfo) -> ClientCertReply:
+        """Issue ``host`` its Kafka client certificate for the key ``csr`` proves. The subject
+        is the host's own, whatever the CSR asks; a CSR naming anyone else is refused."""
+        subject = subject_for(SubjectRole.AGENT, host.id)
+        asked = (csr.common_name, csr.organizational_unit)
+        if asked not in ((None, None), (host.id, SubjectRole.AGENT.value)) or (
+            csr.dns_names or csr.ip_addresses
+        ):
+            raise PermissionDeniedError(
+                f"host {host.id} may not claim {asked} or names in its Kafka client "
+                f"certificate; it gets {subject.rfc4514()}"
+            )
+        now = self._now()
+        async with self._store.write() as tx:
+            revoked = await tx.fetchval("SELECT revoked FROM hosts WHERE id = ?", (host.id,))
+            if revoked is None or revoked:
+                raise PermissionDeniedError(f"host {host.id} is revoked")
+            await _check_issue_rate(tx, host.id, None, 0, now)
+            issued = await self._ca.issue(
+                tx,
+                host_id=host.id,
+                key_id=None,
+                key_name=None,
+                version=0,
+                public_key=csr.public_key,
+                subject=subject,
+                dns_names=(),
+                ip_addresses=(),
+                lifetime=self._agent_cert_lifetime,
+                usage=CertUsage.CLIENT,
+                now=now,
+            )
+        log.info(
+            "host %s: issued Kafka client certificate %s (until %s)",
+            host.id,
+            issued.info.serial_hex,
+            format_time(issued.info.not_after),
+        )
+        return ClientCertReply(
+            certificate=join_certificates(issued.certificate, issued.chain).decode("ascii"),
+            ca_bundle=issued.bundle.decode("ascii"),
+            serial=issued.info.serial_hex,
+            not_after=format_time(issued.info.not_after),
         )
 
     async def digest_key(self, principal: Principal, params: dict[str, Any]) -> DigestKeyReply:
@@ -525,10 +599,10 @@ loses its files re-asks, one that asks in a loop is refused instead of filling t
 
 
 async def _check_issue_rate(
-    tx: Transaction, host_id: str, key_id: str, version: int, now: datetime
+    tx: Transaction, host_id: str, key_id: str | None, version: int, now: datetime
 ) -> None:
     count = await tx.fetchval(
-        "SELECT count(*) FROM certificates WHERE host_id = ? AND key_id = ? AND version = ? "
+        "SELECT count(*) FROM certificates WHERE host_id = ? AND key_id IS ? AND version = ? "
         "AND not_after > ?",
         (host_id, key_id, version, format_time(now)),
     )

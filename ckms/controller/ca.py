@@ -76,6 +76,10 @@ ROOT_LIFETIME: Final = timedelta(days=10 * 365)
 ISSUING_LIFETIME: Final = timedelta(days=2 * 365)
 CRL_LIFETIME: Final = timedelta(days=7)
 CA_PARTITION: Final = CA_SUBJECT
+TLS_CERT: Final = "tls-cert"
+KAFKA_CLIENT: Final = "kafka-client"
+"""The two kinds of certificates the CA issues hosts: a ``tls-cert`` key's, and the agent's own
+Kafka client certificate (``CN=<host>,OU=ckms-agent``)."""
 
 
 @dataclass(frozen=True)
@@ -307,8 +311,8 @@ class ControllerCA:
         tx: Transaction,
         *,
         host_id: str,
-        key_id: str,
-        key_name: str,
+        key_id: str | None,
+        key_name: str | None,
         version: int,
         public_key: bytes,
         subject: CertSubject,
@@ -319,7 +323,8 @@ class ControllerCA:
         now: datetime,
     ) -> IssuedCertificate:
         """Sign a host's public key with the active intermediate and record it (row MAC, audit)
-        in the caller's transaction."""
+        in the caller's transaction: for a ``tls-cert`` key version, or (``key_id=None``) as
+        the host's Kafka client certificate."""
         state = await self._read(tx)
         active = state.active
         pem = issue_certificate(
@@ -335,10 +340,11 @@ class ControllerCA:
         info = certificate_info(pem)
         serial = info.serial_hex
         await tx.execute(
-            "INSERT INTO certificates(serial, host_id, key_id, version, ca_generation, "
-            "fingerprint, not_before, not_after, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO certificates(serial, kind, host_id, key_id, version, ca_generation, "
+            "fingerprint, not_before, not_after, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 serial,
+                KAFKA_CLIENT if key_id is None else TLS_CERT,
                 host_id,
                 key_id,
                 version,
@@ -355,8 +361,9 @@ class ControllerCA:
             now=now,
             actor=f"host:{host_id}",
             action="cert.issue",
-            object=f"key:{key_name}",
+            object=f"key:{key_name}" if key_name is not None else f"host:{host_id}",
             details={
+                "kind": KAFKA_CLIENT if key_id is None else TLS_CERT,
                 "version": version,
                 "serial": serial,
                 "subject": info.subject,
@@ -443,7 +450,7 @@ class ControllerCA:
         fleet view and status show."""
         sql = (
             "SELECT c.*, k.name AS key_name FROM certificates c JOIN keys k ON k.id = c.key_id "
-            "WHERE c.revoked_at IS NULL"
+            "WHERE c.revoked_at IS NULL AND c.kind = 'tls-cert'"
         )
         args: tuple[Any, ...] = ()
         if host_id is not None:

@@ -115,6 +115,7 @@ a rollout row is only ever written by an unsealed controller, so there is no unb
 bring up (no binding level)."""
 
 CERTIFICATE_FIELDS: Final = (
+    "kind",
     "host_id",
     "key_id",
     "version",

@@ -82,6 +82,8 @@ class ControllerSettings(BaseModel):
     rollout_interval_s: float = Field(default=5.0, gt=0, le=3600)
     """How often running rollouts are judged besides after every batch of acks (deadlines,
     hosts going stale)."""
+    agent_cert_lifetime_s: int = Field(default=86400, ge=30, le=397 * 86400)
+    """How long an agent's Kafka client certificate lives (agents renew at two thirds)."""
     ssh_max_concurrent: int = Field(default=16, ge=1, le=1024)
     """Requests in flight on one SSH connection."""
     ssh_max_connections: int = Field(default=16384, ge=1)
@@ -182,6 +184,7 @@ class Controller:
             reconcile_interval_s=self.settings.reconcile_interval_s,
             clock=self.clock,
             ca=self.ca,
+            agent_cert_lifetime=timedelta(seconds=self.settings.agent_cert_lifetime_s),
         )
         self.agents.register(self.rpc)
         topics = self.settings.topic_specs()

@@ -60,6 +60,7 @@ from ckms.crypto._signing import (
 )
 from ckms.crypto._sshkeys import signing_key_openssh, signing_public_openssh
 from ckms.crypto._x509 import (
+    CLOCK_SKEW,
     CertificateAuthority,
     CertificateInfo,
     CertSubject,
@@ -91,6 +92,7 @@ from ckms.crypto._x509 import (
 )
 
 __all__ = [
+    "CLOCK_SKEW",
     "DIGEST_KEY_PURPOSE",
     "MAX_IMPORT_BYTES",
     "MIN_SECRET_BITS",

@@ -45,6 +45,9 @@ class EnrollRequest(_Model):
     wrapping_key: B64
     wrap_suite: str = "x25519"
     agent_version: str = Field(default="", max_length=64)
+    kafka_csr: Pem | None = None
+    """A CSR (naming nothing) for the host's Kafka client key, made on the host; the reply
+    carries the certificate ``CN=<host>,OU=ckms-agent`` when the controller has a CA."""
 
 
 class EnrollReply(_Model):
@@ -64,6 +67,8 @@ class EnrollReply(_Model):
     """The fleet's digest key, HPKE-wrapped to this host (base64 of the blob)."""
     ca_bundle: Pem | None = None
     """The roots of the controller's CA this host trusts (PEM), from a controller that has one."""
+    kafka_certificate: Pem | None = None
+    """The host's Kafka client certificate and its chain (PEM), for ``kafka_csr``."""
 
 
 class DigestKeyRequest(_Model):
@@ -170,6 +175,23 @@ class CertSignRequest(_Model):
     key: KeyName
     version: Version
     csr: Pem
+
+
+class ClientCertRequest(_Model):
+    """Renew the host's Kafka client certificate: a CSR (naming nothing, or exactly the
+    host's subject) signed by a key the host just made."""
+
+    csr: Pem
+
+
+class ClientCertReply(_Model):
+    """The host's Kafka client certificate (``CN=<host>,OU=ckms-agent``) with its chain."""
+
+    certificate: Pem
+    """The certificate followed by the intermediate (what a TLS client presents)."""
+    ca_bundle: Pem
+    serial: Serial
+    not_after: str
 
 
 class CertSignReply(_Model):

@@ -268,8 +268,9 @@ operator brought it (``key.import``). Covered by the version's row MAC once set.
 _CERTIFICATES = """
 CREATE TABLE certificates (
     serial        TEXT PRIMARY KEY,
+    kind          TEXT NOT NULL DEFAULT 'tls-cert' CHECK (kind IN ('tls-cert', 'kafka-client')),
     host_id       TEXT NOT NULL,
-    key_id        TEXT NOT NULL REFERENCES keys(id),
+    key_id        TEXT REFERENCES keys(id),
     version       INTEGER NOT NULL,
     ca_generation INTEGER NOT NULL,
     fingerprint   TEXT NOT NULL,
@@ -283,7 +284,8 @@ CREATE TABLE certificates (
 CREATE INDEX certificates_by_version ON certificates(key_id, version);
 CREATE INDEX certificates_by_host ON certificates(host_id);
 """
-"""Host certificates the internal CA issued (``tls-cert`` keys): which host, key version and CA
+"""Host certificates the internal CA issued: ``tls-cert`` keys' (which host, key version) and
+each agent's Kafka client certificate (``kafka-client``: no key, version 0), their CA
 generation, validity, and revocation, bound by a row MAC (a cleared ``revoked_at`` would drop a
 serial from the CRL). ``installed_at`` is the fleet view's (the host's ack), not bound. Never a
 private key: hosts make theirs and send only CSRs."""

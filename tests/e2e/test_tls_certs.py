@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from ckms.errors import PermissionDeniedError
 from ckms.protocol import (
     CertSignReply,
     CertSignRequest,
+    ClientCertRequest,
     InstallSpec,
     RevocationReason,
     Targets,
@@ -36,6 +39,7 @@ from ckms.protocol import (
 from ckms.protocol import admin as api
 from ckms.ssh import Principal
 from ckms.store import parse_time
+from tests.support.controller import running_controller
 from tests.support.fleet import enroll_agent, host_rpc, running_agent, wait_until
 from tests.support.tls import needs_openssl, s_client, tls_server, verify
 
@@ -347,3 +351,82 @@ async def test_revoking_the_host_lists_its_serials(controller: Controller, tmp_p
     assert re.search(rf'"serials":\["{reply.serial}"\]', bytes(row["payload"]).decode())
     _, serials = await c.ca.crl(now=c.clock())
     assert reply.serial in serials
+
+
+async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_renews(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    async with running_controller(
+        tmp_path / "controller",
+        kafka_bootstrap,
+        unique_topic("events"),
+        unique_topic("acks"),
+        audit_topic=unique_topic("audit"),
+        agent_cert_lifetime_s=30,
+    ) as c:
+        config = await enroll_agent(c, tmp_path, "db-1", DB)
+        state = tmp_path / "db-1" / "state"
+        client = state / "kafka-client.pem"
+        assert client.stat().st_mode & 0o777 == 0o600
+        first = split_certificates(client.read_bytes())
+        info = certificate_info(first[0])
+        assert info.subject == "CN=db-1,OU=ckms-agent"  # the principal Kafka's ACLs map
+        assert len(first) == 2, "the certificate and its intermediate"
+        # What a Python (or Kafka PEM keystore) client loads: key and chain in one file.
+        ssl.create_default_context(cafile=str(state / "ca-bundle.pem")).load_cert_chain(client)
+        (tmp_path / "leaf.pem").write_bytes(first[0])
+        (tmp_path / "chain.pem").write_bytes(first[1])
+        bundle = state / "ca-bundle.pem"
+        ok = verify(
+            bundle, tmp_path / "leaf.pem", untrusted=tmp_path / "chain.pem", purpose="sslclient"
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        server = verify(
+            bundle, tmp_path / "leaf.pem", untrusted=tmp_path / "chain.pem", purpose="sslserver"
+        )
+        assert server.returncode != 0, "an agent's client certificate cannot serve TLS"
+        key_needles = _key_material_of(client)
+        async with running_agent(config):
+            await wait_until(
+                lambda: _client_serial(client) not in (None, info.serial_hex),
+                timeout_s=45,
+                what="Kafka client certificate renewed",
+            )
+        async with host_rpc(c, config) as rpc:
+            for subject in (
+                CertSubject("db-2", "ckms-agent"),
+                CertSubject("db-1", "ckms-controller"),
+            ):
+                csr = build_csr(generate(KeyType.ECDSA_P256), subject).decode()
+                with pytest.raises(PermissionDeniedError, match="may not claim"):
+                    await rpc.call("client_cert", ClientCertRequest(csr=csr).model_dump())
+        renewed_needles = _key_material_of(client)
+        await c.hosts.revoke("db-1", actor="alice")
+        assert c.store is not None
+        row = await c.store.fetchone(
+            "SELECT payload FROM outbox WHERE type = 'host.revoked' ORDER BY seq DESC LIMIT 1"
+        )
+        assert _client_serial(client) in bytes(row["payload"]).decode()
+    home = tmp_path / "controller"
+    for needles in (key_needles, renewed_needles):
+        assert not [
+            p for p in home.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)
+        ]
+
+
+def _client_serial(path: Path) -> str | None:
+    try:
+        return certificate_info(split_certificates(path.read_bytes())[0]).serial_hex
+    except (OSError, Exception):
+        return None
+
+
+def _key_material_of(client: Path) -> list[bytes]:
+    pem = client.read_bytes()
+    key = pem[: pem.index(b"-----END PRIVATE KEY-----") + len(b"-----END PRIVATE KEY-----\n")]
+    tmp = client.with_name("key-only.tmp")
+    tmp.write_bytes(key)
+    try:
+        return _key_material(tmp)
+    finally:
+        tmp.unlink()

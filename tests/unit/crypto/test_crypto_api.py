@@ -5,6 +5,7 @@ from __future__ import annotations
 import ckms.crypto
 
 EXPECTED = {
+    "CLOCK_SKEW",
     "DIGEST_KEY_PURPOSE",
     "MAX_IMPORT_BYTES",
     "MIN_SECRET_BITS",
