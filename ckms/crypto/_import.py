@@ -44,6 +44,7 @@ from ckms.crypto._keytypes import (
     _EC_CURVES,
     _RSA_BITS,
     _RSA_PUBLIC_EXPONENT,
+    HOST_KEYED_TYPES,
     MIN_SECRET_BITS,
     PRIVATE_KEY_TYPES,
     SECRET_MAX_LENGTH,
@@ -150,6 +151,11 @@ def import_formats(key_type: KeyType | str) -> frozenset[ImportFormat]:
 
 def _importable(key_type: KeyType | str) -> KeyType:
     kt = coerce_key_type(key_type)
+    if kt in HOST_KEYED_TYPES:
+        raise ConfigError(
+            f"key type '{kt}' cannot be imported: each host makes its own private key and the "
+            "controller's CA certifies it, so no key material exists to bring"
+        )
     if kt not in IMPORT_FORMATS:
         raise ConfigError(f"key type '{kt}' cannot be imported")
     return kt

@@ -254,3 +254,5 @@ def test_weak_symmetric_keys_and_secrets_are_refused() -> None:
 def test_an_unknown_or_unimportable_type_is_refused() -> None:
     with pytest.raises(ConfigError, match="unsupported key type"):
         import_material("dsa-1024", b"x")
+    with pytest.raises(ConfigError, match="each host makes its own private key"):
+        import_material("tls-cert", b"-----BEGIN PRIVATE KEY-----\n")
