@@ -26,7 +26,9 @@ Per key count the CLI phase also runs the real ``ckms key list`` and ``ckms key 
 in a process of their own against this controller's SSH endpoint (``--no-ssh`` skips it).
 
 A loop-lag probe (a task asking to wake every 5 ms) records the worst event-loop stall of each
-phase. Ratios 100k/10k are printed at the end. The machine may be shared: figures are noisy.
+phase; the CPU seconds of the main phases are shown too (this process's threads, and the CLI's
+process once it exited), which depend far less than wall time on what else the machine runs.
+Ratios 100k/10k are printed at the end. The machine may be shared: figures are noisy.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import asyncio
 import gc
 import json
 import os
+import resource
 import sqlite3
 import sys
 import tempfile
@@ -89,14 +92,23 @@ class LoopLag:
         await asyncio.sleep(self.period * 2)  # the probe is running before the phase starts
         self.worst = 0.0
         out: dict[str, float] = {}
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_s()
         try:
             yield out
         finally:
             out["seconds"] = time.perf_counter() - start
+            out["cpu_s"] = _cpu_s() - cpu
             await asyncio.sleep(self.period * 2)
             self._task.cancel()
             out["stall_ms"] = self.worst * 1000
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process (every thread) and of its children that have exited: on a
+    shared machine the CPU a phase used says more than the wall time it took."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class PeakRss:
@@ -158,6 +170,7 @@ async def keys_phase(root: Path, count: int, lag: LoopLag, *, ssh: bool) -> dict
                 specs = [_spec(i) for i in range(start, min(start + per_request, count))]
                 await lifecycle.create_many(specs, actor="bench")
         out["create keys/s"] = count / p["seconds"]
+        out["create CPU ms/key"] = p["cpu_s"] * 1000 / count
         out["create stall ms"] = p["stall_ms"]
         del specs
         gc.collect()
@@ -171,6 +184,7 @@ async def keys_phase(root: Path, count: int, lag: LoopLag, *, ssh: bool) -> dict
             view = await lifecycle.current_keys()
         assert len(view) == count
         out["view fill s"], out["view fill stall ms"] = p["seconds"], p["stall_ms"]
+        out["view fill CPU s"] = p["cpu_s"]
         gc.collect()
         out["RSS with view MB"] = rss_mb(os.getpid())
 
@@ -184,6 +198,7 @@ async def keys_phase(root: Path, count: int, lag: LoopLag, *, ssh: bool) -> dict
             listed, largest = await _list_all(lifecycle)
         assert listed == count
         out["key.list all pages s"], out["key.list stall ms"] = p["seconds"], p["stall_ms"]
+        out["key.list all pages CPU s"] = p["cpu_s"]
         out["key.list largest page KB"] = largest / 1024
         if ssh:
             out.update(await _cli_phase(controller, root, count, lag))
@@ -233,6 +248,7 @@ async def _cli_phase(
         else:
             assert stdout.count(b"hmac-sha256") == count, "the table lists every key"
         out[f"CLI {label} over SSH s"] = p["seconds"]
+        out[f"CLI {label} CPU s (CLI + controller)"] = p["cpu_s"]
         out[f"CLI {label} stall ms"] = p["stall_ms"]
     return out
 

@@ -214,8 +214,10 @@ async def key_rows_after(r: Reader, after: str | None, limit: int) -> list[KeyRo
         "(SELECT id FROM keys WHERE name > ? AND name <= ?) ORDER BY key_id, version",
         (first, rows[-1]["name"]),
     )
+    # As dicts: a sqlite3.Row finds a column by name with a case-insensitive scan of every
+    # column, and checking and building one key reads about 60 columns by name.
     by_key: dict[str, list[Any]] = {}
-    for v in versions:
+    for v in _dicts(versions):
         by_key.setdefault(v["key_id"], []).append(v)
     rollouts = {
         ro["key_id"]: ro
@@ -225,7 +227,12 @@ async def key_rows_after(r: Reader, after: str | None, limit: int) -> list[KeyRo
             (first, rows[-1]["name"]),
         )
     }
-    return [(row, by_key.get(row["id"], []), rollouts.get(row["id"])) for row in rows]
+    return [(row, by_key.get(row["id"], []), rollouts.get(row["id"])) for row in _dicts(rows)]
+
+
+def _dicts(rows: list[Any]) -> list[dict[str, Any]]:
+    names = rows[0].keys() if rows else []
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 class ViewBuilder:

@@ -44,3 +44,17 @@ async def test_a_cursor_that_does_not_advance_is_refused() -> None:
     with pytest.raises(ProtocolError, match=r"host\.list cursor did not advance"):
         async for _ in api.host_pages(fleet.call, limit=3):
             pass
+
+
+async def test_the_next_page_is_asked_for_while_this_one_is_shown() -> None:
+    """The controller reads page n+1 while the caller shows page n; a caller that stops early
+    leaves no request behind."""
+    fleet = _Fleet([f"h{i:02}" for i in range(7)])
+    pages = api.host_pages(fleet.call, limit=3)
+    first = await anext(pages)
+    assert [h.id for h in first.hosts] == ["h00", "h01", "h02"]
+    assert fleet.asked == [None, "h02"]  # asked before the first page was even looked at
+    await anext(pages)
+    assert fleet.asked == [None, "h02", "h05"]
+    await pages.aclose()  # stopping here: the request for nothing more is cancelled, not left
+    assert fleet.asked == [None, "h02", "h05"]
