@@ -23,7 +23,11 @@ __all__ = ["RedactingFilter", "configure_logging", "redact"]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "[redacted]"
 
-_QUIET_LIBRARIES = ("asyncssh", "aiokafka")
+_QUIET_LIBRARIES = ("asyncssh", "aiokafka", "aiosqlite")
+_NEVER_DEBUG = frozenset({"aiosqlite"})
+"""Libraries kept at WARNING whatever the level: aiosqlite's DEBUG lines are every SQL
+statement *with its parameters* (sealed material, row MACs, the parameters of dual-control
+requests); nothing in them helps an operator that ckms's own log does not say."""
 
 _TOKEN_RE = re.compile(r"ckms-enroll-[A-Za-z0-9_\-]+")
 _SECRET_FIELD_RE = re.compile(
@@ -104,7 +108,8 @@ def configure_logging(
     """Log to ``stream`` (stderr) at ``level``, scrubbed; libraries at WARNING unless DEBUG.
 
     asyncssh reaches DEBUG only when ``level`` is DEBUG *and* ``ssh_debug`` is set (the
-    ``--ssh-debug`` flag, ``CKMS_SSH_DEBUG``); aiokafka follows ``level`` when it is DEBUG.
+    ``--ssh-debug`` flag, ``CKMS_SSH_DEBUG``); aiokafka follows ``level`` when it is DEBUG;
+    aiosqlite never goes below WARNING (:data:`_NEVER_DEBUG`).
     """
     numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(numeric, int):
@@ -119,7 +124,7 @@ def configure_logging(
     debug = numeric <= logging.DEBUG
     for name in _QUIET_LIBRARIES:
         library = logging.getLogger(name)
-        loud = debug and (ssh_debug or name != "asyncssh")
+        loud = debug and (ssh_debug or name != "asyncssh") and name not in _NEVER_DEBUG
         library.setLevel(logging.DEBUG if loud else logging.WARNING)
         if not any(isinstance(f, RedactingFilter) for f in library.filters):
             library.addFilter(redacting)

@@ -67,7 +67,7 @@ def test_redact_leaves_ordinary_text_alone() -> None:
 def isolated_logging() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
-    levels = {n: logging.getLogger(n).level for n in ("asyncssh", "aiokafka")}
+    levels = {n: logging.getLogger(n).level for n in ("asyncssh", "aiokafka", "aiosqlite")}
     root.handlers = []
     stream = io.StringIO()
     yield stream
@@ -87,6 +87,12 @@ def test_asyncssh_stays_at_warning_unless_ssh_debug(isolated_logging: io.StringI
     assert logging.getLogger("asyncssh").getEffectiveLevel() == logging.DEBUG
     configure_logging("INFO", ssh_debug=True, stream=isolated_logging)
     assert logging.getLogger("asyncssh").getEffectiveLevel() == logging.WARNING
+
+
+def test_aiosqlite_never_logs_its_statements(isolated_logging: io.StringIO) -> None:
+    """Its DEBUG lines carry every SQL parameter (sealed material, request parameters)."""
+    configure_logging("DEBUG", ssh_debug=True, stream=isolated_logging)
+    assert logging.getLogger("aiosqlite").getEffectiveLevel() == logging.WARNING
 
 
 def test_the_filter_scrubs_records_and_exceptions(
