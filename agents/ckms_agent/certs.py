@@ -7,13 +7,15 @@ certificate of the key's primary (else newest) version installed:
   nothing: the controller decides every name from the key's install spec) goes to the
   controller, over the agent's own SSH connection (``cert_sign``). The reply is checked before
   anything is written: the certificate must be for this key and chain to the CA bundle.
-- **Install.** Into the directory the install spec's path names, each file written atomically
-  with the spec's owner and mode, the key first: ``key.pem`` (PKCS#8), ``cert.pem``,
+- **Install.** Into the directory the install spec's path names, all files at once (staged in
+  a directory beside it that swaps places with it, :meth:`Installer.apply_files`), with the
+  spec's owner and mode: ``key.pem`` (PKCS#8), ``cert.pem``,
   ``chain.pem`` (intermediates), ``fullchain.pem`` (nginx ``ssl_certificate``, PostgreSQL
   ``ssl_cert_file``), ``combined.pem`` (certificate, chain and key: HAProxy ``crt``) and
   ``ca.pem`` (the roots: ``ssl_ca_file``). Then the reload and health hooks run; if they fail the
-  previous files come back. A crash midway leaves a key and certificate that do not match,
-  which the next pass sees and re-issues. The ack carries the certificate's serial and expiry.
+  previous files come back. A crash at any point leaves the old set or the new one, never a
+  key beside another key's certificate; the next pass re-issues when the files are not the
+  ones it recorded. The ack carries the certificate's serial and expiry.
 - **Renew** at two thirds of the lifetime (from when it was received here), with a fresh key.
 - **Stop.** When the controller no longer lists the version (revoked, host retargeted) or a
   revocation event names it, the files are removed (overwritten first), acked ``removed``,

@@ -9,7 +9,9 @@ Which files a key produces follows its install spec:
 Before anything is written, the host's policy (:mod:`ckms_agent.policy`) must allow the spec:
 every path under an allowed root, owner and group allowed, every hook named defined here.
 ``apply`` then writes every file atomically (through directory descriptors from the allowed
-root, :mod:`ckms_agent.files`), removes files the key no longer produces, and runs the reload
+root, :mod:`ckms_agent.files`; several files of one directory of their own, like a
+``tls-cert``'s key and certificate, all at once by swapping a staged directory into place),
+removes files the key no longer produces, and runs the reload
 hook and the health check. If either fails, the previous files are put back (only bytes this
 agent wrote, read back without following links), reload runs once more, and the outcome is
 ``failed`` with the hooks' names and exit statuses (their output stays in the local log).
@@ -17,7 +19,9 @@ agent wrote, read back without following links), reload runs once more, and the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +37,20 @@ from ckms.crypto import (
 from ckms.errors import CKMSError
 from ckms.protocol import AckStatus, HookResult, InstallSpec
 from ckms_agent.files import (
+    TEMP_MARK,
     InstallError,
     digest_of,
+    directory_entries_at,
+    discard_directory_at,
+    exchange_at,
     open_directory,
     read_at,
     remove_at,
     resolve_ids,
+    stage_directory_at,
+    staged_directory_name,
     sweep_at,
+    sweep_staged_at,
     write_at,
 )
 from ckms_agent.hooks import Hook, hook_ok, run_hook
@@ -244,13 +255,17 @@ class Installer:
         except CKMSError as exc:
             log.error("install of %s refused: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
+        swapped: _Swap | None = None
         try:
-            for path, data in files.items():
-                self.write(path, data, spec)
-            for path in stale:
-                self.unlink(path)
+            swapped = self._swap_in(files, stale, backup, spec)
+            if swapped is None:
+                for path, data in files.items():
+                    self.write(path, data, spec)
+                for path in stale:
+                    self.unlink(path)
         except CKMSError as exc:
-            self._restore(backup, spec)
+            if swapped is None:
+                self._restore(backup, spec)
             log.error("install of %s failed: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, sorted(backup_paths(backup)), error=str(exc))
         material = [*secrets] + [
@@ -259,6 +274,8 @@ class Installer:
         results = await self._run_hooks(hooks, material)
         if all(hook_ok(h) for h in results):
             status = AckStatus.INSTALLED if files else AckStatus.REMOVED
+            if swapped is not None:
+                self._settle(swapped, keep_new=True)
             return ApplyOutcome(status, sorted(files), results)
         failed = next(h for h in results if not hook_ok(h))
         shown = f"{failed.command} hook {failed.name!r}" if failed.name else f"{failed.command}"
@@ -269,7 +286,10 @@ class Installer:
             failed.exit_code,
             failed.timed_out,
         )
-        self._restore(backup, spec)
+        if swapped is not None:
+            self._settle(swapped, keep_new=False)
+        else:
+            self._restore(backup, spec)
         results.extend(
             [await run_hook(h, material=material) for h in hooks if h.kind == "reload"]
         )
@@ -279,6 +299,92 @@ class Installer:
             results,
             error=f"{shown} failed; previous version restored",
         )
+
+    def _swap_in(
+        self,
+        files: Mapping[Path, bytes],
+        stale: Sequence[Path],
+        backup: Mapping[Path, bytes | None],
+        spec: InstallSpec,
+    ) -> _Swap | None:
+        """Put several files of one directory in place all at once (None: not applicable).
+
+        A ``tls-cert``'s key and certificate (and the files made of both) must never disagree
+        on disk, whenever the agent or host dies: they are written into a staging directory
+        beside theirs, which then swaps places with it in one ``renameat2(RENAME_EXCHANGE)``
+        (or takes its place by rename when it is new); the previous directory is kept for a
+        rollback until the hooks pass. Not applicable -- the files go one by one as before --
+        for a single file, files in several directories, a directory holding files this
+        install does not write or bytes this agent did not write, or a filesystem without
+        the exchange.
+        """
+        directories = {p.parent for p in [*files, *stale]}
+        if len(files) < 2 or len(directories) != 1:
+            return None
+        (directory,) = directories
+        names = {p.name for p in [*files, *stale]}
+        if any(data is None and self.read(p) is not None for p, data in backup.items()):
+            return None  # bytes this agent did not write: the per-file rollback removes them
+        root, parts, _ = self.locate(directory / "_")
+        if not parts:
+            return None  # the directory is an allowed root itself: its parent is not ours
+        uid, gid = resolve_ids(spec.owner, spec.group)
+        shown = str(directory)
+        name = parts[-1]
+        with open_directory(root, parts[:-1], create_mode=spec.dir_mode, gid=gid) as parent:
+            sweep_staged_at(parent, name, shown)
+            entries = directory_entries_at(parent, name, shown)
+            if entries is not None and any(e not in names and TEMP_MARK not in e for e in entries):
+                return None
+            stage = staged_directory_name(name)
+            contents = {p.name: data for p, data in files.items()}
+            try:
+                stage_directory_at(
+                    parent,
+                    stage,
+                    contents,
+                    shown=shown,
+                    mode=spec.mode,
+                    uid=uid,
+                    gid=gid,
+                    dir_mode=spec.dir_mode,
+                )
+                if entries is None:
+                    os.rename(stage, name, src_dir_fd=parent, dst_dir_fd=parent)
+                    os.fsync(parent)
+                    return _Swap(root, parts, None)
+                if exchange_at(parent, stage, name, shown):
+                    return _Swap(root, parts, stage)
+            except OSError as exc:
+                with contextlib.suppress(CKMSError):
+                    discard_directory_at(parent, stage, f"{shown} (staging)")
+                raise InstallError(f"cannot install into {shown}: {exc.strerror}") from exc
+            except BaseException:
+                with contextlib.suppress(CKMSError):
+                    discard_directory_at(parent, stage, f"{shown} (staging)")
+                raise
+            discard_directory_at(parent, stage, f"{shown} (staging)")
+            log.info("%s: this filesystem cannot swap directories; files go one by one", shown)
+            return None
+
+    def _settle(self, swap: _Swap, *, keep_new: bool) -> None:
+        """After the hooks: drop the previous directory (``keep_new``), or swap it back and
+        drop the new one (a rollback as atomic as the install)."""
+        name = swap.parts[-1]
+        shown = str(swap.root.joinpath(*swap.parts))
+        try:
+            with open_directory(swap.root, swap.parts[:-1]) as parent:
+                if keep_new:
+                    if swap.previous is not None:
+                        discard_directory_at(parent, swap.previous, f"{shown} (previous)")
+                elif swap.previous is None:
+                    discard_directory_at(parent, name, shown)
+                elif exchange_at(parent, swap.previous, name, shown):
+                    discard_directory_at(parent, swap.previous, f"{shown} (rolled back)")
+                else:
+                    log.error("could not swap the previous files of %s back", shown)
+        except (CKMSError, OSError) as exc:
+            log.error("could not finish the install of %s: %s", shown, exc)
 
     def _backup(self, path: Path, wrote: Mapping[Path, str] | None) -> bytes | None:
         """What to put back at ``path`` on a rollback: only bytes this agent wrote there."""
@@ -325,6 +431,16 @@ class Installer:
                     self.write(path, data, spec)
             except CKMSError as exc:
                 log.error("could not restore %s: %s", path, exc)
+
+
+@dataclass(frozen=True)
+class _Swap:
+    """A directory swapped into place: where, and the staging name now holding the previous
+    files (None: there was no directory before)."""
+
+    root: Path
+    parts: tuple[str, ...]
+    previous: str | None
 
 
 def backup_paths(backup: dict[Path, bytes | None]) -> list[Path]:

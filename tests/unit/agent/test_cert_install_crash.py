@@ -1,0 +1,104 @@
+"""A ``tls-cert``'s files change all at once: whenever the agent dies mid-install, key.pem,
+cert.pem and the files made of both are all the old ones or all the new ones, never a new key
+beside an old certificate (a service restarted then -- nginx at boot -- would refuse to load
+the pair). Real files, a real agent process killed between two files by fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from ckms.protocol import AckStatus, InstallSpec
+from ckms_agent.config import HookCommand
+from ckms_agent.files import TEMP_MARK, digest_of
+from ckms_agent.installer import Installer
+from ckms_agent.policy import HostPolicy
+
+NAMES = ("key.pem", "cert.pem", "combined.pem")
+SPEC = InstallSpec(path="/etc/ckms/tls/server", format="tls-pem")
+
+
+def installer(root: Path) -> Installer:
+    policy = HostPolicy(
+        allowed_paths=(Path("/etc/ckms/tls"),),
+        hooks={"bad": HookCommand(health=("false",))},
+    )
+    return Installer(host_id="db-1", root=root, policy=policy)
+
+
+def generation(root: Path, n: int) -> dict[Path, bytes]:
+    d = root / "etc/ckms/tls/server"
+    return {d / name: f"{name} of generation {n}\n".encode() for name in NAMES}
+
+
+def install(root: Path, n: int, previous: int | None, spec: InstallSpec = SPEC) -> AckStatus:
+    before = {} if previous is None else generation(root, previous)
+    wrote = {p: digest_of(data) or "" for p, data in before.items()}
+    outcome = asyncio.run(
+        installer(root).apply_files("db/server", spec, generation(root, n), wrote)
+    )
+    return outcome.status
+
+
+def generations_on_disk(root: Path) -> set[str]:
+    d = root / "etc/ckms/tls/server"
+    return {(d / name).read_text().split()[-1] for name in NAMES}
+
+
+def test_a_crash_between_two_files_leaves_the_old_pair_or_the_new(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_cert_install_crash import install
+        install(Path({str(root)!r}), 2, 1)
+        """
+    )
+    env = {**os.environ, "CKMS_AGENT_FAULT": "crash-after-rename"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, check=False, timeout=60)
+    assert proc.returncode == 137  # died after putting one file in place
+    assert len(generations_on_disk(root)) == 1, "key and certificate disagree after a crash"
+    # The next install puts generation 3 in place and sweeps what the crash left.
+    assert install(root, 3, 1) is AckStatus.INSTALLED
+    assert generations_on_disk(root) == {"3"}
+    parent = root / "etc/ckms/tls"
+    assert sorted(p.name for p in parent.iterdir()) == ["server"]
+    assert sorted(p.name for p in (parent / "server").iterdir()) == sorted(NAMES)
+
+
+def test_a_failed_health_check_puts_the_whole_previous_pair_back(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    checked = SPEC.model_copy(update={"health": "bad"})
+    assert install(root, 2, 1, checked) is AckStatus.FAILED
+    assert generations_on_disk(root) == {"1"}
+    parent = root / "etc/ckms/tls"
+    assert not [p for p in parent.iterdir() if TEMP_MARK in p.name]
+    d = parent / "server"
+    assert (d / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert d.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_directory_holding_other_files_keeps_them(tmp_path: Path) -> None:
+    """A directory this install does not own alone is not swapped: its other files stay."""
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    other = root / "etc/ckms/tls/server/dhparam.pem"
+    other.write_bytes(b"not ours")
+    assert install(root, 2, 1) is AckStatus.INSTALLED
+    assert generations_on_disk(root) == {"2"}
+    assert other.read_bytes() == b"not ours"
+
+
+def test_a_first_install_creates_the_directory_whole(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    assert generations_on_disk(root) == {"1"}
+    assert (root / "etc/ckms/tls/server").stat().st_mode & 0o777 == 0o700
