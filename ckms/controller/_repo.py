@@ -187,8 +187,8 @@ KeyRows = tuple[Any, list[Any], Any | None]
 
 
 async def list_key_rows(r: Reader) -> list[KeyRows]:
-    """Every key's rows, by name: one snapshot read, turned into models by the caller in
-    slices (building 100,000 models at once would hold the event loop for seconds)."""
+    """Every key's rows, by name, in one snapshot (what :func:`list_keys` builds models of; the
+    key view reads :func:`key_rows_after` slices instead)."""
     rows = await r.fetchall("SELECT * FROM keys ORDER BY name")
     versions = await r.fetchall(
         f"SELECT {_VERSION_COLUMNS} FROM key_versions ORDER BY key_id, version"  # noqa: S608

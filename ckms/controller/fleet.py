@@ -20,7 +20,7 @@ from ckms.controller.duework import due_keys, plan_due_work
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.keyview import AnyKey
 from ckms.controller.lifecycle import Lifecycle
-from ckms.controller.models import Host, Key
+from ckms.controller.models import Host, Key, Targets
 from ckms.controller.replies import host_info
 from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.targets import host_matches, match_hosts
@@ -196,14 +196,26 @@ class FleetView:
         now: datetime,
         facts: dict[str, dict[str, Any]] | None = None,
     ) -> list[str]:
-        """Hosts not seen for longer than the shortest max staleness of the keys they hold."""
+        """Hosts not seen for longer than the shortest max staleness of the keys they hold.
+
+        Keys share one targets object per distinct targets (as read from the store), so each
+        host is matched against the distinct targets, not against every key: 100,000 keys of
+        a fleet have a few hundred.
+        """
         if facts is None:
             facts = await self.host_facts()
+        shortest: dict[int, tuple[Targets, timedelta]] = {}
+        for k in keys:
+            seen = shortest.get(id(k.targets))
+            limit = k.policy.max_staleness
+            if seen is not None and seen[0] is k.targets:
+                limit = min(limit, seen[1])
+            shortest[id(k.targets)] = (k.targets, limit)
         stale = []
         for host in hosts:
             if host.revoked:
                 continue
-            limits = [k.policy.max_staleness for k in keys if host_matches(k.targets, host)]
+            limits = [limit for t, limit in shortest.values() if host_matches(t, host)]
             limit = min(limits, default=DEFAULT_STALENESS)
             seen = facts.get(host.id, {}).get("last_seen_at") or host.enrolled_at
             if seen is None or now - seen > limit:
@@ -213,7 +225,7 @@ class FleetView:
     async def host_infos(self, hosts: list[Host]) -> list[api.HostInfo]:
         """Hosts as the wire shows them, with the keys that target each and whether it is stale."""
         now = self._clock()
-        keys = await self._lifecycle.list_keys()
+        keys = list((await self._lifecycle.current_keys()).values())
         facts = await self.host_facts([h.id for h in hosts])
         stale = set(await self.stale_hosts(keys, hosts, now, facts))
         return [host_info(h, facts.get(h.id, {}), stale=h.id in stale, keys=keys) for h in hosts]
