@@ -139,11 +139,15 @@ class CertKeeper:
         self._specs: dict[str, InstallSpec] = {}
 
     async def load(self) -> None:
-        """Read what was installed before this start."""
+        """Read what was installed before this start, and sweep what a crash mid-install left
+        beside each directory (the files there still match the record, so no install would
+        come to sweep it before the renewal)."""
         self._records = {
             name: CertRecord(**value)  # type: ignore[arg-type]
             for name, value in (await self._state.tls_certs()).items()
         }
+        for record in self._records.values():
+            self._installer.sweep_staged(Path(record.directory))
 
     async def _save(self) -> None:
         await self._state.set_tls_certs({n: asdict(r) for n, r in self._records.items()})

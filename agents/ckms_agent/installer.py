@@ -189,6 +189,22 @@ class Installer:
             log.warning("temp files in %s not swept: %s", directory, exc)
             return []
 
+    def sweep_staged(self, directory: Path) -> list[str]:
+        """Remove staging directories a crash left beside ``directory`` (:meth:`_swap_in`):
+        each holds an install that never took its place (a private key among it) or the
+        files one replaced."""
+        try:
+            root, parts, _ = self.locate(directory / "_")
+            if not parts:
+                return []
+            with open_directory(root, parts[:-1]) as parent:
+                return sweep_staged_at(parent, parts[-1], str(directory))
+        except FileNotFoundError:
+            return []
+        except CKMSError as exc:
+            log.warning("staging directories beside %s not swept: %s", directory, exc)
+            return []
+
     def hash_files(self, paths: Iterable[Path]) -> dict[Path, str]:
         """SHA-256 (hex) of each key file as it is now on disk."""
         out: dict[Path, str] = {}

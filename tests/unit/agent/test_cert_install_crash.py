@@ -10,13 +10,18 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
+from ckms.crypto import KeyType, generate
 from ckms.protocol import AckStatus, InstallSpec
+from ckms_agent.acks import AckWriter
+from ckms_agent.certs import CertKeeper, CertRecord
 from ckms_agent.config import HookCommand
 from ckms_agent.files import TEMP_MARK, digest_of
 from ckms_agent.installer import Installer
 from ckms_agent.policy import HostPolicy
+from ckms_agent.state import AgentState
 
 NAMES = ("key.pem", "cert.pem", "combined.pem")
 SPEC = InstallSpec(path="/etc/ckms/tls/server", format="tls-pem")
@@ -102,3 +107,56 @@ def test_a_first_install_creates_the_directory_whole(tmp_path: Path) -> None:
     assert install(root, 1, None) is AckStatus.INSTALLED
     assert generations_on_disk(root) == {"1"}
     assert (root / "etc/ckms/tls/server").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_keeper_sweeps_a_staged_install_a_crash_left_beside_its_directory(
+    tmp_path: Path,
+) -> None:
+    """A crash before the swap leaves the old files in place (they still match the record, so
+    nothing re-installs until renewal) and a staging directory holding the new private key:
+    the keeper removes it when it starts."""
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_cert_install_crash import install
+        install(Path({str(root)!r}), 2, 1)
+        """
+    )
+    env = {**os.environ, "CKMS_AGENT_FAULT": "crash-after-rename"}
+    assert subprocess.run([sys.executable, "-c", script], env=env, timeout=60).returncode == 137
+    parent = root / "etc/ckms/tls"
+    assert [p for p in parent.iterdir() if TEMP_MARK in p.name]
+    assert generations_on_disk(root) == {"1"}
+    directory = parent / "server"
+
+    async def start() -> None:
+        async with AgentState(tmp_path / "state.db") as state:
+            record = CertRecord(
+                key="db/server",
+                version=1,
+                digest="d",
+                directory=str(directory),
+                serial="1",
+                not_after="2100-01-01T00:00:00Z",
+                renew_at=0.0,
+                files={str(p): digest_of(d) or "" for p, d in generation(root, 1).items()},
+                spec=SPEC.model_dump_json(),
+            )
+            await state.set_tls_certs({"db/server": asdict(record)})
+            keeper = CertKeeper(
+                state=state,
+                installer=installer(root),
+                acks=AckWriter(state, identity_key=generate(KeyType.ED25519), host_id="db-1"),
+                host_id="db-1",
+                bundle_path=tmp_path / "ca-bundle.pem",
+            )
+            await keeper.load()
+            assert keeper.holds("db/server")
+
+    asyncio.run(start())
+    assert sorted(p.name for p in parent.iterdir()) == ["server"]
+    assert generations_on_disk(root) == {"1"}
