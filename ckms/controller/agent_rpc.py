@@ -25,7 +25,7 @@ from ckms.controller import _repo
 from ckms.controller.ca import ControllerCA
 from ckms.controller.desired import desired_versions, drifted_keys, released_to, targeting
 from ckms.controller.hosts import HostRegistry
-from ckms.controller.keyview import KeyView
+from ckms.controller.keyview import AnyKey, KeyView
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import DEFAULT_CERT_LIFETIME, Host, KeyState, Targets
 from ckms.controller.sealing import Vault
@@ -283,6 +283,12 @@ class AgentService:
             wanted_key = keys.get(item.key)
             if wanted_key is not None and wanted_key.type is KeyType.TLS_CERT:
                 continue  # an event woke the host; it asks for a certificate, not material
+            if (item.key, item.version) not in wanted and _withheld(wanted_key, item, host):
+                # The rotation's event woke every targeted host, and each asks for the new
+                # version along; its rollout has not released it here. Not a refusal to audit
+                # per host (a rollout would write one per host of the fleet): the reply does not
+                # list the version, and a fetch of it is refused and audited.
+                continue
             try:
                 material.append(await self._wrap(host, suite, keys, item))
             except StoreError:
@@ -373,6 +379,11 @@ class AgentService:
             raise PermissionDeniedError(f"{what}: no such version") from None
         if not is_distributable(version.state, has_material=version.has_material):
             raise PermissionDeniedError(f"{what} is {version.state}: no certificates for it")
+        if not released_to(key, version, host):
+            raise PermissionDeniedError(
+                f"host {host.id} may not get a certificate for {what}: its rollout has not "
+                "released it to this host"
+            )
         profile = key.install.tls
         try:
             cn, dns, ips = render_tls_names(
@@ -447,6 +458,13 @@ class AgentService:
             raise PermissionDeniedError(f"host {host.id}: {key} v{version} revoked meanwhile")
         if not is_distributable(KeyState(row["state"]), has_material=True):
             raise PermissionDeniedError(f"{key} version {version} is {row['state']}")
+        if row["state"] == str(KeyState.PRE_ACTIVE):
+            stored = await _repo.load_key(tx, key)  # a stage withdrawn since: ask the rule again
+            if not released_to(stored, stored.version(version), host):
+                raise PermissionDeniedError(
+                    f"host {host.id} may not get a certificate for {key} v{version}: its "
+                    "rollout withdrew it meanwhile"
+                )
         try:
             targets = Targets.model_validate_json(row["targets"])
             labels = json.loads(row["host_labels"])
@@ -611,6 +629,14 @@ async def _check_issue_rate(
             f"host {host_id} holds {count} unexpired certificates of this key version: "
             "not issuing more until some expire"
         )
+
+
+def _withheld(key: AnyKey | None, request: FetchRequest, host: Host) -> bool:
+    """True when ``request`` names a version its rollout has not released to ``host``."""
+    if key is None:
+        return False
+    version = next((v for v in key.versions if v.version == request.version), None)
+    return version is not None and not released_to(key, version, host)
 
 
 def _item(request: FetchRequest) -> tuple[str, int]:

@@ -22,10 +22,19 @@ from pathlib import Path
 import pytest
 
 from ckms.controller.models import KeyState
-from ckms.controller.rollout_plan import sample_order, seed_of
+from ckms.controller.rollout_plan import RolloutRequest, sample_order, seed_of
 from ckms.controller.service import Controller
+from ckms.crypto import KeyType, build_csr, generate
 from ckms.errors import PermissionDeniedError
-from ckms.protocol import FetchRequest, InstallSpec, RolloutState, Targets
+from ckms.protocol import (
+    CertSignReply,
+    CertSignRequest,
+    FetchRequest,
+    InstallSpec,
+    RolloutState,
+    Targets,
+    TlsProfile,
+)
 from ckms.store import audit as audit_log
 from tests.support.cli import Operators
 from tests.support.controller import running_controller
@@ -368,7 +377,46 @@ async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it
             if r.action == "key.fetch" and r.outcome == "ok" and r.details["version"] == 2
         }
         assert fetched_v2 <= set(stage1 + stage2)  # before the resume, never a stage-3 host
+        # Their syncs after the rotation's event asked for v2 along; that was left out of the
+        # replies, not audited as a refusal per host (only the explicit fetch above was).
+        noise = [
+            r
+            for r in records[:resumed_at]
+            if r.action == "key.fetch"
+            and r.outcome == "refused"
+            and r.actor.removeprefix("host:") in stage3
+        ]
+        assert noise == []
+        assert [
+            r.action for r in records if r.outcome == "refused" and r.actor == f"host:{stage3[0]}"
+        ] == ["rpc.fetch"]
 
 
 async def _state_is(c: Controller, state: RolloutState) -> bool:
     return await rollout_state(c) is state
+
+
+@pytest.mark.requirement("PCI-3.7.2")
+async def test_a_host_outside_the_stage_gets_no_certificate_for_the_waiting_version(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """A tls-cert version in a rollout: a host its stage did not release asks to be certified."""
+    c = controller
+    labels = {"env": "prod", "role": "db"}
+    configs = {h: await enroll_agent(c, tmp_path, h, labels) for h in ("db-1", "db-2")}
+    spec = InstallSpec(path="/etc/ckms/tls/{purpose}", format="tls-pem", tls=TlsProfile())
+    await c.lifecycle.create(
+        "db/server", "tls-cert", targets=Targets(selectors=(labels,)), install=spec, actor="alice"
+    )
+    await c.lifecycle.rotate("db/server", actor="alice", rollout=RolloutRequest(stages=(50, 100)))
+    key = await c.lifecycle.get("db/server")
+    assert key.rollout is not None and key.rollout.released is not None
+    (inside,) = key.rollout.released
+    (outside,) = {"db-1", "db-2"} - {inside}
+    csr = build_csr(generate(KeyType.ECDSA_P256), None).decode()
+    ask = CertSignRequest(key="db/server", version=2, csr=csr).model_dump(mode="json")
+    async with host_rpc(c, configs[outside]) as rpc:
+        with pytest.raises(PermissionDeniedError, match="has not released it"):
+            await rpc.call("cert_sign", ask)
+    async with host_rpc(c, configs[inside]) as rpc:
+        assert CertSignReply.model_validate(await rpc.call("cert_sign", ask)).serial
