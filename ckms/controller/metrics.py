@@ -224,6 +224,15 @@ class _Collector(Collector):
             "Dual-control requests waiting for a second person.",
             status.pending_requests,
         )
+        rollouts = GaugeMetricFamily(
+            "ckms_rollouts",
+            "Rollouts of rotated versions not ended, by state (halted and expired ones wait "
+            "for an operator).",
+            labels=["state"],
+        )
+        for state in ("running", "halted", "rolled-back", "expired"):
+            rollouts.add_metric([state], sum(1 for r in status.rollouts if r.state == state))
+        yield rollouts
         targeted = GaugeMetricFamily(
             "ckms_key_hosts_targeted", "Hosts a key targets.", labels=["key"]
         )

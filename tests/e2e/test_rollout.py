@@ -158,6 +158,7 @@ async def primary_is(tmp: Path, host: str, version: int) -> bool:
 
 
 @pytest.mark.requirement("SP800-57-7.1-PREACTIVE")
+@pytest.mark.timeout(240)
 async def test_converged_rotation_is_not_primary_anywhere_until_the_frozen_host_acks(
     controller: Controller, tmp_path: Path
 ) -> None:
@@ -262,6 +263,7 @@ async def rollout_state(c: Controller) -> RolloutState | None:
 
 
 @pytest.mark.requirement("PCI-6.5.1")
+@pytest.mark.timeout(300)  # five agents, a controller restart and three stages on a busy box
 async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it(
     tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
 ) -> None:

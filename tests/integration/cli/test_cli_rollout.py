@@ -57,6 +57,7 @@ async def state(controller: Controller) -> RolloutState | None:
 
 
 @pytest.mark.requirement("PCI-6.5.1")
+@pytest.mark.timeout(240)  # about twenty CLI processes and a console
 async def test_who_may_start_resume_and_abort_a_rollout(
     controller: Controller, ops: Operators, tmp_path: Path
 ) -> None:
@@ -80,6 +81,9 @@ async def test_who_may_start_resume_and_abort_a_rollout(
     assert "rollout v2: running, stage 1 of 2 (gate installed); held up by web-1" in fleet.stdout
     page = await console_key_page(ops.env("erin"), KEY)  # the console's key page shows it too
     assert "Rollout of v2" in page and "Held up by: web-1" in page
+    await controller.metrics.refresh()
+    exposition = (await controller.metrics.render()).decode()
+    assert 'ckms_rollouts{state="running"} 1.0' in exposition
 
     for who in ("erin", "carol"):
         refused = await ops.ckms("rollout", "abort", KEY, who=who)
