@@ -397,10 +397,11 @@ def stage_directory_at(
     uid: int,
     gid: int,
     dir_mode: int,
+    dir_gid: int,
 ) -> None:
-    """Create directory ``stage`` in ``parent_fd`` holding ``files``, each written, owned and
-    fsync'd like :func:`write_at`, then the directory itself fsync'd."""
-    fd = _make_dir(parent_fd, stage, f"{shown} (staging)", dir_mode, gid)
+    """Create directory ``stage`` in ``parent_fd`` (``dir_mode``, group ``dir_gid``) holding
+    ``files``, each written, owned and fsync'd like :func:`write_at`, then fsync it."""
+    fd = _make_dir(parent_fd, stage, f"{shown} (staging)", dir_mode, dir_gid)
     try:
         for name, data in files.items():
             write_at(fd, name, data, shown=f"{shown}/{name}", mode=mode, uid=uid, gid=gid)
@@ -453,16 +454,18 @@ def sweep_staged_at(parent_fd: int, name: str, shown: str) -> list[str]:
     return removed
 
 
-def directory_entries_at(parent_fd: int, name: str, shown: str) -> list[str] | None:
-    """The entries of directory ``name`` in ``parent_fd`` (None: absent); a link or a
-    directory another user could write is refused."""
+def directory_entries_at(
+    parent_fd: int, name: str, shown: str
+) -> tuple[list[str], os.stat_result] | None:
+    """The entries and status of directory ``name`` in ``parent_fd`` (None: absent); a link or
+    a directory another user could write is refused."""
     try:
         fd = _open_dir(name, parent_fd, shown)
     except FileNotFoundError:
         return None
     try:
         _check_directory(fd, shown)
-        return os.listdir(fd)
+        return os.listdir(fd), os.fstat(fd)
     finally:
         os.close(fd)
 

@@ -349,9 +349,13 @@ class Installer:
         name = parts[-1]
         with open_directory(root, parts[:-1], create_mode=spec.dir_mode, gid=gid) as parent:
             sweep_staged_at(parent, name, shown)
-            entries = directory_entries_at(parent, name, shown)
+            existing = directory_entries_at(parent, name, shown)
+            entries = None if existing is None else existing[0]
             if entries is not None and any(e not in names and TEMP_MARK not in e for e in entries):
                 return None
+            dir_mode, dir_gid = spec.dir_mode, gid
+            if existing is not None:  # the directory keeps the mode and group it has
+                dir_mode, dir_gid = existing[1].st_mode & 0o7777, existing[1].st_gid
             stage = staged_directory_name(name)
             contents = {p.name: data for p, data in files.items()}
             try:
@@ -363,7 +367,8 @@ class Installer:
                     mode=spec.mode,
                     uid=uid,
                     gid=gid,
-                    dir_mode=spec.dir_mode,
+                    dir_mode=dir_mode,
+                    dir_gid=dir_gid,
                 )
                 if entries is None:
                     os.rename(stage, name, src_dir_fd=parent, dst_dir_fd=parent)

@@ -160,3 +160,15 @@ def test_the_keeper_sweeps_a_staged_install_a_crash_left_beside_its_directory(
     asyncio.run(start())
     assert sorted(p.name for p in parent.iterdir()) == ["server"]
     assert generations_on_disk(root) == {"1"}
+
+
+def test_the_directory_keeps_the_mode_it_has(tmp_path: Path) -> None:
+    """A swap must not reset what the host's admin set on the directory (a service group's
+    r-x, say): the new directory takes the old one's mode and group."""
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    d = root / "etc/ckms/tls/server"
+    d.chmod(0o750)
+    assert install(root, 2, 1) is AckStatus.INSTALLED
+    assert generations_on_disk(root) == {"2"}
+    assert d.stat().st_mode & 0o777 == 0o750
