@@ -25,8 +25,8 @@ The private key exists in this process only while it is written and in the key f
 never logged, sent or kept in the state DB (which holds serials, times and file hashes).
 
 :class:`ClientCertKeeper` does the same for the agent's own Kafka client certificate
-(``CN=<host>,OU=ckms-agent``, issued at enrollment): one file, ``kafka-client.pem`` in the
-state directory (key, certificate, chain), renewed at two thirds of its lifetime
+(``CN=<host>,OU=ckms-agent``, issued at enrollment): ``kafka/client.pem`` (certificate and
+chain) and ``kafka/client.key`` in the state directory, renewed at two thirds of its lifetime
 (``client_cert``).
 """
 
@@ -75,8 +75,8 @@ __all__ = [
     "CertKeeper",
     "CertRecord",
     "ClientCertKeeper",
-    "client_pem",
     "is_cert_key",
+    "save_client_certificate",
 ]
 
 log = logging.getLogger(__name__)
@@ -372,9 +372,15 @@ def _v(version: DesiredVersion) -> int:
     return version.version
 
 
-def client_pem(private: bytes, certificate: str, bundle: str) -> bytes:
-    """The Kafka client file: the key, then the certificate and its chain, after checking the
-    certificate is for ``private`` and chains to ``bundle`` (ProtocolError otherwise)."""
+def save_client_certificate(
+    cert_path: Path, key_path: Path, private: bytes, certificate: str, bundle: str
+) -> None:
+    """Write the Kafka client key (0600) and certificate with its chain, after checking the
+    certificate is for ``private`` and chains to ``bundle`` (ProtocolError otherwise).
+
+    Both are complete and synced before either replaces its predecessor, and they are renamed
+    one right after the other (key first), so a client loads a mismatched pair only if it
+    reads in that instant, and then retries."""
     cert = certificate.encode("ascii")
     try:
         first = split_certificates(cert)
@@ -384,42 +390,59 @@ def client_pem(private: bytes, certificate: str, bundle: str) -> bytes:
         ok = False
     if not ok:
         raise ProtocolError("the controller sent a Kafka client certificate not for this key")
-    return private_key_pem(private) + join_certificates(cert)
+    write_atomic(key_path, private_key_pem(private), mode=0o600, dir_mode=0o700)
+    write_atomic(cert_path, join_certificates(cert), mode=0o644, dir_mode=0o700)
 
 
 ClientSigner = Callable[[ClientCertRequest], Awaitable[ClientCertReply]]
 
 
 class ClientCertKeeper:
-    """Renews the agent's Kafka client certificate file at two thirds of its lifetime."""
+    """Renews the agent's Kafka client certificate at two thirds of its lifetime.
+
+    Only a certificate the controller's CA issued is renewed: files an operator put in place
+    (another CA's) are left alone.
+    """
 
     def __init__(
         self,
         *,
-        path: Path,
+        cert_path: Path,
+        key_path: Path,
         bundle_path: Path,
         host_id: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._path = path
+        self._cert_path = cert_path
+        self._key_path = key_path
         self._bundle_path = bundle_path
         self._host = host_id
         self._clock = clock
         self._failed_at: float | None = None
 
+    def _retry_at(self) -> float:
+        return self._clock() if self._failed_at is None else self._failed_at + RETRY_S
+
     def renew_at(self) -> float | None:
-        """When the certificate is due for renewal (None: this host has none to renew)."""
+        """When the certificate is due for renewal (None: not this agent's to renew)."""
         try:
-            certs = split_certificates(self._path.read_bytes())
+            bundle = self._bundle_path.read_bytes()
+        except OSError:
+            return None  # a controller without a CA
+        try:
+            certs = split_certificates(self._cert_path.read_bytes())
+        except FileNotFoundError:
+            return self._retry_at()  # enrolled before the controller had a CA: get one
         except (OSError, CKMSError):
-            # None yet (enrolled before the controller had a CA): get one once it has.
-            if not self._bundle_path.exists():
-                return None
-            return self._clock() if self._failed_at is None else self._failed_at + RETRY_S
+            return None
         if not certs:
-            return self._clock()
+            return self._retry_at()
         info = certificate_info(certs[0])
         issued = info.not_before + CLOCK_SKEW  # the CA backdates not_before by CLOCK_SKEW
+        # Whether the controller's CA issued it, judged when it was issued: an expired one of
+        # ours is renewed at once, not mistaken for another CA's.
+        if not chains_to(certs[0], b"".join(certs[1:]), bundle, now=issued):
+            return None  # another CA's certificate: the operator's to renew
         due = (issued + (info.not_after - issued) * RENEW_AT).timestamp()
         return due if self._failed_at is None else max(due, self._failed_at + RETRY_S)
 
@@ -431,15 +454,17 @@ class ClientCertKeeper:
         private = generate(KeyType.ECDSA_P256)
         try:
             reply = await sign(ClientCertRequest(csr=build_csr(private, None).decode("ascii")))
-            data = client_pem(private, reply.certificate, reply.ca_bundle)
+            save_client_certificate(
+                self._cert_path, self._key_path, private, reply.certificate, reply.ca_bundle
+            )
         except (TransportError, StoreError):
             raise
         except CKMSError as exc:
             self._failed_at = self._clock()
             log.error("host=%s: Kafka client certificate not renewed: %s", self._host, exc)
             return False
-        del private
-        write_atomic(self._path, data, mode=0o600, dir_mode=0o700)
+        finally:
+            del private
         self._failed_at = None
         log.info(
             "host=%s: Kafka client certificate %s installed, valid until %s",

@@ -47,7 +47,9 @@ WRAPPING_KEY_FILE = "wrapping.key"
 DIGEST_KEY_FILE = "digest.key"
 STATE_DB_FILE = "state.db"
 CA_BUNDLE_FILE = "ca-bundle.pem"
-KAFKA_CLIENT_FILE = "kafka-client.pem"
+KAFKA_DIR = "kafka"
+KAFKA_CLIENT_CERT_FILE = "client.pem"
+KAFKA_CLIENT_KEY_FILE = "client.key"
 
 _FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -297,11 +299,15 @@ class AgentConfig(BaseModel):
         return self.state_dir / CA_BUNDLE_FILE
 
     @property
-    def kafka_client_path(self) -> Path:
-        """The host's Kafka client key, certificate and chain in one PEM file, mode 0600
-        (``CN=<host>,OU=ckms-agent``; one file, so a renewal replaces key and certificate
-        together: ``ssl.SSLContext.load_cert_chain(path)`` and Kafka's PEM keystore read it)."""
-        return self.state_dir / KAFKA_CLIENT_FILE
+    def kafka_client_cert_path(self) -> Path:
+        """The host's Kafka client certificate with its chain (``CN=<host>,OU=ckms-agent``,
+        from the controller's CA), where the Kafka TLS settings look by default."""
+        return self.state_dir / KAFKA_DIR / KAFKA_CLIENT_CERT_FILE
+
+    @property
+    def kafka_client_key_path(self) -> Path:
+        """Its private key (PKCS#8 PEM, mode 0600), made on this host."""
+        return self.state_dir / KAFKA_DIR / KAFKA_CLIENT_KEY_FILE
 
     @property
     def state_db_path(self) -> Path:

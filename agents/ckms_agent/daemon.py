@@ -211,7 +211,8 @@ class Agent:
                 )
                 await self._certs.load()
                 self._client_cert = ClientCertKeeper(
-                    path=cfg.kafka_client_path,
+                    cert_path=cfg.kafka_client_cert_path,
+                    key_path=cfg.kafka_client_key_path,
                     bundle_path=cfg.ca_bundle_path,
                     host_id=cfg.host_id,
                     clock=self._clock,

@@ -26,12 +26,14 @@ from ckms.crypto import KeyType, WrapSuite, build_csr, generate, signing_public_
 from ckms.errors import AlreadyExistsError, ConfigError, ProtocolError
 from ckms.protocol import EnrollReply, EnrollRequest
 from ckms.ssh import RpcClient
-from ckms_agent.certs import client_pem
+from ckms_agent.certs import save_client_certificate
 from ckms_agent.config import (
     CA_BUNDLE_FILE,
     DIGEST_KEY_FILE,
     IDENTITY_KEY_FILE,
-    KAFKA_CLIENT_FILE,
+    KAFKA_CLIENT_CERT_FILE,
+    KAFKA_CLIENT_KEY_FILE,
+    KAFKA_DIR,
     POLICY_FIELDS,
     STATE_DB_FILE,
     WRAPPING_KEY_FILE,
@@ -143,8 +145,13 @@ async def enroll(
                 state_dir / CA_BUNDLE_FILE, reply.ca_bundle.encode(), mode=0o644, dir_mode=0o700
             )
             if reply.kafka_certificate:
-                combined = client_pem(kafka_key, reply.kafka_certificate, reply.ca_bundle)
-                write_atomic(state_dir / KAFKA_CLIENT_FILE, combined, mode=0o600, dir_mode=0o700)
+                save_client_certificate(
+                    state_dir / KAFKA_DIR / KAFKA_CLIENT_CERT_FILE,
+                    state_dir / KAFKA_DIR / KAFKA_CLIENT_KEY_FILE,
+                    kafka_key,
+                    reply.kafka_certificate,
+                    reply.ca_bundle,
+                )
         del kafka_key
     finally:
         _discard(staged)

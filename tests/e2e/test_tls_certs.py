@@ -349,7 +349,7 @@ async def test_revoking_the_host_lists_its_serials(controller: Controller, tmp_p
         "SELECT payload FROM outbox WHERE type = 'host.revoked' ORDER BY seq DESC LIMIT 1"
     )
     listed = json.loads(bytes(row["payload"]))["serials"]
-    client = tmp_path / "db-1" / "state" / "kafka-client.pem"
+    client = tmp_path / "db-1" / "state" / "kafka" / "client.pem"
     kafka_serial = certificate_info(split_certificates(client.read_bytes())[0]).serial_hex
     assert sorted(listed) == sorted([reply.serial, kafka_serial])  # its Kafka identity too
     _, serials = await c.ca.crl(now=c.clock())
@@ -369,14 +369,16 @@ async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_r
     ) as c:
         config = await enroll_agent(c, tmp_path, "db-1", DB)
         state = tmp_path / "db-1" / "state"
-        client = state / "kafka-client.pem"
-        assert client.stat().st_mode & 0o777 == 0o600
+        client = state / "kafka" / "client.pem"
+        client_key = state / "kafka" / "client.key"
+        assert client_key.stat().st_mode & 0o777 == 0o600
         first = split_certificates(client.read_bytes())
         info = certificate_info(first[0])
         assert info.subject == "CN=db-1,OU=ckms-agent"  # the principal Kafka's ACLs map
         assert len(first) == 2, "the certificate and its intermediate"
-        # What a Python (or Kafka PEM keystore) client loads: key and chain in one file.
-        ssl.create_default_context(cafile=str(state / "ca-bundle.pem")).load_cert_chain(client)
+        # What a Python (or Kafka PEM keystore) client loads: the chain and its key.
+        context = ssl.create_default_context(cafile=str(state / "ca-bundle.pem"))
+        context.load_cert_chain(client, client_key)
         (tmp_path / "leaf.pem").write_bytes(first[0])
         (tmp_path / "chain.pem").write_bytes(first[1])
         bundle = state / "ca-bundle.pem"
@@ -388,7 +390,7 @@ async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_r
             bundle, tmp_path / "leaf.pem", untrusted=tmp_path / "chain.pem", purpose="sslserver"
         )
         assert server.returncode != 0, "an agent's client certificate cannot serve TLS"
-        key_needles = _key_material_of(client)
+        key_needles = _key_material(client_key)
         async with running_agent(config):
             await wait_until(
                 lambda: _client_serial(client) not in (None, info.serial_hex),
@@ -403,7 +405,8 @@ async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_r
                 csr = build_csr(generate(KeyType.ECDSA_P256), subject).decode()
                 with pytest.raises(PermissionDeniedError, match="may not claim"):
                     await rpc.call("client_cert", ClientCertRequest(csr=csr).model_dump())
-        renewed_needles = _key_material_of(client)
+        renewed_needles = _key_material(client_key)
+        context.load_cert_chain(client, client_key)  # the renewed pair still matches
         await c.hosts.revoke("db-1", actor="alice")
         assert c.store is not None
         row = await c.store.fetchone(
@@ -422,14 +425,3 @@ def _client_serial(path: Path) -> str | None:
         return certificate_info(split_certificates(path.read_bytes())[0]).serial_hex
     except (OSError, Exception):
         return None
-
-
-def _key_material_of(client: Path) -> list[bytes]:
-    pem = client.read_bytes()
-    key = pem[: pem.index(b"-----END PRIVATE KEY-----") + len(b"-----END PRIVATE KEY-----\n")]
-    tmp = client.with_name("key-only.tmp")
-    tmp.write_bytes(key)
-    try:
-        return _key_material(tmp)
-    finally:
-        tmp.unlink()
