@@ -141,12 +141,17 @@ class RolloutDriver:
         stage = f"stage {rollout.stage} of {len(rollout.stages)}"
         extra = {"acked": len(verdict.acked), "counted": verdict.counted, "hosts": verdict.hosts}
         if verdict.failed:
-            errors = "; ".join(
-                f"{h}: {verdict.errors[h]}" for h in verdict.failed[:5] if h in verdict.errors
-            )
-            why = f"{stage} failed on {_names(verdict.failed)}" + (f" ({errors})" if errors else "")
+            # The hosts' own reasons go to the audit record and fleet status, not into the
+            # rollout's reason: that is published in a signed event, and a host's text is not
+            # the controller's to sign.
+            why = f"{stage} failed on {_names(verdict.failed)}"
+            errors = {h: verdict.errors[h] for h in verdict.failed if h in verdict.errors}
             await self._move(
-                name, RolloutOp.HALT, why, expect, extra | {"failed": list(verdict.failed)}
+                name,
+                RolloutOp.HALT,
+                why,
+                expect,
+                extra | {"failed": list(verdict.failed), "errors": errors},
             )
             return RolloutOp.HALT
         if verdict.holds:
