@@ -175,6 +175,13 @@ class SourceGuard:
         bucket.tokens = max(0.0, bucket.tokens - 1.0)
         self._note(source, kind=kind)
 
+    def charge(self, source: str) -> None:
+        """Spend one token of ``source``'s bucket for a refusal reported elsewhere (a known
+        host's, audited on its own until the bucket is empty)."""
+        bucket = self._bucket(source, create=True)
+        assert bucket is not None
+        bucket.tokens = max(0.0, bucket.tokens - 1.0)
+
     def penalised(self, source: str) -> bool:
         """True while ``source`` has spent its refusal burst and not earned a token back."""
         bucket = self._bucket(source, create=False)

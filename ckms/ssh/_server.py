@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -51,6 +52,8 @@ class Principal:
     max_requests: int | None = None
     """Requests one connection of this principal may make (None: unlimited)."""
 
+
+_AGENT_ROLE = "agent"  # ckms.protocol.Role.AGENT; this package names roles only as text
 
 Authenticator = Callable[[str, asyncssh.SSHKey], Awaitable[Principal | None]]
 Handler = Callable[[Principal, dict[str, Any]], Awaitable[BaseModel | dict[str, Any] | None]]
@@ -154,9 +157,13 @@ class RpcServer:
         self.host_key = host_key
         self.authenticate = authenticate
         self.on_refused = on_refused
-        self.guard = SourceGuard(
-            limits or ConnectionLimits(), on_burst=on_refusal_burst, clock=clock
+        limits = limits or ConnectionLimits()
+        self.guard = SourceGuard(limits, on_burst=on_refusal_burst, clock=clock)
+        self.host_guard = SourceGuard(
+            dataclasses.replace(limits, max_sources=1 << 20), on_burst=on_refusal_burst, clock=clock
         )
+        """Refusal budgets of known hosts, by name (kept apart from the source addresses whose
+        buckets decide who may connect; sized for a whole fleet)."""
         self.max_concurrent = max_concurrent
         self._body_timeout_s = body_timeout_s
         self._keepalive_s = keepalive_s
@@ -230,6 +237,7 @@ class RpcServer:
             with contextlib.suppress(OSError, asyncssh.Error):
                 await conn.wait_closed()
         await self.guard.flush()
+        await self.host_guard.flush()
 
     async def __aenter__(self) -> RpcServer:
         if self._acceptor is None:
@@ -306,12 +314,24 @@ class RpcServer:
     async def _refused(
         self, owner: _ServerConnection, principal: Principal | None, method: str, exc: CKMSError
     ) -> CKMSError:
-        """Record a refusal: a stranger's against its source's budget, a known one's by hook."""
+        """Record a refusal: a stranger's against its source's budget, a known one's by hook.
+
+        A host (role ``agent``) gets a budget of its own too: one refused in a loop (a CSR for
+        names it does not own, a key it is no target of) would otherwise cost one audit record
+        and write transaction per request. Past its burst, its refusals are summed into one
+        record per burst (source ``host:<name>``), still refused; operators are audited one by
+        one."""
         if principal is None or not principal.known:
             self.guard.refused(owner.source, f"rpc.{method}")
             return exc
         if self.on_refused is None:
             return exc
+        if principal.role == _AGENT_ROLE:
+            budget = f"host:{principal.name}"
+            if self.host_guard.penalised(budget):
+                self.host_guard.refused(budget, f"rpc.{method}")
+                return exc
+            self.host_guard.charge(budget)
         try:
             await self.on_refused(principal, method, exc)
         except CKMSError as hook_exc:

@@ -4,6 +4,7 @@ revocation. Real controller, CA, SSH and SQLite file; the host asks over its own
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,31 @@ async def test_names_rendered_from_labels_that_changed_before_the_commit_are_ref
                 "cert_sign",
                 CertSignRequest(key="db/zoned", version=1, csr=csr).model_dump(mode="json"),
             )
+
+
+async def test_a_host_refused_in_a_loop_is_audited_in_a_summary_not_record_by_record(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """An enrolled host asking in a loop for what it may not have (a CSR for names it does not
+    own, a key it is no target of) must not write one audit record -- one write transaction --
+    per request: past its burst its refusals are summed into one record, and still refused."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "db-1", DB)
+    await c.lifecycle.create(
+        "db/server", "tls-cert", targets=Targets(selectors=(DB,)), install=SPEC, actor="alice"
+    )
+    bad = CertSignRequest(key="db/server", version=1, csr="not a csr").model_dump(mode="json")
+    tries = 80
+    async with host_rpc(c, config) as rpc:
+        for _ in range(tries):
+            with pytest.raises(PermissionDeniedError, match="refused"):
+                await rpc.call("cert_sign", bad)
+    assert c.store is not None
+    one_by_one = await c.store.fetchval(
+        "SELECT count(*) FROM audit WHERE action = 'rpc.cert_sign' AND actor = 'host:db-1'"
+    )
+    assert 1 <= one_by_one <= tries // 2
+    await c.rpc.host_guard.flush()
+    rows = await c.store.fetchall("SELECT details FROM audit WHERE actor = 'source:host:db-1'")
+    summarised = sum(json.loads(r["details"])["refused"].get("rpc.cert_sign", 0) for r in rows)
+    assert one_by_one + summarised == tries
