@@ -751,6 +751,20 @@ async def list_hosts(r: Reader) -> list[Host]:
     return [_host(row, r.row_key) for row in rows]
 
 
+async def hosts_by_ids(r: Reader, ids: Iterable[str]) -> list[Host]:
+    """The hosts with these ids that exist (revoked ones included), by id."""
+    wanted = sorted(set(ids))
+    out: list[Host] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = tuple(wanted[start : start + _IN_CHUNK])
+        rows = await r.fetchall(
+            f"SELECT * FROM hosts WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id",  # noqa: S608
+            chunk,
+        )
+        out += [_host(row, r.row_key) for row in rows]
+    return out
+
+
 async def page_hosts(r: Reader, after: str | None, limit: int) -> list[Host]:
     """Up to ``limit`` hosts whose id sorts after ``after`` (from the first when None), by id:
     one range read of the primary key, whatever the fleet's size."""

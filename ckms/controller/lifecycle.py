@@ -1484,7 +1484,10 @@ async def _revoke_unentitled(
 ) -> tuple[str, ...]:
     """Revoke the certificates of ``before`` whose host ``after`` (new targets or name
     templates) no longer entitles to the names it holds; the agents then re-issue or remove."""
-    hosts = {h.id: h for h in await _repo.list_hosts(tx)}
+    holders = await tx.fetchall(
+        "SELECT DISTINCT host_id FROM certificates WHERE key_id = ?", (before.id,)
+    )
+    hosts = {h.id: h for h in await _repo.hosts_by_ids(tx, [str(r["host_id"]) for r in holders])}
 
     def keep(host_id: str, key_id: str) -> bool:
         host = hosts.get(host_id)
