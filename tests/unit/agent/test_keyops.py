@@ -55,6 +55,8 @@ class FakeInstaller:
         self.files: dict[Path, bytes] = {}
         self.applied: list[list[int]] = []
         self.removed: list[list[Path]] = []
+        self.failing = False
+        """Refuse every apply, as a failing health check does (the old files stay)."""
 
     def host_path(self, path: str) -> Path:
         return Path(path)
@@ -86,6 +88,8 @@ class FakeInstaller:
         previous: Mapping[Path, str] | None = None,
     ) -> ApplyOutcome:
         self.applied.append([v.version for v in versions])
+        if self.failing:
+            return ApplyOutcome(AckStatus.FAILED, [], error="health check failed")
         if "{version}" in spec.path:
             out = {Path(spec.render_path(key_name, v.version, HOST)): v.material for v in versions}
         else:
@@ -312,3 +316,25 @@ async def test_material_stays_out_of_reprs(rig: Rig) -> None:
     material = rig.controller.material[1]
     for text in (repr(rig.ops.materials), repr(rig.ops), repr(vars(rig.ops.materials).keys())):
         assert material.hex() not in text and repr(material) not in text
+
+
+async def test_a_failed_change_is_held_off_until_the_controller_stops_asking_for_it(
+    rig: Rig,
+) -> None:
+    """A rollout stage is rolled back (the controller asks for v1 alone again) and resumed
+    after a fix: the resumed change is tried at once, not after the hold-off."""
+    v1, v2 = rig.controller.add(1), rig.controller.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, primary=1)) == {1}
+    rig.installer.failing = True
+    wanted = rig.desired(KEYRING, v1, v2, primary=1)
+    reply = SyncReply(host=HOST, keys=(wanted,), controller_time="2026-01-01T00:00:00.000000Z")
+    [plan] = plan_changes(reply, await rig.state.keys())
+    await rig.ops.execute(plan, (await rig.state.keys()).get(NAME), None, rig.controller.fetch)
+    assert (2, "failed") in await rig.acks()
+    assert rig.ops.holding_off(plan, retry_after_s=300)
+    rig.ops.forget_failures(except_keys={NAME})  # still asked for: still held off
+    assert rig.ops.holding_off(plan, retry_after_s=300)
+    rig.ops.forget_failures(except_keys=set())  # the stage withdrawn: nothing to change
+    assert not rig.ops.holding_off(plan, retry_after_s=300)
+    rig.installer.failing = False
+    assert await rig.sync(wanted) == {2}  # the resumed stage installs at once
