@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from ckms.crypto import (
     CLOCK_SKEW,
     KeyType,
     build_csr,
+    certificate_fingerprint,
     certificate_info,
     certificate_matches_key,
     chains_to,
@@ -151,6 +152,26 @@ class CertKeeper:
 
     async def _save(self) -> None:
         await self._state.set_tls_certs({n: asdict(r) for n, r in self._records.items()})
+
+    def renew_unless_issued_by(self, issuing: str) -> int:
+        """Make every certificate not issued by the intermediate with fingerprint ``issuing``
+        due now (a CA rotation); return how many."""
+        count = 0
+        for name, record in list(self._records.items()):
+            if self._issuer_of(record) != issuing:
+                self._records[name] = replace(record, renew_at=self._clock())
+                count += 1
+        return count
+
+    def _issuer_of(self, record: CertRecord) -> str | None:
+        """The fingerprint of the intermediate in an installed ``chain.pem`` (read like any
+        key file, through the allowed root; None when unreadable)."""
+        try:
+            data = self._installer.read(Path(record.directory) / "chain.pem")
+            first = split_certificates(data) if data else []
+        except (OSError, CKMSError):
+            return None
+        return certificate_fingerprint(first[0]) if first else None
 
     def holds(self, key: str) -> bool:
         """Whether a certificate of ``key`` is installed here."""
@@ -372,6 +393,9 @@ def _v(version: DesiredVersion) -> int:
     return version.version
 
 
+
+
+
 def save_client_certificate(
     cert_path: Path, key_path: Path, private: bytes, certificate: str, bundle: str
 ) -> None:
@@ -419,6 +443,18 @@ class ClientCertKeeper:
         self._host = host_id
         self._clock = clock
         self._failed_at: float | None = None
+        self._forced = False
+
+    def renew_unless_issued_by(self, issuing: str) -> bool:
+        """Make the certificate due now unless the intermediate ``issuing`` issued it."""
+        try:
+            chain = split_certificates(self._cert_path.read_bytes())[1:]
+        except (OSError, CKMSError):
+            return False
+        if chain and certificate_fingerprint(chain[0]) == issuing:
+            return False
+        self._forced = True
+        return True
 
     def _retry_at(self) -> float:
         return self._clock() if self._failed_at is None else self._failed_at + RETRY_S
@@ -444,6 +480,8 @@ class ClientCertKeeper:
         if not chains_to(certs[0], b"".join(certs[1:]), bundle, now=issued):
             return None  # another CA's certificate: the operator's to renew
         due = (issued + (info.not_after - issued) * RENEW_AT).timestamp()
+        if self._forced:
+            due = min(due, self._clock())
         return due if self._failed_at is None else max(due, self._failed_at + RETRY_S)
 
     async def ensure(self, sign: ClientSigner) -> bool:
@@ -466,6 +504,7 @@ class ClientCertKeeper:
         finally:
             del private
         self._failed_at = None
+        self._forced = False
         log.info(
             "host=%s: Kafka client certificate %s installed, valid until %s",
             self._host,

@@ -52,6 +52,7 @@ from ckms.errors import (
     TransportError,
 )
 from ckms.protocol import (
+    CaRotated,
     CertSignReply,
     CertSignRequest,
     ClientCertReply,
@@ -589,6 +590,20 @@ class Agent:
             await self._host_revoked(event)
             return
         if decision.action is EventAction.REFRESH_TRUST:
+            # A new CA generation signs now: move every certificate onto it (so the old root
+            # can be retired soon), and fetch the new bundle, in one sync.
+            assert isinstance(event.data, CaRotated)
+            renewing = self.certs.renew_unless_issued_by(event.data.issuing)
+            if self._client_cert is not None and self._client_cert.renew_unless_issued_by(
+                event.data.issuing
+            ):
+                renewing += 1
+            if renewing:
+                log.info(
+                    "host=%s: renewing %d certificates on the new CA",
+                    self.config.host_id,
+                    renewing,
+                )
             self._request_reconcile()
             return
         assert decision.key is not None

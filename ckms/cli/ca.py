@@ -63,9 +63,22 @@ def rotate(ctx: typer.Context, bundle: BundleOpt = None, as_json: JsonOption = F
 
 
 @app.command("retire")
-def retire(ctx: typer.Context, bundle: BundleOpt = None, as_json: JsonOption = False) -> None:
-    """End a rotation's overlap: hosts trust only the active root from now on."""
-    reply = call_and_show(ctx, "ca.retire", None, api.CaReply, _render, as_json=as_json)
+def retire(
+    ctx: typer.Context,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Even while hosts still hold certificates of the old generation."
+        ),
+    ] = False,
+    bundle: BundleOpt = None,
+    as_json: JsonOption = False,
+) -> None:
+    """End a rotation's overlap: hosts trust only the active root from now on (refused while
+    hosts still hold unexpired certificates of the old generation, unless --force)."""
+    reply = call_and_show(
+        ctx, "ca.retire", api.CaRetireParams(force=force), api.CaReply, _render, as_json=as_json
+    )
     _bundle(bundle, reply)
 
 

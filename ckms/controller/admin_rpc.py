@@ -315,7 +315,7 @@ class AdminService:
         self._route(server, "ca.show", api.Empty, self.ca_show)
         self._route(server, "ca.crl", api.Empty, self.ca_crl)
         self._route(server, "ca.rotate", api.Empty, self.ca_rotate)
-        self._route(server, "ca.retire", api.Empty, self.ca_retire)
+        self._route(server, "ca.retire", api.CaRetireParams, self.ca_retire)
         # Rollouts: resuming releases the version further, so it passes the dual control a
         # rotation of the key needs; aborting only withdraws a version that was never primary
         # (the old one stays primary), so it needs the role alone: a rollback is never held up.
@@ -939,9 +939,9 @@ class AdminService:
         self._publisher.wake()
         return await self._ca_reply(state)
 
-    async def ca_retire(self, principal: Principal, params: api.Empty) -> api.CaReply:
+    async def ca_retire(self, principal: Principal, params: api.CaRetireParams) -> api.CaReply:
         """Stop trusting every CA generation but the active one (end of the overlap)."""
-        state = await self._ca.retire(now=self._now(), actor=principal.name)
+        state = await self._ca.retire(now=self._now(), actor=principal.name, force=params.force)
         self._publisher.wake()
         return await self._ca_reply(state)
 

@@ -280,14 +280,35 @@ class ControllerCA:
         log.info("CA rotated to generation %d by %s", fresh.generation, actor)
         return changed
 
-    async def retire(self, *, now: datetime, actor: str) -> CaState:
-        """Stop trusting every generation but the active one (the end of a rotation's overlap)."""
+    async def retire(self, *, now: datetime, actor: str, force: bool = False) -> CaState:
+        """Stop trusting every generation but the active one (the end of a rotation's overlap).
+
+        Refused while a host's newest certificate (of a key, or its Kafka client certificate)
+        is an unexpired, unrevoked one of a generation it would retire: the host has not
+        renewed onto the new CA yet and its peers would stop trusting it at once. ``force``
+        retires anyway.
+        """
         self._vault.require_unsealed("retire CA generations")
         async with self._store.write() as tx:
             state = await self._read(tx)
             old = [g for g in state.generations[:-1] if not g.retired]
             if not old:
                 raise PolicyError("no previous CA generation is trusted: nothing to retire")
+            marks = ", ".join("?" * len(old))
+            holders = await tx.fetchall(
+                "SELECT DISTINCT c.host_id FROM certificates c WHERE c.revoked_at IS NULL "  # noqa: S608
+                f"AND c.not_after > ? AND c.ca_generation IN ({marks}) AND NOT EXISTS ("
+                "SELECT 1 FROM certificates n WHERE n.host_id = c.host_id AND n.kind = c.kind "
+                "AND n.key_id IS c.key_id AND n.issued_at > c.issued_at) ORDER BY c.host_id",
+                (format_time(now), *(g.generation for g in old)),
+            )
+            if holders and not force:
+                hosts = [str(r["host_id"]) for r in holders]
+                raise PolicyError(
+                    f"{len(hosts)} hosts still hold certificates of the generation(s) to retire "
+                    f"({', '.join(hosts[:10])}{', ...' if len(hosts) > 10 else ''}); wait until "
+                    "they renewed (agents renew on the ca.rotated event) or retire with force"
+                )
             changed = CaState(
                 (*tuple(replace(g, retired=True) for g in state.generations[:-1]), state.active)
             )
@@ -301,6 +322,7 @@ class ControllerCA:
                 details={
                     "retired": [g.generation for g in old],
                     "trusted": [g.generation for g in changed.trusted],
+                    "forced_over_hosts": len(holders) if force else 0,
                 },
             )
         log.info("CA generations %s retired by %s", [g.generation for g in old], actor)

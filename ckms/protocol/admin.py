@@ -798,6 +798,12 @@ class WhoamiReply(_Reply):
     role: str
 
 
+class CaRetireParams(_Model):
+    """End a CA rotation's overlap; ``force`` even while hosts hold old certificates."""
+
+    force: bool = False
+
+
 class CertWarning(_Reply):
     """A host certificate that was due for renewal and was not renewed."""
 

@@ -289,7 +289,7 @@ async def test_ca_rotation_overlaps_then_hosts_trust_only_the_new_root(
     d = _dir(tmp_path, "db-1")
     bundle = tmp_path / "db-1" / "state" / "ca-bundle.pem"
     async with running_agent(config):
-        await _create(c, lifetime=timedelta(seconds=30))
+        await _create(c, lifetime=timedelta(hours=1))
         await wait_until(lambda: _has_installed(c, "db-1"), what="first certificate")
         old_cert = tmp_path / "old-cert.pem"
         old_cert.write_bytes((d / "cert.pem").read_bytes())
@@ -304,7 +304,14 @@ async def test_ca_rotation_overlaps_then_hosts_trust_only_the_new_root(
         )
         # During the overlap the old certificate still verifies against what hosts trust.
         assert verify(bundle, old_cert, untrusted=old_chain).returncode == 0
-        await wait_until(lambda: _renewed(c, old_serial or ""), timeout_s=45, what="renewed")
+        # Agents renew onto the new CA on the ca.rotated event, not at two thirds.
+        await wait_until(lambda: _renewed(c, old_serial or ""), timeout_s=15, what="renewed")
+        client = tmp_path / "db-1" / "state" / "kafka" / "client.pem"
+        await wait_until(
+            lambda: _issuer(client) == "CN=ckms issuing 2,OU=ckms-ca",
+            timeout_s=15,
+            what="Kafka client certificate renewed onto the new CA",
+        )
         new_issuer = certificate_info((d / "cert.pem").read_bytes()).issuer
         assert new_issuer == "CN=ckms issuing 2,OU=ckms-ca"
         assert verify(bundle, d / "cert.pem", untrusted=d / "chain.pem").returncode == 0
@@ -418,6 +425,10 @@ async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_r
         assert not [
             p for p in home.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)
         ]
+
+
+def _issuer(path: Path) -> str:
+    return certificate_info(split_certificates(path.read_bytes())[0]).issuer
 
 
 def _client_serial(path: Path) -> str | None:

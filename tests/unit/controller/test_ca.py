@@ -107,6 +107,7 @@ async def test_rotation_keeps_the_old_root_trusted_until_retired(
     ca = ControllerCA(store, vault)
     old = (await ca.state()).active
     key_id = await _key(lifecycle)
+    await _issue(store, ca, key_id, clock, host="db-2")  # on generation 1
     rotated = await ca.rotate(now=clock(), actor="alice")
     assert [g.generation for g in rotated.trusted] == [2, 1]
     assert split_certificates(await ca.bundle() or b"") == [
@@ -116,6 +117,11 @@ async def test_rotation_keeps_the_old_root_trusted_until_retired(
     serial = await _issue(store, ca, key_id, clock)
     row = await store.fetchone("SELECT ca_generation FROM certificates WHERE serial = ?", (serial,))
     assert row["ca_generation"] == 2
+    # db-2 has not renewed onto the new CA: retiring now would cut it off.
+    with pytest.raises(PolicyError, match=r"1 hosts still hold .*db-2"):
+        await ca.retire(now=clock(), actor="alice")
+    clock.advance(seconds=1)
+    await _issue(store, ca, key_id, clock, host="db-2")  # db-2 renewed (generation 2)
     retired = await ca.retire(now=clock(), actor="alice")
     assert [g.generation for g in retired.trusted] == [2]
     assert split_certificates(await ca.bundle() or b"") == [rotated.active.root.certificate]
