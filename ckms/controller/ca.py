@@ -518,8 +518,9 @@ async def revoke_certificates(
     """Mark every unexpired, unrevoked certificate of a key version, of every version of a key
     (``keep`` given), or of a host revoked; return their serials for the event and audit.
 
-    ``keep(host_id, key_id)`` spares the certificates it is true for (those whose host is
-    still entitled to them, :func:`entitled_names`)."""
+    ``keep(host_id, key_id)`` spares the ``tls-cert`` certificates it is true for (those whose
+    host is still entitled to them, :func:`entitled_names`); with ``keep`` given, certificates
+    of no key (an agent's own Kafka client certificate) are never revoked."""
     if host_id is not None:
         where, args = "host_id = ?", (host_id,)
     elif key_id is not None and version is not None:
@@ -540,8 +541,10 @@ async def revoke_certificates(
     for row in rows:
         if row["revoked_at"] is not None:
             continue
-        if keep is not None and keep(str(row["host_id"]), str(row["key_id"])):
-            continue
+        if keep is not None and (
+            row["key_id"] is None or keep(str(row["host_id"]), str(row["key_id"]))
+        ):
+            continue  # entitlement is a tls-cert key's: an agent's own certificate is not judged
         await tx.execute(
             "UPDATE certificates SET revoked_at = ? WHERE serial = ?",
             (format_time(now), row["serial"]),

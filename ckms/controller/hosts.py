@@ -94,7 +94,8 @@ async def _revoke_unentitled(tx: Transaction, host: Host, now: datetime) -> tupl
     key_ids = [
         str(r["key_id"])
         for r in await tx.fetchall(
-            "SELECT DISTINCT key_id FROM certificates WHERE host_id = ?", (host.id,)
+            "SELECT DISTINCT key_id FROM certificates WHERE host_id = ? AND key_id IS NOT NULL",
+            (host.id,),
         )
     ]
     if not key_ids:

@@ -178,3 +178,20 @@ async def test_a_host_refused_in_a_loop_is_audited_in_a_summary_not_record_by_re
     rows = await c.store.fetchall("SELECT details FROM audit WHERE actor = 'source:host:db-1'")
     summarised = sum(json.loads(r["details"])["refused"].get("rpc.cert_sign", 0) for r in rows)
     assert one_by_one + summarised == tries
+
+
+async def test_relabelling_a_host_keeps_its_kafka_client_certificate(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """Entitlement is about tls-cert keys: the agent's own Kafka client certificate (no key)
+    must survive any relabel, and a relabel that takes the host out of a key's targets revokes
+    only that key's certificate."""
+    c = controller
+    serial = await _issued(c, tmp_path)
+    assert c.store is not None
+    client = "SELECT count(*) FROM certificates WHERE host_id = 'db-1' AND key_id IS NULL"
+    issued = await c.store.fetchval(client)
+    assert issued >= 1, "enrollment issued the agent its Kafka client certificate"
+    await c.hosts.set_labels("db-1", {"env": "prod", "role": "web"}, actor="alice")
+    assert serial in await _crl_serials(c)
+    assert await c.store.fetchval(client + " AND revoked_at IS NULL") == issued
