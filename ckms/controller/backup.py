@@ -31,7 +31,7 @@ from ckms.errors import (
     NotFoundError,
     StoreError,
 )
-from ckms.store import MIGRATIONS, Clock, Store, utc_now
+from ckms.store import MIGRATIONS, Clock, Store, read_only_uri, utc_now
 from ckms.store import audit as audit_log
 
 __all__ = [
@@ -69,7 +69,7 @@ class BackupFacts:
 def _snapshot(db_path: str, target: Path) -> None:
     """Copy the database at ``db_path`` to ``target`` with the online backup API (one step:
     one read snapshot; the controller's writer is not held up in WAL mode)."""
-    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    source = sqlite3.connect(read_only_uri(db_path), uri=True)
     try:
         dest = sqlite3.connect(target)
         try:
@@ -97,7 +97,7 @@ def inspect_backup(path: Path) -> BackupFacts:
     if not path.is_file():
         raise ConfigError(f"{path} is not a file")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        conn = sqlite3.connect(read_only_uri(path, immutable=True), uri=True)
     except sqlite3.Error:
         raise ConfigError(f"{path} is not a SQLite database") from None
     try:

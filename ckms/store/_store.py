@@ -72,6 +72,16 @@ FOREIGN_CHECK_S = 0.05
 query on the writer connection, queued behind its writes; the agent requests ask per request)."""
 
 
+def read_only_uri(path: str | Path, *, immutable: bool = False) -> str:
+    """A SQLite URI that opens exactly ``path`` read-only (``sqlite3.connect(..., uri=True)``).
+
+    The path is percent-encoded (``Path.as_uri``): pasted raw into ``file:...?mode=ro``, a
+    ``?`` or ``#`` in it starts the query and a ``%`` escapes, so another file -- created
+    empty if missing -- would be opened and checked than the one named."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    return uri + "&immutable=1" if immutable else uri
+
+
 def _store_error(exc: BaseException, what: str) -> StoreError:
     """Map a sqlite or aiosqlite error to StoreError; messages never contain bound values."""
     if isinstance(exc, ValueError):  # aiosqlite: "Connection closed" / "no active connection"

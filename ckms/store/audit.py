@@ -58,7 +58,7 @@ from ckms.errors import (
     CKMSError,
     StoreError,
 )
-from ckms.store._store import Reader, Store, Transaction
+from ckms.store._store import Reader, Store, Transaction, read_only_uri
 from ckms.store._time import format_time, parse_time
 
 __all__ = [
@@ -804,7 +804,7 @@ _ENCODE = json.JSONEncoder(
 
 def _verify_file(path: str, public_key: bytes, anchor: Anchor | None) -> AuditReport:
     """:func:`verify_store` for a file, in the calling (worker) thread."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
     try:
         conn.execute("BEGIN")  # one snapshot for the checkpoints and every record
         conn.row_factory = sqlite3.Row
