@@ -13,12 +13,16 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 ## tools the tests check ckms with, from Debian: age (its output), headless Chromium and its
-## driver (the console), promtool (metric names); apt-get installs the missing ones as root
+## driver (the console), promtool (metric names), and the PostgreSQL server the store tests run
+## (ckms.devpostgres; Debian keeps its binaries off PATH, under /usr/lib/postgresql/<major>/bin);
+## apt-get installs the missing ones as root
 TOOL_PACKAGES := age:age chromium:chromium chromedriver:chromium-driver promtool:prometheus
 .PHONY: tools
 tools:
 	@missing=""; for pair in $(TOOL_PACKAGES); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null 2>&1 \
+	  || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "make: installing$$missing from Debian"; \
@@ -26,7 +30,8 @@ tools:
 	    apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
 	      { apt-get update -q >/dev/null && \
 	        apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
-	  else echo "make: missing$$missing (not root): the tests that need them skip"; fi; fi
+	  else echo "make: missing$$missing (not root): the tests that need them skip" \
+	    "(the PostgreSQL ones fail, naming what to install)"; fi; fi
 
 ## make test: lint, then every test (unit and integration against a real local Kafka)
 test: $(STAMP) tools
@@ -64,6 +69,14 @@ kafka-up: $(STAMP)
 
 kafka-down: $(STAMP)
 	$(BIN)/python -m ckms.devkafka down
+
+## a local PostgreSQL for manual use; prints its URL (the password file's path on stderr)
+.PHONY: postgres-up postgres-down
+postgres-up: $(STAMP) tools
+	$(BIN)/python -m ckms.devpostgres up
+
+postgres-down: $(STAMP)
+	$(BIN)/python -m ckms.devpostgres down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -25,14 +25,12 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
+from ckms._localproc import die_with_parent, free_port, pid_alive
 from ckms.errors import CKMSError, ConfigError, DependencyMissingError, KafkaUnavailableError
 
 __all__ = ["KAFKA_VERSION", "LocalKafka", "ensure_kafka_jars", "kafka_cache_dir"]
@@ -184,12 +183,6 @@ def ensure_kafka_jars(cache_dir: Path | None = None) -> Path:
     return libs
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _new_cluster_id() -> str:
     # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding. Like Kafka's
     # Uuid.randomUuid(), never one that starts with '-': `kafka-storage format -t -xyz...` reads
@@ -198,13 +191,6 @@ def _new_cluster_id() -> str:
         text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not text.startswith("-"):
             return text
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill the broker if the Python process that owns it dies (no orphans)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -316,7 +302,7 @@ class LocalKafka:
         else:
             self.data_dir = Path(tempfile.mkdtemp(prefix="ckms-kafka-"))
         self._nodes = [
-            _Node(i, _free_port(), _free_port(), self.data_dir / f"node-{i}")
+            _Node(i, free_port(), free_port(), self.data_dir / f"node-{i}")
             for i in range(self.node_count)
         ]
         try:
@@ -475,7 +461,7 @@ class LocalKafka:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
         finally:
             out.close()
@@ -583,21 +569,11 @@ def _state_file() -> Path:
     return kafka_cache_dir() / "devkafka.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def _up(nodes: int, data_dir: Path | None) -> int:
     state = _state_file()
     if state.exists():
         info = json.loads(state.read_text())
-        if any(_pid_alive(pid) for pid in info.get("pids", [])):
+        if any(pid_alive(pid) for pid in info.get("pids", [])):
             print(info["bootstrap"])
             print(
                 "ckms: Kafka is already up (stop it with `python -m ckms.devkafka down`)",
@@ -638,7 +614,7 @@ def _down() -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + _STOP_GRACE_S
-    while any(_pid_alive(p) for p in info.get("pids", [])) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in info.get("pids", [])) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in info.get("pids", []):
         with contextlib.suppress(ProcessLookupError):

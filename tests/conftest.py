@@ -1,9 +1,12 @@
-"""Shared fixtures: one real Kafka broker per test session, unique topics, bounded waits.
+"""Shared fixtures: one real Kafka broker and one real PostgreSQL per test session.
 
 Integration tests ask for ``kafka_bootstrap``; the first such test starts a real single-node
 Apache Kafka with ``ckms.devkafka.LocalKafka`` (or uses ``CKMS_TEST_KAFKA_BOOTSTRAP`` when set)
 and every later test reuses it. Each test gets its own topic names from ``unique_topic`` so tests
-never see each other's records. pytest-timeout (``timeout`` in pyproject.toml) bounds every test.
+never see each other's records. Likewise ``postgres_server`` starts one real PostgreSQL
+(``ckms.devpostgres.LocalPostgres``) for the first test that asks, and ``postgres_database`` gives
+each test an empty database of its own on it; tests using them are marked ``postgres``.
+pytest-timeout (``timeout`` in pyproject.toml) bounds every test.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ import pytest
 import pytest_asyncio
 
 from ckms.devkafka import LocalKafka
+from ckms.devpostgres import LocalPostgres
+from tests.support.postgres import PostgresDatabase, create_database, drop_database
+
+_POSTGRES_FIXTURES = {"postgres_server", "postgres_database"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the PostgreSQL fixtures ``postgres`` (for ``-m``)."""
+    for item in items:
+        if _POSTGRES_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -38,6 +52,29 @@ async def kafka_bootstrap() -> AsyncIterator[str]:
             flush=True,
         )
         yield kafka.bootstrap
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def postgres_server() -> AsyncIterator[LocalPostgres]:
+    """The session's real PostgreSQL server (shared: tests that crash a server start their own)."""
+    async with LocalPostgres() as server:
+        print(
+            f"\n[ckms] test PostgreSQL ready in {server.startup_seconds:.1f} s "
+            f"at {server.url} (log: {server.log_path})",
+            file=sys.__stderr__,
+            flush=True,
+        )
+        yield server
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def postgres_database(postgres_server: LocalPostgres) -> AsyncIterator[PostgresDatabase]:
+    """An empty database of this test's own on the session's server, dropped afterwards."""
+    database = await create_database(postgres_server)
+    try:
+        yield database
+    finally:
+        await drop_database(postgres_server, database)
 
 
 @pytest.fixture

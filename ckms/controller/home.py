@@ -96,13 +96,35 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Contr
             sources[name] = variable
     home = Path(str(data.get("home", path.parent)))
     data["home"] = home if home.is_absolute() else (path.parent / home).resolve()
+    store_origin = _take_store_url(data, env, str(path))
     try:
-        return ControllerSettings.model_validate(data)
+        settings = ControllerSettings.model_validate(data)
     except ValidationError as exc:
         error = exc.errors(include_input=False, include_url=False)[0]
         name = ".".join(str(p) for p in error["loc"])
         origin = sources.get(name.split(".")[0], "defaults")
         raise ConfigError(f"controller setting {name} (from {origin}): {error['msg']}") from None
+    if store_origin is not None:
+        raise ConfigError(
+            f"controller setting store (from {store_origin}): choosing the store by URL "
+            f"(PostgreSQL) is not built yet; the controller keeps its store in the SQLite file "
+            f"{settings.db_path}: remove the setting"
+        )
+    return settings
+
+
+def _take_store_url(data: dict[str, Any], env: Mapping[str, str], path: str) -> str | None:
+    """Remove a ``store`` URL (file or ``CKMS_STORE``) from ``data``; return where it came from.
+
+    The caller refuses it: the PostgreSQL store is not built yet, and ignored, the setting
+    would leave the controller on its SQLite file while the operator believes it shares a
+    database with other replicas. The URL is never echoed: it may hold a password.
+    """
+    if data.pop("store", None) is not None:
+        return path
+    if ENV_PREFIX + "STORE" in env:
+        return ENV_PREFIX + "STORE"
+    return None
 
 
 @dataclass(frozen=True)

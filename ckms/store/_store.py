@@ -24,7 +24,7 @@ from typing import Any, Self, TypeVar
 
 import aiosqlite
 
-from ckms.errors import StoreError
+from ckms.errors import ConfigError, StoreError
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._time import format_time, utc_now
 
@@ -224,6 +224,9 @@ class Store:
         ``":memory:"`` gives a private in-memory database (unit tests).
         """
         location = str(path)
+        if location.startswith(("postgresql:", "postgres:")):
+            # Never taken as a file name, nor echoed: the URL may carry a password.
+            raise ConfigError("the PostgreSQL store is not built yet; give a SQLite file path")
         writer = await _connect(location, read_only=False)
         reader: aiosqlite.Connection | None = None
         try:

@@ -51,3 +51,23 @@ def test_bad_settings_name_the_field_and_where_it_came_from(tmp_path: Path) -> N
         load_settings(path, {})
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml", {})
+
+
+@pytest.mark.parametrize(
+    ("file_text", "environ"),
+    [
+        ('store = "postgresql://ckms:hunter2-secret@db.internal:5432/ckms"\n', {}),
+        ("", {"CKMS_STORE": "postgresql://ckms:hunter2-secret@db.internal/ckms"}),
+        ('store = "sqlite:///srv/ckms/other.db"\n', {}),
+    ],
+)
+def test_a_store_url_is_refused_as_not_built_yet(
+    tmp_path: Path, file_text: str, environ: dict[str, str]
+) -> None:
+    # Only the SQLite file in the home exists; a store URL must not be ignored (a controller
+    # would run on a different database than its operator configured) nor half-work.
+    path = tmp_path / "controller.toml"
+    path.write_text(file_text)
+    with pytest.raises(ConfigError, match=r"store .*not built yet.*controller\.db") as caught:
+        load_settings(path, environ)
+    assert "hunter2" not in str(caught.value)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
-from ckms.errors import StoreError
+from ckms.errors import ConfigError, StoreError
 from ckms.store import MIGRATIONS, Migration, Store, apply_migrations
 
 
@@ -156,3 +157,17 @@ async def test_closed_store_raises_store_error() -> None:
 async def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await Store.open(tmp_path / "missing-dir" / "db.sqlite")
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://ckms:hunter2@db.internal/ckms", "postgres://ckms:hunter2@db/ckms"]
+)
+async def test_a_postgresql_url_is_refused_as_not_built_yet(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken as a file name it failed as "cannot open database <url with its password>".
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="PostgreSQL store is not built yet") as caught:
+        await Store.open(url)
+    assert "hunter2" not in str(caught.value)
+    assert not any(os.scandir(tmp_path))  # no file made of the URL

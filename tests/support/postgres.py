@@ -1,0 +1,63 @@
+"""Connecting to the test PostgreSQL and giving each test a database of its own.
+
+Clients read the password from the server's 0600 password file, as the store backend will
+(never from a URL or an argument list).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from ckms.devpostgres import LocalPostgres
+
+__all__ = [
+    "PostgresDatabase",
+    "connect",
+    "create_database",
+    "drop_database",
+    "read_password",
+]
+
+
+@dataclass(frozen=True)
+class PostgresDatabase:
+    """One database on the test server: its URL (without the password) and the password file."""
+
+    name: str
+    url: str
+    password_file: Path
+
+
+def read_password(password_file: Path) -> str:
+    """The password in a password file (the whole file: no newline is written)."""
+    return password_file.read_text(encoding="utf-8")
+
+
+async def connect(url: str, password_file: Path, **kwargs: object) -> asyncpg.Connection:
+    """An asyncpg connection to ``url`` with the password read from ``password_file``."""
+    password = read_password(password_file)
+    return await asyncpg.connect(url, password=password, **kwargs)  # type: ignore[arg-type]
+
+
+async def create_database(server: LocalPostgres) -> PostgresDatabase:
+    """Create an empty database (from template0) with a unique name on ``server``."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    conn = await connect(server.url, server.password_file)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+    finally:
+        await conn.close()
+    return PostgresDatabase(name, server.url_for(name), server.password_file)
+
+
+async def drop_database(server: LocalPostgres, database: PostgresDatabase) -> None:
+    """Drop a test's database, disconnecting whatever the test left connected to it."""
+    conn = await connect(server.url, server.password_file)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {database.name} WITH (FORCE)")
+    finally:
+        await conn.close()
