@@ -102,10 +102,15 @@ def find_postgres_bin(root: Path = POSTGRES_ROOT, path: str | None = None) -> Pa
     the server binaries are not on PATH there), then PATH (``path``, default ``$PATH``), as other
     systems put them. Raises :class:`DependencyMissingError` naming how to install them.
     """
-    candidates: list[Path] = []
     explicit = os.environ.get("CKMS_POSTGRES_BIN")
     if explicit:
-        candidates.append(Path(explicit))
+        if not _has_binaries(Path(explicit)):  # a wrong setting is an error, not a fallback
+            raise DependencyMissingError(
+                f"CKMS_POSTGRES_BIN={explicit} does not hold initdb, postgres and pg_isready: "
+                f"{_INSTALL_HINT}"
+            )
+        return Path(explicit)
+    candidates: list[Path] = []
     if root.is_dir():
         majors = [d for d in root.iterdir() if re.fullmatch(r"\d+(\.\d+)?", d.name)]
         majors.sort(key=lambda d: tuple(int(p) for p in d.name.split(".")), reverse=True)
@@ -423,10 +428,12 @@ class LocalPostgres:
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.socket_dir)
         password = secrets.token_urlsafe(32)
+        pwfile = self.directory / "initdb.pw"
+        for stale in (self.password_file, pwfile):  # left by an initdb that failed here before
+            stale.unlink(missing_ok=True)
         _write_private(self.password_file, password)
         # initdb reads the password from a file of the server user's own, removed at once: the
         # caller's file stays the caller's (the server never needs to read it again).
-        pwfile = self.directory / "initdb.pw"
         _write_private(pwfile, password)
         self._chown(pwfile)
         try:

@@ -36,3 +36,6 @@ def test_the_newest_major_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert find_postgres_bin(root=tmp_path, path="") == tmp_path / "17" / "bin"
     monkeypatch.setenv("CKMS_POSTGRES_BIN", str(tmp_path / "15" / "bin"))
     assert find_postgres_bin(root=tmp_path, path="") == tmp_path / "15" / "bin"
+    monkeypatch.setenv("CKMS_POSTGRES_BIN", str(tmp_path / "missing"))
+    with pytest.raises(DependencyMissingError, match=r"CKMS_POSTGRES_BIN=.*missing"):
+        find_postgres_bin(root=tmp_path, path="")
