@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -390,13 +391,22 @@ class LocalPostgres:
             "extra_groups": [],
         }
 
+    @contextlib.contextmanager
+    def _runnable(self, program: str) -> Iterator[None]:
+        """Translate a program the server's user cannot run (a 0700 parent) into a clear error."""
+        try:
+            yield
+        except OSError as exc:
+            who = self._account.pw_name if self._account is not None else "this user"
+            raise StoreError(f"{program} cannot be run as {who}: {exc.strerror}") from None
+
     def _chown(self, path: Path) -> None:
         if self._account is not None:
             os.chown(path, self._account.pw_uid, self._account.pw_gid)
 
     async def _run(self, argv: list[str], *, what: str, stdin: bytes | None = None) -> None:
         """Run one short-lived PostgreSQL program to completion as the server's user."""
-        with self.log_path.open("ab") as out:
+        with self.log_path.open("ab") as out, self._runnable(argv[0]):
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
@@ -476,7 +486,7 @@ class LocalPostgres:
     async def _launch(self) -> None:
         assert self.bin_dir is not None
         argv = [str(self.bin_dir / "postgres"), "-D", str(self.data_path)]
-        with self.log_path.open("ab") as out:
+        with self.log_path.open("ab") as out, self._runnable(argv[0]):
             common: dict[str, object] = {
                 "stdin": subprocess.DEVNULL,
                 "stdout": out,
