@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -187,3 +189,39 @@ async def _kill_owner_and_wait(directory: Path) -> None:
         await asyncio.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("the server outlived the process that started it")
+
+
+async def test_up_and_down_from_a_shell(tmp_path: Path) -> None:
+    env = {**os.environ, "CKMS_CACHE_DIR": str(tmp_path)}
+
+    async def run(*args: str) -> tuple[str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ckms.devpostgres", *args,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err
+        return out.decode().strip(), err.decode()
+
+    url, err = await run("up")
+    state = _read_json(tmp_path / "devpostgres.json")
+    password_file = Path(state["directory"]) / "password"
+    try:
+        assert url == state["url"] and str(password_file) in err
+        assert read_password(password_file) not in url + err
+        conn = await connect(url, password_file)
+        assert await conn.fetchval("SELECT current_database()") == "ckms"
+        await conn.close()
+        assert (await run("up"))[0] == url  # already up: the same server
+    finally:
+        await run("down")
+    assert not pid_alive(state["pid"])
+    assert not _exists(state["directory"])
+
+
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
