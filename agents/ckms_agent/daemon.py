@@ -421,7 +421,9 @@ class Agent:
         prefetch = ops.prefetch_requests(by_key.values(), await self.state.keys())
         reply = await self._call(
             "sync",
-            SyncRequest(installed=self._installed(report.installed), fetch=prefetch),
+            SyncRequest(
+                installed=self._installed(report.installed), fetch=prefetch, want_ca_bundle=True
+            ),
             SyncReply,
         )
         if reply.host != self.config.host_id:

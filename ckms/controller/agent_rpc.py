@@ -179,7 +179,7 @@ class AgentService:
             acks_topic=self._acks_topic,
             event_seq=enrolled.event_seq,
             digest_key=base64.b64encode(digest_key).decode(),
-            ca_bundle=_text(await self._ca.bundle()),
+            ca_bundle=_text(await self._ca.bundle()) if request.kafka_csr is not None else None,
             kafka_certificate=kafka_certificate,
         )
 
@@ -328,7 +328,7 @@ class AgentService:
             controller_time=format_time(self._now()),
             reconcile_interval_s=self._reconcile_interval_s,
             material=tuple(material),
-            ca_bundle=_text(await self._ca.bundle()),
+            ca_bundle=_text(await self._ca.bundle()) if request.want_ca_bundle else None,
         )
 
     async def heartbeat(self, principal: Principal, params: dict[str, Any]) -> HeartbeatReply:

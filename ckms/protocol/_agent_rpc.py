@@ -16,7 +16,15 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ckms.protocol._events import Digest, HostId, KeyName, Serial, Version, VersionState
+from ckms.protocol._events import (
+    Digest,
+    HostId,
+    KeyName,
+    Serial,
+    Version,
+    VersionState,
+    _omit_empty,
+)
 from ckms.protocol._keyspec import InstallSpec
 from ckms.protocol._secret import WireSecret
 
@@ -70,6 +78,10 @@ class EnrollReply(_Model):
     kafka_certificate: Pem | None = None
     """The host's Kafka client certificate and its chain (PEM), for ``kafka_csr``."""
 
+    # Absent, not null, when unset: an agent from before the CA (which forbids unknown fields)
+    # still enrolls with a newer controller, which sends them only to agents that sent a CSR.
+    _omit = _omit_empty("ca_bundle", "kafka_certificate")
+
 
 class DigestKeyRequest(_Model):
     """Ask for the fleet's digest key (no parameters)."""
@@ -122,6 +134,11 @@ class SyncRequest(_Model):
 
     installed: tuple[InstalledVersion, ...] = Field(default=(), max_length=4096)
     fetch: tuple[FetchRequest, ...] = Field(default=(), max_length=MAX_PREFETCH)
+    want_ca_bundle: bool = False
+    """Set by agents that keep the CA's trust bundle: only they get ``ca_bundle`` back (an
+    older agent's reply model has no such field)."""
+
+    _omit = _omit_empty("want_ca_bundle")
 
 
 class DesiredVersion(_Model):
@@ -162,6 +179,8 @@ class SyncReply(_Model):
     """The versions the request's ``fetch`` asked for that the host may have, wrapped for it."""
     ca_bundle: Pem | None = None
     """The CA roots hosts trust now (both during a CA rotation); the agent keeps its copy."""
+
+    _omit = _omit_empty("ca_bundle")
 
 
 class CertSignRequest(_Model):

@@ -58,14 +58,16 @@ Fingerprint = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 
 
 def _omit_empty(*names: str) -> Any:
-    """A wrap serializer leaving out fields that are empty or None, so a field added later is
-    absent (not null or []) in events that do not use it, which read exactly as before."""
+    """A wrap serializer leaving out fields that are None, False or empty, so a field added
+    later is absent (not null, false or []) where it is not used, and the message reads
+    exactly as before it existed."""
 
     def serialize(self: Any, handler: Any) -> Any:
         out = handler(self)
         if isinstance(out, dict):
             for name in names:
-                if out.get(name) in (None, [], ()):
+                value = out.get(name)
+                if value is None or value is False or value in ([], ()):
                     out.pop(name, None)
         return out
 
