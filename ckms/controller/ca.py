@@ -22,6 +22,7 @@ CRL of each trusted generation lists the revoked serials that have not expired y
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -49,7 +50,7 @@ from ckms.crypto import (
     new_root_ca,
     parse_serial,
 )
-from ckms.errors import ConfigError, NotFoundError, PolicyError
+from ckms.errors import ConfigError, IntegrityError, NotFoundError, PolicyError
 from ckms.protocol import CA_SUBJECT, CaRotated, render_tls_names
 from ckms.store import Reader, Store, Transaction, format_time, outbox, parse_time
 from ckms.store import audit as audit_log
@@ -149,6 +150,52 @@ class CaState:
         return cls(tuple(CaGeneration._load(g) for g in value["generations"]))
 
 
+_CA_ACTIONS: Final = ("controller.init", "ca.create", "ca.rotate", "ca.retire")
+
+
+async def _check_against_audit(r: Reader | Transaction, state: CaState) -> None:
+    """Refuse a CA record that is not the one the audit log's newest CA change made.
+
+    The record is sealed and bound to its name, so it cannot be edited -- but an older copy of
+    it (from a backup, or read before a rotation) opens just as well. Written back, it would
+    trust a retired root again and sign with a rotated-away intermediate. The audit log is
+    hash-chained, checkpointed and anchored outside the database, so its newest ``ca.*``
+    record says which generation signs and which are trusted; the record must agree."""
+    row = await r.fetchone(
+        f"SELECT action, details FROM audit WHERE action IN ({', '.join('?' * len(_CA_ACTIONS))}) "  # noqa: S608
+        "ORDER BY idx DESC LIMIT 1",
+        _CA_ACTIONS,
+    )
+    if row is None:
+        return  # a store whose CA change left no record (made before CA audits existed)
+    details = json.loads(str(row["details"]))
+    action = str(row["action"])
+    active = state.active
+    trusted = [g.generation for g in state.trusted]
+    if action == "controller.init":
+        want = {"generation": 1, "trusted": [1], "root": details.get("ca_root")}
+    elif action == "ca.retire":
+        want = {"generation": max(details["trusted"]), "trusted": details["trusted"]}
+    else:
+        want = {
+            "generation": details["generation"],
+            "trusted": details.get("trusted", [details["generation"]]),
+            "root": details["root"],
+            "issuing": details["issuing"],
+        }
+    have = {
+        "generation": active.generation,
+        "trusted": trusted,
+        "root": certificate_fingerprint(active.root.certificate),
+        "issuing": certificate_fingerprint(active.issuing.certificate),
+    }
+    if any(value is not None and have[name] != value for name, value in want.items()):
+        raise IntegrityError(
+            f"the CA record is not the one the audit log's newest CA change ({action}) made: "
+            "an older copy was written back"
+        )
+
+
 def new_generation(number: int, now: datetime) -> CaGeneration:
     """A fresh ECDSA P-256 root and the intermediate it signs."""
     root = new_root_ca(f"ckms root {number}", lifetime=ROOT_LIFETIME, now=now)
@@ -206,12 +253,17 @@ class ControllerCA:
         self._store = store
         self._vault = vault
         self._bundle: bytes | None = None
+        self._checked: bytes | None = None
 
     async def _read(self, r: Reader | Transaction) -> CaState:
         blob = await r.get_meta(CA_RECORD)
         if blob is None:
             raise NotFoundError("the controller has no CA yet (it is made at init or unseal)")
-        return CaState.decode(self._vault.open_record(CA_RECORD, blob))
+        state = CaState.decode(self._vault.open_record(CA_RECORD, blob))
+        if blob != self._checked:  # first read, or a record this process did not write
+            await _check_against_audit(r, state)
+            self._checked = blob
+        return state
 
     async def state(self) -> CaState:
         """The CA as stored (needs the controller unsealed)."""
@@ -250,7 +302,9 @@ class ControllerCA:
 
     async def _change(self, tx: Transaction, state: CaState, *, now: datetime) -> None:
         self._bundle = None
-        await tx.set_meta(CA_RECORD, self._vault.seal_record(CA_RECORD, state.encode()))
+        blob = self._vault.seal_record(CA_RECORD, state.encode())
+        await tx.set_meta(CA_RECORD, blob)
+        self._checked = blob  # its audit record follows in this transaction
         event = CaRotated(
             generation=state.active.generation,
             trusted=tuple(certificate_fingerprint(g.root.certificate) for g in state.trusted),

@@ -195,3 +195,24 @@ async def test_relabelling_a_host_keeps_its_kafka_client_certificate(
     await c.hosts.set_labels("db-1", {"env": "prod", "role": "web"}, actor="alice")
     assert serial in await _crl_serials(c)
     assert await c.store.fetchval(client + " AND revoked_at IS NULL") == issued
+
+
+async def test_an_older_sealed_ca_record_written_back_is_refused(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """The sealed CA record opens whatever copy of it the file holds: a database file owner
+    who kept the record from before a rotation and retirement (an old backup has it) and
+    writes it back would make the retired root trusted again, in every host's bundle, and the
+    old intermediate sign. The record must agree with the audit log's newest CA change."""
+    c = controller
+    assert c.store is not None
+    old = await c.store.get_meta("sealed.ca")
+    await c.ca.rotate(now=c.clock(), actor="alice")
+    await c.ca.retire(now=c.clock(), actor="alice", force=True)
+    assert len((await c.ca.state()).trusted) == 1
+    tamper(c.settings.db_path, "UPDATE meta SET value = ? WHERE name = 'sealed.ca'", params=(old,))
+    fresh = type(c.ca)(c.store, c.vault)  # a controller starting on the edited file
+    with pytest.raises(IntegrityError, match="CA record"):
+        await fresh.state()
+    with pytest.raises(IntegrityError, match="CA record"):
+        await c.ca.state()  # and the running one, which sees a record it did not write
