@@ -7,15 +7,18 @@ certificate of the key's primary (else newest) version installed:
   nothing: the controller decides every name from the key's install spec) goes to the
   controller, over the agent's own SSH connection (``cert_sign``). The reply is checked before
   anything is written: the certificate must be for this key and chain to the CA bundle.
-- **Install.** Into the directory the install spec's path names, all files at once (staged in
-  a directory beside it that swaps places with it, :meth:`Installer.apply_files`), with the
-  spec's owner and mode: ``key.pem`` (PKCS#8), ``cert.pem``,
+- **Install.** Into the directory the install spec's path names, every file staged (written,
+  owned, fsync'd under a temp name) before the first is renamed into place
+  (:meth:`Installer.write_all`), with the spec's owner and mode: ``key.pem`` (PKCS#8),
+  ``cert.pem``,
   ``chain.pem`` (intermediates), ``fullchain.pem`` (nginx ``ssl_certificate``, PostgreSQL
   ``ssl_cert_file``), ``combined.pem`` (certificate, chain and key: HAProxy ``crt``) and
   ``ca.pem`` (the roots: ``ssl_ca_file``). Then the reload and health hooks run; if they fail the
-  previous files come back. A crash at any point leaves the old set or the new one, never a
-  key beside another key's certificate; the next pass re-issues when the files are not the
-  ones it recorded. The ack carries the certificate's serial and expiry.
+  previous files come back. A crash while writing leaves every old file in place; only a kill
+  in the burst of renames can leave a mix, which the next pass sees (the files are not the
+  ones it recorded) and re-issues. The directory itself is never replaced, so a service that
+  bind-mounts it (a container) sees each renewal. The ack carries the certificate's serial
+  and expiry.
 - **Renew** at two thirds of the lifetime (from when it was received here), with a fresh key.
 - **Stop.** When the controller no longer lists the version (revoked, host retargeted) or a
   revocation event names it, the files are removed (overwritten first), acked ``removed``,
@@ -140,15 +143,15 @@ class CertKeeper:
         self._specs: dict[str, InstallSpec] = {}
 
     async def load(self) -> None:
-        """Read what was installed before this start, and sweep what a crash mid-install left
-        beside each directory (the files there still match the record, so no install would
-        come to sweep it before the renewal)."""
+        """Read what was installed before this start, and sweep the temp files a crash
+        mid-install left in each directory (the files there may still match the record, so no
+        install would come to sweep them before the renewal; they hold a new private key)."""
         self._records = {
             name: CertRecord(**value)  # type: ignore[arg-type]
             for name, value in (await self._state.tls_certs()).items()
         }
         for record in self._records.values():
-            self._installer.sweep_staged(Path(record.directory))
+            self._installer.sweep(Path(record.directory), CERT_FILES)
 
     async def _save(self) -> None:
         await self._state.set_tls_certs({n: asdict(r) for n, r in self._records.items()})

@@ -19,9 +19,7 @@ effort on copy-on-write filesystems and SSDs).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import grp
 import hashlib
 import logging
@@ -29,7 +27,7 @@ import os
 import pwd
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ckms.errors import CKMSError, ConfigError
@@ -230,6 +228,61 @@ def write_at(
     gid: int = -1,
 ) -> None:
     """Replace ``name`` in ``dir_fd`` atomically; an existing link or special file is refused."""
+    write_many_at(dir_fd, {name: data}, shown={name: shown}, mode=mode, uid=uid, gid=gid)
+
+
+def write_many_at(
+    dir_fd: int,
+    files: Mapping[str, bytes],
+    *,
+    shown: Mapping[str, str],
+    mode: int = 0o600,
+    uid: int = -1,
+    gid: int = -1,
+) -> None:
+    """Replace several files of ``dir_fd``, each atomically, with every one written, owned and
+    fsync'd under a temp name *before* the first is renamed into place.
+
+    Files that belong together (a private key and its certificate) then change in one burst of
+    renames with no I/O in between, instead of one file's write and fsync apart: a crash while
+    writing leaves every old file in place (plus temp files a sweep removes), and the renames
+    land in one filesystem journal commit as a rule. Not a single atomic step: a process killed
+    between two renames leaves a mix, which the certificate keeper re-issues at its start.
+    """
+    staged: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            staged[name] = _stage_at(
+                dir_fd, name, data, shown=shown[name], mode=mode, uid=uid, gid=gid
+            )
+        for name, tmp in list(staged.items()):
+            try:
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except OSError as exc:
+                raise InstallError(f"cannot install {shown[name]}: {exc.strerror}") from exc
+            del staged[name]
+            if os.environ.get(_FAULT_ENV) == "crash-after-rename":
+                os._exit(137)  # a kill between two renames of one install
+        try:
+            os.fsync(dir_fd)
+        except OSError as exc:
+            what = ", ".join(shown.values())
+            raise InstallError(f"cannot install {what}: {exc.strerror}") from exc
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                _zero_and_unlink(dir_fd, tmp, tmp)
+
+
+_staged_count = 0
+
+
+def _stage_at(
+    dir_fd: int, name: str, data: bytes, *, shown: str, mode: int, uid: int, gid: int
+) -> str:
+    """Write ``data`` to a fresh temp file beside ``name`` (owner, group, mode set, fsync'd);
+    return the temp name. An existing link or special file at ``name`` is refused."""
+    global _staged_count
     current = _lstat(dir_fd, name)
     if current is not None:
         why = _unsafe_file(current)
@@ -255,13 +308,12 @@ def write_at(
             os.fsync(fd)
         finally:
             os.close(fd)
-        if os.environ.get(_FAULT_ENV) == "crash-before-rename":
-            # Fault injection for the crash-safety tests: die like a power cut would.
+        _staged_count += 1
+        fault = os.environ.get(_FAULT_ENV, "")
+        if fault == "crash-before-rename" or fault == f"crash-before-rename:{_staged_count}":
+            # Fault injection for the crash-safety tests: die like a power cut would (at the
+            # first file, or at the Nth staged in this process).
             os._exit(137)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-        if os.environ.get(_FAULT_ENV) == "crash-after-rename":
-            os._exit(137)  # a power cut between two files of one install
     except OSError as exc:
         with contextlib.suppress(OSError):
             _zero_and_unlink(dir_fd, tmp, shown)
@@ -270,6 +322,7 @@ def write_at(
         with contextlib.suppress(OSError):
             _zero_and_unlink(dir_fd, tmp, shown)
         raise
+    return tmp
 
 
 def _zero_and_unlink(dir_fd: int, name: str, shown: str) -> bool:
@@ -347,127 +400,6 @@ def sweep_at(dir_fd: int, shown: str, names: Iterable[str] | None = None) -> lis
         except OSError as exc:
             log.warning("cannot remove temp file %s/%s: %s", shown, entry, exc.strerror)
     return removed
-
-
-# -- a directory's files replaced all at once ------------------------------------------------
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP})
-
-
-@functools.cache
-def _renameat2() -> Callable[..., int] | None:
-    """The C library's ``renameat2`` (glibc 2.28+, Linux 3.15+), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-def exchange_at(dir_fd: int, a: str, b: str, shown: str) -> bool:
-    """Swap the entries ``a`` and ``b`` of ``dir_fd`` in one step (``RENAME_EXCHANGE``), then
-    fsync the directory; False where the kernel, C library or filesystem cannot."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    if fn(dir_fd, os.fsencode(a), dir_fd, os.fsencode(b), _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        if err in _NO_EXCHANGE:
-            return False
-        raise InstallError(f"cannot swap {shown} into place: {os.strerror(err)}")
-    os.fsync(dir_fd)
-    return True
-
-
-def staged_directory_name(name: str) -> str:
-    """A fresh name for a staging directory beside ``name`` (swept like a temp file)."""
-    return f".{name}{TEMP_MARK}{secrets.token_hex(6)}"
-
-
-def stage_directory_at(
-    parent_fd: int,
-    stage: str,
-    files: Mapping[str, bytes],
-    *,
-    shown: str,
-    mode: int,
-    uid: int,
-    gid: int,
-    dir_mode: int,
-    dir_gid: int,
-) -> None:
-    """Create directory ``stage`` in ``parent_fd`` (``dir_mode``, group ``dir_gid``) holding
-    ``files``, each written, owned and fsync'd like :func:`write_at`, then fsync it."""
-    fd = _make_dir(parent_fd, stage, f"{shown} (staging)", dir_mode, dir_gid)
-    try:
-        for name, data in files.items():
-            write_at(fd, name, data, shown=f"{shown}/{name}", mode=mode, uid=uid, gid=gid)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def discard_directory_at(parent_fd: int, name: str, shown: str) -> None:
-    """Remove directory ``name`` of ``parent_fd`` and what it holds (plain files overwritten
-    first, anything else only unlinked); nothing when it is absent."""
-    try:
-        fd = _open_dir(name, parent_fd, shown)
-    except FileNotFoundError:
-        return
-    try:
-        _check_directory(fd, shown)
-        for entry in os.listdir(fd):
-            st = _lstat(fd, entry)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                raise UnsafePathError(f"{shown}/{entry} is a directory: not removing it")
-            _zero_and_unlink(fd, entry, f"{shown}/{entry}")
-        os.fsync(fd)
-    except OSError as exc:
-        raise InstallError(f"cannot remove {shown}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(name, dir_fd=parent_fd)
-        os.fsync(parent_fd)
-    except OSError as exc:
-        raise InstallError(f"cannot remove {shown}: {exc.strerror}") from exc
-
-
-def sweep_staged_at(parent_fd: int, name: str, shown: str) -> list[str]:
-    """Remove staging directories of ``name`` a crash left in ``parent_fd`` (each holds either
-    an install that never took its place or the files it replaced)."""
-    removed = []
-    prefix = f".{name}{TEMP_MARK}"
-    for entry in os.listdir(parent_fd):
-        st = _lstat(parent_fd, entry) if entry.startswith(prefix) else None
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            continue
-        try:
-            discard_directory_at(parent_fd, entry, f"{shown}/{entry}")
-            removed.append(entry)
-            log.warning("removed leftover staging directory %s/%s", shown, entry)
-        except CKMSError as exc:
-            log.warning("cannot remove staging directory %s/%s: %s", shown, entry, exc)
-    return removed
-
-
-def directory_entries_at(
-    parent_fd: int, name: str, shown: str
-) -> tuple[list[str], os.stat_result] | None:
-    """The entries and status of directory ``name`` in ``parent_fd`` (None: absent); a link or
-    a directory another user could write is refused."""
-    try:
-        fd = _open_dir(name, parent_fd, shown)
-    except FileNotFoundError:
-        return None
-    try:
-        _check_directory(fd, shown)
-        return os.listdir(fd), os.fstat(fd)
-    finally:
-        os.close(fd)
 
 
 def digest_of(data: bytes | None) -> str | None:

@@ -9,8 +9,8 @@ Which files a key produces follows its install spec:
 Before anything is written, the host's policy (:mod:`ckms_agent.policy`) must allow the spec:
 every path under an allowed root, owner and group allowed, every hook named defined here.
 ``apply`` then writes every file atomically (through directory descriptors from the allowed
-root, :mod:`ckms_agent.files`; several files of one directory of their own, like a
-``tls-cert``'s key and certificate, all at once by swapping a staged directory into place),
+root, :mod:`ckms_agent.files`; the files of one directory, like a ``tls-cert``'s key and
+certificate, all staged before the first is renamed),
 removes files the key no longer produces, and runs the reload
 hook and the health check. If either fails, the previous files are put back (only bytes this
 agent wrote, read back without following links), reload runs once more, and the outcome is
@@ -19,9 +19,7 @@ agent wrote, read back without following links), reload runs once more, and the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +35,15 @@ from ckms.crypto import (
 from ckms.errors import CKMSError
 from ckms.protocol import AckStatus, HookResult, InstallSpec
 from ckms_agent.files import (
-    TEMP_MARK,
     InstallError,
     digest_of,
-    directory_entries_at,
-    discard_directory_at,
-    exchange_at,
     open_directory,
     read_at,
     remove_at,
     resolve_ids,
-    stage_directory_at,
-    staged_directory_name,
     sweep_at,
-    sweep_staged_at,
     write_at,
+    write_many_at,
 )
 from ckms_agent.hooks import Hook, hook_ok, run_hook
 from ckms_agent.policy import HostPolicy, PolicyRefusal
@@ -167,6 +159,26 @@ class Installer:
         with open_directory(root, parts, create_mode=spec.dir_mode, gid=gid) as fd:
             write_at(fd, name, data, shown=str(path), mode=spec.mode, uid=uid, gid=gid)
 
+    def write_all(self, files: Mapping[Path, bytes], spec: InstallSpec) -> None:
+        """Write several key files, those of one directory together (:func:`write_many_at`:
+        every one staged and fsync'd before the first is renamed), so a tls-cert's key and
+        certificate change in one burst of renames instead of a write and fsync apart."""
+        uid, gid = resolve_ids(spec.owner, spec.group)
+        by_directory: dict[tuple[Path, tuple[str, ...]], dict[str, tuple[Path, bytes]]] = {}
+        for path, data in files.items():
+            root, parts, name = self.locate(path)
+            by_directory.setdefault((root, parts), {})[name] = (path, data)
+        for (root, parts), group in by_directory.items():
+            with open_directory(root, parts, create_mode=spec.dir_mode, gid=gid) as fd:
+                write_many_at(
+                    fd,
+                    {name: data for name, (_, data) in group.items()},
+                    shown={name: str(path) for name, (path, _) in group.items()},
+                    mode=spec.mode,
+                    uid=uid,
+                    gid=gid,
+                )
+
     def unlink(self, path: Path) -> bool:
         """Overwrite and remove one key file; False when it was absent."""
         root, parts, name = self.locate(path)
@@ -187,22 +199,6 @@ class Installer:
             return []
         except CKMSError as exc:
             log.warning("temp files in %s not swept: %s", directory, exc)
-            return []
-
-    def sweep_staged(self, directory: Path) -> list[str]:
-        """Remove staging directories a crash left beside ``directory`` (:meth:`_swap_in`):
-        each holds an install that never took its place (a private key among it) or the
-        files one replaced."""
-        try:
-            root, parts, _ = self.locate(directory / "_")
-            if not parts:
-                return []
-            with open_directory(root, parts[:-1]) as parent:
-                return sweep_staged_at(parent, parts[-1], str(directory))
-        except FileNotFoundError:
-            return []
-        except CKMSError as exc:
-            log.warning("staging directories beside %s not swept: %s", directory, exc)
             return []
 
     def hash_files(self, paths: Iterable[Path]) -> dict[Path, str]:
@@ -271,17 +267,12 @@ class Installer:
         except CKMSError as exc:
             log.error("install of %s refused: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, [], error=str(exc))
-        swapped: _Swap | None = None
         try:
-            swapped = self._swap_in(files, stale, backup, spec)
-            if swapped is None:
-                for path, data in files.items():
-                    self.write(path, data, spec)
-                for path in stale:
-                    self.unlink(path)
+            self.write_all(files, spec)
+            for path in stale:
+                self.unlink(path)
         except CKMSError as exc:
-            if swapped is None:
-                self._restore(backup, spec)
+            self._restore(backup, spec)
             log.error("install of %s failed: %s", key_name, exc)
             return ApplyOutcome(AckStatus.FAILED, sorted(backup_paths(backup)), error=str(exc))
         material = [*secrets] + [
@@ -290,8 +281,6 @@ class Installer:
         results = await self._run_hooks(hooks, material)
         if all(hook_ok(h) for h in results):
             status = AckStatus.INSTALLED if files else AckStatus.REMOVED
-            if swapped is not None:
-                self._settle(swapped, keep_new=True)
             return ApplyOutcome(status, sorted(files), results)
         failed = next(h for h in results if not hook_ok(h))
         shown = f"{failed.command} hook {failed.name!r}" if failed.name else f"{failed.command}"
@@ -302,10 +291,7 @@ class Installer:
             failed.exit_code,
             failed.timed_out,
         )
-        if swapped is not None:
-            self._settle(swapped, keep_new=False)
-        else:
-            self._restore(backup, spec)
+        self._restore(backup, spec)
         results.extend(
             [await run_hook(h, material=material) for h in hooks if h.kind == "reload"]
         )
@@ -315,97 +301,6 @@ class Installer:
             results,
             error=f"{shown} failed; previous version restored",
         )
-
-    def _swap_in(
-        self,
-        files: Mapping[Path, bytes],
-        stale: Sequence[Path],
-        backup: Mapping[Path, bytes | None],
-        spec: InstallSpec,
-    ) -> _Swap | None:
-        """Put several files of one directory in place all at once (None: not applicable).
-
-        A ``tls-cert``'s key and certificate (and the files made of both) must never disagree
-        on disk, whenever the agent or host dies: they are written into a staging directory
-        beside theirs, which then swaps places with it in one ``renameat2(RENAME_EXCHANGE)``
-        (or takes its place by rename when it is new); the previous directory is kept for a
-        rollback until the hooks pass. Not applicable -- the files go one by one as before --
-        for a single file, files in several directories, a directory holding files this
-        install does not write or bytes this agent did not write, or a filesystem without
-        the exchange.
-        """
-        directories = {p.parent for p in [*files, *stale]}
-        if len(files) < 2 or len(directories) != 1:
-            return None
-        (directory,) = directories
-        names = {p.name for p in [*files, *stale]}
-        if any(data is None and self.read(p) is not None for p, data in backup.items()):
-            return None  # bytes this agent did not write: the per-file rollback removes them
-        root, parts, _ = self.locate(directory / "_")
-        if not parts:
-            return None  # the directory is an allowed root itself: its parent is not ours
-        uid, gid = resolve_ids(spec.owner, spec.group)
-        shown = str(directory)
-        name = parts[-1]
-        with open_directory(root, parts[:-1], create_mode=spec.dir_mode, gid=gid) as parent:
-            sweep_staged_at(parent, name, shown)
-            existing = directory_entries_at(parent, name, shown)
-            entries = None if existing is None else existing[0]
-            if entries is not None and any(e not in names and TEMP_MARK not in e for e in entries):
-                return None
-            dir_mode, dir_gid = spec.dir_mode, gid
-            if existing is not None:  # the directory keeps the mode and group it has
-                dir_mode, dir_gid = existing[1].st_mode & 0o7777, existing[1].st_gid
-            stage = staged_directory_name(name)
-            contents = {p.name: data for p, data in files.items()}
-            try:
-                stage_directory_at(
-                    parent,
-                    stage,
-                    contents,
-                    shown=shown,
-                    mode=spec.mode,
-                    uid=uid,
-                    gid=gid,
-                    dir_mode=dir_mode,
-                    dir_gid=dir_gid,
-                )
-                if entries is None:
-                    os.rename(stage, name, src_dir_fd=parent, dst_dir_fd=parent)
-                    os.fsync(parent)
-                    return _Swap(root, parts, None)
-                if exchange_at(parent, stage, name, shown):
-                    return _Swap(root, parts, stage)
-            except OSError as exc:
-                with contextlib.suppress(CKMSError):
-                    discard_directory_at(parent, stage, f"{shown} (staging)")
-                raise InstallError(f"cannot install into {shown}: {exc.strerror}") from exc
-            except BaseException:
-                with contextlib.suppress(CKMSError):
-                    discard_directory_at(parent, stage, f"{shown} (staging)")
-                raise
-            discard_directory_at(parent, stage, f"{shown} (staging)")
-            log.info("%s: this filesystem cannot swap directories; files go one by one", shown)
-            return None
-
-    def _settle(self, swap: _Swap, *, keep_new: bool) -> None:
-        """After the hooks: drop the previous directory (``keep_new``), or swap it back and
-        drop the new one (a rollback as atomic as the install)."""
-        name = swap.parts[-1]
-        shown = str(swap.root.joinpath(*swap.parts))
-        try:
-            with open_directory(swap.root, swap.parts[:-1]) as parent:
-                if keep_new:
-                    if swap.previous is not None:
-                        discard_directory_at(parent, swap.previous, f"{shown} (previous)")
-                elif swap.previous is None:
-                    discard_directory_at(parent, name, shown)
-                elif exchange_at(parent, swap.previous, name, shown):
-                    discard_directory_at(parent, swap.previous, f"{shown} (rolled back)")
-                else:
-                    log.error("could not swap the previous files of %s back", shown)
-        except (CKMSError, OSError) as exc:
-            log.error("could not finish the install of %s: %s", shown, exc)
 
     def _backup(self, path: Path, wrote: Mapping[Path, str] | None) -> bytes | None:
         """What to put back at ``path`` on a rollback: only bytes this agent wrote there."""
@@ -452,16 +347,6 @@ class Installer:
                     self.write(path, data, spec)
             except CKMSError as exc:
                 log.error("could not restore %s: %s", path, exc)
-
-
-@dataclass(frozen=True)
-class _Swap:
-    """A directory swapped into place: where, and the staging name now holding the previous
-    files (None: there was no directory before)."""
-
-    root: Path
-    parts: tuple[str, ...]
-    previous: str | None
 
 
 def backup_paths(backup: dict[Path, bytes | None]) -> list[Path]:

@@ -1,7 +1,8 @@
-"""A ``tls-cert``'s files change all at once: whenever the agent dies mid-install, key.pem,
-cert.pem and the files made of both are all the old ones or all the new ones, never a new key
-beside an old certificate (a service restarted then -- nginx at boot -- would refuse to load
-the pair). Real files, a real agent process killed between two files by fault injection."""
+"""A ``tls-cert``'s files change together: an agent that dies while writing them (the part of
+an install that takes time: writes and fsyncs) leaves key.pem, cert.pem and the files made of
+both all the old ones, never a new key beside an old certificate (a service restarted then --
+nginx at boot -- would refuse the pair). Every file is staged before the first is renamed.
+Real files, a real agent process killed by fault injection."""
 
 from __future__ import annotations
 
@@ -54,9 +55,7 @@ def generations_on_disk(root: Path) -> set[str]:
     return {(d / name).read_text().split()[-1] for name in NAMES}
 
 
-def test_a_crash_between_two_files_leaves_the_old_pair_or_the_new(tmp_path: Path) -> None:
-    root = tmp_path / "host"
-    assert install(root, 1, None) is AckStatus.INSTALLED
+def _crash_installing(root: Path, fault: str) -> None:
     script = textwrap.dedent(
         f"""
         import sys
@@ -66,16 +65,26 @@ def test_a_crash_between_two_files_leaves_the_old_pair_or_the_new(tmp_path: Path
         install(Path({str(root)!r}), 2, 1)
         """
     )
-    env = {**os.environ, "CKMS_AGENT_FAULT": "crash-after-rename"}
+    env = {**os.environ, "CKMS_AGENT_FAULT": fault}
     proc = subprocess.run([sys.executable, "-c", script], env=env, check=False, timeout=60)
-    assert proc.returncode == 137  # died after putting one file in place
-    assert len(generations_on_disk(root)) == 1, "key and certificate disagree after a crash"
+    assert proc.returncode == 137
+
+
+def test_a_crash_while_writing_the_second_file_leaves_the_old_pair(tmp_path: Path) -> None:
+    """Killed once key.pem is written and cert.pem is being written: the old key.pem must
+    still be there (one by one, the new key.pem was already in place beside the old cert)."""
+    root = tmp_path / "host"
+    assert install(root, 1, None) is AckStatus.INSTALLED
+    _crash_installing(root, "crash-before-rename:2")
+    assert generations_on_disk(root) == {"1"}, "key and certificate disagree after a crash"
+    d = root / "etc/ckms/tls/server"
+    assert [p for p in d.iterdir() if TEMP_MARK in p.name]  # the staged new key among them
     # The next install puts generation 3 in place and sweeps what the crash left.
     assert install(root, 3, 1) is AckStatus.INSTALLED
     assert generations_on_disk(root) == {"3"}
-    parent = root / "etc/ckms/tls"
-    assert sorted(p.name for p in parent.iterdir()) == ["server"]
-    assert sorted(p.name for p in (parent / "server").iterdir()) == sorted(NAMES)
+    installer(root).sweep(d)  # what an agent start does
+    assert not [p for p in d.iterdir() if TEMP_MARK in p.name]
+    assert sorted(p.name for p in d.iterdir() if TEMP_MARK not in p.name) == sorted(NAMES)
 
 
 def test_a_failed_health_check_puts_the_whole_previous_pair_back(tmp_path: Path) -> None:
@@ -84,20 +93,22 @@ def test_a_failed_health_check_puts_the_whole_previous_pair_back(tmp_path: Path)
     checked = SPEC.model_copy(update={"health": "bad"})
     assert install(root, 2, 1, checked) is AckStatus.FAILED
     assert generations_on_disk(root) == {"1"}
-    parent = root / "etc/ckms/tls"
-    assert not [p for p in parent.iterdir() if TEMP_MARK in p.name]
-    d = parent / "server"
+    d = root / "etc/ckms/tls/server"
+    assert not [p for p in d.iterdir() if TEMP_MARK in p.name]
     assert (d / "key.pem").stat().st_mode & 0o777 == 0o600
     assert d.stat().st_mode & 0o777 == 0o700
 
 
 def test_a_directory_holding_other_files_keeps_them(tmp_path: Path) -> None:
-    """A directory this install does not own alone is not swapped: its other files stay."""
+    """The directory is written into, never replaced: its other files stay (and a container
+    that bind-mounts it sees the renewal)."""
     root = tmp_path / "host"
     assert install(root, 1, None) is AckStatus.INSTALLED
     other = root / "etc/ckms/tls/server/dhparam.pem"
     other.write_bytes(b"not ours")
+    inode = other.parent.stat().st_ino
     assert install(root, 2, 1) is AckStatus.INSTALLED
+    assert other.parent.stat().st_ino == inode
     assert generations_on_disk(root) == {"2"}
     assert other.read_bytes() == b"not ours"
 
@@ -112,9 +123,9 @@ def test_a_first_install_creates_the_directory_whole(tmp_path: Path) -> None:
 def test_the_keeper_sweeps_a_staged_install_a_crash_left_beside_its_directory(
     tmp_path: Path,
 ) -> None:
-    """A crash before the swap leaves the old files in place (they still match the record, so
-    nothing re-installs until renewal) and a staging directory holding the new private key:
-    the keeper removes it when it starts."""
+    """A crash while staging leaves the old files in place (they still match the record, so
+    nothing re-installs until renewal) and temp files holding the new private key: the keeper
+    removes them when it starts."""
     root = tmp_path / "host"
     assert install(root, 1, None) is AckStatus.INSTALLED
     script = textwrap.dedent(
@@ -126,12 +137,11 @@ def test_the_keeper_sweeps_a_staged_install_a_crash_left_beside_its_directory(
         install(Path({str(root)!r}), 2, 1)
         """
     )
-    env = {**os.environ, "CKMS_AGENT_FAULT": "crash-after-rename"}
+    env = {**os.environ, "CKMS_AGENT_FAULT": "crash-before-rename:3"}
     assert subprocess.run([sys.executable, "-c", script], env=env, timeout=60).returncode == 137
-    parent = root / "etc/ckms/tls"
-    assert [p for p in parent.iterdir() if TEMP_MARK in p.name]
+    directory = root / "etc/ckms/tls/server"
+    assert [p for p in directory.iterdir() if TEMP_MARK in p.name]
     assert generations_on_disk(root) == {"1"}
-    directory = parent / "server"
 
     async def start() -> None:
         async with AgentState(tmp_path / "state.db") as state:
@@ -158,13 +168,13 @@ def test_the_keeper_sweeps_a_staged_install_a_crash_left_beside_its_directory(
             assert keeper.holds("db/server")
 
     asyncio.run(start())
-    assert sorted(p.name for p in parent.iterdir()) == ["server"]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(NAMES)
     assert generations_on_disk(root) == {"1"}
 
 
 def test_the_directory_keeps_the_mode_it_has(tmp_path: Path) -> None:
-    """A swap must not reset what the host's admin set on the directory (a service group's
-    r-x, say): the new directory takes the old one's mode and group."""
+    """An install must not reset what the host's admin set on the directory (a service
+    group's r-x, say)."""
     root = tmp_path / "host"
     assert install(root, 1, None) is AckStatus.INSTALLED
     d = root / "etc/ckms/tls/server"
