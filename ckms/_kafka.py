@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsErr
 
 from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
+from ckms._kafka_security import KafkaLink
 from ckms.errors import CKMSError, KafkaUnavailableError
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,11 @@ class TopicSpec:
     config: tuple[tuple[str, str], ...] = ()
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec]) -> None:
+async def ensure_topics(kafka: KafkaLink, topics: Iterable[TopicSpec]) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are (idempotent)."""
     specs = list(topics)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    bootstrap = kafka.bootstrap
+    admin = AIOKafkaAdminClient(**kafka.client_args(request_timeout_ms=15000))
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -89,9 +91,13 @@ async def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec]) -> None:
         await admin.close()
 
 
-async def partitions_of(bootstrap: str, topic: str, wait_s: float = 30.0) -> list[int]:
-    """The partition ids of ``topic``, waiting (bounded) for metadata to name it."""
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+async def partitions_of(kafka: KafkaLink, topic: str, wait_s: float = 30.0) -> list[int]:
+    """The partition ids of ``topic``, waiting (bounded) for metadata to name it.
+
+    A topic the client may not describe (no ACL) looks like one that does not exist.
+    """
+    bootstrap = kafka.bootstrap
+    client = AIOKafkaClient(**kafka.client_args(request_timeout_ms=10000))
     deadline = time.monotonic() + wait_s
     try:
         await client.bootstrap()
@@ -208,7 +214,7 @@ class Relay:
         self,
         source: RelaySource,
         *,
-        bootstrap: str,
+        kafka: KafkaLink,
         topic: str,
         producer: ProducerSettings,
         backoff: Backoff,
@@ -221,7 +227,7 @@ class Relay:
         self.source = source
         self.fatal = fatal
         """Errors that stop the relay instead of being retried (say, a broken local queue)."""
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.topic = topic
         self.producer = producer
         self.backoff = backoff
@@ -310,10 +316,10 @@ class Relay:
         if self._producer is not None:
             return self._producer
         if self.topics:
-            await ensure_topics(self.bootstrap, self.topics)
+            await ensure_topics(self.kafka, self.topics)
         settings = self.producer
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+            **self.kafka.client_args(),
             client_id=settings.client_id,
             acks="all",
             enable_idempotence=True,
@@ -322,7 +328,7 @@ class Relay:
             max_request_size=settings.max_request_size,
         )
         try:
-            with kafka_errors(f"connecting to Kafka at {self.bootstrap}"):
+            with kafka_errors(f"connecting to Kafka at {self.kafka.bootstrap}"):
                 await producer.start()
         except BaseException:
             with contextlib.suppress(KafkaError, OSError):
@@ -330,7 +336,7 @@ class Relay:
             raise
         self._producer = producer
         self.stats.connected = True
-        log.info("relay to %s connected to %s", self.topic, self.bootstrap)
+        log.info("relay to %s connected to %s", self.topic, self.kafka)
         return producer
 
     async def _close_producer(self) -> None:
@@ -388,14 +394,15 @@ async def read_tails(
 
 
 async def read_newest(
-    bootstrap: str, topic: str, key: bytes | None = None, timeout_s: float = 30.0
+    kafka: KafkaLink, topic: str, key: bytes | None = None, timeout_s: float = 30.0
 ) -> bytes | None:
     """The value of the newest record of ``topic`` (with this record ``key``, if given), read
     from the start without a consumer group; None if there is none; KafkaUnavailableError if
     Kafka cannot say within ``timeout_s``. Meant for small, compacted topics."""
-    parts = await partitions_of(bootstrap, topic, wait_s=timeout_s)
+    parts = await partitions_of(kafka, topic, wait_s=timeout_s)
+    bootstrap = kafka.bootstrap
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.client_args(),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

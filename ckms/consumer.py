@@ -5,7 +5,12 @@
     from ckms.consumer import Subscriber
 
     async with Subscriber(
-        bootstrap="kafka:9092",
+        bootstrap="kafka:9093",
+        security=KafkaSecurity(                 # mutual TLS: the ckms CA, your certificate
+            ca_file="/etc/mysvc/ckms-ca.pem",   # (CN=mysvc,OU=ckms-subscriber: read events only)
+            cert_file="/etc/mysvc/kafka.pem",
+            key_file="/etc/mysvc/kafka.key",
+        ),
         trust=controller_public_key,            # raw Ed25519 key, pinned out of band
         types={"key.revoked"},
         offsets="/var/lib/mysvc/ckms-offsets.json",
@@ -48,6 +53,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from ckms._aio import stop_if_cancelled
 from ckms._kafka import kafka_errors, partitions_of
+from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.errors import ConfigError, KafkaUnavailableError, StoreError
 from ckms.protocol import (
     EVENTS_TOPIC,
@@ -63,6 +69,8 @@ from ckms.protocol import (
 __all__ = [
     "Envelope",
     "FileOffsetStore",
+    "KafkaProtocol",
+    "KafkaSecurity",
     "MemoryOffsetStore",
     "OffsetStore",
     "Position",
@@ -186,6 +194,7 @@ class Subscriber:
         self,
         *,
         bootstrap: str,
+        security: KafkaSecurity,
         trust: bytes | Iterable[bytes] | Mapping[str, bytes],
         types: Iterable[EventType | str] | None = None,
         topic: str = EVENTS_TOPIC,
@@ -205,7 +214,9 @@ class Subscriber:
             raise ConfigError(f"unknown event type in types: {exc}") from None
         if start not in ("earliest", "latest"):
             raise ConfigError("start must be 'earliest' or 'latest'")
-        self._bootstrap = bootstrap
+        if not isinstance(security, KafkaSecurity):
+            raise ConfigError("security must be a KafkaSecurity (CA bundle, certificate, key)")
+        self._kafka = KafkaLink(bootstrap, security)
         self._topic = topic
         if offsets is None:
             self._offsets: OffsetStore = MemoryOffsetStore()
@@ -244,8 +255,10 @@ class Subscriber:
         """Connect, assign every partition, and seek to the saved positions."""
         if self._consumer is not None:
             return
+        if self._kafka.security.protocol is KafkaProtocol.PLAINTEXT:
+            log.warning("subscribing to %s over PLAINTEXT Kafka (development only)", self._topic)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
+            **self._kafka.client_args(),
             client_id=self._client_id,
             group_id=None,
             enable_auto_commit=False,
@@ -264,7 +277,7 @@ class Subscriber:
         try:
             with kafka_errors(f"cannot subscribe to {self._topic}"):
                 await consumer.start()
-            partitions = await partitions_of(self._bootstrap, self._topic)
+            partitions = await partitions_of(self._kafka, self._topic)
         except BaseException:
             await consumer.stop()
             raise

@@ -33,7 +33,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ckms.devkafka import LocalKafka
+from ckms.crypto import SubjectRole
+from ckms.devkafka import DevCA, LocalKafka
 from ckms.errors import CKMSError
 from ckms.ssh import generate_ssh_key
 from ckms.ssh._keys import write_private_key
@@ -82,6 +83,13 @@ class Demo:
         self.processes: list[tuple[str, asyncio.subprocess.Process]] = []
         self.fingerprint = ""
         self.port = 0
+        self.kafka: LocalKafka | None = None
+
+    def kafka_ca(self) -> DevCA:
+        """The demo Kafka's test CA (it issues the controller's and each host's certificate)."""
+        if self.kafka is None:
+            raise DemoError("Kafka is not started")
+        return self.kafka.ca
 
     def step(self, text: str) -> None:
         """Say what happens next."""
@@ -214,8 +222,9 @@ async def run_demo(keep: bool = False) -> int:
         f"Logs and files: {workdir}"
     )
     try:
-        async with _kafka(demo) as bootstrap:
-            await _controller(demo, bootstrap)
+        async with _kafka(demo) as kafka:
+            demo.kafka = kafka
+            await _controller(demo, kafka.bootstrap)
             await _agents(demo)
             await _key_lifecycle(demo)
             await _certificates(demo)
@@ -238,12 +247,16 @@ async def run_demo(keep: bool = False) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _kafka(demo: Demo) -> AsyncIterator[str]:
-    demo.step("Starting a local Apache Kafka (KRaft, one node)")
+async def _kafka(demo: Demo) -> AsyncIterator[LocalKafka]:
+    demo.step("Starting a local Apache Kafka (KRaft, one node): mutual TLS, ACLs, a test CA")
     async with LocalKafka() as kafka:
         console.print(f"  Kafka ready at {kafka.bootstrap} in {kafka.startup_seconds:.1f} s")
+        console.print(
+            "  every client needs a certificate: the controller writes events, agents read "
+            "them and write acks, nothing else"
+        )
         try:
-            yield kafka.bootstrap
+            yield kafka
         finally:
             await demo.stop_all()
             console.print("\n[bold cyan]▶ Tearing down: agents, controller, Kafka[/]")
@@ -271,6 +284,9 @@ async def _controller(demo: Demo, bootstrap: str) -> None:
     )  # fmt: skip
     demo.fingerprint = init["host_key_fingerprint"]
     console.print(f"  controller host key {demo.fingerprint}")
+    # Where the controller looks for its Kafka certificate by default (<home>/kafka/).
+    demo.kafka_ca().install(SubjectRole.CONTROLLER, "controller", home / "kafka")
+    console.print("  Kafka client certificate CN=controller,OU=ckms-controller in its home")
     demo.env.update(
         CKMS_CONTROLLER=f"127.0.0.1:{demo.port}",
         CKMS_CONTROLLER_FINGERPRINT=demo.fingerprint,
@@ -329,6 +345,8 @@ async def _agents(demo: Demo) -> None:
                 f"\n[hooks.{CERT_HOOK}]\nreload = {json.dumps(cert_reload)}\n"
                 f"health = {json.dumps(cert_health)}\ntimeout_s = 10\n"
             )
+        # The host's Kafka certificate, where the agent looks by default (<state dir>/kafka/).
+        demo.kafka_ca().install(SubjectRole.AGENT, host, base / "state" / "kafka")
         await demo.start(host, _bin("ckms-agent"), "run", "--config", str(config))
     console.print(f"  enrolled and running: {', '.join(HOSTS)} (each defines hook {HOOK!r})")
 

@@ -1,10 +1,19 @@
 """A real, local Apache Kafka 4.x for tests, the demo and benchmarks.
 
 ``LocalKafka`` runs one KRaft node (broker and controller roles in one JVM, no ZooKeeper) or a
-3-node cluster on free loopback ports, with its data in a temporary directory::
+3-node cluster on free loopback ports, with its data in a temporary directory. By default every
+listener is mutual TLS (``ssl.client.auth=required``) with certificates from a test CA the
+launcher makes in its data dir (:class:`DevCA`), KRaft's ``StandardAuthorizer`` and the ckms
+ACLs (:mod:`ckms._kafka_acls`) created at start, so a client needs a certificate of the right
+role to do anything::
 
     async with LocalKafka() as kafka:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+        link = kafka.link(SubjectRole.CONTROLLER, "controller")   # cert files issued on demand
+        producer = AIOKafkaProducer(**link.client_args())
+
+``sasl=True`` adds a ``SASL_SSL`` listener (SCRAM-SHA-512, no client certificate) with one user
+per role (:meth:`LocalKafka.sasl_link`); ``tls=False`` is the plaintext development setting and
+logs a warning.
 
     async with LocalKafka(nodes=3) as cluster:      # replication 3, min.insync.replicas 2
         await cluster.stop_node(1)                  # the other two keep serving
@@ -16,6 +25,7 @@ later runs reuse the cache and need no network. Each node writes its log to
 ``<data dir>/node-<i>/broker.log``; every error names that file. From a shell::
 
     python -m ckms.devkafka up [--nodes 3]     # prints the bootstrap string, returns
+    python -m ckms.devkafka client agent host-1 DIR   # ca.pem, client.pem, client.key for a role
     python -m ckms.devkafka down
 """
 
@@ -25,10 +35,12 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,10 +53,32 @@ from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
+from ckms._kafka_acls import Pattern, ckms_acls, create_acls
+from ckms._kafka_security import (
+    PRINCIPAL_MAPPING_RULES,
+    SCRAM_MECHANISM,
+    KafkaLink,
+    KafkaProtocol,
+    KafkaSecurity,
+    load_scram_credentials,
+)
 from ckms._localproc import die_with_parent, free_port, pid_alive
+from ckms.crypto import (
+    CertificateAuthority,
+    CertUsage,
+    SubjectRole,
+    issue_certificate,
+    join_certificates,
+    new_ca_key,
+    new_intermediate_ca,
+    new_root_ca,
+    private_key_pem,
+    public_key_of,
+    subject_for,
+)
 from ckms.errors import CKMSError, ConfigError, DependencyMissingError, KafkaUnavailableError
 
-__all__ = ["KAFKA_VERSION", "LocalKafka", "ensure_kafka_jars", "kafka_cache_dir"]
+__all__ = ["KAFKA_VERSION", "DevCA", "LocalKafka", "ensure_kafka_jars", "kafka_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +227,111 @@ def _new_cluster_id() -> str:
             return text
 
 
+_DEV_CA_LIFETIME = dt.timedelta(days=365)
+_DEV_LEAF_LIFETIME = dt.timedelta(days=30)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a private file (0600) atomically: a reader never sees half a key."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    tmp.replace(path)
+
+
+class DevCA:
+    """A test CA in a directory (root + intermediate, ECDSA P-256) issuing role certificates.
+
+    For development and tests only: its keys sit unsealed in ``directory`` (mode 0700/0600).
+    ``ca.pem`` is the root to trust; leaves are written with the intermediate as their chain.
+    An existing CA in ``directory`` is loaded, so a kept data dir keeps its certificates.
+    """
+
+    def __init__(self, directory: Path, *, name: str = "ckms dev") -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root_key, inter_key = self.directory / "root.key", self.directory / "intermediate.key"
+        inter_pem = self.directory / "intermediate.pem"
+        if root_key.exists() and inter_key.exists():
+            self._root = CertificateAuthority(root_key.read_bytes(), self.ca_file.read_bytes())
+            self._issuer = CertificateAuthority(inter_key.read_bytes(), inter_pem.read_bytes())
+            return
+        self._root = new_root_ca(f"{name} root", lifetime=_DEV_CA_LIFETIME)
+        self._issuer = new_intermediate_ca(
+            self._root, f"{name} intermediate", lifetime=_DEV_CA_LIFETIME
+        )
+        _write_private(root_key, self._root.key)
+        _write_private(inter_key, self._issuer.key)
+        inter_pem.write_bytes(self._issuer.certificate)
+        self.ca_file.write_bytes(self._root.certificate)
+
+    @property
+    def ca_file(self) -> Path:
+        """The root certificate (PEM) brokers and clients trust."""
+        return self.directory / "ca.pem"
+
+    def issue(
+        self,
+        role: SubjectRole,
+        name: str,
+        *,
+        usage: CertUsage = CertUsage.CLIENT,
+        dns_names: tuple[str, ...] = (),
+        ip_addresses: tuple[str, ...] = (),
+        directory: Path | None = None,
+    ) -> tuple[Path, Path]:
+        """Issue ``CN=<name>,OU=<role>``; return the (chain file, key file) written."""
+        out = Path(directory) if directory is not None else self.directory / "issued"
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stem = f"{SubjectRole(role).value}-{name}"
+        cert_path, key_path = out / f"{stem}.pem", out / f"{stem}.key"
+        if cert_path.exists() and key_path.exists():
+            return cert_path, key_path
+        key = new_ca_key()  # an ECDSA P-256 PKCS#8 key, as the recipe names it
+        cert = issue_certificate(
+            self._issuer,
+            public_key_of(key),
+            subject_for(role, name),
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+            lifetime=_DEV_LEAF_LIFETIME,
+            usage=usage,
+        )
+        _write_private(key_path, private_key_pem(key))
+        cert_path.write_bytes(join_certificates(cert, self._issuer.certificate))
+        return cert_path, key_path
+
+    def security(self, role: SubjectRole, name: str) -> KafkaSecurity:
+        """Client TLS settings for ``name`` in ``role`` (its certificate issued on first use)."""
+        cert, key = self.issue(role, name)
+        return KafkaSecurity(ca_file=self.ca_file, cert_file=cert, key_file=key)
+
+    def install(self, role: SubjectRole, name: str, directory: Path) -> KafkaSecurity:
+        """Write ``ca.pem``, ``client.pem`` and ``client.key`` (0600) for ``name`` in ``role``
+        into ``directory``: where the controller (``<home>/kafka``) and an agent
+        (``<state_dir>/kafka``) look by default."""
+        issued = self.security(role, name)
+        assert issued.cert_file is not None and issued.key_file is not None
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (target / "ca.pem").write_bytes(self.ca_file.read_bytes())
+        (target / "client.pem").write_bytes(issued.cert_file.read_bytes())
+        _write_private(target / "client.key", issued.key_file.read_bytes())
+        return KafkaSecurity(
+            ca_file=target / "ca.pem",
+            cert_file=target / "client.pem",
+            key_file=target / "client.key",
+        )
+
+
 @dataclass
 class _Node:
     index: int
     broker_port: int
     controller_port: int
     directory: Path
+    sasl_port: int | None = None
     process: asyncio.subprocess.Process | subprocess.Popen[bytes] | None = None
     log_handle: object | None = field(default=None, repr=False)
 
@@ -209,6 +342,10 @@ class _Node:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def sasl_address(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def log_path(self) -> Path:
@@ -229,6 +366,9 @@ class LocalKafka:
 
     ``nodes=3`` gives three combined broker+controller nodes with replication factor 3 and
     ``min.insync.replicas=2``, so one node can be stopped while the others keep serving.
+    ``tls=True`` (the default): mutual TLS on every listener, the ``StandardAuthorizer`` and the
+    ckms ACLs for every topic under the ckms topic names (``ckms.events...``, prefixed, so tests
+    can use unique topics); ``sasl=True`` adds a SCRAM-SHA-512 ``SASL_SSL`` listener.
     """
 
     def __init__(
@@ -241,9 +381,17 @@ class LocalKafka:
         startup_timeout: float = 90.0,
         heap: str = "512m",
         detach: bool = False,
+        tls: bool = True,
+        sasl: bool = False,
     ) -> None:
         if nodes not in (1, 3):
             raise ConfigError(f"LocalKafka runs 1 node or a 3-node cluster, not {nodes}")
+        if sasl and not tls:
+            raise ConfigError("LocalKafka's SASL listener is SASL_SSL: it needs tls=True")
+        self.tls = tls
+        self.sasl = sasl
+        self._ca: DevCA | None = None
+        self._sasl_files: dict[str, Path] = {}
         self.node_count = nodes
         self.keep_data = keep_data or data_dir is not None
         self._data_dir_arg = data_dir
@@ -266,6 +414,41 @@ class LocalKafka:
         if not self._nodes:
             raise KafkaUnavailableError("LocalKafka is not started")
         return ",".join(node.address for node in self._nodes)
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The bootstrap string of the ``SASL_SSL`` listener (``sasl=True`` only)."""
+        if not self.sasl:
+            raise ConfigError("this LocalKafka has no SASL listener (sasl=True)")
+        self._node(0)
+        return ",".join(node.sasl_address for node in self._nodes)
+
+    @property
+    def ca(self) -> DevCA:
+        """The test CA of this cluster (``tls=True`` only)."""
+        if self._ca is None:
+            raise ConfigError("this LocalKafka has no CA: it is plaintext or not started")
+        return self._ca
+
+    def security(self, role: SubjectRole, name: str) -> KafkaSecurity:
+        """Client settings for ``name`` in ``role``: a certificate from the test CA (mTLS)."""
+        if not self.tls:
+            return KafkaSecurity.plaintext()
+        return self.ca.security(role, name)
+
+    def link(self, role: SubjectRole, name: str) -> KafkaLink:
+        """A link to this cluster as ``name`` in ``role`` (certificate files issued on demand)."""
+        return KafkaLink(self.bootstrap, self.security(role, name))
+
+    def sasl_link(self, role: SubjectRole) -> KafkaLink:
+        """A ``SASL_SSL`` link as the SCRAM user of ``role`` (no client certificate)."""
+        path = self._sasl_files.get(SubjectRole(role).value)
+        if path is None:
+            raise ConfigError(f"this LocalKafka has no SASL user for {role} (sasl=True)")
+        security = KafkaSecurity(
+            protocol=KafkaProtocol.SASL_SSL, ca_file=self.ca.ca_file, sasl_file=path
+        )
+        return KafkaLink(self.sasl_bootstrap, security)
 
     def node_bootstrap(self, index: int) -> str:
         """The address of one node."""
@@ -302,10 +485,25 @@ class LocalKafka:
         else:
             self.data_dir = Path(tempfile.mkdtemp(prefix="ckms-kafka-"))
         self._nodes = [
-            _Node(i, free_port(), free_port(), self.data_dir / f"node-{i}")
+            _Node(
+                i,
+                free_port(),
+                free_port(),
+                self.data_dir / f"node-{i}",
+                sasl_port=free_port() if self.sasl else None,
+            )
             for i in range(self.node_count)
         ]
         try:
+            if self.tls:
+                self._ca = await asyncio.to_thread(DevCA, self.data_dir / "tls")
+                if self.sasl:
+                    self._sasl_files = self._write_sasl_users()
+            else:
+                log.warning(
+                    "LocalKafka is PLAINTEXT (tls=False): no encryption, no authentication, "
+                    "no ACLs; a development setting"
+                )
             for node in self._nodes:
                 self._write_config(node)
             await asyncio.gather(*(self._format(node) for node in self._nodes))
@@ -313,6 +511,8 @@ class LocalKafka:
             for node in self._nodes:
                 await self._launch(node)
             await self._wait_ready(self._nodes, expect_brokers=self.node_count)
+            if self.tls:
+                await create_acls(self._admin_link(), ckms_acls(pattern=Pattern.PREFIXED))
             self.startup_seconds = time.monotonic() - started
             log.info(
                 "kafka ready: nodes=%d bootstrap=%s in %.1fs",
@@ -363,22 +563,74 @@ class LocalKafka:
             raise ConfigError(f"no Kafka node {index}: this cluster has {len(self._nodes)}")
         return self._nodes[index]
 
+    def _admin_link(self) -> KafkaLink:
+        """A link as a broker certificate: the super user that creates ACLs and probes."""
+        if not self.tls:
+            return KafkaLink(self.bootstrap, KafkaSecurity.plaintext())
+        return self.link(SubjectRole.BROKER, "ckms-launcher")
+
+    def _write_sasl_users(self) -> dict[str, Path]:
+        """One SCRAM user per client role, named like the role, its password in a 0600 file."""
+        directory = self.ca.directory / "sasl"
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files = {}
+        for role in (SubjectRole.CONTROLLER, SubjectRole.AGENT, SubjectRole.SUBSCRIBER):
+            path = directory / f"{role.value}.toml"
+            if not path.exists():
+                text = f'username = "{role.value}"\npassword = "{secrets.token_urlsafe(24)}"\n'
+                _write_private(path, text.encode())
+            files[role.value] = path
+        return files
+
+    def _security_props(self, node: _Node) -> dict[str, object]:
+        """Listeners and TLS/ACL settings: every listener mTLS, or all plaintext (tls=False)."""
+        listeners = {"CLIENT": node.broker_port, "CONTROLLER": node.controller_port}
+        if node.sasl_port is not None:
+            listeners["SASL"] = node.sasl_port
+        advertised = {k: v for k, v in listeners.items() if k != "CONTROLLER"}
+        props: dict[str, object] = {
+            "listeners": ",".join(f"{k}://127.0.0.1:{v}" for k, v in listeners.items()),
+            "advertised.listeners": ",".join(f"{k}://127.0.0.1:{v}" for k, v in advertised.items()),
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "CLIENT",
+        }
+        if not self.tls:
+            props["listener.security.protocol.map"] = "CONTROLLER:PLAINTEXT,CLIENT:PLAINTEXT"
+            return props
+        cert, key = self.ca.issue(
+            SubjectRole.BROKER,
+            f"broker-{node.node_id}",
+            usage=CertUsage.BOTH,  # a server to clients, a client to the other nodes
+            dns_names=("localhost",),
+            ip_addresses=("127.0.0.1",),
+        )
+        keystore = node.directory / "keystore.pem"
+        _write_private(keystore, key.read_bytes() + cert.read_bytes())
+        protocols = ["CONTROLLER:SSL", "CLIENT:SSL"]
+        if node.sasl_port is not None:
+            protocols.append("SASL:SASL_SSL")
+            props |= {
+                "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+                # Password clients present no certificate: SCRAM is their authentication.
+                "listener.name.sasl.ssl.client.auth": "none",
+                f"listener.name.sasl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                ),
+            }
+        return props | broker_tls_properties(keystore, self.ca.ca_file) | {
+            "listener.security.protocol.map": ",".join(protocols),
+        }
+
     def _write_config(self, node: _Node) -> None:
         n = self.node_count
         voters = ",".join(f"{m.node_id}@127.0.0.1:{m.controller_port}" for m in self._nodes)
         min_isr = 2 if n >= 3 else 1
+        node.directory.mkdir(parents=True, exist_ok=True)
         props = {
             "process.roles": "broker,controller",
             "node.id": node.node_id,
             "controller.quorum.voters": voters,
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{node.broker_port},"
-                f"CONTROLLER://127.0.0.1:{node.controller_port}"
-            ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.broker_port}",
-            "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            **self._security_props(node),
             "log.dirs": str(node.directory / "data"),
             "num.partitions": 1,
             "default.replication.factor": n,
@@ -398,9 +650,7 @@ class LocalKafka:
             "num.io.threads": 4,
             "controlled.shutdown.enable": "true",
         }
-        node.directory.mkdir(parents=True, exist_ok=True)
-        text = "".join(f"{k}={v}\n" for k, v in props.items())
-        (node.directory / "server.properties").write_text(text)
+        (node.directory / "server.properties").write_text(_properties_text(props))
         (node.directory / "log4j2.properties").write_text(_LOG4J2_PROPERTIES)
 
     def _java_argv(self, node: _Node, main: str, *args: str) -> list[str]:
@@ -420,6 +670,19 @@ class LocalKafka:
             *args,
         ]
 
+    def _scram_args(self) -> list[str]:
+        """``--add-scram`` for each SASL user: KRaft stores SCRAM credentials from the format.
+
+        The passwords are on this one JVM's command line for the seconds formatting takes: a
+        development broker only (ckms clients read theirs from files).
+        """
+        args = []
+        for path in self._sasl_files.values():
+            creds = load_scram_credentials(path)
+            entry = f"{SCRAM_MECHANISM}=[name={creds.username},password={creds.password}]"
+            args += ["--add-scram", entry]
+        return args
+
     async def _format(self, node: _Node) -> None:
         if (node.directory / "data" / "meta.properties").exists():
             return  # formatted before; data is kept across restarts
@@ -431,6 +694,7 @@ class LocalKafka:
             self.cluster_id,
             "-c",
             str(node.directory / "server.properties"),
+            *self._scram_args(),
         )
         with node.log_path.open("ab") as out:
             proc = await asyncio.create_subprocess_exec(
@@ -485,7 +749,9 @@ class LocalKafka:
                     await asyncio.sleep(0.1)
                     continue
                 client = AIOKafkaClient(
-                    bootstrap_servers=node.address, request_timeout_ms=3000, retry_backoff_ms=100
+                    **KafkaLink(node.address, self._admin_link().security).client_args(
+                        request_timeout_ms=3000, retry_backoff_ms=100
+                    )
                 )
                 try:
                     await client.bootstrap()
@@ -541,6 +807,32 @@ class LocalKafka:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def broker_tls_properties(keystore: Path, truststore: Path) -> dict[str, object]:
+    """A broker's TLS and authorization settings: mTLS required, subjects mapped to the ckms
+    principals, the StandardAuthorizer, brokers as super users (the same in tests and compose)."""
+    return {
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": keystore,
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": truststore,
+        "ssl.client.auth": "required",
+        "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
+        "ssl.principal.mapping.rules": PRINCIPAL_MAPPING_RULES,
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": "User:ckms-broker",
+    }
+
+
+def _properties_text(props: dict[str, object]) -> str:
+    return "".join(f"{k}={_escape_property(str(v))}\n" for k, v in props.items())
+
+
+def _escape_property(value: str) -> str:
+    """Escape a value for a Java properties file (its backslashes would be eaten otherwise)."""
+    return value.replace("\\", "\\\\")
+
+
 async def _port_open(port: int) -> bool:
     try:
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -592,15 +884,86 @@ async def _up(nodes: int, data_dir: Path | None) -> int:
                 "data_dir": str(kafka.data_dir),
                 "remove_data": data_dir is None,
                 "logs": [str(kafka.log_path(i)) for i in range(nodes)],
+                "ca_dir": str(kafka.ca.directory),
             }
         )
     )
     print(kafka.bootstrap)
     print(
         f"ckms: Kafka {KAFKA_VERSION} up in {kafka.startup_seconds:.1f} s "
-        f"(logs: {kafka.log_path(0)})",
+        f"(logs: {kafka.log_path(0)}); mutual TLS: get a client certificate with "
+        "`python -m ckms.devkafka client ROLE NAME DIR`",
         file=sys.stderr,
     )
+    return 0
+
+
+def _pki(directory: Path, broker: str, clients: list[str], mount: str | None) -> int:
+    """A test CA with a broker keystore and client files, for a Kafka run elsewhere (compose)."""
+    ca = DevCA(directory / "ca")
+    cert, key = ca.issue(
+        SubjectRole.BROKER,
+        broker,
+        usage=CertUsage.BOTH,
+        dns_names=(broker, "localhost"),
+        ip_addresses=("127.0.0.1",),
+    )
+    broker_dir = directory / "broker"
+    broker_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(broker_dir / "keystore.pem", key.read_bytes() + cert.read_bytes())
+    (broker_dir / "ca.pem").write_bytes(ca.ca_file.read_bytes())
+    at = Path(mount) if mount is not None else broker_dir  # where the broker will see the files
+    keystore, truststore = at / "keystore.pem", at / "ca.pem"
+    # The broker's TLS settings, for Kafka's image to read as file input; and the same files
+    # as a client (its health check).
+    (broker_dir / "server.properties").write_text(
+        _properties_text(broker_tls_properties(keystore, truststore))
+    )
+    (broker_dir / "client.properties").write_text(
+        _properties_text(
+            {
+                "security.protocol": "SSL",
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": keystore,
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": truststore,
+            }
+        )
+    )
+    # A super user's files to create the ACLs with (the broker role: a super user).
+    ca.install(SubjectRole.BROKER, f"{broker}-admin", directory / "admin")
+    for spec in clients:
+        role, _, name = spec.partition(":")
+        ca.install(SubjectRole(f"ckms-{role}"), name, directory / name)
+    print(directory)
+    return 0
+
+
+async def _acls(bootstrap: str, directory: Path, prefixed: bool) -> int:
+    """Create the ckms ACLs on a cluster, as the super user whose files are in ``directory``."""
+    link = KafkaLink(
+        bootstrap,
+        KafkaSecurity(
+            ca_file=directory / "ca.pem",
+            cert_file=directory / "client.pem",
+            key_file=directory / "client.key",
+        ),
+    )
+    await create_acls(link, ckms_acls(pattern=Pattern.PREFIXED if prefixed else Pattern.LITERAL))
+    print(f"ckms: ACLs created at {bootstrap}", file=sys.stderr)
+    return 0
+
+
+def _client(role: str, name: str, directory: Path) -> int:
+    state = _state_file()
+    if not state.exists():
+        raise ConfigError("no local Kafka is up (python -m ckms.devkafka up)")
+    info = json.loads(state.read_text())
+    ca = DevCA(Path(info["ca_dir"]))
+    security = ca.install(SubjectRole(f"ckms-{role}"), name, directory)
+    print(f"ca_file = {json.dumps(str(security.ca_file))}")
+    print(f"cert_file = {json.dumps(str(security.cert_file))}")
+    print(f"key_file = {json.dumps(str(security.key_file))}")
     return 0
 
 
@@ -636,6 +999,27 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=1, choices=(1, 3))
     up.add_argument("--data-dir", type=Path, default=None, help="keep data here (default: temp)")
     sub.add_parser("down", help="stop the local Kafka started by `up`")
+    client = sub.add_parser(
+        "client", help="write ca.pem, client.pem, client.key for a role into DIR (from `up`)"
+    )
+    client.add_argument("role", choices=("controller", "agent", "subscriber"))
+    client.add_argument("name", help="the certificate's CN (a host id for an agent)")
+    client.add_argument("directory", type=Path)
+    pki = sub.add_parser(
+        "pki", help="make a test CA, a broker keystore and client files in DIR (no broker)"
+    )
+    pki.add_argument("directory", type=Path)
+    pki.add_argument("--broker", required=True, help="the broker's host name (its SAN)")
+    pki.add_argument(
+        "--broker-mount", default=None, help="where the broker sees DIR/broker (its properties)"
+    )
+    pki.add_argument(
+        "--client", action="append", default=[], help="ROLE:NAME, e.g. agent:web-1 (repeat)"
+    )
+    acls = sub.add_parser("acls", help="create the ckms ACLs on a cluster as a super user")
+    acls.add_argument("--bootstrap", required=True)
+    acls.add_argument("--tls-dir", type=Path, required=True, help="ca.pem, client.pem, .key")
+    acls.add_argument("--prefixed", action="store_true", help="for every topic under the names")
     sub.add_parser("fetch", help="only fetch the broker jars into the cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -645,6 +1029,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fetch":
             print(ensure_kafka_jars())
             return 0
+        if args.command == "client":
+            return _client(args.role, args.name, args.directory)
+        if args.command == "pki":
+            return _pki(args.directory, args.broker, args.client, args.broker_mount)
+        if args.command == "acls":
+            return asyncio.run(_acls(args.bootstrap, args.tls_dir, args.prefixed))
         return _down()
     except CKMSError as exc:
         print(f"ckms: {exc}", file=sys.stderr)

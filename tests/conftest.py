@@ -1,9 +1,10 @@
 """Shared fixtures: one real Kafka broker and one real PostgreSQL per test session.
 
-Integration tests ask for ``kafka_bootstrap``; the first such test starts a real single-node
-Apache Kafka with ``ckms.devkafka.LocalKafka`` (or uses ``CKMS_TEST_KAFKA_BOOTSTRAP`` when set)
-and every later test reuses it. Each test gets its own topic names from ``unique_topic`` so tests
-never see each other's records. Likewise ``postgres_server`` starts one real PostgreSQL
+Integration tests ask for ``local_kafka`` (or ``kafka_bootstrap``, ``controller_kafka``...); the
+first such test starts a real single-node Apache Kafka with ``ckms.devkafka.LocalKafka`` — mutual
+TLS and ACLs, as in production — and every later test reuses it. Each test gets its own topic
+names from ``unique_topic``, under the ckms topic names the ACLs cover (``ckms.events.<test>...``),
+so tests never see each other's records. Likewise ``postgres_server`` starts one real PostgreSQL
 (``ckms.devpostgres.LocalPostgres``) for the first test that asks, and ``postgres_database`` gives
 each test an empty database of its own on it; tests using them are marked ``postgres``.
 pytest-timeout (``timeout`` in pyproject.toml) bounds every test.
@@ -22,8 +23,11 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
+from ckms._kafka_security import KafkaLink
+from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms.devpostgres import LocalPostgres
+from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC
 from tests.support.postgres import PostgresDatabase, create_database, drop_database
 
 _POSTGRES_FIXTURES = {"postgres_server", "postgres_database"}
@@ -37,21 +41,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def kafka_bootstrap() -> AsyncIterator[str]:
-    """Bootstrap string of the session's real Kafka broker."""
-    external = os.environ.get("CKMS_TEST_KAFKA_BOOTSTRAP")
-    if external:
-        yield external
-        return
-    async with LocalKafka() as kafka:
+async def local_kafka() -> AsyncIterator[LocalKafka]:
+    """The session's real Kafka: mutual TLS, the ckms ACLs, and a SCRAM (SASL_SSL) listener.
+
+    Clients get certificate files for a role from ``local_kafka.link(role, name)``.
+    """
+    async with LocalKafka(sasl=True) as kafka:
         # Written past pytest's capture so CI logs show how long the broker took.
         print(
-            f"\n[ckms] test Kafka broker ready in {kafka.startup_seconds:.1f} s "
+            f"\n[ckms] test Kafka broker (mTLS) ready in {kafka.startup_seconds:.1f} s "
             f"at {kafka.bootstrap} (log: {kafka.log_path(0)})",
             file=sys.__stderr__,
             flush=True,
         )
-        yield kafka.bootstrap
+        yield kafka
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def kafka_bootstrap(local_kafka: LocalKafka) -> str:
+    """Bootstrap string of the session's real Kafka broker (its mTLS listener)."""
+    return local_kafka.bootstrap
+
+
+@pytest.fixture(scope="session")
+def controller_kafka(local_kafka: LocalKafka) -> KafkaLink:
+    """A link to the session's Kafka as the controller (writes events and audit, reads acks)."""
+    return local_kafka.link(SubjectRole.CONTROLLER, "controller")
+
+
+@pytest.fixture(scope="session")
+def reader_kafka(local_kafka: LocalKafka) -> KafkaLink:
+    """A link as a subscriber: what a test reading the events topic uses."""
+    return local_kafka.link(SubjectRole.SUBSCRIBER, "test-reader")
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -84,7 +105,10 @@ def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
     run = uuid.uuid4().hex[:8]
 
     def make(suffix: str = "events") -> str:
-        return f"test.{base}.{suffix}.{run}"
+        # The broker's ACLs cover every topic under the ckms names; anything else is a
+        # data topic of the test's own, read and written as the controller.
+        role = {"acks": ACKS_TOPIC, "audit": AUDIT_TOPIC}.get(suffix, EVENTS_TOPIC)
+        return f"{role}.{base}.{suffix}.{run}"
 
     return make
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from ckms._backoff import Backoff
 from ckms._kafka import Outgoing, ProducerSettings, Relay
+from ckms._kafka_security import KafkaLink
 from ckms.errors import StoreError
 from ckms.protocol import MAX_MESSAGE_BYTES, Ack, AckStatus, EventType, HookResult, encode_event
 from ckms_agent.state import AgentState
@@ -153,7 +154,7 @@ class AckPublisher(Relay):
         self,
         state: AgentState,
         *,
-        bootstrap: str,
+        kafka: KafkaLink,
         topic: str,
         backoff: Backoff,
         client_id: str,
@@ -162,7 +163,7 @@ class AckPublisher(Relay):
     ) -> None:
         super().__init__(
             _AckQueue(state),
-            bootstrap=bootstrap,
+            kafka=kafka,
             topic=topic,
             producer=ProducerSettings(
                 client_id=client_id,

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ckms._exposition import parse_listen
+from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.crypto import WrapSuite, signer_key_id
 from ckms.errors import ConfigError
 from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, HOOK_NAME_RE, Targets
@@ -67,6 +68,17 @@ POLICY_FIELDS = (
     "allow_controller_commands",
 )
 """The settings that are the host's policy: kept across re-enrollment, never from the wire."""
+
+KAFKA_LOCAL_FIELDS = (
+    "kafka_security_protocol",
+    "kafka_ca_file",
+    "kafka_cert_file",
+    "kafka_key_file",
+    "kafka_sasl_file",
+    "kafka_check_hostname",
+)
+"""How this host reaches Kafka (protocol, where its TLS files are): the host's own setting,
+kept across re-enrollment like the policy."""
 
 
 def _argv(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -119,6 +131,19 @@ class AgentConfig(BaseModel):
     controller_signing_key: str
     controller_key_id: str
     kafka_bootstrap: str = Field(min_length=1, max_length=1024)
+    kafka_security_protocol: KafkaProtocol = KafkaProtocol.SSL
+    """``SSL`` (mutual TLS, the default), ``SASL_SSL`` (SCRAM-SHA-512 over TLS) or
+    ``PLAINTEXT`` (development only; warns at start)."""
+    kafka_ca_file: Path | None = None
+    """The CA bundle the brokers' certificates chain to (default ``<state_dir>/kafka/ca.pem``)."""
+    kafka_cert_file: Path | None = None
+    """This host's client certificate with its chain, ``CN=<host>,OU=ckms-agent``
+    (default for SSL: ``<state_dir>/kafka/client.pem``)."""
+    kafka_key_file: Path | None = None
+    """Its private key (default for SSL: ``<state_dir>/kafka/client.key``), mode 0600."""
+    kafka_sasl_file: Path | None = None
+    """For SASL_SSL: a TOML file with ``username`` and ``password``."""
+    kafka_check_hostname: bool = True
     events_topic: str = Field(default=EVENTS_TOPIC, min_length=1, max_length=249)
     acks_topic: str = Field(default=ACKS_TOPIC, min_length=1, max_length=249)
     event_seq_floor: int = Field(default=0, ge=0)
@@ -258,7 +283,29 @@ class AgentConfig(BaseModel):
         if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
             raise ValueError("reconnect_backoff_max_s is below reconnect_backoff_min_s")
         self.check_allowed_excludes(self.state_dir, "the agent's state directory")
+        try:
+            self.kafka_security  # noqa: B018  (built to refuse an incomplete TLS/SASL setting)
+        except ValidationError as exc:
+            raise ValueError(exc.errors(include_url=False)[0]["msg"]) from None
         return self
+
+    @property
+    def kafka_security(self) -> KafkaSecurity:
+        """How this host authenticates to Kafka (files default to ``<state_dir>/kafka/``)."""
+        return KafkaSecurity.from_settings(
+            protocol=self.kafka_security_protocol,
+            directory=self.state_dir / "kafka",
+            ca_file=self.kafka_ca_file,
+            cert_file=self.kafka_cert_file,
+            key_file=self.kafka_key_file,
+            sasl_file=self.kafka_sasl_file,
+            check_hostname=self.kafka_check_hostname,
+        )
+
+    @property
+    def kafka(self) -> KafkaLink:
+        """Where Kafka is and how this host talks to it (events in, acks out)."""
+        return KafkaLink(self.kafka_bootstrap, self.kafka_security)
 
     def on_host(self, path: Path) -> Path:
         """Where a path the controller names lands on this host (under ``root`` if set)."""

@@ -179,6 +179,8 @@ class Agent:
         cfg = self.config
         if self._keys is None:
             self._keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
+        # A missing or unreadable Kafka TLS file is a setup error: say so now, not in a retry loop.
+        await asyncio.to_thread(cfg.kafka_security.check)
         self._signer_key_id = signer_key_id(self._keys.identity_public)
         async with AgentState(cfg.state_db_path) as state:
             self._state = state
@@ -190,7 +192,7 @@ class Agent:
                     )
                 self._acks = AckPublisher(
                     state,
-                    bootstrap=cfg.kafka_bootstrap,
+                    kafka=cfg.kafka,
                     topic=cfg.acks_topic,
                     backoff=self._backoff(),
                     client_id=f"ckms-agent-{cfg.host_id}",
@@ -500,7 +502,7 @@ class Agent:
         if await self.state.load_positions(cfg.events_topic):
             return False
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.kafka_bootstrap,
+            **cfg.kafka.client_args(),
             group_id=None,
             enable_auto_commit=False,
             client_id=f"ckms-agent-{cfg.host_id}-seed",
@@ -508,7 +510,7 @@ class Agent:
         try:
             with kafka_errors(f"cannot read the end of {cfg.events_topic}"):
                 await consumer.start()
-                parts = await partitions_of(cfg.kafka_bootstrap, cfg.events_topic, wait_s=10.0)
+                parts = await partitions_of(cfg.kafka, cfg.events_topic, wait_s=10.0)
                 ends = await consumer.end_offsets(
                     [TopicPartition(cfg.events_topic, p) for p in parts]
                 )
@@ -539,6 +541,7 @@ class Agent:
                 self._events_ready.set()
                 async with Subscriber(
                     bootstrap=cfg.kafka_bootstrap,
+                    security=cfg.kafka_security,
                     trust={cfg.controller_key_id: cfg.controller_public_key},
                     types=RELEVANT_TYPES,
                     topic=cfg.events_topic,

@@ -34,6 +34,7 @@ from ckms_agent.config import (
     KAFKA_CLIENT_CERT_FILE,
     KAFKA_CLIENT_KEY_FILE,
     KAFKA_DIR,
+    KAFKA_LOCAL_FIELDS,
     POLICY_FIELDS,
     STATE_DB_FILE,
     WRAPPING_KEY_FILE,
@@ -167,11 +168,11 @@ async def enroll(
 
 
 def _existing_policy(config_path: Path) -> dict[str, Any]:
-    """The host-policy settings of an existing config file (none if there is no file)."""
+    """The host-policy and Kafka-access settings of an existing config file (none if no file)."""
     if not config_path.exists():
         return {}
     values = read_config_file(config_path)
-    return {k: values[k] for k in POLICY_FIELDS if k in values}
+    return {k: values[k] for k in (*POLICY_FIELDS, *KAFKA_LOCAL_FIELDS) if k in values}
 
 
 def _absolute(path: Path) -> Path:

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from ckms._kafka import read_newest
+from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.cli._client import run
 from ckms.cli._common import JsonOption, call_and_show, conn
 from ckms.cli._errors import ExitCode, UsageError, cli_errors, fail
@@ -24,10 +26,10 @@ from ckms.store import audit as audit_log
 app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
 
-def _anchor_from_kafka(bootstrap: str, topic: str, public: bytes) -> audit_log.Anchor:
+def _anchor_from_kafka(kafka: KafkaLink, topic: str, public: bytes) -> audit_log.Anchor:
     """The newest checkpoint this controller published on the anchor topic (its signature is
     checked by the verifier)."""
-    value = run(read_newest(bootstrap, topic, key=signer_key_id(public).encode()))
+    value = run(read_newest(kafka, topic, key=signer_key_id(public).encode()))
     if value is None:
         raise UsageError(f"{topic} holds no audit anchor of this controller yet")
     try:
@@ -95,6 +97,27 @@ def verify(
         str | None,
         typer.Option(envvar="CKMS_KAFKA_BOOTSTRAP", help="With --anchor-from-kafka: HOST:PORT."),
     ] = None,
+    kafka_security_protocol: Annotated[
+        KafkaProtocol,
+        typer.Option(envvar="CKMS_KAFKA_SECURITY_PROTOCOL", help="SSL, SASL_SSL or PLAINTEXT."),
+    ] = KafkaProtocol.SSL,
+    kafka_ca_file: Annotated[
+        Path | None,
+        typer.Option(envvar="CKMS_KAFKA_CA_FILE", help="CA bundle the brokers chain to."),
+    ] = None,
+    kafka_cert_file: Annotated[
+        Path | None,
+        typer.Option(envvar="CKMS_KAFKA_CERT_FILE", help="Client certificate (PEM, chain)."),
+    ] = None,
+    kafka_key_file: Annotated[
+        Path | None, typer.Option(envvar="CKMS_KAFKA_KEY_FILE", help="Its private key (PEM).")
+    ] = None,
+    kafka_sasl_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CKMS_KAFKA_SASL_FILE", help="SASL_SSL: TOML file with username, password."
+        ),
+    ] = None,
     audit_topic: Annotated[
         str, typer.Option(help="With --anchor-from-kafka: the anchor topic.")
     ] = AUDIT_TOPIC,
@@ -120,7 +143,19 @@ def verify(
             elif anchor_from_kafka:
                 if not kafka_bootstrap:
                     raise UsageError("--anchor-from-kafka needs --kafka-bootstrap HOST:PORT")
-                kept = _anchor_from_kafka(kafka_bootstrap, audit_topic, _public(signing_key))
+                try:
+                    security = KafkaSecurity(
+                        protocol=kafka_security_protocol,
+                        ca_file=kafka_ca_file,
+                        cert_file=kafka_cert_file,
+                        key_file=kafka_key_file,
+                        sasl_file=kafka_sasl_file,
+                    )
+                except ValidationError as exc:
+                    raise UsageError(exc.errors(include_url=False)[0]["msg"]) from None
+                security.check()
+                link = KafkaLink(kafka_bootstrap, security)
+                kept = _anchor_from_kafka(link, audit_topic, _public(signing_key))
             reply = _verify_file(file, signing_key, kept)
         else:
             if anchor is not None or anchor_from_kafka:

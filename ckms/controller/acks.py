@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from ckms._aio import stop_if_cancelled
 from ckms._backoff import Backoff
 from ckms._kafka import TopicSpec, ensure_topics, kafka_errors, partitions_of
+from ckms._kafka_security import KafkaLink
 from ckms.controller.hosts import HostRegistry
 from ckms.errors import CKMSError
 from ckms.protocol import (
@@ -63,7 +64,7 @@ class AckConsumer:
         store: Store,
         hosts: HostRegistry,
         *,
-        bootstrap: str,
+        kafka: KafkaLink,
         topic: str,
         topics: list[TopicSpec],
         clock: Clock = utc_now,
@@ -71,7 +72,7 @@ class AckConsumer:
     ) -> None:
         self._store = store
         self._hosts = hosts
-        self._bootstrap = bootstrap
+        self._kafka = kafka
         self._topic = topic
         self._topics = topics
         self._clock = clock
@@ -99,10 +100,10 @@ class AckConsumer:
                 await asyncio.sleep(delay)
 
     async def _consume(self) -> None:
-        await ensure_topics(self._bootstrap, self._topics)
-        partitions = await partitions_of(self._bootstrap, self._topic)
+        await ensure_topics(self._kafka, self._topics)
+        partitions = await partitions_of(self._kafka, self._topic)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
+            **self._kafka.client_args(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -38,6 +38,7 @@ from ckms._kafka import (
     read_newest,
     wait_delivered,
 )
+from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
 from ckms.errors import AuditAnchorError, KafkaUnavailableError
@@ -66,7 +67,7 @@ class AuditAnchor:
         store: Store,
         vault: Vault,
         *,
-        bootstrap: str | None,
+        kafka: KafkaLink | None,
         topic: str,
         replication: int = 1,
         clock: Clock = utc_now,
@@ -74,7 +75,7 @@ class AuditAnchor:
     ) -> None:
         self._store = store
         self._vault = vault
-        self._bootstrap = bootstrap
+        self._kafka = kafka
         self._topic = topic
         self._spec = TopicSpec(topic, 1, replication, (("cleanup.policy", "compact"),))
         self._clock = clock
@@ -82,7 +83,7 @@ class AuditAnchor:
         self._lock = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
         self.last: audit_log.Anchor | None = None
-        self.loaded = bootstrap is None  # without a topic there is nothing to read back
+        self.loaded = kafka is None  # without a topic there is nothing to read back
         self.published_size: int | None = None
         self.broken: str | None = None
 
@@ -107,11 +108,11 @@ class AuditAnchor:
 
     async def load(self) -> None:
         """Read the newest anchor this controller published and check the stored log extends it."""
-        assert self._bootstrap is not None
-        await ensure_topics(self._bootstrap, [self._spec])
+        assert self._kafka is not None
+        await ensure_topics(self._kafka, [self._spec])
         public = await self._vault.public_key()
         kid = signer_key_id(public)
-        value = await read_newest(self._bootstrap, self._topic, key=kid.encode())
+        value = await read_newest(self._kafka, self._topic, key=kid.encode())
         async with self._lock:
             self.loaded = True
             if value is None:
@@ -167,16 +168,16 @@ class AuditAnchor:
     async def publish(self) -> bool:
         """Publish the anchor if the topic does not have it yet; False if Kafka did not take it."""
         anchor = self.last
-        if self._bootstrap is None or anchor is None or anchor.checkpoint is None:
+        if self._kafka is None or anchor is None or anchor.checkpoint is None:
             return True
         if self.published_size == anchor.size:
             return True
         try:
             with kafka_errors(f"publishing the audit anchor to {self._topic}"):
                 if self._producer is None:
-                    await ensure_topics(self._bootstrap, [self._spec])
+                    await ensure_topics(self._kafka, [self._spec])
                     producer = AIOKafkaProducer(
-                        bootstrap_servers=self._bootstrap,
+                        **self._kafka.client_args(),
                         acks="all",
                         enable_idempotence=True,
                         client_id="ckms-controller-audit",
@@ -200,7 +201,7 @@ class AuditAnchor:
 
     async def run(self) -> None:
         """Read the anchor back (retrying while Kafka is away), then keep it published."""
-        if self._bootstrap is None:
+        if self._kafka is None:
             return
         backoff = Backoff(0.5, 10.0)
         while not self.loaded:

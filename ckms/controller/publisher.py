@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ckms._backoff import Backoff
 from ckms._kafka import Outgoing, ProducerSettings, Relay, RelayStats, TopicSpec
+from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
 from ckms.protocol import envelope_dict, sign_envelope_with
@@ -66,7 +67,7 @@ class OutboxPublisher(Relay):
         store: Store,
         vault: Vault,
         *,
-        bootstrap: str,
+        kafka: KafkaLink,
         topics: list[TopicSpec],
         topic: str,
         clock: Clock = utc_now,
@@ -77,7 +78,7 @@ class OutboxPublisher(Relay):
     ) -> None:
         super().__init__(
             _SignedOutbox(store, vault, clock),
-            bootstrap=bootstrap,
+            kafka=kafka,
             topic=topic,
             producer=ProducerSettings(client_id="ckms-controller-outbox", linger_ms=2),
             backoff=Backoff(0.5, backoff_max_s),

@@ -641,7 +641,7 @@ class Vault:
             from ckms.controller.anchor import AuditAnchor
 
             self._anchor = AuditAnchor(
-                self._store, self, bootstrap=None, topic=AUDIT_TOPIC, clock=self._clock
+                self._store, self, kafka=None, topic=AUDIT_TOPIC, clock=self._clock
             )
         return self._anchor
 

@@ -17,11 +17,19 @@ from types import TracebackType
 from typing import Any
 
 import asyncssh
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ckms import _gc
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
+from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.controller import rowmac
 from ckms.controller.acks import AckConsumer
 from ckms.controller.admin_rpc import AdminService, Endpoint
@@ -65,6 +73,19 @@ class ControllerSettings(BaseModel):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=2222, ge=0, le=65535)
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: KafkaProtocol = KafkaProtocol.SSL
+    """``SSL`` (mutual TLS, the default), ``SASL_SSL`` (SCRAM-SHA-512 over TLS, for clusters
+    that already use it) or ``PLAINTEXT`` (development only; warns at start)."""
+    kafka_ca_file: Path | None = None
+    """The CA bundle the brokers' certificates must chain to (default: ``<home>/kafka/ca.pem``)."""
+    kafka_cert_file: Path | None = None
+    """The controller's client certificate with its chain, ``CN=<name>,OU=ckms-controller``
+    (default for SSL: ``<home>/kafka/client.pem``)."""
+    kafka_key_file: Path | None = None
+    """Its private key (default for SSL: ``<home>/kafka/client.key``)."""
+    kafka_sasl_file: Path | None = None
+    """For SASL_SSL: a TOML file with ``username`` and ``password`` (never on a command line)."""
+    kafka_check_hostname: bool = True
     events_topic: str = EVENTS_TOPIC
     acks_topic: str = ACKS_TOPIC
     audit_topic: str = AUDIT_TOPIC
@@ -117,6 +138,32 @@ class ControllerSettings(BaseModel):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _kafka_complete(self) -> ControllerSettings:
+        try:
+            self.kafka_security  # noqa: B018  (built to refuse an incomplete TLS/SASL setting)
+        except ValidationError as exc:
+            raise ValueError(exc.errors(include_url=False)[0]["msg"]) from None
+        return self
+
+    @property
+    def kafka_security(self) -> KafkaSecurity:
+        """How the controller authenticates to Kafka (files default to ``<home>/kafka/``)."""
+        return KafkaSecurity.from_settings(
+            protocol=self.kafka_security_protocol,
+            directory=self.home / "kafka",
+            ca_file=self.kafka_ca_file,
+            cert_file=self.kafka_cert_file,
+            key_file=self.kafka_key_file,
+            sasl_file=self.kafka_sasl_file,
+            check_hostname=self.kafka_check_hostname,
+        )
+
+    @property
+    def kafka(self) -> KafkaLink:
+        """Where Kafka is and how to talk to it: what every controller Kafka client uses."""
+        return KafkaLink(self.kafka_bootstrap, self.kafka_security)
 
     @property
     def db_path(self) -> Path:
@@ -191,7 +238,7 @@ class Controller:
         self.publisher = OutboxPublisher(
             store,
             self.vault,
-            bootstrap=self.settings.kafka_bootstrap,
+            kafka=self.settings.kafka,
             topics=topics,
             topic=self.settings.events_topic,
             clock=self.clock,
@@ -199,7 +246,7 @@ class Controller:
         self.vault.anchor = AuditAnchor(
             store,
             self.vault,
-            bootstrap=self.settings.kafka_bootstrap,
+            kafka=self.settings.kafka,
             topic=self.settings.audit_topic,
             replication=self.settings.replication,
             clock=self.clock,
@@ -208,7 +255,7 @@ class Controller:
         self.acks = AckConsumer(
             store,
             self.hosts,
-            bootstrap=self.settings.kafka_bootstrap,
+            kafka=self.settings.kafka,
             topic=self.settings.acks_topic,
             topics=topics,
             clock=self.clock,
@@ -342,6 +389,8 @@ class Controller:
         """Serve until cancelled (one task group: SSH, publisher, ack consumer, scheduler)."""
         if self.store is None:
             await self.open()
+        # Fail now on a missing or unreadable TLS file, not at the first event.
+        await asyncio.to_thread(self.settings.kafka_security.check)
         _gc.settle()  # what lives as long as the controller is never walked by a collection
         await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
         if self.settings.metrics_listen is not None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from ckms._kafka_security import KafkaLink
 from ckms.controller.service import Controller
-from ckms.crypto import generate_signing_key
+from ckms.crypto import SubjectRole, generate_signing_key
 from ckms.errors import PermissionDeniedError, SealedError
 from ckms.protocol import FetchRequest, InstallSpec, SyncRequest, Targets
 from ckms.store import audit as audit_log
@@ -19,6 +20,7 @@ from ckms_agent.daemon import Agent, HostRevokedError
 from ckms_agent.enroll import enroll
 from tests.support.cli import send_installed_ack
 from tests.support.fleet import agent_config, enroll_agent, host_rpc, running_agent, wait_until
+from tests.support.kafka import link_as
 
 pytestmark = pytest.mark.kafka
 
@@ -29,10 +31,10 @@ RAW = InstallSpec(path="/etc/ckms/{team}/{purpose}.key", format="raw")
 Record = tuple[bytes, list[tuple[str, bytes]]]
 
 
-async def _topic_records(bootstrap: str, topic: str) -> list[Record]:
+async def _topic_records(kafka: KafkaLink, topic: str) -> list[Record]:
     """Every record on ``topic`` so far (value, headers), as one with read access sees it."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+        topic, **kafka.client_args(group_id=None, auto_offset_reset="earliest")
     )
     await consumer.start()
     try:
@@ -78,7 +80,9 @@ async def test_a_rebuilt_host_ignores_the_revocation_of_its_predecessor(
     assert agent_config(config).event_seq_floor > 0
     old = [
         r
-        for r in await _topic_records(c.settings.kafka_bootstrap, c.settings.events_topic)
+        for r in await _topic_records(
+            link_as(c, SubjectRole.SUBSCRIBER, "reader"), c.settings.events_topic
+        )
         if b'"host.revoked"' in r[0]
     ]
     assert len(old) == 1
@@ -86,8 +90,9 @@ async def test_a_rebuilt_host_ignores_the_revocation_of_its_predecessor(
     task = asyncio.create_task(again.run())
     try:
         await wait_until(path.exists, what="install after re-enrollment")
-        # An attacker with write access to the topic sends the signed revocation again.
-        producer = AIOKafkaProducer(bootstrap_servers=c.settings.kafka_bootstrap)
+        # An attacker with write access to the topic (the controller's Kafka certificate)
+        # sends the signed revocation again.
+        producer = AIOKafkaProducer(**c.settings.kafka.client_args())
         await producer.start()
         try:
             value, headers = old[0]

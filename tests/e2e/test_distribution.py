@@ -266,7 +266,9 @@ async def test_a_forged_event_is_ignored_and_the_agent_keeps_working(
             signing_key=generate_signing_key(),
             at=datetime.now(UTC),
         )
-        await publish(c.settings.kafka_bootstrap, c.settings.events_topic, forged)
+        # Only the controller's certificate may write events: the forger stole it (but not
+        # the controller's signing key).
+        await publish(c.settings.kafka, c.settings.events_topic, forged)
         await wait_until(lambda: agent.event_stats.get("unknown-signer"), what="forged dropped")
         await c.lifecycle.rotate("web/tls", actor="alice")
         await wait_until(lambda: converged(c, "web/tls", {"web-5"}), what="rotation after forgery")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ckms._kafka_security import KafkaLink
 from ckms.cli._client import Connection
 from ckms.controller.service import Controller
 from ckms.errors import PermissionDeniedError, ProtocolError
@@ -61,11 +62,11 @@ def promtool_check(text: str) -> None:
 
 
 async def test_controller_metrics_move_with_a_rotation(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     async with running_controller(
         tmp_path / "controller",
-        kafka_bootstrap,
+        controller_kafka,
         unique_topic("events"),
         unique_topic("acks"),
         metrics_listen="127.0.0.1:0",

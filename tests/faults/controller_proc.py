@@ -23,14 +23,18 @@ import signal
 import sys
 from pathlib import Path
 
+from ckms._kafka_security import KafkaLink, KafkaSecurity
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
 from ckms.store import outbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.controller import PASSPHRASE
+from tests.support.kafka import controller_kafka_settings
 
 HOLD_ENV = "CKMS_FAULT_HOLD_OUTBOX"
+KAFKA_SECURITY_ENV = "CKMS_FAULT_KAFKA_SECURITY"
+"""The controller's Kafka TLS settings (file paths, as JSON): no secret, only where files are."""
 
 
 def _held_until(hold_file: Path) -> int | None:
@@ -65,7 +69,11 @@ async def main(home: Path, bootstrap: str, events: str, acks: str, port: int) ->
         ControllerSettings(
             home=home,
             listen_port=port,
-            kafka_bootstrap=bootstrap,
+            **controller_kafka_settings(  # type: ignore[arg-type]
+                KafkaLink(
+                    bootstrap, KafkaSecurity.model_validate_json(os.environ[KAFKA_SECURITY_ENV])
+                )
+            ),
             events_topic=events,
             acks_topic=acks,
             partitions=3,

@@ -41,17 +41,20 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.client import AIOKafkaClient
 
 from ckms._kafka import partitions_of
+from ckms._kafka_security import KafkaLink
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
 from ckms.controller.service import Controller
-from ckms.crypto import material_digest
-from ckms.devkafka import LocalKafka
+from ckms.crypto import SubjectRole, material_digest
+from ckms.devkafka import DevCA, LocalKafka
 from ckms.store import Store
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
+from tests.faults.controller_proc import KAFKA_SECURITY_ENV
 from tests.support.fleet import FAST_AGENT, TEST_ALLOWED_PATHS, agent_config, wait_until
+from tests.support.kafka import dev_ca, install_agent_certificate, link_as
 
 AGENT_BIN = str(Path(sys.executable).parent / "ckms-agent")
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +73,10 @@ class ControllerView:
     lifecycle: Lifecycle
     hosts: HostRegistry
     public_key: bytes
-    bootstrap: str
+    kafka: KafkaLink
+    """As the controller: reads the acks topic."""
+    reader: KafkaLink
+    """As a subscriber: reads the events topic."""
     events_topic: str
     acks_topic: str
 
@@ -83,7 +89,8 @@ class ControllerView:
             c.lifecycle,
             c.hosts,
             await c.vault.public_key(),
-            c.settings.kafka_bootstrap,
+            c.settings.kafka,
+            link_as(c, SubjectRole.SUBSCRIBER, "fault-checks"),
             c.settings.events_topic,
             c.settings.acks_topic,
         )
@@ -128,7 +135,13 @@ hook that blocks only for the agent started with FAULT_GATE set while the gate f
 
 
 async def enroll_host(
-    hosts: HostRegistry, port: int, fingerprint: str, base: Path, name: str, labels: dict[str, str]
+    hosts: HostRegistry,
+    port: int,
+    fingerprint: str,
+    base: Path,
+    name: str,
+    labels: dict[str, str],
+    ca: DevCA,
 ) -> Host:
     """Create a token and enroll a real agent with it over SSH (the controller may be remote)."""
     token = await hosts.create_token(name, labels, actor="alice")
@@ -143,6 +156,7 @@ async def enroll_host(
         root=base / name / "root",
         policy=FAULT_HOST_POLICY,
     )
+    install_agent_certificate(ca, base / name / "state", name)
     return Host(name, config)
 
 
@@ -155,7 +169,7 @@ async def enroll_hosts(
     for start in range(0, len(names), 10):
         out += await asyncio.gather(
             *(
-                enroll_host(c.hosts, c.port, c.host_key_fingerprint, base, n, labels)
+                enroll_host(c.hosts, c.port, c.host_key_fingerprint, base, n, labels, dev_ca(c))
                 for n in names[start : start + 10]
             )
         )
@@ -316,13 +330,13 @@ def process_state(pid: int) -> str:
 # -- Kafka ----------------------------------------------------------------------------------------
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+async def read_topic(kafka: KafkaLink, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` up to its current end (bounded)."""
 
     async def read() -> list[ConsumerRecord[bytes, bytes]]:
-        parts = await partitions_of(bootstrap, topic)
+        parts = await partitions_of(kafka, topic)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **kafka.client_args(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # assign() resets too: never to the end
@@ -349,9 +363,9 @@ async def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, b
     return await asyncio.wait_for(read(), 60)
 
 
-async def partition_leader(bootstrap: str, topic: str, partition: int) -> int:
+async def partition_leader(kafka: KafkaLink, topic: str, partition: int) -> int:
     """The node id that leads one partition now."""
-    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    client = AIOKafkaClient(**kafka.client_args())
     try:
         await client.bootstrap()
         cluster = await client.fetch_all_metadata()
@@ -487,7 +501,7 @@ async def ack_snapshot(view: ControllerView, hosts: list[Host]) -> tuple[AckSnap
     if busy:
         return None, f"acks still queued on the hosts: {busy}"
     on_topic: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
-    for record in await read_topic(view.bootstrap, view.acks_topic):
+    for record in await read_topic(view.kafka, view.acks_topic):
         env = envelope(record)
         on_topic[env["data"]["agent"]].append((int(env["seq"]), record.partition, record.offset))
     records = await audit_log.load_records(view.store)
@@ -649,7 +663,7 @@ async def assert_fleet_invariants(
     audited = {int(r.details["event_seq"]) for r in records if "event_seq" in r.details}
     assert audited == {int(r["seq"]) for r in outbox_rows}, "outbox rows and audit disagree"
     on_topic = Counter(
-        envelope(r)["id"] for r in await read_topic(view.bootstrap, view.events_topic)
+        envelope(r)["id"] for r in await read_topic(view.reader, view.events_topic)
     )
     missing = [r["seq"] for r in outbox_rows if on_topic[r["event_id"]] == 0]
     assert not missing, f"outbox rows {missing} never reached {view.events_topic}"
@@ -684,19 +698,24 @@ class ControllerProcess:
     """``tests/faults/controller_proc.py`` as its own OS process (same home and port each start)."""
 
     def __init__(
-        self, home: Path, bootstrap: str, events: str, acks: str, log: Path, **env: str
+        self, home: Path, kafka: KafkaLink, events: str, acks: str, log: Path, **env: str
     ) -> None:
         self.argv = [
             sys.executable,
             str(Path(__file__).with_name("controller_proc.py")),
             str(home),
-            bootstrap,
+            kafka.bootstrap,
             events,
             acks,
             str(free_port()),
         ]
         self.log = log
-        self._env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        self._env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            KAFKA_SECURITY_ENV: kafka.security.model_dump_json(),
+            **env,
+        }
         self.proc: asyncio.subprocess.Process | None = None
         self.ready: dict[str, Any] = {}
 

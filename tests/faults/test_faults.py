@@ -37,6 +37,7 @@ from ckms._kafka import ensure_topics
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.sealing import Vault
+from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms.protocol import InstallSpec, RevocationReason, Targets
 from ckms.store import Store
@@ -93,7 +94,7 @@ async def acked(view: ControllerView, key: str, version: int, status: str = "ins
 async def key_partition(view: ControllerView, key: str) -> int:
     """The events partition that carries ``key`` (found where its events landed)."""
     await wait_until(lambda: outbox_empty(view.store), 30, "the outbox sent")
-    for record in await read_topic(view.bootstrap, view.events_topic):
+    for record in await read_topic(view.reader, view.events_topic):
         if envelope(record)["data"].get("key") == key:
             return int(record.partition)
     raise AssertionError(f"no event of {key} on {view.events_topic}")
@@ -118,12 +119,12 @@ async def test_broker_killed_mid_rotation_of_50_hosts(
     cluster = healthy_cluster
     async with running_controller(
         tmp_path / "controller",
-        cluster.bootstrap,
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
         unique_topic("acks"),
         replication=3,
     ) as c:
-        await ensure_topics(cluster.bootstrap, c.settings.topic_specs())
+        await ensure_topics(c.settings.kafka, c.settings.topic_specs())
         view = await ControllerView.of(c)
         hosts = await enroll_hosts(c, tmp_path / "hosts", [f"web-{i:02d}" for i in range(50)], WEB)
         await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=KEYRING, actor="alice")
@@ -136,7 +137,7 @@ async def test_broker_killed_mid_rotation_of_50_hosts(
         async with fleet, RevocationWatch(c.store, hosts) as watch:
             await wait_converged(view, [KEY], hosts, 120)
             partition = await key_partition(view, KEY)
-            node = await partition_leader(cluster.bootstrap, view.events_topic, partition) - 1
+            node = await partition_leader(view.kafka, view.events_topic, partition) - 1
 
             # SIGKILL the leader of the key's partition as soon as the rotation commits: waiting
             # for a first ack let a loaded machine see all 50 land in one poll, before the kill.
@@ -173,7 +174,12 @@ async def test_controller_killed_between_commit_and_publish(
     home = tmp_path / "controller"
     hold = tmp_path / "hold-outbox"
     proc = ControllerProcess(
-        home, cluster.bootstrap, events, acks, tmp_path / "controller.log", **{HOLD_ENV: str(hold)}
+        home,
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
+        events,
+        acks,
+        tmp_path / "controller.log",
+        **{HOLD_ENV: str(hold)},
     )
     ready = await proc.start()
     try:
@@ -189,13 +195,20 @@ async def test_controller_killed_between_commit_and_publish(
                 lifecycle,
                 registry,
                 await vault.public_key(),
-                cluster.bootstrap,
+                cluster.link(SubjectRole.CONTROLLER, "controller"),
+                cluster.link(SubjectRole.SUBSCRIBER, "fault-checks"),
                 events,
                 acks,
             )
             hosts = [
                 await enroll_host(
-                    registry, ready["port"], ready["fingerprint"], tmp_path / "hosts", name, WEB
+                    registry,
+                    ready["port"],
+                    ready["fingerprint"],
+                    tmp_path / "hosts",
+                    name,
+                    WEB,
+                    cluster.ca,
                 )
                 for name in ("web-1", "web-2", "web-3")
             ]
@@ -212,7 +225,7 @@ async def test_controller_killed_between_commit_and_publish(
                     "SELECT event_id, type FROM outbox WHERE sent_at IS NULL ORDER BY seq"
                 )
                 assert [r["type"] for r in unsent] == ["key.rotated", "key.revoked"]
-                published = {envelope(r)["id"] for r in await read_topic(cluster.bootstrap, events)}
+                published = {envelope(r)["id"] for r in await read_topic(view.reader, events)}
                 assert not published & {r["event_id"] for r in unsent}, "sent before the crash"
                 assert await proc.kill() == -signal.SIGKILL
                 hold.unlink()
@@ -230,7 +243,7 @@ async def test_controller_killed_between_commit_and_publish(
                     watch,
                 )
             # Never sent before the crash, so each went out exactly once after the restart.
-            on_topic = [envelope(r)["id"] for r in await read_topic(cluster.bootstrap, events)]
+            on_topic = [envelope(r)["id"] for r in await read_topic(view.reader, events)]
             assert all(on_topic.count(r["event_id"]) == 1 for r in unsent)
     finally:
         await proc.terminate()
@@ -253,12 +266,12 @@ async def test_agent_killed_mid_install_then_restarted(
     gate = tmp_path / "gate"
     async with running_controller(
         tmp_path / "controller",
-        cluster.bootstrap,
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
         unique_topic("acks"),
         replication=3,
     ) as c:
-        await ensure_topics(cluster.bootstrap, c.settings.topic_specs())
+        await ensure_topics(c.settings.kafka, c.settings.topic_specs())
         view = await ControllerView.of(c)
         hosts = await enroll_hosts(c, tmp_path / "hosts", ["web-a", "web-b", "web-c"], WEB)
         await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=spec, actor="alice")
@@ -312,12 +325,12 @@ async def test_agent_frozen_through_rotation_and_revocation(
     cluster = healthy_cluster
     async with running_controller(
         tmp_path / "controller",
-        cluster.bootstrap,
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
         unique_topic("acks"),
         replication=3,
     ) as c:
-        await ensure_topics(cluster.bootstrap, c.settings.topic_specs())
+        await ensure_topics(c.settings.kafka, c.settings.topic_specs())
         view = await ControllerView.of(c)
         hosts = await enroll_hosts(c, tmp_path / "hosts", ["web-0", "web-1", "web-2"], WEB)
         frozen, live = hosts[0], hosts[1:]
@@ -364,13 +377,17 @@ async def test_outbox_fills_while_kafka_is_down_then_drains(
 ) -> None:
     cluster = healthy_cluster
     home = tmp_path / "controller"
-    topics = (cluster.bootstrap, unique_topic("events"), unique_topic("acks"))
+    topics = (
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
+        unique_topic("events"),
+        unique_topic("acks"),
+    )
     # Agents keep converging over SSH (sync every 5 s) while Kafka is away.
     settings: dict[str, Any] = {"replication": 3, "reconcile_interval_s": 5}
     first = running_controller(home, *topics, **settings)
     c = await first.__aenter__()
     try:
-        await ensure_topics(cluster.bootstrap, c.settings.topic_specs())
+        await ensure_topics(c.settings.kafka, c.settings.topic_specs())
         port = c.port
         hosts = await enroll_hosts(c, tmp_path / "hosts", ["web-1", "web-2", "web-3"], WEB)
         await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=KEYRING, actor="alice")

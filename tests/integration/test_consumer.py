@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from ckms._kafka import TopicSpec, ensure_topics
+from ckms._kafka_security import KafkaLink
 from ckms.consumer import Envelope, FileOffsetStore, Subscriber
 from ckms.crypto import generate_signing_key, sign, signer_key_id, signing_public_key
 from ckms.protocol import (
@@ -46,8 +47,8 @@ def revoked(seq: int, signer: bytes, key: str = "payments/db") -> SignedMessage:
     return encode_event(EventType.KEY_REVOKED, data, seq=seq, signing_key=signer, at=AT)
 
 
-async def send_all(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes, list]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+async def send_all(kafka: KafkaLink, topic: str, messages: list[tuple[bytes, bytes, list]]) -> None:
+    producer = AIOKafkaProducer(**kafka.client_args(acks="all", enable_idempotence=True))
     await producer.start()
     try:
         for key, value, headers in messages:
@@ -73,15 +74,18 @@ async def take(sub: Subscriber, n: int, wait_s: float = 20.0) -> list[Envelope]:
 
 
 @pytest.fixture
-async def topic(kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> str:
+async def topic(controller_kafka: KafkaLink, unique_topic: Callable[[str], str]) -> str:
     name = unique_topic("events")
-    await ensure_topics(kafka_bootstrap, [TopicSpec(name, partitions=3)])
-    await ensure_topics(kafka_bootstrap, [TopicSpec(name, partitions=3)])  # idempotent
+    await ensure_topics(controller_kafka, [TopicSpec(name, partitions=3)])
+    await ensure_topics(controller_kafka, [TopicSpec(name, partitions=3)])  # idempotent
     return name
 
 
 async def test_bad_events_are_dropped_with_a_reason_and_good_ones_delivered(
-    kafka_bootstrap: str, topic: str, caplog: pytest.LogCaptureFixture
+    controller_kafka: KafkaLink,
+    reader_kafka: KafkaLink,
+    topic: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     controller = generate_signing_key()
     intruder = generate_signing_key()
@@ -103,8 +107,7 @@ async def test_bad_events_are_dropped_with_a_reason_and_good_ones_delivered(
             [(SIGNATURE_HEADER, sign(controller, raw)), (KEY_ID_HEADER, kid)],
         )
 
-    await send_all(
-        kafka_bootstrap,
+    await send_all(controller_kafka,
         topic,
         [
             as_record(first),
@@ -119,7 +122,8 @@ async def test_bad_events_are_dropped_with_a_reason_and_good_ones_delivered(
     )
     caplog.set_level(logging.WARNING, logger="ckms.consumer")
     async with Subscriber(
-        bootstrap=kafka_bootstrap, trust=signing_public_key(controller), topic=topic
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security, trust=signing_public_key(controller), topic=topic
     ) as sub:
         events = await take(sub, 2)
         stats = dict(sub.stats)
@@ -140,14 +144,15 @@ async def test_bad_events_are_dropped_with_a_reason_and_good_ones_delivered(
 
 
 async def test_positions_survive_restarts_and_types_filter(
-    kafka_bootstrap: str, topic: str, tmp_path: Path
+    controller_kafka: KafkaLink, reader_kafka: KafkaLink, topic: str, tmp_path: Path
 ) -> None:
     controller = generate_signing_key()
     offsets = tmp_path / "offsets.json"
-    await send_all(kafka_bootstrap, topic, [as_record(revoked(s, controller)) for s in (1, 2, 3)])
+    await send_all(controller_kafka, topic, [as_record(revoked(s, controller)) for s in (1, 2, 3)])
 
     async with Subscriber(
-        bootstrap=kafka_bootstrap,
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security,
         trust=signing_public_key(controller),
         topic=topic,
         offsets=offsets,
@@ -156,9 +161,10 @@ async def test_positions_survive_restarts_and_types_filter(
     assert FileOffsetStore(offsets).load_sync(topic)[0].offset == 3
     assert offsets.stat().st_mode & 0o077 == 0
 
-    await send_all(kafka_bootstrap, topic, [as_record(revoked(s, controller)) for s in (4, 5)])
+    await send_all(controller_kafka, topic, [as_record(revoked(s, controller)) for s in (4, 5)])
     async with Subscriber(
-        bootstrap=kafka_bootstrap,
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security,
         trust=signing_public_key(controller),
         topic=topic,
         offsets=offsets,
@@ -167,7 +173,8 @@ async def test_positions_survive_restarts_and_types_filter(
 
     # A subscriber that only wants key.rotated sees none of these.
     async with Subscriber(
-        bootstrap=kafka_bootstrap,
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security,
         trust=signing_public_key(controller),
         topic=topic,
         types={"key.rotated"},
@@ -178,14 +185,15 @@ async def test_positions_survive_restarts_and_types_filter(
 
 
 async def test_an_exception_in_the_handler_redelivers_the_event(
-    kafka_bootstrap: str, topic: str, tmp_path: Path
+    controller_kafka: KafkaLink, reader_kafka: KafkaLink, topic: str, tmp_path: Path
 ) -> None:
     controller = generate_signing_key()
     offsets = tmp_path / "offsets.json"
-    await send_all(kafka_bootstrap, topic, [as_record(revoked(s, controller)) for s in (1, 2)])
+    await send_all(controller_kafka, topic, [as_record(revoked(s, controller)) for s in (1, 2)])
     with pytest.raises(RuntimeError):
         async with Subscriber(
-            bootstrap=kafka_bootstrap,
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security,
             trust=signing_public_key(controller),
             topic=topic,
             offsets=offsets,
@@ -193,7 +201,8 @@ async def test_an_exception_in_the_handler_redelivers_the_event(
             assert [e.seq for e in await take(sub, 1)] == [1]
             raise RuntimeError("handler failed")
     async with Subscriber(
-        bootstrap=kafka_bootstrap,
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security,
         trust=signing_public_key(controller),
         topic=topic,
         offsets=offsets,

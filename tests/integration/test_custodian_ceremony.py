@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from shamir_mnemonic.wordlist import WORDLIST
 
+from ckms._kafka_security import KafkaProtocol
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
 from ckms.errors import ApprovalRequiredError, UnsealError
@@ -24,6 +25,8 @@ from tests.support.cli import make_ssh_key
 from tests.support.processes import BIN, base_env, controller_process, run
 
 NO_KAFKA = "127.0.0.1:9"
+NO_KAFKA_SECURITY = {"CKMS_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
+"""No broker in these tests: no TLS files either (the development setting, said explicitly)."""
 WORDS = frozenset(WORDLIST)
 
 
@@ -82,7 +85,9 @@ async def test_init_encrypts_each_share_to_its_custodian_and_age_decrypts_it(
 
     fingerprint = re.search(r"controller host key: (SHA256:\S+)", out)
     assert fingerprint, out
-    async with controller_process(home / "controller.toml", logs / "controller.log") as port:
+    async with controller_process(
+        home / "controller.toml", logs / "controller.log", **NO_KAFKA_SECURITY
+    ) as port:
 
         def as_(who: str) -> dict[str, str]:
             return base_env(
@@ -139,7 +144,12 @@ def test_init_refuses_custodian_sets_that_one_person_could_hold(tmp_path: Path) 
 @contextlib.asynccontextmanager
 async def share_controller(tmp_path: Path) -> AsyncIterator[tuple[Controller, list[str]]]:
     controller = Controller(
-        ControllerSettings(home=tmp_path / "ctl", listen_port=0, kafka_bootstrap=NO_KAFKA)
+        ControllerSettings(
+            home=tmp_path / "ctl",
+            listen_port=0,
+            kafka_bootstrap=NO_KAFKA,
+            kafka_security_protocol=KafkaProtocol.PLAINTEXT,
+        )
     )
     await controller.open()
     assert controller.store is not None

@@ -26,10 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckms._kafka import TopicSpec, ensure_topics
+from ckms._kafka_security import KafkaLink
 from ckms.consumer import FileOffsetStore, Subscriber
 from ckms.errors import ProtocolError
 from ckms.protocol import MessageRejected, canonical_json, parse_canonical_json, verify_message
 from tests.support.go_consumer import MODULE, go_consumer, go_env, run_go_consumer
+from tests.support.kafka import go_tls_args
 from tests.support.vectors import VECTORS_DIR, load_vectors
 
 __all__ = ["go_consumer"]
@@ -137,16 +139,16 @@ def test_python_float_spelling_edges(go_consumer: Path) -> None:
 
 
 @pytest.fixture
-async def vector_topic(kafka_bootstrap: str, unique_topic: Callable[[str], str]) -> tuple:
+async def vector_topic(controller_kafka: KafkaLink, unique_topic: Callable[[str], str]) -> tuple:
     """A topic holding every vector record; returns it and each case's (partition, offset)."""
     topic = unique_topic("vectors")
-    await ensure_topics(kafka_bootstrap, [TopicSpec(topic, partitions=VECTORS["partitions"])])
-    positions = await produce_cases(kafka_bootstrap, topic, CASES)
+    await ensure_topics(controller_kafka, [TopicSpec(topic, partitions=VECTORS["partitions"])])
+    positions = await produce_cases(controller_kafka, topic, CASES)
     return topic, positions
 
 
-async def produce_cases(bootstrap: str, topic: str, cases: list[dict]) -> list[tuple[int, int]]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=1 << 20)
+async def produce_cases(kafka: KafkaLink, topic: str, cases: list[dict]) -> list[tuple[int, int]]:
+    producer = AIOKafkaProducer(**kafka.client_args(acks="all", max_request_size=1 << 20))
     await producer.start()
     try:
         out = []
@@ -163,7 +165,7 @@ async def produce_cases(bootstrap: str, topic: str, cases: list[dict]) -> list[t
 
 
 async def python_verdicts(
-    bootstrap: str,
+    kafka: KafkaLink,
     topic: str,
     positions: list[tuple[int, int]],
     caplog: pytest.LogCaptureFixture,
@@ -179,7 +181,9 @@ async def python_verdicts(
     by_id = {c["expect"]["id"]: pos for c, pos in zip(CASES, positions, strict=True)
              if c["verdict"] == "accept"}  # fmt: skip
     verdicts: dict[tuple[int, int], tuple[str, str | None]] = {}
-    async with Subscriber(bootstrap=bootstrap, trust=trust, topic=topic, **kw) as sub:
+    async with Subscriber(
+        bootstrap=kafka.bootstrap, security=kafka.security, trust=trust, topic=topic, **kw
+    ) as sub:
         while True:
             try:
                 event = await asyncio.wait_for(anext(sub), 3)
@@ -195,7 +199,7 @@ async def python_verdicts(
 @pytest.mark.kafka
 async def test_both_consumers_judge_the_vectors_alike_over_kafka(
     go_consumer: Path,
-    kafka_bootstrap: str,
+    reader_kafka: KafkaLink,
     vector_topic: tuple,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -203,11 +207,12 @@ async def test_both_consumers_judge_the_vectors_alike_over_kafka(
     topic, positions = vector_topic
     expected = dict(zip(positions, _expected(), strict=True))
 
-    python = await python_verdicts(kafka_bootstrap, topic, positions, caplog)
+    python = await python_verdicts(reader_kafka, topic, positions, caplog)
     assert python == expected
 
     state = tmp_path / "go-state.json"
-    args = ["-brokers", kafka_bootstrap, "-topic", topic, "-state", str(state), "-json",
+    args = ["-brokers", reader_kafka.bootstrap, *go_tls_args(reader_kafka.security),
+            "-topic", topic, "-state", str(state), "-json",
             "-poll-wait", "500ms"] + [a for k in TRUST_B64 for a in ("-trust", k)]  # fmt: skip
     async with run_go_consumer(go_consumer, *args) as go:
         await go.wait_lines(len(CASES))
@@ -236,12 +241,13 @@ async def test_both_consumers_judge_the_vectors_alike_over_kafka(
 
 @pytest.mark.kafka
 async def test_go_consumer_resumes_from_its_state_and_drops_replays_across_restarts(
-    go_consumer: Path, kafka_bootstrap: str, vector_topic: tuple, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    go_consumer: Path, controller_kafka: KafkaLink, reader_kafka: KafkaLink, vector_topic: tuple,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     topic, positions = vector_topic
     state = tmp_path / "go-state.json"
-    args = ["-brokers", kafka_bootstrap, "-topic", topic, "-state", str(state), "-json",
+    args = ["-brokers", reader_kafka.bootstrap, *go_tls_args(reader_kafka.security),
+            "-topic", topic, "-state", str(state), "-json",
             "-poll-wait", "500ms"] + [a for k in TRUST_B64 for a in ("-trust", k)]  # fmt: skip
     async with run_go_consumer(go_consumer, *args) as go:
         await go.wait_lines(len(CASES))
@@ -250,7 +256,7 @@ async def test_go_consumer_resumes_from_its_state_and_drops_replays_across_resta
     replay = next(c for c in CASES if c["name"] == "valid_key.revoked")
     fresh = next(c for c in CASES if c["name"] == "after_refusals")
     newer = dict(fresh, name="newer")  # same bytes: already applied, so also a replay
-    await produce_cases(kafka_bootstrap, topic, [replay, newer])
+    await produce_cases(controller_kafka, topic, [replay, newer])
     async with run_go_consumer(go_consumer, *args) as go:
         lines = await go.wait_lines(2)
     got = [json.loads(line) for line in lines]
@@ -261,7 +267,7 @@ async def test_go_consumer_resumes_from_its_state_and_drops_replays_across_resta
     # The Python Subscriber resumes from the Go consumer's state file alike: nothing new.
     caplog.clear()
     python = await python_verdicts(
-        kafka_bootstrap, topic, positions, caplog, offsets=FileOffsetStore(state)
+        reader_kafka, topic, positions, caplog, offsets=FileOffsetStore(state)
     )
     assert python == {}
 

@@ -54,7 +54,10 @@ async def test_unseal_and_enroll_leave_no_secret_in_any_log(tmp_path: Path, mode
     init = json.loads(out)
     secrets = [PASSPHRASE] if mode == "passphrase" else list(init["shares"])
     controller_log = logs / "controller.log"
-    async with controller_process(home / "controller.toml", controller_log) as port:
+    # No broker here: plaintext Kafka, said explicitly (no TLS files to provide).
+    async with controller_process(
+        home / "controller.toml", controller_log, CKMS_KAFKA_SECURITY_PROTOCOL="PLAINTEXT"
+    ) as port:
 
         def as_(who: str, identity: Path) -> dict[str, str]:
             return base_env(

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest_asyncio
 
+from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
 from ckms.store import Clock, utc_now
+from tests.support.kafka import controller_kafka_settings
 
 PASSPHRASE = "correct horse battery staple for tests"
 
@@ -19,7 +21,7 @@ PASSPHRASE = "correct horse battery staple for tests"
 @contextlib.asynccontextmanager
 async def running_controller(
     home: Path,
-    bootstrap: str,
+    kafka: KafkaLink | str,
     events_topic: str,
     acks_topic: str,
     *,
@@ -30,12 +32,13 @@ async def running_controller(
     """Open, initialise (passphrase), unseal and run a controller; stop it cleanly on exit.
 
     ``listen_port`` 0 picks a free port; pass the old port to restart a controller in place.
+    ``kafka`` is a link (mTLS as the controller) or, for tests without a broker, an address.
     """
     controller = Controller(
         ControllerSettings(
             home=home,
             listen_port=listen_port,
-            kafka_bootstrap=bootstrap,
+            **controller_kafka_settings(kafka),  # type: ignore[arg-type]
             events_topic=events_topic,
             acks_topic=acks_topic,
             partitions=3,
@@ -92,12 +95,12 @@ def _await_chain(task: asyncio.Task[object]) -> str:
 
 @pytest_asyncio.fixture
 async def controller(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> AsyncIterator[Controller]:
     """A running, unsealed controller with its own topics on the session Kafka."""
     async with running_controller(
         tmp_path / "controller",
-        kafka_bootstrap,
+        controller_kafka,
         unique_topic("events"),
         unique_topic("acks"),
         audit_topic=unique_topic("audit"),

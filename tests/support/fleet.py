@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from ckms._kafka_security import KafkaProtocol
 from ckms.controller.service import Controller
 from ckms.ssh import RpcClient
 from ckms_agent.config import AgentConfig, load_config
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
 from ckms_agent.identity import load_keys
+from tests.support.kafka import dev_ca, install_agent_certificate
 from tests.support.waiting import wait_until as wait_until  # tests import it from here
 
 FAST_AGENT = {
@@ -54,6 +56,8 @@ async def enroll_agent(
         root=base / name / "root",
         policy={"allowed_paths": TEST_ALLOWED_PATHS, "hooks": hooks or {}},
     )
+    if controller.settings.kafka_security.protocol is not KafkaProtocol.PLAINTEXT:
+        install_agent_certificate(dev_ca(controller), base / name / "state", name)
     return config_path
 
 

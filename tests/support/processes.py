@@ -47,8 +47,11 @@ async def run(*argv: str, env: dict[str, str], log: Path) -> tuple[int, str]:
 
 
 @contextlib.asynccontextmanager
-async def controller_process(config: Path, log: Path) -> AsyncIterator[int]:
-    """``ckms controller run`` at DEBUG with SSH debugging; yields its port once it listens."""
+async def controller_process(config: Path, log: Path, **env: str) -> AsyncIterator[int]:
+    """``ckms controller run`` at DEBUG with SSH debugging; yields its port once it listens.
+
+    ``env`` adds settings (``CKMS_<FIELD>``), e.g. plaintext Kafka for a test without a broker.
+    """
     err = log.open("ab")
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "ckms"),
@@ -59,7 +62,7 @@ async def controller_process(config: Path, log: Path) -> AsyncIterator[int]:
         "--log-level",
         "DEBUG",
         "--ssh-debug",
-        env=base_env(),
+        env=base_env(**env),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=err,

@@ -7,16 +7,17 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from ckms._kafka import partitions_of
+from ckms._kafka_security import KafkaLink
 
 
 async def read_raw(
-    bootstrap: str, topic: str, n: int, wait_s: float = 30.0
+    kafka: KafkaLink, topic: str, n: int, wait_s: float = 30.0
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """The first ``n`` records of ``topic`` (every partition), waiting for them (bounded)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    consumer = AIOKafkaConsumer(**kafka.client_args(group_id=None))
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        tps = [TopicPartition(topic, p) for p in await partitions_of(kafka, topic)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         records: list[ConsumerRecord[bytes, bytes]] = []

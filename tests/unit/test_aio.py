@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
 from ckms._kafka import Outgoing, ProducerSettings, Relay
+from ckms._kafka_security import KafkaLink, KafkaSecurity
 
 
 async def _stops(task: asyncio.Task[None]) -> bool:
@@ -71,7 +72,7 @@ async def test_a_relay_woken_as_it_is_cancelled_stops() -> None:
     """The publisher is woken by every commit; a commit as the controller stops is common."""
     relay = Relay(
         _Empty(),
-        bootstrap="127.0.0.1:9",  # never reached: the queue is empty
+        kafka=KafkaLink("127.0.0.1:9", KafkaSecurity.plaintext()),  # never reached: empty queue
         topic="t",
         producer=ProducerSettings(client_id="test"),
         backoff=Backoff(0.1, 1.0),

@@ -68,6 +68,7 @@ def _offenders(package: str, allowed: tuple[str, ...]) -> list[str]:
                 "ckms.errors",
                 "ckms._logging",
                 "ckms._kafka",
+                "ckms._kafka_security",
                 "ckms.ssh",
                 "ckms.store",
                 "ckms.devkafka",

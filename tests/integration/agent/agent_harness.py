@@ -19,6 +19,7 @@ import asyncssh
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ckms._kafka import partitions_of
+from ckms._kafka_security import KafkaLink
 from ckms.crypto import (
     KeyType,
     WrapSuite,
@@ -107,8 +108,9 @@ class FakeHost:
 class FakeController:
     """The controller side of the agent RPC contract, in memory."""
 
-    def __init__(self, bootstrap: str, events_topic: str, acks_topic: str) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaLink, events_topic: str, acks_topic: str) -> None:
+        self.kafka = kafka
+        self.bootstrap = kafka.bootstrap
         self.events_topic = events_topic
         self.acks_topic = acks_topic
         self.host_key = generate_ssh_key()
@@ -324,9 +326,7 @@ class FakeController:
         )
 
     async def publish(self, *messages: SignedMessage) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True
-        )
+        producer = AIOKafkaProducer(**self.kafka.client_args(acks="all", enable_idempotence=True))
         await producer.start()
         try:
             for msg in messages:
@@ -340,8 +340,8 @@ class FakeController:
 class AckReader:
     """Reads every ack on the test's acks topic and verifies it with the agent's identity key."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaLink, topic: str) -> None:
+        self.kafka = kafka
         self.topic = topic
         self.acks: list[Envelope] = []
         self.raw: list[tuple[bytes, list[tuple[str, bytes]]]] = []
@@ -349,10 +349,10 @@ class AckReader:
 
     async def start(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
+            **self.kafka.client_args(group_id=None, enable_auto_commit=False)
         )
         await consumer.start()
-        parts = await partitions_of(self.bootstrap, self.topic)
+        parts = await partitions_of(self.kafka, self.topic)
         tps = [TopicPartition(self.topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -6,23 +6,29 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from agent_harness import ALLOWED, TOKEN, AckReader, FakeController, World
+from agent_harness import ALLOWED, HOST, TOKEN, AckReader, FakeController, World
 
 from ckms._kafka import TopicSpec, ensure_topics
+from ckms._kafka_security import KafkaLink
+from ckms.crypto import SubjectRole
+from ckms.devkafka import LocalKafka
 from ckms_agent.enroll import enroll
 
 
 @pytest.fixture
 async def world(
-    kafka_bootstrap: str, unique_topic: Callable[[str], str], tmp_path: Path
+    local_kafka: LocalKafka,
+    controller_kafka: KafkaLink,
+    unique_topic: Callable[[str], str],
+    tmp_path: Path,
 ) -> AsyncIterator[World]:
     events, acks = unique_topic("events"), unique_topic("acks")
     await ensure_topics(
-        kafka_bootstrap, [TopicSpec(events, partitions=3), TopicSpec(acks, partitions=1)]
+        controller_kafka, [TopicSpec(events, partitions=3), TopicSpec(acks, partitions=1)]
     )
-    controller = FakeController(kafka_bootstrap, events, acks)
+    controller = FakeController(controller_kafka, events, acks)
     await controller.start()
-    reader = AckReader(kafka_bootstrap, acks)
+    reader = AckReader(controller_kafka, acks)
     await reader.start()
     config_path = tmp_path / "etc" / "agent.toml"
     root = tmp_path / "root"
@@ -36,6 +42,8 @@ async def world(
         root=root,
         policy={"allowed_paths": ALLOWED},
     )
+    # The host's Kafka certificate where the agent looks for it, as enrollment leaves it.
+    local_kafka.ca.install(SubjectRole.AGENT, HOST, tmp_path / "state" / "kafka")
     try:
         yield World(controller, reader, tmp_path, config_path, root)
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from ckms._kafka_security import KafkaLink
 from ckms.controller.service import Controller
 from tests.support.cli import MovableClock, Operators
 from tests.support.controller import running_controller
@@ -22,13 +23,13 @@ def clock() -> MovableClock:
 @pytest_asyncio.fixture
 async def controller(
     tmp_path: Path,
-    kafka_bootstrap: str,
+    controller_kafka: KafkaLink,
     unique_topic: Callable[[str], str],
     clock: MovableClock,
 ) -> AsyncIterator[Controller]:
     async with running_controller(
         tmp_path / "controller",
-        kafka_bootstrap,
+        controller_kafka,
         unique_topic("events"),
         unique_topic("acks"),
         clock=clock,

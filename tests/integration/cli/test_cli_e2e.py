@@ -17,6 +17,8 @@ import pytest
 
 from ckms.cli._errors import ExitCode
 from ckms.controller.service import Controller
+from ckms.crypto import SubjectRole
+from ckms.devkafka import LocalKafka
 from ckms.protocol import Targets
 from tests.support.cli import Operators, make_ssh_key, run_cli
 
@@ -39,8 +41,9 @@ def operator_env(port: int, fingerprint: str, name: str, identity: Path) -> dict
 
 
 async def test_init_run_unseal_with_two_custodians_then_stop(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, local_kafka: LocalKafka, unique_topic: Callable[[str], str]
 ) -> None:
+    kafka_bootstrap = local_kafka.bootstrap
     alice_key, alice_pub = make_ssh_key(tmp_path / "keys" / "alice")
     bob_key, bob_pub = make_ssh_key(tmp_path / "keys" / "bob")
     (tmp_path / "alice.pub").write_text(alice_pub)
@@ -61,6 +64,8 @@ async def test_init_run_unseal_with_two_custodians_then_stop(
         "--admin", "alice", "--admin-key", str(tmp_path / "alice.pub"),
     )  # fmt: skip
     assert again.rc == ExitCode.FAILED and "this home is initialised" in again.stderr
+    # The controller's Kafka certificate, where it looks by default (<home>/kafka/).
+    local_kafka.ca.install(SubjectRole.CONTROLLER, "controller", home / "kafka")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKMS_")}
     env |= {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ckms._kafka_security import KafkaLink
 from ckms.controller.service import Controller
 from ckms.errors import AuditAnchorError
 from ckms.protocol import admin as api
@@ -18,6 +19,7 @@ from ckms.store import audit as audit_log
 from tests.support.cli import run_cli
 from tests.support.controller import running_controller
 from tests.support.fleet import wait_until
+from tests.support.kafka import tls_options
 
 pytestmark = pytest.mark.kafka
 
@@ -37,12 +39,12 @@ async def _export(c: Controller, path: Path) -> None:
 
 
 async def test_a_controller_restarted_over_a_cut_log_refuses_to_sign_or_audit(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     home = tmp_path / "ctl"
     topics = (unique_topic("events"), unique_topic("acks"))
     audit_topic = unique_topic("audit")
-    async with running_controller(home, kafka_bootstrap, *topics, audit_topic=audit_topic) as c:
+    async with running_controller(home, controller_kafka, *topics, audit_topic=audit_topic) as c:
         for n in range(3):
             await c.lifecycle.create(f"app/k{n}", "aes-256", actor="alice")
         first = await _anchored(c)
@@ -53,7 +55,7 @@ async def test_a_controller_restarted_over_a_cut_log_refuses_to_sign_or_audit(
     assert last.size > first.size and last.prev_size == first.size
 
     # A clean restart: the log extends the anchor; work goes on and is anchored further.
-    async with running_controller(home, kafka_bootstrap, *topics, audit_topic=audit_topic) as c:
+    async with running_controller(home, controller_kafka, *topics, audit_topic=audit_topic) as c:
         await wait_until(lambda: c.vault.anchor.loaded, what="anchor read back")
         assert c.vault.anchor.broken is None and c.vault.anchor.last is not None
         assert c.vault.anchor.last.size == last.size
@@ -66,7 +68,7 @@ async def test_a_controller_restarted_over_a_cut_log_refuses_to_sign_or_audit(
         raw.execute("DELETE FROM audit WHERE idx >= ?", (first.size,))
         raw.execute("DELETE FROM audit_checkpoints WHERE size > ?", (first.size,))
 
-    async with running_controller(home, kafka_bootstrap, *topics, audit_topic=audit_topic) as c:
+    async with running_controller(home, controller_kafka, *topics, audit_topic=audit_topic) as c:
         await wait_until(lambda: c.vault.anchor.broken is not None, what="the cut noticed")
         assert "truncated" in (c.vault.anchor.broken or "")
         with pytest.raises(AuditAnchorError):
@@ -81,7 +83,8 @@ async def test_a_controller_restarted_over_a_cut_log_refuses_to_sign_or_audit(
     key = base64.b64encode(public).decode()
     offline = await run_cli(
         "audit", "verify", "--file", str(tmp_path / "export.jsonl"), "--signing-key", key,
-        "--anchor-from-kafka", "--kafka-bootstrap", kafka_bootstrap, "--audit-topic", audit_topic,
+        "--anchor-from-kafka", "--kafka-bootstrap", controller_kafka.bootstrap,
+        "--audit-topic", audit_topic, *tls_options(controller_kafka),
     )  # fmt: skip
     assert offline.rc == 1, offline.stdout + offline.stderr
     # Unsealing the third start appended a record before the anchor was read back, so the log

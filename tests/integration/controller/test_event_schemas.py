@@ -12,6 +12,7 @@ import pytest
 
 from ckms.controller.models import Policy
 from ckms.controller.service import Controller
+from ckms.crypto import SubjectRole
 from ckms.protocol import (
     EventType,
     InstallSpec,
@@ -21,6 +22,7 @@ from ckms.protocol import (
     verify_message,
 )
 from tests.support.cli import enroll_host
+from tests.support.kafka import link_as
 from tests.support.records import read_raw
 
 pytestmark = pytest.mark.kafka
@@ -63,7 +65,8 @@ async def test_every_event_type_a_controller_sends_matches_its_schema(
     await controller.hosts.revoke("db-7", actor="alice")
 
     settings = controller.settings
-    records = await read_raw(settings.kafka_bootstrap, settings.events_topic, 8)
+    reader = link_as(controller, SubjectRole.SUBSCRIBER, "schema-check")
+    records = await read_raw(reader, settings.events_topic, 8)
     envelope = jsonschema.Draft202012Validator(
         json.loads((SCHEMAS / "envelope.json").read_text(encoding="utf-8"))
     )

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from ckms._kafka_security import KafkaLink
 from ckms.consumer import Envelope, Subscriber
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller, ControllerSettings
 from ckms.crypto import (
+    SubjectRole,
     generate_signing_key,
 )
 from ckms.devkafka import LocalKafka
@@ -26,6 +28,7 @@ from ckms.protocol import (
 from tests.support.acks import send_ack
 from tests.support.cli import enroll_host
 from tests.support.controller import PASSPHRASE, running_controller
+from tests.support.kafka import link_as
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kafka
@@ -48,8 +51,10 @@ async def wait_for(predicate: Callable[[], object], wait_s: float = 20.0) -> Non
 
 
 def subscriber(c: Controller, public: bytes, **kw: object) -> Subscriber:
+    reader = link_as(c, SubjectRole.SUBSCRIBER, "test-reader")
     return Subscriber(
-        bootstrap=c.settings.kafka_bootstrap,
+        bootstrap=reader.bootstrap,
+        security=reader.security,
         trust=public,
         topic=c.settings.events_topic,
         **kw,  # type: ignore[arg-type]
@@ -83,7 +88,10 @@ async def test_events_survive_a_broker_restart_each_delivered_once_in_order(
     async with (
         LocalKafka() as kafka,
         running_controller(
-            tmp_path / "c", kafka.bootstrap, unique_topic("events"), unique_topic("acks")
+            tmp_path / "c",
+            kafka.link(SubjectRole.CONTROLLER, "controller"),
+            unique_topic("events"),
+            unique_topic("acks"),
         ) as c,
     ):
         lc = c.lifecycle
@@ -130,27 +138,35 @@ async def test_an_event_sent_twice_after_a_crash_is_applied_once(controller: Con
 
 
 async def test_events_committed_while_the_publisher_is_down_are_published_once(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path,
+    controller_kafka: KafkaLink,
+    reader_kafka: KafkaLink,
+    unique_topic: Callable[[str], str],
 ) -> None:
     """The process dies after the commit, before the send: the restart publishes it once."""
     home, events_topic, acks_topic = tmp_path / "c", unique_topic("events"), unique_topic("acks")
-    async with running_controller(home, kafka_bootstrap, events_topic, acks_topic) as c:
+    async with running_controller(home, controller_kafka, events_topic, acks_topic) as c:
         await c.lifecycle.create("app/one", "aes-256", actor="alice")
         await wait_for(lambda: _no_backlog(c))
         public = await c.vault.public_key()
 
     # The same controller home, opened and unsealed but never run: the rotation commits with
     # its outbox row, and the process ends before any publisher could send it.
-    offline = Controller(ControllerSettings(home=home, kafka_bootstrap=kafka_bootstrap))
+    offline = Controller(ControllerSettings(home=home, kafka_bootstrap=controller_kafka.bootstrap))
     await offline.open()
     await offline.vault.unseal_with_passphrase(PASSPHRASE)
     await offline.lifecycle.rotate("app/one", actor="alice")
     assert await offline.publisher.backlog() == 1
     await offline.close()
 
-    async with running_controller(home, kafka_bootstrap, events_topic, acks_topic) as c:
+    async with running_controller(home, controller_kafka, events_topic, acks_topic) as c:
         await wait_for(lambda: _no_backlog(c))
-    async with Subscriber(bootstrap=kafka_bootstrap, trust=public, topic=events_topic) as sub:
+    async with Subscriber(
+        bootstrap=reader_kafka.bootstrap,
+        security=reader_kafka.security,
+        trust=public,
+        topic=events_topic,
+    ) as sub:
         events = await take(sub, 2)
         with pytest.raises(TimeoutError):
             await take(sub, 1, wait_s=2)

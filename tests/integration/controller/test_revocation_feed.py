@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from ckms.consumer import Subscriber
 from ckms.controller.service import Controller
-from ckms.crypto import generate_signing_key, sign
+from ckms.crypto import SubjectRole, generate_signing_key, sign
 from ckms.protocol import (
     KEY_ID_HEADER,
     MAX_MESSAGE_BYTES,
@@ -24,6 +24,7 @@ from ckms.protocol import (
     RevocationReason,
 )
 from tests.support.go_consumer import go_consumer, run_go_consumer
+from tests.support.kafka import go_tls_args, link_as
 from tests.support.records import read_raw
 
 __all__ = ["go_consumer"]
@@ -59,9 +60,11 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
     await lc.create("payments/db", "aes-256", actor="alice")
     await lc.rotate("payments/db", actor="alice")
     await lc.revoke("payments/db", RevocationReason.KEY_COMPROMISE, version=1, actor="alice")
-    *_, revoked = await read_raw(bootstrap, topic, 3)
+    reader = link_as(controller, SubjectRole.SUBSCRIBER, "test-reader")
+    *_, revoked = await read_raw(reader, topic, 3)
 
-    # What an attacker with write access to the topic sends (and the controller never would).
+    # What an attacker with write access to the topic sends (and the controller never would):
+    # with the ACLs, that takes the controller's own Kafka certificate.
     intruder = generate_signing_key()
     kid = dict(revoked.headers)[KEY_ID_HEADER]
     forged_value = revoked.value.replace(b'"version":1', b'"version":2')
@@ -71,7 +74,9 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
         ("replayed", revoked.value, list(revoked.headers)),
         ("oversized", b" " * (MAX_MESSAGE_BYTES + 1), list(revoked.headers)),
     ]  # fmt: skip
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=1 << 20)
+    producer = AIOKafkaProducer(
+        **settings.kafka.client_args(acks="all", max_request_size=1 << 20)
+    )
     await producer.start()
     try:
         for _reason, value, headers in attacks:
@@ -87,7 +92,9 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
     # -- Python: the Subscriber, printing what it gets --------------------------------------
     caplog.set_level(logging.WARNING, logger="ckms.consumer")
     python_lines: list[str] = []
-    async with Subscriber(bootstrap=bootstrap, trust=public, topic=topic) as sub:
+    async with Subscriber(
+        bootstrap=bootstrap, security=reader.security, trust=public, topic=topic
+    ) as sub:
 
         async def collect() -> None:
             async for event in sub:
@@ -102,7 +109,8 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
     python_drops = [r.getMessage() for r in caplog.records if "dropped event" in r.getMessage()]
 
     # -- Go: the example consumer, text mode, every event -----------------------------------
-    args = ["-brokers", bootstrap, "-topic", topic, "-state", str(tmp_path / "go.json"),
+    args = ["-brokers", bootstrap, *go_tls_args(reader.security),
+            "-topic", topic, "-state", str(tmp_path / "go.json"),
             "-trust", base64.b64encode(public).decode(), "-all", "-poll-wait", "500ms"]  # fmt: skip
     async with run_go_consumer(go_consumer, *args) as go:
         go_lines = await go.wait_lines(len(python_lines))
@@ -128,7 +136,8 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
 
     # Asked for revocations only, the Go consumer prints exactly those (and still refuses the
     # attacks: a filter never skips verification).
-    args = ["-brokers", bootstrap, "-topic", topic, "-state", str(tmp_path / "go-revoked.json"),
+    args = ["-brokers", bootstrap, *go_tls_args(reader.security),
+            "-topic", topic, "-state", str(tmp_path / "go-revoked.json"),
             "-trust", base64.b64encode(public).decode(), "-type", "key.revoked",
             "-poll-wait", "500ms"]  # fmt: skip
     async with run_go_consumer(go_consumer, *args) as go:

@@ -193,3 +193,31 @@ def test_an_allowed_root_holding_the_state_dir_or_the_config_is_refused(
     with pytest.raises(ConfigError, match="this config file"):
         load_config(path, environ={"CKMS_AGENT_ALLOWED_PATHS": str(path.parent)})
     assert load_config(path, environ={"CKMS_AGENT_ALLOWED_PATHS": "/etc/ckms/keys"})
+
+
+def test_kafka_is_mutual_tls_by_default_with_files_in_the_state_dir(
+    values: dict[str, Any],
+) -> None:
+    cfg = build_config(values, environ={})
+    security = cfg.kafka_security
+    assert str(security.protocol) == "SSL"
+    base = Path(values["state_dir"]) / "kafka"
+    assert (security.ca_file, security.cert_file, security.key_file) == (
+        base / "ca.pem",
+        base / "client.pem",
+        base / "client.key",
+    )
+    env = {"CKMS_AGENT_KAFKA_CA_FILE": "/etc/ckms/kafka-ca.pem"}
+    overridden = build_config(values, environ=env).kafka_security
+    assert overridden.ca_file == Path("/etc/ckms/kafka-ca.pem")
+
+
+def test_an_incomplete_kafka_setting_is_refused_naming_what_is_missing(
+    values: dict[str, Any],
+) -> None:
+    values["kafka_security_protocol"] = "SASL_SSL"
+    with pytest.raises(ConfigError, match="credentials file"):
+        build_config(values, environ={})
+    values["kafka_security_protocol"] = "TLS"
+    with pytest.raises(ConfigError, match="kafka_security_protocol"):
+        build_config(values, environ={})

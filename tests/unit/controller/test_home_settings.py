@@ -71,3 +71,21 @@ def test_a_store_url_is_refused_as_not_built_yet(
     with pytest.raises(ConfigError, match=r"store .*not built yet.*controller\.db") as caught:
         load_settings(path, environ)
     assert "hunter2" not in str(caught.value)
+
+
+def test_kafka_is_mutual_tls_by_default_with_files_in_the_home(tmp_path: Path) -> None:
+    settings = ControllerSettings(home=tmp_path)
+    security = settings.kafka_security
+    assert str(security.protocol) == "SSL"
+    assert security.ca_file == tmp_path / "kafka" / "ca.pem"
+    assert security.cert_file == tmp_path / "kafka" / "client.pem"
+    assert security.key_file == tmp_path / "kafka" / "client.key"
+    relative = ControllerSettings(home=tmp_path, kafka_ca_file=Path("tls/ca.pem"))
+    assert relative.kafka_security.ca_file == tmp_path / "tls" / "ca.pem"
+    # SASL_SSL: SCRAM credentials from a file; a client certificate only if one is named.
+    sasl = ControllerSettings(
+        home=tmp_path, kafka_security_protocol="SASL_SSL", kafka_sasl_file=tmp_path / "s.toml"
+    )
+    assert sasl.kafka_security.cert_file is None
+    with pytest.raises(ValueError, match="credentials file"):
+        ControllerSettings(home=tmp_path, kafka_security_protocol="SASL_SSL")

@@ -190,6 +190,7 @@ async def test_checkpoints_signed_before_chaining_still_verify_and_the_next_name
 async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path) -> None:
     """Kafka unreachable at start: the anchor is unknown, so no checkpoint is signed (it could
     put a signature on a log cut while the controller was stopped); records still append."""
+    from ckms._kafka_security import KafkaLink, KafkaSecurity
     from ckms.controller.anchor import AuditAnchor
     from ckms.controller.sealing import Vault, init_controller
     from ckms.errors import KafkaUnavailableError
@@ -198,7 +199,12 @@ async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path)
         await init_controller(store, passphrase="a passphrase long enough")
         vault = Vault(store)
         await vault.unseal_with_passphrase("a passphrase long enough")
-        vault.anchor = AuditAnchor(store, vault, bootstrap="127.0.0.1:1", topic="ckms.audit")
+        vault.anchor = AuditAnchor(
+            store,
+            vault,
+            kafka=KafkaLink("127.0.0.1:1", KafkaSecurity.plaintext()),
+            topic="ckms.audit",
+        )
         with pytest.raises(KafkaUnavailableError):
             await vault.anchor.load()
         with pytest.raises(AuditAnchorError, match="not been read back"):

@@ -1,0 +1,131 @@
+"""The Kafka ACLs ckms needs, in one place: who may read and write which topic.
+
+Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPAL_MAPPING_RULES`):
+
+- ``User:ckms-controller`` writes the events and audit topics, reads acks and the audit anchor,
+  and creates the three topics;
+- ``User:ckms-agent`` reads events and writes acks (while acks ride Kafka) — nothing else;
+- ``User:ckms-subscriber`` reads events only;
+- brokers (``User:ckms-broker``) are super users; everything else is denied (the
+  ``StandardAuthorizer`` allows nothing without an ACL).
+
+:func:`ckms_acls` lists the bindings; :func:`create_acls` applies them through the Kafka
+protocol (``LocalKafka`` at start, or ``python -m ckms.devkafka acls`` against a cluster).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+
+from ckms._kafka_security import KafkaLink
+from ckms.errors import KafkaUnavailableError
+from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC
+
+__all__ = [
+    "AGENT",
+    "CONTROLLER",
+    "SUBSCRIBER",
+    "AclBinding",
+    "ckms_acls",
+    "create_acls",
+]
+
+CONTROLLER: Final = "User:ckms-controller"
+AGENT: Final = "User:ckms-agent"
+SUBSCRIBER: Final = "User:ckms-subscriber"
+BROKER: Final = "User:ckms-broker"
+
+
+class Operation(IntEnum):
+    """Kafka's AclOperation codes (the wire values)."""
+
+    READ = 3
+    WRITE = 4
+    CREATE = 5
+    DESCRIBE = 8
+
+
+class Pattern(IntEnum):
+    """Kafka's PatternType codes: a literal name, or every name starting with it."""
+
+    LITERAL = 3
+    PREFIXED = 4
+
+
+_TOPIC: Final = 2  # ResourceType.TOPIC
+_ALLOW: Final = 3  # AclPermissionType.ALLOW
+
+
+@dataclass(frozen=True)
+class AclBinding:
+    """One allow rule: ``principal`` may ``operation`` on topic ``topic`` (from any host)."""
+
+    principal: str
+    operation: Operation
+    topic: str
+    pattern: Pattern = Pattern.LITERAL
+
+
+def ckms_acls(
+    *,
+    events: str = EVENTS_TOPIC,
+    acks: str = ACKS_TOPIC,
+    audit: str = AUDIT_TOPIC,
+    pattern: Pattern = Pattern.LITERAL,
+) -> list[AclBinding]:
+    """Every ACL ckms needs for these topic names (``PREFIXED``: for every topic under them)."""
+    grants = {
+        CONTROLLER: {
+            events: (Operation.WRITE, Operation.DESCRIBE, Operation.CREATE),
+            acks: (Operation.READ, Operation.DESCRIBE, Operation.CREATE),
+            audit: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
+        },
+        AGENT: {
+            events: (Operation.READ, Operation.DESCRIBE),
+            acks: (Operation.WRITE, Operation.DESCRIBE),
+        },
+        SUBSCRIBER: {events: (Operation.READ, Operation.DESCRIBE)},
+    }
+    return [
+        AclBinding(principal, op, topic, pattern)
+        for principal, topics in grants.items()
+        for topic, ops in topics.items()
+        for op in ops
+    ]
+
+
+async def create_acls(link: KafkaLink, bindings: list[AclBinding]) -> None:
+    """Create ``bindings`` on the cluster (idempotent: an existing ACL is not an error).
+
+    ``link`` must authenticate as a principal allowed to alter ACLs (a super user).
+    """
+    # aiokafka's admin client has no create_acls; its protocol layer has the request.
+    from aiokafka.protocol.admin import CreateAclsRequest
+
+    client = AIOKafkaClient(**link.client_args(request_timeout_ms=15000))
+    try:
+        await client.bootstrap()
+        node = client.get_random_node()
+        for b in bindings:
+            request = CreateAclsRequest(
+                _TOPIC, b.topic, int(b.pattern), b.principal, "*", int(b.operation), _ALLOW
+            )
+            response = await client.send(node, request)
+            for code, message in response.creation_responses:
+                if code != 0:
+                    raise KafkaUnavailableError(
+                        f"Kafka refused the ACL {b.principal} {b.operation.name} {b.topic}: "
+                        f"error {code} {message}"
+                    )
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"cannot create ACLs at {link}: {exc}") from exc
+    except OSError as exc:
+        raise KafkaUnavailableError(f"Kafka at {link} is unreachable: {exc}") from exc
+    finally:
+        await client.close()
+
