@@ -43,6 +43,7 @@ class ControllerService:
         acks_topic: str,
         partitions: int,
         events_partitions: int,
+        kafka: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Open, initialise, unseal and run the controller; return where agents reach it."""
         controller = Controller(
@@ -50,6 +51,7 @@ class ControllerService:
                 home=Path(home),
                 listen_port=0,
                 kafka_bootstrap=bootstrap,
+                **(kafka or {}),  # type: ignore[arg-type]  # the TLS settings (file paths)
                 events_topic=events_topic,
                 acks_topic=acks_topic,
                 partitions=partitions,

@@ -61,7 +61,9 @@ from _proc import (
     rss_mb,
     status_kb,
 )
+from _tls import agent_tls_env, tls_settings
 
+from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 
 FLOOR_CPU_MS_PER_HOST = 1.9  # docs/architecture.md §8, everything on one 2-core box
@@ -74,6 +76,7 @@ BASELINE_PATH = "/etc/ckms-baseline/bench/fleet.json"
 
 
 @dataclass
+
 class Phase:
     """One measured phase (ckms rotate, ckms revoke, or a baseline push)."""
 
@@ -165,8 +168,10 @@ class FleetBench:
             "start",
             home=str(self.work / "controller"),
             bootstrap=self.kafka.bootstrap,
-            events_topic=f"bench.{run}.events",
-            acks_topic=f"bench.{run}.acks",
+            # Under the ckms topic names, which the broker's ACLs cover.
+            events_topic=f"ckms.events.bench-{run}",
+            acks_topic=f"ckms.acks.bench-{run}",
+            kafka=tls_settings(self.kafka.security(SubjectRole.CONTROLLER, "bench")),
             partitions=self.args.partitions,
             events_partitions=self.args.events_partitions,
         )
@@ -203,7 +208,8 @@ class FleetBench:
             )
         )
         self.log(f"enrolled in {max(took):.1f} s; starting agents")
-        env = {"CKMS_AGENT_LOG_LEVEL": "WARNING"}
+        # Every agent over mutual TLS; the ACLs go by role, so the fleet shares one certificate.
+        env = {"CKMS_AGENT_LOG_LEVEL": "WARNING", **agent_tls_env(self.kafka)}
         took = await asyncio.gather(
             *(
                 w.call("start_agents", env=env, batch=max(10, self.args.start_batch // workers))

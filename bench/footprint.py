@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from _proc import cpu_seconds, load_average, open_fds, rss_mb, status_kb
+from _tls import agent_tls_env, tls_settings
 
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
+from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms.protocol import InstallSpec, Targets
 
@@ -91,8 +93,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 home=work / "controller",
                 listen_port=0,
                 kafka_bootstrap=kafka.bootstrap,
-                events_topic="footprint.events",
-                acks_topic="footprint.acks",
+                **tls_settings(kafka.security(SubjectRole.CONTROLLER, "footprint")),
+                events_topic="ckms.events.footprint",
+                acks_topic="ckms.acks.footprint",
             )
         )
         async with controller:
@@ -136,6 +139,7 @@ async def measure(
     )
     agent_log = (work / "agent.log").open("wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKMS_AGENT_")}
+    env |= agent_tls_env(kafka)
     agent = await asyncio.create_subprocess_exec(
         str(bindir / "ckms-agent"), "run", "--config", str(config),
         stdout=agent_log, stderr=subprocess.STDOUT, env=env,

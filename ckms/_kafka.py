@@ -346,14 +346,15 @@ class Relay:
 
 
 async def read_tails(
-    bootstrap: str, topic: str, per_partition: int = 1, timeout_s: float = 30.0
+    kafka: KafkaLink, topic: str, per_partition: int = 1, timeout_s: float = 30.0
 ) -> list[tuple[bytes | None, list[tuple[str, bytes]]]]:
     """(value, headers) of the last ``per_partition`` records of every partition of ``topic``,
     without a consumer group and without reading the rest of the topic; KafkaUnavailableError
     if Kafka cannot say within ``timeout_s``."""
-    parts = await partitions_of(bootstrap, topic, wait_s=timeout_s)
+    parts = await partitions_of(kafka, topic, wait_s=timeout_s)
+    bootstrap = kafka.bootstrap
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka.client_args(),
         group_id=None,
         enable_auto_commit=False,
         client_id="ckms-read-tails",

@@ -2,7 +2,8 @@
 
 Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPAL_MAPPING_RULES`):
 
-- ``User:ckms-controller`` writes the events and audit topics, reads acks and the audit anchor,
+- ``User:ckms-controller`` writes the events and audit topics, reads acks, the audit anchor
+  and the events topic (a restore continues the sequence after the newest event it signed),
   and creates the three topics;
 - ``User:ckms-agent`` reads events and writes acks (while acks ride Kafka) — nothing else;
 - ``User:ckms-subscriber`` reads events only;
@@ -81,7 +82,7 @@ def ckms_acls(
     """Every ACL ckms needs for these topic names (``PREFIXED``: for every topic under them)."""
     grants = {
         CONTROLLER: {
-            events: (Operation.WRITE, Operation.DESCRIBE, Operation.CREATE),
+            events: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
             acks: (Operation.READ, Operation.DESCRIBE, Operation.CREATE),
             audit: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
         },

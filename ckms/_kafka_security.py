@@ -134,6 +134,7 @@ class KafkaSecurity(BaseModel):
         *,
         protocol: KafkaProtocol,
         directory: Path,
+        default_ca: Path | None = None,
         ca_file: Path | None = None,
         cert_file: Path | None = None,
         key_file: Path | None = None,
@@ -142,9 +143,10 @@ class KafkaSecurity(BaseModel):
     ) -> KafkaSecurity:
         """The controller's and the agent's settings, with unset files in ``directory``.
 
-        Defaults: ``ca.pem``, ``client.pem`` and ``client.key`` in ``directory`` (for SSL; under
-        SASL_SSL the client certificate is used only when set); relative paths are relative to
-        the directory's parent (the controller's home, the agent's state dir).
+        Defaults: ``default_ca`` (else ``ca.pem`` in ``directory``), ``client.pem`` and
+        ``client.key`` in ``directory`` (for SSL; under SASL_SSL the client certificate is used
+        only when set); relative paths are relative to the directory's parent (the controller's
+        home, the agent's state dir).
         """
         base = directory.parent
 
@@ -156,7 +158,7 @@ class KafkaSecurity(BaseModel):
         ssl_client = protocol is KafkaProtocol.SSL
         return cls(
             protocol=protocol,
-            ca_file=place(ca_file, "ca.pem"),
+            ca_file=place(ca_file, "ca.pem") if ca_file or default_ca is None else default_ca,
             cert_file=place(cert_file, "client.pem" if ssl_client else None),
             key_file=place(key_file, "client.key" if ssl_client else None),
             sasl_file=place(sasl_file, None),

@@ -345,8 +345,19 @@ async def _agents(demo: Demo) -> None:
                 f"\n[hooks.{CERT_HOOK}]\nreload = {json.dumps(cert_reload)}\n"
                 f"health = {json.dumps(cert_health)}\ntimeout_s = 10\n"
             )
-        # The host's Kafka certificate, where the agent looks by default (<state dir>/kafka/).
-        demo.kafka_ca().install(SubjectRole.AGENT, host, base / "state" / "kafka")
+        # Enrollment gave the host a Kafka client certificate from the controller's CA; the
+        # demo's broker trusts its own test CA, so the host's admin points the agent at a
+        # certificate from that one (top-level settings go before the file's tables).
+        files = demo.kafka_ca().install(SubjectRole.AGENT, host, base / "state" / "kafka-demo")
+        settings = "".join(
+            f"{name} = {json.dumps(str(path))}\n"
+            for name, path in (
+                ("kafka_ca_file", files.ca_file),
+                ("kafka_cert_file", files.cert_file),
+                ("kafka_key_file", files.key_file),
+            )
+        )
+        config.write_text(settings + config.read_text())
         await demo.start(host, _bin("ckms-agent"), "run", "--config", str(config))
     console.print(f"  enrolled and running: {', '.join(HOSTS)} (each defines hook {HOOK!r})")
 

@@ -135,7 +135,8 @@ class AgentConfig(BaseModel):
     """``SSL`` (mutual TLS, the default), ``SASL_SSL`` (SCRAM-SHA-512 over TLS) or
     ``PLAINTEXT`` (development only; warns at start)."""
     kafka_ca_file: Path | None = None
-    """The CA bundle the brokers' certificates chain to (default ``<state_dir>/kafka/ca.pem``)."""
+    """The CA bundle the brokers' certificates chain to (default: the ckms trust bundle,
+    ``<state_dir>/ca-bundle.pem``, written at enrollment)."""
     kafka_cert_file: Path | None = None
     """This host's client certificate with its chain, ``CN=<host>,OU=ckms-agent``
     (default for SSL: ``<state_dir>/kafka/client.pem``)."""
@@ -294,7 +295,10 @@ class AgentConfig(BaseModel):
         """How this host authenticates to Kafka (files default to ``<state_dir>/kafka/``)."""
         return KafkaSecurity.from_settings(
             protocol=self.kafka_security_protocol,
-            directory=self.state_dir / "kafka",
+            directory=self.state_dir / KAFKA_DIR,
+            # The ckms trust bundle enrollment writes (and every sync refreshes): brokers whose
+            # certificates the ckms CA issued need nothing else.
+            default_ca=self.state_dir / CA_BUNDLE_FILE,
             ca_file=self.kafka_ca_file,
             cert_file=self.kafka_cert_file,
             key_file=self.kafka_key_file,

@@ -155,7 +155,7 @@ async def _check_anchor(
     kid = signer_key_id(public)
     try:
         value = await read_newest(
-            settings.kafka_bootstrap, topic, key=kid.encode(), timeout_s=timeout_s
+            settings.kafka, topic, key=kid.encode(), timeout_s=timeout_s
         )
     except KafkaUnavailableError as exc:
         raise KafkaUnavailableError(
@@ -207,7 +207,7 @@ async def _lift_sequence(
     kid = signer_key_id(public)
     newest = 0
     tails = await read_tails(
-        settings.kafka_bootstrap, settings.events_topic, per_partition=_TAIL, timeout_s=timeout_s
+        settings.kafka, settings.events_topic, per_partition=_TAIL, timeout_s=timeout_s
     )
     for value, headers in tails:
         try:

@@ -17,10 +17,11 @@ import pytest
 
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller
-from ckms.crypto import InstallFormat, KeyType, encode_for_install, generate
+from ckms.crypto import InstallFormat, KeyType, SubjectRole, encode_for_install, generate
 from ckms.store import audit as audit_log
 from tests.support.cli import Operators, audit_records
 from tests.support.fleet import enroll_agent, running_agent, wait_until
+from tests.support.kafka import link_as
 from tests.support.records import read_raw
 
 pytestmark = [
@@ -174,7 +175,8 @@ async def test_every_type_imports_installs_byte_identical_and_never_leaks(
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records).encode()
     assert b"imported key app/rsa" in logged  # the controller's log really was captured
     logged += "\n".join(r.stdout + r.stderr for r in runs).encode()
-    published = await read_raw(c.settings.kafka_bootstrap, c.settings.events_topic, len(keys) + 2)
+    reader = link_as(c, SubjectRole.SUBSCRIBER, "import-check")
+    published = await read_raw(reader, c.settings.events_topic, len(keys) + 2)
     kafka = b"\n".join((r.value or b"") + b"".join(v for _, v in r.headers) for r in published)
     for secret in secrets:
         assert secret not in logged

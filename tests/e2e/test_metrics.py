@@ -190,13 +190,15 @@ async def test_agent_writes_a_textfile_and_serves_loopback(
         assert got[("ckms_agent_last_sync_timestamp_seconds", ())] > 0
         assert got[("ckms_agent_connected", ())] == 1
         assert prom.stat().st_mode & 0o777 == 0o644
-        assert not [p for p in prom.parent.iterdir() if p.name != prom.name]  # no temp left
         metrics = agent.metrics
         assert isinstance(metrics, AgentMetrics) and metrics.port
         status, body = await http_get(metrics.port)
         assert status == 200 and b"ckms_agent_keys" in body
         assert (await http_get(metrics.port, "/other"))[0] == 404
         assert (await http_get(metrics.port, method="POST"))[0] == 405
+    # No temp file left once the agent stopped (while it runs, one exists during each rewrite,
+    # every 0.2 s here: looking then raced the writer).
+    assert not [p for p in prom.parent.iterdir() if p.name != prom.name]
 
 
 async def test_promtool_accepts_every_metric(controller: Controller, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ckms._kafka_security import KafkaLink
 from ckms.controller.models import KeyState
 from ckms.controller.rollout_plan import RolloutRequest, sample_order, seed_of
 from ckms.controller.service import Controller
@@ -265,7 +266,7 @@ async def rollout_state(c: Controller) -> RolloutState | None:
 @pytest.mark.requirement("PCI-6.5.1")
 @pytest.mark.timeout(300)  # five agents, a controller restart and three stages on a busy box
 async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     home = tmp_path / "controller"
     topics = (unique_topic("events"), unique_topic("acks"))
@@ -274,7 +275,7 @@ async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it
     broken.mkdir()
     async with contextlib.AsyncExitStack() as stack:
         c = await stack.enter_async_context(
-            running_controller(home, kafka_bootstrap, *topics, **settings)
+            running_controller(home, controller_kafka, *topics, **settings)
         )
         port = c.port
         configs = {}
@@ -339,7 +340,7 @@ async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it
             assert released == frozenset(stage1 + stage2)
             await stack.aclose()
             c = await stack.enter_async_context(
-                running_controller(home, kafka_bootstrap, *topics, listen_port=port, **settings)
+                running_controller(home, controller_kafka, *topics, listen_port=port, **settings)
             )
             ops.controller = c
             after = (await c.lifecycle.get(KEY)).rollout

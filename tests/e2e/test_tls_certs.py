@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ckms._kafka_security import KafkaLink
 from ckms.controller.policy import default_policy
 from ckms.controller.service import Controller
 from ckms.crypto import (
@@ -367,11 +368,11 @@ async def test_revoking_the_host_lists_its_serials(controller: Controller, tmp_p
 
 
 async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_renews(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     async with running_controller(
         tmp_path / "controller",
-        kafka_bootstrap,
+        controller_kafka,
         unique_topic("events"),
         unique_topic("acks"),
         audit_topic=unique_topic("audit"),

@@ -54,7 +54,7 @@ from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
 from tests.faults.controller_proc import KAFKA_SECURITY_ENV
 from tests.support.fleet import FAST_AGENT, TEST_ALLOWED_PATHS, agent_config, wait_until
-from tests.support.kafka import dev_ca, install_agent_certificate, link_as
+from tests.support.kafka import dev_ca, link_as, use_test_broker_certificate
 
 AGENT_BIN = str(Path(sys.executable).parent / "ckms-agent")
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ async def enroll_host(
         root=base / name / "root",
         policy=FAULT_HOST_POLICY,
     )
-    install_agent_certificate(ca, base / name / "state", name)
+    use_test_broker_certificate(ca, config, name)
     return Host(name, config)
 
 

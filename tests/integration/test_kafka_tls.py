@@ -91,6 +91,7 @@ async def test_the_controller_writes_events_and_agents_and_subscribers_read_them
     assert await read_all(controller_kafka, names["acks"], 1) == [b"ack-1"]
 
 
+@pytest.mark.requirement("ISO27002-8.20")
 async def test_an_agent_certificate_cannot_produce_to_any_topic_but_acks(
     local_kafka: LocalKafka, topics
 ) -> None:
@@ -123,6 +124,7 @@ async def test_a_subscriber_cannot_produce(local_kafka: LocalKafka, topics) -> N
             await produce(subscriber, topic, b"forged")
 
 
+@pytest.mark.requirement("ISO27002-8.20")
 async def test_a_client_without_a_certificate_cannot_connect(
     local_kafka: LocalKafka, topics
 ) -> None:
@@ -141,6 +143,7 @@ async def test_a_client_without_a_certificate_cannot_connect(
         await produce(KafkaLink(local_kafka.bootstrap, KafkaSecurity.plaintext()), names["events"])
 
 
+@pytest.mark.requirement("ISO27002-8.20")
 async def test_a_certificate_from_another_ca_is_refused(
     local_kafka: LocalKafka, tmp_path: Path, topics
 ) -> None:

@@ -15,7 +15,7 @@ from ckms_agent.config import AgentConfig, load_config
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
 from ckms_agent.identity import load_keys
-from tests.support.kafka import dev_ca, install_agent_certificate
+from tests.support.kafka import dev_ca, use_test_broker_certificate
 from tests.support.waiting import wait_until as wait_until  # tests import it from here
 
 FAST_AGENT = {
@@ -57,7 +57,7 @@ async def enroll_agent(
         policy={"allowed_paths": TEST_ALLOWED_PATHS, "hooks": hooks or {}},
     )
     if controller.settings.kafka_security.protocol is not KafkaProtocol.PLAINTEXT:
-        install_agent_certificate(dev_ca(controller), base / name / "state", name)
+        use_test_broker_certificate(dev_ca(controller), config_path, name)
     return config_path
 
 

@@ -1,8 +1,8 @@
 """Test support: Kafka links and certificates for the roles tests play (mTLS, as in production).
 
 The session broker's test CA (:class:`ckms.devkafka.DevCA`) lives beside the ``ca.pem`` every
-controller in a test trusts, so a helper that has only a controller can still issue the
-certificate an agent (or a forger playing one) would hold.
+controller in a test trusts for Kafka, so a helper that has only a controller can still issue
+the certificate an agent (or a forger playing one) would hold.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.controller.service import Controller
 from ckms.crypto import SubjectRole
 from ckms.devkafka import DevCA
+from ckms_agent.config import load_config, write_config
 
 
 def controller_kafka_settings(kafka: KafkaLink | str) -> dict[str, object]:
@@ -43,10 +44,26 @@ def link_as(c: Controller, role: SubjectRole, name: str) -> KafkaLink:
     return KafkaLink(c.settings.kafka_bootstrap, dev_ca(c).security(role, name))
 
 
-def install_agent_certificate(ca: DevCA, state_dir: Path, host: str) -> KafkaSecurity:
-    """Put ``CN=<host>,OU=ckms-agent`` and the CA where the agent looks by default
-    (``<state_dir>/kafka/``), as enrollment leaves them on a host."""
-    return ca.install(SubjectRole.AGENT, host, state_dir / "kafka")
+def use_test_broker_certificate(ca: DevCA, config_path: Path, host: str) -> KafkaSecurity:
+    """Point the agent enrolled at ``config_path`` at a certificate the test broker trusts.
+
+    Enrollment leaves the host a Kafka client certificate from its controller's CA in
+    ``<state_dir>/kafka/``; the session broker trusts only its own test CA (one broker serves
+    every test's controller), so the agent is given ``CN=<host>,OU=ckms-agent`` from that CA in
+    ``<state_dir>/kafka-test/`` through its Kafka settings, as a host's admin would for a
+    cluster with a CA of its own. The enrolled certificate stays where it is (renewals go on).
+    """
+    config = load_config(config_path, {})
+    security = ca.install(SubjectRole.AGENT, host, config.state_dir / "kafka-test")
+    updated = config.model_copy(
+        update={
+            "kafka_ca_file": security.ca_file,
+            "kafka_cert_file": security.cert_file,
+            "kafka_key_file": security.key_file,
+        }
+    )
+    write_config(config_path, updated)
+    return security
 
 
 def tls_options(kafka: KafkaLink) -> list[str]:

@@ -10,9 +10,9 @@ from agent_harness import ALLOWED, HOST, TOKEN, AckReader, FakeController, World
 
 from ckms._kafka import TopicSpec, ensure_topics
 from ckms._kafka_security import KafkaLink
-from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms_agent.enroll import enroll
+from tests.support.kafka import use_test_broker_certificate
 
 
 @pytest.fixture
@@ -42,8 +42,7 @@ async def world(
         root=root,
         policy={"allowed_paths": ALLOWED},
     )
-    # The host's Kafka certificate where the agent looks for it, as enrollment leaves it.
-    local_kafka.ca.install(SubjectRole.AGENT, HOST, tmp_path / "state" / "kafka")
+    use_test_broker_certificate(local_kafka.ca, config_path, HOST)
     try:
         yield World(controller, reader, tmp_path, config_path, root)
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ckms._kafka_security import KafkaLink
 from ckms.cli._errors import ExitCode
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.home import write_settings
@@ -49,13 +50,13 @@ async def people(c: Controller, tmp_path: Path) -> Operators:
 
 @pytest.mark.requirement("SP800-130-STORE")
 async def test_restore_drill_backup_while_rotating(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     topics = (unique_topic("events"), unique_topic("acks"))
     backup = tmp_path / "drill" / "ckms.backup"
     backup.parent.mkdir()
     config = tmp_path / "original.toml"
-    async with running_controller(tmp_path / "original", kafka_bootstrap, *topics) as c:
+    async with running_controller(tmp_path / "original", controller_kafka, *topics) as c:
         ops = await people(c, tmp_path)
         port = c.port
         write_settings(config, c.settings)
@@ -115,7 +116,7 @@ async def test_restore_drill_backup_while_rotating(
     assert restored["anchor_size"] is not None  # checked against a real anchor
     assert restored["audit_size"] == info["audit_size"]
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
-    async with running_controller(home, kafka_bootstrap, *topics, listen_port=port) as c2:
+    async with running_controller(home, controller_kafka, *topics, listen_port=port) as c2:
         assert c2.vault.anchor.broken is None
         ops2 = Operators(c2, tmp_path / "again")
         ops2.people = ops.people  # the same operators, restored with their keys
@@ -157,12 +158,12 @@ async def test_restore_drill_backup_while_rotating(
 
 
 async def test_a_backup_older_than_the_anchor_is_refused_and_leaves_nothing(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     topics = (unique_topic("events"), unique_topic("acks"))
     backup = tmp_path / "old.backup"
     config = tmp_path / "original.toml"
-    async with running_controller(tmp_path / "original", kafka_bootstrap, *topics) as c:
+    async with running_controller(tmp_path / "original", controller_kafka, *topics) as c:
         ops = await people(c, tmp_path)
         write_settings(config, c.settings)
         await c.lifecycle.create("app/db", "aes-256", actor="alice")
@@ -192,10 +193,10 @@ async def test_a_backup_older_than_the_anchor_is_refused_and_leaves_nothing(
 
 
 async def test_only_admins_take_backups(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     topics = (unique_topic("events"), unique_topic("acks"))
-    async with running_controller(tmp_path / "ctl", kafka_bootstrap, *topics) as c:
+    async with running_controller(tmp_path / "ctl", controller_kafka, *topics) as c:
         ops = await people(c, tmp_path)
         for who in ("dave", "erin"):
             run = await ops.ckms("backup", "-o", str(tmp_path / f"{who}.backup"), who=who)
@@ -217,7 +218,7 @@ async def test_only_admins_take_backups(
 
 
 async def test_a_forged_event_does_not_move_the_restored_sequence(
-    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     """The restore continues the event sequence after the newest event *this controller*
     signed; a record on the topic signed by anyone else (here with seq 10**9) counts for
@@ -225,7 +226,7 @@ async def test_a_forged_event_does_not_move_the_restored_sequence(
     topics = (unique_topic("events"), unique_topic("acks"))
     backup = tmp_path / "b.backup"
     config = tmp_path / "original.toml"
-    async with running_controller(tmp_path / "original", kafka_bootstrap, *topics) as c:
+    async with running_controller(tmp_path / "original", controller_kafka, *topics) as c:
         ops = await people(c, tmp_path)
         write_settings(config, c.settings)
         await c.lifecycle.create("app/db", "aes-256", actor="alice")
@@ -240,7 +241,8 @@ async def test_a_forged_event_does_not_move_the_restored_sequence(
         signing_key=generate_signing_key(),
         at=datetime.now(UTC),
     )
-    await publish(kafka_bootstrap, topics[0], forged)
+    # A writer of the events topic: with the ACLs, a holder of the controller's Kafka key.
+    await publish(controller_kafka, topics[0], forged)
     run = await ops.ckms("restore", str(backup), "--home", str(tmp_path / "restored"),
                          "--config", str(config), "--json", who=None)  # fmt: skip
     assert run.rc == 0, run.stderr

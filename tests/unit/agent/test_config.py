@@ -201,11 +201,11 @@ def test_kafka_is_mutual_tls_by_default_with_files_in_the_state_dir(
     cfg = build_config(values, environ={})
     security = cfg.kafka_security
     assert str(security.protocol) == "SSL"
-    base = Path(values["state_dir"]) / "kafka"
+    state = Path(values["state_dir"])
     assert (security.ca_file, security.cert_file, security.key_file) == (
-        base / "ca.pem",
-        base / "client.pem",
-        base / "client.key",
+        state / "ca-bundle.pem",  # the ckms trust bundle enrollment writes
+        state / "kafka" / "client.pem",
+        state / "kafka" / "client.key",
     )
     env = {"CKMS_AGENT_KAFKA_CA_FILE": "/etc/ckms/kafka-ca.pem"}
     overridden = build_config(values, environ=env).kafka_security
