@@ -65,6 +65,7 @@ from ckms.controller.report import Reports
 from ckms.controller.rollout_plan import RolloutRequest
 from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.sealing import Vault
+from ckms.controller.transitions import awaits_rollout
 from ckms.crypto import KeyType, certificate_info
 from ckms.errors import (
     AuditAnchorError,
@@ -286,7 +287,14 @@ class AdminService:
             secret_params=True,
         )
         for op in _VERSION_OPS:
-            gated(server, f"key.{op}", api.KeyVersionParams, op, self._version_executor(op))
+            gated(
+                server,
+                f"key.{op}",
+                api.KeyVersionParams,
+                op,
+                self._version_executor(op),
+                also=self._rollout_gate if op is ApprovalOperation.ACTIVATE else None,
+            )
         gated(server, "key.revoke", api.KeyRevokeParams, ApprovalOperation.REVOKE, self._run_revoke)
         gated(
             server,
@@ -366,9 +374,13 @@ class AdminService:
         *,
         check: Callable[[K], None] | None = None,
         prepare: Callable[[Principal, K], Awaitable[K]] | None = None,
+        also: Callable[[K], Awaitable[ApprovalOperation | None]] | None = None,
         secret_params: bool = False,
     ) -> None:
         """Route ``method``: check the parameters, pass the key's dual control for ``op``, run.
+
+        ``also`` names a second operation whose dual control the call passes as well (one
+        approval of the stored request covers both).
 
         ``run`` is also what an approval of a stored ``method`` request runs, as the requester.
         ``prepare`` turns the caller's parameters into what is gated, stored and run (imported
@@ -381,6 +393,9 @@ class AdminService:
             if prepare is not None:
                 params = await prepare(principal, params)
             await self.dual.key_gate(principal, method, params, params.name, op)
+            second = None if also is None else await also(params)
+            if second is not None:
+                await self.dual.key_gate(principal, method, params, params.name, second)
             return await run(params, principal.name)
 
         handle.__doc__ = run.__doc__
@@ -776,6 +791,15 @@ class AdminService:
         run.__doc__ = f"{str(op).capitalize()} one version of a key."
 
         return run
+
+    async def _rollout_gate(self, params: api.KeyVersionParams) -> ApprovalOperation | None:
+        """Activating a version that waits for its rollout releases it to every host at once,
+        past the stages: it passes the rotation's dual control, as a resume does."""
+        key = await self._lifecycle.get(params.name)
+        version = next((v for v in key.versions if v.version == params.version), None)
+        if version is not None and awaits_rollout(version.state, version.activation_at):
+            return ApprovalOperation.ROTATE
+        return None
 
     async def _run_revoke(self, params: api.KeyRevokeParams, actor: str) -> api.KeyChangeReply:
         """Revoke one version, or every version the KMIP reason applies to."""

@@ -75,3 +75,34 @@ async def test_a_gated_route_stores_a_request_and_the_approval_runs_the_same_cha
     with pytest.raises(ApprovalRequiredError):
         await c.rpc.call(ALICE, "key.destroy", {"name": "app/db", "version": 1})
     assert (await c.lifecycle.get("app/db")).version(1).has_material
+
+
+async def test_activating_a_version_that_waits_for_its_rollout_passes_the_rotate_dual_control(
+    controller: Controller,
+) -> None:
+    """Resuming a rollout passes a rotation's dual control (it releases the version further);
+    activating the waiting version by hand releases it to every host and makes it primary, so
+    it must pass the same control, not only the activation's (attack: a policy gating rotate
+    but not activate let a lone operator skip the stages an approved rotation set)."""
+    c = controller
+    key = await c.lifecycle.create("app/db", KeyType.AES_256, actor="alice")
+    gated = key.policy.model_copy(update={"approvals_required": frozenset({"rotate"})})
+    await c.lifecycle.set_policy("app/db", gated, actor="alice")
+    await c.lifecycle.rotate("app/db", actor="alice+bob", activate_when="converged")
+    params = {"name": "app/db", "version": 2}
+    with pytest.raises(PermissionDeniedError, match="needs dual control"):
+        await c.rpc.call(OLIVER, "key.activate", params)
+    with pytest.raises(ApprovalRequiredError) as asked:
+        await c.rpc.call(ALICE, "key.activate", params)
+    after = await c.lifecycle.get("app/db")
+    assert after.primary_version == 1
+    assert after.rollout is not None and after.rollout.live
+    request_id = asked.value.request_id
+    assert request_id is not None
+    await c.admin.request_approve(BOB, api.RequestRef(id=request_id))
+    assert (await c.lifecycle.get("app/db")).primary_version == 2
+    # A version activated on a delay (no rollout) still needs only the activation's control.
+    await c.lifecycle.rotate("app/db", actor="alice+bob", activate_when="delay")
+    delayed = await c.lifecycle.get("app/db")
+    if delayed.version(3).state == "pre-active":
+        await c.rpc.call(OLIVER, "key.activate", {"name": "app/db", "version": 3})
