@@ -335,6 +335,7 @@ class AdminService:
             api.RolloutResumeParams,
             ApprovalOperation.ROTATE,
             self._run_rollout_resume,
+            prepare=self._pin_resume,
         )
         self._route(server, "rollout.abort", api.RolloutRef, self.rollout_abort)
 
@@ -756,12 +757,25 @@ class AdminService:
         """Every rollout not ended."""
         return api.RolloutListReply(rollouts=tuple(await self._fleet.rollouts()))
 
+    async def _pin_resume(
+        self, principal: Principal, params: api.RolloutResumeParams
+    ) -> api.RolloutResumeParams:
+        """Name the version rolling out now in what is gated, stored and run."""
+        rollout = (await self._lifecycle.get(params.name)).rollout
+        if params.version is not None or rollout is None:
+            return params
+        return params.model_copy(update={"version": rollout.version})
+
     async def _run_rollout_resume(
         self, params: api.RolloutResumeParams, actor: str
     ) -> api.RolloutStatusReply:
         """Go on with a halted, rolled-back or expired rollout (its stage goes out again)."""
         await self._rollouts.resume(
-            params.name, actor=actor, reason=params.reason, deadline=_seconds(params.deadline_s)
+            params.name,
+            actor=actor,
+            reason=params.reason,
+            deadline=_seconds(params.deadline_s),
+            version=params.version,
         )
         view = await self._rollouts.view(await self._lifecycle.get(params.name))
         return api.RolloutStatusReply(rollout=view.info())

@@ -1209,12 +1209,15 @@ class Lifecycle:
         expect: tuple[int, int, datetime] | None = None,
         deadline: timedelta | None = None,
         extra: dict[str, Any] | None = None,
+        of_version: int | None = None,
     ) -> Rollout:
         """Move a key's rollout by ``op`` in one transaction with its event and audit record.
 
         ``complete`` also activates the version (the one signed ``key.state_changed`` every
         host applies); ``expect`` (version, stage, stage start) refuses the move when the rollout
-        moved meanwhile (the driver judged a stage as it was before a resume or an abort).
+        moved meanwhile (the driver judged a stage as it was before a resume or an abort);
+        ``of_version`` refuses it unless the rollout is of that version (an approved request
+        moves the rollout it was asked for, not a later one).
         Refusals are audited like every lifecycle refusal.
         """
         details: dict[str, Any] = {"op": str(op), "reason": reason}
@@ -1227,6 +1230,11 @@ class Lifecycle:
                 rollout = key.rollout
                 if rollout is None:
                     raise NotFoundError(f"key {name} has no rollout")
+                if of_version is not None and of_version != rollout.version:
+                    raise InvalidTransitionError(
+                        f"cannot {op} the rollout of {name} version {of_version}: the rollout "
+                        f"now is of version {rollout.version}"
+                    )
                 now_at = (rollout.version, rollout.stage, rollout.stage_started_at)
                 if expect is not None and expect != now_at:
                     raise InvalidTransitionError(

@@ -229,11 +229,23 @@ class RolloutDriver:
         return out
 
     async def resume(
-        self, name: str, *, actor: str, reason: str | None = None, deadline: timedelta | None = None
+        self,
+        name: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        deadline: timedelta | None = None,
+        version: int | None = None,
     ) -> Rollout:
-        """Go on with a halted, rolled-back or expired rollout (the stage goes out again)."""
+        """Go on with a halted, rolled-back or expired rollout (the stage goes out again);
+        ``version`` refuses it unless that version is the one rolling out."""
         moved = await self._lifecycle.move_rollout(
-            name, RolloutOp.RESUME, actor=actor, reason=reason, deadline=deadline
+            name,
+            RolloutOp.RESUME,
+            actor=actor,
+            reason=reason,
+            deadline=deadline,
+            of_version=version,
         )
         self.wake()
         return moved

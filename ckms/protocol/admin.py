@@ -318,6 +318,9 @@ class RolloutResumeParams(_Model):
     name: KeyName
     reason: Text | None = None
     deadline_s: Annotated[int | None, Field(gt=0)] = None
+    version: Annotated[int, Field(ge=1)] | None = None
+    """The version rolling out: the controller pins it when the call (or its dual-control
+    request) arrives, so an approval given later resumes that rollout or nothing."""
 
 
 class KeyVersionParams(_Model):

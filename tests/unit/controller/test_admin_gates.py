@@ -11,8 +11,14 @@ import pytest
 
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
+from ckms.controller.transitions import RolloutOp
 from ckms.crypto import KeyType
-from ckms.errors import ApprovalRequiredError, ConfigError, PermissionDeniedError
+from ckms.errors import (
+    ApprovalRequiredError,
+    ConfigError,
+    InvalidTransitionError,
+    PermissionDeniedError,
+)
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, generate_ssh_key, public_key_text
 
@@ -106,3 +112,30 @@ async def test_activating_a_version_that_waits_for_its_rollout_passes_the_rotate
     delayed = await c.lifecycle.get("app/db")
     if delayed.version(3).state == "pre-active":
         await c.rpc.call(OLIVER, "key.activate", {"name": "app/db", "version": 3})
+
+
+async def test_an_approved_resume_resumes_only_the_rollout_it_was_asked_for(
+    controller: Controller,
+) -> None:
+    """A resume request names the rollout's version when it is stored: approved after that
+    rollout ended and another (of a later version) halted, it resumes nothing (attack: an old
+    pending request, approved at face value, released a version nobody asked to resume)."""
+    c = controller
+    key = await c.lifecycle.create("app/db", KeyType.AES_256, actor="alice")
+    gated = key.policy.model_copy(update={"approvals_required": frozenset({"rotate"})})
+    await c.lifecycle.set_policy("app/db", gated, actor="alice")
+    await c.lifecycle.rotate("app/db", actor="alice+bob", activate_when="converged")
+    await c.lifecycle.move_rollout("app/db", RolloutOp.HALT, actor="rollout", reason="v2 failed")
+    with pytest.raises(ApprovalRequiredError) as asked:
+        await c.rpc.call(ALICE, "rollout.resume", {"name": "app/db"})
+    request_id = asked.value.request_id
+    assert request_id is not None
+    # v2 is withdrawn (its rollout cancelled), v3 rolls out and halts.
+    await c.lifecycle.revoke("app/db", "keyCompromise", actor="alice", version=2)
+    await c.lifecycle.rotate("app/db", actor="alice+bob", activate_when="converged")
+    await c.lifecycle.move_rollout("app/db", RolloutOp.HALT, actor="rollout", reason="v3 failed")
+    with pytest.raises(InvalidTransitionError, match="version 2"):
+        await c.admin.request_approve(BOB, api.RequestRef(id=request_id))
+    rollout = (await c.lifecycle.get("app/db")).rollout
+    assert rollout is not None
+    assert (rollout.version, rollout.state) == (3, "halted")
