@@ -41,14 +41,7 @@ async def wait_converged(
     deadline = time.monotonic() + timeout_s
     # Failures and hosts still pending sort first: the page names the late ones.
     params = api.FleetStatusParams(key=key, limit=api.FLEET_ROWS_MAX)
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console(),
-        disable=not progress,
-    )
+    bar = _progress_bar(progress)
     with bar:
         task = bar.add_task(f"{key}: hosts converged", total=None)
         while True:
@@ -82,14 +75,7 @@ async def wait_rollout(
     time ran out, naming the hosts that failed or hold it up."""
     deadline = time.monotonic() + timeout_s
     params = api.KeyRef(name=key)
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console(),
-        disable=not progress,
-    )
+    bar = _progress_bar(progress)
     with bar:
         task = bar.add_task(f"{key} v{version}: stage 1", total=None)
         while True:
@@ -120,6 +106,18 @@ async def wait_rollout(
                     hosts,
                 )
             await asyncio.sleep(min(POLL_S, remaining))
+
+
+def _progress_bar(progress: bool) -> Progress:
+    """The live bar of the waits (acknowledged hosts / targeted hosts) on stderr."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console(),
+        disable=not progress,
+    )
 
 
 def call_and_show(

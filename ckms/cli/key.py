@@ -67,6 +67,17 @@ TargetOpt = Annotated[
 EnvOpt = Annotated[
     str | None, typer.Option("--env", help="The key's environment (hard guard on host env label).")
 ]
+UsageOpt = Annotated[
+    str | None,
+    typer.Option("--usage", help="Usage mask, comma-separated (default: the type's)."),
+]
+CryptoperiodOpt = Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")]
+GraceOpt = Annotated[
+    str | None, typer.Option(help="Keep a superseded version installed for (e.g. 30d).")
+]
+OwnerOpt = Annotated[str | None, typer.Option(help="File owner on the host.")]
+GroupOpt = Annotated[str | None, typer.Option(help="File group on the host.")]
+ModeOpt = Annotated[str | None, typer.Option(help="File mode, octal (default 0600).")]
 WaitOpt = Annotated[
     bool, typer.Option("--wait", help="Wait until every targeted host acknowledged.")
 ]
@@ -283,16 +294,11 @@ def create(
             "x25519 or secret.",
         ),
     ] = None,
-    usage: Annotated[
-        str | None,
-        typer.Option("--usage", help="Usage mask, comma-separated (default: the type's)."),
-    ] = None,
+    usage: UsageOpt = None,
     target: TargetOpt = None,
     env: EnvOpt = None,
-    cryptoperiod: Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")] = None,
-    grace: Annotated[
-        str | None, typer.Option(help="Keep a superseded version installed for (e.g. 30d).")
-    ] = None,
+    cryptoperiod: CryptoperiodOpt = None,
+    grace: GraceOpt = None,
     activation_delay: Annotated[
         str | None,
         typer.Option(help="Pre-distribute new versions for (e.g. 1h) before they become primary."),
@@ -314,9 +320,9 @@ def create(
     fmt: Annotated[
         str | None, typer.Option("--format", help="raw, base64, pem, openssh, jwk, keyring-json.")
     ] = None,
-    owner: Annotated[str | None, typer.Option(help="File owner on the host.")] = None,
-    group: Annotated[str | None, typer.Option(help="File group on the host.")] = None,
-    mode: Annotated[str | None, typer.Option(help="File mode, octal (default 0600).")] = None,
+    owner: OwnerOpt = None,
+    group: GroupOpt = None,
+    mode: ModeOpt = None,
     reload: Annotated[
         str | None,
         typer.Option(help="Reload hook name; each host's agent config says what it runs."),
@@ -600,16 +606,11 @@ def import_key(
         Path, typer.Option("--file", help="The key file (PEM, DER, OpenSSH, JWK or raw).")
     ],
     file_format: FileFormatOpt = "auto",
-    usage: Annotated[
-        str | None,
-        typer.Option("--usage", help="Usage mask, comma-separated (default: the type's)."),
-    ] = None,
+    usage: UsageOpt = None,
     target: TargetOpt = None,
     env: EnvOpt = None,
-    cryptoperiod: Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")] = None,
-    grace: Annotated[
-        str | None, typer.Option(help="Keep a superseded version installed for (e.g. 30d).")
-    ] = None,
+    cryptoperiod: CryptoperiodOpt = None,
+    grace: GraceOpt = None,
     approvals: Annotated[
         str | None,
         typer.Option(help="Operations under dual control, comma-separated, or none."),
@@ -619,9 +620,9 @@ def import_key(
         str | None,
         typer.Option("--format", help="Install format: raw, base64, pem, openssh, jwk, ..."),
     ] = None,
-    owner: Annotated[str | None, typer.Option(help="File owner on the host.")] = None,
-    group: Annotated[str | None, typer.Option(help="File group on the host.")] = None,
-    mode: Annotated[str | None, typer.Option(help="File mode, octal (default 0600).")] = None,
+    owner: OwnerOpt = None,
+    group: GroupOpt = None,
+    mode: ModeOpt = None,
     reload: Annotated[str | None, typer.Option(help="Reload hook name.")] = None,
     health: Annotated[str | None, typer.Option(help="Health-check hook name.")] = None,
     wait: WaitOpt = False,
@@ -828,7 +829,7 @@ def destroy(
 def policy(
     ctx: typer.Context,
     name: NameArg,
-    cryptoperiod: Annotated[str | None, typer.Option(help="Rotate every (e.g. 90d, 1y).")] = None,
+    cryptoperiod: CryptoperiodOpt = None,
     grace: Annotated[
         str | None, typer.Option(help="Keep a superseded version for (e.g. 30d).")
     ] = None,
