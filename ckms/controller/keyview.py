@@ -20,6 +20,7 @@ from typing import TypeAlias
 from ckms.controller.models import (
     InstallSpec,
     Key,
+    KeyHelpers,
     KeyState,
     KeyVersion,
     Origin,
@@ -30,7 +31,6 @@ from ckms.controller.models import (
     Usage,
 )
 from ckms.crypto import KeyType
-from ckms.errors import NotFoundError
 
 __all__ = ["AnyKey", "AnyVersion", "KeyView", "VersionView"]
 
@@ -65,7 +65,7 @@ class VersionView:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class KeyView:
+class KeyView(KeyHelpers[VersionView]):
     """A cached key (the fields and helpers of :class:`~ckms.controller.models.Key`)."""
 
     id: str
@@ -100,38 +100,6 @@ class KeyView:
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
-
-    @property
-    def team(self) -> str:
-        """The part of the name before the slash."""
-        return self.name.partition("/")[0]
-
-    @property
-    def purpose(self) -> str:
-        """The part of the name after the slash."""
-        return self.name.partition("/")[2]
-
-    @property
-    def usage_list(self) -> list[str]:
-        """The usage mask as a sorted list of strings (the form bound into sealing AAD)."""
-        return sorted(str(u) for u in self.usage)
-
-    def version(self, number: int) -> VersionView:
-        """Return one version, or raise NotFoundError."""
-        for v in self.versions:
-            if v.version == number:
-                return v
-        raise NotFoundError(f"key {self.name} has no version {number}")
-
-    @property
-    def primary(self) -> VersionView | None:
-        """The version used to protect new data, or None while no version is Active."""
-        return None if self.primary_version is None else self.version(self.primary_version)
-
-    @property
-    def latest_version(self) -> int:
-        """The highest version number (0 if none)."""
-        return max((v.version for v in self.versions), default=0)
 
 
 AnyKey: TypeAlias = Key | KeyView

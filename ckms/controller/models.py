@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -255,7 +255,60 @@ class KeyVersion(BaseModel):
     """``imported`` when an operator brought the material (``key.import``), else ckms made it."""
 
 
-class Key(BaseModel):
+class _Numbered(Protocol):
+    @property
+    def version(self) -> int: ...
+
+
+_V = TypeVar("_V", bound=_Numbered)
+
+
+class KeyHelpers(Generic[_V]):
+    """What a key answers from its own fields: the same for the pydantic :class:`Key` and the
+    key view's slim :class:`~ckms.controller.keyview.KeyView` (one definition for both)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        name: str
+        usage: frozenset[Usage]
+        primary_version: int | None
+        versions: tuple[_V, ...]
+
+    @property
+    def team(self) -> str:
+        """The part of the name before the slash."""
+        return self.name.partition("/")[0]
+
+    @property
+    def purpose(self) -> str:
+        """The part of the name after the slash."""
+        return self.name.partition("/")[2]
+
+    @property
+    def usage_list(self) -> list[str]:
+        """The usage mask as a sorted list of strings (the form bound into sealing AAD)."""
+        return sorted(str(u) for u in self.usage)
+
+    def version(self, number: int) -> _V:
+        """Return one version, or raise NotFoundError."""
+        for v in self.versions:
+            if v.version == number:
+                return v
+        raise NotFoundError(f"key {self.name} has no version {number}")
+
+    @property
+    def primary(self) -> _V | None:
+        """The version used to protect new data, or None while no version is Active."""
+        return None if self.primary_version is None else self.version(self.primary_version)
+
+    @property
+    def latest_version(self) -> int:
+        """The highest version number (0 if none)."""
+        return max((v.version for v in self.versions), default=0)
+
+
+class Key(BaseModel, KeyHelpers[KeyVersion]):
     """A named key with its type, usage, policy, targets, install spec and versions."""
 
     model_config = ConfigDict(frozen=True)
@@ -288,35 +341,3 @@ class Key(BaseModel):
     @field_serializer("usage")
     def _sorted_usage(self, value: frozenset[Usage]) -> list[str]:
         return sorted(str(u) for u in value)
-
-    @property
-    def team(self) -> str:
-        """The part of the name before the slash."""
-        return self.name.partition("/")[0]
-
-    @property
-    def purpose(self) -> str:
-        """The part of the name after the slash."""
-        return self.name.partition("/")[2]
-
-    @property
-    def usage_list(self) -> list[str]:
-        """The usage mask as a sorted list of strings (the form bound into sealing AAD)."""
-        return sorted(str(u) for u in self.usage)
-
-    def version(self, number: int) -> KeyVersion:
-        """Return one version, or raise NotFoundError."""
-        for v in self.versions:
-            if v.version == number:
-                return v
-        raise NotFoundError(f"key {self.name} has no version {number}")
-
-    @property
-    def primary(self) -> KeyVersion | None:
-        """The version used to protect new data, or None while no version is Active."""
-        return None if self.primary_version is None else self.version(self.primary_version)
-
-    @property
-    def latest_version(self) -> int:
-        """The highest version number (0 if none)."""
-        return max((v.version for v in self.versions), default=0)
