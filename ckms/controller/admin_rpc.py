@@ -557,19 +557,31 @@ class AdminService:
             versions=versions,
         )
 
+    async def _gate_new_key(
+        self,
+        principal: Principal,
+        method: str,
+        params: BaseModel,
+        policy: api.PolicyPatch,
+        name: str,
+    ) -> None:
+        """A new key's own policy decides whether making it needs a second person (``create``
+        under dual control, by default as :data:`DEFAULT_APPROVALS` says)."""
+        approvals = policy.approvals_required
+        await self.dual.gate(
+            principal,
+            method,
+            params,
+            operation=ApprovalOperation.CREATE,
+            required=DEFAULT_APPROVALS if approvals is None else approvals,
+            object=f"key:{name}",
+        )
+
     async def key_create(
         self, principal: Principal, params: api.KeyCreateParams
     ) -> api.KeyChangeReply:
         """Create a key (a request instead, if its own policy puts ``create`` under approval)."""
-        approvals = params.policy.approvals_required
-        await self.dual.gate(
-            principal,
-            "key.create",
-            params,
-            operation=ApprovalOperation.CREATE,
-            required=DEFAULT_APPROVALS if approvals is None else approvals,
-            object=f"key:{params.name}",
-        )
+        await self._gate_new_key(principal, "key.create", params, params.policy, params.name)
         return await self._run_create(params, principal.name)
 
     async def key_create_many(
@@ -632,15 +644,7 @@ class AdminService:
             }
         )
         del material
-        approvals = params.policy.approvals_required
-        await self.dual.gate(
-            principal,
-            "key.import",
-            staged,
-            operation=ApprovalOperation.CREATE,
-            required=DEFAULT_APPROVALS if approvals is None else approvals,
-            object=f"key:{params.name}",
-        )
+        await self._gate_new_key(principal, "key.import", staged, params.policy, params.name)
         return await self._run_import(staged, principal.name, checked=create)
 
     async def _run_import(
