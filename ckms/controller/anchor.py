@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 
+from ckms._aio import stop_if_cancelled
 from ckms._backoff import Backoff
 from ckms._kafka import (
     TopicSpec,
@@ -205,6 +206,7 @@ class AuditAnchor:
             return
         backoff = Backoff(0.5, 10.0)
         while not self.loaded:
+            stop_if_cancelled()
             try:
                 await self.load()
             except KafkaUnavailableError as exc:
@@ -212,6 +214,9 @@ class AuditAnchor:
                 log.warning("cannot read the audit anchor (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
         while True:
+            # aiokafka can turn a cancel into a Kafka error that publish() logs and absorbs:
+            # without this check the loop slept on forever and the controller never stopped.
+            stop_if_cancelled()
             await asyncio.sleep(5.0)
             await self.publish()
 
