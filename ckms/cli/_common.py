@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Annotated, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, TextIO, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -16,13 +21,47 @@ from ckms.cli._errors import NotConvergedError, cli_errors
 from ckms.cli._render import err_console, json_text, print_json
 from ckms.protocol import admin as api
 
-__all__ = ["JsonOption", "call_and_show", "conn", "show_pages", "wait_converged"]
+__all__ = [
+    "JsonOption",
+    "call_and_show",
+    "conn",
+    "output_file",
+    "show_pages",
+    "wait_converged",
+    "write_output",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the reply as JSON.")]
 
 POLL_S = 0.5
+
+
+@contextlib.contextmanager
+def output_file(output: Path | None, *, mode: int = 0o600) -> Iterator[TextIO]:
+    """stdout, or a temporary file beside ``output`` (same directory, so the rename is atomic)
+    renamed over it once complete and fsync'd: a reader of ``output`` sees the old file or the
+    whole new one, never a truncated one, and a failure leaves the old file and no temp."""
+    if output is None:
+        yield sys.stdout
+        return
+    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_output(output: Path, text: str, *, mode: int = 0o600) -> None:
+    """Write ``text`` to ``output`` atomically (:func:`output_file`)."""
+    with output_file(output, mode=mode) as out:
+        out.write(text)
 
 
 def conn(ctx: typer.Context) -> Connection:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, call_and_show
+from ckms.cli._common import JsonOption, call_and_show, write_output
 from ckms.cli._render import console, table, when
 from ckms.protocol import admin as api
 
@@ -38,7 +38,7 @@ def _render(reply: api.CaReply) -> None:
 
 def _bundle(path: Path | None, reply: api.CaReply) -> None:
     if path is not None:
-        path.write_text(reply.bundle)
+        write_output(path, reply.bundle, mode=0o644)
         console().print(f"trust bundle written to {path}")
 
 
@@ -96,7 +96,7 @@ def crl(
         if out is None:
             typer.echo(reply.crl, nl=False)
             return
-        out.write_text(reply.crl)
+        write_output(out, reply.crl, mode=0o644)  # a reader sees the old CRL or the new
         console().print(f"CRL with {len(reply.serials)} revoked serials written to {out}")
 
     call_and_show(ctx, "ca.crl", None, api.CrlReply, render, as_json=as_json)

@@ -9,13 +9,8 @@ HTML is one self-contained page, every value escaped, no script.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
-import os
-import secrets
-import sys
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TextIO
@@ -23,7 +18,7 @@ from typing import Annotated, Any, Literal, TextIO
 import typer
 
 from ckms.cli._client import run
-from ckms.cli._common import conn
+from ckms.cli._common import conn, output_file
 from ckms.cli._errors import UsageError, cli_errors
 from ckms.cli._render import age
 from ckms.protocol import admin as api
@@ -79,26 +74,8 @@ def _report(
                         writer.key(key)
                 writer.end()
 
-        with _destination(output) as out:
+        with output_file(output) as out:
             run(go(out))
-
-
-@contextlib.contextmanager
-def _destination(output: Path | None) -> Iterator[TextIO]:
-    """stdout, or a temporary file beside ``output`` renamed into place once complete."""
-    if output is None:
-        yield sys.stdout
-        return
-    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _t(value: datetime | None) -> str:

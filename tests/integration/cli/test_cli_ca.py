@@ -84,3 +84,18 @@ async def _installed(c: Controller) -> bool:
             "AND installed_at IS NOT NULL"
         )
     )
+
+
+async def test_crl_out_replaces_the_file_atomically(ops: Operators, tmp_path: Path) -> None:
+    """`ckms ca crl -o FILE` writes a temp file beside FILE and renames it over: a reader of the
+    old file (here: a hard link to it) never sees it truncated or half-written, and nothing of
+    the temp file is left behind."""
+    out = tmp_path / "crls" / "ckms.crl"
+    out.parent.mkdir()
+    out.write_text("old CRL\n")
+    (out.parent / "reader").hardlink_to(out)
+    written = await ops.ckms("ca", "crl", "-o", str(out), who="erin")
+    assert written.rc == 0, written.stderr
+    assert out.read_text().startswith("-----BEGIN X509 CRL-----")
+    assert (out.parent / "reader").read_text() == "old CRL\n"  # a new file, not rewritten
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ckms.crl", "reader"]
