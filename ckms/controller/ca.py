@@ -49,9 +49,16 @@ from ckms.crypto import (
     new_intermediate_ca,
     new_root_ca,
     parse_serial,
+    public_key_fingerprint,
 )
-from ckms.errors import ConfigError, IntegrityError, NotFoundError, PolicyError
-from ckms.protocol import CA_SUBJECT, CaRotated, render_tls_names
+from ckms.errors import (
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    PermissionDeniedError,
+    PolicyError,
+)
+from ckms.protocol import CA_SUBJECT, CaRotated, RevocationReason, render_tls_names
 from ckms.store import Reader, Store, Transaction, format_time, outbox, parse_time
 from ckms.store import audit as audit_log
 
@@ -60,6 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CA_RECORD",
+    "COMPROMISE_REASONS",
     "CaGeneration",
     "CaState",
     "ControllerCA",
@@ -403,6 +411,8 @@ class ControllerCA:
         the host's Kafka client certificate."""
         state = await self._read(tx)
         active = state.active
+        key_fingerprint = public_key_fingerprint(public_key)
+        await _refuse_compromised(tx, key_fingerprint)
         pem = issue_certificate(
             active.issuing,
             public_key,
@@ -417,7 +427,8 @@ class ControllerCA:
         serial = info.serial_hex
         await tx.execute(
             "INSERT INTO certificates(serial, kind, host_id, key_id, version, ca_generation, "
-            "fingerprint, not_before, not_after, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "fingerprint, not_before, not_after, issued_at, public_key_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 serial,
                 KAFKA_CLIENT if key_id is None else TLS_CERT,
@@ -429,6 +440,7 @@ class ControllerCA:
                 format_time(info.not_before),
                 format_time(info.not_after),
                 format_time(now),
+                key_fingerprint,
             ),
         )
         await rowmac.stamp_certificate(tx, serial)
@@ -448,6 +460,7 @@ class ControllerCA:
                 "not_after": format_time(info.not_after),
                 "ca_generation": active.generation,
                 "fingerprint": info.fingerprint,
+                "public_key_sha256": key_fingerprint,
             },
         )
         return IssuedCertificate(pem, active.issuing.certificate, state.bundle(), info)
@@ -463,14 +476,18 @@ class ControllerCA:
             await self._store.fetchall("SELECT * FROM certificates ORDER BY serial"),
             now,
         )
-        by_generation: dict[int, list[tuple[int, datetime]]] = {}
+        by_generation: dict[int, list[tuple[int, datetime, str | None]]] = {}
         serials = []
         for row in rows:
             if row["revoked_at"] is None:
                 continue
             serials.append(str(row["serial"]))
             by_generation.setdefault(int(row["ca_generation"]), []).append(
-                (parse_serial(str(row["serial"])), parse_time(str(row["revoked_at"])))
+                (
+                    parse_serial(str(row["serial"])),
+                    parse_time(str(row["revoked_at"])),
+                    row["revocation_reason"],
+                )
             )
         number = int(now.timestamp() * 1000)
         pem = b"".join(
@@ -560,17 +577,44 @@ def entitled_names(key: Key, host: Host) -> TlsNames | None:
         return None
 
 
+COMPROMISE_REASONS: Final = frozenset(
+    str(r) for r in RevocationReason if r.is_compromise
+)
+"""Revocation reasons after which a certificate's key pair is never certified again."""
+
+
+async def _refuse_compromised(tx: Transaction, key_fingerprint: str) -> None:
+    """Refuse to certify a public key that was in a certificate revoked for a compromise.
+
+    Every row of that key is MAC-checked before its reason is read (a reason filtered in SQL
+    would let a row whose reason was cleared in the file escape unchecked)."""
+    rows = await tx.fetchall(
+        "SELECT * FROM certificates WHERE public_key_sha256 = ? ORDER BY serial",
+        (key_fingerprint,),
+    )
+    for row in rows:
+        rowmac.check_certificate(tx.row_key, row)
+        if row["revocation_reason"] in COMPROMISE_REASONS:
+            raise PermissionDeniedError(
+                f"this public key was certified in {row['serial']}, revoked for "
+                f"{row['revocation_reason']}: make a new key pair"
+            )
+
+
 async def revoke_certificates(
     tx: Transaction,
     *,
     now: datetime,
+    reason: RevocationReason,
     key_id: str | None = None,
     version: int | None = None,
     host_id: str | None = None,
     keep: Callable[[str, str], bool] | None = None,
 ) -> tuple[str, ...]:
     """Mark every unexpired, unrevoked certificate of a key version, of every version of a key
-    (``keep`` given), or of a host revoked; return their serials for the event and audit.
+    (``keep`` given), or of a host revoked, for ``reason`` (RFC 5280's, on the CRL; after a
+    compromise the key pair is never certified again); return their serials for the event and
+    audit.
 
     ``keep(host_id, key_id)`` spares the ``tls-cert`` certificates it is true for (those whose
     host is still entitled to them, :func:`entitled_names`); with ``keep`` given, certificates
@@ -600,8 +644,8 @@ async def revoke_certificates(
         ):
             continue  # entitlement is a tls-cert key's: an agent's own certificate is not judged
         await tx.execute(
-            "UPDATE certificates SET revoked_at = ? WHERE serial = ?",
-            (format_time(now), row["serial"]),
+            "UPDATE certificates SET revoked_at = ?, revocation_reason = ? WHERE serial = ?",
+            (format_time(now), str(reason), row["serial"]),
         )
         await rowmac.stamp_certificate(tx, str(row["serial"]))
         serials.append(str(row["serial"]))

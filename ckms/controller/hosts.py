@@ -40,6 +40,7 @@ from ckms.errors import (
 from ckms.protocol import (
     EnrollRequest,
     HostRevoked,
+    RevocationReason,
     validate_host_name,
     validate_labels,
 )
@@ -106,7 +107,9 @@ async def _revoke_unentitled(tx: Transaction, host: Host, now: datetime) -> tupl
         key = keys.get(key_id)
         return key is not None and entitled_names(key, host) is not None
 
-    return await revoke_certificates(tx, now=now, host_id=host.id, keep=keep)
+    return await revoke_certificates(
+        tx, now=now, reason=RevocationReason.AFFILIATION_CHANGED, host_id=host.id, keep=keep
+    )
 
 
 def _host_row(row: object, row_key: bytes | None) -> Host:
@@ -374,7 +377,9 @@ class HostRegistry:
                 (format_time(now), host_id),
             )
             await rowmac.stamp_host(tx, host_id)
-            serials = await revoke_certificates(tx, now=now, host_id=host_id)
+            serials = await revoke_certificates(
+                tx, now=now, reason=RevocationReason.PRIVILEGE_WITHDRAWN, host_id=host_id
+            )
             revoked = HostRevoked(
                 host=host_id,
                 signer_key_id=signer_key_id(host.identity_public_key),

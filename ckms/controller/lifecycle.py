@@ -520,7 +520,9 @@ class Lifecycle:
             if key.type is KeyType.TLS_CERT:
                 # The hosts' certificates of this version stop being renewed (the version is
                 # no longer distributable) and are listed in the event and on the CRL.
-                serials = await revoke_certificates(tx, now=now, key_id=key.id, version=version)
+                serials = await revoke_certificates(
+                    tx, now=now, reason=revocation, key_id=key.id, version=version
+                )
                 details["serials"] = list(serials)
             event = KeyRevoked(
                 **common,
@@ -1504,7 +1506,9 @@ async def _revoke_unentitled(
         names = entitled_names(after, host)
         return names is not None and names == entitled_names(before, host)
 
-    return await revoke_certificates(tx, now=now, key_id=before.id, keep=keep)
+    return await revoke_certificates(
+        tx, now=now, reason=RevocationReason.AFFILIATION_CHANGED, key_id=before.id, keep=keep
+    )
 
 
 async def _checked_import(key_type: KeyType, material: bytes) -> bytes:

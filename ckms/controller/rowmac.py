@@ -129,6 +129,9 @@ CERTIFICATE_FIELDS: Final = (
 """A certificate the CA issued: to whom, for what, until when, and whether it is revoked (a
 cleared revocation would drop the serial from the CRL and let renewal status lie). Rows exist
 only from an unsealed controller, so none predates its MAC (no binding level of its own)."""
+CERTIFICATE_OPTIONAL_FIELDS: Final = ("public_key_sha256", "revocation_reason")
+"""Certificate fields added later, covered whenever set (as :data:`VERSION_OPTIONAL_FIELDS`):
+the certified key, which decides whether a CSR reuses a compromised pair, and the reason."""
 
 META_MARKER: Final = "rows.bound"
 BIND_ACTION: Final = "controller.bind_rows"
@@ -157,12 +160,7 @@ def key_row_mac(row_key: bytes, row: Any) -> str:
 
 def _version_fields(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """``names`` of a version row, plus each :data:`VERSION_OPTIONAL_FIELDS` that is set."""
-    fields = _fields(row, names)
-    present = row.keys()
-    for name in VERSION_OPTIONAL_FIELDS:
-        if name in present and row[name] is not None:
-            fields[name] = _value(row[name])
-    return fields
+    return _optional(row, _fields(row, names), VERSION_OPTIONAL_FIELDS)
 
 
 def version_row_mac(row_key: bytes, row: Any, fields: tuple[str, ...] | None = None) -> str:
@@ -191,15 +189,28 @@ def approval_row_mac(row_key: bytes, row: Any) -> str:
     return row_mac(row_key, "approvals", str(row["id"]), _fields(row, APPROVAL_FIELDS))
 
 
+def _optional(row: Any, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``fields`` plus each of ``names`` that the row has and is set."""
+    present = row.keys()
+    for name in names:
+        if name in present and row[name] is not None:
+            fields[name] = _value(row[name])
+    return fields
+
+
+def _certificate_fields(row: Any) -> dict[str, Any]:
+    return _optional(row, _fields(row, CERTIFICATE_FIELDS), CERTIFICATE_OPTIONAL_FIELDS)
+
+
 def certificate_row_mac(row_key: bytes, row: Any) -> str:
     """The MAC of one ``certificates`` row."""
-    return row_mac(row_key, "certificates", str(row["serial"]), _fields(row, CERTIFICATE_FIELDS))
+    return row_mac(row_key, "certificates", str(row["serial"]), _certificate_fields(row))
 
 
 def check_certificate(row_key: bytes | None, row: Any) -> None:
     """Refuse a ``certificates`` row edited outside the controller (no check while sealed)."""
     if row_key is not None and not row_mac_matches(
-        row_key, "certificates", str(row["serial"]), _fields(row, CERTIFICATE_FIELDS), row["mac"]
+        row_key, "certificates", str(row["serial"]), _certificate_fields(row), row["mac"]
     ):
         raise IntegrityError(f"certificate {row['serial']} failed integrity check")
 

@@ -268,6 +268,12 @@ def private_key_pem(key: bytes) -> bytes:
     )
 
 
+def public_key_fingerprint(public_key: bytes) -> str:
+    """SHA-256 (hex) of a public key's SubjectPublicKeyInfo DER (PEM or DER given, normalised
+    first): the same key pair has the same fingerprint in every CSR and certificate."""
+    return hashlib.sha256(_spki(_load_public(public_key))).hexdigest()
+
+
 def public_key_of(key: bytes) -> bytes:
     """The SubjectPublicKeyInfo DER of a private key (PKCS#8 DER or PEM)."""
     return _spki(_load_private(key).public_key())
@@ -545,13 +551,16 @@ def issue_certificate(
 
 def build_crl(
     issuer: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[int, dt.datetime] | tuple[int, dt.datetime, str | None]],
     *,
     crl_number: int,
     next_update: dt.timedelta,
     now: dt.datetime | None = None,
 ) -> bytes:
-    """Build a PEM CRL signed by ``issuer`` listing ``(serial, revoked_at)`` pairs."""
+    """Build a PEM CRL signed by ``issuer`` listing ``(serial, revoked_at[, reason])`` entries.
+
+    ``reason`` is an RFC 5280 reason name (``keyCompromise``, ``superseded``, ...); it becomes
+    the entry's reasonCode extension, left out for none or ``unspecified`` (as RFC 5280 asks)."""
     at = _utc(now)
     ca_key = _ca_key(issuer)
     ca_cert = _load_one(issuer.certificate)
@@ -567,16 +576,19 @@ def build_crl(
         .add_extension(_aki(ca_cert), critical=False)
     )
     seen: set[int] = set()
-    for serial, when in revoked:
+    for serial, when, *why in revoked:
         if serial in seen:
             continue
         seen.add(serial)
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(_utc(when))
-            .build()
-        )
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_utc(when))
+        reason = why[0] if why else None
+        if reason is not None and reason != "unspecified":
+            try:
+                flag = x509.ReasonFlags(reason)
+            except ValueError:
+                raise ConfigError(f"unknown CRL reason {reason!r}") from None
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
     return builder.sign(ca_key, _SIGNATURE_HASH).public_bytes(serialization.Encoding.PEM)
 
 
@@ -590,6 +602,20 @@ def crl_serials(crl_pem: bytes, issuer_certificate: bytes) -> frozenset[int]:
     if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
         raise IntegrityError("CRL failed integrity check")
     return frozenset(r.serial_number for r in crl)
+
+
+def crl_reasons(crl_pem: bytes, issuer_certificate: bytes) -> dict[int, str | None]:
+    """Each serial a CRL lists with its reasonCode's name (None: no reason given), after
+    checking it is signed by ``issuer_certificate``."""
+    crl_serials(crl_pem, issuer_certificate)
+    out: dict[int, str | None] = {}
+    for entry in x509.load_pem_x509_crl(crl_pem):
+        try:
+            ext = entry.extensions.get_extension_for_class(x509.CRLReason)
+            out[entry.serial_number] = ext.value.reason.value
+        except x509.ExtensionNotFound:
+            out[entry.serial_number] = None
+    return out
 
 
 # --- reading, chains, fingerprints -------------------------------------------------------------

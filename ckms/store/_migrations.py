@@ -314,6 +314,15 @@ CREATE TABLE rollouts (
 stages, the gate, the stage out now and the hosts it released (JSON, NULL: every targeted host),
 its state and deadline; bound by a row MAC (``ckms.controller.rowmac``)."""
 
+_CERT_KEYS = """
+ALTER TABLE certificates ADD COLUMN public_key_sha256 TEXT;
+ALTER TABLE certificates ADD COLUMN revocation_reason TEXT;
+CREATE INDEX certificates_by_public_key ON certificates(public_key_sha256);
+"""
+"""Each certificate's certified public key (SHA-256 of its SubjectPublicKeyInfo), so a key pair
+once revoked for keyCompromise is never certified again, and why it was revoked (the RFC 5280
+reason on the CRL). Both bound by the row MAC whenever set (NULL in rows issued before)."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "fleet view and consumer positions", _FLEET),
@@ -326,5 +335,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, "key versions: origin of the material", _VERSION_ORIGIN),
     Migration(10, "certificates issued by the internal CA", _CERTIFICATES),
     Migration(11, "rollouts of PreActive versions", _ROLLOUTS),
+    Migration(12, "certificates: certified public key and revocation reason", _CERT_KEYS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps."""

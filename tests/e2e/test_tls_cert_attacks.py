@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ckms.controller.service import Controller
-from ckms.crypto import KeyType, build_csr, crl_serials, generate
+from ckms.crypto import KeyType, build_csr, crl_reasons, crl_serials, generate
 from ckms.errors import IntegrityError, PermissionDeniedError
 from ckms.protocol import CertSignReply, CertSignRequest, InstallSpec, Targets, TlsProfile
 from tests.support.audit import tamper
@@ -44,6 +44,8 @@ async def _issued(c: Controller, tmp_path: Path, host: str = "db-1") -> str:
     "edit",
     [
         "UPDATE certificates SET revoked_at = NULL",  # the revocation cleared
+        "UPDATE certificates SET revocation_reason = 'superseded'",  # a compromise hidden
+        "UPDATE certificates SET public_key_sha256 = NULL",  # the pair made reusable
         BACKDATE,  # made to look expired
     ],
 )
@@ -216,3 +218,51 @@ async def test_an_older_sealed_ca_record_written_back_is_refused(
         await fresh.state()
     with pytest.raises(IntegrityError, match="CA record"):
         await c.ca.state()  # and the running one, which sees a record it did not write
+
+
+async def _sign(rpc: object, version: int, private: bytes) -> CertSignReply:
+    csr = build_csr(private, None).decode()
+    request = CertSignRequest(key="db/server", version=version, csr=csr)
+    return CertSignReply.model_validate(
+        await rpc.call("cert_sign", request.model_dump(mode="json"))  # type: ignore[attr-defined]
+    )
+
+
+async def test_a_key_pair_whose_certificate_was_revoked_for_compromise_is_not_certified_again(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """A host (or whoever stole its TLS key) that keeps the key pair of a certificate revoked
+    for keyCompromise must not get it certified again for the next version: the CSR's public
+    key is refused, a fresh one is certified. A pair whose certificate was only superseded may
+    be certified again."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "db-1", DB)
+    await c.lifecycle.create(
+        "db/server", "tls-cert", targets=Targets(selectors=(DB,)), install=SPEC, actor="alice"
+    )
+    stolen, kept = generate(KeyType.ECDSA_P256), generate(KeyType.ECDSA_P256)
+    async with host_rpc(c, config) as rpc:
+        first = await _sign(rpc, 1, stolen)
+        await _sign(rpc, 1, kept)
+        await c.lifecycle.rotate("db/server", actor="alice")
+        await c.lifecycle.revoke("db/server", "keyCompromise", version=1, actor="alice")
+        with pytest.raises(PermissionDeniedError, match="revoked for keyCompromise"):
+            await _sign(rpc, 2, stolen)
+        await _sign(rpc, 2, generate(KeyType.ECDSA_P256))
+        pem, _ = await c.ca.crl(now=c.clock())
+        issuing = (await c.ca.state()).active.issuing.certificate
+        assert crl_reasons(pem, issuing)[int(first.serial, 16)] == "keyCompromise"
+        assert c.store is not None
+        audited = await c.store.fetchval(
+            "SELECT count(*) FROM audit WHERE action = 'rpc.cert_sign' AND outcome != 'ok'"
+        )
+        assert audited >= 1
+        # Every certificate of v1 was revoked for keyCompromise, so 'kept' is refused too ...
+        with pytest.raises(PermissionDeniedError, match="revoked for keyCompromise"):
+            await _sign(rpc, 2, kept)
+        # ... while a pair whose certificate went for another reason may be certified again.
+        other = generate(KeyType.ECDSA_P256)
+        await _sign(rpc, 2, other)
+        await c.lifecycle.rotate("db/server", actor="alice")
+        await c.lifecycle.revoke("db/server", "superseded", version=2, actor="alice")
+        await _sign(rpc, 3, other)

@@ -24,7 +24,7 @@ from ckms.crypto import (
     split_certificates,
 )
 from ckms.errors import IntegrityError, PolicyError
-from ckms.protocol import InstallSpec, Targets
+from ckms.protocol import InstallSpec, RevocationReason, Targets
 from ckms.store import Store
 from tests.unit.controller.conftest import FakeClock
 
@@ -138,7 +138,10 @@ async def test_clearing_a_revocation_in_the_file_is_refused(
     ca = ControllerCA(store, vault)
     serial = await _issue(store, ca, await _key(lifecycle), clock)
     async with store.write() as tx:
-        assert await revoke_certificates(tx, now=clock(), host_id="db-1") == (serial,)
+        revoked = await revoke_certificates(
+            tx, now=clock(), reason=RevocationReason.SUPERSEDED, host_id="db-1"
+        )
+        assert revoked == (serial,)
     _, listed = await ca.crl(now=clock())
     assert listed == (serial,)
     # The DB file's owner clears the revocation to drop the serial from the CRL.
