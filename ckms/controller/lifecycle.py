@@ -535,7 +535,16 @@ class Lifecycle:
             event = KeyDestroyed(**common, digest=current.digest)
             details["digest_hmac"] = self._vault.identifier(current.digest)
         else:
-            event = KeyStateChanged(**common, reason=reason)
+            serials = ()
+            taken_out = _CERT_REASONS.get(op)
+            if key.type is KeyType.TLS_CERT and taken_out is not None:
+                # Out of use, like a revocation: renewal stops (the version is no longer
+                # distributable), and the certificates already out must not stay valid either.
+                serials = await revoke_certificates(
+                    tx, now=now, reason=taken_out, key_id=key.id, version=version
+                )
+                details["serials"] = list(serials)
+            event = KeyStateChanged(**common, reason=reason, serials=serials)
         action = "key.revoke" if op is Op.COMPROMISE else f"key.{op}"
         await self._emit(
             tx, now=now, actor=actor, action=action, key=key, event=event, details=details
@@ -1487,6 +1496,15 @@ def _check_install(key_type: KeyType, spec: InstallSpec) -> None:
             f"install format '{spec.format}' is not available for key type '{key_type}' "
             f"(allowed: {', '.join(sorted(allowed))})"
         )
+
+
+_CERT_REASONS: Final = {
+    Op.SUSPEND: RevocationReason.CESSATION_OF_OPERATION,
+    Op.DEACTIVATE: RevocationReason.SUPERSEDED,
+}
+"""The moves out of use (other than revocation) that revoke a ``tls-cert`` version's live
+certificates, with the RFC 5280 reason each is listed under (a suspension is not a hold: the
+certificates do not come back; a resumed version is certified afresh)."""
 
 
 async def _revoke_unentitled(

@@ -138,6 +138,11 @@ class KeyStateChanged(_Data):
     to_state: VersionState = Field(alias="to")
     primary: int | None = None
     reason: str | None = None
+    serials: tuple[Serial, ...] = Field(default=(), max_length=10000)
+    """For a ``tls-cert`` version suspended or deactivated: the serials of the hosts'
+    certificates the move revoked (the CRL lists them too); absent otherwise."""
+
+    _omit = _omit_empty("serials")
 
 
 class KeyRevoked(_Data):

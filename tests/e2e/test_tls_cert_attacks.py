@@ -266,3 +266,31 @@ async def test_a_key_pair_whose_certificate_was_revoked_for_compromise_is_not_ce
         await c.lifecycle.rotate("db/server", actor="alice")
         await c.lifecycle.revoke("db/server", "superseded", version=2, actor="alice")
         await _sign(rpc, 3, other)
+
+
+@pytest.mark.parametrize(
+    ("op", "reason"), [("suspend", "cessationOfOperation"), ("deactivate", "superseded")]
+)
+async def test_suspending_or_deactivating_a_version_revokes_its_live_certificates(
+    controller: Controller, tmp_path: Path, op: str, reason: str
+) -> None:
+    """A version taken out of use must not leave its hosts certificates valid until expiry:
+    suspend and deactivate revoke them in the same transaction, with the RFC 5280 reason that
+    fits, on the CRL and in the signed key.state_changed event."""
+    c = controller
+    serial = await _issued(c, tmp_path)
+    await getattr(c.lifecycle, op)("db/server", 1, actor="alice")
+    pem, serials = await c.ca.crl(now=c.clock())
+    assert serial in serials
+    issuing = (await c.ca.state()).active.issuing.certificate
+    assert crl_reasons(pem, issuing)[int(serial, 16)] == reason
+    assert c.store is not None
+    row = await c.store.fetchone(
+        "SELECT payload FROM outbox WHERE type = 'key.state_changed' ORDER BY seq DESC LIMIT 1"
+    )
+    assert row is not None
+    assert json.loads(bytes(row["payload"]))["serials"] == [serial]
+    audited = await c.store.fetchone(
+        "SELECT details FROM audit WHERE action = ? ORDER BY idx DESC LIMIT 1", (f"key.{op}",)
+    )
+    assert audited is not None and json.loads(audited["details"])["serials"] == [serial]
