@@ -75,7 +75,10 @@ def _setup_logging(level: str, *, ssh_debug: bool = False) -> None:
 
 @app.command()
 def enroll(
-    controller: Annotated[str, typer.Option(help="Controller SSH endpoint, HOST:PORT.")],
+    controller: Annotated[
+        str,
+        typer.Option(help="Controller SSH endpoint, HOST:PORT; replicas separated by commas."),
+    ],
     host_key_fingerprint: Annotated[
         str, typer.Option(help="The controller's SSH host key, SHA256:... (pinned).")
     ],
@@ -119,7 +122,7 @@ def enroll(
 ) -> None:
     """Enroll this host: make its keys, present them with the token, pin the controller."""
     try:
-        host, port = enrollment.parse_controller(controller)
+        controllers = enrollment.parse_controllers(controller)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--controller") from None
     if (token is None) == (token_file is None):
@@ -138,8 +141,7 @@ def enroll(
         assert token is not None
         cfg = asyncio.run(
             enrollment.enroll(
-                controller_host=host,
-                controller_port=port,
+                controllers=controllers,
                 token=token,
                 host_key_fingerprint=host_key_fingerprint,
                 state_dir=state_dir,

@@ -36,6 +36,7 @@ from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.crypto import WrapSuite, signer_key_id
 from ckms.errors import ConfigError
 from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, HOOK_NAME_RE, Targets
+from ckms.ssh import Endpoint, parse_endpoints
 from ckms_agent.files import InstallError, write_atomic
 
 ENV_PREFIX = "CKMS_AGENT_"
@@ -125,8 +126,13 @@ class AgentConfig(BaseModel):
 
     host_id: str
     labels: dict[str, str] = Field(default_factory=dict)
-    controller_host: str = Field(min_length=1, max_length=255)
+    controller_host: str | None = Field(default=None, min_length=1, max_length=255)
     controller_port: int = Field(default=2222, ge=1, le=65535)
+    controller: tuple[str, ...] = ()
+    """Several controllers (replicas on one store), ``["ctl-1:2222", "ctl-2:2222"]`` (a single
+    ``"HOST:PORT"`` string is fine too), instead of ``controller_host``/``controller_port``.
+    They share one host key (``host_key_fingerprint``); the agent uses one at a time and fails
+    over to the next when it cannot reach it (``ckms.ssh.RpcClient``)."""
     host_key_fingerprint: str
     controller_signing_key: str
     controller_key_id: str
@@ -247,6 +253,20 @@ class AgentConfig(BaseModel):
                 raise ValueError(first.removeprefix("Value error, ")) from None
         return value
 
+    @field_validator("controller", mode="before")
+    @classmethod
+    def _check_controllers(cls, value: object) -> tuple[str, ...]:
+        if value in ((), [], None, ""):
+            return ()
+        if not isinstance(value, str | list | tuple) or not all(
+            isinstance(v, str) for v in ([value] if isinstance(value, str) else value)
+        ):
+            raise ValueError('expected "HOST:PORT" or a list of them')
+        try:
+            return tuple(str(e) for e in parse_endpoints(value))  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
     @field_validator("host_key_fingerprint")
     @classmethod
     def _check_fingerprint(cls, value: str) -> str:
@@ -280,6 +300,11 @@ class AgentConfig(BaseModel):
             raise ValueError(
                 "controller_key_id does not name controller_signing_key: the pinned key and its "
                 "id disagree (re-enroll, or fix the file)"
+            )
+        if bool(self.controller) == (self.controller_host is not None):
+            raise ValueError(
+                "name the controller once: controller_host (and controller_port), or controller "
+                "(a list of HOST:PORT for several replicas)"
             )
         if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
             raise ValueError("reconnect_backoff_max_s is below reconnect_backoff_min_s")
@@ -323,6 +348,19 @@ class AgentConfig(BaseModel):
                     f"allowed path {allowed} holds {what} ({path}): the controller could "
                     "replace it with key material; name a directory of its own for keys"
                 )
+
+    @property
+    def controllers(self) -> tuple[Endpoint, ...]:
+        """The controller endpoints, in the order given."""
+        if self.controller:
+            return parse_endpoints(self.controller)
+        assert self.controller_host is not None
+        return (Endpoint(self.controller_host, self.controller_port),)
+
+    @property
+    def controller_address(self) -> str:
+        """The controllers as the config names them (for logs and ``ckms-agent status``)."""
+        return ",".join(str(e) for e in self.controllers)
 
     @property
     def controller_public_key(self) -> bytes:

@@ -234,18 +234,18 @@ class Agent:
                 self._ops.sweep_held(await state.keys())
                 await self.check_staleness()
                 self._rpc = RpcClient(
-                    host=cfg.controller_host,
-                    port=cfg.controller_port,
+                    endpoints=cfg.controllers,
                     username=cfg.host_id,
                     client_key=self._keys.ssh_key(),
                     host_key_fingerprint=cfg.host_key_fingerprint,
                     connect_timeout_s=min(cfg.rpc_timeout_s, 10.0),
+                    retry_min_s=cfg.reconnect_backoff_min_s,
+                    retry_max_s=cfg.reconnect_backoff_max_s,
                 )
                 log.info(
-                    "agent starting host=%s controller=%s:%d allowed_paths=%s hooks=%s",
+                    "agent starting host=%s controller=%s allowed_paths=%s hooks=%s",
                     cfg.host_id,
-                    cfg.controller_host,
-                    cfg.controller_port,
+                    cfg.controller_address,
                     [str(p) for p in cfg.allowed_paths],
                     sorted(cfg.hooks),
                 )
@@ -306,7 +306,6 @@ class Agent:
 
     async def _connection_loop(self) -> None:
         assert self._rpc is not None
-        cfg = self.config
         backoff = self._backoff()
         while True:
             try:
@@ -319,7 +318,7 @@ class Agent:
             self._healthy = False
             self._lost.clear()
             self._connected.set()
-            log.info("connected to controller %s:%d", cfg.controller_host, cfg.controller_port)
+            log.info("connected to controller %s", self._rpc.endpoint)
             self._request_reconcile()
             while self._rpc.connected and not self._lost.is_set():
                 await wait_event(self._lost, _CONNECTION_CHECK_S)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from ckms.crypto import KeyType, WrapSuite, build_csr, generate, signing_public_openssh
 from ckms.errors import AlreadyExistsError, ConfigError, ProtocolError
 from ckms.protocol import EnrollReply, EnrollRequest
-from ckms.ssh import RpcClient
+from ckms.ssh import Endpoint, RpcClient, parse_endpoints
 from ckms_agent.certs import save_client_certificate
 from ckms_agent.config import (
     CA_BUNDLE_FILE,
@@ -51,20 +51,26 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 
 
-def parse_controller(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6); ValueError if malformed."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+def parse_controllers(text: str) -> tuple[Endpoint, ...]:
+    """``HOST:PORT``, or several separated by commas (replicas); ValueError if malformed."""
+    try:
+        return parse_endpoints(text)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _controller_settings(controllers: Sequence[Endpoint]) -> dict[str, Any]:
+    """How the config names the controller: host and port for one, a list for several."""
+    if len(controllers) == 1:
+        return {"controller_host": controllers[0].host, "controller_port": controllers[0].port}
+    return {"controller": tuple(str(e) for e in controllers)}
 
 
 async def enroll(
     *,
-    controller_host: str,
-    controller_port: int,
+    controller_host: str | None = None,
+    controller_port: int = 2222,
+    controllers: Sequence[Endpoint] = (),
     token: str,
     host_key_fingerprint: str,
     state_dir: Path,
@@ -77,9 +83,15 @@ async def enroll(
 ) -> AgentConfig:
     """Enroll this host with the controller and write its keys and config; return the config.
 
+    ``controllers`` names several replicas instead of ``controller_host``/``controller_port``
+    (enrollment goes to the first that answers; the config keeps them all).
     ``policy`` sets host-policy settings (:data:`~ckms_agent.config.POLICY_FIELDS`); the rest
     of the host policy comes from the existing config file, else the defaults.
     """
+    if controller_host is not None:
+        controllers = (Endpoint(controller_host, controller_port), *controllers)
+    if not controllers:
+        raise ConfigError("enrollment needs the controller's address")
     if not 16 <= len(token) <= 256:
         raise ConfigError("the enrollment token must be 16 to 256 characters")
     unknown = sorted(set(policy or {}) - set(POLICY_FIELDS))
@@ -98,8 +110,7 @@ async def enroll(
         reply = await _call_enroll(
             keys,
             kafka_csr=build_csr(kafka_key, None).decode("ascii"),
-            host=controller_host,
-            port=controller_port,
+            endpoints=controllers,
             token=token,
             fingerprint=host_key_fingerprint,
             timeout_s=connect_timeout_s,
@@ -108,8 +119,7 @@ async def enroll(
             config = AgentConfig(
                 host_id=reply.host,
                 labels=reply.labels,
-                controller_host=controller_host,
-                controller_port=controller_port,
+                **_controller_settings(controllers),
                 host_key_fingerprint=host_key_fingerprint,
                 controller_signing_key=reply.controller_signing_key,
                 controller_key_id=reply.controller_key_id,
@@ -199,8 +209,7 @@ def _discard(staged: Path) -> None:
 async def _call_enroll(
     keys: AgentKeys,
     *,
-    host: str,
-    port: int,
+    endpoints: Sequence[Endpoint],
     token: str,
     fingerprint: str,
     timeout_s: float,
@@ -216,8 +225,7 @@ async def _call_enroll(
         kafka_csr=kafka_csr,
     )
     client = RpcClient(
-        host=host,
-        port=port,
+        endpoints=endpoints,
         username="enroll",
         client_key=keys.ssh_key(),
         host_key_fingerprint=fingerprint,

@@ -70,7 +70,7 @@ def _exists(path: Path) -> bool:
 async def collect_status(config: AgentConfig, *, now: float | None = None) -> AgentStatus:
     """Build the status report from the state DB and the files."""
     now = time.time() if now is None else now
-    controller = f"{config.controller_host}:{config.controller_port}"
+    controller = config.controller_address
     base = {
         "host": config.host_id,
         "controller": controller,

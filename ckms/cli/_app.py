@@ -57,7 +57,8 @@ def root(
         typer.Option(
             "--controller",
             envvar="CKMS_CONTROLLER",
-            help="Controller SSH endpoint HOST:PORT [default: 127.0.0.1:2222].",
+            help="Controller SSH endpoint HOST:PORT [default: 127.0.0.1:2222]; several "
+            "replicas separated by commas (tried in turn).",
             show_default=False,
         ),
     ] = None,

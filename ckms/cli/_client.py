@@ -1,8 +1,9 @@
 """How the CLI reaches the controller: root options → one pinned SSH connection → typed replies.
 
 Options (each with an environment variable): ``--controller HOST:PORT`` (``CKMS_CONTROLLER``,
-default ``127.0.0.1:2222``), ``--identity PATH`` (``CKMS_IDENTITY``, default
-``~/.ssh/id_ed25519``), ``--user NAME`` (``CKMS_USER``, default the login name) and
+default ``127.0.0.1:2222``; several replicas separated by commas, tried in turn),
+``--identity PATH`` (``CKMS_IDENTITY``, default ``~/.ssh/id_ed25519``), ``--user NAME``
+(``CKMS_USER``, default the login name) and
 ``--host-key-fingerprint SHA256:...`` (``CKMS_CONTROLLER_FINGERPRINT``, required: the CLI never
 trusts a controller key on first use).
 """
@@ -20,9 +21,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ckms.cli._errors import UsageError
-from ckms.cli._parse import parse_controller
 from ckms.errors import ConfigError, ProtocolError
-from ckms.ssh import RpcClient, load_private_key
+from ckms.ssh import Endpoint, RpcClient, load_private_key, parse_endpoints
 
 __all__ = ["DEFAULT_CONTROLLER", "Connection", "Session", "run"]
 
@@ -68,9 +68,18 @@ class Connection:
     user: str | None = None
     fingerprint: str | None = None
 
-    def client(self) -> RpcClient:
-        """A pinned RPC client, or UsageError naming the missing or bad option."""
-        host, port = parse_controller(self.controller or DEFAULT_CONTROLLER)
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The controllers named (one, or several replicas), or UsageError."""
+        try:
+            return parse_endpoints(self.controller or DEFAULT_CONTROLLER)
+        except ConfigError as exc:
+            raise UsageError(f"--controller: {exc}") from None
+
+    def client(self, endpoint: Endpoint | None = None) -> RpcClient:
+        """A pinned RPC client over every controller named (or only ``endpoint``), or
+        UsageError naming the missing or bad option."""
+        endpoints = self.endpoints if endpoint is None else (endpoint,)
         if not self.fingerprint:
             raise UsageError(
                 "--host-key-fingerprint (or CKMS_CONTROLLER_FINGERPRINT) is required: the "
@@ -83,8 +92,7 @@ class Connection:
             raise UsageError(f"--identity: {exc}") from None
         try:
             return RpcClient(
-                host=host,
-                port=port,
+                endpoints=endpoints,
                 username=self.user or getpass.getuser(),
                 client_key=key,
                 host_key_fingerprint=self.fingerprint,
@@ -98,16 +106,24 @@ class Connection:
         return self.controller or DEFAULT_CONTROLLER
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[Session]:
-        """Open one connection for several requests."""
-        async with self.client() as client:
+    async def session(self, endpoint: Endpoint | None = None) -> AsyncIterator[Session]:
+        """Open one connection for several requests (to ``endpoint`` only, if given)."""
+        async with self.client(endpoint) as client:
             yield Session(client)
 
-    def call(self, method: str, params: BaseModel | dict[str, Any] | None, reply: type[M]) -> M:
-        """One request on a connection of its own (synchronous)."""
+    def call(
+        self,
+        method: str,
+        params: BaseModel | dict[str, Any] | None,
+        reply: type[M],
+        *,
+        endpoint: Endpoint | None = None,
+    ) -> M:
+        """One request on a connection of its own (synchronous), to any controller named
+        (or only ``endpoint``: a replica's own state, such as its seal)."""
 
         async def once() -> M:
-            async with self.session() as session:
+            async with self.session(endpoint) as session:
                 return await session.call(method, params, reply)
 
         return run(once())

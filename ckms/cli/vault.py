@@ -7,11 +7,13 @@ from typing import Annotated
 
 import typer
 
+from ckms.cli._client import Connection
 from ckms.cli._common import JsonOption, call_and_show, conn
 from ckms.cli._errors import ExitCode, UsageError, cli_errors
 from ckms.cli._parse import read_text_file
 from ckms.cli._render import console, until, when
 from ckms.crypto import age_decrypt_ssh, is_age_file
+from ckms.errors import CKMSError
 from ckms.protocol import admin as api
 from ckms.ssh import load_private_key
 from ckms.ssh._keys import KeyPassphraseNeeded
@@ -55,9 +57,7 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 f"v{w.version} serial {w.serial} {state} (renewal was due {when(w.renew_at)})"
             )
         for r in reply.rollouts:
-            line = (
-                f"rollout {r.key} v{r.version}: {r.state}, stage {r.stage} of {len(r.stages)}"
-            )
+            line = f"rollout {r.key} v{r.version}: {r.state}, stage {r.stage} of {len(r.stages)}"
             if r.failed:
                 line += f"; failed on {', '.join(r.failed[:10])}"
             if r.waiting:
@@ -104,7 +104,8 @@ def unseal(
         Path | None, typer.Option(help="A file holding the unseal passphrase.")
     ] = None,
 ) -> None:
-    """Give your share (or the passphrase); prompts when no file is given."""
+    """Give your share (or the passphrase) to the controller, to each replica named if
+    several; prompts when no file is given."""
     with cli_errors():
         if share_file is not None and passphrase_file is not None:
             raise UsageError("give --share-file or --passphrase-file, not both")
@@ -118,7 +119,7 @@ def unseal(
             )
         else:
             state = connection.call("status", None, api.StatusReply)
-            if not state.sealed:
+            if not state.sealed and len(connection.endpoints) == 1:
                 typer.echo("controller is already unsealed")
                 return
             if state.mode == "passphrase":
@@ -130,11 +131,35 @@ def unseal(
                         hide_input=True,
                     )
                 )
-        reply = connection.call("unseal", params, api.SealReply)
-    if reply.sealed:
-        typer.echo(f"share accepted: {reply.given} of {reply.threshold} given; still sealed")
-    else:
-        typer.echo("controller unsealed")
+        _each_replica(connection, "unseal", params)
+
+
+def _each_replica(connection: Connection, method: str, params: api.UnsealParams | None) -> None:
+    """Send ``method`` to every controller named, one by one: each replica keeps its own seal
+    (docs/architecture.md, "Unsealing replicas"), so a share given to one unseals only that
+    one. Exit 1 if any replica could not be reached or refused."""
+    endpoints = connection.endpoints
+    failed = False
+    for endpoint in endpoints:
+        name = f"controller {endpoint}: " if len(endpoints) > 1 else ""
+        try:
+            reply = connection.call(method, params, api.SealReply, endpoint=endpoint)
+        except CKMSError as exc:
+            if len(endpoints) == 1:
+                raise
+            failed = True
+            typer.echo(f"{name}{type(exc).__name__}: {exc}", err=True)
+            continue
+        if method == "seal":
+            typer.echo(f"{name}controller sealed" if not name else f"{name}sealed")
+        elif reply.sealed:
+            typer.echo(
+                f"{name}share accepted: {reply.given} of {reply.threshold} given; still sealed"
+            )
+        else:
+            typer.echo(f"{name}controller unsealed" if not name else f"{name}unsealed")
+    if failed:
+        raise typer.Exit(int(ExitCode.FAILED))
 
 
 def _read_share(path: Path, identity: Path) -> str:
@@ -160,7 +185,6 @@ def _read_share(path: Path, identity: Path) -> str:
 
 
 def seal(ctx: typer.Context) -> None:
-    """Seal the controller: it forgets its keys until unsealed again."""
+    """Seal the controller (every replica named): it forgets its keys until unsealed again."""
     with cli_errors():
-        conn(ctx).call("seal", None, api.SealReply)
-    typer.echo("controller sealed")
+        _each_replica(conn(ctx), "seal", None)

@@ -96,6 +96,9 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Contr
             sources[name] = variable
     home = Path(str(data.get("home", path.parent)))
     data["home"] = home if home.is_absolute() else (path.parent / home).resolve()
+    if data.get("store") is not None and not _is_url(str(data["store"])):
+        store = Path(str(data["store"]))
+        data["store"] = store if store.is_absolute() else (path.parent / store).resolve()
     store_origin = _take_store_url(data, env, str(path))
     try:
         settings = ControllerSettings.model_validate(data)
@@ -118,13 +121,18 @@ def _take_store_url(data: dict[str, Any], env: Mapping[str, str], path: str) -> 
 
     The caller refuses it: the PostgreSQL store is not built yet, and ignored, the setting
     would leave the controller on its SQLite file while the operator believes it shares a
-    database with other replicas. The URL is never echoed: it may hold a password.
+    database with other replicas. The URL is never echoed: it may hold a password. A plain
+    file path stays: it names a SQLite file (which replicas on one machine may share).
     """
-    if data.pop("store", None) is not None:
-        return path
-    if ENV_PREFIX + "STORE" in env:
-        return ENV_PREFIX + "STORE"
+    value = data.get("store")
+    if value is not None and _is_url(str(value)):
+        del data["store"]
+        return ENV_PREFIX + "STORE" if ENV_PREFIX + "STORE" in env else path
     return None
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value or value.startswith(("postgresql:", "postgres:"))
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class ControllerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     home: Path
+    store: Path | None = None
+    """The SQLite store file (default: ``<home>/controller.db``). Several controllers on one
+    machine may name the same file: they are replicas (one leads, see
+    :mod:`ckms.controller.leader`)."""
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=2222, ge=0, le=65535)
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -168,7 +172,7 @@ class ControllerSettings(BaseModel):
     @property
     def db_path(self) -> Path:
         """The controller's SQLite store."""
-        return self.home / "controller.db"
+        return self.store if self.store is not None else self.home / "controller.db"
 
     @property
     def host_key_path(self) -> Path:

@@ -30,6 +30,43 @@ MAX_REQUEST_BYTES = 32 * 1024
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 """Largest reply a client reads (a sync reply for a host with many keys stays far below)."""
 
+IDEMPOTENT_METHODS: frozenset[str] = frozenset(
+    {
+        # agents: reads, and writes the controller applies once however often they arrive
+        "sync",  # reads what the host should hold; records when it was last seen
+        "heartbeat",  # records when the host was last seen
+        "fetch",  # reads one wrapped version (each fetch is audited: a repeat is a true record)
+        "digest_key",
+        # operators: reads
+        "status",
+        "whoami",
+        "key.list",
+        "key.show",
+        "key.history",
+        "host.list",
+        "host.show",
+        "fleet.status",
+        "ca.show",
+        "ca.crl",
+        "rollout.status",
+        "rollout.list",
+        "audit.verify",
+        "audit.tail",
+        "audit.export",
+        "operator.list",
+        "request.list",
+        "request.show",
+        "report.summary",
+        "report.keys",
+        "backup.read",
+    }
+)
+"""Methods a client may send again, to another replica, after a connection broke with the
+request sent and no reply read: applying them twice is applying them once. Every other method
+(a rotation, a revocation, an enrollment, a certificate issued, an approval) may have been
+applied by the replica that went away, so it is never sent again blindly; the caller is told
+it may have been applied. Request routing never depends on this set (the server has its own)."""
+
 _METHOD_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
 

@@ -1,6 +1,6 @@
 """SSH transport of ckms: a JSON-over-exec RPC server and a persistent-connection client."""
 
-from ckms.ssh._client import RpcClient
+from ckms.ssh._client import Endpoint, RpcClient, parse_endpoints
 from ckms.ssh._keys import (
     fingerprint,
     generate_ssh_key,
@@ -13,6 +13,7 @@ from ckms.ssh._server import Principal, RpcServer
 
 __all__ = [
     "ConnectionLimits",
+    "Endpoint",
     "Principal",
     "RefusalBurst",
     "RpcClient",
@@ -21,5 +22,6 @@ __all__ = [
     "generate_ssh_key",
     "load_or_create_host_key",
     "load_private_key",
+    "parse_endpoints",
     "public_key_text",
 ]

@@ -1,10 +1,19 @@
-"""A persistent SSH connection to the controller that makes JSON requests on exec channels.
+"""A persistent SSH connection to a controller that makes JSON requests on exec channels.
 
 A new connection costs about 4 ms of CPU on each side (docs/architecture.md §8) and a request
 on an open one 0.85-1.6 ms per side as measured by ``bench/rpc.py`` (many in flight vs one at
 a time), so agents and the CLI keep one connection and reuse it. The controller's
 host key is pinned: either its full public key or, at enrollment, its ``SHA256:`` fingerprint;
 a different key is refused with an error that says so.
+
+Several controllers (replicas on one store) are several endpoints of one client: they share
+one host key (docs/architecture.md, "Replicas"), so one pin covers them all. The client
+connects to one of them (chosen by a stable hash of the login name, so a fleet spreads over
+the replicas), and when that one cannot be reached it tries the next; an endpoint that failed
+is skipped for a jittered backoff (:mod:`ckms._backoff`) while another answers, and tried again
+after it, so a replica that returns is used again. A request whose connection broke is sent
+again on another replica only when that cannot apply it twice: it never reached the server (the
+channel did not open), or its method is in :data:`~ckms.protocol._rpc.IDEMPOTENT_METHODS`.
 """
 
 from __future__ import annotations
@@ -12,12 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
+from ckms._backoff import Backoff
 from ckms.errors import CKMSError, ConfigError, RequestTimeoutError, TransportError
-from ckms.protocol._rpc import MAX_REPLY_BYTES, format_request, parse_reply
+from ckms.protocol._rpc import IDEMPOTENT_METHODS, MAX_REPLY_BYTES, format_request, parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -49,103 +63,255 @@ class _PinnedHostKey(asyncssh.SSHClient):
         return self.presented == self.pinned
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One controller address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoints(value: str | Sequence[str]) -> tuple[Endpoint, ...]:
+    """``"ctl-1:2222"``, ``"ctl-1:2222,ctl-2:2222"`` or a list of such; ConfigError if bad.
+
+    ``[v6addr]:PORT`` for IPv6. Duplicates are dropped (the first one stays), order is kept.
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    texts = [t.strip() for item in items for t in str(item).split(",")]
+    out: list[Endpoint] = []
+    for text in texts:
+        if not text:
+            raise ConfigError("empty controller address (expected HOST:PORT)")
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+            if not sep or (rest and not rest.startswith(":")):
+                raise ConfigError(f"bad controller address {text!r} (expected [v6addr]:PORT)")
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+        elif ":" in text:
+            raise ConfigError(f"bad controller address {text!r} (write IPv6 as [addr]:PORT)")
+        else:
+            raise ConfigError(f"expected HOST:PORT, got {text!r}")
+        if port_text.isdigit() and 1 <= int(port_text) < 65536:
+            port = int(port_text)
+        else:
+            raise ConfigError(f"bad controller port in {text!r} (expected HOST:PORT, 1-65535)")
+        if not host or len(host) > 255 or any(c.isspace() for c in host):
+            raise ConfigError(f"bad controller host in {text!r}")
+        endpoint = Endpoint(host, port)
+        if endpoint not in out:
+            out.append(endpoint)
+    if not out:
+        raise ConfigError("no controller address given")
+    return tuple(out)
+
+
+class _NotSent(Exception):
+    """The request never reached the server (its channel did not open): safe to send again."""
+
+
 class RpcClient:
-    """``async with RpcClient(...) as rpc: await rpc.call("sync", {...})``."""
+    """``async with RpcClient(...) as rpc: await rpc.call("sync", {...})``.
+
+    ``host``/``port`` name one controller; ``endpoints`` several replicas (tried in turn).
+    """
 
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        host: str | None = None,
+        port: int = 2222,
+        endpoints: Sequence[Endpoint] = (),
         username: str,
         client_key: asyncssh.SSHKey,
         host_key_fingerprint: str,
         connect_timeout_s: float = 10.0,
         keepalive_s: float = 15.0,
+        retry_min_s: float = 1.0,
+        retry_max_s: float = 30.0,
     ) -> None:
         if not host_key_fingerprint.startswith("SHA256:"):
             raise ConfigError("the controller host key fingerprint must look like SHA256:...")
-        self.host = host
-        self.port = port
+        if host is not None:
+            endpoints = (Endpoint(host, port), *(e for e in endpoints if e != Endpoint(host, port)))
+        if not endpoints:
+            raise ConfigError("an RPC client needs a controller address")
+        self.endpoints = tuple(endpoints)
+        # A stable start per login name: a fleet spreads over the replicas, and each host
+        # keeps going to the same one while it is up.
+        self._preferred = zlib.crc32(username.encode()) % len(self.endpoints)
+        self._current = self._preferred
         self.username = username
         self._client_key = client_key
         self._pinned = host_key_fingerprint
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
+        self._retry = [Backoff(retry_min_s, retry_max_s) for _ in self.endpoints]
+        self._retry_at = [0.0 for _ in self.endpoints]
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
+        self._last_connected: int | None = None
+        self.failovers = 0
+        """How many times the client moved to another endpoint (for status and tests)."""
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The controller in use (or tried next)."""
+        return self.endpoints[self._current]
+
+    @property
+    def host(self) -> str:
+        """Host of the controller in use."""
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        """Port of the controller in use."""
+        return self.endpoint.port
 
     @property
     def connected(self) -> bool:
         """True while the connection is open."""
         return self._conn is not None and not self._conn.is_closed()
 
+    def _order(self) -> list[int]:
+        """Endpoints to try now: those not backing off, from the current one on, then those
+        backing off, the one due first first (a replica that just failed is the last resort,
+        not skipped: it may be the only one left)."""
+        n = len(self.endpoints)
+        now = time.monotonic()
+        ring = [(self._current + i) % n for i in range(n)]
+        ready = [i for i in ring if self._retry_at[i] <= now]
+        waiting = sorted(
+            (i for i in ring if self._retry_at[i] > now), key=self._retry_at.__getitem__
+        )
+        return ready + waiting
+
     async def connect(self) -> None:
-        """Open the connection (no-op when open); raises TransportError naming the reason."""
+        """Open a connection (no-op when open), trying each controller in turn; raises
+        TransportError naming why each one failed."""
         async with self._lock:
             if self.connected:
                 return
-            pin = _PinnedHostKey(self._pinned)
-            try:
-                self._conn, _ = await asyncio.wait_for(
-                    asyncssh.create_connection(
-                        lambda: pin,
-                        self.host,
-                        self.port,
-                        username=self.username,
-                        client_keys=[self._client_key],
-                        known_hosts=([], [], []),  # empty trust: every key goes to the pin check
-                        agent_path=None,
-                        preferred_auth="publickey",
-                        encryption_algs=list(ENCRYPTION_ALGS),
-                        keepalive_interval=self._keepalive_s,
-                        keepalive_count_max=3,
-                        config=[],
-                    ),
-                    self._connect_timeout_s,
-                )
-            except asyncssh.HostKeyNotVerifiable:
-                raise TransportError(
-                    f"controller {self.host}:{self.port} presented host key {pin.presented}, "
-                    f"not the pinned {self._pinned}: refusing to connect"
-                ) from None
-            except asyncssh.PermissionDenied:
-                raise TransportError(
-                    f"controller {self.host}:{self.port} refused the key of {self.username!r}"
-                ) from None
-            except (OSError, asyncssh.Error, TimeoutError) as exc:
-                reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-                raise TransportError(
-                    f"cannot connect to controller {self.host}:{self.port}: {reason}"
-                ) from None
+            failures: list[str] = []
+            for index in self._order():
+                try:
+                    self._conn = await self._open(self.endpoints[index])
+                except TransportError as exc:
+                    self._retry_at[index] = time.monotonic() + self._retry[index].next()
+                    failures.append(str(exc))
+                    if len(self.endpoints) > 1:
+                        log.warning("%s; trying the next controller", exc)
+                    continue
+                self._retry[index].reset()
+                self._retry_at[index] = 0.0
+                if self._last_connected is not None and index != self._last_connected:
+                    self.failovers += 1
+                    log.info("connected to controller %s (failed over)", self.endpoints[index])
+                self._current = self._last_connected = index
+                return
+            if len(failures) == 1:
+                raise TransportError(failures[0])
+            raise TransportError("no controller reachable: " + "; ".join(failures))
+
+    async def _open(self, endpoint: Endpoint) -> asyncssh.SSHClientConnection:
+        pin = _PinnedHostKey(self._pinned)
+        try:
+            conn, _ = await asyncio.wait_for(
+                asyncssh.create_connection(
+                    lambda: pin,
+                    endpoint.host,
+                    endpoint.port,
+                    username=self.username,
+                    client_keys=[self._client_key],
+                    known_hosts=([], [], []),  # empty trust: every key goes to the pin check
+                    agent_path=None,
+                    preferred_auth="publickey",
+                    encryption_algs=list(ENCRYPTION_ALGS),
+                    keepalive_interval=self._keepalive_s,
+                    keepalive_count_max=3,
+                    config=[],
+                ),
+                self._connect_timeout_s,
+            )
+        except asyncssh.HostKeyNotVerifiable:
+            raise TransportError(
+                f"controller {endpoint} presented host key {pin.presented}, "
+                f"not the pinned {self._pinned}: refusing to connect"
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise TransportError(
+                f"controller {endpoint} refused the key of {self.username!r}"
+            ) from None
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise TransportError(f"cannot connect to controller {endpoint}: {reason}") from None
+        return conn
 
     async def call(
         self, method: str, params: dict[str, Any] | None = None, *, timeout_s: float = 30.0
     ) -> dict[str, Any]:
-        """Make one request on the open connection (connecting first if needed)."""
-        await self.connect()
-        assert self._conn is not None
+        """Make one request on the open connection (connecting first if needed).
+
+        When the connection breaks, the request goes once more, to the next controller that
+        answers, if that cannot apply it twice (see the module docstring); otherwise the
+        TransportError says it may have been applied.
+        """
         command, body = format_request(method, params)
-        try:
-            # asyncio.timeout rather than wait_for: wait_for runs the call as a task of its own,
-            # which costs about three more event-loop iterations per request (bench/rpc.py).
-            async with asyncio.timeout(timeout_s):
-                stdout, exit_status = await _exchange(self._conn, command, body, method)
-        except TimeoutError:
-            # First: TimeoutError is an OSError. A slow reply is a busy controller, not a dead
-            # connection; dropping it would add a handshake to every retry (a reconnect storm).
-            raise RequestTimeoutError(
-                f"{method} to {self.host}:{self.port} timed out after {timeout_s:g} s"
-            ) from None
-        except (OSError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
+        retry_anywhere = method in IDEMPOTENT_METHODS
+        attempts = len(self.endpoints)
+        while True:
+            await self.connect()
+            conn = self._conn
+            assert conn is not None
+            endpoint = self.endpoint
+            try:
+                # asyncio.timeout rather than wait_for: wait_for runs the call as a task of its
+                # own, which costs about three more event-loop iterations per request.
+                async with asyncio.timeout(timeout_s):
+                    stdout, exit_status = await _exchange(conn, command, body, method)
+                if not stdout and exit_status is None:
+                    # The channel ended without a reply or an exit status: the connection went
+                    # away (a replica that stopped) after the request was sent.
+                    raise ConnectionResetError("the connection closed before the reply")
+            except TimeoutError:
+                # First: TimeoutError is an OSError. A slow reply is a busy controller, not a
+                # dead connection; dropping it would add a handshake to every retry.
+                raise RequestTimeoutError(
+                    f"{method} to {endpoint} timed out after {timeout_s:g} s"
+                ) from None
+            except (_NotSent, OSError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
+                await self._drop(conn)
+                attempts -= 1
+                not_sent = isinstance(exc, _NotSent)
+                reason = str(exc) or type(exc).__name__
+                if attempts > 0 and len(self.endpoints) > 1 and (not_sent or retry_anywhere):
+                    log.warning(
+                        "%s to %s failed (%s); trying another controller", method, endpoint, reason
+                    )
+                    self._retry_at[self._current] = (
+                        time.monotonic() + self._retry[self._current].next()
+                    )
+                    self._current = (self._current + 1) % len(self.endpoints)
+                    continue
+                maybe = (
+                    ""
+                    if not_sent or retry_anywhere
+                    else (" (it may have been applied: check before sending it again)")
+                )
+                raise TransportError(f"{method} to {endpoint} failed: {reason}{maybe}") from None
+            if not stdout:
+                raise TransportError(f"{method} to {endpoint} got no reply (exit {exit_status})")
+            return parse_reply(stdout)
+
+    async def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Close ``conn`` if it is still the current connection."""
+        if self._conn is conn:
             await self.close()
-            reason = str(exc) or type(exc).__name__
-            raise TransportError(f"{method} to {self.host}:{self.port} failed: {reason}") from None
-        if not stdout:
-            raise TransportError(
-                f"{method} to {self.host}:{self.port} got no reply (exit {exit_status})"
-            )
-        return parse_reply(stdout)
 
     async def close(self) -> None:
         """Close the connection and wait until it is closed; safe to call twice."""
@@ -169,7 +335,10 @@ async def _exchange(
     """Send one request (the body on stdin, then EOF) and read its reply, at most
     MAX_REPLY_BYTES: past that the channel is closed, so a hostile or broken server cannot make
     the client buffer more than the limit."""
-    process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
+    try:
+        process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
+    except (OSError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
+        raise _NotSent(str(exc) or type(exc).__name__) from None
     try:
         # The server may refuse (role, method) and close the channel before reading the body;
         # its reply is still there to read, so a write to the closed channel is not an error.

@@ -1,0 +1,173 @@
+"""The RPC client over several controllers (replicas sharing one host key), real asyncssh.
+
+Failover on a connection that cannot be made; a request whose connection broke after it was
+sent goes to another replica only if applying it twice is applying it once; a replica that
+comes back is used again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import asyncssh
+import pytest
+
+from ckms.errors import ConfigError, TransportError
+from ckms.ssh import (
+    Endpoint,
+    Principal,
+    RpcClient,
+    RpcServer,
+    fingerprint,
+    generate_ssh_key,
+    parse_endpoints,
+)
+
+
+class Replica:
+    """One RpcServer with the shared host key; counts what it applied."""
+
+    def __init__(self, host_key: asyncssh.SSHKey, admin_key: asyncssh.SSHKey) -> None:
+        self.host_key = host_key
+        self.admin_key = admin_key
+        self.applied: list[str] = []
+        self.entered = asyncio.Event()
+        self.hang_sync = False
+        self.rpc: RpcServer | None = None
+        self.port = 0
+
+    async def authenticate(self, username: str, key: asyncssh.SSHKey) -> Principal | None:
+        if username == "alice" and fingerprint(key) == fingerprint(self.admin_key):
+            return Principal(username, "admin", fingerprint(key))
+        return None
+
+    async def start(self, port: int = 0) -> None:
+        rpc = RpcServer(host_key=self.host_key, authenticate=self.authenticate)
+
+        async def handler(name: str, hang: bool, principal: Principal, params: dict[str, Any]):
+            self.applied.append(name)
+            if hang:
+                self.entered.set()
+                await asyncio.Event().wait()  # the replica dies before it replies
+            return {"by": self.port}
+
+        for method in ("status", "key.rotate"):
+            rpc.route(method, lambda p, q, m=method: handler(m, False, p, q), roles={"admin"})
+        rpc.route("sync", lambda p, q: handler("sync", self.hang_sync, p, q), roles={"admin"})
+        rpc.route("key.revoke", lambda p, q: handler("key.revoke", True, p, q), roles={"admin"})
+        await rpc.start(port=port)
+        self.rpc, self.port = rpc, rpc.port or 0
+
+    async def stop(self) -> None:
+        if self.rpc is not None:
+            await self.rpc.close()
+            self.rpc = None
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def replicas():
+    host_key, admin_key = generate_ssh_key(), generate_ssh_key()
+    pair = [Replica(host_key, admin_key), Replica(host_key, admin_key)]
+    for r in pair:
+        await r.start()
+    yield pair
+    for r in pair:
+        await r.stop()
+
+
+def _client(replicas: list[Replica], endpoints: list[Endpoint]) -> RpcClient:
+    return RpcClient(
+        endpoints=endpoints,
+        username="alice",
+        client_key=replicas[0].admin_key,
+        host_key_fingerprint=fingerprint(replicas[0].host_key),
+        connect_timeout_s=5,
+        retry_min_s=0.05,
+        retry_max_s=0.1,
+    )
+
+
+def test_endpoint_lists_parse_and_bad_ones_are_refused() -> None:
+    assert parse_endpoints("ctl-1:2222") == (Endpoint("ctl-1", 2222),)
+    assert parse_endpoints("ctl-1:2222, ctl-2:2223,ctl-1:2222") == (
+        Endpoint("ctl-1", 2222),
+        Endpoint("ctl-2", 2223),
+    )
+    assert parse_endpoints(["[::1]:22", "ctl-3:22"]) == (Endpoint("::1", 22), Endpoint("ctl-3", 22))
+    assert str(Endpoint("::1", 22)) == "[::1]:22"
+    for bad in ("", "ctl-3", "a:b", "a:0", "::1:22", "[::1]", "a:1,,b:2", "a b:1", []):
+        with pytest.raises(ConfigError):
+            parse_endpoints(bad)  # type: ignore[arg-type]
+
+
+async def test_a_controller_that_cannot_be_reached_is_skipped(replicas) -> None:
+    live = replicas[1]
+    dead = Endpoint("127.0.0.1", _dead_port())
+    async with _client(replicas, [dead, Endpoint("127.0.0.1", live.port)]) as c:
+        assert (await c.call("status"))["by"] == live.port
+        assert c.endpoint.port == live.port
+    with pytest.raises(TransportError, match=r"no controller reachable.*cannot connect.*cannot"):
+        await _client(replicas, [dead, Endpoint("127.0.0.1", _dead_port())]).connect()
+
+
+async def test_fails_over_and_comes_back_when_a_replica_returns(replicas) -> None:
+    a, b = replicas
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)])
+    async with c:
+        first = (await c.call("status"))["by"]
+        other = b if first == a.port else a
+        here = a if first == a.port else b
+        port = here.port
+        await here.stop()
+        assert (await c.call("status"))["by"] == other.port  # the broken connection: next one
+        assert c.failovers == 1
+        await here.start(port)
+        await other.stop()
+        # the replica that returned answers again (its backoff has passed)
+        assert (await c.call("status"))["by"] == port
+        await other.start(other.port)
+
+
+async def test_an_idempotent_request_cut_off_after_sending_goes_to_the_other_replica(
+    replicas,
+) -> None:
+    a, b = replicas
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)])
+    async with c:
+        here = a if c.endpoint.port == a.port else b
+        other = b if here is a else a
+        here.hang_sync = True
+        call = asyncio.create_task(c.call("sync"))
+        await asyncio.wait_for(here.entered.wait(), 10)
+        await here.stop()  # it received the request and died before replying
+        # sync only reads and records when the host was seen: the other replica answers it
+        assert (await asyncio.wait_for(call, 10))["by"] == other.port
+        assert here.applied == ["sync"] and other.applied == ["sync"]
+
+
+async def test_a_non_idempotent_request_is_never_sent_again_after_it_may_have_applied(
+    replicas,
+) -> None:
+    a, b = replicas
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)])
+    async with c:
+        here = a if c.endpoint.port == a.port else b
+        other = b if here is a else a
+        call = asyncio.create_task(c.call("key.revoke", {"key": "t/k"}))
+        await asyncio.wait_for(here.entered.wait(), 10)
+        await here.stop()
+        with pytest.raises(TransportError, match="may have been applied"):
+            await asyncio.wait_for(call, 10)
+        assert here.applied == ["key.revoke"]
+        assert other.applied == []  # not sent blindly to the other replica
+        # the next request (a new one, by the caller's choice) goes to the other replica
+        assert (await c.call("key.rotate", {"key": "t/k"}))["by"] == other.port
+        assert other.applied == ["key.rotate"]
