@@ -29,8 +29,18 @@ from ckms.devkafka import LocalKafka
 from ckms.devpostgres import LocalPostgres
 from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC
 from tests.support.postgres import PostgresDatabase, create_database, drop_database
+from tests.support.stores import BACKENDS, StoreTarget
 
 _POSTGRES_FIXTURES = {"postgres_server", "postgres_database"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-backend",
+        choices=("both", "sqlite", "postgresql"),
+        default="both",
+        help="which store backend the store_target tests run against (default: both)",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -96,6 +106,26 @@ async def postgres_database(postgres_server: LocalPostgres) -> AsyncIterator[Pos
         yield database
     finally:
         await drop_database(postgres_server, database)
+
+
+@pytest.fixture(params=BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` or ``postgresql``: every test using a store target runs once on each."""
+    chosen = request.config.getoption("--store-backend")
+    if chosen not in ("both", request.param):
+        pytest.skip(f"--store-backend {chosen}")
+    return str(request.param)
+
+
+@pytest.fixture
+def store_target(
+    store_backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> StoreTarget:
+    """This test's store location on ``store_backend``: a fresh file, or a fresh database."""
+    if store_backend == "sqlite":
+        return StoreTarget.sqlite(tmp_path_factory.mktemp("store") / "ckms.db")
+    database: PostgresDatabase = request.getfixturevalue("postgres_database")
+    return StoreTarget.postgresql(database)
 
 
 @pytest.fixture

@@ -439,7 +439,7 @@ async def set_next_due(tx: Transaction, key_id: str, when: datetime | None) -> N
     value = _due_text(when)
     # Unchanged values are not rewritten: the write would move the keys generation for nothing.
     await tx.execute(
-        "UPDATE keys SET next_due_at = ? WHERE id = ? AND next_due_at IS NOT ?",
+        "UPDATE keys SET next_due_at = ? WHERE id = ? AND next_due_at IS DISTINCT FROM ?",
         (value, key_id, value),
     )
 
@@ -645,7 +645,7 @@ async def insert_version(
     tx: Transaction, key_id: str, version: KeyVersion, sealed_material: bytes
 ) -> None:
     """Insert a version row with its sealed material."""
-    await tx.insert(
+    await tx.execute(
         "INSERT INTO key_versions(key_id, version, state, digest, sealed_material, created_at, "
         "created_by, activation_at, activated_at, state_changed_at, origin) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -705,7 +705,7 @@ async def insert_transition(
     reason: str | None,
 ) -> None:
     """Record one state transition (UTC time, actor, reason) in the version's history."""
-    await tx.insert(
+    await tx.execute(
         _INSERT_TRANSITION,
         (
             key_id,

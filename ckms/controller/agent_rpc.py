@@ -620,7 +620,8 @@ async def _check_issue_rate(
     tx: Transaction, host_id: str, key_id: str | None, version: int, now: datetime
 ) -> None:
     count = await tx.fetchval(
-        "SELECT count(*) FROM certificates WHERE host_id = ? AND key_id IS ? AND version = ? "
+        "SELECT count(*) FROM certificates WHERE host_id = ? "
+        "AND key_id IS NOT DISTINCT FROM ? AND version = ? "
         "AND not_after > ?",
         (host_id, key_id, version, format_time(now)),
     )

@@ -159,8 +159,9 @@ class ApprovalBook:
         if not objects:
             return {}
         marks = ",".join("?" * len(objects))
+        field = self._store.dialect.json_text("params", "object")
         rows = await self._store.fetchall(
-            "SELECT * FROM approvals WHERE json_extract(params, '$.object') "  # noqa: S608
+            f"SELECT * FROM approvals WHERE {field} "  # noqa: S608
             f"IN ({marks}) ORDER BY created_at, id",
             tuple(objects),
         )

@@ -400,9 +400,10 @@ def _marker(row_key: bytes, level: int) -> str:
 
 async def _bound_before(tx: Transaction, level: int) -> bool:
     """Whether the audit log says the store was bound at ``level`` (or above) before."""
+    level_field = tx.dialect.json_int("details", "level")
     count = await tx.fetchval(
-        "SELECT count(*) FROM audit WHERE action = ? AND outcome = 'ok' "
-        "AND coalesce(json_extract(details, '$.level'), 1) >= ?",
+        "SELECT count(*) FROM audit WHERE action = ? AND outcome = 'ok' "  # noqa: S608
+        f"AND coalesce({level_field}, 1) >= ?",
         (BIND_ACTION, level),
     )
     return bool(count)

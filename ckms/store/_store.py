@@ -24,9 +24,11 @@ from typing import Any, Self, TypeVar
 
 import aiosqlite
 
-from ckms.errors import ConfigError, StoreError
+from ckms.errors import StoreError
+from ckms.store._dialect import SQLITE, Dialect
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._time import format_time, utc_now
+from ckms.store._url import parse_store_url
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,9 @@ def _store_error(exc: BaseException, what: str) -> StoreError:
 
 class Reader:
     """Queries inside one read snapshot (or inside the write transaction, for a Transaction)."""
+
+    dialect: Dialect = SQLITE
+    """How this engine spells what the application SQL cannot share (``ckms.store._dialect``)."""
 
     def __init__(self, conn: aiosqlite.Connection, row_key: bytes | None = None) -> None:
         self._conn = conn
@@ -187,16 +192,28 @@ class Transaction(Reader):
 
 
 class Store:
-    """The controller's database: open with :meth:`open`, close with :meth:`close`."""
+    """The controller's database: open with :meth:`open`, close with :meth:`close`.
+
+    This class is the SQLite engine; :class:`ckms.store._pg.PgStore` is the PostgreSQL one,
+    with the same interface and the same transaction boundaries.
+    """
+
+    dialect: Dialect = SQLITE
+    """The engine's SQL differences (``store.dialect.name``: ``sqlite`` or ``postgresql``)."""
 
     def __init__(
         self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection | None
     ) -> None:
-        self.path = path
         self._writer = writer
         self._reader = reader
-        self._write_lock = asyncio.Lock()
+        self._init_state(path)
         self._read_lock = asyncio.Lock() if reader is not None else self._write_lock
+
+    def _init_state(self, path: str) -> None:
+        """What both engines keep in this process: locks, generations, the audit head."""
+        self.path = path
+        """Where the store is: a file, ``:memory:``, or a PostgreSQL URL (never a password)."""
+        self._write_lock = asyncio.Lock()
         self._writer_task: asyncio.Task[Any] | None = None
         self._closed = False
         self._outbox_listeners: list[Callable[[], None]] = []
@@ -218,15 +235,26 @@ class Store:
     # -- opening and closing -------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | Path, *, migrations: Sequence[Migration] = MIGRATIONS) -> Self:
-        """Open (creating if needed) the database at ``path``, apply migrations, and return it.
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        password: str | None = None,
+    ) -> Store:
+        """Open (creating if needed) the store at ``path``, apply migrations, and return it.
 
-        ``":memory:"`` gives a private in-memory database (unit tests).
+        ``path`` is a file path or ``sqlite:PATH`` (SQLite; ``":memory:"`` gives a private
+        in-memory database for unit tests), or ``postgresql://user@host:port/db``
+        (PostgreSQL, :class:`ckms.store._pg.PgStore`), whose password is ``password`` or else
+        the ``PGPASSWORD`` environment, never part of the URL.
         """
-        location = str(path)
-        if location.startswith(("postgresql:", "postgres:")):
-            # Never taken as a file name, nor echoed: the URL may carry a password.
-            raise ConfigError("the PostgreSQL store is not built yet; give a SQLite file path")
+        url = parse_store_url(path)
+        if url.engine == "postgresql":
+            from ckms.store._pg import PgStore  # asyncpg is only needed for PostgreSQL
+
+            return await PgStore.connect(url.target, password=password, migrations=migrations)
+        location = url.target
         writer = await _connect(location, read_only=False)
         reader: aiosqlite.Connection | None = None
         try:

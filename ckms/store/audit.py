@@ -371,7 +371,7 @@ async def _insert(tx: Transaction, head: tuple[int, str], fields: dict[str, Any]
     size, prev = head
     record_fields = {"index": size, **fields, "prev_hash": prev}
     digest = record_hash(record_fields)
-    await tx.insert(
+    await tx.execute(
         _INSERT_RECORD,
         (
             size,
@@ -440,7 +440,7 @@ async def checkpoint(
         )
         cp = unsigned.model_copy(update={"signature": sign(unsigned.signed_bytes())})
         try:
-            await tx.insert(
+            await tx.execute(
                 "INSERT INTO audit_checkpoints(size, head_hash, at, signer_key_id, signature, v, "
                 "prev_size, prev_head, prev_sig_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -785,12 +785,47 @@ async def verify_store(
     records in slices: memory stays constant and the event loop is never held, however long
     the log. An in-memory store (tests) has no second connection and is loaded whole.
     """
+    if store.dialect.name == "postgresql":
+        return await _verify_sliced(store, public_key, anchor)
     if store.is_memory:
         async with store.read() as r:
             records = await load_records(r)
             checkpoints = await load_checkpoints(r)
         return verify_audit(records, checkpoints, public_key, anchor=anchor)
     return await asyncio.to_thread(_verify_file, store.path, public_key, anchor)
+
+
+async def _verify_sliced(store: Store, public_key: bytes, anchor: Anchor | None) -> AuditReport:
+    """:func:`verify_store` over a server connection: one read snapshot, the records read in
+    slices of :data:`STREAM_SLICE` by index and walked slice after slice (constant memory)."""
+    async with store.read() as r:
+        checkpoints = await load_checkpoints(r)
+        wanted = {cp.size - 1 for cp in checkpoints}
+        if anchor is not None:
+            wanted.add(anchor.size - 1)
+        walk = _Walk(size=0, head=GENESIS_HASH, bad_index=None, reason=None, hashes={})
+        after = -1
+        while True:
+            rows = await r.fetchall(
+                f"SELECT {_RECORD_COLUMNS} FROM audit WHERE idx > ? "  # noqa: S608
+                "ORDER BY idx LIMIT ?",
+                (after, STREAM_SLICE),
+            )
+            if not rows:
+                break
+            after = int(rows[-1][0])
+            part = walk_rows(
+                [tuple(row) for row in rows], start=walk.size, prev=walk.head, wanted=wanted
+            )
+            first_bad = walk.bad_index is None and part.bad_index is not None
+            walk = _Walk(
+                size=part.size,
+                head=part.head,
+                bad_index=part.bad_index if first_bad else walk.bad_index,
+                reason=part.reason if first_bad else walk.reason,
+                hashes={**(walk.hashes or {}), **(part.hashes or {})},
+            )
+    return _judge(walk, checkpoints, public_key, anchor=anchor)
 
 
 STREAM_SLICE = 10_000

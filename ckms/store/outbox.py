@@ -62,11 +62,19 @@ async def add_event(
     type, payload = _payload(data, type)
     event_id = str(uuid.uuid4())
     created = format_time(now)
-    seq = await tx.insert(
-        "INSERT INTO outbox(event_id, type, partition_key, payload, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (event_id, type, partition_key, payload, created),
-    )
+    if tx.dialect.name == "sqlite":
+        seq = await tx.insert(
+            "INSERT INTO outbox(event_id, type, partition_key, payload, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (event_id, type, partition_key, payload, created),
+        )
+    else:
+        seq = await _reserve(tx, 1)
+        await tx.execute(
+            "INSERT INTO outbox(seq, event_id, type, partition_key, payload, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, event_id, type, partition_key, payload, created),
+        )
     tx.wrote_outbox = True
     return OutboxEvent(
         seq=seq,
@@ -104,12 +112,7 @@ async def add_events(
     if not events:
         return []
     created = format_time(now)
-    seq = int(
-        await tx.fetchval(
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "
-            "COALESCE((SELECT MAX(seq) FROM outbox), 0))"
-        )
-    )
+    seq = await _reserve(tx, len(events)) - 1
     rows: list[tuple[Any, ...]] = []
     for event in events:
         seq += 1
@@ -123,6 +126,27 @@ async def add_events(
     )
     tx.wrote_outbox = True
     return [(row[0], row[1]) for row in rows]
+
+
+async def _reserve(tx: Transaction, count: int) -> int:
+    """Take ``count`` new sequence numbers in the caller's transaction; return the first.
+
+    SQLite: above AUTOINCREMENT's counter (and any row), which the explicit inserts then
+    move. PostgreSQL: the ``outbox`` row of ``counters``, moved in this transaction, so a
+    rollback gives the numbers back (a PostgreSQL sequence would skip them) and the writer
+    lock keeps them in commit order across replicas.
+    """
+    if tx.dialect.name == "postgresql":
+        top = await tx.fetchval(
+            "UPDATE counters SET value = value + ? WHERE name = 'outbox' RETURNING value",
+            (count,),
+        )
+        return int(top) - count + 1
+    highest = await tx.fetchval(
+        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "
+        "COALESCE((SELECT MAX(seq) FROM outbox), 0))"
+    )
+    return int(highest) + 1
 
 
 def _payload(data: EventData | dict[str, Any], type: str | None) -> tuple[str, bytes]:
@@ -148,7 +172,10 @@ async def last_seq(tx: Transaction) -> int:
     Read from AUTOINCREMENT's own counter, so pruning sent rows does not lower it. Enrollment
     hands it to the agent, which then drops any event at or below it as older than itself.
     """
-    value = await tx.fetchval("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+    if tx.dialect.name == "postgresql":
+        value = await tx.fetchval("SELECT value FROM counters WHERE name = 'outbox'")
+    else:
+        value = await tx.fetchval("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
     return 0 if value is None else int(value)
 
 

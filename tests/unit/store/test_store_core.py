@@ -160,14 +160,37 @@ async def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://ckms:hunter2@db.internal/ckms", "postgres://ckms:hunter2@db/ckms"]
+    "url",
+    [
+        "postgresql://ckms:hunter2@db.internal/ckms",
+        "postgres://ckms:hunter2@db/ckms",
+        "postgresql://ckms@db/ckms?password=hunter2",
+    ],
 )
-async def test_a_postgresql_url_is_refused_as_not_built_yet(
+async def test_a_postgresql_url_with_a_password_is_refused_without_echoing_it(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Taken as a file name it failed as "cannot open database <url with its password>".
+    # Taken as a file name it failed as "cannot open database <url with its password>"; a
+    # password in the URL ends up in shells' history, process lists and logs.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="PostgreSQL store is not built yet") as caught:
+    with pytest.raises(ConfigError, match="holds a password") as caught:
         await Store.open(url)
     assert "hunter2" not in str(caught.value)
     assert not any(os.scandir(tmp_path))  # no file made of the URL
+
+
+@pytest.mark.parametrize("url", ["mysql://db/ckms", "postgresql:ckms", "postgresql:///ckms"])
+async def test_an_unknown_or_incomplete_store_url_is_refused(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="store URL"):
+        await Store.open(url)
+    assert not any(os.scandir(tmp_path))
+
+
+async def test_sqlite_prefix_names_a_file(tmp_path: Path) -> None:
+    async with await Store.open(f"sqlite:{tmp_path / 'a.db'}") as store:
+        assert store.dialect.name == "sqlite"
+        assert store.path == str(tmp_path / "a.db")
+    assert (tmp_path / "a.db").exists()
