@@ -13,8 +13,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
 from ckms.errors import ConfigError, TransportError
 
 __all__ = ["MetricsEndpoint", "parse_listen"]
@@ -49,6 +47,10 @@ class MetricsEndpoint:
     """``async with MetricsEndpoint(render, host, port) as ep: ...``; ``render`` makes the page."""
 
     def __init__(self, render: Render, host: str, port: int) -> None:
+        # Imported here: a process that parses a listen address serves no metrics yet.
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        self._content_type = CONTENT_TYPE_LATEST
         self._render = render
         self._host = host
         self._port = port
@@ -107,7 +109,7 @@ class MetricsEndpoint:
                 await self._respond(writer, 500, b"metrics unavailable\n")
                 return
             await self._respond(
-                writer, 200, body, content_type=CONTENT_TYPE_LATEST, head_only=method == b"HEAD"
+                writer, 200, body, content_type=self._content_type, head_only=method == b"HEAD"
             )
         except (ConnectionError, OSError):
             pass

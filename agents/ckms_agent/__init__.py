@@ -2,7 +2,9 @@
 
 Modules, from the edge inward:
 
-- ``cli``: the ``ckms-agent`` command (``enroll``, ``run``, ``status``); parses, calls, renders.
+- ``cli``: the ``ckms-agent`` entry point; a plain ``run`` goes to ``runner`` (the daemon process:
+  config, logging, signals) without loading ``commands``, the Typer command line (``enroll``,
+  ``run``, ``status``) that parses, calls and renders.
 - ``config``: :class:`~ckms_agent.config.AgentConfig` from TOML + ``CKMS_AGENT_*`` environment.
 - ``enroll``: first contact with the controller; makes the keys, pins what it answers.
 - ``daemon``: :class:`~ckms_agent.daemon.Agent`, the task group of loops (connection, reconcile,

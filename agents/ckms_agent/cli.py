@@ -1,207 +1,49 @@
-"""The ``ckms-agent`` command line: ``enroll``, ``run``, ``status``; thin over the library.
+"""The ``ckms-agent`` entry point: ``run`` starts the daemon without loading the command line.
 
-Errors reach the user as one line on stderr with exit status 1 (2 for usage errors, as Click
-does), never as a traceback; ``--config`` defaults to ``$CKMS_AGENT_CONFIG``, then
-``/etc/ckms/agent.toml``.
+``ckms-agent run [--config PATH]`` goes straight to :func:`ckms_agent.runner.run_daemon`, so the
+long-running process holds only what it runs (no Typer, Click or enrollment code: they cost
+memory on every host for as long as the agent lives). Every other command line, including
+``run --help`` and usage errors, goes to the Typer application in
+:mod:`ckms_agent.commands`, which parses it as before.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import logging
-import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
-import typer
+__all__ = ["daemon_arguments", "main"]
 
-from ckms._logging import configure_logging
-from ckms.crypto import WrapSuite
-from ckms.errors import CKMSError, ConfigError
-from ckms_agent import enroll as enrollment
-from ckms_agent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, load_config
-from ckms_agent.daemon import Agent
-from ckms_agent.status import collect_status, render_text
-
-log = logging.getLogger(__name__)
-
-app = typer.Typer(
-    name="ckms-agent",
-    help="ckms host agent: keeps this host's keys current and acknowledges what it installed.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        envvar=CONFIG_ENV,
-        help=f"Agent config file (default {DEFAULT_CONFIG_PATH}).",
-        show_default=False,
-    ),
-]
+_RUN = "run"
+_CONFIG = "--config"
 
 
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Turn ckms errors (and unexpected ones) into one stderr line and exit status 1."""
-    try:
-        yield
-    except CKMSError as exc:
-        typer.echo(f"ckms-agent: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        log.debug("unexpected error", exc_info=True)
-        typer.echo(
-            f"ckms-agent: internal error: {type(exc).__name__}: {exc} "
-            "(run with CKMS_AGENT_LOG_LEVEL=DEBUG for details)",
-            err=True,
-        )
-        raise typer.Exit(1) from None
+def daemon_arguments(argv: Sequence[str]) -> tuple[bool, Path | None]:
+    """``(True, config)`` when ``argv`` is exactly ``run [--config PATH]``, else ``(False, None)``.
 
-
-def _setup_logging(level: str, *, ssh_debug: bool = False) -> None:
-    # Library chatter stays out of INFO logs; asyncssh stays at WARNING unless asked for.
-    configure_logging(level, ssh_debug=ssh_debug, stream=sys.stderr)
-
-
-@app.command()
-def enroll(
-    controller: Annotated[
-        str,
-        typer.Option(help="Controller SSH endpoint, HOST:PORT; replicas separated by commas."),
-    ],
-    host_key_fingerprint: Annotated[
-        str, typer.Option(help="The controller's SSH host key, SHA256:... (pinned).")
-    ],
-    token: Annotated[
-        str | None,
-        typer.Option(
-            envvar="CKMS_AGENT_ENROLL_TOKEN",
-            help="One-time enrollment token; prefer the environment variable or --token-file "
-            "(a command line shows in ps and shell history).",
-        ),
-    ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(help="A file holding the one-time enrollment token.")
-    ] = None,
-    state_dir: Annotated[
-        Path, typer.Option(help="Where the agent keeps its keys and state.")
-    ] = DEFAULT_STATE_DIR,
-    config: ConfigOption = None,
-    root: Annotated[
-        Path | None,
-        typer.Option(help="Install every key under this directory instead of / (tests, demo)."),
-    ] = None,
-    wrap_suite: Annotated[
-        WrapSuite, typer.Option(help="HPKE suite of the wrapping key.")
-    ] = WrapSuite.X25519,
-    force: Annotated[bool, typer.Option(help="Replace an existing enrollment.")] = False,
-    log_level: Annotated[
-        str, typer.Option(envvar="CKMS_AGENT_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
-    ] = "WARNING",
-    ssh_debug: Annotated[
-        bool,
-        typer.Option(envvar="CKMS_AGENT_SSH_DEBUG", help="Let asyncssh log at DEBUG too."),
-    ] = False,
-    allow_path: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="A directory keys may be installed under (repeat; default /etc/ckms/keys and "
-            "/var/lib/ckms/keys, or what the existing config allows)."
-        ),
-    ] = None,
-) -> None:
-    """Enroll this host: make its keys, present them with the token, pin the controller."""
-    try:
-        controllers = enrollment.parse_controllers(controller)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--controller") from None
-    if (token is None) == (token_file is None):
-        raise typer.BadParameter(
-            "give the token in CKMS_AGENT_ENROLL_TOKEN, with --token-file, or with --token",
-            param_hint="--token",
-        )
-    config_path = config or DEFAULT_CONFIG_PATH
-    try:
-        _setup_logging(log_level, ssh_debug=ssh_debug)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
-    with _one_line_errors():
-        if token_file is not None:
-            token = _read_token(token_file)
-        assert token is not None
-        cfg = asyncio.run(
-            enrollment.enroll(
-                controllers=controllers,
-                token=token,
-                host_key_fingerprint=host_key_fingerprint,
-                state_dir=state_dir,
-                config_path=config_path,
-                root=root,
-                force=force,
-                wrap_suite=wrap_suite,
-                policy={"allowed_paths": tuple(allow_path)} if allow_path else None,
-            )
-        )
-    labels = ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())) or "none"
-    typer.echo(f"enrolled as host {cfg.host_id} (labels {labels})")
-    typer.echo(
-        f"config written to {config_path}; start with: ckms-agent run --config {config_path}"
-    )
-
-
-def _read_token(path: Path) -> str:
-    """The token in ``path`` (surrounding whitespace dropped); ConfigError if unreadable."""
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read --token-file {path}: {type(exc).__name__}") from None
-
-
-async def _run_agent(agent: Agent) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
-    try:
-        await agent.run()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
-@app.command()
-def run(config: ConfigOption = None) -> None:
-    """Run the agent daemon until SIGTERM/SIGINT (a clean stop)."""
-    with _one_line_errors():
-        cfg = load_config(config)
-        _setup_logging(cfg.log_level, ssh_debug=cfg.ssh_debug)
-        asyncio.run(_run_agent(Agent(cfg)))
-
-
-@app.command()
-def status(
-    config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Show what this host holds, its last controller contact, staleness and pending acks."""
-    with _one_line_errors():
-        cfg = load_config(config)
-        report = asyncio.run(collect_status(cfg))
-    if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
-    else:
-        typer.echo(render_text(report))
+    Anything else (help, an unknown option, a missing value) is left to the full parser, so its
+    messages and exit codes stay the ones the command line documents.
+    """
+    if not argv or argv[0] != _RUN:
+        return False, None
+    rest = list(argv[1:])
+    if not rest:
+        return True, None
+    if len(rest) == 1 and rest[0].startswith(_CONFIG + "=") and len(rest[0]) > len(_CONFIG) + 1:
+        return True, Path(rest[0][len(_CONFIG) + 1 :])
+    if len(rest) == 2 and rest[0] == _CONFIG and rest[1] and not rest[1].startswith("-"):
+        return True, Path(rest[1])
+    return False, None
 
 
 def main() -> None:
     """Console-script entry point (``ckms-agent``)."""
+    is_daemon, config = daemon_arguments(sys.argv[1:])
+    if is_daemon:
+        from ckms_agent.runner import run_daemon
+
+        sys.exit(run_daemon(config))
+    from ckms_agent.commands import app
+
     app()

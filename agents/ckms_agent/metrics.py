@@ -19,14 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms_agent.plan import is_stale
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from ckms_agent.daemon import Agent
 
 __all__ = ["KEY_STATUSES", "AgentMetrics", "write_textfile"]
@@ -53,7 +51,9 @@ def write_textfile(path: Path, text: bytes) -> None:
         raise
 
 
-class _Families(Collector):
+class _Families:
+    """The families read for one page, as a prometheus_client collector."""
+
     def __init__(self, families: list[Metric]) -> None:
         self._families = families
 
@@ -88,6 +88,9 @@ class AgentMetrics:
 
     async def families(self) -> list[Metric]:
         """Every metric family, read now."""
+        # prometheus_client loads on the first page: an agent without metrics never needs it.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         agent = self._agent
         now = agent._clock()
         held = await agent.state.keys()
@@ -158,6 +161,8 @@ class AgentMetrics:
 
     async def render(self) -> bytes:
         """The exposition text."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(await self.families()))
         return generate_latest(registry)

@@ -15,7 +15,7 @@ from ckms.crypto import KeyType as CryptoKeyType
 from ckms.crypto import WrapSuite, generate
 from ckms.errors import ConfigError
 from ckms.protocol import InstallSpec
-from ckms_agent.cli import app
+from ckms_agent.commands import app
 from ckms_agent.config import build_config, write_config
 from ckms_agent.identity import create_keys, load_keys
 from ckms_agent.keyops import read_keyring
