@@ -122,3 +122,4 @@ __getattr__, __dir__, __all__ = lazy_exports(
         ),
     },
 )
+del lazy_exports
