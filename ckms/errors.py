@@ -78,6 +78,11 @@ class StoreError(CKMSError):
     retriable = True
 
 
+class NotLeaderError(CKMSError):
+    """Raised when leader-only work is refused: this replica does not hold the leader lease
+    (it never did, or another replica took it over since)."""
+
+
 class AuditError(StoreError):
     """Raised when an audit record cannot be written; the operation it guards fails with it."""
 
@@ -115,4 +120,3 @@ class RequestTimeoutError(TransportError):
 
 class DependencyMissingError(CKMSError):
     """Raised when a tool ckms needs (Java, Maven) is not installed; the message names it."""
-

@@ -29,6 +29,19 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
         if reply.sealed and reply.mode == "shares":
             seal += f" ({reply.shares_given} of {reply.threshold} shares given)"
         out.print(f"controller {reply.listen}: {seal}; host key {reply.host_key_fingerprint}")
+        lead = reply.leadership
+        if lead is not None:
+            role = "leader" if lead.leading else "follower"
+            epoch = "" if lead.epoch is None else f", lease epoch {lead.epoch}"
+            out.print(f"replica {lead.replica}: {role}; leader {lead.leader or 'none'}{epoch}")
+            for r in lead.replicas:
+                state = "sealed" if r.sealed else "unsealed"
+                flags = " (leader)" if r.leader else ""
+                flags += "" if r.alive else " (not seen lately)"
+                out.print(
+                    f"  {r.name} {r.address} v{r.version}: {state}, last seen "
+                    f"{when(r.last_seen_at)}{flags}"
+                )
         k = reply.kafka
         kafka = "connected" if k.connected else "NOT connected"
         out.print(

@@ -57,6 +57,7 @@ from ckms.controller.backup import Backups
 from ckms.controller.ca import CaState, ControllerCA
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
+from ckms.controller.leader import LeaderLease
 from ckms.controller.lifecycle import Lifecycle, NewKey
 from ckms.controller.models import DEFAULT_APPROVALS, Host, Key
 from ckms.controller.operators import OperatorRegistry
@@ -71,6 +72,7 @@ from ckms.errors import (
     AuditAnchorError,
     ConfigError,
     NotFoundError,
+    NotLeaderError,
     PolicyError,
     ProtocolError,
     SealedError,
@@ -80,6 +82,7 @@ from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
 from ckms.store import Clock, Store, parse_time, utc_now
 from ckms.store import audit as audit_log
+from ckms.store import lease as leases
 
 __all__ = ["ROLES", "AdminService", "Endpoint"]
 
@@ -94,6 +97,7 @@ K = TypeVar(
     | api.KeyTargetsParams
     | api.RolloutResumeParams,
 )
+
 
 def _seconds(value: int | None) -> timedelta | None:
     return None if value is None else timedelta(seconds=value)
@@ -230,8 +234,10 @@ class AdminService:
         backups: Backups | None = None,
         clock: Clock = utc_now,
         ca: ControllerCA | None = None,
+        leader: LeaderLease | None = None,
     ) -> None:
         self._ca = ca if ca is not None else ControllerCA(store, vault)
+        self._leader = leader
         self._rollouts = rollouts
         self._store = store
         self._vault = vault
@@ -483,6 +489,7 @@ class AdminService:
             stale_hosts=tuple(await self._fleet.stale_hosts(keys, hosts, now)),
             pending_requests=await self.requests.count_pending(),
             rollouts=tuple(await self._fleet.rollouts()),
+            leadership=await self._leadership(now),
             audit_anchor=api.AuditAnchorStatus(
                 loaded=anchor.loaded,
                 size=anchor.size,
@@ -987,16 +994,46 @@ class AdminService:
         self._publisher.wake()
         return await self._ca_reply(state)
 
+    async def _leadership(self, now: datetime) -> api.LeadershipStatus | None:
+        """Every replica's heartbeat and the lease, for ``ckms status``."""
+        if self._leader is None:
+            return None
+        mine = self._leader.status()
+        lease = await leases.read_lease(self._store)
+        stale = 3 * self._leader.ttl
+        replicas = tuple(
+            api.ReplicaInfo(
+                name=r.name,
+                address=r.address,
+                version=r.version,
+                sealed=r.sealed,
+                last_seen_at=r.last_seen_at,
+                leader=lease is not None
+                and r.incarnation == lease.holder
+                and lease.expires_at > now,
+                alive=now - r.last_seen_at <= stale,
+            )
+            for r in await leases.read_replicas(self._store)
+        )
+        return api.LeadershipStatus(
+            replica=mine.name,
+            leading=mine.leading,
+            leader=None if lease is None else lease.holder_name,
+            epoch=None if lease is None else lease.epoch,
+            expires_at=None if lease is None else lease.expires_at,
+            replicas=replicas,
+        )
+
     # -- audit ----------------------------------------------------------------------------
 
     async def _checkpoint(self) -> int | None:
-        """Sign a checkpoint of the log as it is now (None while sealed, or while the anchor
-        forbids signing: the verification that follows says why)."""
+        """Sign a checkpoint of the log as it is now (None while sealed, on a replica that does
+        not lead, or while the anchor forbids signing: the verification that follows says why)."""
         if self._vault.sealed:
             return None
         try:
             return (await self._vault.checkpoint_audit()).size
-        except AuditAnchorError:
+        except (AuditAnchorError, NotLeaderError):
             return None
 
     async def audit_verify(self, principal: Principal, params: api.Empty) -> api.AuditVerifyReply:

@@ -24,8 +24,10 @@ guarantee starts over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaProducer
 
@@ -42,9 +44,13 @@ from ckms._kafka import (
 from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
-from ckms.errors import AuditAnchorError, KafkaUnavailableError
+from ckms.errors import AuditAnchorError, KafkaUnavailableError, NotLeaderError
 from ckms.store import Clock, Store, require_utc, utc_now
 from ckms.store import audit as audit_log
+from ckms.store import lease as leases
+
+if TYPE_CHECKING:
+    from ckms.controller.leader import LeaderLease
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,15 @@ class AuditAnchor:
         self.loaded = kafka is None  # without a topic there is nothing to read back
         self.published_size: int | None = None
         self.broken: str | None = None
+        self.leader: LeaderLease | None = None
+        """Set among replicas: only the lease holder signs, and its checkpoint write is fenced
+        by the lease (a replica that lost it cannot sign, whichever task asks)."""
+
+    def reset(self) -> None:
+        """Forget the anchor read back (a leader that stepped down reads it again next term)."""
+        self.loaded = self._kafka is None
+        self.last = None
+        self.published_size = None
 
     def status(self) -> AnchorStatus:
         """The anchor's state, for ``ckms status``."""
@@ -151,14 +166,22 @@ class AuditAnchor:
                     f"the last audit anchor has not been read back from {self._topic} yet "
                     "(is Kafka reachable?): not signing until it is"
                 )
+            fence = None
+            if self.leader is not None:
+                fence = self.leader.fence
+                if fence is None:
+                    raise NotLeaderError(
+                        "this replica does not hold the leader lease: the leader signs checkpoints"
+                    )
             try:
-                cp = await audit_log.checkpoint(
-                    self._store,
-                    sign=self._vault.sign,
-                    public_key=await self._vault.public_key(),
-                    now=require_utc(self._clock()),
-                    anchor=self.last,
-                )
+                with leases.fenced(fence) if fence is not None else contextlib.nullcontext():
+                    cp = await audit_log.checkpoint(
+                        self._store,
+                        sign=self._vault.sign,
+                        public_key=await self._vault.public_key(),
+                        now=require_utc(self._clock()),
+                        anchor=self.last,
+                    )
             except AuditAnchorError as exc:
                 self._fail(str(exc))
                 raise

@@ -10,7 +10,9 @@ publisher and the ack consumer wait it out while the SSH endpoint keeps serving.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
+import socket
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +42,7 @@ from ckms.controller.backup import Backups
 from ckms.controller.ca import ControllerCA
 from ckms.controller.fleet import FleetView
 from ckms.controller.hosts import HostRegistry
+from ckms.controller.leader import LeaderLease
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.metrics import ControllerMetrics
 from ckms.controller.operators import OperatorRegistry
@@ -62,6 +65,17 @@ from ckms.store import Clock, Store, format_time, utc_now
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ckms")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "unknown"
+
+
+VERSION = _version()
+"""This controller's version, in its replica heartbeat."""
 
 
 class ControllerSettings(BaseModel):
@@ -130,6 +144,12 @@ class ControllerSettings(BaseModel):
     """Let asyncssh log at DEBUG when the log level is DEBUG (off: asyncssh stays at WARNING;
     a redaction filter covers what it logs either way)."""
     reuse_port: bool = False
+    replica_name: str | None = Field(default=None, min_length=1, max_length=255)
+    """This replica's name in ``ckms status`` (default: the machine's host name and the SSH
+    port). Replicas on one store need distinct names."""
+    leader_lease_s: float = Field(default=10.0, ge=0.5, le=300)
+    """How long the leader lease lasts unless renewed (renewed every third of it): a leader
+    that died is replaced within about this long plus a third."""
     metrics_listen: str | None = None
     """``HOST:PORT`` of the Prometheus ``/metrics`` endpoint; unset, none is served."""
 
@@ -273,6 +293,17 @@ class Controller:
             interval=timedelta(seconds=self.settings.rollout_interval_s),
         )
         self.acks.on_applied = self.rollouts.wake
+        self.leader = LeaderLease(
+            store,
+            name=self.settings.replica_name or socket.gethostname(),
+            address=self._listen,
+            version=VERSION,
+            sealed=lambda: self.vault.sealed,
+            ttl=timedelta(seconds=self.settings.leader_lease_s),
+            clock=self.clock,
+            on_step_down=self._stepped_down,
+        )
+        self.vault.anchor.leader = self.leader
         self.operators = OperatorRegistry(store, clock=self.clock)
         self.dual_control = DualControl(
             ApprovalBook(store, clock=self.clock), self.operators, self.lifecycle
@@ -299,6 +330,7 @@ class Controller:
             backups=Backups(store, self.settings.home, clock=self.clock),
             clock=self.clock,
             ca=self.ca,
+            leader=self.leader,
         )
         self.admin.register(self.rpc)
         self.metrics = ControllerMetrics(self)
@@ -405,6 +437,8 @@ class Controller:
             except CKMSError:
                 await self.rpc.close()
                 raise
+        if self.settings.replica_name is None:  # the bound port tells replicas on one machine apart
+            self.leader.name = f"{socket.gethostname()}:{self.port}"
         self._started.set()
         log.info(
             "controller listening on %s:%d (host key %s)",
@@ -414,16 +448,28 @@ class Controller:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.publisher.run(), name="outbox-publisher")
-                group.create_task(self.acks.run(), name="ack-consumer")
-                group.create_task(self.scheduler.run(), name="scheduler")
-                group.create_task(self.rollouts.run(), name="rollout-driver")
-                group.create_task(self.vault.anchor.run(), name="audit-anchor")
+                group.create_task(self.leader.run(self._lead), name="leader-lease")
         finally:
             await self.rpc.close()
             await self.vault.anchor.close()
             if self.metrics_endpoint is not None:
                 await self.metrics_endpoint.close()
+
+    async def _lead(self) -> None:
+        """The work that must happen once among replicas, run only by the leader (its
+        writes fenced by the lease, see ckms.controller.leader)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.publisher.run(), name="outbox-publisher")
+            group.create_task(self.acks.run(), name="ack-consumer")
+            group.create_task(self.scheduler.run(), name="scheduler")
+            group.create_task(self.rollouts.run(), name="rollout-driver")
+            group.create_task(self.vault.anchor.run(), name="audit-anchor")
+
+    async def _stepped_down(self) -> None:
+        """After the leader-only work stopped: nothing is signed until the next term reads
+        the anchor back (another leader may have moved it meanwhile)."""
+        await self.vault.anchor.close()
+        self.vault.anchor.reset()
 
     async def close(self) -> None:
         """Close the SSH endpoint, the metrics endpoint and the store; safe to call twice."""

@@ -786,6 +786,32 @@ class AuditAnchorStatus(_Reply):
     """Why the stored log does not extend the anchor; audited operations are refused."""
 
 
+class ReplicaInfo(_Reply):
+    """One controller replica on the store, from its heartbeat."""
+
+    name: str
+    address: str
+    version: str
+    sealed: bool
+    last_seen_at: datetime
+    leader: bool = False
+    """Holds the leader lease (publisher, scheduler, checkpoints, rollouts run there)."""
+    alive: bool = True
+    """Seen within three lease periods."""
+
+
+class LeadershipStatus(_Reply):
+    """Which replica leads, with which lease epoch (the fencing token), as this one sees it."""
+
+    replica: str
+    """The replica that answered."""
+    leading: bool
+    leader: str | None = None
+    epoch: int | None = None
+    expires_at: datetime | None = None
+    replicas: tuple[ReplicaInfo, ...] = ()
+
+
 class DueEntry(_Reply):
     """A version whose rotation is due at ``due_at``."""
 
@@ -877,6 +903,8 @@ class StatusReply(_Reply):
     """Host certificates that missed their renewal and will expire (or did) unless renewed."""
     rollouts: tuple[RolloutInfo, ...] = ()
     """Rollouts not ended (running, halted, rolled back, expired), with who holds each up."""
+    leadership: LeadershipStatus | None = None
+    """Replicas on this store and which one leads (None from a controller before replicas)."""
 
 
 class SealReply(_Reply):

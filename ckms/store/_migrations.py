@@ -516,6 +516,32 @@ CREATE INDEX certificates_by_public_key ON certificates(public_key_sha256);
 once revoked for keyCompromise is never certified again, and why it was revoked (the RFC 5280
 reason on the CRL). Both bound by the row MAC whenever set (NULL in rows issued before)."""
 
+_LEADER_LEASE = """
+CREATE TABLE leader_lease (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    holder_name TEXT NOT NULL,
+    epoch       INTEGER NOT NULL CHECK (epoch >= 1),
+    acquired_at TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+);
+
+CREATE TABLE replicas (
+    name         TEXT PRIMARY KEY,
+    incarnation  TEXT NOT NULL,
+    address      TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    sealed       INTEGER NOT NULL CHECK (sealed IN (0, 1)),
+    started_at   TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL
+);
+"""
+"""Replicas of one controller on one store (``ckms.store.lease``): the one leader lease (its
+holder, the process incarnation that holds it, and ``epoch``, the fencing token, which only
+ever grows) and each replica's heartbeat for ``ckms status``. No row MAC: the lease orders
+honest replicas, it does not hold a secret or a permission; whoever can write rows can
+already do worse than take the lease (and a sealed replica cannot lead anyway)."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL, _INITIAL_PG),
     Migration(2, "fleet view and consumer positions", _FLEET, _FLEET_PG),
@@ -529,6 +555,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "certificates issued by the internal CA", _CERTIFICATES),
     Migration(11, "rollouts of PreActive versions", _ROLLOUTS),
     Migration(12, "certificates: certified public key and revocation reason", _CERT_KEYS),
+    Migration(13, "leader lease and replica heartbeats", _LEADER_LEASE),
 )
 """Every migration, in order; numbers start at 1 and have no gaps. Each gives PostgreSQL DDL
 of its own where SQLite's is not valid there (BLOB, AUTOINCREMENT, WITHOUT ROWID, triggers) or

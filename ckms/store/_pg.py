@@ -33,6 +33,7 @@ from typing import Any
 
 from ckms.errors import ConfigError, DependencyMissingError, StoreError
 from ckms.store._dialect import POSTGRESQL, Dialect
+from ckms.store._fence import check_fence
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._store import (
     FOREIGN_CHECK_S,
@@ -386,6 +387,7 @@ class PgStore(Store):
                 # appended since this process's last commit.
                 tx = PgTransaction(conn, None, self.audit_blocked, self.row_key)
                 try:
+                    await check_fence(tx)  # leader-only work: the lease must still be ours
                     yield tx
                     tx._active = False
                     await self._note_changes(conn)

@@ -26,6 +26,7 @@ import aiosqlite
 
 from ckms.errors import StoreError
 from ckms.store._dialect import SQLITE, Dialect
+from ckms.store._fence import check_fence
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._time import format_time, utc_now
 from ckms.store._url import parse_store_url
@@ -419,6 +420,7 @@ class Store:
                     await _rollback(self._writer)
                 await _run(self._writer, "BEGIN IMMEDIATE", "cannot start a write transaction")
                 try:
+                    await check_fence(tx)  # leader-only work: the lease must still be ours
                     yield tx
                 except BaseException:
                     tx._active = False

@@ -19,12 +19,19 @@ from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller
 from ckms.protocol import InstallSpec, Targets
 from ckms.ssh import Endpoint
+from ckms.store import Store
+from ckms.store import lease as leases
 from ckms_agent.enroll import enroll
 from tests.support.controller import running_controller
 from tests.support.fleet import TEST_ALLOWED_PATHS, agent_config, running_agent, wait_until
 from tests.support.kafka import dev_ca, use_test_broker_certificate
 
 pytestmark = pytest.mark.kafka
+
+
+def store_of(c: Controller) -> Store:
+    assert c.store is not None
+    return c.store
 
 
 async def _converged(c: Controller, key: str, host: str, version: int) -> bool:
@@ -58,6 +65,15 @@ async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
                 )
             )
             assert b.host_key_fingerprint == a.host_key_fingerprint
+            # exactly one of them leads; both beat
+            await wait_until(lambda: a.leader.leading or b.leader.leading, 30, "a leader")
+            assert not (a.leader.leading and b.leader.leading)
+
+            async def beating() -> bool:
+                names = {r.name for r in await leases.read_replicas(store_of(a))}
+                return names == {a.leader.name, b.leader.name}
+
+            await wait_until(beating, 30, "both heartbeats")
             stacks = {a.port: first_stack, b.port: second_stack}
             replicas = {a.port: a, b.port: b}
 
@@ -102,5 +118,6 @@ async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
                 assert key_file.read_bytes() != v1
                 assert rpc.endpoint.port == other.port
                 assert rpc.failovers >= 1
+                assert other.leader.leading  # the stopped one released the lease or led not
         finally:
             await second_stack.aclose()

@@ -1,0 +1,161 @@
+"""The leader lease fences leader-only writes: an old leader that wakes up changes nothing.
+
+Two controllers (replicas) on one SQLite file, opened but not run, so the test decides when
+each one's lease rounds happen (its clock moves, no sleeping). Replica A leads, is "paused"
+past its lease, B takes over; A then does what a leader does with the lease it still
+believes it holds (mark outbox rows published, rotate a key that is due, sign a checkpoint):
+every one is refused inside its own transaction and leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from ckms._kafka_security import KafkaProtocol
+from ckms.controller.models import Policy
+from ckms.controller.sealing import init_controller
+from ckms.controller.service import Controller, ControllerSettings
+from ckms.errors import NotLeaderError
+from ckms.store import audit as audit_log
+from ckms.store import lease as leases
+from ckms.store import outbox
+from tests.support.controller import PASSPHRASE
+from tests.unit.controller.conftest import FakeClock
+
+DAY = timedelta(days=1)
+TTL = 10.0
+
+
+async def _replica(home: Path, store: Path, clock: FakeClock, name: str) -> Controller:
+    c = Controller(
+        ControllerSettings(
+            home=home,
+            store=store,
+            kafka_bootstrap="127.0.0.1:9",
+            kafka_security_protocol=KafkaProtocol.PLAINTEXT,
+            replica_name=name,
+            leader_lease_s=TTL,
+        ),
+        clock=clock,
+    )
+    await c.open()
+    assert c.store is not None
+    if not (await c.vault.status()).initialized:
+        await init_controller(c.store, passphrase=PASSPHRASE)
+    await c.vault.unseal_with_passphrase(PASSPHRASE)
+    return c
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Controller, ...]]:
+    store = tmp_path / "controller.db"
+    a = await _replica(tmp_path / "a", store, clock, "ctl-a")
+    b = await _replica(tmp_path / "b", store, clock, "ctl-b")
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _lead(c: Controller) -> leases.Fence:
+    state = await c.leader._round()
+    assert state is not None and state.mine
+    fence = leases.Fence(c.leader.incarnation, state.epoch)
+    c.leader.fence = fence  # what the running lease does when it starts the leader work
+    return fence
+
+
+async def test_a_paused_leader_cannot_publish_rotate_or_sign_after_a_takeover(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    a, b = replicas
+    assert a.store is not None and b.store is not None
+    await a.lifecycle.create(
+        "app/data",
+        "aes-256",
+        policy=Policy(cryptoperiod=30 * DAY, grace=DAY, activation_delay=timedelta(0)),
+        actor="alice",
+    )
+    fence_a = await _lead(a)
+    assert fence_a.epoch == 1
+    # B is a follower while A's lease runs.
+    state = await b.leader._round()
+    assert state is not None and not state.mine and state.holder_name == "ctl-a"
+
+    # A freezes; its lease expires; B takes over with a higher epoch (the fencing token).
+    clock.advance(seconds=TTL + 1)
+    fence_b = await _lead(b)
+    assert fence_b.epoch == 2
+
+    # A wakes up, still believing it leads, with a rotation due and an event to mark sent.
+    clock.advance(31 * DAY)
+    unsent = [e.seq for e in await outbox.pending_events(a.store)]
+    assert unsent
+    checkpoints = await a.store.fetchval("SELECT count(*) FROM audit_checkpoints")
+    audit_size = await a.store.fetchval("SELECT count(*) FROM audit")
+    a.vault.anchor.loaded = True  # as after its own term's read-back
+    with leases.fenced(fence_a):
+        with pytest.raises(NotLeaderError, match="epoch 1"):
+            await outbox.mark_sent(a.store, unsent, now=clock())
+        report = await a.scheduler.tick()
+    assert report.rotated == [] and any("leader lease" in e for e in report.errors)
+    assert fence_a.lost.is_set()  # the lease task wakes and steps down at once
+    with pytest.raises(NotLeaderError):
+        await a.vault.anchor.checkpoint()
+
+    assert [e.seq for e in await outbox.pending_events(a.store)] == unsent  # none marked
+    assert (await a.lifecycle.get("app/data")).latest_version == 1  # not rotated
+    assert await a.store.fetchval("SELECT count(*) FROM audit_checkpoints") == checkpoints
+    assert await a.store.fetchval("SELECT count(*) FROM audit") == audit_size  # nothing audited
+
+    # The leader of epoch 2 does the same work.
+    b.vault.anchor.loaded = True
+    with leases.fenced(fence_b):
+        assert await outbox.mark_sent(b.store, unsent, now=clock()) == len(unsent)
+        assert (await b.scheduler.tick()).rotated == ["app/data"]
+    assert (await b.vault.anchor.checkpoint()).size > audit_size
+    verdict = await audit_log.verify_store(b.store, await b.vault.public_key())
+    assert verdict.ok
+
+
+async def test_the_lease_is_renewed_by_its_holder_and_taken_only_after_expiry(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    a, b = replicas
+    assert a.store is not None
+    first = await a.leader._round()
+    assert first is not None and first.mine and first.epoch == 1
+    for _ in range(3):
+        clock.advance(seconds=TTL / 2)  # renewed before it ends: the epoch stays
+        renewed = await a.leader._round()
+        assert renewed is not None and renewed.mine and renewed.epoch == 1
+        other = await b.leader._round()
+        assert other is not None and not other.mine
+    clock.advance(seconds=TTL)
+    taken = await b.leader._round()
+    assert taken is not None and taken.mine and taken.epoch == 2
+    back = await a.leader._round()
+    assert back is not None and not back.mine and back.holder_name == "ctl-b"
+    names = {r.name: r for r in await leases.read_replicas(a.store)}
+    assert set(names) == {"ctl-a", "ctl-b"} and not names["ctl-a"].sealed
+
+
+async def test_a_sealed_replica_never_takes_the_lease(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    a, b = replicas
+    assert a.store is not None
+    await a.vault.seal()
+    assert await a.leader._round() is None  # nobody held it; a sealed replica does not take it
+    state = await b.leader._round()
+    assert state is not None and state.mine
+    clock.advance(seconds=TTL + 1)
+    after = await a.leader._round()
+    assert after is not None and not after.mine  # expired, still not taken while sealed
+    rows = {r.name: r for r in await leases.read_replicas(a.store)}
+    assert rows["ctl-a"].sealed and not rows["ctl-b"].sealed
