@@ -3,22 +3,26 @@
     python bench/rpc.py                            # 2000 sequential, then 2000 with 50 in flight
     python bench/rpc.py --requests 5000 --concurrency 1,10,50 --rounds 3
     python bench/rpc.py --one-process              # server and client on one event loop
+    python bench/rpc.py --transport exec,channel   # an exec channel per request vs frames
 
 A real ``RpcServer`` runs in a child process with one trivial route (``echo``: returns its
 parameters), and a real ``RpcClient`` in this process opens one connection to it and, after a
 warm-up, makes ``--requests`` calls for each ``--concurrency`` setting (1 = one call after the
-other; N = N calls in flight at all times). Logging is set up as the controller and agent set it
-up in production (INFO, asyncssh at WARNING), so nothing is written per request.
+other; N = N calls in flight at all times), for each ``--transport``: ``exec`` (an exec channel
+per request, as the CLI and OpenSSH make them) or ``channel`` (frames on one ``ckms-rpc``
+channel, as agents send them; a fresh connection for each transport). Logging is set up as the
+controller and agent set it up in production (INFO, asyncssh at WARNING), so nothing is written
+per request.
 
-Prints one line per setting and round: requests/s (wall clock), and CPU milliseconds per request
-of the server process (``/proc/<pid>/stat``, 10 ms ticks, so use >= 2000 requests) and of this
-client process (``time.process_time``). With ``--one-process`` the server runs on the client's
-event loop and one figure, server + client, is printed: it does not depend on how the two
-processes happen to be scheduled, so it is the steadier one for comparing two versions on a busy
-machine. ``--json PATH`` also writes the figures as JSON. For a profile, run py-spy on the server
-pid it prints (``py-spy record --pid PID --format raw``), or ``--profile client`` (or ``server``)
-to write a cProfile of that side to ``rpc-client.prof`` (``rpc-server.prof``, warm-up included)
-in the current directory.
+Prints one line per setting and round: requests/s (wall clock), latency per call (p50, p99), and
+CPU milliseconds per request of the server process (``/proc/<pid>/stat``, 10 ms ticks, so use >=
+2000 requests) and of this client process (``time.process_time``). With ``--one-process`` the
+server runs on the client's event loop and one figure, server + client, is printed: it does not
+depend on how the two processes happen to be scheduled, so it is the steadier one for comparing
+two versions on a busy machine. ``--json PATH`` also writes the figures as JSON. For a profile,
+run py-spy on the server pid it prints (``py-spy record --pid PID --format raw``), or
+``--profile client`` (or ``server``) to write a cProfile of that side to ``rpc-client.prof``
+(``rpc-server.prof``, warm-up included) in the current directory.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import cProfile
 import json
 import logging
 import multiprocessing
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,12 +98,15 @@ async def _run(
 ) -> dict[str, Any]:
     params = {"key": "payments/db", "version": 3}
     remaining = requests
+    latencies: list[float] = []
 
     async def worker() -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
+            started = time.perf_counter()
             await client.call("echo", params)
+            latencies.append(time.perf_counter() - started)
 
     server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
     client_cpu, wall = time.process_time(), time.perf_counter()
@@ -109,6 +117,8 @@ async def _run(
         "concurrency": concurrency,
         "requests": requests,
         "requests_per_s": requests / wall,
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+        "latency_p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
     }
     if server_pid:
         server_cpu = cpu_seconds(server_pid) - server_cpu
@@ -128,13 +138,35 @@ async def _measure(
 ) -> list[dict[str, Any]]:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     results = []
+    for transport in args.transport.split(","):
+        results += await _measure_one(
+            args, transport, concurrency, port, host_key, client_key, server_pid
+        )
+    return results
+
+
+async def _measure_one(
+    args: argparse.Namespace,
+    transport: str,
+    concurrency: list[int],
+    port: int,
+    host_key: asyncssh.SSHKey,
+    client_key: asyncssh.SSHKey,
+    server_pid: int | None,
+) -> list[dict[str, Any]]:
+    if transport not in ("exec", "channel"):
+        raise SystemExit(f"--transport: {transport!r} is neither exec nor channel")
+    results = []
     async with RpcClient(
         host="127.0.0.1",
         port=port,
         username="bench",
         client_key=client_key,
         host_key_fingerprint=fingerprint(host_key),
+        channel=transport == "channel",
     ) as client:
+        if client.multiplexed != (transport == "channel"):
+            raise SystemExit("the server did not offer the channel")
         await _run(client, 200, max(concurrency), server_pid)  # warm-up
         profile = cProfile.Profile() if args.profile == "client" else None
         for rnd in range(args.rounds):
@@ -145,13 +177,16 @@ async def _measure(
                 if profile:
                     profile.disable()
                 r["round"] = rnd + 1
+                r["transport"] = transport
                 results.append(r)
                 if server_pid:
                     cpu = f"server {r['server_cpu_ms']:.3f} ms, client {r['client_cpu_ms']:.3f} ms"
                 else:
                     cpu = f"server + client {r['both_cpu_ms']:.3f} ms"
                 print(
-                    f"round {rnd + 1} concurrency {c:3d}: {r['requests_per_s']:7.0f} req/s, "
+                    f"{transport:7s} round {rnd + 1} concurrency {c:3d}: "
+                    f"{r['requests_per_s']:7.0f} req/s, latency p50 "
+                    f"{r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms, "
                     f"CPU per request: {cpu}",
                     flush=True,
                 )
@@ -200,6 +235,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="calls per setting")
     parser.add_argument("--concurrency", default="1,50", help="calls in flight, comma-separated")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every setting")
+    parser.add_argument(
+        "--transport", default="exec,channel", help="exec, channel, or both (comma-separated)"
+    )
     parser.add_argument(
         "--one-process",
         action="store_true",

@@ -241,6 +241,7 @@ class Agent:
                     connect_timeout_s=min(cfg.rpc_timeout_s, 10.0),
                     retry_min_s=cfg.reconnect_backoff_min_s,
                     retry_max_s=cfg.reconnect_backoff_max_s,
+                    channel=True,  # one framed channel for all its requests (exec fallback)
                 )
                 log.info(
                     "agent starting host=%s controller=%s allowed_paths=%s hooks=%s",

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -125,6 +126,9 @@ class HostRegistry:
         self._clock = clock
         self._known: dict[str, tuple[Host, str]] = {}
         self._known_generation = -1
+        self.on_revoked: Callable[[str], object] | None = None
+        """Called with a host's id once its revocation committed (the controller closes the
+        host's open SSH connections)."""
 
     async def create_token(
         self,
@@ -399,6 +403,8 @@ class HostRegistry:
                 },
             )
         log.info("host %s revoked by %s", host_id, actor)
+        if self.on_revoked is not None:
+            self.on_revoked(host_id)
         return await self.get(host_id)
 
     async def touch(self, host_id: str, reported: list[dict[str, object]] | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import asyncssh
@@ -100,6 +100,9 @@ class OperatorRegistry:
     """The ``operators`` table: add, remove (disable), list, look up."""
 
     def __init__(self, store: Store, *, clock: Clock = utc_now) -> None:
+        self.on_removed: Callable[[str, str], object] | None = None
+        """Called with (operator, actor) once a removal committed (the controller closes the
+        operator's open SSH connections)."""
         self._store = store
         self._clock = clock
 
@@ -271,4 +274,6 @@ class OperatorRegistry:
             )
             row = await tx.fetchone("SELECT * FROM operators WHERE name = ?", (name,))
         log.info("operator %s removed by %s", name, actor)
+        if self.on_removed is not None:
+            self.on_removed(name, actor)
         return _operator(row)

@@ -51,7 +51,7 @@ from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
-from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC, Role
+from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC, OPERATOR_ROLES, Role
 from ckms.ssh import (
     ConnectionLimits,
     Principal,
@@ -305,6 +305,8 @@ class Controller:
         )
         self.vault.anchor.leader = self.leader
         self.operators = OperatorRegistry(store, clock=self.clock)
+        self.hosts.on_revoked = self._host_revoked
+        self.operators.on_removed = self._operator_removed
         self.dual_control = DualControl(
             ApprovalBook(store, clock=self.clock), self.operators, self.lifecycle
         )
@@ -336,6 +338,16 @@ class Controller:
         self.metrics = ControllerMetrics(self)
         self.acks.on_latency = self.metrics.ack_latency.observe
         self.metrics_endpoint: MetricsEndpoint | None = None
+
+    def _host_revoked(self, host_id: str) -> None:
+        """Authentication is once per connection: a revoked host loses the connections (and
+        channels) it holds at once, as it could not open a new one."""
+        self.rpc.disconnect(host_id, roles={Role.AGENT})
+
+    def _operator_removed(self, name: str, actor: str) -> None:
+        """As for a host; an operator removing themselves keeps the connection asking."""
+        if name != actor:
+            self.rpc.disconnect(name, roles=OPERATOR_ROLES)
 
     def _listen(self) -> str:
         """``host:port`` of the SSH endpoint (the bound port once listening)."""

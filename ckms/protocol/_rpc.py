@@ -82,6 +82,13 @@ class RpcErrorInfo(BaseModel):
     """Set for ApprovalRequiredError: the approval request the refused call created."""
 
 
+def check_method(method: str) -> str:
+    """``method`` if it is a well-formed method name, else ProtocolError."""
+    if not _METHOD_RE.fullmatch(method):
+        raise ProtocolError(f"bad method name {method[:64]!r}")
+    return method
+
+
 def split_command(command: str | None) -> tuple[str, str | None]:
     """Split an exec command into the method and its inline parameters (None: in the body)."""
     if not command:
@@ -121,9 +128,7 @@ def parse_request(command: str | None, body: bytes = b"") -> tuple[str, dict[str
 
 def format_request(method: str, params: dict[str, Any] | None = None) -> tuple[str, bytes]:
     """The exec command (the method alone) and the body (the parameters) of one request."""
-    if not _METHOD_RE.match(method):
-        raise ProtocolError(f"bad method name {method!r}")
-    return method, canonical_json(params) if params else b""
+    return check_method(method), canonical_json(params) if params else b""
 
 
 def ok_reply(result: BaseModel | dict[str, Any] | None) -> bytes:

@@ -1,4 +1,11 @@
-"""A persistent SSH connection to a controller that makes JSON requests on exec channels.
+"""A persistent SSH connection to a controller that makes JSON requests on it.
+
+Requests go on exec channels, one each (what OpenSSH's ``ssh`` does, and the operator CLI), or,
+with ``channel=True`` (agents), as frames on one long-lived ``ckms-rpc`` channel
+(:mod:`ckms.ssh._channel`, a fifth of the server's CPU per request) when the server offers
+it, falling back to exec channels when it does not. A channel that breaks takes its connection
+down with it; the next ``connect()`` (the agent's reconnect loop, with its backoff) opens both
+again, on whichever replica answers.
 
 A new connection costs about 4 ms of CPU on each side (docs/architecture.md §8) and a request
 on an open one 0.85-1.6 ms per side as measured by ``bench/rpc.py`` (many in flight vs one at
@@ -32,6 +39,7 @@ import asyncssh
 from ckms._backoff import Backoff
 from ckms.errors import CKMSError, ConfigError, RequestTimeoutError, TransportError
 from ckms.protocol._rpc import IDEMPOTENT_METHODS, MAX_REPLY_BYTES, format_request, parse_reply
+from ckms.ssh._channel import ChannelClient, NotSent
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +118,7 @@ def parse_endpoints(value: str | Sequence[str]) -> tuple[Endpoint, ...]:
     return tuple(out)
 
 
-class _NotSent(Exception):
-    """The request never reached the server (its channel did not open): safe to send again."""
+_NotSent = NotSent
 
 
 class RpcClient:
@@ -133,6 +140,7 @@ class RpcClient:
         keepalive_s: float = 15.0,
         retry_min_s: float = 1.0,
         retry_max_s: float = 30.0,
+        channel: bool = False,
     ) -> None:
         if not host_key_fingerprint.startswith("SHA256:"):
             raise ConfigError("the controller host key fingerprint must look like SHA256:...")
@@ -153,6 +161,8 @@ class RpcClient:
         self._retry = [Backoff(retry_min_s, retry_max_s) for _ in self.endpoints]
         self._retry_at = [0.0 for _ in self.endpoints]
         self._conn: asyncssh.SSHClientConnection | None = None
+        self._want_channel = channel
+        self._channel: ChannelClient | None = None
         self._lock = asyncio.Lock()
         self._last_connected: int | None = None
         self.failovers = 0
@@ -175,8 +185,17 @@ class RpcClient:
 
     @property
     def connected(self) -> bool:
-        """True while the connection is open."""
-        return self._conn is not None and not self._conn.is_closed()
+        """True while the connection (and its channel, when it has one) is open."""
+        return (
+            self._conn is not None
+            and not self._conn.is_closed()
+            and (self._channel is None or self._channel.alive)
+        )
+
+    @property
+    def multiplexed(self) -> bool:
+        """True when requests go as frames on one channel rather than an exec channel each."""
+        return self._channel is not None and self._channel.alive
 
     def _order(self) -> list[int]:
         """Endpoints to try now: those not backing off, from the current one on, then those
@@ -197,10 +216,14 @@ class RpcClient:
         async with self._lock:
             if self.connected:
                 return
+            if self._conn is not None:  # its channel broke: start both again
+                await self.close()
             failures: list[str] = []
             for index in self._order():
                 try:
                     self._conn = await self._open(self.endpoints[index])
+                    if self._want_channel:
+                        self._channel = await self._open_channel(self.endpoints[index])
                 except TransportError as exc:
                     self._retry_at[index] = time.monotonic() + self._retry[index].next()
                     failures.append(str(exc))
@@ -252,6 +275,20 @@ class RpcClient:
             raise TransportError(f"cannot connect to controller {endpoint}: {reason}") from None
         return conn
 
+    async def _open_channel(self, endpoint: Endpoint) -> ChannelClient | None:
+        """The ``ckms-rpc`` channel on the new connection, None if the server offers none."""
+        assert self._conn is not None
+        try:
+            return await ChannelClient.open(
+                self._conn, timeout_s=self._connect_timeout_s, peer=str(endpoint)
+            )
+        except (OSError, asyncssh.Error) as exc:
+            await self.close()
+            reason = str(exc) or type(exc).__name__
+            raise TransportError(
+                f"cannot open a channel to controller {endpoint}: {reason}"
+            ) from None
+
     async def call(
         self, method: str, params: dict[str, Any] | None = None, *, timeout_s: float = 30.0
     ) -> dict[str, Any]:
@@ -266,14 +303,17 @@ class RpcClient:
         attempts = len(self.endpoints)
         while True:
             await self.connect()
-            conn = self._conn
+            conn, channel = self._conn, self._channel
             assert conn is not None
             endpoint = self.endpoint
             try:
                 # asyncio.timeout rather than wait_for: wait_for runs the call as a task of its
                 # own, which costs about three more event-loop iterations per request.
                 async with asyncio.timeout(timeout_s):
-                    stdout, exit_status = await _exchange(conn, command, body, method)
+                    if channel is not None:
+                        stdout, exit_status = await channel.call(method, params), None
+                    else:
+                        stdout, exit_status = await _exchange(conn, command, body, method)
                 if not stdout and exit_status is None:
                     # The channel ended without a reply or an exit status: the connection went
                     # away (a replica that stopped) after the request was sent.
@@ -315,6 +355,9 @@ class RpcClient:
 
     async def close(self) -> None:
         """Close the connection and wait until it is closed; safe to call twice."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()

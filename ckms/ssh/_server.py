@@ -25,13 +25,16 @@ import asyncssh
 from pydantic import BaseModel, ValidationError
 
 from ckms.errors import CKMSError, PermissionDeniedError, ProtocolError, TransportError
+from ckms.protocol._frames import CHANNEL_ID, CHANNEL_SUBSYSTEM, RequestFrame, encode_reply
 from ckms.protocol._rpc import (
     MAX_REQUEST_BYTES,
+    check_method,
     error_reply,
     ok_reply,
     parse_params,
     split_command,
 )
+from ckms.ssh._channel import ChannelServer
 from ckms.ssh._limits import BurstHook, ConnectionLimits, SourceGuard, source_of
 from ckms.store import Clock, utc_now
 
@@ -239,6 +242,29 @@ class RpcServer:
         await self.guard.flush()
         await self.host_guard.flush()
 
+    def disconnect(self, name: str, *, roles: Collection[str]) -> int:
+        """Close every open connection of the known principal ``name`` (of one of ``roles``)
+        at once, with what it has in flight: for a host just revoked or an operator removed.
+
+        Authentication happens once per connection; without this, a connection opened before
+        the revocation would stay open (each of its requests refused by the handlers, which
+        look the host up again) for as long as its peer keeps it. Returns how many closed."""
+        closed = 0
+        for conn in list(self._connections):
+            owner = conn.get_owner()
+            principal = owner.principal if isinstance(owner, _ServerConnection) else None
+            if (
+                principal is not None
+                and principal.known
+                and principal.name == name
+                and principal.role in roles
+            ):
+                conn.close()
+                closed += 1
+        if closed:
+            log.info("closed %d connection%s of %s", closed, "s" if closed != 1 else "", name)
+        return closed
+
     async def __aenter__(self) -> RpcServer:
         if self._acceptor is None:
             await self.start()
@@ -251,16 +277,41 @@ class RpcServer:
         conn = process.channel.get_connection()
         owner = conn.get_owner()
         assert isinstance(owner, _ServerConnection)
+        if process.subsystem == CHANNEL_SUBSYSTEM:
+            await self._serve_channel(process, owner)
+            return
+        inline: str | None = None
+
+        def method_of() -> str:
+            nonlocal inline
+            if process.command is None:
+                raise ProtocolError(
+                    "interactive shells are not served: send `<method>` as the command and "
+                    f"the JSON parameters on stdin (or open the {CHANNEL_SUBSYSTEM} subsystem)"
+                )
+            method, inline = split_command(process.command)
+            return method
+
+        async def params_of(method: str, route: _Route) -> dict[str, Any]:
+            return await self._params(process, method, route, inline)
+
+        method, line, ok = await self._serve(owner, method_of, params_of)
+        _reply(process, line, 0 if ok else 1, method, owner.principal)
+
+    async def _serve(
+        self,
+        owner: _ServerConnection,
+        method_of: Callable[[], str],
+        params_of: Callable[[str, _Route], Awaitable[dict[str, Any]]],
+    ) -> tuple[str, bytes, bool]:
+        """One request, whatever carried it (an exec channel, a frame): authorization before
+        the parameters are read, the connection's limits, the call, refusals recorded, the
+        outcome counted. Returns the method, the reply line and whether it succeeded."""
         principal = owner.principal
         started = time.perf_counter()
         method = "?"
         try:
-            if process.command is None:
-                raise ProtocolError(
-                    "interactive shells are not served: send `<method>` as the command and "
-                    "the JSON parameters on stdin"
-                )
-            method, inline = split_command(process.command)
+            method = method_of()
             route = self._authorize(principal, method)
             owner.requests += 1
             limit = principal.max_requests if principal is not None else None
@@ -273,26 +324,22 @@ class RpcServer:
                 raise _Busy(f"more than {self.max_concurrent} requests in flight on one connection")
             owner.in_flight += 1
             try:
-                params = await self._params(process, method, route, inline)
+                params = await params_of(method, route)
                 reply = await self._call(route, principal, method, params)
             finally:
                 owner.in_flight -= 1
-            line, status = ok_reply(reply), 0
+            line, ok = ok_reply(reply), True
             outcome = "ok"
         except CKMSError as exc:
             outcome = _outcome(exc)
             if isinstance(exc, PermissionDeniedError | ProtocolError):
                 exc = await self._refused(owner, principal, method, exc)
-            line, status = error_reply(exc), 1
+            line, ok = error_reply(exc), False
         except Exception:
             log.exception("rpc %s by %s failed unexpectedly", method, _name(principal))
-            line, status = error_reply(CKMSError(f"internal error while serving {method}")), 1
+            line, ok = error_reply(CKMSError(f"internal error while serving {method}")), False
             outcome = "internal"
-        # The route label is bounded by the routes served: a caller's made-up method names
-        # must not grow the metrics without limit.
-        counted = (method if method in self._routes else "unknown", outcome)
-        self.request_counts[counted] = self.request_counts.get(counted, 0) + 1
-        _reply(process, line, status, method, principal)
+        self._count(method, outcome)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "rpc %s by %s in %.2f ms",
@@ -300,6 +347,58 @@ class RpcServer:
                 _name(principal),
                 1000 * (time.perf_counter() - started),
             )
+        return method, line, ok
+
+    def _count(self, method: str, outcome: str) -> None:
+        # The route label is bounded by the routes served: a caller's made-up method names
+        # must not grow the metrics without limit.
+        counted = (method if method in self._routes else "unknown", outcome)
+        self.request_counts[counted] = self.request_counts.get(counted, 0) + 1
+
+    async def _serve_channel(
+        self, process: asyncssh.SSHServerProcess[bytes], owner: _ServerConnection
+    ) -> None:
+        """A ``ckms-rpc`` channel: each frame through :meth:`_serve`, as an exec request."""
+        principal = owner.principal
+
+        async def refuse(exc: ProtocolError) -> CKMSError:
+            self._count(CHANNEL_SUBSYSTEM, "invalid")
+            return await self._refused(owner, principal, CHANNEL_SUBSYSTEM, exc)
+
+        if principal is None or not principal.known:
+            # A stranger (an enrolling agent) makes its one request on an exec channel.
+            refusal = await refuse(
+                ProtocolError(f"the {CHANNEL_SUBSYSTEM} channel is for enrolled principals")
+            )
+            process.stdout.write(encode_reply(CHANNEL_ID, error_reply(refusal)))
+            process.exit(1)
+            return
+
+        async def dispatch(frame: RequestFrame) -> bytes:
+            def method_of() -> str:
+                return check_method(frame.method.decode("ascii", "replace"))
+
+            async def params_of(method: str, route: _Route) -> dict[str, Any]:
+                return parse_params(method, frame.params)
+
+            return (await self._serve(owner, method_of, params_of))[1]
+
+        def busy(frame: RequestFrame) -> bytes:
+            method = frame.method.decode("ascii", "replace")
+            self._count(method, "busy")
+            return error_reply(
+                _Busy(f"more than {self.max_concurrent} requests in flight on one channel")
+            )
+
+        await ChannelServer(
+            process,
+            dispatch=dispatch,
+            busy=busy,
+            refuse=refuse,
+            max_in_flight=self.max_concurrent,
+            frame_timeout_s=self._body_timeout_s,
+            who=_name(principal),
+        ).run()
 
     async def call(
         self, principal: Principal, method: str, params: dict[str, Any] | None = None

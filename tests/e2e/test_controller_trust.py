@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from ckms._kafka_security import KafkaLink
 from ckms.controller.service import Controller
 from ckms.crypto import SubjectRole, generate_signing_key
-from ckms.errors import PermissionDeniedError, SealedError
+from ckms.errors import PermissionDeniedError, SealedError, TransportError
 from ckms.protocol import FetchRequest, InstallSpec, SyncRequest, Targets
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent, HostRevokedError
@@ -246,3 +246,23 @@ async def test_a_sealed_controller_answers_no_host(controller: Controller, tmp_p
     async with host_rpc(c, config) as rpc:
         with pytest.raises(SealedError):
             await rpc.call("sync", SyncRequest().model_dump())
+
+
+@pytest.mark.parametrize("channel", [True, False], ids=["channel", "exec"])
+async def test_a_revoked_host_loses_its_open_connection_at_once(
+    controller: Controller, tmp_path: Path, channel: bool
+) -> None:
+    """Authentication is once per connection: a host revoked while connected (its long-lived
+    channel, or exec requests on a kept connection) is cut off at once, not only refused
+    request by request, and cannot come back."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "web-1", WEB)
+    beat = SyncRequest().model_dump(mode="json")
+    async with host_rpc(c, config, channel=channel) as rpc:
+        assert rpc.multiplexed is channel
+        await rpc.call("heartbeat", beat)
+        await c.hosts.revoke("web-1", actor="alice")
+        with pytest.raises(TransportError):
+            await rpc.call("heartbeat", beat)
+        with pytest.raises(TransportError, match="refused the key"):
+            await rpc.connect()

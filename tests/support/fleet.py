@@ -80,8 +80,12 @@ async def running_agent(config_path: Path, **env: str) -> AsyncIterator[Agent]:
 
 
 @contextlib.asynccontextmanager
-async def host_rpc(controller: Controller, config_path: Path) -> AsyncIterator[RpcClient]:
-    """An RPC connection to ``controller`` as the host enrolled with ``config_path`` (its keys)."""
+async def host_rpc(
+    controller: Controller, config_path: Path, *, channel: bool = True
+) -> AsyncIterator[RpcClient]:
+    """An RPC connection to ``controller`` as the host enrolled with ``config_path`` (its keys),
+    with its requests on one framed channel as the agent sends them (``channel=False``: an
+    exec channel each, as OpenSSH's ssh would)."""
     cfg = agent_config(config_path)
     keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
     async with RpcClient(
@@ -90,5 +94,6 @@ async def host_rpc(controller: Controller, config_path: Path) -> AsyncIterator[R
         username=cfg.host_id,
         client_key=keys.ssh_key(),
         host_key_fingerprint=controller.host_key_fingerprint,
+        channel=channel,
     ) as rpc:
         yield rpc
