@@ -83,7 +83,13 @@ async def replicas():
         await r.stop()
 
 
-def _client(replicas: list[Replica], endpoints: list[Endpoint]) -> RpcClient:
+@pytest.fixture(params=[False, True], ids=["exec", "channel"])
+def channel(request: pytest.FixtureRequest) -> bool:
+    """Requests as exec channels (the CLI) or as frames on one channel (agents)."""
+    return bool(request.param)
+
+
+def _client(replicas: list[Replica], endpoints: list[Endpoint], channel: bool) -> RpcClient:
     return RpcClient(
         endpoints=endpoints,
         username="alice",
@@ -92,6 +98,7 @@ def _client(replicas: list[Replica], endpoints: list[Endpoint]) -> RpcClient:
         connect_timeout_s=5,
         retry_min_s=0.05,
         retry_max_s=0.1,
+        channel=channel,
     )
 
 
@@ -108,19 +115,19 @@ def test_endpoint_lists_parse_and_bad_ones_are_refused() -> None:
             parse_endpoints(bad)  # type: ignore[arg-type]
 
 
-async def test_a_controller_that_cannot_be_reached_is_skipped(replicas) -> None:
+async def test_a_controller_that_cannot_be_reached_is_skipped(replicas, channel: bool) -> None:
     live = replicas[1]
     dead = Endpoint("127.0.0.1", _dead_port())
-    async with _client(replicas, [dead, Endpoint("127.0.0.1", live.port)]) as c:
+    async with _client(replicas, [dead, Endpoint("127.0.0.1", live.port)], channel) as c:
         assert (await c.call("status"))["by"] == live.port
         assert c.endpoint.port == live.port
     with pytest.raises(TransportError, match=r"no controller reachable.*cannot connect.*cannot"):
-        await _client(replicas, [dead, Endpoint("127.0.0.1", _dead_port())]).connect()
+        await _client(replicas, [dead, Endpoint("127.0.0.1", _dead_port())], channel).connect()
 
 
-async def test_fails_over_and_comes_back_when_a_replica_returns(replicas) -> None:
+async def test_fails_over_and_comes_back_when_a_replica_returns(replicas, channel: bool) -> None:
     a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)])
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
     async with c:
         first = (await c.call("status"))["by"]
         other = b if first == a.port else a
@@ -137,10 +144,10 @@ async def test_fails_over_and_comes_back_when_a_replica_returns(replicas) -> Non
 
 
 async def test_an_idempotent_request_cut_off_after_sending_goes_to_the_other_replica(
-    replicas,
+    replicas, channel: bool
 ) -> None:
     a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)])
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
     async with c:
         here = a if c.endpoint.port == a.port else b
         other = b if here is a else a
@@ -154,10 +161,10 @@ async def test_an_idempotent_request_cut_off_after_sending_goes_to_the_other_rep
 
 
 async def test_a_non_idempotent_request_is_never_sent_again_after_it_may_have_applied(
-    replicas,
+    replicas, channel: bool
 ) -> None:
     a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)])
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
     async with c:
         here = a if c.endpoint.port == a.port else b
         other = b if here is a else a
