@@ -22,6 +22,7 @@ CRL of each trusted generation lists the revoked serials that have not expired y
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -50,6 +51,8 @@ from ckms.crypto import (
     new_root_ca,
     parse_serial,
     public_key_fingerprint,
+    row_mac,
+    row_mac_matches,
 )
 from ckms.errors import (
     ConfigError,
@@ -57,6 +60,7 @@ from ckms.errors import (
     NotFoundError,
     PermissionDeniedError,
     PolicyError,
+    SealedError,
 )
 from ckms.protocol import CA_SUBJECT, CaRotated, RevocationReason, render_tls_names
 from ckms.store import Reader, Store, Transaction, format_time, outbox, parse_time
@@ -202,6 +206,106 @@ async def _check_against_audit(r: Reader | Transaction, state: CaState) -> None:
             f"the CA record is not the one the audit log's newest CA change ({action}) made: "
             "an older copy was written back"
         )
+
+
+ISSUED_RECORD: Final = "ca.issued"
+_TALLY_MOD: Final = 1 << 256
+
+
+@dataclass(frozen=True)
+class IssuedTally:
+    """How many certificates the CA issued and the sum (mod 2^256) of their serials' SHA-256.
+
+    Row MACs catch a row edited, not one deleted: a revoked row deleted from the file would
+    drop its serial from the CRL. The tally is kept in ``meta`` under a MAC (row key), bumped
+    in the transaction that issues, and each ``cert.issue`` audit record names the count it
+    reached. The CRL recomputes it from every row, so a deleted row (or a row and an older tally
+    put back, which the audit log's count refuses; cutting the audit log too is caught against
+    its anchor) fails instead of vanishing."""
+
+    count: int
+    total: int
+
+    @staticmethod
+    def of_serial(serial: str) -> int:
+        """One serial's share of :attr:`total`."""
+        return int.from_bytes(hashlib.sha256(serial.encode("ascii")).digest(), "big")
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[Any]) -> IssuedTally:
+        """The tally of ``rows`` as they are in the table."""
+        count = total = 0
+        for row in rows:
+            count += 1
+            total = (total + cls.of_serial(str(row["serial"]))) % _TALLY_MOD
+        return cls(count, total)
+
+    def add(self, serial: str) -> IssuedTally:
+        """The tally with one more certificate."""
+        return IssuedTally(self.count + 1, (self.total + self.of_serial(serial)) % _TALLY_MOD)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"count": self.count, "total": format(self.total, "064x")}
+
+    def seal(self, row_key: bytes) -> bytes:
+        """The meta value: the tally and its MAC."""
+        mac = row_mac(row_key, "meta", ISSUED_RECORD, self._fields())
+        return canonical_json({**self._fields(), "mac": mac})
+
+    @classmethod
+    def open(cls, row_key: bytes, blob: bytes) -> IssuedTally:
+        """Read a meta value (IntegrityError if it is not one the controller wrote)."""
+        try:
+            value = parse_canonical_json(blob)
+            tally = cls(int(value["count"]), int(str(value["total"]), 16))
+            ok = row_mac_matches(row_key, "meta", ISSUED_RECORD, tally._fields(), value["mac"])
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise IntegrityError("the CA's tally of issued certificates failed integrity check")
+        return tally
+
+
+async def _audited_count(r: Reader | Transaction) -> int | None:
+    """The count the newest ``cert.issue`` audit record names (None: none names one)."""
+    row = await r.fetchone(
+        "SELECT details FROM audit WHERE action = 'cert.issue' ORDER BY idx DESC LIMIT 1"
+    )
+    if row is None:
+        return None
+    issued = json.loads(str(row["details"])).get("issued")
+    return None if issued is None else int(issued)
+
+
+async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) -> IssuedTally:
+    """The stored tally, checked against the audit log and, given ``rows`` (every certificate
+    row), against the table (the CRL's check; issuing only bumps the checked tally, so it
+    costs no scan of the table).
+
+    A store from before the tally has none: its rows are taken as they are, once (the first
+    issue stores it), unless the audit log shows a tally existed (then it was deleted)."""
+    row_key = r.row_key
+    if row_key is None:
+        raise SealedError("controller is sealed: cannot check the CA's issued certificates")
+    blob = await r.get_meta(ISSUED_RECORD)
+    audited = await _audited_count(r)
+    if blob is None:
+        if audited is not None:
+            raise IntegrityError(
+                "the CA's tally of issued certificates was deleted (the audit log counts "
+                f"{audited}): certificate rows may have been deleted"
+            )
+        if rows is None:
+            rows = await r.fetchall("SELECT serial FROM certificates")
+        return IssuedTally.of_rows(rows)
+    stored = IssuedTally.open(row_key, blob)
+    have = stored if rows is None else IssuedTally.of_rows(rows)
+    if stored != have or (audited is not None and audited != stored.count):
+        raise IntegrityError(
+            f"certificate rows were deleted: the CA issued {max(stored.count, audited or 0)}, "
+            f"the table holds {have.count} (or another set)"
+        )
+    return stored
 
 
 def new_generation(number: int, now: datetime) -> CaGeneration:
@@ -425,6 +529,7 @@ class ControllerCA:
         )
         info = certificate_info(pem)
         serial = info.serial_hex
+        tally = await _stored_tally(tx)
         await tx.execute(
             "INSERT INTO certificates(serial, kind, host_id, key_id, version, ca_generation, "
             "fingerprint, not_before, not_after, issued_at, public_key_sha256) "
@@ -444,6 +549,9 @@ class ControllerCA:
             ),
         )
         await rowmac.stamp_certificate(tx, serial)
+        tally = tally.add(serial)
+        assert tx.row_key is not None  # checked by _stored_tally
+        await tx.set_meta(ISSUED_RECORD, tally.seal(tx.row_key))
         await audit_log.append(
             tx,
             now=now,
@@ -461,6 +569,7 @@ class ControllerCA:
                 "ca_generation": active.generation,
                 "fingerprint": info.fingerprint,
                 "public_key_sha256": key_fingerprint,
+                "issued": tally.count,
             },
         )
         return IssuedCertificate(pem, active.issuing.certificate, state.bundle(), info)
@@ -468,14 +577,10 @@ class ControllerCA:
     async def crl(self, *, now: datetime) -> tuple[bytes, tuple[str, ...]]:
         """One CRL per trusted generation (PEM, concatenated), each listing that generation's
         revoked certificates that have not expired; numbered by time so each is newer."""
-        state = await self.state()
+        state, every = await self._every_certificate()
         # Every row is checked before it is filtered: a WHERE on revoked_at or not_after would
         # skip, unchecked, a row whose revocation the file's owner cleared or backdated.
-        rows = _unexpired_checked(
-            self._store.row_key,
-            await self._store.fetchall("SELECT * FROM certificates ORDER BY serial"),
-            now,
-        )
+        rows = _unexpired_checked(self._store.row_key, every, now)
         by_generation: dict[int, list[tuple[int, datetime, str | None]]] = {}
         serials = []
         for row in rows:
@@ -501,6 +606,22 @@ class ControllerCA:
             for g in state.trusted
         )
         return pem, tuple(serials)
+
+    async def _every_certificate(self) -> tuple[CaState, list[Any]]:
+        """The CA and every certificate row, none deleted (the tally, :class:`IssuedTally`)."""
+        self._vault.require_unsealed("use the CA")
+        async with self._store.read() as r:
+            state = await self._read(r)
+            every = await r.fetchall("SELECT * FROM certificates ORDER BY serial")
+            await _stored_tally(r, every)
+        return state, every
+
+    async def check_issued(self) -> None:
+        """IntegrityError unless every certificate row the CA issued is there, as it wrote it
+        (``audit verify`` asks; the CRL checks the same before it lists anything)."""
+        _, every = await self._every_certificate()
+        for row in every:
+            rowmac.check_certificate(self._store.row_key, row)
 
     async def overdue(
         self, keys: Iterable[AnyKey], hosts: Iterable[Host], now: datetime

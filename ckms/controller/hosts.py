@@ -90,9 +90,13 @@ def _ssh_line(text: str) -> str:
     return " ".join(text.split()[:2])
 
 
-async def _revoke_unentitled(tx: Transaction, host: Host, now: datetime) -> tuple[str, ...]:
-    """Revoke the host's certificates of keys its new labels no longer entitle it to (no
-    longer a target, or a name template they cannot fill); the agent removes those files."""
+async def _revoke_unentitled(
+    tx: Transaction, before: Host, host: Host, now: datetime
+) -> tuple[str, ...]:
+    """Revoke the host's certificates of keys its new labels no longer entitle it to what it
+    holds (no longer a target, a name template they cannot fill, or other names: a
+    ``{label:NAME}`` that changed); the agent removes or re-issues them (the names digest in
+    its sync reply changed)."""
     key_ids = [
         str(r["key_id"])
         for r in await tx.fetchall(
@@ -106,7 +110,10 @@ async def _revoke_unentitled(tx: Transaction, host: Host, now: datetime) -> tupl
 
     def keep(host_id: str, key_id: str) -> bool:
         key = keys.get(key_id)
-        return key is not None and entitled_names(key, host) is not None
+        if key is None:
+            return False
+        names = entitled_names(key, host)
+        return names is not None and names == entitled_names(key, before)
 
     return await revoke_certificates(
         tx, now=now, reason=RevocationReason.AFFILIATION_CHANGED, host_id=host.id, keep=keep
@@ -358,7 +365,8 @@ class HostRegistry:
                 (json.dumps(labels, sort_keys=True), host_id),
             )
             await rowmac.stamp_host(tx, host_id)
-            serials = await _revoke_unentitled(tx, host.model_copy(update={"labels": labels}), now)
+            relabelled = host.model_copy(update={"labels": labels})
+            serials = await _revoke_unentitled(tx, host, relabelled, now)
             await audit_log.append(
                 tx,
                 now=now,

@@ -13,6 +13,8 @@ from ckms.controller.service import Controller
 from ckms.crypto import KeyType, build_csr, crl_reasons, crl_serials, generate
 from ckms.errors import IntegrityError, PermissionDeniedError
 from ckms.protocol import CertSignReply, CertSignRequest, InstallSpec, Targets, TlsProfile
+from ckms.protocol import admin as api
+from ckms.ssh import Principal
 from tests.support.audit import tamper
 from tests.support.fleet import enroll_agent, host_rpc
 
@@ -228,6 +230,7 @@ async def _sign(rpc: object, version: int, private: bytes) -> CertSignReply:
     )
 
 
+@pytest.mark.requirement("PCI-4.2.1")
 async def test_a_key_pair_whose_certificate_was_revoked_for_compromise_is_not_certified_again(
     controller: Controller, tmp_path: Path
 ) -> None:
@@ -268,6 +271,7 @@ async def test_a_key_pair_whose_certificate_was_revoked_for_compromise_is_not_ce
         await _sign(rpc, 3, other)
 
 
+@pytest.mark.requirement("PCI-4.2.1")
 @pytest.mark.parametrize(
     ("op", "reason"), [("suspend", "cessationOfOperation"), ("deactivate", "superseded")]
 )
@@ -294,3 +298,50 @@ async def test_suspending_or_deactivating_a_version_revokes_its_live_certificate
         "SELECT details FROM audit WHERE action = ? ORDER BY idx DESC LIMIT 1", (f"key.{op}",)
     )
     assert audited is not None and json.loads(audited["details"])["serials"] == [serial]
+
+
+@pytest.mark.requirement("PCI-4.2.1")
+async def test_a_deleted_certificate_row_fails_the_crl_and_audit_verify(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """Deleting a revoked certificate's row (row MACs catch edits, not deletions) would drop
+    its serial from the CRL: `ckms ca crl` and `ckms audit verify` refuse instead."""
+    c = controller
+    serial = await _issued(c, tmp_path)
+    await c.hosts.revoke("db-1", actor="alice")
+    auditor = Principal("erin", "auditor", "SHA256:x")
+    assert (await c.admin.audit_verify(auditor, api.Empty())).ok
+    tamper(c.settings.db_path, "DELETE FROM certificates WHERE serial = ?", params=(serial,))
+    with pytest.raises(IntegrityError, match="deleted"):
+        await c.ca.crl(now=c.clock())
+    verified = await c.admin.audit_verify(auditor, api.Empty())
+    assert not verified.ok and "deleted" in (verified.reason or "")
+
+
+async def test_a_relabel_that_changes_a_hosts_names_revokes_its_old_certificates(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """A host still targeted after a relabel, whose names come from a label
+    (``{label:zone}``), must not keep a valid certificate for the old label's name: the
+    relabel revokes it (affiliationChanged) in its own transaction; a relabel that leaves
+    the names as they were keeps it."""
+    c = controller
+    await enroll_agent(c, tmp_path, "db-1", {**DB, "zone": "a"})
+    zoned = SPEC.model_copy(update={"tls": TlsProfile(sans=("{label:zone}.db.internal",))})
+    await c.lifecycle.create(
+        "db/zoned", "tls-cert", targets=Targets(selectors=(DB,)), install=zoned, actor="alice"
+    )
+    async with host_rpc(c, tmp_path / "db-1" / "agent.toml") as rpc:
+        request = CertSignRequest(
+            key="db/zoned", version=1, csr=build_csr(generate(KeyType.ECDSA_P256), None).decode()
+        )
+        reply = CertSignReply.model_validate(
+            await rpc.call("cert_sign", request.model_dump(mode="json"))
+        )
+    await c.hosts.set_labels("db-1", {**DB, "zone": "a", "rack": "7"}, actor="alice")
+    assert reply.serial not in await _crl_serials(c)  # same names: kept
+    await c.hosts.set_labels("db-1", {**DB, "zone": "b"}, actor="alice")
+    pem, serials = await c.ca.crl(now=c.clock())
+    assert reply.serial in serials
+    issuing = (await c.ca.state()).active.issuing.certificate
+    assert crl_reasons(pem, issuing)[int(reply.serial, 16)] == "affiliationChanged"

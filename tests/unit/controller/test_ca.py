@@ -195,3 +195,32 @@ async def test_a_certificate_past_its_renewal_is_flagged_before_it_expires(
     assert flag.expired
     revoked = host.model_copy(update={"revoked": True})
     assert await ca.overdue(keys, [revoked], clock()) == [], "revoked hosts are not nagged"
+
+
+async def test_deleting_a_revoked_certificate_row_is_refused_by_the_crl(
+    store: Store, vault: Vault, lifecycle: Lifecycle, clock: FakeClock
+) -> None:
+    """Row MACs catch edits, not deletions: the DB file's owner who deletes a revoked row
+    would drop its serial from the CRL. The CA's MAC'd tally of what it issued refuses that,
+    and so does putting back an older tally with the row (the audit log counts too)."""
+    ca = ControllerCA(store, vault)
+    key_id = await _key(lifecycle)
+    await _issue(store, ca, key_id, clock)
+    tally = await store.get_meta("ca.issued")
+    serial = await _issue(store, ca, key_id, clock, host="db-2")
+    async with store.write() as tx:
+        await revoke_certificates(
+            tx, now=clock(), reason=RevocationReason.KEY_COMPROMISE, host_id="db-2"
+        )
+    assert (await ca.crl(now=clock()))[1] == (serial,)
+    await _raw(store, "DELETE FROM certificates WHERE serial = ?", (serial,))
+    store.invalidate()
+    with pytest.raises(IntegrityError, match="deleted"):
+        await ca.crl(now=clock())
+    assert tally is not None
+    await _raw(store, "UPDATE meta SET value = ? WHERE name = 'ca.issued'", (tally,))
+    store.invalidate()
+    with pytest.raises(IntegrityError, match="deleted"):
+        await ca.crl(now=clock())
+    with pytest.raises(IntegrityError, match="deleted"):
+        await _issue(store, ca, key_id, clock, host="db-3")  # nor does it issue on top
