@@ -19,7 +19,9 @@ certificate of the key's primary (else newest) version installed:
   ones it recorded) and re-issues. The directory itself is never replaced, so a service that
   bind-mounts it (a container) sees each renewal. The ack carries the certificate's serial
   and expiry.
-- **Renew** at two thirds of the lifetime (from when it was received here), with a fresh key.
+- **Renew** at two thirds of the lifetime (from when it was received here), with a fresh key,
+  and at once when the controller lists the key with other names than the certificate was
+  issued under (a relabel changed a ``{label:NAME}``; the controller revoked the old one).
 - **Stop.** When the controller no longer lists the version (revoked, host retargeted) or a
   revocation event names it, the files are removed (overwritten first), acked ``removed``,
   and renewal stops; the controller also refuses to sign for a revoked version or host.
@@ -112,6 +114,9 @@ class CertRecord:
     renew_at: float
     files: dict[str, str]
     spec: str
+    names: str | None = None
+    """The digest of the names the controller listed when this was issued (None: recorded
+    before names were digested, or by a controller that sends none)."""
 
     @property
     def paths(self) -> list[Path]:
@@ -229,6 +234,8 @@ class CertKeeper:
             record = self._records.get(name)
             if record is not None and record.version != version.version:
                 reason = f"version {version.version} replaces {record.version}"
+            elif record is not None and entry.names not in (None, record.names):
+                reason = "its names changed"
             elif record is not None and self._current(record, entry, version):
                 continue
             else:
@@ -243,6 +250,7 @@ class CertKeeper:
         return (
             record.digest == version.digest
             and record.spec == entry.install.model_dump_json()
+            and (entry.names is None or record.names == entry.names)  # a relabel renamed it
             and self._clock() < record.renew_at
             and self._installer.files_match({Path(p): h for p, h in record.files.items()})
         )
@@ -300,6 +308,7 @@ class CertKeeper:
             renew_at=received + RENEW_AT * max(0.0, not_after - received),
             files={str(p): digest_of(data) or "" for p, data in files.items()},
             spec=spec.model_dump_json(),
+            names=entry.names,
         )
         await self._save()
         self.save_bundle(reply.ca_bundle)

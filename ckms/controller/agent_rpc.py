@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -65,6 +65,7 @@ from ckms.protocol import (
     FetchReply,
     FetchRequest,
     HeartbeatReply,
+    InstalledVersion,
     InstallSpec,
     RemoveItem,
     Role,
@@ -72,6 +73,7 @@ from ckms.protocol import (
     SyncRequest,
     format_time,
     render_tls_names,
+    tls_names_digest,
 )
 from ckms.ssh import Principal, RpcServer
 from ckms.store import Clock, GroupWriter, Store, Transaction, utc_now
@@ -93,8 +95,9 @@ def desired_keys(keys: list[KeyView], host: Host) -> list[DesiredKey]:
             )
             for v in desired_versions(key, host)
         )
-        if not versions:
-            continue
+        names = _names_digest(key, host)
+        if not versions or (names is None and key.type is KeyType.TLS_CERT):
+            continue  # a tls-cert key whose names this host's labels cannot fill: nothing
         out.append(
             DesiredKey(
                 key=key.name,
@@ -102,9 +105,18 @@ def desired_keys(keys: list[KeyView], host: Host) -> list[DesiredKey]:
                 install=key.install,
                 versions=versions,
                 max_staleness_s=int(key.policy.max_staleness.total_seconds()),
+                names=names,
             )
         )
     return out
+
+
+def _names_digest(key: KeyView, host: Host) -> str | None:
+    """The digest of the names ``host``'s certificate of a ``tls-cert`` key carries now."""
+    profile = key.install.tls
+    if key.type is not KeyType.TLS_CERT or profile is None:
+        return None  # (a tls-cert key without a profile is refused at cert_sign)
+    return tls_names_digest(profile, key_name=key.name, host_id=host.id, labels=host.labels)
 
 
 class AgentService:
@@ -339,6 +351,7 @@ class AgentService:
         drift = drifted_keys(
             keys.values(), host, ((i.key, i.version, i.digest) for i in request.installed)
         )
+        drift += await self._revoked_certificates(host, keys, request.installed, drift)
         reported = [i.model_dump() for i in request.installed]
 
         async def record(tx: Transaction) -> None:
@@ -348,6 +361,33 @@ class AgentService:
         if drift:
             log.info("host %s drifts on %s", host.id, ", ".join(drift))
         return HeartbeatReply(drift=tuple(drift), controller_time=format_time(self._now()))
+
+    async def _revoked_certificates(
+        self,
+        host: Host,
+        keys: Mapping[str, KeyView],
+        installed: Iterable[InstalledVersion],
+        drift: list[str],
+    ) -> list[str]:
+        """The ``tls-cert`` keys the host reports holding a version of, as it should, whose
+        certificates of that version were all revoked (a relabel that changed its names):
+        drift, so the host syncs now and re-issues instead of at its next reconcile."""
+        held = {
+            (i.key, i.version)
+            for i in installed
+            if i.key not in drift
+            and (key := keys.get(i.key)) is not None
+            and key.type is KeyType.TLS_CERT
+        }
+        if not held:
+            return []
+        rows = await self._store.fetchall(
+            "SELECT k.name, c.version FROM certificates c JOIN keys k ON k.id = c.key_id "
+            "WHERE c.host_id = ? AND c.revoked_at IS NULL AND c.not_after > ?",
+            (host.id, format_time(self._now())),
+        )
+        live = {(str(r["name"]), int(r["version"])) for r in rows}
+        return sorted({name for name, version in held - live})
 
     async def fetch(self, principal: Principal, params: dict[str, Any]) -> FetchReply:
         """One version's material, wrapped for the asking host, if it may have it."""

@@ -83,6 +83,7 @@ from ckms.protocol._keyspec import (
     TlsProfile,
     default_install,
     render_tls_names,
+    tls_names_digest,
 )
 from ckms.protocol._names import (
     parse_labels,
@@ -215,6 +216,7 @@ __all__ = [
     "sign_envelope",
     "sign_envelope_with",
     "subject_of",
+    "tls_names_digest",
     "trust_keys",
     "validate_host_name",
     "validate_key_name",

@@ -158,6 +158,11 @@ class DesiredKey(_Model):
     install: InstallSpec
     versions: tuple[DesiredVersion, ...]
     max_staleness_s: int | None = None
+    names: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    """For a ``tls-cert`` key: the digest of the names this host's certificate carries now
+    (``tls_names_digest``); the agent re-issues when its certificate was issued under another."""
+
+    _omit = _omit_empty("names")
 
 
 class RemoveItem(_Model):

@@ -8,6 +8,8 @@ format, owner, mode, reload and health hooks).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 import string
@@ -400,6 +402,22 @@ def render_tls_names(
         except ConfigError as exc:
             raise ConfigError(f"host {host_id} may not claim {name!r}: {exc}") from None
     return render(profile.common_name), tuple(dict.fromkeys(dns)), tuple(dict.fromkeys(ips))
+
+
+def tls_names_digest(
+    profile: TlsProfile, *, key_name: str, host_id: str, labels: dict[str, str]
+) -> str | None:
+    """A digest of the names :func:`render_tls_names` gives ``host_id`` (None: it gets none).
+
+    Sync sends it with a ``tls-cert`` key; the agent keeps the one its certificate was issued
+    under and re-issues when it differs (a relabel changed a ``{label:NAME}``), since the
+    install spec alone looks the same. Names are not secret: a plain SHA-256."""
+    try:
+        names = render_tls_names(profile, key_name=key_name, host_id=host_id, labels=labels)
+    except ConfigError:
+        return None
+    text = json.dumps(names, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 class InstallSpec(BaseModel):

@@ -440,3 +440,36 @@ def _client_serial(path: Path) -> str | None:
         return certificate_info(split_certificates(path.read_bytes())[0]).serial_hex
     except (OSError, Exception):
         return None
+
+
+async def test_a_relabel_that_renames_a_host_reissues_its_certificate_at_once(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """The host's names come from a label; a relabel changes it while the host stays a
+    target. The old certificate is revoked in the relabel's transaction, and the agent, whose
+    files and install spec are all as before, re-issues at once (its heartbeat drifts, and the
+    sync's names digest differs from the one its certificate was issued under)."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "db-1", {**DB, "zone": "a"})
+    zoned = InstallSpec(
+        path="/etc/ckms/tls/{purpose}",
+        format="tls-pem",
+        tls=TlsProfile(sans=("{label:zone}.db.internal",)),
+    )
+    d = _dir(tmp_path, "db-1")
+    async with running_agent(config):
+        await c.lifecycle.create(
+            "db/server", "tls-cert", targets=Targets(selectors=(DB,)), install=zoned, actor="alice"
+        )
+        await wait_until(lambda: _has_installed(c, "db-1"), what="first certificate")
+        first = certificate_info((d / "cert.pem").read_bytes())
+        assert first.dns_names == ("a.db.internal",)
+        await c.hosts.set_labels("db-1", {**DB, "zone": "b"}, actor="alice")
+        _, revoked = await c.ca.crl(now=c.clock())
+        assert first.serial_hex in revoked
+        await wait_until(
+            lambda: _serial(d) not in (None, first.serial_hex), what="certificate re-issued"
+        )
+        second = certificate_info((d / "cert.pem").read_bytes())
+        assert second.dns_names == ("b.db.internal",)
+        await wait_until(lambda: _renewed(c, first.serial_hex), what="re-issue acknowledged")
