@@ -98,24 +98,58 @@ class Reader:
     dialect: Dialect = SQLITE
     """How this engine spells what the application SQL cannot share (``ckms.store._dialect``)."""
 
-    def __init__(self, conn: aiosqlite.Connection, row_key: bytes | None = None) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, row_key: bytes | None = None, *, begin: str | None = None
+    ) -> None:
         self._conn = conn
         self._active = True
+        self._begin = begin
+        """The BEGIN still to run, in the same trip to the connection's thread as the first
+        statement (see :meth:`_call`); None once it ran, or when there is none."""
         self.row_key = row_key
         """The key that binds rows to the root KEK (``Store.row_key``), or None while sealed."""
+
+    @property
+    def begun(self) -> bool:
+        """True once the transaction's BEGIN has run (nothing to end before that)."""
+        return self._begin is None
 
     def _check(self) -> None:
         """Refuse use after the context that handed this object out has ended."""
         if not self._active:
             raise StoreError("transaction is no longer active")
 
+    async def _call(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on the connection's thread, preceded by the pending BEGIN if any.
+
+        Each trip to that thread costs two thread wake-ups, which on a busy machine cost more
+        than a small statement does: a one-record transaction was three trips (BEGIN, INSERT,
+        COMMIT) and is two. SQLite takes a deferred BEGIN's snapshot at its first statement
+        anyway, and the one writer holds the write lock meanwhile, so nothing else changes.
+        """
+        self._check()
+        begin = self._begin
+
+        def run(conn: sqlite3.Connection) -> T:
+            if begin is not None:
+                try:
+                    conn.execute(begin)
+                except sqlite3.Error as exc:
+                    raise _BeginFailed(exc) from exc
+                self._begin = None
+            return work(conn)
+
+        try:
+            return await _on_thread(self._conn, run)
+        except _BeginFailed as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise _store_error(cause, "cannot start a transaction") from cause
+        except (sqlite3.Error, ValueError) as exc:
+            raise _store_error(exc, what) from exc
+
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Run a query and return every row."""
-        self._check()
-        try:
-            return list(await self._conn.execute_fetchall(sql, params))
-        except (sqlite3.Error, ValueError) as exc:
-            raise _store_error(exc, "query failed") from exc
+        return await self._call("query failed", lambda c: c.execute(sql, params).fetchall())
 
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
         """Run a query and return its first row, or None."""
@@ -142,43 +176,33 @@ class Transaction(Reader):
         audit_head: tuple[int, str] | None = None,
         audit_blocked: str | None = None,
         row_key: bytes | None = None,
+        *,
+        begin: str | None = None,
     ) -> None:
         super().__init__(conn, row_key)
+        self._begin = begin  # set here: the PostgreSQL reader in the MRO takes no begin
         self.wrote_outbox = False
         """Set by ``outbox.add_event``: the store tells its outbox listeners after the commit."""
         self.audit_head = audit_head
-        self.audit_blocked = audit_blocked
-        """Why audit appends are refused in this transaction (``Store.audit_blocked``), if so."""
         """(records, last hash) of the audit log as this transaction sees it, if known; kept
         by ``audit.append`` so a busy writer does not read the head back for every record."""
+        self.audit_blocked = audit_blocked
+        """Why audit appends are refused in this transaction (``Store.audit_blocked``), if so."""
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run a statement and return the number of rows it changed."""
-        self._check()
-        try:
-            cursor = await self._conn.execute(sql, params)
-        except (sqlite3.Error, ValueError) as exc:
-            raise _store_error(exc, "write failed") from exc
-        return cursor.rowcount
+        return await self._call("write failed", lambda c: c.execute(sql, params).rowcount)
 
     async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
         """Run one statement for each parameter row (one trip to the connection's thread)."""
         self._check()
         if not rows:
             return
-        try:
-            await self._conn.executemany(sql, rows)
-        except (sqlite3.Error, ValueError) as exc:
-            raise _store_error(exc, "write failed") from exc
+        await self._call("write failed", lambda c: c.executemany(sql, rows))
 
     async def insert(self, sql: str, params: Params = ()) -> int:
         """Run an INSERT and return the new row's rowid."""
-        self._check()
-        try:
-            cursor = await self._conn.execute(sql, params)
-        except (sqlite3.Error, ValueError) as exc:
-            raise _store_error(exc, "write failed") from exc
-        rowid = cursor.lastrowid
+        rowid = await self._call("write failed", lambda c: c.execute(sql, params).lastrowid)
         if rowid is None:  # pragma: no cover - sqlite always sets it after an INSERT
             raise StoreError("write failed: no row id")
         return rowid
@@ -409,7 +433,15 @@ class Store:
         async with self._write_lock:
             self._check_open()
             self._writer_task = task
-            tx = Transaction(self._writer, self._audit_head, self.audit_blocked, self.row_key)
+            # BEGIN IMMEDIATE runs with the first statement (Reader._call); a block that runs
+            # none has nothing to commit.
+            tx = Transaction(
+                self._writer,
+                self._audit_head,
+                self.audit_blocked,
+                self.row_key,
+                begin="BEGIN IMMEDIATE",
+            )
             # Unknown until this transaction commits (a failure reads it from the table again).
             self._audit_head = None
             self._changed.clear()
@@ -418,22 +450,23 @@ class Store:
                     # Left open by a COMMIT that failed while its caller was being cancelled.
                     log.warning("rolling back a transaction left open by a cancelled writer")
                     await _rollback(self._writer)
-                await _run(self._writer, "BEGIN IMMEDIATE", "cannot start a write transaction")
                 try:
                     await check_fence(tx)  # leader-only work: the lease must still be ours
                     yield tx
                 except BaseException:
                     tx._active = False
-                    await _rollback(self._writer)
+                    if tx.begun:
+                        await _rollback(self._writer)
                     raise
                 tx._active = False
-                try:
-                    # A cancel must not leave before COMMIT's outcome is known: the generation
-                    # bump below has to follow a commit that happened.
-                    await _uncancellable(_run(self._writer, "COMMIT", "cannot commit"))
-                except StoreError:
-                    await _rollback(self._writer)
-                    raise
+                if tx.begun:
+                    try:
+                        # A cancel must not leave before COMMIT's outcome is known: the
+                        # generation bump below has to follow a commit that happened.
+                        await _uncancellable(_run(self._writer, "COMMIT", "cannot commit"))
+                    except StoreError:
+                        await _rollback(self._writer)
+                        raise
                 self._audit_head = tx.audit_head
                 if tx.wrote_outbox:
                     for listener in self._outbox_listeners:
@@ -456,13 +489,15 @@ class Store:
         conn = self._reader if self._reader is not None else self._writer
         async with self._read_lock:
             self._check_open()
-            reader = Reader(conn, self.row_key)
-            await _run(conn, "BEGIN", "cannot start a read transaction")
+            # A deferred BEGIN takes its snapshot at the first statement anyway: it runs with
+            # that statement (Reader._call), one trip to the connection's thread fewer.
+            reader = Reader(conn, self.row_key, begin="BEGIN")
             try:
                 yield reader
             finally:
                 reader._active = False
-                await _rollback(conn)
+                if reader.begun:
+                    await _rollback(conn)
 
     @asynccontextmanager
     async def _statement(self) -> AsyncIterator[Reader]:
@@ -554,6 +589,19 @@ async def _connect(location: str, *, read_only: bool) -> aiosqlite.Connection:
 def _probe(location: str) -> None:
     """Open and close a plain connection, raising sqlite3.Error if the file cannot be opened."""
     sqlite3.connect(location).close()
+
+
+class _BeginFailed(Exception):
+    """A transaction's BEGIN failed (its sqlite3 error is the cause), not its first statement."""
+
+
+async def _on_thread(conn: aiosqlite.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``work(sqlite3 connection)`` on ``conn``'s own thread, in its queue of statements.
+
+    The one place that reaches into aiosqlite: its public calls run one statement per trip to
+    the thread, and a transaction's BEGIN goes with its first statement (``Reader._call``).
+    """
+    return await conn._execute(lambda: work(conn._conn))
 
 
 async def _run(conn: aiosqlite.Connection, sql: str, what: str) -> None:
