@@ -22,6 +22,7 @@ from ckms.protocol._rpc import MAX_REQUEST_BYTES
 from ckms.ssh import Principal, RpcClient, RpcServer, fingerprint, generate_ssh_key
 
 MAX_IN_FLIGHT = 3
+BIG_REPLY = 256 * 1024
 
 
 class Fixture:
@@ -36,6 +37,7 @@ class Fixture:
         self.audit_open = asyncio.Event()
         self.audit_open.set()
         self.auditing = 0
+        self.served_big = 0
 
     async def authenticate(self, username: str, key: asyncssh.SSHKey) -> Principal | None:
         known = self.keys.get(username)
@@ -72,6 +74,12 @@ async def server():
     rpc.route("heartbeat", echo, roles={"agent"})
     rpc.route("key.destroy", echo, roles={"admin"})
     rpc.route("slow", slow, roles={"admin", "agent"})
+
+    async def big(principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        fx.served_big += 1
+        return {"blob": "b" * BIG_REPLY}
+
+    rpc.route("big", big, roles={"agent"})
     await rpc.start()
     yield fx, rpc
     fx.gate.set()
@@ -325,6 +333,30 @@ async def test_a_flood_of_refused_frames_does_not_pile_up_audit_writes(server) -
         denied = [await asyncio.wait_for(read_frame(process), 5) for _ in range(MAX_IN_FLIGHT)]
         assert all(r["error"]["type"] == "PermissionDeniedError" for _, r in denied)
     assert len(fx.refusals) == MAX_IN_FLIGHT
+
+
+async def test_a_client_that_never_reads_its_replies_stops_being_served(server) -> None:
+    """Back-pressure: replies a client does not read stay in the channel's window and the
+    server's send buffer, and the server reads no more frames while they wait, so a client
+    sending requests and never reading cannot make the controller buffer without bound."""
+    fx, rpc = server
+    async with client(fx, rpc) as c:
+        process = await raw_channel(c)
+        requests = 200  # 50 MiB of replies if all were served
+        for start in range(1, requests + 1, MAX_IN_FLIGHT):  # never past the in-flight limit
+            ids = range(start, min(start + MAX_IN_FLIGHT, requests + 1))
+            process.stdin.write(b"".join(encode_request(i, "big", None) for i in ids))
+            await asyncio.sleep(0.01)
+        served = -1
+        for _ in range(50):  # until the server stops serving
+            await asyncio.sleep(0.05)
+            if fx.served_big == served:
+                break
+            served = fx.served_big
+        # The SSH window (2 MiB) plus the server's buffer high-water mark plus the requests
+        # in flight: a handful of replies, not the 200 asked for.
+        assert fx.served_big < 40, fx.served_big
+        process.close()
 
 
 async def test_the_client_never_floods_the_server_past_its_limit(server) -> None:
