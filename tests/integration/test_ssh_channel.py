@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -20,6 +23,7 @@ from ckms.protocol._frames import (
 )
 from ckms.protocol._rpc import MAX_REQUEST_BYTES
 from ckms.ssh import Principal, RpcClient, RpcServer, fingerprint, generate_ssh_key
+from ckms.ssh._keys import write_private_key
 
 MAX_IN_FLIGHT = 3
 BIG_REPLY = 256 * 1024
@@ -185,6 +189,34 @@ async def test_the_client_falls_back_to_exec_where_no_channel_is_offered(
     async with client(fx, rpc, channel=True) as c:
         assert c.connected and not c.multiplexed
         assert (await c.call("echo", {"via": "exec"}))["params"] == {"via": "exec"}
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_openssh_can_speak_the_channel(server, tmp_path: Path) -> None:
+    """``ssh -s HOST ckms-rpc`` with frames on stdin: the subsystem is plain SSH."""
+    fx, rpc = server
+    key_path = tmp_path / "id_ed25519"
+    write_private_key(key_path, fx.keys["web-1"])
+    known = tmp_path / "known_hosts"
+    known.write_bytes(f"[127.0.0.1]:{rpc.port} ".encode() + fx.host_key.export_public_key())
+    argv = [
+        "ssh", "-p", str(rpc.port), "-i", str(key_path), "-F", "/dev/null",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known}", "-s", "web-1@127.0.0.1", CHANNEL_SUBSYSTEM,
+    ]  # fmt: skip
+    frames = encode_request(1, "echo", {"from": "openssh"}) + encode_request(2, "key.destroy", None)
+    proc = await asyncio.to_thread(
+        subprocess.run, argv, input=frames, capture_output=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    out, replies = proc.stdout, {}
+    while out:
+        length = int.from_bytes(out[:4], "big")
+        body, out = out[4 : 4 + length], out[4 + length :]
+        replies[int.from_bytes(body[:4], "big")] = json.loads(body[4:])
+    assert replies[0]["hello"]["protocol"] == "ckms-rpc/1"
+    assert replies[1] == {"ok": True, "result": {"caller": "web-1", "params": {"from": "openssh"}}}
+    assert replies[2]["error"]["type"] == "PermissionDeniedError"
 
 
 async def test_the_operator_client_keeps_exec(server) -> None:
