@@ -232,23 +232,29 @@ class ChannelClient:
         """Send one request and wait for its reply line (the caller bounds the wait).
 
         Raises NotSent when the channel was down before the request went out, and
-        ConnectionResetError when it broke after (the request may have been applied)."""
-        async with self._slots:
-            if self._closed is not None:
-                raise NotSent(self._closed)
-            frame_id = self._next_id()
+        ConnectionResetError when it broke after (the request may have been applied).
+
+        A slot is held from the request until its reply, even when the caller gave up before
+        (a timeout): the server still counts the request in flight, so the client does too,
+        and never sends more than the server takes."""
+        await self._slots.acquire()
+        if self._closed is not None:
+            self._slots.release()
+            raise NotSent(self._closed)
+        frame_id = self._next_id()
+        try:
             data = encode_request(frame_id, method, params)  # refused if malformed or too big
-            reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._pending[frame_id] = reply
-            try:
-                try:
-                    self._process.stdin.write(data)
-                except _CHANNEL_GONE as exc:
-                    raise NotSent(str(exc) or type(exc).__name__) from None
-                return await reply
-            finally:
-                # A reply that comes after its caller gave up (a timeout) is dropped.
-                self._pending.pop(frame_id, None)
+            self._process.stdin.write(data)
+        except _CHANNEL_GONE as exc:
+            self._slots.release()
+            raise NotSent(str(exc) or type(exc).__name__) from None
+        except BaseException:
+            self._slots.release()
+            raise
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[frame_id] = reply
+        # Cancelled with its caller; the reply that comes later is then dropped.
+        return await reply
 
     def _next_id(self) -> int:
         while True:
@@ -273,8 +279,11 @@ class ChannelClient:
                         reason = f"the channel to {self._peer} was closed by the server: {refusal}"
                         break
                     continue
-                waiter = self._pending.get(request_id)
-                if waiter is not None and not waiter.done():
+                waiter = self._pending.pop(request_id, None)
+                if waiter is None:
+                    raise ProtocolError(f"a reply to request {request_id}, which is not in flight")
+                self._slots.release()
+                if not waiter.done():
                     waiter.set_result(line)
         except ProtocolError as exc:
             # A server breaking the framing (or a reply past the bound) is not read further.
@@ -297,6 +306,7 @@ class ChannelClient:
     def _fail(self, reason: str) -> None:
         self._closed = reason
         for waiter in self._pending.values():
+            self._slots.release()
             if not waiter.done():
                 waiter.set_exception(ConnectionResetError(reason))
         self._pending.clear()

@@ -14,7 +14,13 @@ from typing import Any
 import asyncssh
 import pytest
 
-from ckms.errors import CKMSError, PermissionDeniedError, ProtocolError, TransportError
+from ckms.errors import (
+    CKMSError,
+    PermissionDeniedError,
+    ProtocolError,
+    RequestTimeoutError,
+    TransportError,
+)
 from ckms.protocol._frames import (
     CHANNEL_SUBSYSTEM,
     MAX_REQUEST_FRAME,
@@ -406,6 +412,22 @@ async def test_the_client_never_floods_the_server_past_its_limit(server) -> None
         results = await asyncio.wait_for(asyncio.gather(*calls), 10)
         assert len(results) == 3 * MAX_IN_FLIGHT
     assert ("slow", "busy") not in rpc.request_counts
+
+
+async def test_requests_given_up_on_still_hold_their_slot_until_answered(server) -> None:
+    """A caller that timed out leaves its request in flight on the server; the client counts
+    it until the reply comes, so the next request waits for a slot instead of being busy."""
+    fx, rpc = server
+    async with client(fx, rpc, channel=True) as c:
+        for _ in range(MAX_IN_FLIGHT):
+            with pytest.raises(RequestTimeoutError):
+                await c.call("slow", timeout_s=0.2)
+        with pytest.raises(RequestTimeoutError):  # waiting for a slot, not refused busy
+            await c.call("echo", timeout_s=0.3)
+        fx.gate.set()
+        assert (await asyncio.wait_for(c.call("echo", {"n": 1}), 5))["params"] == {"n": 1}
+        assert c.multiplexed  # the late replies were taken, not treated as junk
+    assert ("echo", "busy") not in rpc.request_counts
 
 
 async def test_strangers_get_no_channel(server) -> None:
