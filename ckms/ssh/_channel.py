@@ -63,19 +63,25 @@ Dispatch = Callable[[RequestFrame], Awaitable[bytes]]
 Refuse = Callable[[ProtocolError], Awaitable[CKMSError]]
 
 
-async def _read_frame(reader: asyncssh.SSHReader[bytes], *, bound: int) -> bytes | None:
-    """The next frame's body, None at a clean end of the channel (between frames)."""
+async def _read_frame(
+    reader: asyncssh.SSHReader[bytes], *, bound: int, timeout_s: float | None = None
+) -> bytes | None:
+    """The next frame's body, None at a clean end of the channel (between frames).
+
+    Only a frame begun is timed (``timeout_s`` from its first byte to its last): a channel
+    idles between frames for as long as its peer likes (keepalives find dead peers)."""
+    first = await reader.read(1)
+    if not first:
+        return None
     try:
-        prefix = await reader.readexactly(LENGTH_BYTES)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise ProtocolError("the channel ended inside a frame's length") from None
-    length = frame_length(prefix, bound=bound)
-    try:
-        return await reader.readexactly(length)
+        async with asyncio.timeout(timeout_s):
+            prefix = first + await reader.readexactly(LENGTH_BYTES - 1)
+            length = frame_length(prefix, bound=bound)
+            return await reader.readexactly(length)
     except asyncio.IncompleteReadError:
-        raise ProtocolError(f"the channel ended inside a frame of {length} bytes") from None
+        raise ProtocolError("the channel ended inside a frame") from None
+    except TimeoutError:
+        raise ProtocolError(f"a frame did not arrive within {timeout_s:g} s") from None
 
 
 class ChannelServer:
@@ -126,15 +132,9 @@ class ChannelServer:
         self._exit(0)
 
     async def _next(self) -> RequestFrame | None:
-        try:
-            async with asyncio.timeout(self._frame_timeout_s):
-                body = await _read_frame(self._process.stdin, bound=MAX_REQUEST_FRAME)
-        except TimeoutError:
-            # Only a frame that was begun is timed: an idle channel between frames is the
-            # normal state of an agent's channel (keepalives find dead peers).
-            raise ProtocolError(
-                f"a frame did not arrive within {self._frame_timeout_s:g} s"
-            ) from None
+        body = await _read_frame(
+            self._process.stdin, bound=MAX_REQUEST_FRAME, timeout_s=self._frame_timeout_s
+        )
         if body is None:
             return None
         frame = decode_request(body)
@@ -169,6 +169,8 @@ class ChannelServer:
             self._process.exit(status)
         except _CHANNEL_GONE as exc:
             self._went_away(exc)
+        # Requests still running after a refusal answer a closed channel: nothing to write.
+        self._gone = True
 
     def _went_away(self, exc: BaseException) -> None:
         if not self._gone:

@@ -370,8 +370,9 @@ class RpcServer:
             refusal = await refuse(
                 ProtocolError(f"the {CHANNEL_SUBSYSTEM} channel is for enrolled principals")
             )
-            process.stdout.write(encode_reply(CHANNEL_ID, error_reply(refusal)))
-            process.exit(1)
+            with contextlib.suppress(OSError, asyncssh.Error):
+                process.stdout.write(encode_reply(CHANNEL_ID, error_reply(refusal)))
+                process.exit(1)
             return
 
         async def dispatch(frame: RequestFrame) -> bytes:

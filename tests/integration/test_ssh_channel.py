@@ -320,6 +320,22 @@ async def test_a_frame_that_never_ends_or_ends_the_channel_is_refused(server) ->
         assert "ended inside a frame" in (await closed_with(process))["message"]
 
 
+async def test_an_idle_channel_is_kept_however_long_between_frames(server) -> None:
+    """Only a frame begun is timed: an agent's channel idles between heartbeats."""
+    fx, rpc = server
+    rpc._body_timeout_s = 0.2
+    async with client(fx, rpc) as c:
+        process = await raw_channel(c)
+        with pytest.raises(TimeoutError):  # nothing comes: no refusal, no end
+            await asyncio.wait_for(process.stdout.read(1), 1.0)
+        process.stdin.write(encode_request(1, "echo", {"after": "idle"}))
+        assert (await asyncio.wait_for(read_frame(process), 5))[1]["result"]["params"] == {
+            "after": "idle"
+        }
+        process.stdin.write(b"\x00")  # a frame begun: its length, then its body, are timed
+        assert "did not arrive within 0.2 s" in (await closed_with(process))["message"]
+
+
 async def test_a_request_id_reused_while_in_flight_closes_the_channel(server) -> None:
     fx, rpc = server
     async with client(fx, rpc) as c:
