@@ -7,6 +7,7 @@ concurrent requests together.
 """
 
 from ckms.store._group import GroupWriter
+from ckms.store._ids import new_id
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._store import Reader, Store, Transaction, apply_migrations, read_only_uri
 from ckms.store._time import Clock, format_time, parse_time, require_utc, utc_now
@@ -21,6 +22,7 @@ __all__ = [
     "Transaction",
     "apply_migrations",
     "format_time",
+    "new_id",
     "parse_time",
     "read_only_uri",
     "require_utc",

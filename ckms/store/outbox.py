@@ -10,7 +10,6 @@ never holds key material.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.errors import ProtocolError
 from ckms.protocol._events import EVENT_DATA_MODELS, EventData, EventType, event_type_of
+from ckms.store._ids import new_id
 from ckms.store._store import Store, Transaction
 from ckms.store._time import format_time, parse_time
 
@@ -60,7 +60,7 @@ async def add_event(
     would refuse can never be committed (the change it announces fails with it).
     """
     type, payload = _payload(data, type)
-    event_id = str(uuid.uuid4())
+    event_id = new_id()
     created = format_time(now)
     if tx.dialect.name == "sqlite":
         seq = await tx.insert(
@@ -117,7 +117,7 @@ async def add_events(
     for event in events:
         seq += 1
         rows.append(
-            (seq, str(uuid.uuid4()), event.type, event.partition_key, event.payload, created)
+            (seq, new_id(), event.type, event.partition_key, event.payload, created)
         )
     await tx.executemany(
         "INSERT INTO outbox(seq, event_id, type, partition_key, payload, created_at) "
