@@ -9,7 +9,8 @@ parameters may still follow the method in the command (``fetch {"key":...}``), e
 methods whose parameters are secret (:func:`split_command` leaves that check to the server,
 which knows them). Reply: one line of canonical JSON on stdout, ``{"ok":true,"result":{...}}``
 with exit status 0, or ``{"ok":false,"error":{"type":..,"message":..,"retriable":..}}`` with
-exit status 1.
+exit status 1. Agents send the same requests and get the same reply lines as frames on one
+long-lived channel instead (:mod:`ckms.protocol._frames`).
 """
 
 from __future__ import annotations

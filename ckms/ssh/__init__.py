@@ -1,4 +1,5 @@
-"""SSH transport of ckms: a JSON-over-exec RPC server and a persistent-connection client."""
+"""SSH transport of ckms: a JSON RPC server (exec per request, or frames on one ``ckms-rpc``
+channel) and a persistent-connection client."""
 
 from ckms._lazy import lazy_exports
 

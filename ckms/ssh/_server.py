@@ -1,4 +1,8 @@
-"""A JSON-over-exec RPC server on asyncssh: public-key auth only, bounded requests.
+"""A JSON RPC server on asyncssh: public-key auth only, bounded requests.
+
+A request comes on an exec channel of its own (the method as the command, the parameters on
+stdin) or as a frame on a ``ckms-rpc`` channel (:mod:`ckms.ssh._channel`); both go through one
+dispatch, :meth:`RpcServer._serve`, so every rule below holds for both.
 
 The server knows nothing of keys or hosts: an ``authenticate`` callback maps (username, public
 key) to a :class:`Principal` with a role, and each method is routed to a handler with the roles
