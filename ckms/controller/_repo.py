@@ -231,7 +231,7 @@ async def key_rows_after(r: Reader, after: str | None, limit: int) -> list[KeyRo
 
 
 def _dicts(rows: list[Any]) -> list[dict[str, Any]]:
-    names = rows[0].keys() if rows else []
+    names = list(rows[0].keys()) if rows else []
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 

@@ -465,7 +465,8 @@ class ControllerCA:
                 "SELECT DISTINCT c.host_id FROM certificates c WHERE c.revoked_at IS NULL "  # noqa: S608
                 f"AND c.not_after > ? AND c.ca_generation IN ({marks}) AND NOT EXISTS ("
                 "SELECT 1 FROM certificates n WHERE n.host_id = c.host_id AND n.kind = c.kind "
-                "AND n.key_id IS c.key_id AND n.issued_at > c.issued_at) ORDER BY c.host_id",
+                "AND n.key_id IS NOT DISTINCT FROM c.key_id AND n.issued_at > c.issued_at) "
+                "ORDER BY c.host_id",
                 (format_time(now), *(g.generation for g in old)),
             )
             if holders and not force:

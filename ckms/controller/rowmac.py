@@ -191,7 +191,7 @@ def approval_row_mac(row_key: bytes, row: Any) -> str:
 
 def _optional(row: Any, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """``fields`` plus each of ``names`` that the row has and is set."""
-    present = row.keys()
+    present = set(row.keys())
     for name in names:
         if name in present and row[name] is not None:
             fields[name] = _value(row[name])

@@ -32,11 +32,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ckms.errors import ConfigError, DependencyMissingError, StoreError
+from ckms.store import _store
 from ckms.store._dialect import POSTGRESQL, Dialect
 from ckms.store._fence import check_fence
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._store import (
-    FOREIGN_CHECK_S,
     WATCHED,
     Params,
     Reader,
@@ -154,12 +154,6 @@ def _rowcount(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
-def _args(params: Params) -> Sequence[Any]:
-    if isinstance(params, dict):
-        raise StoreError("named parameters are not supported: write SQL with ? placeholders")
-    return params
-
-
 class PgReader(Reader):
     """:class:`Reader` on one asyncpg connection."""
 
@@ -172,7 +166,8 @@ class PgReader(Reader):
         """Run a query and return every row (asyncpg Records: by index and by name)."""
         self._check()
         try:
-            return list(await self._conn.fetch(POSTGRESQL.sql(sql), *_args(params)))
+            text, args = POSTGRESQL.bind(sql, params)
+            return list(await self._conn.fetch(text, *args))
         except _errors() as exc:
             raise pg_error(exc, "query failed") from None
 
@@ -186,7 +181,8 @@ class PgTransaction(Transaction, PgReader):
         """Run a statement and return the number of rows it changed."""
         self._check()
         try:
-            status = await self._conn.execute(POSTGRESQL.sql(sql), *_args(params))
+            text, args = POSTGRESQL.bind(sql, params)
+            status = await self._conn.execute(text, *args)
         except _errors() as exc:
             raise pg_error(exc, "write failed") from None
         return _rowcount(status)
@@ -197,7 +193,8 @@ class PgTransaction(Transaction, PgReader):
         if not rows:
             return
         try:
-            await self._conn.executemany(POSTGRESQL.sql(sql), [_args(r) for r in rows])
+            text = POSTGRESQL.bind(sql, rows[0])[0]
+            await self._conn.executemany(text, [POSTGRESQL.bind(sql, r)[1] for r in rows])
         except _errors() as exc:
             raise pg_error(exc, "write failed") from None
 
@@ -226,7 +223,7 @@ class PgStore(Store):
         self._conn: Any = None
         self._pool: Any = None
         self._counter: int | None = None
-        self._checked = -FOREIGN_CHECK_S
+        self._checked = -_store.FOREIGN_CHECK_S
 
     def __repr__(self) -> str:
         return f"PgStore({self.path!r})"
@@ -339,7 +336,7 @@ class PgStore(Store):
         """As :meth:`Store.generation`; another replica's commits are seen by polling the
         ``changes`` counter at most every ``FOREIGN_CHECK_S``."""
         now = time.monotonic()
-        if now - self._checked >= FOREIGN_CHECK_S:
+        if now - self._checked >= _store.FOREIGN_CHECK_S:
             self._checked = now
             value = await self.fetchval("SELECT value FROM counters WHERE name = 'changes'")
             self._saw_counter(None if value is None else int(value), own=False)

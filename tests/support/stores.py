@@ -19,6 +19,7 @@ import pytest
 
 from ckms.store import Store
 from ckms.store._dialect import numbered_placeholders
+from tests.support.audit import tamper
 from tests.support.postgres import PostgresDatabase, connect, read_password
 
 __all__ = ["BACKENDS", "StoreTarget"]
@@ -51,20 +52,19 @@ class StoreTarget:
         """Open (migrating) the store, as the controller would."""
         return await Store.open(self.location, password=self.password, **kwargs)
 
-    async def tamper(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Run ``sql`` (``?`` placeholders) as the database's owner, append-only triggers off."""
+    async def tamper(self, *statements: str, params: Sequence[Any] = ()) -> None:
+        """Run ``statements`` as the owner of the database would, append-only triggers out of
+        the way; ``params`` go to every statement that has ``?`` placeholders."""
         if self.database is None:
-            with sqlite3.connect(self.location) as raw:
-                raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
-                raw.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-                raw.execute(sql, tuple(params))
-            raw.close()
+            tamper(Path(self.location), *statements, params=tuple(params))
             return
         conn = await connect(self.database.url, self.database.password_file)
         try:
             async with conn.transaction():
                 await conn.execute("ALTER TABLE audit DISABLE TRIGGER USER")
-                await conn.execute(numbered_placeholders(sql), *params)
+                for statement in statements:
+                    args = params if "?" in statement else ()
+                    await conn.execute(numbered_placeholders(statement), *args)
                 await conn.execute("ALTER TABLE audit ENABLE TRIGGER USER")
         finally:
             await conn.close()
@@ -81,3 +81,36 @@ class StoreTarget:
             return [tuple(r) for r in await conn.fetch(numbered_placeholders(sql), *params)]
         finally:
             await conn.close()
+
+
+async def refuse_inserts(
+    store: Store, table: str, message: str, *, when: str | None = None
+) -> None:
+    """Make later inserts into ``table`` fail with ``message`` (a full disk, a broken table);
+    ``when``: only rows for which this SQL condition on ``NEW`` holds (valid in both engines)."""
+    name = f"refuse_{table}"
+    async with store.write() as tx:
+        if store.dialect.name == "sqlite":
+            condition = "" if when is None else f"WHEN {when} "
+            await tx.execute(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} {condition}"
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+            return
+        body = f"RAISE EXCEPTION '{message}';"
+        if when is not None:
+            body = f"IF {when} THEN {body} END IF; RETURN NEW;"
+        quoted = body.replace("'", "''")
+        await tx.execute(
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+            f"'BEGIN {quoted} END'"
+        )
+        await tx.execute(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION {name}()"
+        )
+
+
+async def refuse_audit_inserts(store: Store, message: str = "audit disk full") -> None:
+    """Make every later insert into the audit log fail."""
+    await refuse_inserts(store, "audit", message)

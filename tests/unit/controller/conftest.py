@@ -1,4 +1,4 @@
-"""Fixtures for the controller tests: a fake clock, a real in-memory store, an unsealed vault."""
+"""Fixtures for the controller tests: a fake clock, a real store (each backend), a vault."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.sealing import InitResult, Vault, init_controller
 from ckms.store import Store
+from tests.support.stores import StoreTarget
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -34,8 +35,10 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    s = await Store.open(":memory:")
+async def store(store_target: StoreTarget) -> AsyncIterator[Store]:
+    """A real store on each backend: SQLite in memory, and a fresh PostgreSQL database."""
+    memory = store_target.engine == "sqlite"
+    s = await (Store.open(":memory:") if memory else store_target.open())
     try:
         yield s
     finally:

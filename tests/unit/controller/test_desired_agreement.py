@@ -54,8 +54,16 @@ async def controller(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Controll
         for host_id, labels in HOSTS.items():
             await tx.execute(
                 "INSERT INTO hosts(id, name, labels, identity_public_key, wrapping_public_key, "
-                "enrolled_at, revoked) VALUES (?, ?, ?, x'00', x'00', ?, ?)",
-                (host_id, host_id, json.dumps(labels), format_time(clock()), host_id == "old-1"),
+                "enrolled_at, revoked) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    host_id,
+                    host_id,
+                    json.dumps(labels),
+                    b"\x00",
+                    b"\x00",
+                    format_time(clock()),
+                    int(host_id == "old-1"),
+                ),
             )
             await rowmac.stamp_host(tx, host_id)
     try:

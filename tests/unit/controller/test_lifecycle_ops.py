@@ -32,6 +32,7 @@ from ckms.errors import (
 )
 from ckms.store import Store, format_time, outbox
 from ckms.store import audit as audit_log
+from tests.support.stores import refuse_audit_inserts, refuse_inserts
 
 if TYPE_CHECKING:
     from conftest import FakeClock
@@ -130,6 +131,7 @@ async def test_invalid_names_are_refused(lifecycle: Lifecycle, name: str) -> Non
 async def test_create_validates_arguments(
     lifecycle: Lifecycle, store: Store, kwargs: dict, error: type, match: str
 ) -> None:
+    kwargs = dict(kwargs)  # the parameter is shared by every backend's run
     key_type = kwargs.pop("key_type", KeyType.AES_256)
     with pytest.raises(error, match=match):
         await lifecycle.create(NAME, key_type, actor="alice", **kwargs)
@@ -357,10 +359,10 @@ async def test_set_policy_emits_event_and_checks_limits(lifecycle: Lifecycle, st
 
 async def _enroll(store: Store, host_id: str, labels: str) -> None:
     async with store.write() as tx:
-        await tx.insert(
+        await tx.execute(
             "INSERT INTO hosts(id, name, labels, identity_public_key, wrapping_public_key, "
-            "enrolled_at) VALUES (?, ?, ?, x'00', x'00', ?)",
-            (host_id, host_id, labels, "2025-01-01T00:00:00.000000Z"),
+            "enrolled_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (host_id, host_id, labels, b"\x00", b"\x00", "2025-01-01T00:00:00.000000Z"),
         )
         await rowmac.stamp_host(tx, host_id)
 
@@ -402,11 +404,7 @@ async def test_set_targets_can_change_install_spec(lifecycle: Lifecycle) -> None
 
 
 async def _break_audit(store: Store) -> None:
-    async with store.write() as tx:
-        await tx.execute(
-            "CREATE TRIGGER no_audit BEFORE INSERT ON audit "
-            "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
-        )
+    await refuse_audit_inserts(store)
 
 
 async def _counts(store: Store) -> tuple[int, ...]:
@@ -446,11 +444,7 @@ async def test_failed_audit_write_undoes_rotate_and_revoke(
 
 
 async def test_outbox_failure_also_undoes_the_change(lifecycle: Lifecycle, store: Store) -> None:
-    async with store.write() as tx:
-        await tx.execute(
-            "CREATE TRIGGER no_outbox BEFORE INSERT ON outbox "
-            "BEGIN SELECT RAISE(ABORT, 'outbox broken'); END"
-        )
+    await refuse_inserts(store, "outbox", "outbox broken")
     with pytest.raises(Exception, match="outbox broken"):
         await lifecycle.create(NAME, KeyType.AES_256, actor="alice")
     assert await store.fetchone("SELECT 1 FROM keys") is None

@@ -12,6 +12,7 @@ from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.store import Store
 from ckms.store import audit as audit_log
+from tests.support.stores import refuse_inserts
 
 DAY = timedelta(days=1)
 
@@ -80,12 +81,12 @@ async def test_one_failing_item_does_not_stop_the_others(
     for name in ("a/one", "b/two"):
         await lifecycle.create(name, "aes-256", policy=policy, actor="alice")
     # Make every new version of a/one fail to store; b/two must still rotate.
-    async with store.write() as tx:
-        await tx.execute(
-            "CREATE TRIGGER fail_a BEFORE INSERT ON key_versions "
-            "WHEN (SELECT name FROM keys WHERE id = NEW.key_id) = 'a/one' "
-            "BEGIN SELECT RAISE(ABORT, 'no space left for a/one'); END"
-        )
+    await refuse_inserts(
+        store,
+        "key_versions",
+        "no space left for a/one",
+        when="(SELECT name FROM keys WHERE id = NEW.key_id) = 'a/one'",
+    )
     clock.advance(2 * DAY)
     report = await Scheduler(store, vault, lifecycle, clock=clock).tick()
     assert report.rotated == ["b/two"]

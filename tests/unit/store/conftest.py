@@ -1,4 +1,8 @@
-"""Fixtures for the store tests: real SQLite, in memory or in a temp file."""
+"""Fixtures for the store tests: real SQLite (in memory or in a temp file) and real PostgreSQL.
+
+``mem_store`` and ``file_store`` run each test on both backends (``store_target``): SQLite in
+memory or in a file, and a fresh PostgreSQL database. ``db_path`` is a SQLite file, for the
+tests of what only SQLite has (WAL, the file, other connections to it)."""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ import pytest
 
 from ckms.crypto import generate_signing_key, signing_public_key
 from ckms.store import Store
+from tests.support.stores import StoreTarget
 
 
 @pytest.fixture
-async def mem_store() -> AsyncIterator[Store]:
-    store = await Store.open(":memory:")
+async def mem_store(store_target: StoreTarget) -> AsyncIterator[Store]:
+    memory = store_target.engine == "sqlite"
+    store = await (Store.open(":memory:") if memory else store_target.open())
     try:
         yield store
     finally:
@@ -26,8 +32,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def file_store(db_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(db_path)
+async def file_store(store_target: StoreTarget) -> AsyncIterator[Store]:
+    store = await store_target.open()
     try:
         yield store
     finally:

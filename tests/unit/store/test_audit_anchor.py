@@ -1,13 +1,14 @@
-"""Chained checkpoints and anchors: attacks by the owner of the database file, with sqlite3.
+"""Chained checkpoints and anchors: attacks by the owner of the database, on both backends.
 
-Each attack is done on the real file with plain sqlite3 (triggers dropped), as someone who owns
-the file would. The log's own checks cannot see a clean cut of the tail and its checkpoints;
-an anchor kept elsewhere can, and the controller refuses to sign over such a log.
+Each attack is done on the real store with a plain connection of the owner's own (sqlite3 on
+the file, a superuser connection to PostgreSQL; append-only triggers out of the way), as
+someone who owns the database would. The log's own checks cannot see a clean cut of the
+tail and its checkpoints; an anchor kept elsewhere can, and the controller refuses to sign over
+such a log.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -19,21 +20,23 @@ from ckms.store import audit as audit_log
 from tests.support.audit import T0
 from tests.support.audit import build_log as _build
 from tests.support.audit import checkpoint as _checkpoint
-from tests.support.audit import tamper as _tamper
+from tests.support.stores import StoreTarget
 
 
 async def _verify(
-    db_path: Path, public: bytes, anchor: audit_log.Anchor | None = None
+    store_target: StoreTarget, public: bytes, anchor: audit_log.Anchor | None = None
 ) -> audit_log.AuditReport:
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         return await audit_log.verify_store(store, public, anchor=anchor)
 
 
 @pytest.fixture
-async def anchored(db_path: Path, signing_pair: tuple[bytes, bytes]) -> audit_log.Anchor:
+async def anchored(
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
+) -> audit_log.Anchor:
     """15 records with checkpoints at 5, 10 and 15 in a closed file; returns the last anchor."""
     anchor = None
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         for start in (0, 5, 10):
             await _build(store, 5, start=start)
             anchor = audit_log.Anchor.of(await _checkpoint(store, signing_pair, anchor))
@@ -42,112 +45,108 @@ async def anchored(db_path: Path, signing_pair: tuple[bytes, bytes]) -> audit_lo
 
 
 async def test_checkpoints_name_the_one_before(
-    db_path: Path, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
 ) -> None:
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         cps = await audit_log.load_checkpoints(store)
     assert [(c.v, c.size, c.prev_size) for c in cps] == [(2, 5, None), (2, 10, 5), (2, 15, 10)]
     assert cps[2].prev_head == cps[1].head_hash and cps[2].prev_sig_hash == cps[1].sig_hash
-    report = await _verify(db_path, signing_pair[1], anchored)
+    report = await _verify(store_target, signing_pair[1], anchored)
     assert report.ok, report.reason
     assert report.anchor_size == 15 and report.checkpoints_verified == 3
 
 
 async def test_a_deleted_checkpoint_row_breaks_the_checkpoint_chain(
-    db_path: Path, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
 ) -> None:
     """Deleting the checkpoint at 10 (say, to rewrite records 5-9 and re-sign nothing) shows
     even without an anchor: the checkpoint at 15 names it."""
-    _tamper(db_path, "DELETE FROM audit_checkpoints WHERE size = 10")
-    report = await _verify(db_path, signing_pair[1])
+    await store_target.tamper("DELETE FROM audit_checkpoints WHERE size = 10")
+    report = await _verify(store_target, signing_pair[1])
     assert not report.ok
     assert report.bad_checkpoint_size == 15
     assert "names a checkpoint at size 10 that is not there" in (report.reason or "")
 
 
 async def test_truncation_after_the_last_anchor_is_found_only_against_it(
-    db_path: Path, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
 ) -> None:
     """Records 12-14 and the checkpoint at 15 cut off together: the file alone still verifies
     (that is the limit of a log checked against itself), the anchor does not."""
-    _tamper(
-        db_path,
+    await store_target.tamper(
         "DELETE FROM audit WHERE idx >= 12",
         "DELETE FROM audit_checkpoints WHERE size > 12",
     )
-    alone = await _verify(db_path, signing_pair[1])
+    alone = await _verify(store_target, signing_pair[1])
     assert alone.ok  # a clean cut: nothing inside the file contradicts it
-    report = await _verify(db_path, signing_pair[1], anchored)
+    report = await _verify(store_target, signing_pair[1], anchored)
     assert not report.ok and report.first_bad_index == 12
     assert "truncated" in (report.reason or "")
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         with pytest.raises(AuditAnchorError, match="fewer than the 15"):
             await _checkpoint(store, signing_pair, anchored)
         assert [c.size for c in await audit_log.load_checkpoints(store)] == [5, 10]
 
 
 async def test_a_rewritten_tail_is_found_against_the_anchor(
-    db_path: Path, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
 ) -> None:
     """Records 10-14 rewritten and re-hashed into a chain that links up, the checkpoint at 15
     dropped: the anchor's head no longer matches; the last record still vouched for is 10."""
-    _tamper(db_path, "DELETE FROM audit_checkpoints WHERE size = 15")
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("DROP TRIGGER IF EXISTS audit_no_update")
-        rows = raw.execute(
-            "SELECT idx, at, action, object, outcome, details FROM audit "
-            "WHERE idx >= 10 ORDER BY idx"
-        ).fetchall()
-        prev = raw.execute("SELECT hash FROM audit WHERE idx = 9").fetchone()[0]
-        for idx, at, action, obj, outcome, details in rows:
-            fields = {
-                "index": idx,
-                "at": at,
-                "actor": "mallory",
-                "action": action,
-                "object": obj,
-                "outcome": outcome,
-                "details": audit_log._details(details),
-                "prev_hash": prev,
-            }
-            digest = audit_log.record_hash(fields)
-            raw.execute(
-                "UPDATE audit SET actor = ?, prev_hash = ?, hash = ? WHERE idx = ?",
-                ("mallory", prev, digest, idx),
-            )
-            prev = digest
-    alone = await _verify(db_path, signing_pair[1])
+    await store_target.tamper("DELETE FROM audit_checkpoints WHERE size = 15")
+    rows = await store_target.query(
+        "SELECT idx, at, action, object, outcome, details FROM audit WHERE idx >= 10 ORDER BY idx"
+    )
+    prev = (await store_target.query("SELECT hash FROM audit WHERE idx = 9"))[0][0]
+    for idx, at, action, obj, outcome, details in rows:
+        fields = {
+            "index": idx,
+            "at": at,
+            "actor": "mallory",
+            "action": action,
+            "object": obj,
+            "outcome": outcome,
+            "details": audit_log._details(details),
+            "prev_hash": prev,
+        }
+        digest = audit_log.record_hash(fields)
+        await store_target.tamper(
+            "UPDATE audit SET actor = ?, prev_hash = ?, hash = ? WHERE idx = ?",
+            params=("mallory", prev, digest, idx),
+        )
+        prev = digest
+    alone = await _verify(store_target, signing_pair[1])
     assert alone.ok  # the chain links and the remaining checkpoints (5, 10) still match
-    report = await _verify(db_path, signing_pair[1], anchored)
+    report = await _verify(store_target, signing_pair[1], anchored)
     assert not report.ok and report.first_bad_index == 10
     assert "rewritten" in (report.reason or "")
 
 
 async def test_deleting_the_newest_checkpoint_is_found_against_the_anchor(
-    db_path: Path, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
 ) -> None:
-    _tamper(db_path, "DELETE FROM audit_checkpoints WHERE size = 15")
-    assert (await _verify(db_path, signing_pair[1])).ok
-    report = await _verify(db_path, signing_pair[1], anchored)
+    await store_target.tamper("DELETE FROM audit_checkpoints WHERE size = 15")
+    assert (await _verify(store_target, signing_pair[1])).ok
+    report = await _verify(store_target, signing_pair[1], anchored)
     assert not report.ok and report.bad_checkpoint_size == 15
     assert "checkpoint rows were deleted" in (report.reason or "")
     # A SIZE:HEAD anchor (kept as text) finds it too.
     text = audit_log.parse_anchor(str(anchored))
-    assert not (await _verify(db_path, signing_pair[1], text)).ok
+    assert not (await _verify(store_target, signing_pair[1], text)).ok
 
 
 async def test_the_controller_signs_only_over_a_log_that_extends_its_anchor(
-    db_path: Path, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], anchored: audit_log.Anchor
 ) -> None:
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 3, start=15)
         cp = await _checkpoint(store, signing_pair, anchored)
         assert (cp.size, cp.prev_size) == (18, 15)
     # Record 17 (the anchor's head) rewritten, hash and all.
-    _tamper(
-        db_path, "UPDATE audit SET actor = 'mallory', hash = ? WHERE idx = 17", params=("f" * 64,)
+    await store_target.tamper(
+        "UPDATE audit SET actor = 'mallory', hash = ? WHERE idx = 17", params=("f" * 64,)
     )
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 1, start=18)
         with pytest.raises(AuditAnchorError, match="differs from what the last anchor signed"):
             await _checkpoint(store, signing_pair, audit_log.Anchor.of(cp))
@@ -163,27 +162,26 @@ async def test_a_blocked_store_refuses_every_audited_write(mem_store: Store) -> 
 
 
 async def test_checkpoints_signed_before_chaining_still_verify_and_the_next_names_them(
-    db_path: Path, signing_pair: tuple[bytes, bytes]
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
     """A store from before checkpoints chained holds v1 rows; they verify, and the first v2
     checkpoint names the last of them."""
     private, public = signing_pair
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 4)
     message = audit_log.checkpoint_message
-    with sqlite3.connect(db_path) as raw:
-        head = raw.execute("SELECT hash FROM audit WHERE idx = 3").fetchone()[0]
-        at = "2025-01-01T00:00:00Z"
-        raw.execute(
-            "INSERT INTO audit_checkpoints(size, head_hash, at, signer_key_id, signature) "
-            "VALUES (4, ?, ?, ?, ?)",
-            (head, at, signer_key_id(public), sign(private, message(4, head, at))),
-        )
-    async with await Store.open(db_path) as store:
+    head = (await store_target.query("SELECT hash FROM audit WHERE idx = 3"))[0][0]
+    at = "2025-01-01T00:00:00Z"
+    await store_target.tamper(
+        "INSERT INTO audit_checkpoints(size, head_hash, at, signer_key_id, signature) "
+        "VALUES (4, ?, ?, ?, ?)",
+        params=(head, at, signer_key_id(public), sign(private, message(4, head, at))),
+    )
+    async with await store_target.open() as store:
         await _build(store, 2, start=4)
         cp = await _checkpoint(store, signing_pair)
     assert (cp.v, cp.prev_size) == (2, 4)
-    report = await _verify(db_path, public, audit_log.Anchor.of(cp))
+    report = await _verify(store_target, public, audit_log.Anchor.of(cp))
     assert report.ok and report.checkpoints_verified == 2
 
 

@@ -9,14 +9,11 @@ import pytest
 from ckms.errors import AuditError
 from ckms.store import Store
 from ckms.store import audit as audit_log
+from tests.support.stores import refuse_audit_inserts
 
 
 async def test_a_failed_append_is_counted_once(mem_store: Store) -> None:
-    async with mem_store.write() as tx:
-        await tx.execute(
-            "CREATE TRIGGER no_audit BEFORE INSERT ON audit "
-            "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
-        )
+    await refuse_audit_inserts(mem_store)
     before = audit_log.append_failures.count
     with pytest.raises(AuditError):
         async with mem_store.write() as tx:

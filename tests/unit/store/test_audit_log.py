@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
-from pathlib import Path
 
 import pytest
 
@@ -16,26 +14,28 @@ from ckms.store import audit as audit_log
 from tests.support.audit import T0
 from tests.support.audit import build_log as _build
 from tests.support.audit import checkpoint as _checkpoint
-from tests.support.audit import tamper as _tamper
+from tests.support.stores import StoreTarget, refuse_audit_inserts
 
 
-async def _verify_file(db_path: Path, public: bytes) -> audit_log.AuditReport:
-    async with await Store.open(db_path) as store:
+async def _verify_file(store_target: StoreTarget, public: bytes) -> audit_log.AuditReport:
+    async with await store_target.open() as store:
         return await audit_log.verify_store(store, public)
 
 
 @pytest.fixture
-async def ten_records(db_path: Path, signing_pair: tuple[bytes, bytes]) -> Path:
-    """A file with 10 records, a checkpoint at 5 and one at 10; closed again."""
-    async with await Store.open(db_path) as store:
+async def ten_records(store_target: StoreTarget, signing_pair: tuple[bytes, bytes]) -> StoreTarget:
+    """A store with 10 records, a checkpoint at 5 and one at 10; closed again."""
+    async with await store_target.open() as store:
         await _build(store, 5)
         await _checkpoint(store, signing_pair)
         await _build(store, 5, start=5)
         await _checkpoint(store, signing_pair)
-    return db_path
+    return store_target
 
 
-async def test_intact_log_verifies(ten_records: Path, signing_pair: tuple[bytes, bytes]) -> None:
+async def test_intact_log_verifies(
+    ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
+) -> None:
     report = await _verify_file(ten_records, signing_pair[1])
     assert report.ok, report.reason
     assert report.size == 10
@@ -78,12 +78,12 @@ async def test_records_chain_by_hash(mem_store: Store) -> None:
 )
 @pytest.mark.requirement("SP800-130-AUDIT")
 async def test_tampered_file_names_first_bad_record(
-    ten_records: Path,
+    ten_records: StoreTarget,
     signing_pair: tuple[bytes, bytes],
     statements: list[str],
     bad_index: int,
 ) -> None:
-    _tamper(ten_records, *statements)
+    await ten_records.tamper(*statements)
     report = await _verify_file(ten_records, signing_pair[1])
     assert not report.ok
     assert report.first_bad_index == bad_index, report.reason
@@ -93,22 +93,24 @@ async def test_tampered_file_names_first_bad_record(
 
 
 async def test_edit_and_rehash_one_record_is_found(
-    ten_records: Path, signing_pair: tuple[bytes, bytes]
+    ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
-    async with await Store.open(ten_records) as store:
+    async with await ten_records.open() as store:
         rec = (await audit_log.load_records(store))[6]
     forged = rec.model_copy(update={"actor": "mallory"})
     new_hash = audit_log.record_hash(forged.hashed_fields())
-    _tamper(ten_records, f"UPDATE audit SET actor = 'mallory', hash = '{new_hash}' WHERE idx = 6")  # noqa: S608
+    await ten_records.tamper(
+        f"UPDATE audit SET actor = 'mallory', hash = '{new_hash}' WHERE idx = 6"  # noqa: S608
+    )
     report = await _verify_file(ten_records, signing_pair[1])
     assert report.first_bad_index == 6, report.reason
 
 
 async def test_rewriting_the_tail_is_caught_by_the_checkpoint(
-    ten_records: Path, signing_pair: tuple[bytes, bytes]
+    ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
     # Rewrite records 5..9 and re-chain them: the chain links up, only the checkpoint at 10 knows.
-    async with await Store.open(ten_records) as store:
+    async with await ten_records.open() as store:
         records = await audit_log.load_records(store)
     prev = records[4].hash
     statements = []
@@ -119,7 +121,7 @@ async def test_rewriting_the_tail_is_caught_by_the_checkpoint(
             "UPDATE audit SET actor = 'mallory', "  # noqa: S608 - the test is the attacker
             f"prev_hash = '{forged.prev_hash}', hash = '{prev}' WHERE idx = {rec.index}"
         )
-    _tamper(ten_records, *statements)
+    await ten_records.tamper(*statements)
     report = await _verify_file(ten_records, signing_pair[1])
     assert not report.ok
     assert report.first_bad_index == 5  # first record after the last checkpoint that still holds
@@ -127,19 +129,21 @@ async def test_rewriting_the_tail_is_caught_by_the_checkpoint(
 
 
 async def test_truncating_records_after_the_last_checkpoint_is_not_detectable(
-    ten_records: Path, signing_pair: tuple[bytes, bytes]
+    ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
     # The documented limit: records newer than every checkpoint are only chained, not signed.
-    async with await Store.open(ten_records) as store:
+    async with await ten_records.open() as store:
         await _build(store, 3, start=10)
-    _tamper(ten_records, "DELETE FROM audit WHERE idx >= 11")
+    await ten_records.tamper("DELETE FROM audit WHERE idx >= 11")
     assert (await _verify_file(ten_records, signing_pair[1])).ok
 
 
 async def test_forged_checkpoint_signature_is_reported(
-    ten_records: Path, signing_pair: tuple[bytes, bytes]
+    ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
-    _tamper(ten_records, "UPDATE audit_checkpoints SET head_hash = 'ff' || substr(head_hash, 3)")
+    await ten_records.tamper(
+        "UPDATE audit_checkpoints SET head_hash = 'ff' || substr(head_hash, 3)"
+    )
     report = await _verify_file(ten_records, signing_pair[1])
     assert not report.ok
     assert report.first_bad_index is None
@@ -147,7 +151,7 @@ async def test_forged_checkpoint_signature_is_reported(
     assert "signature" in (report.reason or "")
 
 
-async def test_checkpoint_by_another_key_is_reported(ten_records: Path) -> None:
+async def test_checkpoint_by_another_key_is_reported(ten_records: StoreTarget) -> None:
     other_public = signing_public_key(generate_signing_key())
     report = await _verify_file(ten_records, other_public)
     assert not report.ok
@@ -179,11 +183,7 @@ async def test_audit_table_refuses_update_and_delete(mem_store: Store) -> None:
 
 @pytest.mark.requirement("SP800-130-AUDIT")
 async def test_failed_append_raises_audit_error_and_rolls_back(mem_store: Store) -> None:
-    async with mem_store.write() as tx:
-        await tx.execute(
-            "CREATE TRIGGER no_audit BEFORE INSERT ON audit "
-            "BEGIN SELECT RAISE(ABORT, 'audit disk full'); END"
-        )
+    await refuse_audit_inserts(mem_store)
     with pytest.raises(AuditError, match="could not be written"):
         async with mem_store.write() as tx:
             await tx.set_meta("change", b"guarded")
@@ -192,9 +192,9 @@ async def test_failed_append_raises_audit_error_and_rolls_back(mem_store: Store)
 
 
 async def test_export_round_trips_and_tampered_export_is_named(
-    ten_records: Path, signing_pair: tuple[bytes, bytes]
+    ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
-    async with await Store.open(ten_records) as store:
+    async with await ten_records.open() as store:
         lines = [line async for line in audit_log.export_jsonl(store)]
     assert len(lines) == 12
     assert all(json.loads(line)["kind"] in ("record", "checkpoint") for line in lines)
@@ -220,24 +220,23 @@ async def test_export_round_trips_and_tampered_export_is_named(
 
 
 async def test_a_record_written_by_another_connection_is_chained_onto(
-    db_path: Path, signing_pair: tuple[bytes, bytes]
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
     # The writer keeps the log's head in memory between appends; a record another connection
     # wrote (an operator's tool on the same file) must be chained onto, never forked from.
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 3)
         async with store.write() as tx:
             head = await tx.fetchone("SELECT hash FROM audit WHERE idx = 2")
-        with sqlite3.connect(db_path) as raw:
-            fields = {
-                "index": 3, "at": "2025-01-01T01:00:00.000000Z", "actor": "bob",
-                "action": "x", "object": "y", "outcome": "ok", "details": {},
-                "prev_hash": head["hash"],
-            }  # fmt: skip
-            raw.execute(
-                "INSERT INTO audit VALUES (3, ?, 'bob', 'x', 'y', 'ok', '{}', ?, ?)",
-                (fields["at"], head["hash"], audit_log.record_hash(fields)),
-            )
+        fields = {
+            "index": 3, "at": "2025-01-01T01:00:00.000000Z", "actor": "bob",
+            "action": "x", "object": "y", "outcome": "ok", "details": {},
+            "prev_hash": head["hash"],
+        }  # fmt: skip
+        await store_target.tamper(
+            "INSERT INTO audit VALUES (3, ?, 'bob', 'x', 'y', 'ok', '{}', ?, ?)",
+            params=(fields["at"], head["hash"], audit_log.record_hash(fields)),
+        )
         await _build(store, 2, start=4)
         records = await audit_log.load_records(store)
         assert [r.index for r in records] == [0, 1, 2, 3, 4, 5]

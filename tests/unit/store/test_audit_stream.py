@@ -4,7 +4,6 @@ says; the periodic checkpoint verifies only the records it adds, and never signs
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from ckms.store import Store
 from ckms.store import audit as audit_log
 from tests.support.audit import T0
 from tests.support.audit import checkpoint as _checkpoint
-from tests.support.audit import tamper as _tamper
+from tests.support.stores import StoreTarget
 
 
 async def _build(store: Store, n: int, *, start: int = 0) -> None:
@@ -25,14 +24,8 @@ async def _build(store: Store, n: int, *, start: int = 0) -> None:
                 actor="alice",
                 action="key.rotate",
                 object=f"key:team/k{i}",
-                details={"version": i, "note": "é \u2028 \"q\""},
+                details={"version": i, "note": 'é \u2028 "q"'},
             )
-
-
-
-
-
-
 
 
 TAMPERS = {
@@ -49,21 +42,21 @@ TAMPERS = {
 
 @pytest.mark.parametrize("tamper", list(TAMPERS))
 async def test_streamed_verdict_equals_the_whole_log_verdict(
-    db_path: Path,
+    store_target: StoreTarget,
     signing_pair: tuple[bytes, bytes],
     monkeypatch: pytest.MonkeyPatch,
     tamper: str,
 ) -> None:
     monkeypatch.setattr(audit_log, "STREAM_SLICE", 3)  # many slices even for a small log
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 8)
         await _checkpoint(store, signing_pair)
         await _build(store, 8, start=8)
         cp = await _checkpoint(store, signing_pair)
         await _build(store, 4, start=16)
-    _tamper(db_path, *TAMPERS[tamper])
+    await store_target.tamper(*TAMPERS[tamper])
     anchor = audit_log.Anchor.of(cp)
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         streamed = await audit_log.verify_store(store, signing_pair[1], anchor=anchor)
         whole = audit_log.verify_audit(
             await audit_log.load_records(store),
@@ -76,34 +69,36 @@ async def test_streamed_verdict_equals_the_whole_log_verdict(
 
 
 async def test_a_canonically_hashed_record_stored_with_other_spacing_still_verifies(
-    db_path: Path, signing_pair: tuple[bytes, bytes]
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
     """Details stored as non-canonical text whose canonical form was hashed: as before."""
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 3)
-    _tamper(db_path, "UPDATE audit SET details = replace(details, ',', ' , ') WHERE idx = 1")
-    async with await Store.open(db_path) as store:
+    await store_target.tamper(
+        "UPDATE audit SET details = replace(details, ',', ' , ') WHERE idx = 1"
+    )
+    async with await store_target.open() as store:
         assert (await audit_log.verify_store(store, signing_pair[1])).ok
 
 
 async def test_checkpoint_refuses_to_sign_over_an_edited_record_after_the_last_one(
-    db_path: Path, signing_pair: tuple[bytes, bytes]
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 5)
         await _checkpoint(store, signing_pair)
         await _build(store, 5, start=5)
-    _tamper(db_path, "UPDATE audit SET actor = 'mallory' WHERE idx = 7")
-    async with await Store.open(db_path) as store:
+    await store_target.tamper("UPDATE audit SET actor = 'mallory' WHERE idx = 7")
+    async with await store_target.open() as store:
         with pytest.raises(AuditAnchorError, match="record 7 was edited"):
             await _checkpoint(store, signing_pair)
         assert [cp.size for cp in await audit_log.load_checkpoints(store)] == [5]
 
 
 async def test_checkpoint_hashes_only_the_records_it_adds(
-    db_path: Path, signing_pair: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with await Store.open(db_path) as store:
+    async with await store_target.open() as store:
         await _build(store, 50)
         await _checkpoint(store, signing_pair)
         await _build(store, 3, start=50)
