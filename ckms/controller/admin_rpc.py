@@ -1018,7 +1018,13 @@ class AdminService:
         )
         return api.LeadershipStatus(
             replica=mine.name,
-            leading=mine.leading,
+            # An SSH worker never runs the lease: it leads when its parent process does.
+            leading=mine.leading
+            or (
+                lease is not None
+                and lease.holder == self._leader.incarnation
+                and lease.expires_at > now
+            ),
             leader=None if lease is None else lease.holder_name,
             epoch=None if lease is None else lease.epoch,
             expires_at=None if lease is None else lease.expires_at,

@@ -539,6 +539,65 @@ class Vault:
                 )
             log.info("controller sealed")
 
+    # -- the same state in several processes (ckms.controller.workers) --------------------
+
+    def share_state(self) -> dict[str, str] | None:
+        """What an SSH worker process needs to be unsealed like this one (None: sealed).
+
+        Only for the parent's inherited socket to its own workers: the opened secrets (never
+        the root KEK, which is not kept) as base64, with the public key they were checked
+        against.
+        """
+        s = self._secrets
+        if s is None:
+            return None
+        assert self._public_key is not None
+        values = {
+            "data_kek": s.data_kek,
+            "signing_key": s.signing_key,
+            "audit_hmac_key": s.audit_hmac_key,
+            "digest_key": s.digest_key,
+            "row_key": s.row_key,
+            "public_key": self._public_key,
+        }
+        return {name: base64.b64encode(value).decode("ascii") for name, value in values.items()}
+
+    async def adopt_state(self, state: dict[str, str] | None) -> None:
+        """Take the parent's state from :meth:`share_state` (None: forget every secret).
+
+        The signing key must match the public key in the store (what an unseal checks too),
+        so a worker never signs with a key the fleet does not trust. Nothing is written: the
+        parent audited the unseal and brought the data up to date.
+        """
+        async with self._lock:
+            if state is None:
+                self._forget()
+                self._clear_pending()
+                return
+            try:
+                values = {name: base64.b64decode(state[name], validate=True) for name in state}
+                secrets_ = _Secrets(
+                    data_kek=values["data_kek"],
+                    signing_key=values["signing_key"],
+                    audit_hmac_key=values["audit_hmac_key"],
+                    digest_key=values["digest_key"],
+                    row_key=values["row_key"],
+                )
+                public = values["public_key"]
+            except (KeyError, ValueError, TypeError):
+                raise IntegrityError("the unsealed state handed over is malformed") from None
+            stored = await self._store.get_meta(META_SIGNING_PUBLIC)
+            if (
+                stored is None
+                or not hmac.compare_digest(stored, public)
+                or not hmac.compare_digest(signing_public_key(secrets_.signing_key), public)
+            ):
+                raise IntegrityError("the unsealed state handed over does not match this store")
+            self._secrets = secrets_
+            self._public_key = public
+            self._store.row_key = secrets_.row_key
+            self._store.invalidate()  # caches filled while sealed were not checked
+
     # -- using the secrets -----------------------------------------------------------------
 
     def seal_material(

@@ -10,9 +10,11 @@ publisher and the ack consumer wait it out while the SSH endpoint keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import socket
+from collections.abc import Collection
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +52,7 @@ from ckms.controller.publisher import OutboxPublisher
 from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
+from ckms.controller.workers import ParentLink, RemoteVault, WorkerPool
 from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
 from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC, OPERATOR_ROLES, Role
 from ckms.ssh import (
@@ -150,6 +153,14 @@ class ControllerSettings(BaseModel):
     leader_lease_s: float = Field(default=10.0, ge=0.5, le=300)
     """How long the leader lease lasts unless renewed (renewed every third of it): a leader
     that died is replaced within about this long plus a third."""
+    ssh_workers: int = Field(default=1, ge=1, le=64)
+    """Processes serving SSH (:mod:`ckms.controller.workers`). 1: this process serves SSH
+    itself and does everything else too. N > 1: N worker processes serve SSH on the same port
+    (``SO_REUSEPORT``, Linux) and this one keeps the publisher, scheduler, anchor and rollouts.
+    Raise it when the controller's one core is busy serving agents (a large fleet syncing,
+    rotations reaching thousands of hosts at once), up to the cores the controller may use;
+    every worker holds its own store connection and caches (tens of MB), and the SSH limits
+    below apply per worker."""
     metrics_listen: str | None = None
     """``HOST:PORT`` of the Prometheus ``/metrics`` endpoint; unset, none is served."""
 
@@ -210,18 +221,31 @@ class ControllerSettings(BaseModel):
 class Controller:
     """The controller service; ``async with Controller(settings) as c: await c.run()``."""
 
-    def __init__(self, settings: ControllerSettings, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        *,
+        clock: Clock = utc_now,
+        parent: ParentLink | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.store: Store | None = None
         self._started = asyncio.Event()
+        self._parent = parent
+        """Set in an SSH worker process: the link to the controller that started it."""
+        self.workers: WorkerPool | None = None
+        """The SSH worker processes once running (``ssh_workers`` > 1), else None."""
 
     async def open(self) -> None:
         """Open the store and build the parts; the vault starts sealed."""
         self.settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = await Store.open(self.settings.db_path)
         store = self.store
-        self.vault = Vault(store, clock=self.clock)
+        if self._parent is not None:
+            self.vault: Vault = RemoteVault(store, self._parent, clock=self.clock)
+        else:
+            self.vault = Vault(store, clock=self.clock)
         self.lifecycle = Lifecycle(store, self.vault, clock=self.clock)
         self.hosts = HostRegistry(store, self.vault, clock=self.clock)
         self.ca = ControllerCA(store, self.vault)
@@ -304,6 +328,14 @@ class Controller:
             on_step_down=self._stepped_down,
         )
         self.vault.anchor.leader = self.leader
+        if self._parent is not None:
+            # The parent runs the publisher and the rollout driver: tell it at once.
+            parent = self._parent
+            store.add_outbox_listener(lambda: parent.wake("outbox"))
+            self.acks.on_applied = lambda: parent.wake("rollouts")
+            parent.on_disconnect = lambda name, roles: self.disconnect(
+                name, roles=roles, forward=False
+            )
         self.operators = OperatorRegistry(store, clock=self.clock)
         self.hosts.on_revoked = self._host_revoked
         self.operators.on_removed = self._operator_removed
@@ -342,16 +374,28 @@ class Controller:
     def _host_revoked(self, host_id: str) -> None:
         """Authentication is once per connection: a revoked host loses the connections (and
         channels) it holds at once, as it could not open a new one."""
-        self.rpc.disconnect(host_id, roles={Role.AGENT})
+        self.disconnect(host_id, roles={Role.AGENT})
 
     def _operator_removed(self, name: str, actor: str) -> None:
         """As for a host; an operator removing themselves keeps the connection asking."""
         if name != actor:
-            self.rpc.disconnect(name, roles=OPERATOR_ROLES)
+            self.disconnect(name, roles=OPERATOR_ROLES)
+
+    def disconnect(self, name: str, *, roles: Collection[str], forward: bool = True) -> None:
+        """Close ``name``'s connections here and, with SSH workers, in every process."""
+        self.rpc.disconnect(name, roles=roles)
+        if not forward:
+            return
+        if self._parent is not None:
+            self._parent.disconnect(name, roles)
+        elif self.workers is not None:
+            self.workers.disconnect(name, roles)
 
     def _listen(self) -> str:
         """``host:port`` of the SSH endpoint (the bound port once listening)."""
         port = self.rpc.port if self.rpc.port is not None else self.settings.listen_port
+        if self.workers is not None and self.workers.port is not None:
+            port = self.workers.port
         return f"{self.settings.listen_host}:{port}"
 
     @property
@@ -362,6 +406,8 @@ class Controller:
     @property
     def port(self) -> int:
         """The SSH port once listening."""
+        if self.workers is not None and self.workers.port is not None:
+            return self.workers.port
         if self.rpc.port is None:
             raise CKMSError("the controller is not listening yet")
         return self.rpc.port
@@ -437,10 +483,21 @@ class Controller:
         """Serve until cancelled (one task group: SSH, publisher, ack consumer, scheduler)."""
         if self.store is None:
             await self.open()
+        if self._parent is not None:
+            await self._run_worker(self._parent)
+            return
         # Fail now on a missing or unreadable TLS file, not at the first event.
         await asyncio.to_thread(self.settings.kafka_security.check)
         _gc.settle()  # what lives as long as the controller is never walked by a collection
-        await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
+        if self.settings.ssh_workers > 1:
+            self.workers = WorkerPool(
+                self,
+                self.settings.ssh_workers,
+                wake={"outbox": self.publisher.wake, "rollouts": self.rollouts.wake},
+                clock=self.clock,
+            )
+        else:
+            await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
         if self.settings.metrics_listen is not None:
             host, port = parse_listen(self.settings.metrics_listen)
             self.metrics_endpoint = MetricsEndpoint(self.metrics.render, host, port)
@@ -449,20 +506,26 @@ class Controller:
             except CKMSError:
                 await self.rpc.close()
                 raise
-        if self.settings.replica_name is None:  # the bound port tells replicas on one machine apart
-            self.leader.name = f"{socket.gethostname()}:{self.port}"
-        self._started.set()
-        log.info(
-            "controller listening on %s:%d (host key %s)",
-            self.settings.listen_host,
-            self.port,
-            self.host_key_fingerprint,
-        )
         try:
             async with asyncio.TaskGroup() as group:
+                if self.workers is not None:
+                    group.create_task(self.workers.run(), name="ssh-workers")
+                    await self.workers.started.wait()  # a worker that fails is restarted
+                if self.settings.replica_name is None:  # the bound port tells replicas apart
+                    self.leader.name = f"{socket.gethostname()}:{self.port}"
+                self._started.set()
+                log.info(
+                    "controller listening on %s:%d (host key %s%s)",
+                    self.settings.listen_host,
+                    self.port,
+                    self.host_key_fingerprint,
+                    f", {self.settings.ssh_workers} SSH workers" if self.workers else "",
+                )
                 group.create_task(self.leader.run(self._lead), name="leader-lease")
         finally:
             await self.rpc.close()
+            if self.workers is not None:
+                await self.workers.close()
             await self.vault.anchor.close()
             if self.metrics_endpoint is not None:
                 await self.metrics_endpoint.close()
@@ -482,6 +545,26 @@ class Controller:
         the anchor back (another leader may have moved it meanwhile)."""
         await self.vault.anchor.close()
         self.vault.anchor.reset()
+
+    async def _run_worker(self, parent: ParentLink) -> None:
+        """An SSH worker's whole life: take the parent's vault state, serve SSH until the
+        parent is gone or this process is stopped (``ckms.controller.workers``)."""
+        link = asyncio.create_task(parent.serve(), name="parent-link")
+        try:
+            state = asyncio.create_task(parent.state_received.wait())
+            await asyncio.wait([link, state], return_when=asyncio.FIRST_COMPLETED)
+            if link.done():
+                state.cancel()
+                return
+            await self.rpc.start(self.settings.listen_host, self.settings.listen_port)
+            self._started.set()
+            await parent.ready()
+            await link
+        finally:
+            link.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link
+            await self.rpc.close()
 
     async def close(self) -> None:
         """Close the SSH endpoint, the metrics endpoint and the store; safe to call twice."""
