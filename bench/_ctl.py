@@ -44,6 +44,7 @@ class ControllerService:
         partitions: int,
         events_partitions: int,
         kafka: dict[str, str] | None = None,
+        ssh_workers: int = 1,
     ) -> dict[str, Any]:
         """Open, initialise, unseal and run the controller; return where agents reach it."""
         controller = Controller(
@@ -56,6 +57,10 @@ class ControllerService:
                 acks_topic=acks_topic,
                 partitions=partitions,
                 events_partitions=events_partitions,
+                ssh_workers=ssh_workers,
+                # Every simulated host enrolls from 127.0.0.1: one source, unlike a real fleet.
+                ssh_max_unauthenticated_per_source=4096,
+                ssh_refusal_burst=4096,
             )
         )
         await controller.open()

@@ -35,6 +35,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def children(pid: int) -> list[int]:
+    """The direct child processes of ``pid`` (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as src:
+            return [int(p) for p in src.read().split()]
+    except OSError:
+        return []
+
+
 def status_kb(pid: int, name: str) -> int:
     """A ``/proc/<pid>/status`` figure in kB (VmRSS, VmHWM, Threads...)."""
     with open(f"/proc/{pid}/status") as src:

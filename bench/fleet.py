@@ -52,6 +52,7 @@ from typing import Any
 import asyncssh
 from _proc import (
     Child,
+    children,
     cpu_seconds,
     load_average,
     open_fds,
@@ -76,7 +77,6 @@ BASELINE_PATH = "/etc/ckms-baseline/bench/fleet.json"
 
 
 @dataclass
-
 class Phase:
     """One measured phase (ckms rotate, ckms revoke, or a baseline push)."""
 
@@ -152,8 +152,19 @@ class FleetBench:
         return out
 
     @staticmethod
+    def _with_ssh_workers(pids: dict[str, int]) -> dict[str, int]:
+        """``pids`` and the controller's SSH worker processes (for the profiler)."""
+        workers = children(pids["controller"]) if pids.get("controller") else []
+        return pids | {f"ssh{i}": pid for i, pid in enumerate(workers)}
+
+    @staticmethod
     def cpu(pids: dict[str, int]) -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
+        """CPU seconds by process; the controller's counts its SSH worker processes too
+        (``--ssh-workers``; a worker restarted meanwhile loses what it used before)."""
+        out = {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
+        if pids.get("controller"):
+            out["controller"] += sum(cpu_seconds(c) for c in children(pids["controller"]))
+        return out
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -174,6 +185,7 @@ class FleetBench:
             kafka=tls_settings(self.kafka.security(SubjectRole.CONTROLLER, "bench")),
             partitions=self.args.partitions,
             events_partitions=self.args.events_partitions,
+            ssh_workers=self.args.ssh_workers,
         )
         self.db = info["db"]
         names = [f"h{i:05d}" for i in range(n)]
@@ -239,7 +251,7 @@ class FleetBench:
         assert self.ctl is not None
         phase = Phase(name, self.n, load=load_average())
         pids = self.pids()
-        profilers = self._profile_start(name, pids)
+        profilers = self._profile_start(name, self._with_ssh_workers(pids))
         cpu0 = self.cpu(pids)
         started = time.monotonic()
         event = await action()
@@ -323,10 +335,12 @@ class FleetBench:
     async def _idle(self) -> None:
         """CPU of every process while the enrolled fleet does nothing (``--idle`` seconds)."""
         pids = self.pids()
+        profilers = self._profile_start("idle", self._with_ssh_workers(pids))
         cpu0 = self.cpu(pids)
         load = load_average()
         await asyncio.sleep(self.args.idle)
         cpu1 = self.cpu(pids)
+        await self._profile_stop(profilers)
         per_s = {k: (cpu1[k] - cpu0[k]) / self.args.idle for k in cpu0}
         workers = sum(v for k, v in per_s.items() if k.startswith("worker"))
         self.result["idle"] = {
@@ -480,6 +494,51 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "—" if value != value else f"{value:.{digits}f}"  # NaN check
 
 
+def central_ms_per_host(p: dict[str, Any]) -> float:
+    """Controller (with its SSH workers) + Kafka CPU per host: what stays central when the
+    agents run on real hosts."""
+    return 1000 * (p["cpu_s"].get("controller", 0) + p["cpu_s"].get("kafka", 0)) / max(1, p["done"])
+
+
+def pusher_ms_per_host(p: dict[str, Any]) -> float:
+    """The baseline's pushers' CPU per host (its central cost)."""
+    cpu = sum(v for k, v in p["cpu_s"].items() if k.startswith("pusher"))
+    return 1000 * cpu / max(1, p["done"])
+
+
+def scaling(results: list[dict[str, Any]]) -> str:
+    """CPU per host (all, central) and the idle cost per agent across N, against the first N."""
+    done = [r for r in results if "rotate" in r]
+    if len(done) < 2:
+        return ""
+    lines = ["scaling across N (vs the smallest N)"]
+    first = done[0]
+    for phase in ("rotate", "revoke"):
+        a0, c0 = first[phase], central_ms_per_host(first[phase])
+        parts = []
+        for r in done:
+            p = r[phase]
+            per = 1000 * sum(p["cpu_s"].values()) / max(1, p["done"])
+            per0 = 1000 * sum(a0["cpu_s"].values()) / max(1, a0["done"])
+            parts.append(
+                f"N={r['hosts']}: {per:.2f} ms/host ({per / per0:.2f}x), central "
+                f"{central_ms_per_host(p):.2f} ({central_ms_per_host(p) / c0:.2f}x)"
+            )
+        lines.append(f"  {phase:7} " + "; ".join(parts))
+    idle = [(r["hosts"], r["idle"]) for r in done if "idle" in r]
+    if idle:
+        lines.append(
+            "  idle    "
+            + "; ".join(
+                f"N={n}: agent {i['agent_ms_per_s']:.4f}, controller "
+                f"{i['controller_ms_per_s_per_host']:.4f}, kafka "
+                f"{i['kafka_ms_per_s_per_host']:.4f} ms/s per host"
+                for n, i in idle
+            )
+        )
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
     """The ckms / baseline / floor table for one N."""
     n = result["hosts"]
@@ -536,6 +595,12 @@ def table(result: dict[str, Any]) -> str:
             "  pushers CPU s",
             ["", "", _fmt(sum(v for k, v in base["cpu_s"].items() if k.startswith("pusher")), 1)],
         )
+    central = [central_ms_per_host(p) for _, p in cols[:2]]
+    row("central CPU ms/host (ctl+kafka)", [_fmt(c) for c in central] + ([""] if base else []))
+    if base:
+        pushers = pusher_ms_per_host(base)
+        row("  pusher CPU ms/host (baseline)", ["", "", _fmt(pushers)])
+        row("  pusher / central", [_fmt(pushers / c, 1) + "x" for c in central])
     row("total / floor", [_fmt(p["total_s"] / floor_s, 1) + "x" for _, p in cols])
     if base:
         row(
@@ -608,6 +673,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 results.append(bench.result)
                 if "rotate" in bench.result:
                     print(table(bench.result) + "\n", flush=True)
+        if summary := scaling(results):
+            print(summary, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -629,6 +696,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-worker", type=int, default=1250, help="agents per worker (auto)")
     parser.add_argument(
         "--start-batch", type=int, default=250, help="agents started at once (all workers)"
+    )
+    parser.add_argument(
+        "--ssh-workers", type=int, default=1, help="the controller's ssh_workers setting"
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions of the acks topic")
     parser.add_argument(
