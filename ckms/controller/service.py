@@ -254,6 +254,7 @@ class Controller:
             host_key=self.host_key,
             authenticate=self.authenticate,
             on_refused=self._audit_refusal,
+            revalidate=self._revalidate,
             on_refusal_burst=self._audit_refusal_burst,
             limits=ConnectionLimits(
                 max_connections=self.settings.ssh_max_connections,
@@ -428,18 +429,37 @@ class Controller:
         host = await self.hosts.authenticate(username, presented)
         if host is not None:
             return Principal(host.id, Role.AGENT, fp, presented)
+        role = await self._operator_role(username, presented)
+        return None if role is None else Principal(username, role, fp, presented)
+
+    async def _operator_role(self, name: str, presented: str) -> str | None:
+        """The role of the enabled operator ``name`` whose key ``presented`` is, else None."""
         assert self.store is not None
         row = await self.store.fetchone(
-            "SELECT * FROM operators WHERE name = ? AND disabled = 0", (username,)
+            "SELECT * FROM operators WHERE name = ? AND disabled = 0", (name,)
         )
-        if row is not None and " ".join(row["ssh_public_key"].split()[:2]) == presented:
-            try:
-                rowmac.check_operator(self.store.row_key, row)
-            except IntegrityError as exc:
-                log.error("login refused for %s: %s", username, exc)
-                return None
-            return Principal(row["name"], row["role"], fp, presented)
-        return None
+        if row is None or " ".join(row["ssh_public_key"].split()[:2]) != presented:
+            return None
+        try:
+            rowmac.check_operator(self.store.row_key, row)
+        except IntegrityError as exc:
+            log.error("operator %s refused: %s", name, exc)
+            return None
+        return str(row["role"])
+
+    async def _revalidate(self, principal: Principal) -> str | None:
+        """Before each operator request: the operator is still enabled, with the key and role
+        it logged in with. A removal through another replica closes only that replica's
+        connections, and a removed operator may be added back with another key or role.
+        Hosts are looked up again by every agent handler (``HostRegistry.identity``)."""
+        if principal.role in (Role.AGENT, Role.ENROLL):
+            return None
+        if await self._operator_role(principal.name, principal.public_key) == principal.role:
+            return None
+        return (
+            f"operator {principal.name} was removed or changed since this connection "
+            "logged in"
+        )
 
     async def _audit_refusal(
         self, principal: Principal | None, method: str, exc: CKMSError

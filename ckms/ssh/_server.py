@@ -64,6 +64,8 @@ _AGENT_ROLE = "agent"  # ckms.protocol.Role.AGENT; this package names roles only
 
 Authenticator = Callable[[str, asyncssh.SSHKey], Awaitable[Principal | None]]
 Handler = Callable[[Principal, dict[str, Any]], Awaitable[BaseModel | dict[str, Any] | None]]
+Revalidator = Callable[[Principal], Awaitable[str | None]]
+"""Why a principal authenticated earlier on this connection no longer holds (None: it does)."""
 RefusalHook = Callable[[Principal | None, str, CKMSError], Awaitable[None]]
 
 
@@ -152,6 +154,7 @@ class RpcServer:
         host_key: asyncssh.SSHKey,
         authenticate: Authenticator,
         on_refused: RefusalHook | None = None,
+        revalidate: Revalidator | None = None,
         on_refusal_burst: BurstHook | None = None,
         limits: ConnectionLimits | None = None,
         max_concurrent: int = 16,
@@ -164,6 +167,10 @@ class RpcServer:
         self.host_key = host_key
         self.authenticate = authenticate
         self.on_refused = on_refused
+        self.revalidate = revalidate
+        """Asked before each request of a known principal: authentication is once per
+        connection, and a principal removed elsewhere (by another replica, whose
+        :meth:`disconnect` closes only its own connections) must not keep its powers here."""
         limits = limits or ConnectionLimits()
         self.guard = SourceGuard(limits, on_burst=on_refusal_burst, clock=clock)
         self.host_guard = SourceGuard(
@@ -317,6 +324,10 @@ class RpcServer:
         try:
             method = method_of()
             route = self._authorize(principal, method)
+            if self.revalidate is not None and principal is not None and principal.known:
+                gone = await self.revalidate(principal)
+                if gone is not None:
+                    raise PermissionDeniedError(f"{method}: {gone}")
             owner.requests += 1
             limit = principal.max_requests if principal is not None else None
             if limit is not None and owner.requests > limit:
