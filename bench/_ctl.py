@@ -40,7 +40,7 @@ class ControllerService:
         home: str,
         bootstrap: str,
         events_topic: str,
-        acks_topic: str,
+        fleet_topic: str,
         partitions: int,
         events_partitions: int,
         kafka: dict[str, str] | None = None,
@@ -54,8 +54,8 @@ class ControllerService:
                 kafka_bootstrap=bootstrap,
                 **(kafka or {}),  # type: ignore[arg-type]  # the TLS settings (file paths)
                 events_topic=events_topic,
-                acks_topic=acks_topic,
-                partitions=partitions,
+                fleet_topic=fleet_topic,
+                fleet_partitions=partitions,
                 events_partitions=events_partitions,
                 ssh_workers=ssh_workers,
                 # Every simulated host enrolls from 127.0.0.1: one source, unlike a real fleet.

@@ -7,14 +7,15 @@ What runs (all on this machine, each part a separate process):
 
 - a real Apache Kafka broker (``ckms.devkafka.LocalKafka``), one for the whole run;
 - a real controller (``Controller``: SQLite store, asyncssh endpoint, outbox publisher, ack
-  consumer) in its own process, fresh for each N, with its own topics;
+  service) in its own process, fresh for each N, with its own topics;
 - worker processes, each running many real agents (``ckms_agent.daemon.Agent``): every agent has
-  its own enrollment, identity keys, SQLite state DB, SSH connection, Kafka consumer and
-  producer and installs into its own root directory. Agents use the agent's default settings
-  (long poll 20 s, heartbeat 60 s); their INFO logging is off (WARNING goes to a file per worker).
+  its own enrollment, identity keys, SQLite state DB, SSH connection (which also carries its
+  acks) and Kafka consumer, and installs into its own root directory. Agents use the agent's
+  default settings (long poll 20 s, heartbeat 60 s); their INFO logging is off (WARNING goes
+  to a file per worker).
 
 Measured per N, after a warm-up (the key is created and installed everywhere, so every agent has
-its connection, consumer and ack producer up):
+its connection and consumer up):
 
 - **rotate → all acked**: from the rotation's commit (its outbox event's ``created_at``) to
   each host's ack being applied to the fleet view (``fleet_state.updated_at``); total = slowest;
@@ -102,7 +103,7 @@ class Phase:
     acked_p50_ms: float = math.nan
     """Commit → the agent signed its ack (agent clock; everything runs on one machine)."""
     ack_transit_p50_ms: float = math.nan
-    """The agent signed its ack → the controller applied it (Kafka and the ack consumer)."""
+    """The agent signed its ack → the controller applied it (``ack`` over SSH, group commit)."""
     ack_transit_p99_ms: float = math.nan
 
     @property
@@ -181,7 +182,7 @@ class FleetBench:
             bootstrap=self.kafka.bootstrap,
             # Under the ckms topic names, which the broker's ACLs cover.
             events_topic=f"ckms.events.bench-{run}",
-            acks_topic=f"ckms.acks.bench-{run}",
+            fleet_topic=f"ckms.fleet.bench-{run}",
             kafka=tls_settings(self.kafka.security(SubjectRole.CONTROLLER, "bench")),
             partitions=self.args.partitions,
             events_partitions=self.args.events_partitions,
@@ -700,7 +701,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ssh-workers", type=int, default=1, help="the controller's ssh_workers setting"
     )
-    parser.add_argument("--partitions", type=int, default=6, help="partitions of the acks topic")
+    parser.add_argument("--partitions", type=int, default=6, help="partitions of the fleet topic")
     parser.add_argument(
         "--events-partitions", type=int, default=1, help="partitions of the events topic"
     )

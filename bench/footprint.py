@@ -95,7 +95,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 kafka_bootstrap=kafka.bootstrap,
                 **tls_settings(kafka.security(SubjectRole.CONTROLLER, "footprint")),
                 events_topic="ckms.events.footprint",
-                acks_topic="ckms.acks.footprint",
+                fleet_topic="ckms.fleet.footprint",
             )
         )
         async with controller:

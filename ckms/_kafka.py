@@ -161,12 +161,14 @@ async def abort_producer(producer: AIOKafkaProducer) -> None:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message of a relayed queue; ``ident`` is what the queue confirms it by."""
+    """One message of a relayed queue; ``ident`` is what the queue confirms it by, ``topic``
+    where it goes when not the relay's own topic."""
 
     ident: int
     value: bytes
     key: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    topic: str | None = None
 
 
 class RelaySource(Protocol):
@@ -279,7 +281,9 @@ class Relay:
         producer = await self._ensure_producer()
         with kafka_errors(f"sending to {self.topic}"):
             futures = [
-                await producer.send(self.topic, m.value, key=m.key, headers=list(m.headers))
+                await producer.send(
+                    m.topic or self.topic, m.value, key=m.key, headers=list(m.headers)
+                )
                 for m in batch
             ]
         results = await wait_delivered(futures, self.delivery_timeout_s)

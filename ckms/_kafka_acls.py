@@ -2,11 +2,12 @@
 
 Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPAL_MAPPING_RULES`):
 
-- ``User:ckms-controller`` writes the events and audit topics, reads acks, the audit anchor
+- ``User:ckms-controller`` writes the events, fleet and audit topics, reads the audit anchor
   and the events topic (a restore continues the sequence after the newest event it signed),
   and creates the three topics;
-- ``User:ckms-agent`` reads events and writes acks (while acks ride Kafka) — nothing else;
-- ``User:ckms-subscriber`` reads events only;
+- ``User:ckms-agent`` reads events — nothing else (acks go over the agent's SSH connection);
+- ``User:ckms-subscriber`` reads events and the fleet topic (``fleet.acked``: the hosts' acks
+  the controller applied, signed by it);
 - brokers (``User:ckms-broker``) are super users; everything else is denied (the
   ``StandardAuthorizer`` allows nothing without an ACL).
 
@@ -25,7 +26,7 @@ from aiokafka.errors import KafkaError
 
 from ckms._kafka_security import KafkaLink
 from ckms.errors import KafkaUnavailableError
-from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC
+from ckms.protocol import AUDIT_TOPIC, EVENTS_TOPIC, FLEET_TOPIC
 
 __all__ = [
     "AGENT",
@@ -75,7 +76,7 @@ class AclBinding:
 def ckms_acls(
     *,
     events: str = EVENTS_TOPIC,
-    acks: str = ACKS_TOPIC,
+    fleet: str = FLEET_TOPIC,
     audit: str = AUDIT_TOPIC,
     pattern: Pattern = Pattern.LITERAL,
 ) -> list[AclBinding]:
@@ -83,14 +84,14 @@ def ckms_acls(
     grants = {
         CONTROLLER: {
             events: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
-            acks: (Operation.READ, Operation.DESCRIBE, Operation.CREATE),
+            fleet: (Operation.WRITE, Operation.DESCRIBE, Operation.CREATE),
             audit: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
         },
-        AGENT: {
+        AGENT: {events: (Operation.READ, Operation.DESCRIBE)},
+        SUBSCRIBER: {
             events: (Operation.READ, Operation.DESCRIBE),
-            acks: (Operation.WRITE, Operation.DESCRIBE),
+            fleet: (Operation.READ, Operation.DESCRIBE),
         },
-        SUBSCRIBER: {events: (Operation.READ, Operation.DESCRIBE)},
     }
     return [
         AclBinding(principal, op, topic, pattern)

@@ -27,7 +27,7 @@ from ckms._kafka_security import KafkaLink
 from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms.devpostgres import LocalPostgres
-from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC
+from ckms.protocol import AUDIT_TOPIC, EVENTS_TOPIC, FLEET_TOPIC
 from tests.support.postgres import PostgresDatabase, create_database, drop_database
 from tests.support.stores import BACKENDS, StoreTarget
 
@@ -137,7 +137,7 @@ def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
     def make(suffix: str = "events") -> str:
         # The broker's ACLs cover every topic under the ckms names; anything else is a
         # data topic of the test's own, read and written as the controller.
-        role = {"acks": ACKS_TOPIC, "audit": AUDIT_TOPIC}.get(suffix, EVENTS_TOPIC)
+        role = {"fleet": FLEET_TOPIC, "audit": AUDIT_TOPIC}.get(suffix, EVENTS_TOPIC)
         return f"{role}.{base}.{suffix}.{run}"
 
     return make

@@ -35,7 +35,7 @@ from ckms._exposition import parse_listen
 from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.crypto import WrapSuite, signer_key_id
 from ckms.errors import ConfigError
-from ckms.protocol import ACKS_TOPIC, EVENTS_TOPIC, HOOK_NAME_RE, Targets
+from ckms.protocol import EVENTS_TOPIC, HOOK_NAME_RE, Targets
 from ckms.ssh import Endpoint, parse_endpoints
 from ckms_agent.files import InstallError, write_atomic
 
@@ -152,7 +152,6 @@ class AgentConfig(BaseModel):
     """For SASL_SSL: a TOML file with ``username`` and ``password``."""
     kafka_check_hostname: bool = True
     events_topic: str = Field(default=EVENTS_TOPIC, min_length=1, max_length=249)
-    acks_topic: str = Field(default=ACKS_TOPIC, min_length=1, max_length=249)
     event_seq_floor: int = Field(default=0, ge=0)
     """The controller's last event ``seq`` at enrollment (from the enroll reply): every event
     at or below it predates this enrollment and is dropped as a replay."""
@@ -333,7 +332,7 @@ class AgentConfig(BaseModel):
 
     @property
     def kafka(self) -> KafkaLink:
-        """Where Kafka is and how this host talks to it (events in, acks out)."""
+        """Where Kafka is and how this host talks to it (it reads events; it writes nothing)."""
         return KafkaLink(self.kafka_bootstrap, self.kafka_security)
 
     def on_host(self, path: Path) -> Path:

@@ -15,8 +15,9 @@
   between); revocations are applied locally at once from the signed event;
 - **heartbeat**: report the digests of what is intact on disk; drift triggers a reconcile;
 - **staleness**: a key whose policy allows at most N seconds without controller contact is
-  removed when that passes (and acked once Kafka allows);
-- **acks**: drain the state DB's pending-acks queue to Kafka.
+  removed when that passes (and acked once the controller is back);
+- **acks**: drain the state DB's pending-acks queue to the controller over the same SSH
+  connection (``ack`` requests; the agent has no Kafka write access).
 
 The first task to fail stops all. Cancelling ``run()`` or calling :meth:`Agent.stop` (SIGTERM)
 is a clean stop: an install in progress finishes (files are replaced atomically either way) and
@@ -52,6 +53,8 @@ from ckms.errors import (
     TransportError,
 )
 from ckms.protocol import (
+    AckReply,
+    AckRequest,
     CaRotated,
     CertSignReply,
     CertSignRequest,
@@ -68,7 +71,7 @@ from ckms.protocol import (
     SyncRequest,
 )
 from ckms.ssh import RpcClient
-from ckms_agent.acks import AckPublisher, AckWriter
+from ckms_agent.acks import AckSender, AckWriter
 from ckms_agent.certs import CertKeeper, ClientCertKeeper, is_cert_key
 from ckms_agent.config import AgentConfig
 from ckms_agent.events import RELEVANT_TYPES, EventAction, classify
@@ -95,7 +98,6 @@ M = TypeVar("M", bound=BaseModel)
 _CONTACT_WRITE_EVERY_S = 15.0
 _CONNECTION_CHECK_S = 2.0
 _SEED_TIMEOUT_S = 15.0
-_REVOKED_ACK_FLUSH_S = 10.0
 
 
 _RENEWAL_RECHECK_S = 5.0
@@ -130,7 +132,7 @@ class Agent:
         self._revocations: dict[str, asyncio.Task[None]] = {}
         self._state: AgentState | None = None
         self._rpc: RpcClient | None = None
-        self._acks: AckPublisher | None = None
+        self._acks: AckSender | None = None
         self._subscriber: Subscriber | None = None
         self._stop = asyncio.Event()
         self._connected = asyncio.Event()
@@ -190,12 +192,12 @@ class Agent:
                         f"host {cfg.host_id} was revoked by the controller; "
                         "re-enroll it (ckms-agent enroll --force) to use it again"
                     )
-                self._acks = AckPublisher(
+                self._acks = AckSender(
                     state,
-                    kafka=cfg.kafka,
-                    topic=cfg.acks_topic,
+                    send=self._send_acks,
+                    connected=self._connected,
                     backoff=self._backoff(),
-                    client_id=f"ckms-agent-{cfg.host_id}",
+                    host_id=cfg.host_id,
                 )
                 writer = AckWriter(
                     state,
@@ -673,8 +675,8 @@ class Agent:
         )
         await self.ops.drop_everything(event.id)
         await self.certs.drop_everything(event.id)
-        assert self._acks is not None
-        await self._acks.wait_drained(_REVOKED_ACK_FLUSH_S)
+        # The removal acks stay in the state DB as the host's record: the controller takes no
+        # request from a revoked host, so there is nothing to wait for before stopping.
         raise HostRevokedError(
             f"host {self.config.host_id} was revoked by the controller; its keys were removed"
         )
@@ -762,6 +764,16 @@ class Agent:
         if self._ops is None:
             raise StoreError("the agent is not running")
         return self._ops
+
+    async def _send_acks(self, request: AckRequest) -> AckReply:
+        return await self._call("ack", request, AckReply)
+
+    @property
+    def acks(self) -> AckSender:
+        """The ack sender of the running agent."""
+        if self._acks is None:
+            raise StoreError("the agent is not running")
+        return self._acks
 
     async def _fetch(self, request: FetchRequest) -> FetchReply:
         return await self._call("fetch", request, FetchReply)

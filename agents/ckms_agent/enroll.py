@@ -125,7 +125,6 @@ async def enroll(
                 controller_key_id=reply.controller_key_id,
                 kafka_bootstrap=reply.kafka_bootstrap,
                 events_topic=reply.events_topic,
-                acks_topic=reply.acks_topic,
                 event_seq_floor=reply.event_seq,
                 state_dir=state_dir,
                 root=root,

@@ -1,50 +1,77 @@
-"""The ack consumer: verifies signed acks from ``ckms.acks`` and applies them to the fleet view.
+"""Hosts' signed acks, sent over their own SSH connection, applied to the fleet view.
 
-The consumer assigns itself every partition of the acks topic (no consumer group), verifies
-each ack against the enrolled identity key of the agent that claims it, refuses acks for another
-agent, replays (an ack ``seq`` not newer than the agent's last) and anything malformed, and
-applies each fetched batch in **one** transaction: fleet rows, the hosts' last ack seq, one audit
-record per ack and the consumer's Kafka positions. A crash therefore never applies an ack twice
-nor loses one. What the rows mean is :mod:`ckms.controller.fleet`'s business.
+An agent sends its queued acks in batches with the ``ack`` request
+(:class:`~ckms.protocol.AckRequest`). :class:`AckService` is the one place their rules live:
+
+- each ack is verified over its exact bytes against the identity key of the host the SSH
+  connection authenticated as, and must name that host as its agent: host A can neither submit
+  an ack signed by host B nor one of its own that claims to be B's;
+- an ack ``seq`` at or below the host's last applied one is a duplicate (a retransmission after
+  a lost reply, or a replay): confirmed to the sender, applied nothing;
+- the batches of concurrent requests from many hosts are applied in **one** transaction (the
+  store's group commit, shared with ``sync`` and ``heartbeat``): fleet rows, the hosts' last ack
+  seq, one audit record per ack, and the ``fleet.acked`` events that republish what was applied,
+  signed by the controller, one per key per commit (:data:`~ckms.protocol.FLEET_TOPIC`);
+- the reply is sent only after that commit, so the agent forgets only what is durable here.
+
+What the rows mean is :mod:`ckms.controller.fleet`'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
+import binascii
 import logging
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-
-from ckms._aio import stop_if_cancelled
-from ckms._backoff import Backoff
-from ckms._kafka import TopicSpec, ensure_topics, kafka_errors, partitions_of
-from ckms._kafka_security import KafkaLink
-from ckms.controller.hosts import HostRegistry
-from ckms.errors import CKMSError
+from ckms._canonical import canonical_json
+from ckms.controller.models import Host
+from ckms.crypto import signer_key_id
+from ckms.errors import PermissionDeniedError
 from ckms.protocol import (
     KEY_ID_HEADER,
+    MAX_FLEET_ACKS,
     MAX_MESSAGE_BYTES,
+    SIGNATURE_HEADER,
     Ack,
+    AckedVersion,
+    AckRefused,
+    AckReply,
+    AckRequest,
     Envelope,
     EventType,
+    FleetAcked,
+    MalformedMessage,
     MessageRejected,
-    ReplayedEvent,
     UnknownSigner,
     verify_message,
 )
-from ckms.store import Clock, Store, Transaction, format_time, parse_time, utc_now
+from ckms.store import (
+    Clock,
+    GroupWriter,
+    Store,
+    Transaction,
+    format_time,
+    outbox,
+    parse_time,
+    utc_now,
+)
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
 
+_FLEET_EVENT_BUDGET = MAX_MESSAGE_BYTES // 2
+"""Bytes of acks one ``fleet.acked`` event carries at most (half the message bound leaves room
+for the envelope and the JSON of long error texts)."""
+
 
 @dataclass
 class AckStats:
-    """What the ack consumer did."""
+    """What the ack service did."""
 
     applied: int = 0
     dropped: dict[str, int] | None = None
@@ -56,197 +83,158 @@ class AckStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
-class AckConsumer:
-    """``run()`` applies acks to the fleet view until cancelled."""
+_Collected = dict[tuple[str, str], list[AckedVersion]]
+"""(key name, key id) → the acks of that key one transaction applied."""
 
-    def __init__(
-        self,
-        store: Store,
-        hosts: HostRegistry,
-        *,
-        kafka: KafkaLink,
-        topic: str,
-        topics: list[TopicSpec],
-        clock: Clock = utc_now,
-        poll_ms: int = 500,
-    ) -> None:
+
+@dataclass
+class _Outcome:
+    """What one request's work did in its transaction (reset if the work runs again)."""
+
+    applied: list[int] = field(default_factory=list)
+    duplicates: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.applied.clear()
+        self.duplicates.clear()
+        self.latencies.clear()
+
+
+class AckService:
+    """``await acks.submit(host, request)`` verifies and applies one batch of a host's acks."""
+
+    def __init__(self, store: Store, group: GroupWriter, *, clock: Clock = utc_now) -> None:
         self._store = store
-        self._hosts = hosts
-        self._kafka = kafka
-        self._topic = topic
-        self._topics = topics
+        self._group = group
         self._clock = clock
-        self._poll_ms = poll_ms
-        self._signers: dict[str, tuple[str, bytes]] = {}
-        self._signers_generation = -1
+        # The fleet entries each open transaction collected, written once per group commit.
+        self._collected: weakref.WeakKeyDictionary[Transaction, _Collected] = (
+            weakref.WeakKeyDictionary()
+        )
         self.stats = AckStats()
         self.applied = asyncio.Condition()
+        """Notified after every commit that applied acks (tests and waits watch it)."""
         self.on_latency: Callable[[float], None] | None = None
         """Called once per applied ack that answers an event, with commit → ack seconds."""
         self.on_applied: Callable[[], None] | None = None
-        """Called after every committed batch that applied an ack (the rollout driver wakes)."""
+        """Called after every commit that applied an ack (the rollout driver wakes)."""
 
-    async def run(self) -> None:
-        """Consume until cancelled, reconnecting with backoff while Kafka is away."""
-        backoff = Backoff(0.5, 10.0)
-        while True:
-            stop_if_cancelled()
+    def verify(self, host: Host, request: AckRequest) -> tuple[list[Envelope], list[AckRefused]]:
+        """The acks of ``request`` that ``host`` signed about itself, in ``seq`` order, and the
+        refused rest (each logged and counted; nothing is applied here)."""
+        kid = signer_key_id(host.identity_public_key)
+        trust = {kid: host.identity_public_key}
+        verified: list[Envelope] = []
+        refused: list[AckRefused] = []
+        for index, signed in enumerate(request.acks):
             try:
-                with kafka_errors("consuming acks"):
-                    await self._consume()
-            except CKMSError as exc:
-                delay = backoff.next()
-                log.warning("ack consumer stopped (%s); restarting in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-
-    async def _consume(self) -> None:
-        await ensure_topics(self._kafka, self._topics)
-        partitions = await partitions_of(self._kafka, self._topic)
-        consumer = AIOKafkaConsumer(
-            **self._kafka.client_args(),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._poll_ms,
-            max_partition_fetch_bytes=max(1 << 20, 2 * MAX_MESSAGE_BYTES),
-            client_id="ckms-controller-acks",
-        )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(self._topic, p) for p in partitions]
-            consumer.assign(tps)
-            rows = await self._store.fetchall(
-                "SELECT partition, next_offset FROM consumer_positions WHERE topic = ?",
-                (self._topic,),
-            )
-            saved = {int(r["partition"]): int(r["next_offset"]) for r in rows}
-            for tp in tps:
-                if tp.partition in saved:
-                    consumer.seek(tp, saved[tp.partition])
-                else:
-                    await consumer.seek_to_beginning(tp)
-            while True:
-                batches = await consumer.getmany(timeout_ms=self._poll_ms, max_records=1000)
-                stop_if_cancelled()
-                records = [
-                    r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]
-                ]
-                if records:
-                    await self.apply(records)
-        finally:
-            with contextlib.suppress(CKMSError), kafka_errors("stopping the ack consumer"):
-                await consumer.stop()
-
-    async def _verify(self, record: ConsumerRecord[bytes, bytes]) -> tuple[str, Envelope]:
-        kid = next(
-            (
-                bytes(v).decode("ascii", "replace")
-                for k, v in record.headers or ()
-                if k == KEY_ID_HEADER
-            ),
-            "",
-        )
-        # Reloaded only when a commit changed a host (enroll, revoke): an ack from an unknown
-        # key costs no query, so junk on the topic cannot make the controller re-read the hosts
-        # table per record, and a host revoked since is dropped from the map at once.
-        generation = await self._store.generation("hosts")
-        if generation != self._signers_generation:
-            self._signers = await self._hosts.signer_map()
-            self._signers_generation = generation
-        entry = self._signers.get(kid)
-        if entry is None:
-            raise UnknownSigner(f"ack signer {kid[:40]!r} is not an enrolled host")
-        host_id, public = entry
-        envelope = verify_message(
-            record.value, record.headers, {kid: public}, types={EventType.ACK}
-        )
-        assert isinstance(envelope.data, Ack)
-        if envelope.data.agent != host_id:
-            raise UnknownSigner(
-                f"ack signed by host {host_id} claims to come from {envelope.data.agent}"
-            )
-        return host_id, envelope
-
-    async def apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
-        """Verify and apply a batch of ack records in one transaction; return how many applied."""
-        checked: list[tuple[ConsumerRecord[bytes, bytes], str | None, Envelope | None]] = []
-        for record in records:
-            try:
-                host_id, envelope = await self._verify(record)
-                checked.append((record, host_id, envelope))
+                try:
+                    value = base64.b64decode(signed.value, validate=True)
+                    signature = base64.b64decode(signed.sig, validate=True)
+                except (binascii.Error, ValueError):
+                    raise MalformedMessage("ack value or signature is not base64") from None
+                if signed.kid != kid:
+                    raise UnknownSigner(
+                        f"ack signed by key {signed.kid[:40]!r}, not host {host.id}'s own"
+                    )
+                envelope = verify_message(
+                    value,
+                    ((SIGNATURE_HEADER, signature), (KEY_ID_HEADER, signed.kid.encode())),
+                    trust,
+                    types={EventType.ACK},
+                )
+                assert isinstance(envelope.data, Ack)
+                if envelope.data.agent != host.id:
+                    raise UnknownSigner(
+                        f"ack signed by host {host.id} claims to come from {envelope.data.agent}"
+                    )
             except MessageRejected as exc:
                 self.stats.drop(exc.reason)
                 log.warning(
-                    "dropped ack partition=%d offset=%d reason=%s: %s",
-                    record.partition,
-                    record.offset,
+                    "refused ack %d of a batch from host %s reason=%s: %s",
+                    index,
+                    host.id,
                     exc.reason,
                     exc,
                 )
-                checked.append((record, None, None))
-        now = self._clock()
-        applied = 0
-        hosts = sorted({host_id for _, host_id, _ in checked if host_id is not None})
-        async with self._store.write() as tx:
-            # One query per batch for what every ack needs, not one per ack (the writer is the
-            # controller's busiest path during a rotation).
-            last_seq: dict[str, int | None] = {}
-            for chunk in _chunks(hosts, 500):
-                marks = ", ".join("?" * len(chunk))
-                for row in await tx.fetchall(
-                    f"SELECT id, last_ack_seq FROM hosts WHERE id IN ({marks})",  # noqa: S608
-                    chunk,
-                ):
-                    last_seq[row["id"]] = row["last_ack_seq"]
-            lookups = _BatchLookups(tx)
-            latencies: list[float] = []
-            positions: dict[int, int] = {}
-            seen: dict[str, int] = {}
-            for record, host_id, envelope in checked:
-                positions[record.partition] = record.offset + 1
-                if host_id is None or envelope is None:
-                    continue
-                previous = last_seq.get(host_id)
-                if previous is not None and envelope.seq <= previous:
-                    exc = ReplayedEvent(
-                        f"ack seq {envelope.seq} of {host_id} is not newer than {previous}"
-                    )
-                    self.stats.drop(exc.reason)
-                    log.warning("dropped ack from %s reason=%s: %s", host_id, exc.reason, exc)
-                    continue
-                if await self._apply_one(tx, lookups, host_id, envelope, now, latencies):
-                    applied += 1
-                last_seq[host_id] = seen[host_id] = envelope.seq
-            stamp = format_time(now)
-            await tx.executemany(
-                "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
-                [(seq, stamp, host_id) for host_id, seq in seen.items()],
+                refused.append(AckRefused(index=index, reason=exc.reason))
+                continue
+            verified.append(envelope)
+        verified.sort(key=lambda e: e.seq)
+        return verified, refused
+
+    async def submit(self, host: Host, request: AckRequest) -> AckReply:
+        """Verify ``request``, apply what verifies in the next group commit, and say (only
+        after that commit) which seqs are applied, duplicates, or refused."""
+        verified, refused = self.verify(host, request)
+        outcome = _Outcome()
+        if verified:
+
+            async def work(tx: Transaction) -> None:
+                outcome.reset()  # it may run twice: once in a group that failed, then alone
+                await self._apply(tx, host.id, verified, outcome)
+
+            await self._group.write(work, finish=self._write_fleet_events)
+        for _ in outcome.duplicates:
+            self.stats.drop("replayed")
+        if outcome.duplicates:
+            log.info(
+                "host %s resent acks %s already applied (a lost reply): confirmed again",
+                host.id,
+                outcome.duplicates,
             )
-            await tx.executemany(
-                "INSERT INTO consumer_positions(topic, partition, next_offset) "
-                "VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
-                "DO UPDATE SET next_offset = excluded.next_offset",
-                [(self._topic, partition, offset) for partition, offset in positions.items()],
-            )
-        self.stats.applied += applied
+        self.stats.applied += len(outcome.applied)
         if self.on_latency is not None:
-            for seconds in latencies:  # after the commit: only acks that were kept count
+            for seconds in outcome.latencies:  # after the commit: only acks that were kept
                 self.on_latency(seconds)
-        if applied and self.on_applied is not None:
-            self.on_applied()
-        async with self.applied:
-            self.applied.notify_all()
-        return applied
+        if outcome.applied:
+            if self.on_applied is not None:
+                self.on_applied()
+            async with self.applied:
+                self.applied.notify_all()
+        return AckReply(
+            applied=tuple(outcome.applied),
+            duplicates=tuple(outcome.duplicates),
+            refused=tuple(refused),
+        )
+
+    async def _apply(
+        self, tx: Transaction, host_id: str, envelopes: list[Envelope], outcome: _Outcome
+    ) -> None:
+        row = await tx.fetchone("SELECT last_ack_seq, revoked FROM hosts WHERE id = ?", (host_id,))
+        if row is None or row["revoked"]:
+            # Revoked after the request was authorized: the revocation committed first.
+            raise PermissionDeniedError(f"host {host_id} is revoked")
+        last = row["last_ack_seq"]
+        now = self._clock()
+        lookups = _Lookups(tx)
+        collected = self._collected.setdefault(tx, {})
+        for envelope in envelopes:
+            if last is not None and envelope.seq <= last:
+                outcome.duplicates.append(envelope.seq)
+                continue
+            entry = await self._apply_one(tx, lookups, host_id, envelope, now, outcome)
+            if entry is not None:
+                collected.setdefault(entry[0], []).append(entry[1])
+            outcome.applied.append(envelope.seq)
+            last = envelope.seq
+        if outcome.applied:
+            await tx.execute(
+                "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
+                (last, format_time(now), host_id),
+            )
 
     async def _apply_one(
         self,
         tx: Transaction,
-        lookups: _BatchLookups,
+        lookups: _Lookups,
         host_id: str,
         envelope: Envelope,
         now: datetime,
-        latencies: list[float],
-    ) -> bool:
+        outcome: _Outcome,
+    ) -> tuple[tuple[str, str], AckedVersion] | None:
+        """Apply one ack; return its fleet event entry (None for a key nobody knows)."""
         ack = envelope.data
         assert isinstance(ack, Ack)
         key_id = await lookups.key_id(ack.key)
@@ -260,7 +248,7 @@ class AckConsumer:
             if created is not None:
                 latency_ms = (now - created).total_seconds() * 1000
                 if key_id is not None:
-                    latencies.append(latency_ms / 1000)
+                    outcome.latencies.append(latency_ms / 1000)
         if key_id is not None:
             await tx.execute(
                 "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
@@ -311,11 +299,53 @@ class AckConsumer:
                 **details,
             },
         )
-        return key_id is not None
+        if key_id is None:
+            return None
+        entry = AckedVersion(
+            host=host_id,
+            version=ack.version,
+            status=ack.status,
+            digest=ack.digest,
+            at=envelope.at,
+            elapsed_ms=ack.elapsed_ms,
+            ack_seq=envelope.seq,
+            event_id=ack.event_id,
+            error=ack.error if str(ack.status) == "failed" else None,
+            cert_serial=ack.cert_serial,
+            cert_not_after=ack.cert_not_after,
+        )
+        return (ack.key, key_id), entry
+
+    async def _write_fleet_events(self, tx: Transaction) -> None:
+        """Once per group commit: the acks its requests applied, as ``fleet.acked`` events (one
+        per key, split to stay under the message bound), in the same transaction."""
+        collected = self._collected.pop(tx, None)
+        if not collected:
+            return
+        prepared = []
+        for (key, key_id), entries in sorted(collected.items()):
+            for chunk in _chunks(entries):
+                data = FleetAcked(key=key, key_id=key_id, acks=tuple(chunk))
+                prepared.append(outbox.prepare(key, data))
+        await outbox.add_events(tx, prepared, now=self._clock())
 
 
-class _BatchLookups:
-    """Key ids and event times, each read once per ack batch (acks of a rotation share them)."""
+def _chunks(entries: list[AckedVersion]) -> list[list[AckedVersion]]:
+    """``entries`` in runs of at most MAX_FLEET_ACKS and about half the message bound each."""
+    out: list[list[AckedVersion]] = [[]]
+    size = 0
+    for entry in entries:
+        cost = len(canonical_json(entry.model_dump(mode="json")))
+        if out[-1] and (len(out[-1]) >= MAX_FLEET_ACKS or size + cost > _FLEET_EVENT_BUDGET):
+            out.append([])
+            size = 0
+        out[-1].append(entry)
+        size += cost
+    return out
+
+
+class _Lookups:
+    """Key ids and event times, each read once per transaction (acks of a rotation share them)."""
 
     def __init__(self, tx: Transaction) -> None:
         self._tx = tx
@@ -335,7 +365,3 @@ class _BatchLookups:
             )
             self._events[event_id] = None if created is None else parse_time(created)
         return self._events[event_id]
-
-
-def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -200,7 +200,7 @@ class Publisher(Protocol):
 
 
 class AckCounts(Protocol):
-    """What ``status`` needs of the ack consumer."""
+    """What ``status`` needs of the ack service."""
 
     @property
     def stats(self) -> Any: ...

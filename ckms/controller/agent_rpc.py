@@ -1,4 +1,4 @@
-"""What the controller answers agents over SSH: enroll, sync, heartbeat, fetch, digest_key.
+"""What the controller answers agents over SSH: enroll, sync, heartbeat, fetch, digest_key, ack.
 
 ``fetch`` is the only path by which key material leaves the controller: for a host that the
 key targets, for a version in a distributable state, HPKE-wrapped to that host's wrapping key
@@ -10,6 +10,9 @@ successful fetch is audited too, so the log shows which host received which vers
 target of, the controller checks it (signature, key type, and that it asks for no name but those
 the key's install spec renders for this host) and returns a certificate from the internal CA
 with exactly those names. The host's private key never crosses the connection.
+
+``ack`` carries a batch of the host's signed acks; :mod:`ckms.controller.acks` holds their rules
+and applies them in the same group commits as ``sync`` and ``heartbeat``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ckms.controller import _repo
+from ckms.controller.acks import AckService
 from ckms.controller.ca import ControllerCA
 from ckms.controller.desired import desired_versions, drifted_keys, released_to, targeting
 from ckms.controller.hosts import HostRegistry
@@ -53,6 +57,8 @@ from ckms.errors import (
     StoreError,
 )
 from ckms.protocol import (
+    AckReply,
+    AckRequest,
     CertSignReply,
     CertSignRequest,
     ClientCertReply,
@@ -131,7 +137,6 @@ class AgentService:
         *,
         kafka_bootstrap: str,
         events_topic: str,
-        acks_topic: str,
         reconcile_interval_s: int = 300,
         clock: Clock = utc_now,
         ca: ControllerCA | None = None,
@@ -145,10 +150,11 @@ class AgentService:
         self._hosts = hosts
         self._bootstrap = kafka_bootstrap
         self._events_topic = events_topic
-        self._acks_topic = acks_topic
         self._reconcile_interval_s = reconcile_interval_s
         self._clock = clock
         self._group = GroupWriter(store)
+        self.acks = AckService(store, self._group, clock=clock)
+        """The hosts' acks: verified and applied in the same group commits as syncs."""
 
     def register(self, server: RpcServer) -> None:
         """Route the agent methods on ``server``."""
@@ -159,6 +165,7 @@ class AgentService:
         server.route("digest_key", self.digest_key, roles={Role.AGENT})
         server.route("cert_sign", self.cert_sign, roles={Role.AGENT})
         server.route("client_cert", self.client_cert, roles={Role.AGENT})
+        server.route("ack", self.ack, roles={Role.AGENT})
 
     def _now(self) -> datetime:
         return self._clock()
@@ -188,7 +195,6 @@ class AgentService:
             controller_key_id=signer_key_id(public),
             kafka_bootstrap=self._bootstrap,
             events_topic=self._events_topic,
-            acks_topic=self._acks_topic,
             event_seq=enrolled.event_seq,
             digest_key=base64.b64encode(digest_key).decode(),
             ca_bundle=_text(await self._ca.bundle()) if request.kafka_csr is not None else None,
@@ -388,6 +394,13 @@ class AgentService:
         )
         live = {(str(r["name"]), int(r["version"])) for r in rows}
         return sorted({name for name, version in held - live})
+
+    async def ack(self, principal: Principal, params: dict[str, Any]) -> AckReply:
+        """Apply a batch of the host's own signed acks; the reply (sent after the commit) says
+        which are durable here, so the host forgets exactly those."""
+        request = AckRequest.model_validate(params)
+        host, _ = await self._host(principal)
+        return await self.acks.submit(host, request)
 
     async def fetch(self, principal: Principal, params: dict[str, Any]) -> FetchReply:
         """One version's material, wrapped for the asking host, if it may have it."""

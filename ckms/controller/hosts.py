@@ -337,23 +337,6 @@ class HostRegistry:
             return None
         return None
 
-    async def signer_map(self) -> dict[str, tuple[str, bytes]]:
-        """Ack signer key id → (host id, raw public key) for every host that is not revoked.
-
-        A row failing its integrity check is left out (logged), so its acks are refused."""
-        row_key = self._store.row_key
-        out: dict[str, tuple[str, bytes]] = {}
-        for r in await self._store.fetchall("SELECT * FROM hosts WHERE revoked = 0"):
-            try:
-                host = _host_row(r, row_key)
-            except IntegrityError as exc:
-                log.error("acks from host %s refused: %s", r["id"], exc)
-                continue
-            if host.revoked:
-                continue
-            out[str(r["signer_key_id"])] = (host.id, host.identity_public_key)
-        return out
-
     async def set_labels(self, host_id: str, labels: dict[str, str], *, actor: str) -> Host:
         """Replace a host's labels (which keys target it follows from them)."""
         labels = validate_labels(labels)

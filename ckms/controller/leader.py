@@ -3,7 +3,7 @@
 Every replica runs :meth:`LeaderLease.run`. Each round (a third of the lease) it records its
 heartbeat and takes or renews the lease (:func:`ckms.store.lease.acquire`). While it holds the
 lease it runs the leader-only work (``lead``: outbox publisher, scheduler, audit anchor,
-rollout driver, ack consumer) as one task bound to the lease's fence, so each of its writes
+rollout driver) as one task bound to the lease's fence, so each of its writes
 is refused once another replica took over (:mod:`ckms.store.lease`). It stops that work and
 goes on serving SSH as a follower when:
 

@@ -6,7 +6,7 @@ failures) are read at scrape time by a custom collector: no second bookkeeping. 
 the store (seal state, outbox backlog and publish lag, hosts by state, rotations due, per-key
 convergence) come from a snapshot taken through the admin RPC's own read routes, as an auditor
 would see them, at most every ``refresh_s`` (a scrape never costs more than one snapshot).
-The commit → ack latency is a histogram observed once per host ack as the ack consumer
+The commit → ack latency is a histogram observed once per host ack as the ack service
 applies it.
 
 Certificates: ckms has no certificate key type yet, so ``ckms_rotations_due`` (versions whose

@@ -4,7 +4,9 @@ Lifecycle changes write their event into the ``outbox`` table in the same transa
 change (so no event is lost if the process dies). This task is a
 :class:`~ckms._kafka.Relay` over the outbox: it reads unsent rows in ``seq`` order, signs each
 envelope with the vault's key (nothing while sealed), sends them partitioned by key name, and
-marks rows sent only after the broker confirmed them. While Kafka is down, the controller keeps
+marks rows sent only after the broker confirmed them. ``fleet.acked`` rows go to the fleet topic
+(what services following the fleet read), every other event to the events topic (what agents
+read), in the one sequence. While Kafka is down, the controller keeps
 working and the outbox grows; the relay retries with a jittered backoff and then sends
 everything, in order.
 
@@ -22,7 +24,7 @@ from ckms._kafka import Outgoing, ProducerSettings, Relay, RelayStats, TopicSpec
 from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
-from ckms.protocol import envelope_dict, sign_envelope_with
+from ckms.protocol import FLEET_TOPIC, EventType, envelope_dict, sign_envelope_with
 from ckms.store import Clock, Store, outbox, utc_now
 
 __all__ = ["OutboxPublisher", "PublisherStats"]
@@ -34,10 +36,11 @@ PublisherStats = RelayStats
 class _SignedOutbox:
     """The outbox as a relay's queue: unsent rows, signed on the way out."""
 
-    def __init__(self, store: Store, vault: Vault, clock: Clock) -> None:
+    def __init__(self, store: Store, vault: Vault, clock: Clock, fleet_topic: str) -> None:
         self._store = store
         self._vault = vault
         self._clock = clock
+        self._fleet_topic = fleet_topic
 
     async def pending(self, limit: int) -> Sequence[Outgoing]:
         if self._vault.sealed:
@@ -52,7 +55,10 @@ class _SignedOutbox:
                 event.type, event.data, seq=event.seq, at=event.created_at, event_id=event.event_id
             )
             message = sign_envelope_with(envelope, self._vault.sign, kid)
-            out.append(Outgoing(event.seq, message.value, message.key, tuple(message.headers)))
+            topic = self._fleet_topic if event.type == EventType.FLEET_ACKED else None
+            out.append(
+                Outgoing(event.seq, message.value, message.key, tuple(message.headers), topic)
+            )
         return out
 
     async def confirmed(self, idents: Sequence[int]) -> None:
@@ -70,6 +76,7 @@ class OutboxPublisher(Relay):
         kafka: KafkaLink,
         topics: list[TopicSpec],
         topic: str,
+        fleet_topic: str = FLEET_TOPIC,
         clock: Clock = utc_now,
         batch_size: int = 500,
         poll_s: float = 0.5,
@@ -77,7 +84,7 @@ class OutboxPublisher(Relay):
         delivery_timeout_s: float = 20.0,
     ) -> None:
         super().__init__(
-            _SignedOutbox(store, vault, clock),
+            _SignedOutbox(store, vault, clock, fleet_topic),
             kafka=kafka,
             topic=topic,
             producer=ProducerSettings(client_id="ckms-controller-outbox", linger_ms=2),

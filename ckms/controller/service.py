@@ -1,9 +1,10 @@
-"""The controller as one asyncio service: SSH endpoint, publisher, ack consumer, scheduler.
+"""The controller as one asyncio service: SSH endpoint, publisher, scheduler, rollouts, anchor.
 
 ``Controller(settings)`` opens the store and the vault (sealed); ``run()`` serves until
 cancelled, with every loop a task in one ``asyncio.TaskGroup``: the first failure stops the
 service and cancellation is a clean stop. Kafka being down is not a failure: the
-publisher and the ack consumer wait it out while the SSH endpoint keeps serving. With
+publisher waits it out while the SSH endpoint keeps serving (hosts' acks arrive over SSH and are
+applied meanwhile; their ``fleet.acked`` events wait in the outbox). With
 ``metrics_listen`` set, Prometheus metrics are served there too (:mod:`ckms.controller.metrics`).
 """
 
@@ -35,7 +36,6 @@ from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
 from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
 from ckms.controller import rowmac
-from ckms.controller.acks import AckConsumer
 from ckms.controller.admin_rpc import AdminService, Endpoint
 from ckms.controller.agent_rpc import AgentService
 from ckms.controller.anchor import AuditAnchor
@@ -54,7 +54,7 @@ from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.controller.workers import ParentLink, RemoteVault, WorkerPool
 from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
-from ckms.protocol import ACKS_TOPIC, AUDIT_TOPIC, EVENTS_TOPIC, OPERATOR_ROLES, Role
+from ckms.protocol import AUDIT_TOPIC, EVENTS_TOPIC, FLEET_TOPIC, OPERATOR_ROLES, Role
 from ckms.ssh import (
     ConnectionLimits,
     Principal,
@@ -108,7 +108,9 @@ class ControllerSettings(BaseModel):
     """For SASL_SSL: a TOML file with ``username`` and ``password`` (never on a command line)."""
     kafka_check_hostname: bool = True
     events_topic: str = EVENTS_TOPIC
-    acks_topic: str = ACKS_TOPIC
+    fleet_topic: str = FLEET_TOPIC
+    """Where ``fleet.acked`` goes: the hosts' acks the controller applied, signed by it (the
+    controller writes it, subscribers read it; agents have no access)."""
     audit_topic: str = AUDIT_TOPIC
     """Where every signed audit checkpoint is published; the newest is the anchor read back on
     start (the controller writes it, auditors read it)."""
@@ -117,8 +119,8 @@ class ControllerSettings(BaseModel):
     every agent reads every partition, and with several, an event landing on a partition whose
     previous event an agent was still handling waits for that agent's long poll to end (the
     Kafka client fetches each broker with one request at a time), up to the poll length."""
-    partitions: int = Field(default=6, ge=1, le=1000)
-    """Partitions of the acks topic (written by every agent, read by the controller)."""
+    fleet_partitions: int = Field(default=3, ge=1, le=1000)
+    """Partitions of the fleet topic (partitioned by key name, like the events topic)."""
     replication: int = Field(default=1, ge=1, le=5)
     reconcile_interval_s: int = Field(default=300, ge=5)
     rollout_interval_s: float = Field(default=5.0, gt=0, le=3600)
@@ -214,7 +216,7 @@ class ControllerSettings(BaseModel):
         """The topics the controller creates at start (idempotent)."""
         return [
             TopicSpec(self.events_topic, self.events_partitions, self.replication),
-            TopicSpec(self.acks_topic, self.partitions, self.replication),
+            TopicSpec(self.fleet_topic, self.fleet_partitions, self.replication),
         ]
 
 
@@ -276,13 +278,13 @@ class Controller:
             self.hosts,
             kafka_bootstrap=self.settings.kafka_bootstrap,
             events_topic=self.settings.events_topic,
-            acks_topic=self.settings.acks_topic,
             reconcile_interval_s=self.settings.reconcile_interval_s,
             clock=self.clock,
             ca=self.ca,
             agent_cert_lifetime=timedelta(seconds=self.settings.agent_cert_lifetime_s),
         )
         self.agents.register(self.rpc)
+        self.acks = self.agents.acks
         topics = self.settings.topic_specs()
         self.publisher = OutboxPublisher(
             store,
@@ -290,6 +292,7 @@ class Controller:
             kafka=self.settings.kafka,
             topics=topics,
             topic=self.settings.events_topic,
+            fleet_topic=self.settings.fleet_topic,
             clock=self.clock,
         )
         self.vault.anchor = AuditAnchor(
@@ -301,14 +304,6 @@ class Controller:
             clock=self.clock,
         )
         self.scheduler = Scheduler(store, self.vault, self.lifecycle, clock=self.clock)
-        self.acks = AckConsumer(
-            store,
-            self.hosts,
-            kafka=self.settings.kafka,
-            topic=self.settings.acks_topic,
-            topics=topics,
-            clock=self.clock,
-        )
         self.rollouts = RolloutDriver(
             store,
             self.vault,
@@ -500,7 +495,7 @@ class Controller:
             )
 
     async def run(self) -> None:
-        """Serve until cancelled (one task group: SSH, publisher, ack consumer, scheduler)."""
+        """Serve until cancelled (one task group: SSH, publisher, scheduler, rollouts, anchor)."""
         if self.store is None:
             await self.open()
         if self._parent is not None:
@@ -555,7 +550,6 @@ class Controller:
         writes fenced by the lease, see ckms.controller.leader)."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.publisher.run(), name="outbox-publisher")
-            group.create_task(self.acks.run(), name="ack-consumer")
             group.create_task(self.scheduler.run(), name="scheduler")
             group.create_task(self.rollouts.run(), name="rollout-driver")
             group.create_task(self.vault.anchor.run(), name="audit-anchor")

@@ -6,7 +6,9 @@ SSH itself: it starts N worker processes (``python -m ckms.controller.workers``)
 :class:`~ckms.controller.service.Controller` that only serves SSH, all listening on the same
 port with ``SO_REUSEPORT`` (Linux spreads new connections over them; only sockets of the same
 user may join the group). The parent keeps the once-only work: the outbox publisher, the
-scheduler, the audit anchor, the rollout driver and the ack consumer, so none runs twice.
+scheduler, the audit anchor and the rollout driver, so none runs twice. Acks are not among
+them: each worker applies the acks of the hosts connected to it (idempotent by host and ack
+seq), as it answers their syncs.
 
 Parent and worker talk over a socket pair the worker inherits (its descriptor number is the
 only argument on its command line), in length-prefixed JSON frames:

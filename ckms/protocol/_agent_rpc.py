@@ -1,5 +1,5 @@
 """Typed parameters and replies of the agent's SSH requests: enroll, sync, heartbeat, fetch,
-digest_key, cert_sign.
+digest_key, cert_sign, ack.
 
 Replies carry install specs, digests and states; only ``fetch`` carries material, and only
 HPKE-wrapped for the one agent that asked (docs/architecture.md §5), inside SSH. The fleet's
@@ -67,7 +67,6 @@ class EnrollReply(_Model):
     controller_key_id: str
     kafka_bootstrap: str
     events_topic: str
-    acks_topic: str
     event_seq: int = Field(default=0, ge=0)
     """The controller's last event ``seq`` when this host enrolled: the agent drops every event
     at or below it (all older than the enrollment, e.g. a predecessor's ``host.revoked``)."""
@@ -228,6 +227,59 @@ class CertSignReply(_Model):
     ca_bundle: Pem
     serial: Serial
     not_after: str
+
+
+MAX_ACK_BATCH = 32
+"""Most signed acks one ``ack`` request carries."""
+
+MAX_ACK_BATCH_BYTES = 24 * 1024
+"""Most bytes of encoded acks (``value`` + ``sig`` + ``kid``) one ``ack`` request carries, so
+the request stays under the RPC request bound (32 KiB) with room for its framing."""
+
+MAX_SIGNED_ACK_CHARS = 16 * 1024
+"""Longest base64 ``value`` of one ack (12 KiB of canonical JSON; a real ack is ~400 bytes)."""
+
+B64Ack = Annotated[
+    str, Field(min_length=4, max_length=MAX_SIGNED_ACK_CHARS, pattern=r"^[A-Za-z0-9+/=]*$")
+]
+
+
+class SignedAck(_Model):
+    """One ack exactly as the agent signed it: the canonical envelope bytes (base64), the
+    Ed25519 signature over them (base64) and the signer's key id. The controller verifies the
+    signature over the bytes before it parses them."""
+
+    value: B64Ack
+    sig: Annotated[str, Field(min_length=4, max_length=128, pattern=r"^[A-Za-z0-9+/=]*$")]
+    kid: str = Field(min_length=1, max_length=128)
+
+
+class AckRequest(_Model):
+    """A batch of the agent's queued signed acks, oldest first (bounded in count and bytes)."""
+
+    acks: tuple[SignedAck, ...] = Field(min_length=1, max_length=MAX_ACK_BATCH)
+
+
+class AckRefused(_Model):
+    """One ack of the batch the controller refused (``index`` into the request's ``acks``), with
+    the reason code (``bad-signature``, ``unknown-signer``, ``invalid-data``, ...)."""
+
+    index: Annotated[int, Field(ge=0, lt=MAX_ACK_BATCH)]
+    reason: str = Field(max_length=64)
+
+
+class AckReply(_Model):
+    """What the controller made of an ``ack`` batch, answered only after its commit.
+
+    ``applied``: the ack seqs applied in this commit; ``duplicates``: seqs at or below the last
+    one already applied for this host (a retransmission after a lost reply; harmless). Both are
+    durable: the agent forgets them. ``refused``: acks that can never be applied (the agent
+    logs and forgets them too, or its queue would be stuck behind them).
+    """
+
+    applied: tuple[int, ...] = Field(default=(), max_length=MAX_ACK_BATCH)
+    duplicates: tuple[int, ...] = Field(default=(), max_length=MAX_ACK_BATCH)
+    refused: tuple[AckRefused, ...] = Field(default=(), max_length=MAX_ACK_BATCH)
 
 
 class HeartbeatReply(_Model):

@@ -32,7 +32,8 @@ HostId = Annotated[str, Field(pattern=_HOST_ID_RE.pattern)]
 
 
 class EventType(StrEnum):
-    """Every event type on ``ckms.events`` (and ``ack`` on ``ckms.acks``)."""
+    """Every event type: on ``ckms.events``, ``fleet.acked`` on ``ckms.fleet``, and ``ack``, which
+    agents sign and send over their SSH connection (never on Kafka)."""
 
     KEY_CREATED = "key.created"
     KEY_ROTATED = "key.rotated"
@@ -44,6 +45,7 @@ class EventType(StrEnum):
     KEY_ROLLOUT = "key.rollout"
     HOST_REVOKED = "host.revoked"
     CA_ROTATED = "ca.rotated"
+    FLEET_ACKED = "fleet.acked"
     ACK = "ack"
 
 
@@ -311,6 +313,49 @@ class Ack(_Data):
     _omit = _omit_empty("cert_serial", "cert_not_after")
 
 
+AckSeq = Annotated[int, Field(ge=1, le=(1 << 63) - 1)]
+
+
+class AckedVersion(_Data):
+    """One host's ack as the controller verified and applied it: what the host said, with the
+    host's own times (``at``: when it signed the ack; ``elapsed_ms``: how long the work took)."""
+
+    host: HostId
+    version: Version
+    status: AckStatus
+    digest: Digest | None = None
+    at: str = Field(max_length=64)
+    elapsed_ms: int = Field(ge=0)
+    ack_seq: AckSeq
+    """The host's ack sequence number: (host, ack_seq) names one ack, so a consumer that sees it
+    twice (a relay retry) can tell."""
+    event_id: str | None = Field(default=None, max_length=64)
+    """The controller event the ack answers, if any."""
+    error: str | None = Field(default=None, max_length=1024)
+    cert_serial: Serial | None = None
+    cert_not_after: str | None = Field(default=None, max_length=64)
+
+    _omit = _omit_empty("digest", "event_id", "error", "cert_serial", "cert_not_after")
+
+
+MAX_FLEET_ACKS = 200
+"""Most acks one ``fleet.acked`` event carries (the controller also keeps each event well under
+the message size bound, so a batch of long error texts is split sooner)."""
+
+
+class FleetAcked(_Data):
+    """Hosts' acks of one key that the controller verified and applied in one commit.
+
+    Republished, signed by the controller, so a service that wants to know which host holds
+    which version trusts one signer instead of every host's key. Acks naming a key the
+    controller does not know are kept in its audit log only.
+    """
+
+    key: KeyName
+    key_id: str = Field(max_length=64)
+    acks: tuple[AckedVersion, ...] = Field(min_length=1, max_length=MAX_FLEET_ACKS)
+
+
 EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.KEY_CREATED: KeyCreated,
     EventType.KEY_ROTATED: KeyRotated,
@@ -322,6 +367,7 @@ EVENT_DATA_MODELS: dict[EventType, type[_Data]] = {
     EventType.KEY_ROLLOUT: KeyRollout,
     EventType.HOST_REVOKED: HostRevoked,
     EventType.CA_ROTATED: CaRotated,
+    EventType.FLEET_ACKED: FleetAcked,
     EventType.ACK: Ack,
 }
 """The data model of each type; an unknown type is refused."""
@@ -348,5 +394,6 @@ EventData = (
     | KeyRollout
     | HostRevoked
     | CaRotated
+    | FleetAcked
     | Ack
 )

@@ -38,6 +38,7 @@ IDEMPOTENT_METHODS: frozenset[str] = frozenset(
         "heartbeat",  # records when the host was last seen
         "fetch",  # reads one wrapped version (each fetch is audited: a repeat is a true record)
         "digest_key",
+        "ack",  # keyed by (host, ack seq): a batch sent again is confirmed, not applied twice
         # operators: reads
         "status",
         "whoami",

@@ -7,8 +7,10 @@ from typing import Final
 EVENTS_TOPIC: Final = "ckms.events"
 """Controller → everyone: signed lifecycle events, partitioned by key name."""
 
-ACKS_TOPIC: Final = "ckms.acks"
-"""Agents → controller: signed acknowledgements of what a host installed or removed."""
+FLEET_TOPIC: Final = "ckms.fleet"
+"""Controller → services that follow the fleet: ``fleet.acked``, the hosts' acks the controller
+verified and applied, signed by the controller (agents send their acks over SSH and never write
+to Kafka; they do not read this topic either, so its volume never reaches them)."""
 
 AUDIT_TOPIC: Final = "ckms.audit"
 """Controller → auditors: every audit checkpoint the controller signs (an export line, signed

@@ -762,7 +762,7 @@ def fleet_pages(call: PageCall, *, limit: int = 1000) -> AsyncIterator[FleetStat
 
 
 class KafkaStatus(_Reply):
-    """The publisher's and ack consumer's view of Kafka."""
+    """The publisher's view of Kafka, and the hosts' acks the controller applied or refused."""
 
     bootstrap: str
     connected: bool

@@ -6,6 +6,10 @@ the one writer. :class:`GroupWriter` runs whatever writes arrived while the prev
 was in flight in a single transaction, and answers each caller only after that commit, so a
 caller still never replies before its audit record is durable (fail closed).
 
+A write may name a ``finish`` step: it runs once per transaction, after every write of the group,
+however many of them named it (the ack service collects what the group's acks applied and writes
+one ``fleet.acked`` event per key for all of them).
+
 A failing write must not fail its neighbours: when a group's transaction fails, it is rolled
 back whole and each write is run again alone, so only the bad one raises.
 """
@@ -22,6 +26,7 @@ from ckms.store._store import Store, Transaction
 log = logging.getLogger(__name__)
 
 Work = Callable[[Transaction], Awaitable[None]]
+_Entry = tuple[Work, "asyncio.Future[None]", Work | None]
 
 MAX_GROUP = 256
 """Most writes in one transaction (bounds how long the writer lock is held)."""
@@ -32,19 +37,20 @@ class GroupWriter:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._pending: list[tuple[Work, asyncio.Future[None]]] = []
+        self._pending: list[_Entry] = []
         self._flusher: asyncio.Task[None] | None = None
         self.groups = 0
         """Transactions committed (for tests and metrics)."""
 
-    async def write(self, work: Work) -> None:
+    async def write(self, work: Work, *, finish: Work | None = None) -> None:
         """Run ``work`` in the next group's transaction; return once it is committed.
 
         ``work`` must only write through the transaction it is given (it may run twice: once
         in a group that fails, then alone). Its exception is raised here, others' are not.
+        ``finish`` runs after the group's writes, once per transaction for all that named it.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((work, future))
+        self._pending.append((work, future, finish))
         if self._flusher is None or self._flusher.done():
             # Its own task: a cancelled caller must not strand the writes queued behind it.
             self._flusher = asyncio.create_task(self._flush(), name="ckms-group-commit")
@@ -56,7 +62,7 @@ class GroupWriter:
         finally:
             # However the flusher ends (cancelled at shutdown included), nobody waits forever.
             stranded, self._pending = self._pending, []
-            for _, future in stranded:
+            for _, future, _ in stranded:
                 _settle(future, StoreError("the store stopped before this write was committed"))
 
     async def _flush_all(self) -> None:
@@ -66,11 +72,11 @@ class GroupWriter:
             try:
                 await self._run_group(group)
             except BaseException as stop:  # cancelled (the store is closing)
-                for _, future in group:
+                for _, future, _ in group:
                     _settle(future, stop)
                 raise
 
-    async def _run_group(self, group: list[tuple[Work, asyncio.Future[None]]]) -> None:
+    async def _run_group(self, group: list[_Entry]) -> None:
         try:
             await self._commit(group)
         except Exception as exc:
@@ -78,22 +84,25 @@ class GroupWriter:
                 _settle(group[0][1], exc)
                 return
             log.warning("a group of %d writes failed (%s); running each alone", len(group), exc)
-            for work, future in group:
+            for entry in group:
+                future = entry[1]
                 try:
-                    await self._commit([(work, future)])
+                    await self._commit([entry])
                 except Exception as alone:
                     _settle(future, alone)
                 else:
                     _settle(future, None)
             return
         self.groups += 1
-        for _, future in group:
+        for _, future, _ in group:
             _settle(future, None)
 
-    async def _commit(self, group: list[tuple[Work, asyncio.Future[None]]]) -> None:
+    async def _commit(self, group: list[_Entry]) -> None:
         async with self._store.write() as tx:
-            for work, _ in group:
+            for work, _, _ in group:
                 await work(tx)
+            for finish in dict.fromkeys(f for _, _, f in group if f is not None):
+                await finish(tx)
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

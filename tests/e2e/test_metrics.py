@@ -68,7 +68,7 @@ async def test_controller_metrics_move_with_a_rotation(
         tmp_path / "controller",
         controller_kafka,
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         metrics_listen="127.0.0.1:0",
     ) as c:
         assert c.metrics_endpoint is not None and c.metrics_endpoint.port

@@ -269,7 +269,7 @@ async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     home = tmp_path / "controller"
-    topics = (unique_topic("events"), unique_topic("acks"))
+    topics = (unique_topic("events"), unique_topic("fleet"))
     settings = {"audit_topic": unique_topic("audit"), "rollout_interval_s": 1.0}
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -374,7 +374,7 @@ async def test_enrollment_issues_the_agent_its_kafka_client_certificate_and_it_r
         tmp_path / "controller",
         controller_kafka,
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         audit_topic=unique_topic("audit"),
         agent_cert_lifetime_s=30,
     ) as c:

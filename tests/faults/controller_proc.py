@@ -1,6 +1,6 @@
 """A real controller in its own OS process, for the fault suite (so SIGSTOP and SIGKILL are real).
 
-    python tests/faults/controller_proc.py HOME BOOTSTRAP EVENTS_TOPIC ACKS_TOPIC PORT
+    python tests/faults/controller_proc.py HOME BOOTSTRAP EVENTS_TOPIC FLEET_TOPIC PORT
 
 Built like ``tests.support.controller.running_controller`` (passphrase init on first start,
 unseal, run) with replication 3. Prints one JSON line ``{"port", "fingerprint"}`` on stdout
@@ -64,7 +64,7 @@ def hold_outbox(controller: Controller, hold_file: Path) -> None:
     publisher.publish_pending = held  # type: ignore[method-assign]
 
 
-async def main(home: Path, bootstrap: str, events: str, acks: str, port: int) -> None:
+async def main(home: Path, bootstrap: str, events: str, fleet: str, port: int) -> None:
     controller = Controller(
         ControllerSettings(
             home=home,
@@ -75,8 +75,7 @@ async def main(home: Path, bootstrap: str, events: str, acks: str, port: int) ->
                 )
             ),
             events_topic=events,
-            acks_topic=acks,
-            partitions=3,
+            fleet_topic=fleet,
             replication=3,
         )
     )

@@ -5,8 +5,10 @@ whatever the fault was:
 
 - **convergence**: ``key_fleet_status`` says every targeted host converged, for every key;
 - **no lost ack**: each agent's acks carry ``seq`` 1..N (N from its own state DB, whose queue is
-  empty); the acks topic holds every one of them, the controller applied each exactly once (one
-  ``fleet.ack`` audit record per seq, ``hosts.last_ack_seq`` = N), each host's primary version
+  empty); the controller applied each exactly once (one ``fleet.ack`` audit record per seq,
+  ``hosts.last_ack_seq`` = N) and republished each exactly once in a controller-signed
+  ``fleet.acked`` on the fleet topic (counted over distinct events: a relay retry may repeat
+  an event, never an ack), each host's primary version
   has an ``installed`` fleet row with the right digest and the revoked versions ``removed``
   (or ``failed`` for one the host never installed: a late event after an outage asked for a
   version revoked meanwhile and the controller refused the fetch).
@@ -50,6 +52,7 @@ from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
 from ckms.controller.service import Controller
 from ckms.crypto import SubjectRole, material_digest
 from ckms.devkafka import DevCA, LocalKafka
+from ckms.protocol import EventType, trust_keys, verify_message
 from ckms.store import Store
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent
@@ -76,11 +79,11 @@ class ControllerView:
     hosts: HostRegistry
     public_key: bytes
     kafka: KafkaLink
-    """As the controller: reads the acks topic."""
+    """As the controller."""
     reader: KafkaLink
-    """As a subscriber: reads the events topic."""
+    """As a subscriber: reads the events and the fleet topic."""
     events_topic: str
-    acks_topic: str
+    fleet_topic: str
 
     @classmethod
     async def of(cls, c: Controller) -> ControllerView:
@@ -94,7 +97,7 @@ class ControllerView:
             c.settings.kafka,
             link_as(c, SubjectRole.SUBSCRIBER, "fault-checks"),
             c.settings.events_topic,
-            c.settings.acks_topic,
+            c.settings.fleet_topic,
         )
 
 
@@ -493,7 +496,7 @@ class AckSnapshot:
 
 
 async def ack_snapshot(view: ControllerView, hosts: list[Host]) -> tuple[AckSnapshot | None, str]:
-    """Compare every agent's acks (seq 1..N, queue empty) with the acks topic and the audit log.
+    """Compare every agent's acks (seq 1..N, queue empty) with the fleet topic and the audit log.
 
     Returns the snapshot when they agree, else None and what disagreed. The agents' state is
     read before and after the topic and the audit log; if it moved, the snapshot is retried.
@@ -502,10 +505,10 @@ async def ack_snapshot(view: ControllerView, hosts: list[Host]) -> tuple[AckSnap
     busy = [(h.name, q) for h, (_, q) in zip(hosts, before, strict=True) if q]
     if busy:
         return None, f"acks still queued on the hosts: {busy}"
-    on_topic: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
-    for record in await read_topic(view.kafka, view.acks_topic):
-        env = envelope(record)
-        on_topic[env["data"]["agent"]].append((int(env["seq"]), record.partition, record.offset))
+    on_topic: dict[str, list[int]] = defaultdict(list)
+    for env in await fleet_acked(view):
+        for ack in env["data"]["acks"]:
+            on_topic[ack["host"]].append(int(ack["ack_seq"]))
     records = await audit_log.load_records(view.store)
     in_audit: dict[str, list[int]] = defaultdict(list)
     for r in records:
@@ -521,11 +524,10 @@ async def ack_snapshot(view: ControllerView, hosts: list[Host]) -> tuple[AckSnap
         return None, "agents queued acks while the snapshot was read"
     for host, (seq, _) in zip(hosts, before, strict=True):
         want = list(range(1, seq + 1))
-        topic_seqs = sorted({s for s, _, _ in on_topic[host.name]})
-        if seq == 0 or topic_seqs != want:
+        if seq == 0 or sorted(on_topic[host.name]) != want:
             return None, (
-                f"{host.name} took ack seqs 1..{seq}; the acks topic holds (seq, partition, "
-                f"offset) {sorted(on_topic[host.name])}"
+                f"{host.name} took ack seqs 1..{seq}; fleet.acked on the fleet topic names "
+                f"{sorted(on_topic[host.name])}"
             )
         if sorted(in_audit[host.name]) != want or last.get(host.name) != seq:
             return None, (
@@ -533,6 +535,19 @@ async def ack_snapshot(view: ControllerView, hosts: list[Host]) -> tuple[AckSnap
                 f"{sorted(in_audit[host.name])} (last_ack_seq {last.get(host.name)})"
             )
     return AckSnapshot(records, sum(seq for seq, _ in before)), ""
+
+
+async def fleet_acked(view: ControllerView) -> list[dict[str, Any]]:
+    """Every distinct ``fleet.acked`` on the fleet topic, each verified under the controller's
+    key as a subscriber would (a copy sent twice by a relay retry counts once)."""
+    trust = trust_keys([view.public_key])
+    seen: dict[str, dict[str, Any]] = {}
+    for record in await read_topic(view.reader, view.fleet_topic):
+        checked = verify_message(
+            record.value, record.headers, trust, types={EventType.FLEET_ACKED}
+        )
+        seen.setdefault(checked.id, envelope(record))
+    return list(seen.values())
 
 
 def agent_ack_state(host: Host) -> tuple[int, int]:
@@ -579,7 +594,7 @@ async def wait_acks_settled(
                 return False
         return True
 
-    await wait_until(settled, timeout_s, "every ack published and applied")
+    await wait_until(settled, timeout_s, "every ack sent and applied")
 
 
 @dataclass
@@ -638,7 +653,7 @@ async def assert_fleet_invariants(
                 if row is not None and row["status"] != "removed":
                     stale.append((host, key, v.version, str(row["status"])))
 
-    # No ack lost: agent seqs 1..N, all on the topic, each applied exactly once. Agents may
+    # No ack lost: agent seqs 1..N, each applied and republished exactly once. Agents may
     # still answer late events with more acks, so compare consistent snapshots (bounded).
     problem: list[str] = []
 
@@ -677,8 +692,11 @@ async def assert_fleet_invariants(
     assert actions["key.rotate"] == expected.rotates, actions
     assert actions["key.revoke"] == expected.revokes, actions
     assert actions["fleet.ack"] == total_acks
-    outbox_rows = await store.fetchall("SELECT seq, event_id, sent_at FROM outbox")
-    assert all(r["sent_at"] is not None for r in outbox_rows)
+    all_rows = await store.fetchall("SELECT seq, event_id, type, sent_at FROM outbox")
+    assert all(r["sent_at"] is not None for r in all_rows)
+    # fleet.acked rows republish applied acks (their fleet.ack records are counted above);
+    # every other row announces a change, with an audit record naming it.
+    outbox_rows = [r for r in all_rows if r["type"] != "fleet.acked"]
     audited = {int(r.details["event_seq"]) for r in records if "event_seq" in r.details}
     assert audited == {int(r["seq"]) for r in outbox_rows}, "outbox rows and audit disagree"
     on_topic = Counter(
@@ -686,6 +704,10 @@ async def assert_fleet_invariants(
     )
     missing = [r["seq"] for r in outbox_rows if on_topic[r["event_id"]] == 0]
     assert not missing, f"outbox rows {missing} never reached {view.events_topic}"
+    fleet_ids = {e["id"] for e in await fleet_acked(view)}
+    unsent = [r["seq"] for r in all_rows if r["type"] == "fleet.acked"
+              and r["event_id"] not in fleet_ids]  # fmt: skip
+    assert not unsent, f"fleet.acked rows {unsent} never reached {view.fleet_topic}"
 
     # Revoked versions stayed gone on every host, from its removal ack to now. One scan of our
     # own first: the last removal ack may have landed after the watch's latest poll.
@@ -717,7 +739,7 @@ class ControllerProcess:
     """``tests/faults/controller_proc.py`` as its own OS process (same home and port each start)."""
 
     def __init__(
-        self, home: Path, kafka: KafkaLink, events: str, acks: str, log: Path, **env: str
+        self, home: Path, kafka: KafkaLink, events: str, fleet: str, log: Path, **env: str
     ) -> None:
         self.argv = [
             sys.executable,
@@ -725,7 +747,7 @@ class ControllerProcess:
             str(home),
             kafka.bootstrap,
             events,
-            acks,
+            fleet,
             str(free_port()),
         ]
         self.log = log

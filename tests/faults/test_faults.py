@@ -18,14 +18,23 @@ How each fault is injected:
    hook (file renamed, nothing recorded or acked); the key is revoked while both are down.
 4. agent freeze: SIGSTOP an agent process through a rotation and a revocation, then SIGCONT.
 5. Kafka down: SIGKILL all three nodes, make seven lifecycle changes (the outbox fills, agents
-   converge over SSH and queue their acks), then start the nodes again.
+   converge over SSH, and their acks are applied while ``fleet.acked`` waits in the outbox),
+   then start the nodes again.
+6. controller restarted with acks held: the SSH endpoint closes, a revocation reaches eight
+   hosts by its signed event, each queues its ack; the controller restarts, and restarts again
+   while those acks arrive. Every ack is applied and republished exactly once.
+7. revocation with the controller down: the event is on Kafka, the controller stopped; the
+   hosts remove the key at once (the time measured from each host's own signed ack), and the
+   acks arrive when the controller is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,13 +49,14 @@ from ckms.controller.sealing import Vault
 from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms.protocol import InstallSpec, RevocationReason, Targets
-from ckms.store import Store
+from ckms.store import Store, parse_time
 from ckms_agent.files import TEMP_MARK
 from tests.faults.controller_proc import HOLD_ENV
 from tests.faults.harness import (
     ControllerProcess,
     ControllerView,
     Expected,
+    Host,
     InProcessFleet,
     RevocationWatch,
     agent_processes,
@@ -56,6 +66,7 @@ from tests.faults.harness import (
     enroll_hosts,
     envelope,
     finishes_within,
+    fleet_acked,
     outbox_empty,
     partition_leader,
     process_state,
@@ -121,7 +132,7 @@ async def test_broker_killed_mid_rotation_of_50_hosts(
         tmp_path / "controller",
         cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         replication=3,
     ) as c:
         await ensure_topics(c.settings.kafka, c.settings.topic_specs())
@@ -170,14 +181,14 @@ async def test_controller_killed_between_commit_and_publish(
     healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
 ) -> None:
     cluster = healthy_cluster
-    events, acks = unique_topic("events"), unique_topic("acks")
+    events, fleet = unique_topic("events"), unique_topic("fleet")
     home = tmp_path / "controller"
     hold = tmp_path / "hold-outbox"
     proc = ControllerProcess(
         home,
         cluster.link(SubjectRole.CONTROLLER, "controller"),
         events,
-        acks,
+        fleet,
         tmp_path / "controller.log",
         **{HOLD_ENV: str(hold)},
     )
@@ -198,7 +209,7 @@ async def test_controller_killed_between_commit_and_publish(
                 cluster.link(SubjectRole.CONTROLLER, "controller"),
                 cluster.link(SubjectRole.SUBSCRIBER, "fault-checks"),
                 events,
-                acks,
+                fleet,
             )
             hosts = [
                 await enroll_host(
@@ -268,7 +279,7 @@ async def test_agent_killed_mid_install_then_restarted(
         tmp_path / "controller",
         cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         replication=3,
     ) as c:
         await ensure_topics(c.settings.kafka, c.settings.topic_specs())
@@ -327,7 +338,7 @@ async def test_agent_frozen_through_rotation_and_revocation(
         tmp_path / "controller",
         cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         replication=3,
     ) as c:
         await ensure_topics(c.settings.kafka, c.settings.topic_specs())
@@ -380,7 +391,7 @@ async def test_outbox_fills_while_kafka_is_down_then_drains(
     topics = (
         cluster.link(SubjectRole.CONTROLLER, "controller"),
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
     )
     # Agents keep converging over SSH (sync every 5 s) while Kafka is away.
     settings: dict[str, Any] = {"replication": 3, "reconcile_interval_s": 5}
@@ -452,3 +463,185 @@ async def test_outbox_fills_while_kafka_is_down_then_drains(
         if first is not None:
             await finishes_within(first.__aexit__(None, None, None), 30, "stopping the controller")
     note(f"invariants held: {stats_out}")
+
+
+# -- 6. the controller restarts while every host holds acks it has not delivered --------------
+
+
+def _queued_acks(host: Host) -> list[dict[str, Any]]:
+    """The acks waiting in a host's state DB, as it signed them (read from the DB file)."""
+    conn = sqlite3.connect(host.state_db, timeout=10)
+    try:
+        rows = conn.execute("SELECT value FROM pending_acks ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    return [json.loads(bytes(r[0])) for r in rows]
+
+
+@pytest.mark.timeout(300)
+async def test_controller_restarted_while_agents_hold_unacked_changes(
+    healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
+) -> None:
+    """Acks ride the agents' SSH connections: with the controller unreachable, eight hosts
+    remove a revoked version from the signed event and queue their acks. The controller is
+    restarted, then restarted again while those acks are arriving (a reply may be lost after
+    its commit: the agent sends the batch again). Every ack is applied exactly once, and
+    republished exactly once in a controller-signed ``fleet.acked``."""
+    cluster = healthy_cluster
+    home = tmp_path / "controller"
+    topics = (
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
+        unique_topic("events"),
+        unique_topic("fleet"),
+    )
+    settings: dict[str, Any] = {"replication": 3}
+    first: Any = running_controller(home, *topics, **settings)
+    c = await first.__aenter__()
+    try:
+        await ensure_topics(c.settings.kafka, c.settings.topic_specs())
+        port = c.port
+        hosts = await enroll_hosts(c, tmp_path / "hosts", [f"web-{i}" for i in range(8)], WEB)
+        await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=KEYRING, actor="alice")
+        await c.lifecycle.rotate(KEY, actor="alice")  # v2 primary, v1 kept in the keyring
+        async with (
+            await Store.open(home / "controller.db") as store,  # outlives each controller
+            InProcessFleet(hosts) as fleet,
+            RevocationWatch(store, hosts) as watch,
+        ):
+            await wait_converged(await ControllerView.of(c), [KEY], hosts)
+            # The hosts lose the controller's SSH endpoint; its events still reach them.
+            await c.rpc.close()
+            await wait_until(
+                lambda: not any(a.connected for a in fleet.agents.values()), 30, "disconnected"
+            )
+            await c.lifecycle.revoke(KEY, COMPROMISE, version=1, actor="alice")
+
+            async def held() -> bool:
+                for host in hosts:
+                    queued = await asyncio.to_thread(_queued_acks, host)
+                    if not any(a["data"]["status"] == "removed" for a in queued):
+                        return False
+                return True
+
+            await wait_until(held, 60, "every host removed v1 and holds its ack")
+            applied_before = await store.fetchval(
+                "SELECT count(*) FROM fleet_state WHERE status = 'removed'"
+            )
+            assert applied_before == 0
+            await finishes_within(first.__aexit__(None, None, None), 30, "stopping")
+            first = None
+
+            # Restarted; restarted again as soon as the first acks land.
+            second: Any = running_controller(home, *topics, listen_port=port, **settings)
+            c = await second.__aenter__()
+            try:
+                await wait_until(lambda: c.acks.stats.applied, 60, "the first acks applied")
+                mid = c.acks.stats.applied
+            finally:
+                await finishes_within(second.__aexit__(None, None, None), 30, "stopping")
+            note(f"second controller stopped after applying {mid} acks")
+
+            async with running_controller(home, *topics, listen_port=port, **settings) as c:
+                await c.lifecycle.rotate(KEY, actor="alice")  # and the fleet goes on
+                stats = await assert_fleet_invariants(
+                    await ControllerView.of(c),
+                    [KEY],
+                    hosts,
+                    Expected(creates=1, rotates=2, revokes=1, removed={(KEY, 1)}),
+                    watch,
+                )
+                duplicates = (c.acks.stats.dropped or {}).get("replayed", 0)
+    finally:
+        if first is not None:
+            await finishes_within(first.__aexit__(None, None, None), 30, "stopping")
+    note(f"invariants held: {stats}; resent acks confirmed as duplicates: {duplicates}")
+
+
+# -- 7. a revocation reaches the hosts while the controller is down -------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_revocation_with_the_controller_down_removes_at_once_and_acks_follow(
+    healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
+) -> None:
+    """The signed ``key.revoked`` is on Kafka and the controller is down (its SSH endpoint
+    first, then the whole process): each host removes the key from the event alone, and says
+    when in the ack it signs (its own clock); the acks are delivered once the controller is
+    back, and its ``fleet.acked`` carries the hosts' own times."""
+    cluster = healthy_cluster
+    home = tmp_path / "controller"
+    topics = (
+        cluster.link(SubjectRole.CONTROLLER, "controller"),
+        unique_topic("events"),
+        unique_topic("fleet"),
+    )
+    settings: dict[str, Any] = {"replication": 3}
+    first: Any = running_controller(home, *topics, **settings)
+    c = await first.__aenter__()
+    try:
+        await ensure_topics(c.settings.kafka, c.settings.topic_specs())
+        port = c.port
+        hosts = await enroll_hosts(c, tmp_path / "hosts", [f"web-{i}" for i in range(5)], WEB)
+        await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=RAW, actor="alice")
+        files = [h.root / "etc/ckms/web/tls.key" for h in hosts]
+        async with (
+            await Store.open(home / "controller.db") as store,
+            InProcessFleet(hosts) as fleet,
+            RevocationWatch(store, hosts) as watch,
+        ):
+            await wait_converged(await ControllerView.of(c), [KEY], hosts)
+            assert all(f.exists() for f in files)
+            await c.rpc.close()
+            await wait_until(
+                lambda: not any(a.connected for a in fleet.agents.values()), 30, "disconnected"
+            )
+            await c.lifecycle.revoke(KEY, COMPROMISE, version=1, actor="alice")
+            await wait_until(lambda: outbox_empty(store), 30, "key.revoked on Kafka")
+            await finishes_within(first.__aexit__(None, None, None), 30, "stopping")
+            first = None  # the controller is down: no SSH, no publisher
+
+            await wait_until(lambda: not any(f.exists() for f in files), 30, "files removed")
+            event_at = parse_time(
+                await store.fetchval("SELECT created_at FROM outbox WHERE type = 'key.revoked'")
+            )
+            removal_ms: dict[str, float] = {}
+            for host in hosts:
+                [ack] = [
+                    a for a in await asyncio.to_thread(_queued_acks, host)
+                    if a["data"]["status"] == "removed"
+                ]  # fmt: skip
+                assert ack["data"]["version"] == 1 and ack["data"]["agent"] == host.name
+                removal_ms[host.name] = (parse_time(ack["at"]) - event_at).total_seconds() * 1000
+            times = sorted(removal_ms.values())
+            note(
+                f"commit → removed on the host (host's signed ack time): p50 "
+                f"{times[len(times) // 2]:.0f} ms, max {times[-1]:.0f} ms"
+            )
+            assert await store.fetchval(
+                "SELECT count(*) FROM fleet_state WHERE status = 'removed'"
+            ) == 0, "an ack was applied while the controller was down"
+
+            async with running_controller(home, *topics, listen_port=port, **settings) as c:
+                view = await ControllerView.of(c)
+                stats = await assert_fleet_invariants(
+                    view,
+                    [KEY],
+                    hosts,
+                    Expected(creates=1, revokes=1, removed={(KEY, 1)}),
+                    watch,
+                )
+                # The republished acks say when each host removed the key, by its own clock.
+                republished = {
+                    a["host"]: a["at"]
+                    for e in await fleet_acked(view)
+                    for a in e["data"]["acks"]
+                    if a["status"] == "removed"
+                }
+                assert {
+                    h: round((parse_time(at) - event_at).total_seconds() * 1000, 3)
+                    for h, at in republished.items()
+                } == {h: round(ms, 3) for h, ms in removal_ms.items()}
+    finally:
+        if first is not None:
+            await finishes_within(first.__aexit__(None, None, None), 30, "stopping")
+    note(f"invariants held: {stats}")

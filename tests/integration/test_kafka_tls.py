@@ -66,10 +66,10 @@ async def read_all(link: KafkaLink, topic: str, count: int) -> list[bytes]:
 def topics(
     controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> Callable[[], asyncio.Future[dict[str, str]]]:
-    """Create this test's events, acks and audit topics as the controller does."""
+    """Create this test's events, fleet and audit topics as the controller does."""
 
     async def make() -> dict[str, str]:
-        names = {kind: unique_topic(kind) for kind in ("events", "acks", "audit")}
+        names = {kind: unique_topic(kind) for kind in ("events", "fleet", "audit")}
         await ensure_topics(controller_kafka, [TopicSpec(n, 1, 1) for n in names.values()])
         return names
 
@@ -86,18 +86,19 @@ async def test_the_controller_writes_events_and_agents_and_subscribers_read_them
     subscriber = local_kafka.link(SubjectRole.SUBSCRIBER, "billing")
     assert await read_all(agent, names["events"], 1) == [b"event-1"]
     assert await read_all(subscriber, names["events"], 1) == [b"event-1"]
-    # The one thing an agent writes while acks ride Kafka; the controller reads them.
-    await produce(agent, names["acks"], b"ack-1")
-    assert await read_all(controller_kafka, names["acks"], 1) == [b"ack-1"]
+    # The hosts' acks the controller applied, republished under its signature.
+    await produce(controller_kafka, names["fleet"], b"fleet-1")
+    assert await read_all(subscriber, names["fleet"], 1) == [b"fleet-1"]
 
 
 @pytest.mark.requirement("ISO27002-8.20")
-async def test_an_agent_certificate_cannot_produce_to_any_topic_but_acks(
+async def test_an_agent_certificate_cannot_produce_to_any_topic(
     local_kafka: LocalKafka, topics
 ) -> None:
     names = await topics()
     agent = local_kafka.link(SubjectRole.AGENT, "host-1")
-    for topic in (names["events"], names["audit"]):
+    # Acks go over the agent's SSH connection: an agent writes to no topic at all.
+    for topic in (names["events"], names["audit"], names["fleet"]):
         with pytest.raises(TopicAuthorizationFailedError):
             await produce(agent, topic, b"forged")
     # Nor create a topic of its own to write to.
@@ -105,13 +106,14 @@ async def test_an_agent_certificate_cannot_produce_to_any_topic_but_acks(
         await ensure_topics(agent, [TopicSpec(names["events"] + ".mine", 1, 1)])
 
 
-async def test_an_agent_cannot_read_the_audit_anchor_or_the_acks(
+async def test_an_agent_cannot_read_the_audit_anchor_or_the_fleet_acks(
     local_kafka: LocalKafka, controller_kafka: KafkaLink, topics
 ) -> None:
     names = await topics()
     await produce(controller_kafka, names["audit"], b"checkpoint")
     agent = local_kafka.link(SubjectRole.AGENT, "host-1")
-    for topic in (names["audit"], names["acks"]):
+    await produce(controller_kafka, names["fleet"], b"fleet-1")
+    for topic in (names["audit"], names["fleet"]):
         with pytest.raises((TopicAuthorizationFailedError, TimeoutError)):
             await read_all(agent, topic, 1)
 

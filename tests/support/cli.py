@@ -170,7 +170,8 @@ async def send_installed_ack(
     status: AckStatus = AckStatus.INSTALLED,
     error: str | None = None,
 ) -> None:
-    """Publish the signed ack an agent sends after installing ``key`` ``version`` (or not)."""
+    """Send the signed ack an agent sends after installing ``key`` ``version`` (or not), over
+    SSH as ``host`` logged in with ``signer``."""
     ack = Ack(
         agent=host,
         key=key,

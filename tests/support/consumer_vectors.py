@@ -148,6 +148,31 @@ DATA: dict[str, dict[str, Any]] = {
         "trusted": ["sha256:" + "2" * 64, "sha256:" + "1" * 64],
         "issuing": "sha256:" + "3" * 64,
     },
+    "fleet.acked": {
+        "key": "payments/db",
+        "key_id": "k-0001",
+        "acks": [
+            {
+                "host": "db-7",
+                "version": 3,
+                "status": "installed",
+                "digest": DIGEST,
+                "at": AT,
+                "elapsed_ms": 41,
+                "ack_seq": 12,
+                "event_id": "00000000-0000-4000-8000-000000000030",
+            },
+            {
+                "host": "db-8",
+                "version": 3,
+                "status": "failed",
+                "at": AT,
+                "elapsed_ms": 5003,
+                "ack_seq": 9,
+                "error": "health check 'pg' exited 1",
+            },
+        ],
+    },
 }
 
 

@@ -23,7 +23,7 @@ async def running_controller(
     home: Path,
     kafka: KafkaLink | str,
     events_topic: str,
-    acks_topic: str,
+    fleet_topic: str,
     *,
     clock: Clock = utc_now,
     listen_port: int = 0,
@@ -40,8 +40,7 @@ async def running_controller(
             listen_port=listen_port,
             **controller_kafka_settings(kafka),  # type: ignore[arg-type]
             events_topic=events_topic,
-            acks_topic=acks_topic,
-            partitions=3,
+            fleet_topic=fleet_topic,
             **settings,  # type: ignore[arg-type]
         ),
         clock=clock,
@@ -102,7 +101,7 @@ async def controller(
         tmp_path / "controller",
         controller_kafka,
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         audit_topic=unique_topic("audit"),
     ) as c:
         yield c

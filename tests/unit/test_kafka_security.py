@@ -89,15 +89,17 @@ def test_subjects_map_to_their_role_and_no_escaped_separator_smuggles_a_role_in(
     assert _principal("CN=web-1") == "CN=web-1"
 
 
-def test_agents_and_subscribers_get_no_write_but_acks() -> None:
-    acls = ckms_acls(events="e", acks="a", audit="u")
+def test_only_the_controller_writes_and_agents_read_events_only() -> None:
+    acls = ckms_acls(events="e", fleet="f", audit="u")
     writes = {(b.principal, b.topic) for b in acls if b.operation is Operation.WRITE}
-    assert writes == {(CONTROLLER, "e"), (CONTROLLER, "u"), (AGENT, "a")}
+    # Agents write nothing: their acks go over SSH, and come back as the controller's fleet.acked.
+    assert writes == {(CONTROLLER, "e"), (CONTROLLER, "u"), (CONTROLLER, "f")}
     reads = {(b.principal, b.topic) for b in acls if b.operation is Operation.READ}
     assert reads == {
-        (CONTROLLER, "a"),
         (CONTROLLER, "u"),
         (CONTROLLER, "e"),  # a restore reads the newest event it signed
         (AGENT, "e"),
         (SUBSCRIBER, "e"),
+        (SUBSCRIBER, "f"),
     }
+    assert {b.topic for b in acls if b.principal == AGENT} == {"e"}

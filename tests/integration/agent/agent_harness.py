@@ -1,13 +1,14 @@
 """The agent test harness: a small controller on a real ``RpcServer`` (port 0) serving an
 in-memory desired state and real ``wrap_for_agent`` blobs, a real signing key for events, and
 the session's real Kafka broker. The full controller's end-to-end tests come separately; this
-is just enough of the agent RPC contract (enroll, sync, heartbeat, fetch) to drive the real
-``Agent``.
+is just enough of the agent RPC contract (enroll, sync, heartbeat, fetch, ack) to drive the real
+``Agent``. Acks the agent sends are kept as they came (``AckReader``) and confirmed.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
-from ckms._kafka import partitions_of
 from ckms._kafka_security import KafkaLink
 from ckms.crypto import (
     KeyType,
@@ -34,6 +34,10 @@ from ckms.errors import NotFoundError, PermissionDeniedError
 from ckms.protocol import (
     DIGEST_KEY_WRAP_NAME,
     DIGEST_KEY_WRAP_VERSION,
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    AckReply,
+    AckRequest,
     DesiredKey,
     DesiredVersion,
     EnrollReply,
@@ -108,11 +112,14 @@ class FakeHost:
 class FakeController:
     """The controller side of the agent RPC contract, in memory."""
 
-    def __init__(self, kafka: KafkaLink, events_topic: str, acks_topic: str) -> None:
+    def __init__(self, kafka: KafkaLink, events_topic: str) -> None:
         self.kafka = kafka
         self.bootstrap = kafka.bootstrap
         self.events_topic = events_topic
-        self.acks_topic = acks_topic
+        self.received_acks: list[tuple[bytes, list[tuple[str, bytes]]]] = []
+        """Every ack the agent sent, as it came (value, signature headers), in arrival order."""
+        self.refuse_acks = False
+        """While set, ``ack`` requests fail (the agent must keep its acks queued)."""
         self.host_key = generate_ssh_key()
         self.signing_key = generate_signing_key()
         self.hosts: dict[str, FakeHost] = {}
@@ -134,6 +141,7 @@ class FakeController:
         rpc.route("sync", self._sync, roles={"agent"})
         rpc.route("heartbeat", self._heartbeat, roles={"agent"})
         rpc.route("fetch", self._fetch, roles={"agent"})
+        rpc.route("ack", self._ack, roles={"agent"})
         await rpc.start("127.0.0.1", self.port)
         self.rpc = rpc
         self.port = rpc.port or 0
@@ -172,7 +180,6 @@ class FakeController:
             controller_key_id=signer_key_id(public),
             kafka_bootstrap=self.bootstrap,
             events_topic=self.events_topic,
-            acks_topic=self.acks_topic,
             digest_key=base64.b64encode(
                 wrap_for_agent(
                     base64.b64decode(request.wrapping_key),
@@ -184,6 +191,24 @@ class FakeController:
                 )
             ).decode(),
         )
+
+    async def _ack(self, principal: Principal, params: dict[str, Any]) -> AckReply:
+        """Keep the acks as sent and confirm them all (the real controller verifies them;
+        tests here verify what the agent signed)."""
+        request = AckRequest.model_validate(params)
+        self.calls.append(("ack", principal.name))
+        if self.refuse_acks:
+            raise PermissionDeniedError("acks refused for this test")
+        seqs = []
+        for signed in request.acks:
+            value = base64.b64decode(signed.value)
+            headers = [
+                (SIGNATURE_HEADER, base64.b64decode(signed.sig)),
+                (KEY_ID_HEADER, signed.kid.encode()),
+            ]
+            self.received_acks.append((value, headers))
+            seqs.append(json.loads(value)["seq"])
+        return AckReply(applied=tuple(seqs))
 
     def desired_for(self, host: str) -> tuple[DesiredKey, ...]:
         labels = self.hosts[host].labels
@@ -338,45 +363,22 @@ class FakeController:
 
 
 class AckReader:
-    """Reads every ack on the test's acks topic and verifies it with the agent's identity key."""
+    """Every ack the agent sent the fake controller, verified with the agent's identity key."""
 
-    def __init__(self, kafka: KafkaLink, topic: str) -> None:
-        self.kafka = kafka
-        self.topic = topic
+    def __init__(self, controller: FakeController) -> None:
+        self.controller = controller
         self.acks: list[Envelope] = []
-        self.raw: list[tuple[bytes, list[tuple[str, bytes]]]] = []
-        self._consumer: AIOKafkaConsumer | None = None
 
-    async def start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            **self.kafka.client_args(group_id=None, enable_auto_commit=False)
-        )
-        await consumer.start()
-        parts = await partitions_of(self.kafka, self.topic)
-        tps = [TopicPartition(self.topic, p) for p in parts]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        self._consumer = consumer
-
-    async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+    @property
+    def raw(self) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+        """The acks exactly as they arrived (value, signature headers)."""
+        return self.controller.received_acks
 
     async def poll(self, trust: bytes) -> list[Envelope]:
-        assert self._consumer is not None
-        batches = await self._consumer.getmany(timeout_ms=200)
-        for records in batches.values():
-            for record in records:
-                self.raw.append((record.value, list(record.headers)))
-                self.acks.append(
-                    verify_message(
-                        record.value,
-                        list(record.headers),
-                        trust_keys([trust]),
-                        types={EventType.ACK},
-                    )
-                )
+        self.acks = [
+            verify_message(value, headers, trust_keys([trust]), types={EventType.ACK})
+            for value, headers in self.raw
+        ]
         return self.acks
 
     async def wait_for(

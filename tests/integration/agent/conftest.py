@@ -22,14 +22,11 @@ async def world(
     unique_topic: Callable[[str], str],
     tmp_path: Path,
 ) -> AsyncIterator[World]:
-    events, acks = unique_topic("events"), unique_topic("acks")
-    await ensure_topics(
-        controller_kafka, [TopicSpec(events, partitions=3), TopicSpec(acks, partitions=1)]
-    )
-    controller = FakeController(controller_kafka, events, acks)
+    events = unique_topic("events")
+    await ensure_topics(controller_kafka, [TopicSpec(events, partitions=3)])
+    controller = FakeController(controller_kafka, events)
     await controller.start()
-    reader = AckReader(controller_kafka, acks)
-    await reader.start()
+    reader = AckReader(controller)
     config_path = tmp_path / "etc" / "agent.toml"
     root = tmp_path / "root"
     await enroll(
@@ -46,5 +43,4 @@ async def world(
     try:
         yield World(controller, reader, tmp_path, config_path, root)
     finally:
-        await reader.stop()
         await controller.stop()

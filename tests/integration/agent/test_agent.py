@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -87,6 +88,12 @@ async def test_enroll_run_install_ack_rotate_and_revoke(
         revoked = ctl.revoked_event(KEY, v2)
         await ctl.publish(revoked)
         await wait_until(lambda: not path.exists(), what="removal after revocation")
+        # Its ack waits in the host's queue (acks ride the SSH connection) until it is back.
+        assert await agent.state.pending_ack_count() >= 1
+        assert not any(
+            json.loads(v)["data"]["status"] == "removed" for v, _ in world.ack_reader.raw
+        )
+        await ctl.start()
         removed = await world.ack_reader.wait_for(
             trust, lambda a: a.data.status == "removed" and a.data.version == v2
         )
@@ -150,6 +157,7 @@ async def test_keyring_rotation_and_revocation_rewrites_locally(world: World) ->
         ring = json.loads(path.read_bytes())
         assert ring["primary"] == v2
         assert base64.b64decode(ring["versions"][0]["material"]) == key.versions[v2].material
+        await ctl.start()  # the ack waited in the host's queue for the controller
         await world.ack_reader.wait_for(
             trust, lambda a: a.data.status == "removed" and a.data.version == 1
         )
@@ -170,6 +178,7 @@ async def test_staleness_removes_keys_without_controller_contact(world: World) -
         await wait_until(lambda: not agent.connected, what="disconnect")
         offset[0] = 120.0  # two minutes without contact: past the key's 60 s
         await wait_until(lambda: not path.exists(), what="stale key removed")
+        await ctl.start()  # the ack waited in the host's queue for the controller
         ack = await world.ack_reader.wait_for(trust, lambda a: a.data.status == "removed")
         assert "stale" in (ack.data.error or "") or ack.data.version == 1
 

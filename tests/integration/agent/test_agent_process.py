@@ -99,17 +99,18 @@ async def test_crash_before_rename_then_restart_converges_and_sigterm_is_clean(
     assert report["any_stale"] is False and report["last_contact"] is not None
 
 
-async def test_acks_wait_in_the_state_db_while_kafka_is_down_and_survive_a_restart(
+async def test_acks_wait_in_the_state_db_until_the_controller_takes_them_across_a_restart(
     world: World,
 ) -> None:
     ctl = world.controller
     ctl.add_key(KEY, install=RAW)
+    ctl.refuse_acks = True  # the controller answers sync and fetch, but takes no ack
     path = world.host_path("/etc/ckms/payments/db.key")
-    dead = f"127.0.0.1:{free_port()}"
-    agent = Agent(world.config(CKMS_AGENT_KAFKA_BOOTSTRAP=dead))
+    agent = Agent(world.config())
     task = asyncio.create_task(agent.run())
     try:
-        await wait_until(path.exists, 30, "install without Kafka")
+        await wait_until(path.exists, 30, "install")
+        await wait_until(lambda: ("ack", "web-1") in ctl.calls, 10, "an ack refused")
 
         async def pending() -> int:
             return await agent.state.pending_ack_count()
@@ -118,14 +119,16 @@ async def test_acks_wait_in_the_state_db_while_kafka_is_down_and_survive_a_resta
     finally:
         agent.stop()
         await asyncio.wait_for(task, 30)
+    assert ctl.received_acks == []
 
     out = world.tmp / "status.txt"
-    proc = await start(world, out, "status", CKMS_AGENT_KAFKA_BOOTSTRAP=dead)
+    proc = await start(world, out, "status")
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     text = out.read_text()
     assert "1 pending" in text and KEY in text
 
-    # Kafka is back (the real bootstrap from the config file): the queued ack goes out.
+    # The controller takes acks again: after a restart of the agent, the queued ack goes out.
+    ctl.refuse_acks = False
     agent = Agent(world.config())
     task = asyncio.create_task(agent.run())
     try:

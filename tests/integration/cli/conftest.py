@@ -31,7 +31,7 @@ async def controller(
         tmp_path / "controller",
         controller_kafka,
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         clock=clock,
     ) as c:
         yield c

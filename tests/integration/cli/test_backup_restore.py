@@ -52,7 +52,7 @@ async def people(c: Controller, tmp_path: Path) -> Operators:
 async def test_restore_drill_backup_while_rotating(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
-    topics = (unique_topic("events"), unique_topic("acks"))
+    topics = (unique_topic("events"), unique_topic("fleet"))
     backup = tmp_path / "drill" / "ckms.backup"
     backup.parent.mkdir()
     config = tmp_path / "original.toml"
@@ -160,7 +160,7 @@ async def test_restore_drill_backup_while_rotating(
 async def test_a_backup_older_than_the_anchor_is_refused_and_leaves_nothing(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
-    topics = (unique_topic("events"), unique_topic("acks"))
+    topics = (unique_topic("events"), unique_topic("fleet"))
     backup = tmp_path / "old.backup"
     config = tmp_path / "original.toml"
     async with running_controller(tmp_path / "original", controller_kafka, *topics) as c:
@@ -195,7 +195,7 @@ async def test_a_backup_older_than_the_anchor_is_refused_and_leaves_nothing(
 async def test_only_admins_take_backups(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
-    topics = (unique_topic("events"), unique_topic("acks"))
+    topics = (unique_topic("events"), unique_topic("fleet"))
     async with running_controller(tmp_path / "ctl", controller_kafka, *topics) as c:
         ops = await people(c, tmp_path)
         for who in ("dave", "erin"):
@@ -223,7 +223,7 @@ async def test_a_forged_event_does_not_move_the_restored_sequence(
     """The restore continues the event sequence after the newest event *this controller*
     signed; a record on the topic signed by anyone else (here with seq 10**9) counts for
     nothing, or a writer of the topic could push the sequence out of reach."""
-    topics = (unique_topic("events"), unique_topic("acks"))
+    topics = (unique_topic("events"), unique_topic("fleet"))
     backup = tmp_path / "b.backup"
     config = tmp_path / "original.toml"
     async with running_controller(tmp_path / "original", controller_kafka, *topics) as c:

@@ -70,8 +70,8 @@ async def test_init_run_unseal_with_two_custodians_then_stop(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKMS_")}
     env |= {
         "CKMS_EVENTS_TOPIC": unique_topic("events"),
-        "CKMS_ACKS_TOPIC": unique_topic("acks"),
-        "CKMS_PARTITIONS": "3",
+        "CKMS_FLEET_TOPIC": unique_topic("fleet"),
+        "CKMS_FLEET_PARTITIONS": "3",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ckms.cli", "controller", "run",

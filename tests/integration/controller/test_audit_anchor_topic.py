@@ -42,7 +42,7 @@ async def test_a_controller_restarted_over_a_cut_log_refuses_to_sign_or_audit(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
     home = tmp_path / "ctl"
-    topics = (unique_topic("events"), unique_topic("acks"))
+    topics = (unique_topic("events"), unique_topic("fleet"))
     audit_topic = unique_topic("audit")
     async with running_controller(home, controller_kafka, *topics, audit_topic=audit_topic) as c:
         for n in range(3):

@@ -1,4 +1,6 @@
-"""Lifecycle changes become signed events on Kafka; acks become the fleet view (real Kafka)."""
+"""Lifecycle changes become signed events on Kafka, each delivered once (real Kafka).
+
+Acks over SSH and their ``fleet.acked`` events: ``test_acks.py``."""
 
 from __future__ import annotations
 
@@ -10,23 +12,17 @@ import pytest
 
 from ckms._kafka_security import KafkaLink
 from ckms.consumer import Envelope, Subscriber
-from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller, ControllerSettings
 from ckms.crypto import (
     SubjectRole,
-    generate_signing_key,
 )
 from ckms.devkafka import LocalKafka
 from ckms.protocol import (
-    Ack,
-    AckStatus,
     EventType,
     KeyCreated,
     KeyRevoked,
     RevocationReason,
 )
-from tests.support.acks import send_ack
-from tests.support.cli import enroll_host
 from tests.support.controller import PASSPHRASE, running_controller
 from tests.support.kafka import link_as
 from tests.support.waiting import wait_until
@@ -91,7 +87,7 @@ async def test_events_survive_a_broker_restart_each_delivered_once_in_order(
             tmp_path / "c",
             kafka.link(SubjectRole.CONTROLLER, "controller"),
             unique_topic("events"),
-            unique_topic("acks"),
+            unique_topic("fleet"),
         ) as c,
     ):
         lc = c.lifecycle
@@ -144,8 +140,8 @@ async def test_events_committed_while_the_publisher_is_down_are_published_once(
     unique_topic: Callable[[str], str],
 ) -> None:
     """The process dies after the commit, before the send: the restart publishes it once."""
-    home, events_topic, acks_topic = tmp_path / "c", unique_topic("events"), unique_topic("acks")
-    async with running_controller(home, controller_kafka, events_topic, acks_topic) as c:
+    home, events_topic, fleet_topic = tmp_path / "c", unique_topic("events"), unique_topic("fleet")
+    async with running_controller(home, controller_kafka, events_topic, fleet_topic) as c:
         await c.lifecycle.create("app/one", "aes-256", actor="alice")
         await wait_for(lambda: _no_backlog(c))
         public = await c.vault.public_key()
@@ -159,7 +155,7 @@ async def test_events_committed_while_the_publisher_is_down_are_published_once(
     assert await offline.publisher.backlog() == 1
     await offline.close()
 
-    async with running_controller(home, controller_kafka, events_topic, acks_topic) as c:
+    async with running_controller(home, controller_kafka, events_topic, fleet_topic) as c:
         await wait_for(lambda: _no_backlog(c))
     async with Subscriber(
         bootstrap=reader_kafka.bootstrap,
@@ -176,46 +172,3 @@ async def test_events_committed_while_the_publisher_is_down_are_published_once(
 
 async def _no_backlog(c: Controller) -> bool:
     return await c.publisher.backlog() == 0
-
-
-# -- acks ------------------------------------------------------------------------------------
-
-
-async def test_acks_build_the_fleet_view_and_forged_ones_change_nothing(
-    controller: Controller,
-) -> None:
-    c = controller
-    key = await c.lifecycle.create("web/tls", "ed25519", targets=_targets(), actor="alice")
-    web1 = await enroll_host(c, "web-1", {"env": "prod", "role": "web"})
-    web2 = await enroll_host(c, "web-2", {"env": "prod", "role": "web"})
-    digest = key.version(1).digest
-
-    def ack(agent: str, status: AckStatus = AckStatus.INSTALLED) -> Ack:
-        return Ack(
-            agent=agent, key="web/tls", version=1, status=status, digest=digest, elapsed_ms=5
-        )
-
-    # web-2's key signs an ack claiming to be web-1: refused.
-    await send_ack(c, web2, ack("web-1"), seq=1)
-    # An unknown key signs an ack for web-1: refused.
-    await send_ack(c, generate_signing_key(), ack("web-1"), seq=1)
-    # web-1's own ack: applied.
-    await send_ack(c, web1, ack("web-1"), seq=1)
-    # The same ack replayed: refused.
-    await send_ack(c, web1, ack("web-1", AckStatus.FAILED), seq=1)
-
-    async def settled() -> bool:
-        dropped = c.acks.stats.dropped or {}
-        return c.acks.stats.applied >= 1 and sum(dropped.values()) >= 3
-
-    await wait_for(settled)
-    status = {s.host: s for s in await key_fleet_status(c.store, c.lifecycle, c.hosts, "web/tls")}  # type: ignore[arg-type]
-    assert status["web-1"].converged and status["web-1"].versions == {1: "installed"}
-    assert not status["web-2"].converged and status["web-2"].versions == {}
-    assert c.acks.stats.dropped == {"unknown-signer": 2, "replayed": 1}
-
-
-def _targets():  # type: ignore[no-untyped-def]
-    from ckms.protocol import Targets
-
-    return Targets(selectors=({"env": "prod", "role": "web"},))

@@ -44,8 +44,8 @@ def test_bad_settings_name_the_field_and_where_it_came_from(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"listen_port \(from .*controller.toml\)"):
         load_settings(path, {})
     path.write_text("")
-    with pytest.raises(ConfigError, match=r"partitions \(from CKMS_PARTITIONS\)"):
-        load_settings(path, {"CKMS_PARTITIONS": "many"})
+    with pytest.raises(ConfigError, match=r"fleet_partitions \(from CKMS_FLEET_PARTITIONS\)"):
+        load_settings(path, {"CKMS_FLEET_PARTITIONS": "many"})
     path.write_text("nonsense = 1\n")
     with pytest.raises(ConfigError, match="nonsense"):
         load_settings(path, {})

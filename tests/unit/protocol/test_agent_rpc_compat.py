@@ -37,7 +37,6 @@ def test_requests_and_enroll_replies_leave_unset_fields_out() -> None:
         controller_key_id="ed25519:x",
         kafka_bootstrap="k:9092",
         events_topic="e",
-        acks_topic="a",
         digest_key="AA==",
     )
     dumped = reply.model_dump(mode="json")

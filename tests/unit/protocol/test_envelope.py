@@ -9,8 +9,8 @@ import pytest
 
 from ckms.crypto import generate_signing_key, signer_key_id, signing_public_key
 from ckms.protocol import (
-    ACKS_TOPIC,
     EVENTS_TOPIC,
+    FLEET_TOPIC,
     KEY_ID_HEADER,
     MAX_MESSAGE_BYTES,
     SIGNATURE_HEADER,
@@ -71,7 +71,7 @@ def rotated() -> KeyRotated:
 
 
 def test_topic_names() -> None:
-    assert (EVENTS_TOPIC, ACKS_TOPIC) == ("ckms.events", "ckms.acks")
+    assert (EVENTS_TOPIC, FLEET_TOPIC) == ("ckms.events", "ckms.fleet")
 
 
 def test_round_trip(signer: bytes, trust: dict[str, bytes]) -> None:
