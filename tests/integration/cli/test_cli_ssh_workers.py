@@ -52,7 +52,7 @@ async def test_shares_given_to_different_workers_unseal_every_worker(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKMS_")}
     env |= {
         "CKMS_EVENTS_TOPIC": unique_topic("events"),
-        "CKMS_ACKS_TOPIC": unique_topic("acks"),
+        "CKMS_FLEET_TOPIC": unique_topic("fleet"),
         "CKMS_AUDIT_TOPIC": unique_topic("audit"),
         "CKMS_SSH_WORKERS": "2",
     }

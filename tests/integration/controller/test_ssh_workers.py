@@ -47,7 +47,7 @@ async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
         tmp_path / "controller",
         controller_kafka,
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         audit_topic=unique_topic("audit"),
         ssh_workers=2,
     ) as c:
@@ -110,7 +110,7 @@ async def test_a_host_revoked_through_one_worker_loses_its_connections_on_every_
         tmp_path / "controller",
         controller_kafka,
         unique_topic("events"),
-        unique_topic("acks"),
+        unique_topic("fleet"),
         audit_topic=unique_topic("audit"),
         ssh_workers=2,
     ) as c:
