@@ -27,6 +27,26 @@ async def mem_store(store_target: StoreTarget) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
+async def sqlite_file_store(db_path: Path) -> AsyncIterator[Store]:
+    """A SQLite store in a file, for the tests of SQLite's own connections and trips."""
+    store = await Store.open(db_path)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def sqlite_mem_store() -> AsyncIterator[Store]:
+    """A SQLite store in memory, for the tests of SQLite's own connection."""
+    store = await Store.open(":memory:")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "ckms.db"
 

@@ -151,25 +151,25 @@ def _count_trips(conn: aiosqlite.Connection, monkeypatch: pytest.MonkeyPatch) ->
 
 
 async def test_a_one_statement_transaction_is_two_trips_to_the_connection_thread(
-    file_store: Store, monkeypatch: pytest.MonkeyPatch
+    sqlite_file_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # BEGIN goes with the first statement: a one-record audit append was three trips (BEGIN,
     # INSERT, COMMIT), each two thread wake-ups, most of its cost on a busy machine.
-    writes = _count_trips(file_store._writer, monkeypatch)
-    async with file_store.write() as tx:
+    writes = _count_trips(sqlite_file_store._writer, monkeypatch)
+    async with sqlite_file_store.write() as tx:
         await tx.set_meta("a", b"1")
     assert writes[0] == 2
-    assert file_store._reader is not None
-    reads = _count_trips(file_store._reader, monkeypatch)
-    async with file_store.read() as r:
+    assert sqlite_file_store._reader is not None
+    reads = _count_trips(sqlite_file_store._reader, monkeypatch)
+    async with sqlite_file_store.read() as r:
         assert await r.get_meta("a") == b"1"
         assert await r.get_meta("b") is None
     assert reads[0] == 3  # BEGIN + the first query, the second query, ROLLBACK
     writes[0] = 0
-    async with file_store.write():
+    async with sqlite_file_store.write():
         pass  # nothing ran: nothing to begin or commit
     assert writes[0] == 0
-    assert not file_store._writer.in_transaction
+    assert not sqlite_file_store._writer.in_transaction
 
 
 async def test_a_snapshot_starts_at_its_first_statement_and_holds(file_store: Store) -> None:
@@ -184,32 +184,32 @@ async def test_a_snapshot_starts_at_its_first_statement_and_holds(file_store: St
 
 
 async def test_a_begin_that_fails_is_a_store_error_and_leaves_the_store_usable(
-    file_store: Store, db_path: Path
+    sqlite_file_store: Store, db_path: Path
 ) -> None:
-    await file_store._writer.execute("PRAGMA busy_timeout = 50")
+    await sqlite_file_store._writer.execute("PRAGMA busy_timeout = 50")
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         with pytest.raises(StoreError, match=r"cannot start a transaction.*locked"):
-            async with file_store.write() as tx:
+            async with sqlite_file_store.write() as tx:
                 await tx.set_meta("a", b"1")
         other.execute("ROLLBACK")
     finally:
         other.close()
-    assert not file_store._writer.in_transaction
-    async with file_store.write() as tx:
+    assert not sqlite_file_store._writer.in_transaction
+    async with sqlite_file_store.write() as tx:
         await tx.set_meta("a", b"2")
-    assert await file_store.get_meta("a") == b"2"
+    assert await sqlite_file_store.get_meta("a") == b"2"
 
 
-async def test_a_failed_first_statement_rolls_its_begin_back(mem_store: Store) -> None:
+async def test_a_failed_first_statement_rolls_its_begin_back(sqlite_mem_store: Store) -> None:
     with pytest.raises(StoreError, match="write failed"):
-        async with mem_store.write() as tx:
+        async with sqlite_mem_store.write() as tx:
             await tx.execute("INSERT INTO no_such_table VALUES (1)")
-    assert not mem_store._writer.in_transaction
-    async with mem_store.write() as tx:
+    assert not sqlite_mem_store._writer.in_transaction
+    async with sqlite_mem_store.write() as tx:
         await tx.set_meta("a", b"1")
-    assert await mem_store.get_meta("a") == b"1"
+    assert await sqlite_mem_store.get_meta("a") == b"1"
 
 
 async def test_sqlite_errors_become_store_errors(mem_store: Store) -> None:
