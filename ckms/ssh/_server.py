@@ -92,6 +92,8 @@ class _ServerConnection(asyncssh.SSHServer):
         self.principal: Principal | None = None
         self.in_flight = 0
         self.requests = 0
+        self.channels = 0
+        """Session channels served and not yet closed by both ends."""
         self._capped = False  # counted by the guard as not (yet) known
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -158,6 +160,7 @@ class RpcServer:
         on_refusal_burst: BurstHook | None = None,
         limits: ConnectionLimits | None = None,
         max_concurrent: int = 16,
+        max_channels: int | None = None,
         keepalive_s: float = 30.0,
         login_timeout_s: float = 30.0,
         body_timeout_s: float = 30.0,
@@ -179,6 +182,12 @@ class RpcServer:
         """Refusal budgets of known hosts, by name (kept apart from the source addresses whose
         buckets decide who may connect; sized for a whole fleet)."""
         self.max_concurrent = max_concurrent
+        self.max_channels = max_channels if max_channels is not None else 2 * max_concurrent
+        """Channels one connection may hold open at once. Back-pressure bounds what one
+        channel makes the server buffer (a reply its client does not read stays in the server's
+        send buffer while the client's window is shut), not how many channels a connection
+        opens: past this, the connection is closed. An agent holds one, the CLI one per
+        request in flight."""
         self._body_timeout_s = body_timeout_s
         self._keepalive_s = keepalive_s
         self._login_timeout_s = login_timeout_s
@@ -288,6 +297,8 @@ class RpcServer:
         conn = process.channel.get_connection()
         owner = conn.get_owner()
         assert isinstance(owner, _ServerConnection)
+        if not self._hold_channel(owner, process, conn):
+            return
         if process.subsystem == CHANNEL_SUBSYSTEM:
             await self._serve_channel(process, owner)
             return
@@ -308,6 +319,29 @@ class RpcServer:
 
         method, line, ok = await self._serve(owner, method_of, params_of)
         _reply(process, line, 0 if ok else 1, method, owner.principal)
+
+    def _hold_channel(
+        self,
+        owner: _ServerConnection,
+        process: asyncssh.SSHServerProcess[bytes],
+        conn: asyncssh.SSHServerConnection,
+    ) -> bool:
+        """Count the channel until both ends closed it; False (and the connection closed)
+        when it is one more than the connection may hold."""
+        owner.channels += 1
+        closed = asyncio.ensure_future(process.channel.wait_closed())
+        closed.add_done_callback(lambda _f: setattr(owner, "channels", owner.channels - 1))
+        if owner.channels <= self.max_channels:
+            return True
+        self._count("channel", "denied")
+        log.warning(
+            "closing the connection of %s from %s: more than %d channels open at once",
+            _name(owner.principal),
+            owner.source,
+            self.max_channels,
+        )
+        conn.close()
+        return False
 
     async def _serve(
         self,

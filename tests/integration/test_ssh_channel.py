@@ -494,3 +494,32 @@ async def test_a_revoked_principal_loses_its_open_channel_at_once(server) -> Non
     finally:
         await c.close()
     assert rpc.disconnect("alice", roles={"agent"}) == 0  # only the principal named
+
+
+@pytest.mark.parametrize("kind", ["exec", "channel"])
+async def test_a_connection_cannot_hold_unread_replies_on_more_channels_than_its_cap(
+    server, kind: str
+) -> None:
+    """Back-pressure holds per channel; a client opening channel after channel on one
+    connection, each asking for a big reply with a receive window that never opens, would
+    otherwise leave every reply in the server's memory. Past the cap of open channels per
+    connection the connection is closed."""
+    fx, rpc = server
+    async with client(fx, rpc) as c:
+        assert c._conn is not None
+        opened = 0
+        with pytest.raises((asyncssh.Error, OSError)):
+            for _ in range(4 * rpc.max_channels + 8):
+                if kind == "exec":
+                    process = await c._conn.create_process(
+                        "big", encoding=None, window=1024, stdin=asyncssh.DEVNULL
+                    )
+                else:
+                    process = await c._conn.create_process(
+                        subsystem=CHANNEL_SUBSYSTEM, encoding=None, window=1024
+                    )
+                    process.stdin.write(encode_request(1, "big", None))
+                opened += 1
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"{opened} channels stayed open on one connection")
+        assert fx.served_big <= rpc.max_channels, fx.served_big
