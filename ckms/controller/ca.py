@@ -736,7 +736,9 @@ async def revoke_certificates(
     """Mark every unexpired, unrevoked certificate of a key version, of every version of a key
     (``keep`` given), or of a host revoked, for ``reason`` (RFC 5280's, on the CRL; after a
     compromise the key pair is never certified again); return their serials for the event and
-    audit.
+    audit. A compromise also takes the certificates of that scope already revoked for another
+    reason (reason changed, date kept) and those expired (revoked now): their serials are
+    returned too.
 
     ``keep(host_id, key_id)`` spares the ``tls-cert`` certificates it is true for (those whose
     host is still entitled to them, :func:`entitled_names`); with ``keep`` given, certificates
@@ -749,15 +751,27 @@ async def revoke_certificates(
         where, args = "key_id = ?", (key_id,)
     else:
         raise ConfigError("revoke certificates of a key version or of a host")
-    rows = _unexpired_checked(
-        tx.row_key,
-        await tx.fetchall(
-            f"SELECT * FROM certificates WHERE {where} ORDER BY serial",  # noqa: S608
-            args,
-        ),
-        now,
+    every = await tx.fetchall(
+        f"SELECT * FROM certificates WHERE {where} ORDER BY serial",  # noqa: S608
+        args,
     )
+    rows = _unexpired_checked(tx.row_key, every, now)
     serials = []
+    if reason.is_compromise:
+        # A compromise found late reaches the certificates already out of use too: one
+        # revoked before for another reason (a suspend, a relabel) takes this reason and
+        # keeps its date, one expired is marked; so the CRL says why and the key pair is
+        # never certified again (_refuse_compromised reads the reason).
+        rows = every
+        for row in every:
+            if row["revoked_at"] is None or row["revocation_reason"] in COMPROMISE_REASONS:
+                continue
+            await tx.execute(
+                "UPDATE certificates SET revocation_reason = ? WHERE serial = ?",
+                (str(reason), row["serial"]),
+            )
+            await rowmac.stamp_certificate(tx, str(row["serial"]))
+            serials.append(str(row["serial"]))
     for row in rows:
         if row["revoked_at"] is not None:
             continue

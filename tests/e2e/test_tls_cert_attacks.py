@@ -345,3 +345,31 @@ async def test_a_relabel_that_changes_a_hosts_names_revokes_its_old_certificates
     assert reply.serial in serials
     issuing = (await c.ca.state()).active.issuing.certificate
     assert crl_reasons(pem, issuing)[int(reply.serial, 16)] == "affiliationChanged"
+
+
+@pytest.mark.requirement("PCI-4.2.1")
+@pytest.mark.parametrize("first", ["suspend", "deactivate"])
+async def test_a_compromise_found_after_the_version_left_use_still_bars_its_key_pairs(
+    controller: Controller, tmp_path: Path, first: str
+) -> None:
+    """The version was suspended (or deactivated) first, its certificates revoked for
+    cessationOfOperation (superseded); then its key is found compromised and the version
+    revoked for keyCompromise. The certificates already revoked must take the compromise
+    reason (on the CRL, and so the pair is never certified again): else the stolen pair is
+    renewed into the next version."""
+    c = controller
+    config = await enroll_agent(c, tmp_path, "db-1", DB)
+    await c.lifecycle.create(
+        "db/server", "tls-cert", targets=Targets(selectors=(DB,)), install=SPEC, actor="alice"
+    )
+    stolen = generate(KeyType.ECDSA_P256)
+    async with host_rpc(c, config) as rpc:
+        issued = await _sign(rpc, 1, stolen)
+        await c.lifecycle.rotate("db/server", actor="alice")
+        await getattr(c.lifecycle, first)("db/server", 1, actor="alice")
+        await c.lifecycle.revoke("db/server", "keyCompromise", version=1, actor="alice")
+        pem, _ = await c.ca.crl(now=c.clock())
+        issuing = (await c.ca.state()).active.issuing.certificate
+        assert crl_reasons(pem, issuing)[int(issued.serial, 16)] == "keyCompromise"
+        with pytest.raises(PermissionDeniedError, match="revoked for keyCompromise"):
+            await _sign(rpc, 2, stolen)
