@@ -20,15 +20,28 @@ transaction it guards.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from ckms.errors import IntegrityError
 from ckms.store._fence import LEASE, Fence, check_fence, current_fence, fenced, fenced_context
 from ckms.store._store import Reader, Store, Transaction
 from ckms.store._time import format_time, parse_time
 
+log = logging.getLogger(__name__)
+
+MAX_AHEAD = 10
+"""A lease expiring more than this many lease lengths after a replica's now was written by no
+holder (each writes now + ttl): the row was edited, or a holder's clock runs far ahead. It is
+taken over, as an expired one, instead of keeping every replica a follower until then."""
+MAX_EPOCH = 1 << 62
+"""Past this the epoch was edited (a takeover a second for a hundred billion years short)."""
+
 __all__ = [
     "LEASE",
+    "MAX_AHEAD",
+    "MAX_EPOCH",
     "Fence",
     "LeaseState",
     "ReplicaBeat",
@@ -103,6 +116,13 @@ async def acquire(
             )
             return LeaseState(beat.incarnation, beat.name, 1, expires, True)
         holder, epoch = str(row["holder"]), int(row["epoch"])
+        if not 0 < epoch < MAX_EPOCH:
+            # No takeover can add one to it; refused loudly, never an overflow that ends the
+            # replica's lease task (and with it the controller).
+            raise IntegrityError(
+                f"the leader lease row holds epoch {epoch}, which no replica wrote: restore "
+                "the store or reset the lease row"
+            )
         if holder == beat.incarnation and want:
             await tx.execute(
                 "UPDATE leader_lease SET expires_at = ? WHERE name = ? AND holder = ? "
@@ -111,6 +131,14 @@ async def acquire(
             )
             return LeaseState(holder, beat.name, epoch, expires, True)
         current_expiry = parse_time(str(row["expires_at"]))
+        if current_expiry > now + MAX_AHEAD * ttl:
+            log.error(
+                "the leader lease of %s expires at %s, beyond any lease a replica writes: an "
+                "edited row or a clock far ahead; treated as expired",
+                row["holder_name"],
+                format_time(current_expiry),
+            )
+            current_expiry = now
         if want and current_expiry <= now:
             await tx.execute(
                 "UPDATE leader_lease SET holder = ?, holder_name = ?, epoch = ?, "

@@ -159,3 +159,43 @@ async def test_a_sealed_replica_never_takes_the_lease(
     assert after is not None and not after.mine  # expired, still not taken while sealed
     rows = {r.name: r for r in await leases.read_replicas(a.store)}
     assert rows["ctl-a"].sealed and not rows["ctl-b"].sealed
+
+
+
+async def test_a_lease_row_edited_to_last_for_ever_is_taken_over(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    """Whoever can write the database file must not stop leadership for good (no outbox
+    published, so no revocation delivered; no rotation; no checkpoint), with ``ckms status``
+    naming a leader, by one edit of the lease row: an expiry beyond what any holder writes
+    (now + ttl) is taken over as an expired one."""
+    a, b = replicas
+    assert a.store is not None
+    assert (await _lead(a)).epoch == 1
+    async with a.store.write() as tx:
+        await tx.execute(
+            "UPDATE leader_lease SET holder = 'forged', expires_at = '2999-01-01T00:00:00Z'"
+        )
+    clock.advance(seconds=TTL + 1)
+    state = await b.leader._round()
+    assert state is not None and state.mine and state.epoch == 2, state
+    clock.advance(seconds=TTL / 2)  # then renewed by its holder, not taken by the other
+    renewed = await b.leader._round()
+    assert renewed is not None and renewed.mine and renewed.epoch == 2
+    other = await a.leader._round()
+    assert other is not None and not other.mine
+
+
+async def test_a_lease_row_edited_to_the_last_epoch_is_refused_without_crashing_the_round(
+    replicas: tuple[Controller, Controller], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An epoch no takeover can add one to: the round fails with an error naming the row (the
+    replica keeps serving), not an overflow that ends the lease task and the controller."""
+    a, b = replicas
+    assert a.store is not None
+    await _lead(a)
+    async with a.store.write() as tx:
+        await tx.execute("UPDATE leader_lease SET epoch = 9223372036854775807")
+    clock.advance(seconds=TTL + 1)
+    assert await b.leader._round() is None
+    assert "no replica wrote" in caplog.text
