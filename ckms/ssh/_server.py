@@ -94,7 +94,15 @@ class _ServerConnection(asyncssh.SSHServer):
         self.requests = 0
         self.channels = 0
         """Session channels served and not yet closed by both ends."""
+        self.cut_off = False
+        """Set when the principal no longer holds (``RpcServer.revalidate``): the connection is
+        closed once that request's refusal is written."""
         self._capped = False  # counted by the guard as not (yet) known
+
+    @property
+    def connection(self) -> asyncssh.SSHServerConnection | None:
+        """The SSH connection, once admitted."""
+        return self._conn
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
@@ -361,6 +369,7 @@ class RpcServer:
             if self.revalidate is not None and principal is not None and principal.known:
                 gone = await self.revalidate(principal)
                 if gone is not None:
+                    owner.cut_off = True
                     raise PermissionDeniedError(f"{method}: {gone}")
             owner.requests += 1
             limit = principal.max_requests if principal is not None else None
@@ -389,6 +398,10 @@ class RpcServer:
             line, ok = error_reply(CKMSError(f"internal error while serving {method}")), False
             outcome = "internal"
         self._count(method, outcome)
+        if owner.cut_off and owner.connection is not None:
+            # After the reply is written (it is, in this same step of the caller's task): one
+            # audited refusal, then no more requests to refuse on this connection.
+            asyncio.get_running_loop().call_soon(owner.connection.close)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "rpc %s by %s in %.2f ms",
