@@ -30,6 +30,7 @@ from ckms.cli import (
     report,
     request,
     rollout,
+    store,
     vault,
 )
 from ckms.cli._client import Connection
@@ -119,6 +120,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(operator.app, name="operator")
 app.add_typer(request.app, name="request")
 app.add_typer(report.app, name="report")
+app.add_typer(store.app, name="store")
 app.add_typer(dev.app, name="dev")
 
 

@@ -162,6 +162,11 @@ class Backups:
         """Copy the store now (online) and audit it; return the backup's id and facts."""
         if self._store.is_memory:
             raise ConfigError("an in-memory store cannot be backed up")
+        if self._store.dialect.name != "sqlite":
+            raise ConfigError(
+                "ckms backup copies a SQLite store file; back a PostgreSQL store up with "
+                "PostgreSQL's own tools (pg_dump, base backups, replication)"
+            )
         async with self._lock:  # one copy at a time: each is the whole database
             await asyncio.to_thread(self._sweep)
             backup_id = "b-" + secrets.token_hex(8)

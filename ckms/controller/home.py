@@ -34,7 +34,7 @@ from ckms.controller.service import ControllerSettings
 from ckms.crypto import age_encrypt_to_ssh
 from ckms.errors import AlreadyExistsError, ConfigError
 from ckms.ssh import fingerprint, load_or_create_host_key
-from ckms.store import Store
+from ckms.store import parse_store_url
 
 __all__ = [
     "CONFIG_FILE",
@@ -96,10 +96,9 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Contr
             sources[name] = variable
     home = Path(str(data.get("home", path.parent)))
     data["home"] = home if home.is_absolute() else (path.parent / home).resolve()
-    if data.get("store") is not None and not _is_url(str(data["store"])):
-        store = Path(str(data["store"]))
-        data["store"] = store if store.is_absolute() else (path.parent / store).resolve()
-    store_origin = _take_store_url(data, env, str(path))
+    if data.get("store") is not None:
+        origin = sources.get("store", str(path))
+        data["store"] = _store_location(str(data["store"]), path.parent, origin)
     try:
         settings = ControllerSettings.model_validate(data)
     except ValidationError as exc:
@@ -107,32 +106,21 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Contr
         name = ".".join(str(p) for p in error["loc"])
         origin = sources.get(name.split(".")[0], "defaults")
         raise ConfigError(f"controller setting {name} (from {origin}): {error['msg']}") from None
-    if store_origin is not None:
-        raise ConfigError(
-            f"controller setting store (from {store_origin}): choosing the store by URL "
-            f"(PostgreSQL) is not built yet; the controller keeps its store in the SQLite file "
-            f"{settings.db_path}: remove the setting"
-        )
     return settings
 
 
-def _take_store_url(data: dict[str, Any], env: Mapping[str, str], path: str) -> str | None:
-    """Remove a ``store`` URL (file or ``CKMS_STORE``) from ``data``; return where it came from.
-
-    The caller refuses it: the PostgreSQL store is not built yet, and ignored, the setting
-    would leave the controller on its SQLite file while the operator believes it shares a
-    database with other replicas. The URL is never echoed: it may hold a password. A plain
-    file path stays: it names a SQLite file (which replicas on one machine may share).
-    """
-    value = data.get("store")
-    if value is not None and _is_url(str(value)):
-        del data["store"]
-        return ENV_PREFIX + "STORE" if ENV_PREFIX + "STORE" in env else path
-    return None
-
-
-def _is_url(value: str) -> bool:
-    return "://" in value or value.startswith(("postgresql:", "postgres:"))
+def _store_location(value: str, base: Path, origin: str) -> str:
+    """The ``store`` setting with a relative SQLite path made absolute (against ``base``, the
+    settings file's directory); a PostgreSQL URL as given. A URL that is refused (one holding
+    a password, say) is never echoed."""
+    try:
+        url = parse_store_url(value)
+    except ConfigError as exc:
+        raise ConfigError(f"controller setting store (from {origin}): {exc}") from None
+    if url.engine != "sqlite":
+        return url.target
+    file = Path(url.target)
+    return str(file if file.is_absolute() else (base / file).resolve())
 
 
 @dataclass(frozen=True)
@@ -192,7 +180,7 @@ async def init_home(
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
         raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    store = await Store.open(settings.db_path)
+    store = await settings.open_store()
     try:
         result = await init_controller(
             store, shares=shares, passphrase=passphrase, actor=f"init:{admin}"

@@ -216,13 +216,4 @@ async def _lift_sequence(
             continue
         newest = max(newest, envelope.seq)
     async with store.write() as tx:
-        current = await outbox.last_seq(tx)
-        if newest > current:
-            changed = await tx.execute(
-                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (newest,)
-            )
-            if not changed:
-                await tx.execute(
-                    "INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (newest,)
-                )
-        return max(newest, current)
+        return await outbox.continue_seq(tx, newest)

@@ -35,6 +35,7 @@ from ckms import _gc
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
 from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
+from ckms._secret_file import read_secret_file
 from ckms.controller import rowmac
 from ckms.controller.admin_rpc import AdminService, Endpoint
 from ckms.controller.agent_rpc import AgentService
@@ -64,7 +65,7 @@ from ckms.ssh import (
     load_or_create_host_key,
     public_key_text,
 )
-from ckms.store import Clock, Store, format_time, utc_now
+from ckms.store import Clock, Store, StoreURL, format_time, parse_store_url, utc_now
 from ckms.store import audit as audit_log
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,14 @@ class ControllerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     home: Path
-    store: Path | None = None
-    """The SQLite store file (default: ``<home>/controller.db``). Several controllers on one
-    machine may name the same file: they are replicas (one leads, see
-    :mod:`ckms.controller.leader`)."""
+    store: str | None = None
+    """Where the store is: a SQLite file (a path or ``sqlite:PATH``; default:
+    ``<home>/controller.db``), or a PostgreSQL database, ``postgresql://user@host:port/db``
+    (never with its password: see ``store_password_file``). Controllers naming the same store
+    are replicas (one leads, see :mod:`ckms.controller.leader`)."""
+    store_password_file: Path | None = None
+    """For a PostgreSQL store: a file (mode 0600) holding the password. Unset, the
+    ``PGPASSWORD`` environment (or libpq's ``~/.pgpass``) is used."""
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=2222, ge=0, le=65535)
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -202,10 +207,45 @@ class ControllerSettings(BaseModel):
         """Where Kafka is and how to talk to it: what every controller Kafka client uses."""
         return KafkaLink(self.kafka_bootstrap, self.kafka_security)
 
+    @field_validator("store")
+    @classmethod
+    def _store_location(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_store_url(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def store_url(self) -> StoreURL:
+        """The store's engine and location (the SQLite file by default)."""
+        if self.store is None:
+            return StoreURL("sqlite", str(self.home / "controller.db"))
+        return parse_store_url(self.store)
+
     @property
     def db_path(self) -> Path:
-        """The controller's SQLite store."""
-        return self.store if self.store is not None else self.home / "controller.db"
+        """The controller's SQLite store file; ConfigError for a PostgreSQL store (no file)."""
+        url = self.store_url
+        if url.engine != "sqlite":
+            raise ConfigError(
+                "the store is a PostgreSQL database, not a file: back it up and restore it "
+                "with PostgreSQL's own tools (pg_dump, pg_restore, replication)"
+            )
+        return Path(url.target)
+
+    def store_password(self) -> str | None:
+        """The PostgreSQL store's password from ``store_password_file`` (refused when others
+        may read it), or None (then ``PGPASSWORD`` or ``~/.pgpass`` apply)."""
+        if self.store_password_file is None or self.store_url.engine != "postgresql":
+            return None
+        return read_secret_file(self.store_password_file, "store_password_file")
+
+    async def open_store(self) -> Store:
+        """Open (and migrate) the configured store: what the controller and its tools use."""
+        url = self.store_url
+        return await Store.open(url.target, password=self.store_password())
 
     @property
     def host_key_path(self) -> Path:
@@ -242,7 +282,7 @@ class Controller:
     async def open(self) -> None:
         """Open the store and build the parts; the vault starts sealed."""
         self.settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = await Store.open(self.settings.db_path)
+        self.store = await self.settings.open_store()
         store = self.store
         if self._parent is not None:
             self.vault: Vault = RemoteVault(store, self._parent, clock=self.clock)

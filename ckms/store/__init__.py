@@ -11,6 +11,7 @@ from ckms.store._ids import new_id
 from ckms.store._migrations import MIGRATIONS, Migration
 from ckms.store._store import Reader, Store, Transaction, apply_migrations, read_only_uri
 from ckms.store._time import Clock, format_time, parse_time, require_utc, utc_now
+from ckms.store._url import StoreURL, parse_store_url
 
 __all__ = [
     "MIGRATIONS",
@@ -19,10 +20,12 @@ __all__ = [
     "Migration",
     "Reader",
     "Store",
+    "StoreURL",
     "Transaction",
     "apply_migrations",
     "format_time",
     "new_id",
+    "parse_store_url",
     "parse_time",
     "read_only_uri",
     "require_utc",

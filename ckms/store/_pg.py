@@ -63,6 +63,10 @@ READ_POOL_SIZE = 4
 CONNECT_TIMEOUT_S = 10.0
 
 _CHANGED_SETTING = "ckms.changed"
+_EVERYTHING = "*"
+"""The setting's value once a transaction changed too many rows to list (a copy, a big batch):
+every row is taken as changed, and caches reload whole."""
+_MAX_NOTED = 65536
 _NOTE_FUNCTION = "ckms_note_change"
 
 # The row trigger of the watched tables (see the module docstring): the first change of a
@@ -80,9 +84,15 @@ BEGIN
     END IF;
     IF seen = '' THEN
         UPDATE counters SET value = value + 1 WHERE name = 'changes';
+    ELSIF seen = '{_EVERYTHING}' THEN
+        RETURN NULL;
     END IF;
-    PERFORM set_config('{_CHANGED_SETTING}',
-                       seen || TG_ARGV[0] || ' ' || coalesce(row_id, '') || chr(10), true);
+    IF length(seen) > {_MAX_NOTED} THEN
+        seen := '{_EVERYTHING}';
+    ELSE
+        seen := seen || TG_ARGV[0] || ' ' || coalesce(row_id, '') || chr(10);
+    END IF;
+    PERFORM set_config('{_CHANGED_SETTING}', seen, true);
     RETURN NULL;
 END
 $$;
@@ -223,6 +233,8 @@ class PgStore(Store):
         self._conn: Any = None
         self._pool: Any = None
         self._counter: int | None = None
+        self._everything = False
+        """Set by a transaction that changed too many rows to list (see _EVERYTHING)."""
         self._checked = -_store.FOREIGN_CHECK_S
 
     def __repr__(self) -> str:
@@ -242,7 +254,7 @@ class PgStore(Store):
         try:
             store._conn = await store._new_connection()
             await _check_database(store._conn)
-            await apply_pg_migrations(store._conn, migrations)
+            store.migrated = await apply_pg_migrations(store._conn, migrations)
             await store._install_watch()
             store._pool = await asyncpg.create_pool(
                 url,
@@ -409,8 +421,9 @@ class PgStore(Store):
                     tx._active = False
                 self._writer_task = None
                 for name, ids in self._changed.items():
-                    self._bump(name, frozenset(ids))
+                    self._bump(name, None if self._everything else frozenset(ids))
                 self._changed.clear()
+                self._everything = False
 
     async def _begin_write(self) -> Any:
         """BEGIN and take the writer lock (waiting for another process's writer to finish).
@@ -457,7 +470,12 @@ class PgStore(Store):
             raise pg_error(exc, "cannot read the changes of a transaction") from None
         if row is None:  # pragma: no cover - a SELECT without FROM returns one row
             return
-        for line in str(row[0] or "").splitlines():
+        noted = str(row[0] or "")
+        if noted == _EVERYTHING:
+            for watched in self._generations:
+                self._changed.setdefault(watched, set())
+            self._everything = True
+        for line in noted.splitlines():
             watched, _, row_id = line.partition(" ")
             if watched in self._generations:
                 self._changed.setdefault(watched, set()).add(row_id)

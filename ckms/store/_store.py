@@ -256,6 +256,8 @@ class Store:
         append then fails, so nothing that must be audited happens on a cut log."""
         self._data_version: int | None = None
         self._data_checked = -FOREIGN_CHECK_S
+        self.migrated: list[int] = []
+        """The migrations this open applied (``ckms store migrate`` reports them)."""
 
     # -- opening and closing -------------------------------------------------------------
 
@@ -283,13 +285,14 @@ class Store:
         writer = await _connect(location, read_only=False)
         reader: aiosqlite.Connection | None = None
         try:
-            await apply_migrations(writer, migrations)
+            applied = await apply_migrations(writer, migrations)
             if location != _MEMORY:
                 reader = await _connect(location, read_only=True)
         except BaseException:
             await _close_quietly(writer)
             raise
         store = cls(location, writer, reader)
+        store.migrated = applied
         try:
             await store._watch()
         except BaseException:

@@ -20,7 +20,7 @@ from ckms._canonical import canonical_json, parse_canonical_json
 from ckms.errors import ProtocolError
 from ckms.protocol._events import EVENT_DATA_MODELS, EventData, EventType, event_type_of
 from ckms.store._ids import new_id
-from ckms.store._store import Store, Transaction
+from ckms.store._store import Reader, Store, Transaction
 from ckms.store._time import format_time, parse_time
 
 
@@ -166,7 +166,7 @@ def _payload(data: EventData | dict[str, Any], type: str | None) -> tuple[str, b
     return type, canonical_json(typed.model_dump(mode="json", by_alias=True))
 
 
-async def last_seq(tx: Transaction) -> int:
+async def last_seq(tx: Reader) -> int:
     """The highest ``seq`` ever given out (0 before the first event); every later event is above.
 
     Read from AUTOINCREMENT's own counter, so pruning sent rows does not lower it. Enrollment
@@ -177,6 +177,21 @@ async def last_seq(tx: Transaction) -> int:
     else:
         value = await tx.fetchval("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
     return 0 if value is None else int(value)
+
+
+async def continue_seq(tx: Transaction, seq: int) -> int:
+    """Make every later event's ``seq`` exceed ``seq`` (never lowering the counter); return the
+    highest given out now. A restored or copied store continues after the events its source
+    (or its controller, on Kafka) already handed out: agents drop any event at or below the
+    last they applied."""
+    current = await last_seq(tx)
+    if seq <= current:
+        return current
+    if tx.dialect.name == "postgresql":
+        await tx.execute("UPDATE counters SET value = ? WHERE name = 'outbox'", (seq,))
+    elif not await tx.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (seq,)):
+        await tx.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (seq,))
+    return seq
 
 
 def _event(row: Any) -> OutboxEvent:

@@ -56,9 +56,9 @@ def _offenders(package: str, allowed: tuple[str, ...]) -> list[str]:
             "ckms.store",
             ("ckms.store", "ckms.protocol", "ckms.crypto", "ckms.errors", "ckms._canonical"),
         ),
-        # The CLI is a client: it speaks the protocol and may start a controller or make its
-        # home (init, restore), nothing else of the controller's internals (wire rules live in
-        # ckms.protocol). It reads the audit
+        # The CLI is a client: it speaks the protocol and may start a controller, make its
+        # home (init, restore) or run the store tools (migrate, copy), nothing else of the
+        # controller's internals (wire rules live in ckms.protocol). It reads the audit
         # anchor topic itself (ckms._kafka) so an auditor needs no controller to check an export.
         (
             "ckms.cli",
@@ -77,6 +77,7 @@ def _offenders(package: str, allowed: tuple[str, ...]) -> list[str]:
                 "ckms.controller.home",
                 "ckms.controller.restore",
                 "ckms.controller.service",
+                "ckms.controller.storetools",
                 "ckms.console",
             ),
         ),

@@ -58,19 +58,54 @@ def test_bad_settings_name_the_field_and_where_it_came_from(tmp_path: Path) -> N
     [
         ('store = "postgresql://ckms:hunter2-secret@db.internal:5432/ckms"\n', {}),
         ("", {"CKMS_STORE": "postgresql://ckms:hunter2-secret@db.internal/ckms"}),
-        ('store = "sqlite:///srv/ckms/other.db"\n', {}),
+        ("", {"CKMS_STORE": "postgresql://ckms@db.internal/ckms?password=hunter2-secret"}),
     ],
 )
-def test_a_store_url_is_refused_as_not_built_yet(
+def test_a_store_url_holding_a_password_is_refused_without_echoing_it(
     tmp_path: Path, file_text: str, environ: dict[str, str]
 ) -> None:
-    # Only the SQLite file in the home exists; a store URL must not be ignored (a controller
-    # would run on a different database than its operator configured) nor half-work.
+    # A password in the URL ends up in shell history, process lists, logs and `ckms status`.
     path = tmp_path / "controller.toml"
     path.write_text(file_text)
-    with pytest.raises(ConfigError, match=r"store .*not built yet.*controller\.db") as caught:
+    with pytest.raises(ConfigError, match=r"setting store .*holds a password") as caught:
         load_settings(path, environ)
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "engine", "target"),
+    [
+        ("postgresql://ckms@db.internal:5432/ckms", "postgresql", None),
+        ("sqlite:///srv/ckms/other.db", "sqlite", "/srv/ckms/other.db"),
+        ("sqlite:data/c.db", "sqlite", "HOME/data/c.db"),
+        ("shared.db", "sqlite", "HOME/shared.db"),
+    ],
+)
+def test_the_store_setting_names_the_engine_and_location(
+    tmp_path: Path, value: str, engine: str, target: str | None
+) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(f'store = "{value}"\n')
+    url = load_settings(path, {}).store_url
+    assert url.engine == engine
+    assert url.target == (value if target is None else target.replace("HOME", str(tmp_path)))
+
+
+def test_the_store_password_file_must_be_private(tmp_path: Path) -> None:
+    secret = tmp_path / "pg.password"
+    secret.write_text("hunter2-secret\n")
+    settings = ControllerSettings(
+        home=tmp_path, store="postgresql://ckms@db/ckms", store_password_file=secret
+    )
+    secret.chmod(0o640)
+    with pytest.raises(ConfigError, match="readable by others") as caught:
+        settings.store_password()
+    assert "hunter2" not in str(caught.value)
+    secret.chmod(0o600)
+    assert settings.store_password() == "hunter2-secret"
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ConfigError, match="not a file"):
+        settings.db_path  # noqa: B018  (a PostgreSQL store has no file to back up)
 
 
 def test_kafka_is_mutual_tls_by_default_with_files_in_the_home(tmp_path: Path) -> None:
