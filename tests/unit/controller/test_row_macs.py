@@ -1,13 +1,14 @@
-"""Rows whose meaning matters are bound to the root KEK: edits with sqlite3 are refused.
+"""Rows whose meaning matters are bound to the root KEK: edits by the database's owner are
+refused, on SQLite and on PostgreSQL.
 
-Every attack here is done on the real database file with plain sqlite3 while the controller is
-stopped, then the controller is opened and unsealed again, as after a restart. Before rows
-carried a MAC, each of these edits was read back and acted on.
+Every attack here is done on the real database with a plain connection of the owner's own
+(sqlite3 on the file, a superuser connection to PostgreSQL) while the controller is stopped,
+then the controller is opened and unsealed again, as after a restart. Before rows carried a
+MAC, each of these edits was read back and acted on.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,16 +26,17 @@ from ckms.protocol import RevocationReason
 from ckms.ssh import generate_ssh_key, public_key_text
 from ckms.store import Store
 from ckms.store import audit as audit_log
+from tests.support.stores import StoreTarget
 
 NAME = "payments/db"
 PASSPHRASE = "a passphrase long enough for tests"
 
 
 @pytest.fixture
-async def bound_file(tmp_path: Path) -> AsyncIterator[tuple[Path, InitResult]]:
+async def bound_file(store_target: StoreTarget) -> AsyncIterator[tuple[StoreTarget, InitResult]]:
     """A closed store: one key targeting host web-1 (v1 compromised, v2 active), operators."""
-    path = tmp_path / "controller.db"
-    async with await Store.open(path) as store:
+    path = store_target
+    async with await path.open() as store:
         result = await init_controller(store, passphrase=PASSPHRASE)
         vault = Vault(store)
         await vault.unseal_with_passphrase(PASSPHRASE)
@@ -50,14 +52,20 @@ async def bound_file(tmp_path: Path) -> AsyncIterator[tuple[Path, InitResult]]:
     yield path, result
 
 
-def _edit(path: Path, *statements: str) -> None:
-    with sqlite3.connect(path) as raw:
-        for statement in statements:
-            raw.execute(statement)
+async def _edit(target: StoreTarget, *statements: str, params: tuple[object, ...] = ()) -> None:
+    await target.tamper(*statements, params=params)
 
 
-async def _unsealed(path: Path) -> tuple[Store, Vault]:
-    store = await Store.open(path)
+def _json_set(target: StoreTarget, column: str, field: str, value: str) -> str:
+    """SQL setting one field of a JSON text column to the JSON ``value``, as the owner of each
+    engine would write it."""
+    if target.engine == "sqlite":
+        return f"json_set({column}, '$.{field}', json('{value}'))"
+    return f"jsonb_set({column}::jsonb, '{{{field}}}', '{value}')::text"
+
+
+async def _unsealed(path: StoreTarget) -> tuple[Store, Vault]:
+    store = await path.open()
     vault = Vault(store)
     await vault.unseal_with_passphrase(PASSPHRASE)
     return store, vault
@@ -66,15 +74,12 @@ async def _unsealed(path: Path) -> tuple[Store, Vault]:
 @pytest.mark.parametrize(
     "statement",
     [
+        pytest.param('UPDATE keys SET targets = {json:targets:hosts:["evil-1"]}', id="targets"),
         pytest.param(
-            "UPDATE keys SET targets = json_set(targets, '$.hosts', json_array('evil-1'))",
-            id="targets",
-        ),
-        pytest.param(
-            "UPDATE keys SET install = json_set(install, '$.path', '/tmp/{purpose}.key')",
+            'UPDATE keys SET install = {json:install:path:"/tmp/{purpose}.key"}',
             id="install-spec",
         ),
-        pytest.param("UPDATE keys SET policy = json_set(policy, '$.grace', 'P3650D')", id="policy"),
+        pytest.param('UPDATE keys SET policy = {json:policy:grace:"P3650D"}', id="policy"),
         pytest.param("UPDATE keys SET primary_version = 1", id="primary"),
         pytest.param("UPDATE key_versions SET state = 'Active' WHERE version = 1", id="state"),
         pytest.param(
@@ -84,10 +89,14 @@ async def _unsealed(path: Path) -> tuple[Store, Vault]:
     ],
 )
 async def test_an_edited_key_row_is_refused_with_an_integrity_error(
-    bound_file: tuple[Path, InitResult], statement: str
+    bound_file: tuple[StoreTarget, InitResult], statement: str
 ) -> None:
     path, _ = bound_file
-    _edit(path, statement)
+    if "{json:" in statement:
+        head, spec = statement.split("{json:", 1)
+        column, field, value = spec.removesuffix("}").split(":", 2)
+        statement = head + _json_set(path, column, field, value)
+    await _edit(path, statement)
     store, vault = await _unsealed(path)
     try:
         lifecycle = Lifecycle(store, vault)
@@ -99,7 +108,7 @@ async def test_an_edited_key_row_is_refused_with_an_integrity_error(
         await store.close()
 
 
-async def test_an_untouched_store_reads_back(bound_file: tuple[Path, InitResult]) -> None:
+async def test_an_untouched_store_reads_back(bound_file: tuple[StoreTarget, InitResult]) -> None:
     path, _ = bound_file
     store, vault = await _unsealed(path)
     try:
@@ -112,17 +121,24 @@ async def test_an_untouched_store_reads_back(bound_file: tuple[Path, InitResult]
 
 
 async def test_an_operator_given_a_role_in_the_file_cannot_log_in(
-    bound_file: tuple[Path, InitResult], tmp_path: Path
+    bound_file: tuple[StoreTarget, InitResult], tmp_path: Path
 ) -> None:
     """An auditor made admin with sqlite3: the registry refuses the row and so does login."""
     path, _ = bound_file
     key = generate_ssh_key()
-    with sqlite3.connect(path) as raw:
-        raw.execute(
-            "UPDATE operators SET role = 'admin', ssh_public_key = ? WHERE name = 'audra'",
-            (public_key_text(key),),
-        )
-    controller = Controller(ControllerSettings(home=path.parent, listen_port=0))
+    await _edit(
+        path,
+        "UPDATE operators SET role = 'admin', ssh_public_key = ? WHERE name = 'audra'",
+        params=(public_key_text(key),),
+    )
+    database = path.database
+    settings = ControllerSettings(
+        home=tmp_path / "home",
+        listen_port=0,
+        store=path.location,
+        store_password_file=None if database is None else database.password_file,
+    )
+    controller = Controller(settings)
     await controller.open()
     try:
         assert controller.store is not None
@@ -135,59 +151,64 @@ async def test_an_operator_given_a_role_in_the_file_cannot_log_in(
 
 
 async def test_an_edited_signing_public_key_stops_unseal(
-    bound_file: tuple[Path, InitResult],
+    bound_file: tuple[StoreTarget, InitResult],
 ) -> None:
     """Enrollment hands the signing public key to agents to pin: a swapped one is refused."""
     path, _ = bound_file
-    with sqlite3.connect(path) as raw:
-        raw.execute(
-            "UPDATE meta SET value = ? WHERE name = 'signing.public_key'",
-            (signing_public_key(generate_signing_key()),),
-        )
-    async with await Store.open(path) as store:
+    await _edit(
+        path,
+        "UPDATE meta SET value = ? WHERE name = 'signing.public_key'",
+        params=(signing_public_key(generate_signing_key()),),
+    )
+    async with await path.open() as store:
         vault = Vault(store)
         with pytest.raises(IntegrityError, match="signing public key failed integrity check"):
             await vault.unseal_with_passphrase(PASSPHRASE)
         assert vault.sealed
 
 
-async def test_a_removed_binding_marker_stops_unseal(bound_file: tuple[Path, InitResult]) -> None:
+async def test_a_removed_binding_marker_stops_unseal(
+    bound_file: tuple[StoreTarget, InitResult],
+) -> None:
     """Deleting the marker (and every MAC) so that unseal binds edited rows afresh does not
     work: the audit log says the rows were bound before."""
     path, _ = bound_file
-    _edit(
+    await _edit(
         path,
         "DELETE FROM meta WHERE name = 'rows.bound'",
-        "UPDATE keys SET mac = NULL, targets = json_set(targets, '$.hosts', json_array('evil-1'))",
+        "UPDATE keys SET mac = NULL, targets = "  # noqa: S608 - the test is the attacker
+        + _json_set(path, "targets", "hosts", '["evil-1"]'),
         "UPDATE key_versions SET mac = NULL",
         "UPDATE operators SET mac = NULL",
     )
-    async with await Store.open(path) as store:
+    async with await path.open() as store:
         vault = Vault(store)
         with pytest.raises(IntegrityError, match="marker is gone"):
             await vault.unseal_with_passphrase(PASSPHRASE)
         assert vault.sealed and store.row_key is None
 
 
-async def test_rows_written_before_binding_are_bound_at_the_first_unseal(tmp_path: Path) -> None:
+async def test_rows_written_before_binding_are_bound_at_the_first_unseal(
+    store_target: StoreTarget,
+) -> None:
     """A store whose rows were written before rows carried MACs (an operator added at init, a
     key row by an older controller) is bound once, at its first unseal; edits after that are
     refused."""
-    path = tmp_path / "controller.db"
-    async with await Store.open(path) as store:
+    path = store_target
+    async with await path.open() as store:
         await init_controller(store, passphrase=PASSPHRASE)
         await OperatorRegistry(store).add(
             "alice", "admin", public_key_text(generate_ssh_key()), actor="init"
         )
-    with sqlite3.connect(path) as raw:
-        raw.execute(
-            "INSERT INTO keys(id, name, key_type, usage, policy, targets, install, created_at, "
-            "created_by, updated_at) SELECT 'k-1', 'old/key', 'aes-256', 'decrypt,encrypt', "
-            "policy, targets, install, '2025-01-01T00:00:00Z', 'old', '2025-01-01T00:00:00Z' "
-            "FROM (SELECT '{}' AS policy, '{\"hosts\": [], \"selectors\": []}' AS targets, "
-            '\'{"path": "/etc/ckms/{team}/{purpose}.key"}\' AS install)'
-        )
-        assert raw.execute("SELECT mac FROM keys").fetchone() == (None,)
+    await _edit(
+        path,
+        "INSERT INTO keys(id, name, key_type, usage, policy, targets, install, created_at, "
+        "created_by, updated_at) SELECT 'k-1', 'old/key', 'aes-256', 'decrypt,encrypt', "
+        "policy, targets, install, '2025-01-01T00:00:00Z', 'old', '2025-01-01T00:00:00Z' "
+        "FROM (SELECT '{}' AS policy, '{\"hosts\": [], \"selectors\": []}' AS targets, "
+        '\'{"path": "/etc/ckms/{team}/{purpose}.key"}\' AS install) AS old',
+    )
+    assert await path.query("SELECT mac FROM keys") == [(None,)]
     store, _vault = await _unsealed(path)
     try:
         records = [r for r in await audit_log.load_records(store) if r.action == rowmac.BIND_ACTION]
@@ -197,7 +218,7 @@ async def test_rows_written_before_binding_are_bound_at_the_first_unseal(tmp_pat
         assert all(m["mac"] for m in macs)
     finally:
         await store.close()
-    _edit(path, "UPDATE operators SET role = 'auditor'")
+    await _edit(path, "UPDATE operators SET role = 'auditor'")
     store, _vault = await _unsealed(path)  # bound once: no second binding
     try:
         with pytest.raises(IntegrityError):
