@@ -53,6 +53,17 @@ def init(
     ] = None,
     kafka: Annotated[str, typer.Option(help="Kafka bootstrap servers.")] = "127.0.0.1:9092",
     listen: Annotated[str, typer.Option(help="SSH listen address HOST:PORT.")] = "127.0.0.1:2222",
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep the store in a PostgreSQL database, postgresql://user@host:port/db "
+            "(default: HOME/controller.db); its password from --store-password-file or PGPASSWORD."
+        ),
+    ] = None,
+    store_password_file: Annotated[
+        Path | None,
+        typer.Option(help="A file (mode 0600) holding the PostgreSQL store's password."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Initialise a controller: settings file, sealed store, first admin, SSH host key.
@@ -98,6 +109,10 @@ def init(
                 listen_host=listen_host,
                 listen_port=listen_port,
                 custodians=custodians,
+                store=store,
+                store_password_file=(
+                    None if store_password_file is None else store_password_file.resolve()
+                ),
             )
         )
         written = _write_shares(done, share_dir) if share_dir is not None else {}

@@ -99,6 +99,9 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Contr
     if data.get("store") is not None:
         origin = sources.get("store", str(path))
         data["store"] = _store_location(str(data["store"]), path.parent, origin)
+    if data.get("store_password_file") is not None:
+        secret = Path(str(data["store_password_file"]))
+        data["store_password_file"] = secret if secret.is_absolute() else path.parent / secret
     try:
         settings = ControllerSettings.model_validate(data)
     except ValidationError as exc:
@@ -158,8 +161,13 @@ async def init_home(
     listen_host: str = "127.0.0.1",
     listen_port: int = 2222,
     custodians: Sequence[tuple[str, str]] = (),
+    store: str | None = None,
+    store_password_file: Path | None = None,
 ) -> HomeInit:
     """Create and initialise a controller home; refuses one that is already initialised.
+
+    ``store`` puts the store elsewhere than the home's SQLite file (a PostgreSQL database,
+    whose password is ``store_password_file``'s); it must not hold a controller yet.
 
     With ``custodians`` (name, ssh-ed25519 public key line), there must be one per share: each
     becomes an operator with role custodian and gets its share age-encrypted to that key
@@ -176,6 +184,8 @@ async def init_home(
             listen_host=listen_host,
             listen_port=listen_port,
             kafka_bootstrap=kafka_bootstrap,
+            store=store,
+            store_password_file=store_password_file,
         )
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
