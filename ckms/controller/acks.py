@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ckms._canonical import canonical_json
+from ckms.controller import rowmac
 from ckms.controller.models import Host
 from ckms.crypto import signer_key_id
 from ckms.errors import PermissionDeniedError
@@ -220,9 +221,10 @@ class AckService:
             outcome.applied.append(envelope.seq)
             last = envelope.seq
         if outcome.applied:
+            stamp = format_time(now)
             await tx.execute(
-                "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ? WHERE id = ?",
-                (last, format_time(now), host_id),
+                "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ?, seen_mac = ? WHERE id = ?",
+                (last, stamp, rowmac.seen_mac(tx.row_key, host_id, stamp), host_id),
             )
 
     async def _apply_one(
@@ -250,24 +252,17 @@ class AckService:
                 if key_id is not None:
                     outcome.latencies.append(latency_ms / 1000)
         if key_id is not None:
-            await tx.execute(
-                "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
-                "updated_at, latency_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(host_id, key_id, version) DO UPDATE SET status = excluded.status, "
-                "digest = excluded.digest, event_id = excluded.event_id, "
-                "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms, "
-                "error = excluded.error",
-                (
-                    host_id,
-                    key_id,
-                    ack.version,
-                    str(ack.status),
-                    ack.digest,
-                    ack.event_id,
-                    format_time(now),
-                    latency_ms,
-                    ack.error if str(ack.status) == "failed" else None,
-                ),
+            await put_fleet_row(
+                tx,
+                host_id=host_id,
+                key_id=key_id,
+                version=ack.version,
+                status=str(ack.status),
+                digest=ack.digest,
+                updated_at=format_time(now),
+                event_id=ack.event_id,
+                latency_ms=latency_ms,
+                error=ack.error if str(ack.status) == "failed" else None,
             )
             if ack.cert_serial is not None and str(ack.status) == "installed":
                 # The host installed a certificate issued to it (the fleet view's column).
@@ -328,6 +323,39 @@ class AckService:
                 data = FleetAcked(key=key, key_id=key_id, acks=tuple(chunk))
                 prepared.append(outbox.prepare(key, data))
         await outbox.add_events(tx, prepared, now=self._clock())
+
+
+async def put_fleet_row(
+    tx: Transaction,
+    *,
+    host_id: str,
+    key_id: str,
+    version: int,
+    status: str,
+    digest: str | None,
+    updated_at: str,
+    event_id: str | None = None,
+    latency_ms: float | None = None,
+    error: str | None = None,
+) -> None:
+    """Record what a host acknowledged for a version (its ``fleet_state`` row) with the row
+    MAC a rollout's gate checks: every writer of acks goes through here."""
+    mac = rowmac.fleet_row_mac(
+        tx.row_key,
+        host_id,
+        key_id,
+        version,
+        {"status": status, "digest": digest, "updated_at": updated_at, "error": error},
+    )
+    await tx.execute(
+        "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
+        "updated_at, latency_ms, error, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(host_id, key_id, version) DO UPDATE SET status = excluded.status, "
+        "digest = excluded.digest, event_id = excluded.event_id, "
+        "updated_at = excluded.updated_at, latency_ms = excluded.latency_ms, "
+        "error = excluded.error, mac = excluded.mac",
+        (host_id, key_id, version, status, digest, event_id, updated_at, latency_ms, error, mac),
+    )
 
 
 def _chunks(entries: list[AckedVersion]) -> list[list[AckedVersion]]:

@@ -235,13 +235,14 @@ class HostRegistry:
                 await tx.execute("DELETE FROM fleet_state WHERE host_id = ?", (name,))
             await tx.execute(
                 "INSERT INTO hosts(id, name, labels, identity_public_key, wrapping_public_key, "
-                "enrolled_at, wrap_suite, signer_key_id, last_seen_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "enrolled_at, wrap_suite, signer_key_id, last_seen_at, seen_mac) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "labels = excluded.labels, identity_public_key = excluded.identity_public_key, "
                 "wrapping_public_key = excluded.wrapping_public_key, "
                 "enrolled_at = excluded.enrolled_at, wrap_suite = excluded.wrap_suite, "
                 "signer_key_id = excluded.signer_key_id, last_seen_at = excluded.last_seen_at, "
-                "revoked = 0, revoked_at = NULL, last_ack_seq = NULL, reported = NULL",
+                "seen_mac = excluded.seen_mac, revoked = 0, revoked_at = NULL, "
+                "last_ack_seq = NULL, reported = NULL",
                 (
                     name,
                     name,
@@ -252,6 +253,7 @@ class HostRegistry:
                     str(suite),
                     signer_key_id(signing_key),
                     format_time(now),
+                    rowmac.seen_mac(tx.row_key, name, format_time(now)),
                 ),
             )
             await rowmac.stamp_host(tx, name)
@@ -408,15 +410,19 @@ class HostRegistry:
     ) -> None:
         """:meth:`touch` inside the caller's transaction."""
         now = format_time(self._clock())
+        mac = rowmac.seen_mac(tx.row_key, host_id, now)  # a rollout's gate reads it
         if reported is None:
-            await tx.execute("UPDATE hosts SET last_seen_at = ? WHERE id = ?", (now, host_id))
+            await tx.execute(
+                "UPDATE hosts SET last_seen_at = ?, seen_mac = ? WHERE id = ?",
+                (now, mac, host_id),
+            )
         else:
             # The report carries its own time: drift is only judged on a report newer than
             # the host's last ack (a heartbeat from before a rotation is not drift).
             report = {"at": now, "installed": reported}
             await tx.execute(
-                "UPDATE hosts SET last_seen_at = ?, reported = ? WHERE id = ?",
-                (now, json.dumps(report, sort_keys=True), host_id),
+                "UPDATE hosts SET last_seen_at = ?, seen_mac = ?, reported = ? WHERE id = ?",
+                (now, mac, json.dumps(report, sort_keys=True), host_id),
             )
 
     async def _require(self, r: Reader, host_id: str) -> Host:

@@ -1233,6 +1233,15 @@ class Lifecycle:
                     changes["released"] = (
                         before if rollout.released is None else before & rollout.released
                     )
+                had = {h.id for h in targeted} if rollout.released is None else rollout.released
+                withdrawn = sorted(had - changes["released"])
+                # What the withdrawn hosts acknowledged no longer speaks for them: a resumed
+                # stage waits for their new 'installed' (their removal ack comes meanwhile).
+                await tx.executemany(
+                    "DELETE FROM fleet_state WHERE host_id = ? AND key_id = ? AND version = ? "
+                    "AND status = 'installed'",
+                    [(h, key.id, rollout.version) for h in withdrawn],
+                )
         moved = rollout.model_copy(update=changes)
         await self._write_rollout(
             tx, key, moved, f"rollout.{op}", now=now, actor=actor, extra=extra
@@ -1250,8 +1259,12 @@ class Lifecycle:
         deadline: timedelta | None = None,
         extra: dict[str, Any] | None = None,
         of_version: int | None = None,
+        confirm: Callable[[Transaction, Key, Rollout], Awaitable[None]] | None = None,
     ) -> Rollout:
         """Move a key's rollout by ``op`` in one transaction with its event and audit record.
+
+        ``confirm`` runs inside that transaction before the move (the driver judges the gate
+        there again, from the rows as they are when the move commits) and may refuse it.
 
         ``complete`` also activates the version (the one signed ``key.state_changed`` every
         host applies); ``expect`` (version, stage, stage start) refuses the move when the rollout
@@ -1281,6 +1294,8 @@ class Lifecycle:
                         f"the rollout of {name} moved meanwhile (now v{rollout.version} stage "
                         f"{rollout.stage}, {rollout.state})"
                     )
+                if confirm is not None:
+                    await confirm(tx, key, rollout)
                 version = key.version(rollout.version)
                 if rollout.live and not awaits_rollout(version.state, version.activation_at):
                     raise InvalidTransitionError(

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
 from ckms._aio import stop_if_cancelled, wait_event
-from ckms.controller import _repo
+from ckms.controller import _repo, rowmac
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.models import Key, Rollout
@@ -34,10 +34,10 @@ from ckms.controller.rollout_plan import AckRow, GateVerdict, judge_stage
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import match_hosts
 from ckms.controller.transitions import RolloutOp, awaits_rollout
-from ckms.errors import CKMSError, NotFoundError
+from ckms.errors import CKMSError, InvalidTransitionError, NotFoundError
 from ckms.protocol import RolloutState
 from ckms.protocol import admin as api
-from ckms.store import Clock, Store, parse_time, utc_now
+from ckms.store import Clock, Reader, Store, Transaction, parse_time, utc_now
 
 __all__ = ["ACTOR", "RolloutDriver", "RolloutView"]
 
@@ -67,6 +67,47 @@ class RolloutView:
 def _names(hosts: Sequence[str]) -> str:
     shown = ", ".join(hosts[:_NAMED])
     return shown + (f" and {len(hosts) - _NAMED} more" if len(hosts) > _NAMED else "")
+
+
+Confirm = Callable[[Transaction, Key, Rollout], Awaitable[None]]
+"""Called by :meth:`Lifecycle.move_rollout` inside its transaction, before it moves."""
+
+
+class _GateChanged(InvalidTransitionError):
+    """Raised when the gate judged inside the moving transaction differs from the first look."""
+
+
+def _decide(
+    rollout: Rollout, verdict: GateVerdict, now: datetime
+) -> tuple[RolloutOp, str, dict[str, object]] | None:
+    """The move the gate calls for (halt, advance/complete, expire), with its reason and the
+    audit record's extra details; None: nothing yet."""
+    stage = f"stage {rollout.stage} of {len(rollout.stages)}"
+    extra: dict[str, object] = {
+        "acked": len(verdict.acked),
+        "counted": verdict.counted,
+        "hosts": verdict.hosts,
+    }
+    if verdict.failed:
+        # The hosts' own reasons go to the audit record and fleet status, not into the
+        # rollout's reason: that is published in a signed event, and a host's text is not
+        # the controller's to sign.
+        errors = {h: verdict.errors[h] for h in verdict.failed if h in verdict.errors}
+        return (
+            RolloutOp.HALT,
+            f"{stage} failed on {_names(verdict.failed)}",
+            extra | {"failed": list(verdict.failed), "errors": errors},
+        )
+    if verdict.holds:
+        op = RolloutOp.COMPLETE if rollout.final_stage else RolloutOp.ADVANCE
+        why = f"{stage} gate {rollout.gate} held: {len(verdict.acked)} of {verdict.counted} hosts"
+        if verdict.uncounted:
+            why += f" (not counted, stale past max staleness: {_names(verdict.uncounted)})"
+        return op, why, extra
+    if now >= rollout.deadline_at:
+        why = f"deadline passed at {stage}; held up by {_names(verdict.waiting)}"
+        return RolloutOp.EXPIRE, why, extra | {"waiting": list(verdict.waiting)}
+    return None
 
 
 class RolloutDriver:
@@ -136,39 +177,24 @@ class RolloutDriver:
         if not awaits_rollout(version.state, version.activation_at):
             await self._move(name, RolloutOp.CANCEL, f"version is {version.state}", expect)
             return RolloutOp.CANCEL
-        verdict = await self.verdict(key, rollout)
-        now = self._clock()
-        stage = f"stage {rollout.stage} of {len(rollout.stages)}"
-        extra = {"acked": len(verdict.acked), "counted": verdict.counted, "hosts": verdict.hosts}
-        if verdict.failed:
-            # The hosts' own reasons go to the audit record and fleet status, not into the
-            # rollout's reason: that is published in a signed event, and a host's text is not
-            # the controller's to sign.
-            why = f"{stage} failed on {_names(verdict.failed)}"
-            errors = {h: verdict.errors[h] for h in verdict.failed if h in verdict.errors}
-            await self._move(
-                name,
-                RolloutOp.HALT,
-                why,
-                expect,
-                extra | {"failed": list(verdict.failed), "errors": errors},
-            )
-            return RolloutOp.HALT
-        if verdict.holds:
-            op = RolloutOp.COMPLETE if rollout.final_stage else RolloutOp.ADVANCE
-            why = (
-                f"{stage} gate {rollout.gate} held: {len(verdict.acked)} of {verdict.counted} hosts"
-            )
-            if verdict.uncounted:
-                why += f" (not counted, stale past max staleness: {_names(verdict.uncounted)})"
-            await self._move(name, op, why, expect, extra)
+        for _ in range(3):  # a look outside any write, then the same judgment inside it
+            decision = _decide(rollout, await self.verdict(key, rollout), self._clock())
+            if decision is None:
+                return None
+            op, why, extra = decision
+
+            async def confirm(tx: Transaction, key: Key, rollout: Rollout, op: RolloutOp = op):
+                # Judged again from the rows as the moving transaction sees them: an ack
+                # applied since the first look decides, never one left out.
+                again = _decide(rollout, await self.verdict(key, rollout, tx), self._clock())
+                if again is None or again[0] is not op:
+                    raise _GateChanged(f"the gate of the rollout of {key.name} changed meanwhile")
+
+            try:
+                await self._move(name, op, why, expect, extra, confirm=confirm)
+            except _GateChanged:
+                continue
             return op
-        if now >= rollout.deadline_at:
-            why = f"deadline passed at {stage}; held up by {_names(verdict.waiting)}"
-            await self._move(
-                name, RolloutOp.EXPIRE, why, expect, extra | {"waiting": list(verdict.waiting)}
-            )
-            return RolloutOp.EXPIRE
         return None
 
     async def _move(
@@ -178,32 +204,54 @@ class RolloutDriver:
         reason: str,
         expect: tuple[int, int, datetime],
         extra: dict[str, object] | None = None,
+        *,
+        confirm: Confirm | None = None,
     ) -> None:
         await self._lifecycle.move_rollout(
-            name, op, actor=ACTOR, reason=reason[:1000], expect=expect, extra=extra
+            name,
+            op,
+            actor=ACTOR,
+            reason=reason[:1000],
+            expect=expect,
+            extra=extra,
+            confirm=confirm,
         )
         log.info("rollout of %s: %s (%s)", name, op, reason[:200])
 
-    async def verdict(self, key: Key, rollout: Rollout) -> GateVerdict:
-        """The gate of the rollout's stage out now, from the fleet view's rows."""
-        targeted = match_hosts(key.targets, await self._hosts.list())
-        rows = await self._store.fetchall(
-            "SELECT host_id, status, digest, updated_at, error FROM fleet_state "
-            "WHERE key_id = ? AND version = ?",
+    async def verdict(
+        self, key: Key, rollout: Rollout, r: Reader | Transaction | None = None
+    ) -> GateVerdict:
+        """The gate of the rollout's stage out now, from the fleet view's rows (as ``r`` sees
+        them, when given: the transaction that moves the stage)."""
+        if r is None:
+            async with self._store.read() as reader:
+                return await self.verdict(key, rollout, reader)
+        targeted = match_hosts(key.targets, await _repo.list_hosts(r))
+        rows = await r.fetchall(
+            "SELECT host_id, key_id, version, status, digest, updated_at, error, mac "
+            "FROM fleet_state WHERE key_id = ? AND version = ?",
             (key.id, rollout.version),
         )
-        acks = {
-            r["host_id"]: AckRow(
-                status=str(r["status"]),
-                digest=r["digest"],
-                updated_at=parse_time(r["updated_at"]),
-                error=r["error"],
+        row_key = r.row_key
+        acks: dict[str, AckRow] = {}
+        for row in rows:
+            # A forged row raises (the driver moves nothing); one without a MAC is no
+            # 'installed' for the gate, while a failure counts whatever (fail closed).
+            if not rowmac.fleet_row_trusted(row_key, row) and row["status"] != "failed":
+                continue
+            acks[row["host_id"]] = AckRow(
+                status=str(row["status"]),
+                digest=row["digest"],
+                updated_at=parse_time(row["updated_at"]),
+                error=row["error"],
             )
-            for r in rows
-        }
-        seen = await self._store.fetchall("SELECT id, last_seen_at FROM hosts")
+        seen = await r.fetchall("SELECT id, last_seen_at, seen_mac FROM hosts")
+        # A contact time without its MAC is taken as now: the host is counted (never made
+        # stale, and so left out of the gate, by an edit of the file).
+        now = self._clock()
         last_seen: dict[str, datetime | None] = {
-            r["id"]: parse_time(r["last_seen_at"]) if r["last_seen_at"] else None for r in seen
+            h["id"]: parse_time(h["last_seen_at"]) if rowmac.seen_trusted(row_key, h) else now
+            for h in seen
         }
         version = key.version(rollout.version)
         return judge_stage(key, version, rollout, targeted, acks, last_seen, self._clock())

@@ -133,6 +133,64 @@ CERTIFICATE_OPTIONAL_FIELDS: Final = ("public_key_sha256", "revocation_reason")
 """Certificate fields added later, covered whenever set (as :data:`VERSION_OPTIONAL_FIELDS`):
 the certified key, which decides whether a CSR reuses a compromised pair, and the reason."""
 
+FLEET_FIELDS: Final = ("status", "digest", "updated_at", "error")
+"""A ``fleet_state`` row as a rollout's gate reads it: what the host acknowledged for the
+version, when, and why it failed. Written on every ack (:func:`fleet_row_mac`); an
+``installed`` row without its MAC counts for no gate (rows from before MACs, or written while
+sealed), a forged one stops the rollout."""
+
+
+def fleet_row_mac(
+    row_key: bytes | None,
+    host_id: str,
+    key_id: str,
+    version: int,
+    fields: dict[str, Any],
+) -> str | None:
+    """The MAC of one ``fleet_state`` row with :data:`FLEET_FIELDS` ``fields`` (None while
+    sealed: such a row counts for no gate)."""
+    if row_key is None:
+        return None
+    values = {name: _value(fields.get(name)) for name in FLEET_FIELDS}
+    return row_mac(row_key, "fleet_state", f"{host_id}:{key_id}:{version}", values)
+
+
+def fleet_row_trusted(row_key: bytes | None, row: Any) -> bool:
+    """Whether a ``fleet_state`` row carries its MAC (False: none, so it counts for nothing).
+
+    IntegrityError when it carries one that does not match: edited outside the controller."""
+    if row["mac"] is None:
+        return False
+    if row_key is None:
+        return False
+    rid = f"{row['host_id']}:{row['key_id']}:{row['version']}"
+    if not row_mac_matches(row_key, "fleet_state", rid, _fields(row, FLEET_FIELDS), row["mac"]):
+        raise IntegrityError(
+            f"the fleet view's row of host {row['host_id']} failed integrity check"
+        )
+    return True
+
+
+def seen_mac(row_key: bytes | None, host_id: str, last_seen_at: str | None) -> str | None:
+    """The MAC of a host's ``last_seen_at`` (None while sealed or never seen)."""
+    if row_key is None or last_seen_at is None:
+        return None
+    return row_mac(row_key, "hosts.seen", host_id, {"last_seen_at": last_seen_at})
+
+
+def seen_trusted(row_key: bytes | None, row: Any) -> bool:
+    """Whether a host row's ``last_seen_at`` carries its MAC (False: none; IntegrityError:
+    one that does not match, a contact time edited outside the controller)."""
+    if row["seen_mac"] is None or row_key is None or row["last_seen_at"] is None:
+        return False
+    if not row_mac_matches(
+        row_key, "hosts.seen", str(row["id"]), {"last_seen_at": row["last_seen_at"]},
+        row["seen_mac"],
+    ):
+        raise IntegrityError(f"the last contact of host {row['id']} failed integrity check")
+    return True
+
+
 META_MARKER: Final = "rows.bound"
 BIND_ACTION: Final = "controller.bind_rows"
 BIND_LEVEL: Final = 3

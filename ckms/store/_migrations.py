@@ -542,6 +542,15 @@ ever grows) and each replica's heartbeat for ``ckms status``. No row MAC: the le
 honest replicas, it does not hold a secret or a permission; whoever can write rows can
 already do worse than take the lease (and a sealed replica cannot lead anyway)."""
 
+_FLEET_MACS = """
+ALTER TABLE fleet_state ADD COLUMN mac TEXT;
+ALTER TABLE hosts ADD COLUMN seen_mac TEXT;
+"""
+"""What a rollout's gate trusts, bound to the root KEK: each ``fleet_state`` row's status,
+digest, time and error (``mac``), and each host's ``last_seen_at`` (``seen_mac``, apart from
+the host row's MAC because it changes on every heartbeat). NULL in rows from before: an
+``installed`` row without a MAC counts for no gate, a host without one is never stale."""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL, _INITIAL_PG),
     Migration(2, "fleet view and consumer positions", _FLEET, _FLEET_PG),
@@ -556,6 +565,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(11, "rollouts of PreActive versions", _ROLLOUTS),
     Migration(12, "certificates: certified public key and revocation reason", _CERT_KEYS),
     Migration(13, "leader lease and replica heartbeats", _LEADER_LEASE),
+    Migration(14, "row MACs on the fleet view and hosts' last contact", _FLEET_MACS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps. Each gives PostgreSQL DDL
 of its own where SQLite's is not valid there (BLOB, AUTOINCREMENT, WITHOUT ROWID, triggers) or

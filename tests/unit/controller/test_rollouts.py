@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ckms.controller.acks import put_fleet_row
 from ckms.controller.desired import desired_versions
 from ckms.controller.models import Host, Key, KeyState, KeyVersion, Policy, Rollout, Targets
 from ckms.controller.rollout_plan import (
@@ -182,24 +183,17 @@ async def ack(c: Controller, host: str, version: int, status: str, clock: FakeCl
     assert c.store is not None
     digest = key.version(version).digest if status == "installed" else None
     async with c.store.write() as tx:
-        await tx.execute(
-            "INSERT INTO fleet_state(host_id, key_id, version, status, digest, updated_at, error) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(host_id, key_id, version) DO UPDATE SET "
-            "status = excluded.status, digest = excluded.digest, "
-            "updated_at = excluded.updated_at, error = excluded.error",
-            (
-                host,
-                key.id,
-                version,
-                status,
-                digest,
-                format_time(clock()),
-                "health check failed" if status == "failed" else None,
-            ),
+        await put_fleet_row(
+            tx,
+            host_id=host,
+            key_id=key.id,
+            version=version,
+            status=status,
+            digest=digest,
+            updated_at=format_time(clock()),
+            error="health check failed" if status == "failed" else None,
         )
-        await tx.execute(
-            "UPDATE hosts SET last_seen_at = ? WHERE id = ?", (format_time(clock()), host)
-        )
+        await c.hosts.record_seen(tx, host)
 
 
 def holders(key: Key, hosts: list[Host], version: int) -> set[str]:
@@ -308,7 +302,9 @@ async def test_a_failure_halts_abort_rolls_the_stage_back_and_resume_releases_it
     key = await c.lifecycle.get(NAME)
     assert key.rollout is not None and key.rollout.released == frozenset(order[:5])  # same hosts
     assert await c.rollouts.step() == []  # the old failure no longer counts; waits for acks
-    await ack(c, order[2], 2, "installed", clock)
+    # (and for the withdrawn hosts' new ones: what they acked before the abort is dropped)
+    for host in order[1:5]:
+        await ack(c, host, 2, "installed", clock)
     assert await c.rollouts.step() == [(NAME, RolloutOp.ADVANCE)]
 
 
@@ -539,3 +535,105 @@ async def test_the_scheduler_rotates_a_converging_key_into_a_rollout(
     assert (key.primary_version, key.version(2).state) == (1, KeyState.PRE_ACTIVE)
     assert key.rollout is not None and key.rollout.started_by == "scheduler"
     assert (await c.scheduler.tick()).rotated == []  # a waiting version: no second rotation
+
+
+@pytest.mark.requirement("PCI-3.7.2")
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # 'installed' forged for every host that has not acknowledged (no MAC, or a made-up one)
+        "INSERT INTO fleet_state(host_id, key_id, version, status, digest, updated_at) "
+        "SELECT h.id, f.key_id, f.version, 'installed', f.digest, f.updated_at FROM hosts h, "
+        "fleet_state f WHERE h.id != f.host_id",
+        "INSERT INTO fleet_state(host_id, key_id, version, status, digest, updated_at, mac) "
+        "SELECT h.id, f.key_id, f.version, 'installed', f.digest, f.updated_at, f.mac "
+        "FROM hosts h, fleet_state f WHERE h.id != f.host_id",
+        # the silent hosts backdated past max staleness, so that they are not counted
+        "UPDATE hosts SET last_seen_at = '2001-01-01T00:00:00.000000Z' "
+        "WHERE id NOT IN (SELECT host_id FROM fleet_state)",
+    ],
+)
+async def test_a_db_owner_cannot_fake_the_gate(
+    tmp_path: Path, clock: FakeClock, statement: str
+) -> None:
+    """The gate trusts the fleet view's rows and the hosts' last contact: whoever owns the DB
+    file must not push a version to the fleet by forging 'installed' or by making the silent
+    hosts look stale. Both are MAC'd; the driver refuses to move on a bad one and counts no
+    ack it cannot check."""
+    c = await _open(tmp_path / "ctl", clock)
+    for host in HOSTS[:5]:
+        await _enroll(c, host, {"env": "prod"})
+    await c.lifecycle.create(
+        NAME, KeyType.AES_256, targets=Targets.parse(["env=prod"], env="prod"), actor="alice"
+    )
+    await c.lifecycle.rotate(NAME, actor="alice", rollout=RolloutRequest(stages=(100,)))
+    clock.advance(seconds=1)
+    await ack(c, HOSTS[0], 2, "installed", clock)
+    assert await c.rollouts.step() == []  # four hosts still to go
+    assert c.store is not None
+    path = c.store.path
+    await c.close()
+    _edit(path, statement)
+    c = await _open(tmp_path / "ctl", clock)
+    try:
+        assert await c.rollouts.step() == []
+        key = await c.lifecycle.get(NAME)
+        assert key.primary_version == 1 and key.version(2).state is KeyState.PRE_ACTIVE
+    finally:
+        await c.close()
+
+
+async def test_an_installed_ack_from_before_an_abort_does_not_count_after_the_resume(
+    ctl: Controller, clock: FakeClock
+) -> None:
+    """Aborting withdraws the stage's hosts: what they acknowledged before no longer speaks
+    for them, so the resumed stage waits for their new acknowledgements."""
+    c = ctl
+    await c.lifecycle.rotate(NAME, actor="alice", rollout=RolloutRequest(stages=(10, 50, 100)))
+    key = await c.lifecycle.get(NAME)
+    order = sample_order(seed_of(key, 2), await c.hosts.list(), None)
+    await ack(c, order[0], 2, "installed", clock)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.ADVANCE)]
+    clock.advance(seconds=1)
+    for host in order[1:4]:
+        await ack(c, host, 2, "installed", clock)
+    await c.rollouts.abort(NAME, actor="alice", reason="bad build")
+    clock.advance(seconds=1)
+    await c.rollouts.resume(NAME, actor="alice", reason="fixed")
+    await ack(c, order[4], 2, "installed", clock)
+    assert await c.rollouts.step() == []
+    key = await c.lifecycle.get(NAME)
+    assert key.rollout is not None
+    verdict = await c.rollouts.verdict(key, key.rollout)
+    assert verdict.waiting == tuple(sorted(order[1:4]))
+    for host in order[1:4]:
+        await ack(c, host, 2, "installed", clock)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.ADVANCE)]
+
+
+async def test_a_failure_applied_between_judgment_and_move_stops_the_move(
+    ctl: Controller, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate is judged again inside the transaction that moves the stage: a `failed` ack
+    that lands after the driver's first look and before its write halts instead."""
+    c = ctl
+    await c.lifecycle.rotate(NAME, actor="alice", rollout=RolloutRequest(stages=(10, 50, 100)))
+    key = await c.lifecycle.get(NAME)
+    order = sample_order(seed_of(key, 2), await c.hosts.list(), None)
+    await ack(c, order[0], 2, "installed", clock)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.ADVANCE)]
+    clock.advance(seconds=1)
+    for host in order[1:5]:
+        await ack(c, host, 2, "installed", clock)
+    move = c.lifecycle.move_rollout
+
+    async def late_failure(*args: object, **kwargs: object) -> Rollout:
+        await ack(c, order[1], 2, "failed", clock)  # applied while the driver decides
+        monkeypatch.setattr(c.lifecycle, "move_rollout", move)
+        return await move(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(c.lifecycle, "move_rollout", late_failure)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.HALT)]
+    key = await c.lifecycle.get(NAME)
+    assert key.rollout is not None and key.rollout.stage == 2
+    assert key.rollout.state is RolloutState.HALTED
