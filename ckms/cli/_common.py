@@ -23,6 +23,7 @@ from ckms.protocol import admin as api
 
 __all__ = [
     "JsonOption",
+    "MaxFailuresOpt",
     "call_and_show",
     "conn",
     "output_file",
@@ -34,6 +35,15 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the reply as JSON.")]
+
+MaxFailuresOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-failures",
+        help="How many hosts of a stage may fail before it halts: N hosts or P% of the stage's "
+        "(default 0: one failure halts). Failed hosts within it are named as holdouts.",
+    ),
+]
 
 POLL_S = 0.5
 

@@ -29,13 +29,23 @@ def backup(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the backup.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    backup_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Fetch this backup, made earlier by an approved dual-control request "
+            "(`ckms approve` prints its id), instead of making one now.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Copy the running controller's store (material stays sealed) to FILE, mode 0600.
 
     The controller makes one consistent copy while it keeps serving (SQLite's online backup);
     this command fetches it in chunks, checks its size and SHA-256, writes it atomically and
-    removes the controller's copy. Admins only; audited as controller.backup."""
+    removes the controller's copy. Admins only; audited as controller.backup. Where the
+    controller's settings put backups under dual control, this makes a request instead; once
+    another admin approved it, fetch the backup it made with --id."""
     with cli_errors():
         if output.exists() and not force:
             raise UsageError(f"{output} already exists (give another name, or --force)")
@@ -43,7 +53,12 @@ def backup(
 
         async def go() -> api.BackupInfo:
             async with connection.session() as session:
-                info = await session.call("backup.create", api.Empty(), api.BackupInfo)
+                if backup_id is None:
+                    info = await session.call("backup.create", api.Empty(), api.BackupInfo)
+                else:
+                    info = await session.call(
+                        "backup.info", api.BackupRef(id=backup_id), api.BackupInfo
+                    )
                 digest = hashlib.sha256()
                 tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.part"
                 try:

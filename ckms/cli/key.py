@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from ckms.cli._client import run
 from ckms.cli._common import (
     JsonOption,
+    MaxFailuresOpt,
     call_and_show,
     conn,
     show_pages,
@@ -704,6 +705,7 @@ def rotate(
             "--deadline", help="How long the rollout may wait (e.g. 2h; default: the policy's)."
         ),
     ] = None,
+    max_failures: MaxFailuresOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 60.0,
     as_json: JsonOption = False,
@@ -735,6 +737,7 @@ def rotate(
             gate=gated,
             spread=spread,
             deadline_s=_seconds(deadline, "--deadline"),
+            max_failures=max_failures,
             material=None if import_file is None else read_import_file(import_file),  # type: ignore[arg-type]
             format=_file_format(import_format),
         )

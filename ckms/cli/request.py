@@ -86,6 +86,11 @@ def approve(ctx: typer.Context, request_id: IdArg, as_json: JsonOption = False) 
             f"approved {r.id}: {r.operation} on {r.object} requested by {r.requester} "
             f"ran ({r.state})"
         )
+        if r.operation == "backup.create" and "id" in reply.result:
+            typer.echo(
+                f"backup {reply.result['id']} made: {r.requester} fetches it with "
+                f"`ckms backup -o FILE --id {reply.result['id']}` (within the hour)"
+            )
 
     call_and_show(
         ctx,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ckms.cli._common import JsonOption, call_and_show
+from ckms.cli._common import JsonOption, MaxFailuresOpt, call_and_show
 from ckms.cli._errors import cli_errors
 from ckms.cli._parse import parse_duration
 from ckms.cli._render import console, table, when
@@ -50,7 +50,11 @@ def render_rollout(info: api.RolloutInfo) -> None:
             f"(threshold {info.threshold_pct}%)"
         )
     if info.failed:
-        out.print(f"  FAILED on: {_hosts(info.failed)}")
+        within = info.gate_holds or info.state != "halted"
+        label = "failed (holdouts, within the failure budget)" if within else "FAILED on"
+        out.print(f"  {label}: {_hosts(info.failed)}")
+    if info.max_failures:
+        out.print(f"  failure budget: {info.max_failures} of a stage's hosts")
     if info.waiting:
         out.print(f"  held up by: {_hosts(info.waiting)}")
     if info.uncounted:
@@ -112,16 +116,21 @@ def resume(
         str | None,
         typer.Option("--deadline", help="A new deadline from now (default: the policy's)."),
     ] = None,
+    max_failures: MaxFailuresOpt = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Go on with a halted, rolled-back or expired rollout (dual control as for rotate)."""
+    """Go on with a halted, rolled-back or expired rollout (dual control as for rotate);
+    --max-failures sets the failure budget from now on, to go on past hosts that keep failing
+    (they are named as holdouts)."""
     with cli_errors():
         seconds = (
             None
             if deadline is None
             else int(parse_duration(deadline, option="--deadline").total_seconds())
         )
-        params = api.RolloutResumeParams(name=_name(name), reason=reason, deadline_s=seconds)
+        params = api.RolloutResumeParams(
+            name=_name(name), reason=reason, deadline_s=seconds, max_failures=max_failures
+        )
     call_and_show(
         ctx,
         "rollout.resume",

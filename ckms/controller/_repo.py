@@ -110,6 +110,7 @@ def _rollout(name: str, row: Any, row_key: bytes | None) -> Rollout:
         state=RolloutState(row["state"]),
         released=None if released is None else frozenset(json.loads(released)),
         threshold_pct=int(row["threshold_pct"]),
+        max_failures=row["max_failures"],
         started_at=parse_time(row["started_at"]),
         started_by=row["started_by"],
         stage_started_at=parse_time(row["stage_started_at"]),
@@ -789,6 +790,7 @@ def _rollout_values(rollout: Rollout) -> tuple[Any, ...]:
         format_time(rollout.deadline_at),
         format_time(rollout.updated_at),
         rollout.reason,
+        rollout.max_failures,
     )
 
 
@@ -797,14 +799,14 @@ async def put_rollout(tx: Transaction, rollout: Rollout) -> None:
     await tx.execute(
         "INSERT INTO rollouts(key_id, version, stages, gate, spread, stage, state, released, "
         "threshold_pct, started_at, started_by, stage_started_at, deadline_at, updated_at, "
-        "reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "reason, max_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(key_id) DO UPDATE SET version = excluded.version, "
         "stages = excluded.stages, gate = excluded.gate, spread = excluded.spread, "
         "stage = excluded.stage, state = excluded.state, released = excluded.released, "
         "threshold_pct = excluded.threshold_pct, started_at = excluded.started_at, "
         "started_by = excluded.started_by, stage_started_at = excluded.stage_started_at, "
         "deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, "
-        "reason = excluded.reason, mac = NULL",
+        "reason = excluded.reason, max_failures = excluded.max_failures, mac = NULL",
         (rollout.key_id, *_rollout_values(rollout)),
     )
     await rowmac.stamp_rollout(tx, rollout.key_id)

@@ -78,7 +78,7 @@ from ckms.errors import (
     ProtocolError,
     SealedError,
 )
-from ckms.protocol import APPROVER_ROLES, ApprovalOperation, Gate, Role
+from ckms.protocol import APPROVER_ROLES, ApprovalOperation, ControllerApproval, Gate, Role
 from ckms.protocol import admin as api
 from ckms.ssh import Principal, RpcServer
 from ckms.store import Clock, Store, parse_time, utc_now
@@ -157,6 +157,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "report.summary": _READ,
     "report.keys": _READ,
     "backup.create": _ADMIN,
+    "backup.info": _ADMIN,
     "backup.read": _ADMIN,
     "backup.delete": _ADMIN,
     "request.reject": _APPROVE,
@@ -236,7 +237,9 @@ class AdminService:
         clock: Clock = utc_now,
         ca: ControllerCA | None = None,
         leader: LeaderLease | None = None,
+        controller_approvals: Collection[ControllerApproval] = frozenset(),
     ) -> None:
+        self._controller_approvals = frozenset(controller_approvals)
         self._ca = ca if ca is not None else ControllerCA(store, vault)
         self._leader = leader
         self._rollouts = rollouts
@@ -329,8 +332,12 @@ class AdminService:
 
         self._route(server, "ca.show", api.Empty, self.ca_show)
         self._route(server, "ca.crl", api.Empty, self.ca_crl)
-        self._route(server, "ca.rotate", api.Empty, self.ca_rotate)
-        self._route(server, "ca.retire", api.CaRetireParams, self.ca_retire)
+        self._gated_controller(
+            server, "ca.rotate", api.Empty, ControllerApproval.CA, self._run_ca_rotate
+        )
+        self._gated_controller(
+            server, "ca.retire", api.CaRetireParams, ControllerApproval.CA, self._run_ca_retire
+        )
         # Rollouts: resuming releases the version further, so it passes the dual control a
         # rotation of the key needs; aborting only withdraws a version that was never primary
         # (the old one stays primary), so it needs the role alone: a rollback is never held up.
@@ -361,7 +368,10 @@ class AdminService:
 
         self._route(server, "report.summary", api.Empty, self.report_summary)
         self._route(server, "report.keys", api.ReportKeysParams, self.report_keys)
-        self._route(server, "backup.create", api.Empty, self.backup_create)
+        self._gated_controller(
+            server, "backup.create", api.Empty, ControllerApproval.BACKUP, self._run_backup_create
+        )
+        self._route(server, "backup.info", api.BackupRef, self.backup_info)
         self._route(server, "backup.read", api.BackupReadParams, self.backup_read)
         self._route(server, "backup.delete", api.BackupRef, self.backup_delete)
 
@@ -408,6 +418,32 @@ class AdminService:
 
         handle.__doc__ = run.__doc__
         self._route(server, method, params_model, handle, secret_params=secret_params)
+        self.dual.register(method, params_model, run)
+
+    def _gated_controller(
+        self,
+        server: RpcServer,
+        method: str,
+        params_model: type[P],
+        operation: ControllerApproval,
+        run: Callable[[P, str], Awaitable[BaseModel]],
+    ) -> None:
+        """Route a controller-wide ``method`` through dual control when the settings list
+        ``operation`` (``approvals``); ``run`` is also what an approval of it runs."""
+
+        async def handle(principal: Principal, params: P) -> BaseModel:
+            await self.dual.gate(
+                principal,
+                method,
+                params,
+                operation=operation,
+                required=self._controller_approvals,
+                object="ca" if operation is ControllerApproval.CA else "controller",
+            )
+            return await run(params, principal.name)
+
+        handle.__doc__ = run.__doc__
+        self._route(server, method, params_model, handle)
         self.dual.register(method, params_model, run)
 
     def _route(
@@ -746,6 +782,7 @@ class AdminService:
                 spread=params.spread,
                 deadline=_seconds(params.deadline_s),
                 threshold_pct=params.threshold_pct,
+                max_failures=params.max_failures,
             )
         version = await self._lifecycle.rotate(
             params.name,
@@ -788,6 +825,7 @@ class AdminService:
             reason=params.reason,
             deadline=_seconds(params.deadline_s),
             version=params.version,
+            max_failures=params.max_failures,
         )
         view = await self._rollouts.view(await self._lifecycle.get(params.name))
         return api.RolloutStatusReply(rollout=view.info())
@@ -983,15 +1021,15 @@ class AdminService:
         pem, serials = await self._ca.crl(now=self._now())
         return api.CrlReply(crl=pem.decode("ascii"), serials=serials)
 
-    async def ca_rotate(self, principal: Principal, params: api.Empty) -> api.CaReply:
+    async def _run_ca_rotate(self, params: api.Empty, actor: str) -> api.CaReply:
         """Add a CA generation that signs from now on; the previous root stays trusted."""
-        state = await self._ca.rotate(now=self._now(), actor=principal.name)
+        state = await self._ca.rotate(now=self._now(), actor=actor)
         self._publisher.wake()
         return await self._ca_reply(state)
 
-    async def ca_retire(self, principal: Principal, params: api.CaRetireParams) -> api.CaReply:
+    async def _run_ca_retire(self, params: api.CaRetireParams, actor: str) -> api.CaReply:
         """Stop trusting every CA generation but the active one (end of the overlap)."""
-        state = await self._ca.retire(now=self._now(), actor=principal.name, force=params.force)
+        state = await self._ca.retire(now=self._now(), actor=actor, force=params.force)
         self._publisher.wake()
         return await self._ca_reply(state)
 
@@ -1128,7 +1166,7 @@ class AdminService:
             raise ConfigError("this controller has no home to write backups into")
         return self._backups
 
-    async def backup_create(self, principal: Principal, params: api.Empty) -> api.BackupInfo:
+    async def _run_backup_create(self, params: api.Empty, actor: str) -> api.BackupInfo:
         """Copy the store now, while serving (material stays sealed); audited with the audit
         head the copy contains. Fetch it with ``backup.read``, then ``backup.delete`` it.
 
@@ -1137,7 +1175,7 @@ class AdminService:
         """
         backups = self._require_backups()
         await self._checkpoint()
-        backup_id, facts = await backups.create(actor=principal.name)
+        backup_id, facts = await backups.create(actor=actor)
         return api.BackupInfo(id=backup_id, **dataclasses.asdict(facts))
 
     async def backup_read(
@@ -1148,6 +1186,11 @@ class AdminService:
         return api.BackupChunk(
             offset=params.offset, size=size, data=base64.b64encode(data).decode("ascii")
         )
+
+    async def backup_info(self, principal: Principal, params: api.BackupRef) -> api.BackupInfo:
+        """A backup made earlier (by an approved request), to fetch it by its id."""
+        facts = await self._require_backups().facts(params.id)
+        return api.BackupInfo(id=params.id, **dataclasses.asdict(facts))
 
     async def backup_delete(self, principal: Principal, params: api.BackupRef) -> api.BackupDeleted:
         """Remove a fetched backup from the controller's home."""

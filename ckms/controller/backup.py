@@ -230,6 +230,11 @@ class Backups:
 
         return await asyncio.to_thread(chunk)
 
+    async def facts(self, backup_id: str) -> BackupFacts:
+        """What a backup made earlier holds (size, SHA-256, audit head), read from its file:
+        a backup an approved dual-control request made is fetched later, by its id."""
+        return await asyncio.to_thread(inspect_backup, self._path(backup_id))
+
     async def delete(self, backup_id: str) -> None:
         """Remove a fetched backup from the controller's home."""
         path = self._path(backup_id)

@@ -58,7 +58,7 @@ from ckms.controller.models import (
     validate_key_name,
 )
 from ckms.controller.policy import check_policy, check_usage, default_policy
-from ckms.controller.rollout_plan import RolloutRequest, stage_release
+from ckms.controller.rollout_plan import RolloutRequest, parse_max_failures, stage_release
 from ckms.controller.sealing import Vault
 from ckms.controller.targets import env_blocked, match_hosts
 
@@ -1119,6 +1119,7 @@ class Lifecycle:
             state=RolloutState.RUNNING,
             released=stage_release(key, version, plan.stages, 1, targeted, spread=plan.spread),
             threshold_pct=plan.threshold_pct or policy.activation_threshold_pct,
+            max_failures=plan.max_failures,
             started_at=now,
             started_by=actor,
             stage_started_at=now,
@@ -1182,6 +1183,7 @@ class Lifecycle:
         reason: str | None,
         deadline: timedelta | None = None,
         extra: dict[str, Any] | None = None,
+        max_failures: str | None = None,
     ) -> Rollout:
         """Move ``rollout`` by ``op`` (the table of :mod:`~ckms.controller.transitions`)."""
         state = next_rollout_state(rollout.state, op, key=key.name)
@@ -1215,6 +1217,8 @@ class Lifecycle:
                     )
                 changes["stage_started_at"] = now
                 changes["deadline_at"] = now + (deadline or key.policy.activation_deadline)
+                if max_failures is not None:
+                    changes["max_failures"] = max_failures
             else:  # abort: the stage in progress is withdrawn, the ones before it stay out
                 if rollout.stage == 1:
                     changes["released"] = frozenset()
@@ -1260,6 +1264,7 @@ class Lifecycle:
         extra: dict[str, Any] | None = None,
         of_version: int | None = None,
         confirm: Callable[[Transaction, Key, Rollout], Awaitable[None]] | None = None,
+        max_failures: str | None = None,
     ) -> Rollout:
         """Move a key's rollout by ``op`` in one transaction with its event and audit record.
 
@@ -1274,6 +1279,11 @@ class Lifecycle:
         Refusals are audited like every lifecycle refusal.
         """
         details: dict[str, Any] = {"op": str(op), "reason": reason}
+        budget = parse_max_failures(max_failures)
+        if budget is not None:
+            details["max_failures"] = budget
+            if op is not RolloutOp.RESUME:
+                raise ConfigError("a failure budget is set when a rollout starts or resumes")
 
         async def run(now: datetime) -> Rollout:
             why = _check_text(reason, "reason")
@@ -1337,6 +1347,7 @@ class Lifecycle:
                     reason=why,
                     deadline=deadline,
                     extra=extra,
+                    max_failures=budget,
                 )
 
         return await self._guarded(f"rollout.{op}", name, actor, details, run)

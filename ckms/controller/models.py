@@ -188,6 +188,8 @@ class Rollout(BaseModel):
     state: RolloutState
     released: frozenset[str] | None = None
     threshold_pct: int = Field(default=100, ge=1, le=100)
+    max_failures: str | None = None
+    """The stage's failure budget: a count or a percent of its hosts (None: 0, one halts)."""
     started_at: datetime
     started_by: str
     stage_started_at: datetime

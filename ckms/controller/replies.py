@@ -147,6 +147,7 @@ def rollout_info(
         spread=rollout.spread,
         released=None if rollout.released is None else len(rollout.released),
         threshold_pct=rollout.threshold_pct,
+        max_failures=rollout.max_failures,
         primary_version=primary,
         started_at=rollout.started_at,
         started_by=rollout.started_by,

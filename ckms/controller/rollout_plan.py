@@ -7,18 +7,21 @@ in turn, so even a small first stage covers as many zones as it has hosts. A sta
 percent releases the first ``ceil(p% of n)`` hosts of that order (at least one), plus every host
 an earlier stage released (a host that joined meanwhile never pushes one out).
 
-**Gate.** A stage's gate holds when no host of the stage acknowledged ``failed`` since the stage
-went out and at least the threshold share of the *counted* hosts acknowledged the version
-``installed`` with its digest. A host that has not acknowledged and was not seen for longer than
-the key's max staleness is not counted: its agent drops the key by itself once it has been out
-of contact that long (fail closed), so it cannot be left holding only the old version. Every
-other silent host holds the gate up, and is named.
+**Gate.** A stage's gate holds when no more hosts of the stage acknowledged ``failed`` since the
+stage went out than its failure budget (``max_failures``, 0 by default: one failure halts; the
+failed hosts within it are holdouts, named and not counted) and at least the threshold share
+of the *counted* hosts acknowledged the version ``installed`` with its digest. A host that has
+not acknowledged and was not seen for longer than the key's max staleness is not counted: its
+agent drops the key by itself once it has been out of contact that long (fail closed), so it
+cannot be left holding only the old version. Every other silent host holds the gate up, and is
+named.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,7 +34,9 @@ __all__ = [
     "AckRow",
     "GateVerdict",
     "RolloutRequest",
+    "failure_budget",
     "judge_stage",
+    "parse_max_failures",
     "sample_order",
     "stage_release",
     "stage_size",
@@ -49,15 +54,43 @@ class RolloutRequest:
     spread: str | None = None
     deadline: timedelta | None = None
     threshold_pct: int | None = None
+    max_failures: str | None = None
+    """How many hosts of a stage may fail before it halts: ``N`` or ``P%`` (None: 0)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", parse_stages(self.stages))
+        object.__setattr__(self, "max_failures", parse_max_failures(self.max_failures))
         if self.deadline is not None and self.deadline <= timedelta(0):
             raise ConfigError("a rollout deadline must be positive")
         if self.threshold_pct is not None and not 1 <= self.threshold_pct <= 100:
             raise ConfigError("a rollout threshold is a percent from 1 to 100")
         if self.spread is not None and (not self.spread or len(self.spread) > 63):
             raise ConfigError("spread names a host label (1 to 63 characters)")
+
+
+_BUDGET = re.compile(r"^(\d{1,6})(%?)$")
+
+
+def parse_max_failures(text: str | None) -> str | None:
+    """A failure budget as given (``3``, ``5%``), checked; None stays None (budget 0)."""
+    if text is None:
+        return None
+    m = _BUDGET.match(str(text).strip())
+    if m is None or (m.group(2) and int(m.group(1)) > 100):
+        raise ConfigError(
+            f"a failure budget is a count of hosts (2) or a percent of a stage's hosts "
+            f"(10%), not {text!r}"
+        )
+    return f"{int(m.group(1))}{m.group(2)}"
+
+
+def failure_budget(max_failures: str | None, hosts: int) -> int:
+    """How many of a stage's ``hosts`` may fail before it halts (a percent rounds down)."""
+    if max_failures is None:
+        return 0
+    if max_failures.endswith("%"):
+        return int(max_failures[:-1]) * hosts // 100
+    return int(max_failures)
 
 
 def _rank(seed: str, item: str) -> bytes:
@@ -131,11 +164,15 @@ class GateVerdict:
     failed: tuple[str, ...]
     uncounted: tuple[str, ...]
     errors: Mapping[str, str]
+    halts: bool = False
+    """More hosts failed than the stage's failure budget: the rollout halts."""
+    budget: int = 0
 
     @property
     def counted(self) -> int:
-        """Hosts whose acknowledgement the gate waits for."""
-        return self.hosts - len(self.uncounted)
+        """Hosts whose acknowledgement the gate waits for (failed hosts within the budget and
+        stale ones are not)."""
+        return self.hosts - len(self.uncounted) - (0 if self.halts else len(self.failed))
 
 
 def stage_hosts(rollout: Rollout, targeted: Sequence[Host]) -> list[Host]:
@@ -177,10 +214,15 @@ def judge_stage(
                 uncounted.append(host.id)
             else:
                 waiting.append(host.id)
-    counted = len(hosts) - len(uncounted)
+    budget = failure_budget(rollout.max_failures, len(hosts))
+    halts = len(failed) > budget
+    # Failed hosts within the budget are holdouts: named, not counted for the threshold.
+    counted = len(hosts) - len(uncounted) - len(failed)
     enough = len(acked) * 100 >= rollout.threshold_pct * counted
     return GateVerdict(
-        holds=not failed and enough,
+        holds=not halts and enough,
+        halts=halts,
+        budget=budget,
         hosts=len(hosts),
         acked=tuple(sorted(acked)),
         waiting=tuple(sorted(waiting)),

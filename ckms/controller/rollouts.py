@@ -88,7 +88,7 @@ def _decide(
         "counted": verdict.counted,
         "hosts": verdict.hosts,
     }
-    if verdict.failed:
+    if verdict.halts:
         # The hosts' own reasons go to the audit record and fleet status, not into the
         # rollout's reason: that is published in a signed event, and a host's text is not
         # the controller's to sign.
@@ -103,6 +103,9 @@ def _decide(
         why = f"{stage} gate {rollout.gate} held: {len(verdict.acked)} of {verdict.counted} hosts"
         if verdict.uncounted:
             why += f" (not counted, stale past max staleness: {_names(verdict.uncounted)})"
+        if verdict.failed:
+            why += f" (failed, within the budget of {verdict.budget}: {_names(verdict.failed)})"
+            extra |= {"holdouts": list(verdict.failed)}
         return op, why, extra
     if now >= rollout.deadline_at:
         why = f"deadline passed at {stage}; held up by {_names(verdict.waiting)}"
@@ -284,9 +287,11 @@ class RolloutDriver:
         reason: str | None = None,
         deadline: timedelta | None = None,
         version: int | None = None,
+        max_failures: str | None = None,
     ) -> Rollout:
         """Go on with a halted, rolled-back or expired rollout (the stage goes out again);
-        ``version`` refuses it unless that version is the one rolling out."""
+        ``version`` refuses it unless that version is the one rolling out; ``max_failures``
+        sets the failure budget from now on (say, the hosts it halted on, to go on past them)."""
         moved = await self._lifecycle.move_rollout(
             name,
             RolloutOp.RESUME,
@@ -294,6 +299,7 @@ class RolloutDriver:
             reason=reason,
             deadline=deadline,
             of_version=version,
+            max_failures=max_failures,
         )
         self.wake()
         return moved

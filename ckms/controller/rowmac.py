@@ -114,6 +114,10 @@ until when. Edited, a stage could be advanced or a host released by whoever owns
 a rollout row is only ever written by an unsealed controller, so there is no unbound row to
 bring up (no binding level)."""
 
+ROLLOUT_OPTIONAL_FIELDS: Final = ("max_failures",)
+"""Rollout fields added later, covered whenever set (a raised failure budget would let a
+failing stage go on)."""
+
 CERTIFICATE_FIELDS: Final = (
     "kind",
     "host_id",
@@ -296,13 +300,17 @@ def check_approval(row_key: bytes | None, row: Any) -> None:
 
 def rollout_row_mac(row_key: bytes, row: Any) -> str:
     """The MAC of one ``rollouts`` row."""
-    return row_mac(row_key, "rollouts", str(row["key_id"]), _fields(row, ROLLOUT_FIELDS))
+    return row_mac(row_key, "rollouts", str(row["key_id"]), _rollout_fields(row))
+
+
+def _rollout_fields(row: Any) -> dict[str, Any]:
+    return _optional(row, _fields(row, ROLLOUT_FIELDS), ROLLOUT_OPTIONAL_FIELDS)
 
 
 def check_rollout(row_key: bytes | None, name: str, row: Any) -> None:
     """Refuse a ``rollouts`` row edited outside the controller (no check while sealed)."""
     if row_key is not None and not row_mac_matches(
-        row_key, "rollouts", str(row["key_id"]), _fields(row, ROLLOUT_FIELDS), row["mac"]
+        row_key, "rollouts", str(row["key_id"]), _rollout_fields(row), row["mac"]
     ):
         raise IntegrityError(f"the rollout of key {name} failed integrity check")
 

@@ -55,7 +55,14 @@ from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.controller.workers import ParentLink, RemoteVault, WorkerPool
 from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
-from ckms.protocol import AUDIT_TOPIC, EVENTS_TOPIC, FLEET_TOPIC, OPERATOR_ROLES, Role
+from ckms.protocol import (
+    AUDIT_TOPIC,
+    EVENTS_TOPIC,
+    FLEET_TOPIC,
+    OPERATOR_ROLES,
+    ControllerApproval,
+    Role,
+)
 from ckms.ssh import (
     ConnectionLimits,
     Principal,
@@ -170,6 +177,10 @@ class ControllerSettings(BaseModel):
     below apply per worker."""
     metrics_listen: str | None = None
     """``HOST:PORT`` of the Prometheus ``/metrics`` endpoint; unset, none is served."""
+    approvals: frozenset[ControllerApproval] = frozenset()
+    """Controller-wide operations under dual control: ``ca`` (``ca rotate``, ``ca retire``)
+    and ``backup`` (``backup``); each then becomes a request a second admin or custodian
+    approves. None by default."""
 
     @field_validator("metrics_listen")
     @classmethod
@@ -401,6 +412,7 @@ class Controller:
             clock=self.clock,
             ca=self.ca,
             leader=self.leader,
+            controller_approvals=self.settings.approvals,
         )
         self.admin.register(self.rpc)
         self.metrics = ControllerMetrics(self)

@@ -107,6 +107,7 @@ from ckms.protocol._roles import (
     OPERATOR_ROLES,
     REQUESTER_ROLES,
     ApprovalOperation,
+    ControllerApproval,
     Role,
 )
 from ckms.protocol._rollout import (
@@ -168,6 +169,7 @@ __all__ = [
     "CertSignRequest",
     "ClientCertReply",
     "ClientCertRequest",
+    "ControllerApproval",
     "DesiredKey",
     "DesiredVersion",
     "DigestKeyReply",

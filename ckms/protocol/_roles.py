@@ -57,6 +57,14 @@ class ApprovalOperation(StrEnum):
     ROLE = "role"
 
 
+class ControllerApproval(StrEnum):
+    """Controller-wide operations the controller's settings can put under dual control
+    (``approvals`` in ``controller.toml``): they concern no one key, so no key policy can."""
+
+    CA = "ca"  # ca rotate, ca retire: what every host trusts
+    BACKUP = "backup"  # backup create: the whole store, in a file an admin fetches
+
+
 APPROVAL_OPERATIONS: Final = tuple(ApprovalOperation)
 """Every operation dual control can cover, in a stable order (for messages and help)."""
 

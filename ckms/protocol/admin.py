@@ -288,6 +288,9 @@ class KeyRotateParams(_Importing):
     deadline_s: Annotated[int | None, Field(gt=0)] = None
     """How long the rollout may wait for its gates (default: the policy's)."""
     threshold_pct: Annotated[int | None, Field(ge=1, le=100)] = None
+    max_failures: Annotated[str | None, Field(pattern=r"^\d{1,6}%?$")] = None
+    """The stage's failure budget: hosts (``2``) or a percent of the stage's (``10%``) that may
+    fail before it halts; they are named as holdouts (default 0: one failure halts)."""
 
     @model_validator(mode="after")
     def _coherent(self) -> KeyRotateParams:
@@ -301,7 +304,14 @@ class KeyRotateParams(_Importing):
         """True when the rotation names rollout options beyond ``activate_when``."""
         return any(
             v is not None
-            for v in (self.stages, self.gate, self.spread, self.deadline_s, self.threshold_pct)
+            for v in (
+                self.stages,
+                self.gate,
+                self.spread,
+                self.deadline_s,
+                self.threshold_pct,
+                self.max_failures,
+            )
         )
 
 
@@ -321,6 +331,10 @@ class RolloutResumeParams(_Model):
     version: Annotated[int, Field(ge=1)] | None = None
     """The version rolling out: the controller pins it when the call (or its dual-control
     request) arrives, so an approval given later resumes that rollout or nothing."""
+    max_failures: Annotated[str | None, Field(pattern=r"^\d{1,6}%?$")] = None
+    """The failure budget from now on (to go on past the hosts it halted on): hosts (``2``)
+    or a percent of the stage's (``10%``) that may
+    fail before it halts; they are named as holdouts (default 0: one failure halts)."""
 
 
 class KeyVersionParams(_Model):
@@ -693,6 +707,7 @@ class RolloutInfo(_Reply):
     released: int | None = None
     """Hosts the version is released to (None: every targeted host)."""
     threshold_pct: int = 100
+    max_failures: str | None = None
     primary_version: int | None = None
     started_at: datetime
     started_by: str

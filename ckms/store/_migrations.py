@@ -545,11 +545,14 @@ already do worse than take the lease (and a sealed replica cannot lead anyway)."
 _FLEET_MACS = """
 ALTER TABLE fleet_state ADD COLUMN mac TEXT;
 ALTER TABLE hosts ADD COLUMN seen_mac TEXT;
+ALTER TABLE rollouts ADD COLUMN max_failures TEXT;
 """
 """What a rollout's gate trusts, bound to the root KEK: each ``fleet_state`` row's status,
 digest, time and error (``mac``), and each host's ``last_seen_at`` (``seen_mac``, apart from
 the host row's MAC because it changes on every heartbeat). NULL in rows from before: an
-``installed`` row without a MAC counts for no gate, a host without one is never stale."""
+``installed`` row without a MAC counts for no gate, a host without one is never stale. And a
+rollout's failure budget (``max_failures``: a count or a percent of the stage's hosts; NULL is
+0, one failure halts), under the rollout row's MAC whenever set."""
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL, _INITIAL_PG),
@@ -565,7 +568,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(11, "rollouts of PreActive versions", _ROLLOUTS),
     Migration(12, "certificates: certified public key and revocation reason", _CERT_KEYS),
     Migration(13, "leader lease and replica heartbeats", _LEADER_LEASE),
-    Migration(14, "row MACs on the fleet view and hosts' last contact", _FLEET_MACS),
+    Migration(14, "fleet view MACs; rollout failure budgets", _FLEET_MACS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps. Each gives PostgreSQL DDL
 of its own where SQLite's is not valid there (BLOB, AUTOINCREMENT, WITHOUT ROWID, triggers) or

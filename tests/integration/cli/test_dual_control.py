@@ -4,14 +4,18 @@ approves, the requester cannot, an expired request is refused, and all of it is 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
+from ckms._kafka_security import KafkaLink
 from ckms.cli._errors import ExitCode
 from ckms.controller.models import KeyState
 from ckms.controller.service import Controller
 from tests.support.cli import MovableClock, Operators, audit_records
+from tests.support.controller import running_controller
 
 pytestmark = pytest.mark.kafka
 
@@ -171,3 +175,51 @@ async def test_a_targets_or_install_change_waits_for_approval_unless_policy_lowe
     direct = await ops.ckms("key", "targets", "pay/api", "--target", "role=api", who="alice")
     assert direct.rc == 0, direct.stderr
     assert (await lc.get("pay/api")).targets.describe() == ["role=api"]
+
+
+@pytest.mark.requirement("PCI-3.7.6")
+async def test_ca_rotation_retirement_and_backups_need_a_second_person_when_configured(
+    tmp_path: Path,
+    controller_kafka: KafkaLink,
+    unique_topic: Callable[[str], str],
+    clock: MovableClock,
+) -> None:
+    """A controller whose settings put the CA and backups under dual control (`approvals =
+    ["ca", "backup"]`): `ca rotate`, `ca retire` and `backup` become requests another admin
+    approves; the approval runs them as requester+approver, and the backup it made is
+    fetched by its id."""
+    async with running_controller(
+        tmp_path / "controller",
+        controller_kafka,
+        unique_topic("events"),
+        unique_topic("acks"),
+        clock=clock,
+        approvals=["ca", "backup"],
+    ) as c:
+        ops = Operators(c, tmp_path)
+        await ops.add("alice", "admin")
+        await ops.add("bob", "admin")
+        for command in (("ca", "rotate"), ("ca", "retire")):
+            asked = await ops.ckms(*command, who="alice")
+            assert asked.rc == ExitCode.APPROVAL_REQUIRED, asked.stderr
+            state = await c.ca.state()
+            assert (len(state.generations), len(state.trusted)) == (
+                (1, 1) if command[1] == "rotate" else (2, 2)
+            )
+            approved = await ops.ckms("approve", request_id(asked.stderr), who="bob")
+            assert approved.rc == 0, approved.stderr
+        state = await c.ca.state()
+        assert (len(state.generations), len(state.trusted)) == (2, 1)
+        actions = {r.action: r.actor for r in await audit_records(c)}
+        assert actions["ca.rotate"] == actions["ca.retire"] == "alice+bob"
+
+        out = tmp_path / "backup.db"
+        asked = await ops.ckms("backup", "-o", str(out), who="alice")
+        assert asked.rc == ExitCode.APPROVAL_REQUIRED, asked.stderr
+        assert not out.exists()
+        approved = await ops.ckms("approve", request_id(asked.stderr), "--json", who="bob")
+        assert approved.rc == 0, approved.stderr
+        backup_id = approved.json()["result"]["id"]
+        fetched = await ops.ckms("backup", "-o", str(out), "--id", backup_id, who="alice")
+        assert fetched.rc == 0, fetched.stderr
+        assert out.read_bytes().startswith(b"SQLite format 3")

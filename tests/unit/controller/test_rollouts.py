@@ -22,6 +22,7 @@ from ckms.controller.models import Host, Key, KeyState, KeyVersion, Policy, Roll
 from ckms.controller.rollout_plan import (
     AckRow,
     RolloutRequest,
+    failure_budget,
     judge_stage,
     sample_order,
     seed_of,
@@ -637,3 +638,52 @@ async def test_a_failure_applied_between_judgment_and_move_stops_the_move(
     key = await c.lifecycle.get(NAME)
     assert key.rollout is not None and key.rollout.stage == 2
     assert key.rollout.state is RolloutState.HALTED
+
+
+async def test_a_failure_budget_lets_a_stage_go_on_past_its_holdouts_and_names_them(
+    ctl: Controller, clock: FakeClock
+) -> None:
+    """By default one failure halts a stage (budget 0). With ``max_failures`` the stage goes
+    on while at most that many (or that share of) its hosts failed; they are not counted and
+    are named as holdouts. One more failure than the budget halts. A halted rollout resumes
+    with a budget that covers the hosts it failed on (``rollout resume --max-failures``)."""
+    c = ctl
+    await c.lifecycle.rotate(
+        NAME, actor="alice", rollout=RolloutRequest(stages=(50, 100), max_failures="20%")
+    )
+    key = await c.lifecycle.get(NAME)
+    order = sample_order(seed_of(key, 2), await c.hosts.list(), None)
+    clock.advance(seconds=1)
+    await ack(c, order[0], 2, "failed", clock)  # 20% of 5 hosts: one may fail
+    for host in order[1:5]:
+        await ack(c, host, 2, "installed", clock)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.ADVANCE)]
+    key = await c.lifecycle.get(NAME)
+    assert key.rollout is not None and key.rollout.reason is not None
+    assert f"failed, within the budget of 1: {order[0]}" in key.rollout.reason
+    clock.advance(seconds=1)
+    for host in order[5:8]:  # 20% of 10 hosts: two may fail, a third halts
+        await ack(c, host, 2, "failed", clock)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.HALT)]
+    await c.rollouts.resume(NAME, actor="alice", reason="known bad hosts", max_failures="3")
+    clock.advance(seconds=1)
+    for host in order[5:8]:
+        await ack(c, host, 2, "failed", clock)
+    for host in [*order[:5], *order[8:]]:  # order[0] failed only in stage 1: asked again
+        await ack(c, host, 2, "installed", clock)
+    key = await c.lifecycle.get(NAME)
+    assert key.rollout is not None
+    verdict = await c.rollouts.verdict(key, key.rollout)
+    assert verdict.failed == tuple(sorted(order[5:8]))
+    assert (verdict.halts, verdict.holds) == (False, True)
+    assert await c.rollouts.step() == [(NAME, RolloutOp.COMPLETE)]
+
+
+def test_a_failure_budget_is_a_count_or_a_percent() -> None:
+    with pytest.raises(ConfigError, match="failure budget"):
+        RolloutRequest(max_failures="lots")
+    with pytest.raises(ConfigError, match="failure budget"):
+        RolloutRequest(max_failures="150%")
+    assert failure_budget("2", 10) == 2
+    assert failure_budget("25%", 10) == 2  # rounded down: never more than the share
+    assert failure_budget(None, 10) == 0
