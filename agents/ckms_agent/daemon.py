@@ -456,6 +456,9 @@ class Agent:
         # holds, e.g. a rollout stage rolled back) is forgotten: asked again later, it is
         # tried at once instead of waiting out the hold-off.
         ops.forget_failures(except_keys={p.key for p in plans})
+        # A version acked 'failed' and never held that the controller no longer lists (revoked
+        # while an outage delayed its event): the host's last word on it becomes 'removed'.
+        await ops.settle_failures({k.key: {v.version for v in k.versions} for k in reply.keys})
         # Retried by the periodic reconcile (a little less than its interval, so the next one
         # does retry), or as soon as the key changes.
         retry_after = 0.9 * self._reconcile_interval()

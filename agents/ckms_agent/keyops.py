@@ -121,6 +121,9 @@ class KeyOps:
         """Changes that failed to install since start (for metrics)."""
         """When a key last failed to install (drift reports do not retry it at once)."""
         self._failed_plans: dict[str, tuple[tuple[object, ...], float]] = {}
+        self._failed_unheld: dict[str, set[int]] = {}
+        """Versions acked ``failed`` that this host does not hold (never installed): acked
+        ``removed`` once the controller stops asking for them (:meth:`settle_failures`)."""
         self._swept: set[Path] = set()
 
     @property
@@ -143,7 +146,16 @@ class KeyOps:
 
         True when the host is left as the controller wants it without asking.
         """
-        return await self.revoker.revoke(name, versions, primary_version, event_id)
+        done = await self.revoker.revoke(name, versions, primary_version, event_id)
+        failed = self._failed_unheld.get(name, set())
+        settled = sorted(failed.intersection(versions))
+        if settled:
+            # Acked 'failed' and never held (the fetch was refused): the event settles it.
+            await self._acks.ack_all(
+                name, settled, AckStatus.REMOVED, started=time.monotonic(), event_id=event_id
+            )
+            failed.difference_update(settled)
+        return done
 
     async def held_report(self) -> HeldReport:
         """What is intact on disk (file hashes match what was written) and which keys drifted."""
@@ -230,6 +242,33 @@ class KeyOps:
         for name in [n for n in self._failed_plans if n not in except_keys]:
             del self._failed_plans[name]
 
+    def _note_unheld(
+        self, name: str, versions: Iterable[int], record: KeyRecord | None
+    ) -> None:
+        held = set(record.versions) if record is not None else set()
+        unheld = {v for v in versions if v not in held}
+        if unheld:
+            self._failed_unheld.setdefault(name, set()).update(unheld)
+
+    async def settle_failures(self, desired: Mapping[str, Set[int]]) -> set[tuple[str, int]]:
+        """Ack ``removed`` for each version acked ``failed`` and never installed here that
+        ``desired`` (a sync's versions by key) no longer lists; return them.
+
+        After an outage a late event can ask for a version revoked meanwhile: the fetch is
+        refused and acked ``failed``, and nothing else would ever replace that row in the
+        fleet view. The host holds none of it, so ``removed`` is its true last word."""
+        settled: set[tuple[str, int]] = set()
+        for name, versions in list(self._failed_unheld.items()):
+            gone = sorted(v for v in versions if v not in desired.get(name, ()))
+            if not gone:
+                continue
+            await self._acks.ack_all(name, gone, AckStatus.REMOVED, started=time.monotonic())
+            versions.difference_update(gone)
+            if not versions:
+                del self._failed_unheld[name]
+            settled.update((name, v) for v in gone)
+        return settled
+
     def _note_failure(self, desired: DesiredKey) -> None:
         now = self._clock()
         self.install_failures += 1
@@ -260,6 +299,7 @@ class KeyOps:
                 "key=%s host=%s refused by this host's policy: %s", plan.key, self._host, refused
             )
             self._note_failure(desired)
+            self._note_unheld(plan.key, plan.changed or tuple(v.version for v in needed), record)
             return await self._acks.ack_all(
                 plan.key,
                 plan.changed or tuple(v.version for v in needed),
@@ -286,6 +326,7 @@ class KeyOps:
             self.failed_at[plan.key] = self._clock()
             self.install_failures += 1
             versions = plan.changed or tuple(v.version for v in needed)
+            self._note_unheld(plan.key, versions, record)
             return await self._acks.ack_all(
                 plan.key,
                 versions,
@@ -334,6 +375,9 @@ class KeyOps:
                 hooks = outcome.hooks
                 if outcome.status is AckStatus.FAILED:
                     self._note_failure(desired)
+                    self._note_unheld(
+                        name, changed or [v.version for v in versions if v.primary], record
+                    )
                     return await self._acks.ack_all(
                         name,
                         changed or [v.version for v in versions if v.primary],
@@ -361,6 +405,7 @@ class KeyOps:
             await self._state.put_key(new_record)
             self.failed_at.pop(name, None)
             self._failed_plans.pop(name, None)
+            self._failed_unheld.get(name, set()).difference_update(new_record.versions)
             for version in dropped:
                 self.materials.drop(name, version)
             await self._acks.ack_all(

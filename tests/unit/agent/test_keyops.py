@@ -27,6 +27,7 @@ from ckms.crypto import (
     material_digest,
     wrap_for_agent,
 )
+from ckms.errors import PermissionDeniedError
 from ckms.protocol import (
     AckStatus,
     DesiredKey,
@@ -124,6 +125,7 @@ class FakeController:
         self.fetched: list[int] = []
         self.gate: asyncio.Event | None = None
         self.waiting = asyncio.Event()
+        self.refused: set[int] = set()
 
     def add(self, version: int) -> DesiredVersion:
         self.material[version] = generate(KeyType.AES_256)
@@ -136,6 +138,8 @@ class FakeController:
 
     async def fetch(self, request: FetchRequest) -> FetchReply:
         self.fetched.append(request.version)
+        if request.version in self.refused:
+            raise PermissionDeniedError(f"{request.key} v{request.version} is Compromised")
         if self.gate is not None:
             self.waiting.set()
             await self.gate.wait()
@@ -338,3 +342,33 @@ async def test_a_failed_change_is_held_off_until_the_controller_stops_asking_for
     assert not rig.ops.holding_off(plan, retry_after_s=300)
     rig.installer.failing = False
     assert await rig.sync(wanted) == {2}  # the resumed stage installs at once
+
+
+async def test_a_failed_version_the_controller_no_longer_asks_for_is_acked_removed(
+    rig: Rig,
+) -> None:
+    """After an outage a late event asks for a version revoked meanwhile: the fetch is refused
+    and acked ``failed``. Once a sync no longer lists that version the host says ``removed``
+    (it holds none of it), so the fleet view does not keep a stale failure for it."""
+    v1, v2 = rig.controller.add(1), rig.controller.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, primary=1)) == {1}
+    rig.controller.refused.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == {2}
+    assert (await rig.acks())[-1] == (2, "failed")
+    # Still asked for: the failure stands.
+    assert await rig.ops.settle_failures({NAME: {1, 2}}) == set()
+    # The controller stopped asking for v2 (revoked): acked removed, once.
+    assert await rig.ops.settle_failures({NAME: {1}}) == {(NAME, 2)}
+    assert (await rig.acks())[-1] == (2, "removed")
+    assert await rig.ops.settle_failures({NAME: {1}}) == set()
+
+
+async def test_a_revocation_event_settles_a_failure_of_a_version_never_held(rig: Rig) -> None:
+    v1, v2 = rig.controller.add(1), rig.controller.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, primary=1)) == {1}
+    rig.controller.refused.add(2)
+    await rig.sync(rig.desired(KEYRING, v1, v2, primary=1))
+    assert (await rig.acks())[-1] == (2, "failed")
+    await rig.ops.revoke(NAME, [2], 1, "e-1")
+    assert (await rig.acks())[-1] == (2, "removed")
+    assert await rig.ops.settle_failures({NAME: {1}}) == set()  # settled once
