@@ -31,6 +31,11 @@ when the loop asks for the next one, or when the ``async with`` block exits with
 exception. Positions (next offset and last ``seq`` per partition) are saved to the offset store
 after each fetched batch and on exit; after a crash, the events since the last save come again.
 
+The hosts' acknowledgements are on their own topic, signed by the controller like every event:
+``Subscriber(topic=FLEET_TOPIC, types={"fleet.acked"}, ...)`` yields
+:class:`~ckms.protocol.FleetAcked` events (which host holds which version of a key, with the
+host's own times), under the same rules and the same pinned key.
+
 The rules are specified for consumers in any language in ``docs/events.md``.
 """
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
-from ckms.errors import CKMSError, StoreError
+from ckms.errors import CKMSError, StoreError, TransportError
 from ckms.protocol import (
     KEY_ID_HEADER,
     MAX_ACK_BATCH,
@@ -209,7 +209,9 @@ class AckSender:
                 self.stats.failures += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 delay = self._backoff.next()
-                log.warning("sending acks failed (%s); retrying in %.1f s", exc, delay)
+                # The connection going away is routine (the connection task says so, once).
+                level = logging.INFO if isinstance(exc, TransportError) else logging.WARNING
+                log.log(level, "sending acks failed (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             self._backoff.reset()

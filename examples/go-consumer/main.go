@@ -84,7 +84,8 @@ func (p *printer) Event(topic string, partition int32, offset int64, ev *Event) 
 	fmt.Fprintln(p.out, text)
 }
 
-// describe is the line printed for a revocation or rotation; empty for other events.
+// describe is the line printed for a revocation, a rotation or the hosts' acks (one line per
+// ack); empty for other events.
 func describe(ev *Event) string {
 	d := ev.Data
 	str := func(k string) string { s, _ := d[k].(string); return s }
@@ -107,6 +108,26 @@ func describe(ev *Event) string {
 	case "host.revoked":
 		return fmt.Sprintf("HOST-REVOKED host=%s signer_key_id=%s seq=%d id=%s",
 			str("host"), str("signer_key_id"), ev.Seq, ev.ID)
+	case "fleet.acked": // on the fleet topic (-topic ckms.fleet): hosts' acks, controller-signed
+		acks, _ := d["acks"].([]any)
+		lines := make([]string, 0, len(acks))
+		for _, a := range acks {
+			ack, _ := a.(map[string]any)
+			field := func(k string) string {
+				switch v := ack[k].(type) {
+				case string:
+					return v
+				case Number:
+					if v.IsInt {
+						return v.Int.String()
+					}
+				}
+				return "-"
+			}
+			lines = append(lines, fmt.Sprintf("ACKED key=%s host=%s version=%s status=%s at=%s seq=%d id=%s",
+				str("key"), field("host"), field("version"), field("status"), field("at"), ev.Seq, ev.ID))
+		}
+		return strings.Join(lines, "\n")
 	}
 	return ""
 }

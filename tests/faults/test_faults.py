@@ -111,6 +111,14 @@ async def key_partition(view: ControllerView, key: str) -> int:
     raise AssertionError(f"no event of {key} on {view.events_topic}")
 
 
+async def lifecycle_backlog(store: Store) -> int:
+    """Unsent outbox rows that announce changes (not the fleet.acked that republish acks)."""
+    value = await store.fetchval(
+        "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND type != 'fleet.acked'"
+    )
+    return int(value or 0)
+
+
 def kill_pid_in(pid_file: Path) -> None:
     """SIGKILL the process whose id the file holds."""
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -420,37 +428,41 @@ async def test_outbox_fills_while_kafka_is_down_then_drains(
             )
             await c.lifecycle.rotate(DB_KEY, actor="bob")  # v2
             await c.lifecycle.rotate(KEY, actor="alice")  # v4
-            assert await c.publisher.backlog() == 7
+            assert await lifecycle_backlog(c.store) == 7
 
-            async def synced_and_queued() -> bool:
+            async def synced_and_acked() -> bool:
                 for agent in fleet.agents.values():
                     held = await agent.state.keys()
                     if KEY not in held or DB_KEY not in held:
                         return False
                     if set(held[KEY].versions) != {3, 4} or set(held[DB_KEY].versions) != {1, 2}:
                         return False
-                    if not await agent.state.pending_ack_count():
+                    if await agent.state.pending_ack_count():
                         return False
                 return True
 
-            await wait_until(synced_and_queued, 60, "agents synced over SSH, acks queued")
+            # Acks ride SSH: the fleet view follows while Kafka is away; only their fleet.acked
+            # events wait in the outbox with the seven changes.
+            await wait_until(synced_and_acked, 60, "agents synced and acked over SSH")
+            await wait_converged(await ControllerView.of(c), [KEY, DB_KEY], hosts, 60)
+            assert await c.publisher.backlog() > 7
             stats = c.publisher.stats
             await wait_until(
                 lambda: stats.failures and not stats.connected, 60, "the outage reported"
             )
-            # Stopping must not wait for Kafka: an agent with acks in flight, then the controller
+            # Stopping must not wait for Kafka: an agent, then the controller
             # with its outbox full (regression: both hung in aiokafka's flush until Kafka returned).
             agent_stop = await fleet.restart("web-1")
             started = time.monotonic()
             await finishes_within(first.__aexit__(None, None, None), 20, "stopping the controller")
             controller_stop, first = time.monotonic() - started, None
             note(
-                f"Kafka down: outbox 7, publisher {stats.last_error!r}; agent stopped in "
+                f"Kafka down: outbox 7 (+ fleet.acked), {stats.last_error!r}; agent stopped in "
                 f"{agent_stop:.1f} s, controller in {controller_stop:.1f} s"
             )
 
             async with running_controller(home, *topics, listen_port=port, **settings) as c:
-                assert await c.publisher.backlog() == 7
+                assert await lifecycle_backlog(c.store) == 7
                 await restart_stopped_nodes(cluster)
                 stats_out = await assert_fleet_invariants(
                     await ControllerView.of(c),
@@ -582,15 +594,20 @@ async def test_revocation_with_the_controller_down_removes_at_once_and_acks_foll
         await ensure_topics(c.settings.kafka, c.settings.topic_specs())
         port = c.port
         hosts = await enroll_hosts(c, tmp_path / "hosts", [f"web-{i}" for i in range(5)], WEB)
-        await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=RAW, actor="alice")
-        files = [h.root / "etc/ckms/web/tls.key" for h in hosts]
+        await c.lifecycle.create(KEY, "aes-256", targets=TARGETS, install=KEYRING, actor="alice")
+        await c.lifecycle.rotate(KEY, actor="alice")  # v2 primary; v1 in every keyring
+        rings = [h.root / "etc/ckms/web/tls.json" for h in hosts]
+
+        def held(ring: Path) -> set[int]:
+            return {int(e["version"]) for e in json.loads(ring.read_bytes())["versions"]}
+
         async with (
             await Store.open(home / "controller.db") as store,
             InProcessFleet(hosts) as fleet,
             RevocationWatch(store, hosts) as watch,
         ):
             await wait_converged(await ControllerView.of(c), [KEY], hosts)
-            assert all(f.exists() for f in files)
+            assert all(held(r) == {1, 2} for r in rings)
             await c.rpc.close()
             await wait_until(
                 lambda: not any(a.connected for a in fleet.agents.values()), 30, "disconnected"
@@ -600,7 +617,7 @@ async def test_revocation_with_the_controller_down_removes_at_once_and_acks_foll
             await finishes_within(first.__aexit__(None, None, None), 30, "stopping")
             first = None  # the controller is down: no SSH, no publisher
 
-            await wait_until(lambda: not any(f.exists() for f in files), 30, "files removed")
+            await wait_until(lambda: all(held(r) == {2} for r in rings), 30, "v1 removed")
             event_at = parse_time(
                 await store.fetchval("SELECT created_at FROM outbox WHERE type = 'key.revoked'")
             )
@@ -627,7 +644,7 @@ async def test_revocation_with_the_controller_down_removes_at_once_and_acks_foll
                     view,
                     [KEY],
                     hosts,
-                    Expected(creates=1, revokes=1, removed={(KEY, 1)}),
+                    Expected(creates=1, rotates=1, revokes=1, removed={(KEY, 1)}),
                     watch,
                 )
                 # The republished acks say when each host removed the key, by its own clock.
