@@ -96,7 +96,6 @@ M = TypeVar("M", bound=BaseModel)
 # The stored contact time only matters after a restart (staleness); a stale value errs on the
 # safe side (keys removed sooner), and a durable write per request cost more than the request.
 _CONTACT_WRITE_EVERY_S = 15.0
-_CONNECTION_CHECK_S = 2.0
 _SEED_TIMEOUT_S = 15.0
 
 
@@ -323,8 +322,7 @@ class Agent:
             self._connected.set()
             log.info("connected to controller %s", self._rpc.endpoint)
             self._request_reconcile()
-            while self._rpc.connected and not self._lost.is_set():
-                await wait_event(self._lost, _CONNECTION_CHECK_S)
+            await self._until_lost()
             self._connected.clear()
             await self._rpc.close()
             if self._healthy:
@@ -332,6 +330,17 @@ class Agent:
             delay = backoff.next()
             log.warning("connection to the controller lost; reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
+
+    async def _until_lost(self) -> None:
+        """Until the connection or its channel closes, or a request found it broken: woken by
+        those events, never by a timer (an idle fleet of agents costs no wake-ups here)."""
+        lost = asyncio.ensure_future(self._lost.wait())
+        gone = asyncio.ensure_future(self._rpc.wait_lost())
+        try:
+            await asyncio.wait([lost, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            gone.cancel()
 
     async def _call(self, method: str, params: BaseModel, reply_type: type[M]) -> M:
         """One request on the open connection; raises TransportError at once when it is down."""

@@ -230,6 +230,10 @@ class ChannelClient:
     def alive(self) -> bool:
         return self._closed is None
 
+    async def wait_closed(self) -> None:
+        """Return once the channel has ended (its reader stopped), whatever ended it."""
+        await asyncio.wait([self._reader])
+
     async def call(self, method: str, params: dict[str, Any] | None) -> bytes:
         """Send one request and wait for its reply line (the caller bounds the wait).
 

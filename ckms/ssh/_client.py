@@ -192,6 +192,23 @@ class RpcClient:
             and (self._channel is None or self._channel.alive)
         )
 
+    async def wait_lost(self) -> None:
+        """Return once the open connection, or its channel, is gone (at once if none is open).
+
+        What a long-lived client waits on instead of polling ``connected``: no timer per
+        client while all is well."""
+        conn, channel = self._conn, self._channel
+        if conn is None or conn.is_closed() or (channel is not None and not channel.alive):
+            return
+        waits = [asyncio.ensure_future(conn.wait_closed())]
+        if channel is not None:
+            waits.append(asyncio.ensure_future(channel.wait_closed()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
     @property
     def multiplexed(self) -> bool:
         """True when requests go as frames on one channel rather than an exec channel each."""
