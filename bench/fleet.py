@@ -301,6 +301,8 @@ class FleetBench:
         """With --profile DIR: sample every Python process of the phase with py-spy."""
         if not self.args.profile:
             return []
+        if self.args.profile_phases and phase.split()[0] not in self.args.profile_phases:
+            return []
         out = Path(self.args.profile)
         out.mkdir(parents=True, exist_ok=True)
         tag = phase.split()[0]
@@ -718,6 +720,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dir", default=None, help="where the temp dirs go (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the data and logs")
     parser.add_argument("--profile", default=None, help="py-spy every phase into this dir")
+    parser.add_argument(
+        "--profile-phases",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="only these phases (idle, create, rotate, revoke), comma-separated",
+    )
     parser.add_argument("--json", default=None, help="write every figure to this file")
     return parser.parse_args(argv)
 

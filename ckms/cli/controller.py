@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from ckms import _aio
 from ckms._logging import configure_logging
 from ckms.cli._errors import cli_errors
 from ckms.controller.home import load_settings
@@ -76,4 +77,4 @@ def run_controller(
     with cli_errors():
         settings = load_settings(config)
         _setup_logging(log_level, ssh_debug=ssh_debug or settings.ssh_debug)
-        asyncio.run(serve(settings))
+        _aio.run(serve(settings), loop=settings.event_loop)

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from ckms import _gc
+from ckms._aio import EventLoop
 from ckms._exposition import MetricsEndpoint, parse_listen
 from ckms._kafka import TopicSpec
 from ckms._kafka_security import KafkaLink, KafkaProtocol, KafkaSecurity
@@ -175,6 +176,10 @@ class ControllerSettings(BaseModel):
     rotations reaching thousands of hosts at once), up to the cores the controller may use;
     every worker holds its own store connection and caches (tens of MB), and the SSH limits
     below apply per worker."""
+    event_loop: EventLoop = "auto"
+    """``uvloop``, or ``auto`` (uvloop when installed: the ``fast`` extra), or ``asyncio``, for
+    the controller's processes (``ckms controller run`` and its SSH workers); see
+    :func:`ckms._aio.run` for what it measured."""
     metrics_listen: str | None = None
     """``HOST:PORT`` of the Prometheus ``/metrics`` endpoint; unset, none is served."""
     approvals: frozenset[ControllerApproval] = frozenset()

@@ -205,12 +205,9 @@ class WorkerPool:
         self.port = int(self._reservation.getsockname()[1])
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [
+                for index in range(self._count):
                     group.create_task(self._keep(index), name=f"ssh-worker-{index}")
-                    for index in range(self._count)
-                ]
                 group.create_task(self._watch_anchor(), name="ssh-workers-anchor")
-                await asyncio.gather(*tasks)
         finally:
             self._reservation.close()
 
@@ -251,6 +248,7 @@ class WorkerPool:
                 "-m",
                 "ckms.controller.workers",
                 str(child_end.fileno()),
+                self._controller.settings.event_loop,
                 pass_fds=(child_end.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -296,13 +294,20 @@ class WorkerPool:
                         await asyncio.shield(exited)
             return process.returncode if process.returncode is not None else "link closed"
         finally:
-            self._workers.pop(index, None)
             for future in worker.confirmations.values():
                 if not future.done():
                     future.set_result(None)  # gone: it will get the state when it restarts
-            await _stop(process)
-            frames.close()
-            parent_end.close()
+            try:
+                await _stop(process)
+            except asyncio.CancelledError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()  # cancelled again while stopping: no worker outlives us
+                raise
+            finally:
+                if self._workers.get(index) is worker:
+                    del self._workers[index]
+                frames.close()
+                parent_end.close()
 
     async def _serve(self, worker: _Worker) -> None:
         """Read one worker's frames: ready, confirmations, vault requests, wakes."""
@@ -415,6 +420,8 @@ class WorkerPool:
         seq, state = self._seq, self._vault.share_state()
         waits: list[tuple[_Worker, asyncio.Future[None]]] = []
         for worker in list(self._workers.values()):
+            if worker.process.returncode is not None:
+                continue  # exited: it restarts with the state of the day
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             worker.confirmations[seq] = future
             try:
@@ -456,8 +463,9 @@ class WorkerPool:
         return out
 
     async def close(self) -> None:
-        """Stop every worker (SIGTERM, then SIGKILL)."""
+        """Stop every worker still running (SIGTERM, then SIGKILL)."""
         await asyncio.gather(*(_stop(w.process) for w in list(self._workers.values())))
+        self._workers.clear()
 
 
 async def _send_quietly(frames: _Frames, message: dict[str, Any]) -> None:
@@ -652,4 +660,7 @@ async def _worker_main(fd: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_worker_main(int(sys.argv[1]))))
+    from ckms._aio import run
+
+    loop = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    sys.exit(run(_worker_main(int(sys.argv[1])), loop=loop))  # type: ignore[arg-type]
