@@ -58,6 +58,10 @@ WRITER_LOCK = 0x636B6D7301
 MIGRATION_LOCK = 0x636B6D7302
 """The advisory lock key migrations hold, so replicas starting together migrate once."""
 
+_BEGIN_WRITE = (
+    f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({int(WRITER_LOCK)})"
+)
+
 READ_POOL_SIZE = 4
 """Read connections kept per store (reads beside the one writer connection)."""
 CONNECT_TIMEOUT_S = 10.0
@@ -263,6 +267,7 @@ class PgStore(Store):
                 max_size=READ_POOL_SIZE,
                 timeout=CONNECT_TIMEOUT_S,
                 max_inactive_connection_lifetime=60.0,
+                reset=_reset_reader,
             )
         except BaseException:
             await store.close()
@@ -438,8 +443,8 @@ class PgStore(Store):
                 if conn.is_in_transaction():
                     log.warning("rolling back a transaction left open by a cancelled writer")
                     await conn.execute("ROLLBACK")
-                await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITER_LOCK)
+                # One round trip (simple query protocol: two statements, no parameters).
+                await conn.execute(_BEGIN_WRITE)
                 return conn
             except Exception as exc:
                 if _lost(exc) and attempt == 1:
@@ -557,6 +562,14 @@ class PgStore(Store):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+async def _reset_reader(conn: Any) -> None:
+    """What a read connection needs before its next use: no open transaction. (asyncpg's
+    default reset, a round trip of RESET ALL, UNLISTEN and unlocks, undoes nothing these
+    connections do: they set nothing, listen to nothing and lock nothing.)"""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def _fetch(conn: Any, sql: str, *args: Any) -> list[Any]:
