@@ -175,7 +175,9 @@ class ControllerSettings(BaseModel):
     Raise it when the controller's one core is busy serving agents (a large fleet syncing,
     rotations reaching thousands of hosts at once), up to the cores the controller may use;
     every worker holds its own store connection and caches (tens of MB), and the SSH limits
-    below apply per worker."""
+    below apply per worker. Not yet for tens of thousands of keys: the store cannot say which
+    rows another process's commit changed, so after the others' commits (every ack, every
+    host seen) each process reloads its whole key view, at most every 50 ms."""
     event_loop: EventLoop = "auto"
     """``uvloop``, or ``auto`` (uvloop when installed: the ``fast`` extra), or ``asyncio``, for
     the controller's processes (``ckms controller run`` and its SSH workers); see
