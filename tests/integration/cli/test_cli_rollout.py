@@ -191,3 +191,28 @@ async def test_wait_on_a_converging_rotation_names_the_host_holding_it_up(
     key = await controller.lifecycle.get(KEY)
     assert key.primary_version == 1 and key.rollout is not None
     assert key.rollout.deadline_at - key.rollout.started_at == timedelta(hours=2)
+
+
+async def test_a_failure_budget_from_the_cli_reaches_the_rollout(
+    controller: Controller, ops: Operators, tmp_path: Path
+) -> None:
+    """`key rotate --max-failures` sets the rollout's budget, `rollout resume --max-failures`
+    changes it, `rollout status` shows it; a budget that is no count or percent is refused
+    before anything is sent."""
+    await a_key_with_a_silent_host(controller, tmp_path)
+    bad = await ops.ckms(
+        "key", "rotate", KEY, "--stages", "50,100", "--max-failures", "x", who="dave"
+    )
+    assert bad.rc != 0 and "max_failures" in bad.stderr, bad.stderr
+    started = await ops.ckms(
+        "key", "rotate", KEY, "--stages", "50,100", "--max-failures", "10%", who="dave"
+    )
+    assert started.rc == 0, started.stderr
+    key = await controller.lifecycle.get(KEY)
+    assert key.rollout is not None and key.rollout.max_failures == "10%"
+    aborted = await ops.ckms("rollout", "abort", KEY, "--reason", "test", who="dave")
+    assert aborted.rc == 0, aborted.stderr
+    resumed = await ops.ckms("rollout", "resume", KEY, "--max-failures", "2", who="dave")
+    assert resumed.rc == 0, resumed.stderr
+    shown = await ops.ckms("rollout", "status", KEY, "--json", who="erin")
+    assert shown.rc == 0 and shown.json()["max_failures"] == "2", shown.stdout
