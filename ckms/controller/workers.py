@@ -35,6 +35,7 @@ whose parent is gone stops (end of file on its socket).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -353,7 +354,9 @@ class WorkerPool:
         if method == "checkpoint":  # signed here: the parent holds the anchor (and the lease)
             cp = await vault.checkpoint_audit()
             await self._push_anchor()
-            return cp.model_dump(mode="json")
+            signed = cp.model_dump()
+            signed["signature"] = base64.b64encode(cp.signature).decode("ascii")
+            return signed
         async with self._state_lock:
             if method == "status":
                 return asdict(await vault.status())
@@ -385,7 +388,11 @@ class WorkerPool:
         anchor = self._vault.anchor
         return {
             "loaded": anchor.loaded,
-            "last": None if anchor.last is None else anchor.last.model_dump(mode="json"),
+            # Size and head only: what status and verify compare (the checkpoint's signature
+            # bytes stay with the parent, which signs and publishes).
+            "last": None
+            if anchor.last is None
+            else {"size": anchor.last.size, "head_hash": anchor.last.head_hash},
             "published_size": anchor.published_size,
             "broken": anchor.broken,
         }
@@ -407,7 +414,10 @@ class WorkerPool:
         """Push the anchor's state within a second of any change (loads, checkpoints, breaks)."""
         while True:
             stop_if_cancelled()
-            await self._push_anchor()
+            try:
+                await self._push_anchor()
+            except Exception:
+                log.exception("could not send the audit anchor's state to the SSH workers")
             await asyncio.sleep(_ANCHOR_PUSH_S)
 
     async def broadcast(self) -> None:
@@ -615,7 +625,9 @@ class RemoteVault(Vault):
         await self._parent.call("seal", actor=actor)
 
     async def checkpoint_audit(self) -> audit_log.AuditCheckpoint:
-        return audit_log.AuditCheckpoint.model_validate(await self._parent.call("checkpoint"))
+        signed = await self._parent.call("checkpoint")
+        signed["signature"] = base64.b64decode(signed["signature"], validate=True)
+        return audit_log.AuditCheckpoint.model_validate(signed)
 
     def adopt_anchor(self, state: dict[str, Any]) -> None:
         """Mirror the parent's audit anchor (this process never loads or signs one)."""

@@ -97,6 +97,12 @@ async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
             assert exits and exits[-1].outcome == "failed"
             assert exits[-1].details["worker"] == 0 and exits[-1].details["exit"] == -9
 
+            # Checkpoints are signed by the parent (it holds the anchor); workers answer with it.
+            for _ in range(3):
+                verified = await ops.ckms("audit", "verify", "--json", who="alice")
+                assert verified.rc == 0, verified.stderr
+                assert verified.json()["ok"] and verified.json()["checkpoints_verified"] >= 1
+
             for _ in range(4):
                 rotated = await ops.ckms("key", "rotate", "app/k", who="alice")
                 assert rotated.rc == 0, rotated.stderr
