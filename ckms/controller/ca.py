@@ -214,38 +214,74 @@ _TALLY_MOD: Final = 1 << 256
 
 @dataclass(frozen=True)
 class IssuedTally:
-    """How many certificates the CA issued and the sum (mod 2^256) of their serials' SHA-256.
+    """How many certificates the CA issued and the sum (mod 2^256) of their serials' SHA-256;
+    how many it revoked and the sum of their (serial, reason)'s SHA-256.
 
-    Row MACs catch a row edited, not one deleted: a revoked row deleted from the file would
-    drop its serial from the CRL. The tally is kept in ``meta`` under a MAC (row key), bumped
-    in the transaction that issues, and each ``cert.issue`` audit record names the count it
-    reached. The CRL recomputes it from every row, so a deleted row (or a row and an older tally
-    put back, which the audit log's count refuses; cutting the audit log too is caught against
-    its anchor) fails instead of vanishing."""
+    Row MACs catch a row edited, not one deleted, nor an older copy of a row (its MAC is the
+    controller's own) written back: a revoked row deleted from the file would drop its serial
+    from the CRL, and the row as it was before its revocation would undo it. The tally is kept
+    in ``meta`` under a MAC (row key), bumped in the transaction that issues or revokes, and
+    each ``cert.issue`` and ``cert.revoke`` audit record names the count it reached. The CRL
+    recomputes it from every row, so a deleted row, a revocation undone or its reason changed
+    (or a row and an older tally put back, which the audit log's counts refuse; cutting the
+    audit log too is caught against its anchor) fails instead of vanishing."""
 
     count: int
     total: int
+    revoked: int | None = 0
+    """None in a tally sealed before revocations were tallied (taken from the rows once)."""
+    revoked_total: int = 0
 
     @staticmethod
     def of_serial(serial: str) -> int:
         """One serial's share of :attr:`total`."""
         return int.from_bytes(hashlib.sha256(serial.encode("ascii")).digest(), "big")
 
+    @staticmethod
+    def of_revocation(serial: str, reason: str | None) -> int:
+        """One revoked certificate's share of :attr:`revoked_total`."""
+        text = f"{serial}\x00{reason or ''}".encode("ascii")
+        return int.from_bytes(hashlib.sha256(text).digest(), "big")
+
     @classmethod
     def of_rows(cls, rows: Iterable[Any]) -> IssuedTally:
-        """The tally of ``rows`` as they are in the table."""
-        count = total = 0
+        """The tally of ``rows`` (serial, revoked_at, revocation_reason) as they are."""
+        count = total = revoked = revoked_total = 0
         for row in rows:
             count += 1
             total = (total + cls.of_serial(str(row["serial"]))) % _TALLY_MOD
-        return cls(count, total)
+            if row["revoked_at"] is not None:
+                revoked += 1
+                share = cls.of_revocation(str(row["serial"]), row["revocation_reason"])
+                revoked_total = (revoked_total + share) % _TALLY_MOD
+        return cls(count, total, revoked, revoked_total)
 
     def add(self, serial: str) -> IssuedTally:
         """The tally with one more certificate."""
-        return IssuedTally(self.count + 1, (self.total + self.of_serial(serial)) % _TALLY_MOD)
+        return replace(
+            self, count=self.count + 1, total=(self.total + self.of_serial(serial)) % _TALLY_MOD
+        )
+
+    def revoke(self, serial: str, reason: str, *, was: str | None = None) -> IssuedTally:
+        """The tally with ``serial`` revoked for ``reason`` (``was``: its reason until now,
+        when it was revoked already and only its reason changes)."""
+        assert self.revoked is not None  # _stored_tally fills a tally sealed before
+        share = self.of_revocation(serial, reason)
+        if was is None:
+            return replace(
+                self,
+                revoked=self.revoked + 1,
+                revoked_total=(self.revoked_total + share) % _TALLY_MOD,
+            )
+        old = self.of_revocation(serial, was)
+        return replace(self, revoked_total=(self.revoked_total - old + share) % _TALLY_MOD)
 
     def _fields(self) -> dict[str, Any]:
-        return {"count": self.count, "total": format(self.total, "064x")}
+        fields: dict[str, Any] = {"count": self.count, "total": format(self.total, "064x")}
+        if self.revoked is not None:
+            fields["revoked"] = self.revoked
+            fields["revoked_total"] = format(self.revoked_total, "064x")
+        return fields
 
     def seal(self, row_key: bytes) -> bytes:
         """The meta value: the tally and its MAC."""
@@ -257,53 +293,84 @@ class IssuedTally:
         """Read a meta value (IntegrityError if it is not one the controller wrote)."""
         try:
             value = parse_canonical_json(blob)
-            tally = cls(int(value["count"]), int(str(value["total"]), 16))
+            revoked = value.get("revoked")
+            tally = cls(
+                int(value["count"]),
+                int(str(value["total"]), 16),
+                None if revoked is None else int(revoked),
+                int(str(value.get("revoked_total", "0")), 16),
+            )
             ok = row_mac_matches(row_key, "meta", ISSUED_RECORD, tally._fields(), value["mac"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             ok = False
         if not ok:
             raise IntegrityError("the CA's tally of issued certificates failed integrity check")
         return tally
 
 
-async def _audited_count(r: Reader | Transaction) -> int | None:
-    """The count the newest ``cert.issue`` audit record names (None: none names one)."""
+async def _audited(r: Reader | Transaction) -> tuple[int | None, int | None]:
+    """The issued and revoked counts the newest ``cert.issue`` or ``cert.revoke`` audit record
+    names (None: none names one; records from before revocations were tallied name only the
+    first)."""
     row = await r.fetchone(
-        "SELECT details FROM audit WHERE action = 'cert.issue' ORDER BY idx DESC LIMIT 1"
+        "SELECT details FROM audit WHERE action IN ('cert.issue', 'cert.revoke') "
+        "ORDER BY idx DESC LIMIT 1"
     )
     if row is None:
-        return None
-    issued = json.loads(str(row["details"])).get("issued")
-    return None if issued is None else int(issued)
+        return None, None
+    details = json.loads(str(row["details"]))
+    issued, revoked = details.get("issued"), details.get("revoked")
+    return (None if issued is None else int(issued)), (None if revoked is None else int(revoked))
+
+
+_TALLIED = "SELECT serial, revoked_at, revocation_reason FROM certificates"
 
 
 async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) -> IssuedTally:
     """The stored tally, checked against the audit log and, given ``rows`` (every certificate
-    row), against the table (the CRL's check; issuing only bumps the checked tally, so it
-    costs no scan of the table).
+    row), against the table (the CRL's check; issuing and revoking only bump the checked tally,
+    so they cost no scan of the table).
 
     A store from before the tally has none: its rows are taken as they are, once (the first
-    issue stores it), unless the audit log shows a tally existed (then it was deleted)."""
+    issue stores it), unless the audit log shows a tally existed (then it was deleted); a tally
+    from before revocations were tallied takes its revocations from the rows the same way."""
     row_key = r.row_key
     if row_key is None:
         raise SealedError("controller is sealed: cannot check the CA's issued certificates")
     blob = await r.get_meta(ISSUED_RECORD)
-    audited = await _audited_count(r)
+    audited, audited_revoked = await _audited(r)
     if blob is None:
-        if audited is not None:
+        if audited is not None or audited_revoked is not None:
             raise IntegrityError(
                 "the CA's tally of issued certificates was deleted (the audit log counts "
-                f"{audited}): certificate rows may have been deleted"
+                f"{audited or 0}): certificate rows may have been deleted"
             )
-        if rows is None:
-            rows = await r.fetchall("SELECT serial FROM certificates")
-        return IssuedTally.of_rows(rows)
+        return IssuedTally.of_rows(rows if rows is not None else await r.fetchall(_TALLIED))
     stored = IssuedTally.open(row_key, blob)
+    if stored.revoked is None:
+        if audited_revoked is not None:
+            raise IntegrityError(
+                "the CA's tally is older than the revocations the audit log counts: an older "
+                "copy was written back"
+            )
+        revoked = rows
+        if revoked is None:
+            revoked = await r.fetchall(_TALLIED + " WHERE revoked_at IS NOT NULL")
+        tallied = IssuedTally.of_rows(revoked)
+        stored = replace(stored, revoked=tallied.revoked, revoked_total=tallied.revoked_total)
     have = stored if rows is None else IssuedTally.of_rows(rows)
-    if stored != have or (audited is not None and audited != stored.count):
+    if (stored.count, stored.total) != (have.count, have.total) or (
+        audited is not None and audited != stored.count
+    ):
         raise IntegrityError(
             f"certificate rows were deleted: the CA issued {max(stored.count, audited or 0)}, "
             f"the table holds {have.count} (or another set)"
+        )
+    if stored != have or (audited_revoked is not None and audited_revoked != stored.revoked):
+        raise IntegrityError(
+            "a certificate's revocation was undone or its reason changed (an older copy of "
+            f"its row written back): the CA revoked {stored.revoked}, the table holds "
+            f"{have.revoked} (or another set)"
         )
     return stored
 
@@ -571,6 +638,7 @@ class ControllerCA:
                 "fingerprint": info.fingerprint,
                 "public_key_sha256": key_fingerprint,
                 "issued": tally.count,
+                "revoked": tally.revoked,
             },
         )
         return IssuedCertificate(pem, active.issuing.certificate, state.bundle(), info)
@@ -614,15 +682,15 @@ class ControllerCA:
         async with self._store.read() as r:
             state = await self._read(r)
             every = await r.fetchall("SELECT * FROM certificates ORDER BY serial")
+            for row in every:  # an edited row is named as such, before the tally's verdict
+                rowmac.check_certificate(r.row_key, row)
             await _stored_tally(r, every)
         return state, every
 
     async def check_issued(self) -> None:
         """IntegrityError unless every certificate row the CA issued is there, as it wrote it
         (``audit verify`` asks; the CRL checks the same before it lists anything)."""
-        _, every = await self._every_certificate()
-        for row in every:
-            rowmac.check_certificate(self._store.row_key, row)
+        await self._every_certificate()
 
     async def overdue(
         self, keys: Iterable[AnyKey], hosts: Iterable[Host], now: datetime
@@ -757,6 +825,7 @@ async def revoke_certificates(
     )
     rows = _unexpired_checked(tx.row_key, every, now)
     serials = []
+    changes: list[tuple[str, str | None]] = []  # (serial, the reason it was revoked for)
     if reason.is_compromise:
         # A compromise found late reaches the certificates already out of use too: one
         # revoked before for another reason (a suspend, a relabel) takes this reason and
@@ -772,6 +841,7 @@ async def revoke_certificates(
             )
             await rowmac.stamp_certificate(tx, str(row["serial"]))
             serials.append(str(row["serial"]))
+            changes.append((str(row["serial"]), row["revocation_reason"] or ""))
     for row in rows:
         if row["revoked_at"] is not None:
             continue
@@ -785,7 +855,35 @@ async def revoke_certificates(
         )
         await rowmac.stamp_certificate(tx, str(row["serial"]))
         serials.append(str(row["serial"]))
+        changes.append((str(row["serial"]), None))
+    if changes:
+        await _tally_revocations(tx, changes, str(reason), now)
     return tuple(serials)
+
+
+async def _tally_revocations(
+    tx: Transaction, changes: list[tuple[str, str | None]], reason: str, now: datetime
+) -> None:
+    """Bump the CA's tally for certificates just revoked (or whose reason just changed) and
+    audit the count reached, so an older copy of a row (or of the tally) is refused."""
+    tally = await _stored_tally(tx)
+    for serial, was in changes:
+        tally = tally.revoke(serial, reason, was=was)
+    assert tx.row_key is not None  # checked by _stored_tally
+    await tx.set_meta(ISSUED_RECORD, tally.seal(tx.row_key))
+    await audit_log.append(
+        tx,
+        now=now,
+        actor="controller",
+        action="cert.revoke",
+        object="ca",
+        details={
+            "reason": reason,
+            "serials": [s for s, _ in changes],
+            "issued": tally.count,
+            "revoked": tally.revoked,
+        },
+    )
 
 
 def _unexpired_checked(row_key: bytes | None, rows: list[Any], now: datetime) -> list[Any]:
