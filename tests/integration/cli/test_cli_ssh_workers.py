@@ -35,6 +35,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.requirement("PCI-3.7.6")
 async def test_shares_given_to_different_workers_unseal_every_worker(
     tmp_path: Path, local_kafka: LocalKafka, unique_topic: Callable[[str], str]
 ) -> None:

@@ -40,6 +40,7 @@ def _command_line_and_environment(pid: int) -> bytes:
     return b"".join(Path(f"/proc/{pid}/{name}").read_bytes() for name in ("cmdline", "environ"))
 
 
+@pytest.mark.requirement("PCI-3.7.3")
 async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
