@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import os
 import socket
 from collections.abc import Collection
 from datetime import timedelta
@@ -225,10 +226,12 @@ class ControllerSettings(BaseModel):
         """Where Kafka is and how to talk to it: what every controller Kafka client uses."""
         return KafkaLink(self.kafka_bootstrap, self.kafka_security)
 
-    @field_validator("store")
+    @field_validator("store", mode="before")
     @classmethod
-    def _store_location(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _store_location(cls, value: object) -> object:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a file path (as code gives it) names a SQLite file
+        if isinstance(value, str):
             try:
                 parse_store_url(value)
             except ConfigError as exc:

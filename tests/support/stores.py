@@ -48,6 +48,12 @@ class StoreTarget:
     def password(self) -> str | None:
         return None if self.database is None else read_password(self.database.password_file)
 
+    def settings(self) -> dict[str, Any]:
+        """The controller settings that put its store here."""
+        if self.database is None:
+            return {"store": self.location}
+        return {"store": self.location, "store_password_file": self.database.password_file}
+
     async def open(self, **kwargs: Any) -> Store:
         """Open (migrating) the store, as the controller would."""
         return await Store.open(self.location, password=self.password, **kwargs)

@@ -8,13 +8,12 @@ cast approvals, before any custodian had unsealed.
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from ckms.controller.service import Controller
 from ckms.errors import SealedError
 from ckms.ssh import RpcClient, generate_ssh_key, public_key_text
+from tests.support.stores import StoreTarget
 
 pytestmark = pytest.mark.kafka
 
@@ -33,19 +32,18 @@ REFUSED = {
 
 
 async def test_an_operator_row_added_while_sealed_gets_only_status(
-    controller: Controller,
+    controller: Controller, store_target: StoreTarget
 ) -> None:
     c = controller
     assert c.store is not None
     await c.lifecycle.create("web/tls", "aes-256", actor="alice")
     await c.vault.seal(actor="alice")
     mine = generate_ssh_key()
-    with sqlite3.connect(c.store.path, timeout=60) as raw:  # the running controller's own file
-        raw.execute(
-            "INSERT INTO operators(name, role, ssh_public_key, created_at, created_by) "
-            "VALUES ('mallory', 'admin', ?, '2025-01-01T00:00:00Z', 'alice')",
-            (public_key_text(mine),),
-        )
+    await store_target.tamper(  # the running controller's own store, as its owner
+        "INSERT INTO operators(name, role, ssh_public_key, created_at, created_by) "
+        "VALUES ('mallory', 'admin', ?, '2025-01-01T00:00:00Z', 'alice')",
+        params=(public_key_text(mine),),
+    )
     async with RpcClient(
         host="127.0.0.1",
         port=c.port,
