@@ -13,7 +13,10 @@ import pytest
 from ckms._kafka_security import KafkaLink
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller
+from ckms.devpostgres import LocalPostgres
 from ckms.protocol import InstallSpec, Targets
+from ckms.store import audit as audit_log
+from ckms.store import outbox
 from tests.support.cli import Operators, run_cli
 from tests.support.controller import running_controller
 from tests.support.fleet import enroll_agent, running_agent, wait_until
@@ -100,3 +103,32 @@ async def test_a_sqlite_store_copied_to_postgresql_serves_the_fleet(
         report = verified.json()
         assert report["ok"] and report["size"] > copied["audit_size"]
     assert password_file.read_text() not in copy.stdout + copy.stderr + migrate.stdout
+
+
+async def test_a_running_controller_survives_a_postgresql_crash(
+    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
+) -> None:
+    # Its own server: crashing the session's would break every other test's database.
+    async with LocalPostgres() as server:
+        settings = {"store": server.url, "store_password_file": server.password_file}
+        topics = (unique_topic("events"), unique_topic("fleet"))
+        async with running_controller(
+            tmp_path / "home", controller_kafka, *topics, **settings
+        ) as c:
+            await c.lifecycle.create("app/db", "aes-256", actor="alice")
+            await server.restart(kill=True)  # every server process killed at once
+            # The next operations reconnect: nothing to restart on the controller's side.
+            rotated = await c.lifecycle.rotate("app/db", actor="alice")
+            assert rotated.version == 2
+            assert [v.version for v in (await c.lifecycle.get("app/db")).versions] == [1, 2]
+            await wait_until(lambda: _no_backlog(c), what="the rotation's event published")
+            assert c.store is not None
+            records = await audit_log.load_records(c.store)
+            assert [r.action for r in records].count("key.rotate") == 1
+            public = await c.vault.public_key()
+            assert (await audit_log.verify_store(c.store, public)).ok
+
+
+async def _no_backlog(c: Controller) -> bool:
+    assert c.store is not None
+    return not await outbox.pending_events(c.store)

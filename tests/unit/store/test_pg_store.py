@@ -27,6 +27,7 @@ def pg(postgres_database: PostgresDatabase) -> StoreTarget:
     return StoreTarget.postgresql(postgres_database)
 
 
+@pytest.mark.requirement("SP800-130-AUDIT")
 async def test_two_stores_appending_at_once_never_fork_the_chain(
     pg: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
