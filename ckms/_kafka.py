@@ -9,6 +9,13 @@ idempotent producer (``acks=all``), tells the queue which prefix the broker conf
 goes again, in order), and on any failure closes the producer and retries after a jittered
 :class:`~ckms._backoff.Backoff`. A crash between the broker's confirmation and the queue's
 deletion sends a message twice; readers drop the duplicate by ``seq``.
+
+A relay given a ``transactional_id`` (the outbox of controller replicas) sends each batch in
+one Kafka transaction instead. Every replica uses the same id, so the producer a new leader
+starts fences every older one (Kafka bumps the id's epoch, aborts its open transaction and
+refuses its commits), and the queue's hooks (:class:`TransactionalSource`) check leadership
+before a producer starts and before each commit, and learn what the topic already holds
+after a producer started (a batch committed by a leader that died before marking it).
 """
 
 from __future__ import annotations
@@ -183,6 +190,20 @@ class RelaySource(Protocol):
         ...
 
 
+class TransactionalSource(RelaySource, Protocol):
+    """A queue relayed in Kafka transactions (see the module docstring)."""
+
+    async def may_send(self) -> None:
+        """Raise (a CKMSError) unless this process may still publish the queue: called before
+        a producer starts and before each transaction commits, after its messages are sent."""
+        ...
+
+    async def started(self, kafka: KafkaLink, topic: str) -> None:
+        """A producer has just fenced every older one: what is on the topic now is final,
+        so confirm the messages it already holds."""
+        ...
+
+
 @dataclass
 class RelayStats:
     """What a relay did, for ``ckms status``, metrics and tests."""
@@ -198,6 +219,9 @@ class ProducerSettings:
     """How a relay's idempotent producer talks to Kafka."""
 
     client_id: str
+    transactional_id: str | None = None
+    """Send each batch in one transaction under this id (the source must be a
+    :class:`TransactionalSource`); None: an idempotent producer without transactions."""
     linger_ms: int = 0
     request_timeout_ms: int = 15000
     max_request_size: int = 1 << 20
@@ -278,7 +302,15 @@ class Relay:
         batch = await self.source.pending(self.batch_size)
         if not batch:
             return 0
+        if self._producer is None and self.producer.transactional_id is not None:
+            # A new producer first confirms what the topic already holds: read after it.
+            await self._ensure_producer()
+            batch = await self.source.pending(self.batch_size)
+            if not batch:
+                return 0
         producer = await self._ensure_producer()
+        if self.producer.transactional_id is not None:
+            return await self._publish_transaction(producer, batch)
         with kafka_errors(f"sending to {self.topic}"):
             futures = [
                 await producer.send(
@@ -307,6 +339,48 @@ class Relay:
             ) from error
         return len(confirmed)
 
+    async def _publish_transaction(
+        self, producer: AIOKafkaProducer, batch: Sequence[Outgoing]
+    ) -> int:
+        """Send ``batch`` in one transaction: all of it is confirmed, or none."""
+        source: TransactionalSource = self.source  # type: ignore[assignment]
+        committed = False
+        try:
+            with kafka_errors(f"sending to {self.topic}"):
+                await producer.begin_transaction()
+                futures = [
+                    await producer.send(
+                        m.topic or self.topic, m.value, key=m.key, headers=list(m.headers)
+                    )
+                    for m in batch
+                ]
+            for error in await wait_delivered(futures, self.delivery_timeout_s):
+                if error is not None:
+                    raise KafkaUnavailableError(
+                        f"Kafka did not take a transaction of {len(batch)} message(s) to "
+                        f"{self.topic}: {type(error).__name__}: {error}"
+                    ) from error
+            # The last word before the commit: a leader that lost its lease meanwhile stops
+            # here; one that loses it after this is fenced by the next leader's producer.
+            await source.may_send()
+            with kafka_errors(f"committing a transaction to {self.topic}"):
+                async with asyncio.timeout(self.delivery_timeout_s):
+                    await producer.commit_transaction()
+            committed = True
+        except TimeoutError:
+            raise KafkaUnavailableError(
+                f"Kafka did not commit a transaction to {self.topic} within "
+                f"{self.delivery_timeout_s:.0f} s"
+            ) from None
+        finally:
+            if not committed:
+                await self._close_producer()  # aborts: the next producer's start does
+        idents = [m.ident for m in batch]
+        await self.source.confirmed(idents)
+        self.stats.published += len(idents)
+        log.debug("relayed %d message(s) to %s up to %d", len(idents), self.topic, idents[-1])
+        return len(idents)
+
     async def _failed(self, exc: CKMSError) -> None:
         self.stats.failures += 1
         self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -322,11 +396,15 @@ class Relay:
         if self.topics:
             await ensure_topics(self.kafka, self.topics)
         settings = self.producer
+        transactional = settings.transactional_id is not None
+        if transactional:
+            await self.source.may_send()  # type: ignore[attr-defined]
         producer = AIOKafkaProducer(
             **self.kafka.client_args(),
             client_id=settings.client_id,
             acks="all",
             enable_idempotence=True,
+            **({"transactional_id": settings.transactional_id} if transactional else {}),
             linger_ms=settings.linger_ms,
             request_timeout_ms=settings.request_timeout_ms,
             max_request_size=settings.max_request_size,
@@ -339,6 +417,12 @@ class Relay:
                 await producer.stop()
             raise
         self._producer = producer
+        if transactional:
+            try:
+                await self.source.started(self.kafka, self.topic)  # type: ignore[attr-defined]
+            except BaseException:
+                await self._close_producer()
+                raise
         self.stats.connected = True
         log.info("relay to %s connected to %s", self.topic, self.kafka)
         return producer
@@ -350,11 +434,17 @@ class Relay:
 
 
 async def read_tails(
-    kafka: KafkaLink, topic: str, per_partition: int = 1, timeout_s: float = 30.0
+    kafka: KafkaLink,
+    topic: str,
+    per_partition: int = 1,
+    timeout_s: float = 30.0,
+    *,
+    committed: bool = False,
 ) -> list[tuple[bytes | None, list[tuple[str, bytes]]]]:
     """(value, headers) of the last ``per_partition`` records of every partition of ``topic``,
     without a consumer group and without reading the rest of the topic; KafkaUnavailableError
-    if Kafka cannot say within ``timeout_s``."""
+    if Kafka cannot say within ``timeout_s``. ``committed``: only records of committed
+    transactions (and those sent without one); aborted ones are skipped."""
     parts = await partitions_of(kafka, topic, wait_s=timeout_s)
     bootstrap = kafka.bootstrap
     consumer = AIOKafkaConsumer(
@@ -362,6 +452,7 @@ async def read_tails(
         group_id=None,
         enable_auto_commit=False,
         client_id="ckms-read-tails",
+        isolation_level="read_committed" if committed else "read_uncommitted",
     )
     try:
         await consumer.start()

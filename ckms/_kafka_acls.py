@@ -4,7 +4,8 @@ Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPA
 
 - ``User:ckms-controller`` writes the events, fleet and audit topics, reads the audit anchor
   and the events topic (a restore continues the sequence after the newest event it signed),
-  and creates the three topics;
+  and creates the three topics; it also uses the outbox publisher's transactional id
+  (``ckms-outbox-<events topic>``: replicas fence each other's producers with it);
 - ``User:ckms-agent`` reads events — nothing else (acks go over the agent's SSH connection);
 - ``User:ckms-subscriber`` reads events and the fleet topic (``fleet.acked``: the hosts' acks
   the controller applied, signed by it);
@@ -35,6 +36,7 @@ __all__ = [
     "AclBinding",
     "ckms_acls",
     "create_acls",
+    "outbox_transactional_id",
 ]
 
 CONTROLLER: Final = "User:ckms-controller"
@@ -60,17 +62,26 @@ class Pattern(IntEnum):
 
 
 _TOPIC: Final = 2  # ResourceType.TOPIC
+_TRANSACTIONAL_ID: Final = 5  # ResourceType.TRANSACTIONAL_ID
 _ALLOW: Final = 3  # AclPermissionType.ALLOW
 
 
 @dataclass(frozen=True)
 class AclBinding:
-    """One allow rule: ``principal`` may ``operation`` on topic ``topic`` (from any host)."""
+    """One allow rule: ``principal`` may ``operation`` on topic ``topic`` (from any host), or
+    on the transactional id ``topic`` names when ``resource`` says so."""
 
     principal: str
     operation: Operation
     topic: str
     pattern: Pattern = Pattern.LITERAL
+    resource: int = _TOPIC
+
+
+def outbox_transactional_id(events_topic: str) -> str:
+    """The Kafka transactional id of the outbox publisher of ``events_topic``: the same on every
+    replica, which is what fences an old leader's producer (``ckms.controller.publisher``)."""
+    return f"ckms-outbox-{events_topic}"
 
 
 def ckms_acls(
@@ -93,11 +104,15 @@ def ckms_acls(
             fleet: (Operation.READ, Operation.DESCRIBE),
         },
     }
+    outbox = outbox_transactional_id(events)
     return [
         AclBinding(principal, op, topic, pattern)
         for principal, topics in grants.items()
         for topic, ops in topics.items()
         for op in ops
+    ] + [
+        AclBinding(CONTROLLER, op, outbox, pattern, _TRANSACTIONAL_ID)
+        for op in (Operation.WRITE, Operation.DESCRIBE)
     ]
 
 
@@ -115,7 +130,7 @@ async def create_acls(link: KafkaLink, bindings: list[AclBinding]) -> None:
         node = client.get_random_node()
         for b in bindings:
             request = CreateAclsRequest(
-                _TOPIC, b.topic, int(b.pattern), b.principal, "*", int(b.operation), _ALLOW
+                b.resource, b.topic, int(b.pattern), b.principal, "*", int(b.operation), _ALLOW
             )
             response = await client.send(node, request)
             for code, message in response.creation_responses:
@@ -130,4 +145,3 @@ async def create_acls(link: KafkaLink, bindings: list[AclBinding]) -> None:
         raise KafkaUnavailableError(f"Kafka at {link} is unreachable: {exc}") from exc
     finally:
         await client.close()
-

@@ -268,6 +268,9 @@ class Subscriber:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset=self._start,
+            # The controller publishes in Kafka transactions (a new leader fences the old one's
+            # producer): records of an aborted one are never events.
+            isolation_level="read_committed",
             fetch_max_wait_ms=self._fetch_max_wait_ms,
             # A long poll is a request in flight: its timeout must outlast the wait.
             request_timeout_ms=max(40_000, self._fetch_max_wait_ms + 10_000),

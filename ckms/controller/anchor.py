@@ -186,6 +186,11 @@ class AuditAnchor:
                 self._fail(str(exc))
                 raise
             self.last = audit_log.Anchor.of(cp)
+        log.info(
+            "audit checkpoint signed at size %d%s",
+            cp.size,
+            "" if fence is None else f" (leader epoch {fence.epoch})",
+        )
         await self.publish()
         return cp
 

@@ -120,7 +120,9 @@ class LeaderLease:
                         await self._step_down("a new term began")
                         self._start(state, lead)
                 elif self.fence is not None:
-                    if state is not None:
+                    if state is not None and state.holder == self.incarnation:
+                        await self._step_down("this replica was sealed (lease given up)")
+                    elif state is not None:
                         await self._step_down(
                             f"replica {state.holder_name} holds the lease (epoch {state.epoch})"
                         )

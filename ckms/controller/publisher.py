@@ -10,24 +10,52 @@ read), in the one sequence. While Kafka is down, the controller keeps
 working and the outbox grows; the relay retries with a jittered backoff and then sends
 everything, in order.
 
-If the process dies after the broker stored an event but before the row was marked, the event
-is sent again with the same ``id`` and ``seq``: consumers drop it as a replay (``seq`` not newer
-than what they applied), so each event is applied once.
+Each batch is one Kafka transaction under one transactional id shared by every replica
+(:func:`transactional_id`): the producer a new leader starts fences the old leader's, which can
+then commit nothing, and whatever is committed on the topic at that moment is final. So a new
+producer first reads the committed tail of the topic and marks the events already there as
+sent (a leader that died, or froze, between Kafka's commit and its own mark), and continues
+after them: each event is on the topic once, in order, for readers of committed records
+(``ckms.consumer`` reads so). Before its producer starts and before each commit, the publisher
+checks in the store, under the leader fence, that its replica still leads
+(:mod:`ckms.controller.leader`). The window left: a leader that passed that check and froze
+before its commit resumes after the next leader took the lease but before that leader's
+producer started; its commit of that one batch, events already committed in the store and
+next in sequence, still lands, and the next leader continues after it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from ckms._backoff import Backoff
-from ckms._kafka import Outgoing, ProducerSettings, Relay, RelayStats, TopicSpec
+from ckms._kafka import Outgoing, ProducerSettings, Relay, RelayStats, TopicSpec, read_tails
+from ckms._kafka_acls import outbox_transactional_id
 from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
-from ckms.protocol import FLEET_TOPIC, EventType, envelope_dict, sign_envelope_with
+from ckms.protocol import (
+    FLEET_TOPIC,
+    EventType,
+    MessageRejected,
+    envelope_dict,
+    sign_envelope_with,
+    verify_message,
+)
 from ckms.store import Clock, Store, outbox, utc_now
 
-__all__ = ["OutboxPublisher", "PublisherStats"]
+__all__ = ["OutboxPublisher", "PublisherStats", "transactional_id"]
+
+log = logging.getLogger(__name__)
+
+_TAIL = 2048
+"""Records read back from the end of each events partition when a producer starts: the last
+committed batch (at most ``batch_size`` events and its marker) is among them even behind a few
+aborted ones."""
+
+
+transactional_id = outbox_transactional_id
 
 PublisherStats = RelayStats
 """What the publisher did, for ``ckms status`` and tests."""
@@ -64,6 +92,36 @@ class _SignedOutbox:
     async def confirmed(self, idents: Sequence[int]) -> None:
         await outbox.mark_sent(self._store, list(idents), now=self._clock())
 
+    async def may_send(self) -> None:
+        # A write transaction that does nothing but pass the leader fence (Store.write).
+        async with self._store.write():
+            pass
+
+    async def started(self, kafka: KafkaLink, topic: str) -> None:
+        """Mark sent what the topics already hold, committed and signed by this controller
+        (the events and the fleet topic share the one sequence and its transactions)."""
+        public = await self._vault.public_key()
+        kid = signer_key_id(public)
+        tails = []
+        for name in dict.fromkeys((topic, self._fleet_topic)):
+            tails += await read_tails(kafka, name, per_partition=_TAIL, committed=True)
+        newest = 0
+        for value, headers in tails:
+            try:
+                newest = max(newest, verify_message(value, headers, {kid: public}).seq)
+            except MessageRejected:
+                continue
+        if newest:
+            marked = await outbox.mark_sent_through(self._store, newest, now=self._clock())
+            if marked:
+                log.info(
+                    "%d event(s) up to seq %d were on %s already (committed by an earlier "
+                    "leader that did not mark them): marked sent, not sent again",
+                    marked,
+                    newest,
+                    topic,
+                )
+
 
 class OutboxPublisher(Relay):
     """``run()`` relays the outbox to ``topic`` until cancelled; ``wake()`` after a commit."""
@@ -87,7 +145,11 @@ class OutboxPublisher(Relay):
             _SignedOutbox(store, vault, clock, fleet_topic),
             kafka=kafka,
             topic=topic,
-            producer=ProducerSettings(client_id="ckms-controller-outbox", linger_ms=2),
+            producer=ProducerSettings(
+                client_id="ckms-controller-outbox",
+                transactional_id=transactional_id(topic),
+                linger_ms=2,
+            ),
             backoff=Backoff(0.5, backoff_max_s),
             batch_size=batch_size,
             poll_s=poll_s,

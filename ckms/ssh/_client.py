@@ -21,6 +21,8 @@ is skipped for a jittered backoff (:mod:`ckms._backoff`) while another answers, 
 after it, so a replica that returns is used again. A request whose connection broke is sent
 again on another replica only when that cannot apply it twice: it never reached the server (the
 channel did not open), or its method is in :data:`~ckms.protocol._rpc.IDEMPOTENT_METHODS`.
+A replica that answers "sealed" (it refused before changing anything) is skipped the same way,
+so agents and operators reach an unsealed replica while another waits for its custodians.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from typing import Any
 import asyncssh
 
 from ckms._backoff import Backoff
-from ckms.errors import CKMSError, ConfigError, RequestTimeoutError, TransportError
+from ckms.errors import (
+    CKMSError,
+    ConfigError,
+    RequestTimeoutError,
+    SealedError,
+    TransportError,
+)
 from ckms.protocol._rpc import IDEMPOTENT_METHODS, MAX_REPLY_BYTES, format_request, parse_reply
 from ckms.ssh._channel import ChannelClient, NotSent
 
@@ -117,6 +125,9 @@ def parse_endpoints(value: str | Sequence[str]) -> tuple[Endpoint, ...]:
         raise ConfigError("no controller address given")
     return tuple(out)
 
+
+REPLICA_BOUND = frozenset({"unseal", "seal"})
+"""Methods about the replica that answers (its own seal): never moved to another one."""
 
 _NotSent = NotSent
 
@@ -363,7 +374,18 @@ class RpcClient:
                 raise TransportError(f"{method} to {endpoint} failed: {reason}{maybe}") from None
             if not stdout:
                 raise TransportError(f"{method} to {endpoint} got no reply (exit {exit_status})")
-            return parse_reply(stdout)
+            try:
+                return parse_reply(stdout)
+            except SealedError:
+                # A sealed replica refused before it changed anything (what needs the KEK
+                # fails inside its transaction): another, unsealed one may serve it.
+                attempts -= 1
+                if attempts <= 0 or len(self.endpoints) == 1 or method in REPLICA_BOUND:
+                    raise
+                log.info("%s: controller %s is sealed; trying another replica", method, endpoint)
+                self._retry_at[self._current] = time.monotonic() + self._retry[self._current].next()
+                await self._drop(conn)
+                self._current = (self._current + 1) % len(self.endpoints)
 
     async def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
         """Close ``conn`` if it is still the current connection."""

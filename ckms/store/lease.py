@@ -123,6 +123,14 @@ async def acquire(
                 f"the leader lease row holds epoch {epoch}, which no replica wrote: restore "
                 "the store or reset the lease row"
             )
+        if holder == beat.incarnation and not want:
+            # Giving it up (sealed while leading): the others may take it at their next round.
+            await tx.execute(
+                "UPDATE leader_lease SET expires_at = ? WHERE name = ? AND holder = ? "
+                "AND epoch = ?",
+                (format_time(now), LEASE, holder, epoch),
+            )
+            return LeaseState(holder, beat.name, epoch, now, False)
         if holder == beat.incarnation and want:
             await tx.execute(
                 "UPDATE leader_lease SET expires_at = ? WHERE name = ? AND holder = ? "

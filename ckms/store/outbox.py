@@ -229,3 +229,13 @@ async def mark_sent(store: Store, seqs: list[int], *, now: datetime) -> int:
             f"UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL AND seq IN ({marks})",  # noqa: S608
             (format_time(now), *seqs),
         )
+
+
+async def mark_sent_through(store: Store, seq: int, *, now: datetime) -> int:
+    """Mark every unsent event up to ``seq`` as delivered (they are on the topic already);
+    return how many rows changed."""
+    async with store.write() as tx:
+        return await tx.execute(
+            "UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL AND seq <= ?",
+            (format_time(now), seq),
+        )

@@ -111,6 +111,9 @@ func Run(ctx context.Context, cfg Config, v *Verifier, h Handler) error {
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.ClientID("ckms-go-consumer"),
 		kgo.FetchMaxWait(cfg.PollWait),
+		// The controller publishes in Kafka transactions: an aborted one's records are not
+		// events (docs/events.md section 8).
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 		// Larger than the message bound, so an oversized record is fetched and dropped
 		// instead of blocking its partition.
 		kgo.FetchMaxPartitionBytes(1 << 20),

@@ -34,6 +34,9 @@ from tests.support.controller import PASSPHRASE
 from tests.support.kafka import controller_kafka_settings
 
 HOLD_ENV = "CKMS_FAULT_HOLD_OUTBOX"
+REPLICA_ENV = "CKMS_FAULT_REPLICA"
+"""Replicas: JSON of extra controller settings (``store``, ``replica_name``, ``leader_lease_s``,
+``audit_topic``), so several of these processes share one store."""
 KAFKA_SECURITY_ENV = "CKMS_FAULT_KAFKA_SECURITY"
 """The controller's Kafka TLS settings (file paths, as JSON): no secret, only where files are."""
 
@@ -80,6 +83,7 @@ async def main(home: Path, bootstrap: str, events: str, fleet: str, port: int) -
             events_topic=events,
             fleet_topic=fleet,
             replication=3,
+            **json.loads(os.environ.get(REPLICA_ENV, "{}")),
         )
     )
     await controller.open()

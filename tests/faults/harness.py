@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +51,7 @@ from ckms.controller.service import Controller
 from ckms.crypto import SubjectRole, material_digest
 from ckms.devkafka import DevCA, LocalKafka
 from ckms.protocol import EventType, trust_keys, verify_message
+from ckms.ssh import Endpoint
 from ckms.store import Store
 from ckms.store import audit as audit_log
 from ckms_agent.daemon import Agent
@@ -145,13 +146,14 @@ async def enroll_host(
     name: str,
     labels: dict[str, str],
     ca: DevCA,
+    more_ports: Sequence[int] = (),
 ) -> Host:
-    """Create a token and enroll a real agent with it over SSH (the controller may be remote)."""
+    """Create a token and enroll a real agent with it over SSH (the controller may be remote);
+    ``more_ports``: other replicas the agent knows too."""
     token = await hosts.create_token(name, labels, actor="alice")
     config = base / name / "agent.toml"
     await enroll(
-        controller_host="127.0.0.1",
-        controller_port=port,
+        controllers=[Endpoint("127.0.0.1", p) for p in (port, *more_ports)],
         token=token.token,
         host_key_fingerprint=fingerprint,
         state_dir=base / name / "state",
@@ -334,7 +336,8 @@ def process_state(pid: int) -> str:
 
 
 async def read_topic(kafka: KafkaLink, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``topic`` up to its current end (bounded)."""
+    """Every record of ``topic`` up to its current end (bounded), as readers of committed
+    records see it (the controller publishes in Kafka transactions; agents read so)."""
 
     async def read() -> list[ConsumerRecord[bytes, bytes]]:
         parts = await partitions_of(kafka, topic)
@@ -343,6 +346,7 @@ async def read_topic(kafka: KafkaLink, topic: str) -> list[ConsumerRecord[bytes,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # assign() resets too: never to the end
+            isolation_level="read_committed",
         )
         await consumer.start()
         try:
@@ -541,9 +545,7 @@ async def fleet_acked(view: ControllerView) -> list[dict[str, Any]]:
     trust = trust_keys([view.public_key])
     seen: dict[str, dict[str, Any]] = {}
     for record in await read_topic(view.reader, view.fleet_topic):
-        checked = verify_message(
-            record.value, record.headers, trust, types={EventType.FLEET_ACKED}
-        )
+        checked = verify_message(record.value, record.headers, trust, types={EventType.FLEET_ACKED})
         seen.setdefault(checked.id, envelope(record))
     return list(seen.values())
 
@@ -680,9 +682,7 @@ async def assert_fleet_invariants(
     outbox_rows = [r for r in all_rows if r["type"] != "fleet.acked"]
     audited = {int(r.details["event_seq"]) for r in records if "event_seq" in r.details}
     assert audited == {int(r["seq"]) for r in outbox_rows}, "outbox rows and audit disagree"
-    on_topic = Counter(
-        envelope(r)["id"] for r in await read_topic(view.reader, view.events_topic)
-    )
+    on_topic = Counter(envelope(r)["id"] for r in await read_topic(view.reader, view.events_topic))
     missing = [r["seq"] for r in outbox_rows if on_topic[r["event_id"]] == 0]
     assert not missing, f"outbox rows {missing} never reached {view.events_topic}"
     fleet_ids = {e["id"] for e in await fleet_acked(view)}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ckms._kafka_security import KafkaProtocol
 from ckms.controller.service import Controller
-from ckms.ssh import RpcClient
+from ckms.ssh import Endpoint, RpcClient
 from ckms_agent.config import AgentConfig, load_config
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
@@ -81,16 +81,19 @@ async def running_agent(config_path: Path, **env: str) -> AsyncIterator[Agent]:
 
 @contextlib.asynccontextmanager
 async def host_rpc(
-    controller: Controller, config_path: Path, *, channel: bool = True
+    controller: Controller,
+    config_path: Path,
+    *,
+    channel: bool = True,
+    also: Sequence[Controller] = (),
 ) -> AsyncIterator[RpcClient]:
     """An RPC connection to ``controller`` as the host enrolled with ``config_path`` (its keys),
     with its requests on one framed channel as the agent sends them (``channel=False``: an
-    exec channel each, as OpenSSH's ssh would)."""
+    exec channel each, as OpenSSH's ssh would); ``also``: other replicas it may fail over to."""
     cfg = agent_config(config_path)
     keys = load_keys(cfg.identity_key_path, cfg.wrapping_key_path, cfg.wrap_suite)
     async with RpcClient(
-        host="127.0.0.1",
-        port=controller.port,
+        endpoints=[Endpoint("127.0.0.1", c.port) for c in (controller, *also)],
         username=cfg.host_id,
         client_key=keys.ssh_key(),
         host_key_fingerprint=controller.host_key_fingerprint,

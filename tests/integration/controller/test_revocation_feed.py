@@ -78,11 +78,13 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
         **settings.kafka.client_args(acks="all", max_request_size=1 << 20)
     )
     await producer.start()
+    offsets: list[int] = []  # not revoked.offset + 1...: the controller's transaction markers
     try:
         for _reason, value, headers in attacks:
-            await producer.send_and_wait(
+            sent = await producer.send_and_wait(
                 topic, value, key=revoked.key, headers=headers, partition=revoked.partition
             )
+            offsets.append(sent.offset)
     finally:
         await producer.stop()
     # One more real revocation after the attacks: both must still be reading.
@@ -126,9 +128,8 @@ async def test_a_real_rotation_and_revocation_reach_both_consumers_and_attacks_r
     assert sum(line.startswith("ROTATED") for line in go_lines) == 2
     assert "REVOKED key=payments/db version=1" in capsys.readouterr().out
     # Both refused each attack, for the same reason, at the same offset.
-    base = revoked.offset + 1
-    for i, (reason, _value, _headers) in enumerate(attacks):
-        where = f"partition={revoked.partition} offset={base + i} reason={reason}"
+    for offset, (reason, _value, _headers) in zip(offsets, attacks, strict=True):
+        where = f"partition={revoked.partition} offset={offset} reason={reason}"
         assert any(where in line for line in python_drops), (where, python_drops)
         assert any(where in line for line in go_drops), (where, go_drops)
     assert len(python_drops) == len(go_drops) == len(attacks)

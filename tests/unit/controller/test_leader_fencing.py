@@ -15,59 +15,29 @@ from pathlib import Path
 
 import pytest
 
-from ckms._kafka_security import KafkaProtocol
 from ckms.controller.models import Policy
-from ckms.controller.sealing import init_controller
-from ckms.controller.service import Controller, ControllerSettings
+from ckms.controller.service import Controller
 from ckms.errors import NotLeaderError
 from ckms.store import audit as audit_log
 from ckms.store import lease as leases
 from ckms.store import outbox
-from tests.support.controller import PASSPHRASE
+from tests.support.replicas import open_replica, take_lease
 from tests.unit.controller.conftest import FakeClock
 
 DAY = timedelta(days=1)
 TTL = 10.0
 
 
-async def _replica(home: Path, store: Path, clock: FakeClock, name: str) -> Controller:
-    c = Controller(
-        ControllerSettings(
-            home=home,
-            store=store,
-            kafka_bootstrap="127.0.0.1:9",
-            kafka_security_protocol=KafkaProtocol.PLAINTEXT,
-            replica_name=name,
-            leader_lease_s=TTL,
-        ),
-        clock=clock,
-    )
-    await c.open()
-    assert c.store is not None
-    if not (await c.vault.status()).initialized:
-        await init_controller(c.store, passphrase=PASSPHRASE)
-    await c.vault.unseal_with_passphrase(PASSPHRASE)
-    return c
-
-
 @pytest.fixture
 async def replicas(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Controller, ...]]:
     store = tmp_path / "controller.db"
-    a = await _replica(tmp_path / "a", store, clock, "ctl-a")
-    b = await _replica(tmp_path / "b", store, clock, "ctl-b")
+    a = await open_replica(tmp_path / "a", store, clock, "ctl-a", lease_s=TTL)
+    b = await open_replica(tmp_path / "b", store, clock, "ctl-b", lease_s=TTL)
     try:
         yield a, b
     finally:
         await a.close()
         await b.close()
-
-
-async def _lead(c: Controller) -> leases.Fence:
-    state = await c.leader._round()
-    assert state is not None and state.mine
-    fence = leases.Fence(c.leader.incarnation, state.epoch)
-    c.leader.fence = fence  # what the running lease does when it starts the leader work
-    return fence
 
 
 async def test_a_paused_leader_cannot_publish_rotate_or_sign_after_a_takeover(
@@ -81,7 +51,7 @@ async def test_a_paused_leader_cannot_publish_rotate_or_sign_after_a_takeover(
         policy=Policy(cryptoperiod=30 * DAY, grace=DAY, activation_delay=timedelta(0)),
         actor="alice",
     )
-    fence_a = await _lead(a)
+    fence_a = await take_lease(a)
     assert fence_a.epoch == 1
     # B is a follower while A's lease runs.
     state = await b.leader._round()
@@ -89,7 +59,7 @@ async def test_a_paused_leader_cannot_publish_rotate_or_sign_after_a_takeover(
 
     # A freezes; its lease expires; B takes over with a higher epoch (the fencing token).
     clock.advance(seconds=TTL + 1)
-    fence_b = await _lead(b)
+    fence_b = await take_lease(b)
     assert fence_b.epoch == 2
 
     # A wakes up, still believing it leads, with a rotation due and an event to mark sent.
@@ -161,7 +131,6 @@ async def test_a_sealed_replica_never_takes_the_lease(
     assert rows["ctl-a"].sealed and not rows["ctl-b"].sealed
 
 
-
 async def test_a_lease_row_edited_to_last_for_ever_is_taken_over(
     replicas: tuple[Controller, Controller], clock: FakeClock
 ) -> None:
@@ -171,7 +140,7 @@ async def test_a_lease_row_edited_to_last_for_ever_is_taken_over(
     (now + ttl) is taken over as an expired one."""
     a, b = replicas
     assert a.store is not None
-    assert (await _lead(a)).epoch == 1
+    assert (await take_lease(a)).epoch == 1
     async with a.store.write() as tx:
         await tx.execute(
             "UPDATE leader_lease SET holder = 'forged', expires_at = '2999-01-01T00:00:00Z'"
@@ -193,9 +162,21 @@ async def test_a_lease_row_edited_to_the_last_epoch_is_refused_without_crashing_
     replica keeps serving), not an overflow that ends the lease task and the controller."""
     a, b = replicas
     assert a.store is not None
-    await _lead(a)
+    await take_lease(a)
     async with a.store.write() as tx:
         await tx.execute("UPDATE leader_lease SET epoch = 9223372036854775807")
     clock.advance(seconds=TTL + 1)
     assert await b.leader._round() is None
     assert "no replica wrote" in caplog.text
+
+
+async def test_a_leader_that_is_sealed_gives_the_lease_up_at_once(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    a, b = replicas
+    assert (await take_lease(a)).epoch == 1
+    await a.vault.seal()
+    given_up = await a.leader._round()
+    assert given_up is not None and not given_up.mine
+    taken = await b.leader._round()  # no expiry to wait for
+    assert taken is not None and taken.mine and taken.epoch == 2

@@ -1,0 +1,149 @@
+"""Kafka is fenced too: an old leader publishes nothing after a new leader's producer started,
+and an event committed to Kafka but not marked sent is not published again (real Kafka).
+
+Two replicas on one SQLite file, opened but not run (tests/support/replicas): the test moves
+their clock and calls their publishers itself, so the interleavings are exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ckms._kafka import partitions_of
+from ckms._kafka_security import KafkaLink
+from ckms.controller.service import Controller
+from ckms.crypto import SubjectRole
+from ckms.devkafka import LocalKafka
+from ckms.errors import CKMSError, NotLeaderError
+from ckms.store import lease as leases
+from ckms.store import outbox
+from tests.support.replicas import open_replica, take_lease
+from tests.unit.controller.conftest import FakeClock
+
+pytestmark = pytest.mark.kafka
+
+TTL = 10.0
+
+
+async def committed_seqs(kafka: KafkaLink, topic: str) -> list[int]:
+    """Every event ``seq`` on the topic, as a reader of committed records sees it."""
+    parts = await partitions_of(kafka, topic)
+    consumer = AIOKafkaConsumer(
+        **kafka.client_args(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[int] = []
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(json.loads(r.value)["seq"] for r in batch)
+        return out
+    finally:
+        await consumer.stop()
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path,
+    controller_kafka: KafkaLink,
+    unique_topic: Callable[[str], str],
+) -> AsyncIterator[tuple[Controller, Controller, FakeClock]]:
+    clock = FakeClock()
+    topics: dict[str, Any] = {
+        "events_topic": unique_topic("events"),
+        "acks_topic": unique_topic("acks"),
+        "audit_topic": unique_topic("audit"),
+    }
+    store = tmp_path / "controller.db"
+    a = await open_replica(
+        tmp_path / "a", store, clock, "ctl-a", kafka=controller_kafka, lease_s=TTL, **topics
+    )
+    b = await open_replica(
+        tmp_path / "b", store, clock, "ctl-b", kafka=controller_kafka, lease_s=TTL, **topics
+    )
+    try:
+        yield a, b, clock
+    finally:
+        for c in (a, b):
+            await c.publisher._close_producer()
+            await c.close()
+
+
+def reader(local_kafka: LocalKafka) -> KafkaLink:
+    return local_kafka.link(SubjectRole.SUBSCRIBER, "fencing-reader")
+
+
+async def test_an_old_leader_publishes_nothing_once_the_new_one_started(
+    replicas: tuple[Controller, Controller, FakeClock], local_kafka: LocalKafka
+) -> None:
+    a, b, clock = replicas
+    assert a.store is not None
+    topic = a.settings.events_topic
+    fence_a = await take_lease(a)
+    await a.lifecycle.create("app/one", "aes-256", actor="alice")
+    with leases.fenced(fence_a):
+        assert await a.publisher.publish_pending() == 1
+
+    # A freezes past its lease; B takes over and publishes what was committed meanwhile.
+    await b.lifecycle.create("app/two", "aes-256", actor="alice")
+    clock.advance(seconds=TTL + 1)
+    fence_b = await take_lease(b)
+    with leases.fenced(fence_b):
+        assert await b.publisher.publish_pending() == 1
+
+    # A wakes up with its producer still open and new events in the store to publish.
+    await a.lifecycle.create("app/three", "aes-256", actor="alice")
+    before = await committed_seqs(reader(local_kafka), topic)
+    with leases.fenced(fence_a), pytest.raises(CKMSError):
+        await a.publisher.publish_pending()  # its producer was fenced by B's, or its lease check
+    with leases.fenced(fence_a), pytest.raises(NotLeaderError):
+        await a.publisher.publish_pending()  # again, with a new producer: refused before it starts
+    assert fence_a.lost.is_set()  # the lease task steps down at once
+    assert await committed_seqs(reader(local_kafka), topic) == before == [1, 2]
+
+    # The leader publishes it, once.
+    with leases.fenced(fence_b):
+        assert await b.publisher.publish_pending() == 1
+    assert await committed_seqs(reader(local_kafka), topic) == [1, 2, 3]
+    assert await outbox.pending_events(a.store) == []
+
+
+async def test_an_event_committed_to_kafka_but_not_marked_is_not_published_again(
+    replicas: tuple[Controller, Controller, FakeClock], local_kafka: LocalKafka
+) -> None:
+    a, b, clock = replicas
+    assert a.store is not None
+    topic = a.settings.events_topic
+    fence_a = await take_lease(a)
+    for name in ("app/one", "app/two"):
+        await a.lifecycle.create(name, "aes-256", actor="alice")
+
+    async def die_before_marking(idents: object) -> None:
+        raise CKMSError("killed after Kafka's commit, before marking the rows sent")
+
+    a.publisher.source.confirmed = die_before_marking  # type: ignore[method-assign]
+    with leases.fenced(fence_a), pytest.raises(CKMSError, match="killed"):
+        await a.publisher.publish_pending()
+    assert len(await outbox.pending_events(a.store)) == 2  # on the topic, not marked
+
+    await b.lifecycle.create("app/three", "aes-256", actor="alice")
+    clock.advance(seconds=TTL + 1)
+    fence_b = await take_lease(b)
+    with leases.fenced(fence_b):
+        assert await b.publisher.publish_pending() == 1  # only the one not on the topic yet
+    assert await committed_seqs(reader(local_kafka), topic) == [1, 2, 3]
+    assert await outbox.pending_events(a.store) == []
