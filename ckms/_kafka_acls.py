@@ -2,9 +2,10 @@
 
 Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPAL_MAPPING_RULES`):
 
-- ``User:ckms-controller`` writes the events, fleet and audit topics, reads the audit anchor
-  and the events topic (a restore continues the sequence after the newest event it signed),
-  and creates the three topics; it also uses the outbox publisher's transactional id
+- ``User:ckms-controller`` writes the events, fleet and audit topics, reads the audit anchor,
+  the events topic (a restore continues the sequence after the newest event it signed) and the
+  fleet topic (a new leader's publisher reads what both already hold), and creates the three
+  topics; it also uses the outbox publisher's transactional id
   (``ckms-outbox-<events topic>``: replicas fence each other's producers with it);
 - ``User:ckms-agent`` reads events — nothing else (acks go over the agent's SSH connection);
 - ``User:ckms-subscriber`` reads events and the fleet topic (``fleet.acked``: the hosts' acks
@@ -95,7 +96,7 @@ def ckms_acls(
     grants = {
         CONTROLLER: {
             events: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
-            fleet: (Operation.WRITE, Operation.DESCRIBE, Operation.CREATE),
+            fleet: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
             audit: (Operation.WRITE, Operation.READ, Operation.DESCRIBE, Operation.CREATE),
         },
         AGENT: {events: (Operation.READ, Operation.DESCRIBE)},

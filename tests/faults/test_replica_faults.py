@@ -98,7 +98,7 @@ async def replicas(
 ) -> AsyncIterator[Replicas]:
     """Two replicas on one store and shared host key; the test's own handle on the store; four
     hosts that know both replicas, converged on a key."""
-    events, acks, audit = unique_topic("events"), unique_topic("acks"), unique_topic("audit")
+    events, fleet, audit = unique_topic("events"), unique_topic("fleet"), unique_topic("audit")
     store_path = tmp_path / "store" / "controller.db"
     store_path.parent.mkdir()
     procs: dict[str, ControllerProcess] = {}
@@ -113,7 +113,7 @@ async def replicas(
             tmp_path / name,
             cluster.link(SubjectRole.CONTROLLER, "controller"),
             events,
-            acks,
+            fleet,
             tmp_path / f"{name}.log",
             **{REPLICA_ENV: json.dumps(settings)},
         )
@@ -138,7 +138,7 @@ async def replicas(
                 cluster.link(SubjectRole.CONTROLLER, "controller"),
                 cluster.link(SubjectRole.SUBSCRIBER, "fault-checks"),
                 events,
-                acks,
+                fleet,
             )
             hosts = [
                 await enroll_host(

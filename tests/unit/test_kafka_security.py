@@ -105,6 +105,7 @@ def test_only_the_controller_writes_and_agents_read_events_only() -> None:
     assert reads == {
         (CONTROLLER, "u"),
         (CONTROLLER, "e"),  # a restore reads the newest event it signed
+        (CONTROLLER, "f"),  # a new leader's publisher reads back what the topics hold
         (AGENT, "e"),
         (SUBSCRIBER, "e"),
         (SUBSCRIBER, "f"),

@@ -65,7 +65,7 @@ async def replicas(
     clock = FakeClock()
     topics: dict[str, Any] = {
         "events_topic": unique_topic("events"),
-        "acks_topic": unique_topic("acks"),
+        "fleet_topic": unique_topic("fleet"),
         "audit_topic": unique_topic("audit"),
     }
     store = tmp_path / "controller.db"
