@@ -201,6 +201,17 @@ class AuditAnchor:
             return True
         if self.published_size == anchor.size:
             return True
+        if self.leader is not None:
+            # Only the leader publishes, checked in the store under its fence just before: a
+            # replica that woke up after losing the lease does not put its last anchor out
+            # late (harmless if it did, that checkpoint was signed in its term and the log
+            # extends it, but the newest anchor on the topic would be an older one).
+            fence = self.leader.fence
+            if fence is None:
+                return False
+            with leases.fenced(fence):
+                async with self._store.write():
+                    pass
         try:
             with kafka_errors(f"publishing the audit anchor to {self._topic}"):
                 if self._producer is None:

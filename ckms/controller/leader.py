@@ -182,6 +182,8 @@ class LeaderLease:
         if task.cancelled():
             return
         exc = task.exception()
+        if isinstance(exc, BaseExceptionGroup):  # the work's TaskGroup: one task refused
+            exc = exc.subgroup(lambda e: not isinstance(e, NotLeaderError | BaseExceptionGroup))
         if exc is None or isinstance(exc, NotLeaderError):
             await self._step_down("the leader-only work stopped")
             return

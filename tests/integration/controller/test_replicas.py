@@ -40,6 +40,7 @@ async def _converged(c: Controller, key: str, host: str, version: int) -> bool:
     return any(s.host == host and s.converged and s.primary == version for s in status)
 
 
+@pytest.mark.requirement("ISO27002-8.14")
 async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:

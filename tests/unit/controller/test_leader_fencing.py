@@ -9,6 +9,8 @@ every one is refused inside its own transaction and leaves the store as it was.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +24,7 @@ from ckms.store import audit as audit_log
 from ckms.store import lease as leases
 from ckms.store import outbox
 from tests.support.replicas import open_replica, take_lease
+from tests.support.waiting import wait_until
 from tests.unit.controller.conftest import FakeClock
 
 DAY = timedelta(days=1)
@@ -40,6 +43,7 @@ async def replicas(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Cont
         await b.close()
 
 
+@pytest.mark.requirement("ISO27002-8.14")
 async def test_a_paused_leader_cannot_publish_rotate_or_sign_after_a_takeover(
     replicas: tuple[Controller, Controller], clock: FakeClock
 ) -> None:
@@ -180,3 +184,29 @@ async def test_a_leader_that_is_sealed_gives_the_lease_up_at_once(
     assert given_up is not None and not given_up.mine
     taken = await b.leader._round()  # no expiry to wait for
     assert taken is not None and taken.mine and taken.epoch == 2
+
+
+async def test_leader_work_refused_by_the_fence_steps_down_and_the_service_goes_on(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    a, _ = replicas
+    terms: list[int] = []
+
+    async def refused() -> None:
+        raise NotLeaderError("refused by the fence")
+
+    async def lead() -> None:
+        terms.append(a.leader.terms)
+        async with asyncio.TaskGroup() as group:  # as Controller._lead runs its tasks
+            group.create_task(refused())
+
+    task = asyncio.create_task(a.leader.run(lead))
+    try:
+        # It steps down (the work ended refused), then leads again at its next round, since
+        # the lease is still its own; the lease task itself never fails.
+        await wait_until(lambda: len(terms) >= 2, 20, "a second term")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
