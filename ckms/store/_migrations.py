@@ -542,6 +542,11 @@ ever grows) and each replica's heartbeat for ``ckms status``. No row MAC: the le
 honest replicas, it does not hold a secret or a permission; whoever can write rows can
 already do worse than take the lease (and a sealed replica cannot lead anyway)."""
 
+_LEADER_LEASE_PG = _LEADER_LEASE.replace(
+    "epoch       INTEGER NOT NULL", "epoch       BIGINT NOT NULL"
+)
+"""Migration 13 for PostgreSQL: the epoch is a 64-bit fencing token (INTEGER is 32-bit there)."""
+
 _FLEET_MACS = """
 ALTER TABLE fleet_state ADD COLUMN mac TEXT;
 ALTER TABLE hosts ADD COLUMN seen_mac TEXT;
@@ -567,7 +572,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "certificates issued by the internal CA", _CERTIFICATES),
     Migration(11, "rollouts of PreActive versions", _ROLLOUTS),
     Migration(12, "certificates: certified public key and revocation reason", _CERT_KEYS),
-    Migration(13, "leader lease and replica heartbeats", _LEADER_LEASE),
+    Migration(13, "leader lease and replica heartbeats", _LEADER_LEASE, _LEADER_LEASE_PG),
     Migration(14, "fleet view MACs; rollout failure budgets", _FLEET_MACS),
 )
 """Every migration, in order; numbers start at 1 and have no gaps. Each gives PostgreSQL DDL

@@ -12,11 +12,12 @@ from ckms.store import Clock
 from ckms.store import lease as leases
 from tests.support.controller import PASSPHRASE
 from tests.support.kafka import controller_kafka_settings
+from tests.support.stores import StoreTarget
 
 
 async def open_replica(
     home: Path,
-    store: Path,
+    store: Path | str,
     clock: Clock,
     name: str,
     *,
@@ -24,11 +25,12 @@ async def open_replica(
     lease_s: float = 10.0,
     **settings: object,
 ) -> Controller:
-    """Open (initialising the shared store on first use) and unseal one replica."""
+    """Open (initialising the shared store on first use) and unseal one replica; ``store``
+    is a SQLite file or a PostgreSQL URL (with ``store_password_file`` in ``settings``)."""
     c = Controller(
         ControllerSettings(
             home=home,
-            store=store,
+            store=str(store),
             replica_name=name,
             leader_lease_s=lease_s,
             **controller_kafka_settings(kafka),  # type: ignore[arg-type]
@@ -51,3 +53,10 @@ async def take_lease(c: Controller) -> leases.Fence:
     fence = leases.Fence(c.leader.incarnation, state.epoch)
     c.leader.fence = fence  # what the running lease does when it starts the leader work
     return fence
+
+
+def target_settings(target: StoreTarget) -> dict[str, object]:
+    """``open_replica`` arguments for a store test target (tests/support/stores.py)."""
+    if target.database is None:
+        return {"store": target.location}
+    return {"store": target.location, "store_password_file": target.database.password_file}

@@ -38,7 +38,7 @@ async def test_each_replica_keeps_its_own_seal_and_a_sealed_one_refuses_what_nee
 ) -> None:
     events, acks = unique_topic("events"), unique_topic("acks")
     common = {
-        "store": tmp_path / "controller.db",
+        "store": str(tmp_path / "controller.db"),
         "audit_topic": unique_topic("audit"),
         "leader_lease_s": 3.0,
     }

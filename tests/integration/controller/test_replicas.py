@@ -51,7 +51,7 @@ async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
     async with contextlib.AsyncExitStack() as first_stack:
         a = await first_stack.enter_async_context(
             running_controller(
-                tmp_path / "a", controller_kafka, events, fleet, store=store, **topics
+                tmp_path / "a", controller_kafka, events, fleet, store=str(store), **topics
             )
         )
         # One host key for every replica: copied to the second's home before it starts.
@@ -62,7 +62,7 @@ async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
         try:
             b = await second_stack.enter_async_context(
                 running_controller(
-                    tmp_path / "b", controller_kafka, events, fleet, store=store, **topics
+                    tmp_path / "b", controller_kafka, events, fleet, store=str(store), **topics
                 )
             )
             assert b.host_key_fingerprint == a.host_key_fingerprint

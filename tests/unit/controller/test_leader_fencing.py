@@ -23,7 +23,8 @@ from ckms.errors import NotLeaderError
 from ckms.store import audit as audit_log
 from ckms.store import lease as leases
 from ckms.store import outbox
-from tests.support.replicas import open_replica, take_lease
+from tests.support.replicas import open_replica, take_lease, target_settings
+from tests.support.stores import StoreTarget
 from tests.support.waiting import wait_until
 from tests.unit.controller.conftest import FakeClock
 
@@ -32,10 +33,13 @@ TTL = 10.0
 
 
 @pytest.fixture
-async def replicas(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Controller, ...]]:
-    store = tmp_path / "controller.db"
-    a = await open_replica(tmp_path / "a", store, clock, "ctl-a", lease_s=TTL)
-    b = await open_replica(tmp_path / "b", store, clock, "ctl-b", lease_s=TTL)
+async def replicas(
+    tmp_path: Path, clock: FakeClock, store_target: StoreTarget
+) -> AsyncIterator[tuple[Controller, ...]]:
+    """Two replicas on one store: a SQLite file, or a PostgreSQL database."""
+    where = target_settings(store_target)
+    a = await open_replica(tmp_path / "a", clock=clock, name="ctl-a", lease_s=TTL, **where)
+    b = await open_replica(tmp_path / "b", clock=clock, name="ctl-b", lease_s=TTL, **where)
     try:
         yield a, b
     finally:
