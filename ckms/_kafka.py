@@ -231,9 +231,9 @@ class Relay:
     """``await relay.run()`` drains ``source`` to ``topic`` until cancelled; ``wake()`` on news.
 
     ``poll_s`` is how long an idle relay waits before looking again without being woken (None:
-    only when woken, for a queue every writer wakes). ``topics`` are created (idempotent) before
-    the first producer starts. Failures never stop the loop: they are counted in :attr:`stats`,
-    logged, and retried after ``backoff``.
+    only when woken, for a queue every writer wakes). ``topics`` are created (idempotent) at the
+    first turn, before anything is sent. Failures never stop the loop: they are counted in
+    :attr:`stats`, logged, and retried after ``backoff``.
     """
 
     def __init__(
@@ -261,6 +261,7 @@ class Relay:
         self.poll_s = poll_s
         self.delivery_timeout_s = delivery_timeout_s
         self.topics = tuple(topics)
+        self._topics_made = not self.topics
         self.stats = RelayStats()
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -299,6 +300,11 @@ class Relay:
 
     async def publish_pending(self) -> int:
         """Send one batch and confirm the prefix the broker stored; return how many."""
+        if not self._topics_made:
+            # At the first turn, not the first message: readers (agents, subscribers) wait for
+            # the topics to exist, and they may start before anything is published.
+            await ensure_topics(self.kafka, self.topics)
+            self._topics_made = True
         batch = await self.source.pending(self.batch_size)
         if not batch:
             return 0
@@ -393,8 +399,9 @@ class Relay:
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
-        if self.topics:
+        if not self._topics_made:
             await ensure_topics(self.kafka, self.topics)
+            self._topics_made = True
         settings = self.producer
         transactional = settings.transactional_id is not None
         if transactional:

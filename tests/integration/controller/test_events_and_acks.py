@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ckms._kafka import partitions_of
 from ckms._kafka_security import KafkaLink
 from ckms.consumer import Envelope, Subscriber
 from ckms.controller.service import Controller, ControllerSettings
@@ -17,6 +18,7 @@ from ckms.crypto import (
     SubjectRole,
 )
 from ckms.devkafka import LocalKafka
+from ckms.errors import CKMSError
 from ckms.protocol import (
     EventType,
     KeyCreated,
@@ -55,6 +57,24 @@ def subscriber(c: Controller, public: bytes, **kw: object) -> Subscriber:
         topic=c.settings.events_topic,
         **kw,  # type: ignore[arg-type]
     )
+
+
+async def test_the_controller_creates_its_topics_before_its_first_event(
+    controller: Controller,
+) -> None:
+    """Agents and subscribers may start before anything is published: the topics they read
+    exist once the controller runs, not only after its first event."""
+    assert await controller.publisher.backlog() == 0
+
+    async def exist() -> bool:
+        try:
+            for topic in (controller.settings.events_topic, controller.settings.fleet_topic):
+                await partitions_of(controller.settings.kafka, topic, wait_s=1.0)
+        except CKMSError:
+            return False
+        return True
+
+    await wait_for(exist)
 
 
 async def test_a_lifecycle_change_becomes_a_signed_event(controller: Controller) -> None:
