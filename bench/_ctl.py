@@ -156,7 +156,7 @@ class ControllerService:
         }
 
     async def stats(self) -> dict[str, Any]:
-        """Ack consumer and publisher counters, and this process's own CPU and peak RSS."""
+        """Ack service and publisher counters, and this process's own CPU and peak RSS."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "acks_applied": self.c.acks.stats.applied,

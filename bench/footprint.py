@@ -11,7 +11,7 @@ for ``--duration`` seconds while this script samples its ``/proc`` entries every
 
 Broker requests are counted **on the broker**: this script's broker logs every completed
 request (``kafka.request.logger`` at DEBUG), and the lines whose ``clientId`` is the agent's
-(``ckms-agent-<host>`` for its consumer and ack producer) are counted per API. That logging is
+(``ckms-agent-<host>``, its consumer; acks go over SSH) are counted per API. That logging is
 only switched on here, for the count; the fleet benchmark's broker does not log requests.
 """
 

@@ -252,8 +252,8 @@ async def _kafka(demo: Demo) -> AsyncIterator[LocalKafka]:
     async with LocalKafka() as kafka:
         console.print(f"  Kafka ready at {kafka.bootstrap} in {kafka.startup_seconds:.1f} s")
         console.print(
-            "  every client needs a certificate: the controller writes events, agents read "
-            "them and write acks, nothing else"
+            "  every client needs a certificate: the controller writes events, agents only "
+            "read them (their acks go over SSH)"
         )
         try:
             yield kafka

@@ -1,6 +1,6 @@
 """Rollouts on the real store: stages, gates, the deterministic sample, and the rollout row MAC.
 
-The fleet's acknowledgements are written as the ack consumer writes them (``fleet_state``
+The fleet's acknowledgements are written as the ack service writes them (``fleet_state``
 rows); the driver judges them on an injected clock. The attacks are plain sqlite3 edits of the
 database file while the controller is stopped, then a restart, as in the other row-MAC tests.
 """
@@ -179,7 +179,7 @@ async def ctl(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Controller]:
 
 
 async def ack(c: Controller, host: str, version: int, status: str, clock: FakeClock) -> None:
-    """What the ack consumer writes for one host's ack (the gate reads these rows)."""
+    """What the ack service writes for one host's ack (the gate reads these rows)."""
     key = await c.lifecycle.get(NAME)
     assert c.store is not None
     digest = key.version(version).digest if status == "installed" else None
