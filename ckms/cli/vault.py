@@ -153,6 +153,8 @@ def _each_replica(connection: Connection, method: str, params: api.UnsealParams 
     one. Exit 1 if any replica could not be reached or refused."""
     endpoints = connection.endpoints
     failed = False
+    sealed: set[str] = set()
+    unsealed: set[str] = set()
     for endpoint in endpoints:
         name = f"controller {endpoint}: " if len(endpoints) > 1 else ""
         try:
@@ -165,12 +167,23 @@ def _each_replica(connection: Connection, method: str, params: api.UnsealParams 
             continue
         if method == "seal":
             typer.echo(f"{name}controller sealed" if not name else f"{name}sealed")
+            sealed.add(reply.replica or str(endpoint))
+            unsealed.update(reply.unsealed_replicas)
         elif reply.sealed:
             typer.echo(
                 f"{name}share accepted: {reply.given} of {reply.threshold} given; still sealed"
             )
         else:
             typer.echo(f"{name}controller unsealed" if not name else f"{name}unsealed")
+    left = sorted(unsealed - sealed)
+    if left:
+        # An emergency seal that missed a replica leaves the KEK in that one's memory.
+        failed = True
+        typer.echo(
+            f"still unsealed (by their last heartbeat): {', '.join(left)}; seal each one "
+            "too (--controller with every replica's address; `ckms status` lists them)",
+            err=True,
+        )
     if failed:
         raise typer.Exit(int(ExitCode.FAILED))
 

@@ -589,7 +589,33 @@ class AdminService:
         """Forget the controller's secrets until the next unseal."""
         await self._vault.seal(actor=principal.name)
         status = await self._vault.status()
-        return api.SealReply(sealed=status.sealed, mode=status.mode, threshold=status.threshold)
+        replica, others = await self._unsealed_others()
+        return api.SealReply(
+            sealed=status.sealed,
+            mode=status.mode,
+            threshold=status.threshold,
+            replica=replica,
+            unsealed_replicas=others,
+        )
+
+    async def _unsealed_others(self) -> tuple[str | None, tuple[str, ...]]:
+        """This replica's name and the other replicas alive and unsealed by their last
+        heartbeat (an SSH worker answers for its parent's replica: same incarnation)."""
+        if self._leader is None:
+            return None, ()
+        me = self._leader.incarnation
+        rows = await leases.read_replicas(self._store)
+        name = next((r.name for r in rows if r.incarnation == me), self._leader.name)
+        now, stale = self._now(), 3 * self._leader.ttl
+        others = tuple(
+            r.name
+            for r in rows
+            if r.incarnation != me
+            and r.name != name
+            and not r.sealed
+            and now - r.last_seen_at <= stale
+        )
+        return name, others
 
     # -- keys -----------------------------------------------------------------------------
 

@@ -929,6 +929,11 @@ class SealReply(_Reply):
     mode: str | None = None
     threshold: int | None = None
     given: int = 0
+    replica: str | None = None
+    """The replica that answered (among replicas)."""
+    unsealed_replicas: tuple[str, ...] = ()
+    """After ``seal``: the other replicas alive and unsealed by their last heartbeat, which
+    this seal did not reach (each replica keeps its own seal)."""
 
 
 class AuditRecordInfo(_Reply):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -60,6 +61,29 @@ async def running_controller(
             await _stopped(task, controller)
         finally:
             await controller.close()  # even if run() failed: an open store keeps its thread
+
+
+NO_KAFKA = "127.0.0.1:9"
+"""A broker address nothing listens on: the controller serves SSH while its Kafka work waits."""
+
+
+@contextlib.asynccontextmanager
+async def running_replicas(
+    base: Path, kafka: KafkaLink | str = NO_KAFKA, events_topic: str = "e", acks_topic: str = "a"
+) -> AsyncIterator[tuple[Controller, Controller]]:
+    """Two controllers (replicas) on one SQLite store, with one SSH host key."""
+    store = base / "shared" / "controller.db"
+    store.parent.mkdir()
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(
+            running_controller(base / "a", kafka, events_topic, acks_topic, store=str(store))
+        )
+        (base / "b").mkdir(mode=0o700)
+        shutil.copy2(a.settings.host_key_path, base / "b" / a.settings.host_key_path.name)
+        b = await stack.enter_async_context(
+            running_controller(base / "b", kafka, events_topic, acks_topic, store=str(store))
+        )
+        yield a, b
 
 
 STOP_TIMEOUT_S = 30.0

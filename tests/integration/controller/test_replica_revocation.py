@@ -8,36 +8,13 @@ No Kafka is needed: the replicas serve SSH while their publishers wait for a bro
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from ckms.controller.service import Controller
 from ckms.errors import PermissionDeniedError, TransportError
 from ckms.ssh import RpcClient, generate_ssh_key, public_key_text
-from tests.support.controller import running_controller
-
-NO_KAFKA = "127.0.0.1:9"
-
-
-@contextlib.asynccontextmanager
-async def two_replicas(tmp_path: Path) -> AsyncIterator[tuple[Controller, Controller]]:
-    """Two controllers on one SQLite store, with one SSH host key."""
-    store = tmp_path / "shared" / "controller.db"
-    store.parent.mkdir()
-    async with contextlib.AsyncExitStack() as stack:
-        a = await stack.enter_async_context(
-            running_controller(tmp_path / "a", NO_KAFKA, "e", "a", store=store)
-        )
-        (tmp_path / "b").mkdir(mode=0o700)
-        shutil.copy2(a.settings.host_key_path, tmp_path / "b" / a.settings.host_key_path.name)
-        b = await stack.enter_async_context(
-            running_controller(tmp_path / "b", NO_KAFKA, "e", "a", store=store)
-        )
-        yield a, b
+from tests.support.controller import running_replicas
 
 
 @pytest.mark.parametrize("change", ["removed", "re-added as auditor"])
@@ -47,7 +24,7 @@ async def test_an_operator_removed_on_one_replica_loses_its_powers_on_the_other(
     """mallory (admin) keeps a connection open to replica b; alice removes her through
     replica a (or removes her and adds her back as an auditor with a new key). mallory's
     connection to b must not go on acting as the admin she logged in as."""
-    async with two_replicas(tmp_path) as (a, b):
+    async with running_replicas(tmp_path) as (a, b):
         await a.operators.add("alice", "admin", public_key_text(generate_ssh_key()), actor="t")
         key = generate_ssh_key()
         await a.operators.add("mallory", "admin", public_key_text(key), actor="t")
