@@ -201,6 +201,7 @@ class AuditAnchor:
             return True
         if self.published_size == anchor.size:
             return True
+        fence = None
         if self.leader is not None:
             # Only the leader publishes, checked in the store under its fence just before: a
             # replica that woke up after losing the lease does not put its last anchor out
@@ -209,9 +210,6 @@ class AuditAnchor:
             fence = self.leader.fence
             if fence is None:
                 return False
-            with leases.fenced(fence):
-                async with self._store.write():
-                    pass
         try:
             with kafka_errors(f"publishing the audit anchor to {self._topic}"):
                 if self._producer is None:
@@ -224,6 +222,12 @@ class AuditAnchor:
                     )
                     await producer.start()
                     self._producer = producer
+                if fence is not None:
+                    # After the topic and producer setup (network round trips a pause may
+                    # fall in), right before the send: the window left is this one await.
+                    with leases.fenced(fence):
+                        async with self._store.write():
+                            pass
                 future = await self._producer.send(
                     self._topic,
                     audit_log.checkpoint_line(anchor.checkpoint).encode(),
