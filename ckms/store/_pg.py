@@ -157,8 +157,9 @@ def pg_error(exc: BaseException, what: str) -> StoreError:
             f"{what}: the connection to PostgreSQL was lost or refused "
             f"({type(exc).__name__}); the next call reconnects"
         )
-    # asyncpg's client-side errors (DataError: "invalid input for query argument $1: <value>")
-    # quote the value: only the type is kept.
+    # Other client-side errors: only the type is kept (asyncpg's messages may quote a value;
+    # its DataError, "invalid input for query argument $1: <value>", is a class 22
+    # PostgresError above, whose message is left out).
     return StoreError(f"{what}: {type(exc).__name__}")
 
 
