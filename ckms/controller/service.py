@@ -56,7 +56,7 @@ from ckms.controller.rollouts import RolloutDriver
 from ckms.controller.scheduler import Scheduler
 from ckms.controller.sealing import Vault
 from ckms.controller.workers import ParentLink, RemoteVault, WorkerPool
-from ckms.errors import CKMSError, ConfigError, IntegrityError, ProtocolError
+from ckms.errors import CKMSError, ConfigError, IntegrityError, NotFoundError, ProtocolError
 from ckms.protocol import (
     AUDIT_TOPIC,
     EVENTS_TOPIC,
@@ -505,12 +505,20 @@ class Controller:
         return str(row["role"])
 
     async def _revalidate(self, principal: Principal) -> str | None:
-        """Before each operator request: the operator is still enabled, with the key and role
-        it logged in with. A removal through another replica closes only that replica's
+        """Before each request: an operator is still enabled, with the key and role it
+        logged in with. A removal through another replica closes only that replica's
         connections, and a removed operator may be added back with another key or role.
-        Hosts are looked up again by every agent handler (``HostRegistry.identity``)."""
-        if principal.role in (Role.AGENT, Role.ENROLL):
+        A host the same way, from the cached identity every agent handler reads anyway
+        (``HostRegistry.identity``: another process's commit is seen within
+        ``FOREIGN_CHECK_S``), so its connection closes after one refusal."""
+        if principal.role == Role.ENROLL:
             return None
+        if principal.role == Role.AGENT:
+            try:
+                host, _ = await self.hosts.identity(principal.name)
+            except NotFoundError:
+                return f"host {principal.name} is not enrolled"
+            return f"host {principal.name} is revoked" if host.revoked else None
         if await self._operator_role(principal.name, principal.public_key) == principal.role:
             return None
         return (

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from ckms.errors import PermissionDeniedError, TransportError
+from ckms.protocol import SyncRequest
 from ckms.ssh import RpcClient, generate_ssh_key, public_key_text
 from tests.support.controller import running_replicas
+from tests.support.fleet import enroll_agent, host_rpc
+from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize("change", ["removed", "re-added as auditor"])
@@ -51,3 +54,30 @@ async def test_an_operator_removed_on_one_replica_loses_its_powers_on_the_other(
                 "SELECT count(*) FROM audit WHERE actor = 'mallory' AND outcome = 'refused'"
             )
             assert refused == 1
+
+
+@pytest.mark.parametrize("channel", [True, False], ids=["channel", "exec"])
+async def test_a_host_revoked_on_one_replica_loses_its_connection_to_the_other(
+    tmp_path: Path, channel: bool
+) -> None:
+    """web-1 keeps its connection (its long-lived channel) to replica b; it is revoked through
+    replica a. b refuses its next request and closes the connection (not one audited refusal
+    per heartbeat for as long as the host keeps asking), and it cannot log in again."""
+    async with running_replicas(tmp_path) as (a, b):
+        config = await enroll_agent(a, tmp_path, "web-1", {"role": "web"})
+        beat = SyncRequest().model_dump(mode="json")
+        async with host_rpc(b, config, channel=channel) as rpc:
+            await rpc.call("heartbeat", beat)
+            await a.hosts.revoke("web-1", actor="alice")
+
+            async def refused() -> bool:  # b sees a's commit within its check interval
+                try:
+                    await rpc.call("heartbeat", beat)
+                except PermissionDeniedError as exc:
+                    assert "revoked" in str(exc)
+                    return True
+                return False
+
+            await wait_until(refused, 10, "the revocation refused by replica b")
+            with pytest.raises(TransportError):
+                await rpc.call("heartbeat", beat)
