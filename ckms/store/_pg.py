@@ -607,11 +607,14 @@ async def _check_database(conn: Any) -> None:
     row = (
         await _fetch(
             conn,
-            "SELECT datcollate, pg_encoding_to_char(encoding) FROM pg_database "
+            "SELECT *, pg_encoding_to_char(encoding) AS encoding_name FROM pg_database "
             "WHERE datname = current_database()",
         )
     )[0]
-    collate, encoding = str(row[0]), str(row[1])
+    info = dict(row.items())
+    collate, encoding = str(info["datcollate"]), str(info["encoding_name"])
+    if info.get("datlocprovider") in ("i", b"i"):  # PostgreSQL 15+: the database's ICU locale
+        collate = f"ICU {info.get('daticulocale')}"  # no ICU collation orders bytewise
     if collate not in _BYTEWISE and not collate.startswith("C."):
         raise ConfigError(
             f"the PostgreSQL database orders text by the locale {collate!r}; ckms needs "
