@@ -364,13 +364,17 @@ class RpcServer:
         started = time.perf_counter()
         method = "?"
         try:
-            method = method_of()
-            route = self._authorize(principal, method)
             if self.revalidate is not None and principal is not None and principal.known:
+                # First: a principal that no longer holds is cut off whatever it sends (a bad
+                # method name or a method of another role included).
                 gone = await self.revalidate(principal)
                 if gone is not None:
                     owner.cut_off = True
+                    with contextlib.suppress(CKMSError):
+                        method = method_of()
                     raise PermissionDeniedError(f"{method}: {gone}")
+            method = method_of()
+            route = self._authorize(principal, method)
             owner.requests += 1
             limit = principal.max_requests if principal is not None else None
             if limit is not None and owner.requests > limit:
