@@ -62,6 +62,9 @@ _BEGIN_WRITE = (
     f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({int(WRITER_LOCK)})"
 )
 
+IDLE_IN_WRITE_MS = "15000"
+"""How long (ms) a write transaction may sit idle before PostgreSQL ends its session."""
+
 READ_POOL_SIZE = 4
 """Read connections kept per store (reads beside the one writer connection)."""
 CONNECT_TIMEOUT_S = 10.0
@@ -279,7 +282,13 @@ class PgStore(Store):
     async def _new_connection(self) -> Any:
         try:
             return await asyncpg.connect(
-                self.path, password=self._password, timeout=CONNECT_TIMEOUT_S
+                self.path,
+                password=self._password,
+                timeout=CONNECT_TIMEOUT_S,
+                # A replica frozen inside a write transaction (SIGSTOP, a VM pause) holds the
+                # writer lock: the server ends its session after this, so the other replicas'
+                # writes (their leader lease rounds first) wait at most this long.
+                server_settings={"idle_in_transaction_session_timeout": IDLE_IN_WRITE_MS},
             )
         except _errors() as exc:
             raise pg_error(exc, f"cannot connect to the PostgreSQL store {self.path}") from None

@@ -34,6 +34,10 @@ from tests.support.controller import PASSPHRASE
 from tests.support.kafka import controller_kafka_settings
 
 HOLD_ENV = "CKMS_FAULT_HOLD_OUTBOX"
+FREEZE_ENV = "CKMS_FAULT_FREEZE_WITH_BATCH"
+"""Split brain: while the file named here exists, the publisher that next reads a batch of
+unsent events (signed, in hand, not sent) removes the file and stops itself (SIGSTOP) right
+there, outside any write transaction; continued, it goes on to send that batch."""
 REPLICA_ENV = "CKMS_FAULT_REPLICA"
 """Replicas: JSON of extra controller settings (``store``, ``replica_name``, ``leader_lease_s``,
 ``audit_topic``), so several of these processes share one store."""
@@ -70,6 +74,36 @@ def hold_outbox(controller: Controller, hold_file: Path) -> None:
     publisher.publish_pending = held  # type: ignore[method-assign]
 
 
+def _take(hold_file: Path) -> bool:
+    """Remove the file if it is there; True if it was (a quick local call)."""
+    try:
+        hold_file.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def freeze_with_batch(controller: Controller, hold_file: Path) -> None:
+    """Install the split-brain hook described at :data:`FREEZE_ENV`."""
+    source = controller.publisher.source
+    pending = source.pending
+
+    async def held(limit: int):  # type: ignore[no-untyped-def]
+        batch = await pending(limit)
+        if batch and _take(hold_file):
+            frozen = {"frozen_with": [m.ident for m in batch]}
+            print(json.dumps(frozen), file=sys.stderr, flush=True)
+            assert controller.store is not None
+            # Holding the store's writer lock: no write transaction of this process is open
+            # (frozen inside one, it would hold SQLite's file lock and stop every replica's
+            # writes until it resumes: docs/architecture.md §8).
+            async with controller.store._write_lock:
+                os.kill(os.getpid(), signal.SIGSTOP)
+        return batch
+
+    source.pending = held  # type: ignore[method-assign]
+
+
 async def main(home: Path, bootstrap: str, events: str, fleet: str, port: int) -> None:
     controller = Controller(
         ControllerSettings(
@@ -94,6 +128,8 @@ async def main(home: Path, bootstrap: str, events: str, fleet: str, port: int) -
         await controller.vault.unseal_with_passphrase(PASSPHRASE)
         if os.environ.get(HOLD_ENV):
             hold_outbox(controller, Path(os.environ[HOLD_ENV]))
+        if os.environ.get(FREEZE_ENV):
+            freeze_with_batch(controller, Path(os.environ[FREEZE_ENV]))
         task = asyncio.create_task(controller.run())
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, task.cancel)

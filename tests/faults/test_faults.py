@@ -635,9 +635,10 @@ async def test_revocation_with_the_controller_down_removes_at_once_and_acks_foll
                 f"commit → removed on the host (host's signed ack time): p50 "
                 f"{times[len(times) // 2]:.0f} ms, max {times[-1]:.0f} ms"
             )
-            assert await store.fetchval(
-                "SELECT count(*) FROM fleet_state WHERE status = 'removed'"
-            ) == 0, "an ack was applied while the controller was down"
+            assert (
+                await store.fetchval("SELECT count(*) FROM fleet_state WHERE status = 'removed'")
+                == 0
+            ), "an ack was applied while the controller was down"
 
             async with running_controller(home, *topics, listen_port=port, **settings) as c:
                 view = await ControllerView.of(c)

@@ -4,10 +4,11 @@
    lease within a bound (measured and noted: kill → new lease epoch → the rotation's event
    published), every outbox event is on the topic exactly once and in order, every host
    converges through either replica, and the audit log verifies (the fleet invariants).
-2. **Split brain**: the leader is frozen (SIGSTOP) right after a change was committed, past its
-   lease; the other takes over and publishes; the old one is continued (SIGCONT): it publishes
-   and signs nothing (the topic holds each event once, in order; its log shows no checkpoint
-   and no producer after it woke), and it steps down.
+2. **Split brain**: the leader freezes (SIGSTOP) holding a batch it read and signed but did not
+   send, past its lease; the other takes over and publishes; the old one is continued
+   (SIGCONT) and goes on to send its batch: it publishes and signs nothing (the topic holds
+   each event once, in order; its log shows no checkpoint and no producer after it woke),
+   and it steps down.
 
 Each replica is ``tests/faults/controller_proc.py`` with the shared store and host key.
 """
@@ -35,7 +36,7 @@ from ckms.devkafka import LocalKafka
 from ckms.protocol import InstallSpec, Targets
 from ckms.store import Store, utc_now
 from ckms.store import lease as leases
-from tests.faults.controller_proc import REPLICA_ENV
+from tests.faults.controller_proc import FREEZE_ENV, REPLICA_ENV
 from tests.faults.harness import (
     ControllerProcess,
     ControllerView,
@@ -95,7 +96,7 @@ class Replicas:
 
 @asynccontextmanager
 async def replicas(
-    cluster: LocalKafka, unique_topic: Topic, tmp_path: Path
+    cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, **env: str
 ) -> AsyncIterator[Replicas]:
     """Two replicas on one store and shared host key; the test's own handle on the store; four
     hosts that know both replicas, converged on a key."""
@@ -117,6 +118,7 @@ async def replicas(
             fleet,
             tmp_path / f"{name}.log",
             **{REPLICA_ENV: json.dumps(settings)},
+            **env,
         )
     try:
         ports = {"ctl-a": (await procs["ctl-a"].start())["port"]}
@@ -227,7 +229,8 @@ async def test_leader_killed_mid_rotation_the_other_replica_takes_over(
 async def test_split_brain_a_frozen_leader_publishes_and_signs_nothing_and_steps_down(
     healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
 ) -> None:
-    async with replicas(healthy_cluster, unique_topic, tmp_path) as r:
+    freeze = tmp_path / "freeze-with-batch"
+    async with replicas(healthy_cluster, unique_topic, tmp_path, **{FREEZE_ENV: str(freeze)}) as r:
         async with InProcessFleet(r.hosts), RevocationWatch(r.store, r.hosts) as watch:
             await wait_converged(r.view, [KEY], r.hosts)
             await wait_until(lambda: outbox_empty(r.store), 30, "key.created published")
@@ -236,10 +239,11 @@ async def test_split_brain_a_frozen_leader_publishes_and_signs_nothing_and_steps
             follower = next(n for n in r.procs if n != leader)
             old = r.procs[leader]
 
-            # A change committed, and the leader frozen while it may be publishing it.
+            # A change committed; the leader freezes with its event signed, in hand, not sent.
+            freeze.write_text("")
             await r.lifecycle.rotate(KEY, actor="alice")
-            os.kill(old.pid, signal.SIGSTOP)
-            await wait_until(lambda: process_state(old.pid) == "T", 10, "leader frozen")
+            await wait_until(lambda: process_state(old.pid) == "T", 30, "leader frozen")
+            assert '"frozen_with"' in old.tail()
 
             async def taken_over() -> bool:
                 state = await leases.read_lease(r.store)
