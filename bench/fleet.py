@@ -216,6 +216,9 @@ class FleetBench:
                     hosts=[(h, by_name[h]) for h in part],
                     port=info["port"],
                     fingerprint=info["fingerprint"],
+                    # About 32 enrollments in flight in all (each a handshake, a CSR signed and
+                    # a write): more only queue at the controller, past the request timeout.
+                    concurrency=max(2, 32 // workers),
                 )
                 for w, part in zip(self.workers, self.slices, strict=True)
             )

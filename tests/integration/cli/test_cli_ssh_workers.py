@@ -36,6 +36,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.requirement("PCI-3.7.6")
+@pytest.mark.timeout(300)  # many CLI processes and worker restarts on a busy machine
 async def test_shares_given_to_different_workers_unseal_every_worker(
     tmp_path: Path, local_kafka: LocalKafka, unique_topic: Callable[[str], str]
 ) -> None:

@@ -41,6 +41,7 @@ def _command_line_and_environment(pid: int) -> bytes:
 
 
 @pytest.mark.requirement("PCI-3.7.3")
+@pytest.mark.timeout(300)  # many CLI processes and worker restarts on a busy machine
 async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
@@ -110,6 +111,7 @@ async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
             await wait_until(lambda: _converged(c, "app/k", "web-1", 5), 60, "v5 on web-1")
 
 
+@pytest.mark.timeout(300)  # many CLI processes and worker restarts on a busy machine
 async def test_a_host_revoked_through_one_worker_loses_its_connections_on_every_worker(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
