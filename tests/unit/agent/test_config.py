@@ -221,3 +221,24 @@ def test_an_incomplete_kafka_setting_is_refused_naming_what_is_missing(
     values["kafka_security_protocol"] = "TLS"
     with pytest.raises(ConfigError, match="kafka_security_protocol"):
         build_config(values, environ={})
+
+
+def test_several_controllers_as_a_list_a_string_or_the_environment(
+    values: dict[str, Any],
+) -> None:
+    one = {k: v for k, v in values.items() if k not in ("controller_host", "controller_port")}
+    listed = build_config({**one, "controller": ["ctl-1:2222", "ctl-2:2223"]}, environ={})
+    assert [str(e) for e in listed.controllers] == ["ctl-1:2222", "ctl-2:2223"]
+    assert listed.controller_address == "ctl-1:2222,ctl-2:2223"
+    single = build_config({**one, "controller": "ctl-1:2222"}, environ={})
+    assert [str(e) for e in single.controllers] == ["ctl-1:2222"]
+    env = build_config(one, environ={"CKMS_AGENT_CONTROLLER": "a:1,b:2"})
+    assert [str(e) for e in env.controllers] == ["a:1", "b:2"]
+    classic = build_config(values, environ={})  # controller_host/controller_port stay valid
+    assert len(classic.controllers) == 1 and classic.controller == ()
+    with pytest.raises(ConfigError, match="name the controller once"):
+        build_config({**values, "controller": ["ctl-1:2222"]}, environ={})
+    with pytest.raises(ConfigError, match="name the controller once"):
+        build_config(one, environ={})
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        build_config({**one, "controller": ["ctl-1"]}, environ={})
