@@ -231,6 +231,11 @@ class IssuedTally:
     revoked: int | None = 0
     """None in a tally sealed before revocations were tallied (taken from the rows once)."""
     revoked_total: int = 0
+    compromised: frozenset[str] | None = frozenset()
+    """None in a tally sealed before compromised keys were kept (taken from the rows once).
+    The SHA-256 of every public key revoked for a compromise: issuing reads it (it does not
+    scan the table), so a row written back as it was before its compromise does not let its
+    key pair be certified again."""
 
     @staticmethod
     def of_serial(serial: str) -> int:
@@ -247,6 +252,7 @@ class IssuedTally:
     def of_rows(cls, rows: Iterable[Any]) -> IssuedTally:
         """The tally of ``rows`` (serial, revoked_at, revocation_reason) as they are."""
         count = total = revoked = revoked_total = 0
+        compromised: set[str] = set()
         for row in rows:
             count += 1
             total = (total + cls.of_serial(str(row["serial"]))) % _TALLY_MOD
@@ -254,7 +260,9 @@ class IssuedTally:
                 revoked += 1
                 share = cls.of_revocation(str(row["serial"]), row["revocation_reason"])
                 revoked_total = (revoked_total + share) % _TALLY_MOD
-        return cls(count, total, revoked, revoked_total)
+                if row["revocation_reason"] in COMPROMISE_REASONS and row["public_key_sha256"]:
+                    compromised.add(str(row["public_key_sha256"]))
+        return cls(count, total, revoked, revoked_total, frozenset(compromised))
 
     def add(self, serial: str) -> IssuedTally:
         """The tally with one more certificate."""
@@ -262,25 +270,39 @@ class IssuedTally:
             self, count=self.count + 1, total=(self.total + self.of_serial(serial)) % _TALLY_MOD
         )
 
-    def revoke(self, serial: str, reason: str, *, was: str | None = None) -> IssuedTally:
+    def revoke(
+        self, serial: str, reason: str, *, was: str | None = None, public_key: str | None = None
+    ) -> IssuedTally:
         """The tally with ``serial`` revoked for ``reason`` (``was``: its reason until now,
-        when it was revoked already and only its reason changes)."""
+        when it was revoked already and only its reason changes; ``public_key``: its key's
+        SHA-256, kept when the reason is a compromise)."""
         assert self.revoked is not None  # _stored_tally fills a tally sealed before
+        compromised = self.compromised
+        assert compromised is not None  # as revoked
+        if public_key and reason in COMPROMISE_REASONS:
+            compromised = compromised | {public_key}
         share = self.of_revocation(serial, reason)
         if was is None:
             return replace(
                 self,
                 revoked=self.revoked + 1,
                 revoked_total=(self.revoked_total + share) % _TALLY_MOD,
+                compromised=compromised,
             )
         old = self.of_revocation(serial, was)
-        return replace(self, revoked_total=(self.revoked_total - old + share) % _TALLY_MOD)
+        return replace(
+            self,
+            revoked_total=(self.revoked_total - old + share) % _TALLY_MOD,
+            compromised=compromised,
+        )
 
     def _fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"count": self.count, "total": format(self.total, "064x")}
         if self.revoked is not None:
             fields["revoked"] = self.revoked
             fields["revoked_total"] = format(self.revoked_total, "064x")
+            if self.compromised is not None:
+                fields["compromised"] = sorted(self.compromised)
         return fields
 
     def seal(self, row_key: bytes) -> bytes:
@@ -299,6 +321,9 @@ class IssuedTally:
                 int(str(value["total"]), 16),
                 None if revoked is None else int(revoked),
                 int(str(value.get("revoked_total", "0")), 16),
+                None
+                if value.get("compromised") is None
+                else frozenset(str(k) for k in value["compromised"]),
             )
             ok = row_mac_matches(row_key, "meta", ISSUED_RECORD, tally._fields(), value["mac"])
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -308,22 +333,23 @@ class IssuedTally:
         return tally
 
 
-async def _audited(r: Reader | Transaction) -> tuple[int | None, int | None]:
-    """The issued and revoked counts the newest ``cert.issue`` or ``cert.revoke`` audit record
-    names (None: none names one; records from before revocations were tallied name only the
-    first)."""
+async def _audited(r: Reader | Transaction) -> tuple[int | None, int | None, int | None]:
+    """The issued, revoked and compromised-key counts the newest ``cert.issue`` or
+    ``cert.revoke`` audit record names (None: none names one; records from before revocations
+    were tallied name only the first)."""
     row = await r.fetchone(
         "SELECT details FROM audit WHERE action IN ('cert.issue', 'cert.revoke') "
         "ORDER BY idx DESC LIMIT 1"
     )
     if row is None:
-        return None, None
+        return None, None, None
     details = json.loads(str(row["details"]))
-    issued, revoked = details.get("issued"), details.get("revoked")
-    return (None if issued is None else int(issued)), (None if revoked is None else int(revoked))
+    counts = (details.get(name) for name in ("issued", "revoked", "compromised"))
+    issued, revoked, compromised = (None if c is None else int(c) for c in counts)
+    return issued, revoked, compromised
 
 
-_TALLIED = "SELECT serial, revoked_at, revocation_reason FROM certificates"
+_TALLIED = "SELECT serial, revoked_at, revocation_reason, public_key_sha256 FROM certificates"
 
 
 async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) -> IssuedTally:
@@ -338,7 +364,7 @@ async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) 
     if row_key is None:
         raise SealedError("controller is sealed: cannot check the CA's issued certificates")
     blob = await r.get_meta(ISSUED_RECORD)
-    audited, audited_revoked = await _audited(r)
+    audited, audited_revoked, audited_compromised = await _audited(r)
     if blob is None:
         if audited is not None or audited_revoked is not None:
             raise IntegrityError(
@@ -347,8 +373,10 @@ async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) 
             )
         return IssuedTally.of_rows(rows if rows is not None else await r.fetchall(_TALLIED))
     stored = IssuedTally.open(row_key, blob)
-    if stored.revoked is None:
-        if audited_revoked is not None:
+    if stored.revoked is None or stored.compromised is None:
+        if (audited_revoked is not None and stored.revoked is None) or (
+            audited_compromised is not None and stored.compromised is None
+        ):
             raise IntegrityError(
                 "the CA's tally is older than the revocations the audit log counts: an older "
                 "copy was written back"
@@ -357,7 +385,12 @@ async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) 
         if revoked is None:
             revoked = await r.fetchall(_TALLIED + " WHERE revoked_at IS NOT NULL")
         tallied = IssuedTally.of_rows(revoked)
-        stored = replace(stored, revoked=tallied.revoked, revoked_total=tallied.revoked_total)
+        if stored.revoked is None:
+            stored = replace(
+                stored, revoked=tallied.revoked, revoked_total=tallied.revoked_total
+            )
+        if stored.compromised is None:
+            stored = replace(stored, compromised=tallied.compromised)
     have = stored if rows is None else IssuedTally.of_rows(rows)
     if (stored.count, stored.total) != (have.count, have.total) or (
         audited is not None and audited != stored.count
@@ -366,7 +399,14 @@ async def _stored_tally(r: Reader | Transaction, rows: list[Any] | None = None) 
             f"certificate rows were deleted: the CA issued {max(stored.count, audited or 0)}, "
             f"the table holds {have.count} (or another set)"
         )
-    if stored != have or (audited_revoked is not None and audited_revoked != stored.revoked):
+    if (
+        stored != have
+        or (audited_revoked is not None and audited_revoked != stored.revoked)
+        or (
+            audited_compromised is not None
+            and audited_compromised != len(stored.compromised or ())
+        )
+    ):
         raise IntegrityError(
             "a certificate's revocation was undone or its reason changed (an older copy of "
             f"its row written back): the CA revoked {stored.revoked}, the table holds "
@@ -585,6 +625,12 @@ class ControllerCA:
         active = state.active
         key_fingerprint = public_key_fingerprint(public_key)
         await _refuse_compromised(tx, key_fingerprint)
+        tally = await _stored_tally(tx)
+        if key_fingerprint in (tally.compromised or ()):
+            raise PermissionDeniedError(
+                "this public key was in a certificate revoked for a compromise: make a new key "
+                "pair"
+            )
         pem = issue_certificate(
             active.issuing,
             public_key,
@@ -597,7 +643,6 @@ class ControllerCA:
         )
         info = certificate_info(pem)
         serial = info.serial_hex
-        tally = await _stored_tally(tx)
         await tx.execute(
             "INSERT INTO certificates(serial, kind, host_id, key_id, version, ca_generation, "
             "fingerprint, not_before, not_after, issued_at, public_key_sha256) "
@@ -639,6 +684,7 @@ class ControllerCA:
                 "public_key_sha256": key_fingerprint,
                 "issued": tally.count,
                 "revoked": tally.revoked,
+                "compromised": len(tally.compromised or ()),
             },
         )
         return IssuedCertificate(pem, active.issuing.certificate, state.bundle(), info)
@@ -825,7 +871,7 @@ async def revoke_certificates(
     )
     rows = _unexpired_checked(tx.row_key, every, now)
     serials = []
-    changes: list[tuple[str, str | None]] = []  # (serial, the reason it was revoked for)
+    changes: list[tuple[str, str | None, str | None]] = []  # (serial, reason before, key)
     if reason.is_compromise:
         # A compromise found late reaches the certificates already out of use too: one
         # revoked before for another reason (a suspend, a relabel) takes this reason and
@@ -841,7 +887,9 @@ async def revoke_certificates(
             )
             await rowmac.stamp_certificate(tx, str(row["serial"]))
             serials.append(str(row["serial"]))
-            changes.append((str(row["serial"]), row["revocation_reason"] or ""))
+            changes.append(
+                (str(row["serial"]), row["revocation_reason"] or "", row["public_key_sha256"])
+            )
     for row in rows:
         if row["revoked_at"] is not None:
             continue
@@ -855,20 +903,20 @@ async def revoke_certificates(
         )
         await rowmac.stamp_certificate(tx, str(row["serial"]))
         serials.append(str(row["serial"]))
-        changes.append((str(row["serial"]), None))
+        changes.append((str(row["serial"]), None, row["public_key_sha256"]))
     if changes:
         await _tally_revocations(tx, changes, str(reason), now)
     return tuple(serials)
 
 
 async def _tally_revocations(
-    tx: Transaction, changes: list[tuple[str, str | None]], reason: str, now: datetime
+    tx: Transaction, changes: list[tuple[str, str | None, str | None]], reason: str, now: datetime
 ) -> None:
     """Bump the CA's tally for certificates just revoked (or whose reason just changed) and
     audit the count reached, so an older copy of a row (or of the tally) is refused."""
     tally = await _stored_tally(tx)
-    for serial, was in changes:
-        tally = tally.revoke(serial, reason, was=was)
+    for serial, was, public_key in changes:
+        tally = tally.revoke(serial, reason, was=was, public_key=public_key)
     assert tx.row_key is not None  # checked by _stored_tally
     await tx.set_meta(ISSUED_RECORD, tally.seal(tx.row_key))
     await audit_log.append(
@@ -879,9 +927,10 @@ async def _tally_revocations(
         object="ca",
         details={
             "reason": reason,
-            "serials": [s for s, _ in changes],
+            "serials": [s for s, _, _ in changes],
             "issued": tally.count,
             "revoked": tally.revoked,
+            "compromised": len(tally.compromised or ()),
         },
     )
 

@@ -383,9 +383,8 @@ async def test_an_older_copy_of_a_certificate_row_written_back_cannot_undo_its_r
 ) -> None:
     """The database file's owner copies a certificate row while it is valid (its MAC is the
     controller's own) and writes it back after the key was revoked for keyCompromise, with the
-    CA's tally of that moment too: the serial would leave the CRL unseen. The CRL and audit
-    verify refuse instead (issuing does not scan the table: see docs/architecture.md, open
-    findings)."""
+    CA's tally of that moment too: the serial would leave the CRL unseen and the stolen pair be
+    certified again. The CRL, issuing and audit verify refuse instead."""
     c = controller
     config = await enroll_agent(c, tmp_path, "db-1", DB)
     await c.lifecycle.create(
@@ -415,5 +414,8 @@ async def test_an_older_copy_of_a_certificate_row_written_back_cannot_undo_its_r
             )
         with pytest.raises(IntegrityError, match="revocation was undone"):
             await c.ca.crl(now=c.clock())
+        # issuing scans no table: the tally's compromised keys (or its audited counts) refuse
+        with pytest.raises((IntegrityError, PermissionDeniedError)):
+            await _sign(rpc, 2, stolen)
         auditor = Principal("erin", "auditor", "SHA256:x")
         assert not (await c.admin.audit_verify(auditor, api.Empty())).ok
