@@ -1,9 +1,10 @@
 """Which engine a store location names: a file path or ``sqlite:PATH`` (SQLite), or
 ``postgresql://user@host:port/db`` (PostgreSQL).
 
-A PostgreSQL URL must not hold the password (``user:secret@``, ``?password=``): a URL is
-printed, logged and put on command lines, so the password comes from a 0600 file named in the
-settings (``store_password_file``) or the ``PGPASSWORD`` environment instead. The refusal
+A PostgreSQL URL must not hold a password (``user:secret@``, ``?password=``, nor the client
+key's ``?sslpassword=``): a URL is printed, logged and put on command lines, so the password
+comes from a 0600 file named in the settings (``store_password_file``) or the ``PGPASSWORD``
+environment instead. The refusal
 never echoes the URL.
 """
 
@@ -64,7 +65,8 @@ def _password_free(url: str) -> str:
         parts.port  # noqa: B018  (a bad port raises here, not at connect)
     except ValueError:
         raise ConfigError("the PostgreSQL store URL is malformed") from None
-    if password is not None or any(name.lower() == "password" for name, _ in query):
+    # Any *password parameter: libpq and asyncpg take the client key's (sslpassword) there too.
+    if password is not None or any("password" in name.lower() for name, _ in query):
         raise ConfigError(
             "the PostgreSQL store URL holds a password: remove it and give it in the file "
             "named by store_password_file (mode 0600) or the PGPASSWORD environment"

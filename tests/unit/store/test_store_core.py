@@ -242,6 +242,8 @@ async def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
         "postgresql://ckms:hunter2@db.internal/ckms",
         "postgres://ckms:hunter2@db/ckms",
         "postgresql://ckms@db/ckms?password=hunter2",
+        # The client key's passphrase, which asyncpg (like libpq) reads from the URL too.
+        "postgresql://ckms@db/ckms?sslmode=verify-full&sslpassword=hunter2",
     ],
 )
 async def test_a_postgresql_url_with_a_password_is_refused_without_echoing_it(
