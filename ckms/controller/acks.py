@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pydantic import ValidationError
+
 from ckms._canonical import canonical_json
 from ckms.controller import rowmac
 from ckms.controller.models import Host
@@ -46,6 +48,7 @@ from ckms.protocol import (
     Envelope,
     EventType,
     FleetAcked,
+    InvalidEventData,
     MalformedMessage,
     MessageRejected,
     UnknownSigner,
@@ -150,6 +153,7 @@ class AckService:
                     raise UnknownSigner(
                         f"ack signed by host {host.id} claims to come from {envelope.data.agent}"
                     )
+                _fleet_entry(host.id, envelope)  # now, not inside a commit it would fail
             except MessageRejected as exc:
                 self.stats.drop(exc.reason)
                 log.warning(
@@ -296,19 +300,7 @@ class AckService:
         )
         if key_id is None:
             return None
-        entry = AckedVersion(
-            host=host_id,
-            version=ack.version,
-            status=ack.status,
-            digest=ack.digest,
-            at=envelope.at,
-            elapsed_ms=ack.elapsed_ms,
-            ack_seq=envelope.seq,
-            event_id=ack.event_id,
-            error=ack.error if str(ack.status) == "failed" else None,
-            cert_serial=ack.cert_serial,
-            cert_not_after=ack.cert_not_after,
-        )
+        entry = _fleet_entry(host_id, envelope)
         return (ack.key, key_id), entry
 
     async def _write_fleet_events(self, tx: Transaction) -> None:
@@ -323,6 +315,33 @@ class AckService:
                 data = FleetAcked(key=key, key_id=key_id, acks=tuple(chunk))
                 prepared.append(outbox.prepare(key, data))
         await outbox.add_events(tx, prepared, now=self._clock())
+
+
+def _fleet_entry(host_id: str, envelope: Envelope) -> AckedVersion:
+    """The ``fleet.acked`` entry that republishes a verified ack.
+
+    :meth:`AckService.verify` builds it first: an ack the entry cannot carry (seq 0, an
+    over-long event id) is refused there as invalid data, never raised inside the group commit
+    (where it would roll back every other host's write with it)."""
+    ack = envelope.data
+    assert isinstance(ack, Ack)
+    try:
+        return AckedVersion(
+            host=host_id,
+            version=ack.version,
+            status=ack.status,
+            digest=ack.digest,
+            at=envelope.at,
+            elapsed_ms=ack.elapsed_ms,
+            ack_seq=envelope.seq,
+            event_id=ack.event_id,
+            error=ack.error if str(ack.status) == "failed" else None,
+            cert_serial=ack.cert_serial,
+            cert_not_after=ack.cert_not_after,
+        )
+    except ValidationError as exc:
+        fields = sorted({".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)})
+        raise InvalidEventData(f"ack cannot be republished: bad {', '.join(fields)}") from None
 
 
 async def put_fleet_row(

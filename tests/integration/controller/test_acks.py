@@ -180,3 +180,45 @@ async def test_acks_of_many_hosts_share_one_commit_and_one_fleet_event(
     ) as sub:
         event = await asyncio.wait_for(anext(aiter(sub)), 30)
     assert isinstance(event.data, FleetAcked) and event.data == data
+
+
+async def test_an_ack_the_fleet_event_cannot_carry_is_refused_not_fatal_to_the_group(
+    controller: Controller,
+) -> None:
+    """A host signs acks the controller cannot republish (envelope seq 0, an event id longer
+    than a fleet.acked entry takes). Each is refused as invalid data before it
+    reaches the group commit: the other hosts' acks still apply in one transaction (a failing
+    member would roll the group back and have every write run alone), and the sender is told
+    which acks were refused instead of getting an internal error."""
+    c = controller
+    key = await c.lifecycle.create(
+        "web/tls", "ed25519", targets=Targets(selectors=(WEB,)), actor="alice"
+    )
+    digest = key.version(1).digest
+    assert digest is not None
+    names = [f"web-{i}" for i in range(4)]
+    signers = {n: await enroll_host(c, n, WEB) for n in [*names, "evil"]}
+    hosts = {n: (await c.hosts.identity(n))[0] for n in signers}
+    long_event = _ack("evil", digest).model_copy(update={"event_id": "e" * 200})
+    poison = AckRequest(
+        acks=(
+            signed_ack(signers["evil"], _ack("evil", digest), 0),
+            signed_ack(signers["evil"], long_event, 5),
+        )
+    )
+    good = {n: AckRequest(acks=(signed_ack(signers[n], _ack(n, digest), 1),)) for n in names}
+    before = c.agents._group.groups
+    replies = await asyncio.gather(
+        c.acks.submit(hosts["evil"], poison),
+        *(c.acks.submit(hosts[n], good[n]) for n in names),
+    )
+    bad, *rest = replies
+    assert bad.applied == () and bad.duplicates == ()
+    assert [(r.index, r.reason) for r in bad.refused] == [
+        (0, "invalid-data"),
+        (1, "invalid-data"),
+    ]
+    assert [r.applied for r in rest] == [(1,)] * len(names)
+    assert c.agents._group.groups == before + 1
+    fleet = await _fleet(c)
+    assert fleet["evil"] == {} and all(fleet[n] == {1: "installed"} for n in names)
