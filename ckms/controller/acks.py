@@ -87,6 +87,9 @@ class AckStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
+_MAX_STORED_INT = (1 << 63) - 1
+"""The largest integer either store engine holds (SQLite INTEGER, PostgreSQL BIGINT)."""
+
 _Collected = dict[tuple[str, str], list[AckedVersion]]
 """(key name, key id) → the acks of that key one transaction applied."""
 
@@ -321,10 +324,13 @@ def _fleet_entry(host_id: str, envelope: Envelope) -> AckedVersion:
     """The ``fleet.acked`` entry that republishes a verified ack.
 
     :meth:`AckService.verify` builds it first: an ack the entry cannot carry (seq 0, an
-    over-long event id) is refused there as invalid data, never raised inside the group commit
-    (where it would roll back every other host's write with it)."""
+    over-long event id) or the store cannot hold (a version past its 64-bit integers) is
+    refused there as invalid data, never raised inside the group commit (where it would roll
+    back every other host's write with it)."""
     ack = envelope.data
     assert isinstance(ack, Ack)
+    if ack.version > _MAX_STORED_INT:
+        raise InvalidEventData("ack version is past what the store holds (2**63-1)")
     try:
         return AckedVersion(
             host=host_id,

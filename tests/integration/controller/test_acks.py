@@ -185,11 +185,11 @@ async def test_acks_of_many_hosts_share_one_commit_and_one_fleet_event(
 async def test_an_ack_the_fleet_event_cannot_carry_is_refused_not_fatal_to_the_group(
     controller: Controller,
 ) -> None:
-    """A host signs acks the controller cannot republish (envelope seq 0, an event id longer
-    than a fleet.acked entry takes). Each is refused as invalid data before it
-    reaches the group commit: the other hosts' acks still apply in one transaction (a failing
-    member would roll the group back and have every write run alone), and the sender is told
-    which acks were refused instead of getting an internal error."""
+    """A host signs acks the controller cannot republish or store (envelope seq 0, an event id
+    longer than a fleet.acked entry takes, a version past the store's 64-bit integers). Each is
+    refused as invalid data before it reaches the group commit: the other hosts' acks still
+    apply in one transaction (a failing member would roll the group back and have every write
+    run alone), and the sender is told which acks were refused, not an internal error."""
     c = controller
     key = await c.lifecycle.create(
         "web/tls", "ed25519", targets=Targets(selectors=(WEB,)), actor="alice"
@@ -200,10 +200,12 @@ async def test_an_ack_the_fleet_event_cannot_carry_is_refused_not_fatal_to_the_g
     signers = {n: await enroll_host(c, n, WEB) for n in [*names, "evil"]}
     hosts = {n: (await c.hosts.identity(n))[0] for n in signers}
     long_event = _ack("evil", digest).model_copy(update={"event_id": "e" * 200})
+    huge_version = _ack("evil", digest).model_copy(update={"version": 1 << 63})
     poison = AckRequest(
         acks=(
             signed_ack(signers["evil"], _ack("evil", digest), 0),
             signed_ack(signers["evil"], long_event, 5),
+            signed_ack(signers["evil"], huge_version, 6),
         )
     )
     good = {n: AckRequest(acks=(signed_ack(signers[n], _ack(n, digest), 1),)) for n in names}
@@ -217,6 +219,7 @@ async def test_an_ack_the_fleet_event_cannot_carry_is_refused_not_fatal_to_the_g
     assert [(r.index, r.reason) for r in bad.refused] == [
         (0, "invalid-data"),
         (1, "invalid-data"),
+        (2, "invalid-data"),
     ]
     assert [r.applied for r in rest] == [(1,)] * len(names)
     assert c.agents._group.groups == before + 1
