@@ -1,8 +1,9 @@
 """Kafka is fenced too: an old leader publishes nothing after a new leader's producer started,
 and an event committed to Kafka but not marked sent is not published again (real Kafka).
 
-Two replicas on one SQLite file, opened but not run (tests/support/replicas): the test moves
-their clock and calls their publishers itself, so the interleavings are exact.
+Two replicas on one store (a SQLite file, or a PostgreSQL database), opened but not run
+(tests/support/replicas): the test moves their clock and calls their publishers itself, so
+the interleavings are exact.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ckms.devkafka import LocalKafka
 from ckms.errors import CKMSError, NotLeaderError
 from ckms.store import lease as leases
 from ckms.store import outbox
-from tests.support.replicas import open_replica, take_lease
+from tests.support.replicas import open_replica, take_lease, target_settings
+from tests.support.stores import StoreTarget
 from tests.unit.controller.conftest import FakeClock
 
 pytestmark = pytest.mark.kafka
@@ -61,20 +63,20 @@ async def replicas(
     tmp_path: Path,
     controller_kafka: KafkaLink,
     unique_topic: Callable[[str], str],
+    store_target: StoreTarget,
 ) -> AsyncIterator[tuple[Controller, Controller, FakeClock]]:
+    """Two replicas on one store (a SQLite file, or a PostgreSQL database) and one Kafka."""
     clock = FakeClock()
-    topics: dict[str, Any] = {
+    settings: dict[str, Any] = {
         "events_topic": unique_topic("events"),
         "fleet_topic": unique_topic("fleet"),
         "audit_topic": unique_topic("audit"),
+        "kafka": controller_kafka,
+        "lease_s": TTL,
+        **target_settings(store_target),
     }
-    store = tmp_path / "controller.db"
-    a = await open_replica(
-        tmp_path / "a", store, clock, "ctl-a", kafka=controller_kafka, lease_s=TTL, **topics
-    )
-    b = await open_replica(
-        tmp_path / "b", store, clock, "ctl-b", kafka=controller_kafka, lease_s=TTL, **topics
-    )
+    a = await open_replica(tmp_path / "a", clock=clock, name="ctl-a", **settings)
+    b = await open_replica(tmp_path / "b", clock=clock, name="ctl-b", **settings)
     try:
         yield a, b, clock
     finally:

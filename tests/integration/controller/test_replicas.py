@@ -1,6 +1,7 @@
 """Two real controllers on one store (replicas) and a real agent that knows both (real Kafka).
 
-The replicas share the SQLite file and the SSH host key (docs/architecture.md, "Replicas"):
+The replicas share the store (a SQLite file, or a PostgreSQL database) and the SSH host key
+(docs/architecture.md §8):
 the agent's config names both, pins the one host key, and when the replica it uses stops, its
 sync, fetch and acks go on through the other.
 """
@@ -25,6 +26,8 @@ from ckms_agent.enroll import enroll
 from tests.support.controller import running_controller
 from tests.support.fleet import TEST_ALLOWED_PATHS, agent_config, running_agent, wait_until
 from tests.support.kafka import dev_ca, use_test_broker_certificate
+from tests.support.replicas import target_settings
+from tests.support.stores import StoreTarget
 
 pytestmark = pytest.mark.kafka
 
@@ -42,17 +45,19 @@ async def _converged(c: Controller, key: str, host: str, version: int) -> bool:
 
 @pytest.mark.requirement("ISO27002-8.14")
 async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
-    tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
+    tmp_path: Path,
+    controller_kafka: KafkaLink,
+    unique_topic: Callable[[str], str],
+    store_target: StoreTarget,
 ) -> None:
-    topics = {"audit_topic": unique_topic("audit")}
+    topics: dict[str, object] = {
+        "audit_topic": unique_topic("audit"),
+        **target_settings(store_target),  # one SQLite file, or one PostgreSQL database
+    }
     events, fleet = unique_topic("events"), unique_topic("fleet")
-    store = tmp_path / "shared" / "controller.db"
-    store.parent.mkdir()
     async with contextlib.AsyncExitStack() as first_stack:
         a = await first_stack.enter_async_context(
-            running_controller(
-                tmp_path / "a", controller_kafka, events, fleet, store=str(store), **topics
-            )
+            running_controller(tmp_path / "a", controller_kafka, events, fleet, **topics)
         )
         # One host key for every replica: copied to the second's home before it starts.
         (tmp_path / "b").mkdir(mode=0o700)
@@ -61,9 +66,7 @@ async def test_an_agent_fails_over_to_the_other_replica_and_keeps_converging(
         await second_stack.__aenter__()
         try:
             b = await second_stack.enter_async_context(
-                running_controller(
-                    tmp_path / "b", controller_kafka, events, fleet, store=str(store), **topics
-                )
+                running_controller(tmp_path / "b", controller_kafka, events, fleet, **topics)
             )
             assert b.host_key_fingerprint == a.host_key_fingerprint
             # exactly one of them leads; both beat
