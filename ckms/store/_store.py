@@ -144,7 +144,9 @@ class Reader:
         except _BeginFailed as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise _store_error(cause, "cannot start a transaction") from cause
-        except (sqlite3.Error, ValueError) as exc:
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            # OverflowError: an integer past 64 bits (a value a peer chose), as PostgreSQL's
+            # out-of-range DataError is a StoreError too.
             raise _store_error(exc, what) from exc
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:

@@ -220,6 +220,20 @@ async def test_sqlite_errors_become_store_errors(mem_store: Store) -> None:
             await tx.execute("INSERT INTO no_such_table VALUES (1)")
 
 
+async def test_an_integer_past_64_bits_is_a_store_error(mem_store: Store) -> None:
+    # A value a peer chose (an ack's version) must fail as the store's error on both engines:
+    # SQLite's OverflowError escaped unmapped, as no error the callers handle.
+    async with mem_store.write() as tx:
+        await tx.execute("CREATE TABLE wide (v BIGINT)")
+    with pytest.raises(StoreError, match="write failed"):
+        async with mem_store.write() as tx:
+            await tx.execute("INSERT INTO wide(v) VALUES (?)", (1 << 64,))
+    with pytest.raises(StoreError, match="query failed"):
+        await mem_store.fetchall("SELECT v FROM wide WHERE v = ?", (1 << 64,))
+    async with mem_store.write() as tx:
+        await tx.execute("DROP TABLE wide")
+
+
 async def test_closed_store_raises_store_error() -> None:
     store = await Store.open(":memory:")
     await store.close()
