@@ -197,7 +197,8 @@ unless someone who may write the topic buried it (then agents still converge, th
 async def _lift_sequence(
     store: Store, public: bytes, settings: ControllerSettings, timeout_s: float
 ) -> int:
-    """Continue the event sequence after the newest event this controller published.
+    """Continue the event sequence after the newest event this controller published (on the
+    events or the fleet topic).
 
     Events published after the backup was taken carry sequence numbers the backup also hands
     out again; agents drop an event at or below the last one they applied, so the restored
@@ -206,9 +207,12 @@ async def _lift_sequence(
     """
     kid = signer_key_id(public)
     newest = 0
-    tails = await read_tails(
-        settings.kafka, settings.events_topic, per_partition=_TAIL, timeout_s=timeout_s
-    )
+    tails = []
+    # Both topics take their seq from the one outbox sequence: continuing after the newest
+    # event alone would hand out again seqs fleet.acked took, which readers of the fleet topic
+    # drop as replays, and which a new publisher marks sent from the fleet topic's tail.
+    for topic in dict.fromkeys((settings.events_topic, settings.fleet_topic)):
+        tails += await read_tails(settings.kafka, topic, per_partition=_TAIL, timeout_s=timeout_s)
     for value, headers in tails:
         try:
             envelope = verify_message(value, headers, {kid: public})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -61,6 +61,13 @@ def promtool_check(text: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _outbox_sent(c: Controller) -> Callable[[], Awaitable[bool]]:
+    async def sent() -> bool:
+        return await c.publisher.backlog() == 0
+
+    return sent
+
+
 async def test_controller_metrics_move_with_a_rotation(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:
@@ -80,6 +87,9 @@ async def test_controller_metrics_move_with_a_rotation(
                 "web/tls", "aes-256", targets=Targets(selectors=(WEB,)), install=RAW, actor="a"
             )
             await wait_until(lambda: converged(c, "web/tls", hosts), what="first install")
+            # Acks ride SSH: hosts may converge (sync, heartbeat drift) before Kafka has the
+            # events; the published counters are compared once the outbox is empty.
+            await wait_until(_outbox_sent(c), what="key.created published")
             c.metrics._taken = float("-inf")  # the snapshot is cached for a few seconds
             status, body = await http_get(port)
             assert status == 200
@@ -87,6 +97,7 @@ async def test_controller_metrics_move_with_a_rotation(
             await c.lifecycle.rotate("web/tls", actor="a")
             await wait_until(lambda: converged(c, "web/tls", hosts), what="rotation")
             await wait_until(lambda: _acked_all(c, 2, hosts), what="every ack applied")
+            await wait_until(_outbox_sent(c), what="the rotation and its fleet.acked published")
             c.metrics._taken = float("-inf")
             status, body = await http_get(port)
         answered = await _acks_answering_events(c)
