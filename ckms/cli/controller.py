@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ckms import _aio
+from ckms._hardening import protect_memory
 from ckms._logging import configure_logging
 from ckms.cli._errors import cli_errors
 from ckms.controller.home import load_settings
@@ -32,6 +33,7 @@ def _setup_logging(level: str, *, ssh_debug: bool) -> None:
 
 async def serve(settings: ControllerSettings) -> None:
     """Run the controller until SIGTERM/SIGINT; then stop every task and close the store."""
+    protect_memory()  # before it ever holds the unsealed secrets
     loop = asyncio.get_running_loop()
     async with Controller(settings) as controller:
         task = asyncio.create_task(controller.run(), name="controller")

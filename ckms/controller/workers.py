@@ -25,7 +25,9 @@ only argument on its command line), in length-prefixed JSON frames:
 - **wake** (worker → parent): a worker committed outbox rows (publish now, not at the next
   poll) or applied acks (judge rollouts now).
 
-Secrets cross only that socket pair: never a file, a command line or an environment variable.
+Secrets cross only that socket pair: never a file, a command line or an environment variable;
+a worker, like the parent, makes no core dump and lets no other process of its user read its
+memory (:func:`ckms._hardening.protect_memory`).
 Workers share the store (SQLite WAL): each process's caches notice the others' commits
 (``Store.generation``, at most one ``PRAGMA data_version`` every 50 ms per cache). A worker that
 exits is restarted with a backoff and the restart is audited (``controller.worker``); a worker
@@ -641,9 +643,11 @@ class RemoteVault(Vault):
 
 
 async def _worker_main(fd: int) -> int:
+    from ckms._hardening import protect_memory
     from ckms._logging import configure_logging
     from ckms.controller.service import Controller, ControllerSettings
 
+    protect_memory()  # before the parent's state (the opened secrets) arrives
     frames = await _Frames.over(socket.socket(fileno=fd))
     start = await frames.receive()
     if start is None or start.get("op") != "start":

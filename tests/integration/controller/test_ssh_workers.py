@@ -40,6 +40,11 @@ def _command_line_and_environment(pid: int) -> bytes:
     return b"".join(Path(f"/proc/{pid}/{name}").read_bytes() for name in ("cmdline", "environ"))
 
 
+def _core_size_limits(pid: int) -> list[str]:
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return next(line for line in limits if line.startswith("Max core file size")).split()[4:6]
+
+
 @pytest.mark.requirement("PCI-3.7.3")
 @pytest.mark.timeout(300)  # many CLI processes and worker restarts on a busy machine
 async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
@@ -59,6 +64,9 @@ async def test_two_ssh_workers_serve_agents_and_operators_in_one_vault_state(
         assert await _all_sealed(c, False)  # unsealed before start: the workers began so
         for pid in pids.values():  # secrets cross the socket pair only
             assert PASSPHRASE.encode() not in _command_line_and_environment(pid)
+            # ...and stay in the worker's memory: no core file of it (nor ptrace by its user,
+            # tests/unit/test_hardening.py).
+            assert _core_size_limits(pid) == ["0", "0"]
 
         ops = Operators(c, tmp_path / "ops")
         await ops.add("alice", "admin")
