@@ -90,6 +90,16 @@ def _ssh_line(text: str) -> str:
     return " ".join(text.split()[:2])
 
 
+def logs_in_with(host: Host, presented_key: str) -> bool:
+    """Whether ``presented_key`` (an OpenSSH public key line) is ``host``'s identity key: the
+    login check, and the check of an open connection before each request (the host may have
+    been enrolled again with another key since it logged in)."""
+    try:
+        return signing_public_openssh(host.identity_public_key) == _ssh_line(presented_key)
+    except CKMSError:
+        return False
+
+
 async def _revoke_unentitled(
     tx: Transaction, before: Host, host: Host, now: datetime
 ) -> tuple[str, ...]:
@@ -332,12 +342,7 @@ class HostRegistry:
         except IntegrityError as exc:
             log.error("login refused for host %s: %s", host_id, exc)
             return None
-        try:
-            if signing_public_openssh(host.identity_public_key) == _ssh_line(presented_key):
-                return host
-        except CKMSError:
-            return None
-        return None
+        return host if logs_in_with(host, presented_key) else None
 
     async def set_labels(self, host_id: str, labels: dict[str, str], *, actor: str) -> Host:
         """Replace a host's labels (which keys target it follows from them)."""

@@ -46,7 +46,7 @@ from ckms.controller.approvals import ApprovalBook, DualControl
 from ckms.controller.backup import Backups
 from ckms.controller.ca import ControllerCA
 from ckms.controller.fleet import FleetView
-from ckms.controller.hosts import HostRegistry
+from ckms.controller.hosts import HostRegistry, logs_in_with
 from ckms.controller.leader import LeaderLease
 from ckms.controller.lifecycle import Lifecycle
 from ckms.controller.metrics import ControllerMetrics
@@ -508,7 +508,8 @@ class Controller:
         """Before each request: an operator is still enabled, with the key and role it
         logged in with. A removal through another replica closes only that replica's
         connections, and a removed operator may be added back with another key or role.
-        A host the same way, from the cached identity every agent handler reads anyway
+        A host the same way (not revoked, and still the key it logged in with), from the
+        cached identity every agent handler reads anyway
         (``HostRegistry.identity``: another process's commit is seen within
         ``FOREIGN_CHECK_S``), so its connection closes after one refusal."""
         if principal.role == Role.ENROLL:
@@ -518,7 +519,13 @@ class Controller:
                 host, _ = await self.hosts.identity(principal.name)
             except NotFoundError:
                 return f"host {principal.name} is not enrolled"
-            return f"host {principal.name} is revoked" if host.revoked else None
+            if host.revoked:
+                return f"host {principal.name} is revoked"
+            if not logs_in_with(host, principal.public_key):
+                # Revoked and enrolled again with a new key through another replica while
+                # this connection (the old key's, perhaps a thief's) sat idle.
+                return f"host {principal.name} was enrolled again since this connection logged in"
+            return None
         if await self._operator_role(principal.name, principal.public_key) == principal.role:
             return None
         return (

@@ -83,3 +83,30 @@ async def test_a_host_revoked_on_one_replica_loses_its_connection_to_the_other(
             await wait_until(refused, 10, "the revocation refused by replica b")
             with pytest.raises(TransportError):
                 await rpc.call("heartbeat", beat)
+
+
+async def test_a_connection_of_a_host_enrolled_again_with_a_new_key_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """web-1's identity key is stolen; the thief keeps an idle connection to replica b while
+    the operator revokes web-1 through replica a and enrolls it again with a fresh key. The
+    host is no longer revoked, but the connection logged in with the old key: b must refuse
+    it (as it does an operator added back with another key), not serve it as web-1."""
+    async with running_replicas(tmp_path) as (a, b):
+        stolen = await enroll_agent(a, tmp_path / "first", "web-1", {"role": "web"})
+        beat = SyncRequest().model_dump(mode="json")
+        async with host_rpc(b, stolen, channel=True) as rpc:
+            await rpc.call("heartbeat", beat)
+            await a.hosts.revoke("web-1", actor="alice")
+            await enroll_agent(a, tmp_path / "second", "web-1", {"role": "web"})
+            new_key = (await a.hosts.identity("web-1"))[0].identity_public_key
+
+            async def b_sees_the_new_key() -> bool:
+                host, _ = await b.hosts.identity("web-1")
+                return not host.revoked and host.identity_public_key == new_key
+
+            await wait_until(b_sees_the_new_key, 10, "replica b sees the new enrollment")
+            with pytest.raises(PermissionDeniedError, match="web-1"):
+                await rpc.call("heartbeat", beat)
+            with pytest.raises(TransportError):
+                await rpc.call("heartbeat", beat)
