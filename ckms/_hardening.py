@@ -14,8 +14,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import resource
 import sys
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: the operator CLI imports this module too
+    resource = None  # type: ignore[assignment]
 
 __all__ = ["protect_memory"]
 
@@ -26,7 +30,8 @@ _PR_SET_DUMPABLE = 4
 
 def protect_memory() -> None:
     """No core dumps of this process, and (Linux) no ptrace or /proc/<pid>/mem by others."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if resource is not None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError):
