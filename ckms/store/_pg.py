@@ -541,21 +541,6 @@ class PgStore(Store):
         async with self._statement() as r:
             return await r.fetchall(sql, params)
 
-    async def fetchone(self, sql: str, params: Params = ()) -> Any:
-        """Run one read query in its own snapshot and return the first row, or None."""
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
-
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
-        """Run one read query in its own snapshot and return its first value, or None."""
-        row = await self.fetchone(sql, params)
-        return None if row is None else row[0]
-
-    async def get_meta(self, name: str) -> bytes | None:
-        """Return one value of the ``meta`` table, or None."""
-        value = await self.fetchval("SELECT value FROM meta WHERE name = ?", (name,))
-        return None if value is None else bytes(value)
-
     async def _acquire(self) -> Any:
         self._check_open()
         try:

@@ -92,7 +92,30 @@ def _store_error(exc: BaseException, what: str) -> StoreError:
     return StoreError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-class Reader:
+class _Queries:
+    """What every query surface derives from ``fetchall``: a reader, a transaction, a store
+    (whose one-statement reads each run in their own snapshot) on either engine."""
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Any]:
+        raise NotImplementedError
+
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        """Run a query and return its first row, or None."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+        """Run a query and return the first column of its first row, or None."""
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    async def get_meta(self, name: str) -> bytes | None:
+        """Return a value of the ``meta`` table (controller secrets are stored there sealed)."""
+        value = await self.fetchval("SELECT value FROM meta WHERE name = ?", (name,))
+        return None if value is None else bytes(value)
+
+
+class Reader(_Queries):
     """Queries inside one read snapshot (or inside the write transaction, for a Transaction)."""
 
     dialect: Dialect = SQLITE
@@ -153,21 +176,6 @@ class Reader:
         """Run a query and return every row."""
         return await self._call("query failed", lambda c: c.execute(sql, params).fetchall())
 
-    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        """Run a query and return its first row, or None."""
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
-
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
-        """Run a query and return the first column of its first row, or None."""
-        row = await self.fetchone(sql, params)
-        return None if row is None else row[0]
-
-    async def get_meta(self, name: str) -> bytes | None:
-        """Return a value of the ``meta`` table (controller secrets are stored there sealed)."""
-        value = await self.fetchval("SELECT value FROM meta WHERE name = ?", (name,))
-        return None if value is None else bytes(value)
-
 
 class Transaction(Reader):
     """The one write transaction; handed out by :meth:`Store.write`."""
@@ -218,7 +226,7 @@ class Transaction(Reader):
         )
 
 
-class Store:
+class Store(_Queries):
     """The controller's database: open with :meth:`open`, close with :meth:`close`.
 
     This class is the SQLite engine; :class:`ckms.store._pg.PgStore` is the PostgreSQL one,
@@ -525,21 +533,6 @@ class Store:
         """Run one read query in its own snapshot."""
         async with self._statement() as r:
             return await r.fetchall(sql, params)
-
-    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        """Run one read query in its own snapshot and return the first row, or None."""
-        async with self._statement() as r:
-            return await r.fetchone(sql, params)
-
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
-        """Run one read query in its own snapshot and return its first value, or None."""
-        async with self._statement() as r:
-            return await r.fetchval(sql, params)
-
-    async def get_meta(self, name: str) -> bytes | None:
-        """Return one value of the ``meta`` table, or None."""
-        async with self._statement() as r:
-            return await r.get_meta(name)
 
     async def schema_version(self) -> int:
         """Return the highest migration number applied to this database."""
