@@ -69,6 +69,7 @@ def _offenders(package: str, allowed: tuple[str, ...]) -> list[str]:
                 "ckms.crypto",
                 "ckms.errors",
                 "ckms._logging",
+                "ckms._hardening",
                 "ckms._kafka",
                 "ckms._kafka_security",
                 "ckms.ssh",
