@@ -396,10 +396,7 @@ class PgStore(Store):
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Transaction]:
         """One transaction as the one writer of every process on this database."""
-        self._check_open()
-        task = asyncio.current_task()
-        if task is not None and self._writer_task is task:
-            raise StoreError("nested write transaction: the store has exactly one writer")
+        task = self._writer_may_enter()
         async with self._write_lock:
             self._check_open()
             self._writer_task = task

@@ -435,14 +435,19 @@ class Store(_Queries):
 
     # -- transactions --------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[Transaction]:
-        """Run the block as the one writer in one transaction: commit on success, else roll back."""
+    def _writer_may_enter(self) -> asyncio.Task[Any] | None:
+        """The task asking to write, refused if it already holds the write transaction: an
+        asyncio.Lock is not re-entrant, so waiting would deadlock forever (either engine)."""
         self._check_open()
         task = asyncio.current_task()
         if task is not None and self._writer_task is task:
-            # An asyncio.Lock is not re-entrant: waiting here would deadlock forever.
             raise StoreError("nested write transaction: the store has exactly one writer")
+        return task
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Transaction]:
+        """Run the block as the one writer in one transaction: commit on success, else roll back."""
+        task = self._writer_may_enter()
         async with self._write_lock:
             self._check_open()
             self._writer_task = task
