@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaProducer
 
-from ckms._aio import stop_if_cancelled
+from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
 from ckms._kafka import (
     TopicSpec,
@@ -90,12 +90,25 @@ class AuditAnchor:
         self._lock = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
         self.last: audit_log.Anchor | None = None
+        self._loaded = asyncio.Event()
         self.loaded = kafka is None  # without a topic there is nothing to read back
         self.published_size: int | None = None
         self.broken: str | None = None
         self.leader: LeaderLease | None = None
         """Set among replicas: only the lease holder signs, and its checkpoint write is fenced
         by the lease (a replica that lost it cannot sign, whichever task asks)."""
+
+    @property
+    def loaded(self) -> bool:
+        """True once the newest anchor was read back (or there is no topic to read it from)."""
+        return self._loaded.is_set()
+
+    @loaded.setter
+    def loaded(self, value: bool) -> None:
+        if value:
+            self._loaded.set()
+        else:
+            self._loaded.clear()
 
     def reset(self) -> None:
         """Forget the anchor read back (a leader that stepped down reads it again next term)."""
@@ -158,6 +171,7 @@ class AuditAnchor:
     async def checkpoint(self) -> audit_log.AuditCheckpoint:
         """Sign and store a checkpoint over a log that extends the anchor, then publish it."""
         self._vault.require_unsealed("sign an audit checkpoint")
+        await self._settle()
         async with self._lock:
             if self.broken is not None:
                 raise AuditAnchorError(self.broken)
@@ -193,6 +207,18 @@ class AuditAnchor:
         )
         await self.publish()
         return cp
+
+    async def _settle(self) -> None:
+        """Right after an unseal or a takeover, this replica's lease round and the read-back of
+        the anchor are still under way: a checkpoint asked for then (an export, a backup)
+        waits for them, bounded, rather than being skipped. A replica that another one leads
+        does not wait: it cannot sign."""
+        deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+        leader = self.leader
+        if leader is not None and not leader.leading and not leader.led_elsewhere():
+            await wait_event(leader.leads, self._delivery_timeout_s)
+        if not self.loaded and self.broken is None:
+            await wait_event(self._loaded, deadline - asyncio.get_running_loop().time())
 
     async def publish(self) -> bool:
         """Publish the anchor if the topic does not have it yet; False if Kafka did not take it."""

@@ -78,6 +78,8 @@ class LeaderLease:
         self._on_step_down = on_step_down
         self._started_at = clock()
         self.fence: leases.Fence | None = None
+        self.leads = asyncio.Event()
+        """Set while this replica leads (for a task that waits to be able to sign)."""
         self._task: asyncio.Task[None] | None = None
         self._valid_until = 0.0
         self._wake = asyncio.Event()
@@ -100,6 +102,11 @@ class LeaderLease:
             leader=None if last is None else last.holder_name,
             expires_at=None if last is None else last.expires_at,
         )
+
+    def led_elsewhere(self) -> bool:
+        """True if the last round saw another replica's lease, not expired by its stored time."""
+        last = self.last
+        return last is not None and not last.mine and last.expires_at > self._clock()
 
     def wake(self) -> None:
         """Run a round now (after an unseal or a seal)."""
@@ -168,6 +175,7 @@ class LeaderLease:
         fence = leases.Fence(self.incarnation, state.epoch)
         context = leases.fenced_context(fence)  # every write of the work is fenced
         self.fence = fence
+        self.leads.set()
         self.terms += 1
         self._task = asyncio.create_task(lead(), name="leader-work", context=context)
         log.info("replica %s leads (epoch %d): leader-only work started", self.name, fence.epoch)
@@ -188,11 +196,13 @@ class LeaderLease:
             await self._step_down("the leader-only work stopped")
             return
         self.fence = None
+        self.leads.clear()
         raise exc
 
     async def _step_down(self, why: str) -> None:
         fence, task = self.fence, self._task
         self.fence, self._task = None, None
+        self.leads.clear()
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, CKMSError):

@@ -9,6 +9,7 @@ such a log.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,7 @@ async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path)
             vault,
             kafka=KafkaLink("127.0.0.1:1", KafkaSecurity.plaintext()),
             topic="ckms.audit",
+            delivery_timeout_s=0.2,  # how long a checkpoint waits for the read-back
         )
         with pytest.raises(KafkaUnavailableError):
             await vault.anchor.load()
@@ -209,3 +211,34 @@ async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path)
             await vault.checkpoint_audit()
         assert await audit_log.load_checkpoints(store) == []
         await _build(store, 1)
+
+
+
+async def test_a_checkpoint_asked_during_the_read_back_waits_for_it_and_signs(
+    tmp_path: Path,
+) -> None:
+    """Right after an unseal the anchor is still being read back: an export's or a backup's
+    checkpoint asked then waits for the read-back (bounded) and signs, instead of being
+    skipped."""
+    from ckms._kafka_security import KafkaLink, KafkaSecurity
+    from ckms.controller.anchor import AuditAnchor
+    from ckms.controller.sealing import Vault, init_controller
+
+    async with await Store.open(tmp_path / "c.db") as store:
+        await init_controller(store, passphrase="a passphrase long enough")
+        vault = Vault(store)
+        await vault.unseal_with_passphrase("a passphrase long enough")
+        vault.anchor = AuditAnchor(
+            store,
+            vault,
+            kafka=KafkaLink("127.0.0.1:1", KafkaSecurity.plaintext()),
+            topic="ckms.audit",
+            delivery_timeout_s=30,
+        )
+        await _build(store, 3)
+        asked = asyncio.create_task(vault.checkpoint_audit())
+        await asyncio.sleep(0)  # it is waiting, not refused
+        assert not asked.done()
+        vault.anchor.loaded = True  # what load() does once the topic answered: no anchor yet
+        cp = await asyncio.wait_for(asked, 10)
+        assert cp.size == await store.fetchval("SELECT count(*) FROM audit")
