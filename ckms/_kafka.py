@@ -7,8 +7,10 @@ enter ckms (:func:`kafka_errors`), so callers never match on aiokafka's types.
 (signed events) and an agent's pending acks. It reads a batch in order, sends it with an
 idempotent producer (``acks=all``), tells the queue which prefix the broker confirmed (the rest
 goes again, in order), and on any failure closes the producer and retries after a jittered
-:class:`~ckms._backoff.Backoff`. A crash between the broker's confirmation and the queue's
-deletion sends a message twice; readers drop the duplicate by ``seq``.
+:class:`~ckms._backoff.Backoff`. Every step that waits for Kafka is bounded, so an outage is
+counted in :class:`RelayStats` within a bound, however aiokafka retries underneath. A crash
+between the broker's confirmation and the queue's deletion sends a message twice; readers drop
+the duplicate by ``seq``.
 
 A relay given a ``transactional_id`` (the outbox of controller replicas) sends each batch in
 one Kafka transaction instead. Every replica uses the same id, so the producer a new leader
@@ -24,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +52,21 @@ def kafka_errors(what: str) -> Iterator[None]:
         raise KafkaUnavailableError(f"{what}: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise KafkaUnavailableError(f"{what}: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def kafka_within(what: str, timeout_s: float) -> AsyncIterator[None]:
+    """:func:`kafka_errors`, and :class:`KafkaUnavailableError` if the block takes longer than
+    ``timeout_s``: aiokafka retries some requests for as long as no broker answers (a producer
+    id, a transaction coordinator), so callers that must notice an outage bound each step."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            with kafka_errors(what):
+                yield
+    except TimeoutError:
+        raise KafkaUnavailableError(
+            f"{what}: Kafka did not answer within {timeout_s:.0f} s"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -146,24 +163,60 @@ async def wait_delivered(
     return out
 
 
-async def abort_producer(producer: AIOKafkaProducer) -> None:
+ABORT_WAIT_S = 5.0
+"""How long discarding a producer may take before it is left to itself (:func:`abort_producer`)."""
+
+
+async def abort_producer(producer: AIOKafkaProducer, wait_s: float = ABORT_WAIT_S) -> None:
     """Stop ``producer`` at once, failing the messages Kafka has not confirmed yet.
 
     ``AIOKafkaProducer.stop()`` first waits for every queued message to be delivered, which
     never happens while all brokers are down: a controller or agent could not even stop
     (SIGTERM) during an outage. Callers keep what was not confirmed and send it again later
-    (consumers drop the duplicates by ``seq``). Safe to call twice.
+    (consumers drop the duplicates by ``seq``). A transaction left open is aborted by Kafka when
+    the next producer with its transactional id starts. Bounded by about ``wait_s``; never
+    raises (but for a cancel); safe to call twice.
     """
-    # aiokafka has no public abort. Stop its sender task first (it returns once the requests in
-    # flight have failed or finished), then fail what is still queued, so that stop()'s flush
-    # has nothing left to wait for; failing batches under a running sender races it.
+    # aiokafka has no public abort. Stop its sender first, then fail what is still queued, so
+    # that stop()'s flush has nothing left to wait for; failing batches under a running sender
+    # races it.
     sender = getattr(producer, "_sender", None)
     accumulator = getattr(producer, "_message_accumulator", None)
-    with contextlib.suppress(KafkaError, OSError):
-        if sender is not None and accumulator is not None:
-            await sender.close()
-            accumulator.fail_all(KafkaTimeoutError("stopped before Kafka confirmed"))
-        await producer.stop()
+    try:
+        async with asyncio.timeout(wait_s):
+            if sender is not None and accumulator is not None:
+                await _cancel_sender(sender)
+                accumulator.fail_all(KafkaTimeoutError("stopped before Kafka confirmed"))
+            await producer.stop()
+    except TimeoutError:
+        log.warning("a Kafka producer did not stop within %.0f s; left to itself", wait_s)
+    except (KafkaError, OSError):
+        pass
+    except Exception:  # discarding a producer must not stop the loop that discards it
+        log.warning("stopping a Kafka producer failed", exc_info=True)
+
+
+async def _cancel_sender(sender: object) -> None:
+    """Cancel aiokafka's sender loop and every request task it has in flight, and wait for them.
+
+    Its own ``close()`` cancels the loop, which then awaits its requests in flight; and a
+    transactional request (adding a partition to the transaction, committing it) first looks
+    for the transaction coordinator, retrying for as long as no broker answers. So while Kafka
+    was down a publisher never got past closing its producer: it neither counted the failure
+    nor tried again. The tasks are those whose coroutine is a method of ``sender``.
+    """
+    tasks = []
+    for task in asyncio.all_tasks():
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        if frame is not None and frame.f_locals.get("self") is sender:
+            tasks.append(task)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a request that failed meanwhile is not logged
 
 
 @dataclass(frozen=True)
@@ -233,7 +286,11 @@ class Relay:
     ``poll_s`` is how long an idle relay waits before looking again without being woken (None:
     only when woken, for a queue every writer wakes). ``topics`` are created (idempotent) at the
     first turn, before anything is sent. Failures never stop the loop: they are counted in
-    :attr:`stats`, logged, and retried after ``backoff``.
+    :attr:`stats`, logged, and retried after ``backoff`` with a new producer.
+
+    Every step that waits for Kafka is bounded: ``delivery_timeout_s`` for creating the topics,
+    starting a producer, sending a batch and having it confirmed (or committed), and
+    ``start_timeout_s`` for a transactional source's :meth:`~TransactionalSource.started`.
     """
 
     def __init__(
@@ -247,6 +304,7 @@ class Relay:
         batch_size: int = 500,
         poll_s: float | None = None,
         delivery_timeout_s: float = 20.0,
+        start_timeout_s: float = 60.0,
         topics: Sequence[TopicSpec] = (),
         fatal: tuple[type[CKMSError], ...] = (),
     ) -> None:
@@ -260,6 +318,7 @@ class Relay:
         self.batch_size = batch_size
         self.poll_s = poll_s
         self.delivery_timeout_s = delivery_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.topics = tuple(topics)
         self._topics_made = not self.topics
         self.stats = RelayStats()
@@ -300,11 +359,9 @@ class Relay:
 
     async def publish_pending(self) -> int:
         """Send one batch and confirm the prefix the broker stored; return how many."""
-        if not self._topics_made:
-            # At the first turn, not the first message: readers (agents, subscribers) wait for
-            # the topics to exist, and they may start before anything is published.
-            await ensure_topics(self.kafka, self.topics)
-            self._topics_made = True
+        # At the first turn, not the first message: readers (agents, subscribers) wait for the
+        # topics to exist, and they may start before anything is published.
+        await self._ensure_topics()
         batch = await self.source.pending(self.batch_size)
         if not batch:
             return 0
@@ -317,7 +374,7 @@ class Relay:
         producer = await self._ensure_producer()
         if self.producer.transactional_id is not None:
             return await self._publish_transaction(producer, batch)
-        with kafka_errors(f"sending to {self.topic}"):
+        async with kafka_within(f"sending to {self.topic}", self.delivery_timeout_s):
             futures = [
                 await producer.send(
                     m.topic or self.topic, m.value, key=m.key, headers=list(m.headers)
@@ -348,11 +405,16 @@ class Relay:
     async def _publish_transaction(
         self, producer: AIOKafkaProducer, batch: Sequence[Outgoing]
     ) -> int:
-        """Send ``batch`` in one transaction: all of it is confirmed, or none."""
+        """Send ``batch`` in one transaction: all of it is confirmed, or none.
+
+        On any failure the producer is discarded with its transaction open: the next producer's
+        start aborts it (or finds it committed, when only the answer was lost, and
+        :meth:`~TransactionalSource.started` confirms it), so nothing goes out twice.
+        """
         source: TransactionalSource = self.source  # type: ignore[assignment]
         committed = False
         try:
-            with kafka_errors(f"sending to {self.topic}"):
+            async with kafka_within(f"sending to {self.topic}", self.delivery_timeout_s):
                 await producer.begin_transaction()
                 futures = [
                     await producer.send(
@@ -369,15 +431,11 @@ class Relay:
             # The last word before the commit: a leader that lost its lease meanwhile stops
             # here; one that loses it after this is fenced by the next leader's producer.
             await source.may_send()
-            with kafka_errors(f"committing a transaction to {self.topic}"):
-                async with asyncio.timeout(self.delivery_timeout_s):
-                    await producer.commit_transaction()
+            async with kafka_within(
+                f"committing a transaction to {self.topic}", self.delivery_timeout_s
+            ):
+                await producer.commit_transaction()
             committed = True
-        except TimeoutError:
-            raise KafkaUnavailableError(
-                f"Kafka did not commit a transaction to {self.topic} within "
-                f"{self.delivery_timeout_s:.0f} s"
-            ) from None
         finally:
             if not committed:
                 await self._close_producer()  # aborts: the next producer's start does
@@ -396,12 +454,18 @@ class Relay:
         await self._close_producer()
         await asyncio.sleep(delay)
 
+    async def _ensure_topics(self) -> None:
+        if not self._topics_made:
+            async with kafka_within(
+                f"creating the topics of {self.topic}", self.delivery_timeout_s
+            ):
+                await ensure_topics(self.kafka, self.topics)
+            self._topics_made = True
+
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
-        if not self._topics_made:
-            await ensure_topics(self.kafka, self.topics)
-            self._topics_made = True
+        await self._ensure_topics()
         settings = self.producer
         transactional = settings.transactional_id is not None
         if transactional:
@@ -417,16 +481,22 @@ class Relay:
             max_request_size=settings.max_request_size,
         )
         try:
-            with kafka_errors(f"connecting to Kafka at {self.kafka.bootstrap}"):
+            # A transactional producer's start waits for its producer id, from a transaction
+            # coordinator it looks for for as long as none answers.
+            async with kafka_within(
+                f"connecting to Kafka at {self.kafka.bootstrap}", self.delivery_timeout_s
+            ):
                 await producer.start()
         except BaseException:
-            with contextlib.suppress(KafkaError, OSError):
-                await producer.stop()
+            await abort_producer(producer)
             raise
         self._producer = producer
         if transactional:
             try:
-                await self.source.started(self.kafka, self.topic)  # type: ignore[attr-defined]
+                async with kafka_within(
+                    f"reading back what {self.topic} holds", self.start_timeout_s
+                ):
+                    await self.source.started(self.kafka, self.topic)  # type: ignore[attr-defined]
             except BaseException:
                 await self._close_producer()
                 raise

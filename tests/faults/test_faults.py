@@ -392,12 +392,6 @@ async def test_agent_frozen_through_rotation_and_revocation(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    reason="known regression, to fix first: with Kafka down the transactional outbox publisher "
-    "no longer reports the outage (publisher stats: no failure counted, still connected within "
-    "60 s); acks over SSH and the fleet view still follow during the outage",
-    strict=False,
-)
 async def test_outbox_fills_while_kafka_is_down_then_drains(
     healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
 ) -> None:

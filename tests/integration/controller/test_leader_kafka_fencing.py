@@ -8,15 +8,12 @@ the interleavings are exact.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ckms._kafka import partitions_of
 from ckms._kafka_security import KafkaLink
 from ckms.controller.service import Controller
 from ckms.crypto import SubjectRole
@@ -24,6 +21,7 @@ from ckms.devkafka import LocalKafka
 from ckms.errors import CKMSError, NotLeaderError
 from ckms.store import lease as leases
 from ckms.store import outbox
+from tests.support.records import committed_seqs
 from tests.support.replicas import open_replica, take_lease, target_settings
 from tests.support.stores import StoreTarget
 from tests.unit.controller.conftest import FakeClock
@@ -31,31 +29,6 @@ from tests.unit.controller.conftest import FakeClock
 pytestmark = pytest.mark.kafka
 
 TTL = 10.0
-
-
-async def committed_seqs(kafka: KafkaLink, topic: str) -> list[int]:
-    """Every event ``seq`` on the topic, as a reader of committed records sees it."""
-    parts = await partitions_of(kafka, topic)
-    consumer = AIOKafkaConsumer(
-        **kafka.client_args(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in parts]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[int] = []
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(json.loads(r.value)["seq"] for r in batch)
-        return out
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture
