@@ -462,9 +462,12 @@ class Agent:
         )
         acked: dict[str, set[int]] = {}
         # A failed change the controller no longer asks for (what it wants is what the host
-        # holds, e.g. a rollout stage rolled back) is forgotten: asked again later, it is
-        # tried at once instead of waiting out the hold-off.
-        ops.forget_failures(except_keys={p.key for p in plans})
+        # holds, e.g. a rollout stage rolled back), or that a rollout event asked for anew (a
+        # stage resumed), is forgotten: it is tried at once instead of waiting out the hold-off.
+        ops.forget_failures(
+            except_keys={p.key for p in plans},
+            asked_again={t.key for t in by_key.values() if t.retry},
+        )
         # A version acked 'failed' and never held that the controller no longer lists (revoked
         # while an outage delayed its event): the host's last word on it becomes 'removed'.
         await ops.settle_failures({k.key: {v.version for v in k.versions} for k in reply.keys})
@@ -632,9 +635,9 @@ class Agent:
             self._request_reconcile()
             return
         if decision.action is EventAction.RECONCILE:
-            versions = decision.versions if decision.digests else ()
+            versions = decision.versions if decision.digests or decision.retry else ()
             self._request_reconcile(
-                Trigger(decision.key, event.id, dict(decision.digests), versions)
+                Trigger(decision.key, event.id, dict(decision.digests), versions, decision.retry)
             )
             return
         key, versions = decision.key, decision.versions

@@ -8,7 +8,9 @@ replay) by :class:`ckms.consumer.Subscriber`. Here each is mapped to one action:
   listed for it; ``key.policy_changed`` for a key it holds; ``key.rollout`` for a key it holds,
   that the controller last listed for it or whose targets match it → **reconcile** that key
   (``sync`` + ``fetch``; the digest named in the event is checked too; whether a rollout stage
-  includes this host is the sync reply's to say);
+  includes this host is the sync reply's to say). A ``key.rollout`` that leaves the rollout
+  running (a stage went out or was resumed) asks anew (``retry``): a change of that key that
+  failed is tried again at once, and the version, if held, is acknowledged again;
 - ``key.revoked`` / ``key.destroyed`` for a key it holds → **remove versions** locally at once,
   from the signed event alone, even if the controller is unreachable;
 - ``ca.rotated`` → **refresh trust**: sync now, so the new trust bundle (and certificates from
@@ -38,6 +40,7 @@ from ckms.protocol import (
     KeyRotated,
     KeyStateChanged,
     KeyTargetsChanged,
+    RolloutState,
 )
 
 RELEVANT_TYPES = frozenset(
@@ -76,6 +79,10 @@ class Decision:
     versions: tuple[int, ...] = ()
     digests: Mapping[int, str] = field(default_factory=dict)
     primary_version: int | None = None
+    retry: bool = False
+    """The controller asks anew for the key's rollout version (a stage went out or was
+    resumed): a failed change is not held off, and a held version is acknowledged again (the
+    gate of a resumed stage waits for acks sent since it went out again)."""
 
 
 IGNORE = Decision(EventAction.IGNORE)
@@ -103,9 +110,11 @@ def classify(
             )
         return IGNORE
     if isinstance(data, KeyTargetsChanged | KeyRollout):
-        if data.key in held or data.targets.matches(host_id, dict(labels)):
-            return Decision(EventAction.RECONCILE, data.key)
-        return IGNORE
+        if not (data.key in held or data.targets.matches(host_id, dict(labels))):
+            return IGNORE
+        if isinstance(data, KeyRollout) and data.state is RolloutState.RUNNING:
+            return Decision(EventAction.RECONCILE, data.key, (data.version,), retry=True)
+        return Decision(EventAction.RECONCILE, data.key)
     if isinstance(data, KeyStateChanged):
         if data.key in held or data.key in desired:
             return Decision(EventAction.RECONCILE, data.key)

@@ -60,11 +60,14 @@ class Trigger:
     event_id: str
     digests: dict[int, str] = field(default_factory=dict)
     versions: tuple[int, ...] = ()
+    retry: bool = False
+    """The event asked anew for the key's rollout version (:attr:`Decision.retry`)."""
 
     def merge(self, older: Trigger) -> None:
         """Fold an older pending trigger of the same key into this one."""
         self.digests = {**older.digests, **self.digests}
         self.versions = tuple(sorted({*older.versions, *self.versions}))
+        self.retry = self.retry or older.retry
 
 
 @dataclass(frozen=True)
@@ -234,12 +237,17 @@ class KeyOps:
         signature, at = failed
         return signature == _signature(plan.desired) and self._clock() - at < retry_after_s
 
-    def forget_failures(self, *, except_keys: Set[str]) -> None:
+    def forget_failures(
+        self, *, except_keys: Set[str], asked_again: Set[str] = frozenset()
+    ) -> None:
         """Forget the failed changes of every key but ``except_keys`` (the keys a sync still
         asks to change): the controller's desired state for the others is what the host
-        holds, so the failed change is no longer wanted, and a later request for it (a
-        resumed rollout) is a new attempt."""
-        for name in [n for n in self._failed_plans if n not in except_keys]:
+        holds, so the failed change is no longer wanted, and a later request for it is a new
+        attempt. The keys in ``asked_again`` are forgotten too: a signed ``key.rollout``
+        released the version anew (a stage resumed after a fix). The desired state alone
+        cannot say so: a stage aborted and resumed between two syncs asks for exactly what
+        failed before, and would wait out the hold-off while its gate waits for this host."""
+        for name in [n for n in self._failed_plans if n not in except_keys or n in asked_again]:
             del self._failed_plans[name]
 
     def _note_unheld(

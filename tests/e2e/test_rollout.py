@@ -265,12 +265,6 @@ async def rollout_state(c: Controller) -> RolloutState | None:
 
 @pytest.mark.requirement("PCI-6.5.1")
 @pytest.mark.timeout(300)  # five agents, a controller restart and three stages on a busy box
-@pytest.mark.xfail(
-    reason="known regression, to fix first: after abort and resume with the health check fixed, "
-    "the rollout does not complete within 120 s (halt, abort and roll-back still work; seen "
-    "since the rollout-gate and failed-version changes landed beside acks over SSH)",
-    strict=False,
-)
 async def test_a_failing_stage_halts_abort_rolls_it_back_and_resume_completes_it(
     tmp_path: Path, controller_kafka: KafkaLink, unique_topic: Callable[[str], str]
 ) -> None:

@@ -7,13 +7,13 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from agent_harness import TOKEN, World, wait_until
 
 from ckms.crypto import generate_signing_key
-from ckms.protocol import AckStatus, EventType, InstallSpec
+from ckms.protocol import AckStatus, Envelope, EventType, InstallSpec, SignedMessage
 from ckms_agent.daemon import Agent, HostRevokedError
 from ckms_agent.enroll import enroll
 from ckms_agent.files import TEMP_MARK
@@ -251,3 +251,72 @@ def _event_id(value: bytes) -> str:
     import json
 
     return json.loads(value)["id"]
+
+
+def _rollout_event(world: World, version: int, state: str, stage: int) -> SignedMessage:
+    key = world.controller.keys[KEY]
+    return world.controller.event(
+        EventType.KEY_ROLLOUT,
+        {
+            "key": KEY,
+            "key_id": "kid-" + KEY.replace("/", "-"),
+            "version": version,
+            "state": state,
+            "stage": stage,
+            "stages": [50, 100],
+            "gate": "healthy",
+            "released": 1,
+            "targets": key.targets.model_dump(mode="json"),
+        },
+    )
+
+
+async def test_a_stage_resumed_after_a_failed_health_check_is_tried_again_at_once(
+    world: World,
+) -> None:
+    """The host's health check refuses v2 (its stage halts); the abort and the resume reach it
+    together, so every sync asks for the same v2: the resume's ``key.rollout`` makes the agent
+    try again at once (not after the reconcile interval's hold-off), and a later stage's event
+    has it acknowledge the v2 it holds again."""
+    broken = world.tmp / "broken"
+    world.set_policy(hooks={"gate": {"health": ["sh", "-c", f"test ! -e {broken}"]}})
+    ctl = world.controller
+    spec = InstallSpec(path="/keys/{team}_{purpose}.json", format="keyring-json", health="gate")
+    key = ctl.add_key(KEY, install=spec)
+    path = world.host_path("/keys/payments_db.json")
+    agent = Agent(world.config())
+    trust = world.agent_public()
+
+    def acked(status: str) -> Callable[[Envelope], bool]:
+        return lambda a: a.data.version == 2 and a.data.status == status
+
+    async with running(agent):
+        await wait_until(path.exists, what="the keyring with v1")
+        broken.touch()
+        ctl.rotate(KEY)
+        key.versions[2].primary, key.versions[1].primary = False, True
+        key.versions[2].state = "PreActive"
+        await ctl.publish(_rollout_event(world, 2, "running", 1))
+        await world.ack_reader.wait_for(trust, acked("failed"), timeout_s=60)
+        assert [e["version"] for e in json.loads(path.read_bytes())["versions"]] == [1]
+
+        broken.unlink()  # the fix; the controller's desired state for the host is unchanged
+        await ctl.publish(
+            _rollout_event(world, 2, "halted", 1),
+            _rollout_event(world, 2, "rolled-back", 1),
+            _rollout_event(world, 2, "running", 1),
+        )
+        # Well within the hold-off (0.9 of the 300 s reconcile interval), on a busy machine too.
+        await world.ack_reader.wait_for(trust, acked("installed"), timeout_s=60)
+        assert [e["version"] for e in json.loads(path.read_bytes())["versions"]] == [1, 2]
+
+        await ctl.publish(_rollout_event(world, 2, "running", 2))
+
+        async def acked_twice() -> bool:
+            await world.ack_reader.poll(trust)
+            return sum(1 for a in world.ack_reader.acks if acked("installed")(a)) >= 2
+
+        await wait_until(acked_twice, 60, "v2 acknowledged again for the next stage")
+        assert {a.data.digest for a in world.ack_reader.acks if acked("installed")(a)} == {
+            key.versions[2].digest
+        }

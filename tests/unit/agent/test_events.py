@@ -13,9 +13,11 @@ from ckms.protocol import (
     KeyDestroyed,
     KeyPolicyChanged,
     KeyRevoked,
+    KeyRollout,
     KeyRotated,
     KeyStateChanged,
     KeyTargetsChanged,
+    RolloutState,
     Targets,
     encode_event,
     trust_keys,
@@ -130,6 +132,36 @@ def test_state_targets_and_policy_changes() -> None:
         decide(EventType.KEY_POLICY_CHANGED, policy, held={"a/b"}).action is EventAction.RECONCILE
     )
     assert decide(EventType.KEY_POLICY_CHANGED, policy).action is EventAction.IGNORE
+
+
+def test_a_rollout_that_runs_again_asks_the_host_anew_for_its_version() -> None:
+    """A stage that goes out or is resumed asks anew (a failed change is tried again at once,
+    a held version is acknowledged again); a halt or a roll-back only reconciles."""
+
+    def rollout(state: RolloutState) -> KeyRollout:
+        return KeyRollout(
+            key="a/b",
+            key_id="k1",
+            version=2,
+            state=state,
+            stage=2,
+            stages=(20, 100),
+            gate="healthy",
+            released=3,
+            targets=WEB,
+        )
+
+    resumed = decide(EventType.KEY_ROLLOUT, rollout(RolloutState.RUNNING))
+    assert (resumed.action, resumed.versions, resumed.retry) == (
+        EventAction.RECONCILE,
+        (2,),
+        True,
+    )
+    for state in (RolloutState.HALTED, RolloutState.ROLLED_BACK, RolloutState.EXPIRED):
+        d = decide(EventType.KEY_ROLLOUT, rollout(state), held={"a/b"})
+        assert (d.action, d.versions, d.retry) == (EventAction.RECONCILE, (), False)
+    away = rollout(RolloutState.RUNNING).model_copy(update={"targets": DB})
+    assert decide(EventType.KEY_ROLLOUT, away).action is EventAction.IGNORE
 
 
 def test_host_revocation_only_for_this_host() -> None:

@@ -372,3 +372,57 @@ async def test_a_revocation_event_settles_a_failure_of_a_version_never_held(rig:
     await rig.ops.revoke(NAME, [2], 1, "e-1")
     assert (await rig.acks())[-1] == (2, "removed")
     assert await rig.ops.settle_failures({NAME: {1}}) == set()  # settled once
+
+
+async def test_a_stage_resumed_before_any_sync_saw_it_withdrawn_is_tried_at_once(
+    rig: Rig,
+) -> None:
+    """The abort and the resume reach the host together (both events in one poll, or a resume
+    straight from halted): no sync ever shows the stage withdrawn, and the resumed stage asks
+    for exactly the change that failed. The signed ``key.rollout`` asked anew, so it is tried
+    at once; the gate of the resumed stage waits for this host, not for its hold-off."""
+    v1, v2 = rig.controller.add(1), rig.controller.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, primary=1)) == {1}
+    rig.installer.failing = True
+    wanted = rig.desired(KEYRING, v1, v2, primary=1)
+    reply = SyncReply(host=HOST, keys=(wanted,), controller_time="2026-01-01T00:00:00.000000Z")
+    [plan] = plan_changes(reply, await rig.state.keys())
+    await rig.ops.execute(plan, (await rig.state.keys()).get(NAME), None, rig.controller.fetch)
+    assert (await rig.acks())[-1] == (2, "failed")
+    rig.installer.failing = False  # the fix
+    # The next sync after the resume event: the same change is asked for (never withdrawn).
+    [again] = plan_changes(reply, await rig.state.keys())
+    assert again == plan
+    rig.ops.forget_failures(except_keys={NAME})  # the sync alone cannot tell: held off
+    assert rig.ops.holding_off(again, retry_after_s=300)
+    rig.ops.forget_failures(except_keys={NAME}, asked_again={NAME})  # the resume event can
+    assert not rig.ops.holding_off(again, retry_after_s=300)
+    resumed = Trigger(NAME, "ev-resume", versions=(2,), retry=True)
+    assert await rig.sync(wanted, resumed) == {2}
+    assert (await rig.acks())[-1] == (2, "installed")
+    # A failure after the resume is held off again until the next request (not retried forever).
+    rig.installer.failing = True
+    v3 = rig.controller.add(3)
+    third = rig.desired(KEYRING, v1, v2, v3, primary=1)
+    [plan3] = plan_changes(
+        SyncReply(host=HOST, keys=(third,), controller_time="2026-01-01T00:00:00.000000Z"),
+        await rig.state.keys(),
+    )
+    await rig.ops.execute(plan3, (await rig.state.keys()).get(NAME), None, rig.controller.fetch)
+    rig.ops.forget_failures(except_keys={NAME})
+    assert rig.ops.holding_off(plan3, retry_after_s=300)
+
+
+async def test_a_held_version_is_acknowledged_again_when_its_stage_goes_out_again(
+    rig: Rig,
+) -> None:
+    """A host that still holds the version when its stage is resumed (the abort's withdrawal
+    never reached it) answers the resume with ``installed``: the controller forgot its
+    pre-abort ack, and the resumed gate counts only acks sent since."""
+    v1, v2 = rig.controller.add(1), rig.controller.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == {1, 2}
+    before = len(await rig.acks())
+    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == set()  # nothing to change
+    resumed = Trigger(NAME, "ev-resume", versions=(2,), retry=True)
+    await rig.ops.answer_triggers([resumed], {})
+    assert (await rig.acks())[before:] == [(2, "installed")]
