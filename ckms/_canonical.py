@@ -73,9 +73,83 @@ def _check(obj: object) -> None:
     raise ProtocolError(f"cannot encode {type(obj).__name__} as canonical JSON")
 
 
+_encode_str = json.encoder.encode_basestring
+"""The json module's own string escape (its C one where built), as ``_ENCODER`` applies it."""
+_int_text = int.__repr__
+"""How json writes an int (an ``IntEnum`` too: as its value)."""
+_FAST_DEPTH = 8
+
+
+def _fast(obj: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> str | None:
+    """The text ``_ENCODER`` would make of ``obj``, or None where the general path must decide.
+
+    Objects with string keys, arrays, strings, ints, booleans and null (nearly everything ckms
+    encodes: every row MAC, audit record and event) are written here in one walk, with the same
+    escape, number text and key order, in about half the time of ``_check`` plus the encoder
+    (which sorts and encodes through many more calls a value). Anything else (floats, mappings
+    that are not dicts, deep nesting) returns None: the general path encodes it or refuses it.
+    """
+    if type(obj) is dict:
+        try:
+            keys = sorted(obj)
+        except TypeError:
+            return None
+        parts = []
+        for key in keys:
+            if type(key) is not str and not isinstance(key, str):
+                return None
+            value = obj[key]
+            kind = type(value)
+            if kind is str:
+                text = _encode_str(value)
+            elif value is None:
+                text = "null"
+            elif kind is int:
+                text = _int_text(value)
+            else:
+                found = _fast_value(value, depth)
+                if found is None:
+                    return None
+                text = found
+            parts.append(_encode_str(key) + ":" + text)
+        return "{" + ",".join(parts) + "}"
+    items = []
+    for item in obj:
+        found = _fast_value(item, depth)
+        if found is None:
+            return None
+        items.append(found)
+    return "[" + ",".join(items) + "]"
+
+
+def _fast_value(value: object, depth: int) -> str | None:
+    """One value for :func:`_fast` (None: the general path decides)."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return _int_text(value)
+    if kind is dict or kind is list or kind is tuple:
+        if depth >= _FAST_DEPTH:
+            return None
+        return _fast(value, depth + 1)  # type: ignore[arg-type]
+    if isinstance(value, str):  # a StrEnum: json writes its value
+        return _encode_str(value)
+    if isinstance(value, int):  # an IntEnum: likewise
+        return _int_text(value)
+    return None
+
+
 def canonical_json(obj: Any) -> bytes:
     """Encode ``obj`` as canonical JSON bytes so that equal values always sign to equal bytes."""
     try:
+        text = _fast(obj, 0) if type(obj) is dict else None
+        if text is not None:
+            return text.encode("utf-8")
         _check(obj)
         return _ENCODER.encode(obj).encode("utf-8")
     except ProtocolError:

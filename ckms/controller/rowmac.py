@@ -208,7 +208,11 @@ def _value(value: Any) -> Any:
 
 
 def _fields(row: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    return {name: _value(row[name]) for name in names}
+    fields = {name: row[name] for name in names}
+    for name, value in fields.items():
+        if type(value) is not str and isinstance(value, bytes | memoryview):
+            fields[name] = value.hex()
+    return fields
 
 
 def _version_id(key_id: str, version: int) -> str:
@@ -253,7 +257,7 @@ def approval_row_mac(row_key: bytes, row: Any) -> str:
 
 def _optional(row: Any, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """``fields`` plus each of ``names`` that the row has and is set."""
-    present = set(row.keys())
+    present = row.keys()  # a dict's view, or a sqlite3.Row's few names
     for name in names:
         if name in present and row[name] is not None:
             fields[name] = _value(row[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,25 @@ async def test_a_tampered_row_in_a_later_slice_refuses_the_whole_view(
         )
     with pytest.raises(IntegrityError, match="team/k4 failed integrity check"):
         await Lifecycle(store, lifecycle._vault).current_keys()
+
+
+async def test_a_tampered_row_before_the_last_slice_leaves_the_store_readable(
+    lifecycle: Lifecycle, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next slice is read while one is checked: a refused slice drops that read, and the
+    store serves the next reader (no read left holding it)."""
+    monkeypatch.setattr(lifecycle_module, "_LOAD_SLICE", 2)
+    await lifecycle.create_many(
+        [NewKey(name=f"team/k{i}", type="aes-256") for i in range(7)], actor="alice"
+    )
+    async with store.write() as tx:
+        await tx.execute(
+            "UPDATE keys SET targets = '{\"hosts\":[\"evil\"]}' WHERE name = 'team/k1'"
+        )
+    fresh = Lifecycle(store, lifecycle._vault)
+    with pytest.raises(IntegrityError, match="team/k1 failed integrity check"):
+        await fresh.current_keys()
+    rows = await asyncio.wait_for(store.fetchall("SELECT count(*) AS n FROM keys"), 10)
+    assert rows[0]["n"] == 7
+    with pytest.raises(IntegrityError, match="team/k1 failed integrity check"):
+        await asyncio.wait_for(fresh.current_keys(), 10)  # refused again, not stuck

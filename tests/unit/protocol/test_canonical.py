@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import pytest
@@ -131,5 +132,51 @@ def test_encode_then_parse_round_trips(value: Any) -> None:
     assert canonical_json(parse_canonical_json(encoded)) == encoded
     # The encoding is what the stdlib produces with the documented settings.
     assert encoded == json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+class _Colour(StrEnum):
+    RED = "red"
+
+
+class _Level(IntEnum):
+    HIGH = 3
+
+
+# Everything the one-walk path writes itself (no floats): it must give the stdlib's bytes.
+PLAIN_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.text()
+    | st.sampled_from([_Colour.RED, _Level.HIGH]),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), PLAIN_VALUES, max_size=12))
+def test_objects_of_plain_values_encode_as_the_stdlib_does(value: dict[str, Any]) -> None:
+    try:
+        encoded = canonical_json(value)
+    except ProtocolError:
+        assert "\\ud" in json.dumps(value)  # a lone surrogate, as above
+        return
+    assert encoded == json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+def test_nesting_deeper_than_the_one_walk_path_still_encodes() -> None:
+    value: Any = {"leaf": [1, "two", None]}
+    for depth in range(12):
+        value = {f"k{depth}": value, "n": depth}
+    assert canonical_json(value) == json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
