@@ -62,11 +62,19 @@ def json_text(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
 
 
+_LEAVES = frozenset((str, int, float, bool, type(None)))
+
+
 def _sorted(value: Any) -> Any:
+    """``value`` with every object's keys in order (what ``sort_keys`` does), copying only the
+    objects and arrays: every item of a 100,000-key listing goes through here."""
     if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
+        return {
+            k: v if type(v) in _LEAVES else _sorted(v)
+            for k, v in sorted(value.items())  # keys differ: values are never compared
+        }
     if isinstance(value, list | tuple):
-        return [_sorted(v) for v in value]
+        return [v if type(v) in _LEAVES else _sorted(v) for v in value]
     return value
 
 
