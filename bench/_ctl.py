@@ -2,7 +2,9 @@
 
 Set up as the tests do (passphrase init, unseal, ``run()`` in a task), driven by the orchestrator
 through the lifecycle API the admin RPC also calls (rotate, revoke), so what is measured is the
-controller's own work and not the CLI's.
+controller's own work and not the CLI's. Several of these on one store are replicas (``store``,
+``replica_name``, the first one's SSH host key): the first initialises the store, every one
+unseals with the passphrase.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +48,21 @@ class ControllerService:
         events_partitions: int,
         kafka: dict[str, str] | None = None,
         ssh_workers: int = 1,
+        store: dict[str, str] | None = None,
+        replica_name: str | None = None,
+        leader_lease_s: float | None = None,
+        host_key_from: str | None = None,
     ) -> dict[str, Any]:
-        """Open, initialise, unseal and run the controller; return where agents reach it."""
+        """Open, initialise (a fresh store), unseal and run the controller; return where agents
+        reach it. ``store``: the store settings (default: SQLite in ``home``); ``host_key_from``:
+        another replica's home, whose SSH host key this one serves too."""
+        if host_key_from is not None:
+            await asyncio.to_thread(_share_host_key, Path(host_key_from), Path(home))
+        replica: dict[str, Any] = dict(store or {})
+        if replica_name is not None:
+            replica["replica_name"] = replica_name
+        if leader_lease_s is not None:
+            replica["leader_lease_s"] = leader_lease_s
         controller = Controller(
             ControllerSettings(
                 home=Path(home),
@@ -61,11 +77,13 @@ class ControllerService:
                 # Every simulated host enrolls from 127.0.0.1: one source, unlike a real fleet.
                 ssh_max_unauthenticated_per_source=4096,
                 ssh_refusal_burst=4096,
+                **replica,
             )
         )
         await controller.open()
         assert controller.store is not None
-        await init_controller(controller.store, passphrase=PASSPHRASE)
+        if not (await controller.vault.status()).initialized:
+            await init_controller(controller.store, passphrase=PASSPHRASE)
         await controller.vault.unseal_with_passphrase(PASSPHRASE)
         self.controller = controller
         self._task = asyncio.create_task(controller.run())
@@ -73,9 +91,23 @@ class ControllerService:
         return {
             "port": controller.port,
             "fingerprint": controller.host_key_fingerprint,
-            "db": str(controller.settings.db_path),
             "pid": os.getpid(),
+            "replica": controller.leader.name,
         }
+
+    async def leader(self) -> dict[str, Any]:
+        """This replica's view of the lease: whether it leads, the epoch, its terms so far."""
+        status = self.c.leader.status()
+        return {
+            "name": status.name,
+            "leading": status.leading,
+            "epoch": status.epoch,
+            "terms": self.c.leader.terms,
+        }
+
+    async def signing_key(self) -> bytes:
+        """The controller's public event-signing key (what subscribers trust)."""
+        return await self.c.vault.public_key()
 
     async def tokens(self, names: list[str], labels: dict[str, str]) -> list[str]:
         """One enrollment token per host name."""
@@ -162,6 +194,7 @@ class ControllerService:
             "acks_applied": self.c.acks.stats.applied,
             "acks_dropped": self.c.acks.stats.dropped or {},
             "published": self.c.publisher.stats.published,
+            "leader_terms": self.c.leader.terms,
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "maxrss_mb": usage.ru_maxrss / 1024,
             "ssh_connections": len(self.c.rpc._connections),
@@ -175,3 +208,11 @@ class ControllerService:
                 await self._task
         if self.controller is not None:
             await self.controller.close()
+
+
+def _share_host_key(source_home: Path, home: Path) -> None:
+    """Serve the first replica's SSH host key (what agents pin) from ``home`` too."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = "ssh_host_ed25519_key"
+    if not (home / key).exists():
+        shutil.copy2(source_home / key, home / key)

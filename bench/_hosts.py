@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncssh
 
+from ckms.ssh import Endpoint
 from ckms_agent.config import load_config
 from ckms_agent.daemon import Agent
 from ckms_agent.enroll import enroll
@@ -41,19 +42,23 @@ class HostsService:
     async def enroll(
         self,
         hosts: list[tuple[str, str]],
-        port: int,
+        ports: list[int],
         fingerprint: str,
         concurrency: int = 16,
     ) -> float:
-        """Enroll each host with its token (the real enrollment code); return seconds taken."""
+        """Enroll each host with its token (the real enrollment code); return seconds taken.
+
+        ``ports``: every replica's SSH port (one host key); each host's config names them
+        all, as an operator's would, and the SSH client spreads the fleet over them.
+        """
         started = time.monotonic()
         gate = asyncio.Semaphore(concurrency)
+        endpoints = [Endpoint("127.0.0.1", p) for p in ports]
 
         async def one(name: str, token: str) -> None:
             async with gate:
                 await enroll(
-                    controller_host="127.0.0.1",
-                    controller_port=port,
+                    controllers=endpoints,
                     token=token,
                     host_key_fingerprint=fingerprint,
                     state_dir=self.base / name / "state",

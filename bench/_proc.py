@@ -35,6 +35,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def tree_cpu_seconds(pid: int, exclude: frozenset[int] = frozenset()) -> float:
+    """CPU seconds of a server and its worker processes: its own, what its children that ended
+    used (``cutime``/``cstime``, counted once it reaped them) and its live children's, less
+    ``exclude`` (the benchmark's own connections). A child that ends between two readings
+    moves from the live sum into the reaped one, so differences stay true."""
+    with open(f"/proc/{pid}/stat") as src:
+        fields = src.read().rsplit(")", 1)[1].split()
+    own = sum(int(f) for f in fields[11:15]) / _TICK
+    live = 0.0
+    for child in children(pid):
+        if child in exclude:
+            continue
+        with contextlib.suppress(OSError):  # ended (and not yet reaped) meanwhile
+            live += cpu_seconds(child)
+    return own + live
+
+
 def children(pid: int) -> list[int]:
     """The direct child processes of ``pid`` (empty if it is gone)."""
     try:

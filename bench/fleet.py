@@ -2,12 +2,17 @@
 
     python bench/fleet.py                      # quick: N=100
     python bench/fleet.py --hosts 100,1000,10000 --json results.json
+    python bench/fleet.py --store postgresql --replicas 2 --hosts 1000 --baseline ''
 
 What runs (all on this machine, each part a separate process):
 
 - a real Apache Kafka broker (``ckms.devkafka.LocalKafka``), one for the whole run;
 - a real controller (``Controller``: SQLite store, asyncssh endpoint, outbox publisher, ack
-  service) in its own process, fresh for each N, with its own topics;
+  service) in its own process, fresh for each N, with its own topics; with ``--store postgresql
+  --replicas R``, R controller processes on one PostgreSQL database (a real server from
+  ``ckms.devpostgres``, one for the whole run, a fresh database for each N) sharing one SSH host
+  key, measured beside the SQLite controller in the same run (same broker, same N): every host
+  names every replica, and the SSH client spreads the fleet over them (by login name);
 - worker processes, each running many real agents (``ckms_agent.daemon.Agent``): every agent has
   its own enrollment, identity keys, SQLite state DB, SSH connection (which also carries its
   acks) and Kafka consumer, and installs into its own root directory. Agents use the agent's
@@ -20,8 +25,10 @@ its connection and consumer up):
 - **rotate → all acked**: from the rotation's commit (its outbox event's ``created_at``) to
   each host's ack being applied to the fleet view (``fleet_state.updated_at``); total = slowest;
 - **revoke (keyCompromise) → all removed**: the same for the ``removed`` acks of the old version;
-- CPU seconds of every process during each phase (controller, Kafka, workers), the controller's
-  peak RSS, and worker RSS per simulated agent.
+- CPU seconds of every process during each phase (controllers, Kafka, the PostgreSQL server's
+  processes, workers), the controller's peak RSS, and worker RSS per simulated agent. The
+  central cost is everything but the workers (which stand in for the hosts): every replica and
+  its SSH workers, the PostgreSQL server (less the benchmark's own reading connection), Kafka.
 
 **Baseline**, on the same simulated hosts: each host also gets a real asyncssh server (own port,
 own host key) that serves ``cat > PATH``; pusher processes open a new SSH connection per host,
@@ -39,7 +46,6 @@ import json
 import math
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,10 +69,12 @@ from _proc import (
     rss_mb,
     status_kb,
 )
+from _store import STORES, BenchStore
 from _tls import agent_tls_env, tls_settings
 
 from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
+from ckms.devpostgres import LocalPostgres
 
 FLOOR_CPU_MS_PER_HOST = 1.9  # docs/architecture.md §8, everything on one 2-core box
 CORES = 2
@@ -129,42 +137,72 @@ def _parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-class FleetBench:
-    """One N: controller, workers, agents, phases, baseline."""
+def _is_controller(process: str) -> bool:
+    """The first replica is ``controller``, the others ``replica1``, ``replica2``..."""
+    return process == "controller" or process.startswith("replica")
 
-    def __init__(self, n: int, args: argparse.Namespace, kafka: LocalKafka, work: Path) -> None:
+
+class FleetBench:
+    """One N on one store: controller replicas, workers, agents, phases, baseline."""
+
+    def __init__(
+        self,
+        n: int,
+        args: argparse.Namespace,
+        kafka: LocalKafka,
+        work: Path,
+        store: str = "sqlite",
+        replicas: int = 1,
+        postgres: LocalPostgres | None = None,
+    ) -> None:
         self.n = n
         self.args = args
         self.kafka = kafka
-        self.work = work / f"n{n}"
+        self.label = f"{store} x{replicas}"
+        self.work = work / f"n{n}-{store}-{replicas}"
+        self.store = BenchStore(store, self.work, postgres if store == "postgresql" else None)
+        self.replica_count = replicas
         self.ctl: Child | None = None
+        self.replicas: list[Child] = []
         self.workers: list[Child] = []
         self.slices: list[list[str]] = []
-        self.db: str = ""
-        self.result: dict[str, Any] = {"hosts": n}
+        self.result: dict[str, Any] = {"hosts": n, "store": store, "replicas": replicas}
 
     def log(self, text: str) -> None:
-        print(f"[N={self.n} load {load_average()}] {text}", file=sys.stderr, flush=True)
+        print(
+            f"[N={self.n} {self.label} load {load_average()}] {text}", file=sys.stderr, flush=True
+        )
 
     def pids(self) -> dict[str, int]:
         assert self.ctl is not None
         out = {"controller": self.ctl.pid, "kafka": self.kafka.pid(0) or 0}
+        out.update({f"replica{i}": r.pid for i, r in enumerate(self.replicas) if i})
         out.update({f"worker{i}": w.pid for i, w in enumerate(self.workers)})
+        if self.store.server is not None:
+            out["postgres"] = self.store.server_pid()
         return out
 
     @staticmethod
     def _with_ssh_workers(pids: dict[str, int]) -> dict[str, int]:
-        """``pids`` and the controller's SSH worker processes (for the profiler)."""
-        workers = children(pids["controller"]) if pids.get("controller") else []
-        return pids | {f"ssh{i}": pid for i, pid in enumerate(workers)}
+        """``pids`` and every replica's SSH worker processes (for the profiler)."""
+        out = dict(pids)
+        for name, pid in pids.items():
+            if _is_controller(name) and pid:
+                out.update({f"{name}-ssh{i}": c for i, c in enumerate(children(pid))})
+        return out
 
-    @staticmethod
-    def cpu(pids: dict[str, int]) -> dict[str, float]:
-        """CPU seconds by process; the controller's counts its SSH worker processes too
-        (``--ssh-workers``; a worker restarted meanwhile loses what it used before)."""
-        out = {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
-        if pids.get("controller"):
-            out["controller"] += sum(cpu_seconds(c) for c in children(pids["controller"]))
+    def cpu(self, pids: dict[str, int]) -> dict[str, float]:
+        """CPU seconds by process; each replica's counts its SSH worker processes too
+        (``--ssh-workers``; a worker restarted meanwhile loses what it used before), and
+        ``postgres`` is the PostgreSQL server's processes."""
+        out = {
+            name: self.store.cpu_s() if name == "postgres" else cpu_seconds(pid)
+            for name, pid in pids.items()
+            if pid
+        }
+        for name, pid in pids.items():
+            if _is_controller(name) and pid:
+                out[name] += sum(cpu_seconds(c) for c in children(pid))
         return out
 
     # -- setup -----------------------------------------------------------------------------------
@@ -172,23 +210,36 @@ class FleetBench:
     async def setup(self) -> None:
         n = self.n
         self.work.mkdir(parents=True)
+        await self.store.open()
         run = uuid.uuid4().hex[:8]
-        self.ctl = Child.start(
-            "controller", "_ctl", "ControllerService", log_file=str(self.work / "controller.log")
-        )
-        info = await self.ctl.call(
-            "start",
-            home=str(self.work / "controller"),
-            bootstrap=self.kafka.bootstrap,
-            # Under the ckms topic names, which the broker's ACLs cover.
-            events_topic=f"ckms.events.bench-{run}",
-            fleet_topic=f"ckms.fleet.bench-{run}",
-            kafka=tls_settings(self.kafka.security(SubjectRole.CONTROLLER, "bench")),
-            partitions=self.args.partitions,
-            events_partitions=self.args.events_partitions,
-            ssh_workers=self.args.ssh_workers,
-        )
-        self.db = info["db"]
+        infos = []
+        for i in range(self.replica_count):
+            replica = Child.start(
+                f"controller{i}",
+                "_ctl",
+                "ControllerService",
+                log_file=str(self.work / f"controller{i}.log"),
+            )
+            self.replicas.append(replica)
+            infos.append(
+                await replica.call(
+                    "start",
+                    home=str(self.work / f"controller{i}"),
+                    bootstrap=self.kafka.bootstrap,
+                    # Under the ckms topic names, which the broker's ACLs cover.
+                    events_topic=f"ckms.events.bench-{run}",
+                    fleet_topic=f"ckms.fleet.bench-{run}",
+                    kafka=tls_settings(self.kafka.security(SubjectRole.CONTROLLER, "bench")),
+                    partitions=self.args.partitions,
+                    events_partitions=self.args.events_partitions,
+                    ssh_workers=self.args.ssh_workers,
+                    store=self.store.settings(),
+                    replica_name=f"ctl-{i + 1}",
+                    host_key_from=str(self.work / "controller0") if i else None,
+                )
+            )
+        self.ctl = self.replicas[0]  # operators' calls go here; it took the lease first
+        info = infos[0]
         names = [f"h{i:05d}" for i in range(n)]
         tokens: list[str] = []
         for i in range(0, n, 1000):
@@ -214,7 +265,7 @@ class FleetBench:
                 w.call(
                     "enroll",
                     hosts=[(h, by_name[h]) for h in part],
-                    port=info["port"],
+                    ports=[i["port"] for i in infos],
                     fingerprint=info["fingerprint"],
                     # About 32 enrollments in flight in all (each a handshake, a CSR signed and
                     # a write): more only queue at the controller, past the request timeout.
@@ -239,17 +290,16 @@ class FleetBench:
 
     # -- measuring -------------------------------------------------------------------------------
 
-    def _count(self, version: int, status: str) -> int:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute(
+    async def _count(self, version: int, status: str) -> int:
+        return int(
+            await self.store.fetchval(
                 "SELECT count(*) FROM fleet_state f JOIN keys k ON k.id = f.key_id "
                 "WHERE k.name = ? AND f.version = ? AND f.status = ?",
-                (KEY, version, status),
-            ).fetchone()
-            return int(row[0])
-        finally:
-            conn.close()
+                KEY,
+                version,
+                status,
+            )
+        )
 
     async def _phase(self, name: str, action: Any, version: int | None, status: str) -> Phase:
         assert self.ctl is not None
@@ -264,7 +314,7 @@ class FleetBench:
         deadline = time.monotonic() + self.args.timeout
         done = 0
         while time.monotonic() < deadline:
-            done = await asyncio.to_thread(self._count, version, status)
+            done = await self._count(version, status)
             if done >= self.n:
                 break
             await asyncio.sleep(0.05)
@@ -329,7 +379,7 @@ class FleetBench:
                 stderr=subprocess.DEVNULL,
             )
             for proc, pid in pids.items()
-            if proc != "kafka"
+            if proc not in ("kafka", "postgres")
         ]
 
     async def _profile_stop(self, profilers: list[subprocess.Popen[bytes]]) -> None:
@@ -349,17 +399,20 @@ class FleetBench:
         await self._profile_stop(profilers)
         per_s = {k: (cpu1[k] - cpu0[k]) / self.args.idle for k in cpu0}
         workers = sum(v for k, v in per_s.items() if k.startswith("worker"))
+        controllers = sum(v for k, v in per_s.items() if _is_controller(k))
         self.result["idle"] = {
             "seconds": self.args.idle,
             "load": load,
             "cpu_s_per_s": per_s,
             "agent_ms_per_s": 1000 * workers / self.n,
-            "controller_ms_per_s_per_host": 1000 * per_s["controller"] / self.n,
+            "controller_ms_per_s_per_host": 1000 * controllers / self.n,
+            "postgres_ms_per_s_per_host": 1000 * per_s.get("postgres", 0.0) / self.n,
             "kafka_ms_per_s_per_host": 1000 * per_s["kafka"] / self.n,
         }
         self.log(
-            f"idle: {sum(per_s.values()):.2f} CPU-s/s in all (controller "
-            f"{per_s['controller']:.2f}, kafka {per_s['kafka']:.2f}, workers {workers:.2f}); "
+            f"idle: {sum(per_s.values()):.2f} CPU-s/s in all (controllers "
+            f"{controllers:.2f}, postgres {per_s.get('postgres', 0.0):.2f}, kafka "
+            f"{per_s['kafka']:.2f}, workers {workers:.2f}); "
             f"{1000 * workers / self.n:.3f} ms/s per agent"
         )
 
@@ -386,6 +439,7 @@ class FleetBench:
         )
         fleet_after = await ctl.call("fleet", name=KEY)
         stats = await ctl.call("stats")
+        replica_stats = [await r.call("stats") for r in self.replicas]
         rss = {f"worker{i}": rss_mb(w.pid) for i, w in enumerate(self.workers)}
         threads = sum(status_kb(w.pid, "Threads") for w in self.workers)
         self.result.update(
@@ -395,6 +449,7 @@ class FleetBench:
             fleet_after_rotate=fleet,
             fleet_after_revoke=fleet_after,
             controller=stats,
+            replica_stats=replica_stats,
             controller_peak_rss_mb=peak_rss_mb(ctl.pid),
             kafka_rss_mb=rss_mb(self.kafka.pid(0) or 0),
             kafka_fds=open_fds(self.kafka.pid(0) or 0)["total"],
@@ -424,7 +479,9 @@ class FleetBench:
             phase = Phase(f"baseline {procs}x{concurrency}", self.n, load=load_average())
             pushers = [Child.start(f"pusher{i}", "_push", "PushService") for i in range(procs)]
             pids = {**self.pids(), **{f"pusher{i}": p.pid for i, p in enumerate(pushers)}}
-            pids.pop("controller")  # the controller plays no part in the baseline
+            for name in [k for k in pids if _is_controller(k)]:
+                pids.pop(name)  # the controllers play no part in the baseline
+            pids.pop("postgres", None)  # nor does the store
             await asyncio.sleep(1.0)  # let the pushers import
             cpu0 = self.cpu(pids)
             parts = [targets[i::procs] for i in range(procs)]
@@ -487,8 +544,8 @@ class FleetBench:
             with contextlib.suppress(Exception):
                 await w.call("stop_agents")
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
-        if self.ctl is not None:
-            await self.ctl.stop()
+        await asyncio.gather(*(r.stop() for r in self.replicas), return_exceptions=True)
+        await self.store.close()
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -500,10 +557,19 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "—" if value != value else f"{value:.{digits}f}"  # NaN check
 
 
+def central_cpu_s(p: dict[str, Any]) -> float:
+    """Every replica (with its SSH workers) + the PostgreSQL server + Kafka: what stays central
+    when the agents run on real hosts."""
+    return sum(v for k, v in p["cpu_s"].items() if _is_controller(k) or k in ("kafka", "postgres"))
+
+
 def central_ms_per_host(p: dict[str, Any]) -> float:
-    """Controller (with its SSH workers) + Kafka CPU per host: what stays central when the
-    agents run on real hosts."""
-    return 1000 * (p["cpu_s"].get("controller", 0) + p["cpu_s"].get("kafka", 0)) / max(1, p["done"])
+    """:func:`central_cpu_s` per host done."""
+    return 1000 * central_cpu_s(p) / max(1, p["done"])
+
+
+def controllers_cpu_s(p: dict[str, Any]) -> float:
+    return sum(v for k, v in p["cpu_s"].items() if _is_controller(k))
 
 
 def pusher_ms_per_host(p: dict[str, Any]) -> float:
@@ -512,12 +578,23 @@ def pusher_ms_per_host(p: dict[str, Any]) -> float:
     return 1000 * cpu / max(1, p["done"])
 
 
+def _label(result: dict[str, Any]) -> str:
+    return f"{result.get('store', 'sqlite')} x{result.get('replicas', 1)}"
+
+
 def scaling(results: list[dict[str, Any]]) -> str:
-    """CPU per host (all, central) and the idle cost per agent across N, against the first N."""
+    """For each store: CPU per host (all, central) and the idle cost per agent across N,
+    against the first N."""
+    labels = dict.fromkeys(_label(r) for r in results)
+    parts = [_scaling([r for r in results if _label(r) == label], label) for label in labels]
+    return "\n".join(p for p in parts if p)
+
+
+def _scaling(results: list[dict[str, Any]], label: str) -> str:
     done = [r for r in results if "rotate" in r]
     if len(done) < 2:
         return ""
-    lines = ["scaling across N (vs the smallest N)"]
+    lines = [f"scaling across N, {label} (vs the smallest N)"]
     first = done[0]
     for phase in ("rotate", "revoke"):
         a0, c0 = first[phase], central_ms_per_host(first[phase])
@@ -545,6 +622,64 @@ def scaling(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare(results: list[dict[str, Any]]) -> str:
+    """Each store configuration against the first one (SQLite, one controller) at the same N,
+    measured in the same run: totals, per-host p99 and central CPU per host, with ratios."""
+    lines: list[str] = []
+    for n in dict.fromkeys(r["hosts"] for r in results):
+        same = [r for r in results if r["hosts"] == n and "rotate" in r]
+        if len(same) >= 2:
+            lines += _compare_at(n, same)
+    return "\n".join(lines)
+
+
+def _compare_at(n: int, same: list[dict[str, Any]]) -> list[str]:
+    cols = [_label(r) for r in same]
+    head = f"{'N = ' + str(n):30}" + "".join(f"{c:>16}" for c in cols)
+    head += "".join(f"{c + ' / ' + cols[0]:>26}" for c in cols[1:])
+    lines = [f"stores compared at N = {n} (same run, same broker)", head, "-" * len(head)]
+
+    def row(label: str, value: Any, digits: int = 2) -> None:
+        values = [value(r) for r in same]
+        ratios = [v / values[0] if values[0] else math.nan for v in values[1:]]
+        text = f"{label:30}" + "".join(f"{_fmt(v, digits):>16}" for v in values)
+        lines.append(text + "".join(f"{_fmt(x) + 'x':>26}" for x in ratios))
+
+    for phase in ("rotate", "revoke"):
+        row(f"{phase} total s", lambda r, ph=phase: r[ph]["total_s"])
+        row(f"{phase} per-host p99 ms", lambda r, ph=phase: r[ph]["p99_ms"], 0)
+        row(f"{phase} commit → in Kafka ms", lambda r, ph=phase: r[ph]["publish_ms"], 0)
+        row(f"{phase} central CPU ms/host", lambda r, ph=phase: central_ms_per_host(r[ph]))
+        row(
+            f"  {phase} controllers ms/host",
+            lambda r, ph=phase: 1000 * controllers_cpu_s(r[ph]) / max(1, r[ph]["done"]),
+        )
+        row(
+            f"  {phase} postgres ms/host",
+            lambda r, ph=phase: 1000 * r[ph]["cpu_s"].get("postgres", 0.0) / max(1, r[ph]["done"]),
+        )
+    if all("idle" in r for r in same):
+        row(
+            "idle central ms/s per host",
+            lambda r: (
+                r["idle"]["controller_ms_per_s_per_host"]
+                + r["idle"]["postgres_ms_per_s_per_host"]
+                + r["idle"]["kafka_ms_per_s_per_host"]
+            ),
+            4,
+        )
+    lines.append(
+        "hosts done: "
+        + "; ".join(
+            f"{_label(r)} {r['rotate']['done']}/{n} rotated, {r['revoke']['done']}/{n} "
+            f"removed, load at start {r['rotate']['load'].split()[0]}"
+            for r in same
+        )
+    )
+    lines.append("")
+    return lines
+
+
 def table(result: dict[str, Any]) -> str:
     """The ckms / baseline / floor table for one N."""
     n = result["hosts"]
@@ -561,7 +696,7 @@ def table(result: dict[str, Any]) -> str:
     if base:
         cols.append((f"baseline {base['name'].split()[-1]}", base))
     head = f"{'':28}" + "".join(f"{c:>16}" for c, _ in cols) + f"{'floor §8':>12}"
-    lines = [f"N = {n}", head, "-" * len(head)]
+    lines = [f"N = {n}, store {_label(result)}", head, "-" * len(head)]
 
     def row(label: str, values: list[str], floor: str = "") -> None:
         lines.append(f"{label:28}" + "".join(f"{v:>16}" for v in values) + f"{floor:>12}")
@@ -590,7 +725,9 @@ def table(result: dict[str, Any]) -> str:
             for _, p in cols[:2]
         ],
     )
-    row("  controller CPU s", [_fmt(p["cpu_s"].get("controller", math.nan), 1) for _, p in cols])
+    row("  controller CPU s", [_fmt(controllers_cpu_s(p), 1) for _, p in cols[:2]])
+    if result.get("store") == "postgresql":
+        row("  postgres CPU s", [_fmt(p["cpu_s"].get("postgres", math.nan), 1) for _, p in cols])
     row("  kafka CPU s", [_fmt(p["cpu_s"].get("kafka", math.nan), 1) for _, p in cols])
     row(
         "  workers CPU s",
@@ -602,7 +739,8 @@ def table(result: dict[str, Any]) -> str:
             ["", "", _fmt(sum(v for k, v in base["cpu_s"].items() if k.startswith("pusher")), 1)],
         )
     central = [central_ms_per_host(p) for _, p in cols[:2]]
-    row("central CPU ms/host (ctl+kafka)", [_fmt(c) for c in central] + ([""] if base else []))
+    central_label = "(ctl+pg+kafka)" if result.get("store") == "postgresql" else "(ctl+kafka)"
+    row(f"central CPU ms/host {central_label}", [_fmt(c) for c in central] + ([""] if base else []))
     if base:
         pushers = pusher_ms_per_host(base)
         row("  pusher CPU ms/host (baseline)", ["", "", _fmt(pushers)])
@@ -627,8 +765,9 @@ def table(result: dict[str, Any]) -> str:
         per_s = idle["cpu_s_per_s"]
         lines.append(
             f"idle fleet ({idle['seconds']:.0f} s, load {idle['load'].split()[0]}): "
-            f"{sum(per_s.values()):.2f} CPU-s per s in all = controller "
-            f"{per_s['controller']:.2f} + kafka {per_s['kafka']:.2f} + workers "
+            f"{sum(per_s.values()):.2f} CPU-s per s in all = controllers "
+            f"{sum(v for k, v in per_s.items() if _is_controller(k)):.2f} + postgres "
+            f"{per_s.get('postgres', 0.0):.2f} + kafka {per_s['kafka']:.2f} + workers "
             f"{sum(v for k, v in per_s.items() if k.startswith('worker')):.2f}; "
             f"per agent {idle['agent_ms_per_s']:.3f} ms/s"
         )
@@ -652,35 +791,53 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def configurations(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """What is measured at each N: SQLite with one controller (the reference), then the store
+    and replicas asked for if they differ from it."""
+    wanted = (args.store, args.replicas)
+    if args.no_reference:
+        return [wanted]
+    return [("sqlite", 1)] + ([wanted] if wanted != ("sqlite", 1) else [])
+
+
 async def main_async(args: argparse.Namespace) -> int:
     before = raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="ckms-bench-", dir=args.dir))
     results = []
+    configs = configurations(args)
     print(
-        f"ckms fleet benchmark; load {load_average()}; fd limit {before[0]} raised for the run; "
-        f"data in {work}",
+        f"ckms fleet benchmark; load {load_average()} at start; fd limit {before[0]} raised for "
+        f"the run; stores {', '.join(f'{s} x{r}' for s, r in configs)}; data in {work}",
         file=sys.stderr,
     )
     try:
-        async with LocalKafka(heap=args.kafka_heap) as kafka:
+        async with contextlib.AsyncExitStack() as stack:
+            kafka = await stack.enter_async_context(LocalKafka(heap=args.kafka_heap))
+            postgres = None
+            if any(store == "postgresql" for store, _ in configs):
+                postgres = await stack.enter_async_context(LocalPostgres())
             for n in args.hosts:
-                bench = FleetBench(n, args, kafka, work)
-                try:
-                    await bench.setup()
-                    await bench.run_ckms()
-                    if args.baseline:
-                        await bench.run_baseline()
-                except Exception as exc:
-                    bench.result["error"] = f"{type(exc).__name__}: {exc}"
-                    print(f"N={n} failed: {exc}", file=sys.stderr)
-                finally:
-                    bench.result["load_end"] = load_average()
-                    await bench.close()
-                results.append(bench.result)
-                if "rotate" in bench.result:
-                    print(table(bench.result) + "\n", flush=True)
+                for i, (store, replicas) in enumerate(configs):
+                    bench = FleetBench(n, args, kafka, work, store, replicas, postgres)
+                    try:
+                        await bench.setup()
+                        await bench.run_ckms()
+                        if args.baseline and i == 0:  # once per N: it runs no controller
+                            await bench.run_baseline()
+                    except Exception as exc:
+                        bench.result["error"] = f"{type(exc).__name__}: {exc}"
+                        print(f"N={n} {bench.label} failed: {exc}", file=sys.stderr)
+                    finally:
+                        bench.result["load_end"] = load_average()
+                        await bench.close()
+                    results.append(bench.result)
+                    if "rotate" in bench.result:
+                        print(table(bench.result) + "\n", flush=True)
+        if summary := compare(results):
+            print(summary, flush=True)
         if summary := scaling(results):
             print(summary, flush=True)
+        print(f"load {load_average()} at end", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -697,6 +854,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: [int(x.replace("_", "")) for x in s.split(",")],
         default=[100],
         help="comma-separated fleet sizes (default 100)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default="sqlite",
+        help="the store measured beside SQLite with one controller (default sqlite: only that)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="controller replicas on that store (default 1)"
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="measure only --store/--replicas, not SQLite with one controller beside it",
     )
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: auto)")
     parser.add_argument("--per-worker", type=int, default=1250, help="agents per worker (auto)")
