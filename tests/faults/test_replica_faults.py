@@ -10,11 +10,16 @@
    each event once, in order; its log shows no checkpoint and no producer after it woke),
    and it steps down.
 
-Each replica is ``tests/faults/controller_proc.py`` with the shared store and host key.
+Each replica is ``tests/faults/controller_proc.py`` with the shared store and host key; every
+test runs on both store backends (``store_target``: one SQLite file, or one database on the
+session's real PostgreSQL), ``--store-backend`` picks one. The leader-kill rotation covers 50
+hosts: real agents, run as tasks of the test process (one process, 50 agent daemons, each with
+its own state, SSH connections and Kafka consumer), as the 50-host broker fault does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -54,6 +59,7 @@ from tests.faults.harness import (
 )
 from tests.support.controller import PASSPHRASE
 from tests.support.fleet import wait_until
+from tests.support.stores import StoreTarget
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -66,6 +72,9 @@ TARGETS = Targets(selectors=(WEB,))
 KEYRING = InstallSpec(path="/etc/ckms/{team}/{purpose}.json", format="keyring-json")
 LEASE_S = 3.0
 HOSTS = ("web-1", "web-2", "web-3", "web-4")
+FLEET_50 = tuple(f"web-{i:02d}" for i in range(50))
+SLOW_50 = {"CKMS_AGENT_HEARTBEAT_INTERVAL_S": "5", "CKMS_AGENT_KAFKA_FETCH_MAX_WAIT_MS": "1000"}
+"""50 agents in the test's event loop: heartbeats and long polls slowed down to fit 2 cores."""
 
 
 @dataclass
@@ -94,19 +103,27 @@ class Replicas:
         return str(await wait_until(held, 60, "a leader"))
 
 
+def store_settings(target: StoreTarget) -> dict[str, str]:
+    """The replicas' store settings for ``target`` (JSON for the controller process)."""
+    return {k: str(v) for k, v in target.settings().items()}
+
+
 @asynccontextmanager
 async def replicas(
-    cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, **env: str
+    cluster: LocalKafka,
+    unique_topic: Topic,
+    tmp_path: Path,
+    target: StoreTarget,
+    host_names: tuple[str, ...] = HOSTS,
+    **env: str,
 ) -> AsyncIterator[Replicas]:
-    """Two replicas on one store and shared host key; the test's own handle on the store; four
-    hosts that know both replicas, converged on a key."""
+    """Two replicas on one store and shared host key; the test's own handle on the store;
+    hosts that know both replicas (enrolled, not yet running), and a key targeting them."""
     events, fleet, audit = unique_topic("events"), unique_topic("fleet"), unique_topic("audit")
-    store_path = tmp_path / "store" / "controller.db"
-    store_path.parent.mkdir()
     procs: dict[str, ControllerProcess] = {}
     for name in ("ctl-a", "ctl-b"):
         settings = {
-            "store": str(store_path),
+            **store_settings(target),
             "replica_name": name,
             "leader_lease_s": LEASE_S,
             "audit_topic": audit,
@@ -128,7 +145,7 @@ async def replicas(
         ready_b = await procs["ctl-b"].start()
         ports["ctl-b"] = ready_b["port"]
         assert ready_b["fingerprint"] == procs["ctl-a"].ready["fingerprint"]
-        async with await Store.open(store_path) as store:
+        async with await target.open() as store:
             vault = Vault(store)
             await vault.unseal_with_passphrase(PASSPHRASE, actor="test")
             lifecycle = Lifecycle(store, vault)
@@ -143,19 +160,23 @@ async def replicas(
                 events,
                 fleet,
             )
-            hosts = [
-                await enroll_host(
-                    registry,
-                    ports["ctl-a"],
-                    ready_b["fingerprint"],
-                    tmp_path / "hosts",
-                    name,
-                    WEB,
-                    cluster.ca,
-                    more_ports=[ports["ctl-b"]],
+            hosts: list[Host] = []
+            for start in range(0, len(host_names), 10):  # a few enrollments at a time
+                hosts += await asyncio.gather(
+                    *(
+                        enroll_host(
+                            registry,
+                            ports["ctl-a"],
+                            ready_b["fingerprint"],
+                            tmp_path / "hosts",
+                            name,
+                            WEB,
+                            cluster.ca,
+                            more_ports=[ports["ctl-b"]],
+                        )
+                        for name in host_names[start : start + 10]
+                    )
                 )
-                for name in HOSTS
-            ]
             await lifecycle.create(KEY, "aes-256", targets=TARGETS, install=KEYRING, actor="alice")
             yield Replicas(procs, ports, view, store, lifecycle, hosts)
     finally:
@@ -185,12 +206,17 @@ async def assert_each_event_once_in_order(r: Replicas) -> list[int]:
 
 @pytest.mark.timeout(360)
 @pytest.mark.requirement("ISO27002-8.14")
-async def test_leader_killed_mid_rotation_the_other_replica_takes_over(
-    healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
+async def test_leader_killed_mid_rotation_of_50_hosts_the_other_replica_takes_over(
+    healthy_cluster: LocalKafka,
+    unique_topic: Topic,
+    tmp_path: Path,
+    store_target: StoreTarget,
+    note: Note,
 ) -> None:
-    async with replicas(healthy_cluster, unique_topic, tmp_path) as r:
-        async with InProcessFleet(r.hosts), RevocationWatch(r.store, r.hosts) as watch:
-            await wait_converged(r.view, [KEY], r.hosts)
+    async with replicas(healthy_cluster, unique_topic, tmp_path, store_target, FLEET_50) as r:
+        fleet = InProcessFleet(r.hosts, **SLOW_50)
+        async with fleet, RevocationWatch(r.store, r.hosts) as watch:
+            await wait_converged(r.view, [KEY], r.hosts, 120)
             await wait_until(lambda: outbox_empty(r.store), 30, "key.created published")
             leader = await r.leader()
             epoch = (await r.lease()).epoch
@@ -199,6 +225,9 @@ async def test_leader_killed_mid_rotation_the_other_replica_takes_over(
             await r.lifecycle.rotate(KEY, actor="alice")  # as an operator on any replica
             killed_at = time.monotonic()
             assert await r.procs[leader].kill() == -signal.SIGKILL
+            unsent_at_kill = await r.store.fetchval(
+                "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+            )
 
             async def taken_over() -> bool:
                 state = await leases.read_lease(r.store)
@@ -214,7 +243,8 @@ async def test_leader_killed_mid_rotation_the_other_replica_takes_over(
             # renewal) and the follower's next round (every LEASE_S / 3) takes it.
             assert took_over_s <= LEASE_S + LEASE_S / 3 + 5, took_over_s
             note(
-                f"leader {leader} SIGKILLed: {follower} led after {took_over_s:.2f} s "
+                f"[{store_target.engine}] leader {leader} SIGKILLed with {unsent_at_kill} "
+                f"event(s) unpublished: {follower} led after {took_over_s:.2f} s "
                 f"(lease {LEASE_S:g} s), the rotation published after {published_s:.2f} s"
             )
             stats = await assert_fleet_invariants(
@@ -227,10 +257,15 @@ async def test_leader_killed_mid_rotation_the_other_replica_takes_over(
 @pytest.mark.timeout(360)
 @pytest.mark.requirement("ISO27002-8.14")
 async def test_split_brain_a_frozen_leader_publishes_and_signs_nothing_and_steps_down(
-    healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
+    healthy_cluster: LocalKafka,
+    unique_topic: Topic,
+    tmp_path: Path,
+    store_target: StoreTarget,
+    note: Note,
 ) -> None:
     freeze = tmp_path / "freeze-with-batch"
-    async with replicas(healthy_cluster, unique_topic, tmp_path, **{FREEZE_ENV: str(freeze)}) as r:
+    env = {FREEZE_ENV: str(freeze)}
+    async with replicas(healthy_cluster, unique_topic, tmp_path, store_target, **env) as r:
         async with InProcessFleet(r.hosts), RevocationWatch(r.store, r.hosts) as watch:
             await wait_converged(r.view, [KEY], r.hosts)
             await wait_until(lambda: outbox_empty(r.store), 30, "key.created published")
@@ -287,4 +322,7 @@ async def test_split_brain_a_frozen_leader_publishes_and_signs_nothing_and_steps
             )
             assert new_cps - checkpoints <= signed
         rows = await assert_each_event_once_in_order(r)
-        note(f"old leader {leader} woke and stepped down; invariants held: {stats}; {rows}")
+        note(
+            f"[{store_target.engine}] old leader {leader} woke and stepped down; "
+            f"invariants held: {stats}; {rows}"
+        )
