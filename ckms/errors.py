@@ -118,5 +118,11 @@ class RequestTimeoutError(TransportError):
     """Raised when one request got no reply in time; the connection itself is kept."""
 
 
+class ControllerUnavailableError(TransportError):
+    """Raised on a client when the controller answered that its own store failed (a database
+    restart, its disk): a passing trouble of the controller, not of the client's own state;
+    the connection is kept and the request is tried again later, as after a timeout."""
+
+
 class DependencyMissingError(CKMSError):
     """Raised when a tool ckms needs (Java, Maven) is not installed; the message names it."""

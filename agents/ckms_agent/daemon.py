@@ -46,6 +46,7 @@ from ckms.consumer import Position, Subscriber
 from ckms.crypto import signer_key_id
 from ckms.errors import (
     CKMSError,
+    ControllerUnavailableError,
     KafkaUnavailableError,
     ProtocolError,
     RequestTimeoutError,
@@ -356,6 +357,10 @@ class Agent:
         except TransportError:
             self._lost.set()
             raise
+        except StoreError as exc:
+            # The controller's store failed (its database restarting): not this host's state
+            # DB, whose StoreError stops the agent. Kept apart so every loop waits it out.
+            raise ControllerUnavailableError(f"{method}: {exc}") from None
         try:
             reply = reply_type.model_validate(raw)
         except ValidationError:
@@ -402,11 +407,12 @@ class Agent:
                 raise
             except TransportError as exc:
                 self._restore_triggers(triggers)
-                if not isinstance(exc, RequestTimeoutError):
+                if not isinstance(exc, RequestTimeoutError | ControllerUnavailableError):
                     # The connection task reconnects and asks again; the triggers wait for then.
                     log.warning("reconcile interrupted: %s", exc)
                     continue
-                # A busy controller: ask again after a jittered, growing pause.
+                # A busy controller (or one whose store is down): ask again after a jittered,
+                # growing pause.
                 delay = backoff.next()
                 log.warning("reconcile timed out: %s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)

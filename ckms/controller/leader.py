@@ -9,7 +9,9 @@ goes on serving SSH as a follower when:
 
 - a round finds another holder (the lease expired while this process was paused, and was
   taken over), or a fenced write found the lease gone (the fence's ``lost`` wakes it at once);
-- no round succeeded for a whole lease (the store unreachable): the others may take over now.
+- no round succeeded for a whole lease (the store unreachable): the others may take over now;
+- its work failed because the store was unreachable (a database restart): the next round
+  that reaches the store leads again (or finds another replica leading).
 
 A sealed replica never takes the lease (leader work needs the KEK); a replica that is sealed
 while it leads gives it up. A clean stop releases the lease, so a follower takes it at its
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from ckms._aio import stop_if_cancelled
-from ckms.errors import CKMSError, NotLeaderError
+from ckms.errors import CKMSError, NotLeaderError, StoreError
 from ckms.store import Clock, Store, utc_now
 from ckms.store import lease as leases
 
@@ -181,19 +183,21 @@ class LeaderLease:
         log.info("replica %s leads (epoch %d): leader-only work started", self.name, fence.epoch)
 
     async def _check_task(self) -> None:
-        """A leader task that ended by itself: a lost lease steps down, any other error is the
-        service's failure (raised, as a TaskGroup would)."""
+        """A leader task that ended by itself: a lost lease, or a store that could not be
+        reached (a database restart), steps down; any other error is the service's failure
+        (raised, as a TaskGroup would)."""
         task = self._task
         if task is None or not task.done():
             return
         self._task = None
         if task.cancelled():
             return
-        exc = task.exception()
+        exc = original = task.exception()
         if isinstance(exc, BaseExceptionGroup):  # the work's TaskGroup: one task refused
-            exc = exc.subgroup(lambda e: not isinstance(e, NotLeaderError | BaseExceptionGroup))
-        if exc is None or isinstance(exc, NotLeaderError):
-            await self._step_down("the leader-only work stopped")
+            exc = exc.subgroup(lambda e: not (_steps_down(e) or isinstance(e, BaseExceptionGroup)))
+        if exc is None or _steps_down(exc):
+            why = "" if original is None else f": {_first_leaf(original)}"
+            await self._step_down(f"the leader-only work stopped{why}")
             return
         self.fence = None
         self.leads.clear()
@@ -224,6 +228,21 @@ class LeaderLease:
         if fence is not None:
             with contextlib.suppress(CKMSError):
                 await leases.release(self._store, fence.holder, fence.epoch, now=self._clock())
+
+
+def _steps_down(exc: BaseException) -> bool:
+    """Whether leader work that failed with ``exc`` only stops this term: the fence refused it,
+    or the store was unreachable (a retriable StoreError; the next round leads again once it
+    answers). An audit failure is not retriable and stays the service's failure."""
+    if isinstance(exc, NotLeaderError):
+        return True
+    return isinstance(exc, StoreError) and exc.retriable
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _first(waits: list[Awaitable[object]], timeout_s: float) -> None:

@@ -111,6 +111,14 @@ constraints, syntax and access rules, the store's own trigger errors), never a b
 Other messages (a data exception quotes the value it could not take) are left out."""
 
 
+_LOST = "the connection to PostgreSQL was lost"
+
+
+def _says_lost(exc: StoreError) -> bool:
+    """Whether a StoreError of :func:`pg_error` is a lost connection (a new one may do)."""
+    return _LOST in str(exc)
+
+
 def _require_asyncpg() -> Any:
     if asyncpg is None:
         raise DependencyMissingError(
@@ -133,12 +141,22 @@ def _lost(exc: BaseException) -> bool:
             asyncpg.exceptions.CrashShutdownError,
             asyncpg.exceptions.CannotConnectNowError,
             asyncpg.exceptions.InterfaceError,
+            # The server ended the session (a restart's FATAL 57P01) while the connection sat
+            # idle: asyncpg waits for a ReadyForQuery that never comes, and the next statement
+            # is refused ("cannot switch to state ...; another operation is in progress").
+            asyncpg.exceptions.InternalClientError,
         ),
     )
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+    return (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        OSError,
+        asyncio.TimeoutError,
+    )
 
 
 def pg_error(exc: BaseException, what: str) -> StoreError:
@@ -153,12 +171,11 @@ def pg_error(exc: BaseException, what: str) -> StoreError:
             if value:
                 text += f" [{attr.removesuffix('_name')} {value}]"
         if _lost(exc):
-            text += " (the connection to PostgreSQL was lost; the next call reconnects)"
+            text += f" ({_LOST}; the next call reconnects)"
         return StoreError(text)
     if _lost(exc):
         return StoreError(
-            f"{what}: the connection to PostgreSQL was lost or refused "
-            f"({type(exc).__name__}); the next call reconnects"
+            f"{what}: {_LOST} or refused ({type(exc).__name__}); the next call reconnects"
         )
     # Other client-side errors: only the type is kept (asyncpg's messages may quote a value;
     # its DataError, "invalid input for query argument $1: <value>", is a class 22
@@ -418,8 +435,11 @@ class PgStore(Store):
                     raise
                 try:
                     await _uncancellable(_run(conn, "COMMIT", "cannot commit"))
-                except StoreError:
-                    await _rollback(conn)
+                except StoreError as exc:
+                    if _says_lost(exc):
+                        self._drop_writer()  # the next write connects afresh
+                    else:
+                        await _rollback(conn)
                     # The counter read above counted a commit that may not have happened.
                     self._counter = None
                     self._bump_all()
@@ -533,7 +553,7 @@ class PgStore(Store):
             async with self._statement() as r:
                 return await r.fetchall(sql, params)
         except StoreError as exc:
-            if "connection to PostgreSQL was lost" not in str(exc):
+            if not _says_lost(exc):
                 raise
         async with self._statement() as r:
             return await r.fetchall(sql, params)

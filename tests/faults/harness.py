@@ -27,6 +27,7 @@ import base64
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ from ckms.controller.lifecycle import DISTRIBUTABLE_STATES, Lifecycle
 from ckms.controller.service import Controller
 from ckms.crypto import SubjectRole, material_digest
 from ckms.devkafka import DevCA, LocalKafka
+from ckms.errors import StoreError
 from ckms.protocol import EventType, trust_keys, verify_message
 from ckms.ssh import Endpoint
 from ckms.store import Store
@@ -59,6 +61,8 @@ from ckms_agent.enroll import enroll
 from tests.faults.controller_proc import KAFKA_SECURITY_ENV
 from tests.support.fleet import FAST_AGENT, TEST_ALLOWED_PATHS, agent_config, wait_until
 from tests.support.kafka import dev_ca, link_as, use_test_broker_certificate
+
+log = logging.getLogger(__name__)
 
 AGENT_BIN = str(Path(sys.executable).parent / "ckms-agent")
 REPO = Path(__file__).resolve().parents[2]
@@ -238,6 +242,8 @@ class InProcessFleet:
         failures = [t.exception() for t in done if not t.cancelled() and t.exception()]
         if failures and exc[0] is None:
             raise AssertionError(f"agents failed: {failures!r}")
+        for failure in failures:  # beside the test's own failure: an agent that died says why
+            log.error("an agent failed: %r", failure)
 
 
 def _die_with_parent() -> None:
@@ -443,6 +449,8 @@ class RevocationWatch:
         self._task: asyncio.Task[None] | None = None
         self.scans: Counter[tuple[str, str, int]] = Counter()
         self.violations: list[str] = []
+        self.unreadable = 0
+        """Scans that could not read the fleet view (the store was unreachable)."""
 
     async def __aenter__(self) -> RevocationWatch:
         self._task = asyncio.create_task(self._loop(), name="revocation-watch")
@@ -457,7 +465,10 @@ class RevocationWatch:
 
     async def _loop(self) -> None:
         while True:
-            await self.scan()
+            try:
+                await self.scan()
+            except StoreError:
+                self.unreadable += 1  # the store is down (a database restart): look again
             await asyncio.sleep(self._interval)
 
     async def scan(self) -> None:
@@ -576,7 +587,19 @@ async def wait_converged(
         async def done(key: str = key) -> bool:
             return await converged_hosts(view, key) >= names
 
-        await wait_until(done, timeout_s, f"{len(names)} hosts converged on {key}")
+        try:
+            await wait_until(done, timeout_s, f"{len(names)} hosts converged on {key}")
+        except TimeoutError as exc:
+            # Say where each straggler stands (what it acked against what it should hold).
+            k = await view.lifecycle.get(key)
+            status = await key_fleet_status(view.store, view.lifecycle, view.hosts, key)
+            behind = [
+                f"{s.host}: primary v{s.primary}, acked {s.versions}"
+                for s in status
+                if s.host in names and not s.converged
+            ]
+            versions = {v.version: str(v.state) for v in k.versions}
+            raise TimeoutError(f"{exc}; key versions {versions}; not converged: {behind}") from None
 
 
 async def wait_acks_settled(

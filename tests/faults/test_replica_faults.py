@@ -9,6 +9,13 @@
    (SIGCONT) and goes on to send its batch: it publishes and signs nothing (the topic holds
    each event once, in order; its log shows no checkpoint and no producer after it woke),
    and it steps down.
+3. **PostgreSQL restarted under load** (PostgreSQL only, on a server of the test's own): while
+   operators rotate through the CLI against both replicas and agents ack, the server is
+   stopped twice (a fast shutdown, then a crash: kill -9 of every server process) until a
+   rotation is refused, and started again on its data and port; each replica reconnects by
+   itself, every rotation the CLI saw acknowledged is in the store and published once, in
+   order, both replicas serve again and one leads, the fleet invariants hold and
+   ``ckms audit verify`` passes.
 
 Each replica is ``tests/faults/controller_proc.py`` with the shared store and host key; every
 test runs on both store backends (``store_target``: one SQLite file, or one database on the
@@ -20,6 +27,7 @@ its own state, SSH connections and Kafka consumer), as the 50-host broker fault 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -27,7 +35,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +43,11 @@ import pytest
 
 from ckms.controller.hosts import HostRegistry
 from ckms.controller.lifecycle import Lifecycle
+from ckms.controller.operators import OperatorRegistry
 from ckms.controller.sealing import Vault
 from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
+from ckms.devpostgres import LocalPostgres
 from ckms.protocol import InstallSpec, Targets
 from ckms.store import Store, utc_now
 from ckms.store import lease as leases
@@ -52,13 +62,16 @@ from tests.faults.harness import (
     assert_fleet_invariants,
     enroll_host,
     envelope,
+    finishes_within,
     outbox_empty,
     process_state,
     read_topic,
     wait_converged,
 )
+from tests.support.cli import CLI_TIMEOUT_S, make_ssh_key, run_cli
 from tests.support.controller import PASSPHRASE
 from tests.support.fleet import wait_until
+from tests.support.postgres import create_database
 from tests.support.stores import StoreTarget
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
@@ -325,4 +338,134 @@ async def test_split_brain_a_frozen_leader_publishes_and_signs_nothing_and_steps
         note(
             f"[{store_target.engine}] old leader {leader} woke and stepped down; "
             f"invariants held: {stats}; {rows}"
+        )
+
+
+@dataclass
+class RotationLoad:
+    """Operators rotating a key through the real CLI, one rotation after another, each call
+    given both replicas (alternately first); what each call answered is kept."""
+
+    env: dict[str, str]
+    ports: list[int]
+    acknowledged: list[int] = field(default_factory=list)
+    """The version each successful ``ckms key rotate`` reported (the change it acknowledged)."""
+    refused: list[str] = field(default_factory=list)
+    """What the failed calls said (the store was unreachable)."""
+
+    stopping: bool = False
+
+    async def run(self) -> None:
+        """Rotate until :attr:`stopping` is set (a call under way finishes: its answer counts)."""
+        for turn in itertools.count():
+            if self.stopping:
+                return
+            order = self.ports if turn % 2 == 0 else self.ports[::-1]
+            await self.rotate(",".join(f"127.0.0.1:{p}" for p in order))
+
+    async def rotate(self, controllers: str) -> int | None:
+        run = await run_cli(
+            "key", "rotate", KEY, "--json", env={**self.env, "CKMS_CONTROLLER": controllers}
+        )
+        if run.rc != 0:
+            self.refused.append(run.stderr.strip()[-300:])
+            return None
+        version = int(run.json()["key"]["versions"][-1]["version"])
+        self.acknowledged.append(version)
+        return version
+
+
+async def cli_as_operator(r: Replicas, home: Path) -> dict[str, str]:
+    """Add the operator ``alice`` (admin) to the shared store; the CLI's environment as her."""
+    identity, public = make_ssh_key(home / "alice")
+    await OperatorRegistry(r.store).add("alice", "admin", public, actor="test-setup")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKMS_")}
+    env.update(
+        CKMS_CONTROLLER_FINGERPRINT=r.procs["ctl-a"].ready["fingerprint"],
+        CKMS_USER="alice",
+        CKMS_IDENTITY=str(identity),
+        COLUMNS="200",
+    )
+    return env
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.postgres
+@pytest.mark.requirement("ISO27002-8.14")
+async def test_postgresql_restarted_under_load_replicas_reconnect_and_lose_nothing_acknowledged(
+    healthy_cluster: LocalKafka, unique_topic: Topic, tmp_path: Path, note: Note
+) -> None:
+    # A server of the test's own: the session's is shared by tests that must not see it go.
+    async with LocalPostgres() as server:
+        target = StoreTarget.postgresql(await create_database(server))
+        async with replicas(healthy_cluster, unique_topic, tmp_path, target) as r:
+            load = RotationLoad(await cli_as_operator(r, tmp_path / "keys"), list(r.ports.values()))
+            async with InProcessFleet(r.hosts), RevocationWatch(r.store, r.hosts) as watch:
+                await wait_converged(r.view, [KEY], r.hosts)
+                rotating = asyncio.create_task(load.run(), name="rotation-load")
+                restarts = []
+                try:
+                    for crash in (False, True):  # a fast shutdown, then a crash (kill -9)
+                        before = len(load.acknowledged)
+                        await wait_until(
+                            lambda n=before: len(load.acknowledged) > n, 60, "a rotation acked"
+                        )
+                        # Down until the CLI was refused at least once, then up on the same
+                        # data and port.
+                        refused = len(load.refused)
+                        stopped = time.monotonic()
+                        await server.stop_server(kill=crash)
+                        await wait_until(
+                            lambda n=refused: len(load.refused) > n, 60, "a rotation refused"
+                        )
+                        await server.start_server()
+                        down_s = time.monotonic() - stopped
+                        during = len(load.acknowledged)
+                        await wait_until(
+                            lambda n=during: len(load.acknowledged) > n,
+                            90,
+                            "a rotation acknowledged after the restart",
+                        )
+                        restarts.append(
+                            f"{'crash' if crash else 'fast shutdown'}: down {down_s:.1f} s, "
+                            f"a rotation acknowledged {time.monotonic() - stopped:.1f} s "
+                            "after the stop"
+                        )
+                finally:
+                    load.stopping = True
+                    await finishes_within(rotating, 2 * CLI_TIMEOUT_S, "the rotation load")
+                # Each replica serves operators again on its own, and one of them leads.
+                leader = await r.leader()
+                for name, port in r.ports.items():
+                    assert await load.rotate(f"127.0.0.1:{port}") is not None, load.refused[-1:]
+                    status = await run_cli(
+                        "status",
+                        "--json",
+                        env={**load.env, "CKMS_CONTROLLER": f"127.0.0.1:{port}"},
+                    )
+                    assert status.rc == 0, status.stderr
+                    lead = status.json()["leadership"]
+                    assert lead["replica"] == name and lead["leader"] == leader, lead
+                    assert lead["leading"] == (name == leader), lead
+
+                # Every rotation the CLI saw acknowledged is in the store, published, audited.
+                key = await r.lifecycle.get(KEY)
+                versions = [v.version for v in key.versions]
+                assert set(load.acknowledged) <= set(versions), (load.acknowledged, versions)
+                assert len(set(load.acknowledged)) == len(load.acknowledged)
+                stats = await assert_fleet_invariants(
+                    r.view, [KEY], r.hosts, Expected(creates=1, rotates=len(versions) - 1), watch
+                )
+            rows = await assert_each_event_once_in_order(r)
+            verify = await run_cli(
+                "audit",
+                "verify",
+                env={**load.env, "CKMS_CONTROLLER": f"127.0.0.1:{r.ports[leader]}"},
+            )
+            assert verify.rc == 0, verify.stdout + verify.stderr
+        note(
+            f"{'; '.join(restarts)}; acknowledged versions {load.acknowledged}, "
+            f"{len(load.refused)} call(s) refused while the server was down, key at "
+            f"v{max(versions)}; {leader} leads; invariants held: {stats}; "
+            f"{len(rows)} events on the topics once, in order"
         )

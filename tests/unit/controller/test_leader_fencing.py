@@ -19,7 +19,7 @@ import pytest
 
 from ckms.controller.models import Policy
 from ckms.controller.service import Controller
-from ckms.errors import NotLeaderError
+from ckms.errors import AuditAnchorError, NotLeaderError, StoreError
 from ckms.store import audit as audit_log
 from ckms.store import lease as leases
 from ckms.store import outbox
@@ -214,3 +214,43 @@ async def test_leader_work_refused_by_the_fence_steps_down_and_the_service_goes_
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_leader_work_that_finds_the_store_down_steps_down_and_the_service_goes_on(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    """A PostgreSQL restart fails a leader task's query (the scheduler's, say): a passing
+    trouble of the store, not the service's failure (a replica that crashed on it would take
+    its agents' and operators' connections with it)."""
+    a, _ = replicas
+    terms: list[int] = []
+
+    async def unreachable() -> None:
+        raise StoreError("cannot connect to the PostgreSQL store: the connection was lost")
+
+    async def lead() -> None:
+        terms.append(a.leader.terms)
+        async with asyncio.TaskGroup() as group:  # as Controller._lead runs its tasks
+            group.create_task(unreachable())
+
+    task = asyncio.create_task(a.leader.run(lead))
+    try:
+        await wait_until(lambda: len(terms) >= 2, 20, "a second term")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_leader_work_failing_otherwise_is_still_the_services_failure(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    a, _ = replicas
+
+    async def broken() -> None:
+        raise AuditAnchorError("the audit log does not extend its anchor")
+
+    task = asyncio.create_task(a.leader.run(broken))
+    with pytest.raises(AuditAnchorError):
+        await asyncio.wait_for(task, 20)
