@@ -159,8 +159,8 @@ async def test_a_tampered_row_in_a_later_slice_refuses_the_whole_view(
 async def test_a_tampered_row_before_the_last_slice_leaves_the_store_readable(
     lifecycle: Lifecycle, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The next slice is read while one is checked: a refused slice drops that read, and the
-    store serves the next reader (no read left holding it)."""
+    """A refused slice ends the fill there: the store serves the next reader (no read left
+    holding it), and the next fill refuses the same row again."""
     monkeypatch.setattr(lifecycle_module, "_LOAD_SLICE", 2)
     await lifecycle.create_many(
         [NewKey(name=f"team/k{i}", type="aes-256") for i in range(7)], actor="alice"
