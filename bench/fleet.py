@@ -113,6 +113,8 @@ class Phase:
     ack_transit_p50_ms: float = math.nan
     """The agent signed its ack → the controller applied it (``ack`` over SSH, group commit)."""
     ack_transit_p99_ms: float = math.nan
+    slowest: list[str] = field(default_factory=list)
+    """The three hosts that took longest (host id, commit → ack applied), for a tail's cause."""
 
     @property
     def cpu_total_s(self) -> float:
@@ -328,6 +330,8 @@ class FleetBench:
         rows = await self.ctl.call("acked", name=KEY, version=version, status=status)
         committed = _parse_time(event["created_at"])
         _latencies([_parse_time(r["updated_at"]) - committed for r in rows], phase)
+        by_host = sorted((_parse_time(r["updated_at"]) - committed, r["host_id"]) for r in rows)
+        phase.slowest = [f"{host} {1000 * s:.0f} ms" for s, host in by_host[-3:][::-1]]
         parts = await self.ctl.call("breakdown", event_id=event["event_id"])
         if parts["sent_at"]:
             phase.publish_ms = 1000 * (_parse_time(parts["sent_at"]) - committed)
@@ -346,7 +350,8 @@ class FleetBench:
         self.log(
             f"{name}: {phase.done}/{self.n} in {phase.total_s:.2f} s "
             f"(p50 {phase.p50_ms:.0f} ms, p99 {phase.p99_ms:.0f} ms), "
-            f"CPU {phase.cpu_total_s:.1f} s ({phase.cpu_ms_per_host:.2f} ms/host)"
+            f"CPU {phase.cpu_total_s:.1f} s ({phase.cpu_ms_per_host:.2f} ms/host); "
+            f"slowest {', '.join(phase.slowest)}"
         )
         return phase
 
@@ -760,6 +765,15 @@ def table(result: dict[str, Any]) -> str:
         f"{result['worker_threads']} threads = {result['mb_per_agent']:.2f} MB per agent "
         f"({result['mb_per_agent_marginal']:.2f} MB marginal)"
     )
+    if len(result.get("replica_stats", [])) > 1:
+        lines.append(
+            "replicas (SSH connections, acks applied, events published, terms led): "
+            + "; ".join(
+                f"ctl-{i + 1} {r['ssh_connections']}, {r['acks_applied']}, {r['published']}, "
+                f"{r.get('leader_terms', 0)}"
+                for i, r in enumerate(result["replica_stats"])
+            )
+        )
     idle = result.get("idle")
     if idle:
         per_s = idle["cpu_s_per_s"]
@@ -833,8 +847,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     results.append(bench.result)
                     if "rotate" in bench.result:
                         print(table(bench.result) + "\n", flush=True)
-        if summary := compare(results):
-            print(summary, flush=True)
+                if summary := compare([r for r in results if r["hosts"] == n]):
+                    print(summary, flush=True)  # each N's as soon as it is measured
+                print(f"[N={n} done; load {load_average()}]", file=sys.stderr, flush=True)
         if summary := scaling(results):
             print(summary, flush=True)
         print(f"load {load_average()} at end", flush=True)
