@@ -110,6 +110,7 @@ class Phase:
     agent_p99_ms: float = math.nan
     acked_p50_ms: float = math.nan
     """Commit → the agent signed its ack (agent clock; everything runs on one machine)."""
+    acked_p99_ms: float = math.nan
     ack_transit_p50_ms: float = math.nan
     """The agent signed its ack → the controller applied it (``ack`` over SSH, group commit)."""
     ack_transit_p99_ms: float = math.nan
@@ -343,6 +344,7 @@ class FleetBench:
             acked = [a for a, _ in pairs]
             transit = [1000 * (b - a) for a, b in pairs]
             phase.acked_p50_ms = percentile([1000 * (a - committed) for a in acked], 50)
+            phase.acked_p99_ms = percentile([1000 * (a - committed) for a in acked], 99)
             phase.ack_transit_p50_ms = percentile(transit, 50)
             phase.ack_transit_p99_ms = percentile(transit, 99)
         if phase.done < self.n:
@@ -650,6 +652,7 @@ def _compare_at(n: int, same: list[dict[str, Any]]) -> list[str]:
         text = f"{label:30}" + "".join(f"{_fmt(v, digits):>16}" for v in values)
         lines.append(text + "".join(f"{_fmt(x) + 'x':>26}" for x in ratios))
 
+    row("create (warm-up) total s", lambda r: r["warmup"]["total_s"])
     for phase in ("rotate", "revoke"):
         row(f"{phase} total s", lambda r, ph=phase: r[ph]["total_s"])
         row(f"{phase} per-host p99 ms", lambda r, ph=phase: r[ph]["p99_ms"], 0)
@@ -715,6 +718,7 @@ def table(result: dict[str, Any]) -> str:
     row("  agent work p50 ms", [_fmt(p["agent_p50_ms"], 0) for _, p in cols[:2]])
     row("  agent work p99 ms", [_fmt(p["agent_p99_ms"], 0) for _, p in cols[:2]])
     row("  commit → ack signed p50 ms", [_fmt(p["acked_p50_ms"], 0) for _, p in cols[:2]])
+    row("  commit → ack signed p99 ms", [_fmt(p["acked_p99_ms"], 0) for _, p in cols[:2]])
     row("  ack signed → applied p50 ms", [_fmt(p["ack_transit_p50_ms"], 0) for _, p in cols[:2]])
     row("  ack signed → applied p99 ms", [_fmt(p["ack_transit_p99_ms"], 0) for _, p in cols[:2]])
     row(

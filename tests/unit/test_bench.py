@@ -75,7 +75,8 @@ def test_comparison_prints_each_store_against_the_reference(bench: dict[str, Mod
         if store == "postgresql":
             cpu |= {"replica1": 0.5, "postgres": 0.5}
         p = phase(cpu, total_s=2.0 * scale)
-        return {"hosts": 10, "store": store, "replicas": replicas, "rotate": p, "revoke": p}
+        runs = {"rotate": p, "revoke": p, "warmup": p}
+        return {"hosts": 10, "store": store, "replicas": replicas, **runs}
 
     text = bench["fleet"].compare([result("sqlite", 1, 1.0), result("postgresql", 2, 2.0)])
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
