@@ -83,6 +83,7 @@ LABELS = {"fleet": "bench"}
 INSTALL_PATH = "/etc/ckms/keys/{team}/{purpose}.json"
 INSTALLED_PATH = "/etc/ckms/keys/bench/fleet.json"
 BASELINE_PATH = "/etc/ckms-baseline/bench/fleet.json"
+LATE_S = 10.0
 
 
 @dataclass
@@ -115,6 +116,8 @@ class Phase:
     """The agent signed its ack → the controller applied it (``ack`` over SSH, group commit)."""
     ack_transit_p99_ms: float = math.nan
     slowest: list[str] = field(default_factory=list)
+    late: int = 0
+    """Hosts that took over ``LATE_S``: a tail of a few hosts that waited for a later reconcile."""
     """The three hosts that took longest (host id, commit → ack applied), for a tail's cause."""
 
     @property
@@ -333,6 +336,7 @@ class FleetBench:
         _latencies([_parse_time(r["updated_at"]) - committed for r in rows], phase)
         by_host = sorted((_parse_time(r["updated_at"]) - committed, r["host_id"]) for r in rows)
         phase.slowest = [f"{host} {1000 * s:.0f} ms" for s, host in by_host[-3:][::-1]]
+        phase.late = sum(1 for s, _ in by_host if s > LATE_S)
         parts = await self.ctl.call("breakdown", event_id=event["event_id"])
         if parts["sent_at"]:
             phase.publish_ms = 1000 * (_parse_time(parts["sent_at"]) - committed)
@@ -653,9 +657,12 @@ def _compare_at(n: int, same: list[dict[str, Any]]) -> list[str]:
         lines.append(text + "".join(f"{_fmt(x) + 'x':>26}" for x in ratios))
 
     row("create (warm-up) total s", lambda r: r["warmup"]["total_s"])
+    row(f"create hosts over {LATE_S:g} s", lambda r: r["warmup"].get("late", 0), 0)
     for phase in ("rotate", "revoke"):
         row(f"{phase} total s", lambda r, ph=phase: r[ph]["total_s"])
+        row(f"{phase} per-host p50 ms", lambda r, ph=phase: r[ph]["p50_ms"], 0)
         row(f"{phase} per-host p99 ms", lambda r, ph=phase: r[ph]["p99_ms"], 0)
+        row(f"{phase} hosts over {LATE_S:g} s", lambda r, ph=phase: r[ph].get("late", 0), 0)
         row(f"{phase} commit → in Kafka ms", lambda r, ph=phase: r[ph]["publish_ms"], 0)
         row(f"{phase} central CPU ms/host", lambda r, ph=phase: central_ms_per_host(r[ph]))
         row(
