@@ -270,7 +270,11 @@ async def _cli_phase(
         "PYTHONPYCACHEPREFIX": str(root / "pycache"),
     }
     warm = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import ckms.cli._app", env=env, stdin=asyncio.subprocess.DEVNULL
+        sys.executable,
+        "-c",
+        "import ckms.cli._app, ckms.cli.key",  # the app imports a command's module on use
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
     )
     assert await warm.wait() == 0
     out: dict[str, float] = {}
