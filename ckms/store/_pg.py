@@ -196,6 +196,21 @@ class PgReader(Reader):
 
     def __init__(self, conn: Any, row_key: bytes | None = None) -> None:
         super().__init__(conn, row_key)
+        self.spoiled = False
+        """A statement failed in the client (an argument it could not encode, such as an
+        integer past 64 bits): the server was left inside that statement's implicit
+        transaction, holding its locks, with nothing the client can see. The connection is
+        closed rather than used again (pooled, it blocked DDL on the table for a minute)."""
+
+    def _failed(self, exc: BaseException) -> None:
+        # asyncpg raises its encoding failure as a PostgresError (a DataError) of its own
+        # making: the server did not send it, so it carries no severity.
+        if asyncpg is None:
+            return
+        if isinstance(exc, asyncpg.InterfaceError) or (
+            isinstance(exc, asyncpg.PostgresError) and getattr(exc, "severity", None) is None
+        ):
+            self.spoiled = True
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Any]:
         """Run a query and return every row (asyncpg Records: by index and by name)."""
@@ -204,6 +219,7 @@ class PgReader(Reader):
             text, args = POSTGRESQL.bind(sql, params)
             return list(await self._conn.fetch(text, *args))
         except _errors() as exc:
+            self._failed(exc)
             raise pg_error(exc, "query failed") from None
 
 
@@ -219,6 +235,7 @@ class PgTransaction(Transaction, PgReader):
             text, args = POSTGRESQL.bind(sql, params)
             status = await self._conn.execute(text, *args)
         except _errors() as exc:
+            self._failed(exc)
             raise pg_error(exc, "write failed") from None
         return _rowcount(status)
 
@@ -231,6 +248,7 @@ class PgTransaction(Transaction, PgReader):
             text = POSTGRESQL.bind(sql, rows[0])[0]
             await self._conn.executemany(text, [POSTGRESQL.bind(sql, r)[1] for r in rows])
         except _errors() as exc:
+            self._failed(exc)
             raise pg_error(exc, "write failed") from None
 
     async def insert(self, sql: str, params: Params = ()) -> int:
@@ -432,6 +450,8 @@ class PgStore(Store):
                 except BaseException:
                     tx._active = False
                     await _rollback(conn)
+                    if tx.spoiled:
+                        self._drop_writer()
                     raise
                 try:
                     await _uncancellable(_run(conn, "COMMIT", "cannot commit"))
@@ -531,8 +551,7 @@ class PgStore(Store):
                 yield reader
             finally:
                 reader._active = False
-                await _rollback(conn)
-                await self._release(conn)
+                await self._release(conn, reader)
             return
 
     @asynccontextmanager
@@ -545,7 +564,7 @@ class PgStore(Store):
             yield reader
         finally:
             reader._active = False
-            await self._release(conn)
+            await self._release(conn, reader)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[Any]:
         """Run one read query in its own snapshot (again once if its connection was lost)."""
@@ -565,7 +584,12 @@ class PgStore(Store):
         except _errors() as exc:
             raise pg_error(exc, f"cannot connect to the PostgreSQL store {self.path}") from None
 
-    async def _release(self, conn: Any) -> None:
+    async def _release(self, conn: Any, reader: PgReader | None = None) -> None:
+        """Return a read connection to the pool, or close it if a statement spoiled it."""
+        if reader is not None and reader.spoiled:
+            conn.terminate()
+        else:
+            await _rollback(conn)
         try:
             await self._pool.release(conn)
         except Exception:
