@@ -83,6 +83,9 @@ class _Commands(MutableMapping[str, Any]):
             found = self._loaded[name] = self._make(name)
         return found
 
+    def __contains__(self, name: object) -> bool:
+        return name in _COMMANDS or name in self._loaded  # without building the command
+
     def __setitem__(self, name: str, command: Any) -> None:
         self._loaded[name] = command
 
