@@ -118,6 +118,8 @@ class Phase:
     slowest: list[str] = field(default_factory=list)
     late: int = 0
     """Hosts that took over ``LATE_S``: a tail of a few hosts that waited for a later reconcile."""
+    on_time_total_s: float = math.nan
+    """The slowest of the other hosts (what the tail leaves out)."""
     """The three hosts that took longest (host id, commit → ack applied), for a tail's cause."""
 
     @property
@@ -337,6 +339,7 @@ class FleetBench:
         by_host = sorted((_parse_time(r["updated_at"]) - committed, r["host_id"]) for r in rows)
         phase.slowest = [f"{host} {1000 * s:.0f} ms" for s, host in by_host[-3:][::-1]]
         phase.late = sum(1 for s, _ in by_host if s > LATE_S)
+        phase.on_time_total_s = max((s for s, _ in by_host if s <= LATE_S), default=math.nan)
         parts = await self.ctl.call("breakdown", event_id=event["event_id"])
         if parts["sent_at"]:
             phase.publish_ms = 1000 * (_parse_time(parts["sent_at"]) - committed)
@@ -663,6 +666,10 @@ def _compare_at(n: int, same: list[dict[str, Any]]) -> list[str]:
         row(f"{phase} per-host p50 ms", lambda r, ph=phase: r[ph]["p50_ms"], 0)
         row(f"{phase} per-host p99 ms", lambda r, ph=phase: r[ph]["p99_ms"], 0)
         row(f"{phase} hosts over {LATE_S:g} s", lambda r, ph=phase: r[ph].get("late", 0), 0)
+        row(
+            f"  {phase} total of the others s",
+            lambda r, ph=phase: r[ph].get("on_time_total_s", math.nan),
+        )
         row(f"{phase} commit → in Kafka ms", lambda r, ph=phase: r[ph]["publish_ms"], 0)
         row(f"{phase} central CPU ms/host", lambda r, ph=phase: central_ms_per_host(r[ph]))
         row(
