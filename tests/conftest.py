@@ -6,7 +6,8 @@ TLS and ACLs, as in production — and every later test reuses it. Each test get
 names from ``unique_topic``, under the ckms topic names the ACLs cover (``ckms.events.<test>...``),
 so tests never see each other's records. Likewise ``postgres_server`` starts one real PostgreSQL
 (``ckms.devpostgres.LocalPostgres``) for the first test that asks, and ``postgres_database`` gives
-each test an empty database of its own on it; tests using them are marked ``postgres``.
+each test an empty database of its own on it (emptied and reused after the test: creating one
+costs more than most tests); tests using them are marked ``postgres``.
 pytest-timeout (``timeout`` in pyproject.toml) bounds every test.
 """
 
@@ -28,10 +29,10 @@ from ckms.crypto import SubjectRole
 from ckms.devkafka import LocalKafka
 from ckms.devpostgres import LocalPostgres
 from ckms.protocol import AUDIT_TOPIC, EVENTS_TOPIC, FLEET_TOPIC
-from tests.support.postgres import PostgresDatabase, create_database, drop_database
+from tests.support.postgres import DatabasePool, PostgresDatabase
 from tests.support.stores import BACKENDS, StoreTarget
 
-_POSTGRES_FIXTURES = {"postgres_server", "postgres_database"}
+_POSTGRES_FIXTURES = {"postgres_server", "postgres_database", "postgres_databases"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,14 +99,20 @@ async def postgres_server() -> AsyncIterator[LocalPostgres]:
         yield server
 
 
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def postgres_databases(postgres_server: LocalPostgres) -> DatabasePool:
+    """The session's empty databases, reused from test to test once emptied."""
+    return DatabasePool(postgres_server)
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def postgres_database(postgres_server: LocalPostgres) -> AsyncIterator[PostgresDatabase]:
-    """An empty database of this test's own on the session's server, dropped afterwards."""
-    database = await create_database(postgres_server)
+async def postgres_database(postgres_databases: DatabasePool) -> AsyncIterator[PostgresDatabase]:
+    """An empty database of this test's own on the session's server, emptied afterwards."""
+    database = await postgres_databases.take()
     try:
         yield database
     finally:
-        await drop_database(postgres_server, database)
+        await postgres_databases.give_back(database)
 
 
 @pytest.fixture(params=BACKENDS)
