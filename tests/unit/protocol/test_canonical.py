@@ -180,3 +180,31 @@ def test_nesting_deeper_than_the_one_walk_path_still_encodes() -> None:
     assert canonical_json(value) == json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
+
+
+class _LookAlike(str):
+    """A key that claims to equal (and hashes as) another string: its text is its own."""
+
+    def __hash__(self) -> int:
+        return hash("canonical-probe-role")
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __ne__ = str.__ne__
+
+
+def test_a_key_that_claims_equality_does_not_change_another_objects_bytes() -> None:
+    # The one-walk path keeps each key's escaped text: a look-alike key must neither be
+    # written as another key's text nor leave its own text to be written for later keys.
+    first = {_LookAlike("admin"): 1}
+    assert canonical_json(first) == b'{"admin":1}'
+    assert canonical_json({"canonical-probe-role": 1}) == b'{"canonical-probe-role":1}'
+    assert canonical_json({_LookAlike("other"): 1}) == b'{"other":1}'
+
+
+def test_keys_equal_but_distinct_sort_as_the_stdlib_does() -> None:
+    value = {"a": 2, _LookAlike("a"): 1}
+    assert canonical_json(value) == json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
