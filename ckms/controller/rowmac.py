@@ -27,6 +27,7 @@ existing MACs checked under the old fields before they are re-stamped.
 
 from __future__ import annotations
 
+from collections.abc import KeysView
 from typing import Any, Final
 
 from ckms.crypto import row_mac, row_mac_matches
@@ -257,7 +258,9 @@ def approval_row_mac(row_key: bytes, row: Any) -> str:
 
 def _optional(row: Any, fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """``fields`` plus each of ``names`` that the row has and is set."""
-    present = row.keys()  # a dict's view, or a sqlite3.Row's few names
+    present = row.keys()  # a dict's view, a sqlite3.Row's list, or an asyncpg Record's...
+    if not isinstance(present, KeysView | list | tuple):
+        present = tuple(present)  # ...one-pass iterator: each `in` would consume it
     for name in names:
         if name in present and row[name] is not None:
             fields[name] = _value(row[name])
