@@ -280,7 +280,7 @@ class AgentService:
         material of the versions it asked to fetch along (those it may have)."""
         request = SyncRequest.model_validate(params)
         host, suite = await self._host(principal)
-        keys = await self._lifecycle.current_keys()
+        keys = await self._keys_knowing(request.fetch)
         desired = desired_keys(list(keys.values()), host)
         wanted = {(d.key, v.version) for d in desired for v in d.versions}
         extra: dict[str, set[int]] = {}
@@ -406,7 +406,7 @@ class AgentService:
         """One version's material, wrapped for the asking host, if it may have it."""
         request = FetchRequest.model_validate(params)
         host, suite = await self._host(principal)
-        reply = await self._wrap(host, suite, await self._lifecycle.current_keys(), request)
+        reply = await self._wrap(host, suite, await self._keys_knowing((request,)), request)
 
         async def record(tx: Transaction) -> None:
             await self._recheck(tx, host, reply)
@@ -587,6 +587,21 @@ class AgentService:
                     f"host {host.id} may not fetch {reply.key} v{reply.version}: its rollout "
                     "withdrew it meanwhile"
                 )
+
+    async def _keys_knowing(self, asked: Iterable[FetchRequest]) -> Mapping[str, KeyView]:
+        """The key view, looked up again in the store if it lacks a version the host asks for.
+
+        The host learnt of that version from its signed event, published after the commit;
+        among replicas the commit may be another's, not seen here until the next poll of the
+        store (up to 50 ms later), and a host that was answered without the version waited
+        for its next reconcile (minutes). A version nobody committed costs one more read.
+        """
+        keys = await self._lifecycle.current_keys()
+        for item in asked:
+            key = keys.get(item.key)
+            if key is None or item.version > key.latest_version:
+                return await self._lifecycle.current_keys(fresh=True)
+        return keys
 
     async def _wrap(
         self, host: Host, suite: WrapSuite, keys: Mapping[str, KeyView], request: FetchRequest

@@ -224,7 +224,7 @@ class Lifecycle:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def current_keys(self) -> Mapping[str, KeyView]:
+    async def current_keys(self, *, fresh: bool = False) -> Mapping[str, KeyView]:
         """Every key by name, from memory, refreshed for the keys committed changes touched.
 
         The agent requests (sync, fetch) read every key on every request; keys change seldom.
@@ -232,9 +232,10 @@ class Lifecycle:
         (:meth:`~ckms.store.Store.changed_since`), and only those are read again: a key change
         costs that key, not a reload of every key. When the store cannot say (a commit by
         another connection, a long gap) everything is reloaded, building the models in slices
-        so the event loop is never held for the whole set.
+        so the event loop is never held for the whole set. ``fresh``: look for other
+        replicas' commits now, not at the next poll (:meth:`~ckms.store.Store.generation`).
         """
-        generation = await self._store.generation("keys")
+        generation = await self._store.generation("keys", fresh=fresh)
         current = self._current
         if current is not None and current[0] == generation:
             return current[1]

@@ -394,11 +394,11 @@ class PgStore(Store):
 
     # -- generations ---------------------------------------------------------------------
 
-    async def generation(self, name: str) -> int:
+    async def generation(self, name: str, *, fresh: bool = False) -> int:
         """As :meth:`Store.generation`; another replica's commits are seen by polling the
-        ``changes`` counter at most every ``FOREIGN_CHECK_S``."""
+        ``changes`` counter at most every ``FOREIGN_CHECK_S`` (now, when ``fresh``)."""
         now = time.monotonic()
-        if now - self._checked >= _store.FOREIGN_CHECK_S:
+        if fresh or now - self._checked >= _store.FOREIGN_CHECK_S:
             self._checked = now
             value = await self.fetchval("SELECT value FROM counters WHERE name = 'changes'")
             self._saw_counter(None if value is None else int(value), own=False)

@@ -347,7 +347,7 @@ class Store(_Queries):
         for name in self._generations:
             self._bump(name, None)  # every row: caches reload in full
 
-    async def generation(self, name: str) -> int:
+    async def generation(self, name: str, *, fresh: bool = False) -> int:
         """How many committed transactions changed ``name`` (a :data:`WATCHED` entry).
 
         In-memory caches of rarely changing rows (keys, host identities) compare it to the value
@@ -355,10 +355,11 @@ class Store(_Queries):
         it. This process's own commits are counted by the triggers, at once; a commit by any
         other connection (an operator's tool, another process on the same file) moves the
         writer connection's ``PRAGMA data_version``, looked at most every
-        :data:`FOREIGN_CHECK_S`, and then every generation moves.
+        :data:`FOREIGN_CHECK_S`, and then every generation moves. ``fresh`` looks now: a
+        caller that knows of a commit it cannot see yet (an event named it) asks so.
         """
         now = time.monotonic()
-        if not self.is_memory and now - self._data_checked >= FOREIGN_CHECK_S:
+        if not self.is_memory and (fresh or now - self._data_checked >= FOREIGN_CHECK_S):
             self._data_checked = now
             try:
                 rows = await self._writer.execute_fetchall("PRAGMA data_version")

@@ -7,7 +7,6 @@ database file while the controller is stopped, then a restart, as in the other r
 
 from __future__ import annotations
 
-import base64
 import itertools
 import sqlite3
 from collections.abc import AsyncIterator
@@ -34,15 +33,10 @@ from ckms.controller.service import Controller, ControllerSettings
 from ckms.controller.transitions import RolloutOp, next_rollout_state
 from ckms.crypto import (
     KeyType,
-    WrapSuite,
-    generate_signing_key,
-    generate_wrapping_keypair,
-    signing_public_openssh,
 )
 from ckms.errors import ConfigError, IntegrityError, InvalidTransitionError, NotFoundError
 from ckms.protocol import (
     ActivateWhen,
-    EnrollRequest,
     Gate,
     InstallSpec,
     RolloutState,
@@ -51,7 +45,7 @@ from ckms.protocol import (
     parse_stages,
 )
 from ckms.store import audit as audit_log
-from ckms_agent.identity import AgentKeys
+from tests.support.replicas import enroll_host
 from tests.unit.controller.conftest import T0, FakeClock
 
 PASSPHRASE = "a passphrase long enough for tests"
@@ -134,22 +128,6 @@ def test_stage_sizes_round_up_and_reach_at_least_one_host() -> None:
 # -- on the store -------------------------------------------------------------------------
 
 
-def _agent() -> AgentKeys:
-    return AgentKeys(generate_signing_key(), generate_wrapping_keypair(WrapSuite.X25519)[0])
-
-
-async def _enroll(c: Controller, host: str, labels: dict[str, str]) -> None:
-    keys = _agent()
-    token = await c.hosts.create_token(host, labels, actor="alice")
-    request = EnrollRequest(
-        token=token.token,
-        identity_key=signing_public_openssh(keys.identity_public),
-        signing_key=base64.b64encode(keys.identity_public).decode(),
-        wrapping_key=base64.b64encode(keys.wrapping_public).decode(),
-    )
-    await c.hosts.enroll(request, presented_key=signing_public_openssh(keys.identity_public))
-
-
 async def _open(home: Path, clock: FakeClock) -> Controller:
     c = Controller(ControllerSettings(home=home, listen_port=0), clock=clock)
     await c.open()
@@ -164,7 +142,7 @@ async def _open(home: Path, clock: FakeClock) -> Controller:
 async def ctl(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Controller]:
     c = await _open(tmp_path / "ctl", clock)
     for i, host in enumerate(HOSTS):
-        await _enroll(c, host, {"env": "prod", "zone": f"z{i % 2}"})
+        await enroll_host(c, host, {"env": "prod", "zone": f"z{i % 2}"})
     await c.lifecycle.create(
         NAME,
         KeyType.AES_256,
@@ -467,7 +445,7 @@ async def test_a_db_owner_cannot_advance_a_stage(
 ) -> None:
     c = await _open(tmp_path / "ctl", clock)
     for host in HOSTS[:5]:
-        await _enroll(c, host, {"env": "prod"})
+        await enroll_host(c, host, {"env": "prod"})
     await c.lifecycle.create(
         NAME, KeyType.AES_256, targets=Targets.parse(["env=prod"], env="prod"), actor="alice"
     )
@@ -492,7 +470,7 @@ async def test_a_deleted_rollout_row_releases_the_version_to_nobody(
 ) -> None:
     c = await _open(tmp_path / "ctl", clock)
     for host in HOSTS[:5]:
-        await _enroll(c, host, {"env": "prod"})
+        await enroll_host(c, host, {"env": "prod"})
     await c.lifecycle.create(
         NAME, KeyType.AES_256, targets=Targets.parse(["env=prod"], env="prod"), actor="alice"
     )
@@ -563,7 +541,7 @@ async def test_a_db_owner_cannot_fake_the_gate(
     ack it cannot check."""
     c = await _open(tmp_path / "ctl", clock)
     for host in HOSTS[:5]:
-        await _enroll(c, host, {"env": "prod"})
+        await enroll_host(c, host, {"env": "prod"})
     await c.lifecycle.create(
         NAME, KeyType.AES_256, targets=Targets.parse(["env=prod"], env="prod"), actor="alice"
     )
