@@ -341,9 +341,23 @@ def process_state(pid: int) -> str:
 # -- Kafka ----------------------------------------------------------------------------------------
 
 
+async def _high_watermarks(kafka: KafkaLink, tps: list[TopicPartition]) -> dict[Any, int]:
+    """The partitions' ends as written, committed or not (a reader of committed records is told
+    the last stable offset instead, which lags a commit until its markers are written)."""
+    consumer = AIOKafkaConsumer(**kafka.client_args(), group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
 async def read_topic(kafka: KafkaLink, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` up to its current end (bounded), as readers of committed
-    records see it (the controller publishes in Kafka transactions; agents read so)."""
+    records see it (the controller publishes in Kafka transactions; agents read so).
+
+    "Its end" is what was written before the call, transactions whose commit returned
+    included: the read goes on until their markers let a committed reader past them."""
 
     async def read() -> list[ConsumerRecord[bytes, bytes]]:
         parts = await partitions_of(kafka, topic)
@@ -358,7 +372,7 @@ async def read_topic(kafka: KafkaLink, topic: str) -> list[ConsumerRecord[bytes,
         try:
             tps = [TopicPartition(topic, p) for p in parts]
             consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
+            ends = await _high_watermarks(kafka, tps)
             await consumer.seek_to_beginning(*tps)
             records: list[ConsumerRecord[bytes, bytes]] = []
             while True:
