@@ -10,10 +10,13 @@ such a log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from ckms.controller.sealing import Vault
 from ckms.crypto import sign, signer_key_id
 from ckms.errors import AuditAnchorError, AuditError
 from ckms.store import Store
@@ -186,15 +189,16 @@ async def test_checkpoints_signed_before_chaining_still_verify_and_the_next_name
     assert report.ok and report.checkpoints_verified == 2
 
 
-async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path) -> None:
-    """Kafka unreachable at start: the anchor is unknown, so no checkpoint is signed (it could
-    put a signature on a log cut while the controller was stopped); records still append."""
+@contextlib.asynccontextmanager
+async def _unsealed_with_an_unread_anchor(
+    path: Path, *, delivery_timeout_s: float
+) -> AsyncIterator[tuple[Store, Vault]]:
+    """An unsealed vault whose anchor topic is on a Kafka nobody answers at: not read back."""
     from ckms._kafka_security import KafkaLink, KafkaSecurity
     from ckms.controller.anchor import AuditAnchor
-    from ckms.controller.sealing import Vault, init_controller
-    from ckms.errors import KafkaUnavailableError
+    from ckms.controller.sealing import init_controller
 
-    async with await Store.open(tmp_path / "c.db") as store:
+    async with await Store.open(path) as store:
         await init_controller(store, passphrase="a passphrase long enough")
         vault = Vault(store)
         await vault.unseal_with_passphrase("a passphrase long enough")
@@ -203,8 +207,20 @@ async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path)
             vault,
             kafka=KafkaLink("127.0.0.1:1", KafkaSecurity.plaintext()),
             topic="ckms.audit",
-            delivery_timeout_s=0.2,  # how long a checkpoint waits for the read-back
+            delivery_timeout_s=delivery_timeout_s,  # how long a checkpoint waits for it
         )
+        yield store, vault
+
+
+async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path) -> None:
+    """Kafka unreachable at start: the anchor is unknown, so no checkpoint is signed (it could
+    put a signature on a log cut while the controller was stopped); records still append."""
+    from ckms.errors import KafkaUnavailableError
+
+    async with _unsealed_with_an_unread_anchor(tmp_path / "c.db", delivery_timeout_s=0.2) as (
+        store,
+        vault,
+    ):
         with pytest.raises(KafkaUnavailableError):
             await vault.anchor.load()
         with pytest.raises(AuditAnchorError, match="not been read back"):
@@ -213,28 +229,16 @@ async def test_nothing_is_signed_before_the_anchor_was_read_back(tmp_path: Path)
         await _build(store, 1)
 
 
-
 async def test_a_checkpoint_asked_during_the_read_back_waits_for_it_and_signs(
     tmp_path: Path,
 ) -> None:
     """Right after an unseal the anchor is still being read back: an export's or a backup's
     checkpoint asked then waits for the read-back (bounded) and signs, instead of being
     skipped."""
-    from ckms._kafka_security import KafkaLink, KafkaSecurity
-    from ckms.controller.anchor import AuditAnchor
-    from ckms.controller.sealing import Vault, init_controller
-
-    async with await Store.open(tmp_path / "c.db") as store:
-        await init_controller(store, passphrase="a passphrase long enough")
-        vault = Vault(store)
-        await vault.unseal_with_passphrase("a passphrase long enough")
-        vault.anchor = AuditAnchor(
-            store,
-            vault,
-            kafka=KafkaLink("127.0.0.1:1", KafkaSecurity.plaintext()),
-            topic="ckms.audit",
-            delivery_timeout_s=30,
-        )
+    async with _unsealed_with_an_unread_anchor(tmp_path / "c.db", delivery_timeout_s=30) as (
+        store,
+        vault,
+    ):
         await _build(store, 3)
         asked = asyncio.create_task(vault.checkpoint_audit())
         await asyncio.sleep(0)  # it is waiting, not refused
