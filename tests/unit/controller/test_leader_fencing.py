@@ -190,51 +190,36 @@ async def test_a_leader_that_is_sealed_gives_the_lease_up_at_once(
     assert taken is not None and taken.mine and taken.epoch == 2
 
 
-async def test_leader_work_refused_by_the_fence_steps_down_and_the_service_goes_on(
-    replicas: tuple[Controller, Controller], clock: FakeClock
+@pytest.mark.parametrize(
+    "failure",
+    [
+        # A write the fence refused: another replica took the lease.
+        NotLeaderError("refused by the fence"),
+        # A PostgreSQL restart failed a leader task's query (the scheduler's, say): a passing
+        # trouble of the store, not the service's failure (a replica that crashed on it would
+        # take its agents' and operators' connections with it).
+        StoreError("cannot connect to the PostgreSQL store: the connection was lost"),
+    ],
+    ids=["fenced", "store-down"],
+)
+async def test_leader_work_that_only_ends_its_term_steps_down_and_the_service_goes_on(
+    replicas: tuple[Controller, Controller], clock: FakeClock, failure: Exception
 ) -> None:
     a, _ = replicas
     terms: list[int] = []
 
-    async def refused() -> None:
-        raise NotLeaderError("refused by the fence")
+    async def failing() -> None:
+        raise failure
 
     async def lead() -> None:
         terms.append(a.leader.terms)
         async with asyncio.TaskGroup() as group:  # as Controller._lead runs its tasks
-            group.create_task(refused())
+            group.create_task(failing())
 
     task = asyncio.create_task(a.leader.run(lead))
     try:
-        # It steps down (the work ended refused), then leads again at its next round, since
-        # the lease is still its own; the lease task itself never fails.
-        await wait_until(lambda: len(terms) >= 2, 20, "a second term")
-        assert not task.done()
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def test_leader_work_that_finds_the_store_down_steps_down_and_the_service_goes_on(
-    replicas: tuple[Controller, Controller], clock: FakeClock
-) -> None:
-    """A PostgreSQL restart fails a leader task's query (the scheduler's, say): a passing
-    trouble of the store, not the service's failure (a replica that crashed on it would take
-    its agents' and operators' connections with it)."""
-    a, _ = replicas
-    terms: list[int] = []
-
-    async def unreachable() -> None:
-        raise StoreError("cannot connect to the PostgreSQL store: the connection was lost")
-
-    async def lead() -> None:
-        terms.append(a.leader.terms)
-        async with asyncio.TaskGroup() as group:  # as Controller._lead runs its tasks
-            group.create_task(unreachable())
-
-    task = asyncio.create_task(a.leader.run(lead))
-    try:
+        # It steps down (the work ended), then leads again at its next round, since the lease
+        # is still its own; the lease task itself never fails.
         await wait_until(lambda: len(terms) >= 2, 20, "a second term")
         assert not task.done()
     finally:
