@@ -587,14 +587,14 @@ class PgStore(Store):
     async def _release(self, conn: Any, reader: PgReader | None = None) -> None:
         """Return a read connection to the pool, or close it if a statement spoiled it."""
         if reader is not None and reader.spoiled:
-            conn.terminate()
+            _terminate_pooled(conn)
         else:
             await _rollback(conn)
         try:
             await self._pool.release(conn)
         except Exception:
             log.debug("a read connection could not be returned to the pool", exc_info=True)
-            conn.terminate()
+            _terminate_pooled(conn)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -620,6 +620,15 @@ async def _run(conn: Any, sql: str, what: str) -> None:
         await conn.execute(sql)
     except _errors() as exc:
         raise pg_error(exc, what) from None
+
+
+def _terminate_pooled(conn: Any) -> None:
+    """Close a pool connection now. asyncpg detaches the connection from its pool proxy as soon
+    as it learns the server ended the session; a detached proxy is closed already, and calling
+    it raises."""
+    if asyncpg is not None:
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.terminate()
 
 
 async def _rollback(conn: Any) -> None:

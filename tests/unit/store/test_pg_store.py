@@ -229,3 +229,17 @@ async def test_a_restarted_server_needs_no_store_restart(
             assert report.ok and report.size == 6
         finally:
             await store.close()
+
+
+async def test_a_read_whose_session_the_server_ended_fails_cleanly_and_the_next_one_works(
+    pg: StoreTarget,
+) -> None:
+    # asyncpg detaches a pooled connection from its proxy as soon as it learns the server ended
+    # it; closing that proxy again raised InterfaceError in place of the store's own error.
+    store = await pg.open()
+    try:
+        with pytest.raises(StoreError, match="connection to PostgreSQL was lost"):
+            await store.fetchall("SELECT pg_terminate_backend(pg_backend_pid())")
+        assert await store.fetchall("SELECT 1") == [(1,)]
+    finally:
+        await store.close()
