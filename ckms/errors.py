@@ -40,6 +40,12 @@ class PermissionDeniedError(CKMSError):
     """Raised when the caller's role or identity does not allow the operation."""
 
 
+class NotDistributableError(PermissionDeniedError):
+    """Raised when a host asks for a key version whose state no longer lets hosts hold it
+    (deactivated, compromised or destroyed since the host's last sync): the host's plan is
+    stale, which is not the host failing to install."""
+
+
 class ApprovalRequiredError(CKMSError):
     """Raised when an operation needs a second person's approval before it runs."""
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckms.errors import CKMSError, StoreError, TransportError
+from ckms.errors import CKMSError, NotDistributableError, StoreError, TransportError
 from ckms.protocol import (
     MAX_PREFETCH,
     AckStatus,
@@ -124,6 +124,8 @@ class KeyOps:
         """Changes that failed to install since start (for metrics)."""
         """When a key last failed to install (drift reports do not retry it at once)."""
         self._failed_plans: dict[str, tuple[tuple[object, ...], float]] = {}
+        self._stale_refusal: dict[str, int] = {}
+        """Per key, the version the controller last refused as no longer distributable."""
         self._failed_unheld: dict[str, set[int]] = {}
         """Versions acked ``failed`` that this host does not hold (never installed): acked
         ``removed`` once the controller stops asking for them (:meth:`settle_failures`)."""
@@ -250,9 +252,7 @@ class KeyOps:
         for name in [n for n in self._failed_plans if n not in except_keys or n in asked_again]:
             del self._failed_plans[name]
 
-    def _note_unheld(
-        self, name: str, versions: Iterable[int], record: KeyRecord | None
-    ) -> None:
+    def _note_unheld(self, name: str, versions: Iterable[int], record: KeyRecord | None) -> None:
         held = set(record.versions) if record is not None else set()
         unheld = {v for v in versions if v not in held}
         if unheld:
@@ -328,6 +328,24 @@ class KeyOps:
         except (TransportError, StoreError):
             raise
         except CKMSError as exc:
+            if (
+                isinstance(exc, NotDistributableError)
+                and self._stale_refusal.get(plan.key) != version
+            ):
+                # The version's state changed after the sync this plan came from (rotated past,
+                # deactivated): the plan is stale, not the install failed. Sync again instead
+                # of reporting a failure; the same refusal twice running is reported.
+                self._stale_refusal[plan.key] = version
+                log.info(
+                    "key=%s host=%s: v%d is no longer distributable (%s); syncing again",
+                    plan.key,
+                    self._host,
+                    version,
+                    exc,
+                )
+                self._request_reconcile()
+                return set()
+            self._stale_refusal.pop(plan.key, None)
             log.error("key=%s host=%s not installed: %s", plan.key, self._host, exc)
             # Nothing was installed, so retrying on the next sync disturbs nothing (and the
             # controller may have fixed the material meanwhile): no hold-off for this one.

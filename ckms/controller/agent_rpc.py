@@ -52,6 +52,7 @@ from ckms.errors import (
     CKMSError,
     ConfigError,
     IntegrityError,
+    NotDistributableError,
     PermissionDeniedError,
     ProtocolError,
     StoreError,
@@ -566,7 +567,7 @@ class AgentService:
                 f"host {host.id} may not fetch {reply.key} v{reply.version}: revoked meanwhile"
             )
         if not is_distributable(KeyState(row["state"]), has_material=True):
-            raise PermissionDeniedError(
+            raise NotDistributableError(
                 f"{reply.key} version {reply.version} is {row['state']}: not distributable"
             )
         try:
@@ -623,7 +624,7 @@ class AgentService:
                 f"host {host.id} may not fetch {key.name} v{request.version}: no such version"
             ) from None
         if not is_distributable(version.state, has_material=version.has_material):
-            raise PermissionDeniedError(
+            raise NotDistributableError(
                 f"{key.name} version {version.version} is {version.state}: not distributable"
             )
         if not released_to(key, version, host):

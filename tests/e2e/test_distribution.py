@@ -16,7 +16,7 @@ import pytest
 from ckms.controller.fleet import key_fleet_status
 from ckms.controller.service import Controller
 from ckms.crypto import generate_signing_key
-from ckms.errors import PermissionDeniedError, TransportError
+from ckms.errors import NotDistributableError, PermissionDeniedError, TransportError
 from ckms.protocol import (
     EventType,
     FetchRequest,
@@ -192,6 +192,23 @@ async def test_material_revoked_while_a_fetch_is_served_is_not_sent(
     assert not [r for r in records if r.action == "key.fetch" and r.outcome == "ok"]
     revoked_at = next(i for i, r in enumerate(records) if r.action == "key.revoke")
     assert any(r.outcome == "refused" and r.actor == "host:host-r" for r in records[revoked_at:])
+
+
+async def test_a_fetch_of_a_retired_version_says_so_by_its_own_error_class(
+    controller: Controller, tmp_path: Path
+) -> None:
+    # The agent tells a stale plan (the version was retired after its sync) from a refusal by
+    # this class, across the RPC: it syncs again rather than report a failed install.
+    c = controller
+    config = await enroll_agent(c, tmp_path, "host-d", {"env": "prod", "role": "db"})
+    await c.lifecycle.create(
+        "db/main", "aes-256", targets=Targets(hosts=("host-d",), env="prod"), actor="alice"
+    )
+    await c.lifecycle.rotate("db/main", actor="alice")
+    await c.lifecycle.deactivate("db/main", 1, actor="alice")
+    async with host_rpc(c, config) as rpc:
+        with pytest.raises(NotDistributableError, match="version 1 is Deactivated"):
+            await rpc.call("fetch", FetchRequest(key="db/main", version=1).model_dump())
 
 
 @pytest.mark.requirement("PCI-3.7.7")

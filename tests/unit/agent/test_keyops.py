@@ -27,7 +27,7 @@ from ckms.crypto import (
     material_digest,
     wrap_for_agent,
 )
-from ckms.errors import PermissionDeniedError
+from ckms.errors import NotDistributableError, PermissionDeniedError
 from ckms.protocol import (
     AckStatus,
     DesiredKey,
@@ -126,6 +126,7 @@ class FakeController:
         self.gate: asyncio.Event | None = None
         self.waiting = asyncio.Event()
         self.refused: set[int] = set()
+        self.retired: set[int] = set()
 
     def add(self, version: int) -> DesiredVersion:
         self.material[version] = generate(KeyType.AES_256)
@@ -140,6 +141,8 @@ class FakeController:
         self.fetched.append(request.version)
         if request.version in self.refused:
             raise PermissionDeniedError(f"{request.key} v{request.version} is Compromised")
+        if request.version in self.retired:
+            raise NotDistributableError(f"{request.key} v{request.version} is Deactivated")
         if self.gate is not None:
             self.waiting.set()
             await self.gate.wait()
@@ -361,6 +364,24 @@ async def test_a_failed_version_the_controller_no_longer_asks_for_is_acked_remov
     assert await rig.ops.settle_failures({NAME: {1}}) == {(NAME, 2)}
     assert (await rig.acks())[-1] == (2, "removed")
     assert await rig.ops.settle_failures({NAME: {1}}) == set()
+
+
+async def test_a_version_retired_between_sync_and_fetch_is_synced_again_not_failed(
+    rig: Rig,
+) -> None:
+    """The sync listed v2, then a rotation deactivated it before the fetch: the plan is stale,
+    and the host syncs again instead of telling the fleet view it failed (it used to)."""
+    v1, v2 = rig.controller.add(1), rig.controller.add(2)
+    assert await rig.sync(rig.desired(KEYRING, v1, primary=1)) == {1}
+    rig.controller.retired.add(2)
+    asked = rig.reconciles
+    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == set()
+    assert rig.reconciles == asked + 1
+    assert [status for _, status in await rig.acks()] == ["installed"]
+    assert not rig.ops.failed_at
+    # The next sync still lists v2 and it is refused again: that is a failure, reported.
+    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == {2}
+    assert (await rig.acks())[-1] == (2, "failed")
 
 
 async def test_a_revocation_event_settles_a_failure_of_a_version_never_held(rig: Rig) -> None:
