@@ -275,9 +275,10 @@ class Subscriber:
             # A long poll is a request in flight: its timeout must outlast the wait.
             request_timeout_ms=max(40_000, self._fetch_max_wait_ms + 10_000),
             # aiokafka's fetch task re-checks every 200 ms by default even while a long poll is
-            # in flight; with a fixed assignment nothing needs that, and data, seeks and
-            # metadata changes wake it anyway. Idle cost: 5 wake-ups per second → 1.
-            consumer_timeout_ms=1000,
+            # in flight. Nothing needs that timer: its loop also waits on the fetch in flight,
+            # records being consumed, seeks, assignment and metadata changes, so the timer
+            # only bounds a missed wake-up. Idle cost: 5 wake-ups per second → one per poll.
+            consumer_timeout_ms=self._fetch_max_wait_ms + 10_000,
             # Larger than the message bound, so an oversized record is fetched and dropped
             # instead of blocking its partition.
             max_partition_fetch_bytes=max(1 << 20, 2 * MAX_MESSAGE_BYTES),

@@ -48,6 +48,7 @@ from ckms.errors import (
 )
 from ckms.protocol._rpc import IDEMPOTENT_METHODS, MAX_REPLY_BYTES, format_request, parse_reply
 from ckms.ssh._channel import ChannelClient, NotSent
+from ckms.ssh._keepalive import KEEPALIVE_S
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class RpcClient:
         client_key: asyncssh.SSHKey,
         host_key_fingerprint: str,
         connect_timeout_s: float = 10.0,
-        keepalive_s: float = 15.0,
+        keepalive_s: float = KEEPALIVE_S,
         retry_min_s: float = 1.0,
         retry_max_s: float = 30.0,
         channel: bool = False,

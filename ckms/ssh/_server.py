@@ -39,6 +39,7 @@ from ckms.protocol._rpc import (
     split_command,
 )
 from ckms.ssh._channel import ChannelServer
+from ckms.ssh._keepalive import SERVER_KEEPALIVE_S
 from ckms.ssh._limits import BurstHook, ConnectionLimits, SourceGuard, source_of
 from ckms.store import Clock, utc_now
 
@@ -169,7 +170,7 @@ class RpcServer:
         limits: ConnectionLimits | None = None,
         max_concurrent: int = 16,
         max_channels: int | None = None,
-        keepalive_s: float = 30.0,
+        keepalive_s: float = SERVER_KEEPALIVE_S,
         login_timeout_s: float = 30.0,
         body_timeout_s: float = 30.0,
         reuse_port: bool = False,
