@@ -41,9 +41,9 @@ class PermissionDeniedError(CKMSError):
 
 
 class NotDistributableError(PermissionDeniedError):
-    """Raised when a host asks for a key version whose state no longer lets hosts hold it
-    (deactivated, compromised or destroyed since the host's last sync): the host's plan is
-    stale, which is not the host failing to install."""
+    """Raised when a host asks for a key version that hosts may no longer hold (suspended,
+    deactivated, compromised, destroyed or without material since the host's last sync): the
+    host's plan is stale, which is not the host failing to install."""
 
 
 class ApprovalRequiredError(CKMSError):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ckms.errors import CKMSError, NotDistributableError, StoreError, TransportError
 from ckms.protocol import (
@@ -47,7 +48,12 @@ from ckms_agent.removal import critical as critical  # the daemon's stops use it
 from ckms_agent.revocation import OfflineRevoker
 from ckms_agent.state import AgentState, KeyRecord, VersionRecord
 
-__all__ = ["Fetcher", "HeldReport", "KeyOps", "Trigger", "critical"]
+__all__ = ["Fetcher", "HeldReport", "KeyOps", "ReconcileRequest", "Trigger", "critical"]
+
+STALE_REFUSAL_EVERY_S = 60.0
+"""How often per key a fetch refused as no longer distributable is taken as a stale plan (a
+sync again) rather than reported as a failure: a controller that keeps listing versions it then
+refuses gets failures, not a storm of syncs."""
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ class KeyOps:
         acks: AckWriter,
         wrapping_key: bytes,
         host_id: str,
-        request_reconcile: Callable[[], None],
+        request_reconcile: ReconcileRequest,
         clock: Callable[[], float] = time.time,
         digest_key: bytes | None = None,
     ) -> None:
@@ -124,8 +130,8 @@ class KeyOps:
         """Changes that failed to install since start (for metrics)."""
         """When a key last failed to install (drift reports do not retry it at once)."""
         self._failed_plans: dict[str, tuple[tuple[object, ...], float]] = {}
-        self._stale_refusal: dict[str, int] = {}
-        """Per key, the version the controller last refused as no longer distributable."""
+        self._stale_refused_at: dict[str, float] = {}
+        """Per key, when a refusal as no longer distributable was last taken as a stale plan."""
         self._failed_unheld: dict[str, set[int]] = {}
         """Versions acked ``failed`` that this host does not hold (never installed): acked
         ``removed`` once the controller stops asking for them (:meth:`settle_failures`)."""
@@ -277,6 +283,16 @@ class KeyOps:
             settled.update((name, v) for v in gone)
         return settled
 
+    def _stale_plan(self, key: str) -> bool:
+        """True (and noted) unless this key already had a refusal excused as a stale plan in
+        the last :data:`STALE_REFUSAL_EVERY_S`."""
+        now = self._clock()
+        last = self._stale_refused_at.get(key)
+        if last is not None and 0 <= now - last < STALE_REFUSAL_EVERY_S:
+            return False
+        self._stale_refused_at[key] = now
+        return True
+
     def _note_failure(self, desired: DesiredKey) -> None:
         now = self._clock()
         self.install_failures += 1
@@ -321,31 +337,27 @@ class KeyOps:
             *(v.version for v in needed if not self.materials.has(plan.key, v.version, v.digest)),
         }
         by_version = {v.version: v for v in desired.versions}
+        fetching = 0
         try:
-            for version in sorted(want):
-                named = trigger.digests.get(version) if trigger is not None else None
-                await self.materials.fetch(fetch, plan.key, by_version[version], named)
+            for fetching in sorted(want):
+                named = trigger.digests.get(fetching) if trigger is not None else None
+                await self.materials.fetch(fetch, plan.key, by_version[fetching], named)
         except (TransportError, StoreError):
             raise
         except CKMSError as exc:
-            if (
-                isinstance(exc, NotDistributableError)
-                and self._stale_refusal.get(plan.key) != version
-            ):
+            if isinstance(exc, NotDistributableError) and self._stale_plan(plan.key):
                 # The version's state changed after the sync this plan came from (rotated past,
-                # deactivated): the plan is stale, not the install failed. Sync again instead
-                # of reporting a failure; the same refusal twice running is reported.
-                self._stale_refusal[plan.key] = version
+                # deactivated): the plan is stale, not the install failed. Sync again (for the
+                # same event) instead of reporting a failure.
                 log.info(
                     "key=%s host=%s: v%d is no longer distributable (%s); syncing again",
                     plan.key,
                     self._host,
-                    version,
+                    fetching,
                     exc,
                 )
-                self._request_reconcile()
+                self._request_reconcile(trigger)
                 return set()
-            self._stale_refusal.pop(plan.key, None)
             log.error("key=%s host=%s not installed: %s", plan.key, self._host, exc)
             # Nothing was installed, so retrying on the next sync disturbs nothing (and the
             # controller may have fixed the material meanwhile): no hold-off for this one.
@@ -585,3 +597,9 @@ def _signature(desired: DesiredKey) -> tuple[object, ...]:
         desired.install,
         tuple((v.version, v.digest, str(v.state), v.primary) for v in versions),
     )
+
+
+class ReconcileRequest(Protocol):
+    """Asks the daemon for a sync soon, for the event that caused it when there is one."""
+
+    def __call__(self, trigger: Trigger | None = None) -> None: ...

@@ -171,6 +171,7 @@ class Rig:
         self.installer = FakeInstaller()
         self.controller = FakeController(public)
         self.reconciles = 0
+        self.reconcile_triggers: list[Trigger | None] = []
         self.ops = KeyOps(
             state=state,
             installer=self.installer,  # type: ignore[arg-type]
@@ -181,8 +182,9 @@ class Rig:
             digest_key=DIGEST_KEY,
         )
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, trigger: Trigger | None = None) -> None:
         self.reconciles += 1
+        self.reconcile_triggers.append(trigger)
 
     def desired(self, spec: InstallSpec, *versions: DesiredVersion, primary: int) -> DesiredKey:
         return DesiredKey(
@@ -374,14 +376,15 @@ async def test_a_version_retired_between_sync_and_fetch_is_synced_again_not_fail
     v1, v2 = rig.controller.add(1), rig.controller.add(2)
     assert await rig.sync(rig.desired(KEYRING, v1, primary=1)) == {1}
     rig.controller.retired.add(2)
-    asked = rig.reconciles
-    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == set()
-    assert rig.reconciles == asked + 1
+    event = Trigger(NAME, "e-2", versions=(2,))
+    assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1), event) == set()
+    assert rig.reconcile_triggers == [event]  # the sync again answers the same event
     assert [status for _, status in await rig.acks()] == ["installed"]
     assert not rig.ops.failed_at
-    # The next sync still lists v2 and it is refused again: that is a failure, reported.
+    # A controller that keeps listing it and refusing it gets a failure, not a sync storm.
     assert await rig.sync(rig.desired(KEYRING, v1, v2, primary=1)) == {2}
     assert (await rig.acks())[-1] == (2, "failed")
+    assert rig.reconcile_triggers == [event]
 
 
 async def test_a_revocation_event_settles_a_failure_of_a_version_never_held(rig: Rig) -> None:
