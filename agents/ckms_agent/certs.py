@@ -433,6 +433,28 @@ def save_client_certificate(
 ClientSigner = Callable[[ClientCertRequest], Awaitable[ClientCertReply]]
 
 
+class _NoCertificate(Exception):
+    """The certificate file holds no certificate."""
+
+
+def _due(held: bytes, bundle: bytes) -> float | None:
+    """When the certificate file ``held`` is due for renewal, None when it is unreadable or not
+    the controller's CA's (``bundle``) to renew."""
+    try:
+        certs = split_certificates(held)
+    except CKMSError:
+        return None
+    if not certs:
+        raise _NoCertificate
+    info = certificate_info(certs[0])
+    issued = info.not_before + CLOCK_SKEW  # the CA backdates not_before by CLOCK_SKEW
+    # Whether the controller's CA issued it, judged when it was issued: an expired one of
+    # ours is renewed at once, not mistaken for another CA's.
+    if not chains_to(certs[0], b"".join(certs[1:]), bundle, now=issued):
+        return None
+    return (issued + (info.not_after - issued) * RENEW_AT).timestamp()
+
+
 class ClientCertKeeper:
     """Renews the agent's Kafka client certificate at two thirds of its lifetime.
 
@@ -456,6 +478,10 @@ class ClientCertKeeper:
         self._clock = clock
         self._failed_at: float | None = None
         self._forced = False
+        self._judged: tuple[bytes, bytes, float | None] | None = None
+        """(bundle, certificate file, due) of the last certificate judged: parsing it and
+        checking its chain cost more than the rest of an idle agent's minute, and every sync
+        and renewal check asks."""
 
     def renew_unless_issued_by(self, issuing: str) -> bool:
         """Make the certificate due now unless the intermediate ``issuing`` issued it."""
@@ -478,20 +504,22 @@ class ClientCertKeeper:
         except OSError:
             return None  # a controller without a CA
         try:
-            certs = split_certificates(self._cert_path.read_bytes())
+            held = self._cert_path.read_bytes()
         except FileNotFoundError:
             return self._retry_at()  # enrolled before the controller had a CA: get one
-        except (OSError, CKMSError):
+        except OSError:
             return None
-        if not certs:
-            return self._retry_at()
-        info = certificate_info(certs[0])
-        issued = info.not_before + CLOCK_SKEW  # the CA backdates not_before by CLOCK_SKEW
-        # Whether the controller's CA issued it, judged when it was issued: an expired one of
-        # ours is renewed at once, not mistaken for another CA's.
-        if not chains_to(certs[0], b"".join(certs[1:]), bundle, now=issued):
-            return None  # another CA's certificate: the operator's to renew
-        due = (issued + (info.not_after - issued) * RENEW_AT).timestamp()
+        judged = self._judged
+        if judged is not None and judged[0] == bundle and judged[1] == held:
+            due = judged[2]
+        else:
+            try:
+                due = _due(held, bundle)
+            except _NoCertificate:
+                return self._retry_at()
+            self._judged = (bundle, held, due)
+        if due is None:
+            return None  # unreadable, or another CA's certificate: the operator's to renew
         if self._forced:
             due = min(due, self._clock())
         return due if self._failed_at is None else max(due, self._failed_at + RETRY_S)

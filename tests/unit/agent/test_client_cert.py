@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
+
 from ckms.crypto import (
     CertUsage,
     KeyType,
@@ -18,6 +20,7 @@ from ckms.crypto import (
     public_key_of,
     subject_for,
 )
+from ckms_agent import certs
 from ckms_agent.certs import ClientCertKeeper
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -87,3 +90,26 @@ def test_a_host_without_one_asks_once_the_controller_has_a_ca(tmp_path: Path) ->
     bundle, _ = _pki("ckms")
     (tmp_path / "ca-bundle.pem").write_bytes(bundle)
     assert _keeper(tmp_path).renew_at() == NOW.timestamp()
+
+
+def test_the_certificate_is_judged_again_only_when_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every sync and renewal check asks; parsing and checking the chain each time was most of
+    # an idle agent's renewal work.
+    checked = []
+    real = certs.chains_to
+    monkeypatch.setattr(certs, "chains_to", lambda *a, **k: checked.append(1) or real(*a, **k))
+    bundle, chain = _pki("ckms")
+    (tmp_path / "ca-bundle.pem").write_bytes(bundle)
+    (tmp_path / "kafka").mkdir()
+    (tmp_path / "kafka" / "client.pem").write_bytes(chain)
+    keeper = _keeper(tmp_path)
+    due = keeper.renew_at()
+    assert keeper.renew_at() == keeper.renew_at() == due and len(checked) == 1
+    _, theirs = _pki("operator's own CA")
+    (tmp_path / "kafka" / "client.pem").write_bytes(theirs)
+    assert keeper.renew_at() is None and len(checked) == 2
+    (tmp_path / "ca-bundle.pem").write_bytes(bundle + _pki("ckms next")[0])
+    keeper.renew_at()
+    assert len(checked) == 3
