@@ -239,6 +239,9 @@ async def test_without_waiting_for_the_fleet_the_frozen_host_cannot_read_the_new
         await c.lifecycle.rotate(KEY, actor="alice")  # policy: delay 0, activate at once
         assert (await c.lifecycle.get(KEY)).primary_version == 2
         await wait_until(lambda: primary_is(tmp_path, "web-a", 2), 60, "web-a primary v2")
+        # Acked once its own health hook (this same check) has finished: run by hand while
+        # the hook runs, both wrote the same temp file and one rename found it gone.
+        await wait_until(lambda: acked(c, "web-a", 2), 60, "web-a acks v2")
         assert run_check(tmp_path, "web-a").returncode == 0  # web-a's own check passes
         stuck = run_check(tmp_path, "web-b")
         assert stuck.returncode == 1
