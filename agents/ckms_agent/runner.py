@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ckms import _gc
 from ckms._logging import configure_logging
 from ckms.errors import CKMSError
 from ckms_agent.config import load_config
@@ -55,7 +56,9 @@ def run_daemon(config: Path | None) -> int:
     try:
         cfg = load_config(config)
         setup_logging(cfg.log_level, ssh_debug=cfg.ssh_debug)
-        asyncio.run(_serve(Agent(cfg)))
+        agent = Agent(cfg)
+        _gc.settle()  # modules and settings live as long as the process: no collection walks them
+        asyncio.run(_serve(agent))
     except KeyboardInterrupt:
         raise
     except Exception as exc:
