@@ -316,7 +316,9 @@ async def test_agent_killed_mid_install_then_restarted(
             assert await b.kill() == -signal.SIGKILL
             kill_pid_in(pid_file)
             gate.unlink()
-            assert await acked(view, KEY, 2) == 1  # only web-c
+            # Only web-c acks v2 (its ack may still be on its way: bounded wait, then exact).
+            await wait_until(lambda: acked(view, KEY, 2), 30, "web-c acks v2")
+            assert await acked(view, KEY, 2) == 1
             note("web-a crashed before rename, web-b SIGKILLed in its reload hook")
 
             # Revoked while both are down; both restart into it.
