@@ -3,22 +3,13 @@ each one's lease round happens (its clock moves, nothing sleeps)."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import init_controller
 from ckms.controller.service import Controller, ControllerSettings
-from ckms.crypto import (
-    WrapSuite,
-    generate_signing_key,
-    generate_wrapping_keypair,
-    signing_public_openssh,
-)
-from ckms.protocol import EnrollRequest
 from ckms.store import Clock
 from ckms.store import lease as leases
-from ckms_agent.identity import AgentKeys
 from tests.support.controller import PASSPHRASE
 from tests.support.kafka import controller_kafka_settings
 from tests.support.stores import StoreTarget
@@ -69,18 +60,3 @@ def target_settings(target: StoreTarget) -> dict[str, object]:
     if target.database is None:
         return {"store": target.location}
     return {"store": target.location, "store_password_file": target.database.password_file}
-
-
-async def enroll_host(c: Controller, host: str, labels: dict[str, str]) -> AgentKeys:
-    """Enroll ``host`` on ``c`` in this process (a token, then the enroll request an agent
-    sends, with fresh keys); the host's keys, to act as it."""
-    keys = AgentKeys(generate_signing_key(), generate_wrapping_keypair(WrapSuite.X25519)[0])
-    token = await c.hosts.create_token(host, labels, actor="alice")
-    request = EnrollRequest(
-        token=token.token,
-        identity_key=signing_public_openssh(keys.identity_public),
-        signing_key=base64.b64encode(keys.identity_public).decode(),
-        wrapping_key=base64.b64encode(keys.wrapping_public).decode(),
-    )
-    await c.hosts.enroll(request, presented_key=signing_public_openssh(keys.identity_public))
-    return keys

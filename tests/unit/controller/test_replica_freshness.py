@@ -20,7 +20,8 @@ from ckms.crypto import KeyType
 from ckms.protocol import InstallSpec, Targets
 from ckms.ssh import Principal
 from ckms.store import _store
-from tests.support.replicas import enroll_host, open_replica, target_settings
+from tests.support.cli import enroll_host
+from tests.support.replicas import open_replica, target_settings
 from tests.support.stores import StoreTarget
 from tests.unit.controller.conftest import FakeClock
 

@@ -45,7 +45,7 @@ from ckms.protocol import (
     parse_stages,
 )
 from ckms.store import audit as audit_log
-from tests.support.replicas import enroll_host
+from tests.support.cli import enroll_host
 from tests.unit.controller.conftest import T0, FakeClock
 
 PASSPHRASE = "a passphrase long enough for tests"
