@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,6 +40,7 @@ from ckms.store._store import (
     WATCHED,
     Params,
     Reader,
+    RunSql,
     Store,
     Transaction,
     _uncancellable,
@@ -227,6 +228,10 @@ class PgTransaction(Transaction, PgReader):
     """:class:`Transaction` on the writer connection."""
 
     dialect: Dialect = POSTGRESQL
+    can_defer = False  # every statement is a round trip to the server: nothing to save
+
+    def defer(self, work: Callable[[RunSql], None]) -> None:
+        raise StoreError("deferred work is SQLite's (Transaction.can_defer): run it now")
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run a statement and return the number of rows it changed."""

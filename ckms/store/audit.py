@@ -58,7 +58,7 @@ from ckms.errors import (
     CKMSError,
     StoreError,
 )
-from ckms.store._store import Reader, Store, Transaction, read_only_uri
+from ckms.store._store import Reader, RunSql, Store, Transaction, read_only_uri
 from ckms.store._time import format_time, parse_time
 
 __all__ = [
@@ -237,12 +237,19 @@ def checkpoint_message(size: int, head_hash: str, at: str) -> bytes:
 # -- writing ---------------------------------------------------------------------------------
 
 
+_HEAD = "SELECT idx, hash FROM audit ORDER BY idx DESC LIMIT 1"
+
+
 async def _head(r: Reader) -> tuple[int, str]:
     """Return (number of records, hash of the last one or GENESIS_HASH)."""
-    row = await r.fetchone("SELECT idx, hash FROM audit ORDER BY idx DESC LIMIT 1")
-    if row is None:
+    return _head_of(await r.fetchall(_HEAD))
+
+
+def _head_of(rows: Sequence[Any]) -> tuple[int, str]:
+    """The head :data:`_HEAD`'s rows name (none: the empty log's)."""
+    if not rows:
         return 0, GENESIS_HASH
-    return int(row["idx"]) + 1, str(row["hash"])
+    return int(rows[0][0]) + 1, str(rows[0][1])
 
 
 @dataclass
@@ -263,8 +270,9 @@ async def append(
     object: str,
     outcome: Outcome = "ok",
     details: dict[str, Any] | None = None,
-) -> AuditRecord:
-    """Append one record in the caller's write transaction; any failure raises AuditError."""
+) -> None:
+    """Append one record in the caller's write transaction; any failure raises AuditError
+    (on SQLite, possibly from the block's next statement or its commit: see the insert)."""
     fields = {
         "at": format_time(now),
         "actor": actor,
@@ -280,22 +288,58 @@ async def append(
                 "operations that must be audited are refused until it is restored"
             )
         head = tx.audit_head
+        if head is not None and tx.can_defer:
+            # Inserted in the commit's trip to SQLite's thread (one trip fewer), or before
+            # the block's next statement, which sees it. Built now: a record that cannot be
+            # encoded fails here, and the next record of the block chains onto this one.
+            row = _row(head, fields)
+            tx.audit_head = (head[0] + 1, row[-1])
+            tx.defer(_deferred_insert(tx, fields, row))
+            return
         if head is not None:
             try:
-                return await _insert(tx, head, fields)
+                await _insert(tx, head, fields)
+                return
             except StoreError:
                 # The head kept in memory is stale: another connection appended (an operator's
                 # tool on the same file). Chain onto the real head instead.
                 pass
-        return await _insert(tx, await _head(tx), fields)
+        await _insert(tx, await _head(tx), fields)
     except AuditAnchorError:
         append_failures.count += 1
         raise
     except (CKMSError, ValueError) as exc:
-        append_failures.count += 1
-        raise AuditError(
-            f"audit record for {action} on {object} could not be written: {exc}"
-        ) from exc
+        raise _append_failed(fields, exc) from exc
+
+
+def _append_failed(fields: dict[str, Any], exc: BaseException) -> AuditError:
+    append_failures.count += 1
+    return AuditError(
+        f"audit record for {fields['action']} on {fields['object']} could not be written: {exc}"
+    )
+
+
+def _deferred_insert(
+    tx: Transaction, fields: dict[str, Any], row: tuple[Any, ...]
+) -> Callable[[RunSql], None]:
+    """:func:`append`'s insert of ``row`` as work for :meth:`Transaction.defer`; if another
+    connection appended meanwhile (the row's index is taken), the record is chained onto the
+    table's real head instead, as :func:`append` does, and so is each later deferred one (its
+    index is then taken by this one)."""
+
+    def run(sql: RunSql) -> None:
+        try:
+            try:
+                sql(_INSERT_RECORD, row)
+            except StoreError:
+                head = _head_of(sql(_HEAD, ()))
+                chained = _row(head, fields)
+                sql(_INSERT_RECORD, chained)
+                tx.audit_head = (head[0] + 1, chained[-1])
+        except (CKMSError, ValueError) as exc:
+            raise _append_failed(fields, exc) from exc
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -367,26 +411,19 @@ _INSERT_RECORD = (
 )
 
 
-async def _insert(tx: Transaction, head: tuple[int, str], fields: dict[str, Any]) -> AuditRecord:
+def _row(head: tuple[int, str], fields: dict[str, Any]) -> tuple[Any, ...]:
+    """The audit row of a record chained onto ``head``; its hash is the last column."""
     size, prev = head
-    record_fields = {"index": size, **fields, "prev_hash": prev}
-    digest = record_hash(record_fields)
-    await tx.execute(
-        _INSERT_RECORD,
-        (
-            size,
-            fields["at"],
-            fields["actor"],
-            fields["action"],
-            fields["object"],
-            fields["outcome"],
-            canonical_json(fields["details"]).decode("utf-8"),
-            prev,
-            digest,
-        ),
-    )
-    tx.audit_head = (size + 1, digest)
-    return AuditRecord(hash=digest, **record_fields)
+    digest = record_hash({"index": size, **fields, "prev_hash": prev})
+    details = canonical_json(fields["details"]).decode("utf-8")
+    return (size, fields["at"], fields["actor"], fields["action"], fields["object"],
+            fields["outcome"], details, prev, digest)  # fmt: skip
+
+
+async def _insert(tx: Transaction, head: tuple[int, str], fields: dict[str, Any]) -> None:
+    row = _row(head, fields)
+    await tx.execute(_INSERT_RECORD, row)
+    tx.audit_head = (head[0] + 1, row[-1])
 
 
 async def checkpoint(

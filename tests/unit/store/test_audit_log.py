@@ -191,6 +191,39 @@ async def test_failed_append_raises_audit_error_and_rolls_back(mem_store: Store)
     assert await mem_store.get_meta("change") is None
 
 
+async def test_a_failed_append_after_earlier_ones_rolls_back_its_whole_transaction(
+    store_target: StoreTarget,
+) -> None:
+    # With the log's head in memory SQLite defers the insert to the commit's trip to its
+    # thread: the failure must still come out of the block and take the change with it.
+    async with await store_target.open() as store:
+        await _build(store, 2)
+        await refuse_audit_inserts(store)
+        before = audit_log.append_failures.count
+        with pytest.raises(AuditError, match="could not be written"):
+            async with store.write() as tx:
+                await tx.set_meta("change", b"guarded")
+                await audit_log.append(tx, now=T0, actor="a", action="x", object="y")
+        assert await store.get_meta("change") is None
+        assert audit_log.append_failures.count == before + 1
+        assert len(await audit_log.load_records(store)) == 2
+
+
+async def test_records_appended_in_a_block_are_seen_by_its_next_statement(
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
+) -> None:
+    async with await store_target.open() as store:
+        await _build(store, 2)
+        async with store.write() as tx:
+            await audit_log.append(tx, now=T0, actor="a", action="x", object="one")
+            await audit_log.append(tx, now=T0, actor="a", action="x", object="two")
+            assert await tx.fetchval("SELECT count(*) FROM audit") == 4
+            await audit_log.append(tx, now=T0, actor="a", action="x", object="three")
+        records = await audit_log.load_records(store)
+        assert [r.object for r in records[2:]] == ["one", "two", "three"]
+        assert (await audit_log.verify_store(store, signing_pair[1])).ok
+
+
 async def test_export_round_trips_and_tampered_export_is_named(
     ten_records: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
