@@ -13,6 +13,8 @@ Per key count, in one run:
 - **create**: keys/s through the batched create path (onboarding);
 - **scheduler pass**: ``due_work`` when nothing is due (the next-due index);
 - **key view fill**: ``Lifecycle.current_keys`` from empty (the agents' view), and RSS after;
+  again as a controller start does it, in a process of its own that opened and unsealed the
+  store (``view fill at start``: the heap holds nothing else);
 - **key change**: one rotation, then ``current_keys`` again (refreshes that key only);
 - **key.list**: every page of the admin handler, each reply encoded as JSON (what the CLI
   receives, minus SSH), and the bytes of the largest page.
@@ -241,7 +243,49 @@ async def keys_phase(root: Path, count: int, lag: LoopLag, *, ssh: bool) -> dict
     finally:
         del lifecycle
         await controller.close()
+    out.update(await _fill_at_start(root / f"keys-{count}", count))
     return out
+
+
+async def _fill_at_start(home: Path, count: int) -> dict[str, float]:
+    """The key view fill as a controller start does it: in a process of its own that opened
+    and unsealed this store, on a heap holding nothing else (the fill above runs in this
+    process after the keys were created, on a heap the earlier key counts left behind)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--fill-only",
+        str(home),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await proc.communicate()
+    assert proc.returncode == 0, "the fill at start failed"
+    figures = json.loads(stdout)
+    assert figures.pop("keys") == count
+    return figures
+
+
+async def _fill_only(home: Path) -> None:
+    """``--fill-only HOME``: open and unseal the controller at HOME, fill its key view from
+    empty, print the figures as JSON."""
+    controller = Controller(ControllerSettings(home=home, listen_port=0))
+    await controller.open()
+    try:
+        await controller.vault.unseal_with_passphrase(PASSPHRASE)
+        _gc.settle()  # as the controller does when it starts
+        lag = LoopLag()
+        async with lag.phase() as p:
+            view = await controller.lifecycle.current_keys()
+        figures = {
+            "keys": len(view),
+            "view fill at start s": p["seconds"],
+            "view fill at start CPU s": p["cpu_s"],
+            "view fill at start stall ms": p["stall_ms"],
+        }
+    finally:
+        await controller.close()
+    print(json.dumps(figures))
 
 
 async def _cli_phase(
@@ -482,4 +526,6 @@ if __name__ == "__main__":
         help="skip the CLI phase (``ckms key list`` over SSH in a process of its own)",
     )
     parser.add_argument("--dir", default=None, help="where the SQLite files go (default: tmp)")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--fill-only", type=Path, help=argparse.SUPPRESS)  # see _fill_at_start
+    arguments = parser.parse_args()
+    asyncio.run(_fill_only(arguments.fill_only) if arguments.fill_only else main(arguments))
