@@ -230,7 +230,7 @@ class PgTransaction(Transaction, PgReader):
     dialect: Dialect = POSTGRESQL
     can_defer = False  # every statement is a round trip to the server: nothing to save
 
-    def defer(self, work: Callable[[RunSql], None]) -> None:
+    async def defer(self, work: Callable[[RunSql], None]) -> None:
         raise StoreError("deferred work is SQLite's (Transaction.can_defer): run it now")
 
     async def execute(self, sql: str, params: Params = ()) -> int:

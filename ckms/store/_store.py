@@ -218,7 +218,7 @@ class Transaction(Reader):
     can_defer = True
     """Whether :meth:`defer` is available (SQLite: statements run on one thread of its own)."""
 
-    def defer(self, work: Callable[[RunSql], None]) -> None:
+    async def defer(self, work: Callable[[RunSql], None]) -> None:
         """Queue ``work`` to run on the connection's thread just before the next statement, or
         with COMMIT if none follows: a transaction whose last write is deferred commits in one
         trip to that thread instead of two (each trip is two thread wake-ups, more than a small
@@ -226,9 +226,15 @@ class Transaction(Reader):
         failure is raised by that statement, or by the commit, and the transaction rolls back.
         ``work`` runs on another thread: it may read and set this transaction's attributes
         (the task that owns the transaction waits meanwhile) but must not touch the loop.
+
+        Every :data:`DEFER_AT_MOST` queued items run at once (one trip), so a block that
+        defers many (a group commit's records) still yields to the loop between them and
+        holds a bounded queue.
         """
         self._check()
         self._deferred.append(work)
+        if len(self._deferred) >= DEFER_AT_MOST:
+            await self._trip("write failed", _nothing)
 
     @property
     def pending(self) -> bool:
@@ -651,6 +657,14 @@ async def _on_thread(conn: aiosqlite.Connection, work: Callable[[sqlite3.Connect
     the thread, and a transaction's BEGIN goes with its first statement (``Reader._call``).
     """
     return await conn._execute(lambda: work(conn._conn))
+
+
+DEFER_AT_MOST = 32
+"""Deferred work a transaction queues before it runs it (:meth:`Transaction.defer`)."""
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A trip's work when only the deferred work before it is wanted."""
 
 
 def _sql_runner(conn: sqlite3.Connection) -> RunSql:

@@ -294,7 +294,7 @@ async def append(
             # encoded fails here, and the next record of the block chains onto this one.
             row = _row(head, fields)
             tx.audit_head = (head[0] + 1, row[-1])
-            tx.defer(_deferred_insert(tx, fields, row))
+            await tx.defer(_deferred_insert(tx, fields, row))
             return
         if head is not None:
             try:
