@@ -569,9 +569,11 @@ async def read_tails(
 async def read_newest(
     kafka: KafkaLink, topic: str, key: bytes | None = None, timeout_s: float = 30.0
 ) -> bytes | None:
-    """The value of the newest record of ``topic`` (with this record ``key``, if given), read
-    from the start without a consumer group; None if there is none; KafkaUnavailableError if
-    Kafka cannot say within ``timeout_s``. Meant for small, compacted topics."""
+    """The value of the newest committed record of ``topic`` (with this record ``key``, if
+    given), read from the start without a consumer group; None if there is none;
+    KafkaUnavailableError if Kafka cannot say within ``timeout_s``. Meant for small, compacted
+    topics (the audit anchor's, whose records are sent in transactions: an aborted one, or one
+    still open, is not read)."""
     parts = await partitions_of(kafka, topic, wait_s=timeout_s)
     bootstrap = kafka.bootstrap
     consumer = AIOKafkaConsumer(
@@ -580,6 +582,7 @@ async def read_newest(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         client_id="ckms-read-newest",
+        isolation_level="read_committed",
     )
     try:
         await consumer.start()

@@ -5,8 +5,9 @@ Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPA
 - ``User:ckms-controller`` writes the events, fleet and audit topics, reads the audit anchor,
   the events topic (a restore continues the sequence after the newest event it signed) and the
   fleet topic (a new leader's publisher reads what both already hold), and creates the three
-  topics; it also uses the outbox publisher's transactional id
-  (``ckms-outbox-<events topic>``: replicas fence each other's producers with it);
+  topics; it also uses the transactional ids of the outbox publisher
+  (``ckms-outbox-<events topic>``) and of the audit anchor (``ckms-audit-<audit topic>``):
+  replicas fence each other's producers with them;
 - ``User:ckms-agent`` reads events — nothing else (acks go over the agent's SSH connection);
 - ``User:ckms-subscriber`` reads events and the fleet topic (``fleet.acked``: the hosts' acks
   the controller applied, signed by it);
@@ -35,6 +36,7 @@ __all__ = [
     "CONTROLLER",
     "SUBSCRIBER",
     "AclBinding",
+    "anchor_transactional_id",
     "ckms_acls",
     "create_acls",
     "outbox_transactional_id",
@@ -85,6 +87,13 @@ def outbox_transactional_id(events_topic: str) -> str:
     return f"ckms-outbox-{events_topic}"
 
 
+def anchor_transactional_id(audit_topic: str) -> str:
+    """The Kafka transactional id of the audit anchor's producer for ``audit_topic``: the same
+    on every replica, so a new leader's producer fences an old leader's anchor
+    (``ckms.controller.anchor``)."""
+    return f"ckms-audit-{audit_topic}"
+
+
 def ckms_acls(
     *,
     events: str = EVENTS_TOPIC,
@@ -105,14 +114,15 @@ def ckms_acls(
             fleet: (Operation.READ, Operation.DESCRIBE),
         },
     }
-    outbox = outbox_transactional_id(events)
+    transactional = (outbox_transactional_id(events), anchor_transactional_id(audit))
     return [
         AclBinding(principal, op, topic, pattern)
         for principal, topics in grants.items()
         for topic, ops in topics.items()
         for op in ops
     ] + [
-        AclBinding(CONTROLLER, op, outbox, pattern, _TRANSACTIONAL_ID)
+        AclBinding(CONTROLLER, op, ident, pattern, _TRANSACTIONAL_ID)
+        for ident in transactional
         for op in (Operation.WRITE, Operation.DESCRIBE)
     ]
 

@@ -5,7 +5,9 @@ beside the log proves nothing about its tail. The anchor is the newest checkpoin
 while the controller runs and published on the ``ckms.audit`` topic (one partition, compacted
 by signer key id), which the controller writes and auditors read:
 
-- on start, :meth:`AuditAnchor.load` reads back the newest record this controller published
+- on start (and at the start of each term as leader), :meth:`AuditAnchor.load` first starts
+  the anchor's transactional producer, then reads back the newest record this controller
+  published
   (record key: its signer key id, so several controllers can share the topic), checks its
   signature, and checks that the stored log extends it (same record at its size, the anchored
   checkpoint row still there, newer checkpoints chaining to it);
@@ -14,6 +16,15 @@ by signer key id), which the controller writes and auditors read:
 - on a mismatch the anchor is **broken**: nothing more is signed, the store refuses every audit
   append (so every operation that must be audited fails), ``ckms status`` says why, and the log
   says so at CRITICAL. Only a restart over a restored log that extends the anchor clears it.
+
+Each anchor is sent in a Kafka transaction under one transactional id shared by the replicas
+(:func:`~ckms._kafka_acls.anchor_transactional_id`), and read back as committed: the producer a
+new leader starts at its term's read-back fences the old leader's, so a leader that froze with
+a signed anchor in hand, past its last lease check, cannot commit it after the new leader read
+the topic back (an older anchor landing after a newer one would anchor the log at the older
+size). What it committed before that producer started is there at the read-back, and the log
+extends it. Before starting a producer and before each commit the leader checks its lease in
+the store, as the outbox publisher does (``ckms.controller.publisher``).
 
 Until the topic has been read (Kafka down at start), nothing is signed: signing first could put
 a signature on a log cut while the controller was stopped. A topic with no record (a new
@@ -38,9 +49,11 @@ from ckms._kafka import (
     abort_producer,
     ensure_topics,
     kafka_errors,
+    kafka_within,
     read_newest,
     wait_delivered,
 )
+from ckms._kafka_acls import anchor_transactional_id
 from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
@@ -136,9 +149,14 @@ class AuditAnchor:
         )
 
     async def load(self) -> None:
-        """Read the newest anchor this controller published and check the stored log extends it."""
+        """Read the newest anchor this controller published and check the stored log extends it.
+
+        The producer starts first: from then on no older producer of the id commits, so what
+        the read-back finds stays the newest until this replica publishes.
+        """
         assert self._kafka is not None
         await ensure_topics(self._kafka, [self._spec])
+        await self._ensure_producer()
         public = await self._vault.public_key()
         kid = signer_key_id(public)
         value = await read_newest(self._kafka, self._topic, key=kid.encode())
@@ -227,47 +245,75 @@ class AuditAnchor:
             return True
         if self.published_size == anchor.size:
             return True
-        fence = None
-        if self.leader is not None:
-            # Only the leader publishes, checked in the store under its fence just before: a
-            # replica that woke up after losing the lease does not put its last anchor out
-            # late (harmless if it did, that checkpoint was signed in its term and the log
-            # extends it, but the newest anchor on the topic would be an older one).
-            fence = self.leader.fence
-            if fence is None:
-                return False
+        if self.leader is not None and self.leader.fence is None:
+            return False  # only the leader publishes
+        committed = False
         try:
-            with kafka_errors(f"publishing the audit anchor to {self._topic}"):
-                if self._producer is None:
-                    await ensure_topics(self._kafka, [self._spec])
-                    producer = AIOKafkaProducer(
-                        **self._kafka.client_args(),
-                        acks="all",
-                        enable_idempotence=True,
-                        client_id="ckms-controller-audit",
-                    )
-                    await producer.start()
-                    self._producer = producer
-                if fence is not None:
-                    # After the topic and producer setup (network round trips a pause may
-                    # fall in), right before the send: the window left is this one await.
-                    with leases.fenced(fence):
-                        async with self._store.write():
-                            pass
-                future = await self._producer.send(
+            producer = await self._ensure_producer()
+            what = f"publishing the audit anchor to {self._topic}"
+            async with kafka_within(what, self._delivery_timeout_s):
+                await producer.begin_transaction()
+                future = await producer.send(
                     self._topic,
                     audit_log.checkpoint_line(anchor.checkpoint).encode(),
                     key=anchor.checkpoint.signer_key_id.encode(),
                 )
-                (error,) = await wait_delivered([future], self._delivery_timeout_s)
-                if error is not None:
+            (error,) = await wait_delivered([future], self._delivery_timeout_s)
+            if error is not None:
+                with kafka_errors(what):
                     raise error
+            # The last word before the commit: a leader that lost its lease meanwhile stops
+            # here; one that loses it after this is fenced by the next leader's producer.
+            await self._may_send()
+            async with kafka_within(what, self._delivery_timeout_s):
+                await producer.commit_transaction()
+            committed = True
         except KafkaUnavailableError as exc:
             log.warning("audit anchor %s not published yet: %s", anchor, exc)
-            await self.close()
             return False
+        finally:
+            if not committed:
+                await self.close()  # aborts its transaction: the next producer's start does
         self.published_size = anchor.size
         return True
+
+    async def _may_send(self) -> None:
+        """Pass the leader fence in a store transaction (NotLeaderError if the lease is gone);
+        a single controller (no lease) always may."""
+        fence = None if self.leader is None else self.leader.fence
+        if self.leader is not None and fence is None:
+            raise NotLeaderError("this replica does not hold the leader lease")
+        if fence is not None:
+            with leases.fenced(fence):
+                async with self._store.write():
+                    pass
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        """The anchor's transactional producer, started after a lease check (a replica that
+        lost the lease must not start one: it would fence the real leader's)."""
+        if self._producer is not None:
+            return self._producer
+        assert self._kafka is not None
+        await self._may_send()
+        producer = AIOKafkaProducer(
+            **self._kafka.client_args(),
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=anchor_transactional_id(self._topic),
+            client_id="ckms-controller-audit",
+        )
+        try:
+            # Its start waits for a producer id from a transaction coordinator, for as long as
+            # none answers: bounded, so an outage is reported.
+            async with kafka_within(
+                f"connecting to Kafka at {self._kafka.bootstrap}", self._delivery_timeout_s
+            ):
+                await producer.start()
+        except BaseException:
+            await abort_producer(producer)
+            raise
+        self._producer = producer
+        return producer
 
     async def run(self) -> None:
         """Read the anchor back (retrying while Kafka is away), then keep it published."""

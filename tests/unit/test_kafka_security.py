@@ -93,12 +93,14 @@ def test_only_the_controller_writes_and_agents_read_events_only() -> None:
     acls = ckms_acls(events="e", fleet="f", audit="u")
     writes = {(b.principal, b.topic) for b in acls if b.operation is Operation.WRITE}
     # Agents write nothing: their acks go over SSH, and come back as the controller's fleet.acked.
-    # The controller's outbox transactional id: replicas fence each other's producers with it.
+    # The controller's outbox and anchor transactional ids: replicas fence each other's
+    # producers with them.
     assert writes == {
         (CONTROLLER, "e"),
         (CONTROLLER, "u"),
         (CONTROLLER, "f"),
         (CONTROLLER, "ckms-outbox-e"),
+        (CONTROLLER, "ckms-audit-u"),
     }
     assert {b.principal for b in acls if b.resource != 2} == {CONTROLLER}
     reads = {(b.principal, b.topic) for b in acls if b.operation is Operation.READ}

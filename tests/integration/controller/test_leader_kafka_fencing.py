@@ -1,5 +1,6 @@
-"""Kafka is fenced too: an old leader publishes nothing after a new leader's producer started,
-and an event committed to Kafka but not marked sent is not published again (real Kafka).
+"""Kafka is fenced too: an old leader publishes nothing after a new leader's producer started
+(events, and audit anchors), and an event committed to Kafka but not marked sent is not
+published again (real Kafka).
 
 Two replicas on one store (a SQLite file, or a PostgreSQL database), opened but not run
 (tests/support/replicas): the test moves their clock and calls their publishers itself, so
@@ -8,17 +9,21 @@ the interleavings are exact.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from ckms._kafka import read_newest
 from ckms._kafka_security import KafkaLink
 from ckms.controller.service import Controller
-from ckms.crypto import SubjectRole
+from ckms.crypto import SubjectRole, signer_key_id
 from ckms.devkafka import LocalKafka
 from ckms.errors import CKMSError, NotLeaderError
+from ckms.store import audit as audit_log
 from ckms.store import lease as leases
 from ckms.store import outbox
 from tests.support.records import committed_seqs
@@ -55,6 +60,7 @@ async def replicas(
     finally:
         for c in (a, b):
             await c.publisher._close_producer()
+            await c.vault.anchor.close()
             await c.close()
 
 
@@ -122,3 +128,55 @@ async def test_an_event_committed_to_kafka_but_not_marked_is_not_published_again
         assert await b.publisher.publish_pending() == 1  # only the one not on the topic yet
     assert await committed_seqs(reader(local_kafka), topic) == [1, 2, 3]
     assert await outbox.pending_events(a.store) == []
+
+
+async def _newest_anchor_size(c: Controller, kafka: KafkaLink) -> int | None:
+    kid = signer_key_id(await c.vault.public_key())
+    value = await read_newest(kafka, c.settings.audit_topic, key=kid.encode())
+    return None if value is None else audit_log.parse_checkpoint_line(value).size
+
+
+async def test_an_old_leader_paused_with_an_anchor_in_hand_cannot_put_it_out_late(
+    replicas: tuple[Controller, Controller, FakeClock],
+    controller_kafka: KafkaLink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The anchor on the (compacted) topic is what a controller reads back on start: an older
+    # one landing after a newer one would anchor the log at the older size, and records cut
+    # between the two would go unseen.
+    a, b, clock = replicas
+    await take_lease(a)
+    await a.vault.anchor.load()
+    await a.lifecycle.create("app/one", "aes-256", actor="alice")
+    await a.vault.anchor.checkpoint()  # signed and published in A's term
+    await a.lifecycle.create("app/two", "aes-256", actor="alice")
+
+    # A signs one more checkpoint and, about to send it, past its last lease check, freezes;
+    # B takes over, reads the anchor back, signs a newer checkpoint and publishes it.
+    newer: list[int] = []
+    send = AIOKafkaProducer.send
+
+    async def frozen_send(producer: AIOKafkaProducer, topic: str, *args: Any, **kw: Any) -> Any:
+        if topic == a.settings.audit_topic and not newer:
+            newer.append(0)
+            clock.advance(seconds=TTL + 1)
+            await take_lease(b)
+            await b.vault.anchor.load()
+            await b.lifecycle.create("app/three", "aes-256", actor="alice")
+            newer[0] = (await b.vault.anchor.checkpoint()).size
+            assert await _newest_anchor_size(b, controller_kafka) == newer[0]
+        return await send(producer, topic, *args, **kw)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", frozen_send)
+    with contextlib.suppress(CKMSError):  # refused, once it checks its lease
+        await a.vault.anchor.checkpoint()  # wakes up and sends what it signed
+    monkeypatch.undo()
+    assert newer and newer[0] > 0
+    assert await _newest_anchor_size(a, controller_kafka) == newer[0]
+
+    # And B, reading the anchor back as a new term does, is anchored at its own checkpoint.
+    await b.vault.anchor.close()
+    b.vault.anchor.reset()
+    await b.vault.anchor.load()
+    assert b.vault.anchor.broken is None
+    assert b.vault.anchor.last is not None and b.vault.anchor.last.size == newer[0]
