@@ -8,6 +8,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "_client": (
+            "TIMEOUTS_BEFORE_LEAVING",
             "Endpoint",
             "RpcClient",
             "parse_endpoints",

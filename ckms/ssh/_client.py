@@ -66,6 +66,13 @@ ENCRYPTION_ALGS = (
 )
 
 
+TIMEOUTS_BEFORE_LEAVING = 3
+"""Requests in a row on one connection that time out before a client of several replicas
+leaves it for the next one: one slow reply is a busy controller, several with no reply
+between them a replica that answers nothing while its SSH layer still does (a hung store),
+which keepalives cannot tell from a healthy one."""
+
+
 class _PinnedHostKey(asyncssh.SSHClient):
     """Accepts only the pinned host key; remembers what the server presented."""
 
@@ -177,6 +184,8 @@ class RpcClient:
         self._channel: ChannelClient | None = None
         self._lock = asyncio.Lock()
         self._last_connected: int | None = None
+        self._timeouts = 0
+        """Requests in a row on this connection that timed out (TIMEOUTS_BEFORE_LEAVING)."""
         self.failovers = 0
         """How many times the client moved to another endpoint (for status and tests)."""
 
@@ -265,6 +274,7 @@ class RpcClient:
                     self.failovers += 1
                     log.info("connected to controller %s (failed over)", self.endpoints[index])
                 self._current = self._last_connected = index
+                self._timeouts = 0
                 return
             if len(failures) == 1:
                 raise TransportError(failures[0])
@@ -349,7 +359,9 @@ class RpcClient:
                     raise ConnectionResetError("the connection closed before the reply")
             except TimeoutError:
                 # First: TimeoutError is an OSError. A slow reply is a busy controller, not a
-                # dead connection; dropping it would add a handshake to every retry.
+                # dead connection; dropping it would add a handshake to every retry. Several
+                # in a row with no reply between them are not a busy controller.
+                await self._timed_out(conn)
                 raise RequestTimeoutError(
                     f"{method} to {endpoint} timed out after {timeout_s:g} s"
                 ) from None
@@ -373,6 +385,8 @@ class RpcClient:
                     else (" (it may have been applied: check before sending it again)")
                 )
                 raise TransportError(f"{method} to {endpoint} failed: {reason}{maybe}") from None
+            if conn is self._conn:
+                self._timeouts = 0  # it answers
             if not stdout:
                 raise TransportError(f"{method} to {endpoint} got no reply (exit {exit_status})")
             try:
@@ -387,6 +401,25 @@ class RpcClient:
                 self._retry_at[self._current] = time.monotonic() + self._retry[self._current].next()
                 await self._drop(conn)
                 self._current = (self._current + 1) % len(self.endpoints)
+
+    async def _timed_out(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Count a request on ``conn`` that timed out; leave ``conn`` at the limit (the next
+        request connects, to the next replica first; requests still waiting on ``conn`` fail
+        as cut off). With one controller there is nowhere to go: a new connection to an
+        overloaded one would only add a handshake to its load."""
+        if conn is not self._conn or len(self.endpoints) == 1:
+            return
+        self._timeouts += 1
+        if self._timeouts < TIMEOUTS_BEFORE_LEAVING:
+            return
+        log.warning(
+            "%d requests in a row to %s timed out: leaving it",
+            self._timeouts,
+            self.endpoints[self._current],
+        )
+        self._retry_at[self._current] = time.monotonic() + self._retry[self._current].next()
+        await self._drop(conn)
+        self._current = (self._current + 1) % len(self.endpoints)
 
     async def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
         """Close ``conn`` if it is still the current connection."""

@@ -1,8 +1,8 @@
 """The RPC client over several controllers (replicas sharing one host key), real asyncssh.
 
-Failover on a connection that cannot be made; a request whose connection broke after it was
-sent goes to another replica only if applying it twice is applying it once; a replica that
-comes back is used again.
+Failover on a connection that cannot be made, or on one whose requests keep timing out; a
+request whose connection broke after it was sent goes to another replica only if applying it
+twice is applying it once; a replica that comes back is used again.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 import asyncssh
 import pytest
 
-from ckms.errors import ConfigError, TransportError
+from ckms.errors import ConfigError, RequestTimeoutError, TransportError
 from ckms.ssh import (
+    TIMEOUTS_BEFORE_LEAVING,
     Endpoint,
     Principal,
     RpcClient,
@@ -178,3 +179,27 @@ async def test_a_non_idempotent_request_is_never_sent_again_after_it_may_have_ap
         # the next request (a new one, by the caller's choice) goes to the other replica
         assert (await c.call("key.rotate", {"key": "t/k"}))["by"] == other.port
         assert other.applied == ["key.rotate"]
+
+
+async def test_a_replica_that_answers_nothing_loses_its_clients_to_the_other(
+    replicas, channel: bool
+) -> None:
+    # Its loop is alive (SSH keepalives are answered), its handlers hang (a store that never
+    # answers): the connection looks fine, so only the requests timing out can say so.
+    a, b = replicas
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
+    async with c:
+        here = a if c.endpoint.port == a.port else b
+        other = b if here is a else a
+        here.hang_sync = True
+        for _ in range(TIMEOUTS_BEFORE_LEAVING):
+            with pytest.raises(RequestTimeoutError):
+                await c.call("sync", timeout_s=0.3)
+        assert (await c.call("sync", timeout_s=10))["by"] == other.port
+        assert c.failovers == 1
+        # One slow reply is a busy controller, not a reason to leave it.
+        other.hang_sync = True
+        with pytest.raises(RequestTimeoutError):
+            await c.call("sync", timeout_s=0.3)
+        other.hang_sync = False
+        assert (await c.call("status"))["by"] == other.port
