@@ -194,6 +194,18 @@ async def abort_producer(producer: AIOKafkaProducer, wait_s: float = ABORT_WAIT_
         pass
     except Exception:  # discarding a producer must not stop the loop that discards it
         log.warning("stopping a Kafka producer failed", exc_info=True)
+    finally:
+        _retrieve_fatal_error(producer)
+
+
+def _retrieve_fatal_error(producer: AIOKafkaProducer) -> None:
+    """Take the error a transactional producer failed with (fenced by a newer producer of its
+    id) from the future aiokafka keeps it in and nobody awaits once the producer is dropped:
+    left there, it is logged as never retrieved when collected, from inside whatever code the
+    collection interrupted."""
+    waiter = getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None)
+    if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
+        waiter.exception()
 
 
 async def _cancel_sender(sender: object) -> None:
@@ -592,7 +604,9 @@ async def read_newest(
         pending = {tp for tp, end in ends.items() if end > 0}
         for tp in tps:
             await consumer.seek_to_beginning(tp)
-        newest: tuple[int, bytes] | None = None  # (timestamp, value)
+        # Newest per partition by offset (what compaction keeps; a producer's timestamp comes
+        # from its clock), then across partitions by timestamp (no order between them).
+        newest: dict[TopicPartition, tuple[int, bytes]] = {}  # (timestamp, value)
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
@@ -604,12 +618,11 @@ async def read_newest(
                         pending.discard(tp)
                     if record.value is None or (key is not None and record.key != key):
                         continue
-                    if newest is None or record.timestamp >= newest[0]:
-                        newest = (record.timestamp, bytes(record.value))
+                    newest[tp] = (record.timestamp, bytes(record.value))
             for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
-        return None if newest is None else newest[1]
+        return max(newest.values(), key=lambda n: n[0])[1] if newest else None
     except KafkaError as exc:
         raise KafkaUnavailableError(f"cannot read {topic} from {bootstrap}: {exc}") from exc
     except OSError as exc:

@@ -6,8 +6,8 @@ Principals come from certificate subjects (:data:`~ckms._kafka_security.PRINCIPA
   the events topic (a restore continues the sequence after the newest event it signed) and the
   fleet topic (a new leader's publisher reads what both already hold), and creates the three
   topics; it also uses the transactional ids of the outbox publisher
-  (``ckms-outbox-<events topic>``) and of the audit anchor (``ckms-audit-<audit topic>``):
-  replicas fence each other's producers with them;
+  (``ckms-outbox-<events topic>``) and of the audit anchor (``ckms-audit-<audit topic>-`` and
+  the signer key id, a prefixed ACL): replicas fence each other's producers with them;
 - ``User:ckms-agent`` reads events — nothing else (acks go over the agent's SSH connection);
 - ``User:ckms-subscriber`` reads events and the fleet topic (``fleet.acked``: the hosts' acks
   the controller applied, signed by it);
@@ -37,6 +37,7 @@ __all__ = [
     "SUBSCRIBER",
     "AclBinding",
     "anchor_transactional_id",
+    "anchor_transactional_prefix",
     "ckms_acls",
     "create_acls",
     "outbox_transactional_id",
@@ -87,11 +88,18 @@ def outbox_transactional_id(events_topic: str) -> str:
     return f"ckms-outbox-{events_topic}"
 
 
-def anchor_transactional_id(audit_topic: str) -> str:
-    """The Kafka transactional id of the audit anchor's producer for ``audit_topic``: the same
-    on every replica, so a new leader's producer fences an old leader's anchor
-    (``ckms.controller.anchor``)."""
+def anchor_transactional_prefix(audit_topic: str) -> str:
+    """What every audit anchor transactional id of ``audit_topic`` starts with (a prefixed
+    ACL: one id per signer key; with a prefixed topic pattern, every topic under it)."""
     return f"ckms-audit-{audit_topic}"
+
+
+def anchor_transactional_id(audit_topic: str, signer_key_id: str) -> str:
+    """The Kafka transactional id of the audit anchor's producer for ``audit_topic`` and the
+    controller whose signing key is ``signer_key_id``: the same on every replica of it, so a
+    new leader's producer fences an old leader's anchor (``ckms.controller.anchor``), and
+    another controller sharing the topic fences nobody."""
+    return f"{anchor_transactional_prefix(audit_topic)}-{signer_key_id}"
 
 
 def ckms_acls(
@@ -114,15 +122,18 @@ def ckms_acls(
             fleet: (Operation.READ, Operation.DESCRIBE),
         },
     }
-    transactional = (outbox_transactional_id(events), anchor_transactional_id(audit))
+    transactional = (
+        (outbox_transactional_id(events), pattern),
+        (anchor_transactional_prefix(audit), Pattern.PREFIXED),  # one id per signer key
+    )
     return [
         AclBinding(principal, op, topic, pattern)
         for principal, topics in grants.items()
         for topic, ops in topics.items()
         for op in ops
     ] + [
-        AclBinding(CONTROLLER, op, ident, pattern, _TRANSACTIONAL_ID)
-        for ident in transactional
+        AclBinding(CONTROLLER, op, ident, ident_pattern, _TRANSACTIONAL_ID)
+        for ident, ident_pattern in transactional
         for op in (Operation.WRITE, Operation.DESCRIBE)
     ]
 

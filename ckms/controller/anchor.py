@@ -17,8 +17,9 @@ by signer key id), which the controller writes and auditors read:
   append (so every operation that must be audited fails), ``ckms status`` says why, and the log
   says so at CRITICAL. Only a restart over a restored log that extends the anchor clears it.
 
-Each anchor is sent in a Kafka transaction under one transactional id shared by the replicas
-(:func:`~ckms._kafka_acls.anchor_transactional_id`), and read back as committed: the producer a
+Each anchor is sent in a Kafka transaction under one transactional id per signer key, so
+shared by the replicas of one controller (:func:`~ckms._kafka_acls.anchor_transactional_id`;
+other controllers on the topic have ids of their own), and read back as committed: the producer a
 new leader starts at its term's read-back fences the old leader's, so a leader that froze with
 a signed anchor in hand, past its last lease check, cannot commit it after the new leader read
 the topic back (an older anchor landing after a newer one would anchor the log at the older
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import TransactionalIdAuthorizationFailed
 
 from ckms._aio import stop_if_cancelled, wait_event
 from ckms._backoff import Backoff
@@ -53,7 +55,7 @@ from ckms._kafka import (
     read_newest,
     wait_delivered,
 )
-from ckms._kafka_acls import anchor_transactional_id
+from ckms._kafka_acls import anchor_transactional_id, anchor_transactional_prefix
 from ckms._kafka_security import KafkaLink
 from ckms.controller.sealing import Vault
 from ckms.crypto import signer_key_id
@@ -101,6 +103,9 @@ class AuditAnchor:
         self._clock = clock
         self._delivery_timeout_s = delivery_timeout_s
         self._lock = asyncio.Lock()
+        self._publishing = asyncio.Lock()
+        """One publish at a time: a checkpoint's and the loop's share one producer, and two
+        transactions at once on it are an error (and each one's failure aborted the other's)."""
         self._producer: AIOKafkaProducer | None = None
         self.last: audit_log.Anchor | None = None
         self._loaded = asyncio.Event()
@@ -156,9 +161,10 @@ class AuditAnchor:
         """
         assert self._kafka is not None
         await ensure_topics(self._kafka, [self._spec])
-        await self._ensure_producer()
         public = await self._vault.public_key()
         kid = signer_key_id(public)
+        async with self._publishing:
+            await self._ensure_producer(kid)
         value = await read_newest(self._kafka, self._topic, key=kid.encode())
         async with self._lock:
             self.loaded = True
@@ -240,6 +246,10 @@ class AuditAnchor:
 
     async def publish(self) -> bool:
         """Publish the anchor if the topic does not have it yet; False if Kafka did not take it."""
+        async with self._publishing:
+            return await self._publish()
+
+    async def _publish(self) -> bool:
         anchor = self.last
         if self._kafka is None or anchor is None or anchor.checkpoint is None:
             return True
@@ -249,7 +259,7 @@ class AuditAnchor:
             return False  # only the leader publishes
         committed = False
         try:
-            producer = await self._ensure_producer()
+            producer = await self._ensure_producer(anchor.checkpoint.signer_key_id)
             what = f"publishing the audit anchor to {self._topic}"
             async with kafka_within(what, self._delivery_timeout_s):
                 await producer.begin_transaction()
@@ -288,18 +298,20 @@ class AuditAnchor:
                 async with self._store.write():
                     pass
 
-    async def _ensure_producer(self) -> AIOKafkaProducer:
-        """The anchor's transactional producer, started after a lease check (a replica that
-        lost the lease must not start one: it would fence the real leader's)."""
+    async def _ensure_producer(self, kid: str) -> AIOKafkaProducer:
+        """The anchor's transactional producer for signer ``kid``, started after a lease check
+        (a replica that lost the lease must not start one: it would fence the real leader's).
+        Called with ``_publishing`` held."""
         if self._producer is not None:
             return self._producer
         assert self._kafka is not None
         await self._may_send()
+        transactional_id = anchor_transactional_id(self._topic, kid)
         producer = AIOKafkaProducer(
             **self._kafka.client_args(),
             acks="all",
             enable_idempotence=True,
-            transactional_id=anchor_transactional_id(self._topic),
+            transactional_id=transactional_id,
             client_id="ckms-controller-audit",
         )
         try:
@@ -309,6 +321,16 @@ class AuditAnchor:
                 f"connecting to Kafka at {self._kafka.bootstrap}", self._delivery_timeout_s
             ):
                 await producer.start()
+        except KafkaUnavailableError as exc:
+            await abort_producer(producer)
+            if isinstance(exc.__cause__, TransactionalIdAuthorizationFailed):
+                raise KafkaUnavailableError(
+                    f"the broker refuses the controller the audit anchor's transactional id "
+                    f"{transactional_id!r}: grant it WRITE and DESCRIBE on the ids prefixed "
+                    f"{anchor_transactional_prefix(self._topic)!r} (python -m ckms.devkafka "
+                    "acls grants every ckms ACL)"
+                ) from exc
+            raise
         except BaseException:
             await abort_producer(producer)
             raise

@@ -209,8 +209,18 @@ class LeaderLease:
         self.leads.clear()
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, CKMSError):
+            try:
                 await task
+            except (asyncio.CancelledError, CKMSError):
+                pass
+            except BaseExceptionGroup as group:
+                # The work's TaskGroup: a task that found the lease gone while being stopped
+                # (the fence is cleared first) is part of the step-down; anything else is not.
+                rest = group.subgroup(
+                    lambda e: not (_stopping(e) or isinstance(e, BaseExceptionGroup))
+                )
+                if rest is not None:
+                    raise
         if fence is not None:
             log.warning(
                 "replica %s no longer leads (epoch %d): %s; leader-only work stopped, "
@@ -228,6 +238,12 @@ class LeaderLease:
         if fence is not None:
             with contextlib.suppress(CKMSError):
                 await leases.release(self._store, fence.holder, fence.epoch, now=self._clock())
+
+
+def _stopping(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by leader work being stopped, belongs to the stop (a cancel, or
+    any ckms error, as for the work's own task; a group only if all of it does)."""
+    return isinstance(exc, asyncio.CancelledError | CKMSError)
 
 
 def _steps_down(exc: BaseException) -> bool:

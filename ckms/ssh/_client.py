@@ -366,6 +366,10 @@ class RpcClient:
                     f"{method} to {endpoint} timed out after {timeout_s:g} s"
                 ) from None
             except (_NotSent, OSError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
+                # Only the first request to see the connection fail moves on: the others in
+                # flight on it were cut off with it, and must not move the client again (back
+                # to the replica it just left, with two of them).
+                current = conn is self._conn
                 await self._drop(conn)
                 attempts -= 1
                 not_sent = isinstance(exc, _NotSent)
@@ -374,10 +378,8 @@ class RpcClient:
                     log.warning(
                         "%s to %s failed (%s); trying another controller", method, endpoint, reason
                     )
-                    self._retry_at[self._current] = (
-                        time.monotonic() + self._retry[self._current].next()
-                    )
-                    self._current = (self._current + 1) % len(self.endpoints)
+                    if current:
+                        self._move_on()
                     continue
                 maybe = (
                     ""
@@ -398,9 +400,9 @@ class RpcClient:
                 if attempts <= 0 or len(self.endpoints) == 1 or method in REPLICA_BOUND:
                     raise
                 log.info("%s: controller %s is sealed; trying another replica", method, endpoint)
-                self._retry_at[self._current] = time.monotonic() + self._retry[self._current].next()
+                if conn is self._conn:
+                    self._move_on()
                 await self._drop(conn)
-                self._current = (self._current + 1) % len(self.endpoints)
 
     async def _timed_out(self, conn: asyncssh.SSHClientConnection) -> None:
         """Count a request on ``conn`` that timed out; leave ``conn`` at the limit (the next
@@ -417,8 +419,13 @@ class RpcClient:
             self._timeouts,
             self.endpoints[self._current],
         )
-        self._retry_at[self._current] = time.monotonic() + self._retry[self._current].next()
+        self._move_on()
         await self._drop(conn)
+
+    def _move_on(self) -> None:
+        """Back off from the current endpoint and make the next one current (before any await:
+        the requests cut off with its connection then see that it is no longer current)."""
+        self._retry_at[self._current] = time.monotonic() + self._retry[self._current].next()
         self._current = (self._current + 1) % len(self.endpoints)
 
     async def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
@@ -428,10 +435,12 @@ class RpcClient:
 
     async def close(self) -> None:
         """Close the connection and wait until it is closed; safe to call twice."""
+        # Both forgotten before the first await: a request failing meanwhile sees that its
+        # connection is no longer the current one.
         channel, self._channel = self._channel, None
+        conn, self._conn = self._conn, None
         if channel is not None:
             await channel.close()
-        conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
             with contextlib.suppress(OSError, asyncssh.Error, CKMSError):

@@ -137,6 +137,9 @@ class Reader(_Queries):
         """The key that binds rows to the root KEK (``Store.row_key``), or None while sealed."""
         self._deferred: deque[Callable[[RunSql], None]] = deque()
         """Work queued by :meth:`Transaction.defer`, run before the next statement's work."""
+        self._deferred_failure: BaseException | None = None
+        """Deferred work that failed: the transaction may hold part of what was queued, so no
+        later statement runs and it never commits (whatever its block caught)."""
 
     @property
     def begun(self) -> bool:
@@ -144,9 +147,12 @@ class Reader(_Queries):
         return self._begin is None
 
     def _check(self) -> None:
-        """Refuse use after the context that handed this object out has ended."""
+        """Refuse use after the context that handed this object out has ended, or after its
+        deferred work failed."""
         if not self._active:
             raise StoreError("transaction is no longer active")
+        if self._deferred_failure is not None:
+            raise StoreError(f"transaction failed earlier: {self._deferred_failure}")
 
     async def _call(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the connection's thread, preceded by the pending BEGIN if any.
@@ -175,7 +181,12 @@ class Reader(_Queries):
             if deferred:
                 sql = _sql_runner(conn)
                 while deferred:
-                    deferred.popleft()(sql)
+                    try:
+                        deferred.popleft()(sql)
+                    except BaseException as exc:
+                        self._deferred_failure = exc
+                        deferred.clear()
+                        raise
             return work(conn)
 
         try:
@@ -528,14 +539,20 @@ class Store(_Queries):
                         await _rollback(self._writer)
                     raise
                 tx._active = False
+                if tx._deferred_failure is not None:
+                    # Its block caught the failure of deferred work and carried on.
+                    await _rollback(self._writer)
+                    raise StoreError(f"transaction failed earlier: {tx._deferred_failure}")
                 if tx.pending:
                     try:
                         # A cancel must not leave before COMMIT's outcome is known: the
                         # generation bump below has to follow a commit that happened.
                         await _uncancellable(tx._commit())
-                    except Exception:
-                        # A failed COMMIT, or deferred work that failed before it.
-                        await _rollback(self._writer)
+                    except BaseException:
+                        # A failed COMMIT, or deferred work that failed before it (then the
+                        # transaction is still open, also when a cancel came meanwhile).
+                        if self._writer.in_transaction:
+                            await _uncancellable(_rollback(self._writer))
                         raise
                 self._audit_head = tx.audit_head
                 if tx.wrote_outbox:

@@ -308,6 +308,8 @@ async def append(
     except AuditAnchorError:
         append_failures.count += 1
         raise
+    except AuditError:
+        raise  # an earlier record's deferred insert, already counted and named
     except (CKMSError, ValueError) as exc:
         raise _append_failed(fields, exc) from exc
 

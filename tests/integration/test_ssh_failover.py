@@ -203,3 +203,24 @@ async def test_a_replica_that_answers_nothing_loses_its_clients_to_the_other(
             await c.call("sync", timeout_s=0.3)
         other.hang_sync = False
         assert (await c.call("status"))["by"] == other.port
+
+
+async def test_requests_cut_off_by_leaving_a_replica_do_not_send_the_client_back_to_it(
+    replicas, channel: bool
+) -> None:
+    a, b = replicas
+    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
+    async with c:
+        await c.call("status")
+        here = a if c.endpoint.port == a.port else b
+        other = b if here is a else a
+        here.hang_sync = True
+        short = [
+            asyncio.create_task(c.call("sync", timeout_s=0.5))
+            for _ in range(TIMEOUTS_BEFORE_LEAVING)
+        ]
+        long = asyncio.create_task(c.call("sync", timeout_s=10))
+        await asyncio.gather(*short, return_exceptions=True)
+        # The long request was cut off when the client left; sync is safe to send again.
+        assert (await long)["by"] == other.port
+        assert (await c.call("status"))["by"] == other.port

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckms._kafka_acls import AGENT, CONTROLLER, SUBSCRIBER, Operation, ckms_acls
+from ckms._kafka_acls import AGENT, CONTROLLER, SUBSCRIBER, Operation, Pattern, ckms_acls
 from ckms._kafka_security import (
     PRINCIPAL_MAPPING_RULES,
     KafkaProtocol,
@@ -102,6 +102,9 @@ def test_only_the_controller_writes_and_agents_read_events_only() -> None:
         (CONTROLLER, "ckms-outbox-e"),
         (CONTROLLER, "ckms-audit-u"),
     }
+    # The anchor's id carries the signer key id: other controllers on the topic fence nobody.
+    anchor_ids = {b.pattern for b in acls if b.topic == "ckms-audit-u"}
+    assert anchor_ids == {Pattern.PREFIXED}
     assert {b.principal for b in acls if b.resource != 2} == {CONTROLLER}
     reads = {(b.principal, b.topic) for b in acls if b.operation is Operation.READ}
     assert reads == {

@@ -239,3 +239,32 @@ async def test_leader_work_failing_otherwise_is_still_the_services_failure(
     task = asyncio.create_task(a.leader.run(broken))
     with pytest.raises(AuditAnchorError):
         await asyncio.wait_for(task, 20)
+
+
+async def test_leader_work_that_finds_the_lease_gone_while_being_stopped_is_part_of_the_stop(
+    replicas: tuple[Controller, Controller], clock: FakeClock
+) -> None:
+    # The fence is cleared before the work is cancelled: a task that looks at it meanwhile
+    # (the anchor's producer start) fails with NotLeaderError inside the work's TaskGroup.
+    # That is the step-down's own doing, not the service's failure.
+    a, _ = replicas
+    started = asyncio.Event()
+
+    async def looks_at_the_fence_when_stopped() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)
+            assert a.leader.fence is None
+            raise NotLeaderError("this replica does not hold the leader lease") from None
+
+    async def lead() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(looks_at_the_fence_when_stopped())
+
+    task = asyncio.create_task(a.leader.run(lead))
+    await asyncio.wait_for(started.wait(), 20)
+    task.cancel()  # the controller stopping: the lease task steps down and releases
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
@@ -11,10 +12,11 @@ from ckms.crypto import generate_signing_key, signing_public_key
 from ckms.errors import AuditError, AuditVerificationError, StoreError
 from ckms.store import Store
 from ckms.store import audit as audit_log
+from ckms.store._store import DEFER_AT_MOST
 from tests.support.audit import T0
 from tests.support.audit import build_log as _build
 from tests.support.audit import checkpoint as _checkpoint
-from tests.support.stores import StoreTarget, refuse_audit_inserts
+from tests.support.stores import StoreTarget, refuse_audit_inserts, refuse_inserts
 
 
 async def _verify_file(store_target: StoreTarget, public: bytes) -> audit_log.AuditReport:
@@ -207,6 +209,41 @@ async def test_a_failed_append_after_earlier_ones_rolls_back_its_whole_transacti
         assert await store.get_meta("change") is None
         assert audit_log.append_failures.count == before + 1
         assert len(await audit_log.load_records(store)) == 2
+
+
+async def test_a_failed_record_among_many_is_counted_once_and_named(
+    store_target: StoreTarget,
+) -> None:
+    async with await store_target.open() as store:
+        await _build(store, 2)
+        await refuse_inserts(store, "audit", "refused", when="NEW.object = 'bad'")
+        before = audit_log.append_failures.count
+        with pytest.raises(AuditError, match="record for x on bad could not be written"):
+            async with store.write() as tx:
+                await audit_log.append(tx, now=T0, actor="a", action="x", object="bad")
+                for i in range(DEFER_AT_MOST):  # a flush of the deferred ones comes among them
+                    await audit_log.append(tx, now=T0, actor="a", action="y", object=f"ok{i}")
+        assert audit_log.append_failures.count == before + 1
+        assert len(await audit_log.load_records(store)) == 2
+
+
+async def test_a_block_that_swallows_a_failed_record_commits_nothing(
+    store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
+) -> None:
+    async with await store_target.open() as store:
+        await _build(store, 2)
+        await refuse_inserts(store, "audit", "refused", when="NEW.object = 'bad'")
+        with pytest.raises(StoreError):
+            async with store.write() as tx:
+                with contextlib.suppress(StoreError):
+                    await audit_log.append(tx, now=T0, actor="a", action="x", object="bad")
+                    await tx.set_meta("first", b"1")
+                await tx.set_meta("change", b"2")
+                await audit_log.append(tx, now=T0, actor="a", action="x", object="after")
+        assert await store.get_meta("first") is None
+        assert await store.get_meta("change") is None
+        assert len(await audit_log.load_records(store)) == 2
+        assert (await audit_log.verify_store(store, signing_pair[1])).ok
 
 
 async def test_records_appended_in_a_block_are_seen_by_its_next_statement(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,37 @@ async def test_write_rolls_back_on_cancellation(file_store: Store) -> None:
     async with file_store.write() as tx:  # the lock was released and the connection is usable
         await tx.set_meta("b", b"2")
     assert await file_store.get_meta("b") == b"2"
+
+
+async def test_a_cancel_while_deferred_work_fails_at_commit_leaves_no_lock_held(
+    file_store: Store,
+) -> None:
+    # The commit's trip runs the deferred work first: failing there, the transaction is
+    # still open, and a cancel meanwhile must not leave it so (the file's write lock with it:
+    # every other process would get "database is locked").
+    if file_store.dialect.name != "sqlite":
+        pytest.skip("only SQLite defers work to the commit")
+    running = threading.Event()
+
+    def slow_failure(sql: object) -> None:
+        running.set()
+        time.sleep(0.3)
+        raise StoreError("refused")
+
+    async def writer() -> None:
+        async with file_store.write() as tx:
+            await tx.set_meta("a", b"1")
+            await tx.defer(slow_failure)
+
+    task = asyncio.create_task(writer())
+    assert await asyncio.to_thread(running.wait, 10)
+    task.cancel()
+    with pytest.raises((asyncio.CancelledError, StoreError)):
+        await task
+    with sqlite3.connect(file_store.path, timeout=0.1) as other:
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free
+        other.execute("ROLLBACK")
+    assert await file_store.get_meta("a") is None
 
 
 async def test_transaction_object_is_dead_after_the_block(mem_store: Store) -> None:
