@@ -33,7 +33,8 @@ A loop-lag probe (a task asking to wake every 5 ms) records the worst event-loop
 phase, and beside it the most CPU (``time.thread_time``) one step of the loop used: the part of
 a stall the code decides, where the rest is the loop's thread waiting for a core; the CPU
 seconds of the main phases are shown too (this process's threads, and the CLI's process once it
-exited), which depend far less than wall time on what else the machine runs.
+exited), which depend far less than wall time on what else the machine runs; for the listings,
+the longest garbage collection in this process (a full one is a stall of its own).
 Ratios 100k/10k are printed at the end. The machine may be shared: figures are noisy.
 """
 
@@ -100,6 +101,29 @@ class StepCpu:
         asyncio.events.Handle._run = timed  # type: ignore[method-assign]
 
 
+class GcPause:
+    """The longest garbage collection (any generation) since :meth:`reset`: a full one walks
+    every object not frozen, on the loop's thread, so it is a stall of its own."""
+
+    worst = 0.0
+    _started = 0.0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._installed = True
+
+        def watch(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                cls._started = time.perf_counter()
+            else:
+                cls.worst = max(cls.worst, time.perf_counter() - cls._started)
+
+        gc.callbacks.append(watch)
+
+
 class LoopLag:
     """The worst delay past its deadline of a task that asks to wake every ``period``."""
 
@@ -108,6 +132,7 @@ class LoopLag:
         self.worst = 0.0
         self._task: asyncio.Task[None] | None = None
         StepCpu.install()
+        GcPause.install()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +149,7 @@ class LoopLag:
         await asyncio.sleep(self.period * 2)  # the probe is running before the phase starts
         self.worst = 0.0
         StepCpu.worst = 0.0
+        GcPause.worst = 0.0
         out: dict[str, float] = {}
         start, cpu = time.perf_counter(), _cpu_s()
         try:
@@ -132,6 +158,7 @@ class LoopLag:
             out["seconds"] = time.perf_counter() - start
             out["cpu_s"] = _cpu_s() - cpu
             out["step_cpu_ms"] = StepCpu.worst * 1000
+            out["gc_ms"] = GcPause.worst * 1000
             await asyncio.sleep(self.period * 2)
             self._task.cancel()
             out["stall_ms"] = self.worst * 1000
@@ -237,6 +264,7 @@ async def keys_phase(root: Path, count: int, lag: LoopLag, *, ssh: bool) -> dict
         out["key.list all pages s"], out["key.list stall ms"] = p["seconds"], p["stall_ms"]
         out["key.list all pages CPU s"] = p["cpu_s"]
         out["key.list longest step CPU ms"] = p["step_cpu_ms"]
+        out["key.list longest GC pause ms"] = p["gc_ms"]
         out["key.list largest page KB"] = largest / 1024
         if ssh:
             out.update(await _cli_phase(controller, root, count, lag))
@@ -346,6 +374,7 @@ async def _cli_phase(
         out[f"CLI {label} CPU s (CLI + controller)"] = p["cpu_s"]
         out[f"CLI {label} stall ms"] = p["stall_ms"]
         out[f"CLI {label} longest step CPU ms"] = p["step_cpu_ms"]
+        out[f"CLI {label} longest GC pause ms"] = p["gc_ms"]
     return out
 
 
