@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from ckms.errors import ConfigError, StoreError
 from ckms.store import MIGRATIONS, Migration, Store, apply_migrations
+from ckms.store import audit as audit_log
 
 
 async def test_file_store_uses_wal_and_records_migrations(db_path: Path) -> None:
@@ -203,6 +205,23 @@ async def test_a_one_statement_transaction_is_two_trips_to_the_connection_thread
         pass  # nothing ran: nothing to begin or commit
     assert writes[0] == 0
     assert not sqlite_file_store._writer.in_transaction
+
+
+async def test_a_one_record_audit_append_is_one_trip_to_the_connection_thread(
+    sqlite_file_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the log's head in memory the INSERT goes with the COMMIT (Transaction.defer).
+    now = datetime.now(UTC)
+    async with sqlite_file_store.write() as tx:  # the head is read from the table once
+        await audit_log.append(tx, now=now, actor="a", action="x", object="first")
+    writes = _count_trips(sqlite_file_store._writer, monkeypatch)
+    async with sqlite_file_store.write() as tx:
+        await audit_log.append(tx, now=now, actor="a", action="x", object="second")
+    assert writes[0] == 1
+    assert [r.object for r in await audit_log.load_records(sqlite_file_store)] == [
+        "first",
+        "second",
+    ]
 
 
 async def test_a_snapshot_starts_at_its_first_statement_and_holds(file_store: Store) -> None:
