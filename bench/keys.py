@@ -102,8 +102,8 @@ class StepCpu:
 
 
 class GcPause:
-    """The longest garbage collection (any generation) since :meth:`reset`: a full one walks
-    every object not frozen, on the loop's thread, so it is a stall of its own."""
+    """The longest garbage collection (any generation) in a phase (``LoopLag.phase`` resets
+    it): a full one walks every object not frozen, on the loop's thread, a stall of its own."""
 
     worst = 0.0
     _started = 0.0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncssh
@@ -90,6 +92,18 @@ def channel(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
+@asynccontextmanager
+async def _on_one_of_two(
+    replicas: list[Replica], channel: bool
+) -> AsyncIterator[tuple[RpcClient, Replica, Replica]]:
+    """A client of both replicas, connected: (client, the replica it is on, the other one)."""
+    a, b = replicas
+    endpoints = [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)]
+    async with _client(replicas, endpoints, channel) as c:
+        here = a if c.endpoint.port == a.port else b
+        yield c, here, (b if here is a else a)
+
+
 def _client(replicas: list[Replica], endpoints: list[Endpoint], channel: bool) -> RpcClient:
     return RpcClient(
         endpoints=endpoints,
@@ -147,11 +161,7 @@ async def test_fails_over_and_comes_back_when_a_replica_returns(replicas, channe
 async def test_an_idempotent_request_cut_off_after_sending_goes_to_the_other_replica(
     replicas, channel: bool
 ) -> None:
-    a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
-    async with c:
-        here = a if c.endpoint.port == a.port else b
-        other = b if here is a else a
+    async with _on_one_of_two(replicas, channel) as (c, here, other):
         here.hang_sync = True
         call = asyncio.create_task(c.call("sync"))
         await asyncio.wait_for(here.entered.wait(), 10)
@@ -164,11 +174,7 @@ async def test_an_idempotent_request_cut_off_after_sending_goes_to_the_other_rep
 async def test_a_non_idempotent_request_is_never_sent_again_after_it_may_have_applied(
     replicas, channel: bool
 ) -> None:
-    a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
-    async with c:
-        here = a if c.endpoint.port == a.port else b
-        other = b if here is a else a
+    async with _on_one_of_two(replicas, channel) as (c, here, other):
         call = asyncio.create_task(c.call("key.revoke", {"key": "t/k"}))
         await asyncio.wait_for(here.entered.wait(), 10)
         await here.stop()
@@ -186,11 +192,7 @@ async def test_a_replica_that_answers_nothing_loses_its_clients_to_the_other(
 ) -> None:
     # Its loop is alive (SSH keepalives are answered), its handlers hang (a store that never
     # answers): the connection looks fine, so only the requests timing out can say so.
-    a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
-    async with c:
-        here = a if c.endpoint.port == a.port else b
-        other = b if here is a else a
+    async with _on_one_of_two(replicas, channel) as (c, here, other):
         here.hang_sync = True
         for _ in range(TIMEOUTS_BEFORE_LEAVING):
             with pytest.raises(RequestTimeoutError):
@@ -208,12 +210,7 @@ async def test_a_replica_that_answers_nothing_loses_its_clients_to_the_other(
 async def test_requests_cut_off_by_leaving_a_replica_do_not_send_the_client_back_to_it(
     replicas, channel: bool
 ) -> None:
-    a, b = replicas
-    c = _client(replicas, [Endpoint("127.0.0.1", a.port), Endpoint("127.0.0.1", b.port)], channel)
-    async with c:
-        await c.call("status")
-        here = a if c.endpoint.port == a.port else b
-        other = b if here is a else a
+    async with _on_one_of_two(replicas, channel) as (c, here, other):
         here.hang_sync = True
         short = [
             asyncio.create_task(c.call("sync", timeout_s=0.5))
