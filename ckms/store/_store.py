@@ -551,7 +551,7 @@ class Store(_Queries):
                     except BaseException:
                         # A failed COMMIT, or deferred work that failed before it (then the
                         # transaction is still open, also when a cancel came meanwhile).
-                        if self._writer.in_transaction:
+                        if _in_transaction(self._writer):
                             await _uncancellable(_rollback(self._writer))
                         raise
                 self._audit_head = tx.audit_head
@@ -719,6 +719,14 @@ async def _uncancellable(work: Awaitable[T]) -> T:
             task.exception()  # retrieved: the caller's cleanup handles a failed COMMIT
         raise cancelled
     return task.result()
+
+
+def _in_transaction(conn: aiosqlite.Connection) -> bool:
+    """Whether ``conn`` has a transaction open (False once it is closed: nothing to undo)."""
+    try:
+        return conn.in_transaction
+    except ValueError:  # aiosqlite: no active connection
+        return False
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
