@@ -229,7 +229,7 @@ class AckService:
             last = envelope.seq
         if outcome.applied:
             stamp = format_time(now)
-            await tx.execute(
+            await tx.execute_later(
                 "UPDATE hosts SET last_ack_seq = ?, last_seen_at = ?, seen_mac = ? WHERE id = ?",
                 (last, stamp, rowmac.seen_mac(tx.row_key, host_id, stamp), host_id),
             )
@@ -372,7 +372,7 @@ async def put_fleet_row(
         version,
         {"status": status, "digest": digest, "updated_at": updated_at, "error": error},
     )
-    await tx.execute(
+    await tx.execute_later(
         "INSERT INTO fleet_state(host_id, key_id, version, status, digest, event_id, "
         "updated_at, latency_ms, error, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(host_id, key_id, version) DO UPDATE SET status = excluded.status, "

@@ -417,7 +417,7 @@ class HostRegistry:
         now = format_time(self._clock())
         mac = rowmac.seen_mac(tx.row_key, host_id, now)  # a rollout's gate reads it
         if reported is None:
-            await tx.execute(
+            await tx.execute_later(
                 "UPDATE hosts SET last_seen_at = ?, seen_mac = ? WHERE id = ?",
                 (now, mac, host_id),
             )
@@ -425,7 +425,7 @@ class HostRegistry:
             # The report carries its own time: drift is only judged on a report newer than
             # the host's last ack (a heartbeat from before a rotation is not drift).
             report = {"at": now, "installed": reported}
-            await tx.execute(
+            await tx.execute_later(
                 "UPDATE hosts SET last_seen_at = ?, seen_mac = ?, reported = ? WHERE id = ?",
                 (now, mac, json.dumps(report, sort_keys=True), host_id),
             )

@@ -233,6 +233,10 @@ class PgTransaction(Transaction, PgReader):
     async def defer(self, work: Callable[[RunSql], None]) -> None:
         raise StoreError("deferred work is SQLite's (Transaction.can_defer): run it now")
 
+    async def execute_later(self, sql: str, params: Params = ()) -> None:
+        """Run it now: every statement here is a round trip to the server anyway."""
+        await self.execute(sql, params)
+
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run a statement and return the number of rows it changed."""
         self._check()

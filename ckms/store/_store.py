@@ -247,6 +247,15 @@ class Transaction(Reader):
         if len(self._deferred) >= DEFER_AT_MOST:
             await self._trip("write failed", _nothing)
 
+    async def execute_later(self, sql: str, params: Params = ()) -> None:
+        """Run a statement whose result nobody reads, with the next trip to SQLite's thread
+        (:meth:`defer`): a group commit's per-host updates then cost no trip of their own."""
+
+        def run(sql_runner: RunSql) -> None:
+            sql_runner(sql, params)
+
+        await self.defer(run)
+
     @property
     def pending(self) -> bool:
         """True if committing has anything to do: a BEGIN that ran, or work deferred."""
