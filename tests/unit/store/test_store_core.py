@@ -137,6 +137,23 @@ async def test_a_cancel_while_deferred_work_fails_at_commit_leaves_no_lock_held(
     assert await file_store.get_meta("a") is None
 
 
+async def test_a_statement_run_later_is_seen_by_the_next_and_fails_its_transaction(
+    file_store: Store,
+) -> None:
+    async with file_store.write() as tx:
+        await tx.execute_later("INSERT INTO meta(name, value) VALUES (?, ?)", ("a", b"\x01"))
+        assert await tx.fetchval("SELECT count(*) FROM meta WHERE name = 'a'") == 1
+        await tx.execute_later("INSERT INTO meta(name, value) VALUES (?, ?)", ("b", b"\x02"))
+    assert await file_store.get_meta("b") == b"\x02"
+    with pytest.raises(StoreError, match="write failed"):
+        async with file_store.write() as tx:
+            await tx.set_meta("c", b"3")
+            taken = ("a", b"\x03")
+            await tx.execute_later("INSERT INTO meta(name, value) VALUES (?, ?)", taken)
+    assert await file_store.get_meta("c") is None
+    assert await file_store.get_meta("a") == b"\x01"
+
+
 async def test_transaction_object_is_dead_after_the_block(mem_store: Store) -> None:
     async with mem_store.write() as tx:
         pass
