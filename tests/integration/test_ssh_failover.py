@@ -40,6 +40,8 @@ class Replica:
         self.hang_sync = False
         self.rpc: RpcServer | None = None
         self.port = 0
+        self._release = asyncio.Event()
+        self._hung: set[asyncio.Task[Any]] = set()
 
     async def authenticate(self, username: str, key: asyncssh.SSHKey) -> Principal | None:
         if username == "alice" and fingerprint(key) == fingerprint(self.admin_key):
@@ -53,7 +55,10 @@ class Replica:
             self.applied.append(name)
             if hang:
                 self.entered.set()
-                await asyncio.Event().wait()  # the replica dies before it replies
+                task = asyncio.current_task()
+                assert task is not None
+                self._hung.add(task)
+                await self._release.wait()  # the replica dies before it replies
             return {"by": self.port}
 
         for method in ("status", "key.rotate"):
@@ -67,6 +72,13 @@ class Replica:
         if self.rpc is not None:
             await self.rpc.close()
             self.rpc = None
+        # Its hung handlers end now, into closed channels: left pending, they were destroyed
+        # at some later collection, logged as errors inside whichever test then ran.
+        self._release.set()
+        hung, self._hung = self._hung, set()
+        if hung:
+            await asyncio.wait(hung, timeout=10)
+        self._release = asyncio.Event()
 
 
 def _dead_port() -> int:
