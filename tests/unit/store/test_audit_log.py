@@ -227,6 +227,21 @@ async def test_a_failed_record_among_many_is_counted_once_and_named(
         assert len(await audit_log.load_records(store)) == 2
 
 
+async def test_a_failed_record_before_a_batch_is_counted_once_and_named(
+    store_target: StoreTarget,
+) -> None:
+    async with await store_target.open() as store:
+        await _build(store, 2)
+        await refuse_inserts(store, "audit", "refused", when="NEW.object = 'bad'")
+        before = audit_log.append_failures.count
+        with pytest.raises(AuditError, match="record for x on bad could not be written"):
+            async with store.write() as tx:
+                await audit_log.append(tx, now=T0, actor="a", action="x", object="bad")
+                entries = [audit_log.Entry(actor="a", action="y", object="ok", details={})]
+                await audit_log.append_many(tx, entries, now=T0)
+        assert audit_log.append_failures.count == before + 1
+
+
 async def test_a_block_that_swallows_a_failed_record_commits_nothing(
     store_target: StoreTarget, signing_pair: tuple[bytes, bytes]
 ) -> None:
